@@ -1,0 +1,41 @@
+# bioc-webstats — every entry point a developer, CI or SysAdmin needs.
+# `make demo` and `make test` install everything they need from nothing (as root on Debian 12).
+
+SHELL := /bin/bash
+.SHELLFLAGS := -euo pipefail -c
+.DEFAULT_GOAL := help
+
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+
+.PHONY: help deps venv lint static pytest molecule test demo demo-down bench bench-web bench-etl wheelhouse clean
+
+help: ## list the targets
+	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
+
+deps: ## Debian packages for tests, demo and benchmarks (apt, idempotent)
+	scripts/install-deps.sh
+
+$(STAMP): requirements/dev.txt requirements/runtime.txt pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --disable-pip-version-check --upgrade 'pip>=24,<27'
+	$(BIN)/pip install -q --disable-pip-version-check -r requirements/dev.txt -c requirements/runtime.txt
+	$(BIN)/pip install -q --disable-pip-version-check -c requirements/runtime.txt -e .
+	touch $@
+
+venv: $(STAMP) ## the development/test virtualenv (.venv)
+
+lint: venv ## ruff (Python)
+	$(BIN)/ruff check src tests bench
+	$(BIN)/ruff format --check src tests bench
+
+pytest: deps venv ## unit, integration (PostgreSQL + SQLite), contract and browser tests
+	$(BIN)/python -m pytest -q -p no:cacheprovider
+
+test: deps venv lint pytest ## everything CI runs
+	@echo "make test: all green"
+
+clean: ## remove build products (keeps .venv)
+	rm -rf build dist src/*.egg-info

@@ -1,0 +1,28 @@
+#!/usr/bin/env bash
+# Install the Debian packages the tests, the demo and the benchmarks need. Idempotent and quick
+# when everything is there already (no apt-get update unless something is missing).
+set -euo pipefail
+
+pkgs=(
+  python3-venv git make curl ca-certificates
+  postgresql                       # real PostgreSQL for the tests (throw-away clusters)
+  r-base-core                      # contract tests: R reads the .tab files
+  chromium                         # browser test of the pages
+  nginx-light wrk                  # make bench-web baseline
+  podman debootstrap uidmap slirp4netns fuse-overlayfs  # molecule on a real systemd host
+  systemd                          # systemd-analyze for the static unit gates
+)
+
+missing=()
+for p in "${pkgs[@]}"; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+if [ ${#missing[@]} -gt 0 ]; then
+  echo "install-deps: installing ${missing[*]}"
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get update -qq
+  apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+fi
+# The Debian package starts a cluster of its own; the tests start theirs, so keep it off.
+if systemctl is-active --quiet postgresql 2>/dev/null; then systemctl stop postgresql || true; fi
+echo "install-deps: ok"

@@ -1,0 +1,213 @@
+"""``bioc-webstats …``: the one door into the app for systemd units, playbooks and SysOps.
+
+Exit status: 0 success, 1 the work failed (one line on stderr), 2 bad usage.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+import traceback
+from pathlib import Path
+
+import click
+from sqlalchemy.exc import SQLAlchemyError
+
+from . import __version__, db
+from .config import Settings, load_settings
+from .errors import WebstatsError
+
+log = logging.getLogger("bioc_webstats")
+
+
+class Context:
+    """Settings are loaded lazily so that ``--help`` works without any configuration."""
+
+    def __init__(self, verbose: bool) -> None:
+        self.verbose = verbose
+        self._settings: Settings | None = None
+
+    @property
+    def settings(self) -> Settings:
+        if self._settings is None:
+            self._settings = load_settings()
+        return self._settings
+
+
+pass_ctx = click.make_pass_decorator(Context)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--verbose", "-v", is_flag=True, help="Debug logging; tracebacks on failure.")
+@click.version_option(__version__, prog_name="bioc-webstats")
+@click.pass_context
+def cli(ctx: click.Context, verbose: bool) -> None:
+    """Download statistics of Bioconductor packages: web service and ETL."""
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.INFO,
+        format="%(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    if not verbose:  # alembic narrates every step at INFO; SysOps want the outcome only
+        logging.getLogger("alembic").setLevel(logging.WARNING)
+    ctx.obj = Context(verbose)
+
+
+# --- db -------------------------------------------------------------------------------------
+
+
+@cli.group("db")
+def db_group() -> None:
+    """The database schema."""
+
+
+@db_group.command("upgrade")
+@pass_ctx
+def db_upgrade(ctx: Context) -> None:
+    """Create or migrate the schema to the newest revision (idempotent)."""
+    revision = db.upgrade(ctx.settings.database_url)
+    click.echo(f"schema at revision {revision}")
+
+
+# --- packages -------------------------------------------------------------------------------
+
+
+@cli.group("packages")
+def packages_group() -> None:
+    """The packages table (which names count in which category)."""
+
+
+@packages_group.command("load")
+@click.argument("csv_file", type=click.Path(dir_okay=False, path_type=Path))
+@pass_ctx
+def packages_load(ctx: Context, csv_file: Path) -> None:
+    """Load/merge the packages table from a CSV (package,category,first_version,last_version)."""
+    from .packages import load_csv
+
+    summary = load_csv(ctx.settings, csv_file)
+    click.echo(summary)
+
+
+@packages_group.command("sync")
+@click.option("--from", "source", help="Base URL or directory with config.yaml and PACKAGES.")
+@click.option("--dry-run", is_flag=True, help="Print the changes, write nothing.")
+@click.option("--force", is_flag=True, help="Apply even past the change limit.")
+@pass_ctx
+def packages_sync(ctx: Context, source: str | None, dry_run: bool, force: bool) -> None:
+    """Sync the packages table from Bioconductor's config.yaml and devel PACKAGES files."""
+    from .packages import sync
+
+    click.echo(sync(ctx.settings, source=source, dry_run=dry_run, force=force))
+
+
+# --- etl ------------------------------------------------------------------------------------
+
+
+@cli.group("etl")
+def etl_group() -> None:
+    """Ingest CloudFront logs."""
+
+
+@etl_group.command("run")
+@click.option("--source", help="Directory or s3://bucket/prefix (default: configuration).")
+@click.option("--since", help="Also consider objects dated on or after this date (YYYY-MM-DD).")
+@click.option("--dry-run", is_flag=True, help="List what would be ingested, write nothing.")
+@pass_ctx
+def etl_run(ctx: Context, source: str | None, since: str | None, dry_run: bool) -> None:
+    """Ingest new log objects and update the statistics."""
+    from .ingest import run
+
+    ok = run(ctx.settings, source=source, since=since, dry_run=dry_run)
+    if not ok:
+        raise WebstatsError(
+            "etl run: some objects failed (see the messages above); "
+            "they will be retried on the next run"
+        )
+
+
+@etl_group.command("reingest")
+@click.argument("keys", nargs=-1, required=True)
+@click.option("--source", help="Directory or s3://bucket/prefix (default: configuration).")
+@pass_ctx
+def etl_reingest(ctx: Context, keys: tuple[str, ...], source: str | None) -> None:
+    """Replace the records of already ingested objects."""
+    from .ingest import reingest
+
+    reingest(ctx.settings, list(keys), source=source)
+
+
+# --- stats ----------------------------------------------------------------------------------
+
+
+@cli.group("stats")
+def stats_group() -> None:
+    """The statistics tables."""
+
+
+@stats_group.command("rebuild")
+@pass_ctx
+def stats_rebuild(ctx: Context) -> None:
+    """Recompute all statistics from the stored records."""
+    from .stats import rebuild
+
+    click.echo(rebuild(ctx.settings))
+
+
+# --- config / check -------------------------------------------------------------------------
+
+
+@cli.group("config")
+def config_group() -> None:
+    """The effective configuration."""
+
+
+@config_group.command("show")
+@pass_ctx
+def config_show(ctx: Context) -> None:
+    """Print each setting, its value (secrets redacted) and where it came from."""
+    from .config import render_settings
+
+    click.echo(render_settings(ctx.settings), nl=False)
+
+
+@cli.command("check")
+@pass_ctx
+def check(ctx: Context) -> None:
+    """Smoke test: configuration loads, database reachable, schema current."""
+    settings = ctx.settings
+    current = db.current_revision(settings.database_url)
+    head = db.head_revision()
+    if current != head:
+        raise WebstatsError(
+            f"schema is at {current or 'nothing'}, this release needs {head}: "
+            "run 'bioc-webstats db upgrade'"
+        )
+    click.echo(f"ok: bioc-webstats {__version__}, schema {head}")
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Console entry point: expected failures become one line on stderr and exit 1."""
+    verbose = any(a in ("-v", "--verbose") for a in (argv if argv is not None else sys.argv[1:]))
+    try:
+        cli.main(args=argv, prog_name="bioc-webstats", standalone_mode=False)
+    except click.exceptions.Exit as exc:
+        sys.exit(exc.exit_code)
+    except click.exceptions.Abort:
+        click.echo("aborted", err=True)
+        sys.exit(1)
+    except click.ClickException as exc:
+        exc.show()
+        sys.exit(exc.exit_code)
+    except WebstatsError as exc:
+        if verbose:
+            traceback.print_exc()
+        click.echo(f"bioc-webstats: error: {exc}", err=True)
+        sys.exit(1)
+    except SQLAlchemyError as exc:
+        if verbose:
+            traceback.print_exc()
+        orig = getattr(exc, "orig", None) or exc
+        first = str(orig).strip().splitlines()[0] if str(orig).strip() else type(orig).__name__
+        click.echo(f"bioc-webstats: error: database: {first}", err=True)
+        sys.exit(1)
+    sys.exit(0)

@@ -1,0 +1,203 @@
+"""Configuration: built-in defaults → env file → SSM Parameter Store path → process environment.
+
+Every setting has one parameter name under the SSM path (``topic/key``) and one environment
+variable (``WEBSTATS_TOPIC_KEY``, plus the aliases fixed in interfaces.md). The env file holds the
+same ``WEBSTATS_…=value`` lines as the environment.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .errors import ConfigError
+
+DEFAULT_ENV_FILE = "/etc/bioc-webstats/webstats.env"
+DEFAULT_STATE_DIR = "/var/lib/bioc-webstats"
+
+
+@dataclass(frozen=True)
+class Param:
+    """One setting: its SSM name, environment variable, default, and whether it is secret."""
+
+    name: str  # SSM name under the path, e.g. "db/server"
+    env: str  # environment / env-file variable
+    default: str | None = None
+    secret: bool = False
+
+
+PARAMS: tuple[Param, ...] = (
+    Param("db/dbname", "WEBSTATS_DB_DBNAME", "webstats"),
+    Param("db/dbuser", "WEBSTATS_DB_DBUSER", "webstats_runner"),
+    Param("db/server", "WEBSTATS_DB_SERVER"),
+    Param("db/port", "WEBSTATS_DB_PORT", "5432"),
+    Param("db/credentials", "WEBSTATS_DB_CREDENTIALS", "/bioc/rdb/0/login/webstats_runner"),
+    Param("db/password", "WEBSTATS_DB_PASSWORD", None, secret=True),
+    Param("flask/secret_key", "WEBSTATS_FLASK_SECRET_KEY", None, secret=True),
+    Param("flask/log_level", "WEBSTATS_FLASK_LOG_LEVEL", "INFO"),
+    Param("gunicorn/bind_port", "WEBSTATS_GUNICORN_BIND_PORT", "0.0.0.0:8000"),
+    Param(
+        "gunicorn/access_log", "WEBSTATS_GUNICORN_ACCESS_LOG", "/var/log/bioc-webstats/access.log"
+    ),
+    Param("gunicorn/error_log", "WEBSTATS_GUNICORN_ERROR_LOG", "/var/log/bioc-webstats/error.log"),
+    Param("etl/s3_download_logs", "WEBSTATS_LOG_SOURCE"),
+    Param("etl/cloudfront_distribution", "WEBSTATS_ETL_CLOUDFRONT_DISTRIBUTION"),
+    Param("etl/ip_hash_key", "WEBSTATS_IP_HASH_KEY", None, secret=True),
+    Param("etl/packages_source", "WEBSTATS_ETL_PACKAGES_SOURCE", "https://bioconductor.org"),
+    Param("etl/lookback_days", "WEBSTATS_ETL_LOOKBACK_DAYS", "3"),
+    Param("etl/sync_change_limit", "WEBSTATS_ETL_SYNC_CHANGE_LIMIT", "50"),
+    Param("web/cache_max_age", "WEBSTATS_WEB_CACHE_MAX_AGE", "3600"),
+    Param("alerts/sns_topic", "WEBSTATS_ALERTS_SNS_TOPIC"),
+)
+
+BY_NAME: dict[str, Param] = {p.name: p for p in PARAMS}
+
+
+@dataclass
+class Settings:
+    """The effective configuration: values by parameter name and where each came from."""
+
+    values: dict[str, str | None]
+    sources: dict[str, str]
+    database_url: str
+    state_dir: Path
+    ssm_path: str | None = None
+    extra: dict[str, str] = field(default_factory=dict)
+
+    def get(self, name: str) -> str | None:
+        """The value of a parameter by its SSM name (``db/server``)."""
+        return self.values.get(name)
+
+    def get_int(self, name: str) -> int:
+        """An integer parameter; a bad value is a ConfigError naming it."""
+        raw = self.values.get(name)
+        try:
+            return int(raw)  # type: ignore[arg-type]
+        except (TypeError, ValueError):
+            raise ConfigError(f"parameter {name} must be an integer, got {raw!r}") from None
+
+
+def read_env_file(path: Path) -> dict[str, str]:
+    """Parse ``KEY=value`` lines (``#`` comments, optional quotes); errors name the line."""
+    out: dict[str, str] = {}
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(f"cannot read env file {path}: {exc.strerror}") from None
+    for lineno, raw in enumerate(text.splitlines(), 1):
+        line = raw.strip()
+        if not line or line.startswith("#"):
+            continue
+        key, sep, value = line.partition("=")
+        key = key.strip().removeprefix("export ").strip()
+        if not sep or not key:
+            raise ConfigError(f"{path}:{lineno}: expected KEY=value")
+        value = value.strip()
+        if len(value) >= 2 and value[0] == value[-1] and value[0] in "'\"":
+            value = value[1:-1]
+        out[key] = value
+    return out
+
+
+def state_dir(env: dict[str, str]) -> Path:
+    """Where the embedded database and caches live (systemd's StateDirectory when set)."""
+    return Path(
+        env.get("WEBSTATS_STATE_DIR")
+        or env.get("STATE_DIRECTORY", "").split(":")[0]
+        or DEFAULT_STATE_DIR
+    )
+
+
+def load_settings(environ: dict[str, str] | None = None) -> Settings:
+    """Build the effective configuration in precedence order (lowest first)."""
+    env = dict(os.environ if environ is None else environ)
+    values: dict[str, str | None] = {p.name: p.default for p in PARAMS}
+    sources: dict[str, str] = {p.name: "default" for p in PARAMS}
+
+    env_file = env.get("WEBSTATS_ENV_FILE")
+    file_vars: dict[str, str] = {}
+    if env_file:
+        file_vars = read_env_file(Path(env_file))
+    elif Path(DEFAULT_ENV_FILE).is_file():
+        env_file = DEFAULT_ENV_FILE
+        file_vars = read_env_file(Path(env_file))
+    for p in PARAMS:
+        if p.env in file_vars:
+            values[p.name], sources[p.name] = file_vars[p.env], f"env file {env_file}"
+
+    # Settings outside PARAMS that may come from the env file too.
+    merged = {**file_vars, **env}
+    ssm_path = merged.get("WEBSTATS_SSM_PATH") or None
+    if ssm_path:
+        from .ssm import load_ssm_parameters  # boto3 is imported only when SSM is used
+
+        for name, value in load_ssm_parameters(ssm_path).items():
+            if name in BY_NAME:
+                values[name], sources[name] = value, f"ssm {ssm_path.rstrip('/')}/{name}"
+
+    for p in PARAMS:
+        if p.env in env:
+            values[p.name], sources[p.name] = env[p.env], f"environment {p.env}"
+
+    sdir = state_dir(merged)
+    db_url = merged.get("WEBSTATS_DATABASE_URL")
+    if db_url:
+        in_env = "WEBSTATS_DATABASE_URL" in env
+        sources["database_url"] = (
+            "environment WEBSTATS_DATABASE_URL" if in_env else f"env file {env_file}"
+        )
+    elif values.get("db/server"):
+        db_url = _postgres_url(values)
+        sources["database_url"] = "db/* parameters"
+    else:
+        db_url = f"sqlite:///{sdir / 'webstats.sqlite3'}"
+        sources["database_url"] = "default (embedded SQLite)"
+    return Settings(
+        values=values, sources=sources, database_url=db_url, state_dir=sdir, ssm_path=ssm_path
+    )
+
+
+def _postgres_url(values: dict[str, str | None]) -> str:
+    from sqlalchemy.engine import URL
+
+    password = values.get("db/password")
+    if password is None and values.get("db/credentials"):
+        from .ssm import read_db_secret
+
+        user, password = read_db_secret(values["db/credentials"])  # type: ignore[arg-type]
+        values["db/dbuser"] = user or values["db/dbuser"]
+    try:
+        port = int(values.get("db/port") or 5432)
+    except ValueError:
+        raise ConfigError(
+            f"parameter db/port must be an integer, got {values['db/port']!r}"
+        ) from None
+    url = URL.create(
+        "postgresql+psycopg2",
+        username=values["db/dbuser"],
+        password=password,
+        host=values["db/server"],
+        port=port,
+        database=values["db/dbname"],
+    )
+    return url.render_as_string(hide_password=False)
+
+
+def render_settings(settings: Settings) -> str:
+    """Text for ``config show``: one ``name = value  (source)`` line each, secrets redacted."""
+    from sqlalchemy.engine import make_url
+
+    lines = []
+    try:
+        shown_url = make_url(settings.database_url).render_as_string(hide_password=True)
+    except Exception:  # noqa: BLE001 - a malformed URL is still shown, never its password
+        shown_url = "<unparsable URL>"
+    lines.append(f"database_url = {shown_url}  ({settings.sources.get('database_url')})")
+    lines.append(f"state_dir = {settings.state_dir}")
+    lines.append(f"ssm_path = {settings.ssm_path or '-'}")
+    for p in PARAMS:
+        value = settings.values.get(p.name)
+        shown = "-" if value is None else ("<redacted>" if p.secret else value)
+        lines.append(f"{p.name} = {shown}  ({settings.sources.get(p.name)})")
+    return "\n".join(lines) + "\n"

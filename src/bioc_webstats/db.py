@@ -1,0 +1,127 @@
+"""Engine and sessions, the schema (through Alembic) and the small facts kept in ``meta``."""
+
+from __future__ import annotations
+
+import datetime as dt
+from importlib import resources
+from pathlib import Path
+
+from alembic import command
+from alembic.config import Config as AlembicConfig
+from alembic.runtime.migration import MigrationContext
+from alembic.script import ScriptDirectory
+from sqlalchemy import Engine, create_engine, event, select
+from sqlalchemy.orm import Session, sessionmaker
+
+from .models import Meta
+
+VALID_THRU = "valid_thru"
+DATA_VERSION = "data_version"
+
+_engines: dict[str, Engine] = {}
+
+
+def get_engine(url: str) -> Engine:
+    """One engine per URL and process (gunicorn workers each build their own after fork)."""
+    engine = _engines.get(url)
+    if engine is None:
+        if url.startswith("sqlite"):
+            engine = create_engine(url, connect_args={"timeout": 30})
+            event.listen(engine, "connect", _sqlite_pragmas)
+        else:
+            engine = create_engine(
+                url,
+                pool_pre_ping=True,
+                pool_size=5,
+                max_overflow=5,
+                connect_args={"connect_timeout": 10},
+            )
+        _engines[url] = engine
+    return engine
+
+
+def _sqlite_pragmas(dbapi_conn, _record) -> None:
+    cur = dbapi_conn.cursor()
+    cur.execute("PRAGMA foreign_keys=ON")
+    cur.execute("PRAGMA journal_mode=WAL")
+    cur.execute("PRAGMA busy_timeout=30000")
+    cur.close()
+
+
+def session_factory(url: str) -> sessionmaker[Session]:
+    """A sessionmaker bound to the engine of ``url``."""
+    return sessionmaker(get_engine(url), expire_on_commit=False)
+
+
+def _alembic_config(url: str) -> AlembicConfig:
+    cfg = AlembicConfig()
+    cfg.set_main_option("script_location", str(resources.files("bioc_webstats") / "migrations"))
+    cfg.set_main_option("sqlalchemy.url", url.replace("%", "%%"))
+    return cfg
+
+
+def upgrade(url: str) -> str:
+    """Create or migrate the schema to the newest revision (idempotent); return the revision."""
+    if url.startswith("sqlite:///"):
+        Path(url.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
+    cfg = _alembic_config(url)
+    with get_engine(url).begin() as conn:
+        cfg.attributes["connection"] = conn
+        command.upgrade(cfg, "head")
+    return head_revision()
+
+
+def head_revision() -> str:
+    """The newest revision shipped in this package."""
+    script = ScriptDirectory.from_config(_alembic_config("sqlite://"))
+    head = script.get_current_head()
+    assert head is not None
+    return head
+
+
+def current_revision(url: str) -> str | None:
+    """The revision the database is at (None: no schema yet). Raises if unreachable."""
+    with get_engine(url).connect() as conn:
+        return MigrationContext.configure(conn).get_current_revision()
+
+
+def get_meta(session: Session, key: str) -> str | None:
+    """Value of a ``meta`` key, or None."""
+    return session.scalar(select(Meta.value).where(Meta.key == key))
+
+
+def set_meta(session: Session, key: str, value: str) -> None:
+    """Insert or replace a ``meta`` key (within the caller's transaction)."""
+    row = session.get(Meta, key)
+    if row is None:
+        session.add(Meta(key=key, value=value))
+    else:
+        row.value = value
+
+
+def get_valid_thru(session: Session) -> dt.date | None:
+    """The latest date of any stored download record, as kept in ``meta``."""
+    value = get_meta(session, VALID_THRU)
+    return dt.date.fromisoformat(value) if value else None
+
+
+def advance_valid_thru(session: Session, day: dt.date) -> dt.date:
+    """Move ValidThru to ``day`` if that is later; it never moves backwards."""
+    current = get_valid_thru(session)
+    if current is None or day > current:
+        set_meta(session, VALID_THRU, day.isoformat())
+        return day
+    return current
+
+
+def get_data_version(session: Session) -> int:
+    """A counter that changes whenever the statistics change (ETags and caches follow it)."""
+    value = get_meta(session, DATA_VERSION)
+    return int(value) if value else 0
+
+
+def bump_data_version(session: Session) -> int:
+    """Increment the data version inside the caller's transaction and return the new value."""
+    version = get_data_version(session) + 1
+    set_meta(session, DATA_VERSION, str(version))
+    return version

@@ -1,0 +1,166 @@
+"""Shared fixtures: a real throw-away PostgreSQL cluster, SQLite, and both through ``db_url``."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from bioc_webstats import db
+
+
+def free_port() -> int:
+    """A TCP port free on loopback right now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_for(predicate, timeout: float = 30.0, interval: float = 0.05, what: str = "condition"):
+    """Poll ``predicate`` until it returns a truthy value or ``timeout`` passes."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(interval)
+
+
+def _pg_bindir() -> Path:
+    base = Path("/usr/lib/postgresql")
+    versions = sorted(
+        (p for p in base.glob("*/bin") if (p / "initdb").exists()),
+        key=lambda p: int(p.parent.name),
+        reverse=True,
+    )
+    if not versions:
+        pytest.fail("PostgreSQL server binaries not found: run 'make deps' (apt postgresql)")
+    return versions[0]
+
+
+@pytest.fixture(scope="session")
+def pg_server() -> Iterator[str]:
+    """A PostgreSQL cluster on a free loopback port, owned by an unprivileged user.
+
+    Yields a libpq base URL ``postgresql+psycopg2://webstats@127.0.0.1:PORT``.
+    """
+    if os.environ.get("WEBSTATS_TEST_PG_URL"):
+        yield os.environ["WEBSTATS_TEST_PG_URL"]
+        return
+    bindir = _pg_bindir()
+    tmp = Path(tempfile.mkdtemp(prefix="webstats-pg-"))
+    data = tmp / "data"
+    port = free_port()
+    run_as: list[str] = []
+    if os.geteuid() == 0:  # initdb refuses root: run the cluster as the postgres user
+        shutil.chown(tmp, "postgres")
+        run_as = ["runuser", "-u", "postgres", "--"]
+    subprocess.run(
+        [
+            *run_as,
+            str(bindir / "initdb"),
+            "-D",
+            str(data),
+            "-U",
+            "webstats",
+            "--auth=trust",
+            "-E",
+            "UTF8",
+            "--locale=C.UTF-8",
+        ],
+        check=True,
+        stdout=subprocess.DEVNULL,
+    )
+    proc = subprocess.Popen(
+        [
+            *run_as,
+            str(bindir / "postgres"),
+            "-D",
+            str(data),
+            "-p",
+            str(port),
+            "-k",
+            str(tmp),
+            "-c",
+            "listen_addresses=127.0.0.1",
+            "-c",
+            "fsync=off",
+            "-c",
+            "full_page_writes=off",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+
+    def ready() -> bool:
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.2):
+                return (
+                    subprocess.run(
+                        [str(bindir / "pg_isready"), "-h", "127.0.0.1", "-p", str(port)],
+                        capture_output=True,
+                    ).returncode
+                    == 0
+                )
+        except OSError:
+            return False
+
+    try:
+        wait_for(ready, 60, what="PostgreSQL to accept connections")
+        yield f"postgresql+psycopg2://webstats@127.0.0.1:{port}"
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+_db_counter = 0
+
+
+def new_pg_database(base_url: str) -> str:
+    """Create a fresh database on the test cluster and return its URL."""
+    global _db_counter
+    import sqlalchemy as sa
+
+    _db_counter += 1
+    name = f"t{os.getpid()}_{_db_counter}"
+    engine = sa.create_engine(f"{base_url}/postgres", isolation_level="AUTOCOMMIT")
+    with engine.connect() as conn:
+        conn.execute(sa.text(f'CREATE DATABASE "{name}"'))
+    engine.dispose()
+    return f"{base_url}/{name}"
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def db_url(request, tmp_path) -> str:
+    """An empty database with the current schema, on SQLite and on real PostgreSQL."""
+    if request.param == "sqlite":
+        url = f"sqlite:///{tmp_path / 'webstats.sqlite3'}"
+    else:
+        url = new_pg_database(request.getfixturevalue("pg_server"))
+    db.upgrade(url)
+    return url
+
+
+@pytest.fixture
+def clean_env(monkeypatch, tmp_path) -> Path:
+    """No WEBSTATS_* / AWS_* variables from the caller's shell; a private state dir."""
+    for key in list(os.environ):
+        if key.startswith(("WEBSTATS_", "AWS_")):
+            monkeypatch.delenv(key)
+    monkeypatch.setenv("WEBSTATS_ENV_FILE", str(tmp_path / "none.env"))
+    (tmp_path / "none.env").write_text("")
+    monkeypatch.setenv("WEBSTATS_STATE_DIR", str(tmp_path / "state"))
+    return tmp_path
