@@ -164,3 +164,58 @@ def clean_env(monkeypatch, tmp_path) -> Path:
     (tmp_path / "none.env").write_text("")
     monkeypatch.setenv("WEBSTATS_STATE_DIR", str(tmp_path / "state"))
     return tmp_path
+
+
+@pytest.fixture(scope="session")
+def moto_server() -> Iterator[str]:
+    """moto's server mode on a loopback port: a real HTTP endpoint for every AWS API.
+
+    Yields the endpoint URL. Tests point boto3 at it with ``aws_env``.
+    """
+    import sys
+
+    port = free_port()
+    exe = Path(sys.executable).parent / "moto_server"
+    proc = subprocess.Popen(
+        [str(exe), "-H", "127.0.0.1", "-p", str(port)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    url = f"http://127.0.0.1:{port}"
+
+    def up() -> bool:
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.2):
+                return True
+        except OSError:
+            return proc.poll() is not None  # died: stop waiting, fail below
+
+    try:
+        wait_for(up, 60, what="moto server")
+        assert proc.poll() is None, "moto_server exited at start"
+        yield url
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+
+
+@pytest.fixture
+def aws_env(moto_server, monkeypatch) -> str:
+    """boto3 in this process (and children that inherit the environment) talks to moto.
+
+    Resets moto's state first so every test starts from an empty account.
+    """
+    import urllib.request
+
+    urllib.request.urlopen(  # moto's own reset API
+        urllib.request.Request(f"{moto_server}/moto-api/reset", method="POST"), timeout=10
+    ).read()
+    monkeypatch.setenv("AWS_ENDPOINT_URL", moto_server)
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
+    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
+    return moto_server
