@@ -25,7 +25,8 @@ $(STAMP): requirements/dev.txt requirements/runtime.txt pyproject.toml
 	$(BIN)/pip install -q --disable-pip-version-check -c requirements/runtime.txt -e .
 	touch $@
 
-venv: $(STAMP) ## the development/test virtualenv (.venv)
+venv: $(STAMP) ## the development/test virtualenv (.venv) + Ansible collections (requirements.yml)
+	scripts/install-collections.sh $(VENV)
 
 lint: venv ## ruff (Python)
 	$(BIN)/ruff check src tests bench
