@@ -50,6 +50,8 @@ def cli(ctx: click.Context, verbose: bool) -> None:
     )
     if not verbose:  # alembic narrates every step at INFO; SysOps want the outcome only
         logging.getLogger("alembic").setLevel(logging.WARNING)
+        for name in ("botocore", "boto3"):  # credential/endpoint discovery is not news
+            logging.getLogger(name).setLevel(logging.WARNING)
     ctx.obj = Context(verbose)
 
 

@@ -54,16 +54,27 @@ PARAMS: tuple[Param, ...] = (
 BY_NAME: dict[str, Param] = {p.name: p for p in PARAMS}
 
 
+# Parameters without which a unit must not start once an SSM path is configured (the list can
+# be replaced with WEBSTATS_SSM_REQUIRED="name,name"; db/server is not needed when
+# WEBSTATS_DATABASE_URL is set).
+DEFAULT_REQUIRED: tuple[str, ...] = ("db/server", "flask/secret_key", "etl/ip_hash_key")
+
+
 @dataclass
 class Settings:
-    """The effective configuration: values by parameter name and where each came from."""
+    """The effective configuration: values by parameter name and where each came from.
 
-    values: dict[str, str | None]
+    ``repr`` leaves out values and the database URL so that secrets never reach a log line.
+    """
+
+    values: dict[str, str | None] = field(repr=False)
     sources: dict[str, str]
-    database_url: str
+    database_url: str = field(repr=False)
     state_dir: Path
     ssm_path: str | None = None
-    extra: dict[str, str] = field(default_factory=dict)
+    extra: dict[str, str] = field(default_factory=dict, repr=False)
+    ignored: list[str] = field(default_factory=list)  # names under the SSM path we do not know
+    aws_region: str | None = None  # from the env file when boto3's own chain has none
 
     def get(self, name: str) -> str | None:
         """The value of a parameter by its SSM name (``db/server``)."""
@@ -110,7 +121,11 @@ def state_dir(env: dict[str, str]) -> Path:
 
 
 def load_settings(environ: dict[str, str] | None = None) -> Settings:
-    """Build the effective configuration in precedence order (lowest first)."""
+    """Build the effective configuration in precedence order (lowest first).
+
+    Defaults → env file → SSM path (``WEBSTATS_SSM_PATH``) → process environment. With an SSM
+    path, a required parameter that no level provides is a ConfigError naming it.
+    """
     env = dict(os.environ if environ is None else environ)
     values: dict[str, str | None] = {p.name: p.default for p in PARAMS}
     sources: dict[str, str] = {p.name: "default" for p in PARAMS}
@@ -128,45 +143,97 @@ def load_settings(environ: dict[str, str] | None = None) -> Settings:
 
     # Settings outside PARAMS that may come from the env file too.
     merged = {**file_vars, **env}
+    region = merged.get("AWS_REGION") or merged.get("AWS_DEFAULT_REGION") or None
     ssm_path = merged.get("WEBSTATS_SSM_PATH") or None
+    ignored: list[str] = []
     if ssm_path:
-        from .ssm import load_ssm_parameters  # boto3 is imported only when SSM is used
+        from .aws import load_ssm_parameters, normalize_path  # boto3 only when SSM is used
 
-        for name, value in load_ssm_parameters(ssm_path).items():
+        ssm_path = normalize_path(ssm_path)
+        for name, value in sorted(load_ssm_parameters(ssm_path, region).items()):
             if name in BY_NAME:
-                values[name], sources[name] = value, f"ssm {ssm_path.rstrip('/')}/{name}"
+                values[name], sources[name] = value, f"ssm {ssm_path}/{name}"
+            else:
+                ignored.append(name)
 
     for p in PARAMS:
         if p.env in env:
             values[p.name], sources[p.name] = env[p.env], f"environment {p.env}"
 
-    sdir = state_dir(merged)
     db_url = merged.get("WEBSTATS_DATABASE_URL")
+    if ssm_path:
+        _check_required(ssm_path, values, merged, has_db_url=bool(db_url))
+
+    sdir = state_dir(merged)
     if db_url:
         in_env = "WEBSTATS_DATABASE_URL" in env
         sources["database_url"] = (
             "environment WEBSTATS_DATABASE_URL" if in_env else f"env file {env_file}"
         )
     elif values.get("db/server"):
-        db_url = _postgres_url(values)
-        sources["database_url"] = "db/* parameters"
+        # The password comes from Secrets Manager when SSM is in use or db/credentials was
+        # set explicitly; otherwise (local demo) libpq's own means apply (trust, .pgpass).
+        use_secret = values.get("db/password") is None and bool(
+            values.get("db/credentials") and (ssm_path or sources["db/credentials"] != "default")
+        )
+        db_url = _postgres_url(values, sources, region if use_secret else None, use_secret)
+        sources["database_url"] = "db/* parameters" + (
+            f" + secret {values['db/credentials']}" if use_secret else ""
+        )
     else:
         db_url = f"sqlite:///{sdir / 'webstats.sqlite3'}"
         sources["database_url"] = "default (embedded SQLite)"
     return Settings(
-        values=values, sources=sources, database_url=db_url, state_dir=sdir, ssm_path=ssm_path
+        values=values,
+        sources=sources,
+        database_url=db_url,
+        state_dir=sdir,
+        ssm_path=ssm_path,
+        ignored=ignored,
+        aws_region=region,
     )
 
 
-def _postgres_url(values: dict[str, str | None]) -> str:
+def required_parameters(merged_env: dict[str, str], has_db_url: bool) -> list[str]:
+    """The parameters that must have a value when an SSM path is configured."""
+    raw = merged_env.get("WEBSTATS_SSM_REQUIRED")
+    if raw is None:
+        names = list(DEFAULT_REQUIRED)
+    else:
+        names = [n.strip() for n in raw.split(",") if n.strip()]
+    unknown = [n for n in names if n not in BY_NAME]
+    if unknown:
+        raise ConfigError(f"WEBSTATS_SSM_REQUIRED names unknown parameters: {', '.join(unknown)}")
+    if has_db_url:  # an explicit database URL replaces the db/* parameters
+        names = [n for n in names if not n.startswith("db/")]
+    return names
+
+
+def _check_required(
+    ssm_path: str, values: dict[str, str | None], merged_env: dict[str, str], has_db_url: bool
+) -> None:
+    missing = [
+        f"{ssm_path}/{n}" for n in required_parameters(merged_env, has_db_url) if not values.get(n)
+    ]
+    if len(missing) == 1:
+        raise ConfigError(f"missing SSM parameter {missing[0]}")
+    if missing:
+        raise ConfigError(f"missing SSM parameters {', '.join(missing)}")
+
+
+def _postgres_url(
+    values: dict[str, str | None], sources: dict[str, str], region: str | None, use_secret: bool
+) -> str:
     from sqlalchemy.engine import URL
 
     password = values.get("db/password")
-    if password is None and values.get("db/credentials"):
-        from .ssm import read_db_secret
+    if use_secret:
+        from .aws import read_db_secret
 
-        user, password = read_db_secret(values["db/credentials"])  # type: ignore[arg-type]
-        values["db/dbuser"] = user or values["db/dbuser"]
+        secret_id = values["db/credentials"]
+        user, password = read_db_secret(secret_id, region)  # type: ignore[arg-type]
+        if user:
+            values["db/dbuser"], sources["db/dbuser"] = user, f"secret {secret_id}"
     try:
         port = int(values.get("db/port") or 5432)
     except ValueError:
@@ -200,4 +267,6 @@ def render_settings(settings: Settings) -> str:
         value = settings.values.get(p.name)
         shown = "-" if value is None else ("<redacted>" if p.secret else value)
         lines.append(f"{p.name} = {shown}  ({settings.sources.get(p.name)})")
+    for name in settings.ignored:  # names only: an unknown parameter may well be a secret
+        lines.append(f"# ignored: unknown SSM parameter {settings.ssm_path}/{name}")
     return "\n".join(lines) + "\n"

@@ -1,0 +1,188 @@
+"""AWS: Parameter Store, Secrets Manager, SNS alerts and the CloudFront invalidation.
+
+Clients use boto3's default credential chain (on the instance: the instance profile through
+IMDSv2) and boto3's own endpoint overrides (``AWS_ENDPOINT_URL``, ``AWS_ENDPOINT_URL_SSM``, …),
+so tests point them at moto's server without touching this code. Every AWS failure becomes
+one :class:`~bioc_webstats.errors.WebstatsError` line naming the resource and the AWS error
+code; no secret value is ever part of a message.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import re
+import socket
+import uuid
+from typing import TYPE_CHECKING, Any
+
+from .errors import ConfigError, WebstatsError
+
+if TYPE_CHECKING:
+    from .config import Settings
+
+# Short connect timeouts: a unit that cannot reach AWS should fail in seconds, not minutes;
+# "standard" retries cover throttling and transient 5xx answers.
+CONNECT_TIMEOUT = 3
+READ_TIMEOUT = 15
+MAX_ATTEMPTS = 4
+
+STATS_PATHS = ("/packages/stats/*",)
+_SNS_ARN = re.compile(r"^arn:aws[a-z-]*:sns:([a-z0-9-]+):\d{12}:[A-Za-z0-9_-]{1,256}$")
+
+
+def client(service: str, region: str | None = None) -> Any:
+    """A boto3 client with the project's timeouts and retries (imported lazily)."""
+    import boto3
+    from botocore.config import Config
+
+    config = Config(
+        connect_timeout=CONNECT_TIMEOUT,
+        read_timeout=READ_TIMEOUT,
+        retries={"mode": "standard", "max_attempts": MAX_ATTEMPTS},
+    )
+    return boto3.session.Session().client(service, region_name=region or None, config=config)
+
+
+def describe_error(exc: BaseException) -> str:
+    """The AWS error code (and its message) of a boto3 failure, on one line."""
+    from botocore.exceptions import ClientError
+
+    if isinstance(exc, ClientError):
+        err = exc.response.get("Error", {})
+        code = err.get("Code") or "ClientError"
+        text = err.get("Message") or ""
+    else:  # BotoCoreError: no credentials, no region, endpoint unreachable, timeouts
+        code, text = type(exc).__name__, str(exc)
+    text = " ".join(text.split())
+    return f"{code}: {text}" if text else code
+
+
+def _aws_errors() -> tuple[type[BaseException], ...]:
+    from botocore.exceptions import BotoCoreError, ClientError
+
+    return (BotoCoreError, ClientError)
+
+
+def normalize_path(path: str) -> str:
+    """``bioc/webstats/prod/`` → ``/bioc/webstats/prod`` (how Parameter Store names it)."""
+    path = "/" + path.strip().strip("/")
+    if path == "/":
+        raise ConfigError("WEBSTATS_SSM_PATH must name a path such as /bioc/webstats/prod")
+    return path
+
+
+def load_ssm_parameters(path: str, region: str | None = None) -> dict[str, str]:
+    """All parameters under ``path`` by name relative to it (``db/server``).
+
+    Recursive, SecureStrings decrypted, every page of the paginator read. An unreachable
+    endpoint, missing credentials or a denied read is one ConfigError naming the path.
+    """
+    path = normalize_path(path)
+    out: dict[str, str] = {}
+    try:
+        paginator = client("ssm", region).get_paginator("get_parameters_by_path")
+        pages = paginator.paginate(Path=path, Recursive=True, WithDecryption=True)
+        for page in pages:
+            for param in page.get("Parameters", []):
+                name = param["Name"]
+                if name.startswith(path + "/"):
+                    out[name[len(path) + 1 :]] = param["Value"]
+    except _aws_errors() as exc:
+        raise ConfigError(f"cannot read SSM path {path}: {describe_error(exc)}") from None
+    return out
+
+
+def read_db_secret(secret_id: str, region: str | None = None) -> tuple[str | None, str]:
+    """(username, password) from a Secrets Manager secret ``{"username":…,"password":…}``."""
+    try:
+        answer = client("secretsmanager", region).get_secret_value(SecretId=secret_id)
+    except _aws_errors() as exc:
+        raise ConfigError(
+            f"cannot read database secret {secret_id} (db/credentials): {describe_error(exc)}"
+        ) from None
+    raw = answer.get("SecretString")
+    try:
+        data = json.loads(raw) if raw is not None else None
+    except ValueError:
+        data = None  # the parser's message could quote the secret: say only what is wrong
+    if not isinstance(data, dict) or not isinstance(data.get("password"), str):
+        raise ConfigError(
+            f"database secret {secret_id} (db/credentials) must be a JSON object "
+            'with a "password" string (and optionally "username")'
+        )
+    user = data.get("username")
+    if user is not None and not isinstance(user, str):
+        raise ConfigError(f'database secret {secret_id} (db/credentials): "username" not a string')
+    return user or None, data["password"]
+
+
+def _sns_subject(text: str) -> str:
+    # SNS subjects: ASCII, no line breaks, under 100 characters.
+    ascii_text = text.encode("ascii", "replace").decode("ascii")
+    return " ".join(ascii_text.split())[:99] or "bioc-webstats alert"
+
+
+def publish_alert(settings: Settings, subject: str, message: str) -> bool:
+    """Publish to the ``alerts/sns_topic`` topic; False when no topic is configured.
+
+    A failure to publish is a WebstatsError naming the topic and the AWS error code.
+    """
+    topic = settings.get("alerts/sns_topic")
+    if not topic:
+        return False
+    match = _SNS_ARN.match(topic)
+    if not match:
+        raise ConfigError(f"parameter alerts/sns_topic is not an SNS topic ARN: {topic!r}")
+    try:
+        answer = client("sns", match.group(1)).publish(
+            TopicArn=topic, Subject=_sns_subject(subject), Message=message
+        )
+    except _aws_errors() as exc:
+        raise WebstatsError(f"cannot publish to SNS topic {topic}: {describe_error(exc)}") from None
+    if not answer.get("MessageId"):
+        raise WebstatsError(f"SNS topic {topic}: publish answered without a MessageId")
+    return True
+
+
+def caller_reference(prefix: str = "bioc-webstats") -> str:
+    """Unique per call: a retried run must never be taken for the previous invalidation."""
+    stamp = dt.datetime.now(dt.UTC).strftime("%Y%m%dT%H%M%SZ")
+    return f"{prefix}-{socket.gethostname()}-{stamp}-{uuid.uuid4().hex[:12]}"
+
+
+def invalidate_stats_cache(settings: Settings) -> str | None:
+    """Invalidate ``/packages/stats/*`` on ``etl/cloudfront_distribution``.
+
+    Returns the invalidation id, or None when no distribution is configured. The answer is
+    checked (id, status, the paths asked for); any failure is a WebstatsError line.
+    """
+    dist = settings.get("etl/cloudfront_distribution")
+    if not dist:
+        return None
+    batch: dict[str, Any] = {
+        "Paths": {"Quantity": len(STATS_PATHS), "Items": list(STATS_PATHS)},
+        "CallerReference": caller_reference(),
+    }
+    try:
+        # CloudFront is a global service; its API lives in us-east-1.
+        answer = client("cloudfront", "us-east-1").create_invalidation(
+            DistributionId=dist, InvalidationBatch=batch
+        )
+    except _aws_errors() as exc:
+        raise WebstatsError(
+            f"CloudFront invalidation of distribution {dist} failed: {describe_error(exc)}"
+        ) from None
+    inv = answer.get("Invalidation") or {}
+    got = (inv.get("InvalidationBatch") or {}).get("Paths", {}).get("Items") or []
+    if not inv.get("Id") or inv.get("Status") not in ("InProgress", "Completed"):
+        raise WebstatsError(
+            f"CloudFront invalidation of distribution {dist}: unexpected answer "
+            f"(id {inv.get('Id')!r}, status {inv.get('Status')!r})"
+        )
+    if sorted(got) != sorted(STATS_PATHS):
+        raise WebstatsError(
+            f"CloudFront invalidation {inv['Id']} of distribution {dist}: paths {got!r}, "
+            f"expected {list(STATS_PATHS)!r}"
+        )
+    return str(inv["Id"])

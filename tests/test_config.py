@@ -1,0 +1,322 @@
+"""Configuration: precedence, SSM by path (moto server on loopback), Secrets Manager, redaction."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import boto3
+import pytest
+
+from bioc_webstats.config import PARAMS, ConfigError, load_settings, render_settings
+from conftest import free_port
+
+PATH = "/bioc/webstats/prod"
+SECRET_KEY = "flask-Secret-4b1d9e0c7a"  # values that must never be printed
+HASH_KEY = "iphash-Secret-93aa1e6f52"
+DB_PASSWORD = "db-Pa55word-7e21c0"
+CLI = str(Path(sys.executable).parent / "bioc-webstats")
+
+
+def put(name: str, value: str, secure: bool = False) -> None:
+    boto3.client("ssm").put_parameter(
+        Name=f"{PATH}/{name}",
+        Value=value,
+        Type="SecureString" if secure else "String",
+        Overwrite=True,
+    )
+
+
+def put_required(server: str = "db.example.internal") -> None:
+    put("db/server", server)
+    put("flask/secret_key", SECRET_KEY, secure=True)
+    put("etl/ip_hash_key", HASH_KEY, secure=True)
+
+
+def make_db_secret(secret_id: str = "/bioc/rdb/0/login/webstats_runner", body=None) -> None:
+    if body is None:
+        body = json.dumps({"username": "runner_from_secret", "password": DB_PASSWORD})
+    boto3.client("secretsmanager").create_secret(Name=secret_id, SecretString=body)
+
+
+def run_cli(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [CLI, *args], capture_output=True, text=True, env=dict(os.environ), timeout=120
+    )
+
+
+def test_defaults_without_ssm_use_embedded_sqlite(clean_env):
+    s = load_settings()
+    for p in PARAMS:
+        assert s.get(p.name) == p.default
+        assert s.sources[p.name] == "default"
+    assert s.ssm_path is None
+    assert s.database_url == f"sqlite:///{clean_env / 'state' / 'webstats.sqlite3'}"
+    assert s.sources["database_url"] == "default (embedded SQLite)"
+
+
+def test_each_level_overrides_the_previous(clean_env, aws_env, monkeypatch):
+    env_file = clean_env / "webstats.env"
+    env_file.write_text(
+        "# written by the playbook\n"
+        "WEBSTATS_SSM_PATH=/bioc/webstats/prod/\n"
+        "WEBSTATS_DB_DBNAME=from_file\n"
+        'WEBSTATS_FLASK_LOG_LEVEL="WARNING"\n'
+        "WEBSTATS_ETL_LOOKBACK_DAYS=5\n"
+    )
+    monkeypatch.setenv("WEBSTATS_ENV_FILE", str(env_file))
+    put_required()
+    put("flask/log_level", "ERROR")
+    put("etl/lookback_days", "7")
+    make_db_secret()
+    monkeypatch.setenv("WEBSTATS_ETL_LOOKBACK_DAYS", "9")
+
+    s = load_settings()
+    assert (s.get("db/port"), s.sources["db/port"]) == ("5432", "default")
+    assert (s.get("db/dbname"), s.sources["db/dbname"]) == ("from_file", f"env file {env_file}")
+    assert (s.get("flask/log_level"), s.sources["flask/log_level"]) == (
+        "ERROR",
+        f"ssm {PATH}/flask/log_level",
+    )
+    assert (s.get("etl/lookback_days"), s.sources["etl/lookback_days"]) == (
+        "9",
+        "environment WEBSTATS_ETL_LOOKBACK_DAYS",
+    )
+    assert s.ssm_path == PATH  # trailing slash normalized
+
+
+def test_ssm_by_path_paginates_recurses_and_decrypts(clean_env, aws_env, monkeypatch):
+    from bioc_webstats.aws import load_ssm_parameters
+
+    put_required()
+    known = {
+        "db/dbname": "webstats_prod",
+        "db/port": "6543",
+        "gunicorn/bind_port": "127.0.0.1:8001",
+        "etl/s3_download_logs": "s3://bioc-cloudfront-logs/cf",
+        "etl/cloudfront_distribution": "E1TVLJONPTUXV3",
+        "alerts/sns_topic": "arn:aws:sns:us-east-1:123456789012:webstats-alerts",
+        "etl/lookback_days": "4",
+    }
+    for name, value in known.items():
+        put(name, value)
+    unknown = [f"legacy/deep/level{i}/p{i}" for i in range(8)]
+    for name in unknown:
+        put(name, f"v-{name}")
+    put("other", "outside")  # /bioc/webstats/prod/other is under the path too: ignored
+    boto3.client("ssm").put_parameter(
+        Name="/bioc/webstats/prodx/db/server", Value="no", Type="String"
+    )
+    boto3.client("ssm").put_parameter(
+        Name="/bioc/webstats/dev/db/server", Value="no", Type="String"
+    )
+
+    raw = load_ssm_parameters(PATH)
+    assert len(raw) == 3 + len(known) + len(unknown) + 1  # more than one page of 10
+    assert raw["flask/secret_key"] == SECRET_KEY  # SecureString decrypted
+    assert raw["legacy/deep/level7/p7"] == "v-legacy/deep/level7/p7"
+
+    monkeypatch.setenv("WEBSTATS_SSM_PATH", PATH)
+    monkeypatch.setenv("WEBSTATS_DB_PASSWORD", DB_PASSWORD)  # no Secrets Manager in this test
+    s = load_settings()
+    for name, value in known.items():
+        assert s.get(name) == value and s.sources[name] == f"ssm {PATH}/{name}"
+    assert s.get("etl/ip_hash_key") == HASH_KEY
+    assert s.get("db/server") == "db.example.internal"
+    assert sorted(s.ignored) == sorted([*unknown, "other"])
+    assert "level3" in render_settings(s) and "v-legacy" not in render_settings(s)
+
+
+def test_ssm_paginator_reads_every_page(clean_env, aws_env):
+    from bioc_webstats.aws import load_ssm_parameters
+
+    for i in range(37):
+        put(f"bulk/p{i:02d}", str(i))
+    raw = load_ssm_parameters(PATH + "/bulk")
+    assert raw == {f"p{i:02d}": str(i) for i in range(37)}
+
+
+@pytest.mark.parametrize(
+    "missing, message",
+    [
+        ("flask/secret_key", f"missing SSM parameter {PATH}/flask/secret_key"),
+        ("etl/ip_hash_key", f"missing SSM parameter {PATH}/etl/ip_hash_key"),
+        ("db/server", f"missing SSM parameter {PATH}/db/server"),
+    ],
+)
+def test_missing_required_parameter_is_one_line(clean_env, aws_env, monkeypatch, missing, message):
+    put_required()
+    boto3.client("ssm").delete_parameter(Name=f"{PATH}/{missing}")
+    monkeypatch.setenv("WEBSTATS_SSM_PATH", PATH)
+    with pytest.raises(ConfigError) as exc:
+        load_settings()
+    assert str(exc.value) == message
+
+
+def test_all_missing_named_and_environment_can_supply_one(clean_env, aws_env, monkeypatch):
+    monkeypatch.setenv("WEBSTATS_SSM_PATH", PATH)
+    with pytest.raises(ConfigError) as exc:
+        load_settings()
+    assert str(exc.value) == (
+        f"missing SSM parameters {PATH}/db/server, {PATH}/flask/secret_key, {PATH}/etl/ip_hash_key"
+    )
+    # An explicit database URL replaces db/*; the environment may supply a secret.
+    monkeypatch.setenv("WEBSTATS_DATABASE_URL", "sqlite:///" + str(clean_env / "x.db"))
+    monkeypatch.setenv("WEBSTATS_IP_HASH_KEY", HASH_KEY)
+    with pytest.raises(ConfigError, match=f"^missing SSM parameter {PATH}/flask/secret_key$"):
+        load_settings()
+    # The required list is configurable.
+    monkeypatch.setenv("WEBSTATS_SSM_REQUIRED", "etl/ip_hash_key")
+    assert load_settings().get("etl/ip_hash_key") == HASH_KEY
+    monkeypatch.setenv("WEBSTATS_SSM_REQUIRED", "etl/nope")
+    with pytest.raises(ConfigError, match="unknown parameters: etl/nope"):
+        load_settings()
+
+
+def test_cli_missing_parameter_exit_1_one_line_no_secret(clean_env, aws_env, monkeypatch):
+    put("flask/secret_key", SECRET_KEY, secure=True)
+    put("db/server", "db.example.internal")
+    monkeypatch.setenv("WEBSTATS_SSM_PATH", PATH)
+    res = run_cli("config", "show")
+    assert res.returncode == 1
+    assert res.stdout == ""
+    assert res.stderr == f"bioc-webstats: error: missing SSM parameter {PATH}/etl/ip_hash_key\n"
+    assert SECRET_KEY not in res.stderr
+
+
+def test_unreachable_endpoint_is_one_line_naming_path(clean_env, monkeypatch):
+    monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{free_port()}")
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
+    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
+    monkeypatch.setenv("WEBSTATS_SSM_PATH", PATH)
+    res = run_cli("check")
+    assert res.returncode == 1
+    lines = res.stderr.splitlines()
+    assert len(lines) == 1, res.stderr
+    assert lines[0].startswith(
+        f"bioc-webstats: error: cannot read SSM path {PATH}: EndpointConnectionError"
+    )
+    assert "Traceback" not in res.stderr
+
+
+def test_no_credentials_is_one_line(clean_env, monkeypatch, tmp_path):
+    monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{free_port()}")
+    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")  # no instance profile here
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "none"))
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "none"))
+    monkeypatch.setenv("WEBSTATS_SSM_PATH", PATH)
+    with pytest.raises(ConfigError) as exc:
+        load_settings()
+    assert str(exc.value).startswith(f"cannot read SSM path {PATH}: NoCredentialsError")
+
+
+def test_db_password_from_secrets_manager(clean_env, aws_env, monkeypatch):
+    put_required("rds.example.internal")
+    put("db/port", "5433")
+    make_db_secret()
+    monkeypatch.setenv("WEBSTATS_SSM_PATH", PATH)
+    s = load_settings()
+    from sqlalchemy.engine import make_url
+
+    url = make_url(s.database_url)
+    assert (url.username, url.password, url.host, url.port, url.database) == (
+        "runner_from_secret",
+        DB_PASSWORD,
+        "rds.example.internal",
+        5433,
+        "webstats",
+    )
+    assert s.sources["db/dbuser"] == "secret /bioc/rdb/0/login/webstats_runner"
+    for secret in (DB_PASSWORD, SECRET_KEY, HASH_KEY):
+        assert secret not in repr(s)
+
+
+def test_db_secret_named_by_parameter(clean_env, aws_env, monkeypatch):
+    put_required()
+    put("db/credentials", "/bioc/rdb/1/login/other")
+    make_db_secret("/bioc/rdb/1/login/other", json.dumps({"password": DB_PASSWORD}))
+    monkeypatch.setenv("WEBSTATS_SSM_PATH", PATH)
+    s = load_settings()
+    from sqlalchemy.engine import make_url
+
+    url = make_url(s.database_url)
+    assert (url.username, url.password) == ("webstats_runner", DB_PASSWORD)  # user: db/dbuser
+
+
+def test_missing_db_secret_is_one_line(clean_env, aws_env, monkeypatch):
+    put_required()
+    monkeypatch.setenv("WEBSTATS_SSM_PATH", PATH)
+    with pytest.raises(ConfigError) as exc:
+        load_settings()
+    msg = str(exc.value)
+    assert msg.startswith(
+        "cannot read database secret /bioc/rdb/0/login/webstats_runner (db/credentials): "
+        "ResourceNotFoundException"
+    )
+    assert "\n" not in msg
+
+
+@pytest.mark.parametrize(
+    "body", [f"not json {DB_PASSWORD}", json.dumps(["x", DB_PASSWORD]), json.dumps({"pw": 1})]
+)
+def test_bad_db_secret_is_one_line_without_its_content(clean_env, aws_env, monkeypatch, body):
+    put_required()
+    make_db_secret(body=body)
+    monkeypatch.setenv("WEBSTATS_SSM_PATH", PATH)
+    with pytest.raises(ConfigError) as exc:
+        load_settings()
+    msg = str(exc.value)
+    assert msg == (
+        "database secret /bioc/rdb/0/login/webstats_runner (db/credentials) must be a JSON "
+        'object with a "password" string (and optionally "username")'
+    )
+    assert DB_PASSWORD not in msg
+
+
+def test_local_postgres_without_ssm_does_not_ask_secrets_manager(clean_env, monkeypatch):
+    monkeypatch.setenv("WEBSTATS_DB_SERVER", "127.0.0.1")
+    s = load_settings()  # no AWS configured at all: must not try Secrets Manager
+    assert s.database_url == "postgresql+psycopg2://webstats_runner@127.0.0.1:5432/webstats"
+
+
+def test_config_show_redacts_every_secret(clean_env, aws_env, monkeypatch):
+    put_required()
+    put("alerts/sns_topic", "arn:aws:sns:us-east-1:123456789012:alerts")
+    put("secret/unknown_token", "unknown-Secret-0f0f", secure=True)
+    make_db_secret()
+    monkeypatch.setenv("WEBSTATS_SSM_PATH", PATH)
+    res = run_cli("config", "show")
+    assert res.returncode == 0, res.stderr
+    out = res.stdout + res.stderr
+    for secret in (SECRET_KEY, HASH_KEY, DB_PASSWORD, "unknown-Secret-0f0f"):
+        assert secret not in out
+    lines = res.stdout.splitlines()
+    assert f"flask/secret_key = <redacted>  (ssm {PATH}/flask/secret_key)" in lines
+    assert f"etl/ip_hash_key = <redacted>  (ssm {PATH}/etl/ip_hash_key)" in lines
+    assert f"db/server = db.example.internal  (ssm {PATH}/db/server)" in lines
+    assert "db/port = 5432  (default)" in lines
+    assert (
+        "database_url = postgresql+psycopg2://runner_from_secret:***@db.example.internal:5432/"
+        "webstats  (db/* parameters + secret /bioc/rdb/0/login/webstats_runner)"
+    ) in lines
+    assert f"# ignored: unknown SSM parameter {PATH}/secret/unknown_token" in lines
+
+
+def test_config_show_redacts_password_in_explicit_url(clean_env, monkeypatch):
+    monkeypatch.setenv("WEBSTATS_DATABASE_URL", f"postgresql://u:{DB_PASSWORD}@h/d")
+    monkeypatch.setenv("WEBSTATS_FLASK_SECRET_KEY", SECRET_KEY)
+    res = run_cli("config", "show")
+    assert res.returncode == 0, res.stderr
+    assert DB_PASSWORD not in res.stdout and SECRET_KEY not in res.stdout
+    assert "database_url = postgresql://u:***@h/d  (environment WEBSTATS_DATABASE_URL)" in (
+        res.stdout.splitlines()
+    )
+    assert "flask/secret_key = <redacted>  (environment WEBSTATS_FLASK_SECRET_KEY)" in (
+        res.stdout.splitlines()
+    )
