@@ -1,18 +1,326 @@
-"""The Flask application: /packages/stats/… and /healthz."""
+"""The Flask application: /packages/stats/… (web-contract.md) and /healthz.
+
+Every request reads the data version and ValidThru (one small query), so all workers of all
+processes follow a change at once. Pages and text files are generated once per data version
+into the disk cache (``webcache``) and served from there with sendfile; a small per-process
+snapshot of (category, package, years) answers 404s and redirects without more queries.
+"""
 
 from __future__ import annotations
 
-from flask import Flask, jsonify
+import datetime as dt
+import hashlib
+import os
+import re
+import threading
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+from urllib.parse import quote
 
-from . import __version__, db
+from flask import Flask, Response, jsonify, request
+from sqlalchemy import select
+from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.orm import Session
+from werkzeug.exceptions import HTTPException
+from werkzeug.wsgi import wrap_file
+
+from . import __version__, db, pages, report, tabfiles
+from .categories import BY_STEM, CATEGORIES, Category
 from .config import Settings, load_settings
+from .models import Meta
+from .webcache import DiskCache
+
+PREFIX = "/packages/stats"
+TEXT = "text/plain; charset=utf-8"
+HTML = "text/html; charset=utf-8"
+INDEX_PAGES = {c.index_page: c for c in CATEGORIES}
+YEAR_RE = re.compile(r"[0-9]{4}")  # ASCII digits only (not fullwidth digits)
+STATIC_FILES = {  # top-level assets under the prefix -> (file under static/, content type)
+    "main.css": ("main.css", "text/css; charset=utf-8"),
+    "charts.js": ("charts.js", "text/javascript; charset=utf-8"),
+    "uPlot.iife.min.js": ("vendor/uplot/uPlot.iife.min.js", "text/javascript; charset=utf-8"),
+}
+
+
+@dataclass(frozen=True)
+class Target:
+    """A resolved URL: what to build and where it lives in the cache."""
+
+    kind: str  # index | repo | package | cat_tab | cat_year | pkg_stats | pkg_scores
+    #            | packages_txt | pkg_tab | pkg_year
+    cat: Category
+    relpath: str  # cache path, canonical
+    package: str | None = None
+    year: int | None = None
+
+    @property
+    def is_page(self) -> bool:
+        return self.kind in ("index", "repo", "package")
+
+
+@dataclass(frozen=True)
+class Redirect:
+    """A 301 to ``location`` (under the prefix); ``needs_package`` must exist first."""
+
+    location: str
+    cat: Category | None = None
+    needs_package: str | None = None
+
+
+def _valid_name(name: str) -> bool:
+    """Could be a package directory: not empty, no separators, no dot-files, no controls."""
+    return (
+        bool(name)
+        and not name.startswith(".")
+        and "/" not in name
+        and "\\" not in name
+        and name.isprintable()
+        and " " not in name
+    )
+
+
+def _year(text: str, cat: Category) -> int | None:
+    if YEAR_RE.fullmatch(text) is None:
+        return None
+    year = int(text)
+    return year if year >= cat.first_year else None
+
+
+def resolve(sub: str) -> Target | Redirect | str | None:
+    """Map the path under ``/packages/stats/`` to a target, a redirect, a static file name
+    (str), or None for 404. Purely syntactic: existence is checked against the snapshot."""
+    if sub in ("", "index.html"):
+        cat = CATEGORIES[0]
+        return Target("index", cat, "index.html")
+    if sub in INDEX_PAGES:
+        cat = INDEX_PAGES[sub]
+        return Target("index", cat, cat.index_page)
+    if sub in STATIC_FILES:
+        return sub
+    parts = sub.split("/")
+    cat = BY_STEM.get(parts[0])
+    if cat is None:
+        return None
+    stem, prefix = cat.stem, cat.prefix
+    if len(parts) == 1:
+        return Redirect(f"{stem}/", cat)
+    if len(parts) == 2:
+        name = parts[1]
+        if name in ("", "index.html"):
+            return Target("repo", cat, f"{stem}/index.html")
+        files = {
+            f"{prefix}_stats.tab": "cat_tab",
+            f"{prefix}_pkg_stats.tab": "pkg_stats",
+            f"{prefix}_pkg_scores.tab": "pkg_scores",
+            f"{prefix}_packages.txt": "packages_txt",
+        }
+        if name in files:
+            return Target(files[name], cat, f"{stem}/{name}")
+        if name.startswith(prefix + "_") and name.endswith("_stats.tab"):
+            year = _year(name[len(prefix) + 1 : -len("_stats.tab")], cat)
+            if year is not None:
+                return Target("cat_year", cat, f"{stem}/{name}", year=year)
+        pkg = name[: -len(".html")] if name.endswith(".html") else name
+        if _valid_name(pkg):
+            return Redirect(f"{stem}/{quote(pkg)}/", cat, needs_package=pkg)
+        return None
+    if len(parts) == 3:
+        pkg, name = parts[1], parts[2]
+        if not _valid_name(pkg):
+            return None
+        if name in ("", "index.html"):
+            return Target("package", cat, f"{stem}/{pkg}/index.html", package=pkg)
+        if name == f"{pkg}_stats.tab":
+            return Target("pkg_tab", cat, f"{stem}/{pkg}/{name}", package=pkg)
+        if name.startswith(pkg + "_") and name.endswith("_stats.tab"):
+            year = _year(name[len(pkg) + 1 : -len("_stats.tab")], cat)
+            if year is not None:
+                return Target("pkg_year", cat, f"{stem}/{pkg}/{name}", package=pkg, year=year)
+    return None
+
+
+def exists(target: Target, snap: report.Snapshot) -> bool:
+    """Whether a syntactically valid target has data in this snapshot."""
+    if target.kind in ("index", "repo"):
+        return True
+    if snap.valid_thru is None:
+        return False
+    ci = snap.categories[target.cat.prefix]
+    if target.package is not None:
+        years = ci.years.get(target.package)
+        if years is None:
+            return False
+        return target.year is None or target.year in years
+    if target.kind == "cat_year":
+        return target.cat.first_year <= (target.year or 0) <= snap.valid_thru.year
+    return True
+
+
+def build(session: Session, target: Target, snap: report.Snapshot) -> str:
+    """The body of a target (called once per data version, then cached on disk)."""
+    cat = target.cat
+    if target.kind == "index":
+        return pages.index_page(session, snap, cat)
+    if target.kind == "repo":
+        return pages.repository_page(session, snap, cat)
+    assert snap.valid_thru is not None
+    data_year = snap.valid_thru.year
+    ci = snap.categories[cat.prefix]
+    if target.kind == "package":
+        return pages.package_page(session, snap, cat, target.package or "")
+    if target.kind == "cat_tab":
+        years = report.category_years(session, cat, data_year)
+        return tabfiles.category_stats_tab(years, cat.first_year, data_year)
+    if target.kind == "cat_year":
+        years = report.category_years(session, cat, data_year)
+        year = target.year or 0
+        return tabfiles.package_year_tab(year, years.get(year, {}))
+    if target.kind == "pkg_stats":
+        return report.pkg_stats_body(session, ci, data_year)
+    if target.kind == "pkg_scores":
+        scores = report.scores(session, ci, snap.valid_thru)
+        return tabfiles.pkg_scores_tab((n, scores[n]) for n in ci.order)
+    if target.kind == "packages_txt":
+        return tabfiles.packages_txt(ci.order)
+    years = report.package_years(session, cat, target.package or "", data_year)
+    if target.kind == "pkg_tab":
+        return tabfiles.package_stats_tab(years)
+    year = target.year or 0
+    return tabfiles.package_year_tab(year, years.get(year, {}))
+
+
+class StatsSite:
+    """Per-process state: settings, the disk cache, the current snapshot."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.cache = DiskCache(settings.state_dir / "cache")
+        self.max_age = settings.get_int("web/cache_max_age")
+        self._snap: report.Snapshot | None = None
+        self._lock = threading.Lock()
+        self._static: dict[str, tuple[bytes, str, str, str]] = {}
+
+    def session(self) -> Session:
+        return db.session_factory(self.settings.database_url)()
+
+    def meta(self, session: Session) -> tuple[int, dt.date | None]:
+        """(data version, ValidThru) in one query."""
+        rows = dict(
+            session.execute(
+                select(Meta.key, Meta.value).where(Meta.key.in_([db.DATA_VERSION, db.VALID_THRU]))
+            ).all()
+        )
+        version = int(rows.get(db.DATA_VERSION) or 0)
+        vt = rows.get(db.VALID_THRU)
+        return version, (dt.date.fromisoformat(vt) if vt else None)
+
+    def snapshot(self, session: Session, version: int, vt: dt.date | None) -> report.Snapshot:
+        snap = self._snap
+        if snap is None or snap.data_version != version or snap.valid_thru != vt:
+            with self._lock:
+                snap = self._snap
+                if snap is None or snap.data_version != version or snap.valid_thru != vt:
+                    snap = report.load_snapshot(session, version, vt)
+                    self._snap = snap
+        return snap
+
+    def static(self, name: str) -> tuple[bytes, str, str, str]:
+        """(body, content type, etag, last modified) of a shipped asset, read once."""
+        if name not in self._static:
+            rel, ctype = STATIC_FILES[name]
+            res = resources.files("bioc_webstats") / "static" / rel
+            body = res.read_bytes()
+            etag = '"s-' + hashlib.sha256(body).hexdigest()[:20] + '"'
+            mtime = dt.datetime.fromtimestamp(Path(str(res)).stat().st_mtime, dt.UTC)
+            self._static[name] = (body, ctype, etag, http_datetime(mtime))
+        return self._static[name]
+
+
+def http_datetime(when: dt.datetime) -> str:
+    """RFC 7231 date of an aware datetime, locale-independent."""
+    when = when.astimezone(dt.UTC)
+    return tabfiles.http_date(when.date()).replace("00:00:00", when.strftime("%H:%M:%S"))
+
+
+def _is_not_modified(etag: str, last_modified: str | None) -> bool:
+    inm = request.headers.get("If-None-Match")
+    if inm is not None:
+        tags = [t.strip() for t in inm.split(",")]
+        return "*" in tags or etag in tags or f"W/{etag}" in tags
+    ims = request.headers.get("If-Modified-Since")
+    if ims and last_modified:
+        since = _parse_http_date(ims)
+        return since is not None and _parse_http_date(last_modified) <= since  # type: ignore[operator]
+    return False
+
+
+def _parse_http_date(value: str) -> dt.datetime | None:
+    from werkzeug.http import parse_date
+
+    try:
+        return parse_date(value)
+    except (ValueError, OverflowError):
+        return None
+
+
+def _cache_headers(resp: Response, etag: str, last_modified: str | None, max_age: int) -> None:
+    resp.headers["ETag"] = etag
+    if last_modified:
+        resp.headers["Last-Modified"] = last_modified
+    resp.headers["Cache-Control"] = f"public, max-age={max_age}"
+
+
+def _conditional(
+    body_or_path: bytes | Path, ctype: str, etag: str, last_modified: str | None, max_age: int
+) -> Response:
+    """200 with the body (file served via wsgi.file_wrapper) or 304."""
+    if _is_not_modified(etag, last_modified):
+        resp = Response(status=304)
+        _cache_headers(resp, etag, last_modified, max_age)
+        return resp
+    if isinstance(body_or_path, Path):
+        f = open(body_or_path, "rb")
+        size = os.fstat(f.fileno()).st_size
+        resp = Response(wrap_file(request.environ, f), direct_passthrough=True)
+        resp.call_on_close(f.close)
+        resp.content_length = size
+    else:
+        resp = Response(body_or_path)
+        resp.content_length = len(body_or_path)
+    resp.headers["Content-Type"] = ctype
+    _cache_headers(resp, etag, last_modified, max_age)
+    return resp
+
+
+def _plain(status: int, title: str, message: str) -> Response:
+    root = f"{request.script_root}{PREFIX}/"
+    body = pages.simple_page(title, message, status, root).encode()
+    resp = Response(body, status=status, content_type=HTML)
+    if status == 503:
+        resp.headers["Retry-After"] = "60"
+    resp.headers["Cache-Control"] = "no-store"
+    return resp
+
+
+def _redirect(location: str) -> Response:
+    target = f"{request.script_root}{PREFIX}/{location}"
+    qs = request.query_string.decode("latin-1")
+    if qs:
+        target += "?" + quote(qs, safe="/?&=+%;:@,$!*'()~")
+    resp = Response(status=301)
+    resp.headers["Location"] = target
+    return resp
 
 
 def create_app(settings: Settings | None = None) -> Flask:
     """Build the app from the effective configuration (loaded once per process)."""
     settings = settings or load_settings()
-    app = Flask(__name__)
+    app = Flask(__name__, static_folder=None)
     app.config["WEBSTATS"] = settings
+    app.url_map.merge_slashes = False
+    site = StatsSite(settings)
+    app.extensions["webstats"] = site
 
     @app.get("/healthz")
     def healthz():
@@ -34,6 +342,66 @@ def create_app(settings: Settings | None = None) -> Flask:
                 body["status"] = "ok"
         except Exception:
             app.logger.warning("healthz: database check failed", exc_info=True)
-        return jsonify(body), 200 if body["status"] == "ok" else 503
+        resp = jsonify(body)
+        resp.headers["Cache-Control"] = "no-store"
+        return resp, 200 if body["status"] == "ok" else 503
+
+    @app.get(PREFIX)
+    def prefix_redirect():
+        return _redirect("")
+
+    @app.get(PREFIX + "/", defaults={"sub": ""})
+    @app.get(PREFIX + "/<path:sub>")
+    def stats(sub: str):
+        resolved = resolve(sub)
+        if resolved is None:
+            return _plain(404, "Not Found", "No such page or file.")
+        if isinstance(resolved, str):
+            body, ctype, etag, modified = site.static(resolved)
+            return _conditional(body, ctype, etag, modified, site.max_age)
+        if isinstance(resolved, Redirect) and resolved.needs_package is None:
+            return _redirect(resolved.location)
+        try:
+            with site.session() as session:
+                version, vt = site.meta(session)
+                snap = site.snapshot(session, version, vt)
+                if isinstance(resolved, Redirect):
+                    assert resolved.cat is not None
+                    pkgs = snap.categories[resolved.cat.prefix].years
+                    if resolved.needs_package not in pkgs:
+                        return _plain(404, "Not Found", "No such package.")
+                    return _redirect(resolved.location)
+                target = resolved
+                if not exists(target, snap):
+                    return _plain(404, "Not Found", "No such page or file.")
+                ctype = HTML if target.is_page else TEXT
+                path = site.cache.lookup(version, target.relpath)
+                if path is None:
+                    text = build(session, target, snap)
+                    stored = site.cache.store(version, target.relpath, text.encode())
+                    path_or_body: bytes | Path = stored or text.encode()
+                else:
+                    path_or_body = path
+        except SQLAlchemyError:
+            app.logger.warning("database unavailable", exc_info=True)
+            return _plain(503, "Service Unavailable", "The statistics database is unavailable.")
+        size = path_or_body.stat().st_size if isinstance(path_or_body, Path) else len(path_or_body)
+        etag = f'"{version}-{__version__}-{size:x}"'
+        last_modified = tabfiles.http_date(vt + dt.timedelta(days=1)) if vt else None
+        return _conditional(path_or_body, ctype, etag, last_modified, site.max_age)
+
+    @app.errorhandler(HTTPException)
+    def http_error(exc: HTTPException):
+        code = exc.code or 500
+        return _plain(code, exc.name, exc.description or exc.name)
+
+    @app.errorhandler(SQLAlchemyError)
+    def db_error(_exc: SQLAlchemyError):
+        return _plain(503, "Service Unavailable", "The statistics database is unavailable.")
+
+    @app.errorhandler(Exception)
+    def unexpected(exc: Exception):
+        app.logger.error("unexpected error", exc_info=exc)
+        return _plain(500, "Internal Server Error", "Something went wrong on our side.")
 
     return app

@@ -1,0 +1,177 @@
+"""Read-side queries on the statistics tables, shaped for ``tabfiles`` and the pages.
+
+Ordering is done in Python (``tabfiles.package_order_key``) so SQLite and PostgreSQL give the
+same bytes whatever their collations.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from collections import defaultdict
+from dataclasses import dataclass, field
+
+from sqlalchemy import and_, func, or_, select
+from sqlalchemy.orm import Session
+
+from . import tabfiles
+from .categories import BY_PREFIX, CATEGORIES, Category
+from .models import CategoryStat, Package, PackageStat
+
+Years = dict[int, dict[int, tuple[int, int]]]
+
+
+@dataclass
+class CategoryIndex:
+    """The packages of one category (contract order) and the years each has a download in."""
+
+    category: Category
+    order: list[str] = field(default_factory=list)
+    years: dict[str, tuple[int, ...]] = field(default_factory=dict)
+
+
+@dataclass
+class Snapshot:
+    """What routing needs to answer 404s without touching the heavy tables again."""
+
+    data_version: int
+    valid_thru: dt.date | None
+    categories: dict[str, CategoryIndex]  # by prefix
+
+    @property
+    def data_year(self) -> int | None:
+        """The current data year (year of ValidThru), None before any data."""
+        return self.valid_thru.year if self.valid_thru else None
+
+
+def load_snapshot(session: Session, data_version: int, valid_thru: dt.date | None) -> Snapshot:
+    """Every (category, package, year) with a download: the month-0 rows, one query."""
+    cats = {c.prefix: CategoryIndex(c) for c in CATEGORIES}
+    if valid_thru is not None:
+        years: dict[tuple[str, str], list[int]] = defaultdict(list)
+        rows = session.execute(
+            select(PackageStat.category, PackageStat.package, PackageStat.year).where(
+                PackageStat.month == 0, PackageStat.downloads > 0
+            )
+        )
+        for category, package, year in rows:
+            cat = BY_PREFIX.get(category)
+            if cat is not None and cat.first_year <= year <= valid_thru.year:
+                years[(category, package)].append(year)
+        for (category, package), ys in years.items():
+            cats[category].years[package] = tuple(sorted(ys, reverse=True))
+        for ci in cats.values():
+            ci.order = tabfiles.sort_packages(ci.years)
+    return Snapshot(data_version, valid_thru, cats)
+
+
+def _add(years: Years, year: int, month: int, ips: int, downloads: int) -> None:
+    years.setdefault(year, {})[month] = (int(ips), int(downloads))
+
+
+def package_years(session: Session, cat: Category, package: str, data_year: int) -> Years:
+    """month rows of one package in one category, by year (only years with downloads)."""
+    out: Years = {}
+    rows = session.execute(
+        select(PackageStat.year, PackageStat.month, PackageStat.ips, PackageStat.downloads).where(
+            PackageStat.category == cat.prefix,
+            PackageStat.package == package,
+            PackageStat.year >= cat.first_year,
+            PackageStat.year <= data_year,
+        )
+    )
+    for year, month, ips, downloads in rows:
+        _add(out, year, month, ips, downloads)
+    return {y: m for y, m in out.items() if sum(d for mm, (_, d) in m.items() if mm) > 0}
+
+
+def category_years(session: Session, cat: Category, data_year: int) -> Years:
+    """Category totals by year (missing years and months are zeros for the caller)."""
+    out: Years = {}
+    rows = session.execute(
+        select(
+            CategoryStat.year, CategoryStat.month, CategoryStat.ips, CategoryStat.downloads
+        ).where(
+            CategoryStat.category == cat.prefix,
+            CategoryStat.year >= cat.first_year,
+            CategoryStat.year <= data_year,
+        )
+    )
+    for year, month, ips, downloads in rows:
+        _add(out, year, month, ips, downloads)
+    return out
+
+
+def pkg_stats_body(session: Session, index: CategoryIndex, data_year: int) -> str:
+    """``<prefix>_pkg_stats.tab`` built from one streamed query (one text chunk per package)."""
+    cat = index.category
+    chunks: dict[str, str] = {}
+    current: str | None = None
+    years: Years = {}
+
+    def flush() -> None:
+        if current is not None and current in index.years:
+            keep = {y: years[y] for y in index.years[current] if y in years}
+            chunks[current] = tabfiles.pkg_stats_tab([(current, keep)])[
+                len(tabfiles.PKG_STATS_HEADER) :
+            ]
+
+    stmt = (
+        select(
+            PackageStat.package,
+            PackageStat.year,
+            PackageStat.month,
+            PackageStat.ips,
+            PackageStat.downloads,
+        )
+        .where(
+            PackageStat.category == cat.prefix,
+            PackageStat.year >= cat.first_year,
+            PackageStat.year <= data_year,
+        )
+        .order_by(PackageStat.package)
+        .execution_options(yield_per=20000)
+    )
+    for package, year, month, ips, downloads in session.execute(stmt):
+        if package != current:
+            flush()
+            current, years = package, {}
+        _add(years, year, month, ips, downloads)
+    flush()
+    return tabfiles.PKG_STATS_HEADER + "".join(chunks.get(n, "") for n in index.order)
+
+
+def scores(session: Session, index: CategoryIndex, valid_thru: dt.date) -> dict[str, int]:
+    """Download score of every package of the category (0 when nothing in the window)."""
+    window = tabfiles.score_window(valid_thru)
+    (y0, m0), (y1, m1) = window[0], window[-1]
+    rows = session.execute(
+        select(PackageStat.package, func.sum(PackageStat.ips))
+        .where(
+            PackageStat.category == index.category.prefix,
+            PackageStat.month >= 1,
+            or_(PackageStat.year > y0, and_(PackageStat.year == y0, PackageStat.month >= m0)),
+            or_(PackageStat.year < y1, and_(PackageStat.year == y1, PackageStat.month <= m1)),
+        )
+        .group_by(PackageStat.package)
+    )
+    sums = {package: int(total or 0) for package, total in rows}
+    return {n: tabfiles.download_score([sums.get(n, 0)]) for n in index.order}
+
+
+@dataclass(frozen=True)
+class Release:
+    """One row of the packages table."""
+
+    category: str
+    first_release: str | None
+    last_release: str | None
+
+
+def releases(session: Session, package: str) -> dict[str, Release]:
+    """The packages-table rows of a package, by category prefix."""
+    rows = session.execute(
+        select(Package.category, Package.first_release, Package.last_release).where(
+            Package.package == package
+        )
+    )
+    return {c: Release(c, f, last) for c, f, last in rows}

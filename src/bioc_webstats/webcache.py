@@ -1,0 +1,71 @@
+"""The disk cache of generated pages and text files, one directory per data version.
+
+``<state_dir>/cache/v<data version>-<code version>/<URL path>``: written once (tmp file +
+``os.replace``) by whichever worker first needs it, then served by every worker of every
+process with sendfile. A new data version gets a new directory; older ones are pruned.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import shutil
+import tempfile
+from pathlib import Path
+
+from . import __version__
+
+_DIR_RE = re.compile(r"^v(\d+)-(.+)$")
+
+
+class DiskCache:
+    """Files keyed by (data version, relative path)."""
+
+    def __init__(self, root: Path, code_tag: str = __version__) -> None:
+        self.root = root
+        self.code_tag = code_tag
+        self._pruned_for: int | None = None
+
+    def version_dir(self, data_version: int) -> Path:
+        """The directory of one data version (for this code version)."""
+        return self.root / f"v{data_version}-{self.code_tag}"
+
+    def lookup(self, data_version: int, relpath: str) -> Path | None:
+        """The cached file, or None."""
+        path = self.version_dir(data_version) / relpath
+        return path if path.is_file() else None
+
+    def store(self, data_version: int, relpath: str, body: bytes) -> Path | None:
+        """Write ``body`` atomically; None if the disk refused (the caller serves from memory)."""
+        vdir = self.version_dir(data_version)
+        path = vdir / relpath
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-")
+            try:
+                with os.fdopen(fd, "wb") as f:
+                    f.write(body)
+                os.chmod(tmp, 0o644)
+                os.replace(tmp, path)
+            except BaseException:
+                with contextlib.suppress(OSError):
+                    os.unlink(tmp)
+                raise
+        except OSError:
+            return None
+        if self._pruned_for != data_version:
+            self._pruned_for = data_version
+            self.prune(data_version)
+        return path
+
+    def prune(self, data_version: int) -> None:
+        """Remove directories of older data versions (open files stay readable until closed)."""
+        try:
+            entries = list(self.root.iterdir())
+        except OSError:
+            return
+        for entry in entries:
+            m = _DIR_RE.match(entry.name)
+            if m and int(m.group(1)) < data_version:
+                shutil.rmtree(entry, ignore_errors=True)
