@@ -5,8 +5,8 @@ from __future__ import annotations
 import datetime as dt
 
 import pytest
-import webref
 
+import webref
 from bioc_webstats import create_app, db
 from bioc_webstats.config import load_settings
 
