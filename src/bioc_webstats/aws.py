@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import os
 import re
 import socket
 import uuid
@@ -145,6 +146,26 @@ def publish_alert(settings: Settings, subject: str, message: str) -> bool:
     return True
 
 
+def failure_alert(unit: str, environ: dict[str, str] | None = None) -> tuple[str, str]:
+    """Subject and body of the alert for a failed systemd unit.
+
+    systemd (≥ 251) passes the failed unit's result to ``OnFailure=`` units as
+    ``MONITOR_SERVICE_RESULT``/``MONITOR_EXIT_CODE``/``MONITOR_EXIT_STATUS``; they are added
+    when present. No log content is included: it stays in the journal.
+    """
+    env = os.environ if environ is None else environ
+    unit = "".join(ch for ch in unit if ch.isprintable())[:200]
+    host = socket.gethostname()
+    when = dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
+    subject = f"bioc-webstats: {unit} failed on {host}"
+    lines = [f"{unit} failed on {host} at {when}."]
+    for key in ("MONITOR_SERVICE_RESULT", "MONITOR_EXIT_CODE", "MONITOR_EXIT_STATUS"):
+        if env.get(key):
+            lines.append(f"{key.removeprefix('MONITOR_').lower()}: {env[key]}")
+    lines.append(f"Logs: journalctl -u {unit} -n 200 ; files under /var/log/bioc-webstats/")
+    return subject, "\n".join(lines) + "\n"
+
+
 def caller_reference(prefix: str = "bioc-webstats") -> str:
     """Unique per call: a retried run must never be taken for the previous invalidation."""
     stamp = dt.datetime.now(dt.UTC).strftime("%Y%m%dT%H%M%SZ")
@@ -175,7 +196,8 @@ def invalidate_stats_cache(settings: Settings) -> str | None:
         ) from None
     inv = answer.get("Invalidation") or {}
     got = (inv.get("InvalidationBatch") or {}).get("Paths", {}).get("Items") or []
-    if not inv.get("Id") or inv.get("Status") not in ("InProgress", "Completed"):
+    # AWS answers "InProgress"; some implementations spell "COMPLETED".
+    if not inv.get("Id") or str(inv.get("Status")).lower() not in ("inprogress", "completed"):
         raise WebstatsError(
             f"CloudFront invalidation of distribution {dist}: unexpected answer "
             f"(id {inv.get('Id')!r}, status {inv.get('Status')!r})"

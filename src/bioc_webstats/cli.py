@@ -187,6 +187,22 @@ def check(ctx: Context) -> None:
     click.echo(f"ok: bioc-webstats {__version__}, schema {head}")
 
 
+@cli.command("notify-failure")
+@click.argument("unit")
+@pass_ctx
+def notify_failure(ctx: Context, unit: str) -> None:
+    """Record that UNIT failed and publish to alerts/sns_topic when set (OnFailure= hook)."""
+    from .aws import failure_alert, publish_alert
+
+    subject, message = failure_alert(unit)
+    click.echo(f"bioc-webstats: {message.splitlines()[0]}", err=True)  # the journal record
+    try:
+        sent = publish_alert(ctx.settings, subject, message)
+    except WebstatsError as exc:
+        raise WebstatsError(f"{unit} failure not notified: {exc}") from None
+    click.echo("alert published to alerts/sns_topic" if sent else "no alerts/sns_topic: not sent")
+
+
 def main(argv: list[str] | None = None) -> None:
     """Console entry point: expected failures become one line on stderr and exit 1."""
     verbose = any(a in ("-v", "--verbose") for a in (argv if argv is not None else sys.argv[1:]))

@@ -1,0 +1,190 @@
+"""SNS alerts, the notify-failure hook and the CloudFront invalidation, against moto's server."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import boto3
+import pytest
+
+from bioc_webstats.aws import invalidate_stats_cache, publish_alert
+from bioc_webstats.config import load_settings
+from bioc_webstats.errors import ConfigError, WebstatsError
+from conftest import free_port, wait_for
+
+CLI = str(Path(sys.executable).parent / "bioc-webstats")
+
+
+def topic_with_queue() -> tuple[str, str]:
+    """An SNS topic delivering to an SQS queue, so a test can read what was published."""
+    sns, sqs = boto3.client("sns"), boto3.client("sqs")
+    topic = sns.create_topic(Name="webstats-alerts")["TopicArn"]
+    queue_url = sqs.create_queue(QueueName="alerts-inbox")["QueueUrl"]
+    arn = sqs.get_queue_attributes(QueueUrl=queue_url, AttributeNames=["QueueArn"])
+    sns.subscribe(TopicArn=topic, Protocol="sqs", Endpoint=arn["Attributes"]["QueueArn"])
+    return topic, queue_url
+
+
+def received(queue_url: str) -> list[dict]:
+    """Every notification in the queue (SNS's JSON envelope), waiting until one arrives."""
+    sqs = boto3.client("sqs")
+
+    def poll():
+        msgs = sqs.receive_message(QueueUrl=queue_url, MaxNumberOfMessages=10).get("Messages")
+        return [json.loads(m["Body"]) for m in msgs] if msgs else None
+
+    return wait_for(poll, 20, what="the SNS notification in SQS")
+
+
+def make_distribution() -> str:
+    cf = boto3.client("cloudfront", region_name="us-east-1")
+    answer = cf.create_distribution(
+        DistributionConfig={
+            "CallerReference": "test-dist",
+            "Comment": "bioconductor.org",
+            "Enabled": True,
+            "Origins": {
+                "Quantity": 1,
+                "Items": [
+                    {
+                        "Id": "origin",
+                        "DomainName": "origin.example.org",
+                        "CustomOriginConfig": {
+                            "HTTPPort": 80,
+                            "HTTPSPort": 443,
+                            "OriginProtocolPolicy": "https-only",
+                        },
+                    }
+                ],
+            },
+            "DefaultCacheBehavior": {
+                "TargetOriginId": "origin",
+                "ViewerProtocolPolicy": "redirect-to-https",
+                "MinTTL": 0,
+                "ForwardedValues": {"QueryString": False, "Cookies": {"Forward": "none"}},
+                "TrustedSigners": {"Enabled": False, "Quantity": 0},
+            },
+        }
+    )
+    return answer["Distribution"]["Id"]
+
+
+def run_cli(*args: str, **extra: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [CLI, *args], capture_output=True, text=True, env={**os.environ, **extra}, timeout=120
+    )
+
+
+def test_publish_alert_reaches_the_topic(clean_env, aws_env, monkeypatch):
+    topic, queue = topic_with_queue()
+    monkeypatch.setenv("WEBSTATS_ALERTS_SNS_TOPIC", topic)
+    assert publish_alert(load_settings(), "etl failed\non host", "details: ü") is True
+    [note] = received(queue)
+    assert note["TopicArn"] == topic
+    assert note["Subject"] == "etl failed on host"  # one ASCII line, as SNS requires
+    assert note["Message"] == "details: ü"
+
+
+def test_publish_alert_without_topic_is_false(clean_env, aws_env):
+    assert publish_alert(load_settings(), "s", "m") is False
+
+
+def test_publish_alert_errors_are_one_line(clean_env, aws_env, monkeypatch):
+    monkeypatch.setenv("WEBSTATS_ALERTS_SNS_TOPIC", "not-an-arn")
+    with pytest.raises(ConfigError, match=r"^parameter alerts/sns_topic is not an SNS topic ARN"):
+        publish_alert(load_settings(), "s", "m")
+    gone = "arn:aws:sns:us-east-1:123456789012:no-such-topic"
+    monkeypatch.setenv("WEBSTATS_ALERTS_SNS_TOPIC", gone)
+    with pytest.raises(WebstatsError) as exc:
+        publish_alert(load_settings(), "s", "m")
+    assert str(exc.value).startswith(f"cannot publish to SNS topic {gone}: NotFound")
+    assert "\n" not in str(exc.value)
+
+
+def test_notify_failure_records_and_publishes(clean_env, aws_env):
+    topic, queue = topic_with_queue()
+    res = run_cli(
+        "notify-failure",
+        "bioc-webstats-etl.service",
+        WEBSTATS_ALERTS_SNS_TOPIC=topic,
+        MONITOR_SERVICE_RESULT="exit-code",
+        MONITOR_EXIT_STATUS="1",
+    )
+    assert res.returncode == 0, res.stderr
+    [line] = res.stderr.splitlines()
+    assert line.startswith("bioc-webstats: bioc-webstats-etl.service failed on ")
+    assert res.stdout == "alert published to alerts/sns_topic\n"
+    [note] = received(queue)
+    assert note["Subject"].startswith("bioc-webstats: bioc-webstats-etl.service failed on ")
+    body = note["Message"]
+    assert "service_result: exit-code" in body and "exit_status: 1" in body
+    assert "journalctl -u bioc-webstats-etl.service" in body
+
+
+def test_notify_failure_without_topic_only_records(clean_env, aws_env):
+    res = run_cli("notify-failure", "bioc-webstats.service")
+    assert res.returncode == 0, res.stderr
+    assert len(res.stderr.splitlines()) == 1 and "bioc-webstats.service failed" in res.stderr
+    assert res.stdout == "no alerts/sns_topic: not sent\n"
+
+
+def test_notify_failure_when_sns_is_down_exits_1_with_one_line(clean_env, aws_env):
+    topic = "arn:aws:sns:us-east-1:123456789012:webstats-alerts"
+    res = run_cli(
+        "notify-failure",
+        "bioc-webstats-etl.service",
+        WEBSTATS_ALERTS_SNS_TOPIC=topic,
+        AWS_ENDPOINT_URL=f"http://127.0.0.1:{free_port()}",
+    )
+    assert res.returncode == 1
+    assert "Traceback" not in res.stderr and res.stdout == ""
+    record, error = res.stderr.splitlines()
+    assert record.startswith("bioc-webstats: bioc-webstats-etl.service failed on ")
+    assert error.startswith(
+        "bioc-webstats: error: bioc-webstats-etl.service failure not notified: "
+        f"cannot publish to SNS topic {topic}: EndpointConnectionError"
+    )
+
+
+def test_notify_failure_when_configuration_fails(clean_env, aws_env):
+    res = run_cli("notify-failure", "bioc-webstats.service", WEBSTATS_SSM_PATH="/bioc/webstats/x")
+    assert res.returncode == 1
+    record, error = res.stderr.splitlines()
+    assert "bioc-webstats.service failed" in record
+    assert error.startswith(
+        "bioc-webstats: error: bioc-webstats.service failure not notified: "
+        "missing SSM parameters /bioc/webstats/x/db/server"
+    )
+
+
+def test_invalidate_stats_cache(clean_env, aws_env, monkeypatch):
+    assert invalidate_stats_cache(load_settings()) is None  # not configured: nothing to do
+    dist = make_distribution()
+    monkeypatch.setenv("WEBSTATS_ETL_CLOUDFRONT_DISTRIBUTION", dist)
+    settings = load_settings()
+    first = invalidate_stats_cache(settings)
+    second = invalidate_stats_cache(settings)
+    assert first and second and first != second
+    cf = boto3.client("cloudfront", region_name="us-east-1")
+    refs = set()
+    for inv_id in (first, second):
+        batch = cf.get_invalidation(DistributionId=dist, Id=inv_id)["Invalidation"][
+            "InvalidationBatch"
+        ]
+        assert batch["Paths"]["Items"] == ["/packages/stats/*"]
+        refs.add(batch["CallerReference"])
+    assert len(refs) == 2  # a unique caller reference per run
+
+
+def test_invalidate_unknown_distribution_is_one_line(clean_env, aws_env, monkeypatch):
+    monkeypatch.setenv("WEBSTATS_ETL_CLOUDFRONT_DISTRIBUTION", "ENOSUCHDIST")
+    with pytest.raises(WebstatsError) as exc:
+        invalidate_stats_cache(load_settings())
+    assert str(exc.value).startswith(
+        "CloudFront invalidation of distribution ENOSUCHDIST failed: NoSuchDistribution"
+    )
+    assert "\n" not in str(exc.value)
