@@ -1,0 +1,387 @@
+"""HTTP rules of web-contract.md through the Flask test client, on SQLite and PostgreSQL:
+headers, ETag/304, HEAD, redirects, the tricky 404s, no data, database down, generated URLs."""
+
+from __future__ import annotations
+
+import datetime as dt
+import random
+
+import pytest
+
+import webref
+from bioc_webstats import create_app, db
+from bioc_webstats.config import load_settings
+
+P = "/packages/stats/"
+VT = dt.date(2024, 3, 31)
+FW = "\uff12\uff10\uff12\uff14"  # 2024 in fullwidth digits
+
+
+@pytest.fixture
+def loaded(db_url, clean_env, monkeypatch):
+    """(client, db_url) with the fixture dataset loaded (ValidThru 2024-03-31)."""
+    with db.session_factory(db_url)() as s:
+        webref.load_direct(s, valid_thru=VT)
+    monkeypatch.setenv("WEBSTATS_DATABASE_URL", db_url)
+    return create_app(load_settings()).test_client(), db_url
+
+
+def bump(url: str) -> None:
+    with db.session_factory(url)() as s:
+        db.bump_data_version(s)
+        s.commit()
+
+
+def test_headers_on_files_and_pages(loaded):
+    client, _ = loaded
+    for path, ctype in [
+        ("bioc/bioc_pkg_stats.tab", "text/plain; charset=utf-8"),
+        ("bioc/bioc_packages.txt", "text/plain; charset=utf-8"),
+        ("bioc/affy/affy_2024_stats.tab", "text/plain; charset=utf-8"),
+        ("", "text/html; charset=utf-8"),
+        ("index.html", "text/html; charset=utf-8"),
+        ("workflows.html", "text/html; charset=utf-8"),
+        ("bioc/", "text/html; charset=utf-8"),
+        ("bioc/affy/", "text/html; charset=utf-8"),
+        ("bioc/affy/index.html", "text/html; charset=utf-8"),
+    ]:
+        r = client.get(P + path)
+        assert r.status_code == 200, path
+        assert r.headers["Content-Type"] == ctype, path
+        assert r.headers["Last-Modified"] == "Mon, 01 Apr 2024 00:00:00 GMT", path
+        assert r.headers["Cache-Control"] == "public, max-age=3600", path
+        etag = r.headers["ETag"]
+        assert etag.startswith('"') and etag.endswith('"') and not etag.startswith("W/"), path
+        assert int(r.headers["Content-Length"]) == len(r.data), path
+    css = client.get(P + "main.css")
+    assert css.status_code == 200 and css.headers["Content-Type"].startswith("text/css")
+    assert {"ETag", "Last-Modified", "Cache-Control"} <= set(css.headers.keys())
+
+
+def test_last_modified_format_and_max_age_setting(db_url, clean_env, monkeypatch):
+    with db.session_factory(db_url)() as s:
+        webref.load_direct(s, valid_thru=dt.date(2023, 10, 4))
+    monkeypatch.setenv("WEBSTATS_DATABASE_URL", db_url)
+    monkeypatch.setenv("WEBSTATS_WEB_CACHE_MAX_AGE", "60")
+    monkeypatch.setenv("LC_ALL", "de_DE.UTF-8")  # must not matter
+    r = create_app(load_settings()).test_client().get(P + "bioc/bioc_stats.tab")
+    assert r.headers["Last-Modified"] == "Thu, 05 Oct 2023 00:00:00 GMT"
+    assert r.headers["Cache-Control"] == "public, max-age=60"
+
+
+def test_etag_follows_data_version_and_304(loaded):
+    client, url = loaded
+    path = P + "bioc/affy/affy_stats.tab"
+    first = client.get(path)
+    etag1 = first.headers["ETag"]
+    assert client.get(path).headers["ETag"] == etag1  # stable while nothing changes
+    r304 = client.get(path, headers={"If-None-Match": etag1})
+    assert r304.status_code == 304 and r304.data == b""
+    assert r304.headers["ETag"] == etag1 and "Cache-Control" in r304.headers
+    assert client.get(path, headers={"If-None-Match": '"other", ' + etag1}).status_code == 304
+    lm = first.headers["Last-Modified"]
+    assert client.get(path, headers={"If-Modified-Since": lm}).status_code == 304
+    later = "Tue, 02 Apr 2024 10:00:00 GMT"
+    assert client.get(path, headers={"If-Modified-Since": later}).status_code == 304
+    earlier = "Sun, 31 Mar 2024 23:59:59 GMT"
+    assert client.get(path, headers={"If-Modified-Since": earlier}).status_code == 200
+    # If-None-Match wins over If-Modified-Since
+    assert (
+        client.get(path, headers={"If-None-Match": '"x"', "If-Modified-Since": lm}).status_code
+        == 200
+    )
+    bump(url)  # a new data version (an ETL run, a rebuild …): every worker sees it at once
+    second = client.get(path)
+    assert second.headers["ETag"] != etag1
+    assert client.get(path, headers={"If-None-Match": etag1}).status_code == 200
+    assert client.get(path, headers={"If-None-Match": second.headers["ETag"]}).status_code == 304
+
+
+def test_body_and_etag_change_with_new_data(loaded):
+    client, url = loaded
+    path = P + "bioc/affy/affy_2024_stats.tab"
+    before = client.get(path)
+    records = [*webref.RECORDS, ("bioc", "affy", dt.date(2024, 3, 15), "99.9.9.9")]
+    with db.session_factory(url)() as s:
+        webref.load_direct(s, records, valid_thru=VT)
+    after = client.get(path)
+    assert after.data != before.data and after.headers["ETag"] != before.headers["ETag"]
+    assert after.data == webref.Reference(VT, records).pkg_year("bioc", "affy", 2024)
+
+
+def test_head_matches_get(loaded):
+    client, _ = loaded
+    for path in [
+        "bioc/bioc_pkg_stats.tab",
+        "bioc/affy/affy_stats.tab",
+        "bioc/affy/",
+        "",
+        "main.css",
+        "bioc/affy/affy_2010_stats.tab",  # 404
+        "bioc",  # 301
+    ]:
+        g = client.get(P + path)
+        h = client.head(P + path)
+        assert h.status_code == g.status_code, path
+        assert h.data == b"", path
+        assert h.headers["Content-Length"] == str(len(g.data)), path
+        for k in ("Content-Type", "ETag", "Last-Modified", "Cache-Control", "Location"):
+            assert h.headers.get(k) == g.headers.get(k), (path, k)
+
+
+@pytest.mark.parametrize(
+    ("path", "location"),
+    [
+        ("/packages/stats", "/packages/stats/"),
+        ("/packages/stats?x=1", "/packages/stats/?x=1"),
+        (P + "bioc", P + "bioc/"),
+        (P + "data-annotation", P + "data-annotation/"),
+        (P + "workflows?a=b&c=d", P + "workflows/?a=b&c=d"),
+        (P + "bioc/affy", P + "bioc/affy/"),
+        (P + "bioc/affy.html", P + "bioc/affy/"),
+        (P + "bioc/affy.html?from=badge", P + "bioc/affy/?from=badge"),
+        (P + "bioc/cn.mops.html", P + "bioc/cn.mops/"),
+        (P + "data-annotation/ag.db", P + "data-annotation/ag.db/"),
+    ],
+)
+def test_redirects(loaded, path, location):
+    client, _ = loaded
+    for method in (client.get, client.head):
+        r = method(path)
+        assert r.status_code == 301, path
+        assert r.headers["Location"] == location
+    target = client.get(location)
+    assert target.status_code == 200
+
+
+TRICKY_404 = [
+    "bioc/affy_stats.tab",  # category file named after a package
+    "data-annotation/data-annotation_2023_stats.tab",  # stem instead of prefix
+    "data-annotation/bioc_stats.tab",  # another category's prefix
+    "bioc/annotation_pkg_stats.tab",
+    "bioc/affy/limma_stats.tab",  # directory and file name disagree
+    "bioc/affy/limma_2024_stats.tab",
+    "bioc/affy/affy_24_stats.tab",
+    "bioc/affy/affy_02024_stats.tab",
+    "bioc/affy/affy_+2024_stats.tab",
+    "bioc/affy/affy_" + FW + "_stats.tab",
+    "bioc/bioc_" + FW + "_stats.tab",
+    "bioc/bioc_+2024_stats.tab",
+    "bioc/bioc_2008_stats.tab",  # before first year
+    "workflows/workflows_2014_stats.tab",
+    "bioc/bioc_2025_stats.tab",  # after the data year
+    "bioc/affy/affy_2010_stats.tab",  # a year with no download
+    "bioc/affy/affy_2008_stats.tab",
+    "bioc/nosuchpkg/",
+    "bioc/nosuchpkg",
+    "bioc/nosuchpkg.html",
+    "bioc/Affy/",  # case-sensitive
+    "bioc/AFFY/AFFY_stats.tab",
+    "bioc/ag.db/",  # a package of another category
+    "data-experiment/affy/",
+    "software/",  # label, not stem
+    "annotation/",  # prefix, not stem
+    "nosuch/",
+    "bioc/affy/extra/deeper",
+    "bioc/affy/affy_stats.tab/",
+    "bioc/affy/index.htm",
+    "bioc/affy/../limma/",
+    "bioc/../index.html",
+    "bioc/./affy/",
+    "bioc//affy/",
+    "bioc/affy%00/",
+    "bioc/%ff%fe/",
+    "bioc/affy /",
+    "index.htm",
+    "bioc.html",
+    "bioc/index.html/",
+]
+
+
+def test_tricky_404s(loaded):
+    client, _ = loaded
+    for path in TRICKY_404:
+        r = client.get(P + path)
+        assert r.status_code in (400, 404), path
+        assert r.headers["Content-Type"].startswith("text/html"), path
+        assert b"Traceback" not in r.data
+
+
+def test_case_sensitive_names_and_encoding(loaded):
+    client, _ = loaded
+    a = client.get(P + "bioc/trena/trena_stats.tab")
+    b = client.get(P + "bioc/TReNA/TReNA_stats.tab")
+    assert a.status_code == b.status_code == 200 and a.data != b.data
+    assert client.get(P + "bioc/%61ffy/").data == client.get(P + "bioc/affy/").data
+    q = client.get(P + "bioc/bioc_stats.tab?x=1&y=%ff")
+    assert q.status_code == 200 and q.data == client.get(P + "bioc/bioc_stats.tab").data
+
+
+def test_pages_carry_legacy_texts(loaded):
+    client, _ = loaded
+    idx = client.get(P).text
+    assert "<title>Download stats for Bioconductor software packages</title>" in idx
+    assert "<h1>Download stats for Bioconductor software packages</h1>" in idx
+    for label in ("annotation", "experiment", "workflow"):
+        assert f"Bioconductor {label} packages</a>" in idx
+    assert "Data as of Sun, 31 Mar 2024" in idx
+    assert (
+        "the average number of distinct IPs that hit the package each month for the last 12 "
+        "months (not counting the current month)"
+    ) in idx
+    assert "<h2>Top 75</h2>" in idx
+    assert 'href="bioc/bioc_pkg_stats.tab"' in idx and 'href="bioc/bioc_pkg_scores.tab"' in idx
+    assert "See <a" in idx and "Download stats for Bioconductor software repository" in idx
+    assert '<a href="bioc/limma/">limma&nbsp;(2)</a>' in idx
+    assert '<a href="bioc/cn.mops/">cn.mops&nbsp;(0)</a>' in idx
+    order = [idx.index(f'<a href="bioc/{n}/">{n}&nbsp;') for n in ("cn.mops", "CNAnorm", "TReNA")]
+    assert order == sorted(order)
+    assert '<h3 id="letter-C">C</h3>' in idx
+    wf = client.get(P + "workflows.html").text
+    assert "Top " not in wf and "<h3" not in wf and "wfA&nbsp;(0)" in wf
+    repo = client.get(P + "bioc/").text
+    assert (
+        "<h1>Download stats for Bioconductor software repository (all packages combined)</h1>"
+        in repo
+    )
+    assert 'Back to the "Download stats for Bioconductor software packages"' in repo
+    assert repo.index("<h2>2024</h2>") < repo.index("<h2>2009</h2>")
+    assert "<td>Jan/2024</td>" in repo and 'href="bioc_2024_stats.tab"' in repo
+    assert 'All years in one file: <a href="bioc_stats.tab">bioc_stats.tab</a>' in repo
+    pkg = client.get(P + "bioc/affy/").text
+    assert "<h1>Download stats for software package affy</h1>" in pkg
+    assert 'href="/packages/release/bioc/html/affy.html"' in pkg
+    assert 'href="/packages/devel/bioc/html/affy.html"' in pkg
+    assert "<h2>2010</h2>" not in pkg and "<h2>2009</h2>" in pkg
+    moved = client.get(P + "bioc/CNAnorm/").text
+    assert "Package CNAnorm is now in the Bioconductor annotation repository" in moved
+    gone = client.get(P + "bioc/TReNA/").text
+    assert (
+        "Package TReNA is not in the current release of Bioconductor. It was last seen in 3.8."
+        in gone
+    )
+    for page in (idx, repo, pkg):
+        assert (
+            "http://" not in page
+            and "https://" not in page
+            and "//" not in page.replace("://", "").replace("<!--", "")
+        )
+
+
+def test_no_data_yet(db_url, clean_env, monkeypatch):
+    monkeypatch.setenv("WEBSTATS_DATABASE_URL", db_url)
+    client = create_app(load_settings()).test_client()
+    for page in ("", "index.html", "workflows.html", "bioc/", "data-experiment/index.html"):
+        r = client.get(P + page)
+        assert r.status_code == 200, page
+        assert "No download data has been loaded yet." in r.text
+    for f in (
+        "bioc/bioc_stats.tab",
+        "bioc/bioc_2024_stats.tab",
+        "bioc/bioc_pkg_stats.tab",
+        "bioc/bioc_pkg_scores.tab",
+        "bioc/bioc_packages.txt",
+        "bioc/affy/affy_stats.tab",
+        "bioc/affy/",
+        "bioc/affy",
+    ):
+        assert client.get(P + f).status_code == 404, f
+    h = client.get("/healthz")
+    assert h.status_code == 200 and h.json["valid_thru"] is None
+
+
+def test_database_down_is_503_not_500(clean_env, monkeypatch):
+    from conftest import free_port
+
+    monkeypatch.setenv(
+        "WEBSTATS_DATABASE_URL", f"postgresql+psycopg2://nobody@127.0.0.1:{free_port()}/none"
+    )
+    client = create_app(load_settings()).test_client()
+    for path in ("", "bioc/", "bioc/affy/", "bioc/bioc_stats.tab", "bioc/affy"):
+        r = client.get(P + path)
+        assert r.status_code == 503, path
+        assert "unavailable" in r.text and "Traceback" not in r.text
+    assert client.get("/healthz").status_code == 503
+    assert client.get(P + "main.css").status_code == 200  # no database needed
+    assert client.get(P + "nosuch/").status_code == 404
+
+
+SEGMENTS = [
+    "bioc",
+    "data-annotation",
+    "data-experiment",
+    "workflows",
+    "affy",
+    "limma",
+    "TReNA",
+    "trena",
+    "cn.mops",
+    "ag.db",
+    "index.html",
+    "bioc_stats.tab",
+    "bioc_pkg_stats.tab",
+    "affy_stats.tab",
+    "affy_2024_stats.tab",
+    "affy_2009_stats.tab",
+    "bioc_2015_stats.tab",
+    "annotation_packages.txt",
+    "..",
+    ".",
+    "",
+    "%00",
+    "%ff%fe",
+    "%c3%28",
+    "%2e%2e",
+    "%2F",
+    "%61ffy",
+    "%252e",
+    FW,
+    "a b",
+    "~",
+    "affy.html",
+    "main.css",
+    "\u00e9t\u00e9",
+    "%e2%80%ae",
+]
+
+
+def generated_urls(n: int, seed: int = 20240331) -> list[str]:
+    """Seeded random URLs under the prefix (and a few outside it)."""
+    rng = random.Random(seed)
+    out = []
+    for _ in range(n):
+        depth = rng.randint(0, 5)
+        parts = []
+        for _ in range(depth):
+            kind = rng.random()
+            if kind < 0.7:
+                parts.append(rng.choice(SEGMENTS))
+            elif kind < 0.8:
+                parts.append(
+                    "".join(rng.choice("abcXYZ019._-%") for _ in range(rng.randint(1, 12)))
+                )
+            elif kind < 0.9:
+                parts.append("%" + "%".join(f"{rng.randrange(256):02x}" for _ in range(3)))
+            else:
+                parts.append("x" * rng.choice([255, 1000, 5000]))
+        url = P + "/".join(parts)
+        if rng.random() < 0.3:
+            url += "/"
+        if rng.random() < 0.1:
+            url += "?q=" + rng.choice(["1", "%ff", "a&b=c", ".."])
+        if rng.random() < 0.05:
+            url = url.replace(P, rng.choice(["/packages/stat/", "/", "/packages/stats//"]), 1)
+        out.append(url)
+    return out
+
+
+def test_generated_urls_never_5xx(loaded):
+    client, _ = loaded
+    statuses: dict[int, int] = {}
+    for url in generated_urls(10_000):
+        r = client.get(url)
+        statuses[r.status_code] = statuses.get(r.status_code, 0) + 1
+        assert r.status_code < 500, url
+        assert r.status_code in (200, 301, 304, 308, 400, 404, 405, 414), url
+    # the generator reaches real files too, not just 404s
+    assert statuses.get(200, 0) > 100 and statuses.get(404, 0) > 1000
