@@ -1,0 +1,220 @@
+"""Static gates for the systemd units: render every template under systemd/ with the role's
+default values (the way Ansible's template module does), then run systemd's own checks.
+
+- ``systemd-analyze verify`` of every unit: exit 0 and no output at all (a warning fails);
+- ``systemd-analyze calendar`` of every ``OnCalendar=``;
+- ``systemd-analyze security --offline=true --threshold=25`` of every service (exposure ≤ 2.5),
+  and the exposure is below ``MAX_EXPOSURE`` (we aim lower than the gate).
+
+``verify`` checks that every ``Exec*=`` binary exists and loads the units a unit refers to, so
+the units are rendered into a throw-away root (``--root=``) that also holds a copy of the host's
+own system units and executable stubs at the rendered paths (the venv does not exist here).
+"""
+
+from __future__ import annotations
+
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import jinja2
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parent.parent
+TEMPLATES = ROOT / "systemd"
+DEFAULTS = ROOT / "roles" / "webstats_services" / "defaults" / "main.yml"
+UNIT_SUFFIXES = (".service", ".socket", ".timer", ".target")
+SERVICES = ("bioc-webstats.service", "bioc-webstats-etl.service", "bioc-webstats-failure@.service")
+ALL_UNITS = (
+    "bioc-webstats.socket",
+    *SERVICES,
+    "bioc-webstats-etl.timer",
+    "bioc-webstats.target",
+)
+MAX_EXPOSURE = 2.0  # the gate is 2.5 ("OK"); fail well before it
+
+SYSTEMD_ANALYZE = shutil.which("systemd-analyze")
+pytestmark = pytest.mark.skipif(
+    SYSTEMD_ANALYZE is None, reason="systemd-analyze is not installed (systemd)"
+)
+
+
+def _defaults() -> dict:
+    """The role defaults, with templated values resolved (as Ansible would, lazily)."""
+    values = yaml.safe_load(DEFAULTS.read_text())
+    env = jinja2.Environment(undefined=jinja2.StrictUndefined)
+    for _ in range(5):
+        changed = False
+        for key, value in values.items():
+            if isinstance(value, str) and "{{" in value:
+                values[key] = env.from_string(value).render(**values)
+                changed = True
+        if not changed:
+            break
+    return values
+
+
+def _render_all() -> dict[str, str]:
+    """Every template under systemd/ rendered with the defaults: {file name: text}."""
+    env = jinja2.Environment(
+        loader=jinja2.FileSystemLoader(str(TEMPLATES)),
+        undefined=jinja2.StrictUndefined,
+        keep_trailing_newline=True,
+        trim_blocks=True,  # Ansible's template module default
+    )
+    values = _defaults()
+    out = {}
+    for template in sorted(TEMPLATES.glob("*.j2")):
+        if template.name.endswith(".conf.j2"):  # included fragments
+            continue
+        out[template.name.removesuffix(".j2")] = env.get_template(template.name).render(**values)
+    return out
+
+
+@pytest.fixture(scope="module")
+def rendered() -> dict[str, str]:
+    return _render_all()
+
+
+@pytest.fixture(scope="module")
+def unit_root(tmp_path_factory, rendered) -> Path:
+    """A root with the rendered units, the host's system units and stub executables."""
+    root = tmp_path_factory.mktemp("unit-root")
+    unit_dir = root / "etc/systemd/system"
+    unit_dir.mkdir(parents=True)
+    for name, text in rendered.items():
+        if name.endswith(UNIT_SUFFIXES):
+            (unit_dir / name).write_text(text)
+    for system_dir in (Path("/usr/lib/systemd/system"), Path("/lib/systemd/system")):
+        if system_dir.is_dir():
+            shutil.copytree(system_dir, root / "usr/lib/systemd/system", symlinks=True)
+            break
+    for text in rendered.values():
+        for match in re.finditer(r"^Exec\w+=[-@:+!]*(/\S+)(?:\s+(/\S+))?", text, re.M):
+            for path in match.groups():
+                if path is None:
+                    continue
+                stub = root / path.lstrip("/")
+                stub.parent.mkdir(parents=True, exist_ok=True)
+                stub.write_text("#!/bin/sh\nexit 0\n")
+                stub.chmod(0o755)
+    return root
+
+
+def _analyze(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [SYSTEMD_ANALYZE, *args], capture_output=True, text=True, timeout=120, cwd=cwd
+    )
+
+
+def test_every_unit_is_rendered(rendered):
+    assert set(ALL_UNITS) <= set(rendered), sorted(rendered)
+    for name, text in rendered.items():
+        assert "{{" not in text and "{%" not in text, name
+        assert "Managed by Ansible" in text, name
+
+
+@pytest.mark.parametrize("unit", ALL_UNITS)
+def test_verify_without_warnings(unit_root, unit):
+    path = unit_root / "etc/systemd/system" / unit
+    result = _analyze("verify", f"--root={unit_root}", str(path))
+    output = (result.stdout + result.stderr).strip()
+    assert result.returncode == 0 and output == "", f"systemd-analyze verify {unit}:\n{output}"
+
+
+def test_verify_catches_a_bad_unit(unit_root):
+    """The gate itself can fail: an unknown key is reported."""
+    bad = unit_root / "etc/systemd/system" / "bioc-webstats-bad.service"
+    bad.write_text("[Service]\nType=oneshot\nExecStart=/bin/kill\nNoSuchKey=1\n")
+    try:
+        result = _analyze("verify", f"--root={unit_root}", str(bad))
+        assert "NoSuchKey" in result.stdout + result.stderr
+    finally:
+        bad.unlink()
+
+
+def test_calendar_expressions(rendered):
+    expressions = [
+        m.group(1).strip()
+        for text in rendered.values()
+        for m in re.finditer(r"^OnCalendar=(.+)$", text, re.M)
+    ]
+    assert expressions, "no OnCalendar= in any timer"
+    for expression in expressions:
+        result = _analyze("calendar", expression)
+        assert result.returncode == 0, f"OnCalendar={expression}: {result.stderr.strip()}"
+        assert "Next elapse" in result.stdout
+
+
+def test_default_etl_schedule(rendered):
+    timer = rendered["bioc-webstats-etl.timer"]
+    assert "OnCalendar=*-*-* 01:00:00 UTC" in timer
+    assert re.search(r"^Persistent=true$", timer, re.M)
+    assert re.search(r"^RandomizedDelaySec=\S+", timer, re.M)
+
+
+@pytest.mark.parametrize("unit", SERVICES)
+def test_security_exposure(unit_root, unit):
+    path = unit_root / "etc/systemd/system" / unit
+    result = _analyze(
+        "security", "--offline=true", "--threshold=25", f"--root={unit_root}", str(path)
+    )
+    assert result.returncode == 0, f"{unit} above the 2.5 gate:\n{result.stdout}{result.stderr}"
+    match = re.search(r"Overall exposure level for \S+: (\d+\.\d+) (\w+)", result.stdout)
+    assert match, result.stdout[-500:]
+    exposure, verdict = float(match.group(1)), match.group(2)
+    assert exposure <= MAX_EXPOSURE and verdict == "OK", f"{unit}: {exposure} {verdict}"
+
+
+@pytest.mark.parametrize("unit", SERVICES)
+def test_no_secret_in_units(rendered, unit):
+    """Units carry only the env file's path: no secret may reach `systemctl show`."""
+    text = rendered[unit]
+    envs = re.findall(r"^Environment=(\S+?)=", text, re.M)
+    assert set(envs) <= {"WEBSTATS_ENV_FILE", "PYTHONDONTWRITEBYTECODE"}, envs
+    assert "EnvironmentFile=" not in text
+
+
+def test_services_share_the_sandbox(rendered):
+    for unit in SERVICES:
+        text = rendered[unit]
+        for setting in (
+            "ProtectSystem=strict",
+            "NoNewPrivileges=true",
+            "CapabilityBoundingSet=\n",
+            "SystemCallFilter=@system-service",
+            "MemoryDenyWriteExecute=true",
+            "UMask=0027",
+        ):
+            assert setting in text, f"{unit}: {setting!r} missing"
+        assert re.search(r"^User=webstats$", text, re.M), unit
+
+
+def test_run_logged_wrapper(tmp_path, rendered):
+    """The ETL's wrapper copies output to stdout and the log file and keeps the exit status."""
+    wrapper = tmp_path / "run-logged"
+    wrapper.write_text(rendered["run-logged"])
+    wrapper.chmod(0o755)
+    log = tmp_path / "etl.log"
+    ok = subprocess.run(
+        [str(wrapper), str(log), "sh", "-c", "echo one; echo two >&2"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert ok.returncode == 0
+    assert ok.stdout.splitlines() == ["one", "two"]
+    failed = subprocess.run(
+        [str(wrapper), str(log), "sh", "-c", "echo three; exit 3"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert failed.returncode == 3
+    assert "failed with exit status 3" in failed.stdout
+    lines = log.read_text().splitlines()
+    assert len(lines) == 4
+    assert all(re.match(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ ", line) for line in lines), lines
+    assert lines[0].endswith(" one") and lines[2].endswith(" three")
