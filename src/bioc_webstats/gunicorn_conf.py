@@ -1,0 +1,64 @@
+"""gunicorn settings, used as
+``gunicorn -c python:bioc_webstats.gunicorn_conf 'bioc_webstats:create_app()'``.
+
+- Listens where ``gunicorn/bind_port`` says, unless systemd passes the socket (``LISTEN_FDS``
+  from the ``.socket`` unit): gunicorn then uses the inherited descriptors natively.
+- ``Type=notify``: gunicorn's arbiter sends ``READY=1`` to ``$NOTIFY_SOCKET`` itself once it
+  listens (gunicorn.systemd.sd_notify), so no hook is needed here.
+- Logs to ``gunicorn/access_log`` and ``gunicorn/error_log`` (``-`` = stdout/stderr); the
+  environment overrides them like every parameter (``WEBSTATS_GUNICORN_ACCESS_LOG`` …).
+  SIGUSR1 makes gunicorn reopen both files (logrotate's postrotate sends it).
+- Workers: ``WEBSTATS_GUNICORN_WORKERS`` or 2 * CPUs + 1; threads: ``WEBSTATS_GUNICORN_THREADS``
+  or 4 (pages and files are served from the disk cache with sendfile, so requests are short).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+from bioc_webstats.config import load_settings
+from bioc_webstats.errors import ConfigError
+
+
+def _int_env(name: str, default: int) -> int:
+    raw = os.environ.get(name)
+    if not raw:
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        sys.stderr.write(f"bioc-webstats: {name} must be an integer, got {raw!r}\n")
+        raise SystemExit(1) from None
+    if value < 1:
+        sys.stderr.write(f"bioc-webstats: {name} must be at least 1, got {value}\n")
+        raise SystemExit(1)
+    return value
+
+
+try:
+    _settings = load_settings()
+except ConfigError as exc:  # one clear line, no traceback, non-zero exit (the unit fails)
+    sys.stderr.write(f"bioc-webstats: {exc}\n")
+    raise SystemExit(1) from None
+
+bind = [_settings.get("gunicorn/bind_port") or "0.0.0.0:8000"]
+accesslog = _settings.get("gunicorn/access_log") or "-"
+errorlog = _settings.get("gunicorn/error_log") or "-"
+loglevel = (_settings.get("flask/log_level") or "info").lower()
+
+workers = _int_env("WEBSTATS_GUNICORN_WORKERS", 2 * (os.cpu_count() or 1) + 1)
+threads = _int_env("WEBSTATS_GUNICORN_THREADS", 4)
+worker_class = "gthread"
+keepalive = 5
+timeout = 120  # the first request of a new data version may build the half-million-line file
+graceful_timeout = 30  # a restart lets running requests finish (the socket unit queues new ones)
+max_requests = 50000  # recycle workers now and then; the jitter keeps them from all going at once
+max_requests_jitter = 5000
+preload_app = True  # configuration (SSM, secrets) is read once, in the arbiter
+proc_name = "bioc-webstats"
+if os.path.isdir("/dev/shm"):  # noqa: S108 - gunicorn's heartbeat files, kept off the disk
+    worker_tmp_dir = "/dev/shm"  # noqa: S108
+# Size limits: an over-long request line is refused by gunicorn itself (414).
+limit_request_line = 4094
+limit_request_fields = 100
