@@ -1,0 +1,361 @@
+"""The packages table: ``packages load`` from a CSV and ``packages sync`` from local fixtures
+and a real HTTP server on loopback, on SQLite and PostgreSQL."""
+
+from __future__ import annotations
+
+import functools
+import http.server
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from sqlalchemy import select
+
+from bioc_webstats import db
+from bioc_webstats.config import Settings, load_settings
+from bioc_webstats.errors import WebstatsError
+from bioc_webstats.manifest import Manifest, parse_config_yaml
+from bioc_webstats.models import Package
+from bioc_webstats.packages import Change, load_csv, plan_changes, sync
+from conftest import free_port
+
+FIXTURES = Path(__file__).parent / "fixtures" / "sync"
+SAMPLE = FIXTURES / "packages_sample.csv"
+DEVEL = FIXTURES / "devel"  # release 3.20, devel 3.21; see the expected changes below
+CLI = str(Path(sys.executable).parent / "bioc-webstats")
+
+EXPECTED_CHANGES = {  # (package, category) → (first, last) after the sync; None = new row
+    ("NewPkgA", "bioc"): (None, ("3.21", None)),
+    ("zz.newpkg2", "bioc"): (None, ("3.21", None)),
+    ("ASAFE", "bioc"): (("3.4", None), ("3.4", "3.20")),  # gone from devel
+    ("BGmix", "bioc"): (("2.2", "3.17"), ("2.2", None)),  # returning
+    ("BCRANK", "bioc"): (("2.2", None), ("2.2", "3.20")),  # moved to experiment ...
+    ("BCRANK", "experiment"): (None, ("3.21", None)),  # ... new row there
+}
+
+
+def table(settings: Settings) -> dict[tuple[str, str], tuple[str | None, str | None]]:
+    with db.session_factory(settings.database_url)() as session:
+        return {
+            (p.package, p.category): (p.first_release, p.last_release)
+            for p in session.scalars(select(Package))
+        }
+
+
+def data_version(settings: Settings) -> int:
+    with db.session_factory(settings.database_url)() as session:
+        return db.get_data_version(session)
+
+
+@pytest.fixture
+def settings(db_url, clean_env, monkeypatch) -> Settings:
+    monkeypatch.setenv("WEBSTATS_DATABASE_URL", db_url)
+    return load_settings()
+
+
+@pytest.fixture
+def loaded(settings) -> Settings:
+    load_csv(settings, SAMPLE)
+    return settings
+
+
+@pytest.fixture
+def http_source(tmp_path) -> Iterator[tuple[str, Path]]:
+    """A real HTTP server on loopback serving a copy of the fixture tree (editable by tests)."""
+    root = tmp_path / "www"
+    shutil.copytree(DEVEL, root)
+
+    class Quiet(http.server.SimpleHTTPRequestHandler):
+        def log_message(self, *args) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(
+        ("127.0.0.1", 0), functools.partial(Quiet, directory=str(root))
+    )
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}/", root
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+# --- packages load ----------------------------------------------------------------------------
+
+
+def test_load_csv_sample_and_merge(settings, tmp_path):
+    assert load_csv(settings, SAMPLE) == "packages: 47 rows read, 47 added, 0 updated"
+    rows = table(settings)
+    assert len(rows) == 47
+    assert rows[("ABAEnrichment", "bioc")] == ("3.2", "3.14")
+    assert rows[("AnnBuilder", "bioc")] == ("1.8", "2.3")
+    assert rows[("BSgenome.Hsapiens.UCSC.hg16", "annotation")] == ("1.9", "2.1")
+    assert rows[("RNAseq123", "workflows")] == ("3.3", None)
+    assert load_csv(settings, SAMPLE) == "packages: 47 rows read, 0 added, 0 updated"
+
+    changed = tmp_path / "changed.csv"
+    text = SAMPLE.read_text().replace("RNAseq123,workflows,303,", "RNAseq123,workflows,303,320")
+    changed.write_text(text + "NewOne,bioc,3.21,\n")
+    assert load_csv(settings, changed) == "packages: 48 rows read, 1 added, 1 updated"
+    rows = table(settings)
+    assert rows[("RNAseq123", "workflows")] == ("3.3", "3.20")
+    assert rows[("NewOne", "bioc")] == ("3.21", None)
+
+
+@pytest.mark.parametrize(
+    "body, message",
+    [
+        ("package,category\nx,bioc\n", "header must have columns"),
+        ("package,category,first_version,last_version\nx,nope,301,\n", ":2: unknown category"),
+        ("package,category,first_version,last_version\nx,bioc,3x,\n", ":2: not a release code"),
+    ],
+)
+def test_load_csv_bad_input_changes_nothing(loaded, tmp_path, body, message):
+    bad = tmp_path / "bad.csv"
+    bad.write_text(body)
+    before = table(loaded)
+    with pytest.raises(WebstatsError, match=message):
+        load_csv(loaded, bad)
+    assert table(loaded) == before
+
+
+# --- packages sync ----------------------------------------------------------------------------
+
+
+def test_sync_new_removed_returning_moved(loaded):
+    before = table(loaded)
+    version = data_version(loaded)
+    report = sync(loaded, source=str(DEVEL), dry_run=False, force=False)
+
+    after = table(loaded)
+    diff = {k: (before.get(k), after.get(k)) for k in before.keys() | after.keys()}
+    diff = {k: v for k, v in diff.items() if v[0] != v[1]}
+    assert diff == EXPECTED_CHANGES
+    assert data_version(loaded) == version + 1  # the pages follow a table change
+
+    lines = report.splitlines()
+    assert lines[0] == (
+        f"packages sync from {DEVEL}: release 3.20, devel 3.21, 40 packages in devel; "
+        "6 changes: 3 added, 2 closed, 1 reopened, 1 moved"
+    )
+    assert lines[1:] == [
+        "  add    bioc/NewPkgA (first 3.21)",
+        "  add    bioc/zz.newpkg2 (first 3.21)",
+        "  close  bioc/ASAFE (last 3.20)",
+        "  close  bioc/BCRANK (last 3.20; moved to experiment)",
+        "  reopen bioc/BGmix (was last 3.17)",
+        "  add    experiment/BCRANK (first 3.21; moved from bioc)",
+        "applied",
+    ]
+
+    # A second sync finds the table in line with devel: nothing changes, not even the version.
+    again = sync(loaded, source=str(DEVEL), dry_run=False, force=False)
+    assert again.splitlines()[-1] == "nothing to change"
+    assert "0 changes" in again.splitlines()[0]
+    assert table(loaded) == after
+    assert data_version(loaded) == version + 1
+
+
+def test_sync_change_limit_stops_unless_forced(loaded, monkeypatch):
+    monkeypatch.setenv("WEBSTATS_ETL_SYNC_CHANGE_LIMIT", "5")
+    settings = load_settings()
+    before = table(settings)
+    with pytest.raises(WebstatsError) as exc:
+        sync(settings, source=str(DEVEL), dry_run=False, force=False)
+    assert str(exc.value) == (
+        "packages sync: 6 changes exceed the change limit of 5 (etl/sync_change_limit); "
+        "nothing changed. Review them with --dry-run, apply them with --force"
+    )
+    assert table(settings) == before
+    report = sync(settings, source=str(DEVEL), dry_run=False, force=True)
+    assert report.endswith("applied")
+    assert len([k for k in table(settings) if k not in before]) == 3
+
+
+def test_sync_dry_run_writes_nothing(loaded, monkeypatch):
+    monkeypatch.setenv("WEBSTATS_ETL_SYNC_CHANGE_LIMIT", "2")
+    settings = load_settings()
+    before, version = table(settings), data_version(settings)
+    report = sync(settings, source=str(DEVEL), dry_run=True, force=False)
+    assert table(settings) == before and data_version(settings) == version
+    lines = report.splitlines()
+    assert "  close  bioc/ASAFE (last 3.20)" in lines
+    assert lines[-2:] == [
+        "over the change limit of 2: a real run needs --force",
+        "dry run: nothing written",
+    ]
+
+
+def _broken_copy(tmp_path: Path) -> Path:
+    root = tmp_path / "src"
+    shutil.copytree(DEVEL, root)
+    return root
+
+
+@pytest.mark.parametrize(
+    "breakage, message",
+    [
+        ("no_dir", "packages source {root}/nowhere: not a directory nor an http(s):// URL"),
+        (
+            "no_packages",
+            "cannot read {root}/packages/devel/workflows/src/contrib/PACKAGES: "
+            "No such file or directory",
+        ),
+        (
+            "empty_packages",
+            "{root}/packages/devel/data/annotation/src/contrib/PACKAGES: "
+            "no Package: fields (not a PACKAGES file?)",
+        ),
+        (
+            "html_packages",
+            "{root}/packages/devel/bioc/src/contrib/PACKAGES: "
+            "no Package: fields (not a PACKAGES file?)",
+        ),
+        (
+            "bad_name",
+            "{root}/packages/devel/bioc/src/contrib/PACKAGES:1: invalid package name '../etc'",
+        ),
+        ("no_devel", "{root}/config.yaml: devel_version must be a version like 3.20, got missing"),
+        (
+            "bad_version",
+            "{root}/config.yaml: release_version must be a version like 3.20, got 'latest'",
+        ),
+        (
+            "devel_not_after",
+            "{root}/config.yaml: devel_version 3.20 is not after release_version 3.20",
+        ),
+    ],
+)
+def test_sync_bad_source_is_one_line_and_changes_nothing(loaded, tmp_path, breakage, message):
+    root = _broken_copy(tmp_path)
+    contrib = root / "packages" / "devel"
+    conf = root / "config.yaml"
+    source = str(root)
+    if breakage == "no_dir":
+        source = str(root / "nowhere")
+    elif breakage == "no_packages":
+        (contrib / "workflows/src/contrib/PACKAGES").unlink()
+    elif breakage == "empty_packages":
+        (contrib / "data/annotation/src/contrib/PACKAGES").write_text("\n\n")
+    elif breakage == "html_packages":
+        (contrib / "bioc/src/contrib/PACKAGES").write_text("<html><body>Moved</body></html>\n")
+    elif breakage == "bad_name":
+        (contrib / "bioc/src/contrib/PACKAGES").write_text("Package: ../etc\nVersion: 1\n")
+    elif breakage == "no_devel":
+        conf.write_text('release_version: "3.20"\n')
+    elif breakage == "bad_version":
+        conf.write_text('release_version: "latest"\ndevel_version: "3.21"\n')
+    elif breakage == "devel_not_after":
+        conf.write_text("release_version: 3.20\ndevel_version: '3.20'\n")
+    before, version = table(loaded), data_version(loaded)
+    with pytest.raises(WebstatsError) as exc:
+        sync(loaded, source=source, dry_run=False, force=True)
+    assert str(exc.value) == message.format(root=root)
+    assert table(loaded) == before and data_version(loaded) == version
+
+
+def test_sync_over_http(loaded, http_source):
+    url, _ = http_source
+    report = sync(loaded, source=url, dry_run=False, force=False)
+    assert report.startswith(f"packages sync from {url}: release 3.20, devel 3.21")
+    assert report.endswith("applied")
+    assert table(loaded)[("BCRANK", "experiment")] == ("3.21", None)
+
+
+def test_sync_http_errors_are_one_line(settings, http_source, tmp_path):
+    url, root = http_source
+    (root / "packages/devel/workflows/src/contrib/PACKAGES").unlink()
+    with pytest.raises(WebstatsError) as exc:
+        sync(settings, source=url, dry_run=True, force=False)
+    assert str(exc.value) == (
+        f"cannot fetch {url}packages/devel/workflows/src/contrib/PACKAGES: HTTP 404 File not found"
+    )
+
+    port = free_port()  # nothing listens there
+    with pytest.raises(WebstatsError) as exc:
+        sync(settings, source=f"http://127.0.0.1:{port}", dry_run=True, force=False)
+    assert str(exc.value) == f"cannot fetch http://127.0.0.1:{port}/config.yaml: Connection refused"
+
+
+def test_sync_http_timeout_is_one_line(settings):
+    # A server that accepts the connection and never answers.
+    with socket.socket() as silent:
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(1)
+        port = silent.getsockname()[1]
+        with pytest.raises(WebstatsError) as exc:
+            sync(
+                settings, source=f"http://127.0.0.1:{port}", dry_run=True, force=False, timeout=0.5
+            )
+    assert str(exc.value) == f"cannot fetch http://127.0.0.1:{port}/config.yaml: timed out"
+
+
+def test_sync_cli(loaded):
+    env = dict(os.environ)
+    res = subprocess.run(
+        [CLI, "packages", "sync", "--from", str(DEVEL), "--dry-run"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+    )
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.splitlines()[-1] == "dry run: nothing written"
+    assert "  reopen bioc/BGmix (was last 3.17)" in res.stdout.splitlines()
+
+    res = subprocess.run(
+        [CLI, "packages", "sync", "--from", "/nonexistent/bioc"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+    )
+    assert res.returncode == 1 and res.stdout == ""
+    assert res.stderr == (
+        "bioc-webstats: error: packages source /nonexistent/bioc: "
+        "not a directory nor an http(s):// URL\n"
+    )
+
+
+# --- pure parts -------------------------------------------------------------------------------
+
+
+def test_parse_config_yaml_top_level_only():
+    text = (DEVEL / "config.yaml").read_text()
+    conf = parse_config_yaml(text)
+    assert conf["release_version"] == "3.20" and conf["devel_version"] == "3.21"
+    assert parse_config_yaml("a: 'x' # c\nb: y # c\n  c: nested\n") == {"a": "x", "b": "y"}
+
+
+def test_plan_never_released_package_closes_at_its_devel_version():
+    manifest = Manifest(
+        "m",
+        "3.20",
+        "3.21",
+        {
+            "bioc": frozenset({"Kept"}),
+            "annotation": frozenset(),
+            "experiment": frozenset(),
+            "workflows": frozenset({"Wf"}),
+        },
+    )
+    rows = {
+        ("Kept", "bioc"): ("3.1", None),
+        ("DevOnly", "bioc"): ("3.21", None),  # added in devel, dropped before any release
+        ("Old", "bioc"): ("3.9", None),
+        ("Wf", "bioc"): ("3.10", None),  # moved to workflows
+        ("Wf", "workflows"): ("3.12", "3.15"),  # ... where it had been before
+    }
+    assert plan_changes(rows, manifest) == [
+        Change("close", "bioc", "DevOnly", "3.21"),
+        Change("close", "bioc", "Old", "3.20"),
+        Change("close", "bioc", "Wf", "3.20", "moved to workflows"),
+        Change("reopen", "workflows", "Wf", "3.15", "moved from bioc"),
+    ]
