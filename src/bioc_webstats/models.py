@@ -119,6 +119,20 @@ class CategoryStat(Base):
     downloads: Mapped[int] = mapped_column(BigInteger)
 
 
+class StatsPending(Base):
+    """(category, package, year, month) whose statistics must be recomputed.
+
+    Written in the transaction that stores or removes records, cleared in the transaction
+    that recomputes the statistics (revision 0002)."""
+
+    __tablename__ = "stats_pending"
+
+    category: Mapped[str] = mapped_column(String(16), primary_key=True)
+    package: Mapped[str] = mapped_column(String(200), primary_key=True)
+    year: Mapped[int] = mapped_column(SmallInteger, primary_key=True)
+    month: Mapped[int] = mapped_column(SmallInteger, primary_key=True)
+
+
 class Meta(Base):
     """Small key/value facts: ``valid_thru`` (ISO date) and ``data_version`` (integer)."""
 

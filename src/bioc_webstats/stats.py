@@ -1,20 +1,231 @@
-"""Monthly and yearly statistics from the download records; the data version."""
+"""Monthly and yearly statistics from the download records; the data version.
+
+Work to do is queued in ``stats_pending`` (category, package, year, month) by whoever changes
+records or the packages table, in that same transaction. :func:`apply_pending` recomputes
+exactly those package months, the years they belong to, and the category totals of those
+months and years, then clears the queue, bumps the data version and advances ValidThru —
+all inside the caller's transaction.
+
+Counts: ``downloads`` = sum of record counts, ``ips`` = distinct ``ip_hash`` over the period
+(a year's ``ips`` is distinct over the year, not a sum of months). Only packages present in
+the packages table for that category count, only from the category's first year on, and a
+row exists only where downloads > 0.
+"""
 
 from __future__ import annotations
 
+import datetime as dt
+import logging
+import time
+from collections import defaultdict
 from collections.abc import Iterable
+from dataclasses import dataclass
 
+from sqlalchemy import Table, and_, delete, func, insert, literal, select
 from sqlalchemy.orm import Session
 
+from . import db
+from .categories import BY_PREFIX
 from .config import Settings
-from .errors import WebstatsError
+from .models import CategoryStat, DownloadRecord, Package, PackageStat, StatsPending
+
+log = logging.getLogger(__name__)
+
+# Above this many packages in one (category, period), recompute the whole category period
+# in one statement instead of filtering by name.
+FULL_CATEGORY_AT = 200
+_CHUNK = 500  # bind parameters per IN list
+
+
+@dataclass
+class RecomputeResult:
+    """What :func:`apply_pending` did."""
+
+    months: int = 0  # (category, year, month) periods recomputed, years not included
+    years: int = 0
+    valid_thru: dt.date | None = None
+    data_version: int | None = None
+
+
+def period(year: int, month: int) -> tuple[dt.date, dt.date]:
+    """[first day, first day after) of a month, or of the year for month 0."""
+    if month == 0:
+        return dt.date(year, 1, 1), dt.date(year + 1, 1, 1)
+    start = dt.date(year, month, 1)
+    end = dt.date(year + (month == 12), month % 12 + 1, 1)
+    return start, end
+
+
+def insert_ignore(session: Session, table: Table, rows: list[dict]) -> None:
+    """INSERT … ON CONFLICT DO NOTHING on PostgreSQL and SQLite."""
+    if not rows:
+        return
+    dialect = session.get_bind().dialect.name
+    if dialect == "postgresql":
+        from sqlalchemy.dialects.postgresql import insert as dialect_insert
+    else:
+        from sqlalchemy.dialects.sqlite import insert as dialect_insert
+    stmt = dialect_insert(table).on_conflict_do_nothing()
+    for i in range(0, len(rows), 5000):
+        session.execute(stmt, rows[i : i + 5000])
+
+
+def queue(session: Session, keys: Iterable[tuple[str, str, int, int]]) -> int:
+    """Queue (category, package, year, month) for recompute; returns how many were given."""
+    rows = [{"category": c, "package": p, "year": y, "month": m} for c, p, y, m in set(keys)]
+    insert_ignore(session, StatsPending.__table__, rows)
+    return len(rows)
+
+
+def _recompute_period(
+    session: Session, cat: str, year: int, month: int, packages: set[str] | None
+) -> None:
+    """Replace package rows of one (category, year, month) — all packages or only some —
+    and the category total of that period."""
+    r, p = DownloadRecord, Package
+    start, end = period(year, month)
+    base = (
+        select(
+            r.category,
+            r.package,
+            literal(year),
+            literal(month),
+            func.count(r.ip_hash.distinct()),
+            func.sum(r.downloads),
+        )
+        .join(p, and_(p.package == r.package, p.category == r.category))
+        .where(r.category == cat, r.day >= start, r.day < end)
+        .group_by(r.category, r.package)
+    )
+    cols = ["category", "package", "year", "month", "ips", "downloads"]
+    ps = PackageStat
+    where = (ps.category == cat, ps.year == year, ps.month == month)
+    if packages is None:
+        session.execute(delete(ps).where(*where))
+        session.execute(insert(ps).from_select(cols, base))
+    else:
+        names = sorted(packages)
+        for i in range(0, len(names), _CHUNK):
+            chunk = names[i : i + _CHUNK]
+            session.execute(delete(ps).where(*where, ps.package.in_(chunk)))
+            session.execute(insert(ps).from_select(cols, base.where(r.package.in_(chunk))))
+    # The category total is distinct over all its known packages: never a sum of packages.
+    ips, downloads = session.execute(
+        select(func.count(r.ip_hash.distinct()), func.coalesce(func.sum(r.downloads), 0))
+        .join(p, and_(p.package == r.package, p.category == r.category))
+        .where(r.category == cat, r.day >= start, r.day < end)
+    ).one()
+    cs = CategoryStat
+    session.execute(delete(cs).where(cs.category == cat, cs.year == year, cs.month == month))
+    if downloads:
+        session.execute(
+            insert(cs).values(
+                category=cat, year=year, month=month, ips=ips, downloads=int(downloads)
+            )
+        )
+
+
+def apply_pending(session: Session) -> RecomputeResult:
+    """Recompute everything queued in ``stats_pending`` and clear the queue; bump the data
+    version and advance ValidThru. Runs in the caller's transaction."""
+    res = RecomputeResult()
+    rows = session.execute(
+        select(StatsPending.category, StatsPending.package, StatsPending.year, StatsPending.month)
+    ).all()
+    if rows:
+        months: dict[tuple[str, int, int], set[str]] = defaultdict(set)
+        for cat, pkg, year, month in rows:
+            cat_def = BY_PREFIX.get(cat)
+            if cat_def is None or year < cat_def.first_year or not 1 <= month <= 12:
+                continue  # nothing before the first year is counted, nor reported
+            months[(cat, year, month)].add(pkg)
+            months[(cat, year, 0)].add(pkg)
+        t0 = time.monotonic()
+        for (cat, year, month), pkgs in sorted(months.items()):
+            full = len(pkgs) > FULL_CATEGORY_AT
+            _recompute_period(session, cat, year, month, None if full else pkgs)
+            if month:
+                res.months += 1
+            else:
+                res.years += 1
+        session.execute(delete(StatsPending))
+        res.data_version = db.bump_data_version(session)
+        log.debug(
+            "recomputed %d months and %d years in %.1fs",
+            res.months,
+            res.years,
+            time.monotonic() - t0,
+        )
+    newest = session.scalar(select(func.max(DownloadRecord.day)))
+    if newest is not None:
+        if isinstance(newest, str):  # SQLite through a bare aggregate
+            newest = dt.date.fromisoformat(newest)
+        before = db.get_valid_thru(session)
+        res.valid_thru = db.advance_valid_thru(session, newest)
+        if res.valid_thru != before and res.data_version is None:
+            res.data_version = db.bump_data_version(session)
+    else:
+        res.valid_thru = db.get_valid_thru(session)
+    return res
+
+
+def months_of_packages(
+    session: Session, pairs: Iterable[tuple[str, str]]
+) -> list[tuple[str, str, int, int]]:
+    """Every (category, package, year, month) from the first to the last record of each pair."""
+    r = DownloadRecord
+    out: list[tuple[str, str, int, int]] = []
+    by_cat: dict[str, list[str]] = defaultdict(list)
+    for cat, pkg in set(pairs):
+        by_cat[cat].append(pkg)
+    for cat, names in by_cat.items():
+        names.sort()
+        for i in range(0, len(names), _CHUNK):
+            chunk = names[i : i + _CHUNK]
+            for pkg, lo, hi in session.execute(
+                select(r.package, func.min(r.day), func.max(r.day))
+                .where(r.category == cat, r.package.in_(chunk))
+                .group_by(r.package)
+            ):
+                lo = dt.date.fromisoformat(lo) if isinstance(lo, str) else lo
+                hi = dt.date.fromisoformat(hi) if isinstance(hi, str) else hi
+                y, m = lo.year, lo.month
+                while (y, m) <= (hi.year, hi.month):
+                    out.append((cat, pkg, y, m))
+                    y, m = (y + 1, 1) if m == 12 else (y, m + 1)
+    return out
 
 
 def recompute_packages(session: Session, packages: Iterable[tuple[str, str]]) -> None:
-    """Recompute every month and year of the given (category, package) pairs."""
-    # Filled in by the ETL work; a table change with no records yet has nothing to recompute.
+    """Recompute every month and year of the given (category, package) pairs, and the
+    category totals of those months and years (a packages-table change). Runs in the
+    caller's transaction; bumps the data version when anything was recomputed."""
+    pairs = set(packages)
+    if not pairs:
+        return
+    # A package with no records (or no longer known) must not keep rows either.
+    ps = PackageStat
+    for cat, pkg in pairs:
+        session.execute(delete(ps).where(ps.category == cat, ps.package == pkg))
+    queue(session, months_of_packages(session, pairs))
+    apply_pending(session)
 
 
 def rebuild(settings: Settings) -> str:
-    """Recompute all statistics from the stored records."""
-    raise WebstatsError("stats rebuild is not implemented yet")
+    """Recompute all statistics from the stored records (one transaction)."""
+    t0 = time.monotonic()
+    with db.session_factory(settings.database_url).begin() as session:
+        session.execute(delete(PackageStat))
+        session.execute(delete(CategoryStat))
+        pairs = session.execute(
+            select(DownloadRecord.category, DownloadRecord.package).distinct()
+        ).all()
+        queue(session, months_of_packages(session, [(c, p) for c, p in pairs]))
+        res = apply_pending(session)
+        if res.data_version is None:
+            res.data_version = db.bump_data_version(session)
+    return (
+        f"stats rebuild: {res.months} months and {res.years} years recomputed, "
+        f"ValidThru {res.valid_thru or '-'}, data version {res.data_version}, "
+        f"{time.monotonic() - t0:.1f}s"
+    )

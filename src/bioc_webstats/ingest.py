@@ -1,0 +1,537 @@
+"""The ledger and exactly-once loading of log objects; look-back; the run summary.
+
+An object's ledger row, its download records and its queued months (``stats_pending``) are
+written in ONE transaction; the statistics of the queued months are recomputed in a later
+transaction that also clears the queue, bumps the data version and advances ValidThru. A run
+killed anywhere therefore leaves each object either fully stored or absent, and any stored
+but not yet counted object queued for the next run.
+
+Objects are parsed in worker processes (``etl/workers``, default: the CPU count) while this
+process writes to the database, in name order.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures as cf
+import datetime as dt
+import io
+import logging
+import multiprocessing
+import os
+import secrets
+import sys
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import delete, func, insert, select
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
+
+from . import db, logs, stats
+from .config import Settings
+from .errors import ConfigError, WebstatsError
+from .models import DownloadRecord, IngestedObject
+
+log = logging.getLogger(__name__)
+
+KEY_FILE = "ip_hash.key"
+PROGRESS_EVERY = 60.0  # seconds between progress lines when stderr is not a terminal
+
+
+# --- test hook -------------------------------------------------------------------------------
+
+_pause_seen: dict[str, int] = {}
+
+
+def pause_point(name: str) -> None:
+    """Crash-test hook: with ``WEBSTATS_TEST_PAUSE_AT=<name>[:<n>]`` the process writes
+    ``<name>`` to the file ``WEBSTATS_TEST_PAUSE_FILE`` at the n-th passage here and blocks
+    until it is killed. Without the variable this does nothing."""
+    spec = os.environ.get("WEBSTATS_TEST_PAUSE_AT")
+    if not spec:
+        return
+    point, _, nth = spec.partition(":")
+    if point != name:
+        return
+    _pause_seen[name] = _pause_seen.get(name, 0) + 1
+    if _pause_seen[name] != int(nth or 1):
+        return
+    marker = Path(os.environ["WEBSTATS_TEST_PAUSE_FILE"])
+    marker.write_text(name)
+    threading.Event().wait()  # forever: the test sends SIGKILL
+
+
+# --- the IP hash key -------------------------------------------------------------------------
+
+
+def ip_hash_key(settings: Settings, source_url: str) -> bytes:
+    """The HMAC key for client addresses.
+
+    Configured (``etl/ip_hash_key`` / ``WEBSTATS_IP_HASH_KEY``): used as is. Not configured:
+    an S3 source (production) is refused; a local source uses a random key generated once
+    and kept, mode 0600, in ``<state_dir>/ip_hash.key`` so distinct counts stay consistent
+    from run to run on the same machine.
+    """
+    value = settings.get("etl/ip_hash_key")
+    if value:
+        return value.encode("utf-8")
+    if source_url.startswith("s3://"):
+        raise ConfigError(
+            "etl/ip_hash_key (WEBSTATS_IP_HASH_KEY) is not set: client IPs cannot be hashed; "
+            "set the secret in the configuration"
+        )
+    path = settings.state_dir / KEY_FILE
+    try:
+        return path.read_bytes().strip()
+    except FileNotFoundError:
+        pass
+    except OSError as exc:
+        raise ConfigError(f"cannot read {path}: {exc.strerror}") from None
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:  # another process made it first
+        return path.read_bytes().strip()
+    except OSError as exc:
+        raise ConfigError(f"cannot create {path}: {exc.strerror}") from None
+    with os.fdopen(fd, "w") as fh:
+        fh.write(secrets.token_hex(32) + "\n")
+    log.warning("etl/ip_hash_key not configured: generated a local key in %s", path)
+    return path.read_bytes().strip()
+
+
+# --- parsing (in worker processes) ------------------------------------------------------------
+
+
+@dataclass
+class Parsed:
+    """One object's contribution, ready to store (rows without the object id)."""
+
+    obj: logs.LogObject
+    lines_read: int = 0
+    accepted: int = 0
+    rejected: int = 0
+    reasons: dict[str, int] = field(default_factory=dict)
+    copy_text: bytes = b""  # PostgreSQL: COPY text, one "cat\tpkg\tday\thash\tn\n" per row
+    rows: list[tuple[str, str, dt.date, int, int]] = field(default_factory=list)  # SQLite
+    touched: set[tuple[str, str, int, int]] = field(default_factory=set)
+    max_day: dt.date | None = None
+    error: str | None = None
+
+
+_worker: dict[str, Any] = {}
+
+
+def _init_worker(source_url: str, key: bytes, copy: bool, child: bool) -> None:
+    if child:
+        _die_with_parent()
+    _worker.clear()
+    _worker.update(url=source_url, key=key, copy=copy, source=None)
+
+
+def _die_with_parent() -> None:
+    # A worker must not outlive a killed ETL process (Linux: PR_SET_PDEATHSIG = SIGKILL).
+    try:
+        import ctypes
+        import signal
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)
+    except (OSError, AttributeError):
+        pass
+
+
+def _parse(obj: logs.LogObject) -> Parsed:
+    """Read and count one object (runs in a worker). Failures are returned, not raised."""
+    if _worker["source"] is None:
+        _worker["source"] = logs.open_source(_worker["url"])
+    out = Parsed(obj)
+    try:
+        res = logs.count_object(_worker["source"].chunks(obj), obj.name_hour)
+    except logs.LogFormatError as exc:
+        out.error = str(exc)
+        return out
+    out.lines_read, out.accepted, out.rejected = res.lines_read, res.accepted, res.rejected
+    out.reasons = res.reject_reasons
+    hasher = logs.ip_hasher(_worker["key"])
+    hashes: dict[bytes, int] = {}  # each distinct client hashed once per object
+    touched = out.touched
+    if _worker["copy"]:
+        parts: list[str] = []
+        for ((cat, pkg), day, ip), n in res.counts.items():
+            h = hashes.get(ip)
+            if h is None:
+                h = hashes[ip] = hasher(ip)
+            parts.append(f"{cat}\t{pkg}\t{day.isoformat()}\t{h}\t{n}\n")
+            touched.add((cat, pkg, day.year, day.month))
+        out.copy_text = "".join(parts).encode("ascii")
+    else:
+        rows = out.rows
+        for ((cat, pkg), day, ip), n in res.counts.items():
+            h = hashes.get(ip)
+            if h is None:
+                h = hashes[ip] = hasher(ip)
+            rows.append((cat, pkg, day, h, n))
+            touched.add((cat, pkg, day.year, day.month))
+    out.max_day = res.max_day
+    return out
+
+
+def parse_all(
+    source_url: str, key: bytes, objects: list[logs.LogObject], copy: bool, workers: int
+) -> Iterator[Parsed]:
+    """Parsed objects in the order given; ``workers`` > 1 parses in child processes with a
+    bounded number in flight, so memory stays constant whatever the number of objects."""
+    if workers <= 1 or len(objects) <= 1:
+        _init_worker(source_url, key, copy, child=False)
+        for obj in objects:
+            yield _parse(obj)
+        return
+    ctx = multiprocessing.get_context("fork")
+    with cf.ProcessPoolExecutor(
+        max_workers=workers,
+        mp_context=ctx,
+        initializer=_init_worker,
+        initargs=(source_url, key, copy, True),
+    ) as pool:
+        pending: deque[cf.Future[Parsed]] = deque()
+        todo = iter(objects)
+        for obj in todo:
+            pending.append(pool.submit(_parse, obj))
+            if len(pending) >= workers * 2:
+                break
+        while pending:
+            result = pending.popleft().result()
+            nxt = next(todo, None)
+            if nxt is not None:
+                pending.append(pool.submit(_parse, nxt))
+            yield result
+
+
+# --- storing (this process) -----------------------------------------------------------------
+
+_COPY = "COPY download_records (category, package, day, ip_hash, downloads, object_id) FROM STDIN"
+
+
+def _insert_records(session: Session, object_id: int, parsed: Parsed) -> None:
+    if parsed.copy_text:
+        text = parsed.copy_text.replace(b"\n", b"\t%d\n" % object_id)
+        dbapi = session.connection().connection
+        with dbapi.cursor() as cur:
+            cur.copy_expert(_COPY, io.BytesIO(text))
+    elif parsed.rows:
+        session.execute(
+            insert(DownloadRecord),
+            [
+                {
+                    "object_id": object_id,
+                    "category": c,
+                    "package": p,
+                    "day": d,
+                    "ip_hash": h,
+                    "downloads": n,
+                }
+                for c, p, d, h, n in parsed.rows
+            ],
+        )
+
+
+def _ledger_values(parsed: Parsed) -> dict[str, Any]:
+    obj = parsed.obj
+    return {
+        "etag": obj.etag,
+        "size": obj.size,
+        "name_hour": obj.name_hour,
+        "lines_read": parsed.lines_read,
+        "accepted": parsed.accepted,
+        "rejected": parsed.rejected,
+        "ingested_at": dt.datetime.now(dt.UTC),
+    }
+
+
+def store_new(session: Session, parsed: Parsed) -> None:
+    """Ledger row + records + queued months of a new object (caller commits)."""
+    row = IngestedObject(key=parsed.obj.key, **_ledger_values(parsed))
+    session.add(row)
+    session.flush()
+    pause_point("ledger_inserted")
+    _insert_records(session, row.id, parsed)
+    pause_point("records_inserted")
+    stats.queue(session, parsed.touched)
+    pause_point("object_queued")
+
+
+def _months_of_object(session: Session, object_id: int) -> set[tuple[str, str, int, int]]:
+    r = DownloadRecord
+    out = set()
+    for cat, pkg, day in session.execute(
+        select(r.category, r.package, r.day).where(r.object_id == object_id).distinct()
+    ):
+        day = dt.date.fromisoformat(day) if isinstance(day, str) else day
+        out.add((cat, pkg, day.year, day.month))
+    return out
+
+
+def store_replacement(session: Session, parsed: Parsed) -> None:
+    """Replace the records of an already ingested object (caller commits)."""
+    row = session.scalar(select(IngestedObject).where(IngestedObject.key == parsed.obj.key))
+    if row is None:
+        raise WebstatsError(f"{parsed.obj.key}: not in the ledger (use 'etl run' to ingest it)")
+    stats.queue(session, _months_of_object(session, row.id))
+    session.execute(delete(DownloadRecord).where(DownloadRecord.object_id == row.id))
+    pause_point("reingest_deleted")
+    for name, value in _ledger_values(parsed).items():
+        setattr(row, name, value)
+    _insert_records(session, row.id, parsed)
+    stats.queue(session, parsed.touched)
+
+
+# --- progress ---------------------------------------------------------------------------------
+
+
+class Progress:
+    """A progress bar on a terminal; otherwise a log line about every minute."""
+
+    def __init__(self, objects: int, total_bytes: int, tty: bool | None = None) -> None:
+        self.objects, self.total_bytes = objects, max(total_bytes, 1)
+        self.tty = sys.stderr.isatty() if tty is None else tty
+        self.done = self.bytes = self.lines = 0
+        self.t0 = self.last = time.monotonic()
+
+    def update(self, obj_bytes: int, lines: int) -> None:
+        self.done += 1
+        self.bytes += obj_bytes
+        self.lines += lines
+        now = time.monotonic()
+        if self.tty:
+            if now - self.last >= 0.2 or self.done == self.objects:
+                self.last = now
+                sys.stderr.write("\r" + self.text(now) + "\033[K")
+                if self.done == self.objects:
+                    sys.stderr.write("\n")
+                sys.stderr.flush()
+        elif now - self.last >= PROGRESS_EVERY:
+            self.last = now
+            log.info("progress: %s", self.text(now))
+
+    def text(self, now: float) -> str:
+        elapsed = max(now - self.t0, 1e-6)
+        frac = self.bytes / self.total_bytes
+        est_lines = int(self.lines / frac) if frac > 0 else 0
+        eta = elapsed * (1 - frac) / frac if frac > 0 else 0.0
+        width = 24
+        bar = "#" * int(width * frac) + "." * (width - int(width * frac))
+        return (
+            f"[{bar}] objects {self.done}/{self.objects}, lines {self.lines:,}/~{est_lines:,}, "
+            f"{self.lines / elapsed:,.0f} lines/s, ETA {eta:.0f}s"
+        )
+
+
+# --- the run --------------------------------------------------------------------------------
+
+
+def _parse_since(since: str | None) -> dt.date | None:
+    if since is None:
+        return None
+    try:
+        return dt.date.fromisoformat(since)
+    except ValueError:
+        raise WebstatsError(f"--since {since!r}: expected a date YYYY-MM-DD") from None
+
+
+def _workers(settings: Settings) -> int:
+    raw = os.environ.get("WEBSTATS_ETL_WORKERS")
+    if raw:
+        try:
+            return max(1, int(raw))
+        except ValueError:
+            raise ConfigError(f"WEBSTATS_ETL_WORKERS must be an integer, got {raw!r}") from None
+    return max(1, min(4, os.cpu_count() or 1))
+
+
+def _source_url(settings: Settings, source: str | None) -> str:
+    url = source or settings.get("etl/s3_download_logs")
+    if not url:
+        raise ConfigError("no log source: give --source or set WEBSTATS_LOG_SOURCE")
+    return url
+
+
+@dataclass
+class RunSummary:
+    """Totals of one run (also the summary line)."""
+
+    objects: int = 0
+    failed: int = 0
+    skipped_names: int = 0
+    lines: int = 0
+    accepted: int = 0
+    rejected: int = 0
+    months: int = 0
+    valid_thru: dt.date | None = None
+    elapsed: float = 0.0
+    failures: list[str] = field(default_factory=list)
+
+    def line(self, what: str = "etl run") -> str:
+        return (
+            f"{what}: {self.objects} objects ingested, {self.failed} failed, "
+            f"{self.skipped_names} skipped (not log names), {self.lines} lines read, "
+            f"{self.accepted} downloads accepted, {self.rejected} lines rejected, "
+            f"{self.months} months recomputed, ValidThru {self.valid_thru or '-'}, "
+            f"elapsed {self.elapsed:.1f}s"
+        )
+
+
+def _ingest_objects(
+    settings: Settings,
+    url: str,
+    objects: list[logs.LogObject],
+    summary: RunSummary,
+    store: Callable[[Session, Parsed], None],
+) -> None:
+    sf = db.session_factory(settings.database_url)
+    copy = sf.kw["bind"].dialect.name == "postgresql"
+    key = ip_hash_key(settings, url)
+    progress = Progress(len(objects), sum(o.size for o in objects))
+    for parsed in parse_all(url, key, objects, copy, _workers(settings)):
+        k = parsed.obj.key
+        pause_point("object_parsed")
+        if parsed.error:
+            summary.failed += 1
+            summary.failures.append(k)
+            log.error("%s: %s; not ingested, will be retried on the next run", k, parsed.error)
+        else:
+            try:
+                with sf.begin() as session:
+                    store(session, parsed)
+            except IntegrityError:  # another run stored it meanwhile
+                log.warning("%s: already in the ledger, skipped", k)
+            except WebstatsError as exc:
+                summary.failed += 1
+                summary.failures.append(k)
+                log.error("%s", exc)
+            else:
+                pause_point("object_committed")
+                summary.objects += 1
+                summary.lines += parsed.lines_read
+                summary.accepted += parsed.accepted
+                summary.rejected += parsed.rejected
+                if parsed.rejected:
+                    why = ", ".join(f"{r}: {n}" for r, n in sorted(parsed.reasons.items()))
+                    log.info(
+                        "%s: %d of %d lines rejected (%s)",
+                        k,
+                        parsed.rejected,
+                        parsed.lines_read,
+                        why,
+                    )
+        progress.update(parsed.obj.size, parsed.lines_read)
+
+
+def _finish(settings: Settings, summary: RunSummary) -> None:
+    pause_point("before_recompute")
+    with db.session_factory(settings.database_url).begin() as session:
+        res = stats.apply_pending(session)
+        pause_point("recompute_done")
+    pause_point("recompute_committed")
+    summary.months = res.months
+    summary.valid_thru = res.valid_thru
+    if res.data_version is not None:
+        _invalidate(settings)
+
+
+def _invalidate(settings: Settings) -> None:
+    """Ask CloudFront to drop its cached stats pages (no-op when not configured)."""
+    try:
+        from .aws import invalidate_stats_cache
+    except ImportError:  # pragma: no cover - aws.py always ships
+        return
+    inv = invalidate_stats_cache(settings)
+    if inv:
+        log.info("CloudFront invalidation %s of /packages/stats/*", inv)
+
+
+def select_objects(
+    session: Session, objects: list[logs.LogObject], lookback_days: int, since: dt.date | None
+) -> tuple[list[logs.LogObject], dt.date | None]:
+    """The objects to ingest: dated on or after (newest ingested name date - look-back),
+    or ``since`` if earlier, and not in the ledger. First run: all. Also returns the start."""
+    newest = session.scalar(select(func.max(IngestedObject.name_hour)))
+    if newest is None:
+        start = None
+    else:
+        start = newest.date() - dt.timedelta(days=lookback_days)
+        if since is not None and since < start:
+            start = since
+    if start is not None:
+        objects = [o for o in objects if o.name_hour.date() >= start]
+        cutoff = dt.datetime(start.year, start.month, start.day)
+        q = select(IngestedObject.key).where(IngestedObject.name_hour >= cutoff)
+    else:
+        q = select(IngestedObject.key)
+    done = set(session.scalars(q))
+    todo = sorted((o for o in objects if o.key not in done), key=lambda o: (o.name_hour, o.key))
+    return todo, start
+
+
+def run(
+    settings: Settings,
+    source: str | None = None,
+    since: str | None = None,
+    dry_run: bool = False,
+) -> bool:
+    """Ingest the new log objects of the source and update the statistics.
+
+    Returns False when any object failed (those are not in the ledger and are retried by
+    the next run); the others are ingested regardless.
+    """
+    t0 = time.monotonic()
+    url = _source_url(settings, source)
+    since_day = _parse_since(since)
+    lookback = settings.get_int("etl/lookback_days")
+    if not dry_run:
+        ip_hash_key(settings, url)  # fail on configuration before reading anything
+    src = logs.open_source(url)
+    objects, skipped = src.list()
+    summary = RunSummary(skipped_names=len(skipped))
+    for k in skipped:
+        log.info("skipped %s: not a log object name", k)
+    pause_point("listed")
+    with db.session_factory(settings.database_url)() as session:
+        todo, start = select_objects(session, objects, lookback, since_day)
+    log.info(
+        "%s: %d objects listed, %d to ingest (window from %s)",
+        url,
+        len(objects),
+        len(todo),
+        start or "the beginning",
+    )
+    if dry_run:
+        for o in todo:
+            log.info("would ingest %s (%d bytes)", o.key, o.size)
+        summary.elapsed = time.monotonic() - t0
+        log.info("%s", summary.line("etl run --dry-run").replace("ingested", "to ingest"))
+        return True
+    _ingest_objects(settings, url, todo, summary, store_new)
+    _finish(settings, summary)
+    summary.elapsed = time.monotonic() - t0
+    log.info("%s", summary.line())
+    return summary.failed == 0
+
+
+def reingest(settings: Settings, keys: list[str], source: str | None = None) -> None:
+    """Re-read already ingested objects and replace their records; statistics follow."""
+    t0 = time.monotonic()
+    url = _source_url(settings, source)
+    src = logs.open_source(url)
+    objects = [src.get(k) for k in keys]
+    summary = RunSummary()
+    _ingest_objects(settings, url, objects, summary, store_replacement)
+    _finish(settings, summary)
+    summary.elapsed = time.monotonic() - t0
+    log.info("%s", summary.line("etl reingest").replace("ingested", "re-ingested"))
+    if summary.failed:
+        raise WebstatsError(f"etl reingest: {summary.failed} objects failed (see above)")

@@ -1,0 +1,436 @@
+"""CloudFront standard access logs: where they are, what they are called, what they say.
+
+Sources are a local directory (recursive) or ``s3://bucket/prefix``. Objects are streamed in
+compressed chunks through one zlib decompressor, so memory does not grow with the file. Each
+object is reduced to counts per (category, package, day, client) — the download rule of
+etl.md — with malformed lines counted, not fatal. A file that is not complete gzip, or has no
+``#Fields:`` line before its first data line, fails as a whole (:class:`LogFormatError`).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import hmac
+import re
+import zlib
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .categories import BY_REPO_PATH
+from .errors import WebstatsError
+
+CHUNK = 1 << 20  # compressed bytes read at a time
+
+# <distribution-id>.<YYYY-MM-DD-HH>.<unique>.gz, at any depth (the key's last segment)
+_NAME = re.compile(
+    r"^(?P<dist>[A-Za-z0-9]+)\.(?P<date>\d{4}-\d{2}-\d{2})-(?P<hour>\d{2})\.(?P<uniq>[A-Za-z0-9]+)\.gz$"
+)
+
+# The download rule on the raw cs-uri-stem after collapsing runs of "/". The package name
+# is a valid R name; <version>, <R version> and the other dirs are single path segments.
+_PKG = rb"(?P<pkg>[A-Za-z][A-Za-z0-9.]*[A-Za-z0-9])_[^/]+"
+_REPO = rb"(?P<repo>bioc|data/annotation|data/experiment|workflows)"
+DOWNLOAD_URI = re.compile(
+    rb"/packages/[^/]+/" + _REPO + rb"/(?:src/contrib/" + _PKG + rb"\.tar\.gz"
+    rb"|bin/(?:[^/]+/)+contrib/[^/]+/" + _PKG.replace(b"pkg", b"bpkg") + rb"\.(?:tgz|zip|tar\.gz))"
+)
+_SLASHES = re.compile(rb"/{2,}")
+DOWNLOAD_STATUS = frozenset({200, 301, 302, 307, 308})
+REQUIRED_FIELDS = ("date", "time", "c-ip", "cs-method", "cs-uri-stem", "sc-status")
+MAX_SKEW = 48 * 3600  # seconds a line's timestamp may be away from the object's hour
+_REPO_CATEGORY = {k.encode(): v.prefix for k, v in BY_REPO_PATH.items()}
+
+
+class LogFormatError(WebstatsError):
+    """The object as a whole cannot be read (corrupt, truncated, not gzip, no #Fields)."""
+
+
+@dataclass(frozen=True)
+class LogObject:
+    """One log object of a source: its key (relative path or S3 key) and name hour (UTC)."""
+
+    key: str
+    size: int
+    name_hour: dt.datetime
+    etag: str | None = None
+
+
+def parse_name(key: str) -> dt.datetime | None:
+    """The hour (UTC, naive) in ``<dist>.<YYYY-MM-DD-HH>.<unique>.gz``; None if not a log name."""
+    m = _NAME.match(key.rsplit("/", 1)[-1])
+    if not m:
+        return None
+    try:
+        day = dt.date.fromisoformat(m["date"])
+    except ValueError:
+        return None
+    hour = int(m["hour"])
+    if hour > 23:
+        return None
+    return dt.datetime(day.year, day.month, day.day, hour)
+
+
+# --- sources ---------------------------------------------------------------------------------
+
+
+class Source:
+    """Where log objects live. ``list`` returns (log objects, keys skipped as not log names)."""
+
+    url: str
+
+    def list(self) -> tuple[list[LogObject], list[str]]:
+        raise NotImplementedError
+
+    def chunks(self, obj: LogObject) -> Iterator[bytes]:
+        """The raw (compressed) bytes of ``obj``, in chunks."""
+        raise NotImplementedError
+
+    def get(self, key: str) -> LogObject:
+        """Describe one object by key (for re-ingest); WebstatsError if absent."""
+        raise NotImplementedError
+
+
+class DirSource(Source):
+    """A local directory, searched recursively; keys are paths relative to it."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.url = str(root)
+        if not root.is_dir():
+            raise WebstatsError(f"log source {root}: not a directory")
+
+    def list(self) -> tuple[list[LogObject], list[str]]:
+        objects: list[LogObject] = []
+        skipped: list[str] = []
+        for path in sorted(self.root.rglob("*")):
+            if not path.is_file():
+                continue
+            key = path.relative_to(self.root).as_posix()
+            hour = parse_name(key)
+            if hour is None:
+                skipped.append(key)
+            else:
+                objects.append(LogObject(key, path.stat().st_size, hour))
+        return objects, skipped
+
+    def get(self, key: str) -> LogObject:
+        path = self.root / key
+        hour = parse_name(key)
+        if hour is None or not path.is_file() or ".." in Path(key).parts:
+            raise WebstatsError(f"{key}: no such log object in {self.root}")
+        return LogObject(key, path.stat().st_size, hour)
+
+    def chunks(self, obj: LogObject) -> Iterator[bytes]:
+        try:
+            with (self.root / obj.key).open("rb") as fh:
+                while chunk := fh.read(CHUNK):
+                    yield chunk
+        except OSError as exc:
+            raise LogFormatError(f"cannot read: {exc.strerror}") from None
+
+
+class S3Source(Source):
+    """``s3://bucket/prefix``: listed with the ListObjectsV2 paginator, read by streaming."""
+
+    def __init__(self, url: str, client: Any = None, page_size: int | None = None) -> None:
+        rest = url.removeprefix("s3://")
+        self.bucket, _, self.prefix = rest.partition("/")
+        if not self.bucket:
+            raise WebstatsError(f"log source {url}: no bucket name")
+        self.url = url
+        self.page_size = page_size
+        if client is None:
+            from .aws import client as aws_client
+
+            client = aws_client("s3")
+        self.client = client
+
+    def _aws(self, what: str, exc: BaseException) -> WebstatsError:
+        from botocore.exceptions import ClientError
+
+        if isinstance(exc, ClientError):
+            err = exc.response.get("Error", {})
+            why = f"{err.get('Code', 'ClientError')}: {err.get('Message', '')}".rstrip(": ")
+        else:
+            why = f"{type(exc).__name__}: {exc}"
+        return WebstatsError(f"s3://{self.bucket}/{what}: {why}")
+
+    def list(self) -> tuple[list[LogObject], list[str]]:
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        objects: list[LogObject] = []
+        skipped: list[str] = []
+        paginator = self.client.get_paginator("list_objects_v2")
+        config = {"PageSize": self.page_size} if self.page_size else {}
+        try:
+            for page in paginator.paginate(
+                Bucket=self.bucket, Prefix=self.prefix, PaginationConfig=config
+            ):
+                for item in page.get("Contents", ()):
+                    key = item["Key"]
+                    if key.endswith("/"):
+                        continue
+                    hour = parse_name(key)
+                    if hour is None:
+                        skipped.append(key)
+                    else:
+                        etag = str(item.get("ETag", "")).strip('"') or None
+                        objects.append(LogObject(key, int(item["Size"]), hour, etag))
+        except (BotoCoreError, ClientError) as exc:
+            raise self._aws(self.prefix, exc) from None
+        return objects, skipped
+
+    def get(self, key: str) -> LogObject:
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        hour = parse_name(key)
+        if hour is None:
+            raise WebstatsError(f"{key}: not a log object name")
+        try:
+            head = self.client.head_object(Bucket=self.bucket, Key=key)
+        except (BotoCoreError, ClientError) as exc:
+            raise self._aws(key, exc) from None
+        etag = str(head.get("ETag", "")).strip('"') or None
+        return LogObject(key, int(head["ContentLength"]), hour, etag)
+
+    def chunks(self, obj: LogObject) -> Iterator[bytes]:
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        try:
+            body = self.client.get_object(Bucket=self.bucket, Key=obj.key)["Body"]
+            try:
+                yield from body.iter_chunks(CHUNK)
+            finally:
+                body.close()
+        except (BotoCoreError, ClientError) as exc:
+            raise LogFormatError(f"cannot read: {self._aws(obj.key, exc)}") from None
+
+
+def open_source(url: str) -> Source:
+    """A source from ``s3://bucket/prefix`` or a directory path."""
+    if url.startswith("s3://"):
+        return S3Source(url)
+    return DirSource(Path(url))
+
+
+# --- reading -----------------------------------------------------------------------------------
+
+
+def decompress(chunks: Iterable[bytes]) -> Iterator[bytes]:
+    """Gunzip a stream of chunks (several gzip members allowed). LogFormatError if the
+    stream is empty, not gzip, corrupt or truncated."""
+    d = zlib.decompressobj(wbits=31)
+    fed = False  # bytes went into the current member and it has not ended yet
+    total = 0
+    try:
+        for chunk in chunks:
+            total += len(chunk)
+            while chunk:
+                fed = True
+                out = d.decompress(chunk)
+                if out:
+                    yield out
+                if d.eof:  # another member may follow
+                    chunk = d.unused_data
+                    d = zlib.decompressobj(wbits=31)
+                    fed = False
+                else:
+                    chunk = b""
+    except zlib.error as exc:
+        raise LogFormatError(f"not a valid gzip file ({exc})") from None
+    if total == 0:
+        raise LogFormatError("empty file (0 bytes), not gzip")
+    if fed:
+        raise LogFormatError("truncated gzip (unexpected end of data)")
+
+
+def line_batches(chunks: Iterable[bytes]) -> Iterator[list[bytes]]:
+    """Lists of lines (without line ends; CRLF accepted) of a gzip stream."""
+    rest = b""
+    for data in decompress(chunks):
+        buf = rest + data if rest else data
+        if b"\r" in buf:
+            buf = buf.replace(b"\r\n", b"\n")
+        lines = buf.split(b"\n")
+        rest = lines.pop()
+        yield lines
+    if rest:  # a last line without a line end
+        yield [rest.removesuffix(b"\r")]
+
+
+@dataclass
+class ObjectCounts:
+    """What one object contributed: downloads per ((category, package), day, client IP text),
+    and line counts."""
+
+    counts: dict[tuple[tuple[str, str], dt.date, bytes], int] = field(default_factory=dict)
+    lines_read: int = 0
+    accepted: int = 0
+    rejected: int = 0
+    reject_reasons: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def max_day(self) -> dt.date | None:
+        return max((k[1] for k in self.counts), default=None)
+
+
+def _epoch(d: dt.datetime) -> int:
+    return int(d.replace(tzinfo=dt.UTC).timestamp())
+
+
+_DATE = re.compile(rb"^\d{4}-\d{2}-\d{2}$")
+
+
+def _date_secs(raw: bytes) -> tuple[int, dt.date] | None:
+    if not _DATE.match(raw):
+        return None
+    try:
+        day = dt.date.fromisoformat(raw.decode())
+    except ValueError:
+        return None
+    return _epoch(dt.datetime(day.year, day.month, day.day)), day
+
+
+def _time_secs(raw: bytes) -> int | None:
+    if len(raw) != 8 or raw[2:3] != b":" or raw[5:6] != b":":
+        return None
+    hh, mm, ss = raw[:2], raw[3:5], raw[6:]
+    if not (hh.isdigit() and mm.isdigit() and ss.isdigit()):
+        return None
+    h, mi, s = int(hh), int(mm), int(ss)
+    if h > 23 or mi > 59 or s > 60:
+        return None
+    return h * 3600 + mi * 60 + min(s, 59)
+
+
+def _status(raw: bytes) -> int | None:
+    return int(raw) if raw.isdigit() else None
+
+
+def classify_uri(uri: bytes) -> tuple[str, str] | None:
+    """(category, package) if ``uri`` (a raw cs-uri-stem) is a package download path."""
+    if b"//" in uri:
+        uri = _SLASHES.sub(b"/", uri)
+    m = DOWNLOAD_URI.fullmatch(uri)
+    if not m:
+        return None
+    pkg = m["pkg"] or m["bpkg"]
+    return _REPO_CATEGORY[m["repo"]], pkg.decode("ascii")
+
+
+def _dt_check(
+    key: bytes, lo: int, hi: int, days: dict[bytes, tuple[int, dt.date] | None]
+) -> dt.date | str:
+    """``YYYY-MM-DD\tHH:MM:SS\t`` → the day, or the reason the line is malformed."""
+    if len(key) != 20 or key[10:11] != b"\t" or key[19:20] != b"\t":
+        return "date/time"
+    draw = key[:10]
+    dv = days.get(draw, 0)
+    if dv == 0:
+        dv = days[draw] = _date_secs(draw)
+    tv = _time_secs(key[11:19])
+    if dv is None or tv is None:
+        return "date/time"
+    ts = dv[0] + tv
+    if ts < lo or ts > hi:
+        return "timestamp more than 48 h from the object's hour"
+    return dv[1]
+
+
+def count_object(chunks: Iterable[bytes], name_hour: dt.datetime) -> ObjectCounts:
+    """Stream one object and count its downloads (the rule of etl.md); malformed lines are
+    counted by reason. Raises LogFormatError for an unreadable object or a missing #Fields."""
+    res = ObjectCounts()
+    counts = res.counts
+    reasons = res.reject_reasons
+    center = _epoch(name_hour)
+    lo, hi = center - MAX_SKEW, center + MAX_SKEW
+    # Per-object caches: a file repeats the same seconds, statuses and URIs many times.
+    dcache: dict[bytes, dt.date | str] = {}
+    days: dict[bytes, tuple[int, dt.date] | None] = {}
+    scache: dict[bytes, int | None] = {}
+    ucache: dict[bytes, tuple[str, str] | None] = {}
+    ok_status = DOWNLOAD_STATUS
+    nf = -1  # number of fields; -1 until the first #Fields line
+    fast = True  # date and time are the first two columns: key on the line's first 20 bytes
+    idate = itime = iip = imethod = iuri = istatus = 0
+    lines_read = rejected = accepted = 0
+
+    for lines in line_batches(chunks):
+        lines_read += len(lines)
+        for line in lines:
+            f = line.split(b"\t")
+            if len(f) != nf:
+                if not line.strip():
+                    lines_read -= 1
+                    continue
+                if line[:1] == b"#":
+                    lines_read -= 1
+                    if line.startswith(b"#Fields:"):
+                        names = line[8:].decode("ascii", "replace").split()
+                        missing = [n for n in REQUIRED_FIELDS if n not in names]
+                        if missing:
+                            raise LogFormatError(f"#Fields line lacks {', '.join(missing)}")
+                        nf = len(names)
+                        idate, itime, iip, imethod, iuri, istatus = (
+                            names.index(n) for n in REQUIRED_FIELDS
+                        )
+                        fast = idate == 0 and itime == 1
+                    continue
+                if nf < 0:
+                    raise LogFormatError("no #Fields line before the first data line")
+                rejected += 1
+                reasons["column count"] = reasons.get("column count", 0) + 1
+                continue
+            dkey = line[:20] if fast else f[idate] + b"\t" + f[itime] + b"\t"
+            day = dcache.get(dkey)
+            if day is None:
+                day = dcache[dkey] = _dt_check(dkey, lo, hi, days)
+            if day.__class__ is str:
+                rejected += 1
+                reasons[day] = reasons.get(day, 0) + 1  # type: ignore[index]
+                continue
+            sraw = f[istatus]
+            code = scache.get(sraw, 0)
+            if code == 0:
+                code = scache[sraw] = _status(sraw)
+            if code is None:
+                rejected += 1
+                reasons["status"] = reasons.get("status", 0) + 1
+                continue
+            ip = f[iip]
+            if ip == b"-" or not ip:
+                rejected += 1
+                reasons["c-ip"] = reasons.get("c-ip", 0) + 1
+                continue
+            if code in ok_status and f[imethod] == b"GET":
+                uri = f[iuri]
+                if b"/contrib/" not in uri:
+                    continue
+                hit = ucache.get(uri, 0)
+                if hit == 0:
+                    hit = ucache[uri] = classify_uri(uri)
+                if hit is None:
+                    continue
+                accepted += 1
+                key = (hit, day, ip)
+                counts[key] = counts.get(key, 0) + 1
+    if nf < 0:
+        raise LogFormatError("no #Fields line (empty or header-less file)")
+    res.lines_read, res.accepted, res.rejected = lines_read, accepted, rejected
+    return res
+
+
+def ip_hasher(key: bytes) -> Callable[[bytes], int]:
+    """HMAC-SHA256 of the client address text under ``key``, as a signed 64-bit integer."""
+    mac = hmac.new(key, digestmod=hashlib.sha256)
+
+    def h(ip: bytes) -> int:
+        m = mac.copy()
+        m.update(ip)
+        return int.from_bytes(m.digest()[:8], "big", signed=True)
+
+    return h
