@@ -24,9 +24,9 @@
       series: [
         { label: "Month", value: function (u, v) { return v ? months[v - 1] + "/" + s.year : ""; } },
         { label: "Nb of downloads", scale: "dl", stroke: "#1a5f8c", fill: "rgba(26,95,140,0.35)",
-          paths: uPlot.paths.bars({ size: [0.4, 40], align: -1 }) },
+          paths: uPlot.paths.bars({ size: [0.4, 40], align: -1 }), points: { show: false } },
         { label: "Nb of distinct IPs", scale: "ips", stroke: "#c0392b", fill: "rgba(192,57,43,0.35)",
-          paths: uPlot.paths.bars({ size: [0.4, 40], align: 1 }) }
+          paths: uPlot.paths.bars({ size: [0.4, 40], align: 1 }), points: { show: false } }
       ]
     };
     new uPlot(opts, [x, s.downloads, s.ips], box);
