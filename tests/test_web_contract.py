@@ -18,9 +18,9 @@ def make_client(db_url, monkeypatch):
     return create_app(load_settings()).test_client()
 
 
-def load(db_url, valid_thru):
+def load(db_url, valid_thru, loader="direct"):
     with db.session_factory(db_url)() as s:
-        webref.load_direct(s, valid_thru=valid_thru)
+        webref.LOADERS[loader](s, valid_thru=valid_thru)
 
 
 # ValidThru on the last day of a month, the first day of a month, Feb 29 (leap year end of
@@ -28,10 +28,13 @@ def load(db_url, valid_thru):
 VALID_THRU = ["2024-03-31", "2024-03-01", "2024-02-29", "2023-12-31"]
 
 
+@pytest.mark.parametrize("loader", ["etl", "direct"])
 @pytest.mark.parametrize("vt", VALID_THRU)
-def test_every_text_file_matches_reference(db_url, clean_env, monkeypatch, vt):
+def test_every_text_file_matches_reference(db_url, clean_env, monkeypatch, vt, loader):
+    """Raw records -> (the ETL's real recompute | a direct test-side aggregation) -> the web
+    service's bytes == the reference's bytes from the same raw records."""
     valid_thru = dt.date.fromisoformat(vt)
-    load(db_url, valid_thru)
+    load(db_url, valid_thru, loader)
     client = make_client(db_url, monkeypatch)
     ref = webref.Reference(valid_thru)
     expected = ref.all_files()

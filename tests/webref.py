@@ -8,13 +8,20 @@ the service's answers to it byte for byte.
 from __future__ import annotations
 
 import datetime as dt
+import hashlib
 import math
 from collections import defaultdict
 
 from sqlalchemy import delete
 
 from bioc_webstats import db
-from bioc_webstats.models import CategoryStat, Package, PackageStat
+from bioc_webstats.models import (
+    CategoryStat,
+    DownloadRecord,
+    IngestedObject,
+    Package,
+    PackageStat,
+)
 
 FIRST_YEAR = {"bioc": 2009, "annotation": 2009, "experiment": 2009, "workflows": 2015}
 STEM = {
@@ -133,6 +140,47 @@ def load_direct(session, records=RECORDS, valid_thru: dt.date | None = None) -> 
     db.set_meta(session, db.VALID_THRU, last.isoformat())
     db.bump_data_version(session)
     session.commit()
+
+
+def _ip_hash(ip: str) -> int:
+    return int.from_bytes(hashlib.sha256(ip.encode()).digest()[:8], "big", signed=True)
+
+
+def load_via_etl(session, records=RECORDS, valid_thru: dt.date | None = None) -> None:
+    """Store the raw records as the ETL does (ledger + download records, every record, known
+    or not) and let the ETL's own ``stats.recompute_packages`` build the statistics."""
+    from bioc_webstats import stats
+
+    for p, c, f, last in PACKAGES:
+        session.add(Package(package=p, category=c, first_release=f, last_release=last))
+    obj = IngestedObject(
+        key="fixture/E2ABCDEF.2024-03-31-00.abcd1234.gz",
+        etag="fixture",
+        size=1,
+        name_hour=dt.datetime(2024, 3, 31),
+        lines_read=len(records),
+        accepted=len(records),
+        rejected=0,
+        ingested_at=dt.datetime.now(dt.UTC),
+    )
+    session.add(obj)
+    session.flush()
+    agg: dict = defaultdict(int)
+    for c, p, d, ip in records:
+        if valid_thru is None or d <= valid_thru:  # what the ETL has seen so far
+            agg[(c, p, d, _ip_hash(ip))] += 1
+    for (c, p, d, h), n in agg.items():
+        session.add(
+            DownloadRecord(object_id=obj.id, category=c, package=p, day=d, ip_hash=h, downloads=n)
+        )
+    session.flush()
+    stats.recompute_packages(session, {(c, p) for c, p, _, _ in agg})
+    if valid_thru is not None:
+        db.advance_valid_thru(session, valid_thru)
+    session.commit()
+
+
+LOADERS = {"direct": load_direct, "etl": load_via_etl}
 
 
 class Reference:
