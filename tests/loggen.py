@@ -372,6 +372,38 @@ def write_file(
             fh.write(eol.join(buf) + eol)
 
 
+def log_line(
+    uri: str = "/packages/3.18/bioc/src/contrib/limma_3.58.1.tar.gz",
+    status: str = "200",
+    method: str = "GET",
+    ip: str = "192.0.2.1",
+    date: str = "2024-01-30",
+    time: str = "12:01:02",
+    fields: list[str] | tuple[str, ...] = tuple(FIELDS),
+) -> str:
+    """One hand-made log line (other columns ``-``) in the layout ``fields``."""
+    values = {
+        "date": date,
+        "time": time,
+        "c-ip": ip,
+        "cs-method": method,
+        "cs-uri-stem": uri,
+        "sc-status": status,
+    }
+    return "\t".join(values.get(f, "-") for f in fields)
+
+
+def log_bytes(
+    *lines: str,
+    fields: list[str] | tuple[str, ...] = tuple(FIELDS),
+    eol: str = "\n",
+    header: bool = True,
+) -> bytes:
+    """A gzip log object holding ``lines`` (with the #Version/#Fields headers unless not)."""
+    head = f"#Version: 1.0{eol}#Fields: {' '.join(fields)}{eol}" if header else ""
+    return gzip.compress((head + eol.join(lines) + (eol if lines else "")).encode())
+
+
 def main(argv: list[str] | None = None) -> None:
     """Command line: write a data set (and optionally its truth as JSON)."""
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])

@@ -7,6 +7,7 @@ import gzip
 
 import pytest
 
+import loggen
 from bioc_webstats import logs
 
 HOUR = dt.datetime(2024, 1, 30, 12)
@@ -20,29 +21,12 @@ F33 = (
 ).split()
 
 
-def line(
-    uri="/packages/3.18/bioc/src/contrib/limma_3.58.1.tar.gz",
-    status="200",
-    method="GET",
-    ip="192.0.2.1",
-    date="2024-01-30",
-    time="12:01:02",
-    fields=F33,
-):
-    values = {
-        "date": date,
-        "time": time,
-        "c-ip": ip,
-        "cs-method": method,
-        "cs-uri-stem": uri,
-        "sc-status": status,
-    }
-    return "\t".join(values.get(f, "-") for f in fields)
+def line(fields=F33, **kw):
+    return loggen.log_line(fields=fields, **kw)
 
 
 def gz(*lines: str, fields=F33, eol="\n", header=True) -> bytes:
-    head = f"#Version: 1.0{eol}#Fields: {' '.join(fields)}{eol}" if header else ""
-    return gzip.compress((head + eol.join(lines) + (eol if lines else "")).encode())
+    return loggen.log_bytes(*lines, fields=fields, eol=eol, header=header)
 
 
 def count(data: bytes, hour=HOUR) -> logs.ObjectCounts:

@@ -1,0 +1,358 @@
+"""ingest.py + stats.py on SQLite and real PostgreSQL: ground truth, exactly once, late files,
+re-ingest, bad input, dry run, packages-table changes and rebuild."""
+
+from __future__ import annotations
+
+import datetime as dt
+import gzip
+import logging
+from pathlib import Path
+
+import pytest
+from sqlalchemy import func, select, update
+
+import loggen
+from bioc_webstats import db, ingest, packages, stats
+from bioc_webstats.config import Settings, load_settings
+from bioc_webstats.errors import WebstatsError
+from bioc_webstats.models import (
+    CategoryStat,
+    DownloadRecord,
+    IngestedObject,
+    Meta,
+    PackageStat,
+    StatsPending,
+)
+
+SAMPLE = loggen.PACKAGES_SAMPLE
+
+
+def make_settings(db_url: str, tmp_path: Path, **env: str) -> Settings:
+    base = {
+        "WEBSTATS_DATABASE_URL": db_url,
+        "WEBSTATS_STATE_DIR": str(tmp_path / "state"),
+        "WEBSTATS_ENV_FILE": "/dev/null",
+        "WEBSTATS_IP_HASH_KEY": "test-key",
+    }
+    return load_settings({**base, **env})
+
+
+def stats_tables(url: str) -> tuple[dict, dict]:
+    with db.session_factory(url)() as s:
+        pkg = {
+            (r.category, r.package, r.year, r.month): (r.ips, r.downloads)
+            for r in s.scalars(select(PackageStat))
+        }
+        cat = {
+            (r.category, r.year, r.month): (r.ips, r.downloads)
+            for r in s.scalars(select(CategoryStat))
+        }
+    return pkg, cat
+
+
+def snapshot(url: str) -> tuple:
+    """Everything a run could change."""
+    with db.session_factory(url)() as s:
+        ledger = sorted(
+            (o.key, o.lines_read, o.accepted, o.rejected) for o in s.scalars(select(IngestedObject))
+        )
+        records = sorted(
+            (r.category, r.package, r.day, r.ip_hash, r.downloads)
+            for r in s.scalars(select(DownloadRecord))
+        )
+        meta = {m.key: m.value for m in s.scalars(select(Meta))}
+        pending = s.scalar(select(func.count()).select_from(StatsPending))
+    return (stats_tables(url), ledger, records, meta, pending)
+
+
+def assert_truth(url: str, truth: loggen.Truth) -> None:
+    pkg, cat = stats_tables(url)
+    assert pkg == truth.package
+    assert cat == truth.category
+
+
+@pytest.fixture
+def data(tmp_path) -> tuple[Path, loggen.Truth]:
+    """Three days across a year end (workflows start in 2015), six files a day."""
+    out = tmp_path / "logs"
+    truth = loggen.generate(
+        out, days=3, start=dt.date(2014, 12, 30), files_per_day=6, lines_per_file=250, seed=7
+    )
+    return out, truth
+
+
+def loaded(db_url: str, tmp_path: Path, **env: str) -> Settings:
+    settings = make_settings(db_url, tmp_path, **env)
+    packages.load_csv(settings, SAMPLE)
+    return settings
+
+
+@pytest.mark.parametrize("workers", ["1", "2"])
+def test_statistics_equal_ground_truth(db_url, tmp_path, data, monkeypatch, workers):
+    monkeypatch.setenv("WEBSTATS_ETL_WORKERS", workers)
+    out, truth = data
+    settings = loaded(db_url, tmp_path)
+    assert ingest.run(settings, source=str(out)) is True
+    assert_truth(db_url, truth)
+    with db.session_factory(db_url)() as s:
+        assert s.scalar(select(func.sum(DownloadRecord.downloads))) == truth.counted
+        assert s.scalar(select(func.count()).select_from(IngestedObject)) == len(truth.files)
+        newest = s.scalar(select(func.max(DownloadRecord.day)))
+        assert db.get_valid_thru(s) == (
+            dt.date.fromisoformat(newest) if isinstance(newest, str) else newest
+        )
+        assert db.get_data_version(s) >= 1
+        assert s.scalar(select(func.count()).select_from(StatsPending)) == 0
+    # nothing before a category's first year: workflows 2014 downloads exist but not counted
+    assert any(k[0] == "workflows" for k in truth.package)
+    assert not any(k[0] == "workflows" and k[2] < 2015 for k in stats_tables(db_url)[0])
+
+
+def test_second_run_changes_nothing(db_url, tmp_path, data, caplog):
+    out, _ = data
+    settings = loaded(db_url, tmp_path)
+    assert ingest.run(settings, source=str(out))
+    before = snapshot(db_url)
+    caplog.set_level(logging.INFO, "bioc_webstats")
+    assert ingest.run(settings, source=str(out))
+    assert snapshot(db_url) == before
+    assert "0 objects ingested" in caplog.text and "0 months recomputed" in caplog.text
+
+
+def test_subdirectory_layout_and_skipped_names(db_url, tmp_path, caplog):
+    out = tmp_path / "logs"
+    truth = loggen.generate(out, days=1, files_per_day=3, lines_per_file=200, seed=3, subdirs=True)
+    (out / "notes.txt").write_text("not a log")
+    settings = loaded(db_url, tmp_path)
+    caplog.set_level(logging.INFO, "bioc_webstats")
+    assert ingest.run(settings, source=str(out))
+    assert_truth(db_url, truth)
+    assert "skipped notes.txt: not a log object name" in caplog.text
+    assert "1 skipped (not log names)" in caplog.text
+
+
+def late_file(out: Path, hour: dt.datetime, n: int) -> Path:
+    """A file for ``hour`` whose downloads all fall in that hour (known packages)."""
+    names = [p for p, c in loggen.read_packages() if c == "bioc"][:5]
+    lines = [
+        loggen.log_line(
+            uri=f"/packages/3.18/bioc/src/contrib/{names[i % 5]}_1.0.tar.gz",
+            ip=f"198.51.100.{i % 7}",
+            date=f"{hour:%Y-%m-%d}",
+            time=f"{hour:%H}:{i % 60:02d}:00",
+        )
+        for i in range(n)
+    ]
+    path = out / f"{loggen.DIST}.{hour:%Y-%m-%d-%H}.late{n}.gz"
+    path.write_bytes(loggen.log_bytes(*lines))
+    return path
+
+
+def test_late_file_picked_up_and_only_its_months_recomputed(db_url, tmp_path, caplog):
+    out = tmp_path / "logs"
+    loggen.generate(out, days=4, start=dt.date(2024, 1, 30), files_per_day=4, lines_per_file=200)
+    settings = loaded(db_url, tmp_path)
+    assert ingest.run(settings, source=str(out))
+    # Tamper with February: if February were recomputed, the tampering would vanish.
+    sf = db.session_factory(db_url)
+    with sf.begin() as s:
+        s.execute(
+            update(PackageStat)
+            .where(PackageStat.year == 2024, PackageStat.month == 2)
+            .values(downloads=999999)
+        )
+        version = db.get_data_version(s)
+    # Newest file is 2024-02-02-18; a file for 2024-01-31-20 arrives two days late.
+    late_file(out, dt.datetime(2024, 1, 31, 20), 40)
+    caplog.set_level(logging.INFO, "bioc_webstats")
+    assert ingest.run(settings, source=str(out))
+    assert "1 objects ingested" in caplog.text
+    assert "1 months recomputed" in caplog.text  # bioc January 2024 (and its year)
+    pkg, _ = stats_tables(db_url)
+    assert all(v[1] == 999999 for k, v in pkg.items() if k[2:] == (2024, 2))
+    with sf() as s:
+        assert db.get_data_version(s) == version + 1
+    january = {k: v for k, v in pkg.items() if k[2:] == (2024, 1)}
+    # January is what a full rebuild says it is.
+    stats.rebuild(settings)
+    pkg2, _ = stats_tables(db_url)
+    assert january == {k: v for k, v in pkg2.items() if k[2:] == (2024, 1)}
+    assert any(v[1] != 999999 for k, v in pkg2.items() if k[2:] == (2024, 2))
+
+
+def test_lookback_window_and_since(db_url, tmp_path):
+    out = tmp_path / "logs"
+    loggen.generate(out, days=2, start=dt.date(2024, 3, 10), files_per_day=2, lines_per_file=100)
+    settings = loaded(db_url, tmp_path, WEBSTATS_ETL_LOOKBACK_DAYS="3")
+    assert ingest.run(settings, source=str(out))
+    old = late_file(out, dt.datetime(2024, 3, 1, 5), 10)  # 10 days before the newest
+    assert ingest.run(settings, source=str(out))
+    with db.session_factory(db_url)() as s:
+        keys = set(s.scalars(select(IngestedObject.key)))
+    assert old.name not in keys
+    assert ingest.run(settings, source=str(out), since="2024-03-01")
+    with db.session_factory(db_url)() as s:
+        assert old.name in set(s.scalars(select(IngestedObject.key)))
+    with pytest.raises(WebstatsError, match="--since"):
+        ingest.run(settings, source=str(out), since="March")
+
+
+def test_reingest_replaces(db_url, tmp_path, data):
+    out, truth = data
+    settings = loaded(db_url, tmp_path)
+    assert ingest.run(settings, source=str(out))
+    before = snapshot(db_url)
+    ingest.reingest(settings, truth.files[:3], source=str(out))
+    after = snapshot(db_url)
+    assert after[:3] == before[:3]  # stats, ledger counts, records: no double counting
+    assert int(after[3]["data_version"]) > int(before[3]["data_version"])
+    assert_truth(db_url, truth)
+    with pytest.raises(WebstatsError):
+        ingest.reingest(settings, ["E1.2024-01-01-00.nothere.gz"], source=str(out))
+
+
+def test_reingest_of_object_not_in_ledger_fails_cleanly(db_url, tmp_path, data):
+    out, truth = data
+    settings = loaded(db_url, tmp_path)
+    with pytest.raises(WebstatsError, match="1 objects failed"):
+        ingest.reingest(settings, truth.files[:1], source=str(out))
+    assert snapshot(db_url)[1] == []
+
+
+def test_bad_input(db_url, tmp_path, caplog):
+    out = tmp_path / "logs"
+    truth = loggen.generate(out, days=1, start=dt.date(2024, 5, 1), files_per_day=3)
+    good = loggen.log_bytes(loggen.log_line(date="2024-05-01", time="07:00:00"))
+    bad = {
+        f"{loggen.DIST}.2024-05-01-07.truncated.gz": good[:-10],
+        f"{loggen.DIST}.2024-05-01-08.notgzip.gz": b"date time\n2024-05-01 08:00:00\n",
+        f"{loggen.DIST}.2024-05-01-09.empty.gz": b"",
+        f"{loggen.DIST}.2024-05-01-10.headerless.gz": gzip.compress(
+            (loggen.log_line(date="2024-05-01", time="10:00:00") + "\n").encode()
+        ),
+        f"{loggen.DIST}.2024-05-01-11.garbage.gz": gzip.compress(b"\x00garbage\nmore\tjunk\n"),
+    }
+    for name, content in bad.items():
+        (out / name).write_bytes(content)
+    # garbage lines after a valid header: the file is fine, its lines are rejected
+    (out / f"{loggen.DIST}.2024-05-01-12.junklines.gz").write_bytes(
+        loggen.log_bytes("junk", "more\tjunk", "2024-05-01\tnot a time")
+    )
+    settings = loaded(db_url, tmp_path)
+    caplog.set_level(logging.INFO, "bioc_webstats")
+    assert ingest.run(settings, source=str(out)) is False
+    assert_truth(db_url, truth)  # the good files are in, nothing of the bad ones
+    with db.session_factory(db_url)() as s:
+        keys = set(s.scalars(select(IngestedObject.key)))
+        junk = s.scalar(select(IngestedObject).where(IngestedObject.key.like("%junklines%")))
+        assert (junk.lines_read, junk.rejected, junk.accepted) == (3, 3, 0)
+    assert keys == {*truth.files, junk.key}
+    messages = {r.getMessage() for r in caplog.records if r.levelno == logging.ERROR}
+    for name, why in [
+        ("truncated", "truncated gzip"),
+        ("notgzip", "not a valid gzip"),
+        ("empty", "empty file"),
+        ("headerless", "no #Fields line before the first data line"),
+        ("garbage", "no #Fields"),
+    ]:
+        assert any(name in m and why in m and "will be retried" in m for m in messages), name
+    assert "3 of 3 lines rejected" in caplog.text
+    assert "5 failed" in caplog.text
+    # Retried next time, still failing, nothing changes; once repaired, it goes in.
+    before = snapshot(db_url)
+    assert ingest.run(settings, source=str(out)) is False
+    assert snapshot(db_url) == before
+    for name in bad:
+        (out / name).unlink()
+    assert ingest.run(settings, source=str(out)) is True
+
+
+def test_bad_input_cli_exit_status(db_url, tmp_path, monkeypatch, capsys):
+    from bioc_webstats import cli
+
+    out = tmp_path / "logs"
+    out.mkdir()
+    (out / f"{loggen.DIST}.2024-05-01-07.bad.gz").write_bytes(b"nope")
+    for k, v in {
+        "WEBSTATS_DATABASE_URL": db_url,
+        "WEBSTATS_STATE_DIR": str(tmp_path / "state"),
+        "WEBSTATS_ENV_FILE": "/dev/null",
+        "WEBSTATS_IP_HASH_KEY": "k",
+    }.items():
+        monkeypatch.setenv(k, v)
+    with pytest.raises(SystemExit) as exc:
+        cli.main(["etl", "run", "--source", str(out)])
+    assert exc.value.code == 1
+    err = capsys.readouterr().err
+    assert "some objects failed" in err and "Traceback" not in err
+
+
+def test_dry_run_writes_nothing(db_url, tmp_path, data, caplog):
+    out, truth = data
+    settings = loaded(db_url, tmp_path)
+    before = snapshot(db_url)
+    caplog.set_level(logging.INFO, "bioc_webstats")
+    assert ingest.run(settings, source=str(out), dry_run=True)
+    assert snapshot(db_url) == before
+    assert f"{len(truth.files)} to ingest" in caplog.text
+    assert f"would ingest {truth.files[0]}" in caplog.text
+
+
+def test_packages_table_change_recomputes_those_packages(db_url, tmp_path, data):
+    out, truth = data
+    settings = make_settings(db_url, tmp_path)
+    rows = SAMPLE.read_text().splitlines()
+    held_back = [r for r in rows[1:] if r.split(",")[1] == "bioc"][:15]
+    partial = tmp_path / "partial.csv"
+    partial.write_text("\n".join(r for r in rows if r not in held_back) + "\n")
+    packages.load_csv(settings, partial)
+    assert ingest.run(settings, source=str(out))
+    pkg, cat = stats_tables(db_url)
+    missing = {r.split(",")[0] for r in held_back}
+    assert not any(k[1] in missing and k[0] == "bioc" for k in pkg)
+    assert cat != truth.category  # totals are over known packages only
+    with db.session_factory(db_url)() as s:
+        version = db.get_data_version(s)
+    packages.load_csv(settings, SAMPLE)  # adds them: their months and the totals follow
+    assert_truth(db_url, truth)
+    with db.session_factory(db_url)() as s:
+        assert db.get_data_version(s) > version
+
+
+def test_rebuild_restores_everything(db_url, tmp_path, data):
+    out, truth = data
+    settings = loaded(db_url, tmp_path)
+    assert ingest.run(settings, source=str(out))
+    with db.session_factory(db_url).begin() as s:
+        s.execute(update(PackageStat).values(ips=0))
+        s.execute(update(CategoryStat).values(downloads=1))
+    message = stats.rebuild(settings)
+    assert "stats rebuild:" in message
+    assert_truth(db_url, truth)
+
+
+def test_valid_thru_never_moves_backwards(db_url, tmp_path):
+    out = tmp_path / "logs"
+    out.mkdir()
+    f = late_file(out, dt.datetime(2024, 6, 10, 3), 5)
+    settings = loaded(db_url, tmp_path)
+    with db.session_factory(db_url).begin() as s:
+        db.advance_valid_thru(s, dt.date(2024, 7, 1))
+    assert ingest.run(settings, source=str(out))
+    with db.session_factory(db_url)() as s:
+        assert db.get_valid_thru(s) == dt.date(2024, 7, 1)
+    ingest.reingest(settings, [f.name], source=str(out))
+    with db.session_factory(db_url)() as s:
+        assert db.get_valid_thru(s) == dt.date(2024, 7, 1)
+
+
+def test_generated_ip_key_is_private_and_stable(tmp_path):
+    settings = load_settings(
+        {"WEBSTATS_STATE_DIR": str(tmp_path / "state"), "WEBSTATS_ENV_FILE": "/dev/null"}
+    )
+    k1 = ingest.ip_hash_key(settings, str(tmp_path))
+    k2 = ingest.ip_hash_key(settings, str(tmp_path))
+    assert k1 == k2 and len(k1) >= 32
+    assert (tmp_path / "state" / "ip_hash.key").stat().st_mode & 0o777 == 0o600
+    with pytest.raises(WebstatsError, match="ip_hash_key"):
+        ingest.ip_hash_key(settings, "s3://bucket/prefix")
