@@ -375,13 +375,9 @@ def create_app(settings: Settings | None = None) -> Flask:
                 if not exists(target, snap):
                     return _plain(404, "Not Found", "No such page or file.")
                 ctype = HTML if target.is_page else TEXT
-                path = site.cache.lookup(version, target.relpath)
-                if path is None:
-                    text = build(session, target, snap)
-                    stored = site.cache.store(version, target.relpath, text.encode())
-                    path_or_body: bytes | Path = stored or text.encode()
-                else:
-                    path_or_body = path
+                path_or_body = site.cache.get_or_build(
+                    version, target.relpath, lambda: build(session, target, snap).encode()
+                )
         except SQLAlchemyError:
             app.logger.warning("database unavailable", exc_info=True)
             return _plain(503, "Service Unavailable", "The statistics database is unavailable.")

@@ -8,10 +8,13 @@ process with sendfile. A new data version gets a new directory; older ones are p
 from __future__ import annotations
 
 import contextlib
+import fcntl
+import hashlib
 import os
 import re
 import shutil
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 from . import __version__
@@ -58,6 +61,32 @@ class DiskCache:
             self._pruned_for = data_version
             self.prune(data_version)
         return path
+
+    def get_or_build(
+        self, data_version: int, relpath: str, build: Callable[[], bytes]
+    ) -> Path | bytes:
+        """The cached file, building it first if needed. One builder per file at a time,
+        across threads and processes (flock), so a new data version does not start the
+        same heavy build in every worker."""
+        path = self.lookup(data_version, relpath)
+        if path is not None:
+            return path
+        vdir = self.version_dir(data_version)
+        lock_name = ".lock-" + hashlib.sha256(relpath.encode()).hexdigest()[:24]
+        try:
+            vdir.mkdir(parents=True, exist_ok=True)
+            lock = open(vdir / lock_name, "a+b")
+        except OSError:
+            return build()  # no usable disk: still answer, from memory
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            path = self.lookup(data_version, relpath)
+            if path is not None:
+                return path
+            body = build()
+            return self.store(data_version, relpath, body) or body
+        finally:
+            lock.close()  # releases the lock
 
     def prune(self, data_version: int) -> None:
         """Remove directories of older data versions (open files stay readable until closed)."""
