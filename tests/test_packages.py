@@ -138,7 +138,8 @@ def test_sync_new_removed_returning_moved(loaded):
     diff = {k: (before.get(k), after.get(k)) for k in before.keys() | after.keys()}
     diff = {k: v for k, v in diff.items() if v[0] != v[1]}
     assert diff == EXPECTED_CHANGES
-    assert data_version(loaded) == version + 1  # the pages follow a table change
+    changed_version = data_version(loaded)
+    assert changed_version > version  # the pages follow a table change
 
     lines = report.splitlines()
     assert lines[0] == (
@@ -160,7 +161,7 @@ def test_sync_new_removed_returning_moved(loaded):
     assert again.splitlines()[-1] == "nothing to change"
     assert "0 changes" in again.splitlines()[0]
     assert table(loaded) == after
-    assert data_version(loaded) == version + 1
+    assert data_version(loaded) == changed_version
 
 
 def test_sync_change_limit_stops_unless_forced(loaded, monkeypatch):
