@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+import urllib.request
 from pathlib import Path
 
 import boto3
@@ -319,4 +320,41 @@ def test_config_show_redacts_password_in_explicit_url(clean_env, monkeypatch):
     )
     assert "flask/secret_key = <redacted>  (environment WEBSTATS_FLASK_SECRET_KEY)" in (
         res.stdout.splitlines()
+    )
+
+
+def _moto_auth(endpoint: str, count: str) -> None:
+    """Switch moto's IAM enforcement: "0" checks every request from now on, "inf" none."""
+    req = urllib.request.Request(
+        f"{endpoint}/moto-api/reset-auth",
+        data=count.encode(),
+        method="POST",
+        headers={"Content-Type": "text/plain"},
+    )
+    urllib.request.urlopen(req, timeout=10).read()
+
+
+def test_access_denied_is_one_line_naming_path_and_code(clean_env, aws_env, monkeypatch):
+    iam = boto3.client("iam")
+    iam.create_user(UserName="no-ssm")
+    only_sns = {
+        "Version": "2012-10-17",
+        "Statement": [{"Effect": "Allow", "Action": "sns:Publish", "Resource": "*"}],
+    }
+    iam.put_user_policy(UserName="no-ssm", PolicyName="p", PolicyDocument=json.dumps(only_sns))
+    key = iam.create_access_key(UserName="no-ssm")["AccessKey"]
+    put_required()
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", key["AccessKeyId"])
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", key["SecretAccessKey"])
+    monkeypatch.setenv("WEBSTATS_SSM_PATH", PATH)
+    _moto_auth(aws_env, "0")
+    try:
+        res = run_cli("config", "show")
+    finally:
+        _moto_auth(aws_env, "inf")
+    assert res.returncode == 1 and res.stdout == ""
+    assert res.stderr == (
+        f"bioc-webstats: error: cannot read SSM path {PATH}: AccessDenied: User: "
+        "arn:aws:iam::123456789012:user/no-ssm is not authorized to perform: "
+        "ssm:GetParametersByPath\n"
     )

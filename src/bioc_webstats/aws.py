@@ -29,6 +29,8 @@ READ_TIMEOUT = 15
 MAX_ATTEMPTS = 4
 
 STATS_PATHS = ("/packages/stats/*",)
+_XML_CODE = re.compile(r"<Code>([^<]{1,100})</Code>")
+_XML_MESSAGE = re.compile(r"<Message>([^<]{0,500})</Message>")
 _SNS_ARN = re.compile(r"^arn:aws[a-z-]*:sns:([a-z0-9-]+):\d{12}:[A-Za-z0-9_-]{1,256}$")
 
 
@@ -53,9 +55,16 @@ def describe_error(exc: BaseException) -> str:
         err = exc.response.get("Error", {})
         code = err.get("Code") or "ClientError"
         text = err.get("Message") or ""
+        # An error body in another protocol than the service's (XML from a JSON API: proxies,
+        # emulators) leaves botocore with the HTTP status as code; take the real one out.
+        found = _XML_CODE.search(text)
+        if found:
+            code = found.group(1)
+            msg = _XML_MESSAGE.search(text)
+            text = msg.group(1) if msg else ""
     else:  # BotoCoreError: no credentials, no region, endpoint unreachable, timeouts
         code, text = type(exc).__name__, str(exc)
-    text = " ".join(text.split())
+    text = " ".join(text.split())[:300]
     return f"{code}: {text}" if text else code
 
 
