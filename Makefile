@@ -29,11 +29,22 @@ venv: $(STAMP) ## the development/test virtualenv (.venv) + Ansible collections 
 	scripts/install-collections.sh $(VENV)
 
 lint: venv ## ruff (Python)
-	$(BIN)/ruff check src tests bench
-	$(BIN)/ruff format --check src tests bench
+	$(BIN)/ruff check src tests bench molecule
+	$(BIN)/ruff format --check src tests bench molecule
 
 pytest: deps venv ## unit, integration (PostgreSQL + SQLite), contract and browser tests
 	$(BIN)/python -m pytest -q -p no:cacheprovider
+
+MOLECULE_SCENARIOS ?= default upgrade ssm
+
+molecule: deps venv ## the real playbook on a real systemd host (podman): $(MOLECULE_SCENARIOS)
+	for s in $(MOLECULE_SCENARIOS); do scripts/molecule.sh test -s $$s; done
+
+demo: deps venv ## deploy into a local systemd container (PostgreSQL, sample logs), print the URL
+	scripts/demo.sh up
+
+demo-down: ## remove the demo container
+	scripts/demo.sh down
 
 test: deps venv lint pytest ## everything CI runs
 	@echo "make test: all green"

@@ -1,0 +1,175 @@
+"""Helpers shared by the testinfra tests of every molecule scenario (molecule/<name>/tests/).
+
+The tests run on the controller; ``host`` (testinfra, podman connection) runs commands inside the
+systemd container; HTTP goes from the controller to the container's address, as a client would.
+Expected values come from the repository (role defaults, inventory, the runbook), never from the
+container itself, so a wrong deploy cannot agree with itself.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shlex
+import subprocess
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+import requests
+import yaml
+
+REPO = Path(__file__).resolve().parent.parent
+RUNBOOK = REPO / "docs" / "RUNBOOK.md"
+
+
+def wait_for(pred: Callable[[], Any], timeout: float, what: str, interval: float = 0.5) -> Any:
+    """Poll ``pred`` until it returns a truthy value; fail with ``what`` after ``timeout`` s."""
+    deadline = time.monotonic() + timeout
+    last: Any = None
+    while True:
+        try:
+            last = pred()
+        except Exception as exc:  # the condition may raise until it becomes true
+            last = exc
+        else:
+            if last:
+                return last
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out after {timeout:.0f} s waiting for {what} (last: {last!r})")
+        time.sleep(interval)
+
+
+def repo_version() -> str:
+    """The package version in the working tree (what the deploy ships)."""
+    text = (REPO / "src" / "bioc_webstats" / "__init__.py").read_text()
+    return re.search(r'^__version__ = "([^"]+)"', text, re.M).group(1)
+
+
+def role_defaults() -> dict[str, Any]:
+    """Every role's defaults/main.yml merged (role variables are prefixed, so no clashes)."""
+    merged: dict[str, Any] = {}
+    for path in sorted(REPO.glob("roles/*/defaults/main.yml")):
+        merged.update(yaml.safe_load(path.read_text()) or {})
+    return merged
+
+
+def inventory_vars(inventory: str = "local") -> dict[str, Any]:
+    """Role defaults overlaid with ``inventory/<inventory>/group_vars`` (all, then the rest)."""
+    merged = role_defaults()
+    gv = REPO / "inventory" / inventory / "group_vars"
+    files = sorted(gv.glob("all.y*ml")) + sorted(gv.glob("all/*.y*ml"))
+    files += [p for p in sorted(gv.rglob("*.y*ml")) if p not in files]
+    for path in files:
+        merged.update(yaml.safe_load(path.read_text()) or {})
+    return merged
+
+
+def runbook_commands() -> list[str]:
+    """Every command line in the runbook's code blocks (continuations joined, prompts cut)."""
+    text = RUNBOOK.read_text()
+    lines: list[str] = []
+    for block in re.findall(r"^```[a-z]*\n(.*?)^```", text, re.M | re.S):
+        pending = ""
+        for raw in block.splitlines():
+            line = raw.strip()
+            if not line or line.startswith("#"):
+                continue
+            line = re.sub(r"^(\$|#)\s+", "", line)
+            if line.endswith("\\"):
+                pending += line[:-1].strip() + " "
+                continue
+            lines.append(re.sub(r"\s+#.*$", "", pending + line).strip())
+            pending = ""
+    return lines
+
+
+def container_name(host) -> str:
+    """The podman container behind a testinfra host."""
+    return host.backend.name
+
+
+def container_address(name: str) -> str:
+    """The address the controller reaches the container on (loopback with network: host)."""
+    mode = subprocess.run(
+        ["podman", "inspect", "-f", "{{.HostConfig.NetworkMode}}", name],
+        check=True,
+        capture_output=True,
+        text=True,
+    ).stdout.strip()
+    if mode == "host":
+        return "127.0.0.1"
+    out = subprocess.run(
+        ["podman", "inspect", "-f", "{{json .NetworkSettings.Networks}}", name],
+        check=True,
+        capture_output=True,
+        text=True,
+    ).stdout
+    return next(n["IPAddress"] for n in json.loads(out).values() if n.get("IPAddress"))
+
+
+class Service:
+    """HTTP access to the deployed service from the controller."""
+
+    def __init__(self, base: str) -> None:
+        self.base = base.rstrip("/")
+        self.session = requests.Session()
+
+    def get(self, path: str, **kw: Any) -> requests.Response:
+        """GET ``path`` (relative to the service root); short timeout, no retries."""
+        kw.setdefault("timeout", 10)
+        kw.setdefault("allow_redirects", False)
+        return self.session.get(self.base + path, **kw)
+
+    def healthz(self) -> dict[str, Any] | None:
+        """The /healthz document when it answers 200, else None."""
+        try:
+            r = self.get("/healthz", timeout=5)
+        except requests.RequestException:
+            return None
+        return r.json() if r.status_code == 200 else None
+
+
+def listen_port(value: str) -> int:
+    """The port of a ``host:port`` (or bare port) listen address."""
+    return int(str(value).rsplit(":", 1)[-1])
+
+
+@pytest.fixture(scope="module")
+def deploy_vars() -> dict[str, Any]:
+    """Role defaults + the local inventory's group_vars (what the scenarios deploy with)."""
+    return inventory_vars("local")
+
+
+@pytest.fixture(scope="module")
+def service(host, deploy_vars) -> Service:
+    """The deployed service as the controller reaches it."""
+    port = listen_port(deploy_vars.get("webstats_services_listen_stream", "0.0.0.0:8000"))
+    return Service(f"http://{container_address(container_name(host))}:{port}")
+
+
+@pytest.fixture(scope="module")
+def runbook() -> Callable[[str], str]:
+    """``runbook(cmd)``: assert ``cmd`` is written in docs/RUNBOOK.md exactly, return it."""
+    commands = runbook_commands()
+
+    def check(cmd: str) -> str:
+        assert cmd in commands, f"not in docs/RUNBOOK.md: {cmd!r}"
+        return cmd
+
+    return check
+
+
+def run_ok(host, cmd: str, timeout: int = 300) -> str:
+    """Run ``cmd`` in the container (bounded by ``timeout``); fail on a non-zero exit."""
+    res = host.run(f"timeout {timeout} sh -c {shlex.quote(cmd)}")
+    assert res.rc == 0, f"{cmd!r} exited {res.rc}: {res.stdout[-2000:]}{res.stderr[-2000:]}"
+    return res.stdout
+
+
+def ephemeral_dir() -> Path:
+    """The scenario's molecule ephemeral directory (holds generated logs and truth)."""
+    return Path(os.environ["MOLECULE_EPHEMERAL_DIRECTORY"])
