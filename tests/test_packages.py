@@ -3,6 +3,7 @@ and a real HTTP server on loopback, on SQLite and PostgreSQL."""
 
 from __future__ import annotations
 
+import datetime as dt
 import functools
 import http.server
 import os
@@ -21,7 +22,13 @@ from bioc_webstats import db
 from bioc_webstats.config import Settings, load_settings
 from bioc_webstats.errors import WebstatsError
 from bioc_webstats.manifest import Manifest, parse_config_yaml
-from bioc_webstats.models import Package
+from bioc_webstats.models import (
+    CategoryStat,
+    DownloadRecord,
+    IngestedObject,
+    Package,
+    PackageStat,
+)
 from bioc_webstats.packages import Change, load_csv, plan_changes, sync
 from conftest import free_port
 
@@ -162,6 +169,49 @@ def test_sync_new_removed_returning_moved(loaded):
     assert "0 changes" in again.splitlines()[0]
     assert table(loaded) == after
     assert data_version(loaded) == changed_version
+
+
+def test_sync_recomputes_the_touched_packages(loaded):
+    """Records of names unknown in a category are kept; once the sync adds the name there,
+    its statistics (and the category's) appear in the same transaction."""
+    day = dt.date(2024, 3, 5)
+    with db.session_factory(loaded.database_url).begin() as session:
+        obj = IngestedObject(
+            key="E1.2024-03-05-10.abc.gz",
+            size=1,
+            name_hour=dt.datetime(2024, 3, 5, 10),
+            ingested_at=dt.datetime.now(dt.UTC),
+        )
+        session.add(obj)
+        session.flush()
+        for cat, pkg, ip, n in [
+            ("experiment", "BCRANK", 1, 3),
+            ("experiment", "BCRANK", 2, 4),
+            ("bioc", "NewPkgA", 1, 5),
+            ("bioc", "NotInDevel", 9, 1),
+        ]:
+            session.add(
+                DownloadRecord(
+                    object_id=obj.id, category=cat, package=pkg, day=day, ip_hash=ip, downloads=n
+                )
+            )
+    sync(loaded, source=str(DEVEL), dry_run=False, force=False)
+    with db.session_factory(loaded.database_url)() as session:
+        stats = {
+            (s.category, s.package, s.year, s.month): (s.ips, s.downloads)
+            for s in session.scalars(select(PackageStat))
+        }
+        cats = {
+            (c.category, c.year, c.month): (c.ips, c.downloads)
+            for c in session.scalars(select(CategoryStat))
+        }
+    assert stats == {
+        ("experiment", "BCRANK", 2024, 3): (2, 7),
+        ("experiment", "BCRANK", 2024, 0): (2, 7),
+        ("bioc", "NewPkgA", 2024, 3): (1, 5),
+        ("bioc", "NewPkgA", 2024, 0): (1, 5),
+    }
+    assert cats[("experiment", 2024, 3)] == (2, 7) and cats[("bioc", 2024, 0)] == (1, 5)
 
 
 def test_sync_change_limit_stops_unless_forced(loaded, monkeypatch):
