@@ -1,0 +1,166 @@
+#!/usr/bin/env python3
+"""Build (or adopt) the release wheelhouse on the Ansible controller, once per content.
+
+A wheelhouse is the project's wheel plus every runtime dependency pinned by
+requirements/runtime.txt, as binary wheels for the target's Python version and platform, so
+the host installs it with ``pip install --no-index``. The result directory is named by the
+version and a key (sha256 of everything that goes into it), and is complete only once it holds
+``.complete``: a second run with the same inputs finds it and changes nothing.
+
+Prints one JSON object: {"changed": bool, "dir": str, "version": str, "key": str}.
+Exit status 1 with a one-line message on stderr when the build fails.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+RECIPE = "wheelhouse-v1"  # bump when this script changes what it produces
+SOURCE_FILES = ("pyproject.toml", "README.md", "LICENSE", "MANIFEST.in", "setup.cfg", "setup.py")
+SKIP_PARTS = {"__pycache__", ".pytest_cache", ".ruff_cache"}
+KEEP_BUILDS = 10
+
+
+def fail(message: str) -> None:
+    print(f"build_wheelhouse: {message}", file=sys.stderr)
+    sys.exit(1)
+
+
+def source_inputs(source: Path) -> list[Path]:
+    """The files a wheel is built from (the src/ tree and the packaging files)."""
+    files = [source / name for name in SOURCE_FILES if (source / name).is_file()]
+    for path in sorted((source / "src").rglob("*")):
+        rel = path.relative_to(source)
+        if path.is_file() and not SKIP_PARTS & set(rel.parts) and ".egg-info" not in str(rel):
+            if path.suffix not in (".pyc", ".pyo"):
+                files.append(path)
+    return files
+
+
+def digest(paths: list[Path], base: Path, extra: list[str]) -> str:
+    h = hashlib.sha256()
+    for item in extra:
+        h.update(item.encode() + b"\0")
+    for path in paths:
+        h.update(str(path.relative_to(base)).encode() + b"\0")
+        h.update(hashlib.sha256(path.read_bytes()).digest())
+    return h.hexdigest()
+
+
+def wheel_version(directory: Path) -> str:
+    wheels = sorted(directory.glob("bioc_webstats-*-py3-none-any.whl"))
+    if len(wheels) != 1:
+        fail(f"{directory}: expected exactly one bioc_webstats-*-py3-none-any.whl, found {len(wheels)}")
+    return wheels[0].name.split("-")[1]
+
+
+def write_sums(directory: Path) -> None:
+    lines = [
+        f"{hashlib.sha256(p.read_bytes()).hexdigest()}  {p.name}"
+        for p in sorted(directory.glob("*.whl"))
+    ]
+    (directory / "SHA256SUMS").write_text("\n".join(lines) + "\n")
+
+
+def run(cmd: list[str], what: str) -> None:
+    result = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    if result.returncode != 0:
+        last = (result.stderr.strip() or result.stdout.strip() or "no output").splitlines()[-1]
+        fail(f"{what} failed: {last}")
+
+
+def build(args: argparse.Namespace) -> dict:
+    source = Path(args.source).resolve()
+    init = source / "src" / "bioc_webstats" / "__init__.py"
+    match = re.search(r'^__version__\s*=\s*["\']([^"\']+)["\']', init.read_text(), re.M)
+    if not match:
+        fail(f"no __version__ in {init}")
+    version = match.group(1)
+    constraints = Path(args.constraints).resolve()
+    key = digest(
+        [*source_inputs(source), constraints],
+        source if constraints.is_relative_to(source) else Path("/"),
+        [RECIPE, args.python_version, *args.platform],
+    )
+    cache = Path(args.cache).resolve()
+    arch = args.platform[0].rsplit("_", 2)[-2:] if args.platform else ["any"]
+    name = f"{version}-py{args.python_version}-{'_'.join(arch)}-{key[:12]}"
+    out = cache / name
+    if (out / ".complete").is_file():
+        return {"changed": False, "dir": str(out), "version": version, "key": key}
+
+    cache.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=cache, prefix=".build-") as tmp:
+        work = Path(tmp)
+        tree = work / "source"
+        tree.mkdir()
+        for path in source_inputs(source):  # build from a clean copy: nothing written to the repo
+            dest = tree / path.relative_to(source)
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(path, dest)
+        wheels = work / "wheels"
+        pip = [sys.executable, "-m", "pip", "--disable-pip-version-check", "-q"]
+        run([*pip, "wheel", "--no-deps", "--wheel-dir", str(wheels), str(tree)], "pip wheel")
+        if wheel_version(wheels) != version:
+            fail(f"the built wheel is not version {version}")
+        py = args.python_version.replace(".", "")
+        platform_args = [a for p in args.platform for a in ("--platform", p)]
+        app_wheel = next(wheels.glob("bioc_webstats-*.whl"))
+        run(
+            [*pip, "download", "--only-binary=:all:", "--dest", str(wheels),
+             "--python-version", args.python_version, "--implementation", "cp",
+             "--abi", f"cp{py}", "--abi", "abi3", "--abi", "none", *platform_args,
+             "--constraint", str(constraints), str(app_wheel)],
+            "pip download of the dependencies",
+        )
+        write_sums(wheels)
+        (wheels / ".complete").write_text(key + "\n")
+        if out.exists():  # an incomplete earlier attempt
+            shutil.rmtree(out)
+        wheels.rename(out)
+    builds = sorted((p for p in cache.iterdir() if (p / ".complete").is_file()),
+                    key=lambda p: p.stat().st_mtime, reverse=True)
+    for old in builds[KEEP_BUILDS:]:
+        shutil.rmtree(old, ignore_errors=True)
+    return {"changed": True, "dir": str(out), "version": version, "key": key}
+
+
+def adopt(args: argparse.Namespace) -> dict:
+    """A wheelhouse built elsewhere (a test's older or broken release): check and key it."""
+    directory = Path(args.wheelhouse).resolve()
+    if not directory.is_dir():
+        fail(f"wheelhouse {directory} is not a directory")
+    version = wheel_version(directory)
+    wheels = sorted(directory.glob("*.whl"))
+    key = digest(wheels, directory, [RECIPE, "prebuilt"])
+    return {"changed": False, "dir": str(directory), "version": version, "key": key}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--source", help="the repository (pyproject.toml, src/)")
+    parser.add_argument("--constraints", help="requirements/runtime.txt")
+    parser.add_argument("--cache", help="where wheelhouses are kept on the controller")
+    parser.add_argument("--python-version", help="the target's Python, X.Y")
+    parser.add_argument("--platform", action="append", default=[], help="pip platform tag")
+    parser.add_argument("--wheelhouse", help="adopt this prebuilt wheelhouse instead")
+    args = parser.parse_args()
+    if args.wheelhouse:
+        result = adopt(args)
+    else:
+        if not (args.source and args.constraints and args.cache and args.python_version):
+            parser.error("--source, --constraints, --cache and --python-version are required")
+        result = build(args)
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()
