@@ -58,7 +58,7 @@ def digest(paths: list[Path], base: Path, extra: list[str]) -> str:
 def wheel_version(directory: Path) -> str:
     wheels = sorted(directory.glob("bioc_webstats-*-py3-none-any.whl"))
     if len(wheels) != 1:
-        fail(f"{directory}: expected exactly one bioc_webstats-*-py3-none-any.whl, found {len(wheels)}")
+        fail(f"{directory}: expected one bioc_webstats-*-py3-none-any.whl, found {len(wheels)}")
     return wheels[0].name.split("-")[1]
 
 
@@ -115,10 +115,27 @@ def build(args: argparse.Namespace) -> dict:
         platform_args = [a for p in args.platform for a in ("--platform", p)]
         app_wheel = next(wheels.glob("bioc_webstats-*.whl"))
         run(
-            [*pip, "download", "--only-binary=:all:", "--dest", str(wheels),
-             "--python-version", args.python_version, "--implementation", "cp",
-             "--abi", f"cp{py}", "--abi", "abi3", "--abi", "none", *platform_args,
-             "--constraint", str(constraints), str(app_wheel)],
+            [
+                *pip,
+                "download",
+                "--only-binary=:all:",
+                "--dest",
+                str(wheels),
+                "--python-version",
+                args.python_version,
+                "--implementation",
+                "cp",
+                "--abi",
+                f"cp{py}",
+                "--abi",
+                "abi3",
+                "--abi",
+                "none",
+                *platform_args,
+                "--constraint",
+                str(constraints),
+                str(app_wheel),
+            ],
             "pip download of the dependencies",
         )
         write_sums(wheels)
@@ -126,8 +143,11 @@ def build(args: argparse.Namespace) -> dict:
         if out.exists():  # an incomplete earlier attempt
             shutil.rmtree(out)
         wheels.rename(out)
-    builds = sorted((p for p in cache.iterdir() if (p / ".complete").is_file()),
-                    key=lambda p: p.stat().st_mtime, reverse=True)
+    builds = sorted(
+        (p for p in cache.iterdir() if (p / ".complete").is_file()),
+        key=lambda p: p.stat().st_mtime,
+        reverse=True,
+    )
     for old in builds[KEEP_BUILDS:]:
         shutil.rmtree(old, ignore_errors=True)
     return {"changed": True, "dir": str(out), "version": version, "key": key}
