@@ -358,3 +358,20 @@ def test_access_denied_is_one_line_naming_path_and_code(clean_env, aws_env, monk
         "arn:aws:iam::123456789012:user/no-ssm is not authorized to perform: "
         "ssm:GetParametersByPath\n"
     )
+
+
+def test_service_endpoint_variable_and_region_from_env_file(clean_env, aws_env, monkeypatch):
+    # boto3's own AWS_ENDPOINT_URL_SSM wins over AWS_ENDPOINT_URL (dead here) for SSM, and a
+    # region written in the env file (no AWS_DEFAULT_REGION in the unit's environment) is used.
+    ssm = boto3.client("ssm", region_name="eu-west-1")
+    for name, value in (("db/server", "h"), ("flask/secret_key", "s"), ("etl/ip_hash_key", "k")):
+        ssm.put_parameter(Name=f"{PATH}/{name}", Value=value, Type="SecureString")
+    env_file = clean_env / "webstats.env"
+    env_file.write_text(f"WEBSTATS_SSM_PATH={PATH}\nAWS_REGION=eu-west-1\nWEBSTATS_DB_PASSWORD=x\n")
+    monkeypatch.setenv("WEBSTATS_ENV_FILE", str(env_file))
+    monkeypatch.delenv("AWS_DEFAULT_REGION")
+    monkeypatch.setenv("AWS_ENDPOINT_URL_SSM", aws_env)
+    monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{free_port()}")
+    s = load_settings()
+    assert s.aws_region == "eu-west-1"
+    assert (s.get("db/server"), s.sources["db/server"]) == ("h", f"ssm {PATH}/db/server")
