@@ -19,8 +19,8 @@ from pathlib import Path
 from urllib.parse import quote
 
 from flask import Flask, Response, jsonify, request
-from sqlalchemy import select
-from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy import create_engine
+from sqlalchemy.exc import DBAPIError, SQLAlchemyError
 from sqlalchemy.orm import Session
 from werkzeug.exceptions import HTTPException
 from werkzeug.wsgi import wrap_file
@@ -28,7 +28,6 @@ from werkzeug.wsgi import wrap_file
 from . import __version__, db, pages, report, tabfiles
 from .categories import BY_STEM, CATEGORIES, Category
 from .config import Settings, load_settings
-from .models import Meta
 from .webcache import DiskCache
 
 PREFIX = "/packages/stats"
@@ -36,6 +35,8 @@ TEXT = "text/plain; charset=utf-8"
 HTML = "text/html; charset=utf-8"
 INDEX_PAGES = {c.index_page: c for c in CATEGORIES}
 YEAR_RE = re.compile(r"[0-9]{4}")  # ASCII digits only (not fullwidth digits)
+# Constant text, no user input: the two facts every request needs.
+META_SQL = "SELECT key, value FROM meta WHERE key IN ('data_version', 'valid_thru')"
 STATIC_FILES = {  # top-level assets under the prefix -> (file under static/, content type)
     "main.css": ("main.css", "text/css; charset=utf-8"),
     "charts.js": ("charts.js", "text/javascript; charset=utf-8"),
@@ -198,32 +199,53 @@ class StatsSite:
         self.cache = DiskCache(settings.state_dir / "cache")
         self.max_age = settings.get_int("web/cache_max_age")
         self._snap: report.Snapshot | None = None
+        url = settings.database_url
+        self._meta_engine = create_engine(
+            url,
+            isolation_level="AUTOCOMMIT",
+            pool_reset_on_return=None,
+            pool_size=4,
+            max_overflow=8,
+            connect_args={"timeout": 30} if url.startswith("sqlite") else {"connect_timeout": 10},
+        )
         self._lock = threading.Lock()
         self._static: dict[str, tuple[bytes, str, str, str]] = {}
 
     def session(self) -> Session:
         return db.session_factory(self.settings.database_url)()
 
-    def meta(self, session: Session) -> tuple[int, dt.date | None]:
-        """(data version, ValidThru) in one query."""
-        rows = dict(
-            session.execute(
-                select(Meta.key, Meta.value).where(Meta.key.in_([db.DATA_VERSION, db.VALID_THRU]))
-            ).all()
-        )
+    def meta(self) -> tuple[int, dt.date | None]:
+        """(data version, ValidThru): one round trip on a pooled autocommit connection (no
+        ping, no reset: this runs on every request). A connection the server dropped is
+        retried once on a fresh one."""
+        for attempt in (0, 1):
+            try:
+                with self._meta_engine.connect() as conn:
+                    rows = dict(conn.exec_driver_sql(META_SQL).all())
+                break
+            except DBAPIError as exc:
+                if attempt or not exc.connection_invalidated:
+                    raise
         version = int(rows.get(db.DATA_VERSION) or 0)
         vt = rows.get(db.VALID_THRU)
         return version, (dt.date.fromisoformat(vt) if vt else None)
 
-    def snapshot(self, session: Session, version: int, vt: dt.date | None) -> report.Snapshot:
+    def snapshot(self, version: int, vt: dt.date | None) -> report.Snapshot:
+        """The per-process snapshot of this data version (loaded once per version)."""
         snap = self._snap
         if snap is None or snap.data_version != version or snap.valid_thru != vt:
             with self._lock:
                 snap = self._snap
                 if snap is None or snap.data_version != version or snap.valid_thru != vt:
-                    snap = report.load_snapshot(session, version, vt)
+                    with self.session() as session:
+                        snap = report.load_snapshot(session, version, vt)
                     self._snap = snap
         return snap
+
+    def build(self, target: Target, snap: report.Snapshot) -> bytes:
+        """Generate one body (cache miss) in its own session."""
+        with self.session() as session:
+            return build(session, target, snap).encode()
 
     def static(self, name: str) -> tuple[bytes, str, str, str]:
         """(body, content type, etag, last modified) of a shipped asset, read once."""
@@ -362,22 +384,20 @@ def create_app(settings: Settings | None = None) -> Flask:
         if isinstance(resolved, Redirect) and resolved.needs_package is None:
             return _redirect(resolved.location)
         try:
-            with site.session() as session:
-                version, vt = site.meta(session)
-                snap = site.snapshot(session, version, vt)
-                if isinstance(resolved, Redirect):
-                    assert resolved.cat is not None
-                    pkgs = snap.categories[resolved.cat.prefix].years
-                    if resolved.needs_package not in pkgs:
-                        return _plain(404, "Not Found", "No such package.")
-                    return _redirect(resolved.location)
-                target = resolved
-                if not exists(target, snap):
-                    return _plain(404, "Not Found", "No such page or file.")
-                ctype = HTML if target.is_page else TEXT
-                path_or_body = site.cache.get_or_build(
-                    version, target.relpath, lambda: build(session, target, snap).encode()
-                )
+            version, vt = site.meta()
+            snap = site.snapshot(version, vt)
+            if isinstance(resolved, Redirect):
+                assert resolved.cat is not None
+                if resolved.needs_package not in snap.categories[resolved.cat.prefix].years:
+                    return _plain(404, "Not Found", "No such package.")
+                return _redirect(resolved.location)
+            target = resolved
+            if not exists(target, snap):
+                return _plain(404, "Not Found", "No such page or file.")
+            ctype = HTML if target.is_page else TEXT
+            path_or_body = site.cache.get_or_build(
+                version, target.relpath, lambda: site.build(target, snap)
+            )
         except SQLAlchemyError:
             app.logger.warning("database unavailable", exc_info=True)
             return _plain(503, "Service Unavailable", "The statistics database is unavailable.")

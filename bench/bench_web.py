@@ -1,0 +1,422 @@
+"""make bench-web: gunicorn (the shipped config, 4 workers, real PostgreSQL) vs nginx serving
+the same bytes as static files, on loopback, driven by wrk. Prints req/s, p99 and ours/nginx.
+
+Not a test: no assertion fails the run; the targets are printed next to the figures.
+Everything it starts (PostgreSQL, gunicorn, nginx) lives in a temp dir and is stopped at exit.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import os
+import random
+import re
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+VENV_BIN = Path(sys.executable).parent
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_until(pred, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not pred():
+        if time.monotonic() > deadline:
+            raise SystemExit(f"bench-web: timed out waiting for {what}")
+        time.sleep(0.1)
+
+
+def port_open(port: int) -> bool:
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=0.2):
+            return True
+    except OSError:
+        return False
+
+
+# --- PostgreSQL ---------------------------------------------------------------------------
+def start_postgres(tmp: Path) -> tuple[subprocess.Popen, str]:
+    bindir = sorted(
+        Path("/usr/lib/postgresql").glob("*/bin/initdb"), key=lambda p: int(p.parent.parent.name)
+    )[-1].parent
+    data, port = tmp / "pg", free_port()
+    run_as: list[str] = []
+    if os.geteuid() == 0:
+        shutil.chown(tmp, "postgres")
+        run_as = ["runuser", "-u", "postgres", "--"]
+    subprocess.run(
+        [
+            *run_as,
+            str(bindir / "initdb"),
+            "-D",
+            str(data),
+            "-U",
+            "webstats",
+            "--auth=trust",
+            "-E",
+            "UTF8",
+            "--locale=C.UTF-8",
+        ],
+        check=True,
+        stdout=subprocess.DEVNULL,
+    )
+    proc = subprocess.Popen(
+        [
+            *run_as,
+            str(bindir / "postgres"),
+            "-D",
+            str(data),
+            "-p",
+            str(port),
+            "-k",
+            str(tmp),
+            "-c",
+            "listen_addresses=127.0.0.1",
+            "-c",
+            "fsync=off",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    wait_until(lambda: port_open(port), 60, "PostgreSQL")
+    time.sleep(0.5)  # the port opens slightly before the server accepts logins
+    base = f"postgresql+psycopg2://webstats@127.0.0.1:{port}"
+    import sqlalchemy as sa
+
+    eng = sa.create_engine(f"{base}/postgres", isolation_level="AUTOCOMMIT")
+    for _ in range(50):
+        try:
+            with eng.connect() as c:
+                c.execute(sa.text('CREATE DATABASE "webstats"'))
+            break
+        except sa.exc.OperationalError:
+            time.sleep(0.2)
+    eng.dispose()
+    return proc, f"{base}/webstats"
+
+
+# --- data ---------------------------------------------------------------------------------
+def package_names(n: int, rng: random.Random) -> list[str]:
+    syll = ["ge", "no", "me", "bio", "seq", "ar", "ray", "lim", "ma", "af", "fy", "cn", "tre"]
+    names: set[str] = set()
+    while len(names) < n:
+        s = "".join(rng.choice(syll) for _ in range(rng.randint(2, 4)))
+        r = rng.random()
+        if r < 0.3:
+            s = s.capitalize()
+        elif r < 0.4:
+            s = s.upper()
+        elif r < 0.5:
+            s += "." + rng.choice(["db", "mops", "data"])
+        names.add(s + (str(rng.randint(1, 9)) if rng.random() < 0.2 else ""))
+    return sorted(names)
+
+
+def load_data(url: str, n_packages: int, first_year: int, last_year: int) -> int:
+    """Stats rows for ``n_packages`` software packages over the years (COPY); returns rows."""
+    import sqlalchemy as sa
+
+    from bioc_webstats import db
+
+    db.upgrade(url)
+    rng = random.Random(42)
+    names = package_names(n_packages, rng)
+    pkg_buf, cat_buf = io.StringIO(), io.StringIO()
+    rows = 0
+    cat_tot: dict[tuple[int, int], list[int]] = {}
+    for name in names:
+        start = first_year  # every package over every year: the contract's half a million lines
+        pkg_buf_rows = []
+        for year in range(start, last_year + 1):
+            year_ips = year_dl = 0
+            months = 12 if year < last_year else 6
+            for month in range(1, months + 1):
+                ips = rng.randint(1, 3000)
+                dl = ips + rng.randint(0, 5000)
+                year_ips = max(year_ips, ips) + ips // 3
+                year_dl += dl
+                pkg_buf_rows.append(f"bioc\t{name}\t{year}\t{month}\t{ips}\t{dl}\n")
+                t = cat_tot.setdefault((year, month), [0, 0])
+                t[0] += ips
+                t[1] += dl
+            pkg_buf_rows.append(f"bioc\t{name}\t{year}\t0\t{year_ips}\t{year_dl}\n")
+            t = cat_tot.setdefault((year, 0), [0, 0])
+            t[0] += year_ips
+            t[1] += year_dl
+        pkg_buf.writelines(pkg_buf_rows)
+        rows += len(pkg_buf_rows)
+    for (year, month), (ips, dl) in cat_tot.items():
+        cat_buf.write(f"bioc\t{year}\t{month}\t{ips}\t{dl}\n")
+    engine = db.get_engine(url)
+    raw = engine.raw_connection()
+    try:
+        cur = raw.cursor()
+        pkg_buf.seek(0)
+        cur.copy_expert(
+            "COPY package_stats (category, package, year, month, ips, downloads) FROM STDIN",
+            pkg_buf,
+        )
+        cat_buf.seek(0)
+        cur.copy_expert(
+            "COPY category_stats (category, year, month, ips, downloads) FROM STDIN", cat_buf
+        )
+        raw.commit()
+    finally:
+        raw.close()
+    with engine.begin() as conn:
+        conn.execute(
+            sa.text(
+                "INSERT INTO packages (package, category, first_release, last_release) "
+                "VALUES (:p, 'bioc', '3.0', NULL)"
+            ),
+            [{"p": n} for n in names],
+        )
+        conn.execute(
+            sa.text(
+                "INSERT INTO meta (key, value) VALUES ('valid_thru', :v), ('data_version', '1')"
+            ),
+            {"v": f"{last_year}-06-14"},
+        )
+    return rows
+
+
+# --- servers ------------------------------------------------------------------------------
+def start_gunicorn(url: str, tmp: Path, port: int) -> subprocess.Popen:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("WEBSTATS_", "AWS_"))}
+    (tmp / "none.env").write_text("")
+    env.update(
+        WEBSTATS_ENV_FILE=str(tmp / "none.env"),
+        WEBSTATS_STATE_DIR=str(tmp / "state"),
+        WEBSTATS_DATABASE_URL=url,
+        WEBSTATS_GUNICORN_BIND_PORT=f"127.0.0.1:{port}",
+        WEBSTATS_GUNICORN_ACCESS_LOG=str(tmp / "access.log"),
+        WEBSTATS_GUNICORN_ERROR_LOG=str(tmp / "error.log"),
+        WEBSTATS_GUNICORN_WORKERS="4",
+        WEBSTATS_FLASK_LOG_LEVEL="WARNING",
+    )
+    proc = subprocess.Popen(
+        [
+            str(VENV_BIN / "gunicorn"),
+            "-c",
+            "python:bioc_webstats.gunicorn_conf",
+            "bioc_webstats:create_app()",
+        ],
+        env=env,
+        cwd=tmp,
+    )
+    wait_until(lambda: port_open(port), 60, "gunicorn")
+    return proc
+
+
+def start_nginx(tmp: Path, root: Path, port: int) -> subprocess.Popen:
+    conf = tmp / "nginx.conf"
+    user = "user root;\n" if os.geteuid() == 0 else ""
+    conf.write_text(
+        f"""{user}worker_processes 4;
+daemon off;
+pid {tmp}/nginx.pid;
+error_log {tmp}/nginx-error.log warn;
+events {{ worker_connections 1024; }}
+http {{
+    types {{ text/html html; text/plain tab txt; text/css css; }}
+    default_type text/plain;
+    charset utf-8;
+    sendfile on;
+    tcp_nopush on;
+    keepalive_timeout 5;
+    access_log {tmp}/nginx-access.log;
+    client_body_temp_path {tmp}/nginx-body;
+    proxy_temp_path {tmp}/nginx-proxy;
+    fastcgi_temp_path {tmp}/nginx-fastcgi;
+    uwsgi_temp_path {tmp}/nginx-uwsgi;
+    scgi_temp_path {tmp}/nginx-scgi;
+    server {{
+        listen 127.0.0.1:{port};
+        root {root};
+        location / {{ add_header Cache-Control "public, max-age=3600"; }}
+    }}
+}}
+"""
+    )
+    proc = subprocess.Popen(["nginx", "-c", str(conf), "-p", str(tmp)])
+    wait_until(lambda: port_open(port), 30, "nginx")
+    return proc
+
+
+def stop(proc: subprocess.Popen | None) -> None:
+    if proc is not None and proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+
+
+# --- measuring ----------------------------------------------------------------------------
+def fetch(url: str, headers: dict | None = None) -> tuple[int, dict, bytes]:
+    req = urllib.request.Request(url, headers=headers or {})
+    try:
+        with urllib.request.urlopen(req, timeout=300) as r:
+            return r.status, dict(r.headers), r.read()
+    except urllib.error.HTTPError as e:
+        return e.code, dict(e.headers), b""
+
+
+def to_ms(value: str) -> float:
+    m = re.match(r"([\d.]+)(us|ms|s)", value)
+    assert m, value
+    n = float(m.group(1))
+    return {"us": n / 1000, "ms": n, "s": n * 1000}[m.group(2)]
+
+
+def run_wrk(url: str, seconds: int, conns: int, headers: dict | None = None) -> tuple[float, float]:
+    """(requests/s, p99 ms) of one wrk run."""
+    cmd = ["wrk", "-t2", f"-c{conns}", f"-d{seconds}s", "--latency", "--timeout", "30s"]
+    for k, v in (headers or {}).items():
+        cmd += ["-H", f"{k}: {v}"]
+    out = subprocess.run(
+        [*cmd, url], capture_output=True, text=True, timeout=seconds + 60, check=True
+    ).stdout
+    rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))
+    p99 = to_ms(re.search(r"\s99%\s+(\S+)", out).group(1))
+    non2xx = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
+    if non2xx:
+        print(f"  warning: {non2xx.group(1)} non-2xx/3xx answers from {url}")
+    return rps, p99
+
+
+def worker_rss_mb(master: int) -> list[float]:
+    out = []
+    for status in Path("/proc").glob("[0-9]*/status"):
+        try:
+            text = status.read_text()
+        except OSError:
+            continue
+        ppid = int(re.search(r"PPid:\s+(\d+)", text).group(1))
+        if ppid == master:
+            rss = re.search(r"VmRSS:\s+(\d+) kB", text)
+            if rss:
+                out.append(int(rss.group(1)) / 1024)
+    return sorted(out)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--packages", type=int, default=2300)
+    ap.add_argument("--seconds", type=int, default=8)
+    ap.add_argument("--connections", type=int, default=16)
+    args = ap.parse_args()
+    for tool in ("wrk", "nginx"):
+        if shutil.which(tool) is None:
+            print(f"bench-web: {tool} not found (make deps installs wrk and nginx-light)")
+            return 1
+    tmp = Path(tempfile.mkdtemp(prefix="bench-web-"))
+    tmp.chmod(0o755)  # the postgres and nginx users traverse it
+    pg = gun = ngx = None
+    try:
+        pgdir = tmp / "pgroot"
+        pgdir.mkdir()
+        pg, url = start_postgres(pgdir)
+        t0 = time.monotonic()
+        rows = load_data(url, args.packages, 2010, 2025)
+        print(
+            f"data: {args.packages} software packages, {rows} package_stats rows, 16 years "
+            f"({time.monotonic() - t0:.1f}s to load)"
+        )
+        gport, nport = free_port(), free_port()
+        gun = start_gunicorn(url, tmp, gport)
+        gbase = f"http://127.0.0.1:{gport}"
+        wait_until(lambda: fetch(gbase + "/healthz")[0] == 200, 60, "healthz")
+        paths = {
+            "heavy file (bioc_pkg_stats.tab)": "/packages/stats/bioc/bioc_pkg_stats.tab",
+            "package page": None,
+            "software index page": "/packages/stats/index.html",
+        }
+        status, _, names = fetch(gbase + "/packages/stats/bioc/bioc_packages.txt")
+        pkg = names.decode().splitlines()[len(names.decode().splitlines()) // 2]
+        paths["package page"] = f"/packages/stats/bioc/{pkg}/index.html"
+        root = tmp / "www"
+        for label, path in paths.items():
+            t1 = time.monotonic()
+            status, _, body = fetch(gbase + path)
+            took = time.monotonic() - t1
+            assert status == 200, (path, status)
+            print(f"first request (builds the cache) {label}: {len(body)} bytes, {took:.2f}s")
+            out = root / path.lstrip("/")
+            out.parent.mkdir(parents=True, exist_ok=True)
+            out.write_bytes(body)
+        for d in [root, *root.rglob("*")]:
+            d.chmod(0o755 if d.is_dir() else 0o644)
+        tmp.chmod(0o755)
+        ngx = start_nginx(tmp, root, nport)
+        nbase = f"http://127.0.0.1:{nport}"
+        for path in paths.values():
+            assert fetch(nbase + path)[2] == fetch(gbase + path)[2], path
+
+        heavy = paths["heavy file (bioc_pkg_stats.tab)"]
+        results = []
+        for label, path in paths.items():
+            ours = run_wrk(gbase + path, args.seconds, args.connections)
+            theirs = run_wrk(nbase + path, args.seconds, args.connections)
+            results.append((label, ours, theirs))
+        g_etag = fetch(gbase + heavy)[1]["ETag"]
+        n_etag = fetch(nbase + heavy)[1]["ETag"]
+        assert fetch(gbase + heavy, {"If-None-Match": g_etag})[0] == 304
+        ours = run_wrk(gbase + heavy, args.seconds, args.connections, {"If-None-Match": g_etag})
+        theirs = run_wrk(nbase + heavy, args.seconds, args.connections, {"If-None-Match": n_etag})
+        results.append(("304 revalidation (heavy file)", ours, theirs))
+        rss = worker_rss_mb(gun.pid)
+
+        print()
+        print(
+            f"wrk: {args.connections} connections, 2 threads, {args.seconds}s per run, loopback;"
+            f" {os.cpu_count()} CPUs shared by client and servers"
+        )
+        print(
+            f"{'':34} {'ours req/s':>11} {'nginx req/s':>12} {'ratio':>6}   "
+            f"{'ours p99':>9} {'nginx p99':>10} {'ratio':>6}"
+        )
+        for label, (orps, op99), (nrps, np99) in results:
+            print(
+                f"{label:34} {orps:11.0f} {nrps:12.0f} {orps / nrps:6.2f}   "
+                f"{op99:8.1f}ms {np99:9.1f}ms {op99 / max(np99, 0.001):6.2f}"
+            )
+        print(f"gunicorn worker RSS (MB): {', '.join(f'{r:.0f}' for r in rss)}")
+        print()
+        print(
+            "targets: throughput >= 0.5x nginx on the heavy file and on 304s; "
+            "p99 <= 2x nginx; worker RSS <= 150 MB"
+        )
+        heavy_r = results[0][1][0] / results[0][2][0]
+        r304 = results[3][1][0] / results[3][2][0]
+        print(
+            f"  heavy file throughput ratio {heavy_r:.2f}: {'met' if heavy_r >= 0.5 else 'NOT met'}"
+        )
+        print(f"  304 throughput ratio {r304:.2f}: {'met' if r304 >= 0.5 else 'NOT met'}")
+        for label, (_, op99), (_, np99) in results:
+            ok = op99 <= 2 * np99
+            print(f"  p99 {label}: {op99 / max(np99, 0.001):.2f}x {'met' if ok else 'NOT met'}")
+        print(f"  max worker RSS {max(rss):.0f} MB: {'met' if max(rss) <= 150 else 'NOT met'}")
+        return 0
+    finally:
+        stop(ngx)
+        stop(gun)
+        stop(pg)
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
