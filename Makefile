@@ -49,5 +49,10 @@ demo-down: ## remove the demo container
 test: deps venv lint pytest ## everything CI runs
 	@echo "make test: all green"
 
+bench-web: deps venv ## web benchmark: gunicorn (4 workers, PostgreSQL) vs nginx, same bytes, wrk
+	$(BIN)/python bench/bench_web.py
+
+bench: bench-web ## every benchmark (prints ratios against same-run baselines)
+
 clean: ## remove build products (keeps .venv)
 	rm -rf build dist src/*.egg-info
