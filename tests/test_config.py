@@ -18,7 +18,7 @@ from conftest import free_port
 PATH = "/bioc/webstats/prod"
 SECRET_KEY = "flask-Secret-4b1d9e0c7a"  # values that must never be printed
 HASH_KEY = "iphash-Secret-93aa1e6f52"
-DB_PASSWORD = "db-Pa55word-7e21c0"
+DB_PASSWORD = "db-Pa55@word/7e:21%c0"  # URL-special characters on purpose
 CLI = str(Path(sys.executable).parent / "bioc-webstats")
 
 
@@ -375,3 +375,26 @@ def test_service_endpoint_variable_and_region_from_env_file(clean_env, aws_env, 
     s = load_settings()
     assert s.aws_region == "eu-west-1"
     assert (s.get("db/server"), s.sources["db/server"]) == ("h", f"ssm {PATH}/db/server")
+
+
+@pytest.mark.parametrize(
+    "url, shown",
+    [
+        ("postgresql://u:p%40ss@h:5432/d", "postgresql://u:***@h:5432/d"),
+        (f"postgresql://u:{DB_PASSWORD}@h/d", "postgresql://u:***@h/d"),  # unescaped: malformed
+        (
+            "postgresql://u@h/d?password=pw&sslmode=require",
+            "postgresql://u@h/d?password=***&sslmode=require",
+        ),
+        ("postgresql://h/d", "postgresql://h/d"),
+        (
+            "sqlite:////var/lib/bioc-webstats/webstats.sqlite3",
+            "sqlite:////var/lib/bioc-webstats/webstats.sqlite3",
+        ),
+        ("not a url p@ss", "<unparsable URL>"),
+    ],
+)
+def test_redact_url(url, shown):
+    from bioc_webstats.config import redact_url
+
+    assert redact_url(url) == shown

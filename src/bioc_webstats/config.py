@@ -8,6 +8,7 @@ same ``WEBSTATS_…=value`` lines as the environment.
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -251,15 +252,29 @@ def _postgres_url(
     return url.render_as_string(hide_password=False)
 
 
+_URL_PASSWORD_QUERY = re.compile(r"(?i)([?&]password=)[^&]*")
+
+
+def redact_url(url: str) -> str:
+    """A database URL with its password replaced by ``***``.
+
+    Done on the text, not with a URL parser: a password typed without escaping (``p@ss/w:d``)
+    makes the URL malformed, and a parser would then show part of it as the host.
+    """
+    scheme, sep, rest = url.partition("://")
+    if not sep:
+        return "<unparsable URL>"
+    at = rest.rfind("@")  # the last one: a host never holds "@", a raw password may
+    if at >= 0:
+        user, colon, _ = rest[:at].partition(":")
+        rest = f"{user}{':***' if colon else ''}@{rest[at + 1 :]}"
+    return _URL_PASSWORD_QUERY.sub(r"\1***", f"{scheme}://{rest}")
+
+
 def render_settings(settings: Settings) -> str:
     """Text for ``config show``: one ``name = value  (source)`` line each, secrets redacted."""
-    from sqlalchemy.engine import make_url
-
     lines = []
-    try:
-        shown_url = make_url(settings.database_url).render_as_string(hide_password=True)
-    except Exception:  # noqa: BLE001 - a malformed URL is still shown, never its password
-        shown_url = "<unparsable URL>"
+    shown_url = redact_url(settings.database_url)
     lines.append(f"database_url = {shown_url}  ({settings.sources.get('database_url')})")
     lines.append(f"state_dir = {settings.state_dir}")
     lines.append(f"ssm_path = {settings.ssm_path or '-'}")
