@@ -398,3 +398,21 @@ def test_redact_url(url, shown):
     from bioc_webstats.config import redact_url
 
     assert redact_url(url) == shown
+
+
+def test_aws_settings_from_env_file_reach_boto3(clean_env, aws_env, monkeypatch):
+    put_required()
+    env_file = clean_env / "webstats.env"
+    env_file.write_text(
+        f"WEBSTATS_SSM_PATH={PATH}\nAWS_ENDPOINT_URL={aws_env}\nWEBSTATS_DB_PASSWORD=x\n"
+    )
+    monkeypatch.setenv("WEBSTATS_ENV_FILE", str(env_file))
+    monkeypatch.delenv("AWS_ENDPOINT_URL")  # only the env file says where AWS is
+    monkeypatch.delenv("AWS_EC2_METADATA_V1_DISABLED", raising=False)
+    s = load_settings()
+    assert s.get("flask/secret_key") == SECRET_KEY
+    assert os.environ["AWS_EC2_METADATA_V1_DISABLED"] == "true"  # IMDSv2 only
+    # The process environment keeps precedence over the env file.
+    monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{free_port()}")
+    with pytest.raises(ConfigError, match="EndpointConnectionError"):
+        load_settings()

@@ -144,6 +144,8 @@ def load_settings(environ: dict[str, str] | None = None) -> Settings:
 
     # Settings outside PARAMS that may come from the env file too.
     merged = {**file_vars, **env}
+    if environ is None:
+        _export_aws_settings(file_vars)
     region = merged.get("AWS_REGION") or merged.get("AWS_DEFAULT_REGION") or None
     ssm_path = merged.get("WEBSTATS_SSM_PATH") or None
     ignored: list[str] = []
@@ -193,6 +195,16 @@ def load_settings(environ: dict[str, str] | None = None) -> Settings:
         ignored=ignored,
         aws_region=region,
     )
+
+
+def _export_aws_settings(file_vars: dict[str, str]) -> None:
+    """Hand the env file's ``AWS_*`` lines (region, endpoints) to boto3, which reads only the
+    process environment; the process environment keeps precedence. The instance metadata is
+    read with IMDSv2 only (no fallback to v1) unless configured otherwise."""
+    for key, value in file_vars.items():
+        if key.startswith("AWS_"):
+            os.environ.setdefault(key, value)
+    os.environ.setdefault("AWS_EC2_METADATA_V1_DISABLED", "true")
 
 
 def required_parameters(merged_env: dict[str, str], has_db_url: bool) -> list[str]:
