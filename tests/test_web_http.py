@@ -207,6 +207,14 @@ def test_tricky_404s(loaded):
         assert b"Traceback" not in r.data
 
 
+def test_other_methods_are_short_4xx(loaded):
+    client, _ = loaded
+    for method in (client.post, client.put, client.delete):
+        r = method(P + "bioc/bioc_stats.tab", data=b"x")
+        assert r.status_code == 405 and b"Traceback" not in r.data
+    assert client.get("/nowhere").status_code == 404
+
+
 def test_case_sensitive_names_and_encoding(loaded):
     client, _ = loaded
     a = client.get(P + "bioc/trena/trena_stats.tab")

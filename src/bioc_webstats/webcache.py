@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import hashlib
+import logging
 import os
 import re
 import shutil
@@ -20,6 +21,7 @@ from pathlib import Path
 from . import __version__
 
 _DIR_RE = re.compile(r"^v(\d+)-(.+)$")
+log = logging.getLogger(__name__)
 
 
 class DiskCache:
@@ -55,7 +57,8 @@ class DiskCache:
                 with contextlib.suppress(OSError):
                     os.unlink(tmp)
                 raise
-        except OSError:
+        except OSError as exc:
+            log.warning("cache: cannot write %s (%s); serving from memory", path, exc.strerror)
             return None
         if self._pruned_for != data_version:
             self._pruned_for = data_version
@@ -76,7 +79,8 @@ class DiskCache:
         try:
             vdir.mkdir(parents=True, exist_ok=True)
             lock = open(vdir / lock_name, "a+b")
-        except OSError:
+        except OSError as exc:
+            log.warning("cache: cannot use %s (%s); serving from memory", vdir, exc.strerror)
             return build()  # no usable disk: still answer, from memory
         try:
             fcntl.flock(lock, fcntl.LOCK_EX)
