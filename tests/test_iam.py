@@ -13,7 +13,7 @@ import pytest
 IAM_DIR = Path(__file__).resolve().parent.parent / "iam"
 POLICIES = sorted(p for p in IAM_DIR.glob("*.json") if not p.name.endswith("-trust.json"))
 TRUSTS = sorted(IAM_DIR.glob("*-trust.json"))
-ROLES = ("webrunner", "etl", "operator", "admin")
+ROLES = ("webrunner", "etl", "etl-athena", "operator", "admin")
 
 SAMPLE = {
     "AccountId": "123456789012",
@@ -24,6 +24,10 @@ SAMPLE = {
     "LogPrefix": "E1TVLJONPTUXV3/",
     "DistributionId": "E1TVLJONPTUXV3",
     "AlertTopic": "bioc-webstats-alerts",
+    "AthenaWorkgroup": "bioc-webstats",
+    "GlueDatabase": "bioc_webstats",
+    "AthenaResultsBucket": "bioc-webstats-athena-results",
+    "AthenaResultsPrefix": "prod/",
 }
 A, R = SAMPLE["AccountId"], SAMPLE["Region"]
 PARAM = f"arn:aws:ssm:{R}:{A}:parameter/bioc/webstats/prod"
@@ -42,6 +46,14 @@ ALLOWED_RESOURCES: dict[str, tuple[str, ...]] = {
     "s3": (
         r"^arn:aws:s3:::bioc-cloudfront-logs$",
         r"^arn:aws:s3:::bioc-cloudfront-logs/E1TVLJONPTUXV3/\*$",
+        r"^arn:aws:s3:::bioc-webstats-athena-results$",
+        r"^arn:aws:s3:::bioc-webstats-athena-results/prod/\*$",
+    ),
+    "athena": (rf"^arn:aws:athena:{R}:{A}:workgroup/bioc-webstats$",),
+    "glue": (
+        rf"^arn:aws:glue:{R}:{A}:catalog$",
+        rf"^arn:aws:glue:{R}:{A}:database/bioc_webstats$",
+        rf"^arn:aws:glue:{R}:{A}:table/bioc_webstats/\*$",
     ),
     "cloudfront": (rf"^arn:aws:cloudfront::{A}:distribution/E1TVLJONPTUXV3$",),
     "sns": (rf"^arn:aws:sns:{R}:{A}:bioc-webstats-alerts$",),
@@ -59,6 +71,12 @@ CODE_NEEDS = {
         "ssm:GetParametersByPath": f"{PARAM}/flask/secret_key",
         "secretsmanager:GetSecretValue": SECRET.replace("??????", "AbCdEf"),
         "sns:Publish": f"arn:aws:sns:{R}:{A}:bioc-webstats-alerts",
+    },
+    "etl-athena": {
+        "athena:StartQueryExecution": f"arn:aws:athena:{R}:{A}:workgroup/bioc-webstats",
+        "athena:GetQueryResults": f"arn:aws:athena:{R}:{A}:workgroup/bioc-webstats",
+        "glue:GetTable": f"arn:aws:glue:{R}:{A}:table/bioc_webstats/cloudfront_logs",
+        "s3:PutObject": "arn:aws:s3:::bioc-webstats-athena-results/prod/q1.csv",
     },
     "etl": {
         "ssm:GetParametersByPath": f"{PARAM}/etl/ip_hash_key",
@@ -156,8 +174,13 @@ def test_policy_grammar_and_least_privilege(path):
                     {"kms:EncryptionContext:PARAMETER_ARN": f"{PARAM}/*"},
                     {"kms:EncryptionContext:SecretARN": SECRET},
                 )
-        if "s3:ListBucket" in actions:
-            assert st["Condition"]["StringLike"]["s3:prefix"] == ["E1TVLJONPTUXV3/*"]
+        if "s3:ListBucket" in actions:  # listing limited to the objects the role may read
+            prefixes = {
+                "arn:aws:s3:::bioc-cloudfront-logs": ["E1TVLJONPTUXV3/*"],
+                "arn:aws:s3:::bioc-webstats-athena-results": ["prod/*"],
+            }
+            [bucket] = resources
+            assert st["Condition"]["StringLike"]["s3:prefix"] == prefixes[bucket]
 
 
 def test_every_placeholder_documented_is_used():
@@ -179,6 +202,8 @@ def test_roles_grant_what_the_code_calls(role):
     assert not allows(doc, "s3:GetObject", "arn:aws:s3:::bioc-cloudfront-logs/other/x.gz")
     assert not allows(doc, "s3:PutObject", "arn:aws:s3:::bioc-cloudfront-logs/E1TVLJONPTUXV3/x")
     assert not allows(doc, "ssm:PutParameter", f"{PARAM}/db/server")
+    assert not allows(doc, "glue:DeleteTable", f"arn:aws:glue:{R}:{A}:table/bioc_webstats/x")
+    assert not allows(doc, "s3:PutObject", "arn:aws:s3:::bioc-webstats-athena-results/dev/x")
 
 
 def test_etl_is_webrunner_plus_its_own():
@@ -240,14 +265,17 @@ def test_moto_iam_accepts_every_rendered_document(aws_env):
             PolicyName=f"{path.stem}-prod", PolicyDocument=json.dumps(render(path))
         )
         arn = created["Policy"]["Arn"]
-        if path.stem.endswith("-etl"):
+        if path.stem.endswith(("-etl", "-etl-athena")):  # the instance role
             iam.attach_role_policy(RoleName="bioc-webstats-prod", PolicyArn=arn)
         else:
             group = f"{path.stem}-prod"
             iam.create_group(GroupName=group)
             iam.attach_group_policy(GroupName=group, PolicyArn=arn)
     attached = iam.list_attached_role_policies(RoleName="bioc-webstats-prod")
-    assert [p["PolicyName"] for p in attached["AttachedPolicies"]] == ["bioc-webstats-etl-prod"]
+    assert sorted(p["PolicyName"] for p in attached["AttachedPolicies"]) == [
+        "bioc-webstats-etl-athena-prod",
+        "bioc-webstats-etl-prod",
+    ]
     profile = iam.create_instance_profile(InstanceProfileName="bioc-webstats-prod")
     iam.add_role_to_instance_profile(
         InstanceProfileName="bioc-webstats-prod", RoleName="bioc-webstats-prod"
