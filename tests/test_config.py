@@ -416,3 +416,13 @@ def test_aws_settings_from_env_file_reach_boto3(clean_env, aws_env, monkeypatch)
     monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{free_port()}")
     with pytest.raises(ConfigError, match="EndpointConnectionError"):
         load_settings()
+
+
+def test_verbose_never_logs_secret_values(clean_env, aws_env, monkeypatch):
+    put_required()
+    make_db_secret()
+    monkeypatch.setenv("WEBSTATS_SSM_PATH", PATH)
+    res = run_cli("--verbose", "config", "show")
+    assert res.returncode == 0, res.stderr
+    for secret in (SECRET_KEY, HASH_KEY, DB_PASSWORD):
+        assert secret not in res.stdout + res.stderr

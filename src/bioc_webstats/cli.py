@@ -50,8 +50,10 @@ def cli(ctx: click.Context, verbose: bool) -> None:
     )
     if not verbose:  # alembic narrates every step at INFO; SysOps want the outcome only
         logging.getLogger("alembic").setLevel(logging.WARNING)
-        for name in ("botocore", "boto3"):  # credential/endpoint discovery is not news
-            logging.getLogger(name).setLevel(logging.WARNING)
+    # boto3's DEBUG log holds response bodies (decrypted parameters, the DB secret): never
+    # below INFO, even with --verbose; without it, credential discovery is not news either.
+    for name in ("botocore", "boto3", "urllib3", "s3transfer"):
+        logging.getLogger(name).setLevel(logging.INFO if verbose else logging.WARNING)
     ctx.obj = Context(verbose)
 
 
