@@ -188,3 +188,19 @@ def test_invalidate_unknown_distribution_is_one_line(clean_env, aws_env, monkeyp
         "CloudFront invalidation of distribution ENOSUCHDIST failed: NoSuchDistribution"
     )
     assert "\n" not in str(exc.value)
+
+
+def test_boto_debug_logging_is_capped(clean_env, aws_env, caplog):
+    """Even under a DEBUG root logger (gunicorn --log-level debug), no response body is logged."""
+    import logging
+
+    from bioc_webstats.aws import load_ssm_parameters
+
+    boto3.client("ssm").put_parameter(
+        Name="/bioc/webstats/t/flask/secret_key", Value="capped-Secret-77", Type="SecureString"
+    )
+    logging.getLogger("botocore").setLevel(logging.NOTSET)
+    with caplog.at_level(logging.DEBUG):
+        assert load_ssm_parameters("/bioc/webstats/t") == {"flask/secret_key": "capped-Secret-77"}
+    assert "capped-Secret-77" not in caplog.text
+    assert logging.getLogger("botocore").level == logging.INFO

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import logging
 import os
 import re
 import socket
@@ -39,6 +40,12 @@ def client(service: str, region: str | None = None) -> Any:
     import boto3
     from botocore.config import Config
 
+    # botocore's DEBUG log holds response bodies (decrypted parameters, secrets): whoever
+    # configures logging (CLI, gunicorn), these loggers never go below INFO.
+    for name in ("botocore", "boto3", "urllib3"):
+        logger = logging.getLogger(name)
+        if logger.level < logging.INFO:
+            logger.setLevel(logging.INFO)
     config = Config(
         connect_timeout=CONNECT_TIMEOUT,
         read_timeout=READ_TIMEOUT,
