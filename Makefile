@@ -52,7 +52,10 @@ test: deps venv lint pytest ## everything CI runs
 bench-web: deps venv ## web benchmark: gunicorn (4 workers, PostgreSQL) vs nginx, same bytes, wrk
 	$(BIN)/python bench/bench_web.py
 
-bench: bench-web ## every benchmark (prints ratios against same-run baselines)
+bench-etl: deps venv ## ETL benchmark: 3M log lines into PostgreSQL vs zcat; month/year recompute
+	$(BIN)/python bench/bench_etl.py
+
+bench: bench-web bench-etl ## every benchmark (prints ratios against same-run baselines)
 
 clean: ## remove build products (keeps .venv)
 	rm -rf build dist src/*.egg-info

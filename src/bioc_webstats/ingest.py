@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import delete, func, insert, select
+from sqlalchemy import delete, func, insert, select, text
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
@@ -253,15 +253,24 @@ def _ledger_values(parsed: Parsed) -> dict[str, Any]:
     }
 
 
-def store_new(session: Session, parsed: Parsed) -> None:
-    """Ledger row + records + queued months of a new object (caller commits)."""
+def store_new(
+    session: Session, parsed: Parsed, queued: set[tuple[str, str, int, int]] | None = None
+) -> None:
+    """Ledger row + records + queued months of a new object (caller commits). ``queued``:
+    keys already committed to the queue by this run (not written again)."""
+    if session.get_bind().dialect.name == "postgresql":
+        # Losing the last commits in a server crash only means re-reading those objects
+        # (ledger and records go together); not waiting for the WAL flush is safe here.
+        session.execute(text("SET LOCAL synchronous_commit = off"))
     row = IngestedObject(key=parsed.obj.key, **_ledger_values(parsed))
     session.add(row)
     session.flush()
     pause_point("ledger_inserted")
     _insert_records(session, row.id, parsed)
     pause_point("records_inserted")
-    stats.queue(session, parsed.touched)
+    # Keys queued by an earlier object of this run are committed and stay queued until the
+    # recompute at the end of the run: only new ones need writing.
+    stats.queue(session, parsed.touched - queued if queued else parsed.touched)
     pause_point("object_queued")
 
 
@@ -276,7 +285,9 @@ def _months_of_object(session: Session, object_id: int) -> set[tuple[str, str, i
     return out
 
 
-def store_replacement(session: Session, parsed: Parsed) -> None:
+def store_replacement(
+    session: Session, parsed: Parsed, queued: set[tuple[str, str, int, int]] | None = None
+) -> None:
     """Replace the records of an already ingested object (caller commits)."""
     row = session.scalar(select(IngestedObject).where(IngestedObject.key == parsed.obj.key))
     if row is None:
@@ -390,12 +401,13 @@ def _ingest_objects(
     url: str,
     objects: list[logs.LogObject],
     summary: RunSummary,
-    store: Callable[[Session, Parsed], None],
+    store: Callable[[Session, Parsed, set[tuple[str, str, int, int]]], None],
 ) -> None:
     sf = db.session_factory(settings.database_url)
     copy = sf.kw["bind"].dialect.name == "postgresql"
     key = ip_hash_key(settings, url)
     progress = Progress(len(objects), sum(o.size for o in objects))
+    queued: set[tuple[str, str, int, int]] = set()
     for parsed in parse_all(url, key, objects, copy, _workers(settings)):
         k = parsed.obj.key
         pause_point("object_parsed")
@@ -406,7 +418,7 @@ def _ingest_objects(
         else:
             try:
                 with sf.begin() as session:
-                    store(session, parsed)
+                    store(session, parsed, queued)
             except IntegrityError:  # another run stored it meanwhile
                 log.warning("%s: already in the ledger, skipped", k)
             except WebstatsError as exc:
@@ -415,6 +427,7 @@ def _ingest_objects(
                 log.error("%s", exc)
             else:
                 pause_point("object_committed")
+                queued |= parsed.touched
                 summary.objects += 1
                 summary.lines += parsed.lines_read
                 summary.accepted += parsed.accepted

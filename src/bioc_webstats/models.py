@@ -87,7 +87,7 @@ class DownloadRecord(Base):
 
     __table_args__ = (
         Index(None, "object_id"),
-        Index(None, "category", "package", "day"),
+        Index(None, "package", postgresql_using="hash"),  # revision 0002
         Index(None, "day"),
     )
 

@@ -1,4 +1,4 @@
-"""stats_pending: months whose statistics must be recomputed (written with the records)
+"""stats_pending queue; a cheaper package index on download_records
 
 Revision ID: 0002
 Revises: 0001
@@ -27,7 +27,25 @@ def upgrade() -> None:
             "category", "package", "year", "month", name=op.f("pk_stats_pending")
         ),
     )
+    # (category, package, day) was a wide B-tree fed in random order by every load: it
+    # dominated the cost of storing records. Lookups by package (packages-table changes)
+    # only need equality: a hash index on PostgreSQL (a plain one on SQLite).
+    with op.batch_alter_table("download_records", schema=None) as batch_op:
+        batch_op.drop_index(batch_op.f("ix_download_records_category_package_day"))
+        batch_op.create_index(
+            batch_op.f("ix_download_records_package"),
+            ["package"],
+            unique=False,
+            postgresql_using="hash",
+        )
 
 
 def downgrade() -> None:
+    with op.batch_alter_table("download_records", schema=None) as batch_op:
+        batch_op.drop_index(batch_op.f("ix_download_records_package"))
+        batch_op.create_index(
+            batch_op.f("ix_download_records_category_package_day"),
+            ["category", "package", "day"],
+            unique=False,
+        )
     op.drop_table("stats_pending")

@@ -1,0 +1,233 @@
+"""ETL benchmark (not a test): ``make bench-etl``.
+
+1. Generate a realistic day of CloudFront logs (default 3,000,000 lines in 24 hourly files;
+   kept in ``--data`` between runs).
+2. Time ``zcat`` of those files to /dev/null — the baseline of the same run.
+3. Time ``bioc-webstats etl run`` of the same files into a throw-away PostgreSQL cluster;
+   peak RSS from ``/usr/bin/time -v``; the same for a quarter of the files (memory must not
+   grow with the input).
+4. Fill one year with 3,000,000 downloads a month and time the recompute of one month, of
+   the year, and of what a daily run does for a month (the month and its year).
+
+Targets: ETL <= 1.5 x zcat, peak RSS <= 200 MB and flat, month recompute <= 30 s.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+sys.path.insert(0, str(ROOT / "tests"))
+
+import loggen  # noqa: E402
+
+BIN = Path(sys.executable).parent
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Cluster:
+    """A throw-away PostgreSQL cluster on loopback (like tests/conftest.py's)."""
+
+    def __init__(self) -> None:
+        pg = sorted(Path("/usr/lib/postgresql").glob("*/bin/initdb"))
+        if not pg:
+            sys.exit("PostgreSQL server binaries not found: run 'make deps'")
+        self.bindir = pg[-1].parent
+        self.tmp = Path(tempfile.mkdtemp(prefix="webstats-bench-pg-"))
+        self.port = free_port()
+        self.run_as = []
+        if os.geteuid() == 0:
+            shutil.chown(self.tmp, "postgres")
+            self.run_as = ["runuser", "-u", "postgres", "--"]
+        subprocess.run(
+            [*self.run_as, str(self.bindir / "initdb"), "-D", str(self.tmp / "data"), "-U",
+             "webstats", "--auth=trust", "-E", "UTF8", "--locale=C.UTF-8"],
+            check=True, stdout=subprocess.DEVNULL,
+        )  # fmt: skip
+        self.proc = subprocess.Popen(
+            [*self.run_as, str(self.bindir / "postgres"), "-D", str(self.tmp / "data"),
+             "-p", str(self.port), "-k", str(self.tmp), "-c", "listen_addresses=127.0.0.1",
+             "-c", "shared_buffers=512MB", "-c", "work_mem=256MB",
+             "-c", "maintenance_work_mem=512MB", "-c", "max_wal_size=4GB"],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )  # fmt: skip
+        deadline = time.monotonic() + 60
+        while subprocess.run(
+            [str(self.bindir / "pg_isready"), "-h", "127.0.0.1", "-p", str(self.port)],
+            capture_output=True,
+        ).returncode:
+            if time.monotonic() > deadline:
+                sys.exit("PostgreSQL did not start")
+            time.sleep(0.2)
+        self.n = 0
+
+    def new_db(self) -> str:
+        import sqlalchemy as sa
+
+        self.n += 1
+        base = f"postgresql+psycopg2://webstats@127.0.0.1:{self.port}"
+        engine = sa.create_engine(f"{base}/postgres", isolation_level="AUTOCOMMIT")
+        with engine.connect() as conn:
+            conn.execute(sa.text(f'CREATE DATABASE "bench{self.n}"'))
+        engine.dispose()
+        return f"{base}/bench{self.n}"
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        self.proc.wait(60)
+        shutil.rmtree(self.tmp, ignore_errors=True)
+
+
+def env_for(url: str, state: Path) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("WEBSTATS_", "AWS_"))}
+    env.update(
+        WEBSTATS_DATABASE_URL=url,
+        WEBSTATS_STATE_DIR=str(state),
+        WEBSTATS_ENV_FILE="/dev/null",
+        WEBSTATS_IP_HASH_KEY="bench-key",
+    )
+    return env
+
+
+def cli(args: list[str], env: dict[str, str]) -> None:
+    subprocess.run([str(BIN / "bioc-webstats"), *args], env=env, check=True,
+                   stdout=subprocess.DEVNULL)  # fmt: skip
+
+
+def timed_etl(url: str, source: Path, state: Path) -> tuple[float, float, str]:
+    """(seconds, peak RSS MB of the largest process, summary line) of one ``etl run``."""
+    env = env_for(url, state)
+    cli(["db", "upgrade"], env)
+    cli(["packages", "load", str(loggen.PACKAGES_SAMPLE)], env)
+    t0 = time.perf_counter()
+    done = subprocess.run(
+        ["/usr/bin/time", "-v", str(BIN / "bioc-webstats"), "etl", "run", "--source", str(source)],
+        env=env, capture_output=True, text=True, check=True,
+    )  # fmt: skip
+    elapsed = time.perf_counter() - t0
+    rss = int(re.search(r"Maximum resident set size \(kbytes\): (\d+)", done.stderr)[1]) / 1024
+    summary = next((ln for ln in done.stderr.splitlines() if "etl run:" in ln), "")
+    return elapsed, rss, summary
+
+
+def time_zcat(files: list[Path]) -> float:
+    best = float("inf")
+    for _ in range(2):
+        t0 = time.perf_counter()
+        with open(os.devnull, "wb") as null:
+            subprocess.run(["zcat", *map(str, files)], stdout=null, check=True)
+        best = min(best, time.perf_counter() - t0)
+    return best
+
+
+def recompute_bench(url: str, downloads_per_month: int) -> None:
+    """Fill 2023 with ``downloads_per_month`` a month and time the recomputes."""
+    import sqlalchemy as sa
+
+    from bioc_webstats import db, stats
+
+    db.upgrade(url)
+    engine = db.get_engine(url)
+    rows_per_month = downloads_per_month * 2 // 3  # records average 1.5 downloads
+    t0 = time.perf_counter()
+    with engine.begin() as conn:
+        conn.execute(sa.text(
+            "INSERT INTO packages (package, category, first_release) "
+            "SELECT 'pkg' || g, 'bioc', '3.0' FROM generate_series(0, 2999) g"
+        ))  # fmt: skip
+        conn.execute(sa.text(
+            "INSERT INTO ingested_objects (key, size, name_hour, lines_read, accepted, rejected,"
+            " ingested_at) VALUES ('bench', 0, '2023-01-01', 0, 0, 0, now())"
+        ))  # fmt: skip
+        # Package popularity is skewed (a few packages take most downloads), clients repeat.
+        conn.execute(sa.text(
+            "INSERT INTO download_records (object_id, category, package, day, ip_hash, downloads) "
+            "SELECT 1, 'bioc', 'pkg' || floor(3000 * power(random(), 3))::int, "
+            "date '2023-01-01' + (g % 365), "
+            "(floor(random() * 400000)::bigint * 2654435761) - 9223372036854775807, "
+            "1 + (random() < 0.5)::int "
+            "FROM generate_series(0, :n - 1) g"
+        ), {"n": rows_per_month * 12})  # fmt: skip
+    with engine.begin() as conn:
+        conn.execute(sa.text("ANALYZE"))
+    total = rows_per_month * 12
+    print(f"  filled 2023: {total:,} records (~{downloads_per_month:,} downloads a month) "
+          f"in {time.perf_counter() - t0:.0f}s")  # fmt: skip
+    sf = db.session_factory(url)
+    for label, month in (("one month (May 2023)", 5), ("the full year 2023", 0)):
+        with sf.begin() as s:
+            t0 = time.perf_counter()
+            stats._recompute_period(s, "bioc", 2023, month, None)
+            took = time.perf_counter() - t0
+        print(f"  recompute {label}: {took:.1f}s")
+    with sf.begin() as s:
+        stats.queue(s, [("bioc", f"pkg{i}", 2023, 5) for i in range(3000)])
+        t0 = time.perf_counter()
+        res = stats.apply_pending(s)
+        took = time.perf_counter() - t0
+    print(f"  daily-run recompute of a month and its year ({res.months} month, "
+          f"{res.years} year): {took:.1f}s  (target month <= 30 s)")  # fmt: skip
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--lines", type=int, default=3_000_000, help="lines in the day of logs")
+    ap.add_argument("--data", type=Path, default=ROOT / "build" / "bench-etl-data")
+    ap.add_argument("--month-downloads", type=int, default=3_000_000)
+    ap.add_argument("--skip-recompute", action="store_true")
+    args = ap.parse_args()
+
+    per_file = args.lines // 24
+    data = args.data / f"day-{args.lines}"
+    if not (data / ".complete").exists():
+        shutil.rmtree(data, ignore_errors=True)
+        t0 = time.perf_counter()
+        print(f"generating {args.lines:,} lines in 24 files under {data} ...", flush=True)
+        loggen.generate(data, days=1, lines_per_file=per_file, seed=2024, truth=False)
+        (data / ".complete").write_text("")
+        print(f"  generated in {time.perf_counter() - t0:.0f}s")
+    files = sorted(data.glob("*.gz"))
+    size = sum(f.stat().st_size for f in files)
+    print(f"input: {len(files)} files, {args.lines:,} lines, {size / 1e6:.0f} MB gzip")
+
+    zc = time_zcat(files)
+    print(f"zcat to /dev/null:      {zc:6.2f}s  {args.lines / zc:>12,.0f} lines/s")
+    cluster = Cluster()
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            et, rss, summary = timed_etl(cluster.new_db(), data, Path(tmp) / "s1")
+            print(f"etl run (PostgreSQL):   {et:6.2f}s  {args.lines / et:>12,.0f} lines/s  "
+                  f"peak RSS {rss:.0f} MB")  # fmt: skip
+            print(f"  {summary.split(': ', 1)[-1]}")
+            print(f"ratio etl/zcat: {et / zc:.2f}  (target <= 1.5)")
+            quarter = Path(tmp) / "quarter"
+            quarter.mkdir()
+            for f in files[:6]:
+                (quarter / f.name).symlink_to(f)
+            et4, rss4, _ = timed_etl(cluster.new_db(), quarter, Path(tmp) / "s2")
+            print(f"etl run of 1/4 of it:   {et4:6.2f}s  peak RSS {rss4:.0f} MB "
+                  f"(full input: {rss:.0f} MB; target <= 200 MB, flat)")  # fmt: skip
+        if not args.skip_recompute:
+            print("statistics recompute (PostgreSQL):")
+            recompute_bench(cluster.new_db(), args.month_downloads)
+    finally:
+        cluster.stop()
+
+
+if __name__ == "__main__":
+    main()
