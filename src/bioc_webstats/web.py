@@ -265,16 +265,32 @@ def http_datetime(when: dt.datetime) -> str:
     return tabfiles.http_date(when.date()).replace("00:00:00", when.strftime("%H:%M:%S"))
 
 
-def _is_not_modified(etag: str, last_modified: str | None) -> bool:
-    inm = request.headers.get("If-None-Match")
+def not_modified(inm: str | None, ims: str | None, etag: str, last_modified: str | None) -> bool:
+    """RFC 7232: If-None-Match decides when present, else If-Modified-Since."""
     if inm is not None:
         tags = [t.strip() for t in inm.split(",")]
         return "*" in tags or etag in tags or f"W/{etag}" in tags
-    ims = request.headers.get("If-Modified-Since")
     if ims and last_modified:
         since = _parse_http_date(ims)
-        return since is not None and _parse_http_date(last_modified) <= since  # type: ignore[operator]
+        modified = _parse_http_date(last_modified)
+        return since is not None and modified is not None and modified <= since
     return False
+
+
+def _is_not_modified(etag: str, last_modified: str | None) -> bool:
+    return not_modified(
+        request.headers.get("If-None-Match"),
+        request.headers.get("If-Modified-Since"),
+        etag,
+        last_modified,
+    )
+
+
+def validators(version: int, vt: dt.date | None, size: int) -> tuple[str, str | None]:
+    """(strong ETag, Last-Modified) of a generated body: the ETag follows the data version,
+    the code version and the size; Last-Modified is ValidThru + 1 day, 00:00:00 GMT."""
+    etag = f'"{version}-{__version__}-{size:x}"'
+    return etag, (tabfiles.http_date(vt + dt.timedelta(days=1)) if vt else None)
 
 
 def _parse_http_date(value: str) -> dt.datetime | None:
@@ -333,6 +349,79 @@ def _redirect(location: str) -> Response:
     resp = Response(status=301)
     resp.headers["Location"] = target
     return resp
+
+
+class CachedFilesFastPath:
+    """WSGI wrapper answering GET/HEAD of an already cached page or file (the common case:
+    200 via wsgi.file_wrapper, or 304) without Flask's request/response machinery. Anything
+    else (misses, redirects, 404s, errors) goes to the Flask app, which gives the same
+    headers; the tests run through this wrapper too."""
+
+    def __init__(self, app, site: StatsSite) -> None:
+        self.app = app
+        self.site = site
+        self.prefix = PREFIX + "/"
+
+    def __call__(self, environ, start_response):
+        served = None
+        method = environ.get("REQUEST_METHOD")
+        path = environ.get("PATH_INFO", "")
+        if method in ("GET", "HEAD") and path.startswith(self.prefix):
+            served = self._serve(environ, start_response, method, path[len(self.prefix) :])
+        if served is None:
+            return self.app(environ, start_response)
+        return served
+
+    def _serve(self, environ, start_response, method: str, raw: str):
+        try:
+            sub = raw.encode("latin-1").decode("utf-8")  # WSGI carries the bytes as latin-1
+        except UnicodeError:
+            return None
+        target = resolve(sub)
+        if not isinstance(target, Target):
+            return None
+        site = self.site
+        try:
+            version, vt = site.meta()
+            snap = site.snapshot(version, vt)
+        except SQLAlchemyError:
+            return None  # the app answers 503
+        if not exists(target, snap):
+            return None
+        path = site.cache.lookup(version, target.relpath)
+        if path is None:
+            return None
+        try:
+            f = open(path, "rb")
+        except OSError:
+            return None  # pruned meanwhile: the app rebuilds
+        size = os.fstat(f.fileno()).st_size
+        etag, last_modified = validators(version, vt, size)
+        headers = [("ETag", etag), ("Cache-Control", f"public, max-age={site.max_age}")]
+        if last_modified:
+            headers.append(("Last-Modified", last_modified))
+        inm = environ.get("HTTP_IF_NONE_MATCH")
+        ims = environ.get("HTTP_IF_MODIFIED_SINCE")
+        if not_modified(inm, ims, etag, last_modified):
+            f.close()
+            start_response("304 NOT MODIFIED", headers)
+            return []
+        ctype = HTML if target.is_page else TEXT
+        headers += [("Content-Type", ctype), ("Content-Length", str(size))]
+        start_response("200 OK", headers)
+        if method == "HEAD":
+            f.close()
+            return []
+        wrapper = environ.get("wsgi.file_wrapper")
+        if wrapper is not None:
+            return wrapper(f, 65536)
+        return _iter_file(f)
+
+
+def _iter_file(f):
+    with f:
+        while chunk := f.read(65536):
+            yield chunk
 
 
 def create_app(settings: Settings | None = None) -> Flask:
@@ -402,9 +491,10 @@ def create_app(settings: Settings | None = None) -> Flask:
             app.logger.warning("database unavailable", exc_info=True)
             return _plain(503, "Service Unavailable", "The statistics database is unavailable.")
         size = path_or_body.stat().st_size if isinstance(path_or_body, Path) else len(path_or_body)
-        etag = f'"{version}-{__version__}-{size:x}"'
-        last_modified = tabfiles.http_date(vt + dt.timedelta(days=1)) if vt else None
+        etag, last_modified = validators(version, vt, size)
         return _conditional(path_or_body, ctype, etag, last_modified, site.max_age)
+
+    app.wsgi_app = CachedFilesFastPath(app.wsgi_app, site)  # type: ignore[method-assign]
 
     @app.errorhandler(HTTPException)
     def http_error(exc: HTTPException):
