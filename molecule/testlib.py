@@ -1,4 +1,4 @@
-"""Helpers shared by the testinfra tests of every molecule scenario (molecule/<name>/tests/).
+"""Helpers for the testinfra tests of every molecule scenario (molecule/<name>/tests/).
 
 The tests run on the controller; ``host`` (testinfra, podman connection) runs commands inside the
 systemd container; HTTP goes from the controller to the container's address, as a client would.
@@ -69,22 +69,17 @@ def inventory_vars(inventory: str = "local") -> dict[str, Any]:
 
 
 def runbook_commands() -> list[str]:
-    """Every command line in the runbook's code blocks (continuations joined, prompts cut)."""
+    """Every command line of the runbook: its indented and fenced code blocks, comments cut."""
     text = RUNBOOK.read_text()
-    lines: list[str] = []
-    for block in re.findall(r"^```[a-z]*\n(.*?)^```", text, re.M | re.S):
-        pending = ""
+    blocks = re.findall(r"^```[a-z]*\n(.*?)^```", text, re.M | re.S)
+    blocks += re.findall(r"(?:^\n)((?:^    .*\n)+)", text, re.M)
+    commands: list[str] = []
+    for block in blocks:
         for raw in block.splitlines():
-            line = raw.strip()
-            if not line or line.startswith("#"):
-                continue
-            line = re.sub(r"^(\$|#)\s+", "", line)
-            if line.endswith("\\"):
-                pending += line[:-1].strip() + " "
-                continue
-            lines.append(re.sub(r"\s+#.*$", "", pending + line).strip())
-            pending = ""
-    return lines
+            line = re.sub(r"\s{2,}#.*$", "", raw.strip())  # a trailing "   # comment"
+            if line and not line.startswith("#"):
+                commands.append(line)
+    return commands
 
 
 def container_name(host) -> str:
@@ -151,16 +146,45 @@ def service(host, deploy_vars) -> Service:
     return Service(f"http://{container_address(container_name(host))}:{port}")
 
 
-@pytest.fixture(scope="module")
-def runbook() -> Callable[[str], str]:
-    """``runbook(cmd)``: assert ``cmd`` is written in docs/RUNBOOK.md exactly, return it."""
-    commands = runbook_commands()
+class Runbook:
+    """The commands of docs/RUNBOOK.md, so a test runs exactly what SysOps are told to run."""
 
-    def check(cmd: str) -> str:
-        assert cmd in commands, f"not in docs/RUNBOOK.md: {cmd!r}"
+    def __init__(self) -> None:
+        self.commands = runbook_commands()
+        # "BW" stands for the CLI of the live release as the service user (the line with --help)
+        bw = next(c for c in self.commands if c.endswith("bin/bioc-webstats --help"))
+        self.bw = bw.removesuffix(" --help")
+
+    def __call__(self, cmd: str, fill: dict[str, str] | None = None) -> str:
+        """``cmd`` after checking it is in the runbook verbatim; ``BW`` expanded, placeholders
+        (``<object-key> …``) replaced by ``fill``; ``-i inventory/production`` (a playbook
+        run from the workstation) pointed at the scenario's inventory."""
+        assert cmd in self.commands, f"not in docs/RUNBOOK.md: {cmd!r}"
+        cmd = re.sub(r"^BW\b", self.bw, cmd)
+        for placeholder, value in (fill or {}).items():
+            cmd = cmd.replace(placeholder, value)
+        if cmd.startswith("ansible-playbook "):
+            inventory = Path(os.environ["MOLECULE_INVENTORY_FILE"]).parent
+            cmd = cmd.replace("-i inventory/production", f"-i {inventory}")
         return cmd
 
-    return check
+
+@pytest.fixture(scope="module")
+def runbook() -> Runbook:
+    """``runbook(cmd)``: ``cmd`` checked against docs/RUNBOOK.md, ready to run."""
+    return Runbook()
+
+
+def run_playbook(cmd: str, timeout: int = 900) -> subprocess.CompletedProcess[str]:
+    """Run an ``ansible-playbook`` command line on the controller from the repository root,
+    with molecule's Ansible environment (its ansible.cfg, the scenario inventory)."""
+    return subprocess.run(
+        ["timeout", str(timeout), *shlex.split(cmd)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        env={**os.environ, "ANSIBLE_FORCE_COLOR": "0", "ANSIBLE_NOCOLOR": "1"},
+    )
 
 
 def run_ok(host, cmd: str, timeout: int = 300) -> str:

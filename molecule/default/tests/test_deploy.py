@@ -1,0 +1,264 @@
+"""What playbooks/deploy.yml leaves on a fresh systemd host (molecule/default).
+
+Runs after converge + idempotence. The tests run in file order: the state checks first, then
+the ETL through systemd on the sample logs (compared to the generator's truth), then the
+runbook's commands, each taken verbatim from docs/RUNBOOK.md.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import re
+import shlex
+
+import pytest
+from testlib import ephemeral_dir, repo_version, run_ok, wait_for
+
+UNITS_DIR = "/etc/systemd/system"
+WEB = "bioc-webstats.service"
+SOCKET = "bioc-webstats.socket"
+TARGET = "bioc-webstats.target"
+ETL = "bioc-webstats-etl.service"
+TIMER = "bioc-webstats-etl.timer"
+MONTHS = "Jan Feb Mar Apr May Jun Jul Aug Sep Oct Nov Dec".split()
+STEMS = {
+    "bioc": "bioc",
+    "annotation": "data-annotation",
+    "experiment": "data-experiment",
+    "workflows": "workflows",
+}
+
+
+def show(host, unit: str, *props: str) -> dict[str, str]:
+    """``systemctl show`` properties of a unit."""
+    out = run_ok(host, f"systemctl show {unit} " + " ".join(f"-p {p}" for p in props))
+    return dict(line.split("=", 1) for line in out.splitlines() if "=" in line)
+
+
+def is_active(host, unit: str) -> str:
+    return host.run(f"systemctl is-active {unit}").stdout.strip()
+
+
+def as_service_user(cmd: str, deploy_vars) -> str:
+    """A CLI command as the service account, with the units' environment file."""
+    user = deploy_vars["webstats_services_user"]
+    env_file = deploy_vars["webstats_services_env_file"]
+    app = deploy_vars["webstats_services_app_dir"]
+    return f"runuser -u {user} -- env WEBSTATS_ENV_FILE={env_file} {app}/bin/bioc-webstats {cmd}"
+
+
+# --- the state the deploy leaves ---------------------------------------------------------------
+
+
+@pytest.mark.parametrize("unit", [SOCKET, TIMER])
+def test_entry_units_enabled_and_active(host, unit):
+    svc = host.service(unit)
+    assert svc.is_enabled, f"{unit} not enabled"
+    assert svc.is_running, f"{unit} not active"
+
+
+def test_web_service_and_target_active(host):
+    assert is_active(host, WEB) == "active"
+    assert is_active(host, TARGET) == "active"
+    assert host.run(f"systemctl is-enabled {TARGET}").stdout.strip() == "enabled"
+
+
+def test_no_failed_units(host):
+    failed = run_ok(host, "systemctl list-units --failed --no-legend --plain 'bioc-webstats*'")
+    assert failed.strip() == ""
+
+
+def test_socket_listening(host, deploy_vars):
+    listen = deploy_vars["webstats_services_listen_stream"]
+    assert host.socket(f"tcp://{listen}").is_listening
+    # systemd holds the socket (gunicorn inherits it): it is the socket unit's
+    assert show(host, SOCKET, "Listen")["Listen"].startswith(f"{listen} (Stream)")
+
+
+def test_timer_next_run_at_configured_calendar(host, deploy_vars):
+    calendars = deploy_vars["webstats_services_etl_on_calendar"]
+    props = show(host, TIMER, "TimersCalendar", "NextElapseUSecRealtime", "Persistent")
+    for spec in calendars:
+        assert f"OnCalendar={spec} " in props["TimersCalendar"]
+    assert props["Persistent"] == "yes"
+    # The next run: the earliest next elapse of the configured calendars, plus at most the
+    # randomized delay.
+    nexts = []
+    for spec in calendars:
+        out = run_ok(host, f"systemd-analyze calendar {shlex.quote(spec)}")
+        utc = re.search(r"\(in UTC\): \w+ (\S+ \S+) UTC", out).group(1)
+        nexts.append(dt.datetime.fromisoformat(utc))
+    expected = min(nexts)
+    out = run_ok(host, f"systemctl show {TIMER} -p NextElapseUSecRealtime --timestamp=utc")
+    got = dt.datetime.fromisoformat(re.search(r"=\w+ (\S+ \S+) UTC", out).group(1))
+    delay = parse_seconds(deploy_vars["webstats_services_etl_randomized_delay_sec"])
+    assert expected <= got <= expected + dt.timedelta(seconds=delay), (got, expected)
+
+
+def parse_seconds(value) -> int:
+    """A systemd time span like 15min, 30s, 1h (or a number of seconds)."""
+    units = {"s": 1, "sec": 1, "min": 60, "m": 60, "h": 3600, "": 1}
+    m = re.fullmatch(r"(\d+)\s*([a-z]*)", str(value).strip())
+    return int(m.group(1)) * units[m.group(2)]
+
+
+def test_service_user_has_no_login(host, deploy_vars):
+    user = host.user(deploy_vars["webstats_services_user"])
+    assert user.exists
+    assert user.shell in ("/usr/sbin/nologin", "/sbin/nologin", "/bin/false")
+    assert user.uid < 1000  # a system account
+
+
+def test_code_root_owned_and_not_writable_by_service(host, deploy_vars):
+    root = deploy_vars["webstats_release_root"]
+    user = deploy_vars["webstats_services_user"]
+    current = host.file(f"{root}/current")
+    assert current.is_symlink
+    release = current.linked_to
+    assert release.startswith(f"{root}/releases/")
+    not_root = run_ok(host, f"find {root} \\! -user root -print -quit")
+    assert not_root == "", f"not owned by root: {not_root}"
+    writable = run_ok(host, f"runuser -u {user} -- find -L {root} -writable -print -quit")
+    assert writable == "", f"writable by {user}: {writable}"
+
+
+def test_env_file_not_world_readable(host, deploy_vars):
+    env = host.file(deploy_vars["webstats_config_env_file"])
+    assert env.exists
+    assert env.user == "root"
+    assert env.group == deploy_vars["webstats_services_group"]
+    assert env.mode & 0o007 == 0, oct(env.mode)
+    assert env.mode & 0o020 == 0, "group-writable"
+    assert host.file(env.path).contains("WEBSTATS_DATABASE_URL")
+    loose = run_ok(host, f"find {env.path.rsplit('/', 1)[0]} -perm /o=rwx -type f")
+    assert loose == "", f"world-accessible: {loose}"
+
+
+def test_units_installed_root_owned(host):
+    for unit in (WEB, SOCKET, TARGET, ETL, TIMER, "bioc-webstats-failure@.service"):
+        f = host.file(f"{UNITS_DIR}/{unit}")
+        assert f.exists, unit
+        assert (f.user, f.group) == ("root", "root")
+        assert f.mode & 0o022 == 0, f"{unit}: {oct(f.mode)}"
+
+
+def installed_services(host) -> list[str]:
+    names = run_ok(host, f"ls {UNITS_DIR}").split()
+    services = [n for n in names if n.startswith("bioc-webstats") and n.endswith(".service")]
+    # a template is analysed through an instance, as systemd runs it
+    return [n.replace("@.service", f"@{WEB}.service") for n in services]
+
+
+def test_security_exposure_of_every_unit(host):
+    services = installed_services(host)
+    assert len(services) >= 3, services
+    for unit in services:
+        out = host.run(f"systemd-analyze security --no-pager {unit}")
+        m = re.search(r"Overall exposure level for \S+: (\d+\.\d+)", out.stdout)
+        assert m, f"{unit}: {out.stdout[-500:]}{out.stderr[-500:]}"
+        assert float(m.group(1)) <= 2.5, f"{unit}: exposure {m.group(1)}"
+
+
+def test_healthz_reports_the_deployed_version(service):
+    health = wait_for(service.healthz, 60, "/healthz 200")
+    assert health["status"] == "ok"
+    assert health["version"] == repo_version()
+    assert health["database"] is True
+    assert health["schema"]
+
+
+def test_web_logs_written(host, service, deploy_vars):
+    log_dir = deploy_vars["webstats_base_log_dir"]
+    marker = "/healthz?probe=molecule-access-log"
+    assert service.get(marker).status_code == 200
+    access = host.file(f"{log_dir}/access.log")
+    wait_for(
+        lambda: access.exists and access.contains("probe=molecule-access-log"),
+        30,
+        "the request in access.log",
+    )
+    assert host.file(f"{log_dir}/error.log").exists
+    for name in ("access.log", "error.log"):
+        f = host.file(f"{log_dir}/{name}")
+        assert f.user == deploy_vars["webstats_services_user"]
+        assert f.mode & 0o007 == 0, f"{name} world-readable"
+
+
+# --- the ETL through systemd on the sample logs ------------------------------------------------
+
+
+def truth() -> dict:
+    return json.loads((ephemeral_dir() / "sample" / "truth.json").read_text())
+
+
+def test_packages_loaded_from_sample(host, deploy_vars):
+    out = run_ok(
+        host, as_service_user("packages load /srv/bioc-webstats/packages.csv", deploy_vars)
+    )
+    assert "rows read" in out
+
+
+def test_etl_through_systemd_ingests_the_logs(host, deploy_vars):
+    run_ok(host, f"systemctl start {ETL}", timeout=600)  # a oneshot: returns when done
+    props = show(host, ETL, "Result", "ExecMainStatus")
+    assert props["Result"] == "success", props
+    etl_log = host.file(f"{deploy_vars['webstats_base_log_dir']}/etl.log")
+    assert etl_log.exists
+    summary = [ln for ln in etl_log.content_string.splitlines() if "etl run:" in ln]
+    assert summary, "no run summary in etl.log"
+    t = truth()
+    assert f"{t['counted']} downloads accepted" in summary[-1], summary[-1]
+    journal = run_ok(host, f"journalctl -u {ETL} --no-pager -o cat")
+    assert "etl run:" in journal
+
+
+def tab_rows(text: str) -> list[list[str]]:
+    lines = text.split("\n")
+    assert lines[-1] == "", "no newline at the end"
+    return [ln.split("\t") for ln in lines[1:-1]]
+
+
+def test_category_files_match_truth(service):
+    t = truth()
+    by_year: dict[tuple[str, int], dict[int, tuple[int, int]]] = {}
+    for cat, year, month, ips, dls in t["category"]:
+        by_year.setdefault((cat, year), {})[month] = (ips, dls)
+    assert by_year
+    for (cat, year), months in by_year.items():
+        r = service.get(f"/packages/stats/{STEMS[cat]}/{cat}_{year}_stats.tab")
+        assert r.status_code == 200, r.url
+        rows = tab_rows(r.text)
+        assert len(rows) == 13
+        for i, row in enumerate(rows):
+            month = 0 if i == 12 else i + 1
+            ips, dls = months.get(month, (0, 0))
+            assert row == [str(year), "all" if month == 0 else MONTHS[i], str(ips), str(dls)], (
+                cat,
+                year,
+                row,
+            )
+
+
+def test_package_files_match_truth(service):
+    t = truth()
+    expected: dict[tuple[str, str, int], dict[int, tuple[int, int]]] = {}
+    for cat, pkg, year, month, ips, dls in t["package"]:
+        expected.setdefault((cat, pkg, year), {})[month] = (ips, dls)
+    assert len(expected) > 20
+    for (cat, pkg, year), months in expected.items():
+        r = service.get(f"/packages/stats/{STEMS[cat]}/{pkg}/{pkg}_{year}_stats.tab")
+        assert r.status_code == 200, r.url
+        got = {
+            (0 if row[1] == "all" else MONTHS.index(row[1]) + 1): (int(row[2]), int(row[3]))
+            for row in tab_rows(r.text)
+        }
+        want = {m: months.get(m, (0, 0)) for m in range(13)}
+        assert got == want, (cat, pkg, year)
+
+
+def test_pages_answer(service):
+    r = service.get("/packages/stats/")
+    assert r.status_code == 200
+    assert "Download stats for Bioconductor software packages" in r.text
+    assert "Data as of" in r.text

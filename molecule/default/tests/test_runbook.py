@@ -1,0 +1,219 @@
+"""Every runbook command that is safe in a test runs as written and does what docs/RUNBOOK.md says.
+
+Runs after test_deploy.py (the ETL has ingested the sample). Each command comes from the runbook
+verbatim (the ``runbook`` fixture fails a test whose command is not written there), runs in the
+container as root, and its effect is checked from outside the command.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+
+import pytest
+from testlib import ephemeral_dir, run_ok, run_playbook, wait_for
+
+WEB = "bioc-webstats.service"
+SOCKET = "bioc-webstats.socket"
+TIMER = "bioc-webstats-etl.timer"
+ETL = "bioc-webstats-etl.service"
+TARGET = "bioc-webstats.target"
+
+
+def active(host, unit: str) -> str:
+    return host.run(f"systemctl is-active {unit}").stdout.strip()
+
+
+def main_pid(host, unit: str) -> int:
+    return int(run_ok(host, f"systemctl show -p MainPID --value {unit}").strip())
+
+
+def healthy(service) -> bool:
+    health = service.healthz()
+    return bool(health and health["status"] == "ok")
+
+
+def port_refuses(service) -> bool:
+    try:
+        service.get("/healthz", timeout=2)
+    except Exception:
+        return True
+    return False
+
+
+def category_year_file(service) -> str:
+    r = service.get("/packages/stats/bioc/bioc_2024_stats.tab")
+    assert r.status_code == 200
+    return r.text
+
+
+# --- status ------------------------------------------------------------------------------------
+
+
+def test_status_commands(host, runbook):
+    run_ok(host, runbook(f"systemctl status {TARGET} {SOCKET} {WEB} {TIMER}"))
+    assert TIMER in run_ok(host, runbook(f"systemctl list-timers {TIMER}"))
+    out = host.run(runbook(f"systemctl status {ETL}"))  # inactive oneshot: rc 3, still a report
+    assert "Loaded: loaded" in out.stdout
+    failed = run_ok(host, runbook("systemctl --failed"))
+    assert "bioc-webstats" not in failed
+
+
+def test_healthz_by_curl(host, runbook):
+    out = run_ok(host, runbook("curl -fsS http://127.0.0.1:8000/healthz; echo"))
+    health = json.loads(out)
+    assert health["status"] == "ok"
+    assert health["valid_thru"]  # the ETL ran in test_deploy.py
+
+
+def test_cli_check_and_config_show(host, runbook):
+    out = run_ok(host, runbook("BW check"))
+    assert out.startswith("ok")
+    shown = run_ok(host, runbook("BW config show"))
+    env = host.file("/etc/bioc-webstats/webstats.env").content_string
+    secrets = [
+        line.split("=", 1)[1]
+        for line in env.splitlines()
+        if line.split("=", 1)[0] in ("WEBSTATS_IP_HASH_KEY", "WEBSTATS_FLASK_SECRET_KEY")
+    ]
+    password = re.search(r"WEBSTATS_DATABASE_URL=[^:]+://[^:]+:([^@]+)@", env).group(1)
+    assert secrets
+    for secret in [*secrets, password]:
+        assert secret not in shown, "config show prints a secret"
+
+
+# --- start, stop, restart ----------------------------------------------------------------------
+
+
+def test_stop_everything(host, service, runbook):
+    run_ok(host, runbook(f"systemctl stop {TARGET}"))
+    for unit in (SOCKET, WEB, TIMER):
+        assert active(host, unit) in ("inactive", "failed"), unit
+    assert active(host, WEB) == "inactive", "the web service did not stop cleanly"
+    wait_for(lambda: port_refuses(service), 30, "the port to close")
+
+
+def test_start_everything(host, service, runbook):
+    run_ok(host, runbook(f"systemctl start {TARGET}"))
+    for unit in (SOCKET, TIMER):
+        assert active(host, unit) == "active", unit
+    wait_for(lambda: healthy(service), 60, "/healthz after start")
+    assert active(host, WEB) == "active"
+
+
+def test_restart_everything(host, service, runbook):
+    before = main_pid(host, WEB)
+    run_ok(host, runbook(f"systemctl restart {TARGET}"))
+    wait_for(lambda: healthy(service), 60, "/healthz after restart")
+    assert main_pid(host, WEB) not in (0, before)
+    assert active(host, TIMER) == "active"
+
+
+def test_restart_web_service_keeps_socket(host, service, runbook):
+    socket_since = run_ok(host, f"systemctl show -p ActiveEnterTimestampMonotonic {SOCKET}")
+    before = main_pid(host, WEB)
+    run_ok(host, runbook(f"systemctl restart {WEB}"))
+    # the socket queued while gunicorn restarted: the next request is answered
+    assert healthy(service)
+    assert main_pid(host, WEB) not in (0, before)
+    assert run_ok(host, f"systemctl show -p ActiveEnterTimestampMonotonic {SOCKET}") == socket_since
+
+
+def test_reload_web_service(host, service, runbook):
+    before = main_pid(host, WEB)
+    workers = run_ok(host, f"pgrep -P {before}").split()
+    assert workers
+    run_ok(host, runbook(f"systemctl reload {WEB}"))
+    # gunicorn re-forks its workers under the same arbiter
+    wait_for(
+        lambda: set(run_ok(host, f"pgrep -P {before}").split()).isdisjoint(workers),
+        60,
+        "new workers after HUP",
+    )
+    assert main_pid(host, WEB) == before
+    assert healthy(service)
+
+
+def test_stop_serving_then_clear_and_start(host, service, runbook):
+    run_ok(host, runbook(f"systemctl stop {SOCKET} {WEB}"))
+    assert active(host, SOCKET) == "inactive"
+    wait_for(lambda: port_refuses(service), 30, "the port to close")
+    run_ok(host, runbook(f"systemctl reset-failed {WEB} && systemctl start {WEB}"))
+    wait_for(lambda: healthy(service), 60, "/healthz after start")
+    assert active(host, SOCKET) == "active"  # the service pulls its socket in
+
+
+# --- the ETL -----------------------------------------------------------------------------------
+
+
+def test_pause_and_resume_the_etl(host, runbook):
+    run_ok(host, runbook(f"systemctl stop {TIMER}"))
+    assert active(host, TIMER) == "inactive"
+    assert "n/a" in run_ok(host, f"systemctl list-timers --all {TIMER}")
+    run_ok(host, runbook(f"systemctl start {TIMER}"))
+    assert active(host, TIMER) == "active"
+    next_run = run_ok(host, f"systemctl show -p NextElapseUSecRealtime --value {TIMER}")
+    assert next_run.strip() not in ("", "n/a", "0")
+
+
+def test_run_the_etl_now_changes_nothing_when_nothing_is_new(host, service, runbook):
+    before = category_year_file(service)
+    invocations = run_ok(host, f"systemctl show -p InvocationID --value {ETL}")
+    run_ok(host, runbook(f"systemctl start {ETL}"), timeout=600)
+    assert run_ok(host, f"systemctl show -p InvocationID --value {ETL}") != invocations
+    assert run_ok(host, f"systemctl show -p Result --value {ETL}").strip() == "success"
+    journal = run_ok(host, runbook(f"journalctl -u {ETL} --since today"))
+    assert "0 objects ingested" in journal.rsplit("etl run:", 1)[-1]
+    assert category_year_file(service) == before
+
+
+def test_etl_by_hand(host, service, runbook):
+    before = category_year_file(service)
+    assert "0 changes" in run_ok(host, runbook("BW packages sync --dry-run"))
+    run_ok(host, runbook("BW etl run --dry-run"))
+    run_ok(host, runbook("BW etl run --since 2026-11-01"))
+    key = json.loads((ephemeral_dir() / "sample" / "truth.json").read_text())["files"][0]
+    run_ok(host, runbook("BW etl reingest <object-key> …", {"<object-key> …": key}))
+    run_ok(host, runbook("BW stats rebuild"), timeout=600)
+    assert category_year_file(service) == before, "reingest/rebuild changed the statistics"
+
+
+# --- logs --------------------------------------------------------------------------------------
+
+
+def test_journals(host, runbook):
+    assert "Started" in run_ok(host, runbook(f"journalctl -u {WEB} -e"))
+    assert "etl run:" in run_ok(host, runbook(f"journalctl -u {ETL} -e"))
+    run_ok(host, runbook("journalctl -u 'bioc-webstats-failure@*' -e"))
+
+
+@pytest.mark.parametrize("name", ["access.log", "error.log", "etl.log"])
+def test_log_files_exist(host, name):
+    # `tail -f` of the runbook never returns; the files it follows must exist
+    f = host.file(f"/var/log/bioc-webstats/{name}")
+    assert f.exists and f.size > 0, name
+
+
+def test_forced_log_rotation_reopens_the_access_log(host, service):
+    run_ok(host, "logrotate -f /etc/logrotate.d/bioc-webstats")
+    assert service.get("/healthz?probe=after-rotation").status_code == 200
+    wait_for(
+        lambda: host.file("/var/log/bioc-webstats/access.log").contains("probe=after-rotation"),
+        30,
+        "the request in the new access.log",
+    )
+
+
+# --- special backup ----------------------------------------------------------------------------
+
+
+def test_special_backup(host, runbook):
+    cmd = runbook("ansible-playbook playbooks/backup.yml -i inventory/production")
+    res = run_playbook(cmd)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-2000:]
+    dumps = run_ok(host, "ls -1 /var/backups/bioc-webstats/").split()
+    assert len(dumps) == 1 and re.fullmatch(r"webstats-\d{8}T\d{6}Z\.dump", dumps[0]), dumps
+    dump = host.file(f"/var/backups/bioc-webstats/{dumps[0]}")
+    assert (dump.user, dump.mode) == ("root", 0o600)
+    listing = run_ok(host, f"pg_restore --list {dump.path}")
+    assert "TABLE DATA public download_records" in listing
