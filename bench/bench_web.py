@@ -8,6 +8,7 @@ Everything it starts (PostgreSQL, gunicorn, nginx) lives in a temp dir and is st
 from __future__ import annotations
 
 import argparse
+import contextlib
 import io
 import os
 import random
@@ -22,13 +23,9 @@ import urllib.request
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-VENV_BIN = Path(sys.executable).parent
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+sys.path.insert(0, str(HERE.parent / "tests"))
+from conftest import free_port, pg_cluster  # noqa: E402 - the tests' helpers, shared with the bench
+from webserver import gunicorn_cmd, gunicorn_env  # noqa: E402
 
 
 def wait_until(pred, timeout: float, what: str) -> None:
@@ -47,65 +44,15 @@ def port_open(port: int) -> bool:
         return False
 
 
-# --- PostgreSQL ---------------------------------------------------------------------------
-def start_postgres(tmp: Path) -> tuple[subprocess.Popen, str]:
-    bindir = sorted(
-        Path("/usr/lib/postgresql").glob("*/bin/initdb"), key=lambda p: int(p.parent.parent.name)
-    )[-1].parent
-    data, port = tmp / "pg", free_port()
-    run_as: list[str] = []
-    if os.geteuid() == 0:
-        shutil.chown(tmp, "postgres")
-        run_as = ["runuser", "-u", "postgres", "--"]
-    subprocess.run(
-        [
-            *run_as,
-            str(bindir / "initdb"),
-            "-D",
-            str(data),
-            "-U",
-            "webstats",
-            "--auth=trust",
-            "-E",
-            "UTF8",
-            "--locale=C.UTF-8",
-        ],
-        check=True,
-        stdout=subprocess.DEVNULL,
-    )
-    proc = subprocess.Popen(
-        [
-            *run_as,
-            str(bindir / "postgres"),
-            "-D",
-            str(data),
-            "-p",
-            str(port),
-            "-k",
-            str(tmp),
-            "-c",
-            "listen_addresses=127.0.0.1",
-            "-c",
-            "fsync=off",
-        ],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    wait_until(lambda: port_open(port), 60, "PostgreSQL")
-    time.sleep(0.5)  # the port opens slightly before the server accepts logins
-    base = f"postgresql+psycopg2://webstats@127.0.0.1:{port}"
+# --- PostgreSQL (the tests' throw-away cluster) ------------------------------------------
+def create_database(base: str) -> str:
     import sqlalchemy as sa
 
     eng = sa.create_engine(f"{base}/postgres", isolation_level="AUTOCOMMIT")
-    for _ in range(50):
-        try:
-            with eng.connect() as c:
-                c.execute(sa.text('CREATE DATABASE "webstats"'))
-            break
-        except sa.exc.OperationalError:
-            time.sleep(0.2)
+    with eng.connect() as c:
+        c.execute(sa.text('CREATE DATABASE "webstats"'))
     eng.dispose()
-    return proc, f"{base}/webstats"
+    return f"{base}/webstats"
 
 
 # --- data ---------------------------------------------------------------------------------
@@ -195,28 +142,9 @@ def load_data(url: str, n_packages: int, first_year: int, last_year: int) -> int
 
 # --- servers ------------------------------------------------------------------------------
 def start_gunicorn(url: str, tmp: Path, port: int) -> subprocess.Popen:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("WEBSTATS_", "AWS_"))}
-    (tmp / "none.env").write_text("")
-    env.update(
-        WEBSTATS_ENV_FILE=str(tmp / "none.env"),
-        WEBSTATS_STATE_DIR=str(tmp / "state"),
-        WEBSTATS_DATABASE_URL=url,
-        WEBSTATS_GUNICORN_BIND_PORT=f"127.0.0.1:{port}",
-        WEBSTATS_GUNICORN_ACCESS_LOG=str(tmp / "access.log"),
-        WEBSTATS_GUNICORN_ERROR_LOG=str(tmp / "error.log"),
-        WEBSTATS_GUNICORN_WORKERS="4",
-        WEBSTATS_FLASK_LOG_LEVEL="WARNING",
-    )
-    proc = subprocess.Popen(
-        [
-            str(VENV_BIN / "gunicorn"),
-            "-c",
-            "python:bioc_webstats.gunicorn_conf",
-            "bioc_webstats:create_app()",
-        ],
-        env=env,
-        cwd=tmp,
-    )
+    env = gunicorn_env(url, tmp, f"127.0.0.1:{port}", workers=4)
+    env["WEBSTATS_FLASK_LOG_LEVEL"] = "WARNING"
+    proc = subprocess.Popen(gunicorn_cmd(), env=env, cwd=tmp)
     wait_until(lambda: port_open(port), 60, "gunicorn")
     return proc
 
@@ -325,11 +253,11 @@ def main() -> int:
             return 1
     tmp = Path(tempfile.mkdtemp(prefix="bench-web-"))
     tmp.chmod(0o755)  # the postgres and nginx users traverse it
-    pg = gun = ngx = None
-    try:
-        pgdir = tmp / "pgroot"
-        pgdir.mkdir()
-        pg, url = start_postgres(pgdir)
+    gun = ngx = None
+    with contextlib.ExitStack() as stack:
+        url = create_database(stack.enter_context(pg_cluster()))
+        stack.callback(shutil.rmtree, tmp, ignore_errors=True)
+        stack.callback(lambda: (stop(ngx), stop(gun)))
         t0 = time.monotonic()
         rows = load_data(url, args.packages, 2010, 2025)
         print(
@@ -411,11 +339,6 @@ def main() -> int:
             print(f"  p99 {label}: {op99 / max(np99, 0.001):.2f}x {'met' if ok else 'NOT met'}")
         print(f"  max worker RSS {max(rss):.0f} MB: {'met' if max(rss) <= 150 else 'NOT met'}")
         return 0
-    finally:
-        stop(ngx)
-        stop(gun)
-        stop(pg)
-        shutil.rmtree(tmp, ignore_errors=True)
 
 
 if __name__ == "__main__":

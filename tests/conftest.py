@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import socket
@@ -56,6 +57,13 @@ def pg_server() -> Iterator[str]:
     if os.environ.get("WEBSTATS_TEST_PG_URL"):
         yield os.environ["WEBSTATS_TEST_PG_URL"]
         return
+    with pg_cluster() as url:
+        yield url
+
+
+@contextlib.contextmanager
+def pg_cluster() -> Iterator[str]:
+    """Start a throw-away cluster (also used by bench/); yields its base URL, removes it after."""
     bindir = _pg_bindir()
     tmp = Path(tempfile.mkdtemp(prefix="webstats-pg-"))
     data = tmp / "data"
