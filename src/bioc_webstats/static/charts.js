@@ -14,6 +14,8 @@
     var opts = {
       width: width,
       height: 240,
+      legend: { show: false },
+      cursor: { show: false },
       scales: { x: { time: false, range: [0.5, 12.5] }, ips: {}, dl: {} },
       axes: [
         { values: function (u, vals) { return vals.map(function (v) { return months[v - 1] || ""; }); },
