@@ -88,10 +88,9 @@ def loaded(db_url: str, tmp_path: Path, **env: str) -> Settings:
 
 
 @pytest.mark.parametrize("workers", ["1", "2"])
-def test_statistics_equal_ground_truth(db_url, tmp_path, data, monkeypatch, workers):
-    monkeypatch.setenv("WEBSTATS_ETL_WORKERS", workers)
+def test_statistics_equal_ground_truth(db_url, tmp_path, data, workers):
     out, truth = data
-    settings = loaded(db_url, tmp_path)
+    settings = loaded(db_url, tmp_path, WEBSTATS_ETL_WORKERS=workers)
     assert ingest.run(settings, source=str(out)) is True
     assert_truth(db_url, truth)
     with db.session_factory(db_url)() as s:

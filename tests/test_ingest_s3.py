@@ -34,8 +34,7 @@ def s3(aws_env):
     return client
 
 
-def test_s3_source_ingests_and_never_rereads(db_url, tmp_path, s3, monkeypatch):
-    monkeypatch.setenv("WEBSTATS_ETL_WORKERS", "2")
+def test_s3_source_ingests_and_never_rereads(db_url, tmp_path, s3):
     out = tmp_path / "logs"
     truth = loggen.generate(
         out, days=2, start=dt.date(2024, 2, 28), files_per_day=4, lines_per_file=150, subdirs=True
@@ -43,7 +42,7 @@ def test_s3_source_ingests_and_never_rereads(db_url, tmp_path, s3, monkeypatch):
     etags = upload_dir(s3, out, "cf/")
     s3.put_object(Bucket=BUCKET, Key="cf/README.txt", Body=b"not a log")
     s3.put_object(Bucket=BUCKET, Key="elsewhere/E1.2024-02-28-00.aa.gz", Body=b"outside prefix")
-    settings = loaded(db_url, tmp_path)
+    settings = loaded(db_url, tmp_path, WEBSTATS_ETL_WORKERS="2")
     assert ingest.run(settings, source=f"s3://{BUCKET}/cf/") is True
     assert_truth(db_url, truth)
     with db.session_factory(db_url)() as s:

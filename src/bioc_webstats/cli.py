@@ -116,10 +116,22 @@ def etl_group() -> None:
 @click.option("--source", help="Directory or s3://bucket/prefix (default: configuration).")
 @click.option("--since", help="Also consider objects dated on or after this date (YYYY-MM-DD).")
 @click.option("--dry-run", is_flag=True, help="List what would be ingested, write nothing.")
+@click.option(
+    "--engine",
+    type=click.Choice(["local", "athena"]),
+    default="local",
+    show_default=True,
+    help="Where logs are read and counted: this process, or Amazon Athena over the bucket.",
+)
 @pass_ctx
-def etl_run(ctx: Context, source: str | None, since: str | None, dry_run: bool) -> None:
+def etl_run(
+    ctx: Context, source: str | None, since: str | None, dry_run: bool, engine: str
+) -> None:
     """Ingest new log objects and update the statistics."""
-    from .ingest import run
+    if engine == "athena":
+        from .athena import run
+    else:
+        from .ingest import run
 
     ok = run(ctx.settings, source=source, since=since, dry_run=dry_run)
     if not ok:

@@ -48,6 +48,10 @@ PARAMS: tuple[Param, ...] = (
     Param("etl/packages_source", "WEBSTATS_ETL_PACKAGES_SOURCE", "https://bioconductor.org"),
     Param("etl/lookback_days", "WEBSTATS_ETL_LOOKBACK_DAYS", "3"),
     Param("etl/sync_change_limit", "WEBSTATS_ETL_SYNC_CHANGE_LIMIT", "50"),
+    Param("etl/workers", "WEBSTATS_ETL_WORKERS", None),  # parse processes; default: CPUs, max 4
+    Param("etl/athena_database", "WEBSTATS_ETL_ATHENA_DATABASE", "bioc_webstats"),
+    Param("etl/athena_workgroup", "WEBSTATS_ETL_ATHENA_WORKGROUP", "primary"),
+    Param("etl/athena_output", "WEBSTATS_ETL_ATHENA_OUTPUT"),  # s3://bucket/prefix/ for results
     Param("web/cache_max_age", "WEBSTATS_WEB_CACHE_MAX_AGE", "3600"),
     Param("alerts/sns_topic", "WEBSTATS_ALERTS_SNS_TOPIC"),
 )

@@ -23,7 +23,7 @@ import sys
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -345,7 +345,7 @@ class Progress:
 # --- the run --------------------------------------------------------------------------------
 
 
-def _parse_since(since: str | None) -> dt.date | None:
+def parse_since(since: str | None) -> dt.date | None:
     if since is None:
         return None
     try:
@@ -355,16 +355,13 @@ def _parse_since(since: str | None) -> dt.date | None:
 
 
 def _workers(settings: Settings) -> int:
-    raw = os.environ.get("WEBSTATS_ETL_WORKERS")
-    if raw:
-        try:
-            return max(1, int(raw))
-        except ValueError:
-            raise ConfigError(f"WEBSTATS_ETL_WORKERS must be an integer, got {raw!r}") from None
+    """Parse processes: ``etl/workers``, default the CPU count (at most 4)."""
+    if settings.get("etl/workers"):
+        return max(1, settings.get_int("etl/workers"))
     return max(1, min(4, os.cpu_count() or 1))
 
 
-def _source_url(settings: Settings, source: str | None) -> str:
+def source_url(settings: Settings, source: str | None) -> str:
     url = source or settings.get("etl/s3_download_logs")
     if not url:
         raise ConfigError("no log source: give --source or set WEBSTATS_LOG_SOURCE")
@@ -406,9 +403,22 @@ def _ingest_objects(
     sf = db.session_factory(settings.database_url)
     copy = sf.kw["bind"].dialect.name == "postgresql"
     key = ip_hash_key(settings, url)
+    parsed = parse_all(url, key, objects, copy, _workers(settings))
     progress = Progress(len(objects), sum(o.size for o in objects))
+    store_all(settings, parsed, summary, store, progress)
+
+
+def store_all(
+    settings: Settings,
+    parsed_objects: Iterable[Parsed],
+    summary: RunSummary,
+    store: Callable[[Session, Parsed, set[tuple[str, str, int, int]]], None],
+    progress: Progress,
+) -> None:
+    """Store each parsed object in its own transaction (failures logged and counted)."""
+    sf = db.session_factory(settings.database_url)
     queued: set[tuple[str, str, int, int]] = set()
-    for parsed in parse_all(url, key, objects, copy, _workers(settings)):
+    for parsed in parsed_objects:
         k = parsed.obj.key
         pause_point("object_parsed")
         if parsed.error:
@@ -444,7 +454,7 @@ def _ingest_objects(
         progress.update(parsed.obj.size, parsed.lines_read)
 
 
-def _finish(settings: Settings, summary: RunSummary) -> None:
+def finish_run(settings: Settings, summary: RunSummary) -> None:
     pause_point("before_recompute")
     with db.session_factory(settings.database_url).begin() as session:
         res = stats.apply_pending(session)
@@ -502,8 +512,8 @@ def run(
     the next run); the others are ingested regardless.
     """
     t0 = time.monotonic()
-    url = _source_url(settings, source)
-    since_day = _parse_since(since)
+    url = source_url(settings, source)
+    since_day = parse_since(since)
     lookback = settings.get_int("etl/lookback_days")
     if not dry_run:
         ip_hash_key(settings, url)  # fail on configuration before reading anything
@@ -529,7 +539,7 @@ def run(
         log.info("%s", summary.line("etl run --dry-run").replace("ingested", "to ingest"))
         return True
     _ingest_objects(settings, url, todo, summary, store_new)
-    _finish(settings, summary)
+    finish_run(settings, summary)
     summary.elapsed = time.monotonic() - t0
     log.info("%s", summary.line())
     return summary.failed == 0
@@ -538,12 +548,12 @@ def run(
 def reingest(settings: Settings, keys: list[str], source: str | None = None) -> None:
     """Re-read already ingested objects and replace their records; statistics follow."""
     t0 = time.monotonic()
-    url = _source_url(settings, source)
+    url = source_url(settings, source)
     src = logs.open_source(url)
     objects = [src.get(k) for k in keys]
     summary = RunSummary()
     _ingest_objects(settings, url, objects, summary, store_replacement)
-    _finish(settings, summary)
+    finish_run(settings, summary)
     summary.elapsed = time.monotonic() - t0
     log.info("%s", summary.line("etl reingest").replace("ingested", "re-ingested"))
     if summary.failed:

@@ -29,14 +29,17 @@ _NAME = re.compile(
     r"^(?P<dist>[A-Za-z0-9]+)\.(?P<date>\d{4}-\d{2}-\d{2})-(?P<hour>\d{2})\.(?P<uniq>[A-Za-z0-9]+)\.gz$"
 )
 
-# The download rule on the raw cs-uri-stem after collapsing runs of "/". The package name
-# is a valid R name; <version>, <R version> and the other dirs are single path segments.
-_PKG = rb"(?P<pkg>[A-Za-z][A-Za-z0-9.]*[A-Za-z0-9])_[^/]+"
-_REPO = rb"(?P<repo>bioc|data/annotation|data/experiment|workflows)"
-DOWNLOAD_URI = re.compile(
-    rb"/packages/[^/]+/" + _REPO + rb"/(?:src/contrib/" + _PKG + rb"\.tar\.gz"
-    rb"|bin/(?:[^/]+/)+contrib/[^/]+/" + _PKG.replace(b"pkg", b"bpkg") + rb"\.(?:tgz|zip|tar\.gz))"
+# The download rule on the raw cs-uri-stem after collapsing runs of "/": group 1 the repo,
+# group 2 (src) or 3 (bin) the package, a valid R name. <version>, <R version> and the other
+# dirs are single path segments. The same pattern runs in Athena (athena.py), so it is kept
+# to syntax that Python and Trino read alike.
+_NAME_RE = r"([A-Za-z][A-Za-z0-9.]*[A-Za-z0-9])_[^/]+"
+DOWNLOAD_PATTERN = (
+    r"/packages/[^/]+/(bioc|data/annotation|data/experiment|workflows)/"
+    r"(?:src/contrib/" + _NAME_RE + r"\.tar\.gz"
+    r"|bin/(?:[^/]+/)+contrib/[^/]+/" + _NAME_RE + r"\.(?:tgz|zip|tar\.gz))"
 )
+DOWNLOAD_URI = re.compile(DOWNLOAD_PATTERN.encode())
 _SLASHES = re.compile(rb"/{2,}")
 DOWNLOAD_STATUS = frozenset({200, 301, 302, 307, 308})
 REQUIRED_FIELDS = ("date", "time", "c-ip", "cs-method", "cs-uri-stem", "sc-status")
@@ -301,9 +304,9 @@ def _time_secs(raw: bytes) -> int | None:
     if not (hh.isdigit() and mm.isdigit() and ss.isdigit()):
         return None
     h, mi, s = int(hh), int(mm), int(ss)
-    if h > 23 or mi > 59 or s > 60:
+    if h > 23 or mi > 59 or s > 59:
         return None
-    return h * 3600 + mi * 60 + min(s, 59)
+    return h * 3600 + mi * 60 + s
 
 
 def _status(raw: bytes) -> int | None:
@@ -317,8 +320,8 @@ def classify_uri(uri: bytes) -> tuple[str, str] | None:
     m = DOWNLOAD_URI.fullmatch(uri)
     if not m:
         return None
-    pkg = m["pkg"] or m["bpkg"]
-    return _REPO_CATEGORY[m["repo"]], pkg.decode("ascii")
+    pkg = m[2] or m[3]
+    return _REPO_CATEGORY[m[1]], pkg.decode("ascii")
 
 
 def _dt_check(
