@@ -13,6 +13,7 @@ import os
 import re
 import shlex
 import subprocess
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -197,3 +198,65 @@ def run_ok(host, cmd: str, timeout: int = 300) -> str:
 def ephemeral_dir() -> Path:
     """The scenario's molecule ephemeral directory (holds generated logs and truth)."""
     return Path(os.environ["MOLECULE_EPHEMERAL_DIRECTORY"])
+
+
+class Load:
+    """Continuous requests to the service from a few threads, each on a new connection (as
+    independent clients would), until ``stop()`` or ``limit`` seconds. Counts failures: any
+    connection error, timeout or status other than 200, with the first few kept for the report.
+    Bounded: one target address, ``threads`` concurrent requests, ``limit`` seconds at most.
+    """
+
+    def __init__(self, base: str, paths: list[str], threads: int = 4, limit: float = 900) -> None:
+        self.base = base.rstrip("/")
+        self.paths = paths
+        self.limit = limit
+        self.ok = 0
+        self.failed = 0
+        self.errors: list[str] = []
+        self.versions: list[str] = []  # /healthz versions, in order of change
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._threads = [threading.Thread(target=self._run, daemon=True) for _ in range(threads)]
+
+    def __enter__(self) -> Load:
+        self.started = time.monotonic()
+        for t in self._threads:
+            t.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def stop(self) -> None:
+        """Stop and wait for the threads (each finishes its request in flight)."""
+        self._stop.set()
+        for t in self._threads:
+            t.join(timeout=60)
+
+    def _run(self) -> None:
+        i = 0
+        while not self._stop.is_set() and time.monotonic() - self.started < self.limit:
+            path = self.paths[i % len(self.paths)]
+            i += 1
+            try:
+                r = requests.get(
+                    self.base + path,
+                    timeout=30,
+                    allow_redirects=False,
+                    headers={"Connection": "close"},
+                )
+                good = r.status_code == 200
+                what = f"{path}: HTTP {r.status_code}"
+                version = r.json().get("version") if good and path == "/healthz" else None
+            except requests.RequestException as exc:
+                good, what, version = False, f"{path}: {type(exc).__name__}: {exc}", None
+            with self._lock:
+                if good:
+                    self.ok += 1
+                    if version and (not self.versions or self.versions[-1] != version):
+                        self.versions.append(version)
+                else:
+                    self.failed += 1
+                    if len(self.errors) < 10:
+                        self.errors.append(what)

@@ -1,0 +1,103 @@
+"""Upgrade N-1 → N under continuous requests; rollback on demand; a broken release rolls back.
+
+Converge installed release N-1. These tests run in file order and drive the real playbooks
+from the controller against the scenario's container, as a SysAdmin would (docs/RUNBOOK.md).
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from testlib import REPO, Load, ephemeral_dir, run_ok, run_playbook, wait_for
+
+ROOT = "/opt/bioc-webstats"
+LOAD_PATHS = ["/healthz", "/packages/stats/", "/packages/stats/bioc/bioc_stats.tab"]
+DEPLOY = "ansible-playbook playbooks/deploy.yml -i inventory/production"
+ROLLBACK = "ansible-playbook playbooks/rollback.yml -i inventory/production"
+
+
+@pytest.fixture(scope="module")
+def versions() -> dict[str, str]:
+    return json.loads((ephemeral_dir() / "releases" / "versions.json").read_text())
+
+
+def current_release(host) -> str:
+    return run_ok(host, f"readlink {ROOT}/current").strip()
+
+
+def wait_version(service, version: str) -> dict:
+    return wait_for(
+        lambda: (h := service.healthz()) and h["version"] == version and h,
+        60,
+        f"/healthz to report {version}",
+    )
+
+
+def deploy_cmd(runbook, source: str, *extra: str) -> str:
+    cmd = runbook(DEPLOY)
+    return " ".join([cmd, "-e", f"webstats_release_source_dir={source}", *extra])
+
+
+def test_previous_release_serves(host, service, versions, runbook):
+    assert wait_version(service, versions["previous"])
+    assert current_release(host) == f"releases/{versions['previous']}"
+    # data for the pages the load asks for
+    run_ok(host, f"{runbook.bw} packages load /srv/bioc-webstats/packages.csv")
+    run_ok(host, runbook("systemctl start bioc-webstats-etl.service"), timeout=600)
+    for path in LOAD_PATHS:
+        assert service.get(path).status_code == 200, path
+
+
+def test_upgrade_under_load_drops_no_request(host, service, versions, runbook):
+    with Load(service.base, LOAD_PATHS) as load:
+        wait_for(lambda: load.ok >= 20, 60, "the load to get going")
+        res = run_playbook(deploy_cmd(runbook, str(REPO)))
+        # keep asking until the new version answers, then a little more
+        wait_for(lambda: versions["current"] in load.versions, 60, "the load to see N")
+        seen = load.ok
+        wait_for(lambda: load.ok >= seen + 20, 60, "more requests on N")
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-2000:]
+    assert load.failed == 0, f"{load.failed} failed of {load.ok + load.failed}: {load.errors}"
+    assert load.ok >= 100, f"only {load.ok} requests during the upgrade"
+    assert load.versions == [versions["previous"], versions["current"]], load.versions
+    assert wait_version(service, versions["current"])
+    assert current_release(host) == f"releases/{versions['current']}"
+    assert run_ok(host, f"readlink {ROOT}/previous").strip() == f"releases/{versions['previous']}"
+
+
+def test_rollback_on_demand_and_forward_again(host, service, versions, runbook):
+    res = run_playbook(runbook(ROLLBACK))
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-2000:]
+    assert wait_version(service, versions["previous"])
+    assert current_release(host) == f"releases/{versions['previous']}"
+    # "run again to go forward"
+    res = run_playbook(runbook(ROLLBACK))
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-2000:]
+    assert wait_version(service, versions["current"])
+    assert current_release(host) == f"releases/{versions['current']}"
+
+
+def test_broken_release_is_rolled_back_and_n_keeps_serving(host, service, versions, runbook):
+    broken = str(ephemeral_dir() / "releases" / "broken")
+    # a shorter health wait than production's 90 s: the outcome is the same
+    cmd = deploy_cmd(
+        runbook,
+        broken,
+        "-e",
+        "webstats_release_health_retries=10",
+        "-e",
+        "webstats_release_health_delay=2",
+    )
+    with Load(service.base, LOAD_PATHS[1:]) as load:  # pages only: /healthz fails by design
+        res = run_playbook(cmd)
+    assert res.returncode != 0, "the deploy of a broken release succeeded"
+    out = res.stdout + res.stderr
+    assert f"Deploy of bioc-webstats {versions['broken']} failed" in out, out[-3000:]
+    assert f"Rolled back: release {versions['current']} is serving again." in out, out[-3000:]
+    assert current_release(host) == f"releases/{versions['current']}"
+    health = wait_version(service, versions["current"])
+    assert health["status"] == "ok"
+    assert run_ok(host, "systemctl is-active bioc-webstats.service").strip() == "active"
+    assert load.failed == 0, f"{load.failed} failed of {load.ok + load.failed}: {load.errors}"
+    assert load.ok > 0
