@@ -17,9 +17,9 @@ def test_get_or_build_builds_once_across_threads(tmp_path):
     start = threading.Barrier(8)
     results = []
 
-    def build() -> bytes:
+    def build() -> tuple[bytes, bool]:
         calls.append(1)
-        return b"x" * 100_000
+        return b"x" * 100_000, True
 
     def worker():
         start.wait(10)
@@ -48,7 +48,13 @@ def test_prune_keeps_newer_versions(tmp_path):
 def test_unwritable_cache_still_answers(tmp_path):
     (tmp_path / "cache").write_text("a file where the directory should be")
     cache = DiskCache(tmp_path / "cache", code_tag="t")
-    assert cache.get_or_build(1, "x.tab", lambda: b"body") == b"body"
+    assert cache.get_or_build(1, "x.tab", lambda: (b"body", True)) == b"body"
+
+
+def test_uncacheable_body_is_served_not_stored(tmp_path):
+    cache = DiskCache(tmp_path / "cache", code_tag="t")
+    assert cache.get_or_build(1, "x.tab", lambda: (b"moved on", False)) == b"moved on"
+    assert cache.lookup(1, "x.tab") is None
 
 
 def test_app_caches_under_state_dir_per_version(db_url, clean_env, monkeypatch):
@@ -66,3 +72,22 @@ def test_app_caches_under_state_dir_per_version(db_url, clean_env, monkeypatch):
     assert client.get("/packages/stats/bioc/bioc_pkg_stats.tab").data == body
     assert not vdir.exists()  # the old version was pruned
     assert [p.name for p in cache.iterdir() if p.name.startswith(f"v{version + 1}-")]
+
+
+def test_build_racing_a_new_data_version_is_not_cached(db_url, clean_env, monkeypatch):
+    """A body built after an ETL commit moved the data version on is not stored under the
+    version the request was routed with."""
+    from bioc_webstats.web import Target
+
+    with db.session_factory(db_url)() as s:
+        webref.load_direct(s, valid_thru=VT)
+    monkeypatch.setenv("WEBSTATS_DATABASE_URL", db_url)
+    app = create_app(load_settings())
+    site = app.extensions["webstats"]
+    version, vt = site.meta()
+    snap = site.snapshot(version, vt)
+    target = Target("packages_txt", snap.categories["bioc"].category, "bioc/bioc_packages.txt")
+    assert site.build(target, snap)[1] is True
+    bump(db_url)  # the ETL commits between the request's meta read and its build
+    body, cacheable = site.build(target, snap)
+    assert cacheable is False and body.startswith(b"affy\n")

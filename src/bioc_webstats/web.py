@@ -242,10 +242,18 @@ class StatsSite:
                     self._snap = snap
         return snap
 
-    def build(self, target: Target, snap: report.Snapshot) -> bytes:
-        """Generate one body (cache miss) in its own session."""
+    def build(self, target: Target, snap: report.Snapshot) -> tuple[bytes, bool]:
+        """Generate one body (cache miss) from one consistent view of the database.
+
+        On PostgreSQL the transaction is REPEATABLE READ, so every query of the build sees
+        the same committed state; the data version read first in it tells whether that state
+        is still the one this request was routed with (if an ETL run committed meanwhile,
+        the body is served but not cached under the old version)."""
         with self.session() as session:
-            return build(session, target, snap).encode()
+            if session.get_bind().dialect.name == "postgresql":
+                session.connection(execution_options={"isolation_level": "REPEATABLE READ"})
+            same = db.get_data_version(session) == snap.data_version
+            return build(session, target, snap).encode(), same
 
     def static(self, name: str) -> tuple[bytes, str, str, str]:
         """(body, content type, etag, last modified) of a shipped asset, read once."""

@@ -66,11 +66,12 @@ class DiskCache:
         return path
 
     def get_or_build(
-        self, data_version: int, relpath: str, build: Callable[[], bytes]
+        self, data_version: int, relpath: str, build: Callable[[], tuple[bytes, bool]]
     ) -> Path | bytes:
         """The cached file, building it first if needed. One builder per file at a time,
         across threads and processes (flock), so a new data version does not start the
-        same heavy build in every worker."""
+        same heavy build in every worker. ``build`` returns (body, cacheable): a body built
+        while the data version moved on is served once but not stored."""
         path = self.lookup(data_version, relpath)
         if path is not None:
             return path
@@ -81,13 +82,15 @@ class DiskCache:
             lock = open(vdir / lock_name, "a+b")
         except OSError as exc:
             log.warning("cache: cannot use %s (%s); serving from memory", vdir, exc.strerror)
-            return build()  # no usable disk: still answer, from memory
+            return build()[0]  # no usable disk: still answer, from memory
         try:
             fcntl.flock(lock, fcntl.LOCK_EX)
             path = self.lookup(data_version, relpath)
             if path is not None:
                 return path
-            body = build()
+            body, cacheable = build()
+            if not cacheable:
+                return body
             return self.store(data_version, relpath, body) or body
         finally:
             lock.close()  # releases the lock
