@@ -159,3 +159,13 @@ def test_bad_config_fails_with_one_line(tmp_path):
     assert r.returncode != 0
     assert "WEBSTATS_GUNICORN_WORKERS must be an integer" in r.stderr
     assert "Traceback" not in r.stderr
+    env["WEBSTATS_GUNICORN_WORKERS"] = "1"
+    env["WEBSTATS_FLASK_LOG_LEVEL"] = "chatty"
+    r = subprocess.run(
+        gunicorn_cmd(), env=env, cwd=tmp_path, capture_output=True, text=True, timeout=60
+    )
+    assert r.returncode != 0 and "Traceback" not in r.stderr
+    assert r.stderr.strip().splitlines() == [
+        "bioc-webstats: parameter flask/log_level must be one of DEBUG, INFO, WARNING, ERROR, "
+        "CRITICAL, got 'CHATTY'"
+    ]

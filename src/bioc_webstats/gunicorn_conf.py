@@ -19,6 +19,7 @@ import sys
 
 from bioc_webstats.config import load_settings
 from bioc_webstats.errors import ConfigError
+from bioc_webstats.web import log_level
 
 
 def _int_env(name: str, default: int) -> int:
@@ -38,6 +39,7 @@ def _int_env(name: str, default: int) -> int:
 
 try:
     _settings = load_settings()
+    loglevel = log_level(_settings).lower()
 except ConfigError as exc:  # one clear line, no traceback, non-zero exit (the unit fails)
     sys.stderr.write(f"bioc-webstats: {exc}\n")
     raise SystemExit(1) from None
@@ -45,7 +47,6 @@ except ConfigError as exc:  # one clear line, no traceback, non-zero exit (the u
 bind = [_settings.get("gunicorn/bind_port") or "0.0.0.0:8000"]
 accesslog = _settings.get("gunicorn/access_log") or "-"
 errorlog = _settings.get("gunicorn/error_log") or "-"
-loglevel = (_settings.get("flask/log_level") or "info").lower()
 
 workers = _int_env("WEBSTATS_GUNICORN_WORKERS", 2 * (os.cpu_count() or 1) + 1)
 threads = _int_env("WEBSTATS_GUNICORN_THREADS", 4)

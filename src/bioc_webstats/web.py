@@ -28,6 +28,7 @@ from werkzeug.wsgi import wrap_file
 from . import __version__, db, pages, report, tabfiles
 from .categories import BY_STEM, CATEGORIES, Category
 from .config import Settings, load_settings
+from .errors import ConfigError
 from .webcache import DiskCache
 
 PREFIX = "/packages/stats"
@@ -359,6 +360,19 @@ def _redirect(location: str) -> Response:
     return resp
 
 
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+
+
+def log_level(settings: Settings) -> str:
+    """``flask/log_level`` upper-cased; anything else than a logging level is a ConfigError."""
+    level = (settings.get("flask/log_level") or "INFO").upper()
+    if level not in LOG_LEVELS:
+        raise ConfigError(
+            f"parameter flask/log_level must be one of {', '.join(LOG_LEVELS)}, got {level!r}"
+        )
+    return level
+
+
 class CachedFilesFastPath:
     """WSGI wrapper answering GET/HEAD of an already cached page or file (the common case:
     200 via wsgi.file_wrapper, or 304) without Flask's request/response machinery. Anything
@@ -437,6 +451,8 @@ def create_app(settings: Settings | None = None) -> Flask:
     settings = settings or load_settings()
     app = Flask(__name__, static_folder=None)
     app.config["WEBSTATS"] = settings
+    app.secret_key = settings.get("flask/secret_key")  # unused today (no sessions); kept set
+    app.logger.setLevel(log_level(settings))
     app.url_map.merge_slashes = False
     site = StatsSite(settings)
     app.extensions["webstats"] = site
