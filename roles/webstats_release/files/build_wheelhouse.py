@@ -7,7 +7,9 @@ the host installs it with ``pip install --no-index``. The result directory is na
 version and a key (sha256 of everything that goes into it), and is complete only once it holds
 ``.complete``: a second run with the same inputs finds it and changes nothing.
 
-Prints one JSON object: {"changed": bool, "dir": str, "version": str, "key": str}.
+Next to it, ``<dir>.tar`` holds the same files: the host gets one file to copy, not dozens.
+
+Prints one JSON object: {"changed": bool, "dir": str, "tar": str, "version": str, "key": str}.
 Exit status 1 with a one-line message on stderr when the build fails.
 """
 
@@ -20,6 +22,7 @@ import re
 import shutil
 import subprocess
 import sys
+import tarfile
 import tempfile
 from pathlib import Path
 
@@ -70,6 +73,19 @@ def write_sums(directory: Path) -> None:
     (directory / "SHA256SUMS").write_text("\n".join(lines) + "\n")
 
 
+def make_tar(directory: Path, tar: Path) -> bool:
+    """Write TAR with the wheelhouse's files (flat), unless it is there already."""
+    if tar.is_file():
+        return False
+    partial = tar.with_name(tar.name + ".partial")
+    with tarfile.open(partial, "w") as archive:
+        for path in sorted(directory.iterdir()):
+            if path.is_file():
+                archive.add(path, arcname=path.name)
+    partial.rename(tar)
+    return True
+
+
 def run(cmd: list[str], what: str) -> None:
     result = subprocess.run(cmd, capture_output=True, text=True, check=False)
     if result.returncode != 0:
@@ -94,8 +110,16 @@ def build(args: argparse.Namespace) -> dict:
     arch = args.platform[0].rsplit("_", 2)[-2:] if args.platform else ["any"]
     name = f"{version}-py{args.python_version}-{'_'.join(arch)}-{key[:12]}"
     out = cache / name
+    tar = cache / f"{name}.tar"
     if (out / ".complete").is_file():
-        return {"changed": False, "dir": str(out), "version": version, "key": key}
+        changed = make_tar(out, tar)
+        return {
+            "changed": changed,
+            "dir": str(out),
+            "tar": str(tar),
+            "version": version,
+            "key": key,
+        }
 
     cache.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=cache, prefix=".build-") as tmp:
@@ -150,7 +174,9 @@ def build(args: argparse.Namespace) -> dict:
     )
     for old in builds[KEEP_BUILDS:]:
         shutil.rmtree(old, ignore_errors=True)
-    return {"changed": True, "dir": str(out), "version": version, "key": key}
+        Path(f"{old}.tar").unlink(missing_ok=True)
+    make_tar(out, tar)
+    return {"changed": True, "dir": str(out), "tar": str(tar), "version": version, "key": key}
 
 
 def adopt(args: argparse.Namespace) -> dict:
@@ -159,9 +185,28 @@ def adopt(args: argparse.Namespace) -> dict:
     if not directory.is_dir():
         fail(f"wheelhouse {directory} is not a directory")
     version = wheel_version(directory)
-    wheels = sorted(directory.glob("*.whl"))
-    key = digest(wheels, directory, [RECIPE, "prebuilt"])
-    return {"changed": False, "dir": str(directory), "version": version, "key": key}
+    marker = directory / ".complete"
+    if marker.is_file():  # one of ours: keep its key, so adopting it reinstalls nothing
+        key = marker.read_text().strip()
+    else:
+        key = digest(sorted(directory.glob("*.whl")), directory, [RECIPE, "prebuilt"])
+    if not args.cache:
+        parser_error("--cache is required")
+    cache = Path(args.cache).resolve()
+    cache.mkdir(parents=True, exist_ok=True)
+    tar = cache / f"{version}-prebuilt-{key[:12]}.tar"
+    changed = make_tar(directory, tar)
+    return {
+        "changed": changed,
+        "dir": str(directory),
+        "tar": str(tar),
+        "version": version,
+        "key": key,
+    }
+
+
+def parser_error(message: str) -> None:
+    fail(message)
 
 
 def main() -> None:
