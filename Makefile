@@ -35,6 +35,18 @@ lint: venv ## ruff (Python)
 pytest: deps venv ## unit, integration (PostgreSQL + SQLite), contract and browser tests
 	$(BIN)/python -m pytest -q -p no:cacheprovider
 
+PLAYBOOKS := $(wildcard playbooks/*.yml)
+
+static: venv ## Ansible + units, no container: ansible-lint (production), yamllint, syntax-check, systemd gates
+	$(BIN)/yamllint -s .
+	$(BIN)/ansible-lint -q
+	for inv in inventory/production inventory/local; do \
+	  for p in $(PLAYBOOKS); do $(BIN)/ansible-playbook --syntax-check -i $$inv $$p >/dev/null || exit 1; done; \
+	done
+	$(BIN)/ruff check roles/webstats_release/files playbooks/files
+	$(BIN)/ruff format --check roles/webstats_release/files playbooks/files
+	$(BIN)/python -m pytest -q -p no:cacheprovider tests/test_units_static.py
+
 MOLECULE_SCENARIOS ?= default upgrade ssm
 
 molecule: deps venv ## the real playbook on a real systemd host (podman): $(MOLECULE_SCENARIOS)
@@ -46,7 +58,7 @@ demo: deps venv ## deploy into a local systemd container (PostgreSQL, sample log
 demo-down: ## remove the demo container
 	scripts/demo.sh down
 
-test: deps venv lint pytest ## everything CI runs
+test: deps venv lint static pytest ## everything CI runs
 	@echo "make test: all green"
 
 bench-web: deps venv ## web benchmark: gunicorn (4 workers, PostgreSQL) vs nginx, same bytes, wrk
