@@ -45,7 +45,13 @@ FIELDS = (
     "sc-range-start sc-range-end"
 ).split()
 VERSIONS = [f"3.{n}" for n in range(10, 21)] + ["release", "devel"]
-R_VERSIONS = ["4.2", "4.3", "4.4", "4.5"]
+# Most traffic is for the current release and devel, then recent releases.
+VERSION_WEIGHTS = [1] * 7 + [2, 3, 4, 6] + [40, 15]
+# Each Bioconductor release is built for one R version.
+R_FOR = {f"3.{n}": f"4.{(n - 10) // 2}" for n in range(10, 21)} | {
+    "release": "4.4",
+    "devel": "4.5",
+}
 BIN_DIRS = ["windows", "macosx/big-sur-arm64", "macosx/big-sur-x86_64", "macosx"]
 EDGES = ["IAD89-P1", "FRA56-P3", "NRT57-C2", "SEA19-C1", "GRU3-P2"]
 AGENTS = [
@@ -165,7 +171,8 @@ class Generator:
 
     def _path(self, cat: str, pkg: str) -> str:
         rng = self.rng
-        ver = rng.choice(VERSIONS)
+        ver = rng.choices(VERSIONS, VERSION_WEIGHTS)[0]
+        rv = R_FOR[ver]
         # like the real repositories, a package has one current version per release
         h = zlib.crc32(f"{pkg} {ver}".encode())
         pv = f"{h % 4}.{h // 4 % 40}.{h // 160 % 10}"
@@ -174,11 +181,11 @@ class Generator:
         if r < 0.6:
             path = f"{base}/src/contrib/{pkg}_{pv}.tar.gz"
         elif r < 0.8:
-            path = f"{base}/bin/windows/contrib/{rng.choice(R_VERSIONS)}/{pkg}_{pv}.zip"
+            path = f"{base}/bin/windows/contrib/{rv}/{pkg}_{pv}.zip"
         else:
             d = rng.choice(BIN_DIRS[1:])
-            ext = rng.choice(["tgz", "tgz", "tar.gz"])
-            path = f"{base}/bin/{d}/contrib/{rng.choice(R_VERSIONS)}/{pkg}_{pv}.{ext}"
+            ext = "tar.gz" if rng.random() < 0.05 else "tgz"
+            path = f"{base}/bin/{d}/contrib/{rv}/{pkg}_{pv}.{ext}"
         if rng.random() < 0.05:  # runs of "/" still count
             path = path.replace("/contrib/", "//contrib/").replace("/packages/", "//packages/", 1)
         return path

@@ -382,6 +382,9 @@ class RunSummary:
     valid_thru: dt.date | None = None
     elapsed: float = 0.0
     failures: list[str] = field(default_factory=list)
+    t_read: float = 0.0  # waiting for parsed objects
+    t_store: float = 0.0  # object transactions
+    t_recompute: float = 0.0
 
     def line(self, what: str = "etl run") -> str:
         return (
@@ -389,7 +392,8 @@ class RunSummary:
             f"{self.skipped_names} skipped (not log names), {self.lines} lines read, "
             f"{self.accepted} downloads accepted, {self.rejected} lines rejected, "
             f"{self.months} months recomputed, ValidThru {self.valid_thru or '-'}, "
-            f"elapsed {self.elapsed:.1f}s"
+            f"elapsed {self.elapsed:.1f}s (read {self.t_read:.1f}s, store {self.t_store:.1f}s, "
+            f"recompute {self.t_recompute:.1f}s)"
         )
 
 
@@ -418,7 +422,14 @@ def store_all(
     """Store each parsed object in its own transaction (failures logged and counted)."""
     sf = db.session_factory(settings.database_url)
     queued: set[tuple[str, str, int, int]] = set()
-    for parsed in parsed_objects:
+    objects = iter(parsed_objects)
+    while True:
+        t0 = time.monotonic()
+        parsed = next(objects, None)
+        t1 = time.monotonic()
+        summary.t_read += t1 - t0
+        if parsed is None:
+            break
         k = parsed.obj.key
         pause_point("object_parsed")
         if parsed.error:
@@ -451,15 +462,18 @@ def store_all(
                         parsed.lines_read,
                         why,
                     )
+        summary.t_store += time.monotonic() - t1
         progress.update(parsed.obj.size, parsed.lines_read)
 
 
 def finish_run(settings: Settings, summary: RunSummary) -> None:
     pause_point("before_recompute")
+    t0 = time.monotonic()
     with db.session_factory(settings.database_url).begin() as session:
         res = stats.apply_pending(session)
         pause_point("recompute_done")
     pause_point("recompute_committed")
+    summary.t_recompute = time.monotonic() - t0
     summary.months = res.months
     summary.valid_thru = res.valid_thru
     if res.data_version is not None:

@@ -9,7 +9,6 @@ from sqlalchemy import (
     BigInteger,
     Date,
     DateTime,
-    ForeignKey,
     Index,
     Integer,
     MetaData,
@@ -76,9 +75,9 @@ class DownloadRecord(Base):
     __tablename__ = "download_records"
 
     id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
-    object_id: Mapped[int] = mapped_column(
-        BigId, ForeignKey("ingested_objects.id", ondelete="CASCADE")
-    )
+    # The ledger row of the object (no foreign key since revision 0003: the ETL writes and
+    # removes records with their ledger row in one transaction).
+    object_id: Mapped[int] = mapped_column(BigId)
     category: Mapped[str] = mapped_column(String(16))
     package: Mapped[str] = mapped_column(String(200))
     day: Mapped[dt.date] = mapped_column(Date)
@@ -86,9 +85,8 @@ class DownloadRecord(Base):
     downloads: Mapped[int] = mapped_column(Integer)
 
     __table_args__ = (
-        Index(None, "object_id"),
-        Index(None, "package", postgresql_using="hash"),  # revision 0002
-        Index(None, "day"),
+        Index(None, "object_id", postgresql_using="brin"),  # revision 0003
+        Index(None, "day", postgresql_using="brin"),
     )
 
 

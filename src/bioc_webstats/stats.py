@@ -21,7 +21,7 @@ from collections import defaultdict
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-from sqlalchemy import Table, and_, delete, func, insert, literal, select
+from sqlalchemy import Table, and_, delete, func, insert, literal, select, text
 from sqlalchemy.orm import Session
 
 from . import db
@@ -141,6 +141,11 @@ def apply_pending(session: Session) -> RecomputeResult:
             months[(cat, year, month)].add(pkg)
             months[(cat, year, 0)].add(pkg)
         t0 = time.monotonic()
+        if session.get_bind().dialect.name == "postgresql":
+            # Fresh rows have no planner statistics yet (autovacuum runs later): without them
+            # PostgreSQL may pick a nested loop over the whole month. ANALYZE samples a fixed
+            # number of rows, so it costs the same on any table size.
+            session.execute(text("ANALYZE download_records, packages"))
         for (cat, year, month), pkgs in sorted(months.items()):
             full = len(pkgs) > FULL_CATEGORY_AT
             _recompute_period(session, cat, year, month, None if full else pkgs)
@@ -156,16 +161,19 @@ def apply_pending(session: Session) -> RecomputeResult:
             res.years,
             time.monotonic() - t0,
         )
-    newest = session.scalar(select(func.max(DownloadRecord.day)))
+    before = db.get_valid_thru(session)
+    q = select(func.max(DownloadRecord.day))
+    if before is not None:  # only newer records matter (a short range scan, not the table)
+        q = q.where(DownloadRecord.day > before)
+    newest = session.scalar(q)
     if newest is not None:
         if isinstance(newest, str):  # SQLite through a bare aggregate
             newest = dt.date.fromisoformat(newest)
-        before = db.get_valid_thru(session)
         res.valid_thru = db.advance_valid_thru(session, newest)
         if res.valid_thru != before and res.data_version is None:
             res.data_version = db.bump_data_version(session)
     else:
-        res.valid_thru = db.get_valid_thru(session)
+        res.valid_thru = before
     return res
 
 
