@@ -64,7 +64,7 @@ class Cluster:
         self.proc = subprocess.Popen(
             [*self.run_as, str(self.bindir / "postgres"), "-D", str(self.tmp / "data"),
              "-p", str(self.port), "-k", str(self.tmp), "-c", "listen_addresses=127.0.0.1",
-             "-c", "shared_buffers=512MB", "-c", "work_mem=256MB",
+             "-c", "shared_buffers=512MB",
              "-c", "maintenance_work_mem=512MB", "-c", "max_wal_size=4GB"],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
         )  # fmt: skip

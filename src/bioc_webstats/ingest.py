@@ -160,23 +160,24 @@ def _parse(obj: logs.LogObject) -> Parsed:
     hasher = logs.ip_hasher(_worker["key"])
     hashes: dict[bytes, int] = {}  # each distinct client hashed once per object
     touched = out.touched
-    if _worker["copy"]:
-        parts: list[str] = []
-        for ((cat, pkg), day, ip), n in res.counts.items():
-            h = hashes.get(ip)
-            if h is None:
-                h = hashes[ip] = hasher(ip)
-            parts.append(f"{cat}\t{pkg}\t{day.isoformat()}\t{h}\t{n}\n")
+    copy = _worker["copy"]
+    parts: list[str] = []
+    rows = out.rows
+    for day, per_pkg in res.by_day.items():
+        dstr = day.isoformat()
+        for (cat, pkg), ips in per_pkg.items():
             touched.add((cat, pkg, day.year, day.month))
+            prefix = f"{cat}\t{pkg}\t{dstr}\t"
+            for ip, n in ips.items():
+                h = hashes.get(ip)
+                if h is None:
+                    h = hashes[ip] = hasher(ip)
+                if copy:
+                    parts.append(f"{prefix}{h}\t{n}\n")
+                else:
+                    rows.append((cat, pkg, day, h, n))
+    if copy:
         out.copy_text = "".join(parts).encode("ascii")
-    else:
-        rows = out.rows
-        for ((cat, pkg), day, ip), n in res.counts.items():
-            h = hashes.get(ip)
-            if h is None:
-                h = hashes[ip] = hasher(ip)
-            rows.append((cat, pkg, day, h, n))
-            touched.add((cat, pkg, day.year, day.month))
     out.max_day = res.max_day
     return out
 

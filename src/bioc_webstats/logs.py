@@ -266,18 +266,28 @@ def line_batches(chunks: Iterable[bytes]) -> Iterator[list[bytes]]:
 
 @dataclass
 class ObjectCounts:
-    """What one object contributed: downloads per ((category, package), day, client IP text),
-    and line counts."""
+    """What one object contributed: downloads per day → (category, package) → client IP
+    text → count, and line counts."""
 
-    counts: dict[tuple[tuple[str, str], dt.date, bytes], int] = field(default_factory=dict)
+    by_day: dict[dt.date, dict[tuple[str, str], dict[bytes, int]]] = field(default_factory=dict)
     lines_read: int = 0
     accepted: int = 0
     rejected: int = 0
     reject_reasons: dict[str, int] = field(default_factory=dict)
 
     @property
+    def counts(self) -> dict[tuple[tuple[str, str], dt.date, bytes], int]:
+        """The same counts keyed flat by ((category, package), day, IP)."""
+        return {
+            (hit, day, ip): n
+            for day, hits in self.by_day.items()
+            for hit, ips in hits.items()
+            for ip, n in ips.items()
+        }
+
+    @property
     def max_day(self) -> dt.date | None:
-        return max((k[1] for k in self.counts), default=None)
+        return max((d for d, hits in self.by_day.items() if hits), default=None)
 
 
 def _epoch(d: dt.datetime) -> int:
@@ -297,37 +307,68 @@ def _date_secs(raw: bytes) -> tuple[int, dt.date] | None:
     return _epoch(dt.datetime(day.year, day.month, day.day)), day
 
 
+_TIMES: dict[bytes, int] = {}
+
+
 def _time_secs(raw: bytes) -> int | None:
-    if len(raw) != 8 or raw[2:3] != b":" or raw[5:6] != b":":
-        return None
-    hh, mm, ss = raw[:2], raw[3:5], raw[6:]
-    if not (hh.isdigit() and mm.isdigit() and ss.isdigit()):
-        return None
-    h, mi, s = int(hh), int(mm), int(ss)
-    if h > 23 or mi > 59 or s > 59:
-        return None
-    return h * 3600 + mi * 60 + s
+    """Seconds of ``HH:MM:SS`` (00:00:00 … 23:59:59), else None; one table lookup."""
+    if not _TIMES:
+        _TIMES.update(
+            (b"%02d:%02d:%02d" % (h, m, s), h * 3600 + m * 60 + s)
+            for h in range(24)
+            for m in range(60)
+            for s in range(60)
+        )
+    return _TIMES.get(raw)
 
 
 def _status(raw: bytes) -> int | None:
     return int(raw) if raw.isdigit() else None
 
 
-def classify_uri(uri: bytes) -> tuple[str, str] | None:
-    """(category, package) if ``uri`` (a raw cs-uri-stem) is a package download path."""
+# The same rule in two halves, for the per-object caches: the directory (few distinct
+# values) and the file name (one per package version). Together they are DOWNLOAD_PATTERN.
+_DIR = re.compile(
+    rb"/packages/[^/]+/(bioc|data/annotation|data/experiment|workflows)/"
+    rb"(?:(src/contrib)|bin/(?:[^/]+/)+contrib/[^/]+)"
+)
+_FILE = re.compile(rb"([A-Za-z][A-Za-z0-9.]*[A-Za-z0-9])_[^/]+\.(tar\.gz|tgz|zip)")
+
+
+def classify_uri(
+    uri: bytes,
+    dirs: dict[bytes, tuple[str, bool] | None] | None = None,
+    files: dict[bytes, tuple[str, bytes] | None] | None = None,
+) -> tuple[str, str] | None:
+    """(category, package) if ``uri`` (a raw cs-uri-stem) is a package download path.
+    ``dirs``/``files``: optional caches of the two halves of the rule."""
     if b"//" in uri:
         uri = _SLASHES.sub(b"/", uri)
-    m = DOWNLOAD_URI.fullmatch(uri)
-    if not m:
+    d, _, name = uri.rpartition(b"/")
+    dv = dirs.get(d, 0) if dirs is not None else 0
+    if dv == 0:
+        m = _DIR.fullmatch(d)
+        dv = (_REPO_CATEGORY[m[1]], m[2] is not None) if m else None
+        if dirs is not None:
+            dirs[d] = dv
+    if dv is None:
         return None
-    pkg = m[2] or m[3]
-    return _REPO_CATEGORY[m[1]], pkg.decode("ascii")
+    fv = files.get(name, 0) if files is not None else 0
+    if fv == 0:
+        m = _FILE.fullmatch(name)
+        fv = (m[1].decode("ascii"), m[2]) if m else None
+        if files is not None:
+            files[name] = fv
+    if fv is None or (dv[1] and fv[1] != b"tar.gz"):  # src/contrib holds .tar.gz only
+        return None
+    return dv[0], fv[0]
 
 
 def _dt_check(
     key: bytes, lo: int, hi: int, days: dict[bytes, tuple[int, dt.date] | None]
 ) -> dt.date | str:
     """``YYYY-MM-DD\tHH:MM:SS\t`` → the day, or the reason the line is malformed."""
+    # (callers cache the answer per distinct key)
     if len(key) != 20 or key[10:11] != b"\t" or key[19:20] != b"\t":
         return "date/time"
     draw = key[:10]
@@ -347,15 +388,19 @@ def count_object(chunks: Iterable[bytes], name_hour: dt.datetime) -> ObjectCount
     """Stream one object and count its downloads (the rule of etl.md); malformed lines are
     counted by reason. Raises LogFormatError for an unreadable object or a missing #Fields."""
     res = ObjectCounts()
-    counts = res.counts
+    by_day = res.by_day
     reasons = res.reject_reasons
+    hits: dict[tuple[str, str], tuple[str, str]] = {}  # one tuple object per package
     center = _epoch(name_hour)
     lo, hi = center - MAX_SKEW, center + MAX_SKEW
     # Per-object caches: a file repeats the same seconds, statuses and URIs many times.
-    dcache: dict[bytes, dt.date | str] = {}
+    # date+time → the day's bucket {(category, package): {ip: n}}, or why the line is bad
+    dcache: dict[bytes, dict[tuple[str, str], dict[bytes, int]] | str] = {}
     days: dict[bytes, tuple[int, dt.date] | None] = {}
     scache: dict[bytes, int | None] = {}
     ucache: dict[bytes, tuple[str, str] | None] = {}
+    dirs: dict[bytes, tuple[str, bool] | None] = {}
+    files: dict[bytes, tuple[str, bytes] | None] = {}
     ok_status = DOWNLOAD_STATUS
     nf = -1  # number of fields; -1 until the first #Fields line
     fast = True  # date and time are the first two columns: key on the line's first 20 bytes
@@ -389,12 +434,13 @@ def count_object(chunks: Iterable[bytes], name_hour: dt.datetime) -> ObjectCount
                 reasons["column count"] = reasons.get("column count", 0) + 1
                 continue
             dkey = line[:20] if fast else f[idate] + b"\t" + f[itime] + b"\t"
-            day = dcache.get(dkey)
-            if day is None:
-                day = dcache[dkey] = _dt_check(dkey, lo, hi, days)
-            if day.__class__ is str:
+            bucket = dcache.get(dkey)
+            if bucket is None:
+                day = _dt_check(dkey, lo, hi, days)
+                bucket = dcache[dkey] = day if day.__class__ is str else by_day.setdefault(day, {})
+            if bucket.__class__ is str:
                 rejected += 1
-                reasons[day] = reasons.get(day, 0) + 1  # type: ignore[index]
+                reasons[bucket] = reasons.get(bucket, 0) + 1  # type: ignore[index]
                 continue
             sraw = f[istatus]
             code = scache.get(sraw, 0)
@@ -415,12 +461,17 @@ def count_object(chunks: Iterable[bytes], name_hour: dt.datetime) -> ObjectCount
                     continue
                 hit = ucache.get(uri, 0)
                 if hit == 0:
-                    hit = ucache[uri] = classify_uri(uri)
+                    hit = classify_uri(uri, dirs, files)
+                    if hit is not None:
+                        hit = hits.setdefault(hit, hit)
+                    ucache[uri] = hit
                 if hit is None:
                     continue
                 accepted += 1
-                key = (hit, day, ip)
-                counts[key] = counts.get(key, 0) + 1
+                ips = bucket.get(hit)  # type: ignore[union-attr]
+                if ips is None:
+                    ips = bucket[hit] = {}  # type: ignore[index]
+                ips[ip] = ips.get(ip, 0) + 1
     if nf < 0:
         raise LogFormatError("no #Fields line (empty or header-less file)")
     res.lines_read, res.accepted, res.rejected = lines_read, accepted, rejected
