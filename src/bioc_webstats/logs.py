@@ -403,6 +403,7 @@ def count_object(chunks: Iterable[bytes], name_hour: dt.datetime) -> ObjectCount
     files: dict[bytes, tuple[str, bytes] | None] = {}
     ok_status = DOWNLOAD_STATUS
     nf = -1  # number of fields; -1 until the first #Fields line
+    cut = cut1 = rest_tabs = -1  # split limit, pieces expected, tabs after the limit
     fast = True  # date and time are the first two columns: key on the line's first 20 bytes
     idate = itime = iip = imethod = iuri = istatus = 0
     lines_read = rejected = accepted = 0
@@ -410,8 +411,9 @@ def count_object(chunks: Iterable[bytes], name_hour: dt.datetime) -> ObjectCount
     for lines in line_batches(chunks):
         lines_read += len(lines)
         for line in lines:
-            f = line.split(b"\t")
-            if len(f) != nf:
+            # Split only up to the last column needed; the tabs of the rest are counted.
+            f = line.split(b"\t", cut)
+            if len(f) != cut1 or f[cut].count(b"\t") != rest_tabs:
                 if not line.strip():
                     lines_read -= 1
                     continue
@@ -426,6 +428,9 @@ def count_object(chunks: Iterable[bytes], name_hour: dt.datetime) -> ObjectCount
                         idate, itime, iip, imethod, iuri, istatus = (
                             names.index(n) for n in REQUIRED_FIELDS
                         )
+                        cut = max(idate, itime, iip, imethod, iuri, istatus) + 1
+                        cut = min(cut, nf - 1)
+                        cut1, rest_tabs = cut + 1, nf - 1 - cut
                         fast = idate == 0 and itime == 1
                     continue
                 if nf < 0:
