@@ -355,3 +355,19 @@ def test_generated_ip_key_is_private_and_stable(tmp_path):
     assert (tmp_path / "state" / "ip_hash.key").stat().st_mode & 0o777 == 0o600
     with pytest.raises(WebstatsError, match="ip_hash_key"):
         ingest.ip_hash_key(settings, "s3://bucket/prefix")
+
+
+def test_progress_bar_on_a_terminal_and_lines_in_the_journal(capsys, caplog, monkeypatch):
+    bar = ingest.Progress(objects=2, total_bytes=200, tty=True)
+    bar.update(100, 1000)
+    bar.last = 0  # the bar redraws at most 5 times a second
+    bar.update(100, 1000)
+    err = capsys.readouterr().err
+    assert "\r[" in err and "objects 2/2" in err and "lines 2,000/~2,000" in err
+    assert "lines/s" in err and "ETA" in err and err.endswith("\n")
+    monkeypatch.setattr(ingest, "PROGRESS_EVERY", 0.0)
+    caplog.set_level(logging.INFO, "bioc_webstats")
+    journal = ingest.Progress(objects=4, total_bytes=400, tty=False)
+    journal.update(100, 10)
+    assert "progress: " in caplog.text and "objects 1/4" in caplog.text
+    assert "\r" not in capsys.readouterr().err

@@ -92,3 +92,30 @@ def test_s3_source_requires_configured_key(s3, tmp_path, db_url):
     settings = loaded(db_url, tmp_path, WEBSTATS_IP_HASH_KEY="")
     with pytest.raises(WebstatsError, match="ip_hash_key"):
         ingest.run(settings, source=f"s3://{BUCKET}/")
+
+
+def test_cloudfront_invalidation_after_a_run_that_changed_the_stats(db_url, tmp_path, aws_env):
+    from test_aws import make_distribution
+
+    dist = make_distribution()
+    cf = boto3.client("cloudfront", region_name="us-east-1")
+    out = tmp_path / "logs"
+    loggen.generate(out, days=1, files_per_day=2, lines_per_file=100)
+    settings = loaded(db_url, tmp_path, WEBSTATS_ETL_CLOUDFRONT_DISTRIBUTION=dist)
+
+    def invalidations() -> int:
+        return cf.list_invalidations(DistributionId=dist)["InvalidationList"]["Quantity"]
+
+    assert ingest.run(settings, source=str(out)) is True
+    assert invalidations() == 1
+    assert ingest.run(settings, source=str(out)) is True  # nothing new: no invalidation
+    assert invalidations() == 1
+
+
+def test_failed_invalidation_fails_the_run_but_keeps_the_data(db_url, tmp_path, aws_env, caplog):
+    out = tmp_path / "logs"
+    truth = loggen.generate(out, days=1, files_per_day=2, lines_per_file=100)
+    settings = loaded(db_url, tmp_path, WEBSTATS_ETL_CLOUDFRONT_DISTRIBUTION="ENOSUCHDIST")
+    assert ingest.run(settings, source=str(out)) is False
+    assert_truth(db_url, truth)
+    assert "CloudFront invalidation of distribution ENOSUCHDIST failed" in caplog.text

@@ -468,6 +468,9 @@ def store_all(
 
 
 def finish_run(settings: Settings, summary: RunSummary) -> None:
+    """Recompute what is queued (one transaction); then, if the statistics changed, ask
+    CloudFront to drop its cached pages. A failed invalidation fails the run (counted in
+    ``summary.failed``) but never the data, which is committed by then."""
     pause_point("before_recompute")
     t0 = time.monotonic()
     with db.session_factory(settings.database_url).begin() as session:
@@ -478,18 +481,18 @@ def finish_run(settings: Settings, summary: RunSummary) -> None:
     summary.months = res.months
     summary.valid_thru = res.valid_thru
     if res.data_version is not None:
-        _invalidate(settings)
-
-
-def _invalidate(settings: Settings) -> None:
-    """Ask CloudFront to drop its cached stats pages (no-op when not configured)."""
-    try:
         from .aws import invalidate_stats_cache
-    except ImportError:  # pragma: no cover - aws.py always ships
-        return
-    inv = invalidate_stats_cache(settings)
-    if inv:
-        log.info("CloudFront invalidation %s of /packages/stats/*", inv)
+
+        try:
+            inv = invalidate_stats_cache(settings)
+        except WebstatsError as exc:
+            summary.failed += 1
+            log.error(
+                "%s (the statistics are updated; the CDN serves old pages until they expire)", exc
+            )
+        else:
+            if inv:
+                log.info("CloudFront invalidation %s of /packages/stats/*", inv)
 
 
 def select_objects(
