@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime as dt
 import gzip
+import re
 
 import pytest
 
@@ -92,6 +93,11 @@ def test_parse_name():
 )
 def test_download_rule_paths(uri, expected):
     assert logs.classify_uri(uri.encode()) == expected
+    # the parser's two cached halves and the one pattern Athena runs say the same
+    m = re.fullmatch(logs.DOWNLOAD_PATTERN, re.sub("/+", "/", uri))
+    assert (m is not None) == (expected is not None)
+    if m:
+        assert (m[2] or m[3]) == expected[1]
 
 
 def test_method_status_and_counts():

@@ -39,7 +39,6 @@ DOWNLOAD_PATTERN = (
     r"(?:src/contrib/" + _NAME_RE + r"\.tar\.gz"
     r"|bin/(?:[^/]+/)+contrib/[^/]+/" + _NAME_RE + r"\.(?:tgz|zip|tar\.gz))"
 )
-DOWNLOAD_URI = re.compile(DOWNLOAD_PATTERN.encode())
 _SLASHES = re.compile(rb"/{2,}")
 DOWNLOAD_STATUS = frozenset({200, 301, 302, 307, 308})
 REQUIRED_FIELDS = ("date", "time", "c-ip", "cs-method", "cs-uri-stem", "sc-status")
