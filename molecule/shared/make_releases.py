@@ -1,12 +1,14 @@
 #!/usr/bin/env python3
-"""Source trees of the releases the upgrade scenario deploys besides the checkout itself.
+"""Source trees of the releases the scenarios deploy, snapshots of the checkout.
 
-    python molecule/upgrade/make_releases.py --out DIR
+    python molecule/shared/make_releases.py --out DIR
 
-Writes DIR/previous (release N-1: the same code with a lower ``__version__``), DIR/broken
-(a release after N whose /healthz always answers 503, so the deploy's health wait fails) and
-DIR/versions.json ({"previous", "current", "broken"}). The deploy builds each one's wheelhouse
-through webstats_release_source_dir, as it does for the checkout.
+Writes DIR/current (release N: the checkout as it is now, so that edits made while a scenario
+runs cannot change what it deploys half-way), DIR/previous (N-1: the same code with a lower
+``__version__``), DIR/broken (a release after N whose /healthz always answers 503, so the
+deploy's health wait fails) and DIR/versions.json ({"previous", "current", "broken"}). The
+deploy builds each one's wheelhouse through webstats_release_source_dir, as it does for the
+checkout.
 """
 
 from __future__ import annotations
@@ -79,6 +81,7 @@ def main() -> None:
     args = ap.parse_args()
     current = VERSION.search((REPO / "src" / "bioc_webstats" / "__init__.py").read_text())[1]
     previous, broken = neighbours(current)
+    copy_tree(args.out / "current", current)
     copy_tree(args.out / "previous", previous)
     copy_tree(args.out / "broken", broken, BREAK_HEALTHZ)
     versions = {"previous": previous, "current": current, "broken": broken}

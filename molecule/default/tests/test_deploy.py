@@ -87,7 +87,8 @@ def test_timer_next_run_at_configured_calendar(host, deploy_vars):
     nexts = []
     for spec in calendars:
         out = run_ok(host, f"systemd-analyze calendar {shlex.quote(spec)}")
-        utc = re.search(r"\(in UTC\): \w+ (\S+ \S+) UTC", out).group(1)
+        # "(in UTC): …" when the host's zone is not UTC, else "Next elapse: … UTC"
+        utc = re.findall(r"(?:\(in UTC\)|Next elapse): \w+ (\S+ \S+) UTC", out)[-1]
         nexts.append(dt.datetime.fromisoformat(utc))
     expected = min(nexts)
     out = run_ok(host, f"systemctl show {TIMER} -p NextElapseUSecRealtime --timestamp=utc")
@@ -163,7 +164,8 @@ def test_security_exposure_of_every_unit(host):
 def test_healthz_reports_the_deployed_version(service):
     health = wait_for(service.healthz, 60, "/healthz 200")
     assert health["status"] == "ok"
-    assert health["version"] == repo_version()
+    deployed = json.loads((ephemeral_dir() / "releases" / "versions.json").read_text())
+    assert health["version"] == deployed["current"] == repo_version()
     assert health["database"] is True
     assert health["schema"]
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 
 import pytest
-from testlib import REPO, Load, ephemeral_dir, run_ok, run_playbook, wait_for
+from testlib import Load, ephemeral_dir, run_ok, run_playbook, wait_for
 
 ROOT = "/opt/bioc-webstats"
 LOAD_PATHS = ["/healthz", "/packages/stats/", "/packages/stats/bioc/bioc_stats.tab"]
@@ -52,7 +52,7 @@ def test_previous_release_serves(host, service, versions, runbook):
 def test_upgrade_under_load_drops_no_request(host, service, versions, runbook):
     with Load(service.base, LOAD_PATHS) as load:
         wait_for(lambda: load.ok >= 20, 60, "the load to get going")
-        res = run_playbook(deploy_cmd(runbook, str(REPO)))
+        res = run_playbook(deploy_cmd(runbook, str(ephemeral_dir() / "releases" / "current")))
         # keep asking until the new version answers, then a little more
         wait_for(lambda: versions["current"] in load.versions, 60, "the load to see N")
         seen = load.ok
