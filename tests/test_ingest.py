@@ -371,3 +371,14 @@ def test_progress_bar_on_a_terminal_and_lines_in_the_journal(capsys, caplog, mon
     journal.update(100, 10)
     assert "progress: " in caplog.text and "objects 1/4" in caplog.text
     assert "\r" not in capsys.readouterr().err
+
+
+def test_cli_bad_since_is_a_usage_error(tmp_path, monkeypatch, capsys):
+    from bioc_webstats import cli
+
+    monkeypatch.setenv("WEBSTATS_STATE_DIR", str(tmp_path / "state"))
+    monkeypatch.setenv("WEBSTATS_ENV_FILE", "/dev/null")
+    with pytest.raises(SystemExit) as exc:
+        cli.main(["etl", "run", "--source", str(tmp_path), "--since", "yesterday"])
+    assert exc.value.code == 2
+    assert "not a date YYYY-MM-DD" in capsys.readouterr().err

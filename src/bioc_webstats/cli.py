@@ -112,9 +112,25 @@ def etl_group() -> None:
     """Ingest CloudFront logs."""
 
 
+def _iso_date(value: str | None) -> str | None:
+    """A YYYY-MM-DD option value, else a usage error (exit 2)."""
+    import datetime as dt
+
+    if value is not None:
+        try:
+            dt.date.fromisoformat(value)
+        except ValueError:
+            raise click.BadParameter(f"{value!r} is not a date YYYY-MM-DD") from None
+    return value
+
+
 @etl_group.command("run")
 @click.option("--source", help="Directory or s3://bucket/prefix (default: configuration).")
-@click.option("--since", help="Also consider objects dated on or after this date (YYYY-MM-DD).")
+@click.option(
+    "--since",
+    callback=lambda _ctx, _param, value: _iso_date(value),
+    help="Also consider objects dated on or after this date (YYYY-MM-DD).",
+)
 @click.option("--dry-run", is_flag=True, help="List what would be ingested, write nothing.")
 @click.option(
     "--engine",
