@@ -20,7 +20,6 @@ import os
 import re
 import resource
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -32,67 +31,9 @@ ROOT = HERE.parent
 sys.path.insert(0, str(ROOT / "tests"))
 
 import loggen  # noqa: E402
+from conftest import new_pg_database, pg_cluster  # noqa: E402 - the tests' throw-away cluster
 
 BIN = Path(sys.executable).parent
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class Cluster:
-    """A throw-away PostgreSQL cluster on loopback (like tests/conftest.py's)."""
-
-    def __init__(self) -> None:
-        pg = sorted(Path("/usr/lib/postgresql").glob("*/bin/initdb"))
-        if not pg:
-            sys.exit("PostgreSQL server binaries not found: run 'make deps'")
-        self.bindir = pg[-1].parent
-        self.tmp = Path(tempfile.mkdtemp(prefix="webstats-bench-pg-"))
-        self.port = free_port()
-        self.run_as = []
-        if os.geteuid() == 0:
-            shutil.chown(self.tmp, "postgres")
-            self.run_as = ["runuser", "-u", "postgres", "--"]
-        subprocess.run(
-            [*self.run_as, str(self.bindir / "initdb"), "-D", str(self.tmp / "data"), "-U",
-             "webstats", "--auth=trust", "-E", "UTF8", "--locale=C.UTF-8"],
-            check=True, stdout=subprocess.DEVNULL,
-        )  # fmt: skip
-        self.proc = subprocess.Popen(
-            [*self.run_as, str(self.bindir / "postgres"), "-D", str(self.tmp / "data"),
-             "-p", str(self.port), "-k", str(self.tmp), "-c", "listen_addresses=127.0.0.1",
-             "-c", "shared_buffers=512MB",
-             "-c", "maintenance_work_mem=512MB", "-c", "max_wal_size=4GB"],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-        )  # fmt: skip
-        deadline = time.monotonic() + 60
-        while subprocess.run(
-            [str(self.bindir / "pg_isready"), "-h", "127.0.0.1", "-p", str(self.port)],
-            capture_output=True,
-        ).returncode:
-            if time.monotonic() > deadline:
-                sys.exit("PostgreSQL did not start")
-            time.sleep(0.2)
-        self.n = 0
-
-    def new_db(self) -> str:
-        import sqlalchemy as sa
-
-        self.n += 1
-        base = f"postgresql+psycopg2://webstats@127.0.0.1:{self.port}"
-        engine = sa.create_engine(f"{base}/postgres", isolation_level="AUTOCOMMIT")
-        with engine.connect() as conn:
-            conn.execute(sa.text(f'CREATE DATABASE "bench{self.n}"'))
-        engine.dispose()
-        return f"{base}/bench{self.n}"
-
-    def stop(self) -> None:
-        self.proc.terminate()
-        self.proc.wait(60)
-        shutil.rmtree(self.tmp, ignore_errors=True)
 
 
 def env_for(url: str, state: Path) -> dict[str, str]:
@@ -220,26 +161,22 @@ def main() -> None:
 
     zc, zcpu = time_zcat(files)
     print(f"zcat to /dev/null:      {zc:6.2f}s  {args.lines / zc:>12,.0f} lines/s  CPU {zcpu:.1f}s")
-    cluster = Cluster()
-    try:
-        with tempfile.TemporaryDirectory() as tmp:
-            et, rss, summary = timed_etl(cluster.new_db(), data, Path(tmp) / "s1")
-            print(f"etl run (PostgreSQL):   {et:6.2f}s  {args.lines / et:>12,.0f} lines/s  "
-                  f"peak RSS {rss:.0f} MB")  # fmt: skip
-            print(f"  {summary}")
-            print(f"ratio etl/zcat: {et / zc:.2f}  (target <= 1.5)")
-            quarter = Path(tmp) / "quarter"
-            quarter.mkdir()
-            for f in files[:6]:
-                (quarter / f.name).symlink_to(f)
-            et4, rss4, _ = timed_etl(cluster.new_db(), quarter, Path(tmp) / "s2")
-            print(f"etl run of 1/4 of it:   {et4:6.2f}s  peak RSS {rss4:.0f} MB "
-                  f"(full input: {rss:.0f} MB; target <= 200 MB, flat)")  # fmt: skip
+    with pg_cluster() as base, tempfile.TemporaryDirectory() as tmp:
+        et, rss, summary = timed_etl(new_pg_database(base), data, Path(tmp) / "s1")
+        print(f"etl run (PostgreSQL):   {et:6.2f}s  {args.lines / et:>12,.0f} lines/s  "
+              f"peak RSS {rss:.0f} MB")  # fmt: skip
+        print(f"  {summary}")
+        print(f"ratio etl/zcat: {et / zc:.2f}  (target <= 1.5)")
+        quarter = Path(tmp) / "quarter"
+        quarter.mkdir()
+        for f in files[:6]:
+            (quarter / f.name).symlink_to(f)
+        et4, rss4, _ = timed_etl(new_pg_database(base), quarter, Path(tmp) / "s2")
+        print(f"etl run of 1/4 of it:   {et4:6.2f}s  peak RSS {rss4:.0f} MB "
+              f"(full input: {rss:.0f} MB; target <= 200 MB, flat)")  # fmt: skip
         if not args.skip_recompute:
             print("statistics recompute (PostgreSQL):")
-            recompute_bench(cluster.new_db(), args.month_downloads)
-    finally:
-        cluster.stop()
+            recompute_bench(new_pg_database(base), args.month_downloads)
 
 
 if __name__ == "__main__":
