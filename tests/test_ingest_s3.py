@@ -119,3 +119,17 @@ def test_failed_invalidation_fails_the_run_but_keeps_the_data(db_url, tmp_path, 
     assert ingest.run(settings, source=str(out)) is False
     assert_truth(db_url, truth)
     assert "CloudFront invalidation of distribution ENOSUCHDIST failed" in caplog.text
+
+
+def test_reingest_from_s3(db_url, tmp_path, s3):
+    out = tmp_path / "logs"
+    truth = loggen.generate(out, days=1, files_per_day=3, lines_per_file=120)
+    upload_dir(s3, out, "")
+    settings = loaded(db_url, tmp_path)
+    assert ingest.run(settings, source=f"s3://{BUCKET}")
+    before = snapshot(db_url)
+    ingest.reingest(settings, truth.files[:2], source=f"s3://{BUCKET}")
+    assert snapshot(db_url)[:3] == before[:3]
+    assert_truth(db_url, truth)
+    with pytest.raises(WebstatsError, match=r"NoSuchKey|Not Found|404"):
+        ingest.reingest(settings, [f"{loggen.DIST}.2024-01-01-00.gone.gz"], source=f"s3://{BUCKET}")
