@@ -47,7 +47,7 @@ static: venv ## Ansible + units, no container: ansible-lint (production), yamlli
 	$(BIN)/ruff format --check roles/webstats_release/files playbooks/files
 	$(BIN)/python -m pytest -q -p no:cacheprovider tests/test_units_static.py
 
-MOLECULE_SCENARIOS ?= default upgrade ssm
+MOLECULE_SCENARIOS ?= default upgrade
 
 molecule: deps venv ## the real playbook on a real systemd host (podman): $(MOLECULE_SCENARIOS)
 	for s in $(MOLECULE_SCENARIOS); do scripts/molecule.sh test -s $$s; done
@@ -58,7 +58,7 @@ demo: deps venv ## deploy into a local systemd container (PostgreSQL, sample log
 demo-down: ## remove the demo container
 	scripts/demo.sh down
 
-test: deps venv lint static pytest ## everything CI runs
+test: deps venv lint static pytest molecule ## everything CI runs
 	@echo "make test: all green"
 
 bench-web: deps venv ## web benchmark: gunicorn (4 workers, PostgreSQL) vs nginx, same bytes, wrk

@@ -202,15 +202,25 @@ def ephemeral_dir() -> Path:
 
 class Load:
     """Continuous requests to the service from a few threads, each on a new connection (as
-    independent clients would), until ``stop()`` or ``limit`` seconds. Counts failures: any
+    independent clients would), until ``stop()`` or ``limit`` seconds, each thread pausing
+    ``pace`` seconds between requests so the load does not starve the deploy of CPU on a
+    2-core machine. Counts failures: any
     connection error, timeout or status other than 200, with the first few kept for the report.
     Bounded: one target address, ``threads`` concurrent requests, ``limit`` seconds at most.
     """
 
-    def __init__(self, base: str, paths: list[str], threads: int = 4, limit: float = 900) -> None:
+    def __init__(
+        self,
+        base: str,
+        paths: list[str],
+        threads: int = 3,
+        limit: float = 900,
+        pace: float = 0.05,
+    ) -> None:
         self.base = base.rstrip("/")
         self.paths = paths
         self.limit = limit
+        self.pace = pace  # seconds between two requests of a thread: steady, not a stress test
         self.ok = 0
         self.failed = 0
         self.errors: list[str] = []
@@ -251,6 +261,7 @@ class Load:
                 version = r.json().get("version") if good and path == "/healthz" else None
             except requests.RequestException as exc:
                 good, what, version = False, f"{path}: {type(exc).__name__}: {exc}", None
+            self._stop.wait(self.pace)
             with self._lock:
                 if good:
                     self.ok += 1
