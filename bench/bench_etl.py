@@ -124,7 +124,7 @@ def recompute_bench(url: str, downloads_per_month: int) -> None:
     for label, month in (("one month (May 2023)", 5), ("the full year 2023", 0)):
         with sf.begin() as s:
             t0 = time.perf_counter()
-            stats._recompute_period(s, "bioc", 2023, month, None)
+            stats._recompute_period(s, 2023, month, {"bioc": None})
             took = time.perf_counter() - t0
         print(f"  recompute {label}: {took:.1f}s")
     with sf.begin() as s:

@@ -79,12 +79,14 @@ def queue(session: Session, keys: Iterable[tuple[str, str, int, int]]) -> int:
 
 
 def _recompute_period(
-    session: Session, cat: str, year: int, month: int, packages: set[str] | None
+    session: Session, year: int, month: int, cats: dict[str, set[str] | None]
 ) -> None:
-    """Replace package rows of one (category, year, month) — all packages or only some —
-    and the category total of that period."""
-    r, p = DownloadRecord, Package
+    """Replace the package rows and the category totals of one period (month 0: the year)
+    for several categories: all packages of a category (None) or only the names given.
+    One statement serves every category that is recomputed whole."""
+    r, p, ps, cs = DownloadRecord, Package, PackageStat, CategoryStat
     start, end = period(year, month)
+    known = and_(p.package == r.package, p.category == r.category)
     base = (
         select(
             r.category,
@@ -94,36 +96,43 @@ def _recompute_period(
             func.count(r.ip_hash.distinct()),
             func.sum(r.downloads),
         )
-        .join(p, and_(p.package == r.package, p.category == r.category))
-        .where(r.category == cat, r.day >= start, r.day < end)
+        .join(p, known)
+        .where(r.day >= start, r.day < end)
         .group_by(r.category, r.package)
     )
     cols = ["category", "package", "year", "month", "ips", "downloads"]
-    ps = PackageStat
-    where = (ps.category == cat, ps.year == year, ps.month == month)
-    if packages is None:
-        session.execute(delete(ps).where(*where))
-        session.execute(insert(ps).from_select(cols, base))
-    else:
+    this = (ps.year == year, ps.month == month)
+    whole = sorted(c for c, names in cats.items() if names is None)
+    if whole:
+        session.execute(delete(ps).where(*this, ps.category.in_(whole)))
+        session.execute(insert(ps).from_select(cols, base.where(r.category.in_(whole))))
+    for cat, packages in sorted(cats.items()):
+        if packages is None:
+            continue
         names = sorted(packages)
         for i in range(0, len(names), _CHUNK):
             chunk = names[i : i + _CHUNK]
-            session.execute(delete(ps).where(*where, ps.package.in_(chunk)))
-            session.execute(insert(ps).from_select(cols, base.where(r.package.in_(chunk))))
-    # The category total is distinct over all its known packages: never a sum of packages.
-    ips, downloads = session.execute(
-        select(func.count(r.ip_hash.distinct()), func.coalesce(func.sum(r.downloads), 0))
-        .join(p, and_(p.package == r.package, p.category == r.category))
-        .where(r.category == cat, r.day >= start, r.day < end)
-    ).one()
-    cs = CategoryStat
-    session.execute(delete(cs).where(cs.category == cat, cs.year == year, cs.month == month))
-    if downloads:
-        session.execute(
-            insert(cs).values(
-                category=cat, year=year, month=month, ips=ips, downloads=int(downloads)
+            session.execute(delete(ps).where(*this, ps.category == cat, ps.package.in_(chunk)))
+            session.execute(
+                insert(ps).from_select(cols, base.where(r.category == cat, r.package.in_(chunk)))
             )
-        )
+    # A category total is distinct over all its known packages: never a sum of packages.
+    totals = session.execute(
+        select(r.category, func.count(r.ip_hash.distinct()), func.sum(r.downloads))
+        .join(p, known)
+        .where(r.day >= start, r.day < end, r.category.in_(sorted(cats)))
+        .group_by(r.category)
+    ).all()
+    session.execute(
+        delete(cs).where(cs.year == year, cs.month == month, cs.category.in_(sorted(cats)))
+    )
+    rows = [
+        {"category": c, "year": year, "month": month, "ips": ips, "downloads": int(n)}
+        for c, ips, n in totals
+        if n
+    ]
+    if rows:
+        session.execute(insert(cs), rows)
 
 
 def apply_pending(session: Session) -> RecomputeResult:
@@ -134,26 +143,26 @@ def apply_pending(session: Session) -> RecomputeResult:
         select(StatsPending.category, StatsPending.package, StatsPending.year, StatsPending.month)
     ).all()
     if rows:
-        months: dict[tuple[str, int, int], set[str]] = defaultdict(set)
+        touched: dict[tuple[int, int], dict[str, set[str]]] = defaultdict(lambda: defaultdict(set))
         for cat, pkg, year, month in rows:
             cat_def = BY_PREFIX.get(cat)
             if cat_def is None or year < cat_def.first_year or not 1 <= month <= 12:
                 continue  # nothing before the first year is counted, nor reported
-            months[(cat, year, month)].add(pkg)
-            months[(cat, year, 0)].add(pkg)
+            touched[(year, month)][cat].add(pkg)
+            touched[(year, 0)][cat].add(pkg)
         t0 = time.monotonic()
         if session.get_bind().dialect.name == "postgresql":
             # Fresh rows have no planner statistics yet (autovacuum runs later): without them
             # PostgreSQL may pick a nested loop over the whole month. ANALYZE samples a fixed
             # number of rows, so it costs the same on any table size.
             session.execute(text("ANALYZE download_records, packages"))
-        for (cat, year, month), pkgs in sorted(months.items()):
-            full = len(pkgs) > FULL_CATEGORY_AT
-            _recompute_period(session, cat, year, month, None if full else pkgs)
+        for (year, month), cats in sorted(touched.items()):
+            work = {c: None if len(n) > FULL_CATEGORY_AT else n for c, n in cats.items()}
+            _recompute_period(session, year, month, work)
             if month:
-                res.months += 1
+                res.months += len(cats)
             else:
-                res.years += 1
+                res.years += len(cats)
         session.execute(delete(StatsPending))
         res.data_version = db.bump_data_version(session)
         log.debug(
