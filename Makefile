@@ -45,7 +45,7 @@ static: venv ## Ansible + units, no container: ansible-lint (production), yamlli
 	done
 	$(BIN)/ruff check roles/webstats_release/files playbooks/files
 	$(BIN)/ruff format --check roles/webstats_release/files playbooks/files
-	$(BIN)/python -m pytest -q -p no:cacheprovider tests/test_units_static.py
+	$(BIN)/python -m pytest -q -p no:cacheprovider tests/test_units_static.py tests/test_roles_static.py
 
 MOLECULE_SCENARIOS ?= default upgrade
 
