@@ -1,0 +1,124 @@
+"""Units configured through SSM Parameter Store (moto on the controller's loopback).
+
+The env file holds the SSM path and the test-only endpoint; the database (a PostgreSQL standing
+in for RDS), the secrets and the ETL's settings come from ``/bioc/webstats/test/`` and the DB
+login secret. A missing parameter fails a unit at start with one clear line naming it, and no
+secret value ever shows in the journal, the log files, the env file or ``systemctl show``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import boto3
+import pytest
+from testlib import Service, run_ok, wait_for
+
+WEB = "bioc-webstats.service"
+ETL = "bioc-webstats-etl.service"
+UNITS = ["bioc-webstats.socket", WEB, ETL, "bioc-webstats-etl.timer", "bioc-webstats.target"]
+ENV_FILE = "/etc/bioc-webstats/webstats.env"
+BW = (
+    f"runuser -u webstats -- env WEBSTATS_ENV_FILE={ENV_FILE} "
+    "/opt/bioc-webstats/current/bin/bioc-webstats"
+)
+
+
+@pytest.fixture(scope="module")
+def state() -> dict:
+    return json.loads((Path(os.environ["WEBSTATS_SSM_FIXTURE_DIR"]) / "state.json").read_text())
+
+
+@pytest.fixture(scope="module")
+def ssm_service(state) -> Service:
+    return Service(f"http://127.0.0.1:{state['web_port']}")
+
+
+@pytest.fixture(scope="module")
+def ssm(state):
+    return boto3.client(
+        "ssm",
+        region_name=state["region"],
+        endpoint_url=f"http://127.0.0.1:{state['moto_port']}",
+        aws_access_key_id="testing",
+        aws_secret_access_key="testing",
+    )
+
+
+def healthy(service: Service) -> bool:
+    health = service.healthz()
+    return bool(health and health["status"] == "ok" and health["database"])
+
+
+def test_env_file_names_only_the_path(host, state):
+    env = host.file(ENV_FILE).content_string
+    assert f"WEBSTATS_SSM_PATH={state['ssm_path']}" in env
+    assert "WEBSTATS_DATABASE_URL" not in env
+    for value in state["secrets"].values():
+        assert value not in env
+
+
+def test_service_runs_on_the_ssm_configuration(host, ssm_service, state):
+    health = wait_for(lambda: healthy(ssm_service) and ssm_service.healthz(), 60, "/healthz")
+    assert health["database"] is True  # reached with db/* from SSM and the secret's password
+    shown = run_ok(host, f"{BW} config show")
+    for name in ("db/server", "db/port", "flask/secret_key", "etl/ip_hash_key"):
+        line = next(ln for ln in shown.splitlines() if name in ln)
+        assert f"ssm {state['ssm_path']}/{name}" in line, line
+    for value in state["secrets"].values():
+        assert value not in shown
+
+
+def test_etl_through_systemd_with_ssm_settings(host, state):
+    run_ok(host, f"{BW} packages load /srv/bioc-webstats/packages.csv")
+    run_ok(host, f"systemctl start {ETL}", timeout=600)
+    assert run_ok(host, f"systemctl show -p Result --value {ETL}").strip() == "success"
+    journal = run_ok(host, f"journalctl -u {ETL} -o cat")
+    assert "etl run:" in journal and "objects ingested" in journal
+
+
+@pytest.mark.parametrize(
+    ("unit", "name"), [(WEB, "flask/secret_key"), (ETL, "etl/ip_hash_key"), (WEB, "db/server")]
+)
+def test_missing_parameter_fails_the_unit_with_one_clear_line(
+    host, ssm, ssm_service, state, unit, name
+):
+    full = f"{state['ssm_path']}/{name}"
+    kept = ssm.get_parameter(Name=full, WithDecryption=True)["Parameter"]
+    cursor = run_ok(host, "journalctl --show-cursor -n 0 -o cat").strip().split("cursor: ")[-1]
+    ssm.delete_parameter(Name=full)
+    try:
+        res = host.run(f"timeout 300 systemctl restart {unit}")
+        assert res.rc != 0, f"{unit} started without {full}"
+        assert run_ok(host, f"systemctl is-failed {unit}").strip() == "failed"
+        journal = run_ok(host, f"journalctl -u {unit} -o cat --after-cursor='{cursor}'")
+        errors = [ln for ln in journal.splitlines() if "bioc-webstats: error:" in ln]
+        assert errors, journal[-2000:]
+        assert set(errors) == {f"bioc-webstats: error: missing SSM parameter {full}"}, errors
+        assert "Traceback" not in journal
+    finally:
+        ssm.put_parameter(Name=full, Type=kept["Type"], Value=kept["Value"], Overwrite=True)
+    run_ok(host, f"systemctl reset-failed {unit}")
+    if unit == WEB:
+        run_ok(host, f"systemctl start {WEB}")
+        wait_for(lambda: healthy(ssm_service), 60, "/healthz once the parameter is back")
+    else:
+        run_ok(host, f"systemctl start {ETL}", timeout=600)
+        assert run_ok(host, f"systemctl show -p Result --value {ETL}").strip() == "success"
+
+
+def test_secrets_never_in_journal_logs_or_systemctl_show(host, state):
+    places = {
+        "journal": run_ok(host, "journalctl -o cat --no-pager"),
+        "journal (verbose)": run_ok(host, "journalctl -o verbose --no-pager -u 'bioc-webstats*'"),
+        "log files": run_ok(host, "cat /var/log/bioc-webstats/*"),
+        "systemctl show": run_ok(host, "systemctl show " + " ".join(UNITS)),
+        "env file": host.file(ENV_FILE).content_string,
+        "unit files": run_ok(host, "cat /etc/systemd/system/bioc-webstats*"),
+    }
+    assert len(places["log files"]) > 0 and "etl run:" in places["log files"]
+    for secret_name, value in state["secrets"].items():
+        for where, text in places.items():
+            assert value not in text, f"{secret_name} appears in the {where}"
