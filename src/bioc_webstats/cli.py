@@ -185,6 +185,31 @@ def stats_rebuild(ctx: Context) -> None:
     click.echo(rebuild(ctx.settings))
 
 
+# --- web ------------------------------------------------------------------------------------
+
+
+@cli.group("web")
+def web_group() -> None:
+    """The web service's disk cache."""
+
+
+@web_group.command("warm")
+@pass_ctx
+def web_warm(ctx: Context) -> None:
+    """Build the index and repository pages and every category file of the current data
+    version into the web cache (etl run, stats rebuild and packages sync do it after a
+    change)."""
+    from .web import warm
+
+    try:
+        result = warm(ctx.settings)
+    except OSError as exc:
+        raise WebstatsError(
+            f"web warm: cannot write the cache: {exc.filename or ''} {exc.strerror}".rstrip()
+        ) from None
+    click.echo(result.line())
+
+
 # --- config / check -------------------------------------------------------------------------
 
 
@@ -207,14 +232,10 @@ def config_show(ctx: Context) -> None:
 def check(ctx: Context) -> None:
     """Smoke test: configuration loads, database reachable, schema current."""
     settings = ctx.settings
-    current = db.current_revision(settings.database_url)
-    head = db.head_revision()
-    if current != head:
-        raise WebstatsError(
-            f"schema is at {current or 'nothing'}, this release needs {head}: "
-            "run 'bioc-webstats db upgrade'"
-        )
-    click.echo(f"ok: bioc-webstats {__version__}, schema {head}")
+    status = db.schema_status(settings.database_url)
+    if not status.ok:
+        raise WebstatsError(status.reason)
+    click.echo(f"ok: bioc-webstats {__version__}, {status.reason}")
 
 
 @cli.command("notify-failure")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
+from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 
@@ -83,6 +84,64 @@ def current_revision(url: str) -> str | None:
     """The revision the database is at (None: no schema yet). Raises if unreachable."""
     with get_engine(url).connect() as conn:
         return MigrationContext.configure(conn).get_current_revision()
+
+
+SCHEMA_FLOOR = "schema_floor"
+
+
+@dataclass(frozen=True)
+class SchemaStatus:
+    """Whether this release can run on the database's schema, and why not."""
+
+    revision: str | None
+    ok: bool
+    reason: str
+
+
+def _revision_number(rev: str) -> int | None:
+    return int(rev) if rev.isdigit() else None
+
+
+def schema_status(url: str) -> SchemaStatus:
+    """Compare the database's schema with this release's migrations. Raises if unreachable.
+
+    Revisions are numbered (0001, 0002, …). The schema at this release's head is fine. A NEWER
+    schema is fine too, unless a later migration raised the ``schema_floor`` meta key above this
+    release's head: migrations are written expand-only (old code keeps working) so that a release
+    can be rolled back after its successor migrated; one that breaks old code sets the floor.
+    """
+    head = head_revision()
+    current = current_revision(url)
+    if current == head:
+        return SchemaStatus(current, True, f"schema {head}")
+    if current is None:
+        return SchemaStatus(
+            None, False, f"no schema yet, this release needs {head}: run 'bioc-webstats db upgrade'"
+        )
+    cur_n, head_n = _revision_number(current), _revision_number(head)
+    known = ScriptDirectory.from_config(_alembic_config("sqlite://")).get_revision
+    try:
+        is_known = known(current) is not None
+    except Exception:  # noqa: BLE001 - alembic raises several types for unknown revisions
+        is_known = False
+    if is_known or cur_n is None or head_n is None or cur_n < head_n:
+        return SchemaStatus(
+            current,
+            False,
+            f"schema is at {current}, this release needs {head}: run 'bioc-webstats db upgrade'",
+        )
+    with session_factory(url)() as session:
+        floor = get_meta(session, SCHEMA_FLOOR)
+    if floor and floor.isdigit() and int(floor) > head_n:
+        return SchemaStatus(
+            current,
+            False,
+            f"schema {current} needs a release with schema "
+            f"{floor} or later, this release has {head}: deploy a newer release",
+        )
+    return SchemaStatus(
+        current, True, f"schema {current} (newer than this release's {head}, compatible)"
+    )
 
 
 def get_meta(session: Session, key: str) -> str | None:

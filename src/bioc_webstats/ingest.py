@@ -472,9 +472,10 @@ def store_all(
 
 
 def finish_run(settings: Settings, summary: RunSummary) -> None:
-    """Recompute what is queued (one transaction); then, if the statistics changed, ask
-    CloudFront to drop its cached pages. A failed invalidation fails the run (counted in
-    ``summary.failed``) but never the data, which is committed by then."""
+    """Recompute what is queued (one transaction); then, if the statistics changed, warm
+    the web cache and ask CloudFront to drop its cached pages. A failed warm is logged
+    only; a failed invalidation fails the run (counted in ``summary.failed``) but never the
+    data, which is committed by then."""
     pause_point("before_recompute")
     t0 = time.monotonic()
     with db.session_factory(settings.database_url).begin() as session:
@@ -486,6 +487,9 @@ def finish_run(settings: Settings, summary: RunSummary) -> None:
     summary.valid_thru = res.valid_thru
     if res.data_version is not None:
         from .aws import invalidate_stats_cache
+        from .web import warm_after_change
+
+        warm_after_change(settings)  # before the CDN asks for the new pages
 
         try:
             inv = invalidate_stats_cache(settings)

@@ -219,5 +219,9 @@ def sync(
             session.flush()
             recompute_packages(session, {(c.category, c.package) for c in changes})
             db.bump_data_version(session)
+    if changes:
+        from .web import warm_after_change
+
+        warm_after_change(settings)
     lines.append("applied" if changes else "nothing to change")
     return "\n".join(lines)

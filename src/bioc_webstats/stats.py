@@ -230,7 +230,8 @@ def recompute_packages(session: Session, packages: Iterable[tuple[str, str]]) ->
 
 
 def rebuild(settings: Settings) -> str:
-    """Recompute all statistics from the stored records (one transaction)."""
+    """Recompute all statistics from the stored records (one transaction), then warm the
+    web cache."""
     t0 = time.monotonic()
     with db.session_factory(settings.database_url).begin() as session:
         session.execute(delete(PackageStat))
@@ -242,8 +243,12 @@ def rebuild(settings: Settings) -> str:
         res = apply_pending(session)
         if res.data_version is None:
             res.data_version = db.bump_data_version(session)
-    return (
+    line = (
         f"stats rebuild: {res.months} months and {res.years} years recomputed, "
         f"ValidThru {res.valid_thru or '-'}, data version {res.data_version}, "
         f"{time.monotonic() - t0:.1f}s"
     )
+    from .web import warm_after_change
+
+    warm_after_change(settings)
+    return line

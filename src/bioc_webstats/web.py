@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import datetime as dt
 import hashlib
+import logging
 import os
 import re
 import threading
+import time
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -38,6 +40,7 @@ INDEX_PAGES = {c.index_page: c for c in CATEGORIES}
 YEAR_RE = re.compile(r"[0-9]{4}")  # ASCII digits only (not fullwidth digits)
 # Constant text, no user input: the two facts every request needs.
 META_SQL = "SELECT key, value FROM meta WHERE key IN ('data_version', 'valid_thru')"
+log = logging.getLogger(__name__)
 STATIC_FILES = {  # top-level assets under the prefix -> (file under static/, content type)
     "main.css": ("main.css", "text/css; charset=utf-8"),
     "charts.js": ("charts.js", "text/javascript; charset=utf-8"),
@@ -192,6 +195,32 @@ def build(session: Session, target: Target, snap: report.Snapshot) -> str:
     return tabfiles.package_year_tab(year, years.get(year, {}))
 
 
+def category_targets(snap: report.Snapshot) -> list[Target]:
+    """Every page and file of the snapshot that names no package: the category text files
+    (the package tables first: the heaviest builds), the index and repository pages, and
+    the per-year files of each category. Named through :func:`resolve`, so the cache paths
+    are the ones requests use."""
+    subs: list[str] = []
+    for cat in CATEGORIES:
+        stem, prefix = cat.stem, cat.prefix
+        subs += [f"{stem}/{prefix}_pkg_stats.tab", f"{stem}/{prefix}_pkg_scores.tab"]
+    for cat in CATEGORIES:
+        stem, prefix = cat.stem, cat.prefix
+        subs += [cat.index_page, f"{stem}/", f"{stem}/{prefix}_stats.tab"]
+        subs.append(f"{stem}/{prefix}_packages.txt")
+        if snap.valid_thru is not None:
+            subs += [
+                f"{stem}/{prefix}_{year}_stats.tab"
+                for year in range(cat.first_year, snap.valid_thru.year + 1)
+            ]
+    targets: dict[str, Target] = {}
+    for sub in subs:
+        target = resolve(sub)
+        if isinstance(target, Target) and exists(target, snap):
+            targets.setdefault(target.relpath, target)
+    return list(targets.values())
+
+
 class StatsSite:
     """Per-process state: settings, the disk cache, the current snapshot."""
 
@@ -214,6 +243,10 @@ class StatsSite:
 
     def session(self) -> Session:
         return db.session_factory(self.settings.database_url)()
+
+    def close(self) -> None:
+        """Release the pooled meta connections (a process that is not a web worker)."""
+        self._meta_engine.dispose()
 
     def meta(self) -> tuple[int, dt.date | None]:
         """(data version, ValidThru): one round trip on a pooled autocommit connection (no
@@ -266,6 +299,69 @@ class StatsSite:
             mtime = dt.datetime.fromtimestamp(Path(str(res)).stat().st_mtime, dt.UTC)
             self._static[name] = (body, ctype, etag, http_datetime(mtime))
         return self._static[name]
+
+
+@dataclass
+class WarmResult:
+    """What :func:`warm` did."""
+
+    data_version: int
+    built: int = 0
+    present: int = 0  # already in the cache (a web worker was first)
+    moved_on: bool = False  # the data version changed meanwhile: the rest was left
+    seconds: float = 0.0
+
+    def line(self) -> str:
+        text = (
+            f"web warm: data version {self.data_version}, {self.built} files built, "
+            f"{self.present} already cached, {self.seconds:.1f}s"
+        )
+        if self.moved_on:
+            text += " (stopped: the data version moved on meanwhile)"
+        return text
+
+
+def warm(settings: Settings) -> WarmResult:
+    """Build every page and file of :func:`category_targets` for the current data version
+    into the disk cache the web workers serve from (same directory, names, modes and
+    per-file locks), so the first requests after a statistics change do not pay the heavy
+    builds. Raises OSError when the cache cannot be written and SQLAlchemyError when the
+    database cannot be read."""
+    t0 = time.monotonic()
+    site = StatsSite(settings)
+    try:
+        version, vt = site.meta()
+        snap = site.snapshot(version, vt)
+        result = WarmResult(version)
+        for target in category_targets(snap):
+            if site.cache.lookup(version, target.relpath) is not None:
+                result.present += 1
+                continue
+            got = site.cache.get_or_build(
+                version, target.relpath, lambda t=target: site.build(t, snap), strict=True
+            )
+            if not isinstance(got, Path):  # built from a newer data version: not stored
+                result.moved_on = True
+                break
+            result.built += 1
+    finally:
+        site.close()
+    result.seconds = time.monotonic() - t0
+    return result
+
+
+def warm_after_change(settings: Settings) -> None:
+    """:func:`warm` after a run that changed the statistics. A failure is one log line and
+    never fails the run: the web then builds the files on first request, as without it."""
+    try:
+        log.info("%s", warm(settings).line())
+    # Any failure, even a bug: the run's work is committed and this is only an optimisation.
+    except Exception as exc:  # noqa: BLE001
+        detail = getattr(exc, "orig", None) or exc
+        first = (str(detail).strip().splitlines() or [type(detail).__name__])[0]
+        if isinstance(exc, OSError) and exc.strerror:
+            first = f"{exc.filename or ''} {exc.strerror}".strip()
+        log.warning("web warm failed (pages are built on first request instead): %s", first)
 
 
 def http_datetime(when: dt.datetime) -> str:
@@ -467,10 +563,10 @@ def create_app(settings: Settings | None = None) -> Flask:
             "valid_thru": None,
         }
         try:
-            revision = db.current_revision(settings.database_url)
+            status = db.schema_status(settings.database_url)
             body["database"] = True
-            body["schema"] = revision
-            if revision == db.head_revision():
+            body["schema"] = status.revision
+            if status.ok:
                 with db.session_factory(settings.database_url)() as session:
                     vt = db.get_valid_thru(session)
                 body["valid_thru"] = vt.isoformat() if vt else None

@@ -41,37 +41,46 @@ class DiskCache:
         path = self.version_dir(data_version) / relpath
         return path if path.is_file() else None
 
-    def store(self, data_version: int, relpath: str, body: bytes) -> Path | None:
-        """Write ``body`` atomically; None if the disk refused (the caller serves from memory)."""
-        vdir = self.version_dir(data_version)
-        path = vdir / relpath
+    def write(self, data_version: int, relpath: str, body: bytes) -> Path:
+        """Write ``body`` atomically (tmp file + rename); OSError if the disk refused."""
+        path = self.version_dir(data_version) / relpath
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-")
         try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-")
-            try:
-                with os.fdopen(fd, "wb") as f:
-                    f.write(body)
-                os.chmod(tmp, 0o644)
-                os.replace(tmp, path)
-            except BaseException:
-                with contextlib.suppress(OSError):
-                    os.unlink(tmp)
-                raise
-        except OSError as exc:
-            log.warning("cache: cannot write %s (%s); serving from memory", path, exc.strerror)
-            return None
+            with os.fdopen(fd, "wb") as f:
+                f.write(body)
+            os.chmod(tmp, 0o644)  # inside the 0750 state directory: owner and group only
+            os.replace(tmp, path)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+            raise
         if self._pruned_for != data_version:
             self._pruned_for = data_version
             self.prune(data_version)
         return path
 
+    def store(self, data_version: int, relpath: str, body: bytes) -> Path | None:
+        """Write ``body`` atomically; None if the disk refused (the caller serves from memory)."""
+        try:
+            return self.write(data_version, relpath, body)
+        except OSError as exc:
+            path = self.version_dir(data_version) / relpath
+            log.warning("cache: cannot write %s (%s); serving from memory", path, exc.strerror)
+            return None
+
     def get_or_build(
-        self, data_version: int, relpath: str, build: Callable[[], tuple[bytes, bool]]
+        self,
+        data_version: int,
+        relpath: str,
+        build: Callable[[], tuple[bytes, bool]],
+        strict: bool = False,
     ) -> Path | bytes:
         """The cached file, building it first if needed. One builder per file at a time,
         across threads and processes (flock), so a new data version does not start the
         same heavy build in every worker. ``build`` returns (body, cacheable): a body built
-        while the data version moved on is served once but not stored."""
+        while the data version moved on is served once but not stored. A disk that refuses
+        is logged and the body served from memory; with ``strict`` the OSError is raised."""
         path = self.lookup(data_version, relpath)
         if path is not None:
             return path
@@ -81,6 +90,8 @@ class DiskCache:
             vdir.mkdir(parents=True, exist_ok=True)
             lock = open(vdir / lock_name, "a+b")
         except OSError as exc:
+            if strict:
+                raise
             log.warning("cache: cannot use %s (%s); serving from memory", vdir, exc.strerror)
             return build()[0]  # no usable disk: still answer, from memory
         try:
@@ -91,6 +102,8 @@ class DiskCache:
             body, cacheable = build()
             if not cacheable:
                 return body
+            if strict:
+                return self.write(data_version, relpath, body)
             return self.store(data_version, relpath, body) or body
         finally:
             lock.close()  # releases the lock

@@ -1,0 +1,53 @@
+"""A release rolled back after its successor migrated keeps running (expand-only migrations),
+unless the newer schema raised the floor above it."""
+
+from __future__ import annotations
+
+import sqlalchemy as sa
+
+from bioc_webstats import create_app, db
+from bioc_webstats.config import load_settings
+
+
+def _stamp(url: str, revision: str, floor: str | None = None) -> None:
+    with db.get_engine(url).begin() as conn:
+        conn.execute(sa.text("UPDATE alembic_version SET version_num = :r"), {"r": revision})
+        if floor is not None:
+            conn.execute(
+                sa.text("INSERT INTO meta (key, value) VALUES ('schema_floor', :f)"), {"f": floor}
+            )
+
+
+def _next(rev: str) -> str:
+    return f"{int(rev) + 1:04d}"
+
+
+def test_head_is_ok(db_url):
+    status = db.schema_status(db_url)
+    assert status.ok and status.revision == db.head_revision()
+
+
+def test_newer_schema_is_compatible_by_default(db_url, clean_env, monkeypatch):
+    newer = _next(db.head_revision())
+    _stamp(db_url, newer)
+    status = db.schema_status(db_url)
+    assert status.ok and status.revision == newer and "compatible" in status.reason
+    monkeypatch.setenv("WEBSTATS_DATABASE_URL", db_url)
+    resp = create_app(load_settings()).test_client().get("/healthz")
+    assert resp.status_code == 200 and resp.json["schema"] == newer
+
+
+def test_floor_above_this_release_refuses(db_url, clean_env, monkeypatch):
+    newer = _next(db.head_revision())
+    _stamp(db_url, newer, floor=newer)
+    status = db.schema_status(db_url)
+    assert not status.ok and "deploy a newer release" in status.reason
+    monkeypatch.setenv("WEBSTATS_DATABASE_URL", db_url)
+    resp = create_app(load_settings()).test_client().get("/healthz")
+    assert resp.status_code == 503
+
+
+def test_older_schema_needs_upgrade(db_url):
+    _stamp(db_url, "0001")
+    status = db.schema_status(db_url)
+    assert not status.ok and "db upgrade" in status.reason
