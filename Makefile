@@ -47,7 +47,7 @@ static: venv ## Ansible + units, no container: ansible-lint (production), yamlli
 	$(BIN)/ruff format --check roles/webstats_release/files playbooks/files
 	$(BIN)/python -m pytest -q -p no:cacheprovider tests/test_units_static.py tests/test_roles_static.py
 
-MOLECULE_SCENARIOS ?= default upgrade
+MOLECULE_SCENARIOS ?= default upgrade ssm
 
 molecule: deps venv ## the real playbook on a real systemd host (podman): $(MOLECULE_SCENARIOS)
 	for s in $(MOLECULE_SCENARIOS); do scripts/molecule.sh test -s $$s; done
