@@ -14,9 +14,9 @@ import pytest
 from sqlalchemy import select
 
 import loggen
-from bioc_webstats import athena, db, logs
+from bioc_webstats import athena, db, ingest, logs
 from bioc_webstats.errors import WebstatsError
-from bioc_webstats.models import IngestedObject
+from bioc_webstats.models import DownloadRecord, IngestedObject
 from test_ingest import assert_truth, loaded
 
 BUCKET = "bioc-cloudfront-logs"
@@ -96,21 +96,19 @@ def test_download_pattern_is_the_same_rule_in_sql_syntax(tmp_path):
 
 
 def test_downloads_sql_is_filled_in():
-    sql = athena.downloads_sql(
-        "bioc_webstats", "t1", b"k'ey", (dt.date(2024, 1, 1), dt.date(2024, 1, 3))
-    )
+    sql = athena.downloads_sql("bioc_webstats", "t1", (dt.date(2024, 1, 1), dt.date(2024, 1, 3)))
     assert "@@" not in sql
     assert "FROM bioc_webstats.t1" in sql
     assert "WHERE day BETWEEN '2024-01-01' AND '2024-01-03'" in sql
-    assert "to_utf8('k''ey')" in sql  # the key is a quoted literal, quotes doubled
+    assert "hmac_sha256(" not in sql  # hashing happens on the instance: no key in the text
     assert f"'^{logs.DOWNLOAD_PATTERN}$'" in sql
     assert "'" + " ".join(athena.FIELDS_33) + "'" in sql
     assert "'" + " ".join(athena.FIELDS_33[:15]) + "'" in sql
     assert "IN (200, 301, 302, 307, 308)" in sql and "172800" in sql
     assert "ORDER BY path, kind" in sql
-    assert "WHERE day" not in athena.downloads_sql("d", "t", b"k", None)
+    assert "WHERE day" not in athena.downloads_sql("d", "t", None)
     with pytest.raises(WebstatsError):
-        athena.downloads_sql("bad-name; drop", "t", b"k", None)
+        athena.downloads_sql("bad-name; drop", "t", None)
 
 
 def test_table_ddl_flat_and_projected():
@@ -179,9 +177,9 @@ def test_timeout_stops_the_query(aws_env, manual_athena):
 # --- end to end against moto ---------------------------------------------------------------------
 
 
-def expected_rows(out, files, bucket_prefix: str, key: bytes) -> list[list[str | None]]:
-    """What the Athena query returns for these objects (computed with the local engine)."""
-    hasher = logs.ip_hasher(key)
+def expected_rows(out, files, bucket_prefix: str) -> list[list[str | None]]:
+    """What the Athena query returns for these objects (computed with the local engine):
+    downloads per (category, package, day, client address), the address in clear."""
     rows: list[list[str | None]] = [athena.COLUMNS]
     for rel in sorted(files):
         hour = logs.parse_name(rel)
@@ -192,9 +190,9 @@ def expected_rows(out, files, bucket_prefix: str, key: bytes) -> list[list[str |
         )
         agg: dict[tuple, int] = defaultdict(int)
         for ((cat, pkg), day, ip), n in res.counts.items():
-            agg[(cat, pkg, day.isoformat(), hasher(ip))] += n
-        for (cat, pkg, day, h), n in sorted(agg.items()):
-            rows.append(["r", path, cat, pkg, day, h, n, None, None, None])
+            agg[(cat, pkg, day.isoformat(), ip.decode())] += n
+        for (cat, pkg, day, ip), n in sorted(agg.items()):
+            rows.append(["r", path, cat, pkg, day, ip, n, None, None, None])
     return rows
 
 
@@ -212,7 +210,7 @@ def test_athena_run_loads_through_the_ledger(db_url, tmp_path, aws_env, manual_a
     empty = f"cf/{loggen.DIST}/2024-04-02/{loggen.DIST}.2024-04-02-23.empty.gz"
     s3.put_object(Bucket=BUCKET, Key=empty, Body=b"")
     settings = loaded(db_url, tmp_path, WEBSTATS_ETL_ATHENA_OUTPUT=OUTPUT)
-    rows = expected_rows(out, truth.files, "cf/", b"test-key")
+    rows = expected_rows(out, truth.files, "cf/")
     seed_results(aws_env, [], [], rows)  # CREATE DATABASE, CREATE TABLE, the query
 
     assert athena.run(settings, source=f"s3://{BUCKET}/cf/", poll_delay=0.01) is False
@@ -229,9 +227,68 @@ def test_athena_run_loads_through_the_ledger(db_url, tmp_path, aws_env, manual_a
     assert any(q.startswith("CREATE DATABASE IF NOT EXISTS bioc_webstats") for q in queries)
     ddl = next(q for q in queries if "CREATE EXTERNAL TABLE" in q)
     assert f"s3://{BUCKET}/cf/{loggen.DIST}/${{day}}/" in ddl
-    select_q = next(q for q in queries if "hmac_sha256" in q)
+    select_q = next(q for q in queries if "ORDER BY path, kind" in q)
     assert "WHERE day BETWEEN '2024-04-02' AND '2024-04-02'" in select_q
-    assert "to_utf8('test-key')" in select_q
+
+
+def records(url: str) -> list[tuple]:
+    with db.session_factory(url)() as s:
+        return sorted(
+            (r.category, r.package, r.day, r.ip_hash, r.downloads)
+            for r in s.scalars(select(DownloadRecord))
+        )
+
+
+def test_no_secret_reaches_aws_and_records_equal_the_local_engine(
+    db_url, tmp_path, aws_env, manual_athena
+):
+    """The hash key is in no query text AWS keeps (history, CloudTrail): the addresses come
+    back in clear and are hashed on the instance, giving the local engine's records."""
+    secret = "k3y-Only-On-The-Instance-7d1e0c"
+    manual_athena(1)
+    out = tmp_path / "logs"
+    truth = loggen.generate(
+        out, days=1, start=dt.date(2024, 5, 6), files_per_day=4, lines_per_file=200, seed=9
+    )
+    s3 = boto3.client("s3")
+    s3.create_bucket(Bucket=BUCKET)
+    s3.create_bucket(Bucket="athena-results")
+    for rel in truth.files:
+        s3.put_object(Bucket=BUCKET, Key=f"cf/{rel}", Body=(out / rel).read_bytes())
+    settings = loaded(
+        db_url, tmp_path, WEBSTATS_ETL_ATHENA_OUTPUT=OUTPUT, WEBSTATS_IP_HASH_KEY=secret
+    )
+    seed_results(aws_env, [], [], expected_rows(out, truth.files, "cf/"))
+    assert athena.run(settings, source=f"s3://{BUCKET}/cf/", poll_delay=0.01) is True
+    assert_truth(db_url, truth)
+
+    client = boto3.client("athena")
+    ids = client.list_query_executions()["QueryExecutionIds"]
+    assert len(ids) == 3  # database, table, the counting query
+    for qid in ids:
+        execution = client.get_query_execution(QueryExecutionId=qid)["QueryExecution"]
+        text = json.dumps(execution, default=str)  # the query and everything sent with it
+        for form in (secret, secret.encode().hex(), secret.upper(), secret.lower()):
+            assert form not in text
+        assert "hmac_sha256(" not in execution["Query"]
+
+    # the loaded result (client addresses in clear) is not left in the results bucket
+    counting = next(
+        q
+        for q in ids
+        if "ORDER BY path, kind"
+        in client.get_query_execution(QueryExecutionId=q)["QueryExecution"]["Query"]
+    )
+    left = s3.list_objects_v2(Bucket="athena-results").get("Contents", [])
+    assert not [o["Key"] for o in left if o["Key"].startswith(f"webstats/{counting}.csv")]
+
+    # the same files through the local engine, same key: the same records, hash for hash
+    local_url = f"sqlite:///{tmp_path / 'local.db'}"
+    db.upgrade(local_url)
+    local = loaded(local_url, tmp_path / "local", WEBSTATS_IP_HASH_KEY=secret)
+    assert ingest.run(local, source=str(out)) is True
+    assert records(db_url) == records(local_url)
+    assert len(records(db_url)) > 50
 
 
 def test_athena_engine_needs_s3_and_output(db_url, tmp_path):
@@ -240,3 +297,20 @@ def test_athena_engine_needs_s3_and_output(db_url, tmp_path):
         athena.run(settings, source=str(tmp_path))
     with pytest.raises(WebstatsError, match="athena_output"):
         athena.run(settings, source="s3://bucket/cf/")
+
+
+def test_result_file_is_deleted_and_a_refusal_is_an_error(aws_env):
+    s3 = boto3.client("s3")
+    s3.create_bucket(Bucket="athena-results")
+    client = boto3.client("athena")
+    seed_results(aws_env, [athena.COLUMNS, ["o", "s3://b/k", *[None] * 8]])
+    qid = athena.start_query(client, "SELECT 1", "default", "primary", OUTPUT)
+    athena.wait_query(client, qid, timeout=60, first_delay=0.01)
+    assert len(list(athena.fetch_rows(client, qid))) == 1
+    location = athena.result_location(client, qid, OUTPUT)
+    assert location == f"{OUTPUT}{qid}.csv"
+    s3.head_object(Bucket="athena-results", Key=f"webstats/{qid}.csv")  # moto wrote it
+    assert athena.delete_results(s3, location) == [location, location + ".metadata"]
+    assert "Contents" not in s3.list_objects_v2(Bucket="athena-results")
+    with pytest.raises(WebstatsError, match=r"s3://no-such-bucket/x\.csv: NoSuchBucket"):
+        athena.delete_results(s3, "s3://no-such-bucket/x.csv")

@@ -77,6 +77,7 @@ CODE_NEEDS = {
         "athena:GetQueryResults": f"arn:aws:athena:{R}:{A}:workgroup/bioc-webstats",
         "glue:GetTable": f"arn:aws:glue:{R}:{A}:table/bioc_webstats/cloudfront_logs",
         "s3:PutObject": "arn:aws:s3:::bioc-webstats-athena-results/prod/q1.csv",
+        "s3:DeleteObject": "arn:aws:s3:::bioc-webstats-athena-results/prod/q1.csv.metadata",
     },
     "etl": {
         "ssm:GetParametersByPath": f"{PARAM}/etl/ip_hash_key",
@@ -204,6 +205,8 @@ def test_roles_grant_what_the_code_calls(role):
     assert not allows(doc, "ssm:PutParameter", f"{PARAM}/db/server")
     assert not allows(doc, "glue:DeleteTable", f"arn:aws:glue:{R}:{A}:table/bioc_webstats/x")
     assert not allows(doc, "s3:PutObject", "arn:aws:s3:::bioc-webstats-athena-results/dev/x")
+    assert not allows(doc, "s3:DeleteObject", "arn:aws:s3:::bioc-webstats-athena-results/dev/x")
+    assert not allows(doc, "s3:DeleteObject", "arn:aws:s3:::bioc-cloudfront-logs/E1TVLJONPTUXV3/x")
 
 
 def test_etl_is_webrunner_plus_its_own():

@@ -8,13 +8,18 @@ Steps: list the bucket and pick the objects to ingest exactly like a local run (
 look-back, ``--since``); make sure the database and the table exist (DDL shipped in
 ``sql/``; partition projection when the objects sit in one folder per day); run
 ``sql/downloads.sql`` (start, poll with backoff, stop on timeout, fail on FAILED/CANCELLED);
-page through the result and store each object in its own transaction; recompute.
+page through the result and store each object in its own transaction; delete the result
+file (it holds client addresses); recompute.
 
 Limits (documented in docs): only the standard ``#Fields`` layouts (the 33 columns, or the
 old first 15) are counted in Athena — an object with another layout, without ``#Fields``, or
 that Athena returns nothing for (empty) is reported failed and left for the local engine;
 "a #Fields line before the first data line" is checked as "a #Fields line in the object".
-The hash key is part of the query text: restrict who may read the workgroup's history.
+
+No secret is sent to AWS: query texts stay in Athena's history and in CloudTrail, so the
+query returns downloads per (category, package, day, client address) and this process hashes
+the addresses with ``etl/ip_hash_key`` (:func:`bioc_webstats.logs.ip_hasher`, as the local
+engine does) before anything is stored.
 """
 
 from __future__ import annotations
@@ -34,7 +39,7 @@ from .errors import ConfigError, WebstatsError
 
 log = logging.getLogger(__name__)
 
-COLUMNS = ["kind", "path", "category", "package", "day", "ip_hash", "n1", "n2", "n3", "status"]
+COLUMNS = ["kind", "path", "category", "package", "day", "ip", "n1", "n2", "n3", "status"]
 QUERY_TIMEOUT = 4 * 3600.0
 _DAY_DIR = re.compile(r"^(?P<dir>(?:[^/]+/)*)(?P<day>\d{4}-\d{2}-\d{2})/[^/]+$")
 _STATUS = {
@@ -45,11 +50,6 @@ _STATUS = {
 
 def _sql(name: str) -> str:
     return (resources.files("bioc_webstats") / "sql" / name).read_text(encoding="utf-8")
-
-
-def quote(value: str) -> str:
-    """A SQL string literal."""
-    return "'" + value.replace("'", "''") + "'"
 
 
 def _identifier(name: str) -> str:
@@ -88,10 +88,9 @@ def table_ddl(database: str, table: str, location: str, days_dir: str | None) ->
     return sql.replace("@@TABLE@@", full).replace("@@LOCATION@@", location)
 
 
-def downloads_sql(
-    database: str, table: str, key: bytes, days: tuple[dt.date, dt.date] | None
-) -> str:
-    """The counting query (``sql/downloads.sql``) with its placeholders filled."""
+def downloads_sql(database: str, table: str, days: tuple[dt.date, dt.date] | None) -> str:
+    """The counting query (``sql/downloads.sql``) with its placeholders filled. It holds no
+    secret: the client addresses come back in clear and are hashed here."""
     where = ""
     if days is not None:
         where = f"WHERE day BETWEEN '{days[0].isoformat()}' AND '{days[1].isoformat()}'"
@@ -100,7 +99,6 @@ def downloads_sql(
         _sql("downloads.sql")
         .replace("@@TABLE@@", f"{_identifier(database)}.{_identifier(table)}")
         .replace("@@WHERE@@", where)
-        .replace("@@KEY@@", quote(key.decode("utf-8")))
         .replace("@@RULE@@", logs.DOWNLOAD_PATTERN.replace("'", "''"))
         .replace("@@F33@@", fields33)
         .replace("@@F15@@", " ".join(FIELDS_33[:15]))
@@ -206,18 +204,61 @@ def fetch_rows(client: Any, qid: str, page_size: int = 1000) -> Iterator[list[st
         raise _aws_error(f"results of query {qid}", exc) from None
 
 
+def result_location(client: Any, qid: str, output: str) -> str:
+    """Where Athena wrote the result of a query: ``s3://…/<qid>.csv`` (the workgroup may
+    override the output location given at start)."""
+    from botocore.exceptions import BotoCoreError, ClientError
+
+    try:
+        execution = client.get_query_execution(QueryExecutionId=qid)["QueryExecution"]
+        location = execution.get("ResultConfiguration", {}).get("OutputLocation") or ""
+    except (BotoCoreError, ClientError):
+        location = ""
+    if not location.startswith("s3://"):
+        location = output.rstrip("/") + f"/{qid}.csv"
+    return location
+
+
+def delete_results(s3: Any, location: str) -> list[str]:
+    """Delete a loaded query result (``.csv`` and ``.csv.metadata``): it holds client
+    addresses in clear, like the logs, and nothing needs it once stored. Returns the URLs
+    deleted; raises WebstatsError when S3 refuses."""
+    from botocore.exceptions import BotoCoreError, ClientError
+
+    from .aws import describe_error
+
+    bucket, _, key = location.removeprefix("s3://").partition("/")
+    done = []
+    for k in (key, key + ".metadata"):
+        try:
+            s3.delete_object(Bucket=bucket, Key=k)
+        except (BotoCoreError, ClientError) as exc:
+            raise WebstatsError(f"s3://{bucket}/{k}: {describe_error(exc)}") from None
+        done.append(f"s3://{bucket}/{k}")
+    return done
+
+
 def rows_to_parsed(
-    rows: Iterable[list[str | None]], bucket: str, wanted: dict[str, logs.LogObject], copy: bool
+    rows: Iterable[list[str | None]],
+    bucket: str,
+    wanted: dict[str, logs.LogObject],
+    copy: bool,
+    key: bytes,
 ) -> Iterator[ingest.Parsed]:
-    """Group result rows (ordered by object) into one Parsed per wanted object."""
+    """Group result rows (ordered by object) into one Parsed per wanted object, hashing the
+    client addresses with ``key`` exactly like the local engine (each distinct address once
+    per object). Only one object's rows are held at a time."""
     prefix = f"s3://{bucket}/"
+    hasher = logs.ip_hasher(key)
+    hashes: dict[str, int] = {}
     current: ingest.Parsed | None = None
-    for kind, path, cat, pkg, day, ip_hash, n1, n2, n3, status in rows:
-        key = (path or "").removeprefix(prefix)
+    for kind, path, cat, pkg, day, ip, n1, n2, n3, status in rows:
+        object_key = (path or "").removeprefix(prefix)
         if kind == "o":
             if current is not None:
                 yield _done(current, copy)
-            obj = wanted.get(key)
+            hashes.clear()
+            obj = wanted.get(object_key)
             current = None if obj is None else ingest.Parsed(obj)
             if current is not None:
                 if status != "ok":
@@ -227,10 +268,14 @@ def rows_to_parsed(
                 if current.rejected:
                     current.reasons = {"malformed (Athena engine)": current.rejected}
             continue
-        if current is None or key != current.obj.key or current.error:
+        if current is None or object_key != current.obj.key or current.error:
             continue
         d = dt.date.fromisoformat(str(day))
-        h, n = int(str(ip_hash)), int(str(n1))
+        address = str(ip)
+        h = hashes.get(address)
+        if h is None:
+            h = hashes[address] = hasher(address.encode("utf-8"))
+        n = int(str(n1))
         current.rows.append((str(cat), str(pkg), d, h, n))  # COPY text made in _done
         current.touched.add((str(cat), str(pkg), d.year, d.month))
         if current.max_day is None or d > current.max_day:
@@ -304,9 +349,7 @@ def run(
         table_ddl(database, table, location, days_dir),
     ):
         wait_query(client, start_query(client, sql, database, workgroup, output), 600, poll_delay)
-    qid = start_query(
-        client, downloads_sql(database, table, key, days), database, workgroup, output
-    )
+    qid = start_query(client, downloads_sql(database, table, days), database, workgroup, output)
     log.info("Athena query %s started (table %s.%s)", qid, database, table)
     wait_query(client, qid, QUERY_TIMEOUT, poll_delay)
 
@@ -315,7 +358,7 @@ def run(
     seen: set[str] = set()
 
     def parsed_objects() -> Iterator[ingest.Parsed]:
-        for parsed in rows_to_parsed(fetch_rows(client, qid), src.bucket, wanted, copy):
+        for parsed in rows_to_parsed(fetch_rows(client, qid), src.bucket, wanted, copy, key):
             seen.add(parsed.obj.key)
             yield parsed
         for obj in todo:  # objects Athena returned nothing for: empty or unreadable
@@ -324,6 +367,17 @@ def run(
 
     progress = ingest.Progress(len(todo), sum(o.size for o in todo))
     ingest.store_all(settings, parsed_objects(), summary, ingest.store_new, progress)
+    location = result_location(client, qid, output)
+    try:
+        delete_results(aws_client("s3"), location)
+    except WebstatsError as exc:  # the records are stored: not a reason to fail the run
+        log.warning(
+            "Athena result not deleted (%s): it holds client addresses, remove it or let "
+            "the bucket's lifecycle rule expire it",
+            exc,
+        )
+    else:
+        log.info("Athena result %s deleted (loaded)", location)
     ingest.finish_run(settings, summary)
     summary.elapsed = time.monotonic() - t0
     log.info("%s", summary.line("etl run --engine athena"))

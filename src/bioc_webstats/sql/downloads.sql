@@ -1,10 +1,11 @@
 -- bioc-webstats: the ETL's filtering and counting (etl.md) as one Athena (Trino) query.
 -- One 'o' row per object (line counts, layout status), followed by its 'r' rows: downloads
--- per (category, package, day, client), the client as the same HMAC-SHA256 (first 8 bytes,
--- signed big-endian) as the local engine. Ordered by object, so the loader streams it.
--- Placeholders: @@TABLE@@, @@WHERE@@ (partition filter or empty), @@KEY@@ (hash key,
--- quoted), @@RULE@@ (the download path pattern of logs.py), @@F33@@ / @@F15@@ (the
--- standard #Fields layouts; other layouts are left to the local engine).
+-- per (category, package, day, client address). The addresses are hashed by the instance
+-- with the same HMAC as the local engine: no secret is ever part of the query (AWS keeps
+-- query texts in the history and CloudTrail). Ordered by object, so the loader streams it.
+-- Placeholders: @@TABLE@@, @@WHERE@@ (partition filter or empty), @@RULE@@ (the download
+-- path pattern of logs.py), @@F33@@ / @@F15@@ (the standard #Fields layouts; other layouts
+-- are left to the local engine).
 WITH raw AS (
     SELECT "$path" AS path, regexp_replace(line, '\r$', '') AS line
     FROM @@TABLE@@
@@ -102,19 +103,19 @@ records AS (
         category,
         package,
         day,
-        from_big_endian_64(substr(hmac_sha256(to_utf8(ip), to_utf8(@@KEY@@)), 1, 8)) AS ip_hash,
+        ip,
         count(*) AS downloads
     FROM matched
     GROUP BY 1, 2, 3, 4, 5
 )
-SELECT kind, path, category, package, day, ip_hash, n1, n2, n3, status
+SELECT kind, path, category, package, day, ip, n1, n2, n3, status
 FROM (
     SELECT 'o' AS kind, path, CAST(NULL AS varchar) AS category, CAST(NULL AS varchar) AS package,
-        CAST(NULL AS varchar) AS day, CAST(NULL AS bigint) AS ip_hash,
+        CAST(NULL AS varchar) AS day, CAST(NULL AS varchar) AS ip,
         lines_read AS n1, accepted AS n2, rejected AS n3, status
     FROM summary
     UNION ALL
-    SELECT 'r', path, category, package, day, ip_hash, downloads, NULL, NULL, NULL
+    SELECT 'r', path, category, package, day, ip, downloads, NULL, NULL, NULL
     FROM records
 )
 ORDER BY path, kind
