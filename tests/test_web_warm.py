@@ -154,3 +154,25 @@ def test_warm_failure_is_one_line_and_does_not_fail_the_run(
     err = capsys.readouterr().err
     assert err.startswith("bioc-webstats: error: web warm: cannot write the cache")
     assert len(err.splitlines()) == 1 and "Traceback" not in err
+
+
+def test_packages_sync_warms_only_when_it_changed(db_url, tmp_path, logs_dir, caplog):
+    from bioc_webstats.packages import sync
+    from test_packages import DEVEL
+
+    settings = loaded(db_url, tmp_path)
+    ingest.run(settings, source=str(logs_dir))
+    caplog.clear()
+    caplog.set_level(logging.INFO)
+    assert sync(settings, source=str(DEVEL), dry_run=False, force=True).endswith("applied")
+    with db.session_factory(db_url)() as s:
+        version = db.get_data_version(s)
+    assert version > 1
+    warmed = [r.message for r in caplog.records if r.message.startswith("web warm: ")]
+    assert len(warmed) == 1 and warmed[0].startswith(f"web warm: data version {version}, ")
+    cache = DiskCache(settings.state_dir / "cache")
+    assert cache.lookup(version, HEAVY).read_bytes() == fresh_build(settings, HEAVY)
+
+    caplog.clear()
+    assert sync(settings, source=str(DEVEL), dry_run=False, force=True).endswith("to change")
+    assert not [r for r in caplog.records if "web warm" in r.message]
