@@ -5,7 +5,12 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
+import os
 import stat
+import subprocess
+import sys
+import urllib.request
+from pathlib import Path
 
 import pytest
 
@@ -14,6 +19,7 @@ from bioc_webstats import cli, create_app, db, ingest, stats
 from bioc_webstats.web import StatsSite, build, category_targets, resolve
 from bioc_webstats.webcache import DiskCache
 from test_ingest import loaded
+from webserver import run_gunicorn
 
 HEAVY = "bioc/bioc_pkg_stats.tab"
 
@@ -176,3 +182,36 @@ def test_packages_sync_warms_only_when_it_changed(db_url, tmp_path, logs_dir, ca
     caplog.clear()
     assert sync(settings, source=str(DEVEL), dry_run=False, force=True).endswith("to change")
     assert not [r for r in caplog.records if "web warm" in r.message]
+
+
+def test_gunicorn_serves_what_the_etl_process_warmed(db_url, tmp_path, logs_dir):
+    """The production shape: ``bioc-webstats etl run`` (its own process) warms the cache under
+    the state directory; gunicorn's workers serve those files as they are."""
+    settings = loaded(db_url, tmp_path)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("WEBSTATS_")}
+    env.update(
+        WEBSTATS_DATABASE_URL=db_url,
+        WEBSTATS_STATE_DIR=str(settings.state_dir),
+        WEBSTATS_ENV_FILE="/dev/null",
+        WEBSTATS_IP_HASH_KEY="test-key",
+    )
+    exe = Path(sys.executable).parent / "bioc-webstats"
+    done = subprocess.run(
+        [str(exe), "etl", "run", "--source", str(logs_dir)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr
+    assert "web warm: data version 1, 82 files built" in done.stderr
+    cache = DiskCache(settings.state_dir / "cache")
+    heavy = cache.lookup(1, HEAVY)
+    before = heavy.stat()
+    with run_gunicorn(db_url, tmp_path) as server:
+        for rel in (HEAVY, "data-annotation/annotation_pkg_scores.tab", "bioc/index.html"):
+            with urllib.request.urlopen(f"{server.base}/packages/stats/{rel}", timeout=30) as r:
+                assert r.status == 200
+                assert r.read() == cache.lookup(1, rel).read_bytes()
+    after = heavy.stat()
+    assert (after.st_ino, after.st_mtime_ns) == (before.st_ino, before.st_mtime_ns)
