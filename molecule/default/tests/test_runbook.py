@@ -246,3 +246,15 @@ def test_special_backup(host, runbook):
     assert (dump.user, dump.mode) == ("root", 0o600)
     listing = run_ok(host, f"pg_restore --list {dump.path}")
     assert "TABLE DATA public download_records" in listing
+
+
+# --- deploy: what would change -----------------------------------------------------------------
+
+
+def test_deploy_check_diff_reports_no_change(runbook):
+    cmd = runbook("ansible-playbook playbooks/deploy.yml -i inventory/production --check --diff")
+    res = run_playbook(cmd)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-2000:]
+    recap = re.search(r"webstats-default\s*:\s*ok=\d+\s+changed=(\d+)", res.stdout)
+    assert recap, res.stdout[-2000:]
+    assert recap.group(1) == "0", res.stdout[-4000:]
