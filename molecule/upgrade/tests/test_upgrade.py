@@ -78,6 +78,23 @@ def test_rollback_on_demand_and_forward_again(host, service, versions, runbook):
     assert current_release(host) == f"releases/{versions['current']}"
 
 
+def test_rollback_by_hand_on_the_instance(host, service, versions, runbook):
+    switch = (
+        "ln -sfn releases/<version> /opt/bioc-webstats/current.new"
+        " && mv -T /opt/bioc-webstats/current.new /opt/bioc-webstats/current"
+    )
+    restart = (
+        "systemctl reset-failed bioc-webstats.service; systemctl restart bioc-webstats.service"
+    )
+    for version in (versions["previous"], versions["current"]):  # back, then forward again
+        run_ok(host, runbook(switch, {"<version>": version}))
+        run_ok(host, runbook(restart))
+        health = json.loads(run_ok(host, runbook("curl -fsS http://127.0.0.1:8000/healthz; echo")))
+        assert health["version"] == version
+        assert wait_version(service, version)
+        assert current_release(host) == f"releases/{version}"
+
+
 def test_broken_release_is_rolled_back_and_n_keeps_serving(host, service, versions, runbook):
     broken = str(ephemeral_dir() / "releases" / "broken")
     # a shorter health wait than production's 90 s: the outcome is the same
