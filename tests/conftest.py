@@ -104,6 +104,8 @@ def pg_cluster() -> Iterator[str]:
             "fsync=off",
             "-c",
             "full_page_writes=off",
+            "-c",  # every test database has its own pool; gunicorn tests add their workers'
+            "max_connections=300",
         ],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
@@ -152,14 +154,16 @@ def new_pg_database(base_url: str) -> str:
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])
-def db_url(request, tmp_path) -> str:
+def db_url(request, tmp_path) -> Iterator[str]:
     """An empty database with the current schema, on SQLite and on real PostgreSQL."""
     if request.param == "sqlite":
         url = f"sqlite:///{tmp_path / 'webstats.sqlite3'}"
     else:
         url = new_pg_database(request.getfixturevalue("pg_server"))
     db.upgrade(url)
-    return url
+    yield url
+    # Close this test's pool: idle connections of finished tests would pile up to the limit.
+    db.dispose_engine(url)
 
 
 @pytest.fixture

@@ -41,6 +41,20 @@ def get_engine(url: str) -> Engine:
     return engine
 
 
+def dispose_engine(url: str) -> None:
+    """Close the pooled connections of ``url``'s engine and forget it."""
+    engine = _engines.pop(url, None)
+    if engine is not None:
+        engine.dispose()
+
+
+def forget_inherited_connections() -> None:
+    """In a forked child: drop the parent's pooled connections without closing them
+    (closing would end the parent's sessions; SQLAlchemy's recipe for multiprocessing)."""
+    for engine in _engines.values():
+        engine.dispose(close=False)
+
+
 def _sqlite_pragmas(dbapi_conn, _record) -> None:
     cur = dbapi_conn.cursor()
     cur.execute("PRAGMA foreign_keys=ON")

@@ -130,10 +130,7 @@ _worker: dict[str, Any] = {}
 def _init_worker(source_url: str, key: bytes, copy: bool, child: bool) -> None:
     if child:
         _die_with_parent()
-        # Forked with the parent's pooled connections: never use, nor close, them here
-        # (SQLAlchemy's recipe for multiprocessing).
-        for engine in db._engines.values():
-            engine.dispose(close=False)
+        db.forget_inherited_connections()
     _worker.clear()
     _worker.update(url=source_url, key=key, copy=copy, source=None)
 
