@@ -102,8 +102,8 @@ def test_downloads_sql_is_filled_in():
     assert "WHERE day BETWEEN '2024-01-01' AND '2024-01-03'" in sql
     assert "hmac_sha256(" not in sql  # hashing happens on the instance: no key in the text
     assert f"'^{logs.DOWNLOAD_PATTERN}$'" in sql
-    assert "'" + " ".join(athena.FIELDS_33) + "'" in sql
-    assert "'" + " ".join(athena.FIELDS_33[:15]) + "'" in sql
+    assert "'" + " ".join(logs.CLOUDFRONT_FIELDS) + "'" in sql
+    assert "'" + " ".join(logs.CLOUDFRONT_FIELDS[:15]) + "'" in sql
     assert "IN (200, 301, 302, 307, 308)" in sql and "172800" in sql
     assert "ORDER BY path, kind" in sql
     assert "WHERE day" not in athena.downloads_sql("d", "t", None)

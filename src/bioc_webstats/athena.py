@@ -94,25 +94,15 @@ def downloads_sql(database: str, table: str, days: tuple[dt.date, dt.date] | Non
     where = ""
     if days is not None:
         where = f"WHERE day BETWEEN '{days[0].isoformat()}' AND '{days[1].isoformat()}'"
-    fields33 = " ".join(FIELDS_33)
+    fields33 = " ".join(logs.CLOUDFRONT_FIELDS)
     return (
         _sql("downloads.sql")
         .replace("@@TABLE@@", f"{_identifier(database)}.{_identifier(table)}")
         .replace("@@WHERE@@", where)
         .replace("@@RULE@@", logs.DOWNLOAD_PATTERN.replace("'", "''"))
         .replace("@@F33@@", fields33)
-        .replace("@@F15@@", " ".join(FIELDS_33[:15]))
+        .replace("@@F15@@", " ".join(logs.CLOUDFRONT_FIELDS[:15]))
     )
-
-
-FIELDS_33 = (
-    "date time x-edge-location sc-bytes c-ip cs-method cs(Host) cs-uri-stem sc-status "
-    "cs(Referer) cs(User-Agent) cs-uri-query cs(Cookie) x-edge-result-type x-edge-request-id "
-    "x-host-header cs-protocol cs-bytes time-taken x-forwarded-for ssl-protocol ssl-cipher "
-    "x-edge-response-result-type cs-protocol-version fle-status fle-encrypted-fields c-port "
-    "time-to-first-byte x-edge-detailed-result-type sc-content-type sc-content-len "
-    "sc-range-start sc-range-end"
-).split()
 
 
 # --- running queries ---------------------------------------------------------------------------

@@ -41,6 +41,17 @@ DOWNLOAD_PATTERN = (
 )
 _SLASHES = re.compile(rb"/{2,}")
 DOWNLOAD_STATUS = frozenset({200, 301, 302, 307, 308})
+# Today's 33 #Fields of a CloudFront standard log (old files have the first 15).
+CLOUDFRONT_FIELDS: tuple[str, ...] = tuple(
+    (
+        "date time x-edge-location sc-bytes c-ip cs-method cs(Host) cs-uri-stem sc-status "
+        "cs(Referer) cs(User-Agent) cs-uri-query cs(Cookie) x-edge-result-type x-edge-request-id "
+        "x-host-header cs-protocol cs-bytes time-taken x-forwarded-for ssl-protocol ssl-cipher "
+        "x-edge-response-result-type cs-protocol-version fle-status fle-encrypted-fields c-port "
+        "time-to-first-byte x-edge-detailed-result-type sc-content-type sc-content-len "
+        "sc-range-start sc-range-end"
+    ).split()
+)
 REQUIRED_FIELDS = ("date", "time", "c-ip", "cs-method", "cs-uri-stem", "sc-status")
 MAX_SKEW = 48 * 3600  # seconds a line's timestamp may be away from the object's hour
 _REPO_CATEGORY = {k.encode(): v.prefix for k, v in BY_REPO_PATH.items()}
