@@ -17,9 +17,7 @@ from pathlib import Path
 import pytest
 
 import webref
-from bioc_webstats import db
-from conftest import new_pg_database
-from webserver import run_gunicorn
+from webserver import reference_server
 
 CHROMIUM = shutil.which("chromium")
 pytestmark = [
@@ -33,11 +31,7 @@ BAR_RGB = (175, 199, 215)
 
 @pytest.fixture(scope="module")
 def server(pg_server, tmp_path_factory):
-    url = new_pg_database(pg_server)
-    db.upgrade(url)
-    with db.session_factory(url)() as s:
-        webref.load_direct(s, valid_thru=VT)
-    with run_gunicorn(url, tmp_path_factory.mktemp("gunicorn-browser")) as srv:
+    with reference_server(pg_server, tmp_path_factory.mktemp("gunicorn-browser"), VT) as srv:
         yield srv
 
 

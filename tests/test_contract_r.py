@@ -11,9 +11,7 @@ from pathlib import Path
 import pytest
 
 import webref
-from bioc_webstats import db
-from conftest import new_pg_database
-from webserver import run_gunicorn
+from webserver import reference_server
 
 RSCRIPT = shutil.which("Rscript")
 pytestmark = [
@@ -28,11 +26,7 @@ VT = dt.date(2024, 3, 31)
 
 @pytest.fixture(scope="module")
 def server(pg_server, tmp_path_factory):
-    url = new_pg_database(pg_server)
-    db.upgrade(url)
-    with db.session_factory(url)() as s:
-        webref.load_direct(s, valid_thru=VT)
-    with run_gunicorn(url, tmp_path_factory.mktemp("gunicorn-r")) as srv:
+    with reference_server(pg_server, tmp_path_factory.mktemp("gunicorn-r"), VT) as srv:
         yield srv
 
 

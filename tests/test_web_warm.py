@@ -44,6 +44,19 @@ def fresh_build(settings, relpath: str) -> bytes:
         site.close()
 
 
+def _warm_cli(monkeypatch, db_url, settings) -> SystemExit:
+    """Run ``bioc-webstats web warm`` in-process with the test's configuration."""
+    for k, v in {
+        "WEBSTATS_DATABASE_URL": db_url,
+        "WEBSTATS_STATE_DIR": str(settings.state_dir),
+        "WEBSTATS_ENV_FILE": "/dev/null",
+    }.items():
+        monkeypatch.setenv(k, v)
+    with pytest.raises(SystemExit) as exc:
+        cli.main(["web", "warm"])
+    return exc.value
+
+
 def test_etl_run_warms_and_the_web_serves_without_building(db_url, tmp_path, logs_dir, caplog):
     settings = loaded(db_url, tmp_path)
     caplog.set_level(logging.INFO)
@@ -93,15 +106,8 @@ def test_warm_command_and_second_warm_builds_nothing(
 ):
     settings = loaded(db_url, tmp_path)
     ingest.run(settings, source=str(logs_dir))
-    for k, v in {
-        "WEBSTATS_DATABASE_URL": db_url,
-        "WEBSTATS_STATE_DIR": str(settings.state_dir),
-        "WEBSTATS_ENV_FILE": "/dev/null",
-    }.items():
-        monkeypatch.setenv(k, v)
-    with pytest.raises(SystemExit) as exc:
-        cli.main(["web", "warm"])
-    assert exc.value.code == 0
+    exc = _warm_cli(monkeypatch, db_url, settings)
+    assert exc.code == 0
     out = capsys.readouterr().out
     assert ", 0 files built, " in out and " 0 already cached" not in out
 
@@ -111,9 +117,8 @@ def test_warm_command_and_second_warm_builds_nothing(
         version = db.get_data_version(s)
     heavy = cache.lookup(version, HEAVY)
     heavy.unlink()
-    with pytest.raises(SystemExit) as exc:
-        cli.main(["web", "warm"])
-    assert exc.value.code == 0
+    exc = _warm_cli(monkeypatch, db_url, settings)
+    assert exc.code == 0
     assert ", 1 files built, " in capsys.readouterr().out
     assert heavy.read_bytes() == fresh_build(settings, HEAVY)
 
@@ -148,15 +153,8 @@ def test_warm_failure_is_one_line_and_does_not_fail_the_run(
     with db.session_factory(db_url)() as s:
         assert db.get_valid_thru(s) is not None and db.get_data_version(s) == 1
 
-    for k, v in {
-        "WEBSTATS_DATABASE_URL": db_url,
-        "WEBSTATS_STATE_DIR": str(settings.state_dir),
-        "WEBSTATS_ENV_FILE": "/dev/null",
-    }.items():
-        monkeypatch.setenv(k, v)
-    with pytest.raises(SystemExit) as exc:
-        cli.main(["web", "warm"])
-    assert exc.value.code == 1
+    exc = _warm_cli(monkeypatch, db_url, settings)
+    assert exc.code == 1
     err = capsys.readouterr().err
     assert err.startswith("bioc-webstats: error: web warm: cannot write the cache")
     assert len(err.splitlines()) == 1 and "Traceback" not in err

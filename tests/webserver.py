@@ -13,7 +13,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from conftest import free_port, wait_for
+from conftest import free_port, new_pg_database, wait_for
 
 
 @dataclass
@@ -112,3 +112,17 @@ def stop(proc: subprocess.Popen) -> None:
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait(10)
+
+
+@contextlib.contextmanager
+def reference_server(pg_base: str, tmp: Path, valid_thru) -> Iterator[Server]:
+    """gunicorn on a fresh PostgreSQL database holding the reference dataset (``webref``)."""
+    import webref
+    from bioc_webstats import db
+
+    url = new_pg_database(pg_base)
+    db.upgrade(url)
+    with db.session_factory(url)() as s:
+        webref.load_direct(s, valid_thru=valid_thru)
+    with run_gunicorn(url, tmp) as srv:
+        yield srv
