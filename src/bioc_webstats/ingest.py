@@ -41,6 +41,7 @@ log = logging.getLogger(__name__)
 
 KEY_FILE = "ip_hash.key"
 PROGRESS_EVERY = 60.0  # seconds between progress lines when stderr is not a terminal
+IP_HASH_CACHE_MAX = 200_000  # client addresses whose hash a parse process keeps
 
 
 # --- test hook -------------------------------------------------------------------------------
@@ -132,7 +133,7 @@ def _init_worker(source_url: str, key: bytes, copy: bool, child: bool) -> None:
         _die_with_parent()
         db.forget_inherited_connections()
     _worker.clear()
-    _worker.update(url=source_url, key=key, copy=copy, source=None)
+    _worker.update(url=source_url, key=key, copy=copy, source=None, hashes={})
 
 
 def _die_with_parent() -> None:
@@ -159,7 +160,9 @@ def _parse(obj: logs.LogObject) -> Parsed:
     out.lines_read, out.accepted, out.rejected = res.lines_read, res.accepted, res.rejected
     out.reasons = res.reject_reasons
     hasher = logs.ip_hasher(_worker["key"])
-    hashes: dict[bytes, int] = {}  # each distinct client hashed once per object
+    hashes: dict[bytes, int] = _worker["hashes"]  # each client hashed once per process
+    if len(hashes) > IP_HASH_CACHE_MAX:
+        hashes.clear()
     touched = out.touched
     copy = _worker["copy"]
     parts: list[str] = []
