@@ -20,6 +20,7 @@ import sys
 import tempfile
 import time
 import urllib.request
+from email.message import Message
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
@@ -194,13 +195,13 @@ def stop(proc: subprocess.Popen | None) -> None:
 
 
 # --- measuring ----------------------------------------------------------------------------
-def fetch(url: str, headers: dict | None = None) -> tuple[int, dict, bytes]:
+def fetch(url: str, headers: dict | None = None) -> tuple[int, Message, bytes]:
     req = urllib.request.Request(url, headers=headers or {})
     try:
         with urllib.request.urlopen(req, timeout=300) as r:
-            return r.status, dict(r.headers), r.read()
+            return r.status, r.headers, r.read()
     except urllib.error.HTTPError as e:
-        return e.code, dict(e.headers), b""
+        return e.code, e.headers, b""
 
 
 def to_ms(value: str) -> float:

@@ -25,14 +25,15 @@ class Server:
     error_log: Path
 
     def get(self, path: str, method: str = "GET", headers: dict | None = None):
-        """(status, headers, body) without following redirects."""
+        """(status, headers, body) without following redirects; header names are
+        case-insensitive (the server sends them lower-cased, as HTTP/2 does)."""
         req = urllib.request.Request(self.base + path, method=method, headers=headers or {})
         opener = urllib.request.build_opener(_NoRedirect)
         try:
             with opener.open(req, timeout=30) as r:
-                return r.status, dict(r.headers), r.read()
+                return r.status, r.headers, r.read()
         except urllib.error.HTTPError as e:
-            return e.code, dict(e.headers), e.read()
+            return e.code, e.headers, e.read()
 
 
 class _NoRedirect(urllib.request.HTTPRedirectHandler):

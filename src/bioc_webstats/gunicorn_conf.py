@@ -8,12 +8,15 @@
 - Logs to ``gunicorn/access_log`` and ``gunicorn/error_log`` (``-`` = stdout/stderr); the
   environment overrides them like every parameter (``WEBSTATS_GUNICORN_ACCESS_LOG`` …).
   SIGUSR1 makes gunicorn reopen both files (logrotate's postrotate sends it).
-- Workers: ``WEBSTATS_GUNICORN_WORKERS`` or 2 * CPUs + 1; threads: ``WEBSTATS_GUNICORN_THREADS``
-  or 4 (pages and files are served from the disk cache with sendfile, so requests are short).
+- Workers: ``WEBSTATS_GUNICORN_WORKERS`` or 2 * CPUs + 1, of the class ``bioc_webstats.asgi.Worker``
+  (uvicorn with uvloop and httptools: cached pages, files and 304s are answered on the event
+  loop); ``WEBSTATS_GUNICORN_THREADS`` (default 4) is the size of each worker's thread pool for
+  the Flask app (cache misses, redirects, 404s, /healthz).
 """
 
 from __future__ import annotations
 
+import gc
 import os
 import sys
 
@@ -50,12 +53,15 @@ errorlog = _settings.get("gunicorn/error_log") or "-"
 
 workers = _int_env("WEBSTATS_GUNICORN_WORKERS", 2 * (os.cpu_count() or 1) + 1)
 threads = _int_env("WEBSTATS_GUNICORN_THREADS", 4)
-worker_class = "gthread"
+worker_class = "bioc_webstats.asgi.Worker"
 keepalive = 5
 timeout = 120  # the first request of a new data version may build the half-million-line file
 graceful_timeout = 30  # a restart lets running requests finish (the socket unit queues new ones)
-max_requests = 50000  # recycle workers now and then; the jitter keeps them from all going at once
-max_requests_jitter = 5000
+# Recycle workers now and then (days at real traffic; a worker answers ~10k cached requests/s,
+# so a small limit would restart them every few seconds under load); the jitter keeps them from
+# all going at once.
+max_requests = 1_000_000
+max_requests_jitter = 100000
 preload_app = True  # configuration (SSM, secrets) is read once, in the arbiter
 proc_name = "bioc-webstats"
 if os.path.isdir("/dev/shm"):  # noqa: S108 - gunicorn's heartbeat files, kept off the disk
@@ -63,3 +69,10 @@ if os.path.isdir("/dev/shm"):  # noqa: S108 - gunicorn's heartbeat files, kept o
 # Size limits: an over-long request line is refused by gunicorn itself (414).
 limit_request_line = 4094
 limit_request_fields = 100
+
+
+def pre_fork(_server, _worker) -> None:
+    """Move everything loaded so far (the app, its modules) out of the garbage collector's
+    reach: a full collection in a busy worker then scans only what the worker created, so it
+    does not pause every connection of that worker (and forked pages stay shared)."""
+    gc.freeze()

@@ -1,23 +1,31 @@
 """The Flask application: /packages/stats/… (web-contract.md) and /healthz.
 
-Every request reads the data version and ValidThru (one small query), so all workers of all
-processes follow a change at once. Pages and text files are generated once per data version
-into the disk cache (``webcache``) and served from there with sendfile; a small per-process
-snapshot of (category, package, years) answers 404s and redirects without more queries.
+The data version and ValidThru come from the database. A worker remembers them while the
+change stamp (``<state_dir>/data-changed``, touched right after every commit that changes the
+statistics) is unchanged, and for at most ``META_TTL`` seconds (a change made by hand in the
+database); so all workers of all processes follow a change at once without a query per
+request. Pages and text files are generated once per data version into the disk cache
+(``webcache``) and served from there; a small per-process snapshot of (category, package,
+years) answers 404s and redirects without more queries. Cached answers (200 and 304) take a
+short path that skips Flask: :class:`CachedFilesFastPath` here (WSGI) and the ASGI front of
+the shipped gunicorn worker (``asgi``), both built on :meth:`StatsSite.cached_answer`.
 """
 
 from __future__ import annotations
 
 import datetime as dt
+import gc
 import hashlib
 import logging
 import os
 import re
+import tempfile
 import threading
 import time
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
+from typing import BinaryIO
 from urllib.parse import quote
 
 from flask import Flask, Response, jsonify, request
@@ -40,6 +48,8 @@ INDEX_PAGES = {c.index_page: c for c in CATEGORIES}
 YEAR_RE = re.compile(r"[0-9]{4}")  # ASCII digits only (not fullwidth digits)
 # Constant text, no user input: the two facts every request needs.
 META_SQL = "SELECT key, value FROM meta WHERE key IN ('data_version', 'valid_thru')"
+CHANGE_STAMP = "data-changed"  # under the state directory; see announce_change()
+META_TTL = 1.0  # seconds a worker trusts its data version without asking the database
 log = logging.getLogger(__name__)
 STATIC_FILES = {  # top-level assets under the prefix -> (file under static/, content type)
     "main.css": ("main.css", "text/css; charset=utf-8"),
@@ -71,6 +81,36 @@ class Redirect:
     location: str
     cat: Category | None = None
     needs_package: str | None = None
+
+
+@dataclass
+class CachedAnswer:
+    """A cached page or file: 200 with the open ``file`` (the caller sends and closes it),
+    or 304 (``file`` is None)."""
+
+    status: int
+    headers: list[tuple[str, str]]
+    file: BinaryIO | None
+
+
+@dataclass(frozen=True)
+class CachedFile:
+    """A body in the disk cache and the headers of its 304 and 200 answers."""
+
+    path: str
+    etag: str
+    last_modified: str | None
+    headers_304: list[tuple[str, str]]
+    headers_200: list[tuple[str, str]]
+
+
+def fast_target(path: str) -> Target | None:
+    """The target of a request path (``/packages/stats/…``, already %-decoded) that the
+    short path may answer from the cache; None for everything else."""
+    if not path.startswith(PREFIX + "/"):
+        return None
+    target = resolve(path[len(PREFIX) + 1 :])
+    return target if isinstance(target, Target) else None
 
 
 def _valid_name(name: str) -> bool:
@@ -240,6 +280,10 @@ class StatsSite:
         )
         self._lock = threading.Lock()
         self._static: dict[str, tuple[bytes, str, str, str]] = {}
+        self._stamp_path = settings.state_dir / CHANGE_STAMP
+        # ((version, ValidThru), change stamp before the read, monotonic time of the read)
+        self._known: tuple[tuple[int, dt.date | None], tuple[int, int, int] | None, float] | None
+        self._known = None
 
     def session(self) -> Session:
         return db.session_factory(self.settings.database_url)()
@@ -247,6 +291,90 @@ class StatsSite:
     def close(self) -> None:
         """Release the pooled meta connections (a process that is not a web worker)."""
         self._meta_engine.dispose()
+
+    def _stamp(self) -> tuple[int, int, int] | None:
+        try:
+            st = os.stat(self._stamp_path)
+        except OSError:
+            return None
+        return st.st_ino, st.st_mtime_ns, st.st_size
+
+    def known_meta(self) -> tuple[int, dt.date | None] | None:
+        """(data version, ValidThru) as last read from the database, while still trusted:
+        the change stamp is the one seen before that read, and the read is less than
+        ``META_TTL`` old. None: the caller must call :meth:`current_meta`."""
+        state = self.meta_state()
+        return state[0] if state is not None and not state[1] else None
+
+    def meta_state(self) -> tuple[tuple[int, dt.date | None], bool] | None:
+        """(last read data version and ValidThru, whether ``META_TTL`` has passed since), or
+        None when there was no read yet or the change stamp moved since (a change is
+        committed: the old values must not be used)."""
+        known = self._known
+        if known is None or self._stamp() != known[1]:
+            return None
+        return known[0], time.monotonic() - known[2] >= META_TTL
+
+    def current_meta(self) -> tuple[int, dt.date | None]:
+        """:meth:`known_meta`, or else :meth:`fresh_meta`."""
+        meta = self.known_meta()
+        return meta if meta is not None else self.fresh_meta()
+
+    def fresh_meta(self) -> tuple[int, dt.date | None]:
+        """(data version, ValidThru) read from the database now, and remembered."""
+        stamp = self._stamp()  # before the read: a change after it shows next time
+        meta = self.meta()
+        self._known = (meta, stamp, time.monotonic())
+        return meta
+
+    def known_snapshot(self, version: int, vt: dt.date | None) -> report.Snapshot | None:
+        """The loaded snapshot if it is the one of this data version, else None."""
+        snap = self._snap
+        if snap is not None and snap.data_version == version and snap.valid_thru == vt:
+            return snap
+        return None
+
+    def cached_file(
+        self, target: Target, meta: tuple[int, dt.date | None], snap: report.Snapshot
+    ) -> CachedFile | None:
+        """The cached body of ``target`` in this data version and its response headers, or
+        None (not built yet, or no such page or file: the app answers)."""
+        version, vt = meta
+        if not exists(target, snap):
+            return None
+        path = str(self.cache.version_dir(version) / target.relpath)
+        try:
+            size = os.stat(path).st_size
+        except OSError:
+            return None
+        etag, last_modified = validators(version, vt, size)
+        headers = [("ETag", etag), ("Cache-Control", f"public, max-age={self.max_age}")]
+        if last_modified:
+            headers.append(("Last-Modified", last_modified))
+        ctype = HTML if target.is_page else TEXT
+        full = [*headers, ("Content-Type", ctype), ("Content-Length", str(size))]
+        return CachedFile(path, etag, last_modified, headers, full)
+
+    def cached_answer(
+        self,
+        target: Target,
+        meta: tuple[int, dt.date | None],
+        snap: report.Snapshot,
+        inm: str | None,
+        ims: str | None,
+    ) -> CachedAnswer | None:
+        """The answer to a GET/HEAD of ``target`` if its body is in the disk cache: 304 when
+        the validators match, else 200 with the open file. None: let the app answer (a miss,
+        a 404, or a file pruned meanwhile)."""
+        cf = self.cached_file(target, meta, snap)
+        if cf is None:
+            return None
+        if not_modified(inm, ims, cf.etag, cf.last_modified):
+            return CachedAnswer(304, cf.headers_304, None)
+        try:
+            return CachedAnswer(200, cf.headers_200, open(cf.path, "rb"))
+        except OSError:
+            return None  # pruned meanwhile: the app rebuilds
 
     def meta(self) -> tuple[int, dt.date | None]:
         """(data version, ValidThru): one round trip on a pooled autocommit connection (no
@@ -266,14 +394,17 @@ class StatsSite:
 
     def snapshot(self, version: int, vt: dt.date | None) -> report.Snapshot:
         """The per-process snapshot of this data version (loaded once per version)."""
-        snap = self._snap
-        if snap is None or snap.data_version != version or snap.valid_thru != vt:
+        snap = self.known_snapshot(version, vt)
+        if snap is None:
             with self._lock:
-                snap = self._snap
-                if snap is None or snap.data_version != version or snap.valid_thru != vt:
+                snap = self.known_snapshot(version, vt)
+                if snap is None:
                     with self.session() as session:
                         snap = report.load_snapshot(session, version, vt)
                     self._snap = snap
+                    # Long-lived from here on: keep it out of the collector's full scans,
+                    # which would otherwise pause every request of this worker.
+                    gc.freeze()
         return snap
 
     def build(self, target: Target, snap: report.Snapshot) -> tuple[bytes, bool]:
@@ -350,9 +481,27 @@ def warm(settings: Settings) -> WarmResult:
     return result
 
 
+def announce_change(settings: Settings) -> None:
+    """Touch the change stamp (after the commit that changed the statistics), so every web
+    worker reads the new data version on its next request. A failure is one log line: the
+    workers then see the change within ``META_TTL`` seconds."""
+    path = settings.state_dir / CHANGE_STAMP
+    try:
+        settings.state_dir.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=settings.state_dir, prefix=".tmp-stamp-")
+        with os.fdopen(fd, "w") as f:  # new inode and content each time: never the same stamp
+            f.write(f"{time.time_ns()} {os.getpid()}\n")
+        os.chmod(tmp, 0o640)
+        os.replace(tmp, path)
+    except OSError as exc:
+        log.warning("cannot touch %s (%s); the web follows within %ss", path, exc, META_TTL)
+
+
 def warm_after_change(settings: Settings) -> None:
-    """:func:`warm` after a run that changed the statistics. A failure is one log line and
-    never fails the run: the web then builds the files on first request, as without it."""
+    """Announce the change, then :func:`warm` after a run that changed the statistics. A
+    failure is one log line and never fails the run: the web then builds the files on first
+    request, as without it."""
+    announce_change(settings)
     try:
         log.info("%s", warm(settings).line())
     # Any failure, even a bug: the run's work is committed and this is only an optimisation.
@@ -425,7 +574,7 @@ def _conditional(
     if isinstance(body_or_path, Path):
         f = open(body_or_path, "rb")
         size = os.fstat(f.fileno()).st_size
-        resp = Response(wrap_file(request.environ, f), direct_passthrough=True)
+        resp = Response(wrap_file(request.environ, f, 65536), direct_passthrough=True)
         resp.call_on_close(f.close)
         resp.content_length = size
     else:
@@ -485,48 +634,35 @@ class CachedFilesFastPath:
         method = environ.get("REQUEST_METHOD")
         path = environ.get("PATH_INFO", "")
         if method in ("GET", "HEAD") and path.startswith(self.prefix):
-            served = self._serve(environ, start_response, method, path[len(self.prefix) :])
+            served = self._serve(environ, start_response, method, path)
         if served is None:
             return self.app(environ, start_response)
         return served
 
     def _serve(self, environ, start_response, method: str, raw: str):
         try:
-            sub = raw.encode("latin-1").decode("utf-8")  # WSGI carries the bytes as latin-1
+            path = raw.encode("latin-1").decode("utf-8")  # WSGI carries the bytes as latin-1
         except UnicodeError:
             return None
-        target = resolve(sub)
-        if not isinstance(target, Target):
+        target = fast_target(path)
+        if target is None:
             return None
         site = self.site
         try:
-            version, vt = site.meta()
-            snap = site.snapshot(version, vt)
+            meta = site.current_meta()
+            snap = site.snapshot(*meta)
         except SQLAlchemyError:
             return None  # the app answers 503
-        if not exists(target, snap):
+        answer = site.cached_answer(
+            target, meta, snap, environ.get("HTTP_IF_NONE_MATCH"),
+            environ.get("HTTP_IF_MODIFIED_SINCE"),
+        )  # fmt: skip
+        if answer is None:
             return None
-        path = site.cache.lookup(version, target.relpath)
-        if path is None:
-            return None
-        try:
-            f = open(path, "rb")
-        except OSError:
-            return None  # pruned meanwhile: the app rebuilds
-        size = os.fstat(f.fileno()).st_size
-        etag, last_modified = validators(version, vt, size)
-        headers = [("ETag", etag), ("Cache-Control", f"public, max-age={site.max_age}")]
-        if last_modified:
-            headers.append(("Last-Modified", last_modified))
-        inm = environ.get("HTTP_IF_NONE_MATCH")
-        ims = environ.get("HTTP_IF_MODIFIED_SINCE")
-        if not_modified(inm, ims, etag, last_modified):
-            f.close()
-            start_response("304 NOT MODIFIED", headers)
+        start_response("304 NOT MODIFIED" if answer.status == 304 else "200 OK", answer.headers)
+        f = answer.file
+        if f is None:
             return []
-        ctype = HTML if target.is_page else TEXT
-        headers += [("Content-Type", ctype), ("Content-Length", str(size))]
-        start_response("200 OK", headers)
         if method == "HEAD":
             f.close()
             return []

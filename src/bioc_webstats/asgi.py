@@ -1,0 +1,265 @@
+"""The shipped gunicorn worker: uvicorn (uvloop + httptools) in front of the Flask app.
+
+gunicorn still runs the show (the systemd socket, ``READY=1``, graceful restarts, worker
+recycling, log files and SIGUSR1); only the worker's HTTP server is asyncio. The ASGI front
+answers what is already in the disk cache (200 with the file, or 304) without leaving the
+event loop — the common case, and most of the traffic of a CDN revalidating — and hands
+everything else to the Flask app in a small thread pool (``a2wsgi``), so a slow build or a
+database query never blocks the other connections of the worker.
+
+``gunicorn 'bioc_webstats:create_app()'`` still returns the Flask (WSGI) app: this worker
+wraps it; any other gunicorn worker serves it as it is.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import re
+import time
+from typing import Any
+
+from a2wsgi import WSGIMiddleware
+from flask import Flask
+from sqlalchemy.exc import SQLAlchemyError
+from uvicorn_worker import UvicornWorker
+
+from .web import CachedFile, StatsSite, fast_target, not_modified
+
+CHUNK = 256 * 1024  # bytes per body message of a cached file (read from the page cache)
+MEMO_MAX = 4096  # cached files remembered per worker (their headers), per data version
+_UNSAFE = re.compile(r'[\x00-\x1f\x7f-\x9f"\\]')
+
+
+def _escape(text: str) -> str:
+    """A request value as one safe log field (nginx-style ``\\xHH`` for controls, quotes)."""
+    return _UNSAFE.sub(lambda m: f"\\x{ord(m.group()):02X}", text)
+
+
+class AccessLog:
+    """Access log lines in gunicorn's default (combined) format, buffered and written through
+    gunicorn's own access-log handlers — so the configured file and the reopen on SIGUSR1
+    apply — at most 64 KiB or one second after the request (like nginx's ``buffer=``/
+    ``flush=``): one write per batch, not one per request."""
+
+    def __init__(self, logger: logging.Logger | None) -> None:
+        self.handlers = [
+            h for h in (logger.handlers if logger else []) if isinstance(h, logging.StreamHandler)
+        ]
+        self.lines: list[str] = []
+        self.size = 0
+        self._second = -1
+        self._time = ""
+        self._timer: asyncio.TimerHandle | None = None
+
+    def add(self, scope: dict[str, Any], status: int, sent: int, referer: str, agent: str) -> None:
+        """Queue one line (no-op when gunicorn logs no access)."""
+        if not self.handlers:
+            return
+        now = int(time.time())
+        if now != self._second:
+            self._second = now
+            self._time = time.strftime("[%d/%b/%Y:%H:%M:%S %z]", time.localtime(now))
+        client = scope.get("client")
+        target = scope.get("raw_path") or scope["path"].encode()
+        if scope.get("query_string"):
+            target += b"?" + scope["query_string"]
+        request = f"{scope['method']} {target.decode('latin-1')} HTTP/{scope['http_version']}"
+        line = (
+            f'{client[0] if client else "-"} - - {self._time} "{_escape(request)}" {status} '
+            f'{sent} "{_escape(referer)}" "{_escape(agent)}"\n'
+        )
+        self.lines.append(line)
+        self.size += len(line)
+        if self.size >= 65536:
+            self.flush()
+        elif self._timer is None:
+            self._timer = asyncio.get_running_loop().call_later(1.0, self.flush)
+
+    def flush(self) -> None:
+        """Write what is queued."""
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        if not self.lines:
+            return
+        data = "".join(self.lines)
+        self.lines.clear()
+        self.size = 0
+        for handler in self.handlers:
+            handler.acquire()
+            try:
+                handler.stream.write(data)
+                handler.stream.flush()
+            except (OSError, ValueError):  # a full disk or a closed file must not stop serving
+                pass
+            finally:
+                handler.release()
+
+
+class StatsFront:
+    """ASGI app: cached pages and files natively, the rest through the Flask app."""
+
+    def __init__(self, app: Flask, threads: int = 4, access: AccessLog | None = None) -> None:
+        self.site: StatsSite = app.extensions["webstats"]
+        self.flask = WSGIMiddleware(app, workers=threads)  # type: ignore[arg-type]
+        self.access = access or AccessLog(None)
+        self._refresh: asyncio.Future | None = None
+        # relpath -> (cached file, its headers as bytes) for the meta in _memo_meta
+        self._memo: dict[str, tuple[CachedFile, list, list]] = {}
+        self._memo_meta: object = None
+
+    async def __call__(self, scope: dict[str, Any], receive, send) -> None:
+        if scope["type"] != "http":
+            await self.flask(scope, receive, send)
+            return
+        inm = ims = None
+        referer = agent = "-"
+        for name, value in scope["headers"]:
+            if name == b"if-none-match":
+                text = value.decode("latin-1")
+                inm = text if inm is None else f"{inm}, {text}"
+            elif name == b"if-modified-since":
+                ims = value.decode("latin-1")
+            elif name == b"user-agent":
+                agent = value.decode("latin-1")
+            elif name == b"referer":
+                referer = value.decode("latin-1")
+        if scope["method"] in ("GET", "HEAD"):
+            sent = await self._cached(scope, send, inm, ims)
+            if sent is not None:
+                self.access.add(scope, sent[0], sent[1], referer, agent)
+                return
+        status, size = 500, 0
+
+        async def send_counted(message: dict[str, Any]) -> None:
+            nonlocal status, size
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            elif scope["method"] != "HEAD":
+                size += len(message.get("body", b""))
+            await send(message)
+
+        try:
+            await self.flask(scope, receive, send_counted)
+        finally:
+            self.access.add(scope, status, size, referer, agent)
+
+    def _refreshed(self) -> asyncio.Future:
+        """The data version and snapshot, read again from the database in a thread (once a
+        second, or after a change). One read at a time per worker: the requests that need it
+        meanwhile wait for the same one instead of each sending a query. A failed read is
+        retried by the next request that needs one."""
+        if self._refresh is None or self._refresh.done():
+            self._refresh = asyncio.ensure_future(self._read())
+            self._refresh.add_done_callback(_retrieved)
+        return asyncio.shield(self._refresh)
+
+    async def _read(self):
+        loop = asyncio.get_running_loop()
+        meta = await loop.run_in_executor(None, self.site.fresh_meta)
+        snap = await loop.run_in_executor(None, self.site.snapshot, *meta)
+        return meta, snap
+
+    async def _cached(
+        self, scope: dict[str, Any], send, inm: str | None, ims: str | None
+    ) -> tuple[int, int] | None:
+        """Send the cached answer and return (status, bytes sent), or None (Flask answers)."""
+        target = fast_target(scope["path"])
+        if target is None:
+            return None
+        site = self.site
+        state = site.meta_state()
+        meta = snap = None
+        if state is not None:
+            meta, expired = state
+            snap = site.known_snapshot(*meta)
+            if expired:  # nothing announced a change: answer now, check in the background
+                self._refreshed()
+        if meta is None or snap is None:
+            try:
+                meta, snap = await self._refreshed()
+            except SQLAlchemyError:
+                return None  # Flask answers 503
+        if meta != self._memo_meta or len(self._memo) > MEMO_MAX:
+            self._memo = {}
+            self._memo_meta = meta
+        memo = self._memo.get(target.relpath)
+        if memo is None:
+            cf = site.cached_file(target, meta, snap)
+            if cf is None:
+                return None
+            memo = (cf, _as_bytes(cf.headers_304), _as_bytes(cf.headers_200))
+            self._memo[target.relpath] = memo
+        cf, headers_304, headers_200 = memo
+        if (inm is not None or ims is not None) and not_modified(
+            inm, ims, cf.etag, cf.last_modified
+        ):
+            await send({"type": "http.response.start", "status": 304, "headers": headers_304})
+            await send({"type": "http.response.body", "body": b""})
+            return 304, 0
+        try:
+            f = open(cf.path, "rb")
+        except OSError:
+            self._memo.pop(target.relpath, None)
+            return None  # removed meanwhile: Flask rebuilds it
+        with f:
+            await send({"type": "http.response.start", "status": 200, "headers": headers_200})
+            if scope["method"] == "HEAD":
+                await send({"type": "http.response.body", "body": b""})
+                return 200, 0
+            sent = 0
+            chunk = f.read(CHUNK)
+            while True:
+                following = f.read(CHUNK) if len(chunk) == CHUNK else b""
+                more = bool(following)
+                await send({"type": "http.response.body", "body": chunk, "more_body": more})
+                sent += len(chunk)
+                if not more:
+                    return 200, sent
+                chunk = following
+
+
+def _retrieved(future: asyncio.Future) -> None:
+    """Mark a background read's failure as seen (the requests that awaited it got it too)."""
+    if not future.cancelled():
+        future.exception()
+
+
+def _as_bytes(headers: list[tuple[str, str]]) -> list[tuple[bytes, bytes]]:
+    return [(k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in headers]
+
+
+class Worker(UvicornWorker):
+    """gunicorn worker class (``bioc_webstats.asgi.Worker``): uvicorn serving
+    :class:`StatsFront` around the app gunicorn loaded."""
+
+    CONFIG_KWARGS: dict[str, Any] = {  # noqa: RUF012 - the base class's interface
+        "loop": "uvloop",
+        "http": "httptools",
+        "lifespan": "off",
+        "server_header": False,
+        "proxy_headers": False,  # the address in the access log is the peer's
+        "access_log": False,  # StatsFront writes it (AccessLog)
+    }
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        # Running requests get gunicorn's graceful timeout on a stop or restart.
+        self.config.timeout_graceful_shutdown = self.cfg.graceful_timeout
+        self.front: StatsFront | None = None
+
+    def load_wsgi(self) -> None:
+        """Wrap the loaded Flask app in the ASGI front."""
+        super().load_wsgi()
+        access = AccessLog(self.log.access_log if self.cfg.accesslog else None)
+        self.front = StatsFront(self.wsgi, threads=self.cfg.threads, access=access)
+        self.wsgi = self.front
+
+    def run(self) -> None:
+        """Serve until told to stop, then write the access lines still queued."""
+        try:
+            super().run()
+        finally:
+            if self.front is not None:
+                self.front.access.flush()
