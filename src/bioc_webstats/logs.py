@@ -277,10 +277,12 @@ def line_batches(chunks: Iterable[bytes]) -> Iterator[list[bytes]]:
     """Lists of lines (without line ends; CRLF accepted) of a gzip stream."""
     rest = b""
     for data in decompress(chunks):
-        buf = rest + data if rest else data
-        if b"\r" in buf:
-            buf = buf.replace(b"\r\n", b"\n")
-        lines = buf.split(b"\n")
+        if b"\r" in data or rest[-1:] == b"\r":
+            lines = (rest + data).replace(b"\r\n", b"\n").split(b"\n")
+        else:  # the usual case: no copy of the whole chunk
+            lines = data.split(b"\n")
+            if rest:
+                lines[0] = rest + lines[0]
         rest = lines.pop()
         yield lines
     if rest:  # a last line without a line end
@@ -437,9 +439,9 @@ def _count(chunks: Iterable[bytes], name_hour: dt.datetime) -> ObjectCounts:
     lo, hi = center - MAX_SKEW, center + MAX_SKEW
     # Per-object caches (a file repeats the same seconds, statuses and URIs many times),
     # each looked up once per line; a miss takes the slow path below, which fills them.
-    # "YYYY-MM-DD\tHH:MM:SS\t" → the day's counts {hit id: {ip: n}}; valid keys only, and
-    # only when date and time are the first two columns (the line's first 20 bytes).
-    dcache: dict[bytes, defaultdict[int, defaultdict[bytes, int]]] = {}
+    # date → time → the day's counts {hit id: {ip: n}}, for valid date and time only
+    dcache: defaultdict[bytes, dict[bytes, defaultdict[int, defaultdict[bytes, int]]]]
+    dcache = defaultdict(dict)
     dall: dict[bytes, Any] = {}  # every date/time key seen → its day's counts, or a reason
     days: dict[bytes, tuple[int, dt.date] | None] = {}
     scache: dict[bytes, int] = {}  # status → _BAD, _OTHER or _DL
@@ -454,7 +456,6 @@ def _count(chunks: Iterable[bytes], name_hour: dt.datetime) -> ObjectCounts:
     tab, get, dl = b"\t", b"GET", _DL
     nf = -1  # number of fields; -1 until the first #Fields line
     cut = cut1 = rest_tabs = -1  # split limit, pieces expected, tabs after the limit
-    fast = True  # date and time are the first two columns: key on the line's first 20 bytes
     idate = itime = iip = imethod = iuri = istatus = 0
     lines_read = 0
 
@@ -481,16 +482,14 @@ def _count(chunks: Iterable[bytes], name_hour: dt.datetime) -> ObjectCounts:
                         cut = max(idate, itime, iip, imethod, iuri, istatus) + 1
                         cut = min(cut, nf - 1)
                         cut1, rest_tabs = cut + 1, nf - 1 - cut
-                        fast = idate == 0 and itime == 1
-                        dcache.clear()
                     continue
                 if nf < 0:
                     raise LogFormatError("no #Fields line before the first data line")
                 reasons["column count"] = reasons.get("column count", 0) + 1
                 continue
-            bucket = dcache.get(line[:20])
+            bucket = dcache[f[idate]].get(f[itime])
             if bucket is None:
-                dkey = line[:20] if fast else f[idate] + tab + f[itime] + tab
+                dkey = f[idate] + tab + f[itime] + tab
                 found = dall.get(dkey)
                 if found is None:
                     day = _dt_check(dkey, lo, hi, days)
@@ -504,9 +503,7 @@ def _count(chunks: Iterable[bytes], name_hour: dt.datetime) -> ObjectCounts:
                 if found.__class__ is str:
                     reasons[found] = reasons.get(found, 0) + 1
                     continue
-                bucket = found
-                if fast:
-                    dcache[dkey] = bucket
+                bucket = dcache[f[idate]][f[itime]] = found
             st = scache.get(f[istatus])
             if not st:
                 if st is None:
