@@ -20,8 +20,24 @@ import time
 from collections import defaultdict
 from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import Any
 
-from sqlalchemy import Table, and_, delete, func, insert, literal, select, text
+from sqlalchemy import (
+    SmallInteger,
+    Table,
+    and_,
+    case,
+    cast,
+    delete,
+    extract,
+    func,
+    insert,
+    literal,
+    or_,
+    select,
+    text,
+    tuple_,
+)
 from sqlalchemy.orm import Session
 
 from . import db
@@ -36,6 +52,7 @@ log = logging.getLogger(__name__)
 # long list of names costs more than it saves. Few names: a late file, a packages change.
 FULL_CATEGORY_AT = 20
 _CHUNK = 500  # bind parameters per IN list
+WORK_MEM = "64MB"  # PostgreSQL work_mem of the recompute transaction
 
 
 @dataclass
@@ -87,25 +104,30 @@ def _recompute_period(
     r, p, ps, cs = DownloadRecord, Package, PackageStat, CategoryStat
     start, end = period(year, month)
     known = and_(p.package == r.package, p.category == r.category)
-    base = (
-        select(
-            r.category,
-            r.package,
-            literal(year),
-            literal(month),
-            func.count(r.ip_hash.distinct()),
-            func.sum(r.downloads),
+
+    def per_client(keys: list[Any], *where: Any) -> Any:
+        # Downloads per (keys…, client) of the period: distinct clients are then rows, counted
+        # by a hash aggregate (COUNT(DISTINCT …) would sort every record of the period).
+        return (
+            select(*keys, r.ip_hash, func.sum(r.downloads).label("n"))
+            .join(p, known)
+            .where(r.day >= start, r.day < end, *where)
+            .group_by(*keys, r.ip_hash)
+            .subquery()
         )
-        .join(p, known)
-        .where(r.day >= start, r.day < end)
-        .group_by(r.category, r.package)
-    )
+
+    def by_package(*where: Any) -> Any:
+        x = per_client([r.category, r.package], *where)
+        return select(
+            x.c.category, x.c.package, literal(year), literal(month), func.count(), func.sum(x.c.n)
+        ).group_by(x.c.category, x.c.package)
+
     cols = ["category", "package", "year", "month", "ips", "downloads"]
     this = (ps.year == year, ps.month == month)
     whole = sorted(c for c, names in cats.items() if names is None)
     if whole:
         session.execute(delete(ps).where(*this, ps.category.in_(whole)))
-        session.execute(insert(ps).from_select(cols, base.where(r.category.in_(whole))))
+        session.execute(insert(ps).from_select(cols, by_package(r.category.in_(whole))))
     for cat, packages in sorted(cats.items()):
         if packages is None:
             continue
@@ -114,14 +136,12 @@ def _recompute_period(
             chunk = names[i : i + _CHUNK]
             session.execute(delete(ps).where(*this, ps.category == cat, ps.package.in_(chunk)))
             session.execute(
-                insert(ps).from_select(cols, base.where(r.category == cat, r.package.in_(chunk)))
+                insert(ps).from_select(cols, by_package(r.category == cat, r.package.in_(chunk)))
             )
     # A category total is distinct over all its known packages: never a sum of packages.
+    x = per_client([r.category], r.category.in_(sorted(cats)))
     totals = session.execute(
-        select(r.category, func.count(r.ip_hash.distinct()), func.sum(r.downloads))
-        .join(p, known)
-        .where(r.day >= start, r.day < end, r.category.in_(sorted(cats)))
-        .group_by(r.category)
+        select(x.c.category, func.count(), func.sum(x.c.n)).group_by(x.c.category)
     ).all()
     session.execute(
         delete(cs).where(cs.year == year, cs.month == month, cs.category.in_(sorted(cats)))
@@ -133,6 +153,60 @@ def _recompute_period(
     ]
     if rows:
         session.execute(insert(cs), rows)
+
+
+def _recompute_year(session: Session, year: int, months: list[int], cats: list[str]) -> None:
+    """PostgreSQL: replace the package rows and category totals of a year and of the given
+    months of it, for whole categories, from ONE pass over the year's records: grouping sets
+    count the clients per (package or category) and (month or year) together."""
+    r, p, ps, cs = DownloadRecord, Package, PackageStat, CategoryStat
+    start, end = period(year, 0)
+    day_month = cast(extract("month", r.day), SmallInteger)
+    # Months not recomputed share one group (-1), dropped below: they cost no extra memory.
+    month = case((day_month.in_(months), day_month), else_=-1) if months else literal(-1)
+    per_client = (
+        select(
+            r.category,
+            r.package,
+            r.ip_hash,
+            month.label("month"),
+            func.sum(r.downloads).label("n"),
+        )
+        .join(p, and_(p.package == r.package, p.category == r.category))
+        .where(r.day >= start, r.day < end, r.category.in_(cats))
+        .group_by(
+            func.grouping_sets(
+                tuple_(r.category, r.package, r.ip_hash, month),
+                tuple_(r.category, r.package, r.ip_hash),
+                tuple_(r.category, r.ip_hash, month),
+                tuple_(r.category, r.ip_hash),
+            )
+        )
+        .subquery()
+    )
+    x = per_client.c
+    # package NULL: a category total; month NULL: the year (records have neither NULL).
+    rows = session.execute(
+        select(x.category, x.package, x.month, func.count(), func.sum(x.n))
+        .where(or_(x.month.is_(None), x.month != -1))
+        .group_by(x.category, x.package, x.month)
+    ).all()
+    periods = [*months, 0]
+    session.execute(delete(ps).where(ps.year == year, ps.month.in_(periods), ps.category.in_(cats)))
+    session.execute(delete(cs).where(cs.year == year, cs.month.in_(periods), cs.category.in_(cats)))
+    pkg_rows, cat_rows = [], []
+    for cat, pkg, m, ips, n in rows:
+        if not n:
+            continue
+        row = {"category": cat, "year": year, "month": m or 0, "ips": ips, "downloads": int(n)}
+        if pkg is None:
+            cat_rows.append(row)
+        else:
+            pkg_rows.append({**row, "package": pkg})
+    if pkg_rows:
+        session.execute(insert(ps), pkg_rows)
+    if cat_rows:
+        session.execute(insert(cs), cat_rows)
 
 
 def apply_pending(session: Session) -> RecomputeResult:
@@ -156,9 +230,18 @@ def apply_pending(session: Session) -> RecomputeResult:
             # PostgreSQL may pick a nested loop over the whole month. ANALYZE samples a fixed
             # number of rows, so it costs the same on any table size.
             session.execute(text("ANALYZE download_records, packages"))
+            # Room for the per-client hash aggregates of a month (spilled to disk beyond).
+            session.execute(text(f"SET LOCAL work_mem = '{WORK_MEM}'"))
+        one_pass = session.get_bind().dialect.name == "postgresql"
         for (year, month), cats in sorted(touched.items()):
             work = {c: None if len(n) > FULL_CATEGORY_AT else n for c, n in cats.items()}
-            _recompute_period(session, year, month, work)
+            year_cats = touched[(year, 0)]
+            if one_pass and all(len(n) > FULL_CATEGORY_AT for n in year_cats.values()):
+                if month == 0:  # the year and its months at once, when the year comes
+                    months = sorted(m for y, m in touched if y == year and m)
+                    _recompute_year(session, year, months, sorted(year_cats))
+            else:
+                _recompute_period(session, year, month, work)
             if month:
                 res.months += len(cats)
             else:
