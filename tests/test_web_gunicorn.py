@@ -4,6 +4,7 @@ real HTTP, raw-byte URLs, logs and SIGUSR1, Type=notify, systemd socket activati
 from __future__ import annotations
 
 import datetime as dt
+import re
 import signal
 import socket
 import subprocess
@@ -169,3 +170,34 @@ def test_bad_config_fails_with_one_line(tmp_path):
         "bioc-webstats: parameter flask/log_level must be one of DEBUG, INFO, WARNING, ERROR, "
         "CRITICAL, got 'CHATTY'"
     ]
+
+
+def _accepted_by(port: int, local_port: int) -> set[int]:
+    """PIDs of the server processes holding the accepted end of our connection."""
+    out = subprocess.run(
+        ["ss", "-tnpH", "state", "established", f"( sport = :{port} and dport = :{local_port} )"],
+        capture_output=True, text=True, check=True,
+    ).stdout  # fmt: skip
+    return {int(p) for p in re.findall(r"pid=(\d+)", out)}
+
+
+def test_stop_answers_a_request_already_on_its_way(loaded_pg, tmp_path):
+    """A graceful stop (SIGTERM, as systemd sends on a restart) answers a client that has
+    connected and started its request before the stop, instead of dropping it."""
+    with run_gunicorn(loaded_pg, tmp_path, workers=1) as srv:
+        conn = socket.create_connection(("127.0.0.1", srv.port), timeout=30)
+        with conn:
+            conn.sendall(b"GET /packages/stats/bioc/bioc_packages.txt HTTP/1.1\r\nHost: t\r\n")
+            local = conn.getsockname()[1]
+            wait_for(lambda: _accepted_by(srv.port, local) - {srv.proc.pid}, 30, what="accept")
+            srv.proc.send_signal(signal.SIGTERM)
+            # The worker is stopping now; the rest of the request still gets its answer.
+            wait_for(lambda: not healthy(srv.base), 30, what="the listener to close")
+            conn.sendall(b"\r\n")
+            data = b""
+            while chunk := conn.recv(65536):
+                data += chunk
+        assert data.startswith(b"HTTP/1.1 200 "), data[:200]
+        assert b"connection: close" in data.lower()
+        assert data.endswith(b"affy\n") or b"affy\n" in data
+        srv.proc.wait(60)

@@ -22,11 +22,13 @@ from typing import Any
 from a2wsgi import WSGIMiddleware
 from flask import Flask
 from sqlalchemy.exc import SQLAlchemyError
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 from uvicorn_worker import UvicornWorker
 
 from .web import CachedFile, StatsSite, fast_target, not_modified
 
 CHUNK = 256 * 1024  # bytes per body message of a cached file (read from the page cache)
+FIRST_REQUEST_WAIT = 3.0  # seconds a just-accepted connection gets to send its request on a stop
 MEMO_MAX = 4096  # cached files remembered per worker (their headers), per data version
 _UNSAFE = re.compile(r'[\x00-\x1f\x7f-\x9f"\\]')
 
@@ -230,13 +232,41 @@ def _as_bytes(headers: list[tuple[str, str]]) -> list[tuple[bytes, bytes]]:
     return [(k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in headers]
 
 
+class Protocol(HttpToolsProtocol):
+    """uvicorn's httptools protocol, except on a graceful stop: a connection accepted but
+    whose first request has not arrived yet (its client just connected) gets that request
+    answered, then closed, instead of being closed unanswered — or closed after
+    ``FIRST_REQUEST_WAIT`` seconds if nothing comes. Idle keep-alive connections are closed at
+    once as before (their clients retry)."""
+
+    _draining = False
+
+    def shutdown(self) -> None:
+        """Begin a graceful stop of this connection."""
+        if self.cycle is None and not self.transport.is_closing():
+            self._draining = True
+            asyncio.get_running_loop().call_later(FIRST_REQUEST_WAIT, self._no_request)
+            return
+        super().shutdown()
+
+    def _no_request(self) -> None:
+        if self.cycle is None:
+            self.transport.close()
+
+    def on_headers_complete(self) -> None:
+        """A request has arrived: while stopping, it is the connection's last."""
+        super().on_headers_complete()
+        if self._draining and self.cycle is not None:
+            self.cycle.keep_alive = False
+
+
 class Worker(UvicornWorker):
     """gunicorn worker class (``bioc_webstats.asgi.Worker``): uvicorn serving
     :class:`StatsFront` around the app gunicorn loaded."""
 
     CONFIG_KWARGS: dict[str, Any] = {  # noqa: RUF012 - the base class's interface
         "loop": "uvloop",
-        "http": "httptools",
+        "http": Protocol,
         "lifespan": "off",
         "server_header": False,
         "proxy_headers": False,  # the address in the access log is the peer's
