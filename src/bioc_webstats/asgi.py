@@ -16,19 +16,24 @@ from __future__ import annotations
 import asyncio
 import logging
 import re
+import socket
+import sys
 import time
 from typing import Any
 
 from a2wsgi import WSGIMiddleware
 from flask import Flask
+from gunicorn.arbiter import Arbiter
 from sqlalchemy.exc import SQLAlchemyError
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+from uvicorn.server import Server
 from uvicorn_worker import UvicornWorker
 
 from .web import CachedFile, StatsSite, fast_target, not_modified
 
 CHUNK = 256 * 1024  # bytes per body message of a cached file (read from the page cache)
 FIRST_REQUEST_WAIT = 3.0  # seconds a just-accepted connection gets to send its request on a stop
+ACCEPT_PAUSE = 0.0005  # seconds a worker waits per open connection before it accepts again
 MEMO_MAX = 4096  # cached files remembered per worker (their headers), per data version
 _UNSAFE = re.compile(r'[\x00-\x1f\x7f-\x9f"\\]')
 
@@ -260,6 +265,82 @@ class Protocol(HttpToolsProtocol):
             self.cycle.keep_alive = False
 
 
+class BalancedAcceptor:
+    """Accepts the connections of one listening socket shared by all workers, one at a time,
+    then waits ``ACCEPT_PAUSE`` x its open connections before accepting again, so the next
+    ones go to less busy workers (a worker that accepted a whole burst would serve it alone
+    while the others idle). Stands in for the ``asyncio.Server`` uvicorn makes (``close``,
+    ``wait_closed``)."""
+
+    def __init__(self, sock: socket.socket, factory, connections: set) -> None:
+        self.loop = asyncio.get_running_loop()
+        self.sock = sock
+        self.factory = factory
+        self.connections = connections
+        self._resume: asyncio.TimerHandle | None = None
+        self._closed = False
+        sock.setblocking(False)
+        self.loop.add_reader(sock.fileno(), self._accept)
+
+    def _accept(self) -> None:
+        try:
+            conn, _ = self.sock.accept()
+        except (BlockingIOError, InterruptedError):
+            return  # another worker was faster
+        except OSError as exc:  # out of descriptors, aborted: try again shortly
+            logging.getLogger("uvicorn.error").warning("accept failed: %s", exc)
+            self._pause(0.1)
+            return
+        if conn.family in (socket.AF_INET, socket.AF_INET6):
+            conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self.loop.create_task(self._connect(conn))
+        if self.connections:
+            self._pause(ACCEPT_PAUSE * len(self.connections))
+
+    async def _connect(self, conn: socket.socket) -> None:
+        try:
+            await self.loop.connect_accepted_socket(self.factory, conn)
+        except OSError:
+            conn.close()  # the client went away already
+
+    def _pause(self, seconds: float) -> None:
+        self.loop.remove_reader(self.sock.fileno())
+        self._resume = self.loop.call_later(seconds, self._listen)
+
+    def _listen(self) -> None:
+        self._resume = None
+        if not self._closed:
+            self.loop.add_reader(self.sock.fileno(), self._accept)
+
+    def close(self) -> None:
+        """Stop accepting (the socket stays open: it belongs to gunicorn / systemd)."""
+        self._closed = True
+        if self._resume is not None:
+            self._resume.cancel()
+        self.loop.remove_reader(self.sock.fileno())
+
+    async def wait_closed(self) -> None:
+        """Nothing to wait for: the connections are tracked by the server."""
+
+
+class BalancedServer(Server):
+    """uvicorn's server, accepting through :class:`BalancedAcceptor` on gunicorn's sockets."""
+
+    async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+        """Start as uvicorn does, but with balanced accepting on the given sockets."""
+        await super().startup(sockets=[])  # lifespan, state; no listener of uvicorn's own
+        config = self.config
+
+        def factory() -> asyncio.Protocol:
+            return config.http_protocol_class(  # type: ignore[call-arg]
+                config=config, server_state=self.server_state, app_state=self.lifespan.state
+            )
+
+        self.servers = [  # type: ignore[list-item]
+            BalancedAcceptor(sock, factory, self.server_state.connections) for sock in sockets or []
+        ]
+
+
 class Worker(UvicornWorker):
     """gunicorn worker class (``bioc_webstats.asgi.Worker``): uvicorn serving
     :class:`StatsFront` around the app gunicorn loaded."""
@@ -285,6 +366,15 @@ class Worker(UvicornWorker):
         access = AccessLog(self.log.access_log if self.cfg.accesslog else None)
         self.front = StatsFront(self.wsgi, threads=self.cfg.threads, access=access)
         self.wsgi = self.front
+
+    async def _serve(self) -> None:
+        """uvicorn's worker loop, with :class:`BalancedServer`."""
+        self.config.app = self.wsgi
+        server = BalancedServer(config=self.config)
+        self._install_sigquit_handler()
+        await server.serve(sockets=self.sockets)
+        if not server.started:
+            sys.exit(Arbiter.WORKER_BOOT_ERROR)
 
     def run(self) -> None:
         """Serve until told to stop, then write the access lines still queued."""
