@@ -226,3 +226,37 @@ def test_dir_source_lists_recursively_and_skips_other_names(tmp_path):
         ).accepted
         == 1
     )
+
+
+def test_decompress_output_is_bounded_whatever_the_ratio():
+    """Memory stays flat: a highly compressible member comes out in pieces of at most OUT_MAX
+    bytes, also when fed in tiny chunks, and nothing held by the decompressor is lost."""
+    head = f"#Version: 1.0\n#Fields: {' '.join(F33)}\n".encode()
+    text = head + b"x" * (3 * logs.OUT_MAX + 17) + b"\n" + line().encode() + b"\n"
+    data = gzip.compress(text) + gz(line(ip="192.0.2.7"))
+    for size in (1, 100, len(data)):
+        pieces = list(logs.decompress([data[i : i + size] for i in range(0, len(data), size)]))
+        assert max(map(len, pieces)) <= logs.OUT_MAX
+        assert b"".join(pieces).startswith(text)
+    res = count(data)
+    assert (res.accepted, res.rejected) == (2, 1)  # the run of x is one malformed line
+
+
+def test_process_wide_uri_cache_bounded_and_results_unchanged(monkeypatch):
+    """The download-rule caches outlive an object (URIs repeat from file to file) and are
+    emptied between objects once they outgrow URI_CACHE_MAX; counts never depend on them."""
+    data = gz(
+        line(),
+        line(uri="/packages/3.19/bioc/bin/windows/contrib/4.4/cn.mops_1.0.zip"),
+        line(uri="/packages/3.18/bioc/src/contrib/Archive/limma/limma_3.0.tar.gz"),
+        line(uri="/index.html"),
+    )
+    first = downloads(count(data))
+    assert first == {
+        ("bioc", "limma", "2024-01-30", "192.0.2.1"): 1,
+        ("bioc", "cn.mops", "2024-01-30", "192.0.2.1"): 1,
+    }
+    assert downloads(count(data)) == first  # served from the caches
+    monkeypatch.setattr(logs, "URI_CACHE_MAX", 1)
+    assert downloads(count(data)) == first  # caches emptied at the start of the object
+    assert downloads(count(data)) == first

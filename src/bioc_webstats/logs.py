@@ -34,6 +34,7 @@ except ImportError:  # pragma: no cover - same results, slower
     _INFLATE_ERRORS = (zlib.error,)
 
 CHUNK = 1 << 20  # compressed bytes read at a time
+OUT_MAX = 1 << 20  # text bytes decompressed at a time (memory stays flat whatever the ratio)
 
 # <distribution-id>.<YYYY-MM-DD-HH>.<unique>.gz, at any depth (the key's last segment)
 _NAME = re.compile(
@@ -256,15 +257,23 @@ def decompress(chunks: Iterable[bytes]) -> Iterator[bytes]:
             total += len(chunk)
             while chunk:
                 fed = True
-                out = d.decompress(chunk)
+                out = d.decompress(chunk, OUT_MAX)
                 if out:
                     yield out
                 if d.eof:  # another member may follow
                     chunk = d.unused_data
                     d = _inflate.decompressobj(wbits=31)
                     fed = False
-                else:
-                    chunk = b""
+                    continue
+                chunk = d.unconsumed_tail  # what the output limit left of the chunk
+                while not chunk and len(out) == OUT_MAX and not d.eof:
+                    out = d.decompress(b"", OUT_MAX)  # output still held by the decompressor
+                    if out:
+                        yield out
+                if d.eof:
+                    chunk = d.unused_data
+                    d = _inflate.decompressobj(wbits=31)
+                    fed = False
     except _INFLATE_ERRORS as exc:
         raise LogFormatError(f"not a valid gzip file ({exc})") from None
     if total == 0:
