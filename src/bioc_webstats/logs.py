@@ -1,7 +1,8 @@
 """CloudFront standard access logs: where they are, what they are called, what they say.
 
 Sources are a local directory (recursive) or ``s3://bucket/prefix``. Objects are streamed in
-compressed chunks through one zlib decompressor, so memory does not grow with the file. Each
+compressed chunks through one gzip decompressor (ISA-L's, else zlib's) and come out in pieces
+of bounded size, so memory does not grow with the file. Each
 object is reduced to counts per (category, package, day, client) — the download rule of
 etl.md — with malformed lines counted, not fatal. A file that is not complete gzip, or has no
 ``#Fields:`` line before its first data line, fails as a whole (:class:`LogFormatError`).
