@@ -33,7 +33,7 @@ from .web import CachedFile, StatsSite, fast_target, not_modified
 
 CHUNK = 256 * 1024  # bytes per body message of a cached file (read from the page cache)
 FIRST_REQUEST_WAIT = 3.0  # seconds a just-accepted connection gets to send its request on a stop
-ACCEPT_PAUSE = 0.0005  # seconds a worker waits per open connection before it accepts again
+ACCEPT_PAUSE = 0.0002  # seconds a worker waits per open connection (+1) before it accepts again
 MEMO_MAX = 4096  # cached files remembered per worker (their headers), per data version
 _UNSAFE = re.compile(r'[\x00-\x1f\x7f-\x9f"\\]')
 
@@ -267,7 +267,7 @@ class Protocol(HttpToolsProtocol):
 
 class BalancedAcceptor:
     """Accepts the connections of one listening socket shared by all workers, one at a time,
-    then waits ``ACCEPT_PAUSE`` x its open connections before accepting again, so the next
+    then waits ``ACCEPT_PAUSE`` x (1 + its open connections) before accepting again, so the next
     ones go to less busy workers (a worker that accepted a whole burst would serve it alone
     while the others idle). Stands in for the ``asyncio.Server`` uvicorn makes (``close``,
     ``wait_closed``)."""
@@ -294,8 +294,7 @@ class BalancedAcceptor:
         if conn.family in (socket.AF_INET, socket.AF_INET6):
             conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self.loop.create_task(self._connect(conn))
-        if self.connections:
-            self._pause(ACCEPT_PAUSE * len(self.connections))
+        self._pause(ACCEPT_PAUSE * (1 + len(self.connections)))
 
     async def _connect(self, conn: socket.socket) -> None:
         try:
