@@ -33,6 +33,29 @@ def test_whole_category_and_per_package_recompute_agree(db_url, tmp_path, monkey
     assert_truth(db_url, truth)
 
 
+@pytest.mark.parametrize("one_pass", [True, False])
+def test_year_in_one_pass_or_per_period_agree(db_url, tmp_path, monkeypatch, one_pass):
+    """PostgreSQL recomputes a year of whole categories and its touched months in one pass
+    when that pays (_one_pass_pays), else period by period; both give the truth (SQLite is
+    always period by period)."""
+    monkeypatch.setattr(stats, "FULL_CATEGORY_AT", 0)
+    monkeypatch.setattr(stats, "_one_pass_pays", lambda *_: one_pass)
+    out = tmp_path / "logs"
+    truth = loggen.generate(
+        out, days=3, start=dt.date(2024, 2, 28), files_per_day=2, lines_per_file=300, seed=5
+    )
+    settings = loaded(db_url, tmp_path)
+    assert ingest.run(settings, source=str(out))
+    assert_truth(db_url, truth)
+
+
+def test_one_pass_pays_early_in_the_year_not_late():
+    assert stats._one_pass_pays(2024, [1, 2], dt.date(2024, 2, 1))
+    assert stats._one_pass_pays(2024, [1], None)
+    assert not stats._one_pass_pays(2023, [12], dt.date(2023, 12, 31))
+    assert not stats._one_pass_pays(2023, [5], dt.date(2024, 1, 3))  # a late file, old year
+
+
 def test_category_total_counts_distinct_ips_not_sums(db_url, tmp_path):
     out = tmp_path / "logs"
     out.mkdir()

@@ -209,6 +209,17 @@ def _recompute_year(session: Session, year: int, months: list[int], cats: list[s
         session.execute(insert(cs), cat_rows)
 
 
+def _one_pass_pays(year: int, months: list[int], valid_thru: dt.date | None) -> bool:
+    """Whether one pass over the year beats a pass over the year plus one per month: when
+    the touched months hold at least half of the year's months that have data (early in
+    the year, or a backlog). Measured: 1.7 s instead of 2.8 s for the day of bench-etl;
+    about even, within the noise, for a month of a 24-million-record year."""
+    newest = max(months, default=0)
+    if valid_thru is not None and valid_thru.year >= year:
+        newest = max(newest, 12 if valid_thru.year > year else valid_thru.month)
+    return 2 * len(months) >= newest
+
+
 def apply_pending(session: Session) -> RecomputeResult:
     """Recompute everything queued in ``stats_pending`` and clear the queue; bump the data
     version and advance ValidThru. Runs in the caller's transaction."""
@@ -232,11 +243,16 @@ def apply_pending(session: Session) -> RecomputeResult:
             session.execute(text("ANALYZE download_records, packages"))
             # Room for the per-client hash aggregates of a month (spilled to disk beyond).
             session.execute(text(f"SET LOCAL work_mem = '{WORK_MEM}'"))
-        one_pass = session.get_bind().dialect.name == "postgresql"
+        postgresql = session.get_bind().dialect.name == "postgresql"
+        valid_thru = db.get_valid_thru(session)
         for (year, month), cats in sorted(touched.items()):
             work = {c: None if len(n) > FULL_CATEGORY_AT else n for c, n in cats.items()}
             year_cats = touched[(year, 0)]
-            if one_pass and all(len(n) > FULL_CATEGORY_AT for n in year_cats.values()):
+            if (
+                postgresql
+                and all(len(n) > FULL_CATEGORY_AT for n in year_cats.values())
+                and _one_pass_pays(year, [m for y, m in touched if y == year and m], valid_thru)
+            ):
                 if month == 0:  # the year and its months at once, when the year comes
                     months = sorted(m for y, m in touched if y == year and m)
                     _recompute_year(session, year, months, sorted(year_cats))
