@@ -52,7 +52,6 @@ log = logging.getLogger(__name__)
 # long list of names costs more than it saves. Few names: a late file, a packages change.
 FULL_CATEGORY_AT = 20
 _CHUNK = 500  # bind parameters per IN list
-WORK_MEM = "64MB"  # PostgreSQL work_mem of the recompute transaction
 
 
 @dataclass
@@ -212,7 +211,7 @@ def _recompute_year(session: Session, year: int, months: list[int], cats: list[s
 def _one_pass_pays(year: int, months: list[int], valid_thru: dt.date | None) -> bool:
     """Whether one pass over the year beats a pass over the year plus one per month: when
     the touched months hold at least half of the year's months that have data (early in
-    the year, or a backlog). Measured: 1.7 s instead of 2.8 s for the day of bench-etl;
+    the year, or a backlog). Measured: 1.1-1.3 s instead of 1.6-1.8 s for the day of bench-etl;
     about even, within the noise, for a month of a 24-million-record year."""
     newest = max(months, default=0)
     if valid_thru is not None and valid_thru.year >= year:
@@ -241,8 +240,6 @@ def apply_pending(session: Session) -> RecomputeResult:
             # PostgreSQL may pick a nested loop over the whole month. ANALYZE samples a fixed
             # number of rows, so it costs the same on any table size.
             session.execute(text("ANALYZE download_records, packages"))
-            # Room for the per-client hash aggregates of a month (spilled to disk beyond).
-            session.execute(text(f"SET LOCAL work_mem = '{WORK_MEM}'"))
         postgresql = session.get_bind().dialect.name == "postgresql"
         valid_thru = db.get_valid_thru(session)
         for (year, month), cats in sorted(touched.items()):
