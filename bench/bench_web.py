@@ -15,6 +15,7 @@ import random
 import re
 import shutil
 import socket
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -242,11 +243,20 @@ def worker_rss_mb(master: int) -> list[float]:
     return sorted(out)
 
 
+def medians(runs: list[tuple[float, float]]) -> tuple[float, float]:
+    """(median requests/s, median p99) of several wrk runs."""
+    return statistics.median(r[0] for r in runs), statistics.median(r[1] for r in runs)
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--packages", type=int, default=2300)
     ap.add_argument("--seconds", type=int, default=8)
     ap.add_argument("--connections", type=int, default=16)
+    ap.add_argument(
+        "--repeat", type=int, default=3,
+        help="ours/nginx runs per case, alternated; the median of each figure is reported",
+    )  # fmt: skip
     args = ap.parse_args()
     for tool in ("wrk", "nginx"):
         if shutil.which(tool) is None:
@@ -296,23 +306,27 @@ def main() -> int:
             assert fetch(nbase + path)[2] == fetch(gbase + path)[2], path
 
         heavy = paths["heavy file (bioc_pkg_stats.tab)"]
-        results = []
-        for label, path in paths.items():
-            ours = run_wrk(gbase + path, args.seconds, args.connections)
-            theirs = run_wrk(nbase + path, args.seconds, args.connections)
-            results.append((label, ours, theirs))
         g_etag = fetch(gbase + heavy)[1]["ETag"]
         n_etag = fetch(nbase + heavy)[1]["ETag"]
         assert fetch(gbase + heavy, {"If-None-Match": g_etag})[0] == 304
-        ours = run_wrk(gbase + heavy, args.seconds, args.connections, {"If-None-Match": g_etag})
-        theirs = run_wrk(nbase + heavy, args.seconds, args.connections, {"If-None-Match": n_etag})
-        results.append(("304 revalidation (heavy file)", ours, theirs))
+        cases = [(label, gbase + p, nbase + p, None, None) for label, p in paths.items()]
+        cases.append(
+            ("304 revalidation (heavy file)", gbase + heavy, nbase + heavy,
+             {"If-None-Match": g_etag}, {"If-None-Match": n_etag})
+        )  # fmt: skip
+        results = []
+        for label, gurl, nurl, gh, nh in cases:
+            runs_ours, runs_theirs = [], []
+            for _ in range(args.repeat):  # alternated: a noisy moment hits both sides
+                runs_ours.append(run_wrk(gurl, args.seconds, args.connections, gh))
+                runs_theirs.append(run_wrk(nurl, args.seconds, args.connections, nh))
+            results.append((label, medians(runs_ours), medians(runs_theirs)))
         rss = worker_rss_mb(gun.pid)
 
         print()
         print(
             f"wrk: {args.connections} connections, 2 threads, {args.seconds}s per run, loopback;"
-            f" {os.cpu_count()} CPUs shared by client and servers"
+            f" {os.cpu_count()} CPUs shared by client and servers; median of {args.repeat} runs"
         )
         print(
             f"{'':34} {'ours req/s':>11} {'nginx req/s':>12} {'ratio':>6}   "

@@ -152,6 +152,12 @@ class StatsFront:
         finally:
             self.access.add(scope, status, size, referer, agent)
 
+    def preload(self) -> None:
+        """Read the data version and load the snapshot in the background now (a worker
+        starting), so its first requests do not wait for them. A failure (the database is
+        not reachable yet) is left to the first request."""
+        self._refreshed()
+
     def _refreshed(self) -> asyncio.Future:
         """The data version and snapshot, read again from the database in a thread (once a
         second, or after a change). One read at a time per worker: the requests that need it
@@ -371,6 +377,8 @@ class Worker(UvicornWorker):
         self.config.app = self.wsgi
         server = BalancedServer(config=self.config)
         self._install_sigquit_handler()
+        if self.front is not None:
+            self.front.preload()
         await server.serve(sockets=self.sockets)
         if not server.started:
             sys.exit(Arbiter.WORKER_BOOT_ERROR)
