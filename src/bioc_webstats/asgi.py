@@ -156,17 +156,18 @@ class StatsFront:
         """Read the data version and load the snapshot in the background now (a worker
         starting), so its first requests do not wait for them. A failure (the database is
         not reachable yet) is left to the first request."""
-        self._refreshed()
+        self._refresh_task()
 
-    def _refreshed(self) -> asyncio.Future:
+    def _refresh_task(self) -> asyncio.Future:
         """The data version and snapshot, read again from the database in a thread (once a
         second, or after a change). One read at a time per worker: the requests that need it
         meanwhile wait for the same one instead of each sending a query. A failed read is
-        retried by the next request that needs one."""
+        retried by the next request that needs one. (Awaited through ``asyncio.shield`` only
+        by the requests that must wait: a shield per request would be cyclic garbage.)"""
         if self._refresh is None or self._refresh.done():
             self._refresh = asyncio.ensure_future(self._read())
             self._refresh.add_done_callback(_retrieved)
-        return asyncio.shield(self._refresh)
+        return self._refresh
 
     async def _read(self):
         loop = asyncio.get_running_loop()
@@ -188,10 +189,10 @@ class StatsFront:
             meta, expired = state
             snap = site.known_snapshot(*meta)
             if expired:  # nothing announced a change: answer now, check in the background
-                self._refreshed()
+                self._refresh_task()
         if meta is None or snap is None:
             try:
-                meta, snap = await self._refreshed()
+                meta, snap = await asyncio.shield(self._refresh_task())
             except SQLAlchemyError:
                 return None  # Flask answers 503
         if meta != self._memo_meta or len(self._memo) > MEMO_MAX:
