@@ -9,6 +9,7 @@ import signal
 import socket
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -201,3 +202,32 @@ def test_stop_answers_a_request_already_on_its_way(loaded_pg, tmp_path):
         assert b"connection: close" in data.lower()
         assert data.endswith(b"affy\n") or b"affy\n" in data
         srv.proc.wait(60)
+
+
+def test_large_cached_file_reaches_a_slow_reader_intact(loaded_pg, tmp_path):
+    """A cached body far larger than the socket buffers goes out with sendfile while the
+    socket takes it and through the transport while it is full: a reader that keeps the
+    socket full still gets every byte, in order, and the exact Content-Length."""
+    from bioc_webstats.webcache import DiskCache
+
+    with db.session_factory(loaded_pg)() as s:
+        version = db.get_data_version(s)
+    line = b"".join(b"pkg%06d\t2024\tJan\t%d\t%d\n" % (i, i % 97, i % 1013) for i in range(1000))
+    body = line * 700  # ~27 MB, no two 64 KiB pieces alike in position
+    with run_gunicorn(loaded_pg, tmp_path, workers=1) as srv:
+        DiskCache(tmp_path / "state" / "cache").write(version, "bioc/bioc_pkg_stats.tab", body)
+        with socket.create_connection(("127.0.0.1", srv.port), timeout=30) as conn:
+            conn.sendall(
+                b"GET /packages/stats/bioc/bioc_pkg_stats.tab HTTP/1.1\r\nHost: t\r\n"
+                b"Connection: close\r\n\r\n"
+            )
+            data, reads = bytearray(), 0
+            while chunk := conn.recv(16384):
+                data += chunk
+                reads += 1
+                if reads % 64 == 0:  # a slow client: the server finds the socket full
+                    time.sleep(0.002)
+        head, _, got = bytes(data).partition(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 200 ")
+        assert f"content-length: {len(body)}".encode() in head.lower()
+        assert len(got) == len(body) and got == body

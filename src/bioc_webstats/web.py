@@ -98,6 +98,7 @@ class CachedFile:
     """A body in the disk cache and the headers of its 304 and 200 answers."""
 
     path: str
+    size: int
     etag: str
     last_modified: str | None
     headers_304: list[tuple[str, str]]
@@ -353,7 +354,7 @@ class StatsSite:
             headers.append(("Last-Modified", last_modified))
         ctype = HTML if target.is_page else TEXT
         full = [*headers, ("Content-Type", ctype), ("Content-Length", str(size))]
-        return CachedFile(path, etag, last_modified, headers, full)
+        return CachedFile(path, size, etag, last_modified, headers, full)
 
     def cached_answer(
         self,
