@@ -31,13 +31,14 @@ from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 from uvicorn.server import Server
 from uvicorn_worker import UvicornWorker
 
-from .web import CachedFile, StatsSite, fast_target, not_modified
+from .web import CachedFile, StatsSite, Target, fast_target, not_modified
 
 CHUNK = 256 * 1024  # bytes per body message of a cached file (read from the page cache)
 FIRST_REQUEST_WAIT = 3.0  # seconds a just-accepted connection gets to send its request on a stop
 ACCEPT_PAUSE = 0.0002  # seconds a worker waits per open connection (+1) before it accepts again
 MEMO_MAX = 4096  # cached files remembered per worker (their headers), per data version
 SENDFILE = "bioc_webstats.sendfile"  # scope extension: zero-copy body of an open file
+_UNSEEN = object()
 _UNSAFE = re.compile(r'[\x00-\x1f\x7f-\x9f"\\]')
 
 
@@ -118,6 +119,7 @@ class StatsFront:
         # relpath -> (cached file, its headers as bytes) for the meta in _memo_meta
         self._memo: dict[str, tuple[CachedFile, list, list]] = {}
         self._memo_meta: object = None
+        self._targets: dict[str, Target | None] = {}  # request path -> fast_target()
 
     async def __call__(self, scope: dict[str, Any], receive, send) -> None:
         if scope["type"] != "http":
@@ -182,7 +184,12 @@ class StatsFront:
         self, scope: dict[str, Any], send, inm: str | None, ims: str | None
     ) -> tuple[int, int] | None:
         """Send the cached answer and return (status, bytes sent), or None (Flask answers)."""
-        target = fast_target(scope["path"])
+        path = scope["path"]
+        target = self._targets.get(path, _UNSEEN)
+        if target is _UNSEEN:  # resolve() is pure: remember its answer (bounded)
+            if len(self._targets) >= MEMO_MAX:
+                self._targets.clear()
+            target = self._targets[path] = fast_target(path)
         if target is None:
             return None
         site = self.site
@@ -209,8 +216,9 @@ class StatsFront:
             memo = (cf, _as_bytes(cf.headers_304), _as_bytes(cf.headers_200))
             self._memo[target.relpath] = memo
         cf, headers_304, headers_200 = memo
-        if (inm is not None or ims is not None) and not_modified(
-            inm, ims, cf.etag, cf.last_modified
+        if inm == cf.etag or (
+            (inm is not None or ims is not None)
+            and not_modified(inm, ims, cf.etag, cf.last_modified)
         ):
             await send({"type": "http.response.start", "status": 304, "headers": headers_304})
             await send({"type": "http.response.body", "body": b""})
@@ -312,7 +320,8 @@ class Protocol(HttpToolsProtocol):
                     break  # the file is shorter than announced: uvicorn closes the connection
                 transport.write(chunk)
                 offset += len(chunk)
-                await self.flow.drain()
+                if offset < count:  # the last piece needs no wait: uvicorn finishes it
+                    await self.flow.drain()
         finally:
             transport.set_write_buffer_limits()
         cycle.expected_content_length -= offset  # what uvicorn checks against Content-Length
