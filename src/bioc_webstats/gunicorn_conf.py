@@ -66,7 +66,8 @@ preload_app = True  # configuration (SSM, secrets) is read once, in the arbiter
 proc_name = "bioc-webstats"
 if os.path.isdir("/dev/shm"):  # noqa: S108 - gunicorn's heartbeat files, kept off the disk
     worker_tmp_dir = "/dev/shm"  # noqa: S108
-# Size limits: an over-long request line is refused by gunicorn itself (414).
+# Size limits of gunicorn's own parser (a stock worker class). The shipped worker parses with
+# httptools, which caps the request head at 80 KiB; an over-long URL is then a 404.
 limit_request_line = 4094
 limit_request_fields = 100
 
