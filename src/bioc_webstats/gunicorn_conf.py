@@ -67,7 +67,7 @@ proc_name = "bioc-webstats"
 if os.path.isdir("/dev/shm"):  # noqa: S108 - gunicorn's heartbeat files, kept off the disk
     worker_tmp_dir = "/dev/shm"  # noqa: S108
 # Size limits of gunicorn's own parser (a stock worker class). The shipped worker parses with
-# httptools, which caps the request head at 80 KiB; an over-long URL is then a 404.
+# httptools: a URL up to its 80 KiB head cap gets a 404, a longer head a 400.
 limit_request_line = 4094
 limit_request_fields = 100
 
