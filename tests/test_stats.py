@@ -19,18 +19,23 @@ def test_period():
     assert stats.period(2024, 0) == (dt.date(2024, 1, 1), dt.date(2025, 1, 1))
 
 
+def ingest_matches_truth(db_url, tmp_path, start: dt.date, days: int, files: int, seed: int):
+    """Generate logs, run the ETL on them, and compare every statistic with the truth."""
+    out = tmp_path / "logs"
+    truth = loggen.generate(
+        out, days=days, start=start, files_per_day=files, lines_per_file=300, seed=seed
+    )
+    settings = loaded(db_url, tmp_path)
+    assert ingest.run(settings, source=str(out))
+    assert_truth(db_url, truth)
+
+
 @pytest.mark.parametrize("full_at", [0, 10_000])
 def test_whole_category_and_per_package_recompute_agree(db_url, tmp_path, monkeypatch, full_at):
     """FULL_CATEGORY_AT 0: every period recomputed for the whole category in one statement;
     10000: always filtered by package names. Both give the truth."""
     monkeypatch.setattr(stats, "FULL_CATEGORY_AT", full_at)
-    out = tmp_path / "logs"
-    truth = loggen.generate(
-        out, days=2, start=dt.date(2024, 6, 30), files_per_day=3, lines_per_file=300, seed=9
-    )
-    settings = loaded(db_url, tmp_path)
-    assert ingest.run(settings, source=str(out))
-    assert_truth(db_url, truth)
+    ingest_matches_truth(db_url, tmp_path, dt.date(2024, 6, 30), days=2, files=3, seed=9)
 
 
 @pytest.mark.parametrize("one_pass", [True, False])
@@ -40,13 +45,7 @@ def test_year_in_one_pass_or_per_period_agree(db_url, tmp_path, monkeypatch, one
     always period by period)."""
     monkeypatch.setattr(stats, "FULL_CATEGORY_AT", 0)
     monkeypatch.setattr(stats, "_one_pass_pays", lambda *_: one_pass)
-    out = tmp_path / "logs"
-    truth = loggen.generate(
-        out, days=3, start=dt.date(2024, 2, 28), files_per_day=2, lines_per_file=300, seed=5
-    )
-    settings = loaded(db_url, tmp_path)
-    assert ingest.run(settings, source=str(out))
-    assert_truth(db_url, truth)
+    ingest_matches_truth(db_url, tmp_path, dt.date(2024, 2, 28), days=3, files=2, seed=5)
 
 
 def test_one_pass_pays_early_in_the_year_not_late():
