@@ -234,20 +234,15 @@ class StatsFront:
                 await send({"type": "http.response.body", "body": b""})
                 return 200, 0
             sendfile = scope.get("extensions", {}).get(SENDFILE)
-            if sendfile is not None:
+            if sendfile is not None:  # our Protocol: zero copy
                 sent = await sendfile(f, cf.size)
-                await send({"type": "http.response.body", "body": b"", "more_body": False})
-                return 200, sent
-            sent = 0
-            chunk = f.read(CHUNK)
-            while True:
-                following = f.read(CHUNK) if len(chunk) == CHUNK else b""
-                more = bool(following)
-                await send({"type": "http.response.body", "body": chunk, "more_body": more})
-                sent += len(chunk)
-                if not more:
-                    return 200, sent
-                chunk = following
+            else:  # any other ASGI server: plain body messages
+                sent = 0
+                while chunk := f.read(CHUNK):
+                    await send({"type": "http.response.body", "body": chunk, "more_body": True})
+                    sent += len(chunk)
+            await send({"type": "http.response.body", "body": b"", "more_body": False})
+            return 200, sent
 
 
 def _retrieved(future: asyncio.Future) -> None:
