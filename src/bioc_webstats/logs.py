@@ -14,6 +14,7 @@ import datetime as dt
 import gc
 import hashlib
 import hmac
+import os
 import re
 import zlib
 from collections import defaultdict
@@ -33,6 +34,13 @@ try:  # ISA-L's inflate (the isal wheel) gunzips about three times as fast as zl
 except ImportError:  # pragma: no cover - same results, slower
     _inflate = zlib  # type: ignore[no-redef]
     _INFLATE_ERRORS = (zlib.error,)
+
+try:  # the per-line loop in C (setup.py); without it, the Python loop below, same results
+    from . import _scan  # type: ignore[attr-defined]
+except ImportError:  # pragma: no cover - a pure-Python build
+    _scan = None
+# WEBSTATS_ETL_PARSER=python runs the Python loop even where the C one is built (tests, bench)
+_FORCE_PYTHON = os.environ.get("WEBSTATS_ETL_PARSER", "") == "python"
 
 CHUNK = 1 << 20  # compressed bytes read at a time
 OUT_MAX = 1 << 20  # text bytes decompressed at a time (memory stays flat whatever the ratio)
@@ -436,10 +444,114 @@ def count_object(chunks: Iterable[bytes], name_hour: dt.datetime) -> ObjectCount
     gc_on = gc.isenabled()
     gc.disable()
     try:
+        if _scan is not None and not _FORCE_PYTHON:
+            return _count_native(chunks, name_hour)
         return _count(chunks, name_hour)
     finally:
         if gc_on:
             gc.enable()
+
+
+def parser_name() -> str:
+    """Which per-line loop ``count_object`` runs: "native" (C) or "python"."""
+    return "native" if _scan is not None and not _FORCE_PYTHON else "python"
+
+
+def _layout(line: bytes) -> tuple[int, int, int, int, int, int, int]:
+    """A ``#Fields:`` line → (column count, then the index of each of REQUIRED_FIELDS)."""
+    names = line[8:].decode("ascii", "replace").split()
+    missing = [n for n in REQUIRED_FIELDS if n not in names]
+    if missing:
+        raise LogFormatError(f"#Fields line lacks {', '.join(missing)}")
+    idate, itime, iip, imethod, iuri, istatus = (names.index(n) for n in REQUIRED_FIELDS)
+    return len(names), idate, itime, iip, imethod, iuri, istatus
+
+
+def _status_class(raw: bytes) -> int:
+    """An sc-status value → _BAD (not a number), _OTHER or _DL (a download status)."""
+    code = int(raw) if raw.isdigit() else None
+    return _BAD if code is None else _DL if code in DOWNLOAD_STATUS else _OTHER
+
+
+def _reset_rule_caches() -> None:
+    """Empty the process-wide caches of the download rule once they outgrow their bound."""
+    if len(_URIS) > URI_CACHE_MAX or len(_HITS) > URI_CACHE_MAX:
+        _URIS.clear()
+        _HITS.clear()
+        if _SCANNER:  # its cached hit ids are those just forgotten
+            _SCANNER[0].forget_uris()
+    if len(_DIRS) > URI_CACHE_MAX or len(_FILES) > URI_CACHE_MAX:
+        _DIRS.clear()
+        _FILES.clear()
+
+
+def _hit_of(uri: bytes) -> int:
+    """The hit id (> 0) of a download path's (category, package), else 0; cached."""
+    hit = _URIS.get(uri)
+    if hit is None:
+        pair = classify_uri(uri, _DIRS, _FILES)
+        hit = 0 if pair is None else _HITS.setdefault(pair, len(_HITS) + 1)
+        if len(_URIS) < URI_CACHE_MAX:
+            _URIS[uri] = hit
+    return hit
+
+
+def _time_or_minus(raw: bytes) -> int:
+    secs = _time_secs(raw)
+    return -1 if secs is None else secs
+
+
+# Reject reasons by code, as the C loop counts them (the same order as in _scan.c).
+REASONS = (
+    "column count",
+    "status",
+    "c-ip",
+    "date/time",
+    "timestamp more than 48 h from the object's hour",
+)
+_SCANNER: list[Any] = []  # the process's C scanner, made on first use
+
+
+def _header(line: bytes | None) -> tuple[int, ...]:
+    if line is None:
+        raise LogFormatError("no #Fields line before the first data line")
+    return _layout(line)
+
+
+def _count_native(chunks: Iterable[bytes], name_hour: dt.datetime) -> ObjectCounts:
+    """count_object with the per-line loop in C (``_scan``): the same rule, decided by the
+    same functions (called once per distinct value, their answers cached in C)."""
+    if not _SCANNER:
+        _SCANNER.append(
+            _scan.Scanner(
+                _header, _time_or_minus, _status_class, _hit_of, b"GET", tuple(_BAD_IP),
+                URI_CACHE_MAX,
+            )  # fmt: skip
+        )
+    scanner = _SCANNER[0]
+    center = _epoch(name_hour)
+    day_list: list[dt.date] = []
+
+    def date(raw: bytes) -> tuple[int, int] | None:
+        dv = _date_secs(raw) if len(raw) == 10 else None
+        if dv is None:
+            return None
+        day_list.append(dv[1])
+        return len(day_list) - 1, dv[0]
+
+    _reset_rule_caches()
+    scanner.begin(date, center - MAX_SKEW, center + MAX_SKEW)
+    for piece in decompress(chunks):
+        scanner.feed(piece)
+    lines_read, accepted, rejects, counts, fields_seen = scanner.finish()
+    if not fields_seen:
+        raise LogFormatError("no #Fields line (empty or header-less file)")
+    pairs = {i: pair for pair, i in _HITS.items()}
+    res = ObjectCounts(lines_read=lines_read, accepted=accepted, rejected=sum(rejects))
+    res.reject_reasons = {REASONS[i]: n for i, n in enumerate(rejects) if n}
+    for d, per_hit in counts.items():
+        res.by_day[day_list[d]] = {pairs[h]: ips for h, ips in per_hit.items()}
+    return res
 
 
 def _count(chunks: Iterable[bytes], name_hour: dt.datetime) -> ObjectCounts:
@@ -455,13 +567,8 @@ def _count(chunks: Iterable[bytes], name_hour: dt.datetime) -> ObjectCounts:
     dall: dict[bytes, Any] = {}  # every date/time key seen → its day's counts, or a reason
     days: dict[bytes, tuple[int, dt.date] | None] = {}
     scache: dict[bytes, int] = {}  # status → _BAD, _OTHER or _DL
-    if len(_URIS) > URI_CACHE_MAX or len(_HITS) > URI_CACHE_MAX:
-        _URIS.clear()
-        _HITS.clear()
-    ucache, hit_ids, dirs, files = _URIS, _HITS, _DIRS, _FILES
-    if len(dirs) > URI_CACHE_MAX or len(files) > URI_CACHE_MAX:
-        dirs.clear()
-        files.clear()
+    _reset_rule_caches()
+    ucache = _URIS
     bad_ip = _BAD_IP
     tab, get, dl = b"\t", b"GET", _DL
     nf = -1  # number of fields; -1 until the first #Fields line
@@ -481,14 +588,7 @@ def _count(chunks: Iterable[bytes], name_hour: dt.datetime) -> ObjectCounts:
                 if line[:1] == b"#":
                     lines_read -= 1
                     if line.startswith(b"#Fields:"):
-                        names = line[8:].decode("ascii", "replace").split()
-                        missing = [n for n in REQUIRED_FIELDS if n not in names]
-                        if missing:
-                            raise LogFormatError(f"#Fields line lacks {', '.join(missing)}")
-                        nf = len(names)
-                        idate, itime, iip, imethod, iuri, istatus = (
-                            names.index(n) for n in REQUIRED_FIELDS
-                        )
+                        nf, idate, itime, iip, imethod, iuri, istatus = _layout(line)
                         cut = max(idate, itime, iip, imethod, iuri, istatus) + 1
                         cut = min(cut, nf - 1)
                         cut1, rest_tabs = cut + 1, nf - 1 - cut
@@ -517,11 +617,7 @@ def _count(chunks: Iterable[bytes], name_hour: dt.datetime) -> ObjectCounts:
             st = scache.get(f[istatus])
             if not st:
                 if st is None:
-                    sraw = f[istatus]
-                    code = int(sraw) if sraw.isdigit() else None
-                    st = scache[sraw] = (
-                        _BAD if code is None else _DL if code in DOWNLOAD_STATUS else _OTHER
-                    )
+                    st = scache[f[istatus]] = _status_class(f[istatus])
                 if not st:
                     reasons["status"] = reasons.get("status", 0) + 1
                     continue
@@ -531,28 +627,26 @@ def _count(chunks: Iterable[bytes], name_hour: dt.datetime) -> ObjectCounts:
                 continue
             if st is dl and f[imethod] == get:
                 hit = ucache.get(f[iuri])
+                if hit is None:
+                    hit = _hit_of(f[iuri])
                 if not hit:
-                    if hit is None:
-                        uri = f[iuri]
-                        pair = classify_uri(uri, dirs, files)
-                        hit = 0 if pair is None else hit_ids.setdefault(pair, len(hit_ids) + 1)
-                        if len(ucache) < URI_CACHE_MAX:
-                            ucache[uri] = hit
-                    if not hit:
-                        continue
+                    continue
                 bucket[hit][ip] += 1
     if nf < 0:
         raise LogFormatError("no #Fields line (empty or header-less file)")
     # Back to the public shape: day → (category, package) → ip → n.
-    pairs = {i: pair for pair, i in hit_ids.items()}
+    pairs = {i: pair for pair, i in _HITS.items()}
     accepted = 0
     for day, per_hit in list(res.by_day.items()):
         out: dict[tuple[str, str], dict[bytes, int]] = {}
-        for hit, ips in per_hit.items():
+        for hit, ips in per_hit.items():  # type: ignore[attr-defined]
             if ips:
                 out[pairs[hit]] = dict(ips)
                 accepted += sum(ips.values())
-        res.by_day[day] = out  # type: ignore[assignment]
+        if out:
+            res.by_day[day] = out
+        else:  # a day of valid lines but no download
+            del res.by_day[day]
     res.lines_read, res.accepted, res.rejected = lines_read, accepted, sum(reasons.values())
     return res
 

@@ -1,0 +1,27 @@
+"""The optional C part of the package (everything else is in pyproject.toml).
+
+``bioc_webstats._scan`` is the per-line loop of the ETL in C, built against the stable ABI
+(one wheel for every Python >= 3.11 of a platform). ``BIOC_WEBSTATS_PURE=1`` builds a
+pure-Python wheel instead (a target of another architecture than the build machine): the
+ETL then runs its Python loop, with the same results, about twice as slow.
+"""
+
+import os
+
+from setuptools import Extension, setup
+
+PURE = os.environ.get("BIOC_WEBSTATS_PURE", "") not in ("", "0")
+
+setup(
+    ext_modules=[]
+    if PURE
+    else [
+        Extension(
+            "bioc_webstats._scan",
+            ["src/bioc_webstats/_scan.c"],
+            py_limited_api=True,
+            extra_compile_args=["-O2", "-fno-strict-aliasing"],
+        )
+    ],
+    options={} if PURE else {"bdist_wheel": {"py_limited_api": "cp311"}},
+)

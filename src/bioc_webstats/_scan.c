@@ -1,0 +1,800 @@
+/* The per-line loop of logs.count_object in C: line and column splitting, the per-value
+ * caches and the counting. Every decision of the download rule stays in Python: a value
+ * seen for the first time (a date and time, a status, a URI, a #Fields line) is handed to
+ * a Python callback, and its answer is cached here for the rest of the object. So the rules
+ * have one home (logs.py), and this loop only does what the pure-Python loop does, faster.
+ *
+ * Built against the stable ABI (abi3), so one build serves every Python >= 3.11 of the same
+ * platform. Optional: without it logs.py runs its own loop, with the same results.
+ */
+#define Py_LIMITED_API 0x030B0000
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+/* Reject reasons by code; the Python side names them (logs.REASONS, same order). */
+#define R_COLUMNS 0
+#define R_STATUS 1
+#define R_CIP 2
+#define R_DATETIME 3
+#define R_SKEW 4
+#define N_REASONS 5
+
+/* --- a hash table of byte strings → int64 (keys copied into one arena) ------------------- */
+
+#define EMPTY UINT32_MAX
+
+typedef struct {
+    uint64_t hash;
+    size_t off; /* of the key in the arena */
+    uint32_t len; /* EMPTY: free slot */
+    int64_t val;
+} Slot;
+
+typedef struct {
+    Slot *slots;
+    size_t cap; /* a power of two */
+    size_t n;
+    char *arena;
+    size_t used, room;
+    size_t max; /* entries kept at most (0: no bound); past it answers are not cached */
+} Table;
+
+static uint64_t hash_seed;
+
+static inline uint64_t mix(uint64_t h) {
+    h ^= h >> 31;
+    h *= 0x9E3779B97F4A7C15ull;
+    h ^= h >> 29;
+    return h;
+}
+
+static uint64_t hash_bytes(const char *p, size_t n) {
+    uint64_t h = hash_seed ^ (n * 0xBF58476D1CE4E5B9ull);
+    while (n >= 8) {
+        uint64_t w;
+        memcpy(&w, p, 8);
+        h = mix(h ^ w) * 0x94D049BB133111EBull;
+        p += 8;
+        n -= 8;
+    }
+    uint64_t w = 0;
+    memcpy(&w, p, n);
+    return mix(mix(h ^ w) ^ hash_seed);
+}
+
+static int table_init(Table *t, size_t cap, size_t max) {
+    t->max = max;
+    t->slots = malloc(cap * sizeof(Slot));
+    t->arena = malloc(4096);
+    if (!t->slots || !t->arena) {
+        free(t->slots);
+        free(t->arena);
+        t->slots = NULL;
+        t->arena = NULL;
+        return -1;
+    }
+    for (size_t i = 0; i < cap; i++) t->slots[i].len = EMPTY;
+    t->cap = cap;
+    t->n = 0;
+    t->used = 0;
+    t->room = 4096;
+    return 0;
+}
+
+/* Forget every entry (keeps the memory). */
+static void table_clear(Table *t) {
+    for (size_t i = 0; i < t->cap; i++) t->slots[i].len = EMPTY;
+    t->n = 0;
+    t->used = 0;
+}
+
+static void table_free(Table *t) {
+    free(t->slots);
+    free(t->arena);
+    t->slots = NULL;
+    t->arena = NULL;
+}
+
+/* The slot holding KEY, or the free slot where it belongs. */
+static inline Slot *table_find(const Table *t, const char *key, size_t len, uint64_t h) {
+    size_t mask = t->cap - 1, i = (size_t)h & mask;
+    for (;;) {
+        Slot *s = &t->slots[i];
+        if (s->len == EMPTY) return s;
+        if (s->hash == h && s->len == len && memcmp(t->arena + s->off, key, len) == 0) return s;
+        i = (i + 1) & mask;
+    }
+}
+
+static int table_grow(Table *t) {
+    size_t cap = t->cap * 2;
+    Slot *slots = malloc(cap * sizeof(Slot));
+    if (!slots) return -1;
+    for (size_t i = 0; i < cap; i++) slots[i].len = EMPTY;
+    for (size_t i = 0; i < t->cap; i++) {
+        Slot *s = &t->slots[i];
+        if (s->len == EMPTY) continue;
+        size_t j = (size_t)s->hash & (cap - 1);
+        while (slots[j].len != EMPTY) j = (j + 1) & (cap - 1);
+        slots[j] = *s;
+    }
+    free(t->slots);
+    t->slots = slots;
+    t->cap = cap;
+    return 0;
+}
+
+/* Fill the free slot S with KEY → VAL. Returns the slot (it moves when the table grows). */
+static Slot *table_put(Table *t, Slot *s, const char *key, size_t len, uint64_t h, int64_t val) {
+    if (len >= EMPTY) {
+        PyErr_SetString(PyExc_ValueError, "value too long");
+        return NULL;
+    }
+    if (t->used + len > t->room) {
+        size_t room = t->room * 2;
+        while (t->used + len > room) room *= 2;
+        char *arena = realloc(t->arena, room);
+        if (!arena) {
+            PyErr_NoMemory();
+            return NULL;
+        }
+        t->arena = arena;
+        t->room = room;
+    }
+    memcpy(t->arena + t->used, key, len);
+    s->hash = h;
+    s->off = t->used;
+    s->len = (uint32_t)len;
+    s->val = val;
+    t->used += len;
+    t->n++;
+    if (t->n * 2 > t->cap) {
+        if (table_grow(t) < 0) {
+            PyErr_NoMemory();
+            return NULL;
+        }
+        s = table_find(t, key, len, h);
+    }
+    return s;
+}
+
+/* --- the scanner ------------------------------------------------------------------------- */
+
+enum { F_DATE, F_TIME, F_IP, F_METHOD, F_URI, F_STATUS, N_FIELDS };
+
+/* One per parse process: the caches of answers that do not depend on the object (status,
+ * time of day, URI) live as long as it does; begin() starts an object. */
+typedef struct {
+    PyObject_HEAD
+    PyObject *header_cb, *date_cb, *time_cb, *status_cb, *uri_cb;
+    char get[16];
+    Py_ssize_t get_len;
+    char bad_ip[4][8];
+    Py_ssize_t bad_ip_len[4];
+    int n_bad_ip;
+    /* the object being read */
+    int active;
+    int64_t lo, hi; /* the window of valid timestamps (seconds since the epoch) */
+    long nf; /* columns of the #Fields line; -1 before it */
+    int idx[N_FIELDS];
+    int last_needed; /* the largest of idx */
+    const char **start, **end; /* per line: where the columns up to last_needed begin, end */
+    char *carry; /* the start of a line whose end is in a later piece */
+    size_t carry_len, carry_room;
+    Table dates, counts; /* date → day index or -1; (day, hit, ip) → downloads */
+    int64_t *day_epoch; /* per day index: its midnight, seconds since the epoch */
+    size_t n_days, days_room;
+    char last_date[16];
+    size_t last_date_len;
+    int64_t last_date_val;
+    char last_time[16];
+    size_t last_time_len;
+    int64_t last_time_val;
+    long long lines_read, accepted;
+    long long rejects[N_REASONS];
+    /* for the life of the process */
+    Table st, tm, uri; /* status → class; time of day → seconds or -1; URI → hit id */
+    char *key; /* scratch for composite keys */
+    size_t key_room;
+} Scanner;
+
+static PyObject *call_bytes(PyObject *cb, const char *p, size_t n) {
+    PyObject *arg = PyBytes_FromStringAndSize(p, (Py_ssize_t)n);
+    if (!arg) return NULL;
+    PyObject *res = PyObject_CallFunctionObjArgs(cb, arg, NULL);
+    Py_DECREF(arg);
+    return res;
+}
+
+/* The callback's answer as an int64; -1 with an exception set on failure. */
+static int answer(PyObject *res, int64_t *out) {
+    if (!res) return -1;
+    long long v = PyLong_AsLongLong(res);
+    Py_DECREF(res);
+    if (v == -1 && PyErr_Occurred()) return -1;
+    *out = v;
+    return 0;
+}
+
+/* Cached callback: the value of KEY in T, asking CB on a miss. */
+static int lookup(Table *t, PyObject *cb, const char *key, size_t len, int64_t *out) {
+    uint64_t h = hash_bytes(key, len);
+    Slot *s = table_find(t, key, len, h);
+    if (s->len != EMPTY) {
+        *out = s->val;
+        return 0;
+    }
+    int64_t v;
+    if (answer(call_bytes(cb, key, len), &v) < 0) return -1;
+    if ((t->max == 0 || t->n < t->max) && !table_put(t, s, key, len, h, v)) return -1;
+    *out = v;
+    return 0;
+}
+
+/* A date column → its day index, or -1 when it is not a valid date; asks date_cb, which
+ * answers (index, midnight in epoch seconds) or None. */
+static int date_lookup(Scanner *s, const char *p, size_t n, int64_t *out) {
+    uint64_t h = hash_bytes(p, n);
+    Slot *slot = table_find(&s->dates, p, n, h);
+    if (slot->len != EMPTY) {
+        *out = slot->val;
+        return 0;
+    }
+    PyObject *res = call_bytes(s->date_cb, p, n);
+    if (!res) return -1;
+    int64_t v = -1;
+    if (res != Py_None) {
+        long long idx, epoch;
+        int ok = PyArg_ParseTuple(res, "LL", &idx, &epoch);
+        Py_DECREF(res);
+        if (!ok) return -1;
+        if (idx < 0 || (size_t)idx > s->n_days || idx > INT32_MAX) {
+            PyErr_SetString(PyExc_ValueError, "date callback: day indexes must count up from 0");
+            return -1;
+        }
+        if ((size_t)idx == s->n_days) {
+            if (s->n_days == s->days_room) {
+                size_t room = s->days_room ? s->days_room * 2 : 16;
+                int64_t *d = realloc(s->day_epoch, room * sizeof *d);
+                if (!d) {
+                    PyErr_NoMemory();
+                    return -1;
+                }
+                s->day_epoch = d;
+                s->days_room = room;
+            }
+            s->n_days++;
+        }
+        s->day_epoch[idx] = epoch;
+        v = idx;
+    } else {
+        Py_DECREF(res);
+    }
+    if (!table_put(&s->dates, slot, p, n, h, v)) return -1;
+    *out = v;
+    return 0;
+}
+
+static int need_key(Scanner *s, size_t n) {
+    if (n <= s->key_room) return 0;
+    size_t room = s->key_room ? s->key_room : 256;
+    while (room < n) room *= 2;
+    char *k = realloc(s->key, room);
+    if (!k) {
+        PyErr_NoMemory();
+        return -1;
+    }
+    s->key = k;
+    s->key_room = room;
+    return 0;
+}
+
+/* Tabs in [p, p + n), eight bytes at a time. */
+static size_t count_tabs(const char *p, size_t n) {
+    const uint64_t ones = 0x0101010101010101ull, highs = 0x8080808080808080ull;
+    const uint64_t tabs = ones * '\t';
+    size_t c = 0;
+    while (n >= 8) {
+        uint64_t w;
+        memcpy(&w, p, 8);
+        uint64_t x = w ^ tabs; /* a zero byte where a tab was */
+        /* exactly the zero bytes get their high bit set (no carries between bytes) */
+        uint64_t z = ~(((x & ~highs) + ~highs) | x | ~highs);
+        c += (size_t)(((z >> 7) * ones) >> 56);
+        p += 8;
+        n -= 8;
+    }
+    while (n--) c += (*p++ == '\t');
+    return c;
+}
+
+static int is_blank(const char *p, size_t n) {
+    for (size_t i = 0; i < n; i++) {
+        switch (p[i]) {
+        case ' ': case '\t': case '\n': case '\r': case '\v': case '\f':
+            continue;
+        default:
+            return 0;
+        }
+    }
+    return 1;
+}
+
+static int set_layout(Scanner *s, PyObject *res) {
+    long v[1 + N_FIELDS];
+    if (!PyTuple_Check(res) || PyTuple_Size(res) != 1 + N_FIELDS) {
+        PyErr_SetString(PyExc_TypeError, "header callback: expected a 7-tuple");
+        return -1;
+    }
+    for (int i = 0; i <= N_FIELDS; i++) {
+        v[i] = PyLong_AsLong(PyTuple_GetItem(res, i));
+        if (v[i] == -1 && PyErr_Occurred()) return -1;
+    }
+    if (v[0] < 1 || v[0] > 100000) {
+        PyErr_SetString(PyExc_ValueError, "header callback: bad column count");
+        return -1;
+    }
+    int last = 0;
+    for (int i = 0; i < N_FIELDS; i++) {
+        if (v[1 + i] < 0 || v[1 + i] >= v[0]) {
+            PyErr_SetString(PyExc_ValueError, "header callback: bad column index");
+            return -1;
+        }
+        if (v[1 + i] > last) last = (int)v[1 + i];
+    }
+    const char **st = realloc(s->start, (size_t)(last + 1) * sizeof *st);
+    if (!st) return PyErr_NoMemory(), -1;
+    s->start = st;
+    const char **en = realloc(s->end, (size_t)(last + 1) * sizeof *en);
+    if (!en) return PyErr_NoMemory(), -1;
+    s->end = en;
+    s->nf = v[0];
+    s->last_needed = last;
+    for (int i = 0; i < N_FIELDS; i++) s->idx[i] = (int)v[1 + i];
+    return 0;
+}
+
+/* A line that is not a data line of the current layout (or comes before any #Fields). */
+static int slow_line(Scanner *s, const char *p, size_t n) {
+    if (is_blank(p, n)) return 0;
+    if (p[0] == '#') {
+        if (n < 8 || memcmp(p, "#Fields:", 8) != 0) return 0;
+        PyObject *res = call_bytes(s->header_cb, p, n);
+        if (!res) return -1;
+        int rc = set_layout(s, res);
+        Py_DECREF(res);
+        return rc;
+    }
+    if (s->nf < 0) { /* the callback raises the format error */
+        PyObject *res = PyObject_CallFunctionObjArgs(s->header_cb, Py_None, NULL);
+        Py_XDECREF(res);
+        if (!PyErr_Occurred())
+            PyErr_SetString(PyExc_RuntimeError, "header callback did not raise");
+        return -1;
+    }
+    s->lines_read++;
+    s->rejects[R_COLUMNS]++;
+    return 0;
+}
+
+#define SAME(buf, len, p, n) ((n) == (len) && memcmp((buf), (p), (n)) == 0)
+#define REMEMBER(buf, len, p, n)                      \
+    do {                                              \
+        if ((n) <= sizeof(buf)) {                     \
+            memcpy((buf), (p), (n));                  \
+            (len) = (n);                              \
+        }                                             \
+    } while (0)
+
+static int one_line(Scanner *s, const char *p, size_t n) {
+    if (n && p[n - 1] == '\r') n--; /* CRLF */
+    if (s->nf < 0) return slow_line(s, p, n);
+
+    const char **start = s->start, **end = s->end;
+    const char *q = p, *e = p + n;
+    int k = 0, last = s->last_needed;
+    size_t tabs = 0;
+    for (;;) {
+        const char *t = memchr(q, '\t', (size_t)(e - q));
+        start[k] = q;
+        end[k] = t ? t : e;
+        if (k == last) break;
+        if (!t) return slow_line(s, p, n);
+        tabs++;
+        q = t + 1;
+        k++;
+    }
+    if (end[last] < e) tabs += 1 + count_tabs(end[last] + 1, (size_t)(e - end[last] - 1));
+    if ((long)tabs != s->nf - 1) return slow_line(s, p, n);
+    s->lines_read++;
+
+#define COL(f) start[s->idx[f]]
+#define LEN(f) ((size_t)(end[s->idx[f]] - start[s->idx[f]]))
+    /* the timestamp: a valid date, a valid time, within the window */
+    int64_t day, secs;
+    if (SAME(s->last_date, s->last_date_len, COL(F_DATE), LEN(F_DATE))) {
+        day = s->last_date_val;
+    } else {
+        if (date_lookup(s, COL(F_DATE), LEN(F_DATE), &day) < 0) return -1;
+        REMEMBER(s->last_date, s->last_date_len, COL(F_DATE), LEN(F_DATE));
+        s->last_date_val = day;
+    }
+    if (SAME(s->last_time, s->last_time_len, COL(F_TIME), LEN(F_TIME))) {
+        secs = s->last_time_val;
+    } else {
+        if (lookup(&s->tm, s->time_cb, COL(F_TIME), LEN(F_TIME), &secs) < 0) return -1;
+        REMEMBER(s->last_time, s->last_time_len, COL(F_TIME), LEN(F_TIME));
+        s->last_time_val = secs;
+    }
+    if (day < 0 || secs < 0) {
+        s->rejects[R_DATETIME]++;
+        return 0;
+    }
+    int64_t ts = s->day_epoch[day] + secs;
+    if (ts < s->lo || ts > s->hi) {
+        s->rejects[R_SKEW]++;
+        return 0;
+    }
+
+    int64_t st;
+    if (lookup(&s->st, s->status_cb, COL(F_STATUS), LEN(F_STATUS), &st) < 0) return -1;
+    if (st == 0) {
+        s->rejects[R_STATUS]++;
+        return 0;
+    }
+
+    const char *ip = COL(F_IP);
+    size_t il = LEN(F_IP);
+    for (int i = 0; i < s->n_bad_ip; i++) {
+        if (SAME(s->bad_ip[i], (size_t)s->bad_ip_len[i], ip, il)) {
+            s->rejects[R_CIP]++;
+            return 0;
+        }
+    }
+
+    if (st != 2 || !SAME(s->get, (size_t)s->get_len, COL(F_METHOD), LEN(F_METHOD))) return 0;
+    int64_t hit;
+    if (lookup(&s->uri, s->uri_cb, COL(F_URI), LEN(F_URI), &hit) < 0) return -1;
+    if (hit <= 0) return 0;
+    if (hit > INT32_MAX) {
+        PyErr_SetString(PyExc_ValueError, "uri callback: hit id too large");
+        return -1;
+    }
+#undef COL
+#undef LEN
+
+    /* count: key = day, hit id, client address */
+    size_t cl = 8 + il;
+    if (need_key(s, cl) < 0) return -1;
+    int32_t d32 = (int32_t)day, h32 = (int32_t)hit;
+    memcpy(s->key, &d32, 4);
+    memcpy(s->key + 4, &h32, 4);
+    memcpy(s->key + 8, ip, il);
+    uint64_t h = hash_bytes(s->key, cl);
+    Slot *slot = table_find(&s->counts, s->key, cl, h);
+    s->accepted++;
+    if (slot->len != EMPTY) {
+        slot->val++;
+        return 0;
+    }
+    return table_put(&s->counts, slot, s->key, cl, h, 1) ? 0 : -1;
+}
+
+static int carry_append(Scanner *s, const char *p, size_t n) {
+    if (s->carry_len + n > s->carry_room) {
+        size_t room = s->carry_room ? s->carry_room : 4096;
+        while (room < s->carry_len + n) room *= 2;
+        char *c = realloc(s->carry, room);
+        if (!c) {
+            PyErr_NoMemory();
+            return -1;
+        }
+        s->carry = c;
+        s->carry_room = room;
+    }
+    memcpy(s->carry + s->carry_len, p, n);
+    s->carry_len += n;
+    return 0;
+}
+
+static int check_active(Scanner *s) {
+    if (!s->active) PyErr_SetString(PyExc_RuntimeError, "no object begun");
+    return s->active ? 0 : -1;
+}
+
+/* Forget the object being read (after an error, or before the next one). */
+static void reset_object(Scanner *s) {
+    s->active = 0;
+    s->nf = -1;
+    s->carry_len = 0;
+    table_clear(&s->dates);
+    table_clear(&s->counts);
+    s->n_days = 0;
+    s->last_date_len = s->last_time_len = SIZE_MAX;
+    s->lines_read = s->accepted = 0;
+    memset(s->rejects, 0, sizeof s->rejects);
+}
+
+static PyObject *Scanner_begin(Scanner *s, PyObject *args) {
+    PyObject *date_cb;
+    long long lo, hi;
+    if (!PyArg_ParseTuple(args, "OLL", &date_cb, &lo, &hi)) return NULL;
+    reset_object(s);
+    Py_INCREF(date_cb);
+    Py_XDECREF(s->date_cb);
+    s->date_cb = date_cb;
+    s->lo = lo;
+    s->hi = hi;
+    s->active = 1;
+    Py_RETURN_NONE;
+}
+
+static PyObject *Scanner_feed(Scanner *s, PyObject *arg) {
+    char *buf;
+    Py_ssize_t size;
+    if (check_active(s) < 0 || PyBytes_AsStringAndSize(arg, &buf, &size) < 0) return NULL;
+    const char *p = buf, *e = buf + size;
+    if (s->carry_len) {
+        const char *nl = memchr(p, '\n', (size_t)(e - p));
+        if (!nl) {
+            if (carry_append(s, p, (size_t)(e - p)) < 0) goto fail;
+            Py_RETURN_NONE;
+        }
+        if (carry_append(s, p, (size_t)(nl - p)) < 0) goto fail;
+        size_t n = s->carry_len;
+        s->carry_len = 0; /* one_line does not touch the carry buffer */
+        if (one_line(s, s->carry, n) < 0) goto fail;
+        p = nl + 1;
+    }
+    while (p < e) {
+        const char *nl = memchr(p, '\n', (size_t)(e - p));
+        if (!nl) {
+            if (carry_append(s, p, (size_t)(e - p)) < 0) goto fail;
+            break;
+        }
+        if (one_line(s, p, (size_t)(nl - p)) < 0) goto fail;
+        p = nl + 1;
+    }
+    Py_RETURN_NONE;
+fail:
+    reset_object(s);
+    return NULL;
+}
+
+/* {day index: {hit id: {ip: downloads}}} of the object. */
+static PyObject *nested_counts(const Scanner *s) {
+    PyObject *out = PyDict_New();
+    if (!out) return NULL;
+    const Table *t = &s->counts;
+    for (size_t i = 0; i < t->cap; i++) {
+        const Slot *slot = &t->slots[i];
+        if (slot->len == EMPTY) continue;
+        const char *k = t->arena + slot->off;
+        int32_t d32, h32;
+        memcpy(&d32, k, 4);
+        memcpy(&h32, k + 4, 4);
+        PyObject *dk = PyLong_FromLong(d32), *hk = PyLong_FromLong(h32);
+        PyObject *ip = PyBytes_FromStringAndSize(k + 8, (Py_ssize_t)(slot->len - 8));
+        PyObject *n = PyLong_FromLongLong(slot->val);
+        PyObject *per_day = NULL, *per_hit = NULL;
+        int ok = dk && hk && ip && n;
+        if (ok) {
+            per_day = PyDict_GetItemWithError(out, dk); /* borrowed */
+            if (!per_day && !PyErr_Occurred() && (per_day = PyDict_New())) {
+                ok = PyDict_SetItem(out, dk, per_day) == 0;
+                Py_DECREF(per_day); /* the dict holds it */
+            }
+            ok = ok && per_day;
+        }
+        if (ok) {
+            per_hit = PyDict_GetItemWithError(per_day, hk);
+            if (!per_hit && !PyErr_Occurred() && (per_hit = PyDict_New())) {
+                ok = PyDict_SetItem(per_day, hk, per_hit) == 0;
+                Py_DECREF(per_hit);
+            }
+            ok = ok && per_hit && PyDict_SetItem(per_hit, ip, n) == 0;
+        }
+        Py_XDECREF(dk);
+        Py_XDECREF(hk);
+        Py_XDECREF(ip);
+        Py_XDECREF(n);
+        if (!ok) {
+            Py_DECREF(out);
+            return NULL;
+        }
+    }
+    return out;
+}
+
+static PyObject *Scanner_finish(Scanner *s, PyObject *Py_UNUSED(ignored)) {
+    PyObject *rejects = NULL, *counts = NULL, *res = NULL;
+    if (check_active(s) < 0) return NULL;
+    if (s->carry_len) { /* a last line without a line end */
+        size_t n = s->carry_len;
+        s->carry_len = 0;
+        if (one_line(s, s->carry, n) < 0) goto done;
+    }
+    if (!(rejects = PyTuple_New(N_REASONS))) goto done;
+    for (int i = 0; i < N_REASONS; i++) {
+        PyObject *v = PyLong_FromLongLong(s->rejects[i]);
+        if (!v) goto done;
+        PyTuple_SetItem(rejects, i, v);
+    }
+    if (!(counts = nested_counts(s))) goto done;
+    res = Py_BuildValue("(LLOOO)", s->lines_read, s->accepted, rejects, counts,
+                        s->nf >= 0 ? Py_True : Py_False);
+done:
+    Py_XDECREF(rejects);
+    Py_XDECREF(counts);
+    reset_object(s);
+    return res;
+}
+
+static PyObject *Scanner_forget_uris(Scanner *s, PyObject *Py_UNUSED(ignored)) {
+    table_clear(&s->uri);
+    Py_RETURN_NONE;
+}
+
+static int copy_small(PyObject *obj, char *dst, size_t room, Py_ssize_t *len) {
+    char *p;
+    Py_ssize_t n;
+    if (PyBytes_AsStringAndSize(obj, &p, &n) < 0) return -1;
+    if ((size_t)n > room) {
+        PyErr_SetString(PyExc_ValueError, "value too long");
+        return -1;
+    }
+    memcpy(dst, p, (size_t)n);
+    *len = n;
+    return 0;
+}
+
+static void Scanner_dealloc(Scanner *s) {
+    Py_XDECREF(s->header_cb);
+    Py_XDECREF(s->date_cb);
+    Py_XDECREF(s->time_cb);
+    Py_XDECREF(s->status_cb);
+    Py_XDECREF(s->uri_cb);
+    table_free(&s->dates);
+    table_free(&s->counts);
+    table_free(&s->st);
+    table_free(&s->tm);
+    table_free(&s->uri);
+    free(s->day_epoch);
+    free(s->carry);
+    free(s->key);
+    free(s->start);
+    free(s->end);
+    PyTypeObject *tp = Py_TYPE(s);
+    freefunc tp_free = (freefunc)PyType_GetSlot(tp, Py_tp_free);
+    tp_free(s);
+    Py_DECREF(tp);
+}
+
+static PyObject *Scanner_new(PyTypeObject *type, PyObject *args, PyObject *kwds) {
+    static char *kwlist[] = {"header", "time", "status", "uri", "get", "bad_ips",
+                             "cache_max", NULL};
+    PyObject *header, *time_cb, *status, *uri, *get, *bad_ips;
+    Py_ssize_t cache_max;
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "OOOOSOn", kwlist, &header, &time_cb, &status,
+                                     &uri, &get, &bad_ips, &cache_max))
+        return NULL;
+    if (cache_max < 1) {
+        PyErr_SetString(PyExc_ValueError, "cache_max must be positive");
+        return NULL;
+    }
+    allocfunc tp_alloc = (allocfunc)PyType_GetSlot(type, Py_tp_alloc);
+    Scanner *s = (Scanner *)tp_alloc(type, 0);
+    if (!s) return NULL;
+    /* tp_alloc zeroes the object: every pointer is NULL, every count 0 */
+    s->nf = -1;
+    s->last_date_len = s->last_time_len = SIZE_MAX;
+    Py_INCREF(header);
+    s->header_cb = header;
+    Py_INCREF(time_cb);
+    s->time_cb = time_cb;
+    Py_INCREF(status);
+    s->status_cb = status;
+    Py_INCREF(uri);
+    s->uri_cb = uri;
+    if (copy_small(get, s->get, sizeof s->get, &s->get_len) < 0) goto fail;
+    PyObject *seq = PySequence_Fast(bad_ips, "bad_ips: a sequence of bytes");
+    if (!seq) goto fail;
+    Py_ssize_t nb = PySequence_Size(seq);
+    if (nb > 4) {
+        Py_DECREF(seq);
+        PyErr_SetString(PyExc_ValueError, "bad_ips: at most 4 values");
+        goto fail;
+    }
+    for (Py_ssize_t i = 0; i < nb; i++) {
+        PyObject *item = PySequence_GetItem(seq, i);
+        int rc = item ? copy_small(item, s->bad_ip[i], sizeof s->bad_ip[i], &s->bad_ip_len[i])
+                      : -1;
+        Py_XDECREF(item);
+        if (rc < 0) {
+            Py_DECREF(seq);
+            goto fail;
+        }
+    }
+    Py_DECREF(seq);
+    s->n_bad_ip = (int)nb;
+    if (table_init(&s->dates, 64, 0) < 0 || table_init(&s->counts, 16384, 0) < 0 ||
+        table_init(&s->st, 64, (size_t)cache_max) < 0 ||
+        table_init(&s->tm, 1024, (size_t)cache_max) < 0 ||
+        table_init(&s->uri, 4096, (size_t)cache_max) < 0) {
+        PyErr_NoMemory();
+        goto fail;
+    }
+    return (PyObject *)s;
+fail:
+    Py_DECREF(s);
+    return NULL;
+}
+
+static PyMethodDef Scanner_methods[] = {
+    {"begin", (PyCFunction)Scanner_begin, METH_VARARGS,
+     "begin(date, lo, hi): start an object; DATE(raw) answers (day index, midnight in epoch "
+     "seconds) or None; timestamps outside [LO, HI] are rejected."},
+    {"feed", (PyCFunction)Scanner_feed, METH_O,
+     "feed(text: bytes): scan the complete lines of TEXT; a last partial line waits for the "
+     "next piece."},
+    {"finish", (PyCFunction)Scanner_finish, METH_NOARGS,
+     "finish() -> (lines_read, accepted, rejects per reason code, "
+     "{day index: {hit id: {ip: n}}}, fields_seen); ends the object."},
+    {"forget_uris", (PyCFunction)Scanner_forget_uris, METH_NOARGS,
+     "forget_uris(): drop the cached hit ids (the Python side renumbered them)."},
+    {NULL, NULL, 0, NULL},
+};
+
+static PyType_Slot Scanner_slots[] = {
+    {Py_tp_doc, "Scanner(header, time, status, uri, get, bad_ips, cache_max): the per-line "
+                "loop of logs.count_object, one object at a time."},
+    {Py_tp_new, Scanner_new},
+    {Py_tp_dealloc, Scanner_dealloc},
+    {Py_tp_methods, Scanner_methods},
+    {0, NULL},
+};
+
+static PyType_Spec Scanner_spec = {
+    "bioc_webstats._scan.Scanner", sizeof(Scanner), 0, Py_TPFLAGS_DEFAULT, Scanner_slots,
+};
+
+static int scan_exec(PyObject *m) {
+    /* a random seed per process: the keys come from the logs, i.e. from anyone on the web */
+    PyObject *os = PyImport_ImportModule("os");
+    if (!os) return -1;
+    PyObject *rnd = PyObject_CallMethod(os, "urandom", "i", 8);
+    Py_DECREF(os);
+    if (!rnd) return -1;
+    char *p;
+    Py_ssize_t n;
+    if (PyBytes_AsStringAndSize(rnd, &p, &n) < 0 || n != 8) {
+        Py_DECREF(rnd);
+        if (!PyErr_Occurred()) PyErr_SetString(PyExc_RuntimeError, "os.urandom");
+        return -1;
+    }
+    memcpy(&hash_seed, p, 8);
+    Py_DECREF(rnd);
+    PyObject *t = PyType_FromSpec(&Scanner_spec);
+    if (!t) return -1;
+    if (PyModule_AddObject(m, "Scanner", t) < 0) {
+        Py_DECREF(t);
+        return -1;
+    }
+    return 0;
+}
+
+static PyModuleDef_Slot scan_slots[] = {
+    {Py_mod_exec, scan_exec},
+    {0, NULL},
+};
+
+static struct PyModuleDef scan_module = {
+    PyModuleDef_HEAD_INIT, "bioc_webstats._scan",
+    "The per-line loop of logs.count_object in C (optional; see logs.py).", 0, NULL, scan_slots,
+};
+
+PyMODINIT_FUNC PyInit__scan(void) { return PyModuleDef_Init(&scan_module); }
