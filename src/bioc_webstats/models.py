@@ -74,7 +74,7 @@ class DownloadRecord(Base):
 
     __tablename__ = "download_records"
 
-    id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
+    # No surrogate key (revision 0004): the ORM identifies a record by its natural key.
     # The ledger row of the object (no foreign key since revision 0003: the ETL writes and
     # removes records with their ledger row in one transaction).
     object_id: Mapped[int] = mapped_column(BigId)
@@ -88,6 +88,7 @@ class DownloadRecord(Base):
         Index(None, "object_id", postgresql_using="brin"),  # revision 0003
         Index(None, "day", postgresql_using="brin"),
     )
+    __mapper_args__ = {"primary_key": ["object_id", "category", "package", "day", "ip_hash"]}
 
 
 class PackageStat(Base):
