@@ -27,9 +27,9 @@
 
 #define EMPTY UINT32_MAX
 
-typedef struct {
+typedef struct { /* 24 bytes: the slots are where the cache misses are */
     uint64_t hash;
-    size_t off; /* of the key in the arena */
+    uint32_t off; /* of the key in the arena */
     uint32_t len; /* EMPTY: free slot */
     int64_t val;
 } Slot;
@@ -130,8 +130,8 @@ static int table_grow(Table *t) {
 
 /* Fill the free slot S with KEY → VAL. Returns the slot (it moves when the table grows). */
 static Slot *table_put(Table *t, Slot *s, const char *key, size_t len, uint64_t h, int64_t val) {
-    if (len >= EMPTY) {
-        PyErr_SetString(PyExc_ValueError, "value too long");
+    if (len >= EMPTY || t->used + len >= UINT32_MAX) {
+        PyErr_SetString(PyExc_MemoryError, "scanner table full (4 GB of keys)");
         return NULL;
     }
     if (t->used + len > t->room) {
@@ -147,7 +147,7 @@ static Slot *table_put(Table *t, Slot *s, const char *key, size_t len, uint64_t 
     }
     memcpy(t->arena + t->used, key, len);
     s->hash = h;
-    s->off = t->used;
+    s->off = (uint32_t)t->used;
     s->len = (uint32_t)len;
     s->val = val;
     t->used += len;
@@ -170,7 +170,7 @@ enum { F_DATE, F_TIME, F_IP, F_METHOD, F_URI, F_STATUS, N_FIELDS };
  * time of day, URI) live as long as it does; begin() starts an object. */
 typedef struct {
     PyObject_HEAD
-    PyObject *header_cb, *date_cb, *time_cb, *status_cb, *uri_cb;
+    PyObject *header_cb, *date_cb, *status_cb, *uri_cb;
     char get[16];
     Py_ssize_t get_len;
     char bad_ip[4][8];
@@ -187,17 +187,19 @@ typedef struct {
     size_t carry_len, carry_room;
     Table dates, counts; /* date → day index or -1; (day, hit, ip) → downloads */
     int64_t *day_epoch; /* per day index: its midnight, seconds since the epoch */
+    char (*day_text)[16]; /* per day index: the date as logged (YYYY-MM-DD) */
     size_t n_days, days_room;
     char last_date[16];
     size_t last_date_len;
     int64_t last_date_val;
-    char last_time[16];
-    size_t last_time_len;
-    int64_t last_time_val;
     long long lines_read, accepted;
     long long rejects[N_REASONS];
     /* for the life of the process */
-    Table st, tm, uri; /* status → class; time of day → seconds or -1; URI → hit id */
+    Table st, uri; /* status → class; URI → hit id */
+    Table iph; /* client address → its keyed hash (records mode) */
+    size_t iph_max;
+    PyObject *pairs; /* hit id → b"category\tpackage" (records mode) */
+    PyObject *hash_cb; /* the hash function iph holds answers of */
     char *key; /* scratch for composite keys */
     size_t key_room;
 } Scanner;
@@ -260,16 +262,18 @@ static int date_lookup(Scanner *s, const char *p, size_t n, int64_t *out) {
             if (s->n_days == s->days_room) {
                 size_t room = s->days_room ? s->days_room * 2 : 16;
                 int64_t *d = realloc(s->day_epoch, room * sizeof *d);
-                if (!d) {
-                    PyErr_NoMemory();
-                    return -1;
-                }
+                if (!d) return PyErr_NoMemory(), -1;
                 s->day_epoch = d;
+                char(*dt)[16] = realloc(s->day_text, room * sizeof *dt);
+                if (!dt) return PyErr_NoMemory(), -1;
+                s->day_text = dt;
                 s->days_room = room;
             }
             s->n_days++;
         }
         s->day_epoch[idx] = epoch;
+        memset(s->day_text[idx], 0, 16);
+        memcpy(s->day_text[idx], p, n < 15 ? n : 15);
         v = idx;
     } else {
         Py_DECREF(res);
@@ -277,6 +281,21 @@ static int date_lookup(Scanner *s, const char *p, size_t n, int64_t *out) {
     if (!table_put(&s->dates, slot, p, n, h, v)) return -1;
     *out = v;
     return 0;
+}
+
+/* HH:MM:SS (00:00:00 ... 23:59:59) → seconds of the day, else -1: exactly the values of
+ * logs._time_secs (tests/test_logs.py compares the two on every input of 8 bytes' shape). */
+static inline int64_t time_secs(const char *p, size_t n) {
+    if (n != 8 || p[2] != ':' || p[5] != ':') return -1;
+    int d[6];
+    static const int at[6] = {0, 1, 3, 4, 6, 7};
+    for (int i = 0; i < 6; i++) {
+        d[i] = p[at[i]] - '0';
+        if (d[i] < 0 || d[i] > 9) return -1;
+    }
+    int h = d[0] * 10 + d[1], m = d[2] * 10 + d[3], sec = d[4] * 10 + d[5];
+    if (h > 23 || m > 59 || sec > 59) return -1;
+    return h * 3600 + m * 60 + sec;
 }
 
 static int need_key(Scanner *s, size_t n) {
@@ -423,13 +442,7 @@ static int one_line(Scanner *s, const char *p, size_t n) {
         REMEMBER(s->last_date, s->last_date_len, COL(F_DATE), LEN(F_DATE));
         s->last_date_val = day;
     }
-    if (SAME(s->last_time, s->last_time_len, COL(F_TIME), LEN(F_TIME))) {
-        secs = s->last_time_val;
-    } else {
-        if (lookup(&s->tm, s->time_cb, COL(F_TIME), LEN(F_TIME), &secs) < 0) return -1;
-        REMEMBER(s->last_time, s->last_time_len, COL(F_TIME), LEN(F_TIME));
-        s->last_time_val = secs;
-    }
+    secs = time_secs(COL(F_TIME), LEN(F_TIME));
     if (day < 0 || secs < 0) {
         s->rejects[R_DATETIME]++;
         return 0;
@@ -514,7 +527,7 @@ static void reset_object(Scanner *s) {
     table_clear(&s->dates);
     table_clear(&s->counts);
     s->n_days = 0;
-    s->last_date_len = s->last_time_len = SIZE_MAX;
+    s->last_date_len = SIZE_MAX;
     s->lines_read = s->accepted = 0;
     memset(s->rejects, 0, sizeof s->rejects);
 }
@@ -636,7 +649,172 @@ done:
 
 static PyObject *Scanner_forget_uris(Scanner *s, PyObject *Py_UNUSED(ignored)) {
     table_clear(&s->uri);
+    if (s->pairs) PyDict_Clear(s->pairs);
     Py_RETURN_NONE;
+}
+
+typedef struct {
+    char *p;
+    size_t len, room;
+} Buf;
+
+static int buf_add(Buf *b, const char *p, size_t n) {
+    if (b->len + n > b->room) {
+        size_t room = b->room ? b->room : 1 << 16;
+        while (room < b->len + n) room *= 2;
+        char *q = realloc(b->p, room);
+        if (!q) return PyErr_NoMemory(), -1;
+        b->p = q;
+        b->room = room;
+    }
+    memcpy(b->p + b->len, p, n);
+    b->len += n;
+    return 0;
+}
+
+static size_t format_int(char *out, int64_t v) {
+    char tmp[24];
+    size_t n = 0;
+    uint64_t u = v < 0 ? (uint64_t)0 - (uint64_t)v : (uint64_t)v;
+    do {
+        tmp[n++] = (char)('0' + u % 10);
+        u /= 10;
+    } while (u);
+    size_t k = 0;
+    if (v < 0) out[k++] = '-';
+    while (n) out[k++] = tmp[--n];
+    return k;
+}
+
+/* The hash of a client address: cached, else asked of HASH_CB (a signed 64-bit int). */
+static int ip_hash(Scanner *s, PyObject *hash_cb, const char *ip, size_t n, int64_t *out) {
+    uint64_t h = hash_bytes(ip, n);
+    Slot *slot = table_find(&s->iph, ip, n, h);
+    if (slot->len != EMPTY) {
+        *out = slot->val;
+        return 0;
+    }
+    if (answer(call_bytes(hash_cb, ip, n), out) < 0) return -1;
+    if (s->iph.n >= s->iph_max) { /* bounded: start again */
+        table_clear(&s->iph);
+        slot = table_find(&s->iph, ip, n, h);
+    }
+    return table_put(&s->iph, slot, ip, n, h, *out) ? 0 : -1;
+}
+
+/* b"category\tpackage" of a hit id: cached, else asked of PAIR_CB. Borrowed reference. */
+static PyObject *pair_text(Scanner *s, PyObject *pair_cb, int32_t hit) {
+    PyObject *key = PyLong_FromLong(hit);
+    if (!key) return NULL;
+    PyObject *v = PyDict_GetItemWithError(s->pairs, key);
+    if (!v && !PyErr_Occurred()) {
+        v = PyObject_CallFunctionObjArgs(pair_cb, key, NULL);
+        if (v && !PyBytes_Check(v)) {
+            Py_DECREF(v);
+            v = NULL;
+            PyErr_SetString(PyExc_TypeError, "pair callback: expected bytes");
+        }
+        if (v) {
+            int rc = PyDict_SetItem(s->pairs, key, v);
+            Py_DECREF(v); /* the dict holds it */
+            if (rc < 0) v = NULL;
+        }
+    }
+    Py_DECREF(key);
+    return v;
+}
+
+/* The object's records as COPY text, one "category\tpackage\tday\thash\tn\n" per
+ * (day, hit, client), and the distinct (day index, hit id) pairs. */
+static int records(Scanner *s, PyObject *hash_cb, PyObject *pair_cb, PyObject **text,
+                   PyObject **day_hits) {
+    Buf b = {0};
+    Table seen;
+    *text = *day_hits = NULL;
+    if (hash_cb != s->hash_cb) { /* another key: the cached hashes are not its answers */
+        table_clear(&s->iph);
+        Py_INCREF(hash_cb);
+        Py_XDECREF(s->hash_cb);
+        s->hash_cb = hash_cb;
+    }
+    if (table_init(&seen, 256, 0) < 0) return PyErr_NoMemory(), -1;
+    PyObject *list = PyList_New(0);
+    if (!list) goto fail;
+    const Table *t = &s->counts;
+    for (size_t i = 0; i < t->cap; i++) {
+        const Slot *slot = &t->slots[i];
+        if (slot->len == EMPTY) continue;
+        const char *k = t->arena + slot->off;
+        int32_t d32, h32;
+        memcpy(&d32, k, 4);
+        memcpy(&h32, k + 4, 4);
+        int64_t hash;
+        if (ip_hash(s, hash_cb, k + 8, slot->len - 8, &hash) < 0) goto fail;
+        PyObject *pair = pair_text(s, pair_cb, h32);
+        if (!pair) goto fail;
+        char *pp;
+        Py_ssize_t pl;
+        if (PyBytes_AsStringAndSize(pair, &pp, &pl) < 0) goto fail;
+        char num[64];
+        size_t nl = 0;
+        num[nl++] = '\t';
+        const char *day = s->day_text[d32];
+        size_t dl = strlen(day);
+        memcpy(num + nl, day, dl);
+        nl += dl;
+        num[nl++] = '\t';
+        nl += format_int(num + nl, hash);
+        num[nl++] = '\t';
+        nl += format_int(num + nl, slot->val);
+        num[nl++] = '\n';
+        if (buf_add(&b, pp, (size_t)pl) < 0 || buf_add(&b, num, nl) < 0) goto fail;
+        uint64_t h = hash_bytes(k, 8);
+        Slot *ss = table_find(&seen, k, 8, h);
+        if (ss->len == EMPTY) {
+            if (!table_put(&seen, ss, k, 8, h, 0)) goto fail;
+            PyObject *pairv = Py_BuildValue("(ii)", (int)d32, (int)h32);
+            if (!pairv) goto fail;
+            int rc = PyList_Append(list, pairv);
+            Py_DECREF(pairv);
+            if (rc < 0) goto fail;
+        }
+    }
+    *text = PyBytes_FromStringAndSize(b.p ? b.p : "", (Py_ssize_t)b.len);
+    if (!*text) goto fail;
+    free(b.p);
+    table_free(&seen);
+    *day_hits = list;
+    return 0;
+fail:
+    free(b.p);
+    table_free(&seen);
+    Py_XDECREF(list);
+    return -1;
+}
+
+static PyObject *Scanner_finish_records(Scanner *s, PyObject *args) {
+    PyObject *hash_cb, *pair_cb, *rejects = NULL, *text = NULL, *day_hits = NULL, *res = NULL;
+    if (!PyArg_ParseTuple(args, "OO", &hash_cb, &pair_cb) || check_active(s) < 0) return NULL;
+    if (s->carry_len) { /* a last line without a line end */
+        size_t n = s->carry_len;
+        s->carry_len = 0;
+        if (one_line(s, s->carry, n) < 0) goto done;
+    }
+    if (!(rejects = PyTuple_New(N_REASONS))) goto done;
+    for (int i = 0; i < N_REASONS; i++) {
+        PyObject *v = PyLong_FromLongLong(s->rejects[i]);
+        if (!v) goto done;
+        PyTuple_SetItem(rejects, i, v);
+    }
+    if (records(s, hash_cb, pair_cb, &text, &day_hits) < 0) goto done;
+    res = Py_BuildValue("(LLOOOO)", s->lines_read, s->accepted, rejects, text, day_hits,
+                        s->nf >= 0 ? Py_True : Py_False);
+done:
+    Py_XDECREF(rejects);
+    Py_XDECREF(text);
+    Py_XDECREF(day_hits);
+    reset_object(s);
+    return res;
 }
 
 static int copy_small(PyObject *obj, char *dst, size_t room, Py_ssize_t *len) {
@@ -655,15 +833,17 @@ static int copy_small(PyObject *obj, char *dst, size_t room, Py_ssize_t *len) {
 static void Scanner_dealloc(Scanner *s) {
     Py_XDECREF(s->header_cb);
     Py_XDECREF(s->date_cb);
-    Py_XDECREF(s->time_cb);
     Py_XDECREF(s->status_cb);
     Py_XDECREF(s->uri_cb);
     table_free(&s->dates);
     table_free(&s->counts);
     table_free(&s->st);
-    table_free(&s->tm);
     table_free(&s->uri);
     free(s->day_epoch);
+    free(s->day_text);
+    table_free(&s->iph);
+    Py_XDECREF(s->pairs);
+    Py_XDECREF(s->hash_cb);
     free(s->carry);
     free(s->key);
     free(s->start);
@@ -675,14 +855,14 @@ static void Scanner_dealloc(Scanner *s) {
 }
 
 static PyObject *Scanner_new(PyTypeObject *type, PyObject *args, PyObject *kwds) {
-    static char *kwlist[] = {"header", "time", "status", "uri", "get", "bad_ips",
-                             "cache_max", NULL};
-    PyObject *header, *time_cb, *status, *uri, *get, *bad_ips;
-    Py_ssize_t cache_max;
-    if (!PyArg_ParseTupleAndKeywords(args, kwds, "OOOOSOn", kwlist, &header, &time_cb, &status,
-                                     &uri, &get, &bad_ips, &cache_max))
+    static char *kwlist[] = {"header", "status", "uri", "get", "bad_ips", "cache_max",
+                             "ip_cache_max", NULL};
+    PyObject *header, *status, *uri, *get, *bad_ips;
+    Py_ssize_t cache_max, ip_cache_max;
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "OOOSOnn", kwlist, &header, &status, &uri, &get,
+                                     &bad_ips, &cache_max, &ip_cache_max))
         return NULL;
-    if (cache_max < 1) {
+    if (cache_max < 1 || ip_cache_max < 1) {
         PyErr_SetString(PyExc_ValueError, "cache_max must be positive");
         return NULL;
     }
@@ -691,11 +871,9 @@ static PyObject *Scanner_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
     if (!s) return NULL;
     /* tp_alloc zeroes the object: every pointer is NULL, every count 0 */
     s->nf = -1;
-    s->last_date_len = s->last_time_len = SIZE_MAX;
+    s->last_date_len = SIZE_MAX;
     Py_INCREF(header);
     s->header_cb = header;
-    Py_INCREF(time_cb);
-    s->time_cb = time_cb;
     Py_INCREF(status);
     s->status_cb = status;
     Py_INCREF(uri);
@@ -721,10 +899,11 @@ static PyObject *Scanner_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
     }
     Py_DECREF(seq);
     s->n_bad_ip = (int)nb;
+    s->iph_max = (size_t)ip_cache_max;
     if (table_init(&s->dates, 64, 0) < 0 || table_init(&s->counts, 16384, 0) < 0 ||
         table_init(&s->st, 64, (size_t)cache_max) < 0 ||
-        table_init(&s->tm, 1024, (size_t)cache_max) < 0 ||
-        table_init(&s->uri, 4096, (size_t)cache_max) < 0) {
+        table_init(&s->uri, 4096, (size_t)cache_max) < 0 || table_init(&s->iph, 4096, 0) < 0 ||
+        !(s->pairs = PyDict_New())) {
         PyErr_NoMemory();
         goto fail;
     }
@@ -744,13 +923,17 @@ static PyMethodDef Scanner_methods[] = {
     {"finish", (PyCFunction)Scanner_finish, METH_NOARGS,
      "finish() -> (lines_read, accepted, rejects per reason code, "
      "{day index: {hit id: {ip: n}}}, fields_seen); ends the object."},
+    {"finish_records", (PyCFunction)Scanner_finish_records, METH_VARARGS,
+     "finish_records(hash, pair) -> (lines_read, accepted, rejects per reason code, COPY text "
+     "(category, package, day, HASH(ip), n per line), [(day index, hit id)], fields_seen); "
+     "PAIR(hit id) answers b'category\\tpackage'. Ends the object."},
     {"forget_uris", (PyCFunction)Scanner_forget_uris, METH_NOARGS,
      "forget_uris(): drop the cached hit ids (the Python side renumbered them)."},
     {NULL, NULL, 0, NULL},
 };
 
 static PyType_Slot Scanner_slots[] = {
-    {Py_tp_doc, "Scanner(header, time, status, uri, get, bad_ips, cache_max): the per-line "
+    {Py_tp_doc, "Scanner(header, status, uri, get, bad_ips, cache_max, ip_cache_max): the per-line "
                 "loop of logs.count_object, one object at a time."},
     {Py_tp_new, Scanner_new},
     {Py_tp_dealloc, Scanner_dealloc},

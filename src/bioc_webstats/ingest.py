@@ -41,7 +41,6 @@ log = logging.getLogger(__name__)
 
 KEY_FILE = "ip_hash.key"
 PROGRESS_EVERY = 60.0  # seconds between progress lines when stderr is not a terminal
-IP_HASH_CACHE_MAX = 200_000  # client addresses whose hash a parse process keeps
 
 
 # --- test hook -------------------------------------------------------------------------------
@@ -133,7 +132,10 @@ def _init_worker(source_url: str, key: bytes, copy: bool, child: bool) -> None:
         _die_with_parent()
         db.forget_inherited_connections()
     _worker.clear()
-    _worker.update(url=source_url, key=key, copy=copy, source=None, hashes={})
+    # one hasher per process: the parsers keep each client's hash while it is the same
+    _worker.update(
+        url=source_url, key=key, copy=copy, source=None, hashes={}, hasher=logs.ip_hasher(key)
+    )
 
 
 def _die_with_parent() -> None:
@@ -152,36 +154,34 @@ def _parse(obj: logs.LogObject) -> Parsed:
     if _worker["source"] is None:
         _worker["source"] = logs.open_source(_worker["url"])
     out = Parsed(obj)
+    chunks = _worker["source"].chunks(obj)
     try:
-        res = logs.count_object(_worker["source"].chunks(obj), obj.name_hour)
+        if _worker["copy"]:
+            rec = logs.count_records(chunks, obj.name_hour, _worker["hasher"])
+        else:
+            res = logs.count_object(chunks, obj.name_hour)
     except logs.LogFormatError as exc:
         out.error = str(exc)
         return out
+    if _worker["copy"]:
+        out.lines_read, out.accepted, out.rejected = rec.lines_read, rec.accepted, rec.rejected
+        out.reasons, out.copy_text = rec.reject_reasons, rec.copy_text
+        out.touched, out.max_day = rec.touched, rec.max_day
+        return out
     out.lines_read, out.accepted, out.rejected = res.lines_read, res.accepted, res.rejected
     out.reasons = res.reject_reasons
-    hasher = logs.ip_hasher(_worker["key"])
+    hasher = _worker["hasher"]
     hashes: dict[bytes, int] = _worker["hashes"]  # each client hashed once per process
-    if len(hashes) > IP_HASH_CACHE_MAX:
+    if len(hashes) > logs.IP_HASH_CACHE_MAX:
         hashes.clear()
-    touched = out.touched
-    copy = _worker["copy"]
-    parts: list[str] = []
-    rows = out.rows
     for day, per_pkg in res.by_day.items():
-        dstr = day.isoformat()
         for (cat, pkg), ips in per_pkg.items():
-            touched.add((cat, pkg, day.year, day.month))
-            prefix = f"{cat}\t{pkg}\t{dstr}\t"
+            out.touched.add((cat, pkg, day.year, day.month))
             for ip, n in ips.items():
                 h = hashes.get(ip)
                 if h is None:
                     h = hashes[ip] = hasher(ip)
-                if copy:
-                    parts.append(f"{prefix}{h}\t{n}\n")
-                else:
-                    rows.append((cat, pkg, day, h, n))
-    if copy:
-        out.copy_text = "".join(parts).encode("ascii")
+                out.rows.append((cat, pkg, day, h, n))
     out.max_day = res.max_day
     return out
 

@@ -496,11 +496,6 @@ def _hit_of(uri: bytes) -> int:
     return hit
 
 
-def _time_or_minus(raw: bytes) -> int:
-    secs = _time_secs(raw)
-    return -1 if secs is None else secs
-
-
 # Reject reasons by code, as the C loop counts them (the same order as in _scan.c).
 REASONS = (
     "column count",
@@ -510,6 +505,9 @@ REASONS = (
     "timestamp more than 48 h from the object's hour",
 )
 _SCANNER: list[Any] = []  # the process's C scanner, made on first use
+IP_HASH_CACHE_MAX = 200_000  # client addresses whose hash a parse process keeps
+_IP_HASHES: dict[bytes, int] = {}  # of the Python loop's records (the C loop has its own)
+_IP_HASHER: list[Callable[[bytes], int]] = []  # the function _IP_HASHES holds answers of
 
 
 def _header(line: bytes | None) -> tuple[int, ...]:
@@ -518,17 +516,20 @@ def _header(line: bytes | None) -> tuple[int, ...]:
     return _layout(line)
 
 
-def _count_native(chunks: Iterable[bytes], name_hour: dt.datetime) -> ObjectCounts:
-    """count_object with the per-line loop in C (``_scan``): the same rule, decided by the
-    same functions (called once per distinct value, their answers cached in C)."""
+def _scanner() -> Any:
     if not _SCANNER:
         _SCANNER.append(
             _scan.Scanner(
-                _header, _time_or_minus, _status_class, _hit_of, b"GET", tuple(_BAD_IP),
-                URI_CACHE_MAX,
+                _header, _status_class, _hit_of, b"GET", tuple(_BAD_IP), URI_CACHE_MAX,
+                IP_HASH_CACHE_MAX,
             )  # fmt: skip
         )
-    scanner = _SCANNER[0]
+    return _SCANNER[0]
+
+
+def _scan_object(chunks: Iterable[bytes], name_hour: dt.datetime) -> tuple[Any, list[dt.date]]:
+    """Feed one object to the C scanner; returns it (to be finished) and its day list."""
+    scanner = _scanner()
     center = _epoch(name_hour)
     day_list: list[dt.date] = []
 
@@ -543,15 +544,109 @@ def _count_native(chunks: Iterable[bytes], name_hour: dt.datetime) -> ObjectCoun
     scanner.begin(date, center - MAX_SKEW, center + MAX_SKEW)
     for piece in decompress(chunks):
         scanner.feed(piece)
+    return scanner, day_list
+
+
+def _reasons(rejects: tuple[int, ...]) -> dict[str, int]:
+    return {REASONS[i]: n for i, n in enumerate(rejects) if n}
+
+
+def _count_native(chunks: Iterable[bytes], name_hour: dt.datetime) -> ObjectCounts:
+    """count_object with the per-line loop in C (``_scan``): the same rule, decided by the
+    same functions (called once per distinct value, their answers cached in C)."""
+    scanner, day_list = _scan_object(chunks, name_hour)
     lines_read, accepted, rejects, counts, fields_seen = scanner.finish()
     if not fields_seen:
         raise LogFormatError("no #Fields line (empty or header-less file)")
     pairs = {i: pair for pair, i in _HITS.items()}
     res = ObjectCounts(lines_read=lines_read, accepted=accepted, rejected=sum(rejects))
-    res.reject_reasons = {REASONS[i]: n for i, n in enumerate(rejects) if n}
+    res.reject_reasons = _reasons(rejects)
     for d, per_hit in counts.items():
         res.by_day[day_list[d]] = {pairs[h]: ips for h, ips in per_hit.items()}
     return res
+
+
+@dataclass
+class ObjectRecords:
+    """What one object contributed, ready for PostgreSQL's COPY: one
+    ``category\tpackage\tday\tip_hash\tdownloads\n`` line per (category, package, day,
+    client), the (category, package, year, month) it touches, and line counts."""
+
+    copy_text: bytes
+    touched: set[tuple[str, str, int, int]]
+    max_day: dt.date | None
+    lines_read: int
+    accepted: int
+    rejected: int
+    reject_reasons: dict[str, int]
+
+
+def count_records(
+    chunks: Iterable[bytes], name_hour: dt.datetime, hash_ip: Callable[[bytes], int]
+) -> ObjectRecords:
+    """count_object, with the counts as COPY text and the client addresses hashed by
+    ``hash_ip`` (each address once per process while ``hash_ip`` is the same function)."""
+    gc_on = gc.isenabled()
+    gc.disable()
+    try:
+        if parser_name() == "native":
+            return _records_native(chunks, name_hour, hash_ip)
+        return _records_python(count_object(chunks, name_hour), hash_ip)
+    finally:
+        if gc_on:
+            gc.enable()
+
+
+def _records_native(
+    chunks: Iterable[bytes], name_hour: dt.datetime, hash_ip: Callable[[bytes], int]
+) -> ObjectRecords:
+    scanner, day_list = _scan_object(chunks, name_hour)
+    pairs: dict[int, tuple[str, str]] = {}
+
+    def pair_text(hit: int) -> bytes:
+        if hit not in pairs:  # (the last line of the object may have added one)
+            pairs.update((i, pair) for pair, i in _HITS.items())
+        return "\t".join(pairs[hit]).encode("ascii")
+
+    lines_read, accepted, rejects, text, day_hits, fields_seen = scanner.finish_records(
+        hash_ip, pair_text
+    )
+    if not fields_seen:
+        raise LogFormatError("no #Fields line (empty or header-less file)")
+    if any(h not in pairs for _, h in day_hits):  # (the C side caches pair texts)
+        pairs.update((i, pair) for pair, i in _HITS.items())
+    touched = set()
+    for d, h in day_hits:
+        day = day_list[d]
+        touched.add((*pairs[h], day.year, day.month))
+    days = {day_list[d] for d, _ in day_hits}
+    return ObjectRecords(
+        text, touched, max(days, default=None), lines_read, accepted, sum(rejects),
+        _reasons(rejects),
+    )  # fmt: skip
+
+
+def _records_python(res: ObjectCounts, hash_ip: Callable[[bytes], int]) -> ObjectRecords:
+    if _IP_HASHER[:1] != [hash_ip] or len(_IP_HASHES) > IP_HASH_CACHE_MAX:
+        _IP_HASHES.clear()
+        _IP_HASHER[:] = [hash_ip]
+    hashes = _IP_HASHES
+    touched = set()
+    parts: list[str] = []
+    for day, per_pkg in res.by_day.items():
+        dstr = day.isoformat()
+        for (cat, pkg), ips in per_pkg.items():
+            touched.add((cat, pkg, day.year, day.month))
+            prefix = f"{cat}\t{pkg}\t{dstr}\t"
+            for ip, n in ips.items():
+                h = hashes.get(ip)
+                if h is None:
+                    h = hashes[ip] = hash_ip(ip)
+                parts.append(f"{prefix}{h}\t{n}\n")
+    return ObjectRecords(
+        "".join(parts).encode("ascii"), touched, res.max_day, res.lines_read, res.accepted,
+        res.rejected, res.reject_reasons,
+    )  # fmt: skip
 
 
 def _count(chunks: Iterable[bytes], name_hour: dt.datetime) -> ObjectCounts:
