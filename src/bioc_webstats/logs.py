@@ -518,12 +518,8 @@ def _header(line: bytes | None) -> tuple[int, ...]:
 
 def _scanner() -> Any:
     if not _SCANNER:
-        _SCANNER.append(
-            _scan.Scanner(
-                _header, _status_class, _hit_of, b"GET", tuple(_BAD_IP), URI_CACHE_MAX,
-                IP_HASH_CACHE_MAX,
-            )  # fmt: skip
-        )
+        rule = (_header, _status_class, _hit_of, b"GET", tuple(_BAD_IP))
+        _SCANNER.append(_scan.Scanner(*rule, URI_CACHE_MAX, IP_HASH_CACHE_MAX))
     return _SCANNER[0]
 
 

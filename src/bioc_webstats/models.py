@@ -4,6 +4,7 @@ a change here needs a new revision under ``migrations/versions``."""
 from __future__ import annotations
 
 import datetime as dt
+from typing import Any, ClassVar
 
 from sqlalchemy import (
     BigInteger,
@@ -88,7 +89,9 @@ class DownloadRecord(Base):
         Index(None, "object_id", postgresql_using="brin"),  # revision 0003
         Index(None, "day", postgresql_using="brin"),
     )
-    __mapper_args__ = {"primary_key": ["object_id", "category", "package", "day", "ip_hash"]}
+    __mapper_args__: ClassVar[dict[str, Any]] = {
+        "primary_key": ["object_id", "category", "package", "day", "ip_hash"]
+    }
 
 
 class PackageStat(Base):
