@@ -116,10 +116,19 @@ def _recompute_period(
         )
 
     def by_package(*where: Any) -> Any:
-        x = per_client([r.category, r.package], *where)
+        # Grouped by the package's row id, named after: hashing (category, package) text
+        # for every record made the aggregate about twice as slow.
+        x = per_client([p.id.label("pid")], *where)
+        counts = (
+            select(x.c.pid, func.count().label("ips"), func.sum(x.c.n).label("n"))
+            .group_by(x.c.pid)
+            .subquery()
+        )
+        named = p.__table__.alias("named")
         return select(
-            x.c.category, x.c.package, literal(year), literal(month), func.count(), func.sum(x.c.n)
-        ).group_by(x.c.category, x.c.package)
+            named.c.category, named.c.package, literal(year), literal(month), counts.c.ips,
+            counts.c.n,
+        ).join_from(counts, named, named.c.id == counts.c.pid)  # fmt: skip
 
     cols = ["category", "package", "year", "month", "ips", "downloads"]
     this = (ps.year == year, ps.month == month)
