@@ -12,7 +12,7 @@ import pytest
 from sqlalchemy import func, select, update
 
 import loggen
-from bioc_webstats import db, ingest, packages, stats
+from bioc_webstats import db, ingest, logs, packages, stats
 from bioc_webstats.config import Settings, load_settings
 from bioc_webstats.errors import WebstatsError
 from bioc_webstats.models import (
@@ -87,9 +87,11 @@ def loaded(db_url: str, tmp_path: Path, **env: str) -> Settings:
     return settings
 
 
-@pytest.mark.parametrize("workers", ["1", "2"])
-def test_statistics_equal_ground_truth(db_url, tmp_path, data, workers):
+@pytest.mark.parametrize(("workers", "parser"), [("1", "native"), ("2", "native"), ("2", "python")])
+def test_statistics_equal_ground_truth(db_url, tmp_path, data, workers, parser, monkeypatch):
     out, truth = data
+    monkeypatch.setattr(logs, "_FORCE_PYTHON", parser == "python")  # forked workers inherit it
+    assert logs.parser_name() == parser
     settings = loaded(db_url, tmp_path, WEBSTATS_ETL_WORKERS=workers)
     assert ingest.run(settings, source=str(out)) is True
     assert_truth(db_url, truth)

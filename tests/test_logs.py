@@ -15,6 +15,14 @@ HOUR = dt.datetime(2024, 1, 30, 12)
 F33 = loggen.FIELDS  # the tests' own copy of the format (independent of the code)
 
 
+@pytest.fixture(autouse=True, params=["native", "python"])
+def parser(request, monkeypatch):
+    """Every test here runs on both per-line loops: the C one (_scan) and the Python one."""
+    monkeypatch.setattr(logs, "_FORCE_PYTHON", request.param == "python")
+    assert logs.parser_name() == request.param  # the C scanner is built in the test venv
+    return request.param
+
+
 def line(fields=F33, **kw):
     return loggen.log_line(fields=fields, **kw)
 

@@ -1,0 +1,195 @@
+"""The C per-line loop (bioc_webstats._scan) against the Python one: the same counts, line
+counts, reasons, records and errors on generated logs and on randomly damaged ones."""
+
+from __future__ import annotations
+
+import datetime as dt
+import gzip
+import random
+
+import pytest
+
+import loggen
+from bioc_webstats import logs
+
+HOUR = dt.datetime(2024, 1, 30, 12)
+
+
+def both(data: bytes, hour: dt.datetime = HOUR, monkeypatch=None):
+    """(native, python) results of count_object on DATA, or the LogFormatError texts."""
+    out = []
+    for force in (False, True):
+        monkeypatch.setattr(logs, "_FORCE_PYTHON", force)
+        try:
+            out.append(logs.count_object([data], hour))
+        except logs.LogFormatError as exc:
+            out.append(f"LogFormatError: {exc}")
+    return out
+
+
+def same(a, b) -> None:
+    if isinstance(a, str) or isinstance(b, str):
+        assert a == b
+        return
+    assert (a.lines_read, a.accepted, a.rejected) == (b.lines_read, b.accepted, b.rejected)
+    assert a.reject_reasons == b.reject_reasons
+    assert a.counts == b.counts
+    assert a.max_day == b.max_day
+
+
+def records_both(data: bytes, hour: dt.datetime, monkeypatch):
+    hasher = logs.ip_hasher(b"test key")
+    out = []
+    for force in (False, True):
+        monkeypatch.setattr(logs, "_FORCE_PYTHON", force)
+        rec = logs.count_records([data], hour, hasher)
+        out.append(rec)
+    a, b = out
+    assert sorted(a.copy_text.splitlines()) == sorted(b.copy_text.splitlines())
+    assert (a.touched, a.max_day, a.reject_reasons) == (b.touched, b.max_day, b.reject_reasons)
+    assert (a.lines_read, a.accepted, a.rejected) == (b.lines_read, b.accepted, b.rejected)
+    return a
+
+
+def test_the_c_scanner_is_built():
+    assert logs._scan is not None and logs.parser_name() == "native"
+
+
+def test_generated_logs_every_variant(tmp_path, monkeypatch):
+    """Old 15-field files, reordered columns, CRLF, other-hour lines, malformed lines."""
+    truth = loggen.generate(tmp_path, days=1, files_per_day=12, lines_per_file=400, seed=11)
+    accepted = 0
+    for key in truth.files:
+        data = (tmp_path / key).read_bytes()
+        hour = logs.parse_name(key)
+        a, b = both(data, hour, monkeypatch)
+        same(a, b)
+        accepted += a.accepted
+        rec = records_both(data, hour, monkeypatch)
+        assert rec.accepted == a.accepted
+        rows = rec.copy_text.splitlines()
+        assert sum(int(r.rsplit(b"\t", 1)[1]) for r in rows) == a.accepted
+        assert len(rows) == len(a.counts)
+    assert accepted == truth.counted
+
+
+def _damaged(rng: random.Random, n: int) -> bytes:
+    """A log object whose lines are randomly damaged in the ways that matter to a parser."""
+    fields = list(loggen.FIELDS)
+    eol = rng.choice(["\n", "\r\n"])
+    out = [f"#Version: 1.0{eol}#Fields: {' '.join(fields)}{eol}"]
+    for _ in range(n):
+        kw = {}
+        r = rng.random()
+        if r < 0.1:
+            kw["time"] = rng.choice(
+                ["24:00:00", "23:60:00", "23:59:60", "1:02:03", "12:0:02", "ab:cd:ef", "12-00-00",
+                 "12:00:00 ", "", "-", "99:99:99", "00:00:00", "23:59:59", "12:00:0\x00"]
+            )  # fmt: skip
+        elif r < 0.2:
+            kw["date"] = rng.choice(
+                ["2024-13-01", "2024-02-30", "2024-1-30", "20240130xx", "", "-", "2024-01-27",
+                 "2024-02-01", "2024-02-02", "2024-01-28", "0000-00-00", "2024/01/30"]
+            )  # fmt: skip
+        elif r < 0.3:
+            kw["status"] = rng.choice(["-", "", "abc", "2OO", "0200", "200 ", "304", "99999"])
+        elif r < 0.35:
+            kw["ip"] = rng.choice(["-", "", " ", "192.0.2.1", "2001:db8::" + "f" * 40])
+        elif r < 0.4:
+            kw["method"] = rng.choice(["HEAD", "get", "GET ", "POST", ""])
+        elif r < 0.5:
+            kw["uri"] = rng.choice(
+                ["/packages/3.18/bioc/src/contrib/Archive/x/x_1.tar.gz", "//packages//3.18/bioc/"
+                 "src//contrib/limma_3.58.1.tar.gz", "/packages/3.18/bioc/src/contrib/a_1.tar.gz",
+                 "/index.html", "", "/packages/3.18/bioc/bin/windows/contrib/4.3/cn.mops_1.zip"]
+            )  # fmt: skip
+        else:
+            kw["ip"] = f"10.0.{rng.randrange(4)}.{rng.randrange(30)}"
+            kw["uri"] = (
+                f"/packages/{rng.choice(['3.18', 'release', 'devel'])}/"
+                f"{rng.choice(['bioc', 'data/annotation', 'workflows'])}/src/contrib/"
+                f"{rng.choice(['limma', 'ALL', 'affy', 'unknownpkg'])}_1.{rng.randrange(3)}.tar.gz"
+            )
+            kw["time"] = f"{rng.randrange(24):02d}:{rng.randrange(60):02d}:00"
+        text = loggen.log_line(**kw)
+        d = rng.random()
+        if d < 0.03:
+            text = text[: rng.randrange(len(text) + 1)]  # cut anywhere
+        elif d < 0.05:
+            text = text.replace("\t", "", 1)
+        elif d < 0.07:
+            text += "\t"
+        elif d < 0.08:
+            text = "#" + text  # a comment with the right column count is a data line
+        elif d < 0.09:
+            text = rng.choice(["", " ", "\t \t", "#comment", "\r", "\x0b\x0c"])
+        elif d < 0.095:  # a new layout half-way (columns reversed)
+            fields.reverse()
+            text = f"#Fields: {' '.join(fields)}"
+        elif d < 0.10:
+            text = "".join(rng.choice("ab\t:-/0123456789") for _ in range(rng.randrange(80)))
+        if not text.startswith("#Fields") and fields[0] != loggen.FIELDS[0]:
+            values = text.split("\t")
+            if len(values) == len(fields):
+                text = "\t".join(reversed(values))
+        out.append(text + eol)
+    if rng.random() < 0.5:
+        out[-1] = out[-1].rstrip("\n")  # a last line without its line end
+    return "".join(out).encode("utf-8", "surrogateescape")
+
+
+@pytest.mark.parametrize("seed", range(25))
+def test_damaged_logs(seed, monkeypatch):
+    rng = random.Random(seed)
+    data = gzip.compress(_damaged(rng, 400))
+    # small decompressed pieces: lines cross piece boundaries everywhere
+    monkeypatch.setattr(logs, "OUT_MAX", rng.choice([1, 7, 64, 333, 4096]))
+    a, b = both(data, HOUR, monkeypatch)
+    same(a, b)
+    assert a.rejected > 0 and a.accepted > 0  # the test exercises both outcomes
+    records_both(data, HOUR, monkeypatch)
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        b"",
+        b"#Version: 1.0\n",
+        b"data first\n#Fields: date time c-ip cs-method cs-uri-stem sc-status\n",
+        b"#Fields: date time\n",
+        b"\n\n  \n#Fields: date time c-ip cs-method cs-uri-stem sc-status\n",
+        b"#Fields: date time c-ip cs-method cs-uri-stem sc-status",
+    ],
+)
+def test_same_answer_for_objects_without_data(text, monkeypatch):
+    a, b = both(gzip.compress(text), HOUR, monkeypatch)
+    same(a, b)
+
+
+def test_every_time_of_day(monkeypatch):
+    """The C loop parses HH:MM:SS itself: the edges of the valid range count, their
+    out-of-range neighbours are rejected, as in the Python loop's table."""
+    edges = (0, 59, 60)
+    times = [f"{h:02d}:{m:02d}:{s:02d}" for h in range(25) for m in edges for s in edges]
+    lines = [loggen.log_line(time=t, ip=f"10.0.0.{i % 200}") for i, t in enumerate(times)]
+    a, b = both(loggen.log_bytes(*lines), HOUR, monkeypatch)
+    same(a, b)
+    assert a.accepted == 24 * 2 * 2 and a.reject_reasons == {"date/time": len(times) - 96}
+
+
+def test_a_scanner_needs_an_object():
+    scanner = logs._scanner()
+    with pytest.raises(RuntimeError, match="no object begun"):
+        scanner.feed(b"x\n")
+    with pytest.raises(RuntimeError, match="no object begun"):
+        scanner.finish()
+
+
+def test_records_follow_the_hash_key(monkeypatch):
+    """The C side caches client hashes per hash function: another key gives other hashes."""
+    data = loggen.log_bytes(loggen.log_line())
+    one = logs.count_records([data], HOUR, logs.ip_hasher(b"one")).copy_text
+    two = logs.count_records([data], HOUR, logs.ip_hasher(b"two")).copy_text
+    assert one != two
+    expected = logs.ip_hasher(b"two")(b"192.0.2.1")
+    assert two == f"bioc\tlimma\t2024-01-30\t{expected}\t1\n".encode()
