@@ -11,6 +11,11 @@ import os
 from setuptools import Extension, setup
 
 PURE = os.environ.get("BIOC_WEBSTATS_PURE", "") not in ("", "0")
+# The release build (roles/webstats_release/files/build_wheelhouse.py) names the platform it
+# checked the extension against, e.g. manylinux2014_x86_64; a local build is linux_<arch>.
+WHEEL = {"py_limited_api": "cp311"}
+if os.environ.get("BIOC_WEBSTATS_PLAT_NAME"):
+    WHEEL["plat_name"] = os.environ["BIOC_WEBSTATS_PLAT_NAME"]
 
 setup(
     ext_modules=[]
@@ -23,5 +28,5 @@ setup(
             extra_compile_args=["-O2", "-fno-strict-aliasing"],
         )
     ],
-    options={} if PURE else {"bdist_wheel": {"py_limited_api": "cp311"}},
+    options={} if PURE else {"bdist_wheel": WHEEL},
 )

@@ -5,6 +5,7 @@ set -euo pipefail
 
 pkgs=(
   python3-venv git make curl ca-certificates
+  gcc libc6-dev python3-dev        # the ETL's C scanner (setup.py), in the venv and the release
   postgresql                       # real PostgreSQL for the tests (throw-away clusters)
   r-base-core                      # contract tests: R reads the .tab files
   chromium                         # browser test of the pages

@@ -20,7 +20,14 @@ import shutil
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
-FILES = ["pyproject.toml", "README.md", "LICENSE", "MANIFEST.in", "requirements/runtime.txt"]
+FILES = [
+    "pyproject.toml",
+    "setup.py",
+    "README.md",
+    "LICENSE",
+    "MANIFEST.in",
+    "requirements/runtime.txt",
+]
 VERSION = re.compile(r'^__version__ = "([^"]+)"$', re.M)
 
 # Appended to the broken release's package: the app works, but its health check fails.
@@ -67,7 +74,7 @@ def copy_tree(dest: Path, version: str, extra: str = "") -> None:
     shutil.copytree(
         REPO / "src",
         dest / "src",
-        ignore=shutil.ignore_patterns("__pycache__", "*.egg-info", "*.pyc"),
+        ignore=shutil.ignore_patterns("__pycache__", "*.egg-info", "*.pyc", "*.so"),
     )
     init = dest / "src" / "bioc_webstats" / "__init__.py"
     text = VERSION.sub(f'__version__ = "{version}"', init.read_text(), count=1)

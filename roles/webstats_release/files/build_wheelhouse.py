@@ -3,13 +3,21 @@
 
 A wheelhouse is the project's wheel plus every runtime dependency pinned by
 requirements/runtime.txt, as binary wheels for the target's Python version and platform, so
-the host installs it with ``pip install --no-index``. The result directory is named by the
+the host installs it with ``pip install --no-index``.
+
+The project's wheel carries the ETL's C scanner (``bioc_webstats._scan``, stable ABI: one
+build for every Python >= 3.11) when the target has the controller's architecture: it is
+compiled here (a C compiler and the Python headers are needed) and tagged manylinux2014 after
+checking it needs nothing newer from glibc than 2.17. For another architecture, or with
+``--pure``, the wheel is pure Python (``py3-none-any``): the ETL then runs its Python loop,
+with the same results, about twice as slow. The result directory is named by the
 version and a key (sha256 of everything that goes into it), and is complete only once it holds
 ``.complete``: a second run with the same inputs finds it and changes nothing.
 
 Next to it, ``<dir>.tar`` holds the same files: the host gets one file to copy, not dozens.
 
-Prints one JSON object: {"changed": bool, "dir": str, "tar": str, "version": str, "key": str}.
+Prints one JSON object: {"changed": bool, "dir": str, "tar": str, "version": str, "key": str,
+"parser": "native" | "python"}.
 Exit status 1 with a one-line message on stderr when the build fails.
 """
 
@@ -18,15 +26,21 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import os
+import platform
 import re
 import shutil
 import subprocess
 import sys
 import tarfile
 import tempfile
+import zipfile
 from pathlib import Path
 
-RECIPE = "wheelhouse-v1"  # bump when this script changes what it produces
+RECIPE = "wheelhouse-v2"  # bump when this script changes what it produces
+# a pip platform tag without its architecture: manylinux_2_35_x86_64 → x86_64
+PLATFORM_ARCH = re.compile(r"^(manylinux_\d+_\d+|manylinux\d+|musllinux_\d+_\d+|linux)_")
+GLIBC_MAX = (2, 17)  # manylinux2014: what the C scanner may need of the target's glibc
 SOURCE_FILES = ("pyproject.toml", "README.md", "LICENSE", "MANIFEST.in", "setup.cfg", "setup.py")
 SKIP_PARTS = {"__pycache__", ".pytest_cache", ".ruff_cache"}
 KEEP_BUILDS = 10
@@ -43,7 +57,7 @@ def source_inputs(source: Path) -> list[Path]:
     for path in sorted((source / "src").rglob("*")):
         rel = path.relative_to(source)
         if path.is_file() and not SKIP_PARTS & set(rel.parts) and ".egg-info" not in str(rel):
-            if path.suffix not in (".pyc", ".pyo"):
+            if path.suffix not in (".pyc", ".pyo", ".so"):  # not a development build
                 files.append(path)
     return files
 
@@ -59,10 +73,44 @@ def digest(paths: list[Path], base: Path, extra: list[str]) -> str:
 
 
 def wheel_version(directory: Path) -> str:
-    wheels = sorted(directory.glob("bioc_webstats-*-py3-none-any.whl"))
+    wheels = sorted(directory.glob("bioc_webstats-*.whl"))
     if len(wheels) != 1:
-        fail(f"{directory}: expected one bioc_webstats-*-py3-none-any.whl, found {len(wheels)}")
+        fail(f"{directory}: expected one bioc_webstats-*.whl, found {len(wheels)}")
     return wheels[0].name.split("-")[1]
+
+
+def wheel_parser(directory: Path) -> str:
+    """ "native" if the project's wheel carries the C scanner, else "python"."""
+    wheel = next(directory.glob("bioc_webstats-*.whl"))
+    with zipfile.ZipFile(wheel) as zf:
+        native = any(n.startswith("bioc_webstats/_scan") for n in zf.namelist())
+    return "native" if native else "python"
+
+
+def check_glibc(wheel: Path) -> None:
+    """Fail unless every shared object in WHEEL needs at most GLIBC_MAX of glibc."""
+    with zipfile.ZipFile(wheel) as zf:
+        for name in zf.namelist():
+            if not name.endswith(".so"):
+                continue
+            found = re.findall(rb"GLIBC_(\d+)\.(\d+)", zf.read(name))
+            needed = {(int(a), int(b)) for a, b in found}
+            newest = max(needed, default=(0, 0))
+            if newest > GLIBC_MAX:
+                fail(
+                    f"{name} needs glibc {newest[0]}.{newest[1]}, newer than manylinux2014's "
+                    f"{GLIBC_MAX[0]}.{GLIBC_MAX[1]}: build on an older system or use --pure"
+                )
+
+
+def native_platform(platforms: list[str], pure: bool) -> str | None:
+    """The wheel's platform tag when the C scanner can be built here for the target, else
+    None: a pure-Python wheel (asked for, or the target has another architecture)."""
+    machine = platform.machine().replace("arm64", "aarch64").replace("amd64", "x86_64")
+    targets = {PLATFORM_ARCH.sub("", p) for p in platforms}
+    if pure or sys.platform != "linux" or targets != {machine}:
+        return None
+    return f"manylinux2014_{machine}"
 
 
 def write_sums(directory: Path) -> None:
@@ -86,8 +134,8 @@ def make_tar(directory: Path, tar: Path) -> bool:
     return True
 
 
-def run(cmd: list[str], what: str) -> None:
-    result = subprocess.run(cmd, capture_output=True, text=True, check=False)
+def run(cmd: list[str], what: str, env: dict[str, str] | None = None) -> None:
+    result = subprocess.run(cmd, capture_output=True, text=True, check=False, env=env)
     if result.returncode != 0:
         last = (result.stderr.strip() or result.stdout.strip() or "no output").splitlines()[-1]
         fail(f"{what} failed: {last}")
@@ -101,10 +149,11 @@ def build(args: argparse.Namespace) -> dict:
         fail(f"no __version__ in {init}")
     version = match.group(1)
     constraints = Path(args.constraints).resolve()
+    plat = native_platform(args.platform, args.pure)
     key = digest(
         [*source_inputs(source), constraints],
         source if constraints.is_relative_to(source) else Path("/"),
-        [RECIPE, args.python_version, *args.platform],
+        [RECIPE, args.python_version, *args.platform, plat or "pure"],
     )
     cache = Path(args.cache).resolve()
     arch = args.platform[0].rsplit("_", 2)[-2:] if args.platform else ["any"]
@@ -119,6 +168,7 @@ def build(args: argparse.Namespace) -> dict:
             "tar": str(tar),
             "version": version,
             "key": key,
+            "parser": wheel_parser(out),
         }
 
     cache.mkdir(parents=True, exist_ok=True)
@@ -132,9 +182,20 @@ def build(args: argparse.Namespace) -> dict:
             shutil.copy2(path, dest)
         wheels = work / "wheels"
         pip = [sys.executable, "-m", "pip", "--disable-pip-version-check", "-q"]
-        run([*pip, "wheel", "--no-deps", "--wheel-dir", str(wheels), str(tree)], "pip wheel")
+        env = {k: v for k, v in os.environ.items() if not k.startswith("BIOC_WEBSTATS_")}
+        env.update({"BIOC_WEBSTATS_PLAT_NAME": plat} if plat else {"BIOC_WEBSTATS_PURE": "1"})
+        run(
+            [*pip, "wheel", "--no-deps", "--wheel-dir", str(wheels), str(tree)],
+            "pip wheel"
+            + (" (the C scanner needs a C compiler and Python headers, e.g. "
+               "'apt install gcc python3-dev'; or build a pure-Python wheel: "
+               "webstats_release_pure_python)" if plat else ""),
+            env,
+        )  # fmt: skip
         if wheel_version(wheels) != version:
             fail(f"the built wheel is not version {version}")
+        if plat:
+            check_glibc(next(wheels.glob("bioc_webstats-*.whl")))
         py = args.python_version.replace(".", "")
         platform_args = [a for p in args.platform for a in ("--platform", p)]
         app_wheel = next(wheels.glob("bioc_webstats-*.whl"))
@@ -176,7 +237,14 @@ def build(args: argparse.Namespace) -> dict:
         shutil.rmtree(old, ignore_errors=True)
         Path(f"{old}.tar").unlink(missing_ok=True)
     make_tar(out, tar)
-    return {"changed": True, "dir": str(out), "tar": str(tar), "version": version, "key": key}
+    return {
+        "changed": True,
+        "dir": str(out),
+        "tar": str(tar),
+        "version": version,
+        "key": key,
+        "parser": wheel_parser(out),
+    }
 
 
 def adopt(args: argparse.Namespace) -> dict:
@@ -202,6 +270,7 @@ def adopt(args: argparse.Namespace) -> dict:
         "tar": str(tar),
         "version": version,
         "key": key,
+        "parser": wheel_parser(directory),
     }
 
 
@@ -217,6 +286,9 @@ def main() -> None:
     parser.add_argument("--python-version", help="the target's Python, X.Y")
     parser.add_argument("--platform", action="append", default=[], help="pip platform tag")
     parser.add_argument("--wheelhouse", help="adopt this prebuilt wheelhouse instead")
+    parser.add_argument(
+        "--pure", action="store_true", help="a pure-Python wheel (no C scanner) for any target"
+    )
     args = parser.parse_args()
     if args.wheelhouse:
         result = adopt(args)

@@ -1,0 +1,80 @@
+"""The release wheelhouse (roles/webstats_release/files/build_wheelhouse.py): the project's
+wheel carries the C scanner for a target of the controller's architecture, tagged for any
+Python >= 3.11 and checked against manylinux2014's glibc; a pure wheel otherwise."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import platform
+import re
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+SCRIPT = ROOT / "roles" / "webstats_release" / "files" / "build_wheelhouse.py"
+ARCH = platform.machine()
+
+
+def _module():
+    spec = importlib.util.spec_from_file_location("build_wheelhouse", SCRIPT)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def build(tmp_path: Path, *extra: str) -> dict:
+    out = subprocess.run(
+        [sys.executable, str(SCRIPT), "--source", str(ROOT), "--constraints",
+         str(ROOT / "requirements" / "runtime.txt"), "--cache", str(tmp_path / "cache"),
+         "--python-version", "3.12", "--platform", f"manylinux_2_35_{ARCH}",
+         "--platform", f"manylinux2014_{ARCH}", *extra],
+        capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    return json.loads(out.stdout)
+
+
+def app_wheel(result: dict) -> Path:
+    (wheel,) = Path(result["dir"]).glob("bioc_webstats-*.whl")
+    return wheel
+
+
+@pytest.mark.skipif(ARCH != "x86_64", reason="the manylinux tags below are x86_64's")
+def test_native_wheel_for_the_controllers_architecture(tmp_path):
+    res = build(tmp_path)
+    assert res["parser"] == "native"
+    wheel = app_wheel(res)
+    assert wheel.name.endswith("-cp311-abi3-manylinux2014_x86_64.whl")  # any Python >= 3.11
+    with zipfile.ZipFile(wheel) as zf:
+        (so,) = [n for n in zf.namelist() if n.endswith(".so")]
+        assert so.startswith("bioc_webstats/_scan")
+        versions = re.findall(rb"GLIBC_(\d+)\.(\d+)", zf.read(so))
+    assert versions and max((int(a), int(b)) for a, b in versions) <= (2, 17)
+    assert not any(Path(res["dir"]).glob("*.so"))  # a development build is never shipped
+    again = build(tmp_path)  # same content: the cached wheelhouse, unchanged
+    assert (again["changed"], again["key"]) == (False, res["key"])
+
+
+def test_pure_wheel_on_request(tmp_path):
+    res = build(tmp_path, "--pure")
+    assert res["parser"] == "python"
+    assert app_wheel(res).name.endswith("-py3-none-any.whl")
+    with zipfile.ZipFile(app_wheel(res)) as zf:
+        assert not [n for n in zf.namelist() if n.endswith(".so")]
+
+
+def test_pure_wheel_for_another_architecture(monkeypatch):
+    mod = _module()
+    monkeypatch.setattr(mod.platform, "machine", lambda: "x86_64")
+    monkeypatch.setattr(mod.sys, "platform", "linux")
+    x86 = ["manylinux_2_35_x86_64", "manylinux2014_x86_64"]
+    arm = ["manylinux_2_35_aarch64", "manylinux2014_aarch64"]
+    assert mod.native_platform(x86, pure=False) == "manylinux2014_x86_64"
+    assert mod.native_platform(x86, pure=True) is None
+    assert mod.native_platform(arm, pure=False) is None
+    assert mod.native_platform([*x86, *arm], pure=False) is None
