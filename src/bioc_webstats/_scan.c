@@ -166,6 +166,16 @@ static Slot *table_put(Table *t, Slot *s, const char *key, size_t len, uint64_t 
 
 enum { F_DATE, F_TIME, F_IP, F_METHOD, F_URI, F_STATUS, N_FIELDS };
 
+#define DIST 8 /* candidates between the stages of the lookup pipeline */
+#define RING_MASK 31 /* ring buffers of 32 > 2 * DIST candidates */
+
+typedef struct { /* a line that is a download if its URI is a package's */
+    const char *uri, *ip;
+    size_t ulen, iplen;
+    int32_t day, hit;
+    uint64_t hash; /* of the URI, then of the count key */
+} Cand;
+
 /* One per parse process: the caches of answers that do not depend on the object (status,
  * time of day, URI) live as long as it does; begin() starts an object. */
 typedef struct {
@@ -194,6 +204,8 @@ typedef struct {
     int64_t last_date_val;
     long long lines_read, accepted;
     long long rejects[N_REASONS];
+    Cand c1[RING_MASK + 1], c2[RING_MASK + 1]; /* URI stage, count stage */
+    uint64_t h1, a1, t1, h2, a2, t2; /* pushed, key prefetched, done */
     /* for the life of the process */
     Table st, uri; /* status → class; URI → hit id */
     Table iph; /* client address → its keyed hash (records mode) */
@@ -409,6 +421,98 @@ static int slow_line(Scanner *s, const char *p, size_t n) {
         }                                             \
     } while (0)
 
+/* --- the lookups of download candidates, pipelined ---------------------------------------
+ * The URI and count tables outgrow the CPU caches: each lookup would wait for memory twice
+ * (the slot, then its key in the arena). So a candidate's slot is prefetched when the line
+ * is scanned, its key DIST candidates later, and it is looked up 2 * DIST candidates later,
+ * by which time both are in cache; the same again for its count. Every stage is drained at
+ * the end of each piece (the candidates point into it) and of the object. */
+
+/* Stage 2 of a lookup: the home slot is (likely) in cache now; fetch the key it points to. */
+static inline void prefetch_key(const Table *t, uint64_t h) {
+    const Slot *slot = &t->slots[h & (t->cap - 1)];
+    if (slot->len != EMPTY && slot->hash == h) __builtin_prefetch(t->arena + slot->off);
+}
+
+static int count_key(Scanner *s, const Cand *c, int32_t hit, size_t *len) {
+    *len = 8 + c->iplen;
+    if (need_key(s, *len) < 0) return -1;
+    memcpy(s->key, &c->day, 4);
+    memcpy(s->key + 4, &hit, 4);
+    memcpy(s->key + 8, c->ip, c->iplen);
+    return 0;
+}
+
+/* The URI of the oldest candidate → its hit id; a download goes on to the count stage. */
+static int uri_stage(Scanner *s) {
+    Cand *c = &s->c1[s->t1 & RING_MASK];
+    s->t1++;
+    int64_t hit;
+    Slot *slot = table_find(&s->uri, c->uri, c->ulen, c->hash);
+    if (slot->len != EMPTY) {
+        hit = slot->val;
+    } else {
+        if (answer(call_bytes(s->uri_cb, c->uri, c->ulen), &hit) < 0) return -1;
+        if (s->uri.n < s->uri.max && !table_put(&s->uri, slot, c->uri, c->ulen, c->hash, hit))
+            return -1;
+    }
+    if (hit <= 0) return 0;
+    if (hit > INT32_MAX) {
+        PyErr_SetString(PyExc_ValueError, "uri callback: hit id too large");
+        return -1;
+    }
+    Cand *d = &s->c2[s->h2 & RING_MASK];
+    *d = *c;
+    d->hit = (int32_t)hit;
+    size_t len;
+    if (count_key(s, d, d->hit, &len) < 0) return -1;
+    d->hash = hash_bytes(s->key, len);
+    __builtin_prefetch(&s->counts.slots[d->hash & (s->counts.cap - 1)]);
+    s->h2++;
+    return 0;
+}
+
+/* The oldest counted candidate: one more download of (day, hit, client). */
+static int count_stage(Scanner *s) {
+    Cand *d = &s->c2[s->t2 & RING_MASK];
+    s->t2++;
+    size_t len;
+    if (count_key(s, d, d->hit, &len) < 0) return -1;
+    Slot *slot = table_find(&s->counts, s->key, len, d->hash);
+    s->accepted++;
+    if (slot->len != EMPTY) {
+        slot->val++;
+        return 0;
+    }
+    return table_put(&s->counts, slot, s->key, len, d->hash, 1) ? 0 : -1;
+}
+
+/* Move the pipeline on; DRAIN: until it is empty. */
+static int pump(Scanner *s, int drain) {
+    for (;;) {
+        int moved = 0;
+        if (s->h1 - s->a1 > (drain ? 0 : DIST)) {
+            prefetch_key(&s->uri, s->c1[s->a1 & RING_MASK].hash);
+            s->a1++;
+            moved = 1;
+        }
+        if (s->h1 - s->t1 > (drain ? 0 : 2 * DIST) && s->t1 < s->a1) {
+            if (uri_stage(s) < 0) return -1;
+            moved = 1;
+        }
+        if (s->h2 - s->a2 > (drain ? 0 : DIST)) {
+            prefetch_key(&s->counts, s->c2[s->a2 & RING_MASK].hash);
+            s->a2++;
+            moved = 1;
+        }
+        if (s->h2 - s->t2 > (drain ? 0 : 2 * DIST) && s->t2 < s->a2) {
+            if (count_stage(s) < 0) return -1;
+            moved = 1;
+        }
+        if (!moved) return 0;
+    }
+}
+
 static int one_line(Scanner *s, const char *p, size_t n) {
     if (n && p[n - 1] == '\r') n--; /* CRLF */
     if (s->nf < 0) return slow_line(s, p, n);
@@ -470,31 +574,19 @@ static int one_line(Scanner *s, const char *p, size_t n) {
     }
 
     if (st != 2 || !SAME(s->get, (size_t)s->get_len, COL(F_METHOD), LEN(F_METHOD))) return 0;
-    int64_t hit;
-    if (lookup(&s->uri, s->uri_cb, COL(F_URI), LEN(F_URI), &hit) < 0) return -1;
-    if (hit <= 0) return 0;
-    if (hit > INT32_MAX) {
-        PyErr_SetString(PyExc_ValueError, "uri callback: hit id too large");
-        return -1;
-    }
+    /* a download candidate: its URI and count lookups go through the pipeline below */
+    Cand *c = &s->c1[s->h1 & RING_MASK];
+    c->uri = COL(F_URI);
+    c->ulen = LEN(F_URI);
+    c->ip = ip;
+    c->iplen = il;
+    c->day = (int32_t)day;
+    c->hash = hash_bytes(c->uri, c->ulen);
+    __builtin_prefetch(&s->uri.slots[c->hash & (s->uri.cap - 1)]);
+    s->h1++;
+    return pump(s, 0);
 #undef COL
 #undef LEN
-
-    /* count: key = day, hit id, client address */
-    size_t cl = 8 + il;
-    if (need_key(s, cl) < 0) return -1;
-    int32_t d32 = (int32_t)day, h32 = (int32_t)hit;
-    memcpy(s->key, &d32, 4);
-    memcpy(s->key + 4, &h32, 4);
-    memcpy(s->key + 8, ip, il);
-    uint64_t h = hash_bytes(s->key, cl);
-    Slot *slot = table_find(&s->counts, s->key, cl, h);
-    s->accepted++;
-    if (slot->len != EMPTY) {
-        slot->val++;
-        return 0;
-    }
-    return table_put(&s->counts, slot, s->key, cl, h, 1) ? 0 : -1;
 }
 
 static int carry_append(Scanner *s, const char *p, size_t n) {
@@ -530,6 +622,7 @@ static void reset_object(Scanner *s) {
     s->last_date_len = SIZE_MAX;
     s->lines_read = s->accepted = 0;
     memset(s->rejects, 0, sizeof s->rejects);
+    s->h1 = s->a1 = s->t1 = s->h2 = s->a2 = s->t2 = 0;
 }
 
 static PyObject *Scanner_begin(Scanner *s, PyObject *args) {
@@ -560,7 +653,7 @@ static PyObject *Scanner_feed(Scanner *s, PyObject *arg) {
         if (carry_append(s, p, (size_t)(nl - p)) < 0) goto fail;
         size_t n = s->carry_len;
         s->carry_len = 0; /* one_line does not touch the carry buffer */
-        if (one_line(s, s->carry, n) < 0) goto fail;
+        if (one_line(s, s->carry, n) < 0 || pump(s, 1) < 0) goto fail;
         p = nl + 1;
     }
     while (p < e) {
@@ -572,6 +665,7 @@ static PyObject *Scanner_feed(Scanner *s, PyObject *arg) {
         if (one_line(s, p, (size_t)(nl - p)) < 0) goto fail;
         p = nl + 1;
     }
+    if (pump(s, 1) < 0) goto fail; /* the candidates point into this piece */
     Py_RETURN_NONE;
 fail:
     reset_object(s);
@@ -629,7 +723,7 @@ static PyObject *Scanner_finish(Scanner *s, PyObject *Py_UNUSED(ignored)) {
     if (s->carry_len) { /* a last line without a line end */
         size_t n = s->carry_len;
         s->carry_len = 0;
-        if (one_line(s, s->carry, n) < 0) goto done;
+        if (one_line(s, s->carry, n) < 0 || pump(s, 1) < 0) goto done;
     }
     if (!(rejects = PyTuple_New(N_REASONS))) goto done;
     for (int i = 0; i < N_REASONS; i++) {
@@ -798,7 +892,7 @@ static PyObject *Scanner_finish_records(Scanner *s, PyObject *args) {
     if (s->carry_len) { /* a last line without a line end */
         size_t n = s->carry_len;
         s->carry_len = 0;
-        if (one_line(s, s->carry, n) < 0) goto done;
+        if (one_line(s, s->carry, n) < 0 || pump(s, 1) < 0) goto done;
     }
     if (!(rejects = PyTuple_New(N_REASONS))) goto done;
     for (int i = 0; i < N_REASONS; i++) {
