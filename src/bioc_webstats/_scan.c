@@ -1,8 +1,11 @@
 /* The per-line loop of logs.count_object in C: line and column splitting, the per-value
- * caches and the counting. Every decision of the download rule stays in Python: a value
- * seen for the first time (a date and time, a status, a URI, a #Fields line) is handed to
- * a Python callback, and its answer is cached here for the rest of the object. So the rules
- * have one home (logs.py), and this loop only does what the pure-Python loop does, faster.
+ * caches, the counting, and an object's records as COPY text. Every decision of the download
+ * rule stays in Python: a value seen for the first time (a #Fields line, a date, a status, a
+ * URI) is handed to a Python callback and its answer cached here (dates for the object,
+ * statuses and URIs for the process). So the rules have one home (logs.py), and this loop
+ * does what the pure-Python loop does, faster. Only the mechanical checks are here: the
+ * column count, HH:MM:SS, the 48 h window given by begin(), the missing c-ip values and the
+ * method given by the constructor.
  *
  * Built against the stable ABI (abi3), so one build serves every Python >= 3.11 of the same
  * platform. Optional: without it logs.py runs its own loop, with the same results.
@@ -296,7 +299,7 @@ static int date_lookup(Scanner *s, const char *p, size_t n, int64_t *out) {
 }
 
 /* HH:MM:SS (00:00:00 ... 23:59:59) → seconds of the day, else -1: exactly the values of
- * logs._time_secs (tests/test_logs.py compares the two on every input of 8 bytes' shape). */
+ * logs._time_secs (tests/test_scan.py compares the two loops on the edges of the range). */
 static inline int64_t time_secs(const char *p, size_t n) {
     if (n != 8 || p[2] != ':' || p[5] != ':') return -1;
     int d[6];
