@@ -193,3 +193,40 @@ def test_records_follow_the_hash_key(monkeypatch):
     assert one != two
     expected = logs.ip_hasher(b"two")(b"192.0.2.1")
     assert two == f"bioc\tlimma\t2024-01-30\t{expected}\t1\n".encode()
+
+
+@pytest.mark.parametrize("eol", ["\n", "\r\n"])
+@pytest.mark.parametrize("out_max", [1, 97, 4096])
+def test_overlong_lines_are_malformed_and_not_kept(eol, out_max, monkeypatch):
+    """A line longer than MAX_LINE (line end excluded) is one malformed line, whatever its
+    columns, and only MAX_LINE + 2 bytes of it are ever held (both loops)."""
+    monkeypatch.setattr(logs, "MAX_LINE", 600)  # the #Fields line is 400-odd bytes
+    monkeypatch.setattr(logs, "_SCANNER", [])  # a scanner made with this limit
+    monkeypatch.setattr(logs, "OUT_MAX", out_max)
+    base = loggen.log_line()
+
+    def of_length(n: int) -> str:  # a valid download line of exactly n bytes
+        pad = n - len(base)
+        return base.replace("\t-\t", "\t" + "u" * (pad + 1) + "\t", 1)
+
+    lines = [of_length(n) for n in (599, 600, 601, 602, 5000)]
+    assert [len(x) for x in lines] == [599, 600, 601, 602, 5000]
+    a, b = both(loggen.log_bytes(*lines, eol=eol), HOUR, monkeypatch)
+    same(a, b)
+    assert (a.lines_read, a.accepted, a.reject_reasons) == (5, 2, {"column count": 3})
+    # an object that is one long line without a line end (after the headers)
+    tail = gzip.compress(f"#Fields: {' '.join(loggen.FIELDS)}\n".encode() + b"x\t" * 50_000)
+    a, b = both(tail, HOUR, monkeypatch)
+    same(a, b)
+    assert (a.lines_read, a.rejected) == (1, 1)
+    got = [x for batch in logs.line_batches([tail]) for x in batch]
+    assert got[-1] == logs._OVERLONG and all(len(x) <= logs.MAX_LINE for x in got)
+
+
+def test_overlong_line_before_the_header_is_a_data_line(monkeypatch):
+    monkeypatch.setattr(logs, "MAX_LINE", 100)
+    monkeypatch.setattr(logs, "_SCANNER", [])
+    text = b"#" + b"c" * 200 + b"\n#Fields: date time c-ip cs-method cs-uri-stem sc-status\n"
+    a, b = both(gzip.compress(text), HOUR, monkeypatch)
+    same(a, b)
+    assert a == "LogFormatError: no #Fields line before the first data line"

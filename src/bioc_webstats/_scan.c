@@ -198,6 +198,7 @@ typedef struct {
     const char **start, **end; /* per line: where the columns up to last_needed begin, end */
     char *carry; /* the start of a line whose end is in a later piece */
     size_t carry_len, carry_room;
+    size_t max_line; /* longer lines are malformed; the carry keeps max_line + 2 bytes */
     Table dates, counts; /* date → day index or -1; (day, hit, ip) → downloads */
     int64_t *day_epoch; /* per day index: its midnight, seconds since the epoch */
     char (*day_text)[16]; /* per day index: the date as logged (YYYY-MM-DD) */
@@ -518,6 +519,7 @@ static int pump(Scanner *s, int drain) {
 
 static int one_line(Scanner *s, const char *p, size_t n) {
     if (n && p[n - 1] == '\r') n--; /* CRLF */
+    if (n > s->max_line) return slow_line(s, "\0", 1); /* as logs._OVERLONG: malformed */
     if (s->nf < 0) return slow_line(s, p, n);
 
     const char **start = s->start, **end = s->end;
@@ -593,6 +595,9 @@ static int one_line(Scanner *s, const char *p, size_t n) {
 }
 
 static int carry_append(Scanner *s, const char *p, size_t n) {
+    if (s->carry_len + n > s->max_line + 2) { /* enough to know it is too long, CR or not */
+        n = s->carry_len < s->max_line + 2 ? s->max_line + 2 - s->carry_len : 0;
+    }
     if (s->carry_len + n > s->carry_room) {
         size_t room = s->carry_room ? s->carry_room : 4096;
         while (room < s->carry_len + n) room *= 2;
@@ -953,13 +958,13 @@ static void Scanner_dealloc(Scanner *s) {
 
 static PyObject *Scanner_new(PyTypeObject *type, PyObject *args, PyObject *kwds) {
     static char *kwlist[] = {"header", "status", "uri", "get", "bad_ips", "cache_max",
-                             "ip_cache_max", NULL};
+                             "ip_cache_max", "max_line", NULL};
     PyObject *header, *status, *uri, *get, *bad_ips;
-    Py_ssize_t cache_max, ip_cache_max;
-    if (!PyArg_ParseTupleAndKeywords(args, kwds, "OOOSOnn", kwlist, &header, &status, &uri, &get,
-                                     &bad_ips, &cache_max, &ip_cache_max))
+    Py_ssize_t cache_max, ip_cache_max, max_line;
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "OOOSOnnn", kwlist, &header, &status, &uri,
+                                     &get, &bad_ips, &cache_max, &ip_cache_max, &max_line))
         return NULL;
-    if (cache_max < 1 || ip_cache_max < 1) {
+    if (cache_max < 1 || ip_cache_max < 1 || max_line < 1) {
         PyErr_SetString(PyExc_ValueError, "cache_max must be positive");
         return NULL;
     }
@@ -997,6 +1002,7 @@ static PyObject *Scanner_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
     Py_DECREF(seq);
     s->n_bad_ip = (int)nb;
     s->iph_max = (size_t)ip_cache_max;
+    s->max_line = (size_t)max_line;
     if (table_init(&s->dates, 64, 0) < 0 || table_init(&s->counts, 16384, 0) < 0 ||
         table_init(&s->st, 64, (size_t)cache_max) < 0 ||
         table_init(&s->uri, 4096, (size_t)cache_max) < 0 || table_init(&s->iph, 4096, 0) < 0 ||
@@ -1030,7 +1036,7 @@ static PyMethodDef Scanner_methods[] = {
 };
 
 static PyType_Slot Scanner_slots[] = {
-    {Py_tp_doc, "Scanner(header, status, uri, get, bad_ips, cache_max, ip_cache_max): the per-line "
+    {Py_tp_doc, "Scanner(header, status, uri, get, bad_ips, cache_max, ip_cache_max, max_line): the per-line "
                 "loop of logs.count_object, one object at a time."},
     {Py_tp_new, Scanner_new},
     {Py_tp_dealloc, Scanner_dealloc},

@@ -291,8 +291,15 @@ def decompress(chunks: Iterable[bytes]) -> Iterator[bytes]:
         raise LogFormatError("truncated gzip (unexpected end of data)")
 
 
+# A line longer than this (line end excluded) is malformed, and is not kept whole in memory:
+# an object without line ends is read in bounded memory too. CloudFront's lines are < 20 kB.
+MAX_LINE = 1 << 20
+_OVERLONG = b"\x00"  # what an overlong line becomes: not blank, no comment, no tabs
+
+
 def line_batches(chunks: Iterable[bytes]) -> Iterator[list[bytes]]:
-    """Lists of lines (without line ends; CRLF accepted) of a gzip stream."""
+    """Lists of lines (without line ends; CRLF accepted) of a gzip stream; a line longer
+    than MAX_LINE comes as _OVERLONG."""
     rest = b""
     for data in decompress(chunks):
         if b"\r" in data or rest[-1:] == b"\r":
@@ -302,9 +309,14 @@ def line_batches(chunks: Iterable[bytes]) -> Iterator[list[bytes]]:
             if rest:
                 lines[0] = rest + lines[0]
         rest = lines.pop()
+        if len(rest) > MAX_LINE + 2:  # enough to know it is too long, with a CR or not
+            rest = rest[: MAX_LINE + 2]
+        if lines and max(map(len, lines)) > MAX_LINE:
+            lines = [_OVERLONG if len(x) > MAX_LINE else x for x in lines]
         yield lines
     if rest:  # a last line without a line end
-        yield [rest.removesuffix(b"\r")]
+        last = rest.removesuffix(b"\r")
+        yield [_OVERLONG if len(last) > MAX_LINE else last]
 
 
 @dataclass
@@ -519,7 +531,7 @@ def _header(line: bytes | None) -> tuple[int, ...]:
 def _scanner() -> Any:
     if not _SCANNER:
         rule = (_header, _status_class, _hit_of, b"GET", tuple(_BAD_IP))
-        _SCANNER.append(_scan.Scanner(*rule, URI_CACHE_MAX, IP_HASH_CACHE_MAX))
+        _SCANNER.append(_scan.Scanner(*rule, URI_CACHE_MAX, IP_HASH_CACHE_MAX, MAX_LINE))
     return _SCANNER[0]
 
 
