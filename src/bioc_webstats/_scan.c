@@ -725,20 +725,30 @@ static PyObject *nested_counts(const Scanner *s) {
     return out;
 }
 
-static PyObject *Scanner_finish(Scanner *s, PyObject *Py_UNUSED(ignored)) {
-    PyObject *rejects = NULL, *counts = NULL, *res = NULL;
-    if (check_active(s) < 0) return NULL;
+/* The last line of the object (if it has no line end) and the pipeline's last candidates;
+ * then the rejects per reason code, as a new tuple (NULL with an exception on failure). */
+static PyObject *end_object(Scanner *s) {
     if (s->carry_len) { /* a last line without a line end */
         size_t n = s->carry_len;
         s->carry_len = 0;
-        if (one_line(s, s->carry, n) < 0 || pump(s, 1) < 0) goto done;
+        if (one_line(s, s->carry, n) < 0 || pump(s, 1) < 0) return NULL;
     }
-    if (!(rejects = PyTuple_New(N_REASONS))) goto done;
-    for (int i = 0; i < N_REASONS; i++) {
+    PyObject *rejects = PyTuple_New(N_REASONS);
+    for (int i = 0; rejects && i < N_REASONS; i++) {
         PyObject *v = PyLong_FromLongLong(s->rejects[i]);
-        if (!v) goto done;
+        if (!v) {
+            Py_CLEAR(rejects);
+            break;
+        }
         PyTuple_SetItem(rejects, i, v);
     }
+    return rejects;
+}
+
+static PyObject *Scanner_finish(Scanner *s, PyObject *Py_UNUSED(ignored)) {
+    PyObject *rejects = NULL, *counts = NULL, *res = NULL;
+    if (check_active(s) < 0) return NULL;
+    if (!(rejects = end_object(s))) goto done;
     if (!(counts = nested_counts(s))) goto done;
     res = Py_BuildValue("(LLOOO)", s->lines_read, s->accepted, rejects, counts,
                         s->nf >= 0 ? Py_True : Py_False);
@@ -897,17 +907,7 @@ fail:
 static PyObject *Scanner_finish_records(Scanner *s, PyObject *args) {
     PyObject *hash_cb, *pair_cb, *rejects = NULL, *text = NULL, *day_hits = NULL, *res = NULL;
     if (!PyArg_ParseTuple(args, "OO", &hash_cb, &pair_cb) || check_active(s) < 0) return NULL;
-    if (s->carry_len) { /* a last line without a line end */
-        size_t n = s->carry_len;
-        s->carry_len = 0;
-        if (one_line(s, s->carry, n) < 0 || pump(s, 1) < 0) goto done;
-    }
-    if (!(rejects = PyTuple_New(N_REASONS))) goto done;
-    for (int i = 0; i < N_REASONS; i++) {
-        PyObject *v = PyLong_FromLongLong(s->rejects[i]);
-        if (!v) goto done;
-        PyTuple_SetItem(rejects, i, v);
-    }
+    if (!(rejects = end_object(s))) goto done;
     if (records(s, hash_cb, pair_cb, &text, &day_hits) < 0) goto done;
     res = Py_BuildValue("(LLOOOO)", s->lines_read, s->accepted, rejects, text, day_hits,
                         s->nf >= 0 ? Py_True : Py_False);
