@@ -6,6 +6,7 @@ from __future__ import annotations
 import datetime as dt
 import gzip
 import random
+import struct
 
 import pytest
 
@@ -37,6 +38,35 @@ def same(a, b) -> None:
     assert a.max_day == b.max_day
 
 
+def copy_rows(copy_data: bytes, copy_format: str, object_id: int = 7) -> list[tuple]:
+    """The rows PostgreSQL's COPY reads from an ObjectRecords' data (decoded here, from the
+    format's definition: a tests' own reading of both formats)."""
+    data = logs.with_object_id(copy_data, copy_format, object_id)
+    if copy_format == "text":
+        return sorted(
+            (c, p, dt.date.fromisoformat(d), int(h), int(n), int(o))
+            for c, p, d, h, n, o in (ln.decode().split("\t") for ln in data.splitlines())
+        )
+    assert data[:11] == b"PGCOPY\n\xff\r\n\x00" and data[11:19] == bytes(8)
+    rows, at = [], 19
+    while True:
+        (nf,) = struct.unpack_from(">h", data, at)
+        at += 2
+        if nf == -1:
+            break
+        values = []
+        for _ in range(nf):
+            (n,) = struct.unpack_from(">i", data, at)
+            values.append(data[at + 4 : at + 4 + n])
+            at += 4 + n
+        c, p, d, h, n, o = values
+        day = dt.date(2000, 1, 1) + dt.timedelta(days=struct.unpack(">i", d)[0])
+        rows.append((c.decode(), p.decode(), day, *struct.unpack(">q", h),
+                     *struct.unpack(">i", n), *struct.unpack(">q", o)))  # fmt: skip
+    assert at == len(data)
+    return sorted(rows)
+
+
 def records_both(data: bytes, hour: dt.datetime, monkeypatch):
     hasher = logs.ip_hasher(b"test key")
     out = []
@@ -45,7 +75,8 @@ def records_both(data: bytes, hour: dt.datetime, monkeypatch):
         rec = logs.count_records([data], hour, hasher)
         out.append(rec)
     a, b = out
-    assert sorted(a.copy_text.splitlines()) == sorted(b.copy_text.splitlines())
+    assert (a.copy_format, b.copy_format) == ("binary", "text")
+    assert copy_rows(a.copy_data, "binary") == copy_rows(b.copy_data, "text")
     assert (a.touched, a.max_day, a.reject_reasons) == (b.touched, b.max_day, b.reject_reasons)
     assert (a.lines_read, a.accepted, a.rejected) == (b.lines_read, b.accepted, b.rejected)
     return a
@@ -67,8 +98,8 @@ def test_generated_logs_every_variant(tmp_path, monkeypatch):
         accepted += a.accepted
         rec = records_both(data, hour, monkeypatch)
         assert rec.accepted == a.accepted
-        rows = rec.copy_text.splitlines()
-        assert sum(int(r.rsplit(b"\t", 1)[1]) for r in rows) == a.accepted
+        rows = copy_rows(rec.copy_data, rec.copy_format)
+        assert sum(r[4] for r in rows) == a.accepted
         assert len(rows) == len(a.counts)
     assert accepted == truth.counted
 
@@ -188,11 +219,21 @@ def test_a_scanner_needs_an_object():
 def test_records_follow_the_hash_key(monkeypatch):
     """The C side caches client hashes per hash function: another key gives other hashes."""
     data = loggen.log_bytes(loggen.log_line())
-    one = logs.count_records([data], HOUR, logs.ip_hasher(b"one")).copy_text
-    two = logs.count_records([data], HOUR, logs.ip_hasher(b"two")).copy_text
-    assert one != two
+    one = logs.count_records([data], HOUR, logs.ip_hasher(b"one"))
+    two = logs.count_records([data], HOUR, logs.ip_hasher(b"two"))
+    assert one.copy_data != two.copy_data
     expected = logs.ip_hasher(b"two")(b"192.0.2.1")
-    assert two == f"bioc\tlimma\t2024-01-30\t{expected}\t1\n".encode()
+    rows = copy_rows(two.copy_data, two.copy_format, object_id=123)
+    assert rows == [("bioc", "limma", dt.date(2024, 1, 30), expected, 1, 123)]
+
+
+def test_with_object_id_refuses_what_it_did_not_make():
+    good = logs.count_records([loggen.log_bytes(loggen.log_line())], HOUR, hash)
+    assert good.copy_format == "binary"
+    for bad in (b"", b"bioc\tlimma\n", good.copy_data[:-1], good.copy_data + b"x",
+                good.copy_data[:19] + b"\x00\x05" + good.copy_data[21:]):  # fmt: skip
+        with pytest.raises(ValueError, match="COPY data"):
+            logs.with_object_id(bad, "binary", 1)
 
 
 @pytest.mark.parametrize("eol", ["\n", "\r\n"])

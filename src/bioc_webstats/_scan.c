@@ -784,18 +784,18 @@ static int buf_add(Buf *b, const char *p, size_t n) {
     return 0;
 }
 
-static size_t format_int(char *out, int64_t v) {
-    char tmp[24];
-    size_t n = 0;
-    uint64_t u = v < 0 ? (uint64_t)0 - (uint64_t)v : (uint64_t)v;
-    do {
-        tmp[n++] = (char)('0' + u % 10);
-        u /= 10;
-    } while (u);
-    size_t k = 0;
-    if (v < 0) out[k++] = '-';
-    while (n) out[k++] = tmp[--n];
-    return k;
+/* PostgreSQL's binary COPY: the signature, flags and header extension length */
+static const char COPY_HEADER[] = "PGCOPY\n\xff\r\n\0\0\0\0\0\0\0\0\0";
+#define COPY_HEADER_LEN 19
+#define PG_EPOCH_DAYS 10957 /* 2000-01-01, PostgreSQL's day 0, in days since 1970-01-01 */
+
+/* V as N bytes, big-endian, at Q; returns the end. */
+static char *put_be(char *q, uint64_t v, int n) {
+    for (int i = n - 1; i >= 0; i--) {
+        q[i] = (char)(v & 0xff);
+        v >>= 8;
+    }
+    return q + n;
 }
 
 /* The hash of a client address: cached, else asked of HASH_CB (a signed 64-bit int). */
@@ -836,8 +836,8 @@ static PyObject *pair_text(Scanner *s, PyObject *pair_cb, int32_t hit) {
     return v;
 }
 
-/* The object's records as COPY text, one "category\tpackage\tday\thash\tn\n" per
- * (day, hit, client), and the distinct (day index, hit id) pairs. */
+/* The object's records as PostgreSQL binary COPY data, one row per (day, hit, client), the
+ * object id 0 (see with_object_id), and the distinct (day index, hit id) pairs. */
 static int records(Scanner *s, PyObject *hash_cb, PyObject *pair_cb, PyObject **text,
                    PyObject **day_hits) {
     Buf b = {0};
@@ -851,7 +851,7 @@ static int records(Scanner *s, PyObject *hash_cb, PyObject *pair_cb, PyObject **
     }
     if (table_init(&seen, 256, 0) < 0) return PyErr_NoMemory(), -1;
     PyObject *list = PyList_New(0);
-    if (!list) goto fail;
+    if (!list || buf_add(&b, COPY_HEADER, sizeof COPY_HEADER - 1) < 0) goto fail;
     const Table *t = &s->counts;
     for (size_t i = 0; i < t->cap; i++) {
         const Slot *slot = &t->slots[i];
@@ -867,19 +867,30 @@ static int records(Scanner *s, PyObject *hash_cb, PyObject *pair_cb, PyObject **
         char *pp;
         Py_ssize_t pl;
         if (PyBytes_AsStringAndSize(pair, &pp, &pl) < 0) goto fail;
-        char num[64];
-        size_t nl = 0;
-        num[nl++] = '\t';
-        const char *day = s->day_text[d32];
-        size_t dl = strlen(day);
-        memcpy(num + nl, day, dl);
-        nl += dl;
-        num[nl++] = '\t';
-        nl += format_int(num + nl, hash);
-        num[nl++] = '\t';
-        nl += format_int(num + nl, slot->val);
-        num[nl++] = '\n';
-        if (buf_add(&b, pp, (size_t)pl) < 0 || buf_add(&b, num, nl) < 0) goto fail;
+        const char *tab = memchr(pp, '\t', (size_t)pl);
+        if (!tab) {
+            PyErr_SetString(PyExc_ValueError, "pair callback: expected b'category\\tpackage'");
+            goto fail;
+        }
+        size_t cl = (size_t)(tab - pp), kl = (size_t)pl - cl - 1;
+        /* one row of PostgreSQL's binary COPY: (category, package, day, ip_hash, downloads,
+         * object_id), the object id left 0 for with_object_id() */
+        char row[2 + 4 + 4 + 4 + 4 + 4 + 8 + 4 + 4 + 4 + 8];
+        char *q = row;
+        q = put_be(q, 6, 2);
+        q = put_be(q, (uint64_t)cl, 4);
+        if (buf_add(&b, row, (size_t)(q - row)) < 0 || buf_add(&b, pp, cl) < 0) goto fail;
+        q = put_be(row, (uint64_t)kl, 4);
+        if (buf_add(&b, row, 4) < 0 || buf_add(&b, tab + 1, kl) < 0) goto fail;
+        q = put_be(row, 4, 4);
+        q = put_be(q, (uint64_t)(s->day_epoch[d32] / 86400 - PG_EPOCH_DAYS), 4);
+        q = put_be(q, 8, 4);
+        q = put_be(q, (uint64_t)hash, 8);
+        q = put_be(q, 4, 4);
+        q = put_be(q, (uint64_t)slot->val, 4);
+        q = put_be(q, 8, 4);
+        q = put_be(q, 0, 8);
+        if (buf_add(&b, row, (size_t)(q - row)) < 0) goto fail;
         uint64_t h = hash_bytes(k, 8);
         Slot *ss = table_find(&seen, k, 8, h);
         if (ss->len == EMPTY) {
@@ -891,7 +902,8 @@ static int records(Scanner *s, PyObject *hash_cb, PyObject *pair_cb, PyObject **
             if (rc < 0) goto fail;
         }
     }
-    *text = PyBytes_FromStringAndSize(b.p ? b.p : "", (Py_ssize_t)b.len);
+    if (buf_add(&b, "\xff\xff", 2) < 0) goto fail; /* the trailer */
+    *text = PyBytes_FromStringAndSize(b.p, (Py_ssize_t)b.len);
     if (!*text) goto fail;
     free(b.p);
     table_free(&seen);
@@ -1027,8 +1039,9 @@ static PyMethodDef Scanner_methods[] = {
      "finish() -> (lines_read, accepted, rejects per reason code, "
      "{day index: {hit id: {ip: n}}}, fields_seen); ends the object."},
     {"finish_records", (PyCFunction)Scanner_finish_records, METH_VARARGS,
-     "finish_records(hash, pair) -> (lines_read, accepted, rejects per reason code, COPY text "
-     "(category, package, day, HASH(ip), n per line), [(day index, hit id)], fields_seen); "
+     "finish_records(hash, pair) -> (lines_read, accepted, rejects per reason code, binary "
+     "COPY data (category, package, day, HASH(ip), n, object id 0 per row), "
+     "[(day index, hit id)], fields_seen); "
      "PAIR(hit id) answers b'category\\tpackage'. Ends the object."},
     {"forget_uris", (PyCFunction)Scanner_forget_uris, METH_NOARGS,
      "forget_uris(): drop the cached hit ids (the Python side renumbered them)."},
@@ -1073,6 +1086,60 @@ static int scan_exec(PyObject *m) {
     return 0;
 }
 
+static uint64_t get_be(const unsigned char *p, int n) {
+    uint64_t v = 0;
+    for (int i = 0; i < n; i++) v = (v << 8) | p[i];
+    return v;
+}
+
+/* with_object_id(data, object_id): a copy of records from finish_records with OBJECT_ID in
+ * every row's last field. */
+static PyObject *with_object_id(PyObject *Py_UNUSED(module), PyObject *args) {
+    const char *data;
+    Py_ssize_t n;
+    long long oid;
+    if (!PyArg_ParseTuple(args, "y#L", &data, &n, &oid)) return NULL;
+    if (n < COPY_HEADER_LEN + 2 || memcmp(data, COPY_HEADER, COPY_HEADER_LEN) != 0) {
+        PyErr_SetString(PyExc_ValueError, "not binary COPY data");
+        return NULL;
+    }
+    PyObject *out = PyBytes_FromStringAndSize(data, n);
+    if (!out) return NULL;
+    unsigned char *p = (unsigned char *)PyBytes_AsString(out), *e = p + n;
+    p += COPY_HEADER_LEN;
+    for (;;) {
+        if (e - p < 2) goto bad;
+        int fields = (int16_t)get_be(p, 2);
+        p += 2;
+        if (fields == -1) break;
+        if (fields != 6) goto bad;
+        for (int f = 0; f < fields; f++) {
+            if (e - p < 4) goto bad;
+            uint64_t len = get_be(p, 4);
+            p += 4;
+            if (len > (uint64_t)(e - p)) goto bad;
+            if (f == fields - 1) {
+                if (len != 8) goto bad;
+                put_be((char *)p, (uint64_t)oid, 8);
+            }
+            p += len;
+        }
+    }
+    if (p != e) goto bad;
+    return out;
+bad:
+    Py_DECREF(out);
+    PyErr_SetString(PyExc_ValueError, "malformed binary COPY data");
+    return NULL;
+}
+
+static PyMethodDef scan_functions[] = {
+    {"with_object_id", with_object_id, METH_VARARGS,
+     "with_object_id(data: bytes, object_id: int) -> bytes: the records of finish_records "
+     "with their object id."},
+    {NULL, NULL, 0, NULL},
+};
+
 static PyModuleDef_Slot scan_slots[] = {
     {Py_mod_exec, scan_exec},
     {0, NULL},
@@ -1080,7 +1147,8 @@ static PyModuleDef_Slot scan_slots[] = {
 
 static struct PyModuleDef scan_module = {
     PyModuleDef_HEAD_INIT, "bioc_webstats._scan",
-    "The per-line loop of logs.count_object in C (optional; see logs.py).", 0, NULL, scan_slots,
+    "The per-line loop of logs.count_object in C (optional; see logs.py).", 0, scan_functions,
+    scan_slots,
 };
 
 PyMODINIT_FUNC PyInit__scan(void) { return PyModuleDef_Init(&scan_module); }

@@ -276,7 +276,7 @@ def rows_to_parsed(
 
 def _done(parsed: ingest.Parsed, copy: bool = False) -> ingest.Parsed:
     if copy and parsed.rows:
-        parsed.copy_text = "".join(
+        parsed.copy_data = "".join(
             f"{c}\t{p}\t{d.isoformat()}\t{h}\t{n}\n" for c, p, d, h, n in parsed.rows
         ).encode("ascii")
         parsed.rows = []

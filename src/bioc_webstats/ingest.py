@@ -117,7 +117,8 @@ class Parsed:
     accepted: int = 0
     rejected: int = 0
     reasons: dict[str, int] = field(default_factory=dict)
-    copy_text: bytes = b""  # PostgreSQL: COPY text, one "cat\tpkg\tday\thash\tn\n" per row
+    copy_data: bytes = b""  # PostgreSQL: COPY data without the object id (logs.ObjectRecords)
+    copy_format: str = "text"
     rows: list[tuple[str, str, dt.date, int, int]] = field(default_factory=list)  # SQLite
     touched: set[tuple[str, str, int, int]] = field(default_factory=set)
     max_day: dt.date | None = None
@@ -165,7 +166,11 @@ def _parse(obj: logs.LogObject) -> Parsed:
         return out
     if _worker["copy"]:
         out.lines_read, out.accepted, out.rejected = rec.lines_read, rec.accepted, rec.rejected
-        out.reasons, out.copy_text = rec.reject_reasons, rec.copy_text
+        out.reasons, out.copy_data, out.copy_format = (
+            rec.reject_reasons,
+            rec.copy_data,
+            rec.copy_format,
+        )
         out.touched, out.max_day = rec.touched, rec.max_day
         return out
     out.lines_read, out.accepted, out.rejected = res.lines_read, res.accepted, res.rejected
@@ -223,11 +228,12 @@ _COPY = "COPY download_records (category, package, day, ip_hash, downloads, obje
 
 
 def _insert_records(session: Session, object_id: int, parsed: Parsed) -> None:
-    if parsed.copy_text:
-        text = parsed.copy_text.replace(b"\n", b"\t%d\n" % object_id)
+    if parsed.copy_data and parsed.accepted:
+        data = logs.with_object_id(parsed.copy_data, parsed.copy_format, object_id)
+        binary = " (FORMAT binary)" if parsed.copy_format == "binary" else ""
         dbapi = session.connection().connection
         with dbapi.cursor() as cur:
-            cur.copy_expert(_COPY, io.BytesIO(text))
+            cur.copy_expert(_COPY + binary, io.BytesIO(data))
     elif parsed.rows:
         session.execute(
             insert(DownloadRecord),

@@ -576,11 +576,14 @@ def _count_native(chunks: Iterable[bytes], name_hour: dt.datetime) -> ObjectCoun
 
 @dataclass
 class ObjectRecords:
-    """What one object contributed, ready for PostgreSQL's COPY: one
-    ``category\tpackage\tday\tip_hash\tdownloads\n`` line per (category, package, day,
-    client), the (category, package, year, month) it touches, and line counts."""
+    """What one object contributed, ready for PostgreSQL's COPY of (category, package, day,
+    ip_hash, downloads, object_id): one row per (category, package, day, client), in COPY's
+    binary format with object id 0 (the C loop; :func:`with_object_id` sets it) or as text
+    lines without the object id (the Python loop); the (category, package, year, month) it
+    touches, and line counts."""
 
-    copy_text: bytes
+    copy_data: bytes
+    copy_format: str  # "binary" or "text"
     touched: set[tuple[str, str, int, int]]
     max_day: dt.date | None
     lines_read: int
@@ -629,7 +632,7 @@ def _records_native(
         touched.add((*pairs[h], day.year, day.month))
     days = {day_list[d] for d, _ in day_hits}
     return ObjectRecords(
-        text, touched, max(days, default=None), lines_read, accepted, sum(rejects),
+        text, "binary", touched, max(days, default=None), lines_read, accepted, sum(rejects),
         _reasons(rejects),
     )  # fmt: skip
 
@@ -652,9 +655,16 @@ def _records_python(res: ObjectCounts, hash_ip: Callable[[bytes], int]) -> Objec
                     h = hashes[ip] = hash_ip(ip)
                 parts.append(f"{prefix}{h}\t{n}\n")
     return ObjectRecords(
-        "".join(parts).encode("ascii"), touched, res.max_day, res.lines_read, res.accepted,
-        res.rejected, res.reject_reasons,
+        "".join(parts).encode("ascii"), "text", touched, res.max_day, res.lines_read,
+        res.accepted, res.rejected, res.reject_reasons,
     )  # fmt: skip
+
+
+def with_object_id(copy_data: bytes, copy_format: str, object_id: int) -> bytes:
+    """An ObjectRecords' COPY data with ``object_id`` in every row (the last column)."""
+    if copy_format == "binary":
+        return _scan.with_object_id(copy_data, object_id)
+    return copy_data.replace(b"\n", b"\t%d\n" % object_id)
 
 
 def _count(chunks: Iterable[bytes], name_hour: dt.datetime) -> ObjectCounts:
