@@ -166,12 +166,8 @@ def _parse(obj: logs.LogObject) -> Parsed:
         return out
     if _worker["copy"]:
         out.lines_read, out.accepted, out.rejected = rec.lines_read, rec.accepted, rec.rejected
-        out.reasons, out.copy_data, out.copy_format = (
-            rec.reject_reasons,
-            rec.copy_data,
-            rec.copy_format,
-        )
-        out.touched, out.max_day = rec.touched, rec.max_day
+        out.copy_data, out.copy_format = rec.copy_data, rec.copy_format
+        out.touched, out.max_day, out.reasons = rec.touched, rec.max_day, rec.reject_reasons
         return out
     out.lines_read, out.accepted, out.rejected = res.lines_read, res.accepted, res.rejected
     out.reasons = res.reject_reasons
