@@ -10,6 +10,7 @@ etl.md — with malformed lines counted, not fatal. A file that is not complete 
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import gc
 import hashlib
@@ -451,14 +452,20 @@ def _new_bucket() -> defaultdict[int, defaultdict[bytes, int]]:
 def count_object(chunks: Iterable[bytes], name_hour: dt.datetime) -> ObjectCounts:
     """Stream one object and count its downloads (the rule of etl.md); malformed lines are
     counted by reason. Raises LogFormatError for an unreadable object or a missing #Fields."""
-    # The loop allocates and frees millions of small objects and creates no cycles: the
+    with _no_cyclic_gc():
+        if parser_name() == "native":
+            return _count_native(chunks, name_hour)
+        return _count(chunks, name_hour)
+
+
+@contextlib.contextmanager
+def _no_cyclic_gc() -> Iterator[None]:
+    # A parse allocates and frees millions of small objects and creates no cycles: the
     # cyclic collector would only rescan the growing count dicts, again and again.
     gc_on = gc.isenabled()
     gc.disable()
     try:
-        if _scan is not None and not _FORCE_PYTHON:
-            return _count_native(chunks, name_hour)
-        return _count(chunks, name_hour)
+        yield
     finally:
         if gc_on:
             gc.enable()
@@ -597,15 +604,10 @@ def count_records(
 ) -> ObjectRecords:
     """count_object, with the counts as COPY text and the client addresses hashed by
     ``hash_ip`` (each address once per process while ``hash_ip`` is the same function)."""
-    gc_on = gc.isenabled()
-    gc.disable()
-    try:
+    with _no_cyclic_gc():
         if parser_name() == "native":
             return _records_native(chunks, name_hour, hash_ip)
         return _records_python(count_object(chunks, name_hour), hash_ip)
-    finally:
-        if gc_on:
-            gc.enable()
 
 
 def _records_native(
