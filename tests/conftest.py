@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from bioc_webstats import db
+from bioc_webstats.store import db
 
 
 def free_port() -> int:

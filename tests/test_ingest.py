@@ -12,10 +12,11 @@ import pytest
 from sqlalchemy import func, select, update
 
 import loggen
-from bioc_webstats import db, ingest, logs, packages, stats
 from bioc_webstats.config import Settings, load_settings
 from bioc_webstats.errors import WebstatsError
-from bioc_webstats.models import (
+from bioc_webstats.etl import ingest, packages, parse
+from bioc_webstats.store import db, stats
+from bioc_webstats.store.models import (
     CategoryStat,
     DownloadRecord,
     IngestedObject,
@@ -90,8 +91,8 @@ def loaded(db_url: str, tmp_path: Path, **env: str) -> Settings:
 @pytest.mark.parametrize(("workers", "parser"), [("1", "native"), ("2", "native"), ("2", "python")])
 def test_statistics_equal_ground_truth(db_url, tmp_path, data, workers, parser, monkeypatch):
     out, truth = data
-    monkeypatch.setattr(logs, "_FORCE_PYTHON", parser == "python")  # forked workers inherit it
-    assert logs.parser_name() == parser
+    monkeypatch.setattr(parse, "_FORCE_PYTHON", parser == "python")  # forked workers inherit it
+    assert parse.parser_name() == parser
     settings = loaded(db_url, tmp_path, WEBSTATS_ETL_WORKERS=workers)
     assert ingest.run(settings, source=str(out)) is True
     assert_truth(db_url, truth)

@@ -11,7 +11,7 @@ import struct
 import pytest
 
 import loggen
-from bioc_webstats import logs
+from bioc_webstats.etl import parse, rule, sources
 
 HOUR = dt.datetime(2024, 1, 30, 12)
 
@@ -20,10 +20,10 @@ def both(data: bytes, hour: dt.datetime = HOUR, monkeypatch=None):
     """(native, python) results of count_object on DATA, or the LogFormatError texts."""
     out = []
     for force in (False, True):
-        monkeypatch.setattr(logs, "_FORCE_PYTHON", force)
+        monkeypatch.setattr(parse, "_FORCE_PYTHON", force)
         try:
-            out.append(logs.count_object([data], hour))
-        except logs.LogFormatError as exc:
+            out.append(parse.count_object([data], hour))
+        except sources.LogFormatError as exc:
             out.append(f"LogFormatError: {exc}")
     return out
 
@@ -41,7 +41,7 @@ def same(a, b) -> None:
 def copy_rows(copy_data: bytes, copy_format: str, object_id: int = 7) -> list[tuple]:
     """The rows PostgreSQL's COPY reads from an ObjectRecords' data (decoded here, from the
     format's definition: a tests' own reading of both formats)."""
-    data = logs.with_object_id(copy_data, copy_format, object_id)
+    data = parse.with_object_id(copy_data, copy_format, object_id)
     if copy_format == "text":
         return sorted(
             (c, p, dt.date.fromisoformat(d), int(h), int(n), int(o))
@@ -68,11 +68,11 @@ def copy_rows(copy_data: bytes, copy_format: str, object_id: int = 7) -> list[tu
 
 
 def records_both(data: bytes, hour: dt.datetime, monkeypatch):
-    hasher = logs.ip_hasher(b"test key")
+    hasher = rule.ip_hasher(b"test key")
     out = []
     for force in (False, True):
-        monkeypatch.setattr(logs, "_FORCE_PYTHON", force)
-        rec = logs.count_records([data], hour, hasher)
+        monkeypatch.setattr(parse, "_FORCE_PYTHON", force)
+        rec = parse.count_records([data], hour, hasher)
         out.append(rec)
     a, b = out
     assert (a.copy_format, b.copy_format) == ("binary", "text")
@@ -83,7 +83,7 @@ def records_both(data: bytes, hour: dt.datetime, monkeypatch):
 
 
 def test_the_c_scanner_is_built():
-    assert logs._scan is not None and logs.parser_name() == "native"
+    assert parse._scan is not None and parse.parser_name() == "native"
 
 
 def test_generated_logs_every_variant(tmp_path, monkeypatch):
@@ -92,7 +92,7 @@ def test_generated_logs_every_variant(tmp_path, monkeypatch):
     accepted = 0
     for key in truth.files:
         data = (tmp_path / key).read_bytes()
-        hour = logs.parse_name(key)
+        hour = sources.parse_name(key)
         a, b = both(data, hour, monkeypatch)
         same(a, b)
         accepted += a.accepted
@@ -174,7 +174,7 @@ def test_damaged_logs(seed, monkeypatch):
     rng = random.Random(seed)
     data = gzip.compress(_damaged(rng, 400))
     # small decompressed pieces: lines cross piece boundaries everywhere
-    monkeypatch.setattr(logs, "OUT_MAX", rng.choice([1, 7, 64, 333, 4096]))
+    monkeypatch.setattr(sources, "OUT_MAX", rng.choice([1, 7, 64, 333, 4096]))
     a, b = both(data, HOUR, monkeypatch)
     same(a, b)
     assert a.rejected > 0 and a.accepted > 0  # the test exercises both outcomes
@@ -209,7 +209,7 @@ def test_every_time_of_day(monkeypatch):
 
 
 def test_a_scanner_needs_an_object():
-    scanner = logs._scanner()
+    scanner = parse._scanner()
     with pytest.raises(RuntimeError, match="no object begun"):
         scanner.feed(b"x\n")
     with pytest.raises(RuntimeError, match="no object begun"):
@@ -219,21 +219,21 @@ def test_a_scanner_needs_an_object():
 def test_records_follow_the_hash_key(monkeypatch):
     """The C side caches client hashes per hash function: another key gives other hashes."""
     data = loggen.log_bytes(loggen.log_line())
-    one = logs.count_records([data], HOUR, logs.ip_hasher(b"one"))
-    two = logs.count_records([data], HOUR, logs.ip_hasher(b"two"))
+    one = parse.count_records([data], HOUR, rule.ip_hasher(b"one"))
+    two = parse.count_records([data], HOUR, rule.ip_hasher(b"two"))
     assert one.copy_data != two.copy_data
-    expected = logs.ip_hasher(b"two")(b"192.0.2.1")
+    expected = rule.ip_hasher(b"two")(b"192.0.2.1")
     rows = copy_rows(two.copy_data, two.copy_format, object_id=123)
     assert rows == [("bioc", "limma", dt.date(2024, 1, 30), expected, 1, 123)]
 
 
 def test_with_object_id_refuses_what_it_did_not_make():
-    good = logs.count_records([loggen.log_bytes(loggen.log_line())], HOUR, hash)
+    good = parse.count_records([loggen.log_bytes(loggen.log_line())], HOUR, hash)
     assert good.copy_format == "binary"
     for bad in (b"", b"bioc\tlimma\n", good.copy_data[:-1], good.copy_data + b"x",
                 good.copy_data[:19] + b"\x00\x05" + good.copy_data[21:]):  # fmt: skip
         with pytest.raises(ValueError, match="COPY data"):
-            logs.with_object_id(bad, "binary", 1)
+            parse.with_object_id(bad, "binary", 1)
 
 
 @pytest.mark.parametrize("eol", ["\n", "\r\n"])
@@ -241,9 +241,9 @@ def test_with_object_id_refuses_what_it_did_not_make():
 def test_overlong_lines_are_malformed_and_not_kept(eol, out_max, monkeypatch):
     """A line longer than MAX_LINE (line end excluded) is one malformed line, whatever its
     columns, and only MAX_LINE + 2 bytes of it are ever held (both loops)."""
-    monkeypatch.setattr(logs, "MAX_LINE", 600)  # the #Fields line is 400-odd bytes
-    monkeypatch.setattr(logs, "_SCANNER", [])  # a scanner made with this limit
-    monkeypatch.setattr(logs, "OUT_MAX", out_max)
+    monkeypatch.setattr(sources, "MAX_LINE", 600)  # the #Fields line is 400-odd bytes
+    monkeypatch.setattr(parse, "_SCANNER", [])  # a scanner made with this limit
+    monkeypatch.setattr(sources, "OUT_MAX", out_max)
     base = loggen.log_line()
 
     def of_length(n: int) -> str:  # a valid download line of exactly n bytes
@@ -260,13 +260,13 @@ def test_overlong_lines_are_malformed_and_not_kept(eol, out_max, monkeypatch):
     a, b = both(tail, HOUR, monkeypatch)
     same(a, b)
     assert (a.lines_read, a.rejected) == (1, 1)
-    got = [x for batch in logs.line_batches([tail]) for x in batch]
-    assert got[-1] == logs._OVERLONG and all(len(x) <= logs.MAX_LINE for x in got)
+    got = [x for batch in sources.line_batches([tail]) for x in batch]
+    assert got[-1] == sources._OVERLONG and all(len(x) <= sources.MAX_LINE for x in got)
 
 
 def test_overlong_line_before_the_header_is_a_data_line(monkeypatch):
-    monkeypatch.setattr(logs, "MAX_LINE", 100)
-    monkeypatch.setattr(logs, "_SCANNER", [])
+    monkeypatch.setattr(sources, "MAX_LINE", 100)
+    monkeypatch.setattr(parse, "_SCANNER", [])
     text = b"#" + b"c" * 200 + b"\n#Fields: date time c-ip cs-method cs-uri-stem sc-status\n"
     a, b = both(gzip.compress(text), HOUR, monkeypatch)
     same(a, b)

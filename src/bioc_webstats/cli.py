@@ -13,9 +13,10 @@ from pathlib import Path
 import click
 from sqlalchemy.exc import SQLAlchemyError
 
-from . import __version__, db
+from . import __version__
 from .config import Settings, load_settings
 from .errors import WebstatsError
+from .store import db
 
 log = logging.getLogger("bioc_webstats")
 
@@ -35,6 +36,7 @@ class Context:
 
 
 pass_ctx = click.make_pass_decorator(Context)
+SCHEMA_BEHIND = 3  # exit status of `check` when the schema needs `bioc-webstats db upgrade`
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -86,9 +88,11 @@ def packages_group() -> None:
 @pass_ctx
 def packages_load(ctx: Context, csv_file: Path) -> None:
     """Load/merge the packages table from a CSV (package,category,first_version,last_version)."""
-    from .packages import load_csv
+    from .etl.packages import load_csv
+    from .publish import after_change
 
-    summary = load_csv(ctx.settings, csv_file)
+    with after_change(ctx.settings):
+        summary = load_csv(ctx.settings, csv_file)
     click.echo(summary)
 
 
@@ -99,9 +103,11 @@ def packages_load(ctx: Context, csv_file: Path) -> None:
 @pass_ctx
 def packages_sync(ctx: Context, source: str | None, dry_run: bool, force: bool) -> None:
     """Sync the packages table from Bioconductor's config.yaml and devel PACKAGES files."""
-    from .packages import sync
+    from .etl.packages import sync
+    from .publish import after_change
 
-    click.echo(sync(ctx.settings, source=source, dry_run=dry_run, force=force))
+    with after_change(ctx.settings):
+        click.echo(sync(ctx.settings, source=source, dry_run=dry_run, force=force))
 
 
 # --- etl ------------------------------------------------------------------------------------
@@ -145,11 +151,14 @@ def etl_run(
 ) -> None:
     """Ingest new log objects and update the statistics."""
     if engine == "athena":
-        from .athena import run
+        from .etl.athena import run
     else:
-        from .ingest import run
+        from .etl.ingest import run
 
-    ok = run(ctx.settings, source=source, since=since, dry_run=dry_run)
+    from .publish import after_change
+
+    with after_change(ctx.settings):
+        ok = run(ctx.settings, source=source, since=since, dry_run=dry_run)
     if not ok:
         raise WebstatsError(
             "etl run: some objects failed (see the messages above); "
@@ -163,9 +172,11 @@ def etl_run(
 @pass_ctx
 def etl_reingest(ctx: Context, keys: tuple[str, ...], source: str | None) -> None:
     """Replace the records of already ingested objects."""
-    from .ingest import reingest
+    from .etl.ingest import reingest
+    from .publish import after_change
 
-    reingest(ctx.settings, list(keys), source=source)
+    with after_change(ctx.settings):
+        reingest(ctx.settings, list(keys), source=source)
 
 
 # --- stats ----------------------------------------------------------------------------------
@@ -180,34 +191,27 @@ def stats_group() -> None:
 @pass_ctx
 def stats_rebuild(ctx: Context) -> None:
     """Recompute all statistics from the stored records."""
-    from .stats import rebuild
+    from .publish import after_change
+    from .store.stats import rebuild
 
-    click.echo(rebuild(ctx.settings))
-
-
-# --- web ------------------------------------------------------------------------------------
-
-
-@cli.group("web")
-def web_group() -> None:
-    """The web service's disk cache."""
+    with after_change(ctx.settings):
+        click.echo(rebuild(ctx.settings))
 
 
-@web_group.command("warm")
+# --- publish --------------------------------------------------------------------------------
+
+
+@cli.command("publish")
+@click.option("--all", "all_files", is_flag=True, help="Also every package page and file now.")
+@click.option("--force", is_flag=True, help="A new version directory even if one is current.")
 @pass_ctx
-def web_warm(ctx: Context) -> None:
-    """Build the index and repository pages and every category file of the current data
-    version into the web cache (etl run, stats rebuild and packages sync do it after a
-    change)."""
-    from .web import warm
+def publish_cmd(ctx: Context, all_files: bool, force: bool) -> None:
+    """Publish the current data version for nginx: pages and files on disk, then switch
+    (every command that changes the statistics does it; run it after a restore, a change
+    made by hand in the database, or a deploy)."""
+    from .publish import publish
 
-    try:
-        result = warm(ctx.settings)
-    except OSError as exc:
-        raise WebstatsError(
-            f"web warm: cannot write the cache: {exc.filename or ''} {exc.strerror}".rstrip()
-        ) from None
-    click.echo(result.line())
+    click.echo(publish(ctx.settings, all_files=all_files, force=force).line())
 
 
 # --- config / check -------------------------------------------------------------------------
@@ -234,6 +238,9 @@ def check(ctx: Context) -> None:
     settings = ctx.settings
     status = db.schema_status(settings.database_url)
     if not status.ok:
+        if status.behind:  # exit 3: 'db upgrade' is the fix (the deploy migrates on it)
+            click.echo(f"bioc-webstats: error: {status.reason}", err=True)
+            sys.exit(SCHEMA_BEHIND)
         raise WebstatsError(status.reason)
     click.echo(f"ok: bioc-webstats {__version__}, {status.reason}")
 

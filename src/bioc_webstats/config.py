@@ -35,6 +35,8 @@ PARAMS: tuple[Param, ...] = (
     Param("db/port", "WEBSTATS_DB_PORT", "5432"),
     Param("db/credentials", "WEBSTATS_DB_CREDENTIALS", "/bioc/rdb/0/login/webstats_runner"),
     Param("db/password", "WEBSTATS_DB_PASSWORD", None, secret=True),
+    # Unused (the app keeps no sessions); known so that the original design's SSM parameter
+    # is not reported as unknown.
     Param("flask/secret_key", "WEBSTATS_FLASK_SECRET_KEY", None, secret=True),
     Param("flask/log_level", "WEBSTATS_FLASK_LOG_LEVEL", "INFO"),
     Param("gunicorn/bind_port", "WEBSTATS_GUNICORN_BIND_PORT", "0.0.0.0:8000"),
@@ -52,7 +54,12 @@ PARAMS: tuple[Param, ...] = (
     Param("etl/athena_database", "WEBSTATS_ETL_ATHENA_DATABASE", "bioc_webstats"),
     Param("etl/athena_workgroup", "WEBSTATS_ETL_ATHENA_WORKGROUP", "primary"),
     Param("etl/athena_output", "WEBSTATS_ETL_ATHENA_OUTPUT"),  # s3://bucket/prefix/ for results
+    Param("gunicorn/workers", "WEBSTATS_GUNICORN_WORKERS", None),  # default: 2 x CPUs + 1
+    Param("gunicorn/threads", "WEBSTATS_GUNICORN_THREADS", "4"),
     Param("web/cache_max_age", "WEBSTATS_WEB_CACHE_MAX_AGE", "3600"),
+    # Where the published pages and files are (nginx serves <publish_dir>/current);
+    # default: <state_dir>/site.
+    Param("web/publish_dir", "WEBSTATS_WEB_PUBLISH_DIR", None),
     Param("alerts/sns_topic", "WEBSTATS_ALERTS_SNS_TOPIC"),
 )
 
@@ -62,7 +69,7 @@ BY_NAME: dict[str, Param] = {p.name: p for p in PARAMS}
 # Parameters without which a unit must not start once an SSM path is configured (the list can
 # be replaced with WEBSTATS_SSM_REQUIRED="name,name"; db/server is not needed when
 # WEBSTATS_DATABASE_URL is set).
-DEFAULT_REQUIRED: tuple[str, ...] = ("db/server", "flask/secret_key", "etl/ip_hash_key")
+DEFAULT_REQUIRED: tuple[str, ...] = ("db/server", "etl/ip_hash_key")
 
 
 @dataclass
@@ -85,13 +92,22 @@ class Settings:
         """The value of a parameter by its SSM name (``db/server``)."""
         return self.values.get(name)
 
-    def get_int(self, name: str) -> int:
+    def get_int(self, name: str, minimum: int | None = None) -> int:
         """An integer parameter; a bad value is a ConfigError naming it."""
         raw = self.values.get(name)
         try:
-            return int(raw)  # type: ignore[arg-type]
+            value = int(raw)  # type: ignore[arg-type]
         except (TypeError, ValueError):
             raise ConfigError(f"parameter {name} must be an integer, got {raw!r}") from None
+        if minimum is not None and value < minimum:
+            raise ConfigError(f"parameter {name} must be at least {minimum}, got {value}")
+        return value
+
+    @property
+    def publish_dir(self) -> Path:
+        """Where the published site is (``web/publish_dir``, else ``<state_dir>/site``)."""
+        value = self.values.get("web/publish_dir")
+        return Path(value) if value else self.state_dir / "site"
 
 
 def read_env_file(path: Path) -> dict[str, str]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
+import secrets
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -20,6 +21,7 @@ if TYPE_CHECKING:
 
 VALID_THRU = "valid_thru"
 DATA_VERSION = "data_version"
+DATA_TOKEN = "data_token"  # noqa: S105 - random, new with every data version: never the same in two databases
 
 _engines: dict[str, Engine] = {}
 
@@ -74,7 +76,9 @@ def _alembic_config(url: str) -> AlembicConfig:
     from alembic.config import Config as AlembicConfig
 
     cfg = AlembicConfig()
-    cfg.set_main_option("script_location", str(resources.files("bioc_webstats") / "migrations"))
+    cfg.set_main_option(
+        "script_location", str(resources.files("bioc_webstats.store") / "migrations")
+    )
     cfg.set_main_option("sqlalchemy.url", url.replace("%", "%%"))
     return cfg
 
@@ -120,6 +124,7 @@ class SchemaStatus:
     revision: str | None
     ok: bool
     reason: str
+    behind: bool = False  # no schema yet, or older than this release's: `db upgrade` fixes it
 
 
 def _revision_number(rev: str) -> int | None:
@@ -140,7 +145,10 @@ def schema_status(url: str) -> SchemaStatus:
         return SchemaStatus(current, True, f"schema {head}")
     if current is None:
         return SchemaStatus(
-            None, False, f"no schema yet, this release needs {head}: run 'bioc-webstats db upgrade'"
+            None,
+            False,
+            f"no schema yet, this release needs {head}: run 'bioc-webstats db upgrade'",
+            behind=True,
         )
     cur_n, head_n = _revision_number(current), _revision_number(head)
     from alembic.script import ScriptDirectory
@@ -155,6 +163,7 @@ def schema_status(url: str) -> SchemaStatus:
             current,
             False,
             f"schema is at {current}, this release needs {head}: run 'bioc-webstats db upgrade'",
+            behind=True,
         )
     with session_factory(url)() as session:
         floor = get_meta(session, SCHEMA_FLOOR)
@@ -206,7 +215,39 @@ def get_data_version(session: Session) -> int:
 
 
 def bump_data_version(session: Session) -> int:
-    """Increment the data version inside the caller's transaction and return the new value."""
+    """Increment the data version inside the caller's transaction and return the new value.
+    A new random token goes with it, so that a version number reached again by another
+    database (recreated, or restored and changed) never names the same published files."""
     version = get_data_version(session) + 1
     set_meta(session, DATA_VERSION, str(version))
+    set_meta(session, DATA_TOKEN, secrets.token_hex(8))
     return version
+
+
+@dataclass(frozen=True)
+class DataState:
+    """What the published files depend on: the data version, its token, ValidThru."""
+
+    version: int
+    token: str
+    valid_thru: dt.date | None
+
+    @property
+    def key(self) -> str:
+        """The name of this data version among every database's: ``<version>-<token>``."""
+        return f"{self.version}-{self.token}"
+
+
+def data_state(session: Session) -> DataState:
+    """The current :class:`DataState`, read in one query."""
+    rows = dict(
+        session.execute(
+            select(Meta.key, Meta.value).where(Meta.key.in_((DATA_VERSION, DATA_TOKEN, VALID_THRU)))
+        ).all()
+    )
+    vt = rows.get(VALID_THRU)
+    return DataState(
+        int(rows.get(DATA_VERSION) or 0),
+        rows.get(DATA_TOKEN) or "0",
+        dt.date.fromisoformat(vt) if vt else None,
+    )

@@ -1146,7 +1146,7 @@ static PyModuleDef_Slot scan_slots[] = {
 };
 
 static struct PyModuleDef scan_module = {
-    PyModuleDef_HEAD_INIT, "bioc_webstats._scan",
+    PyModuleDef_HEAD_INIT, "bioc_webstats.etl._scan",
     "The per-line loop of logs.count_object in C (optional; see logs.py).", 0, scan_functions,
     scan_slots,
 };
