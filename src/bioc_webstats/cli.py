@@ -135,7 +135,13 @@ def _iso_date(value: str | None) -> str | None:
 @click.option(
     "--since",
     callback=lambda _ctx, _param, value: _iso_date(value),
-    help="Also consider objects dated on or after this date (YYYY-MM-DD).",
+    help="Also consider objects dated on or after this date (YYYY-MM-DD); "
+    "never before etl/logs_since.",
+)
+@click.option(
+    "--until",
+    callback=lambda _ctx, _param, value: _iso_date(value),
+    help="Only objects dated on or before this date (YYYY-MM-DD): a backfill in slices.",
 )
 @click.option("--dry-run", is_flag=True, help="List what would be ingested, write nothing.")
 @click.option(
@@ -147,7 +153,12 @@ def _iso_date(value: str | None) -> str | None:
 )
 @pass_ctx
 def etl_run(
-    ctx: Context, source: str | None, since: str | None, dry_run: bool, engine: str
+    ctx: Context,
+    source: str | None,
+    since: str | None,
+    until: str | None,
+    dry_run: bool,
+    engine: str,
 ) -> None:
     """Ingest new log objects and update the statistics."""
     if engine == "athena":
@@ -158,7 +169,7 @@ def etl_run(
     from .publish import after_change
 
     with after_change(ctx.settings):
-        ok = run(ctx.settings, source=source, since=since, dry_run=dry_run)
+        ok = run(ctx.settings, source=source, since=since, dry_run=dry_run, until=until)
     if not ok:
         raise WebstatsError(
             "etl run: some objects failed (see the messages above); "

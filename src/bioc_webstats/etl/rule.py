@@ -116,9 +116,14 @@ def classify_uri(
 
 
 def dt_check(
-    key: bytes, lo: int, hi: int, days: dict[bytes, tuple[int, dt.date] | None]
+    key: bytes,
+    lo: int,
+    hi: int,
+    days: dict[bytes, tuple[int, dt.date] | None],
+    floor: int | None = None,
 ) -> dt.date | str:
-    """``YYYY-MM-DD\tHH:MM:SS\t`` → the day, or the reason the line is malformed."""
+    """``YYYY-MM-DD\tHH:MM:SS\t`` → the day, or the reason the line is not counted
+    (malformed, or dated before ``floor``, the cut-over day's midnight)."""
     # (callers cache the answer per distinct key)
     if len(key) != 20 or key[10:11] != b"\t" or key[19:20] != b"\t":
         return "date/time"
@@ -132,6 +137,8 @@ def dt_check(
     ts = dv[0] + tv
     if ts < lo or ts > hi:
         return "timestamp more than 48 h from the object's hour"
+    if floor is not None and ts < floor:
+        return BEFORE_CUTOVER
     return dv[1]
 
 
@@ -162,7 +169,9 @@ REASONS = (
     "c-ip",
     "date/time",
     "timestamp more than 48 h from the object's hour",
+    "before the cut-over day (etl/logs_since)",
 )
+BEFORE_CUTOVER = REASONS[5]
 
 
 def ip_hasher(key: bytes) -> Callable[[bytes], int]:
