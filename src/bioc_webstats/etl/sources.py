@@ -291,7 +291,7 @@ class S3Source(Source):
                         jump = folder + window.start.isoformat()  # the window's first day
                         break
                     elif window.until is not None and day > window.until:
-                        jump = folder + "9999"  # past the day folders
+                        jump = folder + "9999-99-99"  # past every day folder
                         break
                     else:  # one day's objects
                         for obj in self._pages(key):
@@ -304,20 +304,32 @@ class S3Source(Source):
                     cursor = key
                     continue
                 # A run of one distribution's names: from the window's start to its end.
-                run = folder + m["dist"] + "."
-                start = run + window.start.isoformat() if window.start else ""
-                for obj in self._pages(run, start):
-                    hour = parse_name(obj["Key"])
-                    if hour is not None and window.until and hour.date() > window.until:
-                        break  # names sort by date: the rest is after the window
-                    found.add(obj)
-                jump = _after(run)
+                self._list_run(folder + m["dist"] + ".", found)
+                jump = _after(folder + m["dist"] + ".")
                 break
             if jump is not None:
                 cursor = jump
                 continue
             if not page.get("IsTruncated"):
                 return
+
+    def _list_run(self, run: str, found: _Listing) -> None:
+        """The names ``<run><YYYY-MM-DD>-…`` of the window: with both ends, one prefix per
+        day (nothing outside is listed); open-ended, from the start (``StartAfter``)."""
+        window = found.window
+        if window.start is not None and window.until is not None:
+            day = window.start
+            while day <= window.until:
+                for obj in self._pages(run + day.isoformat()):
+                    found.add(obj)
+                day += dt.timedelta(days=1)
+            return
+        start = run + window.start.isoformat() if window.start else ""
+        for obj in self._pages(run, start):
+            hour = parse_name(obj["Key"])
+            if hour is not None and window.until and hour.date() > window.until:
+                break  # names sort by date: the rest is after the window
+            found.add(obj)
 
     def get(self, key: str) -> LogObject:
         from botocore.exceptions import BotoCoreError, ClientError
