@@ -96,6 +96,18 @@ def packages_load(ctx: Context, csv_file: Path) -> None:
     click.echo(summary)
 
 
+@packages_group.command("seed")
+@pass_ctx
+def packages_seed(ctx: Context) -> None:
+    """Load the packages history shipped with the release into an EMPTY table (deploy, demo);
+    a table with rows is left as it is. Safe to run on every deploy."""
+    from .etl.packages import seed
+    from .publish import after_change
+
+    with after_change(ctx.settings):
+        click.echo(seed(ctx.settings))
+
+
 @packages_group.command("sync")
 @click.option("--from", "source", help="Base URL or directory with config.yaml and PACKAGES.")
 @click.option("--dry-run", is_flag=True, help="Print the changes, write nothing.")
