@@ -202,6 +202,41 @@ def etl_reingest(ctx: Context, keys: tuple[str, ...], source: str | None) -> Non
         reingest(ctx.settings, list(keys), source=source)
 
 
+# --- the daily job, status -----------------------------------------------------------------
+
+
+@cli.command("daily")
+@click.option("--source", help="Log directory or s3://bucket/prefix (default: configuration).")
+@click.option("--packages-from", help="Base URL or directory of the packages sync.")
+@pass_ctx
+def daily_cmd(ctx: Context, source: str | None, packages_from: str | None) -> None:
+    """The daily job (the ETL timer runs it): packages sync, then etl run. A failed sync is
+    reported and does not stop the ETL; either failure makes the exit status 1 (systemd's
+    OnFailure hook). Successes are recorded (meta last_sync_ok / last_etl_ok)."""
+    from .daily import run_daily
+
+    result = run_daily(ctx.settings, source=source, packages_from=packages_from)
+    click.echo(result.line())
+    if not result.ok:
+        raise WebstatsError("; ".join(f"{step}: {why}" for step, why in result.failures.items()))
+
+
+@cli.command("status")
+@click.option("--json", "as_json", is_flag=True, help="One JSON object (for a watchdog).")
+@pass_ctx
+def status_cmd(ctx: Context, as_json: bool) -> None:
+    """ValidThru, the last successful sync and ETL run, the published data version."""
+    from .daily import status, status_lines
+
+    facts = status(ctx.settings)
+    if as_json:
+        import json
+
+        click.echo(json.dumps(facts, sort_keys=True))
+    else:
+        click.echo("\n".join(status_lines(facts)))
+
+
 # --- stats ----------------------------------------------------------------------------------
 
 
