@@ -272,6 +272,61 @@ def publish_cmd(ctx: Context, all_files: bool, force: bool) -> None:
     click.echo(publish(ctx.settings, all_files=all_files, force=force).line())
 
 
+# --- compare ---------------------------------------------------------------------------------
+
+
+def _csv_list(value: str | None) -> list[str] | None:
+    return [v.strip() for v in value.split(",") if v.strip()] if value else None
+
+
+@cli.command("compare")
+@click.option(
+    "--against",
+    required=True,
+    help="The other site: a base URL (https://bioconductor.org/packages/stats/) or a "
+    "directory copy of it.",
+)
+@click.option(
+    "--ours",
+    help="Read this side from a URL (e.g. http://127.0.0.1:8000/packages/stats/) instead of "
+    "building it from the database.",
+)
+@click.option("--categories", help="Only these categories (comma-separated: bioc,workflows).")
+@click.option("--packages", help="Only these packages' files (comma-separated).")
+@click.option("--jobs", type=click.IntRange(1, 16), default=4, show_default=True,
+              help="Requests at a time to a remote site.")  # fmt: skip
+@click.option("--timeout", type=click.FloatRange(1, 600), default=30.0, show_default=True,
+              help="Seconds per request.")  # fmt: skip
+@pass_ctx
+def compare_cmd(
+    ctx: Context,
+    against: str,
+    ours: str | None,
+    categories: str | None,
+    packages: str | None,
+    jobs: int,
+    timeout: float,
+) -> None:
+    """Compare every published text file, byte for byte, with another site (the legacy one):
+    one line per differing file, then 'N files compared, M differ'; exit 0 only when none
+    differs."""
+    from .compare import DatabaseSide, compare, open_side
+
+    there = open_side(against, timeout)
+    here = open_side(ours, timeout) if ours else DatabaseSide(ctx.settings)
+    try:
+        result = compare(
+            here, there, _csv_list(categories), _csv_list(packages), jobs, echo=click.echo
+        )
+    finally:
+        here.close()
+    click.echo(result.summary())
+    if result.differ:
+        raise WebstatsError(
+            f"compare: {result.differ} of {result.compared} files differ from {there.name}"
+        )
+
+
 # --- config / check -------------------------------------------------------------------------
 
 
