@@ -108,6 +108,10 @@ def test_downloads_sql_is_filled_in():
     assert "IN (200, 301, 302, 307, 308)" in sql and "172800" in sql
     assert "ORDER BY path, kind" in sql
     assert "WHERE day" not in athena.downloads_sql("d", "t", None)
+    # the cut-over day: lines dated before it are not counted (0001-01-01 when unset)
+    assert "WHEN element_at(f, 1) < '0001-01-01' THEN false" in sql
+    floored = athena.downloads_sql("d", "t", None, dt.date(2024, 3, 1))
+    assert "WHEN element_at(f, 1) < '2024-03-01' THEN false" in floored and "@@" not in floored
     with pytest.raises(WebstatsError):
         athena.downloads_sql("bad-name; drop", "t", None)
 
