@@ -42,6 +42,13 @@ CLOUDFRONT_FIELDS: tuple[str, ...] = tuple(
 )
 REQUIRED_FIELDS = ("date", "time", "c-ip", "cs-method", "cs-uri-stem", "sc-status")
 MAX_SKEW = 48 * 3600  # seconds a line's timestamp may be away from the object's hour
+# Byte bounds (the same in _scan.c): a value longer than its field can be makes the line
+# malformed before it reaches any cache (a download path is < 300 bytes, an address < 46),
+# and no cache keeps a key longer than KEY_CACHE_MAX: memory never grows with the length of
+# the values in a hostile log.
+MAX_URI = 8192
+MAX_IP = 64
+KEY_CACHE_MAX = 256
 _REPO_CATEGORY = {k.encode(): v.prefix for k, v in BY_REPO_PATH.items()}
 
 
@@ -100,7 +107,7 @@ def classify_uri(
     if dv == 0:
         m = _DIR.fullmatch(d)
         dv = (_REPO_CATEGORY[m[1]], m[2] is not None) if m else None
-        if dirs is not None:
+        if dirs is not None and len(d) <= KEY_CACHE_MAX:
             dirs[d] = dv
     if dv is None:
         return None
@@ -108,7 +115,7 @@ def classify_uri(
     if fv == 0:
         m = _FILE.fullmatch(name)
         fv = (m[1].decode("ascii"), m[2]) if m else None
-        if files is not None:
+        if files is not None and len(name) <= KEY_CACHE_MAX:
             files[name] = fv
     if fv is None or (dv[1] and fv[1] != b"tar.gz"):  # src/contrib holds .tar.gz only
         return None
@@ -162,6 +169,7 @@ REASONS = (
     "c-ip",
     "date/time",
     "timestamp more than 48 h from the object's hour",
+    "cs-uri-stem too long",
 )
 
 
