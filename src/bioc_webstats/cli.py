@@ -30,8 +30,12 @@ class Context:
 
     @property
     def settings(self) -> Settings:
-        if self._settings is None:
-            self._settings = load_settings()
+        """The configuration with the ETL's database login (every command but two)."""
+        return self.settings_for("etl")
+
+    def settings_for(self, login: str) -> Settings:
+        if self._settings is None or self._settings.login != login:
+            self._settings = load_settings(login=login)
         return self._settings
 
 
@@ -70,8 +74,9 @@ def db_group() -> None:
 @db_group.command("upgrade")
 @pass_ctx
 def db_upgrade(ctx: Context) -> None:
-    """Create or migrate the schema to the newest revision (idempotent)."""
-    revision = db.upgrade(ctx.settings.database_url)
+    """Create or migrate the schema to the newest revision (idempotent), as the schema's
+    owner (db/owner_*: the other logins may not change the schema)."""
+    revision = db.upgrade(ctx.settings_for("owner").database_url)
     click.echo(f"schema at revision {revision}")
 
 
@@ -232,10 +237,18 @@ def config_show(ctx: Context) -> None:
 
 
 @cli.command("check")
+@click.option(
+    "--login",
+    type=click.Choice(["etl", "web", "owner"]),
+    default="etl",
+    show_default=True,
+    help="The database login to check with (the web unit checks its own).",
+)
 @pass_ctx
-def check(ctx: Context) -> None:
-    """Smoke test: configuration loads, database reachable, schema current."""
-    settings = ctx.settings
+def check(ctx: Context, login: str) -> None:
+    """Smoke test: configuration loads, database reachable, schema current (exit 3 when
+    the schema is behind: 'bioc-webstats db upgrade' is the fix)."""
+    settings = ctx.settings_for(login)
     status = db.schema_status(settings.database_url)
     if not status.ok:
         if status.behind:  # exit 3: 'db upgrade' is the fix (the deploy migrates on it)

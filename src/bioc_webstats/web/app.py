@@ -166,8 +166,9 @@ def _send(path_or_body: Path | bytes, ctype: str, etag: str, mtime: float, max_a
 
 
 def create_app(settings: Settings | None = None) -> Flask:
-    """Build the app from the effective configuration (loaded once per process)."""
-    settings = settings or load_settings()
+    """Build the app from the effective configuration (loaded once per process, with the
+    web's read-only database login)."""
+    settings = settings or load_settings(login="web")
     app = Flask(__name__, static_folder=None)
     app.config["WEBSTATS"] = settings
     app.logger.setLevel(log_level(settings))
