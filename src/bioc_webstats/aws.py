@@ -178,25 +178,28 @@ def _sns_subject(text: str) -> str:
 
 
 def publish_alert(settings: Settings, subject: str, message: str) -> bool:
-    """Publish to the ``alerts/sns_topic`` topic; False when no topic is configured.
-
-    A failure to publish is a WebstatsError naming the topic and the AWS error code.
-    """
+    """Publish to the ``alerts/sns_topic`` topic; False when no topic is configured."""
     topic = settings.get("alerts/sns_topic")
     if not topic:
         return False
+    publish_to_topic(topic, subject, message)
+    return True
+
+
+def publish_to_topic(topic: str, subject: str, message: str, region: str | None = None) -> None:
+    """Publish one message; a failure is a WebstatsError naming the topic and the AWS error
+    code (or a ConfigError when ``topic`` is not an SNS topic ARN)."""
     match = _SNS_ARN.match(topic)
     if not match:
         raise ConfigError(f"parameter alerts/sns_topic is not an SNS topic ARN: {topic!r}")
     try:
-        answer = client("sns", match.group(1)).publish(
+        answer = client("sns", region or match.group(1)).publish(
             TopicArn=topic, Subject=_sns_subject(subject), Message=message
         )
     except _aws_errors() as exc:
         raise WebstatsError(f"cannot publish to SNS topic {topic}: {describe_error(exc)}") from None
     if not answer.get("MessageId"):
         raise WebstatsError(f"SNS topic {topic}: publish answered without a MessageId")
-    return True
 
 
 def failure_alert(unit: str, environ: dict[str, str] | None = None) -> tuple[str, str]:

@@ -260,18 +260,37 @@ def check(ctx: Context, login: str) -> None:
 
 @cli.command("notify-failure")
 @click.argument("unit")
-@pass_ctx
-def notify_failure(ctx: Context, unit: str) -> None:
-    """Record that UNIT failed and publish to alerts/sns_topic when set (OnFailure= hook)."""
-    from .aws import failure_alert, publish_alert
+def notify_failure(unit: str) -> None:
+    """Record that UNIT failed and alert (the OnFailure= hook). It reads no SSM (the topic
+    kept on the instance is used); an alert SNS does not take is kept and logged at crit,
+    and the watchdog sends it again."""
+    import os
+
+    from .alerts import send
+    from .aws import failure_alert
+    from .config import state_dir
 
     subject, message = failure_alert(unit)
     click.echo(f"bioc-webstats: {message.splitlines()[0]}", err=True)  # the journal record
-    try:
-        sent = publish_alert(ctx.settings, subject, message)
-    except WebstatsError as exc:
-        raise WebstatsError(f"{unit} failure not notified: {exc}") from None
-    click.echo("alert published to alerts/sns_topic" if sent else "no alerts/sns_topic: not sent")
+    outcome = send(state_dir(dict(os.environ)), subject, message)
+    click.echo(outcome)
+    if not outcome.startswith("alert sent"):
+        raise WebstatsError(f"{unit} failure: {outcome}")
+
+
+@cli.command("watchdog")
+def watchdog_cmd() -> None:
+    """Check data age, the daily job, the web, the published version and the disks; alert
+    on each alarm (journal line + SNS; again every 6 h while it lasts; once when cleared)."""
+    from .alerts import watchdog
+
+    alarms, lines = watchdog()
+    for line in lines:
+        click.echo(line)
+    click.echo(
+        f"watchdog: {len(alarms)} alarms"
+        + (": " + ", ".join(a.name for a in alarms) if alarms else "")
+    )
 
 
 def main(argv: list[str] | None = None) -> None:

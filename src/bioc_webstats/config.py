@@ -69,6 +69,11 @@ PARAMS: tuple[Param, ...] = (
     # default: <state_dir>/site.
     Param("web/publish_dir", "WEBSTATS_WEB_PUBLISH_DIR", None),
     Param("alerts/sns_topic", "WEBSTATS_ALERTS_SNS_TOPIC"),
+    # The watchdog's limits (hours, hours, percent) and the URL it checks the web at.
+    Param("alerts/max_data_age", "WEBSTATS_ALERTS_MAX_DATA_AGE", "36"),
+    Param("alerts/max_run_age", "WEBSTATS_ALERTS_MAX_RUN_AGE", "26"),
+    Param("alerts/min_free_disk", "WEBSTATS_ALERTS_MIN_FREE_DISK", "10"),
+    Param("alerts/health_url", "WEBSTATS_ALERTS_HEALTH_URL", "http://127.0.0.1:8000/healthz"),
 )
 
 BY_NAME: dict[str, Param] = {p.name: p for p in PARAMS}
