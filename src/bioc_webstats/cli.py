@@ -5,9 +5,11 @@ Exit status: 0 success, 1 the work failed (one line on stderr), 2 bad usage.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import sys
 import traceback
+from collections.abc import Iterator
 from pathlib import Path
 
 import click
@@ -61,6 +63,40 @@ def cli(ctx: click.Context, verbose: bool) -> None:
     for name in ("botocore", "boto3", "urllib3", "s3transfer"):
         logging.getLogger(name).setLevel(logging.INFO if verbose else logging.WARNING)
     ctx.obj = Context(verbose)
+
+
+@contextlib.contextmanager
+def writer_lock(settings: Settings, what: str) -> Iterator[None]:
+    """One command that writes records or statistics at a time on this host (``etl run``,
+    ``etl reingest``, ``stats rebuild``, ``import legacy-db``): a second one stops at once
+    and says who holds the lock, instead of working through the same objects."""
+    import datetime as dt
+    import fcntl
+    import os
+
+    path = settings.state_dir / "etl.lock"
+    try:
+        settings.state_dir.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o640)
+    except OSError as exc:
+        raise WebstatsError(f"cannot open the lock {path}: {exc.strerror}") from None
+    with os.fdopen(fd, "r+") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = f.read().strip() or "another process"
+            raise WebstatsError(
+                f"{what}: not started, {holder} holds {path} (one writer at a time); "
+                "try again when it is done"
+            ) from None
+        since = dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+        f.truncate(0)
+        f.write(f"'{what}' (pid {os.getpid()}, since {since})\n")
+        f.flush()
+        try:
+            yield
+        finally:
+            f.truncate(0)
 
 
 # --- db -------------------------------------------------------------------------------------
@@ -162,7 +198,7 @@ def etl_run(
 
     from .publish import after_change
 
-    with after_change(ctx.settings):
+    with writer_lock(ctx.settings, "etl run"), after_change(ctx.settings):
         ok = run(ctx.settings, source=source, since=since, dry_run=dry_run)
     if not ok:
         raise WebstatsError(
@@ -180,7 +216,7 @@ def etl_reingest(ctx: Context, keys: tuple[str, ...], source: str | None) -> Non
     from .etl.ingest import reingest
     from .publish import after_change
 
-    with after_change(ctx.settings):
+    with writer_lock(ctx.settings, "etl reingest"), after_change(ctx.settings):
         reingest(ctx.settings, list(keys), source=source)
 
 
@@ -199,7 +235,7 @@ def stats_rebuild(ctx: Context) -> None:
     from .publish import after_change
     from .store.stats import rebuild
 
-    with after_change(ctx.settings):
+    with writer_lock(ctx.settings, "stats rebuild"), after_change(ctx.settings):
         click.echo(rebuild(ctx.settings))
 
 
