@@ -33,6 +33,7 @@ from collections.abc import Iterable, Iterator
 from importlib import resources
 from typing import Any
 
+from ..categories import CATEGORIES
 from ..config import Settings
 from ..errors import ConfigError, WebstatsError
 from . import ingest, rule, sources
@@ -100,12 +101,18 @@ def downloads_sql(database: str, table: str, days: tuple[dt.date, dt.date] | Non
         .replace("@@TABLE@@", f"{_identifier(database)}.{_identifier(table)}")
         .replace("@@WHERE@@", where)
         .replace("@@RULE@@", rule.DOWNLOAD_PATTERN.replace("'", "''"))
+        .replace("@@CATEGORIES@@", _category_cases())
         .replace("@@F33@@", fields33)
         .replace("@@F15@@", " ".join(rule.CLOUDFRONT_FIELDS[:15]))
     )
 
 
 # --- running queries ---------------------------------------------------------------------------
+
+
+def _category_cases() -> str:
+    """``WHEN '<repo path>' THEN '<prefix>'`` for each category (categories.py)."""
+    return "\n            ".join(f"WHEN '{c.repo_path}' THEN '{c.prefix}'" for c in CATEGORIES)
 
 
 def _aws_error(what: str, exc: BaseException) -> WebstatsError:

@@ -12,7 +12,7 @@ import hmac
 import re
 from collections.abc import Callable
 
-from ..categories import BY_REPO_PATH
+from ..categories import BY_REPO_PATH, CATEGORIES
 from .sources import LogFormatError
 
 # The download rule on the raw cs-uri-stem after collapsing runs of "/": group 1 the repo,
@@ -20,8 +20,9 @@ from .sources import LogFormatError
 # dirs are single path segments. The same pattern runs in Athena (athena.py), so it is kept
 # to syntax that Python and Trino read alike.
 _NAME_RE = r"([A-Za-z][A-Za-z0-9.]*[A-Za-z0-9])_[^/]+"
+REPOS = "|".join(c.repo_path for c in CATEGORIES)  # bioc|data/annotation|… (no regex syntax)
 DOWNLOAD_PATTERN = (
-    r"/packages/[^/]+/(bioc|data/annotation|data/experiment|workflows)/"
+    r"/packages/[^/]+/(" + REPOS + r")/"
     r"(?:src/contrib/" + _NAME_RE + r"\.tar\.gz"
     r"|bin/(?:[^/]+/)+contrib/[^/]+/" + _NAME_RE + r"\.(?:tgz|zip|tar\.gz))"
 )
@@ -87,7 +88,7 @@ def time_secs(raw: bytes) -> int | None:
 # The same rule in two halves, for the per-object caches: the directory (few distinct
 # values) and the file name (one per package version). Together they are DOWNLOAD_PATTERN.
 _DIR = re.compile(
-    rb"/packages/[^/]+/(bioc|data/annotation|data/experiment|workflows)/"
+    rb"/packages/[^/]+/(" + REPOS.encode() + rb")/"
     rb"(?:(src/contrib)|bin/(?:[^/]+/)+contrib/[^/]+)"
 )
 _FILE = re.compile(rb"([A-Za-z][A-Za-z0-9.]*[A-Za-z0-9])_[^/]+\.(tar\.gz|tgz|zip)")
