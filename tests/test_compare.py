@@ -230,3 +230,24 @@ def test_first_difference_texts():
     assert cmp.first_difference(b"a\n", b"a\nb\n") == ("line 2: here ends; there goes on with 'b'")
     assert cmp.first_difference(b"a\nb\n", b"a\n") == "line 2: there ends; here goes on with 'b'"
     assert cmp.first_difference(b"a\nb", b"a\nb\n") == "line 2: here 'b', there 'b\\n'"
+
+
+def test_a_site_that_is_down_stops_the_run(ours, monkeypatch):
+    """Nothing listens on the port: each file is retried, then the run stops after
+    GIVE_UP files in a row instead of trying every file."""
+    from conftest import free_port
+
+    monkeypatch.setenv("WEBSTATS_DATABASE_URL", ours)
+    waits: list[float] = []
+    there = cmp.WebSide(f"http://127.0.0.1:{free_port()}/packages/stats/", sleep=waits.append)
+    here = cmp.DatabaseSide(load_settings())
+    lines: list[str] = []
+    try:
+        with pytest.raises(cmp.WebstatsError, match=r"stopped after 10 files in a row could not"):
+            cmp.compare(here, there, echo=lines.append)
+    finally:
+        here.close()
+    assert len(lines) == cmp.GIVE_UP and "Connection refused" in lines[0]
+    # each file retried; only the few already in flight (2 x 4 jobs) went on after the stop
+    tried = len(waits) // (cmp.ATTEMPTS - 1)
+    assert len(waits) % (cmp.ATTEMPTS - 1) == 0 and cmp.GIVE_UP <= tried <= cmp.GIVE_UP + 8

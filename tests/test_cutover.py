@@ -326,3 +326,13 @@ def test_run_on_a_symlinked_folder_is_not_zero_objects(db_url, tmp_path):
     with db.session_factory(db_url)() as s:
         assert s.scalar(select(func.count()).select_from(IngestedObject)) == len(truth.files)
         assert s.scalar(select(func.sum(DownloadRecord.downloads))) == truth.counted
+
+
+def test_cli_until_is_checked(tmp_path, monkeypatch, capsys):
+    from bioc_webstats import cli
+
+    monkeypatch.setenv("WEBSTATS_ENV_FILE", "/dev/null")
+    with pytest.raises(SystemExit) as exc:
+        cli.main(["etl", "run", "--source", str(tmp_path), "--until", "tomorrow"])
+    assert exc.value.code == 2
+    assert "'tomorrow' is not a date YYYY-MM-DD" in capsys.readouterr().err

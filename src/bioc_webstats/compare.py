@@ -39,6 +39,7 @@ ATTEMPTS = 4  # per file: the first try and three retries
 BACKOFF = 1.0  # seconds before the first retry, doubled each time
 MAX_BYTES = 256 * 1024 * 1024  # the largest file (software's _pkg_stats.tab) is ~20 MB
 RETRY_STATUS = frozenset({429, 500, 502, 503, 504})
+GIVE_UP = 10  # files in a row that cannot be read (after their retries): the run stops
 
 
 class FetchError(WebstatsError):
@@ -272,6 +273,7 @@ class Comparison:
             else cf.ThreadPoolExecutor(max_workers=jobs, thread_name_prefix="compare-here")
         )
         self.result = CompareResult()
+        self.failed_in_a_row = 0
 
     def close(self) -> None:
         self.pool.shutdown(wait=True, cancel_futures=True)
@@ -309,7 +311,14 @@ class Comparison:
                 submit(nxt)
             if here_err or there_err:
                 self.record(Outcome(path, f"cannot compare: {here_err or there_err}"))
+                self.failed_in_a_row += 1
+                if self.failed_in_a_row >= GIVE_UP:  # a site that is down: not 50,000 times
+                    raise WebstatsError(
+                        f"compare: stopped after {GIVE_UP} files in a row could not be read "
+                        f"(last: {here_err or there_err})"
+                    )
                 continue
+            self.failed_in_a_row = 0
             yield path, here, there
 
     def record(self, outcome: Outcome) -> None:
