@@ -486,7 +486,10 @@ def plan_window(
         first = cutover - CUTOVER_MARGIN
         start = first if start is None or start < first else start
     if until is not None and start is not None and until < start:
-        raise WebstatsError(f"--until {until} is before the window's start {start}")
+        raise WebstatsError(
+            f"--until {until} is before the window's start {start}"
+            + ("" if since is not None and since <= until else "; give --since to go back")
+        )
     return sources.Window(start, until)
 
 
