@@ -336,3 +336,19 @@ def test_cli_until_is_checked(tmp_path, monkeypatch, capsys):
         cli.main(["etl", "run", "--source", str(tmp_path), "--until", "tomorrow"])
     assert exc.value.code == 2
     assert "'tomorrow' is not a date YYYY-MM-DD" in capsys.readouterr().err
+
+
+def test_s3_walk_pages_grow_over_files_that_are_not_logs(s3_env):
+    """A folder of many files that are not logs costs a few requests, not one per 20."""
+    s3 = boto3.client("s3")
+    for i in range(300):
+        s3.put_object(Bucket=BUCKET, Key=f"noisy/a-{i:04d}.txt", Body=b"")
+    key = "noisy/EX.2024-03-01-00.u.gz"
+    s3.put_object(Bucket=BUCKET, Key=key, Body=_tiny(CUTOVER, 0))
+    counter = KeyCounter()
+    window = sources.Window(CUTOVER, None)
+    objects, skipped = sources.S3Source(f"s3://{BUCKET}/noisy/", client=counter.client()).list(
+        window
+    )
+    assert [o.key for o in objects] == [key] and len(skipped) == 300
+    assert counter.requests <= 7  # pages of 20, 40, 80, 160, then the run and its end

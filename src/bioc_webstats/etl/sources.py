@@ -271,8 +271,9 @@ class S3Source(Source):
         by ``StartAfter``; other folders are walked the same way."""
         window = found.window
         cursor = ""
+        size = WALK_PAGE
         while True:
-            args = {"Bucket": self.bucket, "Prefix": folder, "Delimiter": "/", "MaxKeys": WALK_PAGE}
+            args = {"Bucket": self.bucket, "Prefix": folder, "Delimiter": "/", "MaxKeys": size}
             if cursor:
                 args["StartAfter"] = cursor
             page = self.client.list_objects_v2(**args)
@@ -309,9 +310,12 @@ class S3Source(Source):
                 break
             if jump is not None:
                 cursor = jump
+                size = WALK_PAGE
                 continue
             if not page.get("IsTruncated"):
                 return
+            # Pages with nothing to jump over (files that are not logs, folders): larger ones.
+            size = min(size * 2, 1000)
 
     def _list_run(self, run: str, found: _Listing) -> None:
         """The names ``<run><YYYY-MM-DD>-…`` of the window: with both ends, one prefix per
