@@ -46,9 +46,22 @@ def test_cli_check_fails_with_one_line_before_upgrade(clean_env):
     }
     exe = str(Path(sys.executable).parent / "bioc-webstats")
     r = subprocess.run([exe, "check"], env=env, capture_output=True, text=True)
-    assert r.returncode == 1
+    assert r.returncode == 3  # no schema yet: `db upgrade` is the fix (the deploy's signal)
     assert r.stderr.count("\n") == 1 and "db upgrade" in r.stderr
     r = subprocess.run([exe, "db", "upgrade"], env=env, capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
     r = subprocess.run([exe, "check"], env=env, capture_output=True, text=True)
     assert r.returncode == 0 and r.stdout.startswith("ok:")
+
+
+def test_cli_check_exits_1_for_other_failures(clean_env):
+    """Only a schema that `db upgrade` fixes exits 3; an unreachable database exits 1."""
+    env = {
+        "PATH": "/usr/bin:/bin",
+        "WEBSTATS_ENV_FILE": str(clean_env / "none.env"),
+        "WEBSTATS_DATABASE_URL": "postgresql+psycopg2://nobody:x@127.0.0.1:1/none",
+    }
+    exe = str(Path(sys.executable).parent / "bioc-webstats")
+    r = subprocess.run([exe, "check"], env=env, capture_output=True, text=True, timeout=60)
+    assert r.returncode == 1
+    assert r.stderr.count("\n") == 1 and r.stderr.startswith("bioc-webstats: error: database")

@@ -15,7 +15,7 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from . import __version__, db
 from .config import Settings, load_settings
-from .errors import WebstatsError
+from .errors import SchemaBehindError, WebstatsError
 
 log = logging.getLogger("bioc_webstats")
 
@@ -230,11 +230,13 @@ def config_show(ctx: Context) -> None:
 @cli.command("check")
 @pass_ctx
 def check(ctx: Context) -> None:
-    """Smoke test: configuration loads, database reachable, schema current."""
+    """Smoke test: configuration loads, database reachable, schema current.
+
+    Exit status: 0 ok; 3 the schema is missing or behind (`db upgrade` fixes it); 1 otherwise."""
     settings = ctx.settings
     status = db.schema_status(settings.database_url)
     if not status.ok:
-        raise WebstatsError(status.reason)
+        raise (SchemaBehindError if status.behind else WebstatsError)(status.reason)
     click.echo(f"ok: bioc-webstats {__version__}, {status.reason}")
 
 
@@ -271,7 +273,7 @@ def main(argv: list[str] | None = None) -> None:
         if verbose:
             traceback.print_exc()
         click.echo(f"bioc-webstats: error: {exc}", err=True)
-        sys.exit(1)
+        sys.exit(exc.exit_code)
     except SQLAlchemyError as exc:
         if verbose:
             traceback.print_exc()

@@ -120,6 +120,7 @@ class SchemaStatus:
     revision: str | None
     ok: bool
     reason: str
+    behind: bool = False  # no schema yet, or an older one: `bioc-webstats db upgrade` fixes it
 
 
 def _revision_number(rev: str) -> int | None:
@@ -140,7 +141,10 @@ def schema_status(url: str) -> SchemaStatus:
         return SchemaStatus(current, True, f"schema {head}")
     if current is None:
         return SchemaStatus(
-            None, False, f"no schema yet, this release needs {head}: run 'bioc-webstats db upgrade'"
+            None,
+            False,
+            f"no schema yet, this release needs {head}: run 'bioc-webstats db upgrade'",
+            behind=True,
         )
     cur_n, head_n = _revision_number(current), _revision_number(head)
     from alembic.script import ScriptDirectory
@@ -155,6 +159,7 @@ def schema_status(url: str) -> SchemaStatus:
             current,
             False,
             f"schema is at {current}, this release needs {head}: run 'bioc-webstats db upgrade'",
+            behind=True,
         )
     with session_factory(url)() as session:
         floor = get_meta(session, SCHEMA_FLOOR)
