@@ -1,6 +1,6 @@
 """The optional C part of the package (everything else is in pyproject.toml).
 
-``bioc_webstats._scan`` is the per-line loop of the ETL in C, built against the stable ABI
+``bioc_webstats.etl._scan`` is the per-line loop of the ETL in C, built against the stable ABI
 (one wheel for every Python >= 3.11 of a platform). ``BIOC_WEBSTATS_PURE=1`` builds a
 pure-Python wheel instead (a target of another architecture than the build machine): the
 ETL then runs its Python loop, with the same results, about twice as slow.
@@ -22,8 +22,8 @@ setup(
     if PURE
     else [
         Extension(
-            "bioc_webstats._scan",
-            ["src/bioc_webstats/_scan.c"],
+            "bioc_webstats.etl._scan",
+            ["src/bioc_webstats/etl/_scan.c"],
             py_limited_api=True,
             extra_compile_args=["-O2", "-fno-strict-aliasing"],
         )

@@ -149,7 +149,7 @@ def recompute_bench(url: str, downloads_per_month: int) -> None:
     """Fill 2023 with ``downloads_per_month`` a month and time the recomputes."""
     import sqlalchemy as sa
 
-    from bioc_webstats import db, stats
+    from bioc_webstats.store import db, stats
 
     db.upgrade(url)
     engine = db.get_engine(url)

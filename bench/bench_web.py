@@ -78,7 +78,7 @@ def load_data(url: str, n_packages: int, first_year: int, last_year: int) -> int
     """Stats rows for ``n_packages`` software packages over the years (COPY); returns rows."""
     import sqlalchemy as sa
 
-    from bioc_webstats import db
+    from bioc_webstats.store import db
 
     db.upgrade(url)
     rng = random.Random(42)

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Re-fetch the vendored chart library (uPlot) from the npm registry at its pinned version and
 # check it byte for byte. The pages load it from the wheel; nothing is fetched at run time.
-#   scripts/vendor-chart.sh          fetch, verify, install into src/bioc_webstats/static/vendor/uplot
+#   scripts/vendor-chart.sh          fetch, verify, install into src/bioc_webstats/web/static/vendor/uplot
 #   scripts/vendor-chart.sh --check  only verify that the committed files match the pinned release
 set -euo pipefail
 
@@ -11,7 +11,7 @@ TARBALL_SHA256=4b8a8191e425658e3ea8c8c1314b0fc679c861ee3a1af2b20c7b16ba50b5133d
 JS_SHA256=19c8d4c6ad88929a79f4ae49d6f7161566dfd0ba3d15cc495e974f787eb78f1f
 
 here=$(cd "$(dirname "$0")/.." && pwd)
-dest="$here/src/bioc_webstats/static/vendor/uplot"
+dest="$here/src/bioc_webstats/web/static/vendor/uplot"
 
 check_js() {
   echo "$JS_SHA256  $1" | sha256sum --check --quiet -

@@ -14,9 +14,10 @@ import pytest
 from sqlalchemy import select
 
 import loggen
-from bioc_webstats import athena, db, ingest, logs
 from bioc_webstats.errors import WebstatsError
-from bioc_webstats.models import DownloadRecord, IngestedObject
+from bioc_webstats.etl import athena, ingest, parse, rule, sources
+from bioc_webstats.store import db
+from bioc_webstats.store.models import DownloadRecord, IngestedObject
 from test_ingest import assert_truth, loaded
 
 BUCKET = "bioc-cloudfront-logs"
@@ -77,12 +78,12 @@ def test_download_pattern_is_the_same_rule_in_sql_syntax(tmp_path):
     loggen.generate(out, days=1, files_per_day=2, lines_per_file=2000, seed=4)
     uris = set()
     for f in out.glob("*.gz"):
-        for lines in logs.line_batches([f.read_bytes()]):
+        for lines in sources.line_batches([f.read_bytes()]):
             for line in lines:
                 parts = line.split(b"\t")
                 if len(parts) > 8 and not line.startswith(b"#"):
                     uris.update(p for p in parts if p.startswith(b"/"))
-    plain = re.compile("^" + logs.DOWNLOAD_PATTERN + "$")
+    plain = re.compile("^" + rule.DOWNLOAD_PATTERN + "$")
     categories = {"bioc": "bioc", "data/annotation": "annotation"}
     categories |= {"data/experiment": "experiment", "workflows": "workflows"}
     hits = 0
@@ -90,7 +91,7 @@ def test_download_pattern_is_the_same_rule_in_sql_syntax(tmp_path):
         collapsed = re.sub("/+", "/", uri.decode())
         m = plain.match(collapsed)
         sql_view = (categories[m[1]], m[2] or m[3]) if m else None
-        assert sql_view == logs.classify_uri(uri), uri
+        assert sql_view == rule.classify_uri(uri), uri
         hits += m is not None
     assert hits > 100 and len(uris) > hits
 
@@ -101,9 +102,9 @@ def test_downloads_sql_is_filled_in():
     assert "FROM bioc_webstats.t1" in sql
     assert "WHERE day BETWEEN '2024-01-01' AND '2024-01-03'" in sql
     assert "hmac_sha256(" not in sql  # hashing happens on the instance: no key in the text
-    assert f"'^{logs.DOWNLOAD_PATTERN}$'" in sql
-    assert "'" + " ".join(logs.CLOUDFRONT_FIELDS) + "'" in sql
-    assert "'" + " ".join(logs.CLOUDFRONT_FIELDS[:15]) + "'" in sql
+    assert f"'^{rule.DOWNLOAD_PATTERN}$'" in sql
+    assert "'" + " ".join(rule.CLOUDFRONT_FIELDS) + "'" in sql
+    assert "'" + " ".join(rule.CLOUDFRONT_FIELDS[:15]) + "'" in sql
     assert "IN (200, 301, 302, 307, 308)" in sql and "172800" in sql
     assert "ORDER BY path, kind" in sql
     assert "WHERE day" not in athena.downloads_sql("d", "t", None)
@@ -182,8 +183,8 @@ def expected_rows(out, files, bucket_prefix: str) -> list[list[str | None]]:
     downloads per (category, package, day, client address), the address in clear."""
     rows: list[list[str | None]] = [athena.COLUMNS]
     for rel in sorted(files):
-        hour = logs.parse_name(rel)
-        res = logs.count_object([(out / rel).read_bytes()], hour)
+        hour = sources.parse_name(rel)
+        res = parse.count_object([(out / rel).read_bytes()], hour)
         path = f"s3://{BUCKET}/{bucket_prefix}{rel}"
         rows.append(
             ["o", path, None, None, None, None, res.lines_read, res.accepted, res.rejected, "ok"]

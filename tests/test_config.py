@@ -143,7 +143,6 @@ def test_ssm_paginator_reads_every_page(clean_env, aws_env):
 @pytest.mark.parametrize(
     "missing, message",
     [
-        ("flask/secret_key", f"missing SSM parameter {PATH}/flask/secret_key"),
         ("etl/ip_hash_key", f"missing SSM parameter {PATH}/etl/ip_hash_key"),
         ("db/server", f"missing SSM parameter {PATH}/db/server"),
     ],
@@ -161,12 +160,14 @@ def test_all_missing_named_and_environment_can_supply_one(clean_env, aws_env, mo
     monkeypatch.setenv("WEBSTATS_SSM_PATH", PATH)
     with pytest.raises(ConfigError) as exc:
         load_settings()
-    assert str(exc.value) == (
-        f"missing SSM parameters {PATH}/db/server, {PATH}/flask/secret_key, {PATH}/etl/ip_hash_key"
-    )
+    assert str(exc.value) == (f"missing SSM parameters {PATH}/db/server, {PATH}/etl/ip_hash_key")
     # An explicit database URL replaces db/*; the environment may supply a secret.
     monkeypatch.setenv("WEBSTATS_DATABASE_URL", "sqlite:///" + str(clean_env / "x.db"))
+    with pytest.raises(ConfigError, match=f"^missing SSM parameter {PATH}/etl/ip_hash_key$"):
+        load_settings()
     monkeypatch.setenv("WEBSTATS_IP_HASH_KEY", HASH_KEY)
+    assert load_settings().get("etl/ip_hash_key") == HASH_KEY
+    monkeypatch.setenv("WEBSTATS_SSM_REQUIRED", "flask/secret_key")
     with pytest.raises(ConfigError, match=f"^missing SSM parameter {PATH}/flask/secret_key$"):
         load_settings()
     # The required list is configurable.
@@ -315,8 +316,9 @@ def test_config_show_redacts_password_in_explicit_url(clean_env, monkeypatch):
     res = run_cli("config", "show")
     assert res.returncode == 0, res.stderr
     assert DB_PASSWORD not in res.stdout and SECRET_KEY not in res.stdout
-    assert "database_url = postgresql://u:***@h/d  (environment WEBSTATS_DATABASE_URL)" in (
-        res.stdout.splitlines()
+    assert (
+        "database_url = postgresql+psycopg2://u:***@h/d  (environment WEBSTATS_DATABASE_URL)"
+        in (res.stdout.splitlines())
     )
     assert "flask/secret_key = <redacted>  (environment WEBSTATS_FLASK_SECRET_KEY)" in (
         res.stdout.splitlines()
@@ -409,9 +411,14 @@ def test_aws_settings_from_env_file_reach_boto3(clean_env, aws_env, monkeypatch)
     monkeypatch.setenv("WEBSTATS_ENV_FILE", str(env_file))
     monkeypatch.delenv("AWS_ENDPOINT_URL")  # only the env file says where AWS is
     monkeypatch.delenv("AWS_EC2_METADATA_V1_DISABLED", raising=False)
+    before = dict(os.environ)
     s = load_settings()
     assert s.get("flask/secret_key") == SECRET_KEY
-    assert os.environ["AWS_EC2_METADATA_V1_DISABLED"] == "true"  # IMDSv2 only
+    assert dict(os.environ) == before  # handed to boto3, not written into the environment
+    from bioc_webstats.aws import client
+
+    ssm = client("ssm")
+    assert ssm.meta.endpoint_url == aws_env
     # The process environment keeps precedence over the env file.
     monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{free_port()}")
     with pytest.raises(ConfigError, match="EndpointConnectionError"):

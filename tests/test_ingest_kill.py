@@ -14,8 +14,8 @@ import pytest
 from sqlalchemy import func, select
 
 import loggen
-from bioc_webstats import db
-from bioc_webstats.models import DownloadRecord, IngestedObject, StatsPending
+from bioc_webstats.store import db
+from bioc_webstats.store.models import DownloadRecord, IngestedObject, StatsPending
 from conftest import wait_for
 from test_ingest import assert_truth, snapshot
 

@@ -10,9 +10,10 @@ import pytest
 from sqlalchemy import select
 
 import loggen
-from bioc_webstats import db, ingest, logs
 from bioc_webstats.errors import WebstatsError
-from bioc_webstats.models import IngestedObject
+from bioc_webstats.etl import ingest, parse, sources
+from bioc_webstats.store import db
+from bioc_webstats.store.models import IngestedObject
 from test_ingest import assert_truth, loaded, snapshot
 
 BUCKET = "bioc-cloudfront-logs"
@@ -67,17 +68,17 @@ def test_s3_listing_across_pages(s3):
     calls = []
     client = boto3.client("s3")
     client.meta.events.register("after-call.s3.ListObjectsV2", lambda **kw: calls.append(1))
-    objects, skipped = logs.S3Source(f"s3://{BUCKET}/cf/", client=client).list()
+    objects, skipped = sources.S3Source(f"s3://{BUCKET}/cf/", client=client).list()
     assert sorted(o.key for o in objects) == names
     assert len(skipped) == 1000
     assert len(calls) == 2
     calls.clear()
-    objects, _ = logs.S3Source(f"s3://{BUCKET}/cf/E", client=client, page_size=2).list()
+    objects, _ = sources.S3Source(f"s3://{BUCKET}/cf/E", client=client, page_size=2).list()
     assert len(objects) == 5 and len(calls) == 3
     obj = objects[0]
     assert obj.etag and obj.size == len(data)
-    res = logs.count_object(
-        logs.S3Source(f"s3://{BUCKET}/", client=client).chunks(obj), obj.name_hour
+    res = parse.count_object(
+        sources.S3Source(f"s3://{BUCKET}/", client=client).chunks(obj), obj.name_hour
     )
     assert res.accepted == 1
 
@@ -94,31 +95,71 @@ def test_s3_source_requires_configured_key(s3, tmp_path, db_url):
         ingest.run(settings, source=f"s3://{BUCKET}/")
 
 
-def test_cloudfront_invalidation_after_a_run_that_changed_the_stats(db_url, tmp_path, aws_env):
+def cli_run(monkeypatch, db_url, tmp_path, *args: str, **env: str) -> int:
+    """``bioc-webstats ARGS`` in this process, configured through the environment."""
+    from bioc_webstats import cli
+
+    base = {
+        "WEBSTATS_DATABASE_URL": db_url,
+        "WEBSTATS_STATE_DIR": str(tmp_path / "state"),
+        "WEBSTATS_ENV_FILE": "/dev/null",
+        "WEBSTATS_IP_HASH_KEY": "test-key",
+    }
+    for k, v in {**base, **env}.items():
+        monkeypatch.setenv(k, v)
+    with pytest.raises(SystemExit) as exc:
+        cli.main(list(args))
+    return int(exc.value.code or 0)
+
+
+def test_every_change_publishes_and_invalidates(db_url, tmp_path, aws_env, monkeypatch):
+    """etl run, stats rebuild, packages load: each change publishes the new data version and
+    invalidates CloudFront once; a run that changes nothing does neither."""
     from test_aws import make_distribution
+    from test_ingest import SAMPLE
 
     dist = make_distribution()
     cf = boto3.client("cloudfront", region_name="us-east-1")
     out = tmp_path / "logs"
     loggen.generate(out, days=1, files_per_day=2, lines_per_file=100)
-    settings = loaded(db_url, tmp_path, WEBSTATS_ETL_CLOUDFRONT_DISTRIBUTION=dist)
+    env = {"WEBSTATS_ETL_CLOUDFRONT_DISTRIBUTION": dist}
+    site = tmp_path / "state" / "site"
 
     def invalidations() -> int:
         return cf.list_invalidations(DistributionId=dist)["InvalidationList"]["Quantity"]
 
-    assert ingest.run(settings, source=str(out)) is True
+    def published() -> str:
+        return (site / "current").readlink().name
+
+    assert cli_run(monkeypatch, db_url, tmp_path, "db", "upgrade") == 0
+    assert cli_run(monkeypatch, db_url, tmp_path, "packages", "load", str(SAMPLE), **env) == 0
     assert invalidations() == 1
-    assert ingest.run(settings, source=str(out)) is True  # nothing new: no invalidation
-    assert invalidations() == 1
+    first = published()
+    assert cli_run(monkeypatch, db_url, tmp_path, "etl", "run", "--source", str(out), **env) == 0
+    assert invalidations() == 2
+    assert published() != first
+    assert (site / "current" / "packages/stats/bioc/bioc_pkg_stats.tab").is_file()
+    second = published()
+    assert cli_run(monkeypatch, db_url, tmp_path, "etl", "run", "--source", str(out), **env) == 0
+    assert (invalidations(), published()) == (2, second)  # nothing new: nothing published
+    assert cli_run(monkeypatch, db_url, tmp_path, "stats", "rebuild", **env) == 0
+    assert invalidations() == 3
+    assert published() != second
 
 
-def test_failed_invalidation_fails_the_run_but_keeps_the_data(db_url, tmp_path, aws_env, caplog):
+def test_failed_invalidation_fails_the_run_but_keeps_the_data(
+    db_url, tmp_path, aws_env, monkeypatch, capsys
+):
     out = tmp_path / "logs"
     truth = loggen.generate(out, days=1, files_per_day=2, lines_per_file=100)
-    settings = loaded(db_url, tmp_path, WEBSTATS_ETL_CLOUDFRONT_DISTRIBUTION="ENOSUCHDIST")
-    assert ingest.run(settings, source=str(out)) is False
+    loaded(db_url, tmp_path)
+    env = {"WEBSTATS_ETL_CLOUDFRONT_DISTRIBUTION": "ENOSUCHDIST"}
+    assert cli_run(monkeypatch, db_url, tmp_path, "etl", "run", "--source", str(out), **env) == 1
     assert_truth(db_url, truth)
-    assert "CloudFront invalidation of distribution ENOSUCHDIST failed" in caplog.text
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) >= 1 and "CloudFront invalidation of distribution ENOSUCHDIST failed" in err[-1]
+    assert "the statistics are published" in err[-1]
+    assert (tmp_path / "state" / "site" / "current").is_symlink()
 
 
 def test_reingest_from_s3(db_url, tmp_path, s3):

@@ -1,4 +1,4 @@
-"""logs.py: object names, the download rule, malformed lines, gzip failures, #Fields mapping."""
+"""parse.py: object names, the download rule, malformed lines, gzip failures, #Fields mapping."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import re
 import pytest
 
 import loggen
-from bioc_webstats import logs
+from bioc_webstats.etl import parse, rule, sources
 
 HOUR = dt.datetime(2024, 1, 30, 12)
 F33 = loggen.FIELDS  # the tests' own copy of the format (independent of the code)
@@ -18,8 +18,8 @@ F33 = loggen.FIELDS  # the tests' own copy of the format (independent of the cod
 @pytest.fixture(autouse=True, params=["native", "python"])
 def parser(request, monkeypatch):
     """Every test here runs on both per-line loops: the C one (_scan) and the Python one."""
-    monkeypatch.setattr(logs, "_FORCE_PYTHON", request.param == "python")
-    assert logs.parser_name() == request.param  # the C scanner is built in the test venv
+    monkeypatch.setattr(parse, "_FORCE_PYTHON", request.param == "python")
+    assert parse.parser_name() == request.param  # the C scanner is built in the test venv
     return request.param
 
 
@@ -31,19 +31,21 @@ def gz(*lines: str, fields=F33, eol="\n", header=True) -> bytes:
     return loggen.log_bytes(*lines, fields=fields, eol=eol, header=header)
 
 
-def count(data: bytes, hour=HOUR) -> logs.ObjectCounts:
-    return logs.count_object([data], hour)
+def count(data: bytes, hour=HOUR) -> parse.ObjectCounts:
+    return parse.count_object([data], hour)
 
 
-def downloads(res: logs.ObjectCounts) -> dict:
+def downloads(res: parse.ObjectCounts) -> dict:
     return {(c, p, d.isoformat(), ip.decode()): n for ((c, p), d, ip), n in res.counts.items()}
 
 
 def test_parse_name():
-    assert logs.parse_name("E1TVLJONPTUXV3.2023-09-17-00.0129f869.gz") == dt.datetime(
+    assert sources.parse_name("E1TVLJONPTUXV3.2023-09-17-00.0129f869.gz") == dt.datetime(
         2023, 9, 17, 0
     )
-    assert logs.parse_name("E1/2023-09-17/E1.2023-09-17-23.ab.gz") == dt.datetime(2023, 9, 17, 23)
+    assert sources.parse_name("E1/2023-09-17/E1.2023-09-17-23.ab.gz") == dt.datetime(
+        2023, 9, 17, 23
+    )
     for bad in (
         "E1.2023-09-17-24.ab.gz",
         "E1.2023-02-30-01.ab.gz",
@@ -52,7 +54,7 @@ def test_parse_name():
         "notes.txt",
         "E1.2023-09-17-01.gz",
     ):
-        assert logs.parse_name(bad) is None, bad
+        assert sources.parse_name(bad) is None, bad
 
 
 @pytest.mark.parametrize(
@@ -93,9 +95,9 @@ def test_parse_name():
     ],
 )
 def test_download_rule_paths(uri, expected):
-    assert logs.classify_uri(uri.encode()) == expected
+    assert rule.classify_uri(uri.encode()) == expected
     # the parser's two cached halves and the one pattern Athena runs say the same
-    m = re.fullmatch(logs.DOWNLOAD_PATTERN, re.sub("/+", "/", uri))
+    m = re.fullmatch(rule.DOWNLOAD_PATTERN, re.sub("/+", "/", uri))
     assert (m is not None) == (expected is not None)
     if m:
         assert (m[2] or m[3]) == expected[1]
@@ -178,7 +180,7 @@ def test_crlf_and_chunk_boundaries():
     data = gz(*(line(ip=f"192.0.2.{i}") for i in range(50)), eol="\r\n")
     whole = count(data)
     chunks = [data[i : i + 7] for i in range(0, len(data), 7)]
-    split = logs.count_object(chunks, HOUR)
+    split = parse.count_object(chunks, HOUR)
     assert whole.accepted == split.accepted == 50 and whole.rejected == split.rejected == 0
     assert downloads(whole) == downloads(split)
 
@@ -201,7 +203,7 @@ def test_multi_member_gzip_and_last_line_without_newline():
     ],
 )
 def test_unreadable_objects(data, message):
-    with pytest.raises(logs.LogFormatError, match=message):
+    with pytest.raises(sources.LogFormatError, match=message):
         count(data)
 
 
@@ -211,7 +213,7 @@ def test_garbage_lines_are_rejected_lines():
 
 
 def test_ip_hash_is_keyed_and_64_bit():
-    h1, h2 = logs.ip_hasher(b"k1"), logs.ip_hasher(b"k2")
+    h1, h2 = rule.ip_hasher(b"k1"), rule.ip_hasher(b"k2")
     assert h1(b"192.0.2.1") == h1(b"192.0.2.1") != h2(b"192.0.2.1")
     assert h1(b"192.0.2.1") != h1(b"192.0.2.2")
     assert -(2**63) <= h1(b"2001:db8::1") < 2**63
@@ -222,7 +224,7 @@ def test_dir_source_lists_recursively_and_skips_other_names(tmp_path):
     (tmp_path / "E1" / "2024-01-30" / "E1.2024-01-30-05.aa.gz").write_bytes(gz(line()))
     (tmp_path / "E1.2024-01-31-00.bb.gz").write_bytes(gz(line()))
     (tmp_path / "README").write_text("x")
-    src = logs.DirSource(tmp_path)
+    src = sources.DirSource(tmp_path)
     objects, skipped = src.list()
     by_key = {o.key: o for o in objects}
     assert set(by_key) == {"E1.2024-01-31-00.bb.gz", "E1/2024-01-30/E1.2024-01-30-05.aa.gz"}
@@ -240,11 +242,11 @@ def test_decompress_output_is_bounded_whatever_the_ratio():
     """Memory stays flat: a highly compressible member comes out in pieces of at most OUT_MAX
     bytes, also when fed in tiny chunks, and nothing held by the decompressor is lost."""
     head = f"#Version: 1.0\n#Fields: {' '.join(F33)}\n".encode()
-    text = head + b"x" * (3 * logs.OUT_MAX + 17) + b"\n" + line().encode() + b"\n"
+    text = head + b"x" * (3 * sources.OUT_MAX + 17) + b"\n" + line().encode() + b"\n"
     data = gzip.compress(text) + gz(line(ip="192.0.2.7"))
     for size in (1, 100, len(data)):
-        pieces = list(logs.decompress([data[i : i + size] for i in range(0, len(data), size)]))
-        assert max(map(len, pieces)) <= logs.OUT_MAX
+        pieces = list(sources.decompress([data[i : i + size] for i in range(0, len(data), size)]))
+        assert max(map(len, pieces)) <= sources.OUT_MAX
         assert b"".join(pieces).startswith(text)
     res = count(data)
     assert (res.accepted, res.rejected) == (2, 1)  # the run of x is one malformed line
@@ -265,6 +267,6 @@ def test_process_wide_uri_cache_bounded_and_results_unchanged(monkeypatch):
         ("bioc", "cn.mops", "2024-01-30", "192.0.2.1"): 1,
     }
     assert downloads(count(data)) == first  # served from the caches
-    monkeypatch.setattr(logs, "URI_CACHE_MAX", 1)
+    monkeypatch.setattr(parse, "URI_CACHE_MAX", 1)
     assert downloads(count(data)) == first  # caches emptied at the start of the object
     assert downloads(count(data)) == first

@@ -18,18 +18,18 @@ from pathlib import Path
 import pytest
 from sqlalchemy import select
 
-from bioc_webstats import db
 from bioc_webstats.config import Settings, load_settings
 from bioc_webstats.errors import WebstatsError
-from bioc_webstats.manifest import Manifest, parse_config_yaml
-from bioc_webstats.models import (
+from bioc_webstats.etl.manifest import Manifest, parse_config_yaml
+from bioc_webstats.etl.packages import Change, load_csv, plan_changes, sync
+from bioc_webstats.store import db
+from bioc_webstats.store.models import (
     CategoryStat,
     DownloadRecord,
     IngestedObject,
     Package,
     PackageStat,
 )
-from bioc_webstats.packages import Change, load_csv, plan_changes, sync
 from conftest import free_port
 
 FIXTURES = Path(__file__).parent / "fixtures" / "sync"

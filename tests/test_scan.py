@@ -11,7 +11,7 @@ import struct
 import pytest
 
 import loggen
-from bioc_webstats import logs
+from bioc_webstats.etl import parse, rule, sources
 
 HOUR = dt.datetime(2024, 1, 30, 12)
 
@@ -20,10 +20,10 @@ def both(data: bytes, hour: dt.datetime = HOUR, monkeypatch=None):
     """(native, python) results of count_object on DATA, or the LogFormatError texts."""
     out = []
     for force in (False, True):
-        monkeypatch.setattr(logs, "_FORCE_PYTHON", force)
+        monkeypatch.setattr(parse, "_FORCE_PYTHON", force)
         try:
-            out.append(logs.count_object([data], hour))
-        except logs.LogFormatError as exc:
+            out.append(parse.count_object([data], hour))
+        except sources.LogFormatError as exc:
             out.append(f"LogFormatError: {exc}")
     return out
 
@@ -41,7 +41,7 @@ def same(a, b) -> None:
 def copy_rows(copy_data: bytes, copy_format: str, object_id: int = 7) -> list[tuple]:
     """The rows PostgreSQL's COPY reads from an ObjectRecords' data (decoded here, from the
     format's definition: a tests' own reading of both formats)."""
-    data = logs.with_object_id(copy_data, copy_format, object_id)
+    data = parse.with_object_id(copy_data, copy_format, object_id)
     if copy_format == "text":
         return sorted(
             (c, p, dt.date.fromisoformat(d), int(h), int(n), int(o))
@@ -68,11 +68,11 @@ def copy_rows(copy_data: bytes, copy_format: str, object_id: int = 7) -> list[tu
 
 
 def records_both(data: bytes, hour: dt.datetime, monkeypatch):
-    hasher = logs.ip_hasher(b"test key")
+    hasher = rule.ip_hasher(b"test key")
     out = []
     for force in (False, True):
-        monkeypatch.setattr(logs, "_FORCE_PYTHON", force)
-        rec = logs.count_records([data], hour, hasher)
+        monkeypatch.setattr(parse, "_FORCE_PYTHON", force)
+        rec = parse.count_records([data], hour, hasher)
         out.append(rec)
     a, b = out
     assert (a.copy_format, b.copy_format) == ("binary", "text")
@@ -83,7 +83,7 @@ def records_both(data: bytes, hour: dt.datetime, monkeypatch):
 
 
 def test_the_c_scanner_is_built():
-    assert logs._scan is not None and logs.parser_name() == "native"
+    assert parse._scan is not None and parse.parser_name() == "native"
 
 
 def test_generated_logs_every_variant(tmp_path, monkeypatch):
@@ -92,7 +92,7 @@ def test_generated_logs_every_variant(tmp_path, monkeypatch):
     accepted = 0
     for key in truth.files:
         data = (tmp_path / key).read_bytes()
-        hour = logs.parse_name(key)
+        hour = sources.parse_name(key)
         a, b = both(data, hour, monkeypatch)
         same(a, b)
         accepted += a.accepted
@@ -120,19 +120,28 @@ def _damaged(rng: random.Random, n: int) -> bytes:
         elif r < 0.2:
             kw["date"] = rng.choice(
                 ["2024-13-01", "2024-02-30", "2024-1-30", "20240130xx", "", "-", "2024-01-27",
-                 "2024-02-01", "2024-02-02", "2024-01-28", "0000-00-00", "2024/01/30"]
+                 "2024-02-01", "2024-02-02", "2024-01-28", "0000-00-00", "2024/01/30",
+                 "2024-01-30" * 50]
             )  # fmt: skip
         elif r < 0.3:
-            kw["status"] = rng.choice(["-", "", "abc", "2OO", "0200", "200 ", "304", "99999"])
+            kw["status"] = rng.choice(
+                ["-", "", "abc", "2OO", "0200", "200 ", "304", "99999", "2" * 300, "9" * 257]
+            )
         elif r < 0.35:
-            kw["ip"] = rng.choice(["-", "", " ", "192.0.2.1", "2001:db8::" + "f" * 40])
+            kw["ip"] = rng.choice(
+                ["-", "", " ", "192.0.2.1", "2001:db8::" + "f" * 40, "1" * 64, "1" * 65,
+                 "x" * 5000]
+            )  # fmt: skip
         elif r < 0.4:
             kw["method"] = rng.choice(["HEAD", "get", "GET ", "POST", ""])
         elif r < 0.5:
             kw["uri"] = rng.choice(
                 ["/packages/3.18/bioc/src/contrib/Archive/x/x_1.tar.gz", "//packages//3.18/bioc/"
                  "src//contrib/limma_3.58.1.tar.gz", "/packages/3.18/bioc/src/contrib/a_1.tar.gz",
-                 "/index.html", "", "/packages/3.18/bioc/bin/windows/contrib/4.3/cn.mops_1.zip"]
+                 "/index.html", "", "/packages/3.18/bioc/bin/windows/contrib/4.3/cn.mops_1.zip",
+                 "/packages/3.18/bioc/src/contrib/limma_" + "9" * 300 + ".tar.gz",
+                 "/packages/3.18/bioc/src/contrib/limma_" + "9" * 8200 + ".tar.gz",
+                 "/packages/" + "d/" * 4080 + "bioc/src/contrib/limma_1.tar.gz"]
             )  # fmt: skip
         else:
             kw["ip"] = f"10.0.{rng.randrange(4)}.{rng.randrange(30)}"
@@ -174,7 +183,7 @@ def test_damaged_logs(seed, monkeypatch):
     rng = random.Random(seed)
     data = gzip.compress(_damaged(rng, 400))
     # small decompressed pieces: lines cross piece boundaries everywhere
-    monkeypatch.setattr(logs, "OUT_MAX", rng.choice([1, 7, 64, 333, 4096]))
+    monkeypatch.setattr(sources, "OUT_MAX", rng.choice([1, 7, 64, 333, 4096]))
     a, b = both(data, HOUR, monkeypatch)
     same(a, b)
     assert a.rejected > 0 and a.accepted > 0  # the test exercises both outcomes
@@ -209,7 +218,7 @@ def test_every_time_of_day(monkeypatch):
 
 
 def test_a_scanner_needs_an_object():
-    scanner = logs._scanner()
+    scanner = parse._scanner()
     with pytest.raises(RuntimeError, match="no object begun"):
         scanner.feed(b"x\n")
     with pytest.raises(RuntimeError, match="no object begun"):
@@ -219,21 +228,21 @@ def test_a_scanner_needs_an_object():
 def test_records_follow_the_hash_key(monkeypatch):
     """The C side caches client hashes per hash function: another key gives other hashes."""
     data = loggen.log_bytes(loggen.log_line())
-    one = logs.count_records([data], HOUR, logs.ip_hasher(b"one"))
-    two = logs.count_records([data], HOUR, logs.ip_hasher(b"two"))
+    one = parse.count_records([data], HOUR, rule.ip_hasher(b"one"))
+    two = parse.count_records([data], HOUR, rule.ip_hasher(b"two"))
     assert one.copy_data != two.copy_data
-    expected = logs.ip_hasher(b"two")(b"192.0.2.1")
+    expected = rule.ip_hasher(b"two")(b"192.0.2.1")
     rows = copy_rows(two.copy_data, two.copy_format, object_id=123)
     assert rows == [("bioc", "limma", dt.date(2024, 1, 30), expected, 1, 123)]
 
 
 def test_with_object_id_refuses_what_it_did_not_make():
-    good = logs.count_records([loggen.log_bytes(loggen.log_line())], HOUR, hash)
+    good = parse.count_records([loggen.log_bytes(loggen.log_line())], HOUR, hash)
     assert good.copy_format == "binary"
     for bad in (b"", b"bioc\tlimma\n", good.copy_data[:-1], good.copy_data + b"x",
                 good.copy_data[:19] + b"\x00\x05" + good.copy_data[21:]):  # fmt: skip
         with pytest.raises(ValueError, match="COPY data"):
-            logs.with_object_id(bad, "binary", 1)
+            parse.with_object_id(bad, "binary", 1)
 
 
 @pytest.mark.parametrize("eol", ["\n", "\r\n"])
@@ -241,9 +250,9 @@ def test_with_object_id_refuses_what_it_did_not_make():
 def test_overlong_lines_are_malformed_and_not_kept(eol, out_max, monkeypatch):
     """A line longer than MAX_LINE (line end excluded) is one malformed line, whatever its
     columns, and only MAX_LINE + 2 bytes of it are ever held (both loops)."""
-    monkeypatch.setattr(logs, "MAX_LINE", 600)  # the #Fields line is 400-odd bytes
-    monkeypatch.setattr(logs, "_SCANNER", [])  # a scanner made with this limit
-    monkeypatch.setattr(logs, "OUT_MAX", out_max)
+    monkeypatch.setattr(sources, "MAX_LINE", 600)  # the #Fields line is 400-odd bytes
+    monkeypatch.setattr(parse, "_SCANNER", [])  # a scanner made with this limit
+    monkeypatch.setattr(sources, "OUT_MAX", out_max)
     base = loggen.log_line()
 
     def of_length(n: int) -> str:  # a valid download line of exactly n bytes
@@ -260,14 +269,99 @@ def test_overlong_lines_are_malformed_and_not_kept(eol, out_max, monkeypatch):
     a, b = both(tail, HOUR, monkeypatch)
     same(a, b)
     assert (a.lines_read, a.rejected) == (1, 1)
-    got = [x for batch in logs.line_batches([tail]) for x in batch]
-    assert got[-1] == logs._OVERLONG and all(len(x) <= logs.MAX_LINE for x in got)
+    got = [x for batch in sources.line_batches([tail]) for x in batch]
+    assert got[-1] == sources._OVERLONG and all(len(x) <= sources.MAX_LINE for x in got)
 
 
 def test_overlong_line_before_the_header_is_a_data_line(monkeypatch):
-    monkeypatch.setattr(logs, "MAX_LINE", 100)
-    monkeypatch.setattr(logs, "_SCANNER", [])
+    monkeypatch.setattr(sources, "MAX_LINE", 100)
+    monkeypatch.setattr(parse, "_SCANNER", [])
     text = b"#" + b"c" * 200 + b"\n#Fields: date time c-ip cs-method cs-uri-stem sc-status\n"
     a, b = both(gzip.compress(text), HOUR, monkeypatch)
     same(a, b)
     assert a == "LogFormatError: no #Fields line before the first data line"
+
+
+def test_byte_bounds_are_the_same_in_c_and_python():
+    scan = parse._scan
+    assert (scan.MAX_URI, scan.MAX_IP, scan.KEY_CACHE_MAX) == (
+        rule.MAX_URI, rule.MAX_IP, rule.KEY_CACHE_MAX,
+    )  # fmt: skip
+    assert scan.N_REASONS == len(rule.REASONS)
+
+
+def test_long_values_are_malformed_before_any_cache(monkeypatch):
+    """A URI or client longer than a download's can be is a malformed line (both loops), and
+    nothing longer than KEY_CACHE_MAX is kept in a process-wide cache."""
+    ok = "/packages/3.18/bioc/src/contrib/limma_1.0.tar.gz"
+    long_ok = "/packages/3.18/bioc/src/contrib/limma_" + "1" * 400 + ".tar.gz"  # cached: no
+    lines = [
+        loggen.log_line(uri=ok),
+        loggen.log_line(uri=long_ok),
+        loggen.log_line(uri=ok + "x" * rule.MAX_URI),
+        loggen.log_line(uri=ok, ip="1" * (rule.MAX_IP + 1)),
+        loggen.log_line(uri=ok, status="2" * 300),
+    ]
+    monkeypatch.setattr(parse, "_URIS", {})
+    monkeypatch.setattr(parse, "_DIRS", {})
+    monkeypatch.setattr(parse, "_FILES", {})
+    monkeypatch.setattr(parse, "_SCANNER", [])
+    a, b = both(loggen.log_bytes(*lines), HOUR, monkeypatch)
+    same(a, b)
+    assert a.accepted == 2
+    assert a.reject_reasons == {"cs-uri-stem too long": 1, "c-ip": 1}
+    assert max(map(len, parse._URIS)) <= rule.KEY_CACHE_MAX
+    assert max(map(len, parse._FILES)) <= rule.KEY_CACHE_MAX
+
+
+MEMORY_PROBE = """
+import datetime as dt, re, sys
+from bioc_webstats.etl import parse
+data = open(sys.argv[1], "rb").read()
+res = parse.count_object([data[i : i + (1 << 20)] for i in range(0, len(data), 1 << 20)],
+                         dt.datetime(2024, 1, 30, 12))
+# VmHWM: the peak of this program (ru_maxrss would include the forking test process's)
+hwm = re.search(r"VmHWM:\\s+(\\d+) kB", open("/proc/self/status").read())[1]
+print(res.lines_read, int(hwm) // 1024)
+"""
+
+
+@pytest.mark.parametrize("parser", ["native", "python"])
+def test_hostile_long_values_keep_memory_flat(tmp_path, parser):
+    """2,000 distinct 128 KiB URIs and 2,000 distinct 4 KiB client values (a 256 MB log that
+    gzips to a few MB): the parse process stays within 80 MB of a small log's peak."""
+    import os
+    import subprocess
+    import sys
+    import zlib
+
+    def gz(lines) -> bytes:
+        c = zlib.compressobj(1, zlib.DEFLATED, 31)
+        head = f"#Version: 1.0\n#Fields: {' '.join(loggen.FIELDS)}\n".encode()
+        out = [c.compress(head)]
+        out += [c.compress(line.encode() + b"\n") for line in lines]
+        out.append(c.flush())
+        return b"".join(out)
+
+    ok = "/packages/3.18/bioc/src/contrib/limma_%d.tar.gz"
+    small = gz(loggen.log_line(uri=ok % i) for i in range(100))
+    hostile = gz(
+        [loggen.log_line(uri=ok % i + "x" * (128 << 10)) for i in range(2000)]
+        + [loggen.log_line(uri=ok % 1, ip=f"{i:08d}" + "1" * 4096) for i in range(2000)]
+    )
+    peaks = []
+    env = {**os.environ, "WEBSTATS_ETL_PARSER": "python" if parser == "python" else ""}
+    for name, data in (("small", small), ("hostile", hostile)):
+        path = tmp_path / f"{name}.gz"
+        path.write_bytes(data)
+        out = subprocess.run(
+            [sys.executable, "-c", MEMORY_PROBE, str(path)],
+            env=env, capture_output=True, text=True, timeout=300,
+        )  # fmt: skip
+        assert out.returncode == 0, out.stderr
+        lines, peak = map(int, out.stdout.split())
+        assert lines == (100 if name == "small" else 4000)  # every line was read
+        peaks.append(peak)
+    assert len(hostile) < 8 << 20  # a few MB on the wire
+    assert peaks[1] - peaks[0] < 80, peaks  # MB
+    assert peaks[0] < 100, peaks

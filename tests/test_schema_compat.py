@@ -5,8 +5,9 @@ from __future__ import annotations
 
 import sqlalchemy as sa
 
-from bioc_webstats import create_app, db
+from bioc_webstats import create_app
 from bioc_webstats.config import load_settings
+from bioc_webstats.store import db
 
 
 def _stamp(url: str, revision: str, floor: str | None = None) -> None:

@@ -6,7 +6,7 @@ import datetime as dt
 
 import pytest
 
-from bioc_webstats import tabfiles as t
+from bioc_webstats.web.app import tabfiles as t
 
 H = "Year\tMonth\tNb_of_distinct_IPs\tNb_of_downloads\n"
 

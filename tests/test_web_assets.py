@@ -22,7 +22,7 @@ def test_vendored_uplot_matches_pinned_release():
 
 
 def test_assets_ship_inside_the_package():
-    static = resources.files("bioc_webstats") / "static"
+    static = resources.files("bioc_webstats.web") / "static"
     for rel in ("main.css", "charts.js", "vendor/uplot/uPlot.iife.min.js", "vendor/uplot/LICENSE"):
         assert (static / rel).is_file(), rel
     js = (static / "charts.js").read_text()

@@ -7,8 +7,9 @@ import datetime as dt
 import pytest
 
 import webref
-from bioc_webstats import create_app, db
+from bioc_webstats import create_app
 from bioc_webstats.config import load_settings
+from bioc_webstats.store import db
 
 P = "/packages/stats/"
 

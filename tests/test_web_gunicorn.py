@@ -4,17 +4,15 @@ real HTTP, raw-byte URLs, logs and SIGUSR1, Type=notify, systemd socket activati
 from __future__ import annotations
 
 import datetime as dt
-import re
 import signal
 import socket
 import subprocess
 import sys
-import time
 
 import pytest
 
 import webref
-from bioc_webstats import db
+from bioc_webstats.store import db
 from conftest import free_port, new_pg_database, wait_for
 from test_web_http import generated_urls
 from webserver import gunicorn_cmd, gunicorn_env, healthy, raw_request, run_gunicorn, stop
@@ -159,7 +157,7 @@ def test_bad_config_fails_with_one_line(tmp_path):
         gunicorn_cmd(), env=env, cwd=tmp_path, capture_output=True, text=True, timeout=60
     )
     assert r.returncode != 0
-    assert "WEBSTATS_GUNICORN_WORKERS must be an integer" in r.stderr
+    assert "parameter gunicorn/workers must be an integer" in r.stderr
     assert "Traceback" not in r.stderr
     env["WEBSTATS_GUNICORN_WORKERS"] = "1"
     env["WEBSTATS_FLASK_LOG_LEVEL"] = "chatty"
@@ -171,63 +169,3 @@ def test_bad_config_fails_with_one_line(tmp_path):
         "bioc-webstats: parameter flask/log_level must be one of DEBUG, INFO, WARNING, ERROR, "
         "CRITICAL, got 'CHATTY'"
     ]
-
-
-def _accepted_by(port: int, local_port: int) -> set[int]:
-    """PIDs of the server processes holding the accepted end of our connection."""
-    out = subprocess.run(
-        ["ss", "-tnpH", "state", "established", f"( sport = :{port} and dport = :{local_port} )"],
-        capture_output=True, text=True, check=True,
-    ).stdout  # fmt: skip
-    return {int(p) for p in re.findall(r"pid=(\d+)", out)}
-
-
-def test_stop_answers_a_request_already_on_its_way(loaded_pg, tmp_path):
-    """A graceful stop (SIGTERM, as systemd sends on a restart) answers a client that has
-    connected and started its request before the stop, instead of dropping it."""
-    with run_gunicorn(loaded_pg, tmp_path, workers=1) as srv:
-        conn = socket.create_connection(("127.0.0.1", srv.port), timeout=30)
-        with conn:
-            conn.sendall(b"GET /packages/stats/bioc/bioc_packages.txt HTTP/1.1\r\nHost: t\r\n")
-            local = conn.getsockname()[1]
-            wait_for(lambda: _accepted_by(srv.port, local) - {srv.proc.pid}, 30, what="accept")
-            srv.proc.send_signal(signal.SIGTERM)
-            # The worker is stopping now; the rest of the request still gets its answer.
-            wait_for(lambda: not healthy(srv.base), 30, what="the listener to close")
-            conn.sendall(b"\r\n")
-            data = b""
-            while chunk := conn.recv(65536):
-                data += chunk
-        assert data.startswith(b"HTTP/1.1 200 "), data[:200]
-        assert b"connection: close" in data.lower()
-        assert data.endswith(b"affy\n") or b"affy\n" in data
-        srv.proc.wait(60)
-
-
-def test_large_cached_file_reaches_a_slow_reader_intact(loaded_pg, tmp_path):
-    """A cached body far larger than the socket buffers goes out with sendfile while the
-    socket takes it and through the transport while it is full: a reader that keeps the
-    socket full still gets every byte, in order, and the exact Content-Length."""
-    from bioc_webstats.webcache import DiskCache
-
-    with db.session_factory(loaded_pg)() as s:
-        version = db.get_data_version(s)
-    line = b"".join(b"pkg%06d\t2024\tJan\t%d\t%d\n" % (i, i % 97, i % 1013) for i in range(1000))
-    body = line * 700  # ~27 MB, no two 64 KiB pieces alike in position
-    with run_gunicorn(loaded_pg, tmp_path, workers=1) as srv:
-        DiskCache(tmp_path / "state" / "cache").write(version, "bioc/bioc_pkg_stats.tab", body)
-        with socket.create_connection(("127.0.0.1", srv.port), timeout=30) as conn:
-            conn.sendall(
-                b"GET /packages/stats/bioc/bioc_pkg_stats.tab HTTP/1.1\r\nHost: t\r\n"
-                b"Connection: close\r\n\r\n"
-            )
-            data, reads = bytearray(), 0
-            while chunk := conn.recv(16384):
-                data += chunk
-                reads += 1
-                if reads % 64 == 0:  # a slow client: the server finds the socket full
-                    time.sleep(0.002)
-        head, _, got = bytes(data).partition(b"\r\n\r\n")
-        assert head.startswith(b"HTTP/1.1 200 ")
-        assert f"content-length: {len(body)}".encode() in head.lower()
-        assert len(got) == len(body) and got == body

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 import webref
-from bioc_webstats import db
+from bioc_webstats.store import db
 from conftest import new_pg_database, wait_for
 from webserver import rss_kib, run_front, unix_get
 

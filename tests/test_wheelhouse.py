@@ -52,7 +52,7 @@ def test_native_wheel_for_the_controllers_architecture(tmp_path):
     assert wheel.name.endswith("-cp311-abi3-manylinux2014_x86_64.whl")  # any Python >= 3.11
     with zipfile.ZipFile(wheel) as zf:
         (so,) = [n for n in zf.namelist() if n.endswith(".so")]
-        assert so.startswith("bioc_webstats/_scan")
+        assert so.startswith("bioc_webstats/etl/_scan")
         versions = re.findall(rb"GLIBC_(\d+)\.(\d+)", zf.read(so))
     assert versions and max((int(a), int(b)) for a, b in versions) <= (2, 17)
     assert not any(Path(res["dir"]).glob("*.so"))  # a development build is never shipped

@@ -14,8 +14,8 @@ from collections import defaultdict
 
 from sqlalchemy import delete
 
-from bioc_webstats import db
-from bioc_webstats.models import (
+from bioc_webstats.store import db
+from bioc_webstats.store.models import (
     CategoryStat,
     DownloadRecord,
     IngestedObject,
@@ -149,7 +149,7 @@ def _ip_hash(ip: str) -> int:
 def load_via_etl(session, records=RECORDS, valid_thru: dt.date | None = None) -> None:
     """Store the raw records as the ETL does (ledger + download records, every record, known
     or not) and let the ETL's own ``stats.recompute_packages`` build the statistics."""
-    from bioc_webstats import stats
+    from bioc_webstats.store import stats
 
     for p, c, f, last in PACKAGES:
         session.add(Package(package=p, category=c, first_release=f, last_release=last))

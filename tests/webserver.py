@@ -80,7 +80,7 @@ def gunicorn_cmd() -> list[str]:
     return [
         str(Path(sys.executable).parent / "gunicorn"),
         "-c",
-        "python:bioc_webstats.gunicorn_conf",
+        "python:bioc_webstats.web.gunicorn_conf",
         "bioc_webstats:create_app()",
     ]
 
@@ -123,7 +123,7 @@ def stop(proc: subprocess.Popen) -> None:
 def reference_server(pg_base: str, tmp: Path, valid_thru) -> Iterator[Server]:
     """gunicorn on a fresh PostgreSQL database holding the reference dataset (``webref``)."""
     import webref
-    from bioc_webstats import db
+    from bioc_webstats.store import db
 
     url = new_pg_database(pg_base)
     db.upgrade(url)

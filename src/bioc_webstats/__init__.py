@@ -12,6 +12,6 @@ if TYPE_CHECKING:
 
 def create_app(settings: Any = None) -> Flask:
     """The WSGI application factory: ``gunicorn 'bioc_webstats:create_app()'``."""
-    from .web import create_app as _create_app
+    from .web.app import create_app as _create_app
 
     return _create_app(settings)

@@ -5,17 +5,20 @@ Exit status: 0 success, 1 the work failed (one line on stderr), 2 bad usage.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import sys
 import traceback
+from collections.abc import Iterator
 from pathlib import Path
 
 import click
 from sqlalchemy.exc import SQLAlchemyError
 
-from . import __version__, db
+from . import __version__
 from .config import Settings, load_settings
-from .errors import SchemaBehindError, WebstatsError
+from .errors import WebstatsError
+from .store import db
 
 log = logging.getLogger("bioc_webstats")
 
@@ -29,12 +32,17 @@ class Context:
 
     @property
     def settings(self) -> Settings:
-        if self._settings is None:
-            self._settings = load_settings()
+        """The configuration with the ETL's database login (every command but two)."""
+        return self.settings_for("etl")
+
+    def settings_for(self, login: str) -> Settings:
+        if self._settings is None or self._settings.login != login:
+            self._settings = load_settings(login=login)
         return self._settings
 
 
 pass_ctx = click.make_pass_decorator(Context)
+SCHEMA_BEHIND = 3  # exit status of `check` when the schema needs `bioc-webstats db upgrade`
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -57,6 +65,40 @@ def cli(ctx: click.Context, verbose: bool) -> None:
     ctx.obj = Context(verbose)
 
 
+@contextlib.contextmanager
+def writer_lock(settings: Settings, what: str) -> Iterator[None]:
+    """One command that writes records or statistics at a time on this host (``etl run``,
+    ``etl reingest``, ``stats rebuild``, ``import legacy-db``): a second one stops at once
+    and says who holds the lock, instead of working through the same objects."""
+    import datetime as dt
+    import fcntl
+    import os
+
+    path = settings.state_dir / "etl.lock"
+    try:
+        settings.state_dir.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o640)
+    except OSError as exc:
+        raise WebstatsError(f"cannot open the lock {path}: {exc.strerror}") from None
+    with os.fdopen(fd, "r+") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = f.read().strip() or "another process"
+            raise WebstatsError(
+                f"{what}: not started, {holder} holds {path} (one writer at a time); "
+                "try again when it is done"
+            ) from None
+        since = dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+        f.truncate(0)
+        f.write(f"'{what}' (pid {os.getpid()}, since {since})\n")
+        f.flush()
+        try:
+            yield
+        finally:
+            f.truncate(0)
+
+
 # --- db -------------------------------------------------------------------------------------
 
 
@@ -68,8 +110,9 @@ def db_group() -> None:
 @db_group.command("upgrade")
 @pass_ctx
 def db_upgrade(ctx: Context) -> None:
-    """Create or migrate the schema to the newest revision (idempotent)."""
-    revision = db.upgrade(ctx.settings.database_url)
+    """Create or migrate the schema to the newest revision (idempotent), as the schema's
+    owner (db/owner_*: the other logins may not change the schema)."""
+    revision = db.upgrade(ctx.settings_for("owner").database_url)
     click.echo(f"schema at revision {revision}")
 
 
@@ -86,9 +129,11 @@ def packages_group() -> None:
 @pass_ctx
 def packages_load(ctx: Context, csv_file: Path) -> None:
     """Load/merge the packages table from a CSV (package,category,first_version,last_version)."""
-    from .packages import load_csv
+    from .etl.packages import load_csv
+    from .publish import after_change
 
-    summary = load_csv(ctx.settings, csv_file)
+    with after_change(ctx.settings):
+        summary = load_csv(ctx.settings, csv_file)
     click.echo(summary)
 
 
@@ -99,9 +144,11 @@ def packages_load(ctx: Context, csv_file: Path) -> None:
 @pass_ctx
 def packages_sync(ctx: Context, source: str | None, dry_run: bool, force: bool) -> None:
     """Sync the packages table from Bioconductor's config.yaml and devel PACKAGES files."""
-    from .packages import sync
+    from .etl.packages import sync
+    from .publish import after_change
 
-    click.echo(sync(ctx.settings, source=source, dry_run=dry_run, force=force))
+    with after_change(ctx.settings):
+        click.echo(sync(ctx.settings, source=source, dry_run=dry_run, force=force))
 
 
 # --- etl ------------------------------------------------------------------------------------
@@ -145,11 +192,14 @@ def etl_run(
 ) -> None:
     """Ingest new log objects and update the statistics."""
     if engine == "athena":
-        from .athena import run
+        from .etl.athena import run
     else:
-        from .ingest import run
+        from .etl.ingest import run
 
-    ok = run(ctx.settings, source=source, since=since, dry_run=dry_run)
+    from .publish import after_change
+
+    with writer_lock(ctx.settings, "etl run"), after_change(ctx.settings):
+        ok = run(ctx.settings, source=source, since=since, dry_run=dry_run)
     if not ok:
         raise WebstatsError(
             "etl run: some objects failed (see the messages above); "
@@ -163,9 +213,11 @@ def etl_run(
 @pass_ctx
 def etl_reingest(ctx: Context, keys: tuple[str, ...], source: str | None) -> None:
     """Replace the records of already ingested objects."""
-    from .ingest import reingest
+    from .etl.ingest import reingest
+    from .publish import after_change
 
-    reingest(ctx.settings, list(keys), source=source)
+    with writer_lock(ctx.settings, "etl reingest"), after_change(ctx.settings):
+        reingest(ctx.settings, list(keys), source=source)
 
 
 # --- stats ----------------------------------------------------------------------------------
@@ -180,34 +232,27 @@ def stats_group() -> None:
 @pass_ctx
 def stats_rebuild(ctx: Context) -> None:
     """Recompute all statistics from the stored records."""
-    from .stats import rebuild
+    from .publish import after_change
+    from .store.stats import rebuild
 
-    click.echo(rebuild(ctx.settings))
-
-
-# --- web ------------------------------------------------------------------------------------
-
-
-@cli.group("web")
-def web_group() -> None:
-    """The web service's disk cache."""
+    with writer_lock(ctx.settings, "stats rebuild"), after_change(ctx.settings):
+        click.echo(rebuild(ctx.settings))
 
 
-@web_group.command("warm")
+# --- publish --------------------------------------------------------------------------------
+
+
+@cli.command("publish")
+@click.option("--all", "all_files", is_flag=True, help="Also every package page and file now.")
+@click.option("--force", is_flag=True, help="A new version directory even if one is current.")
 @pass_ctx
-def web_warm(ctx: Context) -> None:
-    """Build the index and repository pages and every category file of the current data
-    version into the web cache (etl run, stats rebuild and packages sync do it after a
-    change)."""
-    from .web import warm
+def publish_cmd(ctx: Context, all_files: bool, force: bool) -> None:
+    """Publish the current data version for nginx: pages and files on disk, then switch
+    (every command that changes the statistics does it; run it after a restore, a change
+    made by hand in the database, or a deploy)."""
+    from .publish import publish
 
-    try:
-        result = warm(ctx.settings)
-    except OSError as exc:
-        raise WebstatsError(
-            f"web warm: cannot write the cache: {exc.filename or ''} {exc.strerror}".rstrip()
-        ) from None
-    click.echo(result.line())
+    click.echo(publish(ctx.settings, all_files=all_files, force=force).line())
 
 
 # --- config / check -------------------------------------------------------------------------
@@ -228,32 +273,60 @@ def config_show(ctx: Context) -> None:
 
 
 @cli.command("check")
+@click.option(
+    "--login",
+    type=click.Choice(["etl", "web", "owner"]),
+    default="etl",
+    show_default=True,
+    help="The database login to check with (the web unit checks its own).",
+)
 @pass_ctx
-def check(ctx: Context) -> None:
-    """Smoke test: configuration loads, database reachable, schema current.
-
-    Exit status: 0 ok; 3 the schema is missing or behind (`db upgrade` fixes it); 1 otherwise."""
-    settings = ctx.settings
+def check(ctx: Context, login: str) -> None:
+    """Smoke test: configuration loads, database reachable, schema current (exit 3 when
+    the schema is behind: 'bioc-webstats db upgrade' is the fix)."""
+    settings = ctx.settings_for(login)
     status = db.schema_status(settings.database_url)
     if not status.ok:
-        raise (SchemaBehindError if status.behind else WebstatsError)(status.reason)
+        if status.behind:  # exit 3: 'db upgrade' is the fix (the deploy migrates on it)
+            click.echo(f"bioc-webstats: error: {status.reason}", err=True)
+            sys.exit(SCHEMA_BEHIND)
+        raise WebstatsError(status.reason)
     click.echo(f"ok: bioc-webstats {__version__}, {status.reason}")
 
 
 @cli.command("notify-failure")
 @click.argument("unit")
-@pass_ctx
-def notify_failure(ctx: Context, unit: str) -> None:
-    """Record that UNIT failed and publish to alerts/sns_topic when set (OnFailure= hook)."""
-    from .aws import failure_alert, publish_alert
+def notify_failure(unit: str) -> None:
+    """Record that UNIT failed and alert (the OnFailure= hook). It reads no SSM (the topic
+    kept on the instance is used); an alert SNS does not take is kept and logged at crit,
+    and the watchdog sends it again."""
+    import os
+
+    from .alerts import send
+    from .aws import failure_alert
+    from .config import state_dir
 
     subject, message = failure_alert(unit)
     click.echo(f"bioc-webstats: {message.splitlines()[0]}", err=True)  # the journal record
-    try:
-        sent = publish_alert(ctx.settings, subject, message)
-    except WebstatsError as exc:
-        raise WebstatsError(f"{unit} failure not notified: {exc}") from None
-    click.echo("alert published to alerts/sns_topic" if sent else "no alerts/sns_topic: not sent")
+    outcome = send(state_dir(dict(os.environ)), subject, message)
+    click.echo(outcome)
+    if not outcome.startswith("alert sent"):
+        raise WebstatsError(f"{unit} failure: {outcome}")
+
+
+@cli.command("watchdog")
+def watchdog_cmd() -> None:
+    """Check data age, the daily job, the web, the published version and the disks; alert
+    on each alarm (journal line + SNS; again every 6 h while it lasts; once when cleared)."""
+    from .alerts import watchdog
+
+    alarms, lines = watchdog()
+    for line in lines:
+        click.echo(line)
+    click.echo(
+        f"watchdog: {len(alarms)} alarms"
+        + (": " + ", ".join(a.name for a in alarms) if alarms else "")
+    )
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -273,7 +346,7 @@ def main(argv: list[str] | None = None) -> None:
         if verbose:
             traceback.print_exc()
         click.echo(f"bioc-webstats: error: {exc}", err=True)
-        sys.exit(exc.exit_code)
+        sys.exit(1)
     except SQLAlchemyError as exc:
         if verbose:
             traceback.print_exc()

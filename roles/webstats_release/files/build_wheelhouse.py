@@ -5,7 +5,7 @@ A wheelhouse is the project's wheel plus every runtime dependency pinned by
 requirements/runtime.txt, as binary wheels for the target's Python version and platform, so
 the host installs it with ``pip install --no-index``.
 
-The project's wheel carries the ETL's C scanner (``bioc_webstats._scan``, stable ABI: one
+The project's wheel carries the ETL's C scanner (``bioc_webstats.etl._scan``, stable ABI: one
 build for every Python >= 3.11) when the target has the controller's architecture: it is
 compiled here (a C compiler and the Python headers are needed) and tagged manylinux2014 after
 checking it needs nothing newer from glibc than 2.17. For another architecture, or with
@@ -83,7 +83,7 @@ def wheel_parser(directory: Path) -> str:
     """ "native" if the project's wheel carries the C scanner, else "python"."""
     wheel = next(directory.glob("bioc_webstats-*.whl"))
     with zipfile.ZipFile(wheel) as zf:
-        native = any(n.startswith("bioc_webstats/_scan") for n in zf.namelist())
+        native = any(n.startswith("bioc_webstats/etl/_scan") for n in zf.namelist())
     return "native" if native else "python"
 
 

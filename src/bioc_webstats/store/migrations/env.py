@@ -3,7 +3,7 @@
 from alembic import context
 from sqlalchemy import create_engine
 
-from bioc_webstats.models import Base
+from bioc_webstats.store.models import Base
 
 config = context.config
 target_metadata = Base.metadata

@@ -13,9 +13,9 @@ from dataclasses import dataclass, field
 from sqlalchemy import and_, func, or_, select
 from sqlalchemy.orm import Session
 
+from ..categories import BY_PREFIX, CATEGORIES, Category
+from ..store.models import CategoryStat, Package, PackageStat
 from . import tabfiles
-from .categories import BY_PREFIX, CATEGORIES, Category
-from .models import CategoryStat, Package, PackageStat
 
 Years = dict[int, dict[int, tuple[int, int]]]
 

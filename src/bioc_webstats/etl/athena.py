@@ -33,9 +33,10 @@ from collections.abc import Iterable, Iterator
 from importlib import resources
 from typing import Any
 
-from . import ingest, logs
-from .config import Settings
-from .errors import ConfigError, WebstatsError
+from ..categories import CATEGORIES
+from ..config import Settings
+from ..errors import ConfigError, WebstatsError
+from . import ingest, rule, sources
 
 log = logging.getLogger(__name__)
 
@@ -49,7 +50,7 @@ _STATUS = {
 
 
 def _sql(name: str) -> str:
-    return (resources.files("bioc_webstats") / "sql" / name).read_text(encoding="utf-8")
+    return (resources.files("bioc_webstats.etl") / "sql" / name).read_text(encoding="utf-8")
 
 
 def _identifier(name: str) -> str:
@@ -94,22 +95,28 @@ def downloads_sql(database: str, table: str, days: tuple[dt.date, dt.date] | Non
     where = ""
     if days is not None:
         where = f"WHERE day BETWEEN '{days[0].isoformat()}' AND '{days[1].isoformat()}'"
-    fields33 = " ".join(logs.CLOUDFRONT_FIELDS)
+    fields33 = " ".join(rule.CLOUDFRONT_FIELDS)
     return (
         _sql("downloads.sql")
         .replace("@@TABLE@@", f"{_identifier(database)}.{_identifier(table)}")
         .replace("@@WHERE@@", where)
-        .replace("@@RULE@@", logs.DOWNLOAD_PATTERN.replace("'", "''"))
+        .replace("@@RULE@@", rule.DOWNLOAD_PATTERN.replace("'", "''"))
+        .replace("@@CATEGORIES@@", _category_cases())
         .replace("@@F33@@", fields33)
-        .replace("@@F15@@", " ".join(logs.CLOUDFRONT_FIELDS[:15]))
+        .replace("@@F15@@", " ".join(rule.CLOUDFRONT_FIELDS[:15]))
     )
 
 
 # --- running queries ---------------------------------------------------------------------------
 
 
+def _category_cases() -> str:
+    """``WHEN '<repo path>' THEN '<prefix>'`` for each category (categories.py)."""
+    return "\n            ".join(f"WHEN '{c.repo_path}' THEN '{c.prefix}'" for c in CATEGORIES)
+
+
 def _aws_error(what: str, exc: BaseException) -> WebstatsError:
-    from .aws import describe_error
+    from ..aws import describe_error
 
     return WebstatsError(f"Athena {what}: {describe_error(exc)}")
 
@@ -215,7 +222,7 @@ def delete_results(s3: Any, location: str) -> list[str]:
     deleted; raises WebstatsError when S3 refuses."""
     from botocore.exceptions import BotoCoreError, ClientError
 
-    from .aws import describe_error
+    from ..aws import describe_error
 
     bucket, _, key = location.removeprefix("s3://").partition("/")
     done = []
@@ -231,7 +238,7 @@ def delete_results(s3: Any, location: str) -> list[str]:
 def rows_to_parsed(
     rows: Iterable[list[str | None]],
     bucket: str,
-    wanted: dict[str, logs.LogObject],
+    wanted: dict[str, sources.LogObject],
     copy: bool,
     key: bytes,
 ) -> Iterator[ingest.Parsed]:
@@ -239,7 +246,7 @@ def rows_to_parsed(
     client addresses with ``key`` exactly like the local engine (each distinct address once
     per object). Only one object's rows are held at a time."""
     prefix = f"s3://{bucket}/"
-    hasher = logs.ip_hasher(key)
+    hasher = rule.ip_hasher(key)
     hashes: dict[str, int] = {}
     current: ingest.Parsed | None = None
     for kind, path, cat, pkg, day, ip, n1, n2, n3, status in rows:
@@ -294,8 +301,8 @@ def run(
     poll_delay: float = 0.5,
 ) -> bool:
     """``etl run --engine athena``: same contract as :func:`bioc_webstats.ingest.run`."""
-    from . import db
-    from .aws import client as aws_client
+    from ..aws import client as aws_client
+    from ..store import db
 
     t0 = time.monotonic()
     url = ingest.source_url(settings, source)
@@ -307,7 +314,7 @@ def run(
     if not output or not output.startswith("s3://"):
         raise ConfigError("etl/athena_output (WEBSTATS_ETL_ATHENA_OUTPUT) must be an s3:// URL")
     key = b"" if dry_run else ingest.ip_hash_key(settings, url)
-    src = logs.S3Source(url)
+    src = sources.S3Source(url)
     objects, skipped = src.list()
     summary = ingest.RunSummary(skipped_names=len(skipped))
     with db.session_factory(settings.database_url)() as session:

@@ -9,12 +9,12 @@ from pathlib import Path
 
 from sqlalchemy import select
 
-from . import db
-from .categories import BY_PREFIX, CATEGORIES
-from .config import Settings
-from .errors import WebstatsError
+from ..categories import BY_PREFIX, CATEGORIES
+from ..config import Settings
+from ..errors import WebstatsError
+from ..store import db
+from ..store.models import Package
 from .manifest import FETCH_TIMEOUT, Manifest, read_manifest, version_key
-from .models import Package
 
 _CODE = re.compile(r"^\d{3,4}$")
 _XY = re.compile(r"^\d+\.\d+$")
@@ -81,8 +81,9 @@ def load_csv(settings: Settings, path: Path) -> str:
             elif (row.first_release, row.last_release) != (first, last):
                 row.first_release, row.last_release = first, last
                 updated += 1
+                touched.add((cat, name))  # its page shows the releases
         if touched:
-            from .stats import recompute_packages
+            from ..store.stats import recompute_packages
 
             recompute_packages(session, touched)
     return f"packages: {len(rows)} rows read, {added} added, {updated} updated"
@@ -214,14 +215,9 @@ def sync(
                 row = existing[(c.package, c.category)]
                 row.last_release = c.release if c.action == "close" else None
         if changes:
-            from .stats import recompute_packages
+            from ..store.stats import recompute_packages
 
             session.flush()
             recompute_packages(session, {(c.category, c.package) for c in changes})
-            db.bump_data_version(session)
-    if changes:
-        from .web import warm_after_change
-
-        warm_after_change(settings)
     lines.append("applied" if changes else "nothing to change")
     return "\n".join(lines)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
+import secrets
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -11,6 +12,7 @@ from typing import TYPE_CHECKING
 from sqlalchemy import Engine, create_engine, event, select
 from sqlalchemy.orm import Session, sessionmaker
 
+from ..config import PASSWORD_SOURCES, SecretPassword
 from .models import Meta
 
 if TYPE_CHECKING:
@@ -20,6 +22,7 @@ if TYPE_CHECKING:
 
 VALID_THRU = "valid_thru"
 DATA_VERSION = "data_version"
+DATA_TOKEN = "data_token"  # noqa: S105 - random, new with every data version: never the same in two databases
 
 _engines: dict[str, Engine] = {}
 
@@ -39,8 +42,31 @@ def get_engine(url: str) -> Engine:
                 max_overflow=5,
                 connect_args={"connect_timeout": 10},
             )
+            source = PASSWORD_SOURCES.get(url)
+            if source is not None:
+                event.listen(engine, "do_connect", _secret_login(source))
         _engines[url] = engine
     return engine
+
+
+def _secret_login(source: SecretPassword):
+    """Connect with the secret's current login; after a failed login, read the secret again
+    and retry once: a rotated password is picked up without a restart."""
+
+    def connect(dialect, _conn_rec, cargs, cparams):
+        for refresh in (False, True):
+            user, password = source.get(refresh=refresh)
+            cparams["password"] = password
+            if user:
+                cparams["user"] = user
+            try:
+                return dialect.connect(*cargs, **cparams)
+            except dialect.loaded_dbapi.OperationalError as exc:
+                if refresh or "authentication failed" not in str(exc):
+                    raise
+        raise AssertionError("unreachable")
+
+    return connect
 
 
 def dispose_engine(url: str) -> None:
@@ -74,7 +100,9 @@ def _alembic_config(url: str) -> AlembicConfig:
     from alembic.config import Config as AlembicConfig
 
     cfg = AlembicConfig()
-    cfg.set_main_option("script_location", str(resources.files("bioc_webstats") / "migrations"))
+    cfg.set_main_option(
+        "script_location", str(resources.files("bioc_webstats.store") / "migrations")
+    )
     cfg.set_main_option("sqlalchemy.url", url.replace("%", "%%"))
     return cfg
 
@@ -120,7 +148,7 @@ class SchemaStatus:
     revision: str | None
     ok: bool
     reason: str
-    behind: bool = False  # no schema yet, or an older one: `bioc-webstats db upgrade` fixes it
+    behind: bool = False  # no schema yet, or older than this release's: `db upgrade` fixes it
 
 
 def _revision_number(rev: str) -> int | None:
@@ -211,7 +239,39 @@ def get_data_version(session: Session) -> int:
 
 
 def bump_data_version(session: Session) -> int:
-    """Increment the data version inside the caller's transaction and return the new value."""
+    """Increment the data version inside the caller's transaction and return the new value.
+    A new random token goes with it, so that a version number reached again by another
+    database (recreated, or restored and changed) never names the same published files."""
     version = get_data_version(session) + 1
     set_meta(session, DATA_VERSION, str(version))
+    set_meta(session, DATA_TOKEN, secrets.token_hex(8))
     return version
+
+
+@dataclass(frozen=True)
+class DataState:
+    """What the published files depend on: the data version, its token, ValidThru."""
+
+    version: int
+    token: str
+    valid_thru: dt.date | None
+
+    @property
+    def key(self) -> str:
+        """The name of this data version among every database's: ``<version>-<token>``."""
+        return f"{self.version}-{self.token}"
+
+
+def data_state(session: Session) -> DataState:
+    """The current :class:`DataState`, read in one query."""
+    rows = dict(
+        session.execute(
+            select(Meta.key, Meta.value).where(Meta.key.in_((DATA_VERSION, DATA_TOKEN, VALID_THRU)))
+        ).all()
+    )
+    vt = rows.get(VALID_THRU)
+    return DataState(
+        int(rows.get(DATA_VERSION) or 0),
+        rows.get(DATA_TOKEN) or "0",
+        dt.date.fromisoformat(vt) if vt else None,
+    )

@@ -40,9 +40,9 @@ from sqlalchemy import (
 )
 from sqlalchemy.orm import Session
 
+from ..categories import BY_PREFIX
+from ..config import Settings
 from . import db
-from .categories import BY_PREFIX
-from .config import Settings
 from .models import CategoryStat, DownloadRecord, Package, PackageStat, StatsPending
 
 log = logging.getLogger(__name__)
@@ -332,7 +332,8 @@ def months_of_packages(
 def recompute_packages(session: Session, packages: Iterable[tuple[str, str]]) -> None:
     """Recompute every month and year of the given (category, package) pairs, and the
     category totals of those months and years (a packages-table change). Runs in the
-    caller's transaction; bumps the data version when anything was recomputed."""
+    caller's transaction; always bumps the data version (the pages show the releases, and
+    the category files list the packages of the table)."""
     pairs = set(packages)
     if not pairs:
         return
@@ -341,12 +342,12 @@ def recompute_packages(session: Session, packages: Iterable[tuple[str, str]]) ->
     for cat, pkg in pairs:
         session.execute(delete(ps).where(ps.category == cat, ps.package == pkg))
     queue(session, months_of_packages(session, pairs))
-    apply_pending(session)
+    if apply_pending(session).data_version is None:
+        db.bump_data_version(session)
 
 
 def rebuild(settings: Settings) -> str:
-    """Recompute all statistics from the stored records (one transaction), then warm the
-    web cache."""
+    """Recompute all statistics from the stored records (one transaction)."""
     t0 = time.monotonic()
     with db.session_factory(settings.database_url).begin() as session:
         session.execute(delete(PackageStat))
@@ -363,7 +364,4 @@ def rebuild(settings: Settings) -> str:
         f"ValidThru {res.valid_thru or '-'}, data version {res.data_version}, "
         f"{time.monotonic() - t0:.1f}s"
     )
-    from .web import warm_after_change
-
-    warm_after_change(settings)
     return line

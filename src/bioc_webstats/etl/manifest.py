@@ -13,9 +13,9 @@ import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
-from . import __version__
-from .categories import CATEGORIES
-from .errors import WebstatsError
+from .. import __version__
+from ..categories import CATEGORIES
+from ..errors import WebstatsError
 
 FETCH_TIMEOUT = 30.0  # seconds, per file
 MAX_BYTES = 64 * 1024 * 1024  # the largest PACKAGES today is a few MB

@@ -13,15 +13,15 @@ from functools import lru_cache
 from jinja2 import Environment, PackageLoader, select_autoescape
 from sqlalchemy.orm import Session
 
+from ..categories import BY_PREFIX, CATEGORIES, Category
 from . import report, tabfiles
-from .categories import BY_PREFIX, CATEGORIES, Category
 
 
 @lru_cache(maxsize=1)
 def environment() -> Environment:
     """The Jinja environment of the package's templates (autoescaped)."""
     env = Environment(
-        loader=PackageLoader("bioc_webstats", "templates"),
+        loader=PackageLoader("bioc_webstats.web", "templates"),
         autoescape=select_autoescape(["html"]),
         trim_blocks=True,
         lstrip_blocks=True,

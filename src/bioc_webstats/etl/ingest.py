@@ -32,10 +32,11 @@ from sqlalchemy import delete, func, insert, select, text
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from . import db, logs, stats
-from .config import Settings
-from .errors import ConfigError, WebstatsError
-from .models import DownloadRecord, IngestedObject
+from ..config import Settings
+from ..errors import ConfigError, WebstatsError
+from ..store import db, stats
+from ..store.models import DownloadRecord, IngestedObject
+from . import parse, rule, sources
 
 log = logging.getLogger(__name__)
 
@@ -112,12 +113,12 @@ def ip_hash_key(settings: Settings, source_url: str) -> bytes:
 class Parsed:
     """One object's contribution, ready to store (rows without the object id)."""
 
-    obj: logs.LogObject
+    obj: sources.LogObject
     lines_read: int = 0
     accepted: int = 0
     rejected: int = 0
     reasons: dict[str, int] = field(default_factory=dict)
-    copy_data: bytes = b""  # PostgreSQL: COPY data without the object id (logs.ObjectRecords)
+    copy_data: bytes = b""  # PostgreSQL: COPY data without the object id (parse.ObjectRecords)
     copy_format: str = "text"
     rows: list[tuple[str, str, dt.date, int, int]] = field(default_factory=list)  # SQLite
     touched: set[tuple[str, str, int, int]] = field(default_factory=set)
@@ -135,7 +136,7 @@ def _init_worker(source_url: str, key: bytes, copy: bool, child: bool) -> None:
     _worker.clear()
     # one hasher per process: the parsers keep each client's hash while it is the same
     _worker.update(
-        url=source_url, key=key, copy=copy, source=None, hashes={}, hasher=logs.ip_hasher(key)
+        url=source_url, key=key, copy=copy, source=None, hashes={}, hasher=rule.ip_hasher(key)
     )
 
 
@@ -150,18 +151,18 @@ def _die_with_parent() -> None:
         pass
 
 
-def _parse(obj: logs.LogObject) -> Parsed:
+def _parse(obj: sources.LogObject) -> Parsed:
     """Read and count one object (runs in a worker). Failures are returned, not raised."""
     if _worker["source"] is None:
-        _worker["source"] = logs.open_source(_worker["url"])
+        _worker["source"] = sources.open_source(_worker["url"])
     out = Parsed(obj)
     chunks = _worker["source"].chunks(obj)
     try:
         if _worker["copy"]:
-            rec = logs.count_records(chunks, obj.name_hour, _worker["hasher"])
+            rec = parse.count_records(chunks, obj.name_hour, _worker["hasher"])
         else:
-            res = logs.count_object(chunks, obj.name_hour)
-    except logs.LogFormatError as exc:
+            res = parse.count_object(chunks, obj.name_hour)
+    except sources.LogFormatError as exc:
         out.error = str(exc)
         return out
     if _worker["copy"]:
@@ -173,7 +174,7 @@ def _parse(obj: logs.LogObject) -> Parsed:
     out.reasons = res.reject_reasons
     hasher = _worker["hasher"]
     hashes: dict[bytes, int] = _worker["hashes"]  # each client hashed once per process
-    if len(hashes) > logs.IP_HASH_CACHE_MAX:
+    if len(hashes) > parse.IP_HASH_CACHE_MAX:
         hashes.clear()
     for day, per_pkg in res.by_day.items():
         for (cat, pkg), ips in per_pkg.items():
@@ -188,7 +189,7 @@ def _parse(obj: logs.LogObject) -> Parsed:
 
 
 def parse_all(
-    source_url: str, key: bytes, objects: list[logs.LogObject], copy: bool, workers: int
+    source_url: str, key: bytes, objects: list[sources.LogObject], copy: bool, workers: int
 ) -> Iterator[Parsed]:
     """Parsed objects in the order given; ``workers`` > 1 parses in child processes with a
     bounded number in flight, so memory stays constant whatever the number of objects."""
@@ -225,7 +226,7 @@ _COPY = "COPY download_records (category, package, day, ip_hash, downloads, obje
 
 def _insert_records(session: Session, object_id: int, parsed: Parsed) -> None:
     if parsed.copy_data and parsed.accepted:
-        data = logs.with_object_id(parsed.copy_data, parsed.copy_format, object_id)
+        data = parse.with_object_id(parsed.copy_data, parsed.copy_format, object_id)
         binary = " (FORMAT binary)" if parsed.copy_format == "binary" else ""
         dbapi = session.connection().connection
         with dbapi.cursor() as cur:
@@ -407,7 +408,7 @@ class RunSummary:
 def _ingest_objects(
     settings: Settings,
     url: str,
-    objects: list[logs.LogObject],
+    objects: list[sources.LogObject],
     summary: RunSummary,
     store: Callable[[Session, Parsed, set[tuple[str, str, int, int]]], None],
 ) -> None:
@@ -474,10 +475,8 @@ def store_all(
 
 
 def finish_run(settings: Settings, summary: RunSummary) -> None:
-    """Recompute what is queued (one transaction); then, if the statistics changed, warm
-    the web cache and ask CloudFront to drop its cached pages. A failed warm is logged
-    only; a failed invalidation fails the run (counted in ``summary.failed``) but never the
-    data, which is committed by then."""
+    """Recompute what is queued (one transaction). Publishing the new data version is the
+    caller's next step (``publish``, called by the CLI after every change)."""
     pause_point("before_recompute")
     t0 = time.monotonic()
     with db.session_factory(settings.database_url).begin() as session:
@@ -487,27 +486,11 @@ def finish_run(settings: Settings, summary: RunSummary) -> None:
     summary.t_recompute = time.monotonic() - t0
     summary.months = res.months
     summary.valid_thru = res.valid_thru
-    if res.data_version is not None:
-        from .aws import invalidate_stats_cache
-        from .web import warm_after_change
-
-        warm_after_change(settings)  # before the CDN asks for the new pages
-
-        try:
-            inv = invalidate_stats_cache(settings)
-        except WebstatsError as exc:
-            summary.failed += 1
-            log.error(
-                "%s (the statistics are updated; the CDN serves old pages until they expire)", exc
-            )
-        else:
-            if inv:
-                log.info("CloudFront invalidation %s of /packages/stats/*", inv)
 
 
 def select_objects(
-    session: Session, objects: list[logs.LogObject], lookback_days: int, since: dt.date | None
-) -> tuple[list[logs.LogObject], dt.date | None]:
+    session: Session, objects: list[sources.LogObject], lookback_days: int, since: dt.date | None
+) -> tuple[list[sources.LogObject], dt.date | None]:
     """The objects to ingest: dated on or after (newest ingested name date - look-back),
     or ``since`` if earlier, and not in the ledger. First run: all. Also returns the start."""
     newest = session.scalar(select(func.max(IngestedObject.name_hour)))
@@ -545,7 +528,7 @@ def run(
     lookback = settings.get_int("etl/lookback_days")
     if not dry_run:
         ip_hash_key(settings, url)  # fail on configuration before reading anything
-    src = logs.open_source(url)
+    src = sources.open_source(url)
     objects, skipped = src.list()
     summary = RunSummary(skipped_names=len(skipped))
     for k in skipped:
@@ -567,7 +550,7 @@ def run(
         log.info("%s", summary.line("etl run --dry-run").replace("ingested", "to ingest"))
         return True
     if todo:  # which loop reads the lines (a pure-Python build is about half as fast)
-        log.info("parsing with the %s parser in %d processes", logs.parser_name(),
+        log.info("parsing with the %s parser in %d processes", parse.parser_name(),
                  min(_workers(settings), len(todo)))  # fmt: skip
     _ingest_objects(settings, url, todo, summary, store_new)
     finish_run(settings, summary)
@@ -580,7 +563,7 @@ def reingest(settings: Settings, keys: list[str], source: str | None = None) -> 
     """Re-read already ingested objects and replace their records; statistics follow."""
     t0 = time.monotonic()
     url = source_url(settings, source)
-    src = logs.open_source(url)
+    src = sources.open_source(url)
     objects = [src.get(k) for k in keys]
     summary = RunSummary()
     _ingest_objects(settings, url, objects, summary, store_replacement)

@@ -1,0 +1,138 @@
+"""After any change of the statistics: publish the new data version, then tell the CDN.
+
+One door for every kind of change (``etl run``, ``etl reingest``, ``import legacy-db``,
+``stats rebuild``, ``packages load``/``sync``): the CLI runs each of them inside
+:func:`after_change`, which compares the database's data version before and after and, when
+it moved, lays out the new version's pages and files (:func:`publish`), switches the site to
+it and invalidates CloudFront's cached ``/packages/stats/*`` when a distribution is
+configured. The ETL and the web never call each other; this module sits on top of both.
+
+What is published eagerly: every page and file that names no package (the index and
+repository pages, the category files — the half-million-line ``bioc_pkg_stats.tab`` among
+them —, the year files) and the static assets. Package pages and files are built on their
+first request by the app, into the same version directory (``publish --all`` builds them all
+now; docs/ARCHITECTURE.md has the figures of both).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+from .config import Settings
+from .errors import WebstatsError
+from .store import db
+from .web.app import StatsSite
+from .web.targets import STATIC_FILES, category_targets, package_targets
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class PublishResult:
+    """What :func:`publish` did."""
+
+    key: str  # the data version published, <version>-<token>
+    directory: str = ""
+    built: int = 0
+    present: int = 0  # already there (built by a request first, or an earlier publish)
+    switched: bool = False
+    moved_on: bool = False  # the data changed meanwhile: the rest is left to the next publish
+    seconds: float = 0.0
+
+    def line(self) -> str:
+        text = (
+            f"publish: data version {self.key} in {self.directory}, {self.built} files built, "
+            f"{self.present} already there, {self.seconds:.1f}s"
+        )
+        if self.moved_on:
+            text += " (stopped: the data version moved on meanwhile)"
+        return text
+
+
+def publish(settings: Settings, all_files: bool = False, force: bool = False) -> PublishResult:
+    """Lay out the current data version's pages and files (every package's too with
+    ``all_files``) in a version directory and switch the site to it; ``force`` makes a new
+    directory even when the current one is of this data version (after a restore).
+    Raises WebstatsError when the directory cannot be written."""
+    t0 = time.monotonic()
+    site = StatsSite(settings)
+    state = site.state()
+    snap = site.snapshot(state)
+    try:
+        version = site.site.open_version(state.key, force=force)
+        result = PublishResult(state.key, version.path.name)
+        for name in STATIC_FILES:
+            if site.site.lookup(version, name) is None:
+                site.site.write(version, name, site.static(name)[0])
+        targets = category_targets(snap) + (package_targets(snap) if all_files else [])
+        for target in targets:
+            if site.site.lookup(version, target.relpath) is not None:
+                result.present += 1
+                continue
+            got = site.site.get_or_build(
+                version, target.relpath, lambda t=target: site.build(t, snap, state.key)
+            )
+            if isinstance(got, bytes):  # built from a newer data version: not stored
+                result.moved_on = True
+                break
+            result.built += 1
+        result.switched = site.site.switch(version)
+    except OSError as exc:
+        where = exc.filename or settings.publish_dir
+        raise WebstatsError(
+            f"publish: cannot write {where}: {exc.strerror or exc}; the site keeps showing "
+            "the version published before (run 'bioc-webstats publish' once it is fixed)"
+        ) from None
+    result.seconds = time.monotonic() - t0
+    return result
+
+
+def _key(settings: Settings) -> str | None:
+    """The database's data version key, or None when it cannot be read (no schema yet)."""
+    try:
+        with db.session_factory(settings.database_url)() as session:
+            return db.data_state(session).key
+    except Exception:  # noqa: BLE001 - the command itself reports an unusable database
+        return None
+
+
+@contextlib.contextmanager
+def after_change(settings: Settings) -> Iterator[None]:
+    """Run a command that may change the statistics; when it did (also when it then failed
+    part-way: what it committed is live), publish and invalidate the CDN. A failed publish
+    or invalidation fails the command (the data is committed either way)."""
+    before = _key(settings)
+    try:
+        yield
+    except BaseException:
+        if _changed(settings, before):
+            try:
+                _publish_and_invalidate(settings)
+            except WebstatsError as exc:  # the command's own error is the one to report
+                log.error("%s", exc)
+        raise
+    if _changed(settings, before):
+        _publish_and_invalidate(settings)
+
+
+def _changed(settings: Settings, before: str | None) -> bool:
+    after = _key(settings)
+    return after is not None and after != before
+
+
+def _publish_and_invalidate(settings: Settings) -> None:
+    from .aws import invalidate_stats_cache
+
+    log.info("%s", publish(settings).line())
+    try:
+        inv = invalidate_stats_cache(settings)
+    except WebstatsError as exc:
+        raise WebstatsError(
+            f"{exc} (the statistics are published; the CDN serves old pages until they expire)"
+        ) from None
+    if inv:
+        log.info("CloudFront invalidation %s of /packages/stats/*", inv)

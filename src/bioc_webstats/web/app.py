@@ -1,0 +1,279 @@
+"""The Flask application: /packages/stats/… (web-contract.md) and /healthz.
+
+Behind nginx, the app sees only what nginx has no published file for: redirects, 404s,
+``/healthz``, and pages or files of the current data version that are not built yet. It
+builds those into the current version directory of the published site (:mod:`.site`), where
+nginx finds them from then on, and sends them with Flask's ``send_file`` (conditional: 304 on
+``If-None-Match``/``If-Modified-Since``, HEAD without body). Without nginx (development, the
+tests' embedded mode) it answers every URL the same way, from the same files.
+
+The data version is read from the database on each request the app answers (one small query):
+when the published ``current`` is not the database's version — a change nobody published
+yet, a recreated or restored database — the app opens a directory for the database's version
+and switches ``current`` to it, so no answer ever comes from another database's files.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import gc
+import hashlib
+import threading
+import time
+from importlib import resources
+from pathlib import Path
+from urllib.parse import quote
+
+from flask import Flask, Response, jsonify, request, send_file
+from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.orm import Session
+from werkzeug.exceptions import HTTPException
+
+from .. import __version__
+from ..config import Settings, load_settings
+from ..errors import ConfigError
+from ..store import db
+from . import pages, report, tabfiles
+from .site import PublishedSite, Version, validators
+from .targets import STATIC_FILES, Redirect, Target, build, exists, resolve
+
+PREFIX = "/packages/stats"
+TEXT = "text/plain; charset=utf-8"
+HTML = "text/html; charset=utf-8"
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+
+
+def log_level(settings: Settings) -> str:
+    """``flask/log_level`` upper-cased; anything else than a logging level is a ConfigError."""
+    level = (settings.get("flask/log_level") or "INFO").upper()
+    if level not in LOG_LEVELS:
+        raise ConfigError(
+            f"parameter flask/log_level must be one of {', '.join(LOG_LEVELS)}, got {level!r}"
+        )
+    return level
+
+
+def http_datetime(when: dt.datetime) -> str:
+    """RFC 7231 date of an aware datetime, locale-independent."""
+    when = when.astimezone(dt.UTC)
+    return tabfiles.http_date(when.date()).replace("00:00:00", when.strftime("%H:%M:%S"))
+
+
+class StatsSite:
+    """Per-process state: settings, the published site, the snapshot of the data version."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.site = PublishedSite(settings.publish_dir)
+        self.max_age = settings.get_int("web/cache_max_age")
+        self._snap: tuple[str, report.Snapshot] | None = None
+        self._lock = threading.Lock()
+        self._static: dict[str, tuple[bytes, str, str, float]] = {}
+
+    def session(self) -> Session:
+        return db.session_factory(self.settings.database_url)()
+
+    def state(self) -> db.DataState:
+        with self.session() as session:
+            return db.data_state(session)
+
+    def snapshot(self, state: db.DataState) -> report.Snapshot:
+        """The snapshot of this data version (loaded once per version and process)."""
+        snap = self._snap
+        if snap is None or snap[0] != state.key:
+            with self._lock:
+                snap = self._snap
+                if snap is None or snap[0] != state.key:
+                    with self.session() as session:
+                        loaded = report.load_snapshot(session, state.version, state.valid_thru)
+                    snap = self._snap = (state.key, loaded)
+                    # Long-lived from here on: keep it out of the collector's full scans.
+                    gc.freeze()
+        return snap[1]
+
+    def version(self, state: db.DataState) -> Version:
+        """The published version directory of the database's data version: ``current``
+        when it is that version, else a new directory that ``current`` is switched to."""
+        site = self.site
+        cur = site.current()
+        if cur is not None and cur.key == state.key:
+            return cur
+        with self._lock:
+            cur = site.current()
+            if cur is not None and cur.key == state.key:
+                return cur
+            version = site.open_version(state.key)
+            site.switch(version)
+            return version
+
+    def build(self, target: Target, snap: report.Snapshot, key: str) -> tuple[bytes, bool]:
+        """Generate one body from one consistent view of the database: (body, whether it
+        is of data version ``key``). On PostgreSQL the transaction is REPEATABLE READ, so
+        every query sees the same committed state, and the data version read first in it
+        tells whether that state is still ``key`` (else the body is served, not stored)."""
+        with self.session() as session:
+            if session.get_bind().dialect.name == "postgresql":
+                session.connection(execution_options={"isolation_level": "REPEATABLE READ"})
+            same = db.data_state(session).key == key
+            return build(session, target, snap).encode(), same
+
+    def static(self, name: str) -> tuple[bytes, str, str, float]:
+        """(body, content type, etag, mtime) of a shipped asset, read once."""
+        if name not in self._static:
+            rel, ctype = STATIC_FILES[name]
+            res = resources.files("bioc_webstats.web") / "static" / rel
+            body = res.read_bytes()
+            etag = "s-" + hashlib.sha256(body).hexdigest()[:20]
+            self._static[name] = (body, ctype, etag, Path(str(res)).stat().st_mtime)
+        return self._static[name]
+
+
+def _stale(vt: dt.date | None, settings: Settings) -> bool:
+    """Whether ValidThru is older than ``alerts/max_data_age`` hours (no data: not stale)."""
+    if vt is None:
+        return False
+    try:
+        limit = float(settings.get("alerts/max_data_age") or 36)
+    except ValueError:
+        limit = 36.0
+    midnight = dt.datetime(vt.year, vt.month, vt.day, tzinfo=dt.UTC)
+    return (dt.datetime.now(dt.UTC) - midnight).total_seconds() > limit * 3600
+
+
+def _plain(status: int, title: str, message: str) -> Response:
+    root = f"{request.script_root}{PREFIX}/"
+    body = pages.simple_page(title, message, status, root).encode()
+    resp = Response(body, status=status, content_type=HTML)
+    if status == 503:
+        resp.headers["Retry-After"] = "60"
+    resp.headers["Cache-Control"] = "no-store"
+    return resp
+
+
+def _redirect(location: str) -> Response:
+    target = f"{request.script_root}{PREFIX}/{location}"
+    qs = request.query_string.decode("latin-1")
+    if qs:
+        target += "?" + quote(qs, safe="/?&=+%;:@,$!*'()~")
+    resp = Response(status=301)
+    resp.headers["Location"] = target
+    return resp
+
+
+def _send(path_or_body: Path | bytes, ctype: str, etag: str, mtime: float, max_age: int):
+    """200 (or 304 when the request's validators match) with nginx's headers."""
+    import io
+
+    if isinstance(path_or_body, Path):
+        resp = send_file(path_or_body, mimetype=ctype, etag=etag, last_modified=mtime,
+                         max_age=max_age, conditional=True)  # fmt: skip
+    else:
+        resp = send_file(io.BytesIO(path_or_body), mimetype=ctype, etag=etag,
+                         last_modified=mtime, max_age=max_age, conditional=True)  # fmt: skip
+    resp.headers.pop("Expires", None)
+    resp.headers["Cache-Control"] = f"public, max-age={max_age}"
+    if resp.status_code == 200:
+        resp.headers["Content-Type"] = ctype  # exactly, as nginx sends it
+    return resp
+
+
+def create_app(settings: Settings | None = None) -> Flask:
+    """Build the app from the effective configuration (loaded once per process, with the
+    web's read-only database login)."""
+    settings = settings or load_settings(login="web")
+    app = Flask(__name__, static_folder=None)
+    app.config["WEBSTATS"] = settings
+    app.logger.setLevel(log_level(settings))
+    app.url_map.merge_slashes = False
+    site = StatsSite(settings)
+    app.extensions["webstats"] = site
+
+    @app.get("/healthz")
+    def healthz():
+        body = {
+            "status": "error",
+            "version": __version__,
+            "database": False,
+            "schema": None,
+            "valid_thru": None,
+        }
+        try:
+            status = db.schema_status(settings.database_url)
+            body["database"] = True
+            body["schema"] = status.revision
+            if status.ok:
+                with db.session_factory(settings.database_url)() as session:
+                    vt = db.get_valid_thru(session)
+                body["valid_thru"] = vt.isoformat() if vt else None
+                body["status"] = "stale" if _stale(vt, settings) else "ok"
+        except Exception:
+            app.logger.warning("healthz: database check failed", exc_info=True)
+        resp = jsonify(body)
+        resp.headers["Cache-Control"] = "no-store"
+        # Stale data is still served (200): a health check must not take the only origin
+        # out for it; the watchdog alarms instead (docs/RUNBOOK.md).
+        return resp, 503 if body["status"] == "error" else 200
+
+    @app.get(PREFIX)
+    def prefix_redirect():
+        return _redirect("")
+
+    @app.get(PREFIX + "/", defaults={"sub": ""})
+    @app.get(PREFIX + "/<path:sub>")
+    def stats(sub: str):
+        resolved = resolve(sub)
+        if resolved is None:
+            return _plain(404, "Not Found", "No such page or file.")
+        if isinstance(resolved, str):
+            body, ctype, etag, mtime = site.static(resolved)
+            return _send(body, ctype, etag, mtime, site.max_age)
+        if isinstance(resolved, Redirect) and resolved.needs_package is None:
+            return _redirect(resolved.location)
+        try:
+            state = site.state()
+            snap = site.snapshot(state)
+            if isinstance(resolved, Redirect):
+                assert resolved.cat is not None
+                if resolved.needs_package not in snap.categories[resolved.cat.prefix].years:
+                    return _plain(404, "Not Found", "No such package.")
+                return _redirect(resolved.location)
+            target = resolved
+            if not exists(target, snap):
+                return _plain(404, "Not Found", "No such page or file.")
+            try:
+                version: Version | None = site.version(state)
+            except OSError as exc:  # no usable publish directory: still answer, from memory
+                app.logger.warning("cannot publish into %s: %s", settings.publish_dir, exc)
+                version = None
+            if version is None:
+                got: Path | bytes = site.build(target, snap, state.key)[0]
+            else:
+                got = site.site.get_or_build(
+                    version, target.relpath, lambda: site.build(target, snap, state.key)
+                )
+        except SQLAlchemyError:
+            app.logger.warning("database unavailable", exc_info=True)
+            return _plain(503, "Service Unavailable", "The statistics database is unavailable.")
+        ctype = HTML if target.is_page else TEXT
+        if isinstance(got, Path):
+            etag, mtime, _size = validators(got)
+        else:  # not stored (the data moved on meanwhile, or the disk refused)
+            mtime = float(max(int(time.time()), version.published if version else 0))
+            etag = f'"{int(mtime):x}-{len(got):x}"'
+        return _send(got, ctype, etag.strip('"'), mtime, site.max_age)
+
+    @app.errorhandler(HTTPException)
+    def http_error(exc: HTTPException):
+        code = exc.code or 500
+        return _plain(code, exc.name, exc.description or exc.name)
+
+    @app.errorhandler(SQLAlchemyError)
+    def db_error(_exc: SQLAlchemyError):
+        return _plain(503, "Service Unavailable", "The statistics database is unavailable.")
+
+    @app.errorhandler(Exception)
+    def unexpected(exc: Exception):
+        app.logger.error("unexpected error", exc_info=exc)
+        return _plain(500, "Internal Server Error", "Something went wrong on our side.")
+
+    return app

@@ -1,0 +1,57 @@
+"""gunicorn settings, used as
+``gunicorn -c python:bioc_webstats.web.gunicorn_conf 'bioc_webstats:create_app()'``.
+
+- nginx is the front (slow clients, limits, published files); gunicorn answers what nginx
+  passes on, with a stock worker class (``gthread``).
+- Listens where ``gunicorn/bind_port`` says (``host:port`` or ``unix:/path``), unless systemd
+  passes the socket (``LISTEN_FDS`` from the ``.socket`` unit): gunicorn then uses the
+  inherited descriptors natively.
+- ``Type=notify``: gunicorn's arbiter sends ``READY=1`` to ``$NOTIFY_SOCKET`` itself once it
+  listens (gunicorn.systemd.sd_notify), so no hook is needed here.
+- Logs to ``gunicorn/access_log`` and ``gunicorn/error_log`` (``-`` = stdout/stderr);
+  SIGUSR1 makes gunicorn reopen both files (logrotate's postrotate sends it).
+- Workers: ``gunicorn/workers`` (default 2 x CPUs + 1) with ``gunicorn/threads`` threads
+  each; like every parameter they come from the env file, SSM or the environment
+  (``WEBSTATS_GUNICORN_WORKERS`` …) and ``bioc-webstats config show`` lists them.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+from bioc_webstats.config import load_settings
+from bioc_webstats.errors import ConfigError
+from bioc_webstats.web.app import log_level
+
+try:
+    _settings = load_settings(login="web")
+    loglevel = log_level(_settings).lower()
+    workers = (
+        _settings.get_int("gunicorn/workers", minimum=1)
+        if _settings.get("gunicorn/workers")
+        else 2 * (os.cpu_count() or 1) + 1
+    )
+    threads = _settings.get_int("gunicorn/threads", minimum=1)
+except ConfigError as exc:  # one clear line, no traceback, non-zero exit (the unit fails)
+    sys.stderr.write(f"bioc-webstats: {exc}\n")
+    raise SystemExit(1) from None
+
+bind = [_settings.get("gunicorn/bind_port") or "0.0.0.0:8000"]
+accesslog = _settings.get("gunicorn/access_log") or "-"
+errorlog = _settings.get("gunicorn/error_log") or "-"
+
+worker_class = "gthread"
+keepalive = 5  # behind nginx: its upstream connections
+timeout = 120  # the first request of a new data version may build the half-million-line file
+graceful_timeout = 30  # a restart lets running requests finish (the socket unit queues new ones)
+max_requests = 100_000  # recycle workers now and then; the jitter keeps them from going at once
+max_requests_jitter = 10_000
+preload_app = True  # configuration (SSM, secrets) is read once, in the arbiter
+proc_name = "bioc-webstats"
+if os.path.isdir("/dev/shm"):  # noqa: S108 - gunicorn's heartbeat files, kept off the disk
+    worker_tmp_dir = "/dev/shm"  # noqa: S108
+# gunicorn's own parser limits (nginx in front has its own, smaller ones).
+limit_request_line = 4094
+limit_request_fields = 100
+limit_request_field_size = 8190

@@ -1,0 +1,217 @@
+"""The published site on disk: one directory per data version, ``current`` pointing at one.
+
+``<publish_dir>/v<version>-<token>-<code version>-<published>/packages/stats/<URL path>``;
+``<publish_dir>/current`` is a symlink to one of them, replaced by a rename (atomic: a reader
+follows either the old or the new link, never a mix). nginx sends what exists under
+``current``; everything else goes to the app, which builds the missing page or file into the
+same directory (:meth:`PublishedSite.get_or_build`) — so a version directory fills up from
+two sides (the publish step, eagerly, and requests, lazily) with bodies of one data version.
+
+Every file of a version gets the version's publish time as mtime: nginx's validators (ETag
+``"<mtime hex>-<size hex>"``, Last-Modified = mtime) and the app's (:func:`validators`, the
+same rule) then change with every version, and a version published later always has a later
+time — also after a restore, which gets a new directory rather than an old one back.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import json
+import logging
+import os
+import re
+import shutil
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from .. import __version__
+
+log = logging.getLogger(__name__)
+
+CURRENT = "current"
+SITE_PREFIX = "packages/stats"  # URL prefix, mirrored under each version directory
+META_FILE = ".version.json"  # nginx never serves dot-files; the app 404s them
+KEEP = 2  # version directories kept: the current one and the one before (requests in flight)
+_DIR_RE = re.compile(r"^v(\d+)-([0-9A-Za-z]+)-(.+)-(\d+)$")
+
+
+@dataclass(frozen=True)
+class Version:
+    """One version directory: its path, data key (``<version>-<token>``), code version and
+    publish time (integer seconds since the epoch, the mtime of its files)."""
+
+    path: Path
+    key: str
+    code: str
+    published: int
+
+    @property
+    def data_version(self) -> int:
+        return int(self.key.split("-", 1)[0])
+
+    def file(self, relpath: str) -> Path:
+        """The file of a URL path under the site prefix (``bioc/affy/index.html``)."""
+        return self.path / SITE_PREFIX / relpath
+
+
+def validators(path: Path) -> tuple[str, float, int]:
+    """(strong ETag, mtime, size) of a published file: nginx's rule, so both answer alike."""
+    st = os.stat(path)
+    return f'"{int(st.st_mtime):x}-{st.st_size:x}"', st.st_mtime, st.st_size
+
+
+class PublishedSite:
+    """The version directories under ``root`` and the ``current`` link."""
+
+    def __init__(self, root: Path, code: str = __version__) -> None:
+        self.root = root
+        self.code = code
+
+    # --- versions ---------------------------------------------------------------------------
+
+    def _read(self, path: Path) -> Version | None:
+        m = _DIR_RE.match(path.name)
+        if m is None:
+            return None
+        return Version(path, f"{m[1]}-{m[2]}", m[3], int(m[4]))
+
+    def versions(self) -> list[Version]:
+        """Every version directory, oldest publish first."""
+        try:
+            entries = list(self.root.iterdir())
+        except OSError:
+            return []
+        found = [v for e in entries if not e.is_symlink() and (v := self._read(e)) is not None]
+        return sorted(found, key=lambda v: v.published)
+
+    def current(self) -> Version | None:
+        """The version ``current`` points at, or None (nothing published yet)."""
+        try:
+            target = os.readlink(self.root / CURRENT)
+        except OSError:
+            return None
+        version = self._read(self.root / target)
+        return version if version is not None and version.path.is_dir() else None
+
+    def open_version(self, key: str, force: bool = False) -> Version:
+        """The directory to publish data version ``key`` into: the current one when it holds
+        that key and this code version (unless ``force``), one being filled that is newer than
+        the current, or a new one with a publish time later than every other's."""
+        versions = self.versions()
+        cur = self.current()
+        if not force:
+            if cur is not None and cur.key == key and cur.code == self.code:
+                return cur
+            newer = [
+                v
+                for v in versions
+                if v.key == key
+                and v.code == self.code
+                and (cur is None or v.published > cur.published)
+            ]
+            if newer:
+                return newer[-1]
+        latest = max((v.published for v in versions), default=0)
+        published = max(int(time.time()), latest + 1)
+        path = self.root / f"v{key}-{self.code}-{published}"
+        self.root.mkdir(parents=True, exist_ok=True)
+        (path / SITE_PREFIX).mkdir(parents=True, exist_ok=True)
+        _touch(path / SITE_PREFIX, published)
+        meta = {"key": key, "code": self.code, "published": published}
+        _write_atomic(path / META_FILE, json.dumps(meta).encode() + b"\n", published)
+        return Version(path, key, self.code, published)
+
+    def switch(self, version: Version) -> bool:
+        """Point ``current`` at ``version`` (a rename: atomic for every reader) unless it
+        points at a version published later; prune old versions. True if it switched."""
+        cur = self.current()
+        if cur is not None and (cur.path == version.path or cur.published > version.published):
+            return False
+        link = self.root / f".tmp-current-{os.getpid()}-{time.monotonic_ns()}"
+        os.symlink(version.path.name, link)
+        os.replace(link, self.root / CURRENT)
+        self.prune()
+        return True
+
+    def prune(self) -> list[Path]:
+        """Remove version directories other than the current and the ``KEEP`` - 1 published
+        before it (open files stay readable to whoever has them open); also versions that
+        were being filled and lost to a later one. Returns what was removed."""
+        cur = self.current()
+        if cur is None:
+            return []
+        older = [v for v in self.versions() if v.published < cur.published]
+        removed = [v.path for v in older[: max(0, len(older) - (KEEP - 1))]]
+        for path in removed:
+            shutil.rmtree(path, ignore_errors=True)
+        return removed
+
+    # --- files ------------------------------------------------------------------------------
+
+    def lookup(self, version: Version, relpath: str) -> Path | None:
+        path = version.file(relpath)
+        return path if path.is_file() else None
+
+    def write(self, version: Version, relpath: str, body: bytes) -> Path:
+        """Write one body of ``version`` (atomic: tmp file + rename; mtime = publish time)."""
+        path = version.file(relpath)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        _write_atomic(path, body, version.published)
+        return path
+
+    def get_or_build(
+        self, version: Version, relpath: str, build: Callable[[], tuple[bytes, bool]]
+    ) -> Path | bytes:
+        """The file, building it first if needed. One builder per file at a time, across
+        threads and processes (flock), so the first requests after a change do not start the
+        same heavy build in every worker; the second look after the lock finds the file the
+        other builder wrote. ``build`` returns (body, storable): a body built while the data
+        version moved on is served once but not stored. A disk that refuses is logged and the
+        body served from memory."""
+        path = self.lookup(version, relpath)
+        if path is not None:
+            return path
+        lock_name = ".lock-" + hashlib.sha256(relpath.encode()).hexdigest()[:24]
+        try:
+            lock = open(version.path / lock_name, "a+b")
+        except OSError as exc:
+            log.warning("site: cannot lock in %s (%s); serving from memory", version.path, exc)
+            return build()[0]
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            path = self.lookup(version, relpath)
+            if path is not None:
+                return path
+            body, storable = build()
+            if not storable:
+                return body
+            try:
+                return self.write(version, relpath, body)
+            except OSError as exc:
+                log.warning("site: cannot write %s (%s); serving from memory", relpath, exc)
+                return body
+        finally:
+            lock.close()  # releases the lock
+
+
+def _touch(path: Path, when: int) -> None:
+    os.utime(path, (when, when))
+
+
+def _write_atomic(path: Path, body: bytes, mtime: int) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(body)
+        os.chmod(tmp, 0o644)  # readers: the front server (the publish directory limits who)
+        os.utime(tmp, (mtime, mtime))
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise

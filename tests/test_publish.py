@@ -1,0 +1,349 @@
+"""Publishing: after a change, the pages and files of the new data version are laid out on
+disk (``<publish_dir>/v…``), ``current`` is switched to them atomically, old versions are
+pruned; requests build what is missing into the same directory; the validators follow the
+version (and never come back for another database)."""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+import os
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+from sqlalchemy import text
+
+import loggen
+import webref
+from bioc_webstats import cli, create_app
+from bioc_webstats.config import load_settings
+from bioc_webstats.errors import WebstatsError
+from bioc_webstats.publish import publish
+from bioc_webstats.store import db
+from bioc_webstats.web.app import StatsSite
+from bioc_webstats.web.site import KEEP, PublishedSite, validators
+from bioc_webstats.web.targets import Target, build, category_targets, resolve
+from conftest import new_pg_database
+from test_ingest import loaded
+from webserver import run_gunicorn
+
+HEAVY = "bioc/bioc_pkg_stats.tab"
+P = "/packages/stats/"
+VT = dt.date(2024, 3, 31)
+
+
+@pytest.fixture
+def logs_dir(tmp_path):
+    out = tmp_path / "logs"
+    loggen.generate(out, days=2, start=dt.date(2024, 3, 30), files_per_day=4, lines_per_file=200)
+    return out
+
+
+def fresh_build(settings, relpath: str) -> bytes:
+    """The body the web would build now (its own session and snapshot, nothing on disk)."""
+    site = StatsSite(settings)
+    state = site.state()
+    snap = site.snapshot(state)
+    target = resolve(relpath)
+    assert isinstance(target, Target)
+    with site.session() as session:
+        return build(session, target, snap).encode()
+
+
+def bump(url: str) -> None:
+    with db.session_factory(url)() as s:
+        db.bump_data_version(s)
+        s.commit()
+
+
+def current(settings) -> Path:
+    return settings.publish_dir / "current"
+
+
+# --- the site directory ------------------------------------------------------------------
+
+
+def test_get_or_build_builds_once_across_threads(tmp_path):
+    site = PublishedSite(tmp_path / "site")
+    version = site.open_version("1-aa")
+    calls = []
+
+    def slow_build():
+        calls.append(1)
+        time.sleep(0.2)  # long enough for every thread to be waiting on the lock
+        return b"body", True
+
+    results = []
+    threads = [
+        threading.Thread(
+            target=lambda: results.append(site.get_or_build(version, "a/b", slow_build))
+        )
+        for _ in range(8)
+    ]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    assert len(calls) == 1 and len(results) == 8
+    assert {r.read_bytes() for r in results} == {b"body"}
+    assert results[0] == version.file("a/b")
+    assert results[0].stat().st_mtime == version.published  # the version's publish time
+
+
+def test_unwritable_directory_still_answers_and_unstorable_is_not_stored(tmp_path):
+    site = PublishedSite(tmp_path / "site")
+    version = site.open_version("1-aa")
+    assert site.get_or_build(version, "x.tab", lambda: (b"moved on", False)) == b"moved on"
+    assert site.lookup(version, "x.tab") is None
+    (version.path / "packages/stats/sub").write_text("a file where a directory should be")
+    assert site.get_or_build(version, "sub/y.tab", lambda: (b"b", True)) == b"b"
+
+
+def test_switch_is_one_rename_and_prunes(tmp_path):
+    site = PublishedSite(tmp_path / "site")
+    made = []
+    for i in range(4):
+        v = site.open_version(f"{i}-t{i}")
+        site.write(v, "f.txt", f"v{i}".encode())
+        assert site.switch(v) is True
+        made.append(v)
+        assert (tmp_path / "site/current/packages/stats/f.txt").read_text() == f"v{i}"
+    times = [v.published for v in made]
+    assert times == sorted(set(times))  # strictly later, even within one second
+    left = sorted(p.name for p in (tmp_path / "site").iterdir() if p.name.startswith("v"))
+    assert left == sorted(v.path.name for v in made[-KEEP:])
+    assert site.switch(made[-2]) is False  # never back to an older publish
+    # a restored database's key, already published once: a new directory, later time
+    again = site.open_version(made[-2].key)
+    assert again.path != made[-2].path and again.published > made[-1].published
+
+
+def test_validators_are_nginx_s(tmp_path):
+    site = PublishedSite(tmp_path / "site")
+    v = site.open_version("3-ab")
+    path = site.write(v, "a.tab", b"12345")
+    etag, mtime, size = validators(path)
+    assert (etag, mtime, size) == (f'"{v.published:x}-5"', float(v.published), 5)
+
+
+# --- publish and the app -------------------------------------------------------------------
+
+
+def test_etl_run_publishes_and_the_web_serves_without_building(
+    db_url, tmp_path, logs_dir, monkeypatch, caplog
+):
+    settings = loaded(db_url, tmp_path)
+    for k, v in {
+        "WEBSTATS_DATABASE_URL": db_url,
+        "WEBSTATS_STATE_DIR": str(settings.state_dir),
+        "WEBSTATS_ENV_FILE": "/dev/null",
+        "WEBSTATS_IP_HASH_KEY": "test-key",
+    }.items():
+        monkeypatch.setenv(k, v)
+    caplog.set_level(logging.INFO)
+    with pytest.raises(SystemExit) as exc:
+        cli.main(["etl", "run", "--source", str(logs_dir)])
+    assert exc.value.code == 0
+    err = caplog.text
+    with db.session_factory(db_url)() as s:
+        state = db.data_state(s)
+    assert f"publish: data version {state.key} in v{state.key}-" in err
+
+    cur = current(settings)
+    site = StatsSite(settings)
+    targets = category_targets(site.snapshot(state))
+    relpaths = {t.relpath for t in targets}
+    # every category file and the index/repository pages, nothing per package
+    assert {HEAVY, "index.html", "bioc/index.html", "workflows.html"} <= relpaths
+    assert "bioc/bioc_2024_stats.tab" in relpaths and "bioc/bioc_2025_stats.tab" not in relpaths
+    published = {p.relative_to(cur / "packages/stats").as_posix()
+                 for p in (cur / "packages/stats").rglob("*") if p.is_file()}  # fmt: skip
+    assert published == relpaths | {"main.css", "charts.js", "uPlot.iife.min.js"}
+    mtimes = {(cur / "packages/stats" / r).stat().st_mtime for r in published}
+    assert len(mtimes) == 1  # one version, one publish time
+
+    heavy = cur / "packages/stats" / HEAVY
+    before = heavy.stat()
+    expected = fresh_build(settings, HEAVY)
+    assert len(expected.splitlines()) > 10 and heavy.read_bytes() == expected
+    client = create_app(settings).test_client()
+    resp = client.get(P + HEAVY)
+    assert resp.status_code == 200 and resp.data == expected
+    assert resp.headers["ETag"] == validators(heavy)[0]
+    after = heavy.stat()
+    assert (after.st_ino, after.st_mtime_ns) == (before.st_ino, before.st_mtime_ns)  # not rebuilt
+
+    # a package page is built on first request, into the current version, then served as is
+    pkg = next(iter(site.snapshot(state).categories["bioc"].order))
+    rel = f"bioc/{pkg}/index.html"
+    assert not (cur / "packages/stats" / rel).exists()
+    first = client.get(f"{P}bioc/{pkg}/")
+    assert first.status_code == 200
+    assert (cur / "packages/stats" / rel).read_bytes() == first.data
+    assert (cur / "packages/stats" / rel).stat().st_mtime == mtimes.pop()
+    assert client.get(f"{P}bioc/{pkg}/").headers["ETag"] == first.headers["ETag"]
+
+    # nothing new: the second publish builds nothing
+    result = publish(settings)
+    assert (result.built, result.switched) == (0, False)
+    # the whole site, package files too
+    result = publish(settings, all_files=True)
+    assert result.built > 0 and (cur / "packages/stats" / f"bioc/{pkg}/{pkg}_stats.tab").is_file()
+
+
+def test_rebuild_and_sync_publish_a_new_version_and_prune(db_url, tmp_path, logs_dir, monkeypatch):
+    from test_packages import DEVEL
+
+    settings = loaded(db_url, tmp_path)
+    for k, v in {
+        "WEBSTATS_DATABASE_URL": db_url,
+        "WEBSTATS_STATE_DIR": str(settings.state_dir),
+        "WEBSTATS_ENV_FILE": "/dev/null",
+        "WEBSTATS_IP_HASH_KEY": "test-key",
+    }.items():
+        monkeypatch.setenv(k, v)
+    seen = []
+    for args in (
+        ["etl", "run", "--source", str(logs_dir)],
+        ["stats", "rebuild"],
+        ["packages", "sync", "--from", str(DEVEL), "--force"],
+    ):
+        with pytest.raises(SystemExit) as exc:
+            cli.main(args)
+        assert exc.value.code == 0, args
+        seen.append(current(settings).readlink().name)
+        assert (current(settings) / "packages/stats" / HEAVY).read_bytes() == fresh_build(
+            settings, HEAVY
+        )
+    assert len(set(seen)) == 3
+    dirs = sorted(p.name for p in settings.publish_dir.iterdir() if p.name.startswith("v"))
+    assert dirs == sorted(seen[-KEEP:])
+
+
+def test_publish_failure_is_one_line(db_url, tmp_path, monkeypatch, capsys):
+    settings = loaded(db_url, tmp_path)
+    settings.state_dir.mkdir(parents=True, exist_ok=True)
+    settings.publish_dir.write_text("a file where the publish directory should be")
+    with pytest.raises(WebstatsError, match="publish: cannot write"):
+        publish(settings)
+    for k, v in {
+        "WEBSTATS_DATABASE_URL": db_url,
+        "WEBSTATS_STATE_DIR": str(settings.state_dir),
+        "WEBSTATS_ENV_FILE": "/dev/null",
+    }.items():
+        monkeypatch.setenv(k, v)
+    with pytest.raises(SystemExit) as exc:
+        cli.main(["publish"])
+    assert exc.value.code == 1
+    err = capsys.readouterr().err
+    assert err.startswith("bioc-webstats: error: publish: cannot write")
+    assert len(err.splitlines()) == 1 and "Traceback" not in err
+    # the app still answers, from memory
+    client = create_app(settings).test_client()
+    assert client.get(P + "index.html").status_code == 200
+
+
+def test_build_racing_a_new_data_version_is_not_stored(db_url, clean_env, monkeypatch):
+    """A body built after a commit moved the data version on is not stored under the version
+    the request was routed with."""
+    with db.session_factory(db_url)() as s:
+        webref.load_direct(s, valid_thru=VT)
+    monkeypatch.setenv("WEBSTATS_DATABASE_URL", db_url)
+    app = create_app(load_settings())
+    site = app.extensions["webstats"]
+    state = site.state()
+    snap = site.snapshot(state)
+    target = Target("packages_txt", snap.categories["bioc"].category, "bioc/bioc_packages.txt")
+    assert site.build(target, snap, state.key)[1] is True
+    bump(db_url)  # a commit between the request's read of the version and its build
+    assert site.build(target, snap, state.key)[1] is False
+
+
+def _replace_database(url: str, records) -> None:
+    """Empty every table and load ``records``: a recreated database whose data version number
+    is set equal to the one it replaces (the worst case for a cache keyed by the number)."""
+    with db.session_factory(url)() as s:
+        version = db.get_data_version(s)
+        for table in ("package_stats", "category_stats", "download_records", "ingested_objects",
+                      "packages", "stats_pending", "meta"):  # fmt: skip
+            s.execute(text(f"DELETE FROM {table}"))
+        s.commit()
+        webref.load_direct(s, records, valid_thru=VT)
+        db.set_meta(s, db.DATA_VERSION, str(version - 1))
+        db.bump_data_version(s)  # the same number again, another token
+        s.commit()
+        assert db.get_data_version(s) == version
+
+
+def test_a_recreated_database_never_gets_the_old_files(db_url, clean_env, monkeypatch):
+    with db.session_factory(db_url)() as s:
+        webref.load_direct(s, valid_thru=VT)
+    monkeypatch.setenv("WEBSTATS_DATABASE_URL", db_url)
+    settings = load_settings()
+    publish(settings)
+    client = create_app(settings).test_client()
+    path = P + "bioc/affy/affy_2024_stats.tab"
+    old = client.get(path)
+    old_heavy = (current(settings) / "packages/stats" / HEAVY).read_bytes()
+    records = [*webref.RECORDS, ("bioc", "affy", dt.date(2024, 3, 15), "99.9.9.9")]
+    _replace_database(db_url, records)
+    new = client.get(path)  # the app sees another database's version: a new directory
+    assert new.data == webref.Reference(VT, records).pkg_year("bioc", "affy", 2024) != old.data
+    assert new.headers["ETag"] != old.headers["ETag"]
+    assert client.get(path, headers={"If-None-Match": old.headers["ETag"]}).status_code == 200
+    heavy = client.get(P + HEAVY).data  # built into the new directory on this request
+    assert heavy == fresh_build(settings, HEAVY) != old_heavy
+    assert (current(settings) / "packages/stats" / HEAVY).read_bytes() == heavy
+
+
+def test_a_database_recreated_under_running_gunicorn(pg_server, tmp_path):
+    url = new_pg_database(pg_server)
+    db.upgrade(url)
+    with db.session_factory(url)() as s:
+        webref.load_direct(s, valid_thru=VT)
+    path = "/packages/stats/bioc/affy/affy_2024_stats.tab"
+    with run_gunicorn(url, tmp_path) as server:
+        st, h, old = server.get(path)
+        assert st == 200
+        records = [*webref.RECORDS, ("bioc", "affy", dt.date(2024, 3, 16), "99.9.9.8")]
+        _replace_database(url, records)
+        for _ in range(10):  # every worker, whichever answers
+            st, h2, body = server.get(path)
+            assert st == 200
+            assert body == webref.Reference(VT, records).pkg_year("bioc", "affy", 2024) != old
+            assert h2["ETag"] != h["ETag"]
+
+
+def test_gunicorn_serves_what_the_cli_published(db_url, tmp_path, logs_dir):
+    """The production shape: ``bioc-webstats etl run`` (its own process) publishes under the
+    state directory; gunicorn's workers serve those very files."""
+    settings = loaded(db_url, tmp_path)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("WEBSTATS_")}
+    env.update(
+        WEBSTATS_DATABASE_URL=db_url,
+        WEBSTATS_STATE_DIR=str(settings.state_dir),
+        WEBSTATS_ENV_FILE="/dev/null",
+        WEBSTATS_IP_HASH_KEY="test-key",
+    )
+    exe = Path(sys.executable).parent / "bioc-webstats"
+    done = subprocess.run(
+        [str(exe), "etl", "run", "--source", str(logs_dir)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr
+    assert "files built" in done.stderr
+    cur = current(settings) / "packages/stats"
+    with run_gunicorn(db_url, tmp_path) as server:
+        for rel in (HEAVY, "data-annotation/annotation_pkg_scores.tab", "bioc/index.html"):
+            with urllib.request.urlopen(f"{server.base}{P}{rel}", timeout=30) as r:
+                assert r.status == 200
+                assert r.read() == (cur / rel).read_bytes()
+                assert r.headers["ETag"] == validators(cur / rel)[0]
