@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import datetime as dt
 import email.utils
-import os
 import re
 import resource
 import socket
@@ -32,16 +31,6 @@ SECURITY = {
     "X-Frame-Options": "DENY",
     "Content-Security-Policy": CSP,
 }
-# What the test publishes by hand, from gunicorn's own answers (the layout of the interface:
-# <publish dir>/current/<URL path>, index.html for a directory URL).
-PUBLISHED = [
-    "/packages/stats/index.html",
-    "/packages/stats/main.css",
-    "/packages/stats/bioc/bioc_packages.txt",
-    "/packages/stats/bioc/bioc_2024_stats.tab",
-    "/packages/stats/bioc/affy/index.html",
-    "/packages/stats/bioc/affy/affy_stats.tab",
-]
 STATIC = "/packages/stats/bioc/bioc_packages.txt"
 
 
@@ -54,27 +43,16 @@ def loaded_pg(pg_server) -> str:
     return url
 
 
-def publish(front, version: str, paths: list[str], mtime: float, extra: bytes = b"") -> None:
-    """A data version as the app lays it out: files under <publish>/<version>/, mtime = the
-    publish time, then `current` switched by renaming a new link over it."""
-    root = front.publish_dir / version
-    for path in paths:
-        source = path.removesuffix("index.html") if path.endswith("/index.html") else path
-        status, _, body = unix_get(front.socket, source)
-        assert status == 200, (source, status)
-        target = root / path.lstrip("/")
-        target.parent.mkdir(parents=True, exist_ok=True)
-        target.write_bytes(body + (extra if path.endswith(".txt") else b""))
-        os.utime(target, (mtime, mtime))
-    tmp_link = front.publish_dir / f".tmp-{version}"
-    tmp_link.symlink_to(version)
-    tmp_link.rename(front.publish_dir / "current")
+def published(front, path: str) -> Path:
+    """The file of URL ``path`` in the live data version (a directory URL: its index.html)."""
+    rel = path.lstrip("/") + ("index.html" if path.endswith("/") else "")
+    return front.publish_dir / "current" / rel
 
 
 @pytest.fixture(scope="module")
 def front(loaded_pg, tmp_path_factory):
     with run_front(loaded_pg, tmp_path_factory.mktemp("front")) as fr:
-        publish(fr, "v1", PUBLISHED, mtime=1_700_000_000)
+        assert "publish: data version" in fr.cli("publish")  # what every ETL run does
         yield fr
 
 
@@ -137,10 +115,11 @@ def test_published_file_is_sent_by_nginx(front):
     marker = f"{STATIC}?probe=static-{time.monotonic_ns()}"
     status, headers, body = front.get(marker)
     assert status == 200
-    assert body == (front.publish_dir / "v1" / STATIC.lstrip("/")).read_bytes()
+    assert body == published(front, STATIC).read_bytes()
     assert headers["Content-Type"] == "text/plain; charset=utf-8"
     assert headers["Cache-Control"] == "public, max-age=3600"
-    assert headers["Last-Modified"] == email.utils.formatdate(1_700_000_000, usegmt=True)
+    mtime = published(front, STATIC).stat().st_mtime  # the version's publish time
+    assert headers["Last-Modified"] == email.utils.formatdate(mtime, usegmt=True)
     assert re.fullmatch(r'"[0-9a-f]+-[0-9a-f]+"', headers["ETag"]), headers["ETag"]  # strong
     for name, value in SECURITY.items():
         assert headers.get_all(name) == [value], name
@@ -153,20 +132,38 @@ def test_content_types(front):
         "/packages/stats/bioc/bioc_2024_stats.tab": "text/plain; charset=utf-8",
         "/packages/stats/index.html": "text/html; charset=utf-8",
         "/packages/stats/main.css": "text/css; charset=utf-8",
-        "/packages/stats/bioc/affy/affy_stats.tab": "text/plain; charset=utf-8",
+        "/packages/stats/charts.js": "text/javascript; charset=utf-8",
+        "/packages/stats/uPlot.iife.min.js": "text/javascript; charset=utf-8",
     }
     for path, ctype in expected.items():
-        status, headers, _ = front.get(path)
+        marker = f"{path}?probe=type-{time.monotonic_ns()}"
+        status, headers, _ = front.get(marker)
         assert (status, headers["Content-Type"]) == (200, ctype), path
+        assert not gunicorn_saw(front, marker), f"{path} is not published"
 
 
 def test_directory_url_is_its_index_html(front):
-    marker = f"/packages/stats/bioc/affy/?probe=dir-{time.monotonic_ns()}"
+    marker = f"/packages/stats/data-annotation/?probe=dir-{time.monotonic_ns()}"
     status, headers, body = front.get(marker)
     assert status == 200
     assert headers["Content-Type"] == "text/html; charset=utf-8"
-    assert body == (front.publish_dir / "v1/packages/stats/bioc/affy/index.html").read_bytes()
+    assert body == published(front, "/packages/stats/data-annotation/").read_bytes()
     assert not gunicorn_saw(front, marker)
+
+
+def test_a_page_built_on_first_request_is_sent_by_nginx_next(front):
+    """Package pages are built by the app on their first request, into the live version;
+    from then on nginx sends them."""
+    path = "/packages/stats/bioc/affy/"
+    first = f"{path}?probe=first-{time.monotonic_ns()}"
+    status, _, body = front.get(first)
+    assert status == 200 and gunicorn_saw(front, first)
+    assert published(front, path).read_bytes() == body
+    second = f"{path}?probe=second-{time.monotonic_ns()}"
+    status, headers, again = front.get(second)
+    assert (status, again) == (200, body)
+    assert headers["Cache-Control"] == "public, max-age=3600"
+    assert not gunicorn_saw(front, second)
 
 
 def test_conditional_get_and_head(front):
@@ -188,7 +185,7 @@ def test_conditional_get_and_head(front):
 def test_what_has_no_file_goes_to_gunicorn(front):
     # a package page not published yet, a redirect, /healthz, a 404
     for path, status in [
-        ("/packages/stats/data-annotation/", 200),
+        ("/packages/stats/data-experiment/nosuchpkg_stats.tab", 404),
         ("/packages/stats/bioc", 301),
         ("/healthz", 200),
         ("/packages/stats/bioc/nosuchpkg/", 404),
@@ -202,7 +199,9 @@ def test_what_has_no_file_goes_to_gunicorn(front):
 
 
 def test_dot_files_and_slash_runs_never_come_from_disk(front):
-    hidden = front.publish_dir / "v1/packages/stats/bioc/.tmp-bioc_packages.txt"
+    meta = front.publish_dir / "current" / ".version.json"
+    assert meta.is_file()  # the app's own dot-file at the version's root
+    hidden = published(front, "/packages/stats/bioc/.tmp-bioc_packages.txt")
     hidden.write_text("half-written\n")
     try:
         assert front.get("/packages/stats/bioc/.tmp-bioc_packages.txt")[0] == 404
@@ -215,19 +214,21 @@ def test_dot_files_and_slash_runs_never_come_from_disk(front):
 
 
 def test_switch_of_current_is_seen_by_the_next_request(front):
+    """A new version directory (publish --force: same data, a later publish time) switched
+    in: the next request gets its validators; the previous ETag no longer matches."""
     _, old, old_body = front.get(STATIC)
-    publish(front, "v2", [STATIC], mtime=1_700_086_400, extra=b"zzz\n")
-    try:
-        status, new, body = front.get(STATIC)
-        assert status == 200 and body == old_body + b"zzz\n"
-        assert new["ETag"] != old["ETag"]
-        assert new["Last-Modified"] == email.utils.formatdate(1_700_086_400, usegmt=True)
-        # a cache holding the previous version's validator gets the new bytes
-        assert front.get(STATIC, headers={"If-None-Match": old["ETag"]})[0] == 200
-    finally:
-        link = front.publish_dir / ".tmp-back"
-        link.symlink_to("v1")
-        link.rename(front.publish_dir / "current")
+    before = published(front, STATIC).resolve()
+    front.cli("publish", "--force")
+    assert published(front, STATIC).resolve() != before
+    status, new, body = front.get(STATIC)
+    assert (status, body) == (200, old_body)
+    assert new["ETag"] != old["ETag"]
+    assert email.utils.parsedate_to_datetime(
+        new["Last-Modified"]
+    ) > email.utils.parsedate_to_datetime(old["Last-Modified"])
+    # a cache holding the previous version's validator gets the bytes again
+    assert front.get(STATIC, headers={"If-None-Match": old["ETag"]})[0] == 200
+    assert front.get(STATIC, headers={"If-None-Match": new["ETag"]})[0] == 304
 
 
 # --- methods, Host, headers on every answer -------------------------------------------------------

@@ -181,8 +181,18 @@ class Front:
     socket: Path  # gunicorn's
     gunicorn: subprocess.Popen
     gunicorn_access_log: Path
+    env: dict  # the app's environment (the CLI run with it sees what gunicorn sees)
 
     get = Server.get
+
+    def cli(self, *args: str) -> str:
+        """``bioc-webstats ARGS`` with the app's environment; its stdout."""
+        exe = str(Path(sys.executable).parent / "bioc-webstats")
+        res = subprocess.run(
+            [exe, *args], env=self.env, capture_output=True, text=True, timeout=600
+        )
+        assert res.returncode == 0, res.stderr
+        return res.stdout
 
     def pids(self) -> dict[str, list[int]]:
         """Every process of nginx (master, workers) and gunicorn (arbiter, workers)."""
@@ -289,8 +299,25 @@ def run_front(db_url: str, tmp: Path, workers: int = 2, **facts) -> Iterator[Fro
             socket=sock,
             gunicorn=gunicorn,
             gunicorn_access_log=tmp / "access.log",
+            env=env,
         )
     finally:
         if nginx is not None:
             stop(nginx)
         stop(gunicorn)
+
+
+@contextlib.contextmanager
+def reference_front(pg_base: str, tmp: Path, valid_thru) -> Iterator[Front]:
+    """nginx + gunicorn on a fresh PostgreSQL database holding the reference dataset
+    (``webref``), published as every ETL run publishes."""
+    import webref
+    from bioc_webstats.store import db
+
+    url = new_pg_database(pg_base)
+    db.upgrade(url)
+    with db.session_factory(url)() as s:
+        webref.load_direct(s, valid_thru=valid_thru)
+    with run_front(url, tmp) as front:
+        front.cli("publish")
+        yield front
