@@ -8,6 +8,7 @@ defaults, the wiring, the local inventory), never from the container.
 
 from __future__ import annotations
 
+import email.utils
 import re
 import shlex
 import time
@@ -147,14 +148,30 @@ def test_a_published_file_is_sent_by_nginx(host, service, paths, probe):
     assert not has_line(host, f"{logs}/access.log", marker)
 
 
-def test_published_pages_and_files_come_from_disk_when_published(host, service, paths):
-    """Once the app has published (the ETL ran), its files answer from disk as well."""
-    current = f"{paths['publish']}/current/packages/stats/bioc/bioc_packages.txt"
-    if host.run(f"test -f {current}").rc != 0:
-        pytest.xfail("the app has not published yet (nginx passes everything to gunicorn)")
-    r = service.get("/packages/stats/bioc/bioc_packages.txt")
-    assert r.status_code == 200
-    assert r.content == host.file(current).content
+def test_the_apps_published_files_come_from_disk(host, service, paths):
+    """The ETL run (test_deploy.py) published its data version: nginx sends those files, with
+    the version's validators, and gunicorn never sees the requests."""
+    logs = paths["logs"]
+    for url in (
+        "/packages/stats/bioc/bioc_packages.txt",
+        "/packages/stats/",
+        "/packages/stats/main.css",
+    ):
+        rel = url.lstrip("/") + ("index.html" if url.endswith("/") else "")
+        on_disk = host.file(f"{paths['publish']}/current/{rel}")
+        assert on_disk.is_file, f"{url} not published"
+        assert on_disk.group == paths["nginx_group"]
+        marker = f"{url}?probe=published-{time.monotonic_ns()}"
+        r = service.get(marker)
+        assert r.status_code == 200 and r.content == on_disk.content, url
+        assert r.headers["Cache-Control"] == "public, max-age=3600"
+        published = email.utils.formatdate(on_disk.mtime.timestamp(), usegmt=True)
+        assert r.headers["Last-Modified"] == published
+        wait_for(lambda m=marker: has_line(host, f"{logs}/nginx-access.log", m), 30, "nginx's log")
+        after = f"/healthz?after={time.monotonic_ns()}"
+        assert service.get(after).status_code == 200
+        wait_for(lambda a=after: has_line(host, f"{logs}/access.log", a), 30, "access.log")
+        assert not has_line(host, f"{logs}/access.log", marker), f"{url} went to gunicorn"
 
 
 @pytest.mark.parametrize(
