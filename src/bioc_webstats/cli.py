@@ -116,6 +116,35 @@ def db_upgrade(ctx: Context) -> None:
     click.echo(f"schema at revision {revision}")
 
 
+@db_group.command("backup")
+@click.argument("dest", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--s3", "s3_url", help="Also upload it to s3://bucket/prefix.")
+@pass_ctx
+def db_backup(ctx: Context, dest: Path, s3_url: str | None) -> None:
+    """Dump the database to DEST (0600; pg_dump of the server's major version), as the
+    schema owner."""
+    from .backup import backup
+
+    click.echo(backup(ctx.settings_for("owner"), dest, s3_url).line())
+
+
+@db_group.command("restore")
+@click.argument("source", type=click.Path(dir_okay=False, path_type=Path))
+@pass_ctx
+def db_restore(ctx: Context, source: Path) -> None:
+    """Replace the database's contents with a backup (all or nothing), migrate it to this
+    release's schema, and publish it under a new version directory. Stop the ETL timer first
+    (playbooks/restore.yml does all of it)."""
+    from .backup import restore
+    from .publish import publish
+
+    owner = ctx.settings_for("owner")
+    with writer_lock(owner, "db restore"):
+        click.echo(restore(owner, source))
+        click.echo(f"schema at revision {db.upgrade(owner.database_url)}")
+    click.echo(publish(ctx.settings, force=True).line())
+
+
 # --- packages -------------------------------------------------------------------------------
 
 
