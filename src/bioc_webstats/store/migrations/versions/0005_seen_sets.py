@@ -32,7 +32,7 @@ depends_on = None
 
 # As in categories.py when this revision was written: nothing before these years is counted.
 _COUNTED = (
-    "(p.category = 'workflows' AND {year} >= 2015 OR p.category <> 'workflows' AND {year} >= 2009)"  # noqa: E501
+    "(p.category = 'workflows' AND {year} >= 2015 OR p.category <> 'workflows' AND {year} >= 2009)"
 )
 _UNCOUNTED = "counted_at IS NULL OR counted_at <> ingested_at"
 
