@@ -88,15 +88,16 @@ class TreeMemory:
     pages counted in every process: an upper bound) and of the summed PSS (shared pages
     split between the processes that map them)."""
 
-    def __init__(self, root: int) -> None:
+    def __init__(self, root: int, include_root: bool = False) -> None:
         self.root, self.rss, self.pss, self.procs = root, 0, 0, 0
+        self.first = 0 if include_root else 1  # the root is /usr/bin/time unless included
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
         self._thread.start()
 
     def _run(self) -> None:
         while not self._stop.wait(0.05):
-            pids = _tree(self.root)[1:]  # not /usr/bin/time itself
+            pids = _tree(self.root)[self.first :]
             self.rss = max(self.rss, sum(_kb(p, "status", "VmRSS:") for p in pids))
             self.pss = max(self.pss, sum(_kb(p, "smaps_rollup", "Pss:") for p in pids))
             self.procs = max(self.procs, len(pids))
