@@ -302,3 +302,28 @@ def test_add_month_tells_new_to_month_and_new_to_year(db_url, where):
         assert add(5, [1, 4, 5]) == (0, 0)
         assert add(1, [5, 6]) == (2, 1)  # a month earlier than the ones seen: same rule
         s.execute(text("DROP TABLE src"))
+
+
+def test_bulk_load_recounts_the_year(db_url, tmp_path, monkeypatch):
+    """New downloads that outnumber a year's counted ones recount that year from the records
+    (BULK_MIN lowered to see it on small data); same figures as increments."""
+    monkeypatch.setattr(stats, "BULK_MIN", 0)
+    recounted = []
+    real = stats._recount_packages
+    monkeypatch.setattr(stats, "_recount_packages", lambda *a: recounted.append(a[3]) or real(*a))
+    staging, source = tmp_path / "staging", tmp_path / "logs"
+    source.mkdir()
+    start = dt.date(2024, 3, 1)
+    truth = loggen.generate(staging, days=3, start=start, files_per_day=2, lines_per_file=150)
+    settings = loaded(db_url, tmp_path)
+    feed(staging, source, day_files(staging, truth, start))
+    assert ingest.run(settings, source=str(source))
+    assert recounted == [2024]  # nothing counted in 2024 yet: a bulk load
+    feed(staging, source, day_files(staging, truth, start + dt.timedelta(days=1)))
+    assert ingest.run(settings, source=str(source))
+    before = len(recounted)
+    feed(staging, source, day_files(staging, truth, start + dt.timedelta(days=2)))
+    assert ingest.run(settings, source=str(source))
+    assert len(recounted) == before  # a day against two counted ones: increments
+    assert_truth(db_url, truth)
+    assert_rebuild_agrees(db_url, settings)

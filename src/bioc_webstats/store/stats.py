@@ -73,7 +73,10 @@ SEEN_VERSION = "seen_version"  # meta: the data version the seen-sets agree with
 LOCK_KEY = 0x5EE7_5E75
 FIRST_YEAR = {c.prefix: c.first_year for c in CATEGORIES}
 _CHUNK = 500  # bind parameters per IN list
-_UNCOUNTED = "(o.counted_at IS NULL OR o.counted_at <> o.ingested_at)"
+# A year whose new downloads outnumber its counted ones (and this many) is recounted whole
+# from the records rather than incremented: a bulk load (history import, backlog, a year's
+# first day) is read once in order instead of probing the sets key by key.
+BULK_MIN = 1_000_000
 
 
 @dataclass
@@ -133,6 +136,9 @@ def _lock_counting(session: Session) -> None:
         session.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": LOCK_KEY})
         # These statements are short or one-off: compiling them costs more than it saves.
         session.execute(text("SET LOCAL jit = off"))
+        # A day's new records (about a million) aggregate in memory instead of spilling to
+        # disk in batches (1.4 s instead of 1.7 s for bench-daily's day).
+        session.execute(text("SET LOCAL work_mem = '64MB'"))
 
 
 def _bump(session: Session) -> int:
@@ -269,6 +275,7 @@ class _Plan:
     recount: dict[int, set[int]] = field(default_factory=lambda: defaultdict(set))  # year: ids
     merge: dict[int, set[int]] = field(default_factory=lambda: defaultdict(set))  # year: ids
     gone_years: dict[int, set[int]] = field(default_factory=dict)
+    newest: Any = None  # the latest day of the new records
     categories: set[tuple[str, int]] = field(default_factory=set)  # (category, year) recounted
     periods: set[tuple[str, int, int]] = field(default_factory=set)  # changed, for the result
 
@@ -280,37 +287,51 @@ class _Plan:
         return year in self.full_years or pid in self.recount.get(year, ())
 
 
-def _object_range(plan: _Plan) -> dict[str, int]:
-    ids = [i for i, _, _ in plan.objects]
-    return {"lo": min(ids), "hi": max(ids)}
+def _load_new_records(session: Session, pg: bool, plan: _Plan) -> None:
+    """The records of the ledger rows not counted yet, summed per (category, package, day,
+    client) over the objects, into the temp table stats_new_records.
+
+    One scan of download_records by object id (the BRIN index finds the newest ids), joined
+    to nothing: fresh records have no planner statistics yet (PostgreSQL estimates one row and
+    may then loop over packages for each of a million records). The copy is ANALYZEd, and
+    everything after reads it (a client in several objects of a day is one row there)."""
+    session.execute(text("DROP TABLE IF EXISTS stats_new_records"))
+    session.execute(
+        text(
+            "CREATE TEMP TABLE stats_new_records (category VARCHAR(16), package VARCHAR(200), "
+            "day DATE, ip_hash BIGINT, downloads BIGINT)"
+        )
+    )
+    ids = sorted(i for i, _, _ in plan.objects)
+    for i in range(0, len(ids), _CHUNK):
+        chunk = ids[i : i + _CHUNK]
+        session.execute(
+            _expanding(
+                "INSERT INTO stats_new_records (category, package, day, ip_hash, downloads) "
+                "SELECT category, package, day, ip_hash, sum(downloads) FROM download_records "
+                "WHERE object_id BETWEEN :lo AND :hi AND object_id IN :ids "
+                "GROUP BY 1, 2, 3, 4",
+                "ids",
+            ),
+            {"lo": chunk[0], "hi": chunk[-1], "ids": chunk},
+        )
+    if pg:
+        session.execute(text("ANALYZE stats_new_records"))
 
 
-# Records of the ledger rows not counted yet (known packages joined as p); the id range lets
-# the BRIN index on object_id find them (new objects have the newest ids).
-_NEW_RECORDS = (
-    "FROM download_records r JOIN ingested_objects o ON o.id = r.object_id "
-    "JOIN packages p ON p.package = r.package AND p.category = r.category "
-    f"WHERE r.object_id BETWEEN :lo AND :hi AND {_UNCOUNTED}"
-)
-_ALL_NEW_RECORDS = (  # known packages or not
-    "FROM download_records r JOIN ingested_objects o ON o.id = r.object_id "
-    f"WHERE r.object_id BETWEEN :lo AND :hi AND {_UNCOUNTED}"
-)
-
-
-def _widen_record_months(session: Session, plan: _Plan, pg: bool) -> None:
+def _widen_record_months(session: Session, pg: bool) -> None:
     """record_months from the records not counted yet (known packages or not)."""
     least, greatest = ("least", "greatest") if pg else ("min", "max")
     session.execute(
         text(
             "INSERT INTO record_months (category, package, year, month, first_day, last_day) "
             f"SELECT r.category, r.package, {_year(pg)}, {_month(pg)}, min(r.day), max(r.day) "
-            f"{_ALL_NEW_RECORDS} GROUP BY 1, 2, 3, 4 "
+            "FROM (SELECT DISTINCT category, package, day FROM stats_new_records) r "
+            "WHERE true GROUP BY 1, 2, 3, 4 "
             "ON CONFLICT (category, package, year, month) DO UPDATE SET "
             f"first_day = {least}(record_months.first_day, excluded.first_day), "
             f"last_day = {greatest}(record_months.last_day, excluded.last_day)"
-        ),
-        _object_range(plan),
+        )
     )
 
 
@@ -367,14 +388,14 @@ def _plan(session: Session, pg: bool) -> _Plan:
     ).all()
     plan.queued = bool(queued)
     if objects:
-        _widen_record_months(session, plan, pg)
+        _load_new_records(session, pg, plan)
+        _widen_record_months(session, pg)
+        plan.newest = session.scalar(text("SELECT max(day) FROM stats_new_records"))
     foreign = db.get_meta(session, SEEN_VERSION) != str(db.get_data_version(session))
     if foreign and objects:
         # Something that does not keep the seen-sets changed the statistics (the release
         # before them): the statistics may hold these records already. Recount their years.
-        rows = session.execute(
-            text(f"SELECT DISTINCT {_year(pg)} {_ALL_NEW_RECORDS}"), _object_range(plan)
-        )
+        rows = session.execute(text(f"SELECT DISTINCT {_year(pg)} FROM stats_new_records r"))
         years = {y for (y,) in rows}
         for _, hour, counted_at in objects:
             if counted_at is not None:  # replaced: its old records were within 48 h of the hour
@@ -388,6 +409,8 @@ def _plan(session: Session, pg: bool) -> _Plan:
             db.get_meta(session, SEEN_VERSION),
             ", ".join(map(str, sorted(plan.full_years))) or "nothing",
         )
+    elif objects:
+        plan.full_years = _bulk_years(session, objects)
     for y in plan.full_years:
         plan.categories |= {(c, y) for c in _counted_categories(y)}
     by_name = {v: i for i, v in packages.items()}
@@ -413,6 +436,31 @@ def _plan(session: Session, pg: bool) -> _Plan:
     for y, pids in plan.merge.items():
         pids -= {i for i in pids if (packages[i][0], y) in plan.categories}
     return plan
+
+
+def _bulk_years(session: Session, objects: list[tuple[int, dt.datetime, Any]]) -> set[int]:
+    """Years where the new downloads (the ledger's counts, by the year of the object's hour)
+    exceed both BULK_MIN and the year's counted downloads."""
+    ids = [i for i, _, _ in objects]
+    io = IngestedObject
+    new: dict[int, int] = defaultdict(int)
+    for i in range(0, len(ids), _CHUNK):
+        for hour, n in session.execute(
+            select(io.name_hour, io.accepted).where(io.id.in_(ids[i : i + _CHUNK]))
+        ):
+            new[hour.year] += n or 0
+    big = {y for y, n in new.items() if n > BULK_MIN}
+    if not big:
+        return set()
+    cs = CategoryStat
+    have = dict(
+        session.execute(
+            select(cs.year, func.sum(cs.downloads))
+            .where(cs.month == 0, cs.year.in_(sorted(big)))
+            .group_by(cs.year)
+        ).all()
+    )
+    return {y for y in big if new[y] > (have.get(y) or 0) and y >= min(FIRST_YEAR.values())}
 
 
 # --- doing it -----------------------------------------------------------------------------------
@@ -460,10 +508,13 @@ def apply_pending(session: Session) -> RecomputeResult:
             time.monotonic() - t0,
         )
     before = db.get_valid_thru(session)
-    q = select(func.max(DownloadRecord.day))
-    if before is not None:  # only newer records matter (a short range scan, not the table)
-        q = q.where(DownloadRecord.day > before)
-    newest = session.scalar(q)
+    if plan.objects:  # records come with their ledger row: the new ones are all there is
+        newest = plan.newest
+    else:
+        q = select(func.max(DownloadRecord.day))
+        if before is not None:  # only newer records matter (a short range scan)
+            q = q.where(DownloadRecord.day > before)
+        newest = session.scalar(q)
     if newest is not None:
         res.valid_thru = db.advance_valid_thru(session, _date(newest))
         if res.valid_thru != before and res.data_version is None:
@@ -475,13 +526,15 @@ def apply_pending(session: Session) -> RecomputeResult:
 
 def _finish(session: Session, plan: _Plan) -> None:
     """The ledger rows counted, the seen-sets' packages in line with the table, queue empty."""
-    if plan.objects:
+    ids = sorted(i for i, _, _ in plan.objects)
+    for i in range(0, len(ids), _CHUNK):
         session.execute(
-            text(
-                "UPDATE ingested_objects SET counted_at = ingested_at "
-                "WHERE counted_at IS NULL OR counted_at <> ingested_at"
-            )
-        )
+            _expanding("UPDATE ingested_objects SET counted_at = ingested_at WHERE id IN :ids",
+                       "ids"),
+            {"ids": ids[i : i + _CHUNK]},
+        )  # fmt: skip
+    if ids:
+        session.execute(text("DROP TABLE stats_new_records"))
     sp = SeenPackage
     gone = sorted(plan.gone)
     for i in range(0, len(gone), _CHUNK):
@@ -642,12 +695,14 @@ def _count_new(session: Session, pg: bool, plan: _Plan) -> None:
             "year INTEGER, month INTEGER, ip_hash BIGINT, n BIGINT)"
         )
     )
-    params = _object_range(plan)
+    params: dict[str, Any] = {}
     session.execute(
         text(
             "INSERT INTO stats_new (package_id, category, year, month, ip_hash, n) "
             f"SELECT p.id, p.category, {_year(pg)}, {_month(pg)}, r.ip_hash, sum(r.downloads) "
-            f"{_NEW_RECORDS} AND {_counted_rule(params)} GROUP BY 1, 2, 3, 4, 5"
+            "FROM stats_new_records r JOIN packages p "
+            "ON p.package = r.package AND p.category = r.category "
+            f"WHERE {_counted_rule(params)} GROUP BY 1, 2, 3, 4, 5"
         ),
         params,
     )
@@ -660,8 +715,6 @@ def _count_new(session: Session, pg: bool, plan: _Plan) -> None:
                 _expanding("DELETE FROM stats_new WHERE year = :y AND package_id IN :ids", "ids"),
                 {"y": year, "ids": ids[i : i + _CHUNK]},
             )
-    if pg:
-        session.execute(text("ANALYZE stats_new"))
     downloads: dict[tuple[int, int, int], int] = {
         (pid, y, m): int(n)
         for pid, y, m, n in session.execute(
