@@ -137,7 +137,7 @@ def _lock_counting(session: Session) -> None:
         # These statements are short or one-off: compiling them costs more than it saves.
         session.execute(text("SET LOCAL jit = off"))
         # A day's new records (about a million) aggregate in memory instead of spilling to
-        # disk in batches (1.4 s instead of 1.7 s for bench-daily's day).
+        # disk in batches.
         session.execute(text("SET LOCAL work_mem = '64MB'"))
 
 
@@ -276,6 +276,7 @@ class _Plan:
     merge: dict[int, set[int]] = field(default_factory=lambda: defaultdict(set))  # year: ids
     gone_years: dict[int, set[int]] = field(default_factory=dict)
     newest: Any = None  # the latest day of the new records
+    oldest: Any = None  # no later than the earliest day of the new records
     categories: set[tuple[str, int]] = field(default_factory=set)  # (category, year) recounted
     periods: set[tuple[str, int, int]] = field(default_factory=set)  # changed, for the result
 
@@ -288,41 +289,48 @@ class _Plan:
 
 
 def _load_new_records(session: Session, pg: bool, plan: _Plan) -> None:
-    """The records of the ledger rows not counted yet, summed per (category, package, day,
-    client) over the objects, into the temp table stats_new_records.
+    """The records of the ledger rows not counted yet, with their package's row id (NULL:
+    not in the table), into the temp table stats_new_records; everything after reads it.
 
-    One scan of download_records by object id (the BRIN index finds the newest ids), joined
-    to nothing: fresh records have no planner statistics yet (PostgreSQL estimates one row and
-    may then loop over packages for each of a million records). The copy is ANALYZEd, and
-    everything after reads it (a client in several objects of a day is one row there)."""
+    One scan of download_records by object id (the BRIN index finds the newest ids), not
+    grouped, hashed against packages: fresh records have no planner statistics yet, and
+    PostgreSQL, estimating one row, would otherwise loop over packages for each of a million
+    records (a minute) or sort them on disk. The copy is ANALYZEd."""
     session.execute(text("DROP TABLE IF EXISTS stats_new_records"))
     session.execute(
         text(
             "CREATE TEMP TABLE stats_new_records (category VARCHAR(16), package VARCHAR(200), "
-            "day DATE, ip_hash BIGINT, downloads BIGINT)"
+            "package_id INTEGER, day DATE, ip_hash BIGINT, downloads INTEGER)"
         )
     )
+    if pg:
+        session.execute(text("SET LOCAL enable_nestloop = off"))
     ids = sorted(i for i, _, _ in plan.objects)
     for i in range(0, len(ids), _CHUNK):
         chunk = ids[i : i + _CHUNK]
         session.execute(
             _expanding(
-                "INSERT INTO stats_new_records (category, package, day, ip_hash, downloads) "
-                "SELECT category, package, day, ip_hash, sum(downloads) FROM download_records "
-                "WHERE object_id BETWEEN :lo AND :hi AND object_id IN :ids "
-                "GROUP BY 1, 2, 3, 4",
+                "INSERT INTO stats_new_records "
+                "(category, package, package_id, day, ip_hash, downloads) "
+                "SELECT r.category, r.package, p.id, r.day, r.ip_hash, r.downloads "
+                "FROM download_records r LEFT JOIN packages p "
+                "ON p.package = r.package AND p.category = r.category "
+                "WHERE r.object_id BETWEEN :lo AND :hi AND r.object_id IN :ids",
                 "ids",
             ),
             {"lo": chunk[0], "hi": chunk[-1], "ids": chunk},
         )
     if pg:
+        session.execute(text("SET LOCAL enable_nestloop = on"))
         session.execute(text("ANALYZE stats_new_records"))
 
 
-def _widen_record_months(session: Session, pg: bool) -> None:
-    """record_months from the records not counted yet (known packages or not)."""
+def _widen_record_months(session: Session, pg: bool) -> tuple[Any, Any]:
+    """record_months from the records not counted yet (known packages or not); returns the
+    earliest and the latest day of those months' ranges (the latest is the new records'
+    latest day: ranges only widen up to days already counted, within ValidThru)."""
     least, greatest = ("least", "greatest") if pg else ("min", "max")
-    session.execute(
+    rows = session.execute(
         text(
             "INSERT INTO record_months (category, package, year, month, first_day, last_day) "
             f"SELECT r.category, r.package, {_year(pg)}, {_month(pg)}, min(r.day), max(r.day) "
@@ -330,8 +338,13 @@ def _widen_record_months(session: Session, pg: bool) -> None:
             "WHERE true GROUP BY 1, 2, 3, 4 "
             "ON CONFLICT (category, package, year, month) DO UPDATE SET "
             f"first_day = {least}(record_months.first_day, excluded.first_day), "
-            f"last_day = {greatest}(record_months.last_day, excluded.last_day)"
+            f"last_day = {greatest}(record_months.last_day, excluded.last_day) "
+            "RETURNING first_day, last_day"
         )
+    ).all()
+    return (
+        min((_date(a) for a, _ in rows), default=None),
+        max((_date(b) for _, b in rows), default=None),
     )
 
 
@@ -389,8 +402,7 @@ def _plan(session: Session, pg: bool) -> _Plan:
     plan.queued = bool(queued)
     if objects:
         _load_new_records(session, pg, plan)
-        _widen_record_months(session, pg)
-        plan.newest = session.scalar(text("SELECT max(day) FROM stats_new_records"))
+        plan.oldest, plan.newest = _widen_record_months(session, pg)
     foreign = db.get_meta(session, SEEN_VERSION) != str(db.get_data_version(session))
     if foreign and objects:
         # Something that does not keep the seen-sets changed the statistics (the release
@@ -696,13 +708,21 @@ def _count_new(session: Session, pg: bool, plan: _Plan) -> None:
         )
     )
     params: dict[str, Any] = {}
+    rule = ""
+    if plan.oldest is None or plan.oldest.year < max(FIRST_YEAR.values()):
+        rule = f"AND {_counted_rule(params)} "  # (else every new record is in a counted year)
+    # Grouped by the month as one value (computed once per row), split into year and month
+    # once per group.
+    month = "date_trunc('month', r.day)" if pg else "substr(r.day, 1, 7)"
+    year_of, month_of = (_year(pg, "x.m"), _month(pg, "x.m")) if pg else (
+        "CAST(substr(x.m, 1, 4) AS INTEGER)", "CAST(substr(x.m, 6, 2) AS INTEGER)")  # fmt: skip
     session.execute(
         text(
             "INSERT INTO stats_new (package_id, category, year, month, ip_hash, n) "
-            f"SELECT p.id, p.category, {_year(pg)}, {_month(pg)}, r.ip_hash, sum(r.downloads) "
-            "FROM stats_new_records r JOIN packages p "
-            "ON p.package = r.package AND p.category = r.category "
-            f"WHERE {_counted_rule(params)} GROUP BY 1, 2, 3, 4, 5"
+            f"SELECT x.package_id, x.category, {year_of}, {month_of}, x.ip_hash, x.n "
+            f"FROM (SELECT r.package_id, min(r.category) AS category, {month} AS m, r.ip_hash, "
+            "sum(r.downloads) AS n FROM stats_new_records r "
+            f"WHERE r.package_id IS NOT NULL {rule}GROUP BY r.package_id, 3, r.ip_hash) x"
         ),
         params,
     )
