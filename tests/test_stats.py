@@ -86,14 +86,15 @@ def feed(staging: Path, source: Path, names: list[str]) -> None:
 
 
 def test_daily_runs_equal_a_rebuild(db_url, tmp_path):
-    """Ten days across a month and a year end, one run a day; a file arrives two days late;
-    some packages join the table on day 6 (their earlier records become counted); then a
-    re-ingest of unchanged objects, and one of an object whose content changed."""
+    """Three weeks across a year end and two month ends, one run a day; a file arrives two
+    days late; some packages join the table on day 6 (their earlier records become counted);
+    then a re-ingest of unchanged objects, and one of an object whose content changed."""
     staging, source = tmp_path / "staging", tmp_path / "logs"
     source.mkdir()
     start = dt.date(2024, 12, 26)
+    days = 21
     truth = loggen.generate(
-        staging, days=10, start=start, files_per_day=3, lines_per_file=150, seed=21
+        staging, days=days, start=start, files_per_day=3, lines_per_file=200, seed=21
     )
     settings = make_settings(db_url, tmp_path)
     rows = SAMPLE.read_text().splitlines()
@@ -102,7 +103,7 @@ def test_daily_runs_equal_a_rebuild(db_url, tmp_path):
     partial.write_text("\n".join(r for r in rows if r not in held) + "\n")
     packages.load_csv(settings, partial)
     late = day_files(staging, truth, start + dt.timedelta(days=1))[1]
-    for d in range(10):
+    for d in range(days):
         day = start + dt.timedelta(days=d)
         feed(staging, source, [f for f in day_files(staging, truth, day) if f != late])
         if d == 3:
@@ -116,7 +117,7 @@ def test_daily_runs_equal_a_rebuild(db_url, tmp_path):
                 )
             packages.load_csv(settings, SAMPLE)  # adds them: their earlier records count now
         assert ingest.run(settings, source=str(source))
-        if d == 4:
+        if d in (4, 12):
             assert_rebuild_agrees(db_url, settings)  # mid-way too (continues from the rebuild)
     assert_truth(db_url, truth)
     assert_rebuild_agrees(db_url, settings)
