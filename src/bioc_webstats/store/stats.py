@@ -284,9 +284,6 @@ class _Plan:
     def anything(self) -> bool:
         return bool(self.objects or self.new or self.gone or self.queued)
 
-    def recounted(self, year: int, pid: int) -> bool:
-        return year in self.full_years or pid in self.recount.get(year, ())
-
 
 def _load_new_records(session: Session, pg: bool, plan: _Plan) -> None:
     """The records of the ledger rows not counted yet, with their package's row id (NULL:
@@ -675,6 +672,8 @@ def _recount_category(session: Session, pg: bool, plan: _Plan, cat: str, year: i
     session.execute(
         text("DELETE FROM stats_seen_category WHERE year = :y AND category = :c"), params
     )
+    if pg:  # sorted, then grouped: 11 s instead of 18 s hashed (bench-daily's bioc year)
+        session.execute(text("SET LOCAL enable_hashagg = off"))
     session.execute(
         text(
             "INSERT INTO stats_seen_category (ip_hash, year, months, category) "
@@ -684,6 +683,8 @@ def _recount_category(session: Session, pg: bool, plan: _Plan, cat: str, year: i
         ),
         params,
     )
+    if pg:
+        session.execute(text("SET LOCAL enable_hashagg = on"))
     counts = session.execute(
         text(
             f"SELECT {_month_counts()} FROM stats_seen_category WHERE year = :y AND category = :c"
