@@ -242,11 +242,21 @@ def main() -> None:
     ap.add_argument("--day-clients", type=int, default=400, help="distinct clients of the day")
     ap.add_argument("--year-clients", type=int, default=3_000_000, help="clients of the year")
     ap.add_argument("--data", type=Path, default=ROOT / "build" / "bench-daily-data")
+    ap.add_argument(
+        "--pg-setting",
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="a PostgreSQL server setting, e.g. shared_buffers=1GB (repeatable)",
+    )
     args = ap.parse_args()
+    settings = dict(s.split("=", 1) for s in args.pg_setting)
 
     dec31, feb1 = dt.date(2023, 12, 31), dt.date(2024, 2, 1)
     logs = {d: day_logs(args.data, d, args.lines, args.day_clients) for d in (dec31, feb1)}
-    with pg_cluster() as base, tempfile.TemporaryDirectory() as tmp:
+    if settings:
+        print(f"PostgreSQL settings: {settings}")
+    with pg_cluster(settings) as base, tempfile.TemporaryDirectory() as tmp:
         r_dec = scenario(base, Path(tmp), "Dec 31", dt.date(2023, 1, 1), 364, args.records,
                          logs[dec31], args)  # fmt: skip
         r_feb = scenario(base, Path(tmp), "Feb 1", dt.date(2024, 1, 1), 31, args.records // 12,

@@ -62,8 +62,9 @@ def pg_server() -> Iterator[str]:
 
 
 @contextlib.contextmanager
-def pg_cluster() -> Iterator[str]:
-    """Start a throw-away cluster (also used by bench/); yields its base URL, removes it after."""
+def pg_cluster(settings: dict[str, str] | None = None) -> Iterator[str]:
+    """Start a throw-away cluster (also used by bench/); yields its base URL, removes it after.
+    ``settings``: more server settings (``-c name=value``), for the benchmarks."""
     bindir = _pg_bindir()
     tmp = Path(tempfile.mkdtemp(prefix="webstats-pg-"))
     data = tmp / "data"
@@ -106,6 +107,7 @@ def pg_cluster() -> Iterator[str]:
             "full_page_writes=off",
             "-c",  # every test database has its own pool; gunicorn tests add their workers'
             "max_connections=300",
+            *(a for k, v in (settings or {}).items() for a in ("-c", f"{k}={v}")),
         ],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,

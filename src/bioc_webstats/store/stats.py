@@ -40,11 +40,12 @@ records.
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import logging
 import time
 from collections import defaultdict
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -275,6 +276,7 @@ class _Plan:
     recount: dict[int, set[int]] = field(default_factory=lambda: defaultdict(set))  # year: ids
     merge: dict[int, set[int]] = field(default_factory=lambda: defaultdict(set))  # year: ids
     gone_years: dict[int, set[int]] = field(default_factory=dict)
+    years: set[int] = field(default_factory=set)  # years of the new records
     newest: Any = None  # the latest day of the new records
     oldest: Any = None  # no later than the earliest day of the new records
     categories: set[tuple[str, int]] = field(default_factory=set)  # (category, year) recounted
@@ -285,64 +287,59 @@ class _Plan:
         return bool(self.objects or self.new or self.gone or self.queued)
 
 
-def _load_new_records(session: Session, pg: bool, plan: _Plan) -> None:
-    """The records of the ledger rows not counted yet, with their package's row id (NULL:
-    not in the table), into the temp table stats_new_records; everything after reads it.
-
-    One scan of download_records by object id (the BRIN index finds the newest ids), not
-    grouped, hashed against packages: fresh records have no planner statistics yet, and
-    PostgreSQL, estimating one row, would otherwise loop over packages for each of a million
-    records (a minute) or sort them on disk. The copy is ANALYZEd."""
-    session.execute(text("DROP TABLE IF EXISTS stats_new_records"))
-    session.execute(
-        text(
-            "CREATE TEMP TABLE stats_new_records (category VARCHAR(16), package VARCHAR(200), "
-            "package_id INTEGER, day DATE, ip_hash BIGINT, downloads INTEGER)"
-        )
-    )
-    if pg:
-        session.execute(text("SET LOCAL enable_nestloop = off"))
-    ids = sorted(i for i, _, _ in plan.objects)
-    for i in range(0, len(ids), _CHUNK):
-        chunk = ids[i : i + _CHUNK]
-        session.execute(
-            _expanding(
-                "INSERT INTO stats_new_records "
-                "(category, package, package_id, day, ip_hash, downloads) "
-                "SELECT r.category, r.package, p.id, r.day, r.ip_hash, r.downloads "
-                "FROM download_records r LEFT JOIN packages p "
-                "ON p.package = r.package AND p.category = r.category "
-                "WHERE r.object_id BETWEEN :lo AND :hi AND r.object_id IN :ids",
-                "ids",
-            ),
-            {"lo": chunk[0], "hi": chunk[-1], "ids": chunk},
-        )
-    if pg:
-        session.execute(text("SET LOCAL enable_nestloop = on"))
-        session.execute(text("ANALYZE stats_new_records"))
+# The records of the ledger rows not counted yet. The id range lets the BRIN index on object_id
+# find them (new objects have the newest ids).
+_NEW_FROM = "download_records r JOIN ingested_objects o ON o.id = r.object_id"
+_NEW_WHERE = (
+    "r.object_id BETWEEN :lo AND :hi AND (o.counted_at IS NULL OR o.counted_at <> o.ingested_at)"
+)
 
 
-def _widen_record_months(session: Session, pg: bool) -> tuple[Any, Any]:
-    """record_months from the records not counted yet (known packages or not); returns the
-    earliest and the latest day of those months' ranges (the latest is the new records'
-    latest day: ranges only widen up to days already counted, within ValidThru)."""
+@contextlib.contextmanager
+def _hashed(session: Session, pg: bool) -> Iterator[None]:
+    """Statements over the new records: hash joins and hash aggregates, whatever the estimate.
+    Fresh records have no planner statistics yet; PostgreSQL, estimating one row, looped
+    over packages for each of a million records (a minute) or sorted them on disk (7 s)."""
+    if not pg:
+        yield
+        return
+    names = ("enable_nestloop", "enable_mergejoin", "enable_sort")
+    for name in names:
+        session.execute(text(f"SET LOCAL {name} = off"))
+    yield
+    for name in names:
+        session.execute(text(f"SET LOCAL {name} = on"))
+
+
+def _object_range(plan: _Plan) -> dict[str, int]:
+    ids = [i for i, _, _ in plan.objects]
+    return {"lo": min(ids), "hi": max(ids)}
+
+
+def _widen_record_months(session: Session, pg: bool, plan: _Plan) -> None:
+    """record_months from the records not counted yet (known packages or not). Also sets the
+    plan's years, oldest and newest day of the new records (from the widened ranges: no later
+    than the oldest, and the newest — ranges only widen up to days counted before, which
+    ValidThru holds already)."""
     least, greatest = ("least", "greatest") if pg else ("min", "max")
-    rows = session.execute(
-        text(
-            "INSERT INTO record_months (category, package, year, month, first_day, last_day) "
-            f"SELECT r.category, r.package, {_year(pg)}, {_month(pg)}, min(r.day), max(r.day) "
-            "FROM (SELECT DISTINCT category, package, day FROM stats_new_records) r "
-            "WHERE true GROUP BY 1, 2, 3, 4 "
-            "ON CONFLICT (category, package, year, month) DO UPDATE SET "
-            f"first_day = {least}(record_months.first_day, excluded.first_day), "
-            f"last_day = {greatest}(record_months.last_day, excluded.last_day) "
-            "RETURNING first_day, last_day"
-        )
-    ).all()
-    return (
-        min((_date(a) for a, _ in rows), default=None),
-        max((_date(b) for _, b in rows), default=None),
-    )
+    with _hashed(session, pg):
+        rows = session.execute(
+            text(
+                "INSERT INTO record_months (category, package, year, month, first_day, last_day) "
+                f"SELECT r.category, r.package, {_year(pg)}, {_month(pg)}, min(r.day), max(r.day) "
+                "FROM (SELECT DISTINCT r.category, r.package, r.day "
+                f"FROM {_NEW_FROM} WHERE {_NEW_WHERE}) r "
+                "GROUP BY 1, 2, 3, 4 "
+                "ON CONFLICT (category, package, year, month) DO UPDATE SET "
+                f"first_day = {least}(record_months.first_day, excluded.first_day), "
+                f"last_day = {greatest}(record_months.last_day, excluded.last_day) "
+                "RETURNING year, first_day, last_day"
+            ),
+            _object_range(plan),
+        ).all()
+    plan.years = {y for y, _, _ in rows}
+    plan.oldest = min((_date(a) for _, a, _ in rows), default=None)
+    plan.newest = max((_date(b) for _, _, b in rows), default=None)
 
 
 def _record_years(
@@ -398,14 +395,12 @@ def _plan(session: Session, pg: bool) -> _Plan:
     ).all()
     plan.queued = bool(queued)
     if objects:
-        _load_new_records(session, pg, plan)
-        plan.oldest, plan.newest = _widen_record_months(session, pg)
+        _widen_record_months(session, pg, plan)
     foreign = db.get_meta(session, SEEN_VERSION) != str(db.get_data_version(session))
     if foreign and objects:
         # Something that does not keep the seen-sets changed the statistics (the release
         # before them): the statistics may hold these records already. Recount their years.
-        rows = session.execute(text(f"SELECT DISTINCT {_year(pg)} FROM stats_new_records r"))
-        years = {y for (y,) in rows}
+        years = set(plan.years)
         for _, hour, counted_at in objects:
             if counted_at is not None:  # replaced: its old records were within 48 h of the hour
                 early, late = hour - dt.timedelta(hours=48), hour + dt.timedelta(hours=49)
@@ -542,8 +537,7 @@ def _finish(session: Session, plan: _Plan) -> None:
                        "ids"),
             {"ids": ids[i : i + _CHUNK]},
         )  # fmt: skip
-    if ids:
-        session.execute(text("DROP TABLE stats_new_records"))
+
     sp = SeenPackage
     gone = sorted(plan.gone)
     for i in range(0, len(gone), _CHUNK):
@@ -713,7 +707,7 @@ def _count_new(session: Session, pg: bool, plan: _Plan) -> None:
     """Add the records not counted yet to the seen-sets and the statistics (the daily run).
     Years and packages recounted from the records in this same call are left out."""
     session.execute(text("DROP TABLE IF EXISTS stats_new"))
-    # One row per (package, month, client) of the new records: read once, used four times.
+    # One row per (package, month, client) of the new records: read once, used three times.
     session.execute(
         text(
             "CREATE TEMP TABLE stats_new (package_id INTEGER, category VARCHAR(16), "
@@ -729,16 +723,18 @@ def _count_new(session: Session, pg: bool, plan: _Plan) -> None:
     month = "date_trunc('month', r.day)" if pg else "substr(r.day, 1, 7)"
     year_of, month_of = (_year(pg, "x.m"), _month(pg, "x.m")) if pg else (
         "CAST(substr(x.m, 1, 4) AS INTEGER)", "CAST(substr(x.m, 6, 2) AS INTEGER)")  # fmt: skip
-    session.execute(
-        text(
-            "INSERT INTO stats_new (package_id, category, year, month, ip_hash, n) "
-            f"SELECT x.package_id, x.category, {year_of}, {month_of}, x.ip_hash, x.n "
-            f"FROM (SELECT r.package_id, min(r.category) AS category, {month} AS m, r.ip_hash, "
-            "sum(r.downloads) AS n FROM stats_new_records r "
-            f"WHERE r.package_id IS NOT NULL {rule}GROUP BY r.package_id, 3, r.ip_hash) x"
-        ),
-        params,
-    )
+    with _hashed(session, pg):
+        session.execute(
+            text(
+                "INSERT INTO stats_new (package_id, category, year, month, ip_hash, n) "
+                f"SELECT x.package_id, x.category, {year_of}, {month_of}, x.ip_hash, x.n "
+                f"FROM (SELECT p.id AS package_id, min(p.category) AS category, {month} AS m, "
+                f"r.ip_hash, sum(r.downloads) AS n FROM {_NEW_FROM} JOIN packages p "
+                f"ON p.package = r.package AND p.category = r.category WHERE {_NEW_WHERE} "
+                f"{rule}GROUP BY p.id, 3, r.ip_hash) x"
+            ),
+            {**params, **_object_range(plan)},
+        )
     for year in sorted(plan.full_years):
         session.execute(text("DELETE FROM stats_new WHERE year = :y"), {"y": year})
     for year, pids in sorted(plan.recount.items()):
