@@ -140,28 +140,37 @@ def test_daily_runs_equal_a_rebuild(db_url, tmp_path):
 
 
 def test_daily_cost_follows_the_new_day_not_the_year(db_url, tmp_path, monkeypatch):
-    """A day is counted from its records only: no statement reads the year's records."""
+    """A day is counted from its own records: nothing is recounted, and every statement that
+    reads download_records reads the new objects' records by object id."""
+    from sqlalchemy import event
+
     staging, source = tmp_path / "staging", tmp_path / "logs"
     source.mkdir()
     start = dt.date(2024, 3, 1)
     truth = loggen.generate(staging, days=3, start=start, files_per_day=2, lines_per_file=100)
     settings = loaded(db_url, tmp_path)
-    feed(
-        staging,
-        source,
-        [
-            f
-            for f in truth.files
-            if f not in day_files(staging, truth, start + dt.timedelta(days=2))
-        ],
-    )
+    last = day_files(staging, truth, start + dt.timedelta(days=2))
+    feed(staging, source, [f for f in truth.files if f not in last])
     assert ingest.run(settings, source=str(source))
-    recounts = []
+    recounts, reads = [], []
     monkeypatch.setattr(stats, "_recount_packages", lambda *a: recounts.append(a))
     monkeypatch.setattr(stats, "_recount_category", lambda *a: recounts.append(a))
-    feed(staging, source, day_files(staging, truth, start + dt.timedelta(days=2)))
-    assert ingest.run(settings, source=str(source))
+
+    def seen(conn, cursor, statement, *_):
+        if "download_records" in statement and not statement.startswith(
+            ("INSERT INTO download_records", "COPY")
+        ):
+            reads.append(statement)
+
+    engine = db.get_engine(db_url)
+    event.listen(engine, "before_cursor_execute", seen)
+    try:
+        feed(staging, source, last)
+        assert ingest.run(settings, source=str(source))
+    finally:
+        event.remove(engine, "before_cursor_execute", seen)
     assert recounts == []
+    assert reads and all("r.object_id BETWEEN" in r for r in reads), reads
     assert_truth(db_url, truth)
 
 
