@@ -227,9 +227,7 @@ def test_a_release_without_seen_sets_in_between(db_url, tmp_path):
     # The old release: records of day 2 stored (not counted), packages added, recounted.
     feed(staging, source, day_files(staging, truth, start + dt.timedelta(days=1)))
     summary = ingest.RunSummary()
-    todo = ingest.sources.open_source(str(source)).list()[0]
-    with db.session_factory(db_url)() as s:
-        todo, _ = ingest.select_objects(s, todo, 3, None)
+    _, todo, _, _ = ingest.list_window(settings, str(source), None, None)
     ingest._ingest_objects(settings, str(source), todo, summary, ingest.store_new)
     with db.session_factory(db_url).begin() as s:
         for line in held:
@@ -337,3 +335,31 @@ def test_bulk_load_recounts_the_year(db_url, tmp_path, monkeypatch):
     assert len(recounted) == before  # a day against two counted ones: increments
     assert_truth(db_url, truth)
     assert_rebuild_agrees(db_url, settings)
+
+
+@pytest.mark.parametrize("db_url", ["postgresql"], indirect=True)
+def test_an_etl_login_with_dml_rights_only(db_url, tmp_path):
+    """The ETL's login has SELECT, INSERT, UPDATE, DELETE and TEMPORARY, no TRUNCATE and does
+    not own the tables: the daily count and a rebuild work all the same."""
+    import sqlalchemy as sa
+
+    admin = sa.create_engine(db_url, isolation_level="AUTOCOMMIT")
+    name = f"etl_{db_url.rsplit('/', 1)[1]}"
+    with admin.connect() as conn:
+        conn.execute(sa.text(f'CREATE ROLE "{name}" LOGIN'))
+        dbname = db_url.rsplit("/", 1)[1]
+        conn.execute(sa.text(f'GRANT CONNECT, TEMPORARY ON DATABASE "{dbname}" TO "{name}"'))
+        conn.execute(sa.text(f'GRANT USAGE ON SCHEMA public TO "{name}"'))
+        conn.execute(sa.text(
+            f'GRANT SELECT, INSERT, UPDATE, DELETE ON ALL TABLES IN SCHEMA public TO "{name}"'
+        ))  # fmt: skip
+        conn.execute(sa.text(f'GRANT USAGE ON ALL SEQUENCES IN SCHEMA public TO "{name}"'))
+    admin.dispose()
+    etl_url = db_url.replace("://webstats@", f"://{name}@")
+    out = tmp_path / "logs"
+    truth = loggen.generate(out, days=2, start=dt.date(2024, 4, 29), files_per_day=2)
+    settings = loaded(etl_url, tmp_path)
+    assert ingest.run(settings, source=str(out))
+    assert_truth(etl_url, truth)
+    assert_rebuild_agrees(etl_url, settings)
+    db.dispose_engine(etl_url)

@@ -18,13 +18,22 @@
 #include <stdlib.h>
 #include <string.h>
 
-/* Reject reasons by code; the Python side names them (logs.REASONS, same order). */
+/* Reject reasons by code; the Python side names them (rule.REASONS, same order). */
 #define R_COLUMNS 0
 #define R_STATUS 1
 #define R_CIP 2
 #define R_DATETIME 3
 #define R_SKEW 4
-#define N_REASONS 5
+#define R_LONG 5
+#define R_BEFORE 6 /* dated before the cut-over day (etl/logs_since) */
+#define N_REASONS 7
+
+/* Byte bounds (the same in rule.py, checked by the tests through the module's constants): a
+ * value longer than its field can be is malformed before it reaches any cache, and no cache
+ * keeps a key longer than KEY_CACHE_MAX, so memory never grows with hostile values. */
+#define MAX_URI 8192
+#define MAX_IP 64
+#define KEY_CACHE_MAX 256
 
 /* --- a hash table of byte strings → int64 (keys copied into one arena) ------------------- */
 
@@ -192,6 +201,7 @@ typedef struct {
     /* the object being read */
     int active;
     int64_t lo, hi; /* the window of valid timestamps (seconds since the epoch) */
+    int64_t floor;  /* lines before it are not counted (the cut-over day's midnight) */
     long nf; /* columns of the #Fields line; -1 before it */
     int idx[N_FIELDS];
     int last_needed; /* the largest of idx */
@@ -248,7 +258,8 @@ static int lookup(Table *t, PyObject *cb, const char *key, size_t len, int64_t *
     }
     int64_t v;
     if (answer(call_bytes(cb, key, len), &v) < 0) return -1;
-    if ((t->max == 0 || t->n < t->max) && !table_put(t, s, key, len, h, v)) return -1;
+    if (len <= KEY_CACHE_MAX && (t->max == 0 || t->n < t->max) && !table_put(t, s, key, len, h, v))
+        return -1;
     *out = v;
     return 0;
 }
@@ -457,7 +468,8 @@ static int uri_stage(Scanner *s) {
         hit = slot->val;
     } else {
         if (answer(call_bytes(s->uri_cb, c->uri, c->ulen), &hit) < 0) return -1;
-        if (s->uri.n < s->uri.max && !table_put(&s->uri, slot, c->uri, c->ulen, c->hash, hit))
+        if (c->ulen <= KEY_CACHE_MAX && s->uri.n < s->uri.max &&
+            !table_put(&s->uri, slot, c->uri, c->ulen, c->hash, hit))
             return -1;
     }
     if (hit <= 0) return 0;
@@ -544,6 +556,10 @@ static int one_line(Scanner *s, const char *p, size_t n) {
 #define LEN(f) ((size_t)(end[s->idx[f]] - start[s->idx[f]]))
     /* the timestamp: a valid date, a valid time, within the window */
     int64_t day, secs;
+    if (LEN(F_DATE) != 10) { /* not YYYY-MM-DD: never cached */
+        s->rejects[R_DATETIME]++;
+        return 0;
+    }
     if (SAME(s->last_date, s->last_date_len, COL(F_DATE), LEN(F_DATE))) {
         day = s->last_date_val;
     } else {
@@ -561,6 +577,10 @@ static int one_line(Scanner *s, const char *p, size_t n) {
         s->rejects[R_SKEW]++;
         return 0;
     }
+    if (ts < s->floor) {
+        s->rejects[R_BEFORE]++;
+        return 0;
+    }
 
     int64_t st;
     if (lookup(&s->st, s->status_cb, COL(F_STATUS), LEN(F_STATUS), &st) < 0) return -1;
@@ -576,6 +596,14 @@ static int one_line(Scanner *s, const char *p, size_t n) {
             s->rejects[R_CIP]++;
             return 0;
         }
+    }
+    if (il > MAX_IP) {
+        s->rejects[R_CIP]++;
+        return 0;
+    }
+    if (LEN(F_URI) > MAX_URI) {
+        s->rejects[R_LONG]++;
+        return 0;
     }
 
     if (st != 2 || !SAME(s->get, (size_t)s->get_len, COL(F_METHOD), LEN(F_METHOD))) return 0;
@@ -635,14 +663,15 @@ static void reset_object(Scanner *s) {
 
 static PyObject *Scanner_begin(Scanner *s, PyObject *args) {
     PyObject *date_cb;
-    long long lo, hi;
-    if (!PyArg_ParseTuple(args, "OLL", &date_cb, &lo, &hi)) return NULL;
+    long long lo, hi, floor = INT64_MIN;
+    if (!PyArg_ParseTuple(args, "OLL|L", &date_cb, &lo, &hi, &floor)) return NULL;
     reset_object(s);
     Py_INCREF(date_cb);
     Py_XDECREF(s->date_cb);
     s->date_cb = date_cb;
     s->lo = lo;
     s->hi = hi;
+    s->floor = floor;
     s->active = 1;
     Py_RETURN_NONE;
 }
@@ -1030,8 +1059,9 @@ fail:
 
 static PyMethodDef Scanner_methods[] = {
     {"begin", (PyCFunction)Scanner_begin, METH_VARARGS,
-     "begin(date, lo, hi): start an object; DATE(raw) answers (day index, midnight in epoch "
-     "seconds) or None; timestamps outside [LO, HI] are rejected."},
+     "begin(date, lo, hi[, floor]): start an object; DATE(raw) answers (day index, midnight in "
+     "epoch seconds) or None; timestamps outside [LO, HI] are rejected, then those before "
+     "FLOOR."},
     {"feed", (PyCFunction)Scanner_feed, METH_O,
      "feed(text: bytes): scan the complete lines of TEXT; a last partial line waits for the "
      "next piece."},
@@ -1083,6 +1113,11 @@ static int scan_exec(PyObject *m) {
         Py_DECREF(t);
         return -1;
     }
+    if (PyModule_AddIntConstant(m, "MAX_URI", MAX_URI) < 0 ||
+        PyModule_AddIntConstant(m, "MAX_IP", MAX_IP) < 0 ||
+        PyModule_AddIntConstant(m, "KEY_CACHE_MAX", KEY_CACHE_MAX) < 0 ||
+        PyModule_AddIntConstant(m, "N_REASONS", N_REASONS) < 0)
+        return -1;
     return 0;
 }
 

@@ -33,8 +33,10 @@ from collections.abc import Iterable, Iterator
 from importlib import resources
 from typing import Any
 
+from ..categories import CATEGORIES
 from ..config import Settings
 from ..errors import ConfigError, WebstatsError
+from ..store import records
 from . import ingest, rule, sources
 
 log = logging.getLogger(__name__)
@@ -88,9 +90,15 @@ def table_ddl(database: str, table: str, location: str, days_dir: str | None) ->
     return sql.replace("@@TABLE@@", full).replace("@@LOCATION@@", location)
 
 
-def downloads_sql(database: str, table: str, days: tuple[dt.date, dt.date] | None) -> str:
+def downloads_sql(
+    database: str,
+    table: str,
+    days: tuple[dt.date, dt.date] | None,
+    floor: dt.date | None = None,
+) -> str:
     """The counting query (``sql/downloads.sql``) with its placeholders filled. It holds no
-    secret: the client addresses come back in clear and are hashed here."""
+    secret: the client addresses come back in clear and are hashed here. Lines dated before
+    ``floor`` (the cut-over day) are not counted, as in the local engine."""
     where = ""
     if days is not None:
         where = f"WHERE day BETWEEN '{days[0].isoformat()}' AND '{days[1].isoformat()}'"
@@ -100,12 +108,19 @@ def downloads_sql(database: str, table: str, days: tuple[dt.date, dt.date] | Non
         .replace("@@TABLE@@", f"{_identifier(database)}.{_identifier(table)}")
         .replace("@@WHERE@@", where)
         .replace("@@RULE@@", rule.DOWNLOAD_PATTERN.replace("'", "''"))
+        .replace("@@CATEGORIES@@", _category_cases())
         .replace("@@F33@@", fields33)
         .replace("@@F15@@", " ".join(rule.CLOUDFRONT_FIELDS[:15]))
+        .replace("@@FLOOR@@", (floor or dt.date.min).isoformat())
     )
 
 
 # --- running queries ---------------------------------------------------------------------------
+
+
+def _category_cases() -> str:
+    """``WHEN '<repo path>' THEN '<prefix>'`` for each category (categories.py)."""
+    return "\n            ".join(f"WHEN '{c.repo_path}' THEN '{c.prefix}'" for c in CATEGORIES)
 
 
 def _aws_error(what: str, exc: BaseException) -> WebstatsError:
@@ -232,7 +247,6 @@ def rows_to_parsed(
     rows: Iterable[list[str | None]],
     bucket: str,
     wanted: dict[str, sources.LogObject],
-    copy: bool,
     key: bytes,
 ) -> Iterator[ingest.Parsed]:
     """Group result rows (ordered by object) into one Parsed per wanted object, hashing the
@@ -241,13 +255,15 @@ def rows_to_parsed(
     prefix = f"s3://{bucket}/"
     hasher = rule.ip_hasher(key)
     hashes: dict[str, int] = {}
+    kept: list[records.Row] = []  # the current object's records
     current: ingest.Parsed | None = None
     for kind, path, cat, pkg, day, ip, n1, n2, n3, status in rows:
         object_key = (path or "").removeprefix(prefix)
         if kind == "o":
             if current is not None:
-                yield _done(current, copy)
+                yield _done(current, kept)
             hashes.clear()
+            kept = []
             obj = wanted.get(object_key)
             current = None if obj is None else ingest.Parsed(obj)
             if current is not None:
@@ -266,20 +282,16 @@ def rows_to_parsed(
         if h is None:
             h = hashes[address] = hasher(address.encode("utf-8"))
         n = int(str(n1))
-        current.rows.append((str(cat), str(pkg), d, h, n))  # COPY text made in _done
+        kept.append((str(cat), str(pkg), d, h, n))  # COPY text made in _done
         current.touched.add((str(cat), str(pkg), d.year, d.month))
         if current.max_day is None or d > current.max_day:
             current.max_day = d
     if current is not None:
-        yield _done(current, copy)
+        yield _done(current, kept)
 
 
-def _done(parsed: ingest.Parsed, copy: bool = False) -> ingest.Parsed:
-    if copy and parsed.rows:
-        parsed.copy_data = "".join(
-            f"{c}\t{p}\t{d.isoformat()}\t{h}\t{n}\n" for c, p, d, h, n in parsed.rows
-        ).encode("ascii")
-        parsed.rows = []
+def _done(parsed: ingest.Parsed, rows: list[records.Row]) -> ingest.Parsed:
+    parsed.copy_data, parsed.copy_format = records.text_rows(rows), "text"
     return parsed
 
 
@@ -291,11 +303,11 @@ def run(
     source: str | None = None,
     since: str | None = None,
     dry_run: bool = False,
+    until: str | None = None,
     poll_delay: float = 0.5,
 ) -> bool:
     """``etl run --engine athena``: same contract as :func:`bioc_webstats.ingest.run`."""
     from ..aws import client as aws_client
-    from ..store import db
 
     t0 = time.monotonic()
     url = ingest.source_url(settings, source)
@@ -307,14 +319,9 @@ def run(
     if not output or not output.startswith("s3://"):
         raise ConfigError("etl/athena_output (WEBSTATS_ETL_ATHENA_OUTPUT) must be an s3:// URL")
     key = b"" if dry_run else ingest.ip_hash_key(settings, url)
-    src = sources.S3Source(url)
-    objects, skipped = src.list()
+    src, todo, skipped, _window = ingest.list_window(settings, url, since, until)
+    assert isinstance(src, sources.S3Source)
     summary = ingest.RunSummary(skipped_names=len(skipped))
-    with db.session_factory(settings.database_url)() as session:
-        todo, _start = ingest.select_objects(
-            session, objects, settings.get_int("etl/lookback_days"), ingest.parse_since(since)
-        )
-    log.info("%s: %d objects listed, %d to ingest with Athena", url, len(objects), len(todo))
     if dry_run or not todo:
         if dry_run:
             for o in todo:
@@ -339,16 +346,16 @@ def run(
         table_ddl(database, table, location, days_dir),
     ):
         wait_query(client, start_query(client, sql, database, workgroup, output), 600, poll_delay)
-    qid = start_query(client, downloads_sql(database, table, days), database, workgroup, output)
+    sql = downloads_sql(database, table, days, ingest.logs_since(settings))
+    qid = start_query(client, sql, database, workgroup, output)
     log.info("Athena query %s started (table %s.%s)", qid, database, table)
     wait_query(client, qid, QUERY_TIMEOUT, poll_delay)
 
     wanted = {o.key: o for o in todo}
-    copy = db.get_engine(settings.database_url).dialect.name == "postgresql"
     seen: set[str] = set()
 
     def parsed_objects() -> Iterator[ingest.Parsed]:
-        for parsed in rows_to_parsed(fetch_rows(client, qid), src.bucket, wanted, copy, key):
+        for parsed in rows_to_parsed(fetch_rows(client, qid), src.bucket, wanted, key):
             seen.add(parsed.obj.key)
             yield parsed
         for obj in todo:  # objects Athena returned nothing for: empty or unreadable

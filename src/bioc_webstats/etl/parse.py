@@ -22,7 +22,10 @@ from . import sources
 from .rule import (
     BAD_IP,
     DL,
+    KEY_CACHE_MAX,
+    MAX_IP,
     MAX_SKEW,
+    MAX_URI,
     REASONS,
     classify_uri,
     date_secs,
@@ -78,13 +81,20 @@ def _new_bucket() -> defaultdict[int, defaultdict[bytes, int]]:
     return defaultdict(partial(defaultdict, int))
 
 
-def count_object(chunks: Iterable[bytes], name_hour: dt.datetime) -> ObjectCounts:
-    """Stream one object and count its downloads (the rule of etl.md); malformed lines are
-    counted by reason. Raises LogFormatError for an unreadable object or a missing #Fields."""
+def count_object(
+    chunks: Iterable[bytes], name_hour: dt.datetime, floor: dt.date | None = None
+) -> ObjectCounts:
+    """Stream one object and count its downloads (the rule of etl.md); malformed lines, and
+    lines dated before ``floor`` (the cut-over day), are counted by reason. Raises
+    LogFormatError for an unreadable object or a missing #Fields."""
     with _no_cyclic_gc():
         if parser_name() == "native":
-            return _count_native(chunks, name_hour)
-        return _count(chunks, name_hour)
+            return _count_native(chunks, name_hour, floor)
+        return _count(chunks, name_hour, floor)
+
+
+def _floor_secs(floor: dt.date | None) -> int | None:
+    return None if floor is None else epoch(dt.datetime(floor.year, floor.month, floor.day))
 
 
 @contextlib.contextmanager
@@ -118,16 +128,18 @@ def _reset_rule_caches() -> None:
 
 
 def _hit_of(uri: bytes) -> int:
-    """The hit id (> 0) of a download path's (category, package), else 0; cached."""
+    """The hit id (> 0) of a download path's (category, package), else 0; cached (short
+    paths only: the cache is bounded in bytes as well as in entries)."""
     hit = _URIS.get(uri)
     if hit is None:
         pair = classify_uri(uri, _DIRS, _FILES)
         hit = 0 if pair is None else _HITS.setdefault(pair, len(_HITS) + 1)
-        if len(_URIS) < URI_CACHE_MAX:
+        if len(_URIS) < URI_CACHE_MAX and len(uri) <= KEY_CACHE_MAX:
             _URIS[uri] = hit
     return hit
 
 
+LONG = REASONS[5]  # "cs-uri-stem too long"
 _SCANNER: list[Any] = []  # the process's C scanner, made on first use
 IP_HASH_CACHE_MAX = 200_000  # client addresses whose hash a parse process keeps
 _IP_HASHES: dict[bytes, int] = {}  # of the Python loop's records (the C loop has its own)
@@ -147,7 +159,9 @@ def _scanner() -> Any:
     return _SCANNER[0]
 
 
-def _scan_object(chunks: Iterable[bytes], name_hour: dt.datetime) -> tuple[Any, list[dt.date]]:
+def _scan_object(
+    chunks: Iterable[bytes], name_hour: dt.datetime, floor: dt.date | None
+) -> tuple[Any, list[dt.date]]:
     """Feed one object to the C scanner; returns it (to be finished) and its day list."""
     scanner = _scanner()
     center = epoch(name_hour)
@@ -161,7 +175,11 @@ def _scan_object(chunks: Iterable[bytes], name_hour: dt.datetime) -> tuple[Any, 
         return len(day_list) - 1, dv[0]
 
     _reset_rule_caches()
-    scanner.begin(date, center - MAX_SKEW, center + MAX_SKEW)
+    low = _floor_secs(floor)
+    if low is None:
+        scanner.begin(date, center - MAX_SKEW, center + MAX_SKEW)
+    else:
+        scanner.begin(date, center - MAX_SKEW, center + MAX_SKEW, low)
     for piece in decompress(chunks):
         scanner.feed(piece)
     return scanner, day_list
@@ -171,10 +189,12 @@ def _reasons(rejects: tuple[int, ...]) -> dict[str, int]:
     return {REASONS[i]: n for i, n in enumerate(rejects) if n}
 
 
-def _count_native(chunks: Iterable[bytes], name_hour: dt.datetime) -> ObjectCounts:
+def _count_native(
+    chunks: Iterable[bytes], name_hour: dt.datetime, floor: dt.date | None = None
+) -> ObjectCounts:
     """count_object with the per-line loop in C (``_scan``): the same rule, decided by the
     same functions (called once per distinct value, their answers cached in C)."""
-    scanner, day_list = _scan_object(chunks, name_hour)
+    scanner, day_list = _scan_object(chunks, name_hour, floor)
     lines_read, accepted, rejects, counts, fields_seen = scanner.finish()
     if not fields_seen:
         raise LogFormatError("no #Fields line (empty or header-less file)")
@@ -205,20 +225,26 @@ class ObjectRecords:
 
 
 def count_records(
-    chunks: Iterable[bytes], name_hour: dt.datetime, hash_ip: Callable[[bytes], int]
+    chunks: Iterable[bytes],
+    name_hour: dt.datetime,
+    hash_ip: Callable[[bytes], int],
+    floor: dt.date | None = None,
 ) -> ObjectRecords:
     """count_object, with the counts as COPY text and the client addresses hashed by
     ``hash_ip`` (each address once per process while ``hash_ip`` is the same function)."""
     with _no_cyclic_gc():
         if parser_name() == "native":
-            return _records_native(chunks, name_hour, hash_ip)
-        return _records_python(count_object(chunks, name_hour), hash_ip)
+            return _records_native(chunks, name_hour, hash_ip, floor)
+        return _records_python(count_object(chunks, name_hour, floor), hash_ip)
 
 
 def _records_native(
-    chunks: Iterable[bytes], name_hour: dt.datetime, hash_ip: Callable[[bytes], int]
+    chunks: Iterable[bytes],
+    name_hour: dt.datetime,
+    hash_ip: Callable[[bytes], int],
+    floor: dt.date | None = None,
 ) -> ObjectRecords:
-    scanner, day_list = _scan_object(chunks, name_hour)
+    scanner, day_list = _scan_object(chunks, name_hour, floor)
     pairs: dict[int, tuple[str, str]] = {}
 
     def pair_text(hit: int) -> bytes:
@@ -274,11 +300,14 @@ def with_object_id(copy_data: bytes, copy_format: str, object_id: int) -> bytes:
     return copy_data.replace(b"\n", b"\t%d\n" % object_id)
 
 
-def _count(chunks: Iterable[bytes], name_hour: dt.datetime) -> ObjectCounts:
+def _count(
+    chunks: Iterable[bytes], name_hour: dt.datetime, floor: dt.date | None = None
+) -> ObjectCounts:
     res = ObjectCounts()
     reasons = res.reject_reasons
     center = epoch(name_hour)
     lo, hi = center - MAX_SKEW, center + MAX_SKEW
+    low = _floor_secs(floor)
     # Per-object caches (a file repeats the same seconds, statuses and URIs many times),
     # each looked up once per line; a miss takes the slow path below, which fills them.
     # date → time → the day's counts {hit id: {ip: n}}, for valid date and time only
@@ -322,28 +351,36 @@ def _count(chunks: Iterable[bytes], name_hour: dt.datetime) -> ObjectCounts:
                 dkey = f[idate] + tab + f[itime] + tab
                 found = dall.get(dkey)
                 if found is None:
-                    day = dt_check(dkey, lo, hi, days)
+                    day = dt_check(dkey, lo, hi, days, low)
                     if day.__class__ is str:
                         found = day
                     else:
                         found = res.by_day.get(day)  # type: ignore[arg-type]
                         if found is None:
                             found = res.by_day[day] = _new_bucket()  # type: ignore[index]
-                    dall[dkey] = found
+                    if len(dkey) == 20:  # YYYY-MM-DD HH:MM:SS: bounded keys only
+                        dall[dkey] = found
                 if found.__class__ is str:
+                    if not dcache[f[idate]]:  # no cache entry for a malformed date
+                        del dcache[f[idate]]
                     reasons[found] = reasons.get(found, 0) + 1
                     continue
                 bucket = dcache[f[idate]][f[itime]] = found
             st = scache.get(f[istatus])
             if not st:
                 if st is None:
-                    st = scache[f[istatus]] = status_class(f[istatus])
+                    st = status_class(f[istatus])
+                    if len(f[istatus]) <= KEY_CACHE_MAX:
+                        scache[f[istatus]] = st
                 if not st:
                     reasons["status"] = reasons.get("status", 0) + 1
                     continue
             ip = f[iip]
-            if ip in bad_ip:
+            if ip in bad_ip or len(ip) > MAX_IP:
                 reasons["c-ip"] = reasons.get("c-ip", 0) + 1
+                continue
+            if len(f[iuri]) > MAX_URI:
+                reasons[LONG] = reasons.get(LONG, 0) + 1
                 continue
             if st is dl and f[imethod] == get:
                 hit = ucache.get(f[iuri])

@@ -50,6 +50,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from sqlalchemy import Table, bindparam, delete, func, select, text
+from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session
 
 from ..categories import CATEGORIES
@@ -866,18 +867,29 @@ def recompute_packages(session: Session, packages: Iterable[tuple[str, str]]) ->
         _bump(session)
 
 
+def _empty(session: Session, pg: bool, tables: list[str]) -> None:
+    """Empty tables nobody else reads: TRUNCATE where the login may (no dead rows to vacuum
+    away), else DELETE (the ETL's login has DML rights only)."""
+    if pg:
+        try:
+            with session.begin_nested():
+                session.execute(text(f"TRUNCATE {', '.join(tables)}"))
+            return
+        except DBAPIError as exc:
+            if "permission denied" not in str(exc.orig):
+                raise
+    for table in tables:
+        session.execute(text(f"DELETE FROM {table}"))
+
+
 def rebuild(settings: Settings) -> str:
     """Recompute all statistics and the seen-sets from the stored records (one transaction)."""
     t0 = time.monotonic()
     with db.session_factory(settings.database_url).begin() as session:
         _lock_counting(session)
         pg = _pg(session)
-        derived = ["stats_seen", "stats_seen_category", "stats_seen_packages", "record_months"]
-        if pg:  # nobody else reads these: TRUNCATE instead of deleting every row
-            session.execute(text(f"TRUNCATE {', '.join(derived)}"))
-        else:
-            for table in derived:
-                session.execute(text(f"DELETE FROM {table}"))
+        _empty(session, pg, ["stats_seen", "stats_seen_category", "stats_seen_packages",
+                             "record_months"])  # fmt: skip
         session.execute(delete(PackageStat))
         session.execute(delete(CategoryStat))
         if pg:
