@@ -10,7 +10,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: help deps venv lint static pytest molecule test demo demo-down bench bench-web bench-etl wheelhouse clean
+.PHONY: help deps venv lint static pytest molecule test demo demo-down bench bench-web bench-etl bench-daily wheelhouse clean
 
 help: ## list the targets
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -67,7 +67,10 @@ bench-web: deps venv ## web benchmark: nginx + gunicorn as deployed vs plain ngi
 bench-etl: deps venv ## ETL benchmark: 3M log lines into PostgreSQL vs zcat; month/year recompute
 	$(BIN)/python bench/bench_etl.py
 
-bench: bench-web bench-etl ## every benchmark (prints ratios against same-run baselines)
+bench-daily: deps venv ## daily-run benchmark: sync + etl run on Dec 31 of a 36M-record year and on Feb 1, vs zcat
+	$(BIN)/python bench/bench_daily.py
+
+bench: bench-web bench-etl bench-daily ## every benchmark (prints ratios against same-run baselines)
 
 clean: ## remove build products (keeps .venv)
 	rm -rf build dist src/*.egg-info

@@ -73,9 +73,10 @@ def pg_password_server() -> Iterator[str]:
 
 
 @contextlib.contextmanager
-def pg_cluster(passwords: bool = False) -> Iterator[str]:
+def pg_cluster(passwords: bool = False, settings: dict[str, str] | None = None) -> Iterator[str]:
     """Start a throw-away cluster (also used by bench/); yields its base URL, removes it after.
-    With ``passwords``, TCP logins need their password (the superuser's: PG_ADMIN_PASSWORD)."""
+    With ``passwords``, TCP logins need their password (the superuser's: PG_ADMIN_PASSWORD).
+    ``settings``: more server settings (``-c name=value``), for the benchmarks."""
     bindir = _pg_bindir()
     tmp = Path(tempfile.mkdtemp(prefix="webstats-pg-"))
     data = tmp / "data"
@@ -123,6 +124,7 @@ def pg_cluster(passwords: bool = False) -> Iterator[str]:
             "full_page_writes=off",
             "-c",  # every test database has its own pool; gunicorn tests add their workers'
             "max_connections=300",
+            *(a for k, v in (settings or {}).items() for a in ("-c", f"{k}={v}")),
         ],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,

@@ -7,7 +7,7 @@ import sqlalchemy as sa
 
 from bioc_webstats import create_app
 from bioc_webstats.config import load_settings
-from bioc_webstats.store import db
+from bioc_webstats.store import db, stats
 
 
 def _stamp(url: str, revision: str, floor: str | None = None) -> None:
@@ -89,3 +89,74 @@ def test_records_keep_through_0004_and_back(db_url):
         assert total == 5
         conn.execute(sa.text(f"INSERT INTO download_records ({cols}) VALUES (3, 'bioc', 'y', "
                              "'2024-02-01', 1, 1)"))  # fmt: skip
+
+
+def test_0005_upgrades_a_populated_0004_database(db_url, tmp_path):
+    """A database at 0004 with records and statistics (written in part by the release before
+    0005) is upgraded: the backfilled seen-sets carry the next days' increments to exactly
+    what a rebuild from the records gives. The downgrade keeps records and statistics."""
+    import datetime as dt
+
+    import loggen
+    from bioc_webstats.etl import ingest
+    from test_ingest import assert_truth, loaded
+    from test_stats import assert_rebuild_agrees, day_files, derived, feed, old_release_recompute
+
+    staging, source = tmp_path / "staging", tmp_path / "logs"
+    source.mkdir()
+    start = dt.date(2024, 6, 29)
+    truth = loggen.generate(staging, days=4, start=start, files_per_day=2, lines_per_file=150)
+    settings = loaded(db_url, tmp_path)
+    for d in range(2):
+        feed(staging, source, day_files(staging, truth, start + dt.timedelta(days=d)))
+    assert ingest.run(settings, source=str(source))
+    before = derived(db_url)
+
+    _migrate(db_url, "0004")
+    with db.get_engine(db_url).begin() as conn:
+        tables = set(sa.inspect(conn).get_table_names())
+        assert not tables & {"stats_seen", "stats_seen_category", "stats_seen_packages",
+                             "record_months"}  # fmt: skip
+        cols = {c["name"] for c in sa.inspect(conn).get_columns("ingested_objects")}
+        assert "counted_at" not in cols
+        kept = conn.execute(sa.text("SELECT count(*) FROM package_stats")).scalar()
+        assert kept == len(before["package_stats"])
+        # The release before 0005 stores an object of its own (names only its columns): a
+        # known package in 2023, one not in the table, a workflows download of 2014.
+        conn.execute(sa.text(
+            "INSERT INTO ingested_objects (key, size, name_hour, lines_read, accepted, "
+            "rejected, ingested_at) VALUES ('E1.2023-11-02-10.old.gz', 1, '2023-11-02 10:00:00',"
+            " 4, 4, 0, '2024-07-01 00:00:00')"
+        ))  # fmt: skip
+        obj = conn.execute(sa.text("SELECT max(id) FROM ingested_objects")).scalar()
+        wf = next(p for p, c in loggen.read_packages() if c == "workflows")
+        rows = [("bioc", "affy", "2023-11-02", 11, 2), ("bioc", "affy", "2023-11-02", 12, 1),
+                ("bioc", "NotAPackage", "2023-11-02", 11, 1),
+                ("workflows", wf, "2014-12-31", 11, 1)]  # fmt: skip
+        for cat, pkg, day, h, n in rows:
+            conn.execute(
+                sa.text(
+                    "INSERT INTO download_records (object_id, category, package, day, ip_hash, "
+                    "downloads) VALUES (:o, :c, :p, :d, :h, :n)"
+                ),
+                {"o": obj, "c": cat, "p": pkg, "d": day, "h": h, "n": n},
+            )
+    old_release_recompute(db_url)
+
+    _migrate(db_url, "head")
+    after = derived(db_url)
+    assert after["uncounted"] == 0 and after["stats_seen"] and after["record_months"]
+    with db.session_factory(db_url)() as s:
+        assert db.get_meta(s, "seen_version") == str(db.get_data_version(s))
+    for d in range(2, 4):
+        feed(staging, source, day_files(staging, truth, start + dt.timedelta(days=d)))
+        assert ingest.run(settings, source=str(source))
+    pkg = {r[:4]: r[4:] for r in derived(db_url)["package_stats"]}
+    assert pkg[("bioc", "affy", 2023, 11)] == (2, 3)
+    assert not any(k[0] == "workflows" and k[2] == 2014 for k in pkg)
+    assert_rebuild_agrees(db_url, settings)
+    with db.session_factory(db_url).begin() as s:  # the object of the old release goes
+        s.execute(sa.text("DELETE FROM download_records WHERE day < '2024-01-01'"))
+        s.execute(sa.text("DELETE FROM ingested_objects WHERE key LIKE '%old.gz'"))
+    stats.rebuild(settings)
+    assert_truth(db_url, truth)

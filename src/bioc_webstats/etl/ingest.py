@@ -1,10 +1,11 @@
 """The ledger and exactly-once loading of log objects; look-back; the run summary.
 
-An object's ledger row, its download records and its queued months (``stats_pending``) are
-written in ONE transaction; the statistics of the queued months are recomputed in a later
-transaction that also clears the queue, bumps the data version and advances ValidThru. A run
-killed anywhere therefore leaves each object either fully stored or absent, and any stored
-but not yet counted object queued for the next run.
+An object's ledger row and its download records are written in ONE transaction, the row not
+yet counted (``counted_at`` NULL); a later transaction adds the records of every row not yet
+counted to the statistics and marks them counted, bumps the data version and advances ValidThru
+(``stats.apply_pending``, see its module for the contract). A run killed anywhere therefore
+leaves each object either fully stored or absent, and any stored but not yet counted object
+counted by the next run.
 
 Objects are parsed in worker processes (``etl/workers``, default: the CPU count) while this
 process writes to the database, in name order.
@@ -224,8 +225,9 @@ def _ledger_values(parsed: Parsed) -> dict[str, Any]:
 def store_new(
     session: Session, parsed: Parsed, queued: set[tuple[str, str, int, int]] | None = None
 ) -> None:
-    """Ledger row + records + queued months of a new object (caller commits). ``queued``:
-    keys already committed to the queue by this run (not written again)."""
+    """Ledger row + records of a new object (caller commits); ``stats.apply_pending`` counts
+    them later. ``queued`` is not used any more (kept for callers)."""
+    stats.lock_for_records(session)
     if session.get_bind().dialect.name == "postgresql":
         # Losing the last commits in a server crash only means re-reading those objects
         # (ledger and records go together); not waiting for the WAL flush is safe here.
@@ -236,10 +238,7 @@ def store_new(
     pause_point("ledger_inserted")
     _insert_records(session, row.id, parsed)
     pause_point("records_inserted")
-    # Keys queued by an earlier object of this run are committed and stay queued until the
-    # recompute at the end of the run: only new ones need writing.
-    stats.queue(session, parsed.touched - queued if queued else parsed.touched)
-    pause_point("object_queued")
+    pause_point("object_queued")  # (the ledger row is the queue now: counted_at NULL)
 
 
 def _months_of_object(session: Session, object_id: int) -> set[tuple[str, str, int, int]]:
@@ -256,7 +255,10 @@ def _months_of_object(session: Session, object_id: int) -> set[tuple[str, str, i
 def store_replacement(
     session: Session, parsed: Parsed, queued: set[tuple[str, str, int, int]] | None = None
 ) -> None:
-    """Replace the records of an already ingested object (caller commits)."""
+    """Replace the records of an already ingested object (caller commits). A seen-set cannot
+    forget the old records' clients: the packages' years of the old and the new records are
+    queued to be recounted from the records (the new ``ingested_at`` marks the row not counted)."""
+    stats.lock_for_records(session)
     row = session.scalar(select(IngestedObject).where(IngestedObject.key == parsed.obj.key))
     if row is None:
         raise WebstatsError(f"{parsed.obj.key}: not in the ledger (use 'etl run' to ingest it)")

@@ -13,10 +13,12 @@ from sqlalchemy import (
     Index,
     Integer,
     MetaData,
+    PrimaryKeyConstraint,
     SmallInteger,
     String,
     Text,
     UniqueConstraint,
+    text,
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
@@ -62,8 +64,20 @@ class IngestedObject(Base):
     accepted: Mapped[int] = mapped_column(BigInteger, default=0)
     rejected: Mapped[int] = mapped_column(BigInteger, default=0)
     ingested_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True))
+    # The ingested_at whose records the seen-sets and statistics hold (revision 0005). NULL or
+    # another value: stored (or replaced) and not yet counted; apply_pending counts it. A writer
+    # that never sets it (the release before 0005) is noticed the same way.
+    counted_at: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True))
 
-    __table_args__ = (Index(None, "name_hour"),)
+    __table_args__ = (
+        Index(None, "name_hour"),
+        Index(
+            "ix_ingested_objects_uncounted",
+            "id",
+            postgresql_where=text("counted_at IS NULL OR counted_at <> ingested_at"),
+            sqlite_where=text("counted_at IS NULL OR counted_at <> ingested_at"),
+        ),
+    )
 
 
 class DownloadRecord(Base):
@@ -133,6 +147,66 @@ class StatsPending(Base):
     package: Mapped[str] = mapped_column(String(200), primary_key=True)
     year: Mapped[int] = mapped_column(SmallInteger, primary_key=True)
     month: Mapped[int] = mapped_column(SmallInteger, primary_key=True)
+
+
+class SeenClient(Base):
+    """The seen-set of a package's year (revision 0005): one row per (year, package, client)
+    with the months the client downloaded it in (bit m-1 for month m). Lets the daily run add
+    a day's new clients to the distinct counts of a month and a year without reading the
+    year's records. Known packages only, from the category's first year on."""
+
+    __tablename__ = "stats_seen"
+
+    # Column order packs a row into 16 bytes (40 with the tuple header); key order keeps a
+    # year together.
+    ip_hash: Mapped[int] = mapped_column(BigInteger)
+    package_id: Mapped[int] = mapped_column(Integer)  # packages.id
+    year: Mapped[int] = mapped_column(SmallInteger)
+    months: Mapped[int] = mapped_column(SmallInteger)
+
+    __table_args__ = (PrimaryKeyConstraint("year", "package_id", "ip_hash"),)
+
+
+class SeenCategoryClient(Base):
+    """The seen-set of a category's year: one row per (year, category, client) over the
+    category's known packages, months as in :class:`SeenClient` (revision 0005)."""
+
+    __tablename__ = "stats_seen_category"
+
+    ip_hash: Mapped[int] = mapped_column(BigInteger)
+    year: Mapped[int] = mapped_column(SmallInteger)
+    months: Mapped[int] = mapped_column(SmallInteger)
+    category: Mapped[str] = mapped_column(String(16))
+
+    __table_args__ = (PrimaryKeyConstraint("year", "category", "ip_hash"),)
+
+
+class SeenPackage(Base):
+    """The packages rows whose clients the seen-sets hold (revision 0005): a packages row not
+    here was added since (by this release or an older one) and is counted from its records; a
+    row here and gone from packages is taken out."""
+
+    __tablename__ = "stats_seen_packages"
+
+    package_id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    category: Mapped[str] = mapped_column(String(16))
+    package: Mapped[str] = mapped_column(String(200))
+
+
+class RecordMonth(Base):
+    """The (category, package, year, month) that hold records, known package or not, and the
+    first and last day of them (revision 0005). Only ever widened (a re-ingest that removes
+    records leaves it wider than needed, which is harmless): a package added to the packages
+    table finds its records by day range instead of reading every record ever stored."""
+
+    __tablename__ = "record_months"
+
+    category: Mapped[str] = mapped_column(String(16), primary_key=True)
+    package: Mapped[str] = mapped_column(String(200), primary_key=True)
+    year: Mapped[int] = mapped_column(SmallInteger, primary_key=True)
+    month: Mapped[int] = mapped_column(SmallInteger, primary_key=True)
+    first_day: Mapped[dt.date] = mapped_column(Date)
+    last_day: Mapped[dt.date] = mapped_column(Date)
 
 
 class Meta(Base):
