@@ -49,6 +49,7 @@ PARAMS: tuple[Param, ...] = (
     Param("etl/ip_hash_key", "WEBSTATS_IP_HASH_KEY", None, secret=True),
     Param("etl/packages_source", "WEBSTATS_ETL_PACKAGES_SOURCE", "https://bioconductor.org"),
     Param("etl/lookback_days", "WEBSTATS_ETL_LOOKBACK_DAYS", "3"),
+    Param("etl/logs_since", "WEBSTATS_ETL_LOGS_SINCE", None),
     Param("etl/sync_change_limit", "WEBSTATS_ETL_SYNC_CHANGE_LIMIT", "50"),
     Param("etl/workers", "WEBSTATS_ETL_WORKERS", None),  # parse processes; default: CPUs, max 4
     Param("etl/athena_database", "WEBSTATS_ETL_ATHENA_DATABASE", "bioc_webstats"),

@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import delete, func, insert, select, text
+from sqlalchemy import ColumnElement, delete, func, insert, or_, select, text
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
@@ -41,6 +41,9 @@ from . import parse, rule, sources
 log = logging.getLogger(__name__)
 
 KEY_FILE = "ip_hash.key"
+# Ledger rows of the legacy history import (etl/legacy.py) share the ledger with log objects:
+# their keys start with this and never end in ".gz", as every log object's name does.
+LEGACY_PREFIX = "legacy/"
 PROGRESS_EVERY = 60.0  # seconds between progress lines when stderr is not a terminal
 
 
@@ -488,12 +491,20 @@ def finish_run(settings: Settings, summary: RunSummary) -> None:
     summary.valid_thru = res.valid_thru
 
 
+def log_objects() -> ColumnElement[bool]:
+    """Ledger rows of log objects, not of the legacy import (which must not move the
+    logs' look-back window: its units are dated by the history they hold)."""
+    key = IngestedObject.key
+    return or_(~key.startswith(LEGACY_PREFIX, autoescape=True), key.endswith(".gz"))
+
+
 def select_objects(
     session: Session, objects: list[sources.LogObject], lookback_days: int, since: dt.date | None
 ) -> tuple[list[sources.LogObject], dt.date | None]:
     """The objects to ingest: dated on or after (newest ingested name date - look-back),
-    or ``since`` if earlier, and not in the ledger. First run: all. Also returns the start."""
-    newest = session.scalar(select(func.max(IngestedObject.name_hour)))
+    or ``since`` if earlier, and not in the ledger. First run: all. Also returns the start.
+    Ledger rows of the legacy import do not count (``log_objects``)."""
+    newest = session.scalar(select(func.max(IngestedObject.name_hour)).where(log_objects()))
     if newest is None:
         start = None
     else:
