@@ -38,6 +38,7 @@ import datetime as dt
 import hashlib
 import logging
 import multiprocessing
+import os
 import re
 import sqlite3
 import struct
@@ -58,6 +59,13 @@ from ..store import db
 from ..store.models import IngestedObject
 from . import ingest, parse, rule, sources
 from .ingest import LEGACY_PREFIX, Parsed, pause_point
+
+try:  # the per-row loop in C (setup.py); without it, the Python loop below, same results
+    from . import _legacy  # type: ignore[attr-defined]
+except ImportError:  # pragma: no cover - a pure-Python build
+    _legacy = None
+# WEBSTATS_ETL_PARSER=python: the Python loop even where the C one is built (as for logs)
+_FORCE_PYTHON = os.environ.get("WEBSTATS_ETL_PARSER", "") == "python"
 
 log = logging.getLogger(__name__)
 
@@ -236,8 +244,69 @@ def open_ro(path: Path) -> sqlite3.Connection:
     return con
 
 
+_READER: list[Any] = []  # (the Rule, the C reader using its callbacks) of this process
+_API: list[list[int] | None] = []
+
+
+def _sqlite_api() -> list[int] | None:
+    """Addresses of the SQLite functions the C loop calls, in the library Python's own sqlite3
+    module loaded (ctypes); None if it cannot be found (the Python loop runs then)."""
+    if not _API:
+        import ctypes
+        import ctypes.util
+
+        names: list[str] = []
+        try:  # the very library sqlite3 uses: no second copy of SQLite in the process
+            with open("/proc/self/maps", encoding="utf-8", errors="replace") as fh:
+                names += {ln.split()[-1] for ln in fh if "/libsqlite3" in ln}
+        except OSError:
+            pass
+        names += [n for n in ("libsqlite3.so.0", ctypes.util.find_library("sqlite3")) if n]
+        addresses = None
+        for name in names:
+            try:
+                lib = ctypes.CDLL(name)
+                addresses = [ctypes.cast(getattr(lib, f), ctypes.c_void_p).value or 0
+                             for f in _legacy.API_NAMES]  # fmt: skip
+                break
+            except (OSError, AttributeError):
+                continue
+        _API.append(addresses)
+    return _API[0]
+
+
+def reader_name() -> str:
+    """Which per-row loop reads units: "native" (C) or "python"."""
+    if _legacy is None or _FORCE_PYTHON or _sqlite_api() is None:
+        return "python"
+    return "native"
+
+
+def read_unit(r: Rule, path: Path, status_col: str, lo: int, hi: int) -> UnitCounts:
+    """Read and count the rows ``lo``..``hi`` (rowids) of ``path``; LegacyFileError if the
+    file cannot be read."""
+    if reader_name() == "python":
+        return read_unit_python(r, path, status_col, lo, hi)
+    if not _READER or _READER[0] is not r:
+        _legacy.set_api(_sqlite_api())
+        reader = _legacy.Reader(r.day, r.method_status, r.client, r.url, r.pair, MAX_VALUE)
+        _READER[:] = [r, reader]
+    reader = _READER[1]
+    if r.outgrown() or reader.cache_bytes() > CACHE_BYTES:
+        r.reset()
+        reader.forget()
+    uri = f"{path.resolve().as_uri()}?mode=ro"
+    try:
+        rows, reasons, data, day_hits = reader.read(uri, unit_sql(status_col, False), lo, hi)
+    except sqlite3.DatabaseError as exc:
+        raise LegacyFileError(f"rows {lo}-{hi}: {exc}") from None
+    return UnitCounts(rows, list(reasons), data, day_hits)
+
+
 def read_unit_python(r: Rule, path: Path, status_col: str, lo: int, hi: int) -> UnitCounts:
     """The per-row loop in Python (the C loop in ``_legacy`` gives the same bytes)."""
+    if r.outgrown():
+        r.reset()
     reasons = [0] * len(REASONS)
     counts: dict[tuple[int, int, int], int] = {}  # (day, hit, ip hash) → downloads, row order
     days: dict[bytes, int] = {}
@@ -453,12 +522,10 @@ def _read(task: tuple[str, str, str, int, int]) -> Parsed:
     """Read one unit (in a worker). Failures are returned, not raised."""
     path, name, status_col, lo, hi = task
     r: Rule = _worker["rule"]
-    if r.outgrown():
-        r.reset()
     key, size = unit_key(name, lo, hi), hi - lo + 1
     try:
         with parse._no_cyclic_gc():
-            counts = read_unit_python(r, Path(path), status_col, lo, hi)
+            counts = read_unit(r, Path(path), status_col, lo, hi)
     except LegacyFileError as exc:
         return Parsed(sources.LogObject(key, size, dt.datetime(1970, 1, 1)), error=str(exc))
     # name_hour: the unit's first day (informative only: no look-back reads it)
@@ -608,10 +675,15 @@ def import_files(
     paths: list[str],
     until: str | None = None,
     replace: bool = False,
-    unit_rows: int = UNIT_ROWS,
+    unit_rows: int | None = None,
 ) -> bool:
     """Import legacy databases; False when any file failed (the others are imported)."""
     t0 = time.monotonic()
+    if unit_rows is None:  # WEBSTATS_LEGACY_UNIT_ROWS: environment only (tests, tuning)
+        raw = os.environ.get("WEBSTATS_LEGACY_UNIT_ROWS") or str(UNIT_ROWS)
+        if not raw.isdigit() or int(raw) < 1:
+            raise ConfigError(f"WEBSTATS_LEGACY_UNIT_ROWS {raw!r}: expected a number of rows")
+        unit_rows = int(raw)
     until_day = cutover_day(settings, until)
     key = ingest.ip_hash_key(settings, settings.get("etl/s3_download_logs") or "")
     summary = ImportSummary(until=until_day)
@@ -643,8 +715,10 @@ def import_files(
     tasks = [(str(f.path), f.name, f.status_col, lo, hi) for f in files for lo, hi in f.units]
     owner = [f for f in files for _ in f.units]
     log.info(
-        "import legacy-db: %d files, %d units to read (%d rows at most), cut-over day %s",
-        len(files), len(tasks), sum(hi - lo + 1 for _, _, _, lo, hi in tasks), until_day,
+        "import legacy-db: %d of %d files to read, %d units (%d rows at most), with the %s "
+        "reader in %d processes; cut-over day %s",
+        len(files), summary.files, len(tasks), sum(hi - lo + 1 for *_, lo, hi in tasks),
+        reader_name(), min(ingest._workers(settings), max(1, len(tasks))), until_day,
     )  # fmt: skip
     pause_point("legacy_planned")
     for f in files:
