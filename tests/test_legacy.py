@@ -18,7 +18,7 @@ from sqlalchemy import func, select
 import legacygen
 import loggen
 from bioc_webstats.errors import WebstatsError
-from bioc_webstats.etl import ingest, legacy, rule
+from bioc_webstats.etl import ingest, legacy, legacy_rows, rule
 from bioc_webstats.store import db
 from bioc_webstats.store.models import DownloadRecord, IngestedObject, StatsPending
 from test_ingest import assert_truth, loaded, make_settings, snapshot, stats_tables
@@ -84,8 +84,8 @@ def corpus(tmp_path) -> legacygen.SplitCorpus:
 
 @pytest.mark.parametrize(("reader", "workers"), [("native", "2"), ("python", "1")])
 def test_history_plus_logs_equal_the_whole(db_url, tmp_path, corpus, reader, workers, monkeypatch):
-    monkeypatch.setattr(legacy, "_FORCE_PYTHON", reader == "python")  # forked readers inherit it
-    assert legacy.reader_name() == reader
+    monkeypatch.setattr(legacy_rows, "_FORCE_PYTHON", reader == "python")  # passed to readers
+    assert legacy_rows.reader_name() == reader
     settings = loaded(db_url, tmp_path, WEBSTATS_ETL_WORKERS=workers,
                       WEBSTATS_ETL_LOGS_SINCE="2020-01-10")  # fmt: skip
     names = sorted(p.name for p in corpus.legacy_files)
@@ -459,7 +459,7 @@ def test_units_cover_every_row_once_whatever_the_gaps(sqlite_settings, tmp_path)
 
 
 def test_native_and_python_readers_give_the_same_bytes(tmp_path):
-    if legacy._legacy is None or legacy._sqlite_api() is None:
+    if legacy_rows._legacy is None or legacy_rows._sqlite_api() is None:
         pytest.skip("the C reader is not built (BIOC_WEBSTATS_PURE)")
     stats = legacygen.generate_history(
         tmp_path / "h", dt.date(2019, 12, 30), dt.date(2020, 1, 3), 3000, seed=3, clients=500
@@ -480,11 +480,13 @@ def test_native_and_python_readers_give_the_same_bytes(tmp_path):
         until = dt.date(2020, 1, 2) if path != odd else dt.date(2030, 1, 1)
         for a in range(f.lo, f.hi + 1, 2500):
             args = (path, f.status_col, a, a + 2499)
-            native = legacy.read_unit(legacy.Rule(KEY, until), *args)
-            assert native == legacy.read_unit_python(legacy.Rule(KEY, until), *args)
+            native = legacy_rows.read_unit(legacy_rows.Rule(KEY, until), *args)
+            assert native == legacy_rows.read_unit_python(legacy_rows.Rule(KEY, until), *args)
             assert native.rows == min(f.hi, a + 2499) - a + 1
             downloads += native.downloads
     assert downloads > 0.5 * stats.downloads / 2  # about half the days are before until
     # date, long, status, ips, until, not GET+download status, not a download path
-    one = legacy.read_unit(legacy.Rule(KEY, dt.date(2030, 1, 1)), odd, "statuscode", 1, 13)
+    one = legacy_rows.read_unit(
+        legacy_rows.Rule(KEY, dt.date(2030, 1, 1)), odd, "statuscode", 1, 13
+    )
     assert one.reasons == [2, 2, 1, 0, 0, 0, 3] and one.downloads == 5
