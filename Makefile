@@ -10,7 +10,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: help deps venv lint static pytest molecule test demo demo-down bench bench-web bench-etl wheelhouse clean
+.PHONY: help deps venv lint static pytest molecule test demo demo-down bench bench-web bench-etl bench-history wheelhouse clean
 
 help: ## list the targets
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -67,7 +67,10 @@ bench-web: deps venv ## web benchmark: gunicorn (4 workers, PostgreSQL) vs nginx
 bench-etl: deps venv ## ETL benchmark: 3M log lines into PostgreSQL vs zcat; month/year recompute
 	$(BIN)/python bench/bench_etl.py
 
-bench: bench-web bench-etl ## every benchmark (prints ratios against same-run baselines)
+bench-history: deps venv ## history: import legacy-db of a 10M-row legacy database vs sqlite3; a 30-day backfill vs zcat
+	$(BIN)/python bench/bench_history.py
+
+bench: bench-web bench-etl bench-history ## every benchmark (prints ratios against same-run baselines)
 
 clean: ## remove build products (keeps .venv)
 	rm -rf build dist src/*.egg-info

@@ -89,7 +89,9 @@ def time_floor(path: Path) -> tuple[float, float]:
     return best, cpu
 
 
-def timed(args: list[str], env: dict[str, str], marker: str) -> tuple[float, float, str, TreeMemory]:
+def timed(
+    args: list[str], env: dict[str, str], marker: str
+) -> tuple[float, float, str, TreeMemory]:
     """(seconds, CPU of the command's processes, its summary line, memory of the tree)."""
     t0 = time.perf_counter()
     proc = subprocess.Popen(
@@ -175,9 +177,10 @@ def main() -> None:
               f"of the statistics ({recompute:.1f}s): {(t - recompute) / floor:.2f}")  # fmt: skip
         if quarter is not None:
             t4, _, _, tree4 = run_import(base, quarter, Path(tmp) / "s2")
+            full_mb = f"{tree.pss / 1024:.0f} / {tree.rss / 1024:.0f} MB"
             print(f"import of a quarter of it:  {t4:6.2f}s  peak PSS sum "
                   f"{tree4.pss / 1024:.0f} MB, RSS sum {tree4.rss / 1024:.0f} MB (full input: "
-                  f"{tree.pss / 1024:.0f} / {tree.rss / 1024:.0f} MB; target <= 200 MB, flat)")  # fmt: skip
+                  f"{full_mb}; target <= 200 MB, flat)")  # fmt: skip
         if not args.skip_backfill:
             backfill(base, args.data, args.days, args.lines_per_file, Path(tmp) / "s3")
 

@@ -29,7 +29,7 @@ import random
 import sqlite3
 import zlib
 from collections import defaultdict
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -341,6 +341,81 @@ def zipf_weights(n: int, s: float) -> list[float]:
     return list(itertools.accumulate(1.0 / (r**s) for r in range(1, n + 1)))
 
 
+def by_popularity(packages: list[tuple[str, str]], seed: int) -> list[tuple[str, str]]:
+    """The packages, most popular first: seeded, not alphabetical, software before data
+    (the n-th software package about as popular as the 1.5 n-th annotation one)."""
+    pk = list(packages)
+    random.Random(seed).shuffle(pk)
+    factor = {"bioc": 1.0, "annotation": 1.5, "experiment": 3.0, "workflows": 4.0}
+    rank: dict[str, int] = {}
+    keyed = []
+    for p in pk:
+        rank[p[1]] = rank.get(p[1], 0) + 1
+        keyed.append((rank[p[1]] * factor.get(p[1], 4.0), len(keyed), p))
+    return [p for *_, p in sorted(keyed)]
+
+
+def weighted(packages: list[tuple[str, str]], s: float, seed: int) -> list[tuple[str, str]]:
+    """The packages repeated by their Zipf weight (the least popular once): a list that
+    ``random.choice`` (loggen.Generator) draws from with the spread of generate_history."""
+    pk = by_popularity(packages, seed)
+    n = len(pk)
+    return [p for r, p in enumerate(pk, 1) for _ in range(max(1, round((n / r) ** s)))]
+
+
+class _SinceAcc:
+    """Passes to an accumulator of the truth (``loggen._Acc``) the requests dated on or after
+    a day only (the others are not written)."""
+
+    def __init__(self, acc: loggen._Acc, since: dt.date | None) -> None:
+        self.acc, self.since = acc, since
+
+    def add(self, cat: str, pkg: str, when: dt.datetime, ip: str) -> None:
+        if self.since is None or when.date() >= self.since:
+            self.acc.add(cat, pkg, when, ip)
+
+
+def generate_logs(
+    out: Path,
+    start: dt.date,
+    days: int,
+    files_per_day: int,
+    lines_per_file: int,
+    seed: int,
+    packages: list[tuple[str, str]],
+    acc: loggen._Acc | None = None,
+    since: dt.date | None = None,
+) -> HistoryStats:
+    """CloudFront logs as ``loggen.generate`` writes them (the same file variants), with the
+    truth collected into ``acc``; lines dated before ``since`` are left out (the history
+    holds those days), so the logs are right whether the log ETL honours
+    ``etl/logs_since`` or not."""
+    gen = loggen.Generator(seed, packages)
+    name_rng = random.Random(seed)
+    sink = _SinceAcc(acc, since) if acc is not None else None
+    stats = HistoryStats()
+    step = 24 // max(1, min(24, files_per_day))
+    n = 0
+    for d in range(days):
+        day = start + dt.timedelta(days=d)
+        for h in range(0, 24, step)[:files_per_day]:
+            hour = dt.datetime(day.year, day.month, day.day, h)
+            lines = []
+            for _ in range(lines_per_file):
+                kind, fields, counted = gen.make(hour, sink)  # type: ignore[arg-type]
+                dated = fields is not None and kind not in ("malformed", "drop_column")
+                if since is not None and dated and fields[0] < since.isoformat():  # type: ignore[index]
+                    continue
+                lines.append((kind, fields))
+                stats.rows += 1
+                stats.downloads += counted
+            target = out / loggen.file_name(hour, name_rng)
+            write_log(target, lines, n)
+            stats.files.append(target)
+            n += 1
+    return stats
+
+
 @dataclass
 class HistoryStats:
     """What :func:`generate_history` wrote."""
@@ -361,7 +436,7 @@ def generate_history(
     out: Path,
     start: dt.date,
     end: dt.date,
-    rows_per_day: int | Sequence[int],
+    rows_per_day: int | Sequence[int] | Callable[[dt.date], int],
     seed: int = 1,
     packages: list[tuple[str, str]] | None = None,
     clients: int = 20_000,
@@ -370,13 +445,12 @@ def generate_history(
     acc: loggen._Acc | None = None,
 ) -> HistoryStats:
     """Legacy databases for the days [start, end): ``rows_per_day`` rows a day (or a list
-    of per-year values starting with ``start``'s year), packages and clients drawn with a
-    Zipf-like spread (a few packages take most downloads, a long tail has a handful), rows
-    in time order with a few stragglers. ``acc``: collects the truth (slower)."""
+    of per-year values starting with ``start``'s year, or a function of the day); packages
+    and clients drawn with a Zipf-like spread (a few packages take most downloads, a long
+    tail has a handful); rows in time order. ``acc``: collects the truth (slower)."""
     rng = random.Random(seed)
     packages = packages if packages is not None else loggen.read_packages()
-    pk = list(packages)
-    rng.shuffle(pk)  # which packages are popular: seeded, not alphabetical
+    pk = by_popularity(packages, seed)
     pk_cw = zipf_weights(len(pk), package_s)
     pool = [
         ".".join(str(rng.randint(1, 223 if i == 0 else 254)) for i in range(4))
@@ -404,7 +478,12 @@ def generate_history(
     writer = LegacyDir(out)
     day = start
     while day < end:
-        n = rows_per_day if isinstance(rows_per_day, int) else rows_per_day[day.year - start.year]
+        if isinstance(rows_per_day, int):
+            n = rows_per_day
+        elif callable(rows_per_day):
+            n = rows_per_day(day)
+        else:
+            n = rows_per_day[day.year - start.year]
         dstr, off = day_string(day), utc_offset(day)
         secs = sorted(rng.randrange(86400) for _ in range(n))
         ks = rng.choices(kinds, cum_weights=kind_cw, k=n)
@@ -455,7 +534,7 @@ def generate_history(
             writer.add(day.year, values)
             if counted:
                 stats.downloads += 1
-                if acc is not None:
+                if acc is not None and kind == "download":  # (not Unknownpkg9's)
                     acc.add(cat, pkg, dt.datetime(day.year, day.month, day.day), ip)
         stats.rows += n
         day += dt.timedelta(days=1)

@@ -322,13 +322,24 @@ def test_broken_files_fail_alone(db_url, tmp_path, caplog, monkeypatch, capsys):
     bad["missing.sqlite"] = "No such file"
     (d / "adir.sqlite").mkdir()
     bad["adir.sqlite"] = "not a file"
+    with sqlite3.connect(d / "view.sqlite") as con:
+        con.execute(f"CREATE TABLE t ({', '.join(legacygen.COLUMNS)})")
+        con.execute("CREATE VIEW access_log AS SELECT * FROM t")
+    bad["view.sqlite"] = "access_log is a view, not a table"
+    with sqlite3.connect(d / "norowid.sqlite") as con:
+        cols = ", ".join(legacygen.COLUMNS)
+        con.execute(f"CREATE TABLE access_log ({cols}, PRIMARY KEY (ips)) WITHOUT ROWID")
+    bad["norowid.sqlite"] = "no rowid"
+    (d / "again").mkdir()
+    shutil.copy(good, d / "again" / good.name)  # its name is the file's identity
+    bad["again/download_db_2024.sqlite"] = "the same name as"
     big.unlink()
     caplog.set_level(logging.INFO, "bioc_webstats")
-    paths = [str(d / n) for n in bad] + [str(good)]
+    paths = [str(good)] + [str(d / n) for n in bad]
     assert legacy.import_files(settings, paths, until="2030-01-01", unit_rows=500) is False
     errors = [r.getMessage() for r in caplog.records if r.levelno == logging.ERROR]
     for name, why in bad.items():
-        mine = [m for m in errors if name in m]
+        mine = [m for m in errors if str(d / name) in m.split(": ")[0]]
         assert len(mine) == 1 and why in mine[0], (name, errors)
     assert len(errors) == len(bad)
     assert f"{len(bad) + 1} files ({len(bad)} failed" in caplog.text
@@ -490,3 +501,40 @@ def test_native_and_python_readers_give_the_same_bytes(tmp_path):
         legacy_rows.Rule(KEY, dt.date(2030, 1, 1)), odd, "statuscode", 1, 13
     )
     assert one.reasons == [2, 2, 1, 0, 0, 0, 3] and one.downloads == 5
+
+
+# --- the demo's take-over -----------------------------------------------------------------------
+
+
+def test_demo_history_and_logs_give_their_truth(tmp_path):
+    """molecule/shared/sample_data.py --history (what `make demo` deploys, shortened): the
+    legacy databases through `import legacy-db`, the logs through `etl run`, with the cut-over
+    day it writes as etl/logs_since: the statistics are its truth, with a Zipf-like spread."""
+    import importlib.util
+    import json
+
+    spec = importlib.util.spec_from_file_location(
+        "sample_data", Path(__file__).parents[1] / "molecule" / "shared" / "sample_data.py"
+    )
+    sample_data = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(sample_data)
+    out = tmp_path / "sample"
+    out.mkdir()
+    truth = sample_data.write_history(
+        out, dt.date(2023, 11, 1), dt.date(2024, 1, 15), days=2, files_per_day=4,
+        lines_per_file=150, seed=7,
+    )  # fmt: skip
+    assert (out / "cutover").read_text().strip() == truth["cutover"] == "2024-01-15"
+    assert json.loads(json.dumps(truth)) == truth
+    url = f"sqlite:///{tmp_path / 'demo.sqlite3'}"
+    db.upgrade(url)
+    settings = loaded(url, tmp_path, WEBSTATS_ETL_LOGS_SINCE=truth["cutover"])
+    files = sorted(str(p) for p in (out / "legacy").glob("download_db_*.sqlite"))
+    assert [Path(f).name for f in files] == ["download_db_2023.sqlite", "download_db_2024.sqlite"]
+    assert legacy.import_files(settings, files)
+    assert ingest.run(settings, source=str(out / "logs"))
+    pkg, cat = stats_tables(url)
+    assert pkg == {tuple(r[:4]): tuple(r[4:]) for r in truth["package"]}
+    assert cat == {tuple(r[:3]): tuple(r[3:]) for r in truth["category"]}
+    december = sorted((v[1] for k, v in pkg.items() if k[2:] == (2023, 12)), reverse=True)
+    assert december[0] > 20 * december[len(december) // 2] and december[-1] <= 3

@@ -163,7 +163,15 @@ def inspect(path: Path) -> LegacyFile:
             if missing:
                 raise LegacyFileError(f"access_log has no column {', '.join(missing)}")
             f.status_col = status[0]
-            f.lo, f.hi = con.execute("SELECT min(rowid), max(rowid) FROM access_log").fetchone()
+            kind = con.execute(
+                "SELECT type FROM sqlite_master WHERE name = 'access_log' COLLATE NOCASE"
+            ).fetchone()
+            if kind and kind[0] != b"table":
+                raise LegacyFileError(f"access_log is a {kind[0].decode()}, not a table")
+            try:
+                f.lo, f.hi = con.execute("SELECT min(rowid), max(rowid) FROM access_log").fetchone()
+            except sqlite3.OperationalError:  # WITHOUT ROWID: no ranges to read it by
+                raise LegacyFileError("access_log has no rowid (a WITHOUT ROWID table)") from None
         finally:
             con.close()
     except sqlite3.DatabaseError as exc:
@@ -302,15 +310,22 @@ def import_files(
     sf = db.session_factory(settings.database_url)
     copy = sf.kw["bind"].dialect.name == "postgresql"
     files: list[LegacyFile] = []
+    names: dict[str, str] = {}  # file name → path: the name is the file's identity
     for p in dict.fromkeys(paths):  # each path once
         summary.files += 1
         try:
             f = inspect(Path(p))
+            if f.name in names:
+                raise LegacyFileError(
+                    f"the same name as {names[f.name]}, given before: a file's name is its "
+                    "identity in the ledger, import one of them at a time"
+                )
         except LegacyFileError as exc:
             summary.files_failed += 1
             summary.failures.append(p)
             log.error("%s: %s; not imported", p, exc)
             continue
+        names[f.name] = p
         with sf() as session:
             file_etag, known = _ledger(session, f.name)
         if file_etag == f.etag(until_day):
