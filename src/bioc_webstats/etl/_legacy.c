@@ -517,17 +517,43 @@ fail:
     return NULL;
 }
 
-/* The loop over one unit's rows (the Python twin: legacy.read_unit_python). */
+/* The last value of a column and its answer: consecutive rows mostly share their day and
+ * their method and status, and a comparison costs less than a lookup. */
+typedef struct {
+    char v[40];
+    size_t len; /* SIZE_MAX: none */
+    int64_t answer;
+} Last;
+
+static inline int last_is(const Last *l, const char *p, size_t n) {
+    return n == l->len && memcmp(p, l->v, n) == 0;
+}
+
+static inline void last_set(Last *l, const char *p, size_t n, int64_t answer) {
+    if (n <= sizeof l->v) {
+        memcpy(l->v, p, n);
+        l->len = n;
+        l->answer = answer;
+    }
+}
+
+/* The loop over one unit's rows (the Python twin: legacy_rows.read_unit_python). */
 static int scan_rows(Reader *r, sqlite3_stmt *st, Counts *c, long long *rows,
                      long long reasons[N_REASONS], int *rc_out) {
     int rc;
     size_t maxv = (size_t)r->max_value;
+    Last lday = {.len = SIZE_MAX}, lms = {.len = SIZE_MAX};
     while ((rc = api.step(st)) == SQLITE_ROW) {
         (*rows)++;
         size_t dl, ml, sl, il, ul;
         const char *d = col(st, 0, &dl);
         int64_t day;
-        if (ask_int(&r->days, r->day_cb, d, dl, &day) < 0) return -1;
+        if (last_is(&lday, d, dl)) {
+            day = lday.answer;
+        } else {
+            if (ask_int(&r->days, r->day_cb, d, dl, &day) < 0) return -1;
+            last_set(&lday, d, dl, day);
+        }
         if (day < 0) {
             reasons[day == DAY_BAD ? R_DATE : R_UNTIL]++;
             continue;
@@ -541,7 +567,19 @@ static int scan_rows(Reader *r, sqlite3_stmt *st, Counts *c, long long *rows,
             continue;
         }
         int64_t ms;
-        if (ask_ms(r, m, ml, s, sl, &ms) < 0) return -1;
+        char mskey[sizeof lms.v];
+        size_t mkl = ml + 1 + sl;
+        if (mkl <= sizeof mskey) { /* "method\0status", compared with the last row's */
+            memcpy(mskey, m, ml);
+            mskey[ml] = 0;
+            memcpy(mskey + ml + 1, s, sl);
+        }
+        if (mkl <= sizeof mskey && last_is(&lms, mskey, mkl)) {
+            ms = lms.answer;
+        } else {
+            if (ask_ms(r, m, ml, s, sl, &ms) < 0) return -1;
+            if (mkl <= sizeof mskey) last_set(&lms, mskey, mkl, ms);
+        }
         if (ms == MS_BAD) {
             reasons[R_STATUS]++;
             continue;
@@ -578,7 +616,8 @@ static PyObject *Reader_read(Reader *r, PyObject *args) {
     Counts c = {0};
     PyObject *res = NULL;
     long long rows = 0, reasons[N_REASONS] = {0};
-    int rc = api.open_v2(path, &db, SQLITE_OPEN_READONLY | SQLITE_OPEN_URI | SQLITE_OPEN_NOMUTEX, NULL);
+    int flags = SQLITE_OPEN_READONLY | SQLITE_OPEN_URI | SQLITE_OPEN_NOMUTEX;
+    int rc = api.open_v2(path, &db, flags, NULL);
     if (rc != SQLITE_OK) {
         sqlite_error(db, "cannot open", rc);
         goto done;
