@@ -219,6 +219,8 @@ def test_the_day_is_the_local_day_as_logged(db_url, tmp_path):
     assert pkg[("bioc", "limma", 2020, 1)] == (1, 1)
     assert pkg[("bioc", "limma", 2020, 2)] == (1, 1)
     assert pkg[("bioc", "limma", 2020, 0)] == (2, 2)
+    with db.session_factory(db_url)() as s:  # ValidThru: the newest record, as for logs
+        assert db.get_valid_thru(s) == dt.date(2020, 2, 1)
 
 
 def test_old_parser_columns_are_not_trusted(sqlite_settings, tmp_path):

@@ -18,11 +18,13 @@ import datetime as dt
 import hashlib
 import os
 import pickle
+import queue
 import re
 import sqlite3
 import struct
 import subprocess
 import sys
+import threading
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -459,10 +461,15 @@ def read_task(task: tuple[str, str, str, int, int]) -> UnitResult:
     return out
 
 
-class _Reader:
-    """One reader process and its two pipes."""
+AHEAD = 2  # units a reader may have read and not yet taken by the importing process
 
-    def __init__(self, key: bytes, until: dt.date) -> None:
+
+class _Reader:
+    """One reader process, its two pipes, and a thread that takes its results as soon as
+    they come (into a queue of AHEAD) and hands it its next task: the reader works on while
+    the importing process writes, instead of waiting for it at the pipe."""
+
+    def __init__(self, key: bytes, until: dt.date, tasks: list[Any]) -> None:
         env = dict(os.environ)
         # the package of this very module, whatever the working directory or install
         root = str(Path(__file__).resolve().parents[2])
@@ -473,20 +480,41 @@ class _Reader:
         )  # fmt: skip
         assert self.proc.stdin is not None and self.proc.stdout is not None
         self.inp, self.out = self.proc.stdin, self.proc.stdout
+        self.results: queue.Queue[UnitResult | BaseException] = queue.Queue(AHEAD)
+        self.tasks = tasks
         self.send((key, until, _FORCE_PYTHON))
+        for t in tasks[:2]:  # one to read, one waiting
+            self.send(t)
+        self.thread = threading.Thread(target=self._take, daemon=True)
+        self.thread.start()
 
     def send(self, obj: Any) -> None:
         pickle.dump(obj, self.inp, protocol=pickle.HIGHEST_PROTOCOL)
         self.inp.flush()
 
-    def receive(self) -> UnitResult:
+    def _take(self) -> None:
         try:
-            return pickle.load(self.out)  # noqa: S301 - from the reader this process started
-        except EOFError:
-            code = self.proc.wait()
-            raise WebstatsError(
-                f"import legacy-db: a reader process died (exit status {code})"
-            ) from None
+            for i in range(len(self.tasks)):
+                try:
+                    result = pickle.load(self.out)  # noqa: S301 - from our own reader
+                except EOFError:
+                    code = self.proc.wait()
+                    raise WebstatsError(
+                        f"import legacy-db: a reader process died (exit status {code})"
+                    ) from None
+                if i + 2 < len(self.tasks):
+                    self.send(self.tasks[i + 2])
+                self.results.put(result)
+        except BaseException as exc:  # noqa: BLE001 - handed to the importing thread
+            self.results.put(exc)
+
+    def receive(self) -> UnitResult:
+        result = self.results.get()
+        if isinstance(result, BaseException):
+            if isinstance(result, WebstatsError):
+                raise result
+            raise WebstatsError(f"import legacy-db: reader: {result}")
+        return result
 
     def close(self) -> None:
         for pipe in (self.inp, self.out):
@@ -499,14 +527,17 @@ class _Reader:
         except subprocess.TimeoutExpired:
             self.proc.kill()
             self.proc.wait()
+        while not self.results.empty():  # let a thread blocked on a full queue finish
+            self.results.get_nowait()
+        self.thread.join(10)
 
 
 def read_all(
     tasks: list[tuple[str, str, str, int, int]], key: bytes, until: dt.date, workers: int
 ) -> Iterator[UnitResult]:
-    """Units read in the order given, by ``workers`` reader processes (0: in this process),
-    each with at most two units in flight, so memory stays flat whatever the number of
-    units. Task i goes to reader i mod n, which answers its tasks in order.
+    """Units read in the order given, by ``workers`` reader processes (0: in this process).
+    Task i goes to reader i mod n, which answers its tasks in order; each is at most AHEAD
+    units ahead, so memory stays flat whatever the number of units.
 
     Readers are fresh interpreters that import only this module, not forks of the importing
     process: they neither inherit nor copy its memory. They die with it (and otherwise at
@@ -518,18 +549,11 @@ def read_all(
         return
     readers: list[_Reader] = []
     try:
-        for _ in range(min(workers, len(tasks))):
-            readers.append(_Reader(key, until))
-        n, sent = len(readers), 0
-        while sent < min(len(tasks), 2 * n):
-            readers[sent % n].send(tasks[sent])
-            sent += 1
+        n = min(workers, len(tasks))
+        for r in range(n):
+            readers.append(_Reader(key, until, tasks[r::n]))
         for i in range(len(tasks)):
-            result = readers[i % n].receive()
-            if sent < len(tasks):  # that reader has a free slot now
-                readers[sent % n].send(tasks[sent])
-                sent += 1
-            yield result
+            yield readers[i % n].receive()
     finally:
         for r in readers:
             r.close()
