@@ -61,14 +61,27 @@ def pg_server() -> Iterator[str]:
         yield url
 
 
+PG_ADMIN_PASSWORD = "adm1n-Pw"
+
+
+@pytest.fixture(scope="session")
+def pg_password_server() -> Iterator[str]:
+    """A cluster that checks passwords on TCP (scram-sha-256), for the login tests; yields
+    ``postgresql+psycopg2://webstats:<PG_ADMIN_PASSWORD>@127.0.0.1:PORT``."""
+    with pg_cluster(passwords=True) as url:
+        yield url
+
+
 @contextlib.contextmanager
-def pg_cluster() -> Iterator[str]:
-    """Start a throw-away cluster (also used by bench/); yields its base URL, removes it after."""
+def pg_cluster(passwords: bool = False) -> Iterator[str]:
+    """Start a throw-away cluster (also used by bench/); yields its base URL, removes it after.
+    With ``passwords``, TCP logins need their password (the superuser's: PG_ADMIN_PASSWORD)."""
     bindir = _pg_bindir()
     tmp = Path(tempfile.mkdtemp(prefix="webstats-pg-"))
     data = tmp / "data"
     port = free_port()
     run_as: list[str] = []
+    (tmp / "pw").write_text(PG_ADMIN_PASSWORD + "\n")
     if os.geteuid() == 0:  # initdb refuses root: run the cluster as the postgres user
         shutil.chown(tmp, "postgres")
         run_as = ["runuser", "-u", "postgres", "--"]
@@ -80,7 +93,11 @@ def pg_cluster() -> Iterator[str]:
             str(data),
             "-U",
             "webstats",
-            "--auth=trust",
+            *(
+                ["--auth-local=trust", "--auth-host=scram-sha-256", f"--pwfile={tmp / 'pw'}"]
+                if passwords
+                else ["--auth=trust"]
+            ),
             "-E",
             "UTF8",
             "--locale=C.UTF-8",
@@ -126,7 +143,8 @@ def pg_cluster() -> Iterator[str]:
 
     try:
         wait_for(ready, 60, what="PostgreSQL to accept connections")
-        yield f"postgresql+psycopg2://webstats@127.0.0.1:{port}"
+        auth = f"webstats:{PG_ADMIN_PASSWORD}" if passwords else "webstats"
+        yield f"postgresql+psycopg2://{auth}@127.0.0.1:{port}"
     finally:
         proc.terminate()
         try:

@@ -14,7 +14,7 @@ import pytest
 from bioc_webstats.aws import invalidate_stats_cache, publish_alert
 from bioc_webstats.config import load_settings
 from bioc_webstats.errors import ConfigError, WebstatsError
-from conftest import free_port, wait_for
+from conftest import wait_for
 
 CLI = str(Path(sys.executable).parent / "bioc-webstats")
 
@@ -103,62 +103,6 @@ def test_publish_alert_errors_are_one_line(clean_env, aws_env, monkeypatch):
         publish_alert(load_settings(), "s", "m")
     assert str(exc.value).startswith(f"cannot publish to SNS topic {gone}: NotFound")
     assert "\n" not in str(exc.value)
-
-
-def test_notify_failure_records_and_publishes(clean_env, aws_env):
-    topic, queue = topic_with_queue()
-    res = run_cli(
-        "notify-failure",
-        "bioc-webstats-etl.service",
-        WEBSTATS_ALERTS_SNS_TOPIC=topic,
-        MONITOR_SERVICE_RESULT="exit-code",
-        MONITOR_EXIT_STATUS="1",
-    )
-    assert res.returncode == 0, res.stderr
-    [line] = res.stderr.splitlines()
-    assert line.startswith("bioc-webstats: bioc-webstats-etl.service failed on ")
-    assert res.stdout == "alert published to alerts/sns_topic\n"
-    [note] = received(queue)
-    assert note["Subject"].startswith("bioc-webstats: bioc-webstats-etl.service failed on ")
-    body = note["Message"]
-    assert "service_result: exit-code" in body and "exit_status: 1" in body
-    assert "journalctl -u bioc-webstats-etl.service" in body
-
-
-def test_notify_failure_without_topic_only_records(clean_env, aws_env):
-    res = run_cli("notify-failure", "bioc-webstats.service")
-    assert res.returncode == 0, res.stderr
-    assert len(res.stderr.splitlines()) == 1 and "bioc-webstats.service failed" in res.stderr
-    assert res.stdout == "no alerts/sns_topic: not sent\n"
-
-
-def test_notify_failure_when_sns_is_down_exits_1_with_one_line(clean_env, aws_env):
-    topic = "arn:aws:sns:us-east-1:123456789012:webstats-alerts"
-    res = run_cli(
-        "notify-failure",
-        "bioc-webstats-etl.service",
-        WEBSTATS_ALERTS_SNS_TOPIC=topic,
-        AWS_ENDPOINT_URL=f"http://127.0.0.1:{free_port()}",
-    )
-    assert res.returncode == 1
-    assert "Traceback" not in res.stderr and res.stdout == ""
-    record, error = res.stderr.splitlines()
-    assert record.startswith("bioc-webstats: bioc-webstats-etl.service failed on ")
-    assert error.startswith(
-        "bioc-webstats: error: bioc-webstats-etl.service failure not notified: "
-        f"cannot publish to SNS topic {topic}: EndpointConnectionError"
-    )
-
-
-def test_notify_failure_when_configuration_fails(clean_env, aws_env):
-    res = run_cli("notify-failure", "bioc-webstats.service", WEBSTATS_SSM_PATH="/bioc/webstats/x")
-    assert res.returncode == 1
-    record, error = res.stderr.splitlines()
-    assert "bioc-webstats.service failed" in record
-    assert error.startswith(
-        "bioc-webstats: error: bioc-webstats.service failure not notified: "
-        "missing SSM parameters /bioc/webstats/x/db/server"
-    )
 
 
 def test_invalidate_stats_cache(clean_env, aws_env, monkeypatch):

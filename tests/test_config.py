@@ -316,8 +316,9 @@ def test_config_show_redacts_password_in_explicit_url(clean_env, monkeypatch):
     res = run_cli("config", "show")
     assert res.returncode == 0, res.stderr
     assert DB_PASSWORD not in res.stdout and SECRET_KEY not in res.stdout
-    assert "database_url = postgresql://u:***@h/d  (environment WEBSTATS_DATABASE_URL)" in (
-        res.stdout.splitlines()
+    assert (
+        "database_url = postgresql+psycopg2://u:***@h/d  (environment WEBSTATS_DATABASE_URL)"
+        in (res.stdout.splitlines())
     )
     assert "flask/secret_key = <redacted>  (environment WEBSTATS_FLASK_SECRET_KEY)" in (
         res.stdout.splitlines()
@@ -410,9 +411,14 @@ def test_aws_settings_from_env_file_reach_boto3(clean_env, aws_env, monkeypatch)
     monkeypatch.setenv("WEBSTATS_ENV_FILE", str(env_file))
     monkeypatch.delenv("AWS_ENDPOINT_URL")  # only the env file says where AWS is
     monkeypatch.delenv("AWS_EC2_METADATA_V1_DISABLED", raising=False)
+    before = dict(os.environ)
     s = load_settings()
     assert s.get("flask/secret_key") == SECRET_KEY
-    assert os.environ["AWS_EC2_METADATA_V1_DISABLED"] == "true"  # IMDSv2 only
+    assert dict(os.environ) == before  # handed to boto3, not written into the environment
+    from bioc_webstats.aws import client
+
+    ssm = client("ssm")
+    assert ssm.meta.endpoint_url == aws_env
     # The process environment keeps precedence over the env file.
     monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{free_port()}")
     with pytest.raises(ConfigError, match="EndpointConnectionError"):

@@ -6,6 +6,7 @@ from __future__ import annotations
 import datetime as dt
 import gzip
 import logging
+import os
 from pathlib import Path
 
 import pytest
@@ -24,6 +25,7 @@ from bioc_webstats.store.models import (
     PackageStat,
     StatsPending,
 )
+from conftest import wait_for
 
 SAMPLE = loggen.PACKAGES_SAMPLE
 
@@ -385,3 +387,40 @@ def test_cli_bad_since_is_a_usage_error(tmp_path, monkeypatch, capsys):
         cli.main(["etl", "run", "--source", str(tmp_path), "--since", "yesterday"])
     assert exc.value.code == 2
     assert "not a date YYYY-MM-DD" in capsys.readouterr().err
+
+
+def test_a_second_writer_stops_at_once_and_names_the_holder(db_url, tmp_path):
+    """Two `etl run` at once: the second one does no work and says who holds the lock."""
+    import subprocess
+    import sys
+
+    settings = loaded(db_url, tmp_path)
+    out = tmp_path / "logs"
+    loggen.generate(out, days=1, files_per_day=2, lines_per_file=50)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("WEBSTATS_")}
+    env.update(
+        WEBSTATS_DATABASE_URL=db_url,
+        WEBSTATS_STATE_DIR=str(settings.state_dir),
+        WEBSTATS_ENV_FILE="/dev/null",
+        WEBSTATS_IP_HASH_KEY="test-key",
+        WEBSTATS_TEST_PAUSE_AT="before_recompute",
+        WEBSTATS_TEST_PAUSE_FILE=str(tmp_path / "paused"),
+    )
+    exe = str(Path(sys.executable).parent / "bioc-webstats")
+    first = subprocess.Popen([exe, "etl", "run", "--source", str(out)], env=env,
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+    try:
+        wait_for(lambda: (tmp_path / "paused").exists(), 120, what="the first run to pause")
+        env.pop("WEBSTATS_TEST_PAUSE_AT")
+        for args in (["etl", "run", "--source", str(out)], ["stats", "rebuild"]):
+            second = subprocess.run([exe, *args], env=env, capture_output=True, text=True,
+                                    timeout=120)  # fmt: skip
+            assert second.returncode == 1
+            [line] = second.stderr.splitlines()
+            assert f"'etl run' (pid {first.pid}, since " in line and "holds" in line, line
+    finally:
+        first.kill()
+        first.wait(30)
+    done = subprocess.run([exe, "etl", "run", "--source", str(out)], env=env,
+                          capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert done.returncode == 0, done.stderr  # the lock died with its holder

@@ -120,19 +120,28 @@ def _damaged(rng: random.Random, n: int) -> bytes:
         elif r < 0.2:
             kw["date"] = rng.choice(
                 ["2024-13-01", "2024-02-30", "2024-1-30", "20240130xx", "", "-", "2024-01-27",
-                 "2024-02-01", "2024-02-02", "2024-01-28", "0000-00-00", "2024/01/30"]
+                 "2024-02-01", "2024-02-02", "2024-01-28", "0000-00-00", "2024/01/30",
+                 "2024-01-30" * 50]
             )  # fmt: skip
         elif r < 0.3:
-            kw["status"] = rng.choice(["-", "", "abc", "2OO", "0200", "200 ", "304", "99999"])
+            kw["status"] = rng.choice(
+                ["-", "", "abc", "2OO", "0200", "200 ", "304", "99999", "2" * 300, "9" * 257]
+            )
         elif r < 0.35:
-            kw["ip"] = rng.choice(["-", "", " ", "192.0.2.1", "2001:db8::" + "f" * 40])
+            kw["ip"] = rng.choice(
+                ["-", "", " ", "192.0.2.1", "2001:db8::" + "f" * 40, "1" * 64, "1" * 65,
+                 "x" * 5000]
+            )  # fmt: skip
         elif r < 0.4:
             kw["method"] = rng.choice(["HEAD", "get", "GET ", "POST", ""])
         elif r < 0.5:
             kw["uri"] = rng.choice(
                 ["/packages/3.18/bioc/src/contrib/Archive/x/x_1.tar.gz", "//packages//3.18/bioc/"
                  "src//contrib/limma_3.58.1.tar.gz", "/packages/3.18/bioc/src/contrib/a_1.tar.gz",
-                 "/index.html", "", "/packages/3.18/bioc/bin/windows/contrib/4.3/cn.mops_1.zip"]
+                 "/index.html", "", "/packages/3.18/bioc/bin/windows/contrib/4.3/cn.mops_1.zip",
+                 "/packages/3.18/bioc/src/contrib/limma_" + "9" * 300 + ".tar.gz",
+                 "/packages/3.18/bioc/src/contrib/limma_" + "9" * 8200 + ".tar.gz",
+                 "/packages/" + "d/" * 4080 + "bioc/src/contrib/limma_1.tar.gz"]
             )  # fmt: skip
         else:
             kw["ip"] = f"10.0.{rng.randrange(4)}.{rng.randrange(30)}"
@@ -271,3 +280,88 @@ def test_overlong_line_before_the_header_is_a_data_line(monkeypatch):
     a, b = both(gzip.compress(text), HOUR, monkeypatch)
     same(a, b)
     assert a == "LogFormatError: no #Fields line before the first data line"
+
+
+def test_byte_bounds_are_the_same_in_c_and_python():
+    scan = parse._scan
+    assert (scan.MAX_URI, scan.MAX_IP, scan.KEY_CACHE_MAX) == (
+        rule.MAX_URI, rule.MAX_IP, rule.KEY_CACHE_MAX,
+    )  # fmt: skip
+    assert scan.N_REASONS == len(rule.REASONS)
+
+
+def test_long_values_are_malformed_before_any_cache(monkeypatch):
+    """A URI or client longer than a download's can be is a malformed line (both loops), and
+    nothing longer than KEY_CACHE_MAX is kept in a process-wide cache."""
+    ok = "/packages/3.18/bioc/src/contrib/limma_1.0.tar.gz"
+    long_ok = "/packages/3.18/bioc/src/contrib/limma_" + "1" * 400 + ".tar.gz"  # cached: no
+    lines = [
+        loggen.log_line(uri=ok),
+        loggen.log_line(uri=long_ok),
+        loggen.log_line(uri=ok + "x" * rule.MAX_URI),
+        loggen.log_line(uri=ok, ip="1" * (rule.MAX_IP + 1)),
+        loggen.log_line(uri=ok, status="2" * 300),
+    ]
+    monkeypatch.setattr(parse, "_URIS", {})
+    monkeypatch.setattr(parse, "_DIRS", {})
+    monkeypatch.setattr(parse, "_FILES", {})
+    monkeypatch.setattr(parse, "_SCANNER", [])
+    a, b = both(loggen.log_bytes(*lines), HOUR, monkeypatch)
+    same(a, b)
+    assert a.accepted == 2
+    assert a.reject_reasons == {"cs-uri-stem too long": 1, "c-ip": 1}
+    assert max(map(len, parse._URIS)) <= rule.KEY_CACHE_MAX
+    assert max(map(len, parse._FILES)) <= rule.KEY_CACHE_MAX
+
+
+MEMORY_PROBE = """
+import datetime as dt, re, sys
+from bioc_webstats.etl import parse
+data = open(sys.argv[1], "rb").read()
+res = parse.count_object([data[i : i + (1 << 20)] for i in range(0, len(data), 1 << 20)],
+                         dt.datetime(2024, 1, 30, 12))
+# VmHWM: the peak of this program (ru_maxrss would include the forking test process's)
+hwm = re.search(r"VmHWM:\\s+(\\d+) kB", open("/proc/self/status").read())[1]
+print(res.lines_read, int(hwm) // 1024)
+"""
+
+
+@pytest.mark.parametrize("parser", ["native", "python"])
+def test_hostile_long_values_keep_memory_flat(tmp_path, parser):
+    """2,000 distinct 128 KiB URIs and 2,000 distinct 4 KiB client values (a 256 MB log that
+    gzips to a few MB): the parse process stays within 80 MB of a small log's peak."""
+    import os
+    import subprocess
+    import sys
+    import zlib
+
+    def gz(lines) -> bytes:
+        c = zlib.compressobj(1, zlib.DEFLATED, 31)
+        head = f"#Version: 1.0\n#Fields: {' '.join(loggen.FIELDS)}\n".encode()
+        out = [c.compress(head)]
+        out += [c.compress(line.encode() + b"\n") for line in lines]
+        out.append(c.flush())
+        return b"".join(out)
+
+    ok = "/packages/3.18/bioc/src/contrib/limma_%d.tar.gz"
+    small = gz(loggen.log_line(uri=ok % i) for i in range(100))
+    hostile = gz(
+        [loggen.log_line(uri=ok % i + "x" * (128 << 10)) for i in range(2000)]
+        + [loggen.log_line(uri=ok % 1, ip=f"{i:08d}" + "1" * 4096) for i in range(2000)]
+    )
+    peaks = []
+    env = {**os.environ, "WEBSTATS_ETL_PARSER": "python" if parser == "python" else ""}
+    for name, data in (("small", small), ("hostile", hostile)):
+        path = tmp_path / f"{name}.gz"
+        path.write_bytes(data)
+        out = subprocess.run(
+            [sys.executable, "-c", MEMORY_PROBE, str(path)],
+            env=env, capture_output=True, text=True, timeout=300,
+        )  # fmt: skip
+        assert out.returncode == 0, out.stderr
+        lines, peak = map(int, out.stdout.split())
+        assert lines == (100 if name == "small" else 4000)  # every line was read
+        peaks.append(peak)
+    assert len(hostile) < 8 << 20  # a few MB on the wire
+    assert peaks[1] - peaks[0] < 80, peaks  # MB
+    assert peaks[0] < 100, peaks

@@ -35,9 +35,27 @@ _XML_MESSAGE = re.compile(r"<Message>([^<]{0,500})</Message>")
 _SNS_ARN = re.compile(r"^arn:aws[a-z-]*:sns:([a-z0-9-]+):\d{12}:[A-Za-z0-9_-]{1,256}$")
 
 
+# The env file's AWS_* lines (region, endpoints, test credentials), below the process
+# environment: handed to each client here, so that nothing rewrites os.environ.
+_FILE_ENV: dict[str, str] = {}
+
+
+def use_env_file(values: dict[str, str]) -> None:
+    """Take the ``AWS_*`` settings of the env file (called by ``config.load_settings``)."""
+    _FILE_ENV.clear()
+    _FILE_ENV.update({k: v for k, v in values.items() if k.startswith("AWS_") and v})
+
+
+def _setting(name: str) -> str | None:
+    return os.environ.get(name) or _FILE_ENV.get(name)
+
+
 def client(service: str, region: str | None = None) -> Any:
-    """A boto3 client with the project's timeouts and retries (imported lazily)."""
+    """A boto3 client with the project's timeouts and retries (imported lazily); settings
+    boto3 would read from the environment also come from the env file, and the instance
+    metadata is read with IMDSv2 only unless configured otherwise."""
     import boto3
+    import botocore.session
     from botocore.config import Config
 
     # botocore's DEBUG log holds response bodies (decrypted parameters, secrets): whoever
@@ -51,7 +69,24 @@ def client(service: str, region: str | None = None) -> Any:
         read_timeout=READ_TIMEOUT,
         retries={"mode": "standard", "max_attempts": MAX_ATTEMPTS},
     )
-    return boto3.session.Session().client(service, region_name=region or None, config=config)
+    core = botocore.session.Session()
+    if not _setting("AWS_EC2_METADATA_V1_DISABLED"):
+        core.set_config_variable("ec2_metadata_v1_disabled", True)
+    creds: dict[str, str] = {}
+    if not os.environ.get("AWS_ACCESS_KEY_ID") and _FILE_ENV.get("AWS_ACCESS_KEY_ID"):
+        creds = {
+            "aws_access_key_id": _FILE_ENV["AWS_ACCESS_KEY_ID"],
+            "aws_secret_access_key": _FILE_ENV.get("AWS_SECRET_ACCESS_KEY", ""),
+        }
+        if _FILE_ENV.get("AWS_SESSION_TOKEN"):
+            creds["aws_session_token"] = _FILE_ENV["AWS_SESSION_TOKEN"]
+    region = region or _setting("AWS_REGION") or _setting("AWS_DEFAULT_REGION")
+    endpoint = None  # botocore reads the process environment's endpoints itself
+    key = "AWS_ENDPOINT_URL_" + service.upper().replace("-", "_")
+    if not (os.environ.get(key) or os.environ.get("AWS_ENDPOINT_URL")):
+        endpoint = _FILE_ENV.get(key) or _FILE_ENV.get("AWS_ENDPOINT_URL")
+    session = boto3.session.Session(botocore_session=core, region_name=region or None, **creds)
+    return session.client(service, config=config, endpoint_url=endpoint)
 
 
 def describe_error(exc: BaseException) -> str:
@@ -110,13 +145,15 @@ def load_ssm_parameters(path: str, region: str | None = None) -> dict[str, str]:
     return out
 
 
-def read_db_secret(secret_id: str, region: str | None = None) -> tuple[str | None, str]:
+def read_db_secret(
+    secret_id: str, region: str | None = None, param: str = "db/credentials"
+) -> tuple[str | None, str]:
     """(username, password) from a Secrets Manager secret ``{"username":…,"password":…}``."""
     try:
         answer = client("secretsmanager", region).get_secret_value(SecretId=secret_id)
     except _aws_errors() as exc:
         raise ConfigError(
-            f"cannot read database secret {secret_id} (db/credentials): {describe_error(exc)}"
+            f"cannot read database secret {secret_id} ({param}): {describe_error(exc)}"
         ) from None
     raw = answer.get("SecretString")
     try:
@@ -125,12 +162,12 @@ def read_db_secret(secret_id: str, region: str | None = None) -> tuple[str | Non
         data = None  # the parser's message could quote the secret: say only what is wrong
     if not isinstance(data, dict) or not isinstance(data.get("password"), str):
         raise ConfigError(
-            f"database secret {secret_id} (db/credentials) must be a JSON object "
+            f"database secret {secret_id} ({param}) must be a JSON object "
             'with a "password" string (and optionally "username")'
         )
     user = data.get("username")
     if user is not None and not isinstance(user, str):
-        raise ConfigError(f'database secret {secret_id} (db/credentials): "username" not a string')
+        raise ConfigError(f'database secret {secret_id} ({param}): "username" not a string')
     return user or None, data["password"]
 
 
@@ -141,25 +178,28 @@ def _sns_subject(text: str) -> str:
 
 
 def publish_alert(settings: Settings, subject: str, message: str) -> bool:
-    """Publish to the ``alerts/sns_topic`` topic; False when no topic is configured.
-
-    A failure to publish is a WebstatsError naming the topic and the AWS error code.
-    """
+    """Publish to the ``alerts/sns_topic`` topic; False when no topic is configured."""
     topic = settings.get("alerts/sns_topic")
     if not topic:
         return False
+    publish_to_topic(topic, subject, message)
+    return True
+
+
+def publish_to_topic(topic: str, subject: str, message: str, region: str | None = None) -> None:
+    """Publish one message; a failure is a WebstatsError naming the topic and the AWS error
+    code (or a ConfigError when ``topic`` is not an SNS topic ARN)."""
     match = _SNS_ARN.match(topic)
     if not match:
         raise ConfigError(f"parameter alerts/sns_topic is not an SNS topic ARN: {topic!r}")
     try:
-        answer = client("sns", match.group(1)).publish(
+        answer = client("sns", region or match.group(1)).publish(
             TopicArn=topic, Subject=_sns_subject(subject), Message=message
         )
     except _aws_errors() as exc:
         raise WebstatsError(f"cannot publish to SNS topic {topic}: {describe_error(exc)}") from None
     if not answer.get("MessageId"):
         raise WebstatsError(f"SNS topic {topic}: publish answered without a MessageId")
-    return True
 
 
 def failure_alert(unit: str, environ: dict[str, str] | None = None) -> tuple[str, str]:

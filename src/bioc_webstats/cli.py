@@ -5,9 +5,11 @@ Exit status: 0 success, 1 the work failed (one line on stderr), 2 bad usage.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import sys
 import traceback
+from collections.abc import Iterator
 from pathlib import Path
 
 import click
@@ -30,8 +32,12 @@ class Context:
 
     @property
     def settings(self) -> Settings:
-        if self._settings is None:
-            self._settings = load_settings()
+        """The configuration with the ETL's database login (every command but two)."""
+        return self.settings_for("etl")
+
+    def settings_for(self, login: str) -> Settings:
+        if self._settings is None or self._settings.login != login:
+            self._settings = load_settings(login=login)
         return self._settings
 
 
@@ -59,6 +65,40 @@ def cli(ctx: click.Context, verbose: bool) -> None:
     ctx.obj = Context(verbose)
 
 
+@contextlib.contextmanager
+def writer_lock(settings: Settings, what: str) -> Iterator[None]:
+    """One command that writes records or statistics at a time on this host (``etl run``,
+    ``etl reingest``, ``stats rebuild``, ``import legacy-db``): a second one stops at once
+    and says who holds the lock, instead of working through the same objects."""
+    import datetime as dt
+    import fcntl
+    import os
+
+    path = settings.state_dir / "etl.lock"
+    try:
+        settings.state_dir.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o640)
+    except OSError as exc:
+        raise WebstatsError(f"cannot open the lock {path}: {exc.strerror}") from None
+    with os.fdopen(fd, "r+") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = f.read().strip() or "another process"
+            raise WebstatsError(
+                f"{what}: not started, {holder} holds {path} (one writer at a time); "
+                "try again when it is done"
+            ) from None
+        since = dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+        f.truncate(0)
+        f.write(f"'{what}' (pid {os.getpid()}, since {since})\n")
+        f.flush()
+        try:
+            yield
+        finally:
+            f.truncate(0)
+
+
 # --- db -------------------------------------------------------------------------------------
 
 
@@ -70,9 +110,39 @@ def db_group() -> None:
 @db_group.command("upgrade")
 @pass_ctx
 def db_upgrade(ctx: Context) -> None:
-    """Create or migrate the schema to the newest revision (idempotent)."""
-    revision = db.upgrade(ctx.settings.database_url)
+    """Create or migrate the schema to the newest revision (idempotent), as the schema's
+    owner (db/owner_*: the other logins may not change the schema)."""
+    revision = db.upgrade(ctx.settings_for("owner").database_url)
     click.echo(f"schema at revision {revision}")
+
+
+@db_group.command("backup")
+@click.argument("dest", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--s3", "s3_url", help="Also upload it to s3://bucket/prefix.")
+@pass_ctx
+def db_backup(ctx: Context, dest: Path, s3_url: str | None) -> None:
+    """Dump the database to DEST (0600; pg_dump of the server's major version), as the
+    schema owner."""
+    from .backup import backup
+
+    click.echo(backup(ctx.settings_for("owner"), dest, s3_url).line())
+
+
+@db_group.command("restore")
+@click.argument("source", type=click.Path(dir_okay=False, path_type=Path))
+@pass_ctx
+def db_restore(ctx: Context, source: Path) -> None:
+    """Replace the database's contents with a backup (all or nothing), migrate it to this
+    release's schema, and publish it under a new version directory. Stop the ETL timer first
+    (playbooks/restore.yml does all of it)."""
+    from .backup import restore
+    from .publish import publish
+
+    owner = ctx.settings_for("owner")
+    with writer_lock(owner, "db restore"):
+        click.echo(restore(owner, source))
+        click.echo(f"schema at revision {db.upgrade(owner.database_url)}")
+    click.echo(publish(ctx.settings, force=True).line())
 
 
 # --- packages -------------------------------------------------------------------------------
@@ -157,7 +227,7 @@ def etl_run(
 
     from .publish import after_change
 
-    with after_change(ctx.settings):
+    with writer_lock(ctx.settings, "etl run"), after_change(ctx.settings):
         ok = run(ctx.settings, source=source, since=since, dry_run=dry_run)
     if not ok:
         raise WebstatsError(
@@ -175,7 +245,7 @@ def etl_reingest(ctx: Context, keys: tuple[str, ...], source: str | None) -> Non
     from .etl.ingest import reingest
     from .publish import after_change
 
-    with after_change(ctx.settings):
+    with writer_lock(ctx.settings, "etl reingest"), after_change(ctx.settings):
         reingest(ctx.settings, list(keys), source=source)
 
 
@@ -209,7 +279,7 @@ def import_legacy_db(
     from .etl.legacy import import_files
     from .publish import after_change
 
-    with after_change(ctx.settings):
+    with writer_lock(ctx.settings, "import legacy-db"), after_change(ctx.settings):
         ok = import_files(ctx.settings, list(files), until=until, replace=replace)
     if not ok:
         raise WebstatsError(
@@ -233,7 +303,7 @@ def stats_rebuild(ctx: Context) -> None:
     from .publish import after_change
     from .store.stats import rebuild
 
-    with after_change(ctx.settings):
+    with writer_lock(ctx.settings, "stats rebuild"), after_change(ctx.settings):
         click.echo(rebuild(ctx.settings))
 
 
@@ -271,10 +341,18 @@ def config_show(ctx: Context) -> None:
 
 
 @cli.command("check")
+@click.option(
+    "--login",
+    type=click.Choice(["etl", "web", "owner"]),
+    default="etl",
+    show_default=True,
+    help="The database login to check with (the web unit checks its own).",
+)
 @pass_ctx
-def check(ctx: Context) -> None:
-    """Smoke test: configuration loads, database reachable, schema current."""
-    settings = ctx.settings
+def check(ctx: Context, login: str) -> None:
+    """Smoke test: configuration loads, database reachable, schema current (exit 3 when
+    the schema is behind: 'bioc-webstats db upgrade' is the fix)."""
+    settings = ctx.settings_for(login)
     status = db.schema_status(settings.database_url)
     if not status.ok:
         if status.behind:  # exit 3: 'db upgrade' is the fix (the deploy migrates on it)
@@ -286,18 +364,37 @@ def check(ctx: Context) -> None:
 
 @cli.command("notify-failure")
 @click.argument("unit")
-@pass_ctx
-def notify_failure(ctx: Context, unit: str) -> None:
-    """Record that UNIT failed and publish to alerts/sns_topic when set (OnFailure= hook)."""
-    from .aws import failure_alert, publish_alert
+def notify_failure(unit: str) -> None:
+    """Record that UNIT failed and alert (the OnFailure= hook). It reads no SSM (the topic
+    kept on the instance is used); an alert SNS does not take is kept and logged at crit,
+    and the watchdog sends it again."""
+    import os
+
+    from .alerts import send
+    from .aws import failure_alert
+    from .config import state_dir
 
     subject, message = failure_alert(unit)
     click.echo(f"bioc-webstats: {message.splitlines()[0]}", err=True)  # the journal record
-    try:
-        sent = publish_alert(ctx.settings, subject, message)
-    except WebstatsError as exc:
-        raise WebstatsError(f"{unit} failure not notified: {exc}") from None
-    click.echo("alert published to alerts/sns_topic" if sent else "no alerts/sns_topic: not sent")
+    outcome = send(state_dir(dict(os.environ)), subject, message)
+    click.echo(outcome)
+    if not outcome.startswith("alert sent"):
+        raise WebstatsError(f"{unit} failure: {outcome}")
+
+
+@cli.command("watchdog")
+def watchdog_cmd() -> None:
+    """Check data age, the daily job, the web, the published version and the disks; alert
+    on each alarm (journal line + SNS; again every 6 h while it lasts; once when cleared)."""
+    from .alerts import watchdog
+
+    alarms, lines = watchdog()
+    for line in lines:
+        click.echo(line)
+    click.echo(
+        f"watchdog: {len(alarms)} alarms"
+        + (": " + ", ".join(a.name for a in alarms) if alarms else "")
+    )
 
 
 def main(argv: list[str] | None = None) -> None:

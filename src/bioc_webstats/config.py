@@ -35,6 +35,14 @@ PARAMS: tuple[Param, ...] = (
     Param("db/port", "WEBSTATS_DB_PORT", "5432"),
     Param("db/credentials", "WEBSTATS_DB_CREDENTIALS", "/bioc/rdb/0/login/webstats_runner"),
     Param("db/password", "WEBSTATS_DB_PASSWORD", None, secret=True),
+    # The other two logins of the original design (unset: the one above serves them too):
+    # the schema owner, which runs the migrations, and the web's read-only login.
+    Param("db/owner_dbuser", "WEBSTATS_DB_OWNER_DBUSER", None),
+    Param("db/owner_credentials", "WEBSTATS_DB_OWNER_CREDENTIALS", None),
+    Param("db/owner_password", "WEBSTATS_DB_OWNER_PASSWORD", None, secret=True),
+    Param("db/web_dbuser", "WEBSTATS_DB_WEB_DBUSER", None),
+    Param("db/web_credentials", "WEBSTATS_DB_WEB_CREDENTIALS", None),
+    Param("db/web_password", "WEBSTATS_DB_WEB_PASSWORD", None, secret=True),
     # Unused (the app keeps no sessions); known so that the original design's SSM parameter
     # is not reported as unknown.
     Param("flask/secret_key", "WEBSTATS_FLASK_SECRET_KEY", None, secret=True),
@@ -62,6 +70,11 @@ PARAMS: tuple[Param, ...] = (
     # default: <state_dir>/site.
     Param("web/publish_dir", "WEBSTATS_WEB_PUBLISH_DIR", None),
     Param("alerts/sns_topic", "WEBSTATS_ALERTS_SNS_TOPIC"),
+    # The watchdog's limits (hours, hours, percent) and the URL it checks the web at.
+    Param("alerts/max_data_age", "WEBSTATS_ALERTS_MAX_DATA_AGE", "36"),
+    Param("alerts/max_run_age", "WEBSTATS_ALERTS_MAX_RUN_AGE", "26"),
+    Param("alerts/min_free_disk", "WEBSTATS_ALERTS_MIN_FREE_DISK", "10"),
+    Param("alerts/health_url", "WEBSTATS_ALERTS_HEALTH_URL", "http://127.0.0.1:8000/healthz"),
 )
 
 BY_NAME: dict[str, Param] = {p.name: p for p in PARAMS}
@@ -71,6 +84,10 @@ BY_NAME: dict[str, Param] = {p.name: p for p in PARAMS}
 # be replaced with WEBSTATS_SSM_REQUIRED="name,name"; db/server is not needed when
 # WEBSTATS_DATABASE_URL is set).
 DEFAULT_REQUIRED: tuple[str, ...] = ("db/server", "etl/ip_hash_key")
+# Which database login a process uses: "etl" (the ETL and every other command: writes the
+# data), "web" (gunicorn: reads only), "owner" (``db upgrade``: owns the schema).
+LOGINS = ("etl", "web", "owner")
+_LOGIN_PREFIX = {"etl": "db/", "web": "db/web_", "owner": "db/owner_"}
 
 
 @dataclass
@@ -88,6 +105,7 @@ class Settings:
     extra: dict[str, str] = field(default_factory=dict, repr=False)
     ignored: list[str] = field(default_factory=list)  # names under the SSM path we do not know
     aws_region: str | None = None  # from the env file when boto3's own chain has none
+    login: str = "etl"  # the database login of database_url (LOGINS)
 
     def get(self, name: str) -> str | None:
         """The value of a parameter by its SSM name (``db/server``)."""
@@ -142,12 +160,15 @@ def state_dir(env: dict[str, str]) -> Path:
     )
 
 
-def load_settings(environ: dict[str, str] | None = None) -> Settings:
+def load_settings(environ: dict[str, str] | None = None, login: str = "etl") -> Settings:
     """Build the effective configuration in precedence order (lowest first).
 
     Defaults → env file → SSM path (``WEBSTATS_SSM_PATH``) → process environment. With an SSM
-    path, a required parameter that no level provides is a ConfigError naming it.
+    path, a required parameter that no level provides is a ConfigError naming it. The
+    database URL is the one of ``login`` (see LOGINS).
     """
+    if login not in LOGINS:
+        raise ValueError(f"login must be one of {LOGINS}")
     env = dict(os.environ if environ is None else environ)
     values: dict[str, str | None] = {p.name: p.default for p in PARAMS}
     sources: dict[str, str] = {p.name: "default" for p in PARAMS}
@@ -166,7 +187,9 @@ def load_settings(environ: dict[str, str] | None = None) -> Settings:
     # Settings outside PARAMS that may come from the env file too.
     merged = {**file_vars, **env}
     if environ is None:
-        _export_aws_settings(file_vars)
+        from .aws import use_env_file
+
+        use_env_file(file_vars)
     region = merged.get("AWS_REGION") or merged.get("AWS_DEFAULT_REGION") or None
     ssm_path = merged.get("WEBSTATS_SSM_PATH") or None
     ignored: list[str] = []
@@ -184,26 +207,21 @@ def load_settings(environ: dict[str, str] | None = None) -> Settings:
         if p.env in env:
             values[p.name], sources[p.name] = env[p.env], f"environment {p.env}"
 
-    db_url = merged.get("WEBSTATS_DATABASE_URL")
+    url_var = "WEBSTATS_DATABASE_URL" + ("" if login == "etl" else f"_{login.upper()}")
+    if not merged.get(url_var):
+        url_var = "WEBSTATS_DATABASE_URL"
+    db_url = merged.get(url_var)
     if ssm_path:
         _check_required(ssm_path, values, merged, has_db_url=bool(db_url))
 
     sdir = state_dir(merged)
     if db_url:
-        in_env = "WEBSTATS_DATABASE_URL" in env
         sources["database_url"] = (
-            "environment WEBSTATS_DATABASE_URL" if in_env else f"env file {env_file}"
+            f"environment {url_var}" if url_var in env else f"env file {env_file}"
         )
+        db_url = normalize_database_url(db_url, url_var)
     elif values.get("db/server"):
-        # The password comes from Secrets Manager when SSM is in use or db/credentials was
-        # set explicitly; otherwise (local demo) libpq's own means apply (trust, .pgpass).
-        use_secret = values.get("db/password") is None and bool(
-            values.get("db/credentials") and (ssm_path or sources["db/credentials"] != "default")
-        )
-        db_url = _postgres_url(values, sources, region if use_secret else None, use_secret)
-        sources["database_url"] = "db/* parameters" + (
-            f" + secret {values['db/credentials']}" if use_secret else ""
-        )
+        db_url = _login_url(values, sources, login, region, bool(ssm_path))
     else:
         db_url = f"sqlite:///{sdir / 'webstats.sqlite3'}"
         sources["database_url"] = "default (embedded SQLite)"
@@ -215,17 +233,8 @@ def load_settings(environ: dict[str, str] | None = None) -> Settings:
         ssm_path=ssm_path,
         ignored=ignored,
         aws_region=region,
+        login=login,
     )
-
-
-def _export_aws_settings(file_vars: dict[str, str]) -> None:
-    """Hand the env file's ``AWS_*`` lines (region, endpoints) to boto3, which reads only the
-    process environment; the process environment keeps precedence. The instance metadata is
-    read with IMDSv2 only (no fallback to v1) unless configured otherwise."""
-    for key, value in file_vars.items():
-        if key.startswith("AWS_"):
-            os.environ.setdefault(key, value)
-    os.environ.setdefault("AWS_EC2_METADATA_V1_DISABLED", "true")
 
 
 def required_parameters(merged_env: dict[str, str], has_db_url: bool) -> list[str]:
@@ -255,34 +264,126 @@ def _check_required(
         raise ConfigError(f"missing SSM parameters {', '.join(missing)}")
 
 
-def _postgres_url(
-    values: dict[str, str | None], sources: dict[str, str], region: str | None, use_secret: bool
+def _login_url(
+    values: dict[str, str | None],
+    sources: dict[str, str],
+    login: str,
+    region: str | None,
+    ssm: bool,
 ) -> str:
-    from sqlalchemy.engine import URL
-
-    password = values.get("db/password")
+    """The PostgreSQL URL of ``login`` from the db/* parameters: its own user, password or
+    secret when configured, else the ETL login's. The password comes from Secrets Manager
+    when SSM is in use or the login's credentials parameter was set explicitly; otherwise
+    (local demo) from its password parameter, or libpq's own means (trust, .pgpass)."""
+    prefix = _LOGIN_PREFIX[login]
+    own = any(values.get(f"{prefix}{k}") for k in ("dbuser", "credentials", "password"))
+    if not own:
+        prefix = "db/"
+    cred_name, pw_name, user_name = f"{prefix}credentials", f"{prefix}password", f"{prefix}dbuser"
+    secret_id = values.get(cred_name)
+    use_secret = values.get(pw_name) is None and bool(
+        secret_id and (ssm or sources[cred_name] != "default")
+    )
+    user, password = values.get(user_name) or values.get("db/dbuser"), values.get(pw_name)
     if use_secret:
         from .aws import read_db_secret
 
-        secret_id = values["db/credentials"]
-        user, password = read_db_secret(secret_id, region)  # type: ignore[arg-type]
-        if user:
-            values["db/dbuser"], sources["db/dbuser"] = user, f"secret {secret_id}"
+        secret_user, password = read_db_secret(secret_id, region, cred_name)  # type: ignore[arg-type]
+        if secret_user:
+            user, sources[user_name] = secret_user, f"secret {secret_id}"
     try:
         port = int(values.get("db/port") or 5432)
+        if not 0 < port < 65536:
+            raise ValueError
     except ValueError:
         raise ConfigError(
-            f"parameter db/port must be an integer, got {values['db/port']!r}"
+            f"parameter db/port must be a port number, got {values['db/port']!r}"
         ) from None
+    from sqlalchemy.engine import URL
+
     url = URL.create(
         "postgresql+psycopg2",
-        username=values["db/dbuser"],
+        username=user,
         password=password,
         host=values["db/server"],
         port=port,
         database=values["db/dbname"],
+    ).render_as_string(hide_password=False)
+    sources["database_url"] = f"{prefix}* parameters" + (
+        f" + secret {secret_id}" if use_secret else ""
     )
-    return url.render_as_string(hide_password=False)
+    if use_secret:  # a rotated secret is picked up by new connections (store/db.py)
+        PASSWORD_SOURCES[url] = SecretPassword(secret_id, region, cred_name)  # type: ignore[arg-type]
+    return url
+
+
+class SecretPassword:
+    """The current (user, password) of a Secrets Manager secret: read again after
+    ``TTL`` seconds, or at once after a failed login (the password was rotated)."""
+
+    TTL = 300.0
+
+    def __init__(self, secret_id: str, region: str | None, param: str) -> None:
+        self.secret_id, self.region, self.param = secret_id, region, param
+        self._value: tuple[str | None, str] | None = None
+        self._read_at = 0.0
+
+    def get(self, refresh: bool = False) -> tuple[str | None, str]:
+        import time
+
+        if refresh or self._value is None or time.monotonic() - self._read_at > self.TTL:
+            from .aws import read_db_secret
+
+            self._value = read_db_secret(self.secret_id, self.region, self.param)
+            self._read_at = time.monotonic()
+        return self._value
+
+
+# Database URL → where its password comes from now (filled by load_settings; read by
+# store/db.py whenever it opens a connection).
+PASSWORD_SOURCES: dict[str, SecretPassword] = {}
+
+_DRIVERS = {"postgresql": "postgresql+psycopg2", "postgres": "postgresql+psycopg2",
+            "postgresql+psycopg2": "postgresql+psycopg2", "sqlite": "sqlite"}  # fmt: skip
+
+
+def normalize_database_url(url: str, name: str = "WEBSTATS_DATABASE_URL") -> str:
+    """A database URL the package can use: ``postgresql://`` (and ``postgres://``) mean
+    psycopg2, the driver it ships; a password holding ``@``, ``:`` or ``/`` unescaped is
+    taken up to the last ``@``. Anything else wrong is one ConfigError line that never
+    shows the password."""
+    from urllib.parse import quote, unquote
+
+    from sqlalchemy.engine import make_url
+    from sqlalchemy.exc import ArgumentError
+
+    scheme, sep, rest = url.strip().partition("://")
+    driver = _DRIVERS.get(scheme.lower())
+    shown = redact_url(url)
+    if not sep or driver is None:
+        raise ConfigError(
+            f"{name} must be postgresql://user:password@host:port/dbname or "
+            f"sqlite:///path, got {shown}"
+        )
+    if driver != "sqlite":
+        at = rest.rfind("@")
+        if at >= 0:
+            user, colon, password = rest[:at].partition(":")
+            userinfo = quote(unquote(user), safe="")
+            if colon:
+                userinfo += ":" + quote(unquote(password), safe="")
+            rest = f"{userinfo}@{rest[at + 1 :]}"
+    fixed = f"{driver}://{rest}"
+    try:
+        parsed = make_url(fixed)
+        port = parsed.port
+    except (ArgumentError, ValueError):
+        raise ConfigError(
+            f"{name} is not a valid database URL ({shown}): check the host, port and path"
+        ) from None
+    if port is not None and not 0 < port < 65536:
+        raise ConfigError(f"{name} has an invalid port {port} ({shown})")
+    return fixed
 
 
 _URL_PASSWORD_QUERY = re.compile(r"(?i)([?&]password=)[^&]*")

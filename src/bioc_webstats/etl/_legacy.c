@@ -55,7 +55,7 @@ enum { R_DATE, R_LONG, R_STATUS, R_IPS, R_UNTIL, R_OTHER, R_PATH, N_REASONS };
 #define MS_DL 0
 #define MS_OTHER 1
 #define MS_BAD 2
-#define CACHE_VALUE_MAX 512 /* longer values are decided every time, never cached */
+#define KEY_MAX 1024 /* the largest cache_max accepted */
 
 /* --- a hash table of byte strings → int64 (keys copied into one arena) ------------------ */
 
@@ -277,6 +277,7 @@ typedef struct {
     PyObject_HEAD
     PyObject *day_cb, *ms_cb, *ip_cb, *url_cb, *pair_cb;
     Py_ssize_t max_value;
+    size_t cache_max; /* longer values are decided every time, never cached */
     Table days, ms, ipok, ipbad, urls; /* answers of the callbacks, for the process */
 } Reader;
 
@@ -290,7 +291,8 @@ static PyObject *call_bytes(PyObject *cb, const char *p, size_t n) {
 
 /* The cached int answer of CB for a value, asking CB on a miss (-1 with an exception set on
  * error; *out the answer). */
-static int ask_int(Table *t, PyObject *cb, const char *p, size_t n, int64_t *out) {
+static int ask_int(Table *t, PyObject *cb, const char *p, size_t n, size_t cache_max,
+                   int64_t *out) {
     uint64_t h = hash_bytes(p, n);
     Slot *s = table_find(t, p, n, h);
     if (s->len != EMPTY) {
@@ -303,13 +305,13 @@ static int ask_int(Table *t, PyObject *cb, const char *p, size_t n, int64_t *out
     Py_DECREF(res);
     if (v == -1 && PyErr_Occurred()) return -1;
     *out = v;
-    return n <= CACHE_VALUE_MAX ? table_put(t, s, p, n, h, v) : 0;
+    return n <= cache_max ? table_put(t, s, p, n, h, v) : 0;
 }
 
 /* method and status → MS_*, cached on "method\0status". */
 static int ask_ms(Reader *r, const char *m, size_t ml, const char *st, size_t sl, int64_t *out) {
-    char key[CACHE_VALUE_MAX + 1];
-    int cache = ml + 1 + sl <= CACHE_VALUE_MAX;
+    char key[KEY_MAX + 1];
+    int cache = ml + sl <= r->cache_max;
     uint64_t h = 0;
     Slot *s = NULL;
     if (cache) {
@@ -348,7 +350,7 @@ static int ask_ip(Reader *r, const char *p, size_t n, int64_t *hash, int *ok) {
     }
     PyObject *res = call_bytes(r->ip_cb, p, n);
     if (!res) return -1;
-    int cache = n <= CACHE_VALUE_MAX;
+    int cache = n <= r->cache_max;
     if (res == Py_None) {
         Py_DECREF(res);
         *ok = 0;
@@ -372,13 +374,18 @@ static void reader_clear_caches(Reader *r) {
 
 static PyObject *Reader_new(PyTypeObject *type, PyObject *args, PyObject *kwds) {
     PyObject *day_cb, *ms_cb, *ip_cb, *url_cb, *pair_cb;
-    Py_ssize_t max_value;
+    Py_ssize_t max_value, cache_max;
     if (kwds && PyDict_Size(kwds)) {
         PyErr_SetString(PyExc_TypeError, "Reader takes positional arguments only");
         return NULL;
     }
-    if (!PyArg_ParseTuple(args, "OOOOOn", &day_cb, &ms_cb, &ip_cb, &url_cb, &pair_cb, &max_value))
+    if (!PyArg_ParseTuple(args, "OOOOOnn", &day_cb, &ms_cb, &ip_cb, &url_cb, &pair_cb,
+                          &max_value, &cache_max))
         return NULL;
+    if (cache_max < 0 || cache_max > KEY_MAX) {
+        PyErr_SetString(PyExc_ValueError, "cache_max: 0 to 1024");
+        return NULL;
+    }
     if (!api_set) {
         PyErr_SetString(PyExc_RuntimeError, "set_api() first");
         return NULL;
@@ -394,6 +401,7 @@ static PyObject *Reader_new(PyTypeObject *type, PyObject *args, PyObject *kwds) 
     r->url_cb = url_cb;
     r->pair_cb = pair_cb;
     r->max_value = max_value;
+    r->cache_max = (size_t)cache_max;
     if (table_init(&r->days, 1024) < 0 || table_init(&r->ms, 64) < 0 ||
         table_init(&r->ipok, 1 << 14) < 0 || table_init(&r->ipbad, 64) < 0 ||
         table_init(&r->urls, 1 << 12) < 0) {
@@ -551,7 +559,7 @@ static int scan_rows(Reader *r, sqlite3_stmt *st, Counts *c, long long *rows,
         if (last_is(&lday, d, dl)) {
             day = lday.answer;
         } else {
-            if (ask_int(&r->days, r->day_cb, d, dl, &day) < 0) return -1;
+            if (ask_int(&r->days, r->day_cb, d, dl, r->cache_max, &day) < 0) return -1;
             last_set(&lday, d, dl, day);
         }
         if (day < 0) {
@@ -596,7 +604,7 @@ static int scan_rows(Reader *r, sqlite3_stmt *st, Counts *c, long long *rows,
             continue;
         }
         int64_t hit;
-        if (ask_int(&r->urls, r->url_cb, url, ul, &hit) < 0) return -1;
+        if (ask_int(&r->urls, r->url_cb, url, ul, r->cache_max, &hit) < 0) return -1;
         if (!hit) {
             reasons[R_PATH]++;
             continue;
@@ -676,8 +684,10 @@ static PyMethodDef Reader_methods[] = {
 };
 
 static PyType_Slot Reader_slots[] = {
-    {Py_tp_doc, "Reader(day, method_status, client, url, pair, max_value): the per-row loop of "
-                "legacy.read_unit, one unit at a time; the callbacks are legacy.Rule's."},
+    {Py_tp_doc, "Reader(day, method_status, client, url, pair, max_value, cache_max): the "
+                "per-row loop of legacy_rows.read_unit, one unit at a time; the callbacks are "
+                "legacy_rows.Rule's; a url or ips longer than MAX_VALUE is malformed, values "
+                "longer than CACHE_MAX are never cached."},
     {Py_tp_new, Reader_new},
     {Py_tp_dealloc, Reader_dealloc},
     {Py_tp_methods, Reader_methods},

@@ -18,13 +18,21 @@
 #include <stdlib.h>
 #include <string.h>
 
-/* Reject reasons by code; the Python side names them (logs.REASONS, same order). */
+/* Reject reasons by code; the Python side names them (rule.REASONS, same order). */
 #define R_COLUMNS 0
 #define R_STATUS 1
 #define R_CIP 2
 #define R_DATETIME 3
 #define R_SKEW 4
-#define N_REASONS 5
+#define R_LONG 5
+#define N_REASONS 6
+
+/* Byte bounds (the same in rule.py, checked by the tests through the module's constants): a
+ * value longer than its field can be is malformed before it reaches any cache, and no cache
+ * keeps a key longer than KEY_CACHE_MAX, so memory never grows with hostile values. */
+#define MAX_URI 8192
+#define MAX_IP 64
+#define KEY_CACHE_MAX 256
 
 /* --- a hash table of byte strings → int64 (keys copied into one arena) ------------------- */
 
@@ -248,7 +256,8 @@ static int lookup(Table *t, PyObject *cb, const char *key, size_t len, int64_t *
     }
     int64_t v;
     if (answer(call_bytes(cb, key, len), &v) < 0) return -1;
-    if ((t->max == 0 || t->n < t->max) && !table_put(t, s, key, len, h, v)) return -1;
+    if (len <= KEY_CACHE_MAX && (t->max == 0 || t->n < t->max) && !table_put(t, s, key, len, h, v))
+        return -1;
     *out = v;
     return 0;
 }
@@ -457,7 +466,8 @@ static int uri_stage(Scanner *s) {
         hit = slot->val;
     } else {
         if (answer(call_bytes(s->uri_cb, c->uri, c->ulen), &hit) < 0) return -1;
-        if (s->uri.n < s->uri.max && !table_put(&s->uri, slot, c->uri, c->ulen, c->hash, hit))
+        if (c->ulen <= KEY_CACHE_MAX && s->uri.n < s->uri.max &&
+            !table_put(&s->uri, slot, c->uri, c->ulen, c->hash, hit))
             return -1;
     }
     if (hit <= 0) return 0;
@@ -544,6 +554,10 @@ static int one_line(Scanner *s, const char *p, size_t n) {
 #define LEN(f) ((size_t)(end[s->idx[f]] - start[s->idx[f]]))
     /* the timestamp: a valid date, a valid time, within the window */
     int64_t day, secs;
+    if (LEN(F_DATE) != 10) { /* not YYYY-MM-DD: never cached */
+        s->rejects[R_DATETIME]++;
+        return 0;
+    }
     if (SAME(s->last_date, s->last_date_len, COL(F_DATE), LEN(F_DATE))) {
         day = s->last_date_val;
     } else {
@@ -576,6 +590,14 @@ static int one_line(Scanner *s, const char *p, size_t n) {
             s->rejects[R_CIP]++;
             return 0;
         }
+    }
+    if (il > MAX_IP) {
+        s->rejects[R_CIP]++;
+        return 0;
+    }
+    if (LEN(F_URI) > MAX_URI) {
+        s->rejects[R_LONG]++;
+        return 0;
     }
 
     if (st != 2 || !SAME(s->get, (size_t)s->get_len, COL(F_METHOD), LEN(F_METHOD))) return 0;
@@ -1083,6 +1105,11 @@ static int scan_exec(PyObject *m) {
         Py_DECREF(t);
         return -1;
     }
+    if (PyModule_AddIntConstant(m, "MAX_URI", MAX_URI) < 0 ||
+        PyModule_AddIntConstant(m, "MAX_IP", MAX_IP) < 0 ||
+        PyModule_AddIntConstant(m, "KEY_CACHE_MAX", KEY_CACHE_MAX) < 0 ||
+        PyModule_AddIntConstant(m, "N_REASONS", N_REASONS) < 0)
+        return -1;
     return 0;
 }
 

@@ -33,8 +33,10 @@ from collections.abc import Iterable, Iterator
 from importlib import resources
 from typing import Any
 
+from ..categories import CATEGORIES
 from ..config import Settings
 from ..errors import ConfigError, WebstatsError
+from ..store import records
 from . import ingest, rule, sources
 
 log = logging.getLogger(__name__)
@@ -100,12 +102,18 @@ def downloads_sql(database: str, table: str, days: tuple[dt.date, dt.date] | Non
         .replace("@@TABLE@@", f"{_identifier(database)}.{_identifier(table)}")
         .replace("@@WHERE@@", where)
         .replace("@@RULE@@", rule.DOWNLOAD_PATTERN.replace("'", "''"))
+        .replace("@@CATEGORIES@@", _category_cases())
         .replace("@@F33@@", fields33)
         .replace("@@F15@@", " ".join(rule.CLOUDFRONT_FIELDS[:15]))
     )
 
 
 # --- running queries ---------------------------------------------------------------------------
+
+
+def _category_cases() -> str:
+    """``WHEN '<repo path>' THEN '<prefix>'`` for each category (categories.py)."""
+    return "\n            ".join(f"WHEN '{c.repo_path}' THEN '{c.prefix}'" for c in CATEGORIES)
 
 
 def _aws_error(what: str, exc: BaseException) -> WebstatsError:
@@ -232,7 +240,6 @@ def rows_to_parsed(
     rows: Iterable[list[str | None]],
     bucket: str,
     wanted: dict[str, sources.LogObject],
-    copy: bool,
     key: bytes,
 ) -> Iterator[ingest.Parsed]:
     """Group result rows (ordered by object) into one Parsed per wanted object, hashing the
@@ -241,13 +248,15 @@ def rows_to_parsed(
     prefix = f"s3://{bucket}/"
     hasher = rule.ip_hasher(key)
     hashes: dict[str, int] = {}
+    kept: list[records.Row] = []  # the current object's records
     current: ingest.Parsed | None = None
     for kind, path, cat, pkg, day, ip, n1, n2, n3, status in rows:
         object_key = (path or "").removeprefix(prefix)
         if kind == "o":
             if current is not None:
-                yield _done(current, copy)
+                yield _done(current, kept)
             hashes.clear()
+            kept = []
             obj = wanted.get(object_key)
             current = None if obj is None else ingest.Parsed(obj)
             if current is not None:
@@ -266,20 +275,16 @@ def rows_to_parsed(
         if h is None:
             h = hashes[address] = hasher(address.encode("utf-8"))
         n = int(str(n1))
-        current.rows.append((str(cat), str(pkg), d, h, n))  # COPY text made in _done
+        kept.append((str(cat), str(pkg), d, h, n))  # COPY text made in _done
         current.touched.add((str(cat), str(pkg), d.year, d.month))
         if current.max_day is None or d > current.max_day:
             current.max_day = d
     if current is not None:
-        yield _done(current, copy)
+        yield _done(current, kept)
 
 
-def _done(parsed: ingest.Parsed, copy: bool = False) -> ingest.Parsed:
-    if copy and parsed.rows:
-        parsed.copy_data = "".join(
-            f"{c}\t{p}\t{d.isoformat()}\t{h}\t{n}\n" for c, p, d, h, n in parsed.rows
-        ).encode("ascii")
-        parsed.rows = []
+def _done(parsed: ingest.Parsed, rows: list[records.Row]) -> ingest.Parsed:
+    parsed.copy_data, parsed.copy_format = records.text_rows(rows), "text"
     return parsed
 
 
@@ -344,11 +349,10 @@ def run(
     wait_query(client, qid, QUERY_TIMEOUT, poll_delay)
 
     wanted = {o.key: o for o in todo}
-    copy = db.get_engine(settings.database_url).dialect.name == "postgresql"
     seen: set[str] = set()
 
     def parsed_objects() -> Iterator[ingest.Parsed]:
-        for parsed in rows_to_parsed(fetch_rows(client, qid), src.bucket, wanted, copy, key):
+        for parsed in rows_to_parsed(fetch_rows(client, qid), src.bucket, wanted, key):
             seen.add(parsed.obj.key)
             yield parsed
         for obj in todo:  # objects Athena returned nothing for: empty or unreadable

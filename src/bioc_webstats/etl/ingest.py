@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import concurrent.futures as cf
 import datetime as dt
-import io
 import logging
 import multiprocessing
 import os
@@ -28,13 +27,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import ColumnElement, delete, func, insert, or_, select, text
+from sqlalchemy import ColumnElement, delete, func, or_, select, text
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from ..config import Settings
 from ..errors import ConfigError, WebstatsError
-from ..store import db, stats
+from ..store import db, records, stats
 from ..store.models import DownloadRecord, IngestedObject
 from . import parse, rule, sources
 
@@ -121,9 +120,8 @@ class Parsed:
     accepted: int = 0
     rejected: int = 0
     reasons: dict[str, int] = field(default_factory=dict)
-    copy_data: bytes = b""  # PostgreSQL: COPY data without the object id (parse.ObjectRecords)
+    copy_data: bytes = b""  # COPY rows without the object id (store.records)
     copy_format: str = "text"
-    rows: list[tuple[str, str, dt.date, int, int]] = field(default_factory=list)  # SQLite
     touched: set[tuple[str, str, int, int]] = field(default_factory=set)
     max_day: dt.date | None = None
     error: str | None = None
@@ -132,15 +130,13 @@ class Parsed:
 _worker: dict[str, Any] = {}
 
 
-def _init_worker(source_url: str, key: bytes, copy: bool, child: bool) -> None:
+def _init_worker(source_url: str, key: bytes, child: bool) -> None:
     if child:
         _die_with_parent()
         db.forget_inherited_connections()
     _worker.clear()
     # one hasher per process: the parsers keep each client's hash while it is the same
-    _worker.update(
-        url=source_url, key=key, copy=copy, source=None, hashes={}, hasher=rule.ip_hasher(key)
-    )
+    _worker.update(url=source_url, key=key, source=None, hasher=rule.ip_hasher(key))
 
 
 def _die_with_parent() -> None:
@@ -161,43 +157,23 @@ def _parse(obj: sources.LogObject) -> Parsed:
     out = Parsed(obj)
     chunks = _worker["source"].chunks(obj)
     try:
-        if _worker["copy"]:
-            rec = parse.count_records(chunks, obj.name_hour, _worker["hasher"])
-        else:
-            res = parse.count_object(chunks, obj.name_hour)
+        rec = parse.count_records(chunks, obj.name_hour, _worker["hasher"])
     except sources.LogFormatError as exc:
         out.error = str(exc)
         return out
-    if _worker["copy"]:
-        out.lines_read, out.accepted, out.rejected = rec.lines_read, rec.accepted, rec.rejected
-        out.copy_data, out.copy_format = rec.copy_data, rec.copy_format
-        out.touched, out.max_day, out.reasons = rec.touched, rec.max_day, rec.reject_reasons
-        return out
-    out.lines_read, out.accepted, out.rejected = res.lines_read, res.accepted, res.rejected
-    out.reasons = res.reject_reasons
-    hasher = _worker["hasher"]
-    hashes: dict[bytes, int] = _worker["hashes"]  # each client hashed once per process
-    if len(hashes) > parse.IP_HASH_CACHE_MAX:
-        hashes.clear()
-    for day, per_pkg in res.by_day.items():
-        for (cat, pkg), ips in per_pkg.items():
-            out.touched.add((cat, pkg, day.year, day.month))
-            for ip, n in ips.items():
-                h = hashes.get(ip)
-                if h is None:
-                    h = hashes[ip] = hasher(ip)
-                out.rows.append((cat, pkg, day, h, n))
-    out.max_day = res.max_day
+    out.lines_read, out.accepted, out.rejected = rec.lines_read, rec.accepted, rec.rejected
+    out.copy_data, out.copy_format = rec.copy_data, rec.copy_format
+    out.touched, out.max_day, out.reasons = rec.touched, rec.max_day, rec.reject_reasons
     return out
 
 
 def parse_all(
-    source_url: str, key: bytes, objects: list[sources.LogObject], copy: bool, workers: int
+    source_url: str, key: bytes, objects: list[sources.LogObject], workers: int
 ) -> Iterator[Parsed]:
     """Parsed objects in the order given; ``workers`` > 1 parses in child processes with a
     bounded number in flight, so memory stays constant whatever the number of objects."""
     if workers <= 1 or len(objects) <= 1:
-        _init_worker(source_url, key, copy, child=False)
+        _init_worker(source_url, key, child=False)
         for obj in objects:
             yield _parse(obj)
         return
@@ -206,7 +182,7 @@ def parse_all(
         max_workers=workers,
         mp_context=ctx,
         initializer=_init_worker,
-        initargs=(source_url, key, copy, True),
+        initargs=(source_url, key, True),
     ) as pool:
         pending: deque[cf.Future[Parsed]] = deque()
         todo = iter(objects)
@@ -224,31 +200,11 @@ def parse_all(
 
 # --- storing (this process) -----------------------------------------------------------------
 
-_COPY = "COPY download_records (category, package, day, ip_hash, downloads, object_id) FROM STDIN"
-
 
 def _insert_records(session: Session, object_id: int, parsed: Parsed) -> None:
     if parsed.copy_data and parsed.accepted:
         data = parse.with_object_id(parsed.copy_data, parsed.copy_format, object_id)
-        binary = " (FORMAT binary)" if parsed.copy_format == "binary" else ""
-        dbapi = session.connection().connection
-        with dbapi.cursor() as cur:
-            cur.copy_expert(_COPY + binary, io.BytesIO(data))
-    elif parsed.rows:
-        session.execute(
-            insert(DownloadRecord),
-            [
-                {
-                    "object_id": object_id,
-                    "category": c,
-                    "package": p,
-                    "day": d,
-                    "ip_hash": h,
-                    "downloads": n,
-                }
-                for c, p, d, h, n in parsed.rows
-            ],
-        )
+        records.write(session, data, parsed.copy_format)
 
 
 def _ledger_values(parsed: Parsed) -> dict[str, Any]:
@@ -415,10 +371,8 @@ def _ingest_objects(
     summary: RunSummary,
     store: Callable[[Session, Parsed, set[tuple[str, str, int, int]]], None],
 ) -> None:
-    sf = db.session_factory(settings.database_url)
-    copy = sf.kw["bind"].dialect.name == "postgresql"
     key = ip_hash_key(settings, url)
-    parsed = parse_all(url, key, objects, copy, _workers(settings))
+    parsed = parse_all(url, key, objects, _workers(settings))
     progress = Progress(len(objects), sum(o.size for o in objects))
     store_all(settings, parsed, summary, store, progress)
 

@@ -65,7 +65,6 @@ from .legacy_rows import (
     open_ro,
     read_all,
     reader_name,
-    records_of,
 )
 
 log = logging.getLogger(__name__)
@@ -308,7 +307,6 @@ def import_files(
     key = ingest.ip_hash_key(settings, settings.get("etl/s3_download_logs") or "")
     summary = ImportSummary(until=until_day)
     sf = db.session_factory(settings.database_url)
-    copy = sf.kw["bind"].dialect.name == "postgresql"
     files: list[LegacyFile] = []
     names: dict[str, str] = {}  # file name → path: the name is the file's identity
     for p in dict.fromkeys(paths):  # each path once
@@ -365,7 +363,7 @@ def import_files(
         t2 = time.monotonic()
         summary.t_read += t2 - t1
         pause_point("unit_parsed")
-        _store_unit(sf, f, unit, copy, replace, queued, summary)
+        _store_unit(sf, f, unit, replace, queued, summary)
         summary.t_store += time.monotonic() - t2
         f.done += 1
         progress.update(task[4] - task[3] + 1, unit.rows)
@@ -377,16 +375,13 @@ def import_files(
     return summary.files_failed == 0
 
 
-def parsed_of(unit: UnitResult, copy: bool) -> Parsed:
-    """A unit as the ledger stores an object: COPY data for PostgreSQL, rows for SQLite."""
+def parsed_of(unit: UnitResult) -> Parsed:
+    """A unit as the ledger stores an object (its records: binary COPY data)."""
     out = Parsed(sources.LogObject(unit.key, unit.size, unit.name_hour, unit.etag))
     out.lines_read, out.accepted, out.rejected = unit.rows, unit.downloads, unit.malformed
     out.reasons = {REASONS[i]: n for i, n in enumerate(unit.reasons) if n}
     out.touched, out.max_day = unit.touched, unit.max_day
-    if copy:
-        out.copy_data, out.copy_format = unit.copy_data, "binary"
-    else:
-        out.rows = records_of(unit.copy_data)
+    out.copy_data, out.copy_format = unit.copy_data, "binary"
     return out
 
 
@@ -394,7 +389,6 @@ def _store_unit(
     sf: Any,
     f: LegacyFile,
     unit: UnitResult,
-    copy: bool,
     replace: bool,
     queued: set[tuple[str, str, int, int]],
     summary: ImportSummary,
@@ -421,7 +415,7 @@ def _store_unit(
             f.path, unit.key.rsplit("/rows-", 1)[1], before, unit.etag,
         )  # fmt: skip
         return
-    parsed = parsed_of(unit, copy)
+    parsed = parsed_of(unit)
     store = ingest.store_replacement if before is not None else ingest.store_new
     try:
         with sf.begin() as session:

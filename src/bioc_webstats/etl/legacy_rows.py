@@ -40,7 +40,7 @@ except ImportError:  # pragma: no cover - a pure-Python build
 # WEBSTATS_ETL_PARSER=python: the Python loop even where the C one is built (as for logs)
 _FORCE_PYTHON = os.environ.get("WEBSTATS_ETL_PARSER", "") == "python"
 
-MAX_VALUE = 8192  # bytes: a longer url or ips is no download a client made (malformed)
+MAX_VALUE = rule.MAX_URI  # bytes: a longer url or ips is no request a client made (malformed)
 STATUS_COLUMNS = ("statuscode", "errorcode")  # errorcode: the name before 2020
 
 # Why a row is not a download, by code (the same codes in the C loop, _legacy.c). The first
@@ -66,6 +66,7 @@ _MONTHS = {m.encode(): i for i, m in enumerate(
 _DAY = re.compile(rb"(\d\d)/([A-Z][a-z][a-z])/(\d{4})")
 _SCHEME_HOST = re.compile(rb"[A-Za-z][A-Za-z0-9+.\-]*://[^/]*")
 PG_EPOCH = dt.date(2000, 1, 1).toordinal()  # PostgreSQL's day 0 (binary COPY of a date)
+KEY_CACHE_MAX = rule.KEY_CACHE_MAX  # longer values are decided every time, never cached
 CACHE_BYTES = 16 << 20  # rule caches are emptied between units past this many bytes
 
 
@@ -131,7 +132,7 @@ class Rule:
     def client(self, ips: bytes) -> int | None:
         """The hash of the client address, or None (no address)."""
         ip = first_address(ips)
-        if ip in rule.BAD_IP:
+        if ip in rule.BAD_IP or len(ip) > rule.MAX_IP:  # (no address is that long)
             return None
         return self.hasher(ip)  # (both loops cache the answer per ips value)
 
@@ -251,7 +252,9 @@ def read_unit(r: Rule, path: Path, status_col: str, lo: int, hi: int) -> UnitCou
         return read_unit_python(r, path, status_col, lo, hi)
     if not _READER or _READER[0] is not r:
         _legacy.set_api(_sqlite_api())
-        reader = _legacy.Reader(r.day, r.method_status, r.client, r.url, r.pair, MAX_VALUE)
+        reader = _legacy.Reader(
+            r.day, r.method_status, r.client, r.url, r.pair, MAX_VALUE, KEY_CACHE_MAX
+        )
         _READER[:] = [r, reader]
     reader = _READER[1]
     if r.outgrown() or reader.cache_bytes() > CACHE_BYTES:
@@ -284,7 +287,9 @@ def read_unit_python(r: Rule, path: Path, status_col: str, lo: int, hi: int) -> 
             for d, m, s, ips, url in batch:
                 day = days.get(d)
                 if day is None:
-                    day = days[d] = r.day(d)
+                    day = r.day(d)
+                    if len(d) <= KEY_CACHE_MAX:  # (no cache keeps a long value)
+                        days[d] = day
                 if day < 0:
                     reasons[R_DATE if day == DAY_BAD else R_UNTIL] += 1
                     continue
@@ -293,14 +298,18 @@ def read_unit_python(r: Rule, path: Path, status_col: str, lo: int, hi: int) -> 
                     continue
                 c = ms.get((m, s))
                 if c is None:
-                    c = ms[(m, s)] = r.method_status(m, s)
+                    c = r.method_status(m, s)
+                    if len(m) + len(s) <= KEY_CACHE_MAX:
+                        ms[(m, s)] = c
                 if c == MS_BAD:
                     reasons[R_STATUS] += 1
                     continue
                 if ips in ips_hash:
                     h = ips_hash[ips]
                 else:
-                    h = ips_hash[ips] = r.client(ips)
+                    h = r.client(ips)
+                    if len(ips) <= KEY_CACHE_MAX:
+                        ips_hash[ips] = h
                 if h is None:
                     reasons[R_IPS] += 1
                     continue
@@ -309,7 +318,9 @@ def read_unit_python(r: Rule, path: Path, status_col: str, lo: int, hi: int) -> 
                     continue
                 hit = urls.get(url)
                 if hit is None:
-                    hit = urls[url] = r.url(url)
+                    hit = r.url(url)
+                    if len(url) <= KEY_CACHE_MAX:
+                        urls[url] = hit
                 if not hit:
                     reasons[R_PATH] += 1
                     continue
@@ -328,24 +339,6 @@ def read_unit_python(r: Rule, path: Path, status_col: str, lo: int, hi: int) -> 
         out.append(prefix + _TAIL.pack(8, h, 4, n, 8, 0))
     out.append(b"\xff\xff")
     return UnitCounts(rows, reasons, b"".join(out), list(prefixes))
-
-
-def records_of(copy_data: bytes) -> list[tuple[str, str, dt.date, int, int]]:
-    """The rows of binary COPY data made here (for SQLite, which has no COPY)."""
-    out = []
-    p = len(_HEADER)
-    view = memoryview(copy_data)
-    while struct.unpack_from(">h", view, p)[0] == 6:
-        (lc,) = struct.unpack_from(">i", view, p + 2)
-        cat = bytes(view[p + 6 : p + 6 + lc]).decode()
-        p += 6 + lc
-        (lp,) = struct.unpack_from(">i", view, p)
-        pkg = bytes(view[p + 4 : p + 4 + lp]).decode()
-        p += 4 + lp
-        _, day, _, h, _, n, _, _ = struct.unpack_from(">ii" + _TAIL.format[1:], view, p)
-        p += 8 + _TAIL.size
-        out.append((cat, pkg, dt.date.fromordinal(day + PG_EPOCH), h, n))
-    return out
 
 
 def fingerprint(counts: UnitCounts) -> str:

@@ -22,7 +22,10 @@ from . import sources
 from .rule import (
     BAD_IP,
     DL,
+    KEY_CACHE_MAX,
+    MAX_IP,
     MAX_SKEW,
+    MAX_URI,
     REASONS,
     classify_uri,
     date_secs,
@@ -118,16 +121,18 @@ def _reset_rule_caches() -> None:
 
 
 def _hit_of(uri: bytes) -> int:
-    """The hit id (> 0) of a download path's (category, package), else 0; cached."""
+    """The hit id (> 0) of a download path's (category, package), else 0; cached (short
+    paths only: the cache is bounded in bytes as well as in entries)."""
     hit = _URIS.get(uri)
     if hit is None:
         pair = classify_uri(uri, _DIRS, _FILES)
         hit = 0 if pair is None else _HITS.setdefault(pair, len(_HITS) + 1)
-        if len(_URIS) < URI_CACHE_MAX:
+        if len(_URIS) < URI_CACHE_MAX and len(uri) <= KEY_CACHE_MAX:
             _URIS[uri] = hit
     return hit
 
 
+LONG = REASONS[5]  # "cs-uri-stem too long"
 _SCANNER: list[Any] = []  # the process's C scanner, made on first use
 IP_HASH_CACHE_MAX = 200_000  # client addresses whose hash a parse process keeps
 _IP_HASHES: dict[bytes, int] = {}  # of the Python loop's records (the C loop has its own)
@@ -329,21 +334,29 @@ def _count(chunks: Iterable[bytes], name_hour: dt.datetime) -> ObjectCounts:
                         found = res.by_day.get(day)  # type: ignore[arg-type]
                         if found is None:
                             found = res.by_day[day] = _new_bucket()  # type: ignore[index]
-                    dall[dkey] = found
+                    if len(dkey) == 20:  # YYYY-MM-DD HH:MM:SS: bounded keys only
+                        dall[dkey] = found
                 if found.__class__ is str:
+                    if not dcache[f[idate]]:  # no cache entry for a malformed date
+                        del dcache[f[idate]]
                     reasons[found] = reasons.get(found, 0) + 1
                     continue
                 bucket = dcache[f[idate]][f[itime]] = found
             st = scache.get(f[istatus])
             if not st:
                 if st is None:
-                    st = scache[f[istatus]] = status_class(f[istatus])
+                    st = status_class(f[istatus])
+                    if len(f[istatus]) <= KEY_CACHE_MAX:
+                        scache[f[istatus]] = st
                 if not st:
                     reasons["status"] = reasons.get("status", 0) + 1
                     continue
             ip = f[iip]
-            if ip in bad_ip:
+            if ip in bad_ip or len(ip) > MAX_IP:
                 reasons["c-ip"] = reasons.get("c-ip", 0) + 1
+                continue
+            if len(f[iuri]) > MAX_URI:
+                reasons[LONG] = reasons.get(LONG, 0) + 1
                 continue
             if st is dl and f[imethod] == get:
                 hit = ucache.get(f[iuri])

@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING
 from sqlalchemy import Engine, create_engine, event, select
 from sqlalchemy.orm import Session, sessionmaker
 
+from ..config import PASSWORD_SOURCES, SecretPassword
 from .models import Meta
 
 if TYPE_CHECKING:
@@ -41,8 +42,31 @@ def get_engine(url: str) -> Engine:
                 max_overflow=5,
                 connect_args={"connect_timeout": 10},
             )
+            source = PASSWORD_SOURCES.get(url)
+            if source is not None:
+                event.listen(engine, "do_connect", _secret_login(source))
         _engines[url] = engine
     return engine
+
+
+def _secret_login(source: SecretPassword):
+    """Connect with the secret's current login; after a failed login, read the secret again
+    and retry once: a rotated password is picked up without a restart."""
+
+    def connect(dialect, _conn_rec, cargs, cparams):
+        for refresh in (False, True):
+            user, password = source.get(refresh=refresh)
+            cparams["password"] = password
+            if user:
+                cparams["user"] = user
+            try:
+                return dialect.connect(*cargs, **cparams)
+            except dialect.loaded_dbapi.OperationalError as exc:
+                if refresh or "authentication failed" not in str(exc):
+                    raise
+        raise AssertionError("unreachable")
+
+    return connect
 
 
 def dispose_engine(url: str) -> None:

@@ -128,6 +128,18 @@ class StatsSite:
         return self._static[name]
 
 
+def _stale(vt: dt.date | None, settings: Settings) -> bool:
+    """Whether ValidThru is older than ``alerts/max_data_age`` hours (no data: not stale)."""
+    if vt is None:
+        return False
+    try:
+        limit = float(settings.get("alerts/max_data_age") or 36)
+    except ValueError:
+        limit = 36.0
+    midnight = dt.datetime(vt.year, vt.month, vt.day, tzinfo=dt.UTC)
+    return (dt.datetime.now(dt.UTC) - midnight).total_seconds() > limit * 3600
+
+
 def _plain(status: int, title: str, message: str) -> Response:
     root = f"{request.script_root}{PREFIX}/"
     body = pages.simple_page(title, message, status, root).encode()
@@ -166,8 +178,9 @@ def _send(path_or_body: Path | bytes, ctype: str, etag: str, mtime: float, max_a
 
 
 def create_app(settings: Settings | None = None) -> Flask:
-    """Build the app from the effective configuration (loaded once per process)."""
-    settings = settings or load_settings()
+    """Build the app from the effective configuration (loaded once per process, with the
+    web's read-only database login)."""
+    settings = settings or load_settings(login="web")
     app = Flask(__name__, static_folder=None)
     app.config["WEBSTATS"] = settings
     app.logger.setLevel(log_level(settings))
@@ -192,12 +205,14 @@ def create_app(settings: Settings | None = None) -> Flask:
                 with db.session_factory(settings.database_url)() as session:
                     vt = db.get_valid_thru(session)
                 body["valid_thru"] = vt.isoformat() if vt else None
-                body["status"] = "ok"
+                body["status"] = "stale" if _stale(vt, settings) else "ok"
         except Exception:
             app.logger.warning("healthz: database check failed", exc_info=True)
         resp = jsonify(body)
         resp.headers["Cache-Control"] = "no-store"
-        return resp, 200 if body["status"] == "ok" else 503
+        # Stale data is still served (200): a health check must not take the only origin
+        # out for it; the watchdog alarms instead (docs/RUNBOOK.md).
+        return resp, 503 if body["status"] == "error" else 200
 
     @app.get(PREFIX)
     def prefix_redirect():

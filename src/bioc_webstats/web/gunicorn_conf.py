@@ -25,7 +25,7 @@ from bioc_webstats.errors import ConfigError
 from bioc_webstats.web.app import log_level
 
 try:
-    _settings = load_settings()
+    _settings = load_settings(login="web")
     loglevel = log_level(_settings).lower()
     workers = (
         _settings.get_int("gunicorn/workers", minimum=1)

@@ -66,10 +66,7 @@ matched AS (
         day,
         ip,
         CASE regexp_extract(uri, '^@@RULE@@$', 1)
-            WHEN 'bioc' THEN 'bioc'
-            WHEN 'data/annotation' THEN 'annotation'
-            WHEN 'data/experiment' THEN 'experiment'
-            WHEN 'workflows' THEN 'workflows'
+            @@CATEGORIES@@
         END AS category,
         coalesce(
             nullif(regexp_extract(uri, '^@@RULE@@$', 2), ''),

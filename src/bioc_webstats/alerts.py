@@ -1,0 +1,316 @@
+"""Alarms: the watchdog's checks, and how an alert reaches SysOps whatever has failed.
+
+``bioc-webstats watchdog`` (a timer, every few minutes) checks what must hold for a service
+nobody watches daily: the data is not older than ``alerts/max_data_age`` hours, the daily
+ETL and the packages sync succeeded lately, the web answers on the public port, the site
+published is the database's data version, the disks have room. Each failed check is an
+alarm: one journal line ``ALARM <name>: <why>`` and an SNS message (again every
+``RESEND`` while it lasts, and once more when it clears).
+
+An alert must not depend on what failed: the SNS topic is kept on the instance
+(``<state_dir>/alerts/topic``, written whenever the configuration was read successfully, or
+``WEBSTATS_ALERTS_SNS_TOPIC`` in the env file), never re-read from SSM at that moment; the
+configuration itself failing to load is an alarm; an alert that SNS does not take is kept in
+``<state_dir>/alerts/spool/`` and logged at priority ``crit``, and the next watchdog run sends
+it again.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import os
+import shutil
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+
+from .config import DEFAULT_ENV_FILE, Settings, read_env_file, state_dir
+from .errors import WebstatsError
+
+RUNBOOK = "/usr/local/share/doc/bioc-webstats/RUNBOOK.md"
+RESEND = 6 * 3600  # seconds between two alerts for the same lasting alarm
+META_ETL_OK = "last_etl_ok"  # ISO timestamps written by the daily job (`bioc-webstats daily`)
+META_SYNC_OK = "last_sync_ok"
+
+
+@dataclass(frozen=True)
+class Alarm:
+    name: str  # data-stale, etl-not-run, sync-not-run, web-down, publish-behind, disk-low, config
+    why: str
+
+
+def _crit(line: str) -> None:
+    """A journal record at priority crit (systemd reads the ``<2>`` prefix on stderr)."""
+    sys.stderr.write(f"<2>{line}\n")
+    sys.stderr.flush()
+
+
+# --- where alerts go ---------------------------------------------------------------------
+
+
+def alerts_dir(sdir: Path) -> Path:
+    return sdir / "alerts"
+
+
+def remember_topic(settings: Settings) -> None:
+    """Keep ``alerts/sns_topic`` on the instance for the moments SSM cannot be read."""
+    topic = settings.get("alerts/sns_topic") or ""
+    path = alerts_dir(settings.state_dir) / "topic"
+    try:
+        if path.is_file() and path.read_text().strip() == topic:
+            return
+        path.parent.mkdir(parents=True, exist_ok=True)
+        _write(path, topic + "\n")
+    except OSError:
+        pass  # a read-only state directory (a SysOps shell): the last kept topic stays
+
+
+def kept_topic(sdir: Path, environ: dict[str, str] | None = None) -> str | None:
+    """The topic without SSM: the environment, the env file, else the one kept on disk."""
+    env = dict(os.environ if environ is None else environ)
+    if env.get("WEBSTATS_ALERTS_SNS_TOPIC"):
+        return env["WEBSTATS_ALERTS_SNS_TOPIC"]
+    env_file = Path(env.get("WEBSTATS_ENV_FILE") or DEFAULT_ENV_FILE)
+    try:
+        topic = (
+            read_env_file(env_file).get("WEBSTATS_ALERTS_SNS_TOPIC") if env_file.is_file() else None
+        )
+    except WebstatsError:
+        topic = None
+    if topic:
+        return topic
+    try:
+        return (alerts_dir(sdir) / "topic").read_text().strip() or None
+    except OSError:
+        return None
+
+
+def _write(path: Path, text: str) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-")
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+    os.replace(tmp, path)
+
+
+def _region(topic: str) -> str | None:
+    parts = topic.split(":")
+    return parts[3] if len(parts) > 5 else None
+
+
+def send(sdir: Path, subject: str, message: str, environ: dict[str, str] | None = None) -> str:
+    """Deliver one alert: SNS when a topic is known and takes it, else the spool (sent again
+    by the next watchdog run) and a crit journal record. Returns what happened, one line."""
+    from .aws import publish_to_topic
+
+    topic = kept_topic(sdir, environ)
+    if topic:
+        try:
+            publish_to_topic(topic, subject, message, _region(topic))
+            return f"alert sent to {topic}"
+        except WebstatsError as exc:
+            why = str(exc)
+    else:
+        why = "no SNS topic configured (alerts/sns_topic)"
+    spooled = _spool(sdir, subject, message)
+    _crit(f"bioc-webstats: ALERT NOT SENT ({why}): {subject}")
+    return f"alert not sent ({why}); " + (f"kept in {spooled}" if spooled else "not kept either")
+
+
+def _spool(sdir: Path, subject: str, message: str) -> Path | None:
+    spool = alerts_dir(sdir) / "spool"
+    try:
+        spool.mkdir(parents=True, exist_ok=True)
+        path = spool / f"{time.time_ns()}.json"
+        _write(path, json.dumps({"subject": subject, "message": message}))
+        return path
+    except OSError:
+        return None
+
+
+def resend_spooled(sdir: Path, environ: dict[str, str] | None = None) -> int:
+    """Send what the spool holds (oldest first); returns how many went out."""
+    from .aws import publish_to_topic
+
+    topic = kept_topic(sdir, environ)
+    spool = alerts_dir(sdir) / "spool"
+    if not topic or not spool.is_dir():
+        return 0
+    sent = 0
+    for path in sorted(spool.glob("*.json")):
+        try:
+            item = json.loads(path.read_text())
+            publish_to_topic(topic, item["subject"], item["message"], _region(topic))
+        except (OSError, ValueError, KeyError, TypeError):
+            path.unlink(missing_ok=True)  # unreadable: nothing to send
+            continue
+        except WebstatsError:
+            break  # SNS still refuses: keep the rest for the next run
+        path.unlink(missing_ok=True)
+        sent += 1
+    return sent
+
+
+# --- the checks --------------------------------------------------------------------------
+
+
+def _hours(value: str | None, name: str, default: float) -> float:
+    try:
+        return float(value) if value else default
+    except ValueError:
+        raise WebstatsError(f"parameter {name} must be a number of hours, got {value!r}") from None
+
+
+def data_checks(settings: Settings, now: dt.datetime) -> list[Alarm]:
+    """Data age, the daily job's last successes, the published version (needs the database)."""
+    from sqlalchemy.exc import SQLAlchemyError
+
+    from .store import db
+
+    max_age = _hours(settings.get("alerts/max_data_age"), "alerts/max_data_age", 36)
+    max_run = _hours(settings.get("alerts/max_run_age"), "alerts/max_run_age", 26)
+    alarms: list[Alarm] = []
+    try:
+        with db.session_factory(settings.database_url)() as session:
+            state = db.data_state(session)
+            etl_ok = db.get_meta(session, META_ETL_OK)
+            sync_ok = db.get_meta(session, META_SYNC_OK)
+    except SQLAlchemyError as exc:
+        first = (str(getattr(exc, "orig", None) or exc).strip().splitlines() or ["?"])[0]
+        return [Alarm("database", f"cannot read the database: {first}")]
+    vt = state.valid_thru
+    if vt is not None:
+        age = (now - dt.datetime(vt.year, vt.month, vt.day, tzinfo=dt.UTC)).total_seconds() / 3600
+        if age > max_age:
+            alarms.append(
+                Alarm("data-stale", f"ValidThru {vt} is {age:.0f} h old (limit {max_age:g} h)")
+            )
+    for name, value, what in (
+        ("etl-not-run", etl_ok, "daily ETL run"),
+        ("sync-not-run", sync_ok, "packages sync"),
+    ):
+        if value is None:
+            continue  # never ran yet (a fresh instance): the data age speaks for it
+        try:
+            when = dt.datetime.fromisoformat(value)
+        except ValueError:
+            continue
+        hours = (now - when).total_seconds() / 3600
+        if hours > max_run:
+            alarms.append(Alarm(name, f"last successful {what} {hours:.0f} h ago ({value})"))
+    from .web.site import PublishedSite
+
+    cur = PublishedSite(settings.publish_dir).current()
+    if state.version and (cur is None or cur.key != state.key):
+        shown = cur.key if cur else "nothing"
+        alarms.append(
+            Alarm(
+                "publish-behind",
+                f"the site shows {shown}, the database is at {state.key}: "
+                "run 'bioc-webstats publish'",
+            )
+        )
+    return alarms
+
+
+def web_check(url: str) -> list[Alarm]:
+    try:
+        with urllib.request.urlopen(url, timeout=10) as r:  # noqa: S310 - our own URL
+            status = r.status
+    except urllib.error.HTTPError as exc:
+        status = exc.code
+    except (OSError, ValueError) as exc:
+        return [Alarm("web-down", f"{url}: {getattr(exc, 'reason', exc)}")]
+    return [] if status == 200 else [Alarm("web-down", f"{url} answered {status}")]
+
+
+def disk_checks(paths: list[Path], min_free: float) -> list[Alarm]:
+    alarms = []
+    seen = set()
+    for path in paths:
+        try:
+            st = os.stat(path)
+            usage = shutil.disk_usage(path)
+        except OSError:
+            continue
+        if st.st_dev in seen:
+            continue
+        seen.add(st.st_dev)
+        free = 100.0 * usage.free / usage.total if usage.total else 100.0
+        if free < min_free:
+            alarms.append(Alarm("disk-low", f"{path}: {free:.1f}% free (limit {min_free:g}%)"))
+    return alarms
+
+
+# --- the watchdog ------------------------------------------------------------------------
+
+
+def watchdog(now: dt.datetime | None = None) -> tuple[list[Alarm], list[str]]:
+    """Run every check, alert on new, lasting and cleared alarms; returns (alarms, lines)."""
+    from .config import load_settings
+
+    now = now or dt.datetime.now(dt.UTC)
+    env = dict(os.environ)
+    sdir = state_dir(env)
+    alarms: list[Alarm] = []
+    settings: Settings | None = None
+    try:
+        settings = load_settings()
+    except WebstatsError as exc:
+        alarms.append(Alarm("config", str(exc)))
+    if settings is not None:
+        sdir = settings.state_dir
+        remember_topic(settings)
+        try:
+            alarms += data_checks(settings, now)
+        except WebstatsError as exc:
+            alarms.append(Alarm("config", str(exc)))
+        url = settings.get("alerts/health_url") or "http://127.0.0.1:8000/healthz"
+        alarms += web_check(url)
+        log_dir = Path(settings.get("gunicorn/error_log") or "/var/log/x").parent
+        min_free = _hours(settings.get("alerts/min_free_disk"), "alerts/min_free_disk", 10)
+        alarms += disk_checks([sdir, settings.publish_dir, log_dir], min_free)
+    lines = [f"ALARM {a.name}: {a.why}" for a in alarms]
+    lines += _notify(sdir, alarms, now)
+    sent = resend_spooled(sdir)
+    if sent:
+        lines.append(f"{sent} kept alerts sent")
+    return alarms, lines
+
+
+def _notify(sdir: Path, alarms: list[Alarm], now: dt.datetime) -> list[str]:
+    """Alert on alarms that are new or due again, and on those that cleared."""
+    import socket
+
+    path = alerts_dir(sdir) / "state.json"
+    try:
+        known: dict[str, float] = json.loads(path.read_text())
+    except (OSError, ValueError):
+        known = {}
+    host = socket.gethostname()
+    lines: list[str] = []
+    stamp = now.timestamp()
+    current = {a.name: a for a in alarms}
+    for name, alarm in current.items():
+        if stamp - known.get(name, 0.0) >= RESEND:
+            subject = f"bioc-webstats ALARM {name} on {host}"
+            body = (
+                f"{alarm.why}\n\nRunbook: /usr/local/share/doc/bioc-webstats/RUNBOOK.md, Alarms.\n"
+            )
+            lines.append(f"{name}: {send(sdir, subject, body)}")
+            known[name] = stamp
+    for name in [n for n in known if n not in current]:
+        subject = f"bioc-webstats cleared: {name} on {host}"
+        outcome = send(sdir, subject, name + " no longer holds.\n")
+        lines.append(f"{name} cleared: {outcome}")
+        del known[name]
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        _write(path, json.dumps(known))
+    except OSError as exc:
+        lines.append(f"cannot keep the alarm state in {path}: {exc.strerror}")
+    return lines

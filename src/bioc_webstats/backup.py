@@ -1,0 +1,190 @@
+"""Backups and restores of the database, with the app's own configuration.
+
+``bioc-webstats db backup FILE [--s3 s3://bucket/prefix]`` and ``bioc-webstats db restore
+FILE`` run as the schema owner's login (db/owner_*). PostgreSQL: ``pg_dump --format=custom``
+of the same major version as the server (a Debian/Ubuntu host may have several clients under
+``/usr/lib/postgresql/<major>/bin``; an older ``pg_dump`` than the server is refused with one
+line, as pg_dump itself would fail half-way), after a check that the destination has room for
+the database; the password reaches pg_dump through its environment only; the dump is 0600
+and, with ``--s3``, uploaded server-side encrypted. A restore replaces the tables
+(``pg_restore --clean --if-exists --single-transaction``: all or nothing), recreated by the
+owner so the other logins' default privileges apply again. SQLite: the file itself.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import sqlite3
+import subprocess
+from dataclasses import dataclass
+from pathlib import Path
+
+from sqlalchemy import text
+from sqlalchemy.engine import URL, make_url
+
+from .config import Settings
+from .errors import WebstatsError
+from .store import db
+
+
+@dataclass
+class BackupResult:
+    file: Path
+    size: int
+    s3: str | None = None
+
+    def line(self) -> str:
+        where = f", uploaded to {self.s3}" if self.s3 else ""
+        return f"backup: {self.file} ({self.size} bytes){where}"
+
+
+def _pg_env(url: URL) -> dict[str, str]:
+    env = dict(os.environ)
+    env.update(
+        PGHOST=url.host or "",
+        PGPORT=str(url.port or 5432),
+        PGUSER=url.username or "",
+        PGDATABASE=url.database or "",
+        PGCONNECT_TIMEOUT="10",
+    )
+    if url.password:
+        env["PGPASSWORD"] = str(url.password)
+    return env
+
+
+def server_major(database_url: str) -> int:
+    with db.get_engine(database_url).connect() as conn:
+        return int(conn.execute(text("SHOW server_version_num")).scalar_one()) // 10000
+
+
+def client_tool(name: str, major: int) -> str:
+    """The ``pg_dump``/``pg_restore`` of ``major`` (or newer): the versioned one under
+    /usr/lib/postgresql when installed, else the one on PATH if its version fits."""
+    versioned = Path(f"/usr/lib/postgresql/{major}/bin/{name}")
+    candidates = [str(versioned)] if versioned.is_file() else []
+    on_path = shutil.which(name)
+    if on_path:
+        candidates.append(on_path)
+    if not candidates:
+        raise WebstatsError(
+            f"{name} not found: install postgresql-client-{major} (the server is version {major})"
+        )
+    for tool in candidates:
+        out = subprocess.run([tool, "--version"], capture_output=True, text=True, check=False)
+        found = re.search(r"\b(\d+)(?:\.\d+)?", out.stdout)
+        if found and int(found.group(1)) >= major:
+            return tool
+    raise WebstatsError(
+        f"{name} {found.group(1) if found else '?'} cannot handle a PostgreSQL {major} server: "
+        f"install postgresql-client-{major}"
+    )
+
+
+def _last_line(stderr: str) -> str:
+    lines = [x for x in stderr.strip().splitlines() if x.strip()]
+    return lines[-1] if lines else "no output"
+
+
+def backup(settings: Settings, dest: Path, s3_url: str | None = None) -> BackupResult:
+    """Dump the database to ``dest`` (0600) and, with ``s3_url``, upload it."""
+    url = make_url(settings.database_url)
+    old_umask = os.umask(0o077)
+    try:
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        if url.get_backend_name() == "sqlite":
+            _backup_sqlite(url, dest)
+        else:
+            _backup_postgresql(settings.database_url, url, dest)
+    finally:
+        os.umask(old_umask)
+    dest.chmod(0o600)
+    result = BackupResult(dest, dest.stat().st_size)
+    if s3_url:
+        result.s3 = _upload(dest, s3_url)
+    return result
+
+
+def _backup_postgresql(database_url: str, url: URL, dest: Path) -> None:
+    major = server_major(database_url)
+    pg_dump = client_tool("pg_dump", major)
+    with db.get_engine(database_url).connect() as conn:
+        size = int(conn.execute(text("SELECT pg_database_size(current_database())")).scalar_one())
+    free = shutil.disk_usage(dest.parent).free
+    if free < size:  # a custom-format dump is smaller than the database, never larger
+        raise WebstatsError(
+            f"backup: {dest.parent} has {free // 2**20} MiB free, the database is "
+            f"{size // 2**20} MiB: free some space or dump elsewhere"
+        )
+    done = subprocess.run(
+        [pg_dump, "--format=custom", "--no-owner", "--no-privileges", f"--file={dest}"],
+        env=_pg_env(url), capture_output=True, text=True, check=False,
+    )  # fmt: skip
+    if done.returncode != 0:
+        dest.unlink(missing_ok=True)
+        raise WebstatsError(f"pg_dump of {url.database} failed: {_last_line(done.stderr)}")
+
+
+def _backup_sqlite(url: URL, dest: Path) -> None:
+    source = sqlite3.connect(f"file:{url.database}?mode=ro", uri=True)
+    try:
+        with sqlite3.connect(dest) as target:
+            source.backup(target)
+    except sqlite3.Error as exc:
+        raise WebstatsError(f"backup of {url.database} failed: {exc}") from None
+    finally:
+        source.close()
+
+
+def _upload(dest: Path, s3_url: str) -> str:
+    from .aws import _aws_errors, client, describe_error
+
+    if not re.match(r"^s3://[a-z0-9][a-z0-9.-]+[a-z0-9](/.*)?$", s3_url):
+        raise WebstatsError(f"--s3 must be s3://bucket/prefix, got {s3_url!r}")
+    bucket, _, prefix = s3_url[5:].partition("/")
+    key = f"{prefix.strip('/')}/{dest.name}".lstrip("/")
+    try:
+        client("s3").upload_file(
+            str(dest), bucket, key, ExtraArgs={"ServerSideEncryption": "AES256"}
+        )
+    except _aws_errors() as exc:
+        raise WebstatsError(
+            f"upload to s3://{bucket}/{key} failed: {describe_error(exc)}"
+        ) from None
+    return f"s3://{bucket}/{key}"
+
+
+def restore(settings: Settings, source: Path) -> str:
+    """Replace the database's contents with a backup (all or nothing)."""
+    if not source.is_file():
+        raise WebstatsError(f"restore: {source}: no such file")
+    url = make_url(settings.database_url)
+    if url.get_backend_name() == "sqlite":
+        try:
+            with sqlite3.connect(f"file:{source}?mode=ro", uri=True) as src:
+                src.execute("SELECT count(*) FROM meta").fetchone()
+                db.dispose_engine(settings.database_url)
+                with sqlite3.connect(url.database) as target:
+                    src.backup(target)
+        except sqlite3.Error as exc:
+            raise WebstatsError(
+                f"restore: {source} is not a bioc-webstats backup ({exc})"
+            ) from None
+        return f"restore: {url.database} from {source}"
+    major = server_major(settings.database_url)
+    pg_restore = client_tool("pg_restore", major)
+    listed = subprocess.run([pg_restore, "--list", str(source)], capture_output=True, text=True)
+    if listed.returncode != 0 or " TABLE DATA " not in listed.stdout:
+        raise WebstatsError(f"restore: {source} is not a pg_dump archive of the database")
+    db.dispose_engine(settings.database_url)  # no pooled session holds a lock on the tables
+    done = subprocess.run(
+        [pg_restore, "--clean", "--if-exists", "--no-owner", "--no-privileges",
+         "--single-transaction", "--exit-on-error", f"--dbname={url.database}", str(source)],
+        env=_pg_env(url), capture_output=True, text=True, check=False,
+    )  # fmt: skip
+    if done.returncode != 0:
+        raise WebstatsError(
+            f"pg_restore into {url.database} failed, nothing changed: {_last_line(done.stderr)}"
+        )
+    return f"restore: {url.database} from {source}"

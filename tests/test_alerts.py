@@ -1,0 +1,188 @@
+"""Alarms against moto's SNS (delivered to an SQS queue the test reads): the failure hook
+without SSM, its fallback when SNS refuses, and the watchdog's checks — stale data, a daily
+job that stopped succeeding, the web not answering, the site behind the database, a full
+disk — each reaching the topic once, again while it lasts, and once when it clears."""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+
+import pytest
+
+import webref
+from bioc_webstats import alerts
+from bioc_webstats.config import load_settings
+from bioc_webstats.publish import publish
+from bioc_webstats.store import db
+from conftest import free_port
+from test_aws import received, run_cli, topic_with_queue
+
+NOW = dt.datetime(2024, 4, 2, 12, 0, tzinfo=dt.UTC)
+
+
+def test_notify_failure_publishes_without_ssm(clean_env, aws_env):
+    """The hook reads no SSM: with an unreachable SSM path configured it still alerts,
+    through the topic kept on the instance."""
+    topic, queue = topic_with_queue()
+    (clean_env / "state" / "alerts").mkdir(parents=True)
+    (clean_env / "state" / "alerts" / "topic").write_text(topic + "\n")
+    res = run_cli(
+        "notify-failure",
+        "bioc-webstats-etl.service",
+        WEBSTATS_SSM_PATH="/bioc/webstats/unreachable",
+        AWS_ENDPOINT_URL_SSM=f"http://127.0.0.1:{free_port()}",
+        MONITOR_SERVICE_RESULT="exit-code",
+        MONITOR_EXIT_STATUS="1",
+    )
+    assert res.returncode == 0, res.stderr
+    [line] = res.stderr.splitlines()
+    assert line.startswith("bioc-webstats: bioc-webstats-etl.service failed on ")
+    assert res.stdout == f"alert sent to {topic}\n"
+    [note] = received(queue)
+    assert note["Subject"].startswith("bioc-webstats: bioc-webstats-etl.service failed on ")
+    body = note["Message"]
+    assert "service_result: exit-code" in body and "exit_status: 1" in body
+    assert "journalctl -u bioc-webstats-etl.service" in body
+
+
+def test_notify_failure_falls_back_and_the_watchdog_sends_it_later(
+    clean_env, aws_env, monkeypatch, db_url
+):
+    topic, queue = topic_with_queue()
+    down = f"http://127.0.0.1:{free_port()}"
+    res = run_cli(
+        "notify-failure", "bioc-webstats.service",
+        WEBSTATS_ALERTS_SNS_TOPIC=topic, AWS_ENDPOINT_URL=down,
+    )  # fmt: skip
+    assert res.returncode == 1
+    assert "Traceback" not in res.stderr
+    record, crit, error = res.stderr.splitlines()
+    assert record.startswith("bioc-webstats: bioc-webstats.service failed on ")
+    assert crit.startswith("<2>bioc-webstats: ALERT NOT SENT (cannot publish to SNS topic")
+    assert error.startswith("bioc-webstats: error: bioc-webstats.service failure: alert not sent")
+    spool = list((clean_env / "state" / "alerts" / "spool").glob("*.json"))
+    assert len(spool) == 1
+    # SNS is back: the next watchdog run sends what was kept
+    monkeypatch.setenv("WEBSTATS_ALERTS_SNS_TOPIC", topic)
+    monkeypatch.setenv("WEBSTATS_DATABASE_URL", db_url)
+    alerts.watchdog(NOW)
+    subjects = [n["Subject"] for n in received(queue)]
+    assert any(s.startswith("bioc-webstats: bioc-webstats.service failed") for s in subjects)
+    assert not list((clean_env / "state" / "alerts" / "spool").glob("*.json"))
+
+
+def _loaded(db_url, valid_thru):
+    with db.session_factory(db_url)() as s:
+        webref.load_direct(s, valid_thru=valid_thru)
+
+
+@pytest.fixture
+def watched(clean_env, aws_env, monkeypatch, db_url):
+    """Data through 2024-04-01 published, the web 'answering' on a URL the test serves."""
+    import http.server
+    import threading
+
+    topic, queue = topic_with_queue()
+    _loaded(db_url, dt.date(2024, 4, 1))
+    for k, v in {
+        "WEBSTATS_DATABASE_URL": db_url,
+        "WEBSTATS_ALERTS_SNS_TOPIC": topic,
+        "WEBSTATS_ALERTS_MIN_FREE_DISK": "0",
+    }.items():
+        monkeypatch.setenv(k, v)
+    publish(load_settings())
+
+    class Health(http.server.BaseHTTPRequestHandler):
+        status = 200
+
+        def do_GET(self):
+            self.send_response(Health.status)
+            self.end_headers()
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Health)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    monkeypatch.setenv(
+        "WEBSTATS_ALERTS_HEALTH_URL", f"http://127.0.0.1:{server.server_port}/healthz"
+    )
+    yield topic, queue, Health, db_url
+    server.shutdown()
+
+
+def names(alarms) -> set[str]:
+    return {a.name for a in alarms}
+
+
+def test_watchdog_quiet_when_all_is_well(watched):
+    _topic, _queue, _health, _url = watched
+    alarms, lines = alerts.watchdog(NOW)
+    assert alarms == [] and lines == []
+
+
+def test_watchdog_stale_data_alerts_once_then_again_then_cleared(watched, monkeypatch):
+    _topic, queue, _health, url = watched
+    later = NOW + dt.timedelta(hours=30)  # ValidThru 2024-04-01 is 66 h old then
+    alarms, lines = alerts.watchdog(later)
+    assert names(alarms) == {"data-stale"}
+    assert lines[0] == "ALARM data-stale: ValidThru 2024-04-01 is 66 h old (limit 36 h)"
+    [note] = received(queue)
+    assert note["Subject"].startswith("bioc-webstats ALARM data-stale on ")
+    assert "RUNBOOK.md" in note["Message"]
+    alerts.watchdog(later + dt.timedelta(minutes=15))  # still stale: not sent again yet
+    alerts.watchdog(later + dt.timedelta(hours=6, minutes=1))  # due again
+    assert [n["Subject"].split(" on ")[0] for n in received(queue)] == [
+        "bioc-webstats ALARM data-stale"
+    ]
+    with db.session_factory(url)() as s:  # new data arrives
+        db.advance_valid_thru(s, dt.date(2024, 4, 4))
+        db.bump_data_version(s)
+        s.commit()
+    publish(load_settings())
+    alarms, _ = alerts.watchdog(later + dt.timedelta(hours=7))
+    assert alarms == []
+    [cleared] = received(queue)
+    assert cleared["Subject"].startswith("bioc-webstats cleared: data-stale on ")
+
+
+def test_watchdog_daily_job_web_publish_and_disk(watched, monkeypatch):
+    _topic, queue, health, url = watched
+    with db.session_factory(url)() as s:
+        db.set_meta(s, alerts.META_ETL_OK, (NOW - dt.timedelta(hours=50)).isoformat())
+        db.set_meta(s, alerts.META_SYNC_OK, (NOW - dt.timedelta(hours=2)).isoformat())
+        db.bump_data_version(s)  # a change nobody published
+        s.commit()
+    health.status = 503
+    monkeypatch.setenv("WEBSTATS_ALERTS_MIN_FREE_DISK", "100")  # no disk is that empty
+    alarms, lines = alerts.watchdog(NOW)
+    assert names(alarms) == {"etl-not-run", "web-down", "publish-behind", "disk-low"}
+    assert "ALARM etl-not-run: last successful daily ETL run 50 h ago" in "\n".join(lines)
+    got = {n["Subject"].split(" on ")[0] for n in received(queue)}
+    assert got == {f"bioc-webstats ALARM {n}" for n in names(alarms)}
+
+
+def test_watchdog_config_failure_is_an_alarm_through_the_kept_topic(clean_env, aws_env):
+    topic, queue = topic_with_queue()
+    (clean_env / "state" / "alerts").mkdir(parents=True)
+    (clean_env / "state" / "alerts" / "topic").write_text(topic + "\n")
+    res = run_cli("watchdog", WEBSTATS_SSM_PATH="/bioc/webstats/missing")
+    assert res.returncode == 0, res.stderr
+    assert "ALARM config: missing SSM parameters /bioc/webstats/missing/db/server" in res.stdout
+    assert res.stdout.strip().endswith("watchdog: 1 alarms: config")
+    [note] = received(queue)
+    assert note["Subject"].startswith("bioc-webstats ALARM config on ")
+    assert json.loads(json.dumps(note))  # a well-formed notification
+
+
+def test_healthz_says_stale(db_url, clean_env, monkeypatch):
+    from bioc_webstats import create_app
+
+    _loaded(db_url, dt.date(2024, 4, 1))  # long ago
+    monkeypatch.setenv("WEBSTATS_DATABASE_URL", db_url)
+    r = create_app(load_settings()).test_client().get("/healthz")
+    assert r.status_code == 200 and r.json["status"] == "stale"
+    monkeypatch.setenv("WEBSTATS_ALERTS_MAX_DATA_AGE", str(24 * 365 * 100))
+    r = create_app(load_settings()).test_client().get("/healthz")
+    assert r.status_code == 200 and r.json["status"] == "ok"

@@ -1,0 +1,128 @@
+"""Backups and restores through the CLI, on real PostgreSQL and SQLite: a backup, the data
+lost, a restore gives the same statistics and the same published bytes under new validators;
+pg_dump of the wrong major version, a full disk, a file that is not a backup: one line."""
+
+from __future__ import annotations
+
+import datetime as dt
+import os
+import shutil
+import stat
+import subprocess
+import sys
+import types
+from pathlib import Path
+
+import boto3
+import pytest
+import sqlalchemy as sa
+
+import webref
+from bioc_webstats import backup, create_app
+from bioc_webstats.config import load_settings
+from bioc_webstats.errors import WebstatsError
+from bioc_webstats.publish import publish
+from bioc_webstats.store import db
+
+CLI = str(Path(sys.executable).parent / "bioc-webstats")
+VT = dt.date(2024, 3, 31)
+FILES = ("bioc/bioc_pkg_stats.tab", "bioc/affy/affy_stats.tab", "index.html", "bioc/affy/")
+
+
+def run(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [CLI, *args], env=dict(os.environ), capture_output=True, text=True, timeout=300
+    )
+
+
+def served(settings) -> dict[str, tuple[bytes, str]]:
+    client = create_app(settings).test_client()
+    out = {}
+    for rel in FILES:
+        r = client.get("/packages/stats/" + rel)
+        assert r.status_code == 200, rel
+        out[rel] = (r.data, r.headers["ETag"])
+    return out
+
+
+def lose_everything(url: str) -> None:
+    with db.session_factory(url)() as s:
+        for table in ("package_stats", "category_stats", "download_records", "packages", "meta"):
+            s.execute(sa.text(f"DELETE FROM {table}"))
+        s.commit()
+
+
+def test_backup_lose_restore_same_bytes(db_url, clean_env, monkeypatch, aws_env):
+    monkeypatch.setenv("WEBSTATS_DATABASE_URL", db_url)
+    with db.session_factory(db_url)() as s:
+        webref.load_direct(s, valid_thru=VT)
+    settings = load_settings()
+    publish(settings)
+    before = served(settings)
+    boto3.client("s3").create_bucket(Bucket="bioc-webstats-backups")
+    dump = clean_env / "backups" / "webstats.dump"
+    res = run("db", "backup", str(dump), "--s3", "s3://bioc-webstats-backups/bioc-webstats/prod")
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.startswith(f"backup: {dump} (") and "uploaded to s3://" in res.stdout
+    assert stat.S_IMODE(dump.stat().st_mode) == 0o600
+    key = f"bioc-webstats/prod/{dump.name}"
+    head = boto3.client("s3").head_object(Bucket="bioc-webstats-backups", Key=key)
+    assert head["ContentLength"] == dump.stat().st_size
+
+    lose_everything(db_url)
+    assert create_app(settings).test_client().get("/packages/stats/bioc/affy/").status_code == 404
+
+    res = run("db", "restore", str(dump))
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.splitlines()[0].startswith("restore: ")
+    assert "publish: data version" in res.stdout
+    after = served(settings)
+    for rel in FILES:
+        assert after[rel][0] == before[rel][0], rel  # the same bytes
+        assert after[rel][1] != before[rel][1], rel  # never the validators of before
+
+
+def test_not_a_backup_is_one_line_and_changes_nothing(db_url, clean_env, monkeypatch):
+    monkeypatch.setenv("WEBSTATS_DATABASE_URL", db_url)
+    with db.session_factory(db_url)() as s:
+        webref.load_direct(s, valid_thru=VT)
+    junk = clean_env / "junk.dump"
+    junk.write_bytes(b"not a dump at all\n" * 100)
+    res = run("db", "restore", str(junk))
+    assert res.returncode == 1
+    [line] = res.stderr.splitlines()
+    assert "is not a" in line and str(junk) in line
+    res = run("db", "restore", str(clean_env / "missing.dump"))
+    assert res.returncode == 1 and "no such file" in res.stderr
+    with db.session_factory(db_url)() as s:
+        assert db.get_valid_thru(s) == VT
+
+
+def test_pg_dump_must_match_the_server(pg_server, tmp_path, monkeypatch):
+    major = backup.server_major(pg_server + "/postgres")
+    assert backup.client_tool("pg_dump", major)  # the host's own fits
+    with pytest.raises(WebstatsError, match=f"install postgresql-client-{major + 50}"):
+        backup.client_tool("pg_dump", major + 50)
+    # only an old client on PATH: refused before anything is written
+    fake = tmp_path / "bin"
+    fake.mkdir()
+    (fake / "pg_dump").write_text("#!/bin/sh\necho 'pg_dump (PostgreSQL) 9.6.24'\n")
+    (fake / "pg_dump").chmod(0o755)
+    monkeypatch.setenv("PATH", f"{fake}:/usr/bin:/bin")
+    monkeypatch.setattr(backup.Path, "is_file", lambda self: False)  # no versioned client
+    with pytest.raises(WebstatsError, match=r"pg_dump 9 cannot handle a PostgreSQL \d+ server"):
+        backup.client_tool("pg_dump", major)
+
+
+def test_backup_refuses_a_disk_without_room(pg_server, clean_env, monkeypatch):
+    from conftest import new_pg_database
+
+    url = new_pg_database(pg_server)
+    db.upgrade(url)
+    monkeypatch.setenv("WEBSTATS_DATABASE_URL", url)
+    full = types.SimpleNamespace(total=10, used=9, free=1)
+    monkeypatch.setattr(shutil, "disk_usage", lambda _p: full)
+    dest = clean_env / "b" / "x.dump"
+    with pytest.raises(WebstatsError, match="MiB free, the database is"):
+        backup.backup(load_settings(), dest)
+    assert not dest.exists()

@@ -1,0 +1,159 @@
+"""Database URLs and logins: the plain ``postgresql://`` scheme, passwords with URL-special
+characters, one clear line for a bad URL (never the password), a login per process (owner
+for migrations, ETL, read-only web), and a rotated password picked up without a restart."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import boto3
+import pytest
+import sqlalchemy as sa
+
+from bioc_webstats.config import load_settings, normalize_database_url
+from bioc_webstats.errors import ConfigError
+from bioc_webstats.store import db
+from conftest import new_pg_database, wait_for
+
+CLI = str(Path(sys.executable).parent / "bioc-webstats")
+HARD = "p@ss/w:rd%#?"  # every character a URL parser trips on
+
+
+def run(*args: str, **env: str) -> subprocess.CompletedProcess[str]:
+    base = {k: v for k, v in os.environ.items() if not k.startswith("WEBSTATS_")}
+    return subprocess.run(
+        [CLI, *args], env={**base, **env}, capture_output=True, text=True, timeout=120
+    )
+
+
+def role(admin_url: str, dbname: str, name: str, password: str) -> None:
+    engine = sa.create_engine(f"{admin_url}/{dbname}", isolation_level="AUTOCOMMIT")
+    with engine.connect() as conn:
+        conn.execute(sa.text(f'CREATE ROLE "{name}" LOGIN PASSWORD :pw'), {"pw": password})
+        conn.execute(sa.text(f'GRANT ALL ON SCHEMA public TO "{name}"'))
+    engine.dispose()
+
+
+def parts(url: str) -> tuple[str, int]:
+    u = sa.engine.make_url(url)
+    return u.host or "", u.port or 5432
+
+
+def test_plain_postgresql_scheme_and_a_password_with_special_characters(
+    pg_password_server, clean_env
+):
+    url = new_pg_database(pg_password_server)
+    dbname = url.rsplit("/", 1)[1]
+    role(pg_password_server, dbname, "hard", HARD)
+    host, port = parts(pg_password_server)
+    plain = f"postgresql://hard:{HARD}@{host}:{port}/{dbname}"  # typed as is, unescaped
+    for scheme in ("postgresql", "postgres"):
+        res = run("db", "upgrade", WEBSTATS_DATABASE_URL=plain.replace("postgresql", scheme, 1),
+                  WEBSTATS_ENV_FILE="/dev/null")  # fmt: skip
+        assert res.returncode == 0, res.stderr
+        assert "schema at revision" in res.stdout
+    res = run("check", WEBSTATS_DATABASE_URL=plain, WEBSTATS_ENV_FILE="/dev/null")
+    assert res.returncode == 0, res.stderr
+    assert normalize_database_url(plain).startswith("postgresql+psycopg2://hard:p%40ss%2Fw%3Ard")
+
+
+@pytest.mark.parametrize(
+    ("url", "message"),
+    [
+        (f"postgresql://u:{HARD}@db.example:abc/x", "not a valid database URL"),
+        (f"postgresql://u:{HARD}@[::1/x", "not a valid database URL"),
+        (f"postgresql://u:{HARD}@db.example:99999/x", "invalid port 99999"),
+        (f"mysql://u:{HARD}@db.example/x", "must be postgresql://"),
+        ("db.example/webstats", "must be postgresql://"),
+    ],
+)
+def test_bad_database_url_is_one_line_without_the_password(clean_env, url, message):
+    with pytest.raises(ConfigError, match=message):
+        normalize_database_url(url)
+    res = run("check", WEBSTATS_DATABASE_URL=url, WEBSTATS_ENV_FILE="/dev/null")
+    assert res.returncode == 1
+    assert len(res.stderr.splitlines()) == 1 and message in res.stderr, res.stderr
+    assert "Traceback" not in res.stderr
+    for piece in ("p@ss", "w:rd", "ss/w"):
+        assert piece not in res.stderr
+
+
+def test_each_process_takes_its_login(clean_env, monkeypatch):
+    monkeypatch.setenv("WEBSTATS_DB_SERVER", "db.example")
+    monkeypatch.setenv("WEBSTATS_DB_DBUSER", "runner")
+    monkeypatch.setenv("WEBSTATS_DB_PASSWORD", "r-pw")
+    users = {
+        login: sa.engine.make_url(load_settings(login=login).database_url).username
+        for login in ("etl", "web", "owner")
+    }
+    assert users == {"etl": "runner", "web": "runner", "owner": "runner"}  # one login for all
+    monkeypatch.setenv("WEBSTATS_DB_OWNER_DBUSER", "owner")
+    monkeypatch.setenv("WEBSTATS_DB_OWNER_PASSWORD", "o-pw")
+    monkeypatch.setenv("WEBSTATS_DB_WEB_DBUSER", "reader")
+    monkeypatch.setenv("WEBSTATS_DB_WEB_PASSWORD", "w-pw")
+    urls = {login: sa.engine.make_url(load_settings(login=login).database_url)
+            for login in ("etl", "web", "owner")}  # fmt: skip
+    assert {k: (u.username, u.password) for k, u in urls.items()} == {
+        "etl": ("runner", "r-pw"),
+        "web": ("reader", "w-pw"),
+        "owner": ("owner", "o-pw"),
+    }
+    shown = run("config", "show", **{k: v for k, v in os.environ.items() if "WEBSTATS" in k})
+    assert shown.returncode == 0 and "w-pw" not in shown.stdout and "o-pw" not in shown.stdout
+    assert "db/owner_password = <redacted>" in shown.stdout
+
+
+def test_a_rotated_password_is_picked_up_without_a_restart(
+    pg_password_server, clean_env, aws_env, monkeypatch
+):
+    url = new_pg_database(pg_password_server)
+    dbname = url.rsplit("/", 1)[1]
+    role(pg_password_server, dbname, "rot", "first-pw")
+    secrets = boto3.client("secretsmanager")
+    secrets.create_secret(
+        Name="/bioc/rdb/0/login/rot",
+        SecretString=json.dumps({"username": "rot", "password": "first-pw"}),
+    )
+    host, port = parts(pg_password_server)
+    for k, v in {
+        "WEBSTATS_DB_SERVER": host,
+        "WEBSTATS_DB_PORT": str(port),
+        "WEBSTATS_DB_DBNAME": dbname,
+        "WEBSTATS_DB_CREDENTIALS": "/bioc/rdb/0/login/rot",
+    }.items():
+        monkeypatch.setenv(k, v)
+    settings = load_settings()
+    assert "first-pw" not in repr(settings)
+    engine = db.get_engine(settings.database_url)
+    try:
+        with engine.connect() as conn:
+            assert conn.scalar(sa.text("SELECT current_user")) == "rot"
+        # Rotation: the database and the secret get a new password; live sessions end.
+        admin = sa.create_engine(f"{pg_password_server}/{dbname}", isolation_level="AUTOCOMMIT")
+        with admin.connect() as conn:
+            conn.execute(sa.text("ALTER ROLE rot PASSWORD 'second-pw'"))
+            conn.execute(sa.text(
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE usename = 'rot'"
+            ))  # fmt: skip
+            wait_for(
+                lambda: (
+                    not conn.scalar(
+                        sa.text("SELECT count(*) FROM pg_stat_activity WHERE usename = 'rot'")
+                    )
+                ),
+                30,
+                what="the old sessions to end",
+            )
+        admin.dispose()
+        secrets.put_secret_value(
+            SecretId="/bioc/rdb/0/login/rot",
+            SecretString=json.dumps({"username": "rot", "password": "second-pw"}),
+        )
+        with engine.connect() as conn:  # the same engine: no restart
+            assert conn.scalar(sa.text("SELECT current_user")) == "rot"
+    finally:
+        db.dispose_engine(settings.database_url)
