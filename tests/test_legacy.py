@@ -540,3 +540,23 @@ def test_demo_history_and_logs_give_their_truth(tmp_path):
     assert cat == {tuple(r[:3]): tuple(r[3:]) for r in truth["category"]}
     december = sorted((v[1] for k, v in pkg.items() if k[2:] == (2023, 12)), reverse=True)
     assert december[0] > 20 * december[len(december) // 2] and december[-1] <= 3
+
+
+def test_one_writer_at_a_time(sqlite_settings, tmp_path, monkeypatch, capsys):
+    """import legacy-db takes the writer lock of etl run: while one holds it, it stops at
+    once with one line naming the holder, and changes nothing."""
+    from bioc_webstats import cli
+
+    path = good_db(tmp_path / "download_db_2024.sqlite")
+    cli_env(monkeypatch, sqlite_settings.database_url, tmp_path)
+    with cli.writer_lock(sqlite_settings, "etl run"):
+        with pytest.raises(SystemExit) as exc:
+            cli.main(["import", "legacy-db", "--until", "2030-01-01", str(path)])
+    err = capsys.readouterr().err
+    assert exc.value.code == 1 and "Traceback" not in err
+    assert "import legacy-db: not started, 'etl run' (pid" in err
+    assert ledger(sqlite_settings.database_url) == {}
+    with pytest.raises(SystemExit) as exc:
+        cli.main(["import", "legacy-db", "--until", "2030-01-01", str(path)])
+    assert exc.value.code == 0
+    assert sum(n for *_, n in records(sqlite_settings.database_url)) == 40
