@@ -560,3 +560,27 @@ def test_one_writer_at_a_time(sqlite_settings, tmp_path, monkeypatch, capsys):
         cli.main(["import", "legacy-db", "--until", "2030-01-01", str(path)])
     assert exc.value.code == 0
     assert sum(n for *_, n in records(sqlite_settings.database_url)) == 40
+
+
+def test_a_month_in_two_files_counts_both(db_url, tmp_path):
+    """Each file's months are recomputed when the file is in; a later file with rows of the
+    same month (the old server's year files overlap at new year) counts them too."""
+    settings = loaded(db_url, tmp_path)
+    a = legacygen.write_rows(
+        tmp_path / "download_db_2019.sqlite",
+        [legacygen.row(day="30/Dec/2019", ips="192.0.2.1")],
+        "errorcode",
+    )
+    b = legacygen.write_rows(tmp_path / "download_db_2020.sqlite", [
+        legacygen.row(day="31/Dec/2019", ips="192.0.2.2"),
+        legacygen.row(day="31/Dec/2019", ips="192.0.2.1"),
+        legacygen.row(day="02/Jan/2020", ips="192.0.2.1"),
+    ])  # fmt: skip
+    assert legacy.import_files(settings, [str(a), str(b)], until="2030-01-01")
+    pkg, cat = stats_tables(db_url)
+    assert pkg[("bioc", "limma", 2019, 12)] == (2, 3)
+    assert pkg[("bioc", "limma", 2019, 0)] == (2, 3)
+    assert pkg[("bioc", "limma", 2020, 1)] == (1, 1)
+    assert cat[("bioc", 2019, 12)] == (2, 3)
+    with db.session_factory(db_url)() as s:
+        assert s.scalar(select(func.count()).select_from(StatsPending)) == 0

@@ -1,5 +1,6 @@
 """Exactly once under SIGKILL: ``bioc-webstats import legacy-db`` is killed at 10 points
-(between and inside the transactions of its units, between files, in the recompute), then run
+(between and inside the transactions of its units, between files, before the recompute of
+the first file's months, inside the last recompute), then run
 again; the result equals an uninterrupted import, and no reader process outlives the kill."""
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ POINTS = [
     ("file_recorded:1", "2"),
     ("unit_parsed:9", "2"),
     ("before_recompute", "1"),
-    ("recompute_done", "2"),
+    ("recompute_done:2", "2"),
 ]
 CASES = [(p, w, "postgresql") for p, w in POINTS] + [
     (p, w, "sqlite") for p, w in POINTS if p in ("records_inserted:3", "file_recorded:1")

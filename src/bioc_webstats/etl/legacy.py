@@ -369,10 +369,22 @@ def import_files(
         progress.update(task[4] - task[3] + 1, unit.rows)
         if f.done == len(f.units):
             _finish_file(settings, f, until_day, summary)
-    ingest.finish_run(settings, summary)
+            # A file's months now rather than all at the end: the queue (and the recompute's
+            # memory) stays at a year's keys, and an import killed later keeps them.
+            _recompute(settings, summary)
+            queued.clear()  # (the queue is empty now: what comes next must be queued again)
+    _recompute(settings, summary)
     summary.elapsed = time.monotonic() - t0
     log.info("%s", summary.line())
     return summary.files_failed == 0
+
+
+def _recompute(settings: Settings, summary: ImportSummary) -> None:
+    """The statistics of what is queued (``ingest.finish_run``), added to the summary."""
+    months, took = summary.months, summary.t_recompute
+    ingest.finish_run(settings, summary)
+    summary.months += months
+    summary.t_recompute += took
 
 
 def parsed_of(unit: UnitResult) -> Parsed:
