@@ -108,6 +108,10 @@ def test_downloads_sql_is_filled_in():
     assert "IN (200, 301, 302, 307, 308)" in sql and "172800" in sql
     assert "ORDER BY path, kind" in sql
     assert "WHERE day" not in athena.downloads_sql("d", "t", None)
+    # the cut-over day: lines dated before it are not counted (0001-01-01 when unset)
+    assert "WHEN element_at(f, 1) < '0001-01-01' THEN false" in sql
+    floored = athena.downloads_sql("d", "t", None, dt.date(2024, 3, 1))
+    assert "WHEN element_at(f, 1) < '2024-03-01' THEN false" in floored and "@@" not in floored
     with pytest.raises(WebstatsError):
         athena.downloads_sql("bad-name; drop", "t", None)
 
@@ -315,3 +319,36 @@ def test_result_file_is_deleted_and_a_refusal_is_an_error(aws_env):
     assert "Contents" not in s3.list_objects_v2(Bucket="athena-results")
     with pytest.raises(WebstatsError, match=r"s3://no-such-bucket/x\.csv: NoSuchBucket"):
         athena.delete_results(s3, "s3://no-such-bucket/x.csv")
+
+
+def test_athena_run_honours_the_window_and_the_cutover(db_url, tmp_path, aws_env, manual_athena):
+    """--until and etl/logs_since: the objects listed (from two days before the cut-over day
+    to --until), the partition filter of the query, and its floor on the line dates."""
+    manual_athena(1)
+    out = tmp_path / "logs"
+    truth = loggen.generate(
+        out, days=5, start=dt.date(2024, 4, 1), files_per_day=2, lines_per_file=50, subdirs=True
+    )
+    s3 = boto3.client("s3")
+    s3.create_bucket(Bucket=BUCKET)
+    s3.create_bucket(Bucket="athena-results")
+    for rel in truth.files:
+        s3.put_object(Bucket=BUCKET, Key=f"cf/{rel}", Body=(out / rel).read_bytes())
+    settings = loaded(
+        db_url, tmp_path, WEBSTATS_ETL_ATHENA_OUTPUT=OUTPUT, WEBSTATS_ETL_LOGS_SINCE="2024-04-04"
+    )
+    wanted = [r for r in truth.files if "2024-04-02" <= r.split("/")[1] <= "2024-04-03"]
+    assert len(wanted) == 4
+    seed_results(aws_env, [], [], expected_rows(out, wanted, "cf/"))
+    assert athena.run(settings, source=f"s3://{BUCKET}/cf/", until="2024-04-03", poll_delay=0.01)
+    with db.session_factory(db_url)() as s:
+        ledger = set(s.scalars(select(IngestedObject.key)))
+    assert ledger == {f"cf/{rel}" for rel in wanted}
+    client = boto3.client("athena")
+    queries = [
+        client.get_query_execution(QueryExecutionId=q)["QueryExecution"]["Query"]
+        for q in client.list_query_executions()["QueryExecutionIds"]
+    ]
+    select_q = next(q for q in queries if "ORDER BY path, kind" in q)
+    assert "WHERE day BETWEEN '2024-04-02' AND '2024-04-03'" in select_q
+    assert "WHEN element_at(f, 1) < '2024-04-04' THEN false" in select_q

@@ -442,6 +442,10 @@ def test_legacy_ledger_rows_do_not_move_the_log_lookback(db_url, tmp_path):
     assert import_rows(settings, path, [legacygen.row(day="20/Aug/2024")], until="2024-09-01")
     with db.session_factory(db_url)() as s:
         assert s.scalar(select(func.max(IngestedObject.name_hour))) == dt.datetime(2024, 8, 20)
+    from bioc_webstats.daily import status  # nor what `status` says of the log objects
+
+    facts = status(settings)
+    assert facts["objects_ingested"] == 0 and facts["newest_object_hour"] is None
     logs = tmp_path / "logs"
     truth = loggen.generate(logs, days=2, start=dt.date(2024, 6, 10), files_per_day=2,
                             lines_per_file=50)  # fmt: skip

@@ -7,6 +7,7 @@ import datetime as dt
 import functools
 import http.server
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -410,3 +411,123 @@ def test_plan_never_released_package_closes_at_its_devel_version():
         Change("close", "bioc", "Wf", "3.20", "moved to workflows"),
         Change("reopen", "workflows", "Wf", "3.15", "moved from bioc"),
     ]
+
+
+# --- validation of a packages CSV (issue 12) ------------------------------------------------
+
+HEADER = "package,category,first_version,last_version\n"
+
+
+@pytest.mark.parametrize(
+    ("rows", "message"),
+    [
+        ('"ab\x00c",bioc,301,\n', r":2: package name contains a NUL$"),
+        ('ok.pkg,bioc,301,\n"ab\ncd",bioc,301,\n', r":3: package name contains a newline$"),
+        ('"ab\tcd",bioc,301,\n', r":2: package name contains a tab$"),
+        ("../etc,bioc,301,\n", r":2: package name '\.\./etc' contains a path"),
+        ("a..b,bioc,301,\n", r":2: package name 'a\.\.b' contains a path"),
+        ("<script>x,bioc,301,\n", r":2: package name '<script>x' contains HTML"),
+        ("a" * 201 + ",bioc,301,\n", r":2: package name longer than 200 characters \(201\)$"),
+        ("ab-c,bioc,301,\n", r":2: 'ab-c' is not a valid R package name$"),
+        ("limma,bioc\n", r":2: 2 columns, the header has 4$"),
+        ("limma,bioc,301,,extra\n", r":2: 5 columns, the header has 4$"),
+        ("limma,bioc,301,\naffy,bioc,101,\nlimma,bioc,302,\n",
+         r":4: bioc/limma conflicts with line 2 \(same package and category, other versions\)$"),
+    ],
+)  # fmt: skip
+def test_load_csv_refuses_bad_rows_and_writes_nothing(loaded, tmp_path, rows, message):
+    bad = tmp_path / "bad.csv"
+    bad.write_text(HEADER + rows, encoding="utf-8")
+    before = table(loaded)
+    with pytest.raises(WebstatsError, match=re.escape(str(bad)) + message) as exc:
+        load_csv(loaded, bad)
+    assert "\n" not in str(exc.value)
+    assert table(loaded) == before
+
+
+def test_load_csv_bom_and_identical_duplicates(settings, tmp_path):
+    good = tmp_path / "good.csv"
+    body = HEADER + "limma,bioc,109,\naffy,bioc,101,320\nlimma,bioc,109,\n"
+    good.write_bytes(b"\xef\xbb\xbf" + body.encode())
+    assert load_csv(settings, good) == "packages: 2 rows read, 2 added, 0 updated"
+    assert table(settings) == {("limma", "bioc"): ("1.9", None), ("affy", "bioc"): ("1.1", "3.20")}
+
+
+def test_a_load_is_one_transaction(loaded, tmp_path, monkeypatch):
+    """A failure in the middle of writing (here: the recompute) leaves the table as it was."""
+    from bioc_webstats.store import stats
+
+    more = tmp_path / "more.csv"
+    more.write_text(HEADER + "NewOne,bioc,321,\nNewTwo,bioc,321,\n")
+    before = table(loaded)
+
+    def boom(*_args, **_kw):
+        raise WebstatsError("recompute failed")
+
+    monkeypatch.setattr(stats, "recompute_packages", boom)
+    with pytest.raises(WebstatsError, match="recompute failed"):
+        load_csv(loaded, more)
+    assert table(loaded) == before
+
+
+# --- the shipped history: seed, then sync ---------------------------------------------------
+
+
+def test_the_shipped_history_is_in_the_package():
+    from bioc_webstats.etl.packages import read_csv, shipped_csv
+
+    path = shipped_csv()
+    assert path.is_file() and path.parent.name == "data"
+    rows = read_csv(path)  # every row passes the validation
+    assert len(rows) == 5994
+    assert ("ABSSeq", "bioc", "2.14", None) in rows
+    assert {r[1] for r in rows} == {"bioc", "annotation", "experiment", "workflows"}
+
+
+def test_seed_only_an_empty_table_then_sync_past_the_limit(settings, monkeypatch):
+    """Seed the shipped history into an empty table; a second seed does nothing; the first
+    sync after the seed applies the day's changes even past the change limit (the history
+    is as old as the release); the limit applies again to the next syncs."""
+    from bioc_webstats.etl.packages import SEEDED, seed
+
+    assert seed(settings).startswith("packages seed: the table was empty; 5994 rows loaded from ")
+    version = data_version(settings)
+    assert seed(settings) == "packages seed: the table has 5994 rows; nothing done"
+    assert data_version(settings) == version
+    with db.session_factory(settings.database_url)() as s:
+        assert db.get_meta(s, SEEDED)
+    report = sync(settings, source=str(DEVEL), dry_run=False, force=False)
+    lines = report.splitlines()
+    assert lines[-1] == "applied"
+    assert any(line.startswith("first sync since the shipped history was seeded") for line in lines)
+    after = table(settings)
+    assert after[("NewPkgA", "bioc")] == ("3.21", None)
+    assert after[("ABSSeq", "bioc")] == ("2.14", "3.20")  # open in the history, not in devel
+    with db.session_factory(settings.database_url)() as s:
+        assert db.get_meta(s, SEEDED) is None
+    assert sync(settings, source=str(DEVEL), dry_run=False, force=False).endswith(
+        "nothing to change"
+    )
+    # the limit is back: three packages gone from devel, limit 2
+    monkeypatch.setenv("WEBSTATS_ETL_SYNC_CHANGE_LIMIT", "2")
+    tree = Path(settings.state_dir) / "devel"
+    shutil.copytree(DEVEL, tree)
+    bioc = tree / "packages/devel/bioc/src/contrib/PACKAGES"
+    blocks = bioc.read_text().split("\n\n")
+    bioc.write_text("\n\n".join(blocks[3:]))
+    with pytest.raises(WebstatsError, match="3 changes exceed the change limit of 2"):
+        sync(load_settings(), source=str(tree), dry_run=False, force=False)
+
+
+def test_seed_cli_prints_what_it_did(settings):
+    env = dict(os.environ)
+    first = subprocess.run(
+        [CLI, "packages", "seed"], capture_output=True, text=True, env=env, timeout=300
+    )
+    assert first.returncode == 0, first.stderr
+    assert first.stdout.startswith("packages seed: the table was empty; 5994 rows loaded")
+    again = subprocess.run(
+        [CLI, "packages", "seed"], capture_output=True, text=True, env=env, timeout=120
+    )
+    assert again.returncode == 0, again.stderr
+    assert again.stdout == "packages seed: the table has 5994 rows; nothing done\n"

@@ -16,13 +16,13 @@ from bioc_webstats.etl import parse, rule, sources
 HOUR = dt.datetime(2024, 1, 30, 12)
 
 
-def both(data: bytes, hour: dt.datetime = HOUR, monkeypatch=None):
+def both(data: bytes, hour: dt.datetime = HOUR, monkeypatch=None, floor=None):
     """(native, python) results of count_object on DATA, or the LogFormatError texts."""
     out = []
     for force in (False, True):
         monkeypatch.setattr(parse, "_FORCE_PYTHON", force)
         try:
-            out.append(parse.count_object([data], hour))
+            out.append(parse.count_object([data], hour, floor))
         except sources.LogFormatError as exc:
             out.append(f"LogFormatError: {exc}")
     return out
@@ -67,12 +67,12 @@ def copy_rows(copy_data: bytes, copy_format: str, object_id: int = 7) -> list[tu
     return sorted(rows)
 
 
-def records_both(data: bytes, hour: dt.datetime, monkeypatch):
+def records_both(data: bytes, hour: dt.datetime, monkeypatch, floor=None):
     hasher = rule.ip_hasher(b"test key")
     out = []
     for force in (False, True):
         monkeypatch.setattr(parse, "_FORCE_PYTHON", force)
-        rec = parse.count_records([data], hour, hasher)
+        rec = parse.count_records([data], hour, hasher, floor)
         out.append(rec)
     a, b = out
     assert (a.copy_format, b.copy_format) == ("binary", "text")
@@ -184,10 +184,14 @@ def test_damaged_logs(seed, monkeypatch):
     data = gzip.compress(_damaged(rng, 400))
     # small decompressed pieces: lines cross piece boundaries everywhere
     monkeypatch.setattr(sources, "OUT_MAX", rng.choice([1, 7, 64, 333, 4096]))
-    a, b = both(data, HOUR, monkeypatch)
+    # every third seed with a cut-over day (etl/logs_since) among the damaged lines' dates
+    floor = dt.date(2024, 1, 29) if seed % 3 == 0 else None
+    a, b = both(data, HOUR, monkeypatch, floor)
     same(a, b)
     assert a.rejected > 0 and a.accepted > 0  # the test exercises both outcomes
-    records_both(data, HOUR, monkeypatch)
+    if floor is not None:
+        assert all(day >= floor for (_, day, _) in a.counts)
+    records_both(data, HOUR, monkeypatch, floor)
 
 
 @pytest.mark.parametrize(

@@ -166,6 +166,18 @@ def packages_load(ctx: Context, csv_file: Path) -> None:
     click.echo(summary)
 
 
+@packages_group.command("seed")
+@pass_ctx
+def packages_seed(ctx: Context) -> None:
+    """Load the packages history shipped with the release into an EMPTY table (deploy, demo);
+    a table with rows is left as it is. Safe to run on every deploy."""
+    from .etl.packages import seed
+    from .publish import after_change
+
+    with after_change(ctx.settings):
+        click.echo(seed(ctx.settings))
+
+
 @packages_group.command("sync")
 @click.option("--from", "source", help="Base URL or directory with config.yaml and PACKAGES.")
 @click.option("--dry-run", is_flag=True, help="Print the changes, write nothing.")
@@ -205,7 +217,13 @@ def _iso_date(value: str | None) -> str | None:
 @click.option(
     "--since",
     callback=lambda _ctx, _param, value: _iso_date(value),
-    help="Also consider objects dated on or after this date (YYYY-MM-DD).",
+    help="Also consider objects dated on or after this date (YYYY-MM-DD); "
+    "never before etl/logs_since.",
+)
+@click.option(
+    "--until",
+    callback=lambda _ctx, _param, value: _iso_date(value),
+    help="Only objects dated on or before this date (YYYY-MM-DD): a backfill in slices.",
 )
 @click.option("--dry-run", is_flag=True, help="List what would be ingested, write nothing.")
 @click.option(
@@ -217,7 +235,12 @@ def _iso_date(value: str | None) -> str | None:
 )
 @pass_ctx
 def etl_run(
-    ctx: Context, source: str | None, since: str | None, dry_run: bool, engine: str
+    ctx: Context,
+    source: str | None,
+    since: str | None,
+    until: str | None,
+    dry_run: bool,
+    engine: str,
 ) -> None:
     """Ingest new log objects and update the statistics."""
     if engine == "athena":
@@ -228,7 +251,7 @@ def etl_run(
     from .publish import after_change
 
     with writer_lock(ctx.settings, "etl run"), after_change(ctx.settings):
-        ok = run(ctx.settings, source=source, since=since, dry_run=dry_run)
+        ok = run(ctx.settings, source=source, since=since, dry_run=dry_run, until=until)
     if not ok:
         raise WebstatsError(
             "etl run: some objects failed (see the messages above); "
@@ -288,6 +311,42 @@ def import_legacy_db(
         )
 
 
+# --- the daily job, status -----------------------------------------------------------------
+
+
+@cli.command("daily")
+@click.option("--source", help="Log directory or s3://bucket/prefix (default: configuration).")
+@click.option("--packages-from", help="Base URL or directory of the packages sync.")
+@pass_ctx
+def daily_cmd(ctx: Context, source: str | None, packages_from: str | None) -> None:
+    """The daily job (the ETL timer runs it): packages sync, then etl run. A failed sync is
+    reported and does not stop the ETL; either failure makes the exit status 1 (systemd's
+    OnFailure hook). Successes are recorded (meta last_sync_ok / last_etl_ok)."""
+    from .daily import run_daily
+
+    with writer_lock(ctx.settings, "daily"):  # the same lock as etl run: one writer at a time
+        result = run_daily(ctx.settings, source=source, packages_from=packages_from)
+    click.echo(result.line())
+    if not result.ok:
+        raise WebstatsError("; ".join(f"{step}: {why}" for step, why in result.failures.items()))
+
+
+@cli.command("status")
+@click.option("--json", "as_json", is_flag=True, help="One JSON object (for a watchdog).")
+@pass_ctx
+def status_cmd(ctx: Context, as_json: bool) -> None:
+    """ValidThru, the last successful sync and ETL run, the published data version."""
+    from .daily import status, status_lines
+
+    facts = status(ctx.settings)
+    if as_json:
+        import json
+
+        click.echo(json.dumps(facts, sort_keys=True))
+    else:
+        click.echo("\n".join(status_lines(facts)))
+
+
 # --- stats ----------------------------------------------------------------------------------
 
 
@@ -321,6 +380,61 @@ def publish_cmd(ctx: Context, all_files: bool, force: bool) -> None:
     from .publish import publish
 
     click.echo(publish(ctx.settings, all_files=all_files, force=force).line())
+
+
+# --- compare ---------------------------------------------------------------------------------
+
+
+def _csv_list(value: str | None) -> list[str] | None:
+    return [v.strip() for v in value.split(",") if v.strip()] if value else None
+
+
+@cli.command("compare")
+@click.option(
+    "--against",
+    required=True,
+    help="The other site: a base URL (https://bioconductor.org/packages/stats/) or a "
+    "directory copy of it.",
+)
+@click.option(
+    "--ours",
+    help="Read this side from a URL (e.g. http://127.0.0.1:8000/packages/stats/) instead of "
+    "building it from the database.",
+)
+@click.option("--categories", help="Only these categories (comma-separated: bioc,workflows).")
+@click.option("--packages", help="Only these packages' files (comma-separated).")
+@click.option("--jobs", type=click.IntRange(1, 16), default=4, show_default=True,
+              help="Requests at a time to a remote site.")  # fmt: skip
+@click.option("--timeout", type=click.FloatRange(1, 600), default=30.0, show_default=True,
+              help="Seconds per request.")  # fmt: skip
+@pass_ctx
+def compare_cmd(
+    ctx: Context,
+    against: str,
+    ours: str | None,
+    categories: str | None,
+    packages: str | None,
+    jobs: int,
+    timeout: float,
+) -> None:
+    """Compare every published text file, byte for byte, with another site (the legacy one):
+    one line per differing file, then 'N files compared, M differ'; exit 0 only when none
+    differs."""
+    from .compare import DatabaseSide, compare, open_side
+
+    there = open_side(against, timeout)
+    here = open_side(ours, timeout) if ours else DatabaseSide(ctx.settings)
+    try:
+        result = compare(
+            here, there, _csv_list(categories), _csv_list(packages), jobs, echo=click.echo
+        )
+    finally:
+        here.close()
+    click.echo(result.summary())
+    if result.differ:
+        raise WebstatsError(
+            f"compare: {result.differ} of {result.compared} files differ from {there.name}"
+        )
 
 
 # --- config / check -------------------------------------------------------------------------

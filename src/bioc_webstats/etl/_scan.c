@@ -25,7 +25,8 @@
 #define R_DATETIME 3
 #define R_SKEW 4
 #define R_LONG 5
-#define N_REASONS 6
+#define R_BEFORE 6 /* dated before the cut-over day (etl/logs_since) */
+#define N_REASONS 7
 
 /* Byte bounds (the same in rule.py, checked by the tests through the module's constants): a
  * value longer than its field can be is malformed before it reaches any cache, and no cache
@@ -200,6 +201,7 @@ typedef struct {
     /* the object being read */
     int active;
     int64_t lo, hi; /* the window of valid timestamps (seconds since the epoch) */
+    int64_t floor;  /* lines before it are not counted (the cut-over day's midnight) */
     long nf; /* columns of the #Fields line; -1 before it */
     int idx[N_FIELDS];
     int last_needed; /* the largest of idx */
@@ -575,6 +577,10 @@ static int one_line(Scanner *s, const char *p, size_t n) {
         s->rejects[R_SKEW]++;
         return 0;
     }
+    if (ts < s->floor) {
+        s->rejects[R_BEFORE]++;
+        return 0;
+    }
 
     int64_t st;
     if (lookup(&s->st, s->status_cb, COL(F_STATUS), LEN(F_STATUS), &st) < 0) return -1;
@@ -657,14 +663,15 @@ static void reset_object(Scanner *s) {
 
 static PyObject *Scanner_begin(Scanner *s, PyObject *args) {
     PyObject *date_cb;
-    long long lo, hi;
-    if (!PyArg_ParseTuple(args, "OLL", &date_cb, &lo, &hi)) return NULL;
+    long long lo, hi, floor = INT64_MIN;
+    if (!PyArg_ParseTuple(args, "OLL|L", &date_cb, &lo, &hi, &floor)) return NULL;
     reset_object(s);
     Py_INCREF(date_cb);
     Py_XDECREF(s->date_cb);
     s->date_cb = date_cb;
     s->lo = lo;
     s->hi = hi;
+    s->floor = floor;
     s->active = 1;
     Py_RETURN_NONE;
 }
@@ -1052,8 +1059,9 @@ fail:
 
 static PyMethodDef Scanner_methods[] = {
     {"begin", (PyCFunction)Scanner_begin, METH_VARARGS,
-     "begin(date, lo, hi): start an object; DATE(raw) answers (day index, midnight in epoch "
-     "seconds) or None; timestamps outside [LO, HI] are rejected."},
+     "begin(date, lo, hi[, floor]): start an object; DATE(raw) answers (day index, midnight in "
+     "epoch seconds) or None; timestamps outside [LO, HI] are rejected, then those before "
+     "FLOOR."},
     {"feed", (PyCFunction)Scanner_feed, METH_O,
      "feed(text: bytes): scan the complete lines of TEXT; a last partial line waits for the "
      "next piece."},

@@ -90,9 +90,15 @@ def table_ddl(database: str, table: str, location: str, days_dir: str | None) ->
     return sql.replace("@@TABLE@@", full).replace("@@LOCATION@@", location)
 
 
-def downloads_sql(database: str, table: str, days: tuple[dt.date, dt.date] | None) -> str:
+def downloads_sql(
+    database: str,
+    table: str,
+    days: tuple[dt.date, dt.date] | None,
+    floor: dt.date | None = None,
+) -> str:
     """The counting query (``sql/downloads.sql``) with its placeholders filled. It holds no
-    secret: the client addresses come back in clear and are hashed here."""
+    secret: the client addresses come back in clear and are hashed here. Lines dated before
+    ``floor`` (the cut-over day) are not counted, as in the local engine."""
     where = ""
     if days is not None:
         where = f"WHERE day BETWEEN '{days[0].isoformat()}' AND '{days[1].isoformat()}'"
@@ -105,6 +111,7 @@ def downloads_sql(database: str, table: str, days: tuple[dt.date, dt.date] | Non
         .replace("@@CATEGORIES@@", _category_cases())
         .replace("@@F33@@", fields33)
         .replace("@@F15@@", " ".join(rule.CLOUDFRONT_FIELDS[:15]))
+        .replace("@@FLOOR@@", (floor or dt.date.min).isoformat())
     )
 
 
@@ -296,11 +303,11 @@ def run(
     source: str | None = None,
     since: str | None = None,
     dry_run: bool = False,
+    until: str | None = None,
     poll_delay: float = 0.5,
 ) -> bool:
     """``etl run --engine athena``: same contract as :func:`bioc_webstats.ingest.run`."""
     from ..aws import client as aws_client
-    from ..store import db
 
     t0 = time.monotonic()
     url = ingest.source_url(settings, source)
@@ -312,14 +319,9 @@ def run(
     if not output or not output.startswith("s3://"):
         raise ConfigError("etl/athena_output (WEBSTATS_ETL_ATHENA_OUTPUT) must be an s3:// URL")
     key = b"" if dry_run else ingest.ip_hash_key(settings, url)
-    src = sources.S3Source(url)
-    objects, skipped = src.list()
+    src, todo, skipped, _window = ingest.list_window(settings, url, since, until)
+    assert isinstance(src, sources.S3Source)
     summary = ingest.RunSummary(skipped_names=len(skipped))
-    with db.session_factory(settings.database_url)() as session:
-        todo, _start = ingest.select_objects(
-            session, objects, settings.get_int("etl/lookback_days"), ingest.parse_since(since)
-        )
-    log.info("%s: %d objects listed, %d to ingest with Athena", url, len(objects), len(todo))
     if dry_run or not todo:
         if dry_run:
             for o in todo:
@@ -344,7 +346,8 @@ def run(
         table_ddl(database, table, location, days_dir),
     ):
         wait_query(client, start_query(client, sql, database, workgroup, output), 600, poll_delay)
-    qid = start_query(client, downloads_sql(database, table, days), database, workgroup, output)
+    sql = downloads_sql(database, table, days, ingest.logs_since(settings))
+    qid = start_query(client, sql, database, workgroup, output)
     log.info("Athena query %s started (table %s.%s)", qid, database, table)
     wait_query(client, qid, QUERY_TIMEOUT, poll_delay)
 

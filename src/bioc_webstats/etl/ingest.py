@@ -130,13 +130,13 @@ class Parsed:
 _worker: dict[str, Any] = {}
 
 
-def _init_worker(source_url: str, key: bytes, child: bool) -> None:
+def _init_worker(source_url: str, key: bytes, child: bool, floor: dt.date | None = None) -> None:
     if child:
         _die_with_parent()
         db.forget_inherited_connections()
     _worker.clear()
     # one hasher per process: the parsers keep each client's hash while it is the same
-    _worker.update(url=source_url, key=key, source=None, hasher=rule.ip_hasher(key))
+    _worker.update(url=source_url, key=key, source=None, hasher=rule.ip_hasher(key), floor=floor)
 
 
 def _die_with_parent() -> None:
@@ -157,7 +157,7 @@ def _parse(obj: sources.LogObject) -> Parsed:
     out = Parsed(obj)
     chunks = _worker["source"].chunks(obj)
     try:
-        rec = parse.count_records(chunks, obj.name_hour, _worker["hasher"])
+        rec = parse.count_records(chunks, obj.name_hour, _worker["hasher"], _worker["floor"])
     except sources.LogFormatError as exc:
         out.error = str(exc)
         return out
@@ -168,12 +168,16 @@ def _parse(obj: sources.LogObject) -> Parsed:
 
 
 def parse_all(
-    source_url: str, key: bytes, objects: list[sources.LogObject], workers: int
+    source_url: str,
+    key: bytes,
+    objects: list[sources.LogObject],
+    workers: int,
+    floor: dt.date | None = None,
 ) -> Iterator[Parsed]:
     """Parsed objects in the order given; ``workers`` > 1 parses in child processes with a
     bounded number in flight, so memory stays constant whatever the number of objects."""
     if workers <= 1 or len(objects) <= 1:
-        _init_worker(source_url, key, child=False)
+        _init_worker(source_url, key, child=False, floor=floor)
         for obj in objects:
             yield _parse(obj)
         return
@@ -182,7 +186,7 @@ def parse_all(
         max_workers=workers,
         mp_context=ctx,
         initializer=_init_worker,
-        initargs=(source_url, key, True),
+        initargs=(source_url, key, True, floor),
     ) as pool:
         pending: deque[cf.Future[Parsed]] = deque()
         todo = iter(objects)
@@ -312,13 +316,13 @@ class Progress:
 # --- the run --------------------------------------------------------------------------------
 
 
-def parse_since(since: str | None) -> dt.date | None:
+def parse_since(since: str | None, option: str = "--since") -> dt.date | None:
     if since is None:
         return None
     try:
         return dt.date.fromisoformat(since)
     except ValueError:
-        raise WebstatsError(f"--since {since!r}: expected a date YYYY-MM-DD") from None
+        raise WebstatsError(f"{option} {since!r}: expected a date YYYY-MM-DD") from None
 
 
 def _workers(settings: Settings) -> int:
@@ -372,7 +376,7 @@ def _ingest_objects(
     store: Callable[[Session, Parsed, set[tuple[str, str, int, int]]], None],
 ) -> None:
     key = ip_hash_key(settings, url)
-    parsed = parse_all(url, key, objects, _workers(settings))
+    parsed = parse_all(url, key, objects, _workers(settings), logs_since(settings))
     progress = Progress(len(objects), sum(o.size for o in objects))
     store_all(settings, parsed, summary, store, progress)
 
@@ -445,6 +449,25 @@ def finish_run(settings: Settings, summary: RunSummary) -> None:
     summary.valid_thru = res.valid_thru
 
 
+# Objects named up to this many days before the cut-over day are read too: a file named for
+# one hour may hold lines up to 48 h away from it (etl.md), and the lines dated on or after the
+# cut-over day are counted wherever they are; the lines before it are not (parse's floor).
+CUTOVER_MARGIN = dt.timedelta(days=2)
+
+
+def logs_since(settings: Settings) -> dt.date | None:
+    """``etl/logs_since``, the cut-over day: no log line dated before it is counted."""
+    value = settings.get("etl/logs_since")
+    if not value:
+        return None
+    try:
+        return dt.date.fromisoformat(value)
+    except ValueError:
+        raise ConfigError(
+            f"parameter etl/logs_since must be a date YYYY-MM-DD, got {value!r}"
+        ) from None
+
+
 def log_objects() -> ColumnElement[bool]:
     """Ledger rows of log objects, not of the legacy import (which must not move the
     logs' look-back window: its units are dated by the history they hold)."""
@@ -452,28 +475,77 @@ def log_objects() -> ColumnElement[bool]:
     return or_(~key.startswith(LEGACY_PREFIX, autoescape=True), key.endswith(".gz"))
 
 
-def select_objects(
-    session: Session, objects: list[sources.LogObject], lookback_days: int, since: dt.date | None
-) -> tuple[list[sources.LogObject], dt.date | None]:
-    """The objects to ingest: dated on or after (newest ingested name date - look-back),
-    or ``since`` if earlier, and not in the ledger. First run: all. Also returns the start.
-    Ledger rows of the legacy import do not count (``log_objects``)."""
+def plan_window(
+    session: Session,
+    lookback_days: int,
+    since: dt.date | None,
+    until: dt.date | None = None,
+    cutover: dt.date | None = None,
+) -> sources.Window:
+    """The name dates a run lists: from (newest ingested name date - look-back), or
+    ``since`` if earlier, to ``until``. An empty ledger starts at ``since``, else at the
+    cut-over day; nothing starts before the cut-over day (less CUTOVER_MARGIN). No ledger,
+    no ``since`` and no cut-over day: the whole source (development, the demo). Ledger rows
+    of the legacy import do not count (``log_objects``)."""
     newest = session.scalar(select(func.max(IngestedObject.name_hour)).where(log_objects()))
-    if newest is None:
-        start = None
-    else:
+    start = None
+    if newest is not None:
         start = newest.date() - dt.timedelta(days=lookback_days)
-        if since is not None and since < start:
-            start = since
-    if start is not None:
-        objects = [o for o in objects if o.name_hour.date() >= start]
-        cutoff = dt.datetime(start.year, start.month, start.day)
-        q = select(IngestedObject.key).where(IngestedObject.name_hour >= cutoff)
-    else:
-        q = select(IngestedObject.key)
+    if since is not None and (start is None or since < start):
+        start = since
+    if cutover is not None:
+        first = cutover - CUTOVER_MARGIN
+        start = first if start is None or start < first else start
+    if until is not None and start is not None and until < start:
+        raise WebstatsError(
+            f"--until {until} is before the window's start {start}"
+            + ("" if since is not None and since <= until else "; give --since to go back")
+        )
+    return sources.Window(start, until)
+
+
+def select_objects(
+    session: Session, objects: list[sources.LogObject], window: sources.Window
+) -> list[sources.LogObject]:
+    """The objects of the window not in the ledger, in (name hour, key) order."""
+    objects = [o for o in objects if o.name_hour.date() in window]
+    q = select(IngestedObject.key)
+    if window.start is not None:
+        start = window.start
+        q = q.where(IngestedObject.name_hour >= dt.datetime(start.year, start.month, start.day))
+    if window.until is not None:
+        end = window.until + dt.timedelta(days=1)
+        q = q.where(IngestedObject.name_hour < dt.datetime(end.year, end.month, end.day))
     done = set(session.scalars(q))
-    todo = sorted((o for o in objects if o.key not in done), key=lambda o: (o.name_hour, o.key))
-    return todo, start
+    return sorted((o for o in objects if o.key not in done), key=lambda o: (o.name_hour, o.key))
+
+
+def list_window(
+    settings: Settings, url: str, since: str | None, until: str | None
+) -> tuple[sources.Source, list[sources.LogObject], list[str], sources.Window]:
+    """Open the source, plan the window and list it: (source, objects to ingest, skipped
+    names, window)."""
+    since_day = parse_since(since)
+    until_day = parse_since(until, "--until")
+    if since_day and until_day and until_day < since_day:
+        raise WebstatsError(f"--until {until_day} is before --since {since_day}")
+    cutover = logs_since(settings)
+    lookback = settings.get_int("etl/lookback_days", minimum=0)
+    src = sources.open_source(url)
+    with db.session_factory(settings.database_url)() as session:
+        window = plan_window(session, lookback, since_day, until_day, cutover)
+    objects, skipped = src.list(window)
+    with db.session_factory(settings.database_url)() as session:
+        todo = select_objects(session, objects, window)
+    log.info(
+        "%s: %d objects listed (names from %s to %s), %d to ingest",
+        url,
+        len(objects),
+        window.start or "the beginning",
+        window.until or "now",
+        len(todo),
+    )
+    return src, todo, skipped, window
 
 
 def run(
@@ -481,33 +553,23 @@ def run(
     source: str | None = None,
     since: str | None = None,
     dry_run: bool = False,
+    until: str | None = None,
 ) -> bool:
-    """Ingest the new log objects of the source and update the statistics.
+    """Ingest the new log objects of the source named from the window's start (look-back,
+    ``since``, the cut-over day) to ``until``, and update the statistics.
 
     Returns False when any object failed (those are not in the ledger and are retried by
     the next run); the others are ingested regardless.
     """
     t0 = time.monotonic()
     url = source_url(settings, source)
-    since_day = parse_since(since)
-    lookback = settings.get_int("etl/lookback_days")
     if not dry_run:
         ip_hash_key(settings, url)  # fail on configuration before reading anything
-    src = sources.open_source(url)
-    objects, skipped = src.list()
+    _src, todo, skipped, _window = list_window(settings, url, since, until)
     summary = RunSummary(skipped_names=len(skipped))
     for k in skipped:
         log.info("skipped %s: not a log object name", k)
     pause_point("listed")
-    with db.session_factory(settings.database_url)() as session:
-        todo, start = select_objects(session, objects, lookback, since_day)
-    log.info(
-        "%s: %d objects listed, %d to ingest (window from %s)",
-        url,
-        len(objects),
-        len(todo),
-        start or "the beginning",
-    )
     if dry_run:
         for o in todo:
             log.info("would ingest %s (%d bytes)", o.key, o.size)

@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import csv
+import datetime as dt
 import re
 from dataclasses import dataclass
+from importlib import resources
 from pathlib import Path
 
-from sqlalchemy import select
+from sqlalchemy import func, select
+from sqlalchemy.orm import Session
 
 from ..categories import BY_PREFIX, CATEGORIES
 from ..config import Settings
@@ -33,60 +36,141 @@ def release_from_code(value: str) -> str | None:
     raise ValueError(f"not a release code: {value!r}")
 
 
+MAX_NAME = 200  # characters of a package name (R's are far shorter)
+_R_NAME = re.compile(r"^[A-Za-z][A-Za-z0-9.]*[A-Za-z0-9]$")  # a valid R package name
+COLUMNS = ("package", "category", "first_version", "last_version")
+SEEDED = "packages_seeded"  # meta: when the shipped history was seeded, until the first sync
+
+
+def _name_problem(name: str) -> str | None:
+    """Why ``name`` cannot be a package name (it becomes a URL path and a file name)."""
+    for char, what in (("\x00", "a NUL"), ("\n", "a newline"), ("\r", "a carriage return"),
+                       ("\t", "a tab")):  # fmt: skip
+        if char in name:
+            return f"package name contains {what}"
+    if "/" in name or "\\" in name or ".." in name:
+        return f"package name {name[:80]!r} contains a path ('/', '\\' or '..')"
+    if any(c in name for c in "<>&\"'"):
+        return f"package name {name[:80]!r} contains HTML (<, >, &, quotes)"
+    if len(name) > MAX_NAME:
+        return f"package name longer than {MAX_NAME} characters ({len(name)})"
+    return None
+
+
 def read_csv(path: Path) -> list[tuple[str, str, str | None, str | None]]:
-    """Rows (package, category, first, last) of a packages CSV; errors name file and line."""
-    rows = []
+    """Rows (package, category, first, last) of a packages CSV, every row checked before
+    any is used; the first problem is one line naming file and line. A UTF-8 BOM is
+    accepted; a row repeated identically is read once; the same (package, category) with
+    other versions is refused, naming both lines."""
+    rows: dict[tuple[str, str], tuple[int, tuple[str, str, str | None, str | None]]] = {}
     try:
-        with path.open(newline="", encoding="utf-8") as fh:
-            reader = csv.DictReader(fh)
-            need = {"package", "category", "first_version", "last_version"}
-            if not reader.fieldnames or not need <= set(reader.fieldnames):
-                raise WebstatsError(f"{path}: header must have columns {','.join(sorted(need))}")
-            for row in reader:
-                line = reader.line_num
-                cat = (row["category"] or "").strip()
-                name = (row["package"] or "").strip()
-                if cat not in BY_PREFIX:
-                    raise WebstatsError(f"{path}:{line}: unknown category {cat!r}")
-                if not name:
-                    raise WebstatsError(f"{path}:{line}: empty package name")
-                try:
-                    first = release_from_code(row["first_version"] or "")
-                    last = release_from_code(row["last_version"] or "")
-                except ValueError as exc:
-                    raise WebstatsError(f"{path}:{line}: {exc}") from None
-                rows.append((name, cat, first, last))
+        with path.open(newline="", encoding="utf-8-sig") as fh:
+            reader = csv.reader(fh, strict=True)
+            header = [h.strip() for h in next(reader, [])]
+            if not set(COLUMNS) <= set(header):
+                raise WebstatsError(f"{path}: header must have columns {','.join(COLUMNS)}")
+            at = {c: header.index(c) for c in COLUMNS}
+            line = reader.line_num + 1  # where the next row starts
+            for values in reader:
+                where, line = f"{path}:{line}", reader.line_num + 1
+                if not values:
+                    continue  # a blank line
+                if len(values) != len(header):
+                    raise WebstatsError(
+                        f"{where}: {len(values)} columns, the header has {len(header)}"
+                    )
+                row = _check_row(where, *(values[at[c]] for c in COLUMNS))
+                key = (row[0], row[1])
+                seen = rows.get(key)
+                if seen is None:
+                    rows[key] = (int(where.rsplit(":", 1)[1]), row)
+                elif seen[1] != row:
+                    raise WebstatsError(
+                        f"{where}: {row[1]}/{row[0]} conflicts with line {seen[0]} "
+                        "(same package and category, other versions)"
+                    )
     except OSError as exc:
         raise WebstatsError(f"cannot read {path}: {exc.strerror}") from None
     except UnicodeDecodeError:
         raise WebstatsError(f"{path}: not UTF-8 text") from None
-    return rows
+    except csv.Error as exc:
+        raise WebstatsError(f"{path}:{reader.line_num}: not CSV ({exc})") from None
+    return [row for _, row in rows.values()]
+
+
+def _check_row(
+    where: str, name: str, category: str, first: str, last: str
+) -> tuple[str, str, str | None, str | None]:
+    cat, name = category.strip(), name.strip()
+    if cat not in BY_PREFIX:
+        raise WebstatsError(f"{where}: unknown category {cat[:40]!r}")
+    if not name:
+        raise WebstatsError(f"{where}: empty package name")
+    problem = _name_problem(name)
+    if problem:
+        raise WebstatsError(f"{where}: {problem}")
+    try:
+        first_release, last_release = release_from_code(first), release_from_code(last)
+    except ValueError as exc:
+        raise WebstatsError(f"{where}: {exc}") from None
+    if not _R_NAME.match(name):
+        raise WebstatsError(f"{where}: {name!r} is not a valid R package name")
+    return name, cat, first_release, last_release
 
 
 def load_csv(settings: Settings, path: Path) -> str:
     """Merge a CSV into the packages table (insert new rows, update changed ones)."""
     rows = read_csv(path)
+    with db.session_factory(settings.database_url).begin() as session:
+        added, updated = _merge(session, rows)
+    return f"packages: {len(rows)} rows read, {added} added, {updated} updated"
+
+
+def _merge(
+    session: Session, rows: list[tuple[str, str, str | None, str | None]]
+) -> tuple[int, int]:
     added = updated = 0
     touched: set[tuple[str, str]] = set()
-    with db.session_factory(settings.database_url).begin() as session:
-        existing = {(p.package, p.category): p for p in session.scalars(select(Package))}
-        for name, cat, first, last in rows:
-            row = existing.get((name, cat))
-            if row is None:
-                row = Package(package=name, category=cat, first_release=first, last_release=last)
-                session.add(row)
-                existing[(name, cat)] = row
-                added += 1
-                touched.add((cat, name))
-            elif (row.first_release, row.last_release) != (first, last):
-                row.first_release, row.last_release = first, last
-                updated += 1
-                touched.add((cat, name))  # its page shows the releases
-        if touched:
-            from ..store.stats import recompute_packages
+    existing = {(p.package, p.category): p for p in session.scalars(select(Package))}
+    for name, cat, first, last in rows:
+        row = existing.get((name, cat))
+        if row is None:
+            row = Package(package=name, category=cat, first_release=first, last_release=last)
+            session.add(row)
+            existing[(name, cat)] = row
+            added += 1
+            touched.add((cat, name))
+        elif (row.first_release, row.last_release) != (first, last):
+            row.first_release, row.last_release = first, last
+            updated += 1
+            touched.add((cat, name))  # its page shows the releases
+    if touched:
+        from ..store.stats import recompute_packages
 
-            recompute_packages(session, touched)
-    return f"packages: {len(rows)} rows read, {added} added, {updated} updated"
+        session.flush()
+        recompute_packages(session, touched)
+    return added, updated
+
+
+def shipped_csv() -> Path:
+    """The packages history shipped with the release (``bioc_webstats/data/packages.csv``)."""
+    return Path(str(resources.files("bioc_webstats") / "data" / "packages.csv"))
+
+
+def seed(settings: Settings) -> str:
+    """Load the shipped history into an EMPTY packages table (a deploy's first step, before
+    the first ETL); a table with rows is left alone. Idempotent; one transaction. The next
+    sync may then apply more changes than ``etl/sync_change_limit`` (the history is as old
+    as the release): it is marked in ``meta`` until that sync."""
+    path = shipped_csv()
+    rows = read_csv(path)
+    with db.session_factory(settings.database_url).begin() as session:
+        present = session.scalar(select(func.count()).select_from(Package)) or 0
+        if present:
+            return f"packages seed: the table has {present} rows; nothing done"
+        added, _ = _merge(session, rows)
+        db.set_meta(session, SEEDED, dt.datetime.now(dt.UTC).isoformat(timespec="seconds"))
+    return f"packages seed: the table was empty; {added} rows loaded from {path}"
 
 
 @dataclass(frozen=True)
@@ -200,7 +284,13 @@ def sync(
                 lines.append(f"over the change limit of {limit}: a real run needs --force")
             lines.append("dry run: nothing written")
             return "\n".join(lines)
-        if len(changes) > limit and not force:
+        seeded = db.get_meta(session, SEEDED)
+        if seeded and len(changes) > limit and not force:
+            lines.append(
+                f"first sync since the shipped history was seeded ({seeded}): "
+                f"the change limit of {limit} does not apply"
+            )
+        elif len(changes) > limit and not force:
             raise WebstatsError(
                 f"packages sync: {len(changes)} changes exceed the change limit of {limit} "
                 "(etl/sync_change_limit); nothing changed. Review them with --dry-run, "
@@ -219,5 +309,7 @@ def sync(
 
             session.flush()
             recompute_packages(session, {(c.category, c.package) for c in changes})
+        if seeded:
+            db.delete_meta(session, SEEDED)
     lines.append("applied" if changes else "nothing to change")
     return "\n".join(lines)

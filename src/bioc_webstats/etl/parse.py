@@ -81,13 +81,20 @@ def _new_bucket() -> defaultdict[int, defaultdict[bytes, int]]:
     return defaultdict(partial(defaultdict, int))
 
 
-def count_object(chunks: Iterable[bytes], name_hour: dt.datetime) -> ObjectCounts:
-    """Stream one object and count its downloads (the rule of etl.md); malformed lines are
-    counted by reason. Raises LogFormatError for an unreadable object or a missing #Fields."""
+def count_object(
+    chunks: Iterable[bytes], name_hour: dt.datetime, floor: dt.date | None = None
+) -> ObjectCounts:
+    """Stream one object and count its downloads (the rule of etl.md); malformed lines, and
+    lines dated before ``floor`` (the cut-over day), are counted by reason. Raises
+    LogFormatError for an unreadable object or a missing #Fields."""
     with _no_cyclic_gc():
         if parser_name() == "native":
-            return _count_native(chunks, name_hour)
-        return _count(chunks, name_hour)
+            return _count_native(chunks, name_hour, floor)
+        return _count(chunks, name_hour, floor)
+
+
+def _floor_secs(floor: dt.date | None) -> int | None:
+    return None if floor is None else epoch(dt.datetime(floor.year, floor.month, floor.day))
 
 
 @contextlib.contextmanager
@@ -152,7 +159,9 @@ def _scanner() -> Any:
     return _SCANNER[0]
 
 
-def _scan_object(chunks: Iterable[bytes], name_hour: dt.datetime) -> tuple[Any, list[dt.date]]:
+def _scan_object(
+    chunks: Iterable[bytes], name_hour: dt.datetime, floor: dt.date | None
+) -> tuple[Any, list[dt.date]]:
     """Feed one object to the C scanner; returns it (to be finished) and its day list."""
     scanner = _scanner()
     center = epoch(name_hour)
@@ -166,7 +175,11 @@ def _scan_object(chunks: Iterable[bytes], name_hour: dt.datetime) -> tuple[Any, 
         return len(day_list) - 1, dv[0]
 
     _reset_rule_caches()
-    scanner.begin(date, center - MAX_SKEW, center + MAX_SKEW)
+    low = _floor_secs(floor)
+    if low is None:
+        scanner.begin(date, center - MAX_SKEW, center + MAX_SKEW)
+    else:
+        scanner.begin(date, center - MAX_SKEW, center + MAX_SKEW, low)
     for piece in decompress(chunks):
         scanner.feed(piece)
     return scanner, day_list
@@ -176,10 +189,12 @@ def _reasons(rejects: tuple[int, ...]) -> dict[str, int]:
     return {REASONS[i]: n for i, n in enumerate(rejects) if n}
 
 
-def _count_native(chunks: Iterable[bytes], name_hour: dt.datetime) -> ObjectCounts:
+def _count_native(
+    chunks: Iterable[bytes], name_hour: dt.datetime, floor: dt.date | None = None
+) -> ObjectCounts:
     """count_object with the per-line loop in C (``_scan``): the same rule, decided by the
     same functions (called once per distinct value, their answers cached in C)."""
-    scanner, day_list = _scan_object(chunks, name_hour)
+    scanner, day_list = _scan_object(chunks, name_hour, floor)
     lines_read, accepted, rejects, counts, fields_seen = scanner.finish()
     if not fields_seen:
         raise LogFormatError("no #Fields line (empty or header-less file)")
@@ -210,20 +225,26 @@ class ObjectRecords:
 
 
 def count_records(
-    chunks: Iterable[bytes], name_hour: dt.datetime, hash_ip: Callable[[bytes], int]
+    chunks: Iterable[bytes],
+    name_hour: dt.datetime,
+    hash_ip: Callable[[bytes], int],
+    floor: dt.date | None = None,
 ) -> ObjectRecords:
     """count_object, with the counts as COPY text and the client addresses hashed by
     ``hash_ip`` (each address once per process while ``hash_ip`` is the same function)."""
     with _no_cyclic_gc():
         if parser_name() == "native":
-            return _records_native(chunks, name_hour, hash_ip)
-        return _records_python(count_object(chunks, name_hour), hash_ip)
+            return _records_native(chunks, name_hour, hash_ip, floor)
+        return _records_python(count_object(chunks, name_hour, floor), hash_ip)
 
 
 def _records_native(
-    chunks: Iterable[bytes], name_hour: dt.datetime, hash_ip: Callable[[bytes], int]
+    chunks: Iterable[bytes],
+    name_hour: dt.datetime,
+    hash_ip: Callable[[bytes], int],
+    floor: dt.date | None = None,
 ) -> ObjectRecords:
-    scanner, day_list = _scan_object(chunks, name_hour)
+    scanner, day_list = _scan_object(chunks, name_hour, floor)
     pairs: dict[int, tuple[str, str]] = {}
 
     def pair_text(hit: int) -> bytes:
@@ -279,11 +300,14 @@ def with_object_id(copy_data: bytes, copy_format: str, object_id: int) -> bytes:
     return copy_data.replace(b"\n", b"\t%d\n" % object_id)
 
 
-def _count(chunks: Iterable[bytes], name_hour: dt.datetime) -> ObjectCounts:
+def _count(
+    chunks: Iterable[bytes], name_hour: dt.datetime, floor: dt.date | None = None
+) -> ObjectCounts:
     res = ObjectCounts()
     reasons = res.reject_reasons
     center = epoch(name_hour)
     lo, hi = center - MAX_SKEW, center + MAX_SKEW
+    low = _floor_secs(floor)
     # Per-object caches (a file repeats the same seconds, statuses and URIs many times),
     # each looked up once per line; a miss takes the slow path below, which fills them.
     # date → time → the day's counts {hit id: {ip: n}}, for valid date and time only
@@ -327,7 +351,7 @@ def _count(chunks: Iterable[bytes], name_hour: dt.datetime) -> ObjectCounts:
                 dkey = f[idate] + tab + f[itime] + tab
                 found = dall.get(dkey)
                 if found is None:
-                    day = dt_check(dkey, lo, hi, days)
+                    day = dt_check(dkey, lo, hi, days, low)
                     if day.__class__ is str:
                         found = day
                     else:

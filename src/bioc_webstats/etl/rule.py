@@ -124,9 +124,14 @@ def classify_uri(
 
 
 def dt_check(
-    key: bytes, lo: int, hi: int, days: dict[bytes, tuple[int, dt.date] | None]
+    key: bytes,
+    lo: int,
+    hi: int,
+    days: dict[bytes, tuple[int, dt.date] | None],
+    floor: int | None = None,
 ) -> dt.date | str:
-    """``YYYY-MM-DD\tHH:MM:SS\t`` → the day, or the reason the line is malformed."""
+    """``YYYY-MM-DD\tHH:MM:SS\t`` → the day, or the reason the line is not counted
+    (malformed, or dated before ``floor``, the cut-over day's midnight)."""
     # (callers cache the answer per distinct key)
     if len(key) != 20 or key[10:11] != b"\t" or key[19:20] != b"\t":
         return "date/time"
@@ -140,6 +145,8 @@ def dt_check(
     ts = dv[0] + tv
     if ts < lo or ts > hi:
         return "timestamp more than 48 h from the object's hour"
+    if floor is not None and ts < floor:
+        return BEFORE_CUTOVER
     return dv[1]
 
 
@@ -171,7 +178,9 @@ REASONS = (
     "date/time",
     "timestamp more than 48 h from the object's hour",
     "cs-uri-stem too long",
+    "before the cut-over day (etl/logs_since)",
 )
+BEFORE_CUTOVER = REASONS[6]
 
 
 def ip_hasher(key: bytes) -> Callable[[bytes], int]:

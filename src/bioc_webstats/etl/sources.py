@@ -9,6 +9,7 @@ fails as a whole (:class:`LogFormatError`).
 from __future__ import annotations
 
 import datetime as dt
+import os
 import re
 import zlib
 from collections.abc import Iterable, Iterator
@@ -67,12 +68,44 @@ def parse_name(key: str) -> dt.datetime | None:
 # --- sources ---------------------------------------------------------------------------------
 
 
+@dataclass(frozen=True)
+class Window:
+    """The name dates a listing wants: ``start`` … ``until`` (inclusive; None = open)."""
+
+    start: dt.date | None = None
+    until: dt.date | None = None
+
+    def __contains__(self, day: dt.date) -> bool:
+        return (self.start is None or day >= self.start) and (
+            self.until is None or day <= self.until
+        )
+
+    @property
+    def whole(self) -> bool:
+        return self.start is None and self.until is None
+
+
+EVERYTHING = Window()
+_DAY_DIR = re.compile(r"^(\d{4}-\d{2}-\d{2})$")
+
+
+def dir_day(name: str) -> dt.date | None:
+    """The day of a ``YYYY-MM-DD`` folder name (objects filed by day), else None."""
+    if not _DAY_DIR.match(name):
+        return None
+    try:
+        return dt.date.fromisoformat(name)
+    except ValueError:
+        return None
+
+
 class Source:
-    """Where log objects live. ``list`` returns (log objects, keys skipped as not log names)."""
+    """Where log objects live. ``list`` returns (log objects, keys skipped as not log names)
+    of the objects whose name date is in the window."""
 
     url: str
 
-    def list(self) -> tuple[list[LogObject], list[str]]:
+    def list(self, window: Window = EVERYTHING) -> tuple[list[LogObject], list[str]]:
         raise NotImplementedError
 
     def chunks(self, obj: LogObject) -> Iterator[bytes]:
@@ -85,7 +118,8 @@ class Source:
 
 
 class DirSource(Source):
-    """A local directory, searched recursively; keys are paths relative to it."""
+    """A local directory, searched recursively (symlinked folders followed, each real folder
+    once); keys are paths relative to it."""
 
     def __init__(self, root: Path) -> None:
         self.root = root
@@ -93,18 +127,39 @@ class DirSource(Source):
         if not root.is_dir():
             raise WebstatsError(f"log source {root}: not a directory")
 
-    def list(self) -> tuple[list[LogObject], list[str]]:
+    def list(self, window: Window = EVERYTHING) -> tuple[list[LogObject], list[str]]:
         objects: list[LogObject] = []
         skipped: list[str] = []
-        for path in sorted(self.root.rglob("*")):
-            if not path.is_file():
+        seen: set[tuple[int, int]] = set()  # real folders walked (a symlink loop ends here)
+        todo = [self.root]
+        while todo:
+            folder = todo.pop()
+            try:
+                st = folder.stat()
+                entries = sorted(os.scandir(folder), key=lambda e: e.name)
+            except OSError as exc:
+                raise WebstatsError(f"log source {folder}: {exc.strerror}") from None
+            if (st.st_dev, st.st_ino) in seen:
                 continue
-            key = path.relative_to(self.root).as_posix()
-            hour = parse_name(key)
-            if hour is None:
-                skipped.append(key)
-            else:
-                objects.append(LogObject(key, path.stat().st_size, hour))
+            seen.add((st.st_dev, st.st_ino))
+            subdirs = []
+            for entry in entries:
+                path = Path(entry.path)
+                key = path.relative_to(self.root).as_posix()
+                if entry.is_dir():  # follows a symlink
+                    day = dir_day(entry.name)
+                    if day is None or day in window:  # a day folder outside: not opened
+                        subdirs.append(path)
+                    continue
+                hour = parse_name(entry.name)
+                if hour is None:
+                    if entry.is_file():
+                        skipped.append(key)
+                elif hour.date() in window and entry.is_file():  # by name: no stat outside
+                    objects.append(LogObject(key, entry.stat().st_size, hour))
+            todo.extend(reversed(subdirs))  # depth first, in name order
+        objects.sort(key=lambda o: o.key)
+        skipped.sort()
         return objects, skipped
 
     def get(self, key: str) -> LogObject:
@@ -121,6 +176,35 @@ class DirSource(Source):
                     yield chunk
         except OSError as exc:
             raise LogFormatError(f"cannot read: {exc.strerror}") from None
+
+
+WALK_PAGE = 20  # keys per request while looking for runs of names (each costs one request)
+MAX_DEPTH = 6  # folders below the prefix walked when listing by window
+
+
+def _after(prefix: str) -> str:
+    """A ``StartAfter`` past every key that starts with ``prefix`` (its last character + 1)."""
+    return prefix[:-1] + chr(ord(prefix[-1]) + 1)
+
+
+class _Listing:
+    """What a listing found: log objects in the window, and keys that are not log names."""
+
+    def __init__(self, window: Window) -> None:
+        self.window = window
+        self.objects: list[LogObject] = []
+        self.skipped: list[str] = []
+
+    def add(self, item: dict[str, Any]) -> None:
+        key = item["Key"]
+        if key.endswith("/"):
+            return
+        hour = parse_name(key)
+        if hour is None:
+            self.skipped.append(key)
+        elif hour.date() in self.window:
+            etag = str(item.get("ETag", "")).strip('"') or None
+            self.objects.append(LogObject(key, int(item["Size"]), hour, etag))
 
 
 class S3Source(Source):
@@ -149,30 +233,107 @@ class S3Source(Source):
             why = f"{type(exc).__name__}: {exc}"
         return WebstatsError(f"s3://{self.bucket}/{what}: {why}")
 
-    def list(self) -> tuple[list[LogObject], list[str]]:
+    def list(self, window: Window = EVERYTHING) -> tuple[list[LogObject], list[str]]:
+        """The log objects named in the window. Without a window: one paginated pass over
+        the prefix. With one, object names sort by date within each distribution, so each
+        distribution's run of names (``<dist>.<date>…`` in a folder) and each run of day
+        folders (``<YYYY-MM-DD>/``) is listed from the window's first name (``StartAfter``)
+        up to its last: the keys listed are those of the window, plus a few per folder to
+        find the runs, however large the bucket."""
         from botocore.exceptions import BotoCoreError, ClientError
 
-        objects: list[LogObject] = []
-        skipped: list[str] = []
-        paginator = self.client.get_paginator("list_objects_v2")
-        config = {"PageSize": self.page_size} if self.page_size else {}
+        found = _Listing(window)
         try:
-            for page in paginator.paginate(
-                Bucket=self.bucket, Prefix=self.prefix, PaginationConfig=config
-            ):
-                for item in page.get("Contents", ()):
-                    key = item["Key"]
-                    if key.endswith("/"):
-                        continue
-                    hour = parse_name(key)
-                    if hour is None:
-                        skipped.append(key)
-                    else:
-                        etag = str(item.get("ETag", "")).strip('"') or None
-                        objects.append(LogObject(key, int(item["Size"]), hour, etag))
+            if window.whole:
+                for item in self._pages(self.prefix):
+                    found.add(item)
+            else:
+                self._walk(self.prefix, found, depth=0)
         except (BotoCoreError, ClientError) as exc:
             raise self._aws(self.prefix, exc) from None
-        return objects, skipped
+        found.objects.sort(key=lambda o: o.key)
+        return found.objects, sorted(found.skipped)
+
+    def _pages(self, prefix: str, start_after: str = "") -> Iterator[dict[str, Any]]:
+        """Every object under ``prefix`` after ``start_after``, in key order."""
+        paginator = self.client.get_paginator("list_objects_v2")
+        config = {"PageSize": self.page_size} if self.page_size else {}
+        args = {"Bucket": self.bucket, "Prefix": prefix, "PaginationConfig": config}
+        if start_after:
+            args["StartAfter"] = start_after
+        for page in paginator.paginate(**args):
+            yield from page.get("Contents", ())
+
+    def _walk(self, folder: str, found: _Listing, depth: int) -> None:
+        """List ``folder`` one level at a time (``Delimiter='/'``) in small pages, jumping
+        over what the window does not need: a run of log names is listed on its own from the
+        window's start, then skipped as a whole; day folders outside the window are skipped
+        by ``StartAfter``; other folders are walked the same way."""
+        window = found.window
+        cursor = ""
+        size = WALK_PAGE
+        while True:
+            args = {"Bucket": self.bucket, "Prefix": folder, "Delimiter": "/", "MaxKeys": size}
+            if cursor:
+                args["StartAfter"] = cursor
+            page = self.client.list_objects_v2(**args)
+            entries = [(c["Prefix"], None) for c in page.get("CommonPrefixes", ())]
+            entries += [(item["Key"], item) for item in page.get("Contents", ())]
+            entries.sort(key=lambda e: e[0])
+            jump = None
+            for key, item in entries:
+                name = key[len(folder) :]
+                if item is None:  # a folder
+                    day = dir_day(name[:-1])
+                    if day is None:
+                        if depth < MAX_DEPTH:
+                            self._walk(key, found, depth + 1)
+                    elif window.start is not None and day < window.start:
+                        jump = folder + window.start.isoformat()  # the window's first day
+                        break
+                    elif window.until is not None and day > window.until:
+                        jump = folder + "9999-99-99"  # past every day folder
+                        break
+                    else:  # one day's objects
+                        for obj in self._pages(key):
+                            found.add(obj)
+                    cursor = _after(key)
+                    continue
+                m = _NAME.match(name)
+                if m is None or "/" in name:
+                    found.add(item)  # not a log name: reported as skipped
+                    cursor = key
+                    continue
+                # A run of one distribution's names: from the window's start to its end.
+                self._list_run(folder + m["dist"] + ".", found)
+                jump = _after(folder + m["dist"] + ".")
+                break
+            if jump is not None:
+                cursor = jump
+                size = WALK_PAGE
+                continue
+            if not page.get("IsTruncated"):
+                return
+            # Pages with nothing to jump over (files that are not logs, folders): larger ones.
+            size = min(size * 2, 1000)
+
+    def _list_run(self, run: str, found: _Listing) -> None:
+        """The names ``<run><YYYY-MM-DD>-…`` of the window: with both ends, one prefix per
+        day (nothing outside is listed); open-ended, from the start (``StartAfter``)."""
+        window = found.window
+        if window.start is not None and window.until is not None:
+            day = window.start
+            while day <= window.until:
+                for obj in self._pages(run + day.isoformat()):
+                    found.add(obj)
+                day += dt.timedelta(days=1)
+            return
+        start = run + window.start.isoformat() if window.start else ""
+        for obj in self._pages(run, start):
+            hour = parse_name(obj["Key"])
+            if hour is not None and window.until and hour.date() > window.until:
+                break  # names sort by date: the rest is after the window
+            found.add(obj)
 
     def get(self, key: str) -> LogObject:
         from botocore.exceptions import BotoCoreError, ClientError

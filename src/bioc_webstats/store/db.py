@@ -217,6 +217,13 @@ def set_meta(session: Session, key: str, value: str) -> None:
         row.value = value
 
 
+def delete_meta(session: Session, key: str) -> None:
+    """Remove a ``meta`` key if present (within the caller's transaction)."""
+    row = session.get(Meta, key)
+    if row is not None:
+        session.delete(row)
+
+
 def get_valid_thru(session: Session) -> dt.date | None:
     """The latest date of any stored download record, as kept in ``meta``."""
     value = get_meta(session, VALID_THRU)

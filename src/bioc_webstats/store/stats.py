@@ -339,8 +339,14 @@ def recompute_packages(session: Session, packages: Iterable[tuple[str, str]]) ->
         return
     # A package with no records (or no longer known) must not keep rows either.
     ps = PackageStat
+    by_cat: dict[str, list[str]] = defaultdict(list)
     for cat, pkg in pairs:
-        session.execute(delete(ps).where(ps.category == cat, ps.package == pkg))
+        by_cat[cat].append(pkg)
+    for cat, names in by_cat.items():  # in chunks: a seed touches thousands of packages
+        names.sort()
+        for i in range(0, len(names), _CHUNK):
+            chunk = names[i : i + _CHUNK]
+            session.execute(delete(ps).where(ps.category == cat, ps.package.in_(chunk)))
     queue(session, months_of_packages(session, pairs))
     if apply_pending(session).data_version is None:
         db.bump_data_version(session)

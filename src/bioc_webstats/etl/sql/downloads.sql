@@ -5,7 +5,8 @@
 -- query texts in the history and CloudTrail). Ordered by object, so the loader streams it.
 -- Placeholders: @@TABLE@@, @@WHERE@@ (partition filter or empty), @@RULE@@ (the download
 -- path pattern of logs.py), @@F33@@ / @@F15@@ (the standard #Fields layouts; other layouts
--- are left to the local engine).
+-- are left to the local engine), @@FLOOR@@ (the cut-over day: lines dated before it are not
+-- counted; 0001-01-01 when none is set).
 WITH raw AS (
     SELECT "$path" AS path, regexp_replace(line, '\r$', '') AS line
     FROM @@TABLE@@
@@ -45,6 +46,7 @@ checked AS (
                 > 172800 THEN false
             WHEN NOT regexp_like(element_at(f, 9), '^[0-9]+$') THEN false
             WHEN element_at(f, 5) IN ('', '-') THEN false
+            WHEN element_at(f, 1) < '@@FLOOR@@' THEN false
             ELSE true
         END AS ok
     FROM lines

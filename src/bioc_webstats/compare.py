@@ -1,0 +1,407 @@
+"""``bioc-webstats compare``: every published text file, byte for byte, against another site.
+
+The proof of the take-over (etl.md): "there" is the legacy site (a base URL such as
+``https://bioconductor.org/packages/stats/``, or a local directory copy of it); "here" is
+this instance, its files built from the database exactly as the web builds them
+(``web.targets``), or fetched from its own public URL (``--ours``). The lists drive it: the
+four category files of each category, every year file either side's ``<prefix>_stats.tab``
+lists, and for each package that either side's ``<prefix>_packages.txt`` names its
+``<pkg>_stats.tab`` and every year file either side lists in it.
+
+Polite to a remote site: a few requests at a time (``jobs``), a timeout, retries with
+backoff on 5xx, 429, timeouts and broken connections, and a User-Agent naming the tool.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures as cf
+import http.client
+import logging
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+from collections import deque
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from . import __version__
+from .categories import BY_PREFIX, BY_STEM, CATEGORIES, Category
+from .config import Settings
+from .errors import WebstatsError
+
+log = logging.getLogger(__name__)
+
+USER_AGENT = f"bioc-webstats-compare/{__version__} (+https://bioconductor.org/packages/stats/)"
+TIMEOUT = 30.0  # seconds per request
+ATTEMPTS = 4  # per file: the first try and three retries
+BACKOFF = 1.0  # seconds before the first retry, doubled each time
+MAX_BYTES = 256 * 1024 * 1024  # the largest file (software's _pkg_stats.tab) is ~20 MB
+RETRY_STATUS = frozenset({429, 500, 502, 503, 504})
+GIVE_UP = 10  # files in a row that cannot be read (after their retries): the run stops
+
+
+class FetchError(WebstatsError):
+    """A file could not be read from a side (after the retries)."""
+
+
+# --- the sides ----------------------------------------------------------------------------------
+
+
+class Side:
+    """Where published files are read from; ``fetch`` answers None for a missing file."""
+
+    name: str
+
+    def fetch(self, relpath: str) -> bytes | None:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        pass
+
+
+class WebSide(Side):
+    """A site over HTTP(S): ``<base>/<relpath>``."""
+
+    def __init__(
+        self,
+        base: str,
+        timeout: float = TIMEOUT,
+        attempts: int = ATTEMPTS,
+        backoff: float = BACKOFF,
+        sleep: Callable[[float], None] = time.sleep,
+    ) -> None:
+        self.base = base if base.endswith("/") else base + "/"
+        self.name = self.base
+        self.timeout, self.attempts, self.backoff, self.sleep = timeout, attempts, backoff, sleep
+
+    def url(self, relpath: str) -> str:
+        return self.base + urllib.parse.quote(relpath)
+
+    def fetch(self, relpath: str) -> bytes | None:
+        url = self.url(relpath)
+        req = urllib.request.Request(url, headers={"User-Agent": USER_AGENT})  # noqa: S310
+        delay = self.backoff
+        for attempt in range(1, self.attempts + 1):
+            try:
+                with urllib.request.urlopen(req, timeout=self.timeout) as resp:  # noqa: S310
+                    data = resp.read(MAX_BYTES + 1)
+                if len(data) > MAX_BYTES:
+                    raise FetchError(f"{url}: larger than {MAX_BYTES} bytes")
+                return data
+            except urllib.error.HTTPError as exc:
+                if exc.code in (404, 410):
+                    return None
+                why = f"HTTP {exc.code} {exc.reason}"
+                if exc.code not in RETRY_STATUS:
+                    raise FetchError(f"{url}: {why}") from None
+                wait = _retry_after(exc.headers.get("Retry-After"), delay)
+            except (urllib.error.URLError, TimeoutError, http.client.HTTPException, OSError) as exc:
+                reason = getattr(exc, "reason", exc)
+                why = (
+                    "timed out" if "timed out" in str(reason) else str(reason) or type(exc).__name__
+                )
+                wait = delay
+            if attempt == self.attempts:
+                raise FetchError(f"{url}: {why} (after {self.attempts} attempts)")
+            log.debug("%s: %s; retrying in %.1fs", url, why, wait)
+            self.sleep(wait)  # backoff between attempts on the remote site
+            delay *= 2
+        raise AssertionError("unreachable")
+
+
+def _retry_after(value: str | None, default: float) -> float:
+    """A ``Retry-After`` in seconds when it is a small number, else our own backoff."""
+    try:
+        seconds = float(value) if value else default
+    except ValueError:
+        return default
+    return min(max(seconds, 0.0), 60.0)
+
+
+class DirSide(Side):
+    """A directory copy of a site (what ``/packages/stats/`` holds)."""
+
+    def __init__(self, root: Path) -> None:
+        if not root.is_dir():
+            raise WebstatsError(f"{root}: not a directory nor an http(s):// URL")
+        self.root = root
+        self.name = str(root)
+
+    def fetch(self, relpath: str) -> bytes | None:
+        path = self.root / relpath
+        try:
+            return path.read_bytes()
+        except (FileNotFoundError, NotADirectoryError, IsADirectoryError):
+            return None
+        except OSError as exc:
+            raise FetchError(f"{path}: {exc.strerror}") from None
+
+
+class DatabaseSide(Side):
+    """This instance's files, built from its database the way the web builds them."""
+
+    def __init__(self, settings: Settings) -> None:
+        from .store import db
+        from .web import report
+
+        self.name = "this instance's database"
+        self.session = db.session_factory(settings.database_url)()
+        if self.session.get_bind().dialect.name == "postgresql":  # one view of the data
+            self.session.connection(execution_options={"isolation_level": "REPEATABLE READ"})
+        state = db.data_state(self.session)
+        self.snap = report.load_snapshot(self.session, state.version, state.valid_thru)
+
+    def fetch(self, relpath: str) -> bytes | None:
+        from .web.targets import Target, build, exists, resolve
+
+        target = resolve(relpath)
+        if not isinstance(target, Target) or target.is_page or not exists(target, self.snap):
+            return None
+        return build(self.session, target, self.snap).encode("utf-8")
+
+    def close(self) -> None:
+        self.session.close()
+
+
+def open_side(where: str, timeout: float = TIMEOUT) -> Side:
+    """A base URL (``http(s)://…/packages/stats/``) or a directory copy of a site."""
+    if where.startswith(("http://", "https://")):
+        return WebSide(where, timeout=timeout)
+    return DirSide(Path(where.removeprefix("file://")))
+
+
+# --- what is compared -------------------------------------------------------------------------
+
+
+def _names(body: bytes | None) -> list[str]:
+    """Package names of a ``<prefix>_packages.txt`` (one a line)."""
+    if not body:
+        return []
+    return [n for n in body.decode("utf-8", "replace").splitlines() if n]
+
+
+def _years(body: bytes | None) -> set[int]:
+    """The years a ``_stats.tab`` holds blocks for."""
+    years = set()
+    for line in (body or b"").decode("utf-8", "replace").splitlines()[1:]:
+        head = line.split("\t", 1)[0]
+        if len(head) == 4 and head.isascii() and head.isdigit():
+            years.add(int(head))
+    return years
+
+
+def _safe(name: str) -> bool:
+    """A package name usable as a path segment (the lists come from another site)."""
+    return (
+        bool(name)
+        and name not in (".", "..")
+        and "/" not in name
+        and "\\" not in name
+        and name.isprintable()
+        and len(name) <= 200
+    )
+
+
+@dataclass
+class Outcome:
+    """The comparison of one file."""
+
+    path: str
+    line: str | None = None  # None: the same bytes
+
+    @property
+    def differs(self) -> bool:
+        return self.line is not None
+
+
+@dataclass
+class CompareResult:
+    compared: int = 0
+    differ: int = 0
+    lines: list[str] = field(default_factory=list)
+
+    def summary(self) -> str:
+        return f"{self.compared} files compared, {self.differ} differ"
+
+
+def first_difference(here: bytes, there: bytes) -> str:
+    """Where two bodies first differ: the line number and both lines (a line end shown
+    only when the two lines differ in it)."""
+    a, b = here.splitlines(keepends=True), there.splitlines(keepends=True)
+    for n, (x, y) in enumerate(zip(a, b, strict=False), 1):
+        if x != y:
+            return f"line {n}: here {_show(x, y)}, there {_show(y, x)}"
+    n = min(len(a), len(b)) + 1
+    if len(a) > len(b):
+        return f"line {n}: there ends; here goes on with {_show(a[n - 1])}"
+    return f"line {n}: here ends; there goes on with {_show(b[n - 1])}"
+
+
+def _show(line: bytes, other: bytes | None = None) -> str:
+    if other is None or line.rstrip(b"\r\n") != other.rstrip(b"\r\n"):
+        line = line.rstrip(b"\r\n")
+    text = line.decode("utf-8", "replace")
+    return repr(text if len(text) <= 120 else text[:120] + "…")
+
+
+def judge(path: str, here: bytes | None, there: bytes | None) -> Outcome:
+    if here is None and there is None:
+        return Outcome(path)  # not published by either side (a year listed nowhere else)
+    if here is None:
+        return Outcome(path, "missing here")
+    if there is None:
+        return Outcome(path, "missing there")
+    if here == there:
+        return Outcome(path)
+    return Outcome(path, first_difference(here, there))
+
+
+class Comparison:
+    """Fetch each file from both sides (``there`` concurrently, a few at a time) and judge."""
+
+    def __init__(
+        self, here: Side, there: Side, jobs: int = 4, echo: Callable[[str], None] = print
+    ) -> None:
+        self.here, self.there = here, there
+        self.jobs, self.echo = jobs, echo
+        self.pool = cf.ThreadPoolExecutor(max_workers=jobs, thread_name_prefix="compare")
+        self.here_pool = (
+            None
+            if isinstance(here, DatabaseSide | DirSide)  # the database session: this thread
+            else cf.ThreadPoolExecutor(max_workers=jobs, thread_name_prefix="compare-here")
+        )
+        self.result = CompareResult()
+        self.failed_in_a_row = 0
+
+    def close(self) -> None:
+        self.pool.shutdown(wait=True, cancel_futures=True)
+        if self.here_pool is not None:
+            self.here_pool.shutdown(wait=True, cancel_futures=True)
+
+    def _get(self, side: Side, path: str) -> tuple[bytes | None, str | None]:
+        try:
+            return side.fetch(path), None
+        except FetchError as exc:
+            return None, str(exc)
+
+    def fetch_both(self, paths: list[str]) -> Iterator[tuple[str, bytes | None, bytes | None]]:
+        """(path, here, there) in the order given, with at most ``2 * jobs`` in flight."""
+        pending: deque[tuple[str, cf.Future, cf.Future | None]] = deque()
+        todo = iter(paths)
+
+        def submit(path: str) -> None:
+            there = self.pool.submit(self._get, self.there, path)
+            here = None if self.here_pool is None else self.here_pool.submit(
+                self._get, self.here, path
+            )  # fmt: skip
+            pending.append((path, there, here))
+
+        for path in todo:
+            submit(path)
+            if len(pending) >= 2 * self.jobs:
+                break
+        while pending:
+            path, there_f, here_f = pending.popleft()
+            here, here_err = here_f.result() if here_f else self._get(self.here, path)
+            there, there_err = there_f.result()
+            nxt = next(todo, None)
+            if nxt is not None:
+                submit(nxt)
+            if here_err or there_err:
+                self.record(Outcome(path, f"cannot compare: {here_err or there_err}"))
+                self.failed_in_a_row += 1
+                if self.failed_in_a_row >= GIVE_UP:  # a site that is down: not 50,000 times
+                    raise WebstatsError(
+                        f"compare: stopped after {GIVE_UP} files in a row could not be read "
+                        f"(last: {here_err or there_err})"
+                    )
+                continue
+            self.failed_in_a_row = 0
+            yield path, here, there
+
+    def record(self, outcome: Outcome) -> None:
+        self.result.compared += 1
+        if outcome.differs:
+            self.result.differ += 1
+            line = f"{outcome.path}: {outcome.line}"
+            self.result.lines.append(line)
+            self.echo(line)  # one line per differing file, as it is found
+
+    def files(self, paths: list[str]) -> dict[str, tuple[bytes | None, bytes | None]]:
+        """Compare ``paths``; return the bodies of both sides (for the lists they hold)."""
+        bodies = {}
+        for path, here, there in self.fetch_both(paths):
+            outcome = judge(path, here, there)
+            if here is not None or there is not None:
+                self.record(outcome)
+            bodies[path] = (here, there)
+        return bodies
+
+
+def _categories(names: list[str] | None) -> list[Category]:
+    if not names:
+        return list(CATEGORIES)
+    out = []
+    for name in names:
+        cat = BY_PREFIX.get(name) or BY_STEM.get(name)
+        if cat is None:
+            known = ", ".join(c.prefix for c in CATEGORIES)
+            raise WebstatsError(f"--categories: unknown category {name!r} (one of {known})")
+        if cat not in out:
+            out.append(cat)
+    return out
+
+
+def compare(
+    here: Side,
+    there: Side,
+    categories: list[str] | None = None,
+    packages: list[str] | None = None,
+    jobs: int = 4,
+    echo: Callable[[str], None] = print,
+) -> CompareResult:
+    """Compare every text file of the selected categories (and packages) on both sides;
+    ``echo`` gets one line per differing file as it is found."""
+    cats = _categories(categories)
+    run = Comparison(here, there, jobs, echo)
+    try:
+        for cat in cats:
+            _compare_category(run, cat, packages)
+    finally:
+        run.close()
+    return run.result
+
+
+def _compare_category(run: Comparison, cat: Category, only: list[str] | None) -> None:
+    stem, prefix = cat.stem, cat.prefix
+    listing = f"{stem}/{prefix}_packages.txt"
+    totals = f"{stem}/{prefix}_stats.tab"
+    if only is None:
+        heavy = [f"{stem}/{prefix}_pkg_stats.tab", f"{stem}/{prefix}_pkg_scores.tab"]
+        bodies = run.files([listing, totals, *heavy])
+        years = set().union(*map(_years, bodies[totals])) if totals in bodies else set()
+        run.files([f"{stem}/{prefix}_{y}_stats.tab" for y in sorted(years, reverse=True)])
+    else:  # only these packages: the lists are read, not compared
+        bodies = {listing: (run.here.fetch(listing), run.there.fetch(listing))}
+    here_names, there_names = (_names(b) for b in bodies.get(listing, (None, None)))
+    names = list(dict.fromkeys(here_names + there_names))
+    if only is not None:
+        names = [n for n in names if n in set(only)]
+    unsafe = [n for n in names if not _safe(n)]
+    for name in unsafe:
+        run.record(Outcome(listing, f"package name {name[:80]!r} is not a usable file name"))
+    names = [n for n in names if _safe(n)]
+    # Each package's all-years file first; its year files after (the years both list).
+    for start in range(0, len(names), 200):  # bounded memory: 200 packages' bodies at a time
+        chunk = names[start : start + 200]
+        tabs = run.files([f"{stem}/{n}/{n}_stats.tab" for n in chunk])
+        year_files = []
+        for name in chunk:
+            here, there = tabs.get(f"{stem}/{name}/{name}_stats.tab", (None, None))
+            years = _years(here) | _years(there)
+            year_files += [
+                f"{stem}/{name}/{name}_{y}_stats.tab" for y in sorted(years, reverse=True)
+            ]
+        run.files(year_files)

@@ -1,0 +1,253 @@
+"""``bioc-webstats compare`` against a static copy of the expected site (the independent
+reference of ``webref``) served over HTTP by a real server on loopback, and as a directory:
+identical → exit 0; a changed number, a missing file, an extra package → named, exit 1; a
+server that fails twice then answers → retried; politeness (User-Agent, a few at a time)."""
+
+from __future__ import annotations
+
+import datetime as dt
+import functools
+import http.server
+import threading
+from collections import Counter
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+import webref
+from bioc_webstats import compare as cmp
+from bioc_webstats.config import load_settings
+from bioc_webstats.store import db
+from test_ingest_s3 import cli_run
+
+VT = dt.date(2024, 3, 31)
+
+
+class Site:
+    """A static site on a free loopback port: what it was asked, and its failures to come."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.requests: Counter[str] = Counter()
+        self.agents: set[str] = set()
+        self.fail: dict[str, int] = {}  # path -> 503 answers still to give
+        self.in_flight = self.max_in_flight = 0
+        self.lock = threading.Lock()
+        site = self
+
+        class Handler(http.server.SimpleHTTPRequestHandler):
+            def log_message(self, *args) -> None:
+                pass
+
+            def do_GET(self) -> None:
+                path = self.path.removeprefix("/packages/stats/")
+                with site.lock:
+                    site.requests[path] += 1
+                    site.agents.add(self.headers.get("User-Agent", ""))
+                    site.in_flight += 1
+                    site.max_in_flight = max(site.max_in_flight, site.in_flight)
+                    failing = site.fail.get(path, 0)
+                    if failing:
+                        site.fail[path] = failing - 1
+                try:
+                    if failing:
+                        self.send_error(503, "try again")
+                    else:
+                        super().do_GET()
+                finally:
+                    with site.lock:
+                        site.in_flight -= 1
+
+            def translate_path(self, path: str) -> str:
+                return super().translate_path(path.replace("/packages/stats", "", 1))
+
+        self.server = http.server.ThreadingHTTPServer(
+            ("127.0.0.1", 0), functools.partial(Handler, directory=str(root))
+        )
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/packages/stats/"
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@pytest.fixture
+def expected() -> dict[str, bytes]:
+    return webref.Reference(VT).all_files()
+
+
+@pytest.fixture
+def legacy(tmp_path, expected) -> Iterator[Site]:
+    """The reference's files as a static site (what the legacy server publishes)."""
+    root = tmp_path / "legacy"
+    for rel, body in expected.items():
+        (root / rel).parent.mkdir(parents=True, exist_ok=True)
+        (root / rel).write_bytes(body)
+    site = Site(root)
+    try:
+        yield site
+    finally:
+        site.close()
+
+
+@pytest.fixture
+def ours(db_url):
+    with db.session_factory(db_url)() as s:
+        webref.load_direct(s, valid_thru=VT)
+    return db_url
+
+
+def run(monkeypatch, db_url, tmp_path, capsys, *args: str) -> tuple[int, list[str], list[str]]:
+    capsys.readouterr()
+    code = cli_run(monkeypatch, db_url, tmp_path, "compare", *args)
+    out = capsys.readouterr()
+    return code, out.out.splitlines(), out.err.splitlines()
+
+
+def test_identical_site_over_http(ours, legacy, expected, tmp_path, monkeypatch, capsys):
+    code, out, err = run(monkeypatch, ours, tmp_path, capsys, "--against", legacy.url)
+    assert (code, out) == (0, [f"{len(expected)} files compared, 0 differ"]), err
+    assert set(legacy.requests) == set(expected)  # every file, each once
+    assert max(legacy.requests.values()) == 1
+    assert legacy.agents == {cmp.USER_AGENT}
+    assert cmp.USER_AGENT.startswith("bioc-webstats-compare/")
+    assert 1 <= legacy.max_in_flight <= 4
+
+
+def test_a_changed_number_is_named(ours, legacy, expected, tmp_path, monkeypatch, capsys):
+    rel = "bioc/affy/affy_2009_stats.tab"
+    body = expected[rel].decode()
+    assert "2009\tFeb\t2\t2\n" in body
+    (legacy.root / rel).write_text(body.replace("2009\tFeb\t2\t2\n", "2009\tFeb\t2\t3\n"))
+    code, out, err = run(monkeypatch, ours, tmp_path, capsys, "--against", legacy.url)
+    assert code == 1
+    assert out == [
+        f"{rel}: line 3: here '2009\\tFeb\\t2\\t2', there '2009\\tFeb\\t2\\t3'",
+        f"{len(expected)} files compared, 1 differ",
+    ]
+    assert err == [
+        f"bioc-webstats: error: compare: 1 of {len(expected)} files differ from {legacy.url}"
+    ]
+
+
+def test_missing_files_either_side(ours, legacy, expected, tmp_path, monkeypatch, capsys):
+    gone = "bioc/limma/limma_2023_stats.tab"
+    (legacy.root / gone).unlink()
+    # a package only the legacy site has: listed, with its files
+    listing = legacy.root / "data-annotation/annotation_packages.txt"
+    listing.write_text(listing.read_text() + "ghost\n")
+    ghost = webref.Reference.H + "".join(
+        f"2023\t{m}\t0\t0\n" for m in webref.MONTH_NAMES
+    ) + "2023\tall\t0\t0\n"  # fmt: skip
+    (legacy.root / "data-annotation/ghost").mkdir()
+    (legacy.root / "data-annotation/ghost/ghost_stats.tab").write_text(ghost)
+    (legacy.root / "data-annotation/ghost/ghost_2023_stats.tab").write_text(ghost)
+    code, out, _ = run(monkeypatch, ours, tmp_path, capsys, "--against", legacy.url)
+    assert code == 1
+    assert out[:-1] == [  # in the order compared: bioc first
+        f"{gone}: missing there",
+        "data-annotation/annotation_packages.txt: line 4: here ends; there goes on with 'ghost'",
+        "data-annotation/ghost/ghost_stats.tab: missing here",
+        "data-annotation/ghost/ghost_2023_stats.tab: missing here",
+    ]
+    assert out[-1] == f"{len(expected) + 2} files compared, 4 differ"
+
+
+def test_a_directory_copy(ours, legacy, expected, tmp_path, monkeypatch, capsys):
+    code, out, _ = run(monkeypatch, ours, tmp_path, capsys, "--against", str(legacy.root))
+    assert (code, out) == (0, [f"{len(expected)} files compared, 0 differ"])
+    assert not legacy.requests
+
+
+def test_ours_from_a_url(legacy, expected, tmp_path, monkeypatch, capsys, db_url):
+    """--ours URL: both sides over HTTP (here: the same site, so nothing differs), and the
+    database is not read."""
+    code, out, _ = run(
+        monkeypatch, db_url, tmp_path, capsys, "--against", str(legacy.root), "--ours", legacy.url
+    )
+    assert (code, out) == (0, [f"{len(expected)} files compared, 0 differ"])
+
+
+def test_narrowed_by_category_and_package(ours, legacy, expected, tmp_path, monkeypatch, capsys):
+    code, out, _ = run(
+        monkeypatch, ours, tmp_path, capsys, "--against", legacy.url, "--categories", "workflows"
+    )
+    assert (code, out) == (0, [f"{sum(k.startswith('workflows/') for k in expected)} files "
+                               "compared, 0 differ"])  # fmt: skip
+    legacy.requests.clear()
+    code, out, _ = run(
+        monkeypatch, ours, tmp_path, capsys, "--against", legacy.url,
+        "--categories", "bioc", "--packages", "affy,TReNA",
+    )  # fmt: skip
+    wanted = [k for k in expected if k.startswith(("bioc/affy/", "bioc/TReNA/"))]
+    assert (code, out) == (0, [f"{len(wanted)} files compared, 0 differ"])
+    assert set(legacy.requests) == {*wanted, "bioc/bioc_packages.txt"}
+    code, _, err = run(
+        monkeypatch, ours, tmp_path, capsys, "--against", legacy.url, "--categories", "software"
+    )
+    assert code == 1 and err == [
+        "bioc-webstats: error: --categories: unknown category 'software' "
+        "(one of bioc, annotation, experiment, workflows)"
+    ]
+
+
+def test_a_server_that_fails_twice_then_answers(ours, legacy, expected, monkeypatch):
+    monkeypatch.setenv("WEBSTATS_DATABASE_URL", ours)
+    flaky = "bioc/bioc_pkg_stats.tab"
+    legacy.fail[flaky] = 2
+    waits: list[float] = []
+    there = cmp.WebSide(legacy.url, backoff=0.25, sleep=waits.append)
+    here = cmp.DatabaseSide(load_settings())
+    lines: list[str] = []
+    try:
+        result = cmp.compare(here, there, echo=lines.append)
+    finally:
+        here.close()
+    assert (result.compared, result.differ, lines) == (len(expected), 0, [])
+    assert legacy.requests[flaky] == 3
+    assert waits == [0.25, 0.5]  # backoff, doubled
+    # a server that keeps failing: the file is reported, the others compared
+    legacy.requests.clear()
+    legacy.fail[flaky] = 10
+    waits.clear()
+    here = cmp.DatabaseSide(load_settings())
+    try:
+        result = cmp.compare(here, there, categories=["bioc"], echo=lines.append)
+    finally:
+        here.close()
+    assert result.differ == 1 and legacy.requests[flaky] == cmp.ATTEMPTS
+    assert lines == [
+        f"{flaky}: cannot compare: {legacy.url}{flaky}: HTTP 503 try again "
+        f"(after {cmp.ATTEMPTS} attempts)"
+    ]
+
+
+def test_first_difference_texts():
+    assert cmp.first_difference(b"a\nb\n", b"a\nc\n") == "line 2: here 'b', there 'c'"
+    assert cmp.first_difference(b"a\n", b"a\nb\n") == ("line 2: here ends; there goes on with 'b'")
+    assert cmp.first_difference(b"a\nb\n", b"a\n") == "line 2: there ends; here goes on with 'b'"
+    assert cmp.first_difference(b"a\nb", b"a\nb\n") == "line 2: here 'b', there 'b\\n'"
+
+
+def test_a_site_that_is_down_stops_the_run(ours, monkeypatch):
+    """Nothing listens on the port: each file is retried, then the run stops after
+    GIVE_UP files in a row instead of trying every file."""
+    from conftest import free_port
+
+    monkeypatch.setenv("WEBSTATS_DATABASE_URL", ours)
+    waits: list[float] = []
+    there = cmp.WebSide(f"http://127.0.0.1:{free_port()}/packages/stats/", sleep=waits.append)
+    here = cmp.DatabaseSide(load_settings())
+    lines: list[str] = []
+    try:
+        with pytest.raises(cmp.WebstatsError, match=r"stopped after 10 files in a row could not"):
+            cmp.compare(here, there, echo=lines.append)
+    finally:
+        here.close()
+    assert len(lines) == cmp.GIVE_UP and "Connection refused" in lines[0]
+    # each file retried; only the few already in flight (2 x 4 jobs) went on after the stop
+    tried = len(waits) // (cmp.ATTEMPTS - 1)
+    assert len(waits) % (cmp.ATTEMPTS - 1) == 0 and cmp.GIVE_UP <= tried <= cmp.GIVE_UP + 8

@@ -1,0 +1,146 @@
+"""``bioc-webstats daily`` (the ETL timer's command) and ``bioc-webstats status``: a failed or
+limited sync is reported and does not stop the ETL, either failure exits 1, successes are
+recorded in ``meta``; on SQLite and PostgreSQL, through the CLI."""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import logging
+import re
+from pathlib import Path
+
+import pytest
+from sqlalchemy import func, select
+
+import loggen
+from bioc_webstats import daily
+from bioc_webstats.store import db
+from bioc_webstats.store.models import IngestedObject, Package
+from test_ingest import assert_truth
+from test_ingest_s3 import cli_run
+
+DEVEL = Path(__file__).parent / "fixtures" / "sync" / "devel"
+SAMPLE = loggen.PACKAGES_SAMPLE
+
+
+def meta(db_url: str) -> dict[str, str | None]:
+    with db.session_factory(db_url)() as s:
+        return {k: db.get_meta(s, k) for k in (daily.LAST_SYNC_OK, daily.LAST_ETL_OK)}
+
+
+def recent(value: str | None) -> bool:
+    if value is None:
+        return False
+    when = dt.datetime.fromisoformat(value)
+    return when.tzinfo is not None and abs(dt.datetime.now(dt.UTC) - when).total_seconds() < 600
+
+
+@pytest.fixture
+def ready(db_url, tmp_path, monkeypatch):
+    """A database with the packages sample and a day of generated logs."""
+    out = tmp_path / "logs"
+    truth = loggen.generate(out, days=1, files_per_day=3, lines_per_file=150, seed=4)
+    assert cli_run(monkeypatch, db_url, tmp_path, "packages", "load", str(SAMPLE)) == 0
+    return out, truth
+
+
+def test_both_steps_ok(db_url, tmp_path, monkeypatch, capsys, ready):
+    out, truth = ready
+    capsys.readouterr()
+    code = cli_run(
+        monkeypatch, db_url, tmp_path, "daily", "--source", str(out), "--packages-from", str(DEVEL),
+        WEBSTATS_ETL_SYNC_CHANGE_LIMIT="1000",
+    )  # fmt: skip
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    assert captured.out.splitlines()[-1] == "daily: packages sync ok, etl run ok"
+    got = meta(db_url)
+    assert recent(got[daily.LAST_SYNC_OK]) and recent(got[daily.LAST_ETL_OK])
+    with db.session_factory(db_url)() as s:  # the sync's changes are in, the logs too
+        assert s.scalar(select(Package).where(Package.package == "NewPkgA")) is not None
+        assert s.scalar(select(func.count()).select_from(IngestedObject)) == len(truth.files)
+        assert db.get_valid_thru(s) is not None
+
+
+def test_failed_sync_is_reported_and_the_etl_runs(db_url, tmp_path, monkeypatch, capsys, ready):
+    out, truth = ready
+    capsys.readouterr()
+    code = cli_run(
+        monkeypatch, db_url, tmp_path, "daily", "--source", str(out),
+        "--packages-from", str(tmp_path / "nowhere"),
+    )  # fmt: skip
+    captured = capsys.readouterr()
+    assert code == 1
+    assert captured.out.splitlines()[-1] == "daily: packages sync failed, etl run ok"
+    assert captured.err.splitlines()[-1] == (
+        f"bioc-webstats: error: packages sync: packages source {tmp_path / 'nowhere'}: "
+        "not a directory nor an http(s):// URL"
+    )
+    assert "Traceback" not in captured.err
+    assert_truth(db_url, truth)  # the ETL ran anyway
+    got = meta(db_url)
+    assert got[daily.LAST_SYNC_OK] is None and recent(got[daily.LAST_ETL_OK])
+
+
+def test_sync_stopped_at_its_limit_is_a_failure(db_url, tmp_path, monkeypatch, capsys, ready):
+    out, truth = ready
+    code = cli_run(
+        monkeypatch, db_url, tmp_path, "daily", "--source", str(out),
+        "--packages-from", str(DEVEL),
+    )  # fmt: skip
+    err = capsys.readouterr().err.splitlines()
+    assert code == 1
+    assert re.match(
+        r"bioc-webstats: error: packages sync: packages sync: \d+ changes exceed the change "
+        r"limit of 50 \(etl/sync_change_limit\); nothing changed",
+        err[-1],
+    )
+    assert_truth(db_url, truth)
+    assert meta(db_url)[daily.LAST_SYNC_OK] is None
+
+
+def test_failed_etl_exits_1_and_keeps_the_sync(db_url, tmp_path, monkeypatch, capsys, ready):
+    out, _ = ready
+    (out / f"{loggen.DIST}.2024-01-30-23.broken.gz").write_bytes(b"not gzip")
+    code = cli_run(
+        monkeypatch, db_url, tmp_path, "daily", "--source", str(out), "--packages-from", str(DEVEL),
+        WEBSTATS_ETL_SYNC_CHANGE_LIMIT="1000",
+    )  # fmt: skip
+    captured = capsys.readouterr()
+    assert code == 1
+    assert captured.out.splitlines()[-1] == "daily: packages sync ok, etl run failed"
+    assert captured.err.splitlines()[-1] == (
+        "bioc-webstats: error: etl run: some objects failed (see above); retried on the next run"
+    )
+    got = meta(db_url)
+    assert recent(got[daily.LAST_SYNC_OK]) and got[daily.LAST_ETL_OK] is None
+
+
+def test_status_reports_the_facts(db_url, tmp_path, monkeypatch, capsys, ready, caplog):
+    out, _ = ready
+    caplog.set_level(logging.WARNING)
+    capsys.readouterr()
+    assert cli_run(monkeypatch, db_url, tmp_path, "status", "--json") == 0
+    before = json.loads(capsys.readouterr().out)
+    assert before[daily.LAST_ETL_OK] is None and before["valid_thru"] is None
+    assert before["packages"] == 264
+    assert cli_run(
+        monkeypatch, db_url, tmp_path, "daily", "--source", str(out), "--packages-from", str(DEVEL),
+        WEBSTATS_ETL_LOGS_SINCE="2024-01-01", WEBSTATS_ETL_SYNC_CHANGE_LIMIT="1000",
+    ) == 0  # fmt: skip
+    capsys.readouterr()
+    assert (
+        cli_run(monkeypatch, db_url, tmp_path, "status", WEBSTATS_ETL_LOGS_SINCE="2024-01-01") == 0
+    )
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[1].startswith("ValidThru: 2024-01-3")
+    assert lines[3].startswith("published: ") and "run 'bioc-webstats publish'" not in lines[3]
+    assert lines[4].startswith("last packages sync ok: 20") and lines[4].endswith("(0 h ago)")
+    assert lines[5].startswith("last ETL run ok: 20")
+    assert lines[7].startswith("log objects ingested: 3, newest named 2024-01-30T")
+    assert lines[8] == "cut-over day (etl/logs_since): 2024-01-01"
+    assert cli_run(monkeypatch, db_url, tmp_path, "status", "--json") == 0
+    facts = json.loads(capsys.readouterr().out)
+    assert facts["published"] == facts["data_version"]
+    assert recent(facts[daily.LAST_SYNC_OK]) and recent(facts[daily.LAST_ETL_OK])
