@@ -9,8 +9,8 @@
    CPU, the import's own split (read, store, recompute), and the peak of the summed RSS and
    PSS of the whole process tree (main process and readers) sampled from /proc; the same for
    the quarter database.
-4. A backfill: 30 generated days of CloudFront logs through ``etl run --since`` (the directory
-   holds only those days) against ``zcat`` of the same files: lines/s of each.
+4. A backfill: 30 generated days of CloudFront logs through ``etl run --since --until``
+   against ``zcat`` of the same files: lines/s of each.
 
 Targets: import <= 2 x the floor, peak memory <= 200 MB and flat.
 """
@@ -154,7 +154,8 @@ def run_import(base: str, path: Path, state: Path) -> tuple[float, float, float,
 
 
 def backfill(base: str, data: Path, days: int, lines_per_file: int, state: Path) -> None:
-    """``days`` days of logs through ``etl run --since`` against zcat of the same files."""
+    """``days`` days of logs through ``etl run --since --until`` against zcat of the same
+    files."""
     where = data / f"logs-{days}-{lines_per_file}-{tag_of(days, lines_per_file)}"
     start = dt.date(YEAR + 1, 1, 1)
     if not (where / ".complete").exists():
@@ -175,11 +176,13 @@ def backfill(base: str, data: Path, days: int, lines_per_file: int, state: Path)
     env = env_for(new_pg_database(base), state)
     cli(["db", "upgrade"], env)
     cli(["packages", "load", str(loggen.PACKAGES_SAMPLE)], env)
-    args = ["etl", "run", "--source", str(where), "--since", start.isoformat()]
+    end = start + dt.timedelta(days=days - 1)
+    args = ["etl", "run", "--source", str(where), "--since", start.isoformat(),
+            "--until", end.isoformat()]  # fmt: skip
     before = pg_cpu(base)
     et, cpu, summary, tree = timed(args, env, "etl run:")
     pg = pg_cpu(base) - before
-    print(f"  etl run --since (PG):     {et:6.2f}s  {lines / et:>12,.0f} lines/s  "
+    print(f"  etl run --since --until:  {et:6.2f}s  {lines / et:>12,.0f} lines/s  "
           f"CPU {cpu:.1f}s (+ PostgreSQL {pg:.1f}s), "
           f"peak PSS sum {tree.pss / 1024:.0f} MB")  # fmt: skip
     print(f"    {summary}")
@@ -196,6 +199,7 @@ def main() -> None:
     ap.add_argument("--lines-per-file", type=int, default=5_000)
     ap.add_argument("--skip-backfill", action="store_true")
     ap.add_argument("--skip-quarter", action="store_true")
+    ap.add_argument("--skip-import", action="store_true", help="the backfill only")
     args = ap.parse_args()
 
     full = legacy_db(args.data, args.rows, args.seed)
@@ -203,7 +207,7 @@ def main() -> None:
     print(f"input: {full} ({full.stat().st_size / 1e6:,.0f} MB, ~{args.rows:,} rows)")
     with pg_cluster() as base, tempfile.TemporaryDirectory() as tmp:
         ratios, ratios_store = [], []
-        for i in range(args.repeat):
+        for i in range(0 if args.skip_import else args.repeat):
             floor, fcpu = time_floor(full)
             print(f"floor: sqlite3 of the five columns: {floor:6.2f}s  "
                   f"{args.rows / floor:>12,.0f} rows/s  CPU {fcpu:.1f}s")  # fmt: skip
@@ -226,7 +230,7 @@ def main() -> None:
                   f"{statistics.median(ratios):.2f}; without the recompute: best "
                   f"{min(ratios_store):.2f}, "
                   f"median {statistics.median(ratios_store):.2f}")  # fmt: skip
-        if quarter is not None:
+        if quarter is not None and not args.skip_import:
             t4, _, _, _, tree4 = run_import(base, quarter, Path(tmp) / "s2")
             full_mb = f"{tree.pss / 1024:.0f} / {tree.rss / 1024:.0f} MB"
             print(f"import of a quarter of it:  {t4:6.2f}s  peak PSS sum "
