@@ -588,3 +588,26 @@ def test_a_month_in_two_files_counts_both(db_url, tmp_path):
     assert cat[("bioc", 2019, 12)] == (2, 3)
     with db.session_factory(db_url)() as s:
         assert s.scalar(select(func.count()).select_from(StatsPending)) == 0
+
+
+def test_readers_end_when_the_import_stops_early(tmp_path):
+    """An import that stops part-way (an error, Ctrl-C) ends its reader processes: what they
+    still send is dropped, none is left behind."""
+    from test_legacy_kill import alive, descendants
+
+    path = good_db(tmp_path / "download_db_2024.sqlite", n=3000)
+    tasks = [(f"k{lo}", str(path), "statuscode", lo, lo + 99) for lo in range(1, 3001, 100)]
+    units = legacy_rows.read_all(tasks, KEY, dt.date(2030, 1, 1), workers=2)
+    first = next(units)
+    assert first.rows == 100 and first.downloads == 100
+
+    def is_reader(pid: int) -> bool:
+        try:
+            return b"_reader_boot" in Path(f"/proc/{pid}/cmdline").read_bytes()
+        except OSError:
+            return False
+
+    readers = {p for p in descendants(os.getpid()) if is_reader(p)}
+    assert len(readers) == 2 and all(alive(p) for p in readers)
+    units.close()  # the importing process gives up
+    assert not any(alive(p) for p in readers)

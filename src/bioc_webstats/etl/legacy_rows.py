@@ -475,6 +475,7 @@ class _Reader:
         self.inp, self.out = self.proc.stdin, self.proc.stdout
         self.results: queue.Queue[UnitResult | BaseException] = queue.Queue(AHEAD)
         self.tasks = tasks
+        self.closing = False
         self.send((key, until, _FORCE_PYTHON))
         for t in tasks[:2]:  # one to read, one waiting
             self.send(t)
@@ -491,15 +492,20 @@ class _Reader:
                 try:
                     result = pickle.load(self.out)  # noqa: S301 - from our own reader
                 except EOFError:
+                    if self.closing:
+                        return
                     code = self.proc.wait()
                     raise WebstatsError(
                         f"import legacy-db: a reader process died (exit status {code})"
                     ) from None
+                if self.closing:  # nobody takes it any more: drop it, read on to the end
+                    continue
                 if i + 2 < len(self.tasks):
                     self.send(self.tasks[i + 2])
                 self.results.put(result)
         except BaseException as exc:  # noqa: BLE001 - handed to the importing thread
-            self.results.put(exc)
+            if not self.closing:
+                self.results.put(exc)
 
     def receive(self) -> UnitResult:
         result = self.results.get()
@@ -510,19 +516,25 @@ class _Reader:
         return result
 
     def close(self) -> None:
-        for pipe in (self.inp, self.out):
-            try:
-                pipe.close()
-            except OSError:
-                pass
+        """End the reader: no more tasks (its stdin closes), what it still sends is dropped;
+        killed if it does not exit within 30 s."""
+        self.closing = True
         try:
-            self.proc.wait(10)
+            self.inp.close()
+        except OSError:
+            pass
+        while True:  # a result waiting for room in the queue: let the thread drop the rest
+            try:
+                self.results.get_nowait()
+            except queue.Empty:
+                break
+        try:
+            self.proc.wait(30)
         except subprocess.TimeoutExpired:
             self.proc.kill()
             self.proc.wait()
-        while not self.results.empty():  # let a thread blocked on a full queue finish
-            self.results.get_nowait()
-        self.thread.join(10)
+        self.thread.join(30)
+        self.out.close()
 
 
 def read_all(
