@@ -13,6 +13,7 @@ import os
 import re
 import shlex
 import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -50,23 +51,20 @@ def repo_version() -> str:
     return re.search(r'^__version__ = "([^"]+)"', text, re.M).group(1)
 
 
-def role_defaults() -> dict[str, Any]:
-    """Every role's defaults/main.yml merged (role variables are prefixed, so no clashes)."""
-    merged: dict[str, Any] = {}
-    for path in sorted(REPO.glob("roles/*/defaults/main.yml")):
-        merged.update(yaml.safe_load(path.read_text()) or {})
-    return merged
-
-
 def inventory_vars(inventory: str = "local") -> dict[str, Any]:
-    """Role defaults overlaid with ``inventory/<inventory>/group_vars`` (all, then the rest)."""
-    merged = role_defaults()
+    """What the playbooks deploy with: every role's defaults, ``inventory/<inventory>/group_vars``
+    on top (all, then the rest), the playbooks' wiring (playbooks/vars/wiring.yml), templated
+    values resolved (tests/ansible_render.py); values only a host or a lookup gives stay raw."""
+    sys.path.insert(0, str(REPO / "tests"))
+    import ansible_render
+
+    merged: dict[str, Any] = {}
     gv = REPO / "inventory" / inventory / "group_vars"
     files = sorted(gv.glob("all.y*ml")) + sorted(gv.glob("all/*.y*ml"))
     files += [p for p in sorted(gv.rglob("*.y*ml")) if p not in files]
     for path in files:
         merged.update(yaml.safe_load(path.read_text()) or {})
-    return merged
+    return ansible_render.deploy_vars(**merged)
 
 
 def runbook_commands() -> list[str]:
@@ -129,21 +127,17 @@ class Service:
         return r.json() if r.status_code == 200 else None
 
 
-def listen_port(value: str) -> int:
-    """The port of a ``host:port`` (or bare port) listen address."""
-    return int(str(value).rsplit(":", 1)[-1])
-
-
 @pytest.fixture(scope="module")
 def deploy_vars() -> dict[str, Any]:
-    """Role defaults + the local inventory's group_vars (what the scenarios deploy with)."""
+    """Role defaults + the local inventory's group_vars + the wiring (what the scenarios deploy
+    with)."""
     return inventory_vars("local")
 
 
 @pytest.fixture(scope="module")
 def service(host, deploy_vars) -> Service:
-    """The deployed service as the controller reaches it."""
-    port = listen_port(deploy_vars.get("webstats_services_listen_stream", "0.0.0.0:8000"))
+    """The deployed service as the controller reaches it: nginx, at the public port."""
+    port = int(deploy_vars["webstats_nginx_port"])
     return Service(f"http://{container_address(container_name(host))}:{port}")
 
 

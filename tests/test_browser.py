@@ -1,6 +1,7 @@
-"""A package page rendered by headless Chromium (Debian's package) from a real gunicorn: the
-chart canvas is drawn by the vendored library, the table carries the data, nothing is
-requested from another host."""
+"""A package page rendered by headless Chromium (Debian's package) through the real front
+(nginx from the role's templates, with its Content-Security-Policy) and gunicorn: the chart
+canvas is drawn by the vendored library, the table carries the data, the policy blocks
+nothing, nothing is requested from another host."""
 
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ from pathlib import Path
 import pytest
 
 import webref
-from webserver import reference_server
+from webserver import reference_front
 
 CHROMIUM = shutil.which("chromium")
 pytestmark = [
@@ -31,8 +32,8 @@ BAR_RGB = (175, 199, 215)
 
 @pytest.fixture(scope="module")
 def server(pg_server, tmp_path_factory):
-    with reference_server(pg_server, tmp_path_factory.mktemp("gunicorn-browser"), VT) as srv:
-        yield srv
+    with reference_front(pg_server, tmp_path_factory.mktemp("front-browser"), VT) as front:
+        yield front
 
 
 def chromium(tmp: Path, url: str, *extra: str) -> subprocess.CompletedProcess:
@@ -53,6 +54,8 @@ def chromium(tmp: Path, url: str, *extra: str) -> subprocess.CompletedProcess:
             f"--user-data-dir={profile}",
             "--window-size=1000,1400",
             "--virtual-time-budget=5000",
+            "--enable-logging=stderr",  # console messages, CSP violations among them
+            "--v=0",
             *extra,
             url,
         ],
@@ -158,6 +161,9 @@ def test_package_page_chart_and_table(server, tmp_path):
     no_js = tmp_path / "nojs.png"
     chromium(tmp_path, (tmp_path / "nojs.html").as_uri(), f"--screenshot={no_js}")
     assert no_js.exists()
+    log = r.stderr.decode(errors="replace")
+    assert "Content Security Policy" not in log, log[-3000:]  # nothing the policy refused
+    assert "Content-Security-Policy" in server.get("/packages/stats/bioc/affy/")[1]
     drawn = count_color(with_js, BAR_RGB)
     assert drawn > 500, f"chart bars not drawn ({drawn} bar pixels)"
     control = count_color(no_js, BAR_RGB)

@@ -1,14 +1,24 @@
 """Static checks of the Ansible roles: public variables live in defaults/, carry the role's
-name, and are all documented, with the same default, in meta/argument_specs.yml."""
+name, and are all documented, with the same default, in meta/argument_specs.yml; the shared
+facts are declared once and wired by the playbooks; no role reads another's internals; the
+nginx configuration rendered from the role's templates passes `nginx -t`."""
 
 from __future__ import annotations
 
+import os
+import re
+import subprocess
 from pathlib import Path
 
 import pytest
 import yaml
 
-ROLES = Path(__file__).resolve().parent.parent / "roles"
+import ansible_render
+from webserver import NGINX_TEMPLATES, nginx_binary, nginx_test, render_nginx
+
+REPO = Path(__file__).resolve().parent.parent
+ROLES = REPO / "roles"
+WIRING = REPO / "playbooks" / "vars" / "wiring.yml"
 ROLE_NAMES = sorted(p.name for p in ROLES.iterdir() if (p / "tasks" / "main.yml").is_file())
 
 
@@ -23,6 +33,7 @@ def test_the_roles_are_there():
         "webstats_release",
         "webstats_services",
         "webstats_postgresql_local",
+        "webstats_nginx",
     }
 
 
@@ -36,11 +47,15 @@ def test_defaults_are_prefixed_and_documented(role):
         assert name.startswith(f"{role}_"), f"{role}: {name} lacks the role prefix"
     missing = sorted(set(defaults) - set(options))
     assert not missing, f"{role}: not in argument_specs: {missing}"
-    unknown = sorted(set(options) - set(defaults))
+    # Options without a default are the wired facts: required, never in defaults/.
+    required = {name for name, spec in options.items() if spec.get("required")}
+    unknown = sorted(set(options) - set(defaults) - required)
     assert not unknown, f"{role}: in argument_specs but not in defaults: {unknown}"
     for name, spec in options.items():
         assert spec.get("description"), f"{role}: {name} has no description"
         assert spec.get("type"), f"{role}: {name} has no type"
+        if name not in defaults:
+            continue
         value = defaults[name]
         if isinstance(value, str) and "{{" in value:
             continue  # computed defaults are described, not repeated
@@ -66,3 +81,158 @@ def test_private_vars_are_marked(role):
     path = ROLES / role / "vars" / "main.yml"
     for name in _load(path):
         assert name.startswith(f"__{role}_"), f"{role}: vars/{name} must be __{role}_…"
+
+
+def _options() -> dict[str, dict]:
+    """Every option of every role's main entry point: {name: spec}."""
+    out = {}
+    for role in ROLE_NAMES:
+        specs = _load(ROLES / role / "meta" / "argument_specs.yml")["argument_specs"]
+        out.update(specs["main"]["options"])
+    return out
+
+
+def test_every_wired_variable_is_an_option_and_every_required_one_is_wired():
+    """The playbooks pass each shared fact to the roles' own variables (wiring.yml): each is a
+    documented input of its role, and every required input without a default is wired."""
+    wiring = _load(WIRING)
+    options = _options()
+    defaults = {k for r in ROLE_NAMES for k in _load(ROLES / r / "defaults" / "main.yml")}
+    assert set(wiring) <= set(options), sorted(set(wiring) - set(options))
+    unwired = {n for n, spec in options.items() if spec.get("required") and n not in defaults}
+    assert unwired <= set(wiring), sorted(unwired - set(wiring))
+    assert len(wiring) >= 20
+    for name, value in wiring.items():
+        assert re.search(r"webstats_(base|nginx)_\w+", str(value)), (
+            f"{name} is not wired from a fact"
+        )
+
+
+def test_each_fact_is_declared_once():
+    """The shared literals (the service account, the paths, the socket) are set in one role's
+    defaults only; the others take them through the wiring."""
+    facts = (
+        "/opt/bioc-webstats",
+        "/etc/bioc-webstats",
+        "/var/lib/bioc-webstats",
+        "/var/log/bioc-webstats",
+        "/run/bioc-webstats",
+        "webstats.env",
+    )
+    for role in ROLE_NAMES:
+        for name, value in _load(ROLES / role / "defaults" / "main.yml").items():
+            literal = str(value) if "{{" not in str(value) else ""
+            if role != "webstats_base":
+                assert not any(f in literal for f in facts), f"{role}: {name}: {value}"
+                assert not (name.endswith(("_user", "_group")) and value == "webstats"), name
+
+
+def test_no_role_or_playbook_reads_another_roles_internals():
+    """__webstats_<role>_* names belong to that role; playbooks read published results."""
+    paths = [
+        *REPO.glob("roles/*/*/*.yml"),
+        *REPO.glob("roles/*/templates/*.j2"),
+        *REPO.glob("playbooks/**/*.yml"),
+        *REPO.glob("systemd/*.j2"),
+    ]
+    assert len(paths) > 30
+    for path in paths:
+        parts = path.relative_to(REPO).parts
+        owner = {"roles": parts[1], "systemd": "webstats_services"}.get(parts[0])
+        for name in set(re.findall(r"__(webstats_[a-z]+(?:_local)?)_\w+", path.read_text())):
+            if owner is None and name in ("webstats_deploy", "webstats_backup"):
+                continue  # a playbook's own
+            assert name == owner, f"{path.relative_to(REPO)} reads __{name}_*"
+
+
+# --- nginx ------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def nginx_conf(tmp_path_factory) -> tuple[Path, dict]:
+    """nginx.conf + site from the role's templates, with the production facts except the
+    directories nginx -t touches (its configuration and log files go to a temporary directory)."""
+    tmp = tmp_path_factory.mktemp("nginx-static")
+    values = ansible_render.deploy_vars()
+    return render_nginx(
+        tmp,
+        Path(values["webstats_base_web_socket"]),
+        Path(values["webstats_base_publish_dir"]),
+        webstats_nginx_listen_address=values["webstats_nginx_listen_address"],
+        webstats_nginx_port=values["webstats_nginx_port"],
+    )
+
+
+def test_nginx_configuration_renders_and_passes_nginx_t(nginx_conf):
+    conf, _ = nginx_conf
+    site = (conf.parent / "sites-enabled" / "bioc-webstats").read_text()
+    assert "{{" not in site and "{%" not in site
+    assert "Managed by Ansible" in site and "Managed by Ansible" in conf.read_text()
+    assert "listen 0.0.0.0:8000 default_server;" in site
+    assert "server unix:/run/bioc-webstats/web.sock;" in site
+    assert "root /var/lib/bioc-webstats/site/current;" in site
+    assert "add_header Cache-Control $webstats_cache_control;" in site
+    assert '"" "public, max-age=3600";' in site
+    result = nginx_test(conf)
+    assert result.returncode == 0, result.stderr
+
+
+def test_nginx_add_header_only_at_server_level(nginx_conf):
+    """An add_header in a location would drop the server's security headers there."""
+    conf, _ = nginx_conf
+    site = (conf.parent / "sites-enabled" / "bioc-webstats").read_text()
+    server = site[site.index("server {") :]
+    depth = 0
+    for line in server.splitlines():
+        if line.strip().startswith("add_header"):
+            assert depth == 1, line
+        depth += line.count("{") - line.count("}")
+
+
+def test_nginx_t_catches_a_broken_site(nginx_conf, tmp_path):
+    """The gate can fail: the role's validate wrapper rejects a broken candidate site and
+    accepts the real one, testing each with the rest of the configuration."""
+    conf, _ = nginx_conf
+    checker = REPO / "roles" / "webstats_nginx" / "files" / "nginx-test-site"
+    good = conf.parent / "sites-enabled" / "bioc-webstats"
+    ok = subprocess.run(
+        [checker, conf, good],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={"PATH": os.environ["PATH"] + ":/usr/sbin"},
+    )
+    assert ok.returncode == 0, ok.stderr
+    bad = tmp_path / "site"
+    bad.write_text(good.read_text().replace("merge_slashes off;", "merge_slashes sideways;"))
+    failed = subprocess.run(
+        [checker, conf, bad],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={"PATH": os.environ["PATH"] + ":/usr/sbin"},
+    )
+    assert failed.returncode != 0
+    assert "merge_slashes" in failed.stderr
+
+
+def test_nginx_origin_check_keeps_the_secret_in_its_own_file(tmp_path):
+    values = ansible_render.deploy_vars()
+    conf, _ = render_nginx(
+        tmp_path,
+        Path(values["webstats_base_web_socket"]),
+        Path(values["webstats_base_publish_dir"]),
+        webstats_nginx_origin_header_name="X-Origin-Verify",
+        webstats_nginx_origin_header_value="a-secret-of-sixteen+",
+    )
+    site = (conf.parent / "sites-enabled" / "bioc-webstats").read_text()
+    origin = (conf.parent / "bioc-webstats-origin.conf").read_text()
+    assert "a-secret-of-sixteen+" not in site + conf.read_text()
+    assert '"a-secret-of-sixteen+" 1;' in origin and "$http_x_origin_verify" in origin
+    assert nginx_test(conf).returncode == 0
+
+
+def test_nginx_is_installed():
+    """Tests that need nginx fail without it (make deps installs nginx-light)."""
+    assert Path(nginx_binary()).is_file()
+    assert NGINX_TEMPLATES.is_dir()

@@ -43,6 +43,7 @@ def test_floor_above_this_release_refuses(db_url, clean_env, monkeypatch):
     _stamp(db_url, newer, floor=newer)
     status = db.schema_status(db_url)
     assert not status.ok and "deploy a newer release" in status.reason
+    assert not status.behind  # db upgrade cannot fix it: `check` exits 1, not 3
     monkeypatch.setenv("WEBSTATS_DATABASE_URL", db_url)
     resp = create_app(load_settings()).test_client().get("/healthz")
     assert resp.status_code == 503
@@ -52,6 +53,7 @@ def test_older_schema_needs_upgrade(db_url):
     _stamp(db_url, "0001")
     status = db.schema_status(db_url)
     assert not status.ok and "db upgrade" in status.reason
+    assert status.behind
 
 
 def _migrate(url: str, target: str) -> None:

@@ -13,7 +13,6 @@ own system units and executable stubs at the rendered paths (the venv does not e
 
 from __future__ import annotations
 
-import os
 import re
 import shutil
 import subprocess
@@ -21,11 +20,11 @@ from pathlib import Path
 
 import jinja2
 import pytest
-import yaml
+
+import ansible_render
 
 ROOT = Path(__file__).resolve().parent.parent
 TEMPLATES = ROOT / "systemd"
-DEFAULTS = ROOT / "roles" / "webstats_services" / "defaults" / "main.yml"
 UNIT_SUFFIXES = (".service", ".socket", ".timer", ".target")
 SERVICES = ("bioc-webstats.service", "bioc-webstats-etl.service", "bioc-webstats-failure@.service")
 ALL_UNITS = (
@@ -43,30 +42,13 @@ pytestmark = pytest.mark.skipif(
 
 
 def _defaults() -> dict:
-    """The role defaults, with templated values resolved (as Ansible would, lazily)."""
-    values = yaml.safe_load(DEFAULTS.read_text())
-    values["role_path"] = str(DEFAULTS.parent.parent)
-    env = jinja2.Environment(undefined=jinja2.StrictUndefined)
-    env.filters["realpath"] = os.path.realpath
-    for _ in range(5):
-        changed = False
-        for key, value in values.items():
-            if isinstance(value, str) and "{{" in value:
-                values[key] = env.from_string(value).render(**values)
-                changed = True
-        if not changed:
-            break
-    return values
+    """The roles' defaults with the playbooks' wiring, resolved (as Ansible would, lazily)."""
+    return ansible_render.deploy_vars()
 
 
 def _render_all() -> dict[str, str]:
     """Every template under systemd/ rendered with the defaults: {file name: text}."""
-    env = jinja2.Environment(
-        loader=jinja2.FileSystemLoader(str(TEMPLATES)),
-        undefined=jinja2.StrictUndefined,
-        keep_trailing_newline=True,
-        trim_blocks=True,  # Ansible's template module default
-    )
+    env = ansible_render.environment(jinja2.FileSystemLoader(str(TEMPLATES)))
     values = _defaults()
     out = {}
     for template in sorted(TEMPLATES.glob("*.j2")):
@@ -221,3 +203,40 @@ def test_run_logged_wrapper(tmp_path, rendered):
     assert len(lines) == 4
     assert all(re.match(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ ", line) for line in lines), lines
     assert lines[0].endswith(" one") and lines[2].endswith(" three")
+
+
+def test_socket_is_a_unix_socket_for_nginx(rendered):
+    socket = rendered["bioc-webstats.socket"]
+    values = _defaults()
+    assert re.search(
+        rf"^ListenStream={re.escape(values['webstats_base_web_socket'])}$", socket, re.M
+    )
+    assert re.search(r"^SocketMode=0660$", socket, re.M)
+    assert re.search(rf"^SocketGroup={values['webstats_nginx_group']}$", socket, re.M)
+    assert "NoDelay" not in socket  # TCP only
+
+
+@pytest.mark.parametrize("unit", ["bioc-webstats.service", "bioc-webstats-etl.service"])
+def test_state_and_log_directories_follow_the_facts(rendered, unit):
+    """StateDirectory=/LogsDirectory= name the base role's directories, with the mode the base
+    role gives them (systemd would otherwise reset it at every start)."""
+    text = rendered[unit]
+    values = _defaults()
+    base_tasks = (ROOT / "roles/webstats_base/tasks/main.yml").read_text()
+    mode = re.search(r'Create the state and log directories.*?mode: "(\d+)"', base_tasks, re.S)
+    assert mode and mode.group(1) == "0751"
+    state = values["webstats_base_state_dir"].removeprefix("/var/lib/")
+    logs = values["webstats_base_log_dir"].removeprefix("/var/log/")
+    assert re.search(rf"^StateDirectory={state}$", text, re.M)
+    assert re.search(rf"^LogsDirectory={logs}$", text, re.M)
+    assert re.search(rf"^StateDirectoryMode={mode.group(1)}$", text, re.M)
+    assert re.search(rf"^LogsDirectoryMode={mode.group(1)}$", text, re.M)
+
+
+def test_directories_follow_a_changed_fact():
+    """Another log directory flows through the wiring into the units and the ETL's log."""
+    values = ansible_render.deploy_vars(webstats_base_log_dir="/var/log/webstats-b")
+    env = ansible_render.environment(jinja2.FileSystemLoader(str(TEMPLATES)))
+    etl = env.get_template("bioc-webstats-etl.service.j2").render(**values)
+    assert "LogsDirectory=webstats-b\n" in etl
+    assert " /var/log/webstats-b/etl.log " in etl

@@ -51,7 +51,7 @@ def as_service_user(cmd: str, deploy_vars) -> str:
 # --- the state the deploy leaves ---------------------------------------------------------------
 
 
-@pytest.mark.parametrize("unit", [SOCKET, TIMER])
+@pytest.mark.parametrize("unit", [SOCKET, TIMER, "nginx.service"])
 def test_entry_units_enabled_and_active(host, unit):
     svc = host.service(unit)
     assert svc.is_enabled, f"{unit} not enabled"
@@ -70,10 +70,22 @@ def test_no_failed_units(host):
 
 
 def test_socket_listening(host, deploy_vars):
-    listen = deploy_vars["webstats_services_listen_stream"]
-    assert host.socket(f"tcp://{listen}").is_listening
+    """gunicorn's socket is a unix socket that only root and nginx's group may connect to;
+    the public port is nginx's."""
+    path = deploy_vars["webstats_base_web_socket"]
+    assert host.socket(f"unix://{path}").is_listening
     # systemd holds the socket (gunicorn inherits it): it is the socket unit's
-    assert show(host, SOCKET, "Listen")["Listen"].startswith(f"{listen} (Stream)")
+    assert show(host, SOCKET, "Listen")["Listen"].startswith(f"{path} (Stream)")
+    sock = host.file(path)
+    assert (sock.user, sock.group, sock.mode) == (
+        "root",
+        deploy_vars["webstats_nginx_group"],
+        0o660,
+    )
+    port = deploy_vars["webstats_nginx_port"]
+    assert host.socket(f"tcp://0.0.0.0:{port}").is_listening
+    listeners = run_ok(host, f"ss -Htlnp 'sport = :{port}'")
+    assert '"nginx"' in listeners and "gunicorn" not in listeners, listeners
 
 
 def test_timer_next_run_at_configured_calendar(host, deploy_vars):

@@ -18,6 +18,7 @@ SOCKET = "bioc-webstats.socket"
 TIMER = "bioc-webstats-etl.timer"
 ETL = "bioc-webstats-etl.service"
 TARGET = "bioc-webstats.target"
+NGINX = "nginx.service"
 
 
 def active(host, unit: str) -> str:
@@ -51,7 +52,7 @@ def category_year_file(service) -> str:
 
 
 def test_status_commands(host, runbook):
-    run_ok(host, runbook(f"systemctl status {TARGET} {SOCKET} {WEB} {TIMER}"))
+    run_ok(host, runbook(f"systemctl status {TARGET} {NGINX} {SOCKET} {WEB} {TIMER}"))
     assert TIMER in run_ok(host, runbook(f"systemctl list-timers {TIMER}"))
     out = host.run(runbook(f"systemctl status {ETL}"))  # inactive oneshot: rc 3, still a report
     assert "Loaded: loaded" in out.stdout
@@ -88,14 +89,14 @@ def test_cli_check_and_config_show(host, runbook):
 def test_stop_everything(host, service, runbook):
     run_ok(host, runbook(f"systemctl stop {TARGET}"))
     # systemctl waits for the target's own job; the units PartOf= it follow within seconds
-    for unit in (SOCKET, WEB, TIMER):
+    for unit in (NGINX, SOCKET, WEB, TIMER):
         wait_for(lambda u=unit: active(host, u) == "inactive", 60, f"{unit} to stop")
     wait_for(lambda: port_refuses(service), 30, "the port to close")
 
 
 def test_start_everything(host, service, runbook):
     run_ok(host, runbook(f"systemctl start {TARGET}"))
-    for unit in (SOCKET, TIMER):
+    for unit in (NGINX, SOCKET, TIMER):
         wait_for(lambda u=unit: active(host, u) == "active", 60, f"{unit} to start")
     wait_for(lambda: healthy(service), 60, "/healthz after start")
     assert active(host, WEB) == "active"
@@ -135,12 +136,37 @@ def test_reload_web_service(host, service, runbook):
 
 
 def test_stop_serving_then_clear_and_start(host, service, runbook):
-    run_ok(host, runbook(f"systemctl stop {SOCKET} {WEB}"))
-    assert active(host, SOCKET) == "inactive"
+    run_ok(host, runbook(f"systemctl stop {NGINX} {SOCKET} {WEB}"))
+    assert active(host, SOCKET) == "inactive" and active(host, NGINX) == "inactive"
     wait_for(lambda: port_refuses(service), 30, "the port to close")
     run_ok(host, runbook(f"systemctl reset-failed {WEB} && systemctl start {WEB}"))
-    wait_for(lambda: healthy(service), 60, "/healthz after start")
+    wait_for(lambda: active(host, WEB) == "active", 60, "the web service")
     assert active(host, SOCKET) == "active"  # the service pulls its socket in
+    run_ok(host, runbook(f"systemctl start {TARGET}"))
+    wait_for(lambda: healthy(service), 60, "/healthz through nginx after start")
+    assert active(host, NGINX) == "active"
+
+
+# --- the front -----------------------------------------------------------------------------------
+
+
+def test_nginx_commands(host, service, runbook):
+    out = host.run(runbook("nginx -t"))
+    assert out.rc == 0 and "test is successful" in out.stderr
+    assert "active (running)" in run_ok(host, runbook(f"systemctl status {NGINX}"))
+    master = main_pid(host, NGINX)
+    workers = run_ok(host, f"pgrep -P {master}").split()
+    assert workers
+    run_ok(host, runbook(f"systemctl reload {NGINX}"))
+    # new workers under the same master; the service answers throughout
+    wait_for(
+        lambda: set(run_ok(host, f"pgrep -P {master}").split()).isdisjoint(workers),
+        60,
+        "new nginx workers after the reload",
+    )
+    assert main_pid(host, NGINX) == master
+    assert healthy(service)
+    assert "nginx" in run_ok(host, runbook(f"journalctl -u {NGINX} -e"))
 
 
 # --- the ETL -----------------------------------------------------------------------------------
@@ -197,9 +223,11 @@ def test_failed_etl_run_is_reported_and_retried(host, service, runbook):
         assert res.rc != 0, "a run with a corrupt object succeeded"
         assert run_ok(host, f"systemctl show -p Result --value {ETL}").strip() != "success"
         hook = f"bioc-webstats-failure@{ETL}.service"
+        # No SNS topic here: the hook records the failure, keeps the alert in its spool for
+        # the watchdog, and ends failed itself (an alert not sent is a failure too).
         wait_for(
             lambda: (
-                host.run(f"systemctl is-active {hook}").stdout.strip() in ("inactive",)
+                host.run(f"systemctl is-active {hook}").stdout.strip() in ("inactive", "failed")
                 and "bioc-webstats-etl" in run_ok(host, f"journalctl -u {hook} -o cat")
             ),
             60,
@@ -207,16 +235,18 @@ def test_failed_etl_run_is_reported_and_retried(host, service, runbook):
         )
         journal = run_ok(host, runbook("journalctl -u 'bioc-webstats-failure@*' -e"))
         assert ETL in journal
+        assert "ALERT NOT SENT" in journal and "kept in /var/lib/bioc-webstats/" in journal
         assert "0badf00d" in run_ok(host, f"journalctl -u {ETL} -o cat -n 50")
     finally:
         run_ok(host, f"rm -f {bad}")
     run_ok(host, runbook(f"systemctl start {ETL}"), timeout=600)
     assert run_ok(host, f"systemctl show -p Result --value {ETL}").strip() == "success"
     assert category_year_file(service) == before
+    run_ok(host, f"systemctl reset-failed {hook}")  # the unsent alert, above
     assert "bioc-webstats" not in run_ok(host, runbook("systemctl --failed"))
 
 
-@pytest.mark.parametrize("name", ["access.log", "error.log", "etl.log"])
+@pytest.mark.parametrize("name", ["access.log", "error.log", "etl.log", "nginx-access.log"])
 def test_log_files_exist(host, name):
     # `tail -f` of the runbook never returns; the files it follows must exist
     f = host.file(f"/var/log/bioc-webstats/{name}")

@@ -85,7 +85,9 @@ def test_etl_through_systemd_with_ssm_settings(host, state):
 
 
 @pytest.mark.parametrize(
-    ("unit", "name"), [(WEB, "flask/secret_key"), (ETL, "etl/ip_hash_key"), (WEB, "db/server")]
+    # required by default (config.DEFAULT_REQUIRED); flask/secret_key no longer is
+    ("unit", "name"),
+    [(WEB, "etl/ip_hash_key"), (ETL, "etl/ip_hash_key"), (WEB, "db/server")],
 )
 def test_missing_parameter_fails_the_unit_with_one_clear_line(
     host, ssm, ssm_service, state, unit, name

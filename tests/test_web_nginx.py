@@ -1,0 +1,462 @@
+"""A real nginx, configured from roles/webstats_nginx's own templates (with the playbook's
+wiring), in front of the real gunicorn on a unix socket: published files from disk, the rest
+proxied; methods, Host, security headers; slow and abusive clients. Loopback only, every
+wait bounded. nginx missing is a failure ('make deps' installs it), never a skip."""
+
+from __future__ import annotations
+
+import datetime as dt
+import email.utils
+import re
+import resource
+import socket
+import time
+from pathlib import Path
+
+import pytest
+
+import webref
+from bioc_webstats.store import db
+from conftest import new_pg_database, wait_for
+from webserver import rss_kib, run_front, unix_get
+
+VT = dt.date(2024, 3, 31)
+CSP = (
+    "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data:; "
+    "connect-src 'self'; base-uri 'none'; form-action 'none'; frame-ancestors 'none'"
+)
+SECURITY = {
+    "X-Content-Type-Options": "nosniff",
+    "Referrer-Policy": "strict-origin-when-cross-origin",
+    "X-Frame-Options": "DENY",
+    "Content-Security-Policy": CSP,
+}
+STATIC = "/packages/stats/bioc/bioc_packages.txt"
+
+
+@pytest.fixture(scope="module")
+def loaded_pg(pg_server) -> str:
+    url = new_pg_database(pg_server)
+    db.upgrade(url)
+    with db.session_factory(url)() as s:
+        webref.load_direct(s, valid_thru=VT)
+    return url
+
+
+def published(front, path: str) -> Path:
+    """The file of URL ``path`` in the live data version (a directory URL: its index.html)."""
+    rel = path.lstrip("/") + ("index.html" if path.endswith("/") else "")
+    return front.publish_dir / "current" / rel
+
+
+@pytest.fixture(scope="module")
+def front(loaded_pg, tmp_path_factory):
+    with run_front(loaded_pg, tmp_path_factory.mktemp("front")) as fr:
+        assert "publish: data version" in fr.cli("publish")  # what every ETL run does
+        yield fr
+
+
+def gunicorn_saw(front, marker: str) -> bool:
+    """Whether gunicorn's access log has a request with ``marker``; its log is written in
+    batches, so first wait for a request sent to gunicorn after the one in question."""
+    probe = f"/healthz?flush={time.monotonic_ns()}"
+    assert unix_get(front.socket, probe)[0] == 200
+    wait_for(
+        lambda: probe in front.gunicorn_access_log.read_text(errors="replace"),
+        30,
+        what="gunicorn's access log",
+    )
+    return marker in front.gunicorn_access_log.read_text(errors="replace")
+
+
+def nginx_logged(front, marker: str) -> str:
+    """nginx's access-log line of the request with ``marker`` (written as it answers)."""
+    lines = [ln for ln in front.access_log.read_text().splitlines() if marker in ln]
+    assert lines, f"{marker} not in nginx's access log"
+    return lines[-1]
+
+
+def raw(port: int, data: bytes, timeout: float = 10, source: str | None = None) -> bytes:
+    """Send ``data`` as is and read the answer until the server closes (bounded)."""
+    with socket.create_connection(
+        ("127.0.0.1", port), timeout=timeout, source_address=(source, 0) if source else None
+    ) as s:
+        s.sendall(data)
+        out = b""
+        while True:
+            try:
+                chunk = s.recv(65536)
+            except (ConnectionResetError, TimeoutError):
+                break
+            if not chunk:
+                break
+            out += chunk
+        return out
+
+
+def status_of(answer: bytes) -> int:
+    return int(answer.split(b" ", 2)[1]) if answer.startswith(b"HTTP/") else 0
+
+
+def header_values(answer: bytes, name: str) -> list[str]:
+    head = answer.split(b"\r\n\r\n", 1)[0].decode("latin-1").split("\r\n")[1:]
+    return [v.strip() for k, _, v in (h.partition(":") for h in head) if k.lower() == name.lower()]
+
+
+def assert_security_headers(answer: bytes) -> None:
+    for name, value in SECURITY.items():
+        assert header_values(answer, name) == [value], (name, answer[:1000])
+
+
+# --- published files from disk -----------------------------------------------------------------
+
+
+def test_published_file_is_sent_by_nginx(front):
+    marker = f"{STATIC}?probe=static-{time.monotonic_ns()}"
+    status, headers, body = front.get(marker)
+    assert status == 200
+    assert body == published(front, STATIC).read_bytes()
+    assert headers["Content-Type"] == "text/plain; charset=utf-8"
+    assert headers["Cache-Control"] == "public, max-age=3600"
+    mtime = published(front, STATIC).stat().st_mtime  # the version's publish time
+    assert headers["Last-Modified"] == email.utils.formatdate(mtime, usegmt=True)
+    assert re.fullmatch(r'"[0-9a-f]+-[0-9a-f]+"', headers["ETag"]), headers["ETag"]  # strong
+    for name, value in SECURITY.items():
+        assert headers.get_all(name) == [value], name
+    assert " 200 " in nginx_logged(front, marker)
+    assert not gunicorn_saw(front, marker), "a published file went to gunicorn"
+
+
+def test_content_types(front):
+    expected = {
+        "/packages/stats/bioc/bioc_2024_stats.tab": "text/plain; charset=utf-8",
+        "/packages/stats/index.html": "text/html; charset=utf-8",
+        "/packages/stats/main.css": "text/css; charset=utf-8",
+        "/packages/stats/charts.js": "text/javascript; charset=utf-8",
+        "/packages/stats/uPlot.iife.min.js": "text/javascript; charset=utf-8",
+    }
+    for path, ctype in expected.items():
+        marker = f"{path}?probe=type-{time.monotonic_ns()}"
+        status, headers, _ = front.get(marker)
+        assert (status, headers["Content-Type"]) == (200, ctype), path
+        assert not gunicorn_saw(front, marker), f"{path} is not published"
+
+
+def test_directory_url_is_its_index_html(front):
+    marker = f"/packages/stats/data-annotation/?probe=dir-{time.monotonic_ns()}"
+    status, headers, body = front.get(marker)
+    assert status == 200
+    assert headers["Content-Type"] == "text/html; charset=utf-8"
+    assert body == published(front, "/packages/stats/data-annotation/").read_bytes()
+    assert not gunicorn_saw(front, marker)
+
+
+def test_a_page_built_on_first_request_is_sent_by_nginx_next(front):
+    """Package pages are built by the app on their first request, into the live version;
+    from then on nginx sends them."""
+    path = "/packages/stats/bioc/affy/"
+    first = f"{path}?probe=first-{time.monotonic_ns()}"
+    status, _, body = front.get(first)
+    assert status == 200 and gunicorn_saw(front, first)
+    assert published(front, path).read_bytes() == body
+    second = f"{path}?probe=second-{time.monotonic_ns()}"
+    status, headers, again = front.get(second)
+    assert (status, again) == (200, body)
+    assert headers["Cache-Control"] == "public, max-age=3600"
+    assert not gunicorn_saw(front, second)
+
+
+def test_conditional_get_and_head(front):
+    _, headers, body = front.get(STATIC)
+    status, h304, b304 = front.get(STATIC, headers={"If-None-Match": headers["ETag"]})
+    assert (status, b304) == (304, b"")
+    assert h304["ETag"] == headers["ETag"] and h304["Cache-Control"] == "public, max-age=3600"
+    status, _, _ = front.get(STATIC, headers={"If-Modified-Since": headers["Last-Modified"]})
+    assert status == 304
+    later = email.utils.formatdate(1_800_000_000, usegmt=True)
+    assert front.get(STATIC, headers={"If-Modified-Since": later})[0] == 304
+    status, hhead, bhead = front.get(STATIC, method="HEAD")
+    assert (status, bhead) == (200, b"")
+    assert hhead["Content-Length"] == str(len(body)) == headers["Content-Length"]
+    for name in ("ETag", "Last-Modified", "Content-Type", "Cache-Control"):
+        assert hhead[name] == headers[name], name
+
+
+def test_what_has_no_file_goes_to_gunicorn(front):
+    # a package page not published yet, a redirect, /healthz, a 404
+    for path, status in [
+        ("/packages/stats/data-experiment/nosuchpkg_stats.tab", 404),
+        ("/packages/stats/bioc", 301),
+        ("/healthz", 200),
+        ("/packages/stats/bioc/nosuchpkg/", 404),
+    ]:
+        marker = f"{path}?probe=proxied-{time.monotonic_ns()}"
+        got, headers, _ = front.get(marker)
+        assert got == status, path
+        if status == 301:
+            assert headers["Location"].startswith("/packages/stats/bioc/?probe=proxied-")
+        assert gunicorn_saw(front, marker), path
+
+
+def test_dot_files_and_slash_runs_never_come_from_disk(front):
+    meta = front.publish_dir / "current" / ".version.json"
+    assert meta.is_file()  # the app's own dot-file at the version's root
+    hidden = published(front, "/packages/stats/bioc/.tmp-bioc_packages.txt")
+    hidden.write_text("half-written\n")
+    try:
+        assert front.get("/packages/stats/bioc/.tmp-bioc_packages.txt")[0] == 404
+        assert front.get("/packages/stats/.lock-x")[0] == 404
+    finally:
+        hidden.unlink()
+    # the file exists at the collapsed path; the contract wants 404 or a redirect, never 200
+    for path in ("/packages/stats//bioc/bioc_packages.txt", "/packages/stats/bioc//"):
+        assert front.get(path)[0] in (301, 404), path
+
+
+def test_switch_of_current_is_seen_by_the_next_request(front):
+    """A new version directory (publish --force: same data, a later publish time) switched
+    in: the next request gets its validators; the previous ETag no longer matches."""
+    _, old, old_body = front.get(STATIC)
+    before = published(front, STATIC).resolve()
+    front.cli("publish", "--force")
+    assert published(front, STATIC).resolve() != before
+    status, new, body = front.get(STATIC)
+    assert (status, body) == (200, old_body)
+    assert new["ETag"] != old["ETag"]
+    assert email.utils.parsedate_to_datetime(
+        new["Last-Modified"]
+    ) > email.utils.parsedate_to_datetime(old["Last-Modified"])
+    # a cache holding the previous version's validator gets the bytes again
+    assert front.get(STATIC, headers={"If-None-Match": old["ETag"]})[0] == 200
+    assert front.get(STATIC, headers={"If-None-Match": new["ETag"]})[0] == 304
+
+
+# --- methods, Host, headers on every answer -------------------------------------------------------
+
+
+@pytest.mark.parametrize("method", ["POST", "PUT", "DELETE", "PATCH", "OPTIONS"])
+@pytest.mark.parametrize("path", [STATIC, "/healthz", "/packages/stats/bioc", "/nope"])
+def test_other_methods_get_405_with_allow(front, method, path):
+    target = f"{path}?m={time.monotonic_ns()}"
+    head = (
+        f"{method} {target} HTTP/1.1\r\nHost: t\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+    )
+    answer = raw(front.port, head.encode())
+    assert status_of(answer) == 405, answer[:200]
+    assert header_values(answer, "Allow") == ["GET, HEAD"]
+    assert_security_headers(answer)
+    assert not gunicorn_saw(front, target), "nginx passed it on"
+
+
+def test_allow_only_on_405(front):
+    assert "Allow" not in front.get(STATIC)[1]
+
+
+def test_doubled_or_missing_host_is_400(front):
+    doubled = raw(front.port, b"GET /healthz HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n")
+    assert status_of(doubled) == 400
+    assert_security_headers(doubled)
+    assert status_of(raw(front.port, b"GET /healthz HTTP/1.1\r\nConnection: close\r\n\r\n")) == 400
+
+
+def test_a_body_is_refused(front):
+    head = (
+        f"GET {STATIC} HTTP/1.1\r\nHost: t\r\nContent-Length: 100000\r\nConnection: close\r\n\r\n"
+    )
+    answer = raw(front.port, head.encode() + b"x" * 100_000)
+    assert status_of(answer) == 413
+    assert_security_headers(answer)
+
+
+@pytest.mark.parametrize(
+    "path,status",
+    [(STATIC, 200), ("/packages/stats/bioc/nosuchpkg/", 404), ("/packages/stats/bioc", 301)],
+)
+def test_security_headers_once_on_static_proxied_404_and_redirect(front, path, status):
+    answer = raw(
+        front.port, f"GET {path} HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n".encode()
+    )
+    assert status_of(answer) == status
+    assert_security_headers(answer)
+
+
+def test_access_log_is_combined(front):
+    marker = f"/healthz?probe=combined-{time.monotonic_ns()}"
+    front.get(marker, headers={"User-Agent": "probe-agent/1", "Referer": "http://r.example/"})
+    line = nginx_logged(front, marker)
+    combined = (
+        r'127\.0\.0\.1 - - \[[^\]]+\] "GET ' + re.escape(marker) + r' HTTP/1\.1" 200 \d+ '
+        r'"http://r\.example/" "probe-agent/1"'
+    )
+    assert re.fullmatch(combined, line), line
+
+
+# --- slow and abusive clients ---------------------------------------------------------------------
+
+
+def _all_rss(front) -> dict[int, int]:
+    return {pid: rss_kib(pid) for pids in front.pids().values() for pid in pids}
+
+
+@pytest.fixture
+def fd_room():
+    """Room for a thousand client sockets in this process (up to the hard limit)."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (min(hard, 4096), hard))
+    yield
+    resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+
+
+def timed_get(front, path: str) -> tuple[int, float]:
+    started = time.perf_counter()
+    status = front.get(path)[0]
+    return status, time.perf_counter() - started
+
+
+def test_a_thousand_idle_connections_do_not_starve_a_new_client(front, fd_room):
+    for _ in range(4):  # warm: every gunicorn worker has answered once
+        front.get(STATIC)
+        front.get("/healthz")
+    before = _all_rss(front)
+    idle = []
+    try:
+        for _ in range(1000):
+            idle.append(socket.create_connection(("127.0.0.1", front.port), timeout=5))
+        timings = {path: timed_get(front, path) for path in (STATIC, "/healthz")}
+        # every idle connection is still open (nginx has not dropped any to make room)
+        gone = sum(1 for s in idle if _closed(s))
+        after = _all_rss(front)
+    finally:
+        for s in idle:
+            s.close()
+    for path, (status, seconds) in timings.items():
+        assert status == 200, path
+        assert seconds < 0.2, f"{path}: {seconds * 1000:.0f} ms with 1,000 idle connections"
+    assert gone == 0, f"{gone} idle connections closed early"
+    _assert_flat(before, after)
+    times = ", ".join(f"{p} {s * 1000:.1f} ms" for p, (_, s) in timings.items())
+    print(f"1,000 idle connections, then: {times}")
+
+
+def _closed(s: socket.socket) -> bool:
+    s.setblocking(False)
+    try:
+        return s.recv(1) == b""
+    except BlockingIOError:
+        return False
+    except OSError:
+        return True
+    finally:
+        s.setblocking(True)
+
+
+def _assert_flat(before: dict[int, int], after: dict[int, int], limit_kib: int = 20 * 1024):
+    for pid, rss in before.items():
+        assert pid in after, f"process {pid} went away"
+        assert after[pid] - rss < limit_kib, f"process {pid}: RSS {rss} -> {after[pid]} KiB"
+
+
+def test_a_64_mib_header_gets_4xx_and_memory_stays_flat(front):
+    before = _all_rss(front)
+    started = time.monotonic()
+    with socket.create_connection(("127.0.0.1", front.port), timeout=10) as s:
+        s.sendall(b"GET /healthz HTTP/1.1\r\nHost: t\r\nX-Big: ")
+        chunk = b"a" * (1 << 20)
+        sent = 0
+        try:
+            for _ in range(64):
+                s.sendall(chunk)
+                sent += 1
+        except (BrokenPipeError, ConnectionResetError):
+            pass  # nginx answered and closed: the rest is not read
+        answer = b""
+        try:
+            while time.monotonic() - started < 30:
+                data = s.recv(65536)
+                if not data:
+                    break
+                answer += data
+        except (ConnectionResetError, TimeoutError):
+            pass
+    assert 400 <= status_of(answer) < 500, answer[:200]
+    assert time.monotonic() - started < 30
+    _assert_flat(before, _all_rss(front))
+    assert front.get("/healthz")[0] == 200
+
+
+def test_fifty_thousand_headers_get_4xx_and_memory_stays_flat(front):
+    before = _all_rss(front)
+    head = b"GET /healthz HTTP/1.1\r\nHost: t\r\n" + b"".join(
+        b"X-H%d: v\r\n" % i for i in range(50_000)
+    )
+    started = time.monotonic()
+    try:
+        answer = raw(front.port, head + b"\r\n", timeout=30)
+    except (BrokenPipeError, ConnectionResetError) as exc:
+        pytest.fail(f"no answer, the connection was dropped: {exc}")
+    assert 400 <= status_of(answer) < 500, answer[:200]
+    assert_security_headers(answer)
+    assert time.monotonic() - started < 30
+    _assert_flat(before, _all_rss(front))
+
+
+def test_a_slow_client_is_cut_off(front):
+    """A client that never finishes its request head is closed after client_header_timeout."""
+    timeout = front.values["webstats_nginx_client_header_timeout"]
+    with socket.create_connection(("127.0.0.1", front.port), timeout=timeout + 10) as s:
+        s.sendall(b"GET /healthz HTTP/1.1\r\nHost: t\r\n")  # and nothing more
+        started = time.monotonic()
+        try:
+            data = s.recv(65536)
+        except ConnectionResetError:
+            data = b""
+        waited = time.monotonic() - started
+    assert timeout - 1 <= waited <= timeout + 5, waited
+    assert data == b"" or status_of(data) == 408
+
+
+# --- the optional origin header ----------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def guarded(loaded_pg, tmp_path_factory):
+    with run_front(
+        loaded_pg,
+        tmp_path_factory.mktemp("guarded"),
+        workers=1,
+        webstats_nginx_origin_header_name="X-Origin-Verify",
+        webstats_nginx_origin_header_value="s3cret-value-0123456789",
+    ) as fr:
+        yield fr
+
+
+def test_origin_header_required_when_configured(guarded):
+    site = (guarded.conf.parent / "sites-enabled" / "bioc-webstats").read_text()
+    assert "s3cret-value" not in site, "the secret is in the world-readable site file"
+    request = "GET /healthz HTTP/1.1\r\nHost: t\r\nConnection: close\r\n{}\r\n"
+    # not from 127.0.0.1 (the exempt loopback address): the header decides
+    without = raw(guarded.port, request.format("").encode(), source="127.0.0.2")
+    assert status_of(without) == 403
+    assert_security_headers(without)
+    wrong = raw(
+        guarded.port, request.format("X-Origin-Verify: nope\r\n").encode(), source="127.0.0.2"
+    )
+    assert status_of(wrong) == 403
+    right = raw(
+        guarded.port,
+        request.format("X-Origin-Verify: s3cret-value-0123456789\r\n").encode(),
+        source="127.0.0.2",
+    )
+    assert status_of(right) == 200
+    # the deploy's health check (loopback) needs no secret
+    assert status_of(raw(guarded.port, request.format("").encode())) == 200
+    assert "s3cret-value" not in Path(guarded.access_log).read_text()
+
+
+def test_unset_origin_header_lets_everyone_in(front):
+    answer = raw(
+        front.port,
+        b"GET /healthz HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n",
+        source="127.0.0.2",
+    )
+    assert status_of(answer) == 200
