@@ -10,7 +10,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: help deps venv lint static pytest molecule test demo demo-down bench bench-web bench-etl bench-daily wheelhouse clean
+.PHONY: help deps venv lint static pytest molecule test demo demo-down bench bench-web bench-etl bench-daily bench-history wheelhouse clean
 
 help: ## list the targets
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -70,7 +70,10 @@ bench-etl: deps venv ## ETL benchmark: 3M log lines into PostgreSQL vs zcat; mon
 bench-daily: deps venv ## daily-run benchmark: sync + etl run on Dec 31 of a 36M-record year and on Feb 1, vs zcat
 	$(BIN)/python bench/bench_daily.py
 
-bench: bench-web bench-etl bench-daily ## every benchmark (prints ratios against same-run baselines)
+bench-history: deps venv ## history: import legacy-db of a 10M-row legacy database vs sqlite3; a 30-day backfill vs zcat
+	$(BIN)/python bench/bench_history.py
+
+bench: bench-web bench-etl bench-daily bench-history ## every benchmark (prints ratios against same-run baselines)
 
 clean: ## remove build products (keeps .venv)
 	rm -rf build dist src/*.egg-info

@@ -1,7 +1,9 @@
 """The optional C part of the package (everything else is in pyproject.toml).
 
-``bioc_webstats.etl._scan`` is the per-line loop of the ETL in C, built against the stable ABI
-(one wheel for every Python >= 3.11 of a platform). ``BIOC_WEBSTATS_PURE=1`` builds a
+``bioc_webstats.etl._scan`` is the per-line loop of the ETL in C, ``bioc_webstats.etl._legacy``
+the per-row loop of the legacy import (SQLite's functions are handed over at run time, nothing
+is linked), both built against the stable ABI (one wheel for every Python >= 3.11 of a
+platform). ``BIOC_WEBSTATS_PURE=1`` builds a
 pure-Python wheel instead (a target of another architecture than the build machine): the
 ETL then runs its Python loop, with the same results, about twice as slow.
 """
@@ -22,11 +24,12 @@ setup(
     if PURE
     else [
         Extension(
-            "bioc_webstats.etl._scan",
-            ["src/bioc_webstats/etl/_scan.c"],
+            f"bioc_webstats.etl.{name}",
+            [f"src/bioc_webstats/etl/{name}.c"],
             py_limited_api=True,
             extra_compile_args=["-O2", "-fno-strict-aliasing"],
         )
+        for name in ("_scan", "_legacy")
     ],
     options={} if PURE else {"bdist_wheel": WHEEL},
 )

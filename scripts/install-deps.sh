@@ -10,6 +10,7 @@ pkgs=(
   r-base-core                      # contract tests: R reads the .tab files
   chromium                         # browser test of the pages
   nginx-light wrk                  # nginx in front of gunicorn in the tests; make bench-web
+  sqlite3                          # make bench-history baseline (reading a legacy database)
   podman debootstrap uidmap slirp4netns fuse-overlayfs  # molecule on a real systemd host
   systemd                          # systemd-analyze for the static unit gates
 )

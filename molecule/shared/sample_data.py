@@ -5,10 +5,19 @@
 
 DIR receives:
   logs/             CloudFront log objects from tests/loggen.py (the ETL's source)
-  truth.json        the generator's ground truth for those logs
+  truth.json        the generator's ground truth for those logs (with --history: for the
+                    history and the logs together)
   packages.csv      the packages table sample (tests/fixtures/packages_sample.csv)
   packages-source/  config.yaml + devel PACKAGES files consistent with packages.csv, so the
                     ETL's `packages sync` runs offline and changes nothing
+With --history (the take-over, as production will see it):
+  legacy/           download_db_2009.sqlite … : the legacy stats server's history from
+                    --history-from to the day before --start (tests/legacygen.py), a few
+                    packages with thousands of downloads a month, a long tail with a handful,
+                    traffic growing over the years; to load with
+                    `bioc-webstats import legacy-db legacy/download_db_*.sqlite`
+  cutover           the cut-over day (= --start): `etl/logs_since` (WEBSTATS_ETL_LOGS_SINCE)
+  logs/             then hold the days from --start on only, with the same spread
 Idempotent: an existing, complete DIR written with the same arguments is left as it is.
 """
 
@@ -16,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import datetime as dt
 import json
 import shutil
 import sys
@@ -24,6 +34,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO / "tests"))
 
+import legacygen  # noqa: E402  (tests/legacygen.py: the legacy databases, same truth)
 import loggen  # noqa: E402  (tests/loggen.py: the ETL's log generator, with its ground truth)
 
 REPO_PATHS = {
@@ -33,6 +44,7 @@ REPO_PATHS = {
     "workflows": "workflows",
 }
 RELEASE, DEVEL = "3.22", "3.23"
+PACKAGE_S = 1.2  # Zipf exponent of package popularity in --history mode
 
 
 def write_packages_source(csv_path: Path, out: Path) -> None:
@@ -53,6 +65,45 @@ def write_packages_source(csv_path: Path, out: Path) -> None:
         target.write_text(body, encoding="utf-8")
 
 
+def write_history(
+    out: Path, since: dt.date, cutover: dt.date, days: int, files_per_day: int,
+    lines_per_file: int, seed: int,
+) -> dict:  # fmt: skip
+    """Legacy databases for [since, cutover) and logs for ``days`` days from ``cutover``,
+    with one ground truth over both; returns it as truth.json holds it."""
+    packages = loggen.read_packages()
+    acc = loggen._Acc(set(packages))
+    first, last = since.year, cutover.year
+
+    def rows_per_day(day: dt.date) -> int:
+        # traffic grows from 60 to 500 rows a day over the years
+        return 60 + (440 * (day.year - first)) // max(1, last - first)
+
+    history = legacygen.generate_history(
+        out / "legacy", since, cutover, rows_per_day, seed=seed, packages=packages,
+        clients=8_000, package_s=PACKAGE_S, acc=acc,
+    )  # fmt: skip
+    # the logs with the same spread: packages repeated by popularity for loggen.Generator
+    spread = legacygen.weighted(packages, PACKAGE_S, seed)
+    logs = legacygen.generate_logs(
+        out / "logs", cutover, days, files_per_day, lines_per_file, seed, spread, acc,
+        since=cutover,
+    )  # fmt: skip
+    truth = loggen.Truth(lines=logs.rows, counted=logs.downloads)
+    acc.fill(truth)
+    (out / "cutover").write_text(f"{cutover.isoformat()}\n")
+    print(
+        f"history: {history.rows} rows in {len(history.files)} legacy databases "
+        f"({history.downloads} downloads), logs: {logs.rows} lines in {len(logs.files)} files"
+    )
+    return {
+        **truth.to_json(),
+        "cutover": cutover.isoformat(),
+        "history_rows": history.rows,
+        "history_counted": history.downloads,
+    }
+
+
 def main() -> None:
     """Command line (see the module docstring)."""
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -62,6 +113,12 @@ def main() -> None:
     ap.add_argument("--lines-per-file", type=int, default=300)
     ap.add_argument("--seed", type=int, default=7)
     ap.add_argument("--start", default="2024-01-30")
+    ap.add_argument(
+        "--history",
+        action="store_true",
+        help="also a legacy history (legacy/) up to the day before --start, the cut-over day",
+    )
+    ap.add_argument("--history-from", default="2009-01-01")
     args = ap.parse_args()
 
     stamp = args.out / ".complete"
@@ -72,24 +129,32 @@ def main() -> None:
     if args.out.exists():
         shutil.rmtree(args.out)
     args.out.mkdir(parents=True)
-    loggen.main(
-        [
-            "--out",
-            str(args.out / "logs"),
-            "--days",
-            str(args.days),
-            "--files-per-day",
-            str(args.files_per_day),
-            "--lines-per-file",
-            str(args.lines_per_file),
-            "--seed",
-            str(args.seed),
-            "--start",
-            args.start,
-            "--truth",
-            str(args.out / "truth.json"),
-        ]
-    )
+    if args.history:
+        truth = write_history(
+            args.out, dt.date.fromisoformat(args.history_from),
+            dt.date.fromisoformat(args.start), args.days, args.files_per_day,
+            args.lines_per_file, args.seed,
+        )  # fmt: skip
+        (args.out / "truth.json").write_text(json.dumps(truth) + "\n")
+    else:
+        loggen.main(
+            [
+                "--out",
+                str(args.out / "logs"),
+                "--days",
+                str(args.days),
+                "--files-per-day",
+                str(args.files_per_day),
+                "--lines-per-file",
+                str(args.lines_per_file),
+                "--seed",
+                str(args.seed),
+                "--start",
+                args.start,
+                "--truth",
+                str(args.out / "truth.json"),
+            ]
+        )
     shutil.copyfile(loggen.PACKAGES_SAMPLE, args.out / "packages.csv")
     write_packages_source(args.out / "packages.csv", args.out / "packages-source")
     stamp.write_text(key)

@@ -272,6 +272,45 @@ def etl_reingest(ctx: Context, keys: tuple[str, ...], source: str | None) -> Non
         reingest(ctx.settings, list(keys), source=source)
 
 
+# --- import ---------------------------------------------------------------------------------
+
+
+@cli.group("import")
+def import_group() -> None:
+    """Load history kept elsewhere."""
+
+
+@import_group.command("legacy-db")
+@click.argument("files", nargs=-1, required=True)
+@click.option(
+    "--until",
+    callback=lambda _ctx, _param, value: _iso_date(value),
+    help="The cut-over day (YYYY-MM-DD): rows dated on or after it are skipped, the logs "
+    "cover them. Default: etl/logs_since.",
+)
+@click.option(
+    "--replace",
+    is_flag=True,
+    help="Replace the records of units whose rows changed since they were imported "
+    "(default: refuse them).",
+)
+@pass_ctx
+def import_legacy_db(
+    ctx: Context, files: tuple[str, ...], until: str | None, replace: bool
+) -> None:
+    """Load the legacy stats server's download_db_YYYY.sqlite history."""
+    from .etl.legacy import import_files
+    from .publish import after_change
+
+    with writer_lock(ctx.settings, "import legacy-db"), after_change(ctx.settings):
+        ok = import_files(ctx.settings, list(files), until=until, replace=replace)
+    if not ok:
+        raise WebstatsError(
+            "import legacy-db: some files failed or were refused (see the messages above); "
+            "the others are imported"
+        )
+
+
 # --- the daily job, status -----------------------------------------------------------------
 
 

@@ -138,7 +138,7 @@ def _parse(value: str | None) -> dt.datetime | None:
 
 def status(settings: Settings) -> dict[str, object]:
     """The facts SysOps and a watchdog look at, from the database and the published site."""
-    from .etl.ingest import logs_since
+    from .etl.ingest import log_objects, logs_since
     from .etl.packages import SEEDED
     from .store.models import IngestedObject, Package
     from .web.site import PublishedSite
@@ -153,10 +153,13 @@ def status(settings: Settings) -> dict[str, object]:
             LAST_ETL_OK: db.get_meta(session, LAST_ETL_OK),
             "packages": session.scalar(select(func.count()).select_from(Package)) or 0,
             "packages_seeded_not_synced": db.get_meta(session, SEEDED),
-            "objects_ingested": session.scalar(select(func.count()).select_from(IngestedObject))
+            # log objects only: the legacy import's units share the ledger
+            "objects_ingested": session.scalar(
+                select(func.count()).select_from(IngestedObject).where(log_objects())
+            )
             or 0,
         }
-        newest = session.scalar(select(func.max(IngestedObject.name_hour)))
+        newest = session.scalar(select(func.max(IngestedObject.name_hour)).where(log_objects()))
     facts["newest_object_hour"] = newest.isoformat(timespec="hours") if newest else None
     cutover = logs_since(settings)
     facts["logs_since"] = cutover.isoformat() if cutover else None

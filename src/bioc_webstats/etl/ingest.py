@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import delete, func, select, text
+from sqlalchemy import ColumnElement, delete, func, or_, select, text
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
@@ -41,6 +41,9 @@ from . import parse, rule, sources
 log = logging.getLogger(__name__)
 
 KEY_FILE = "ip_hash.key"
+# Ledger rows of the legacy history import (etl/legacy.py) share the ledger with log objects:
+# their keys start with this and never end in ".gz", as every log object's name does.
+LEGACY_PREFIX = "legacy/"
 PROGRESS_EVERY = 60.0  # seconds between progress lines when stderr is not a terminal
 
 
@@ -467,6 +470,13 @@ def logs_since(settings: Settings) -> dt.date | None:
         ) from None
 
 
+def log_objects() -> ColumnElement[bool]:
+    """Ledger rows of log objects, not of the legacy import (which must not move the
+    logs' look-back window: its units are dated by the history they hold)."""
+    key = IngestedObject.key
+    return or_(~key.startswith(LEGACY_PREFIX, autoescape=True), key.endswith(".gz"))
+
+
 def plan_window(
     session: Session,
     lookback_days: int,
@@ -477,8 +487,9 @@ def plan_window(
     """The name dates a run lists: from (newest ingested name date - look-back), or
     ``since`` if earlier, to ``until``. An empty ledger starts at ``since``, else at the
     cut-over day; nothing starts before the cut-over day (less CUTOVER_MARGIN). No ledger,
-    no ``since`` and no cut-over day: the whole source (development, the demo)."""
-    newest = session.scalar(select(func.max(IngestedObject.name_hour)))
+    no ``since`` and no cut-over day: the whole source (development, the demo). Ledger rows
+    of the legacy import do not count (``log_objects``)."""
+    newest = session.scalar(select(func.max(IngestedObject.name_hour)).where(log_objects()))
     start = None
     if newest is not None:
         start = newest.date() - dt.timedelta(days=lookback_days)

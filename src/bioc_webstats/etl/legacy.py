@@ -1,0 +1,459 @@
+"""``bioc-webstats import legacy-db``: the legacy stats server's history, exactly once.
+
+The old server kept one SQLite file per year, ``download_db_YYYY.sqlite``, with one table
+``access_log`` (etl.md, "History"). Its rows go into the same ``download_records`` as log
+lines, through the same ledger, by the same rule:
+
+* the day is ``day_month_year`` (``17/Sep/2023``) as logged, the old server's local day;
+* the client is the first address of ``ips`` (``1.2.3.4, 10.0.0.7`` is a proxy chain),
+  hashed like a log line's ``c-ip``;
+* ``url`` may be absolute and carry a query: the rule tests its path;
+* the status is ``statuscode`` (``errorcode`` in files before 2020); only GET counts;
+* the old parser's ``package``/``biocrepo``/``pkgtype`` are not read at all;
+* rows dated on or after the cut-over day (``--until``, default ``etl/logs_since``) are the
+  logs' and are skipped.
+
+Units. A file is read in units of consecutive rowids (``UNIT_ROWS``, the last one ending at
+the file's last row); each unit is one ledger row ``legacy/<file name>/rows-<lo>-<hi>`` and
+one transaction with its records and queued months, like a log object. The ranges of a file
+are fixed by its first import: a later import (the old server appended rows) adds units after
+the last one. Reading by rowid range needs no index and no assumption about the order of
+the rows; a unit's memory is bounded by its number of rows.
+
+A unit's ETag is a fingerprint of what it gave (its records and its counts). Importing it
+again gives the same fingerprint and adds nothing; a different one means its rows changed
+since (the old server rewrote them, or ``--until`` moved across them): the unit is refused
+and the import fails, unless ``--replace`` (then its records are replaced, as
+``etl reingest`` does for a log object). When every unit of a file is in, a ledger row
+``legacy/<file name>/file`` records the file's size, mtime and the cut-over day: the next
+import of the same unchanged file skips it without reading it.
+
+These ledger rows never take part in the log ETL's look-back (``ingest.log_objects``).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+import os
+import re
+import sqlite3
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import select
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
+
+from ..config import Settings
+from ..errors import ConfigError
+from ..store import db
+from ..store.models import IngestedObject
+from . import ingest, sources
+from .ingest import LEGACY_PREFIX, Parsed, pause_point
+from .legacy_rows import (
+    MALFORMED,
+    R_OTHER,
+    R_PATH,
+    R_UNTIL,
+    REASONS,
+    STATUS_COLUMNS,
+    LegacyFileError,
+    UnitResult,
+    open_ro,
+    read_all,
+    reader_name,
+)
+
+log = logging.getLogger(__name__)
+
+UNIT_ROWS = 100_000  # rows of a unit (a transaction); bounds a unit's memory
+REQUIRED = ("ips", "day_month_year", "method", "url")
+SQLITE_MAGIC = b"SQLite format 3\x00"
+
+# --- the files -------------------------------------------------------------------------------
+
+
+@dataclass
+class LegacyFile:
+    """One file given to the import, as inspected."""
+
+    path: Path
+    name: str = ""
+    size: int = 0
+    mtime_ns: int = 0
+    status_col: str = "statuscode"
+    lo: int | None = None  # rowid range of access_log
+    hi: int | None = None
+    units: list[tuple[int, int]] = field(default_factory=list)
+    known: dict[str, str] = field(default_factory=dict)  # unit key → ETag, in the ledger
+    error: str | None = None
+    # what this run did
+    rows: int = 0
+    reasons: list[int] = field(default_factory=lambda: [0] * len(REASONS))
+    imported: int = 0
+    unchanged: int = 0
+    replaced: int = 0
+    refused: int = 0
+    done: int = 0  # units handled (stored, unchanged, refused or failed)
+
+    def etag(self, until: dt.date) -> str:
+        return f"size={self.size} mtime_ns={self.mtime_ns} until={until.isoformat()}"
+
+
+def unit_key(name: str, lo: int, hi: int) -> str:
+    return f"{LEGACY_PREFIX}{name}/rows-{lo}-{hi}"
+
+
+def file_key(name: str) -> str:
+    return f"{LEGACY_PREFIX}{name}/file"
+
+
+_UNIT_KEY = re.compile(r"/rows-(\d+)-(\d+)$")
+
+
+def _check_header(path: Path, size: int) -> None:
+    """Fail early on what is no SQLite database, or one cut short (a partial copy)."""
+    if size == 0:
+        raise LegacyFileError("empty file (0 bytes), not an SQLite database")
+    with path.open("rb") as fh:
+        head = fh.read(100)
+    if len(head) < 100 or not head.startswith(SQLITE_MAGIC):
+        raise LegacyFileError("not an SQLite database")
+    page = int.from_bytes(head[16:18], "big")
+    page = 65536 if page == 1 else page
+    pages = int.from_bytes(head[28:32], "big")
+    # The size in the header is valid when its counter matches the change counter; a WAL
+    # file beside it may hold pages not in the main file yet.
+    valid = head[24:28] == head[92:96]
+    wal = path.with_name(path.name + "-wal")
+    if valid and pages and size < page * pages and not wal.exists():
+        raise LegacyFileError(
+            f"truncated: its header says {page * pages} bytes, the file has {size}"
+        )
+
+
+def inspect(path: Path) -> LegacyFile:
+    """Check a file and find its rowid range; LegacyFileError says what is wrong."""
+    f = LegacyFile(path, name=path.name)
+    try:
+        st = path.stat()
+    except OSError as exc:
+        raise LegacyFileError(exc.strerror or str(exc)) from None
+    if not path.is_file():
+        raise LegacyFileError("not a file")
+    f.size, f.mtime_ns = st.st_size, st.st_mtime_ns
+    try:
+        _check_header(path, f.size)
+    except OSError as exc:
+        raise LegacyFileError(exc.strerror or str(exc)) from None
+    try:
+        con = open_ro(path)
+        try:
+            cols = {r[1].decode().lower() for r in con.execute("PRAGMA table_info(access_log)")}
+            if not cols:
+                raise LegacyFileError("no table access_log")
+            missing = [c for c in REQUIRED if c not in cols]
+            status = [c for c in STATUS_COLUMNS if c in cols]
+            if not status:
+                missing.append("statuscode (or errorcode)")
+            if missing:
+                raise LegacyFileError(f"access_log has no column {', '.join(missing)}")
+            f.status_col = status[0]
+            kind = con.execute(
+                "SELECT type FROM sqlite_master WHERE name = 'access_log' COLLATE NOCASE"
+            ).fetchone()
+            if kind and kind[0] != b"table":
+                raise LegacyFileError(f"access_log is a {kind[0].decode()}, not a table")
+            try:
+                f.lo, f.hi = con.execute("SELECT min(rowid), max(rowid) FROM access_log").fetchone()
+            except sqlite3.OperationalError:  # WITHOUT ROWID: no ranges to read it by
+                raise LegacyFileError("access_log has no rowid (a WITHOUT ROWID table)") from None
+        finally:
+            con.close()
+    except sqlite3.DatabaseError as exc:
+        raise LegacyFileError(f"not a readable SQLite database ({exc})") from None
+    return f
+
+
+def plan_units(f: LegacyFile, known: list[tuple[int, int]], unit_rows: int) -> None:
+    """The units to read: those already in the ledger (to check) and new ones after them."""
+    f.units = sorted(known)
+    if f.lo is None or f.hi is None:
+        return
+    start = max((hi for _, hi in known), default=f.lo - 1) + 1
+    start = max(start, f.lo)
+    while start <= f.hi:
+        end = min(start + unit_rows - 1, f.hi)
+        f.units.append((start, end))
+        start = end + 1
+
+
+# --- the import ----------------------------------------------------------------------------------
+
+
+@dataclass
+class ImportSummary(ingest.RunSummary):
+    """Totals of one import (also its summary line)."""
+
+    files: int = 0
+    files_failed: int = 0
+    files_skipped: int = 0
+    unchanged: int = 0
+    replaced: int = 0
+    refused: int = 0
+    until: dt.date | None = None
+
+    def line(self, what: str = "import legacy-db") -> str:
+        return (
+            f"{what}: {self.files} files ({self.files_failed} failed, {self.files_skipped} "
+            f"unchanged since imported), {self.objects} units imported ({self.replaced} "
+            f"replaced), {self.unchanged} unchanged, {self.refused} refused, {self.lines} rows "
+            f"read, {self.accepted} downloads accepted, {self.rejected} rows rejected, "
+            f"{self.months} months recomputed, ValidThru {self.valid_thru or '-'}, cut-over "
+            f"{self.until}, elapsed {self.elapsed:.1f}s (read {self.t_read:.1f}s, store "
+            f"{self.t_store:.1f}s, recompute {self.t_recompute:.1f}s)"
+        )
+
+
+def readers(settings: Settings) -> int:
+    """Reader processes: ``etl/workers`` if set (1: read in the importing process, as the
+    log ETL parses), else one per CPU but one (the writing and PostgreSQL's), 1 to 3."""
+    if settings.get("etl/workers"):
+        n = max(1, settings.get_int("etl/workers"))
+        return 0 if n == 1 else n
+    return max(1, min(3, (os.cpu_count() or 1) - 1))
+
+
+def cutover_day(settings: Settings, until: str | None) -> dt.date:
+    """``--until``, else ``etl/logs_since``; neither: refused (a day would count twice)."""
+    value, where = until, "--until"
+    if value is None:
+        value, where = settings.get("etl/logs_since"), "etl/logs_since (WEBSTATS_ETL_LOGS_SINCE)"
+    if not value:
+        raise ConfigError(
+            "import legacy-db: no cut-over day: give --until YYYY-MM-DD or set etl/logs_since "
+            "(WEBSTATS_ETL_LOGS_SINCE); rows from that day on are the logs', and without it "
+            "days would be counted twice"
+        )
+    try:
+        return dt.date.fromisoformat(value)
+    except ValueError:
+        raise ConfigError(f"{where} {value!r}: expected a date YYYY-MM-DD") from None
+
+
+def _ledger(session: Session, name: str) -> tuple[str | None, dict[str, str]]:
+    """The file row's ETag and {unit key: ETag} of a file name."""
+    io = IngestedObject
+    prefix = f"{LEGACY_PREFIX}{name}/"
+    rows = session.execute(
+        select(io.key, io.etag).where(io.key.startswith(prefix, autoescape=True))
+    ).all()
+    units = {k: e or "" for k, e in rows if _UNIT_KEY.search(k)}
+    return next((e for k, e in rows if k == file_key(name)), None), units
+
+
+def _record_file(settings: Settings, f: LegacyFile, until: dt.date) -> None:
+    """The file's row: every unit is in; its size/mtime let the next import skip it."""
+    values = {
+        "etag": f.etag(until),
+        "size": f.size,
+        "name_hour": dt.datetime(1970, 1, 1),
+        "lines_read": f.rows,
+        "accepted": f.rows - sum(f.reasons),
+        "rejected": sum(f.reasons[i] for i in MALFORMED),
+        "ingested_at": dt.datetime.now(dt.UTC),
+    }
+    with db.session_factory(settings.database_url).begin() as session:
+        row = session.scalar(select(IngestedObject).where(IngestedObject.key == file_key(f.name)))
+        if row is None:
+            session.add(IngestedObject(key=file_key(f.name), **values))
+        else:
+            for k, v in values.items():
+                setattr(row, k, v)
+    pause_point("file_recorded")
+
+
+def _file_line(f: LegacyFile, until: dt.date) -> str:
+    malformed = sum(f.reasons[i] for i in MALFORMED)
+    why = ", ".join(f"{REASONS[i]}: {f.reasons[i]}" for i in MALFORMED if f.reasons[i])
+    return (
+        f"{f.name}: {f.rows} rows read in {f.done} units ({f.imported} imported, "
+        f"{f.replaced} replaced, {f.unchanged} unchanged, {f.refused} refused), "
+        f"{f.rows - sum(f.reasons)} downloads; skipped {malformed} malformed"
+        f"{f' ({why})' if why else ''}, {f.reasons[R_UNTIL]} dated on or after {until}, "
+        f"{f.reasons[R_OTHER]} not a GET with a download status, {f.reasons[R_PATH]} not a "
+        f"package download path"
+    )
+
+
+def import_files(
+    settings: Settings,
+    paths: list[str],
+    until: str | None = None,
+    replace: bool = False,
+    unit_rows: int | None = None,
+) -> bool:
+    """Import legacy databases; False when any file failed (the others are imported)."""
+    t0 = time.monotonic()
+    if unit_rows is None:  # WEBSTATS_LEGACY_UNIT_ROWS: environment only (tests, tuning)
+        raw = os.environ.get("WEBSTATS_LEGACY_UNIT_ROWS") or str(UNIT_ROWS)
+        if not raw.isdigit() or int(raw) < 1:
+            raise ConfigError(f"WEBSTATS_LEGACY_UNIT_ROWS {raw!r}: expected a number of rows")
+        unit_rows = int(raw)
+    until_day = cutover_day(settings, until)
+    key = ingest.ip_hash_key(settings, settings.get("etl/s3_download_logs") or "")
+    summary = ImportSummary(until=until_day)
+    sf = db.session_factory(settings.database_url)
+    files: list[LegacyFile] = []
+    names: dict[str, str] = {}  # file name → path: the name is the file's identity
+    for p in dict.fromkeys(paths):  # each path once
+        summary.files += 1
+        try:
+            f = inspect(Path(p))
+            if f.name in names:
+                raise LegacyFileError(
+                    f"the same name as {names[f.name]}, given before: a file's name is its "
+                    "identity in the ledger, import one of them at a time"
+                )
+        except LegacyFileError as exc:
+            summary.files_failed += 1
+            summary.failures.append(p)
+            log.error("%s: %s; not imported", p, exc)
+            continue
+        names[f.name] = p
+        with sf() as session:
+            file_etag, known = _ledger(session, f.name)
+        if file_etag == f.etag(until_day):
+            summary.files_skipped += 1
+            log.info("%s: imported before and unchanged since (%s): skipped", p, file_etag)
+            continue
+        ranges = []
+        for k in known:
+            m = _UNIT_KEY.search(k)
+            ranges.append((int(m[1]), int(m[2])))  # type: ignore[index]
+        plan_units(f, ranges, unit_rows)
+        f.known = known
+        files.append(f)
+    tasks = [
+        (unit_key(f.name, lo, hi), str(f.path), f.status_col, lo, hi)
+        for f in files
+        for lo, hi in f.units
+    ]
+    owner = [f for f in files for _ in f.units]
+    log.info(
+        "import legacy-db: %d of %d files to read, %d units (%d rows at most), with the %s "
+        "reader in %s process(es); cut-over day %s",
+        len(files), summary.files, len(tasks), sum(hi - lo + 1 for *_, lo, hi in tasks),
+        reader_name(), min(readers(settings), len(tasks)) or "the importing", until_day,
+    )  # fmt: skip
+    pause_point("legacy_planned")
+    for f in files:
+        if not f.units:
+            _finish_file(settings, f, until_day, summary)
+    progress = ingest.Progress(len(tasks), sum(hi - lo + 1 for *_, lo, hi in tasks))
+    workers = min(readers(settings), len(tasks))
+    queued: set[tuple[str, str, int, int]] = set()
+    results = read_all(tasks, key, until_day, workers)
+    for f, task in zip(owner, tasks, strict=True):
+        t1 = time.monotonic()
+        unit = next(results)
+        t2 = time.monotonic()
+        summary.t_read += t2 - t1
+        pause_point("unit_parsed")
+        _store_unit(sf, f, unit, replace, queued, summary)
+        summary.t_store += time.monotonic() - t2
+        f.done += 1
+        progress.update(task[4] - task[3] + 1, unit.rows)
+        if f.done == len(f.units):
+            _finish_file(settings, f, until_day, summary)
+            # A file's months now rather than all at the end: the queue (and the recompute's
+            # memory) stays at a year's keys, and an import killed later keeps them.
+            _recompute(settings, summary)
+            queued.clear()  # (the queue is empty now: what comes next must be queued again)
+    _recompute(settings, summary)
+    summary.elapsed = time.monotonic() - t0
+    log.info("%s", summary.line())
+    return summary.files_failed == 0
+
+
+def _recompute(settings: Settings, summary: ImportSummary) -> None:
+    """The statistics of what is queued (``ingest.finish_run``), added to the summary."""
+    months, took = summary.months, summary.t_recompute
+    ingest.finish_run(settings, summary)
+    summary.months += months
+    summary.t_recompute += took
+
+
+def parsed_of(unit: UnitResult) -> Parsed:
+    """A unit as the ledger stores an object (its records: binary COPY data)."""
+    out = Parsed(sources.LogObject(unit.key, unit.size, unit.name_hour, unit.etag))
+    out.lines_read, out.accepted, out.rejected = unit.rows, unit.downloads, unit.malformed
+    out.reasons = {REASONS[i]: n for i, n in enumerate(unit.reasons) if n}
+    out.touched, out.max_day = unit.touched, unit.max_day
+    out.copy_data, out.copy_format = unit.copy_data, "binary"
+    return out
+
+
+def _store_unit(
+    sf: Any,
+    f: LegacyFile,
+    unit: UnitResult,
+    replace: bool,
+    queued: set[tuple[str, str, int, int]],
+    summary: ImportSummary,
+) -> None:
+    if f.error is not None:  # an earlier unit of the file failed: the file is done for
+        return
+    if unit.error:
+        f.error = unit.error
+        log.error("%s: %s; its other units are not imported", f.path, unit.error)
+        return
+    f.rows += unit.rows
+    f.reasons = [a + b for a, b in zip(f.reasons, unit.reasons, strict=True)]
+    before = f.known.get(unit.key)
+    if before == unit.etag:
+        f.unchanged += 1
+        summary.unchanged += 1
+        return
+    if before is not None and not replace:
+        f.refused += 1
+        summary.refused += 1
+        log.error(
+            "%s: rows %s changed since they were imported (%s, now %s); not imported: "
+            "'import legacy-db --replace' replaces their records",
+            f.path, unit.key.rsplit("/rows-", 1)[1], before, unit.etag,
+        )  # fmt: skip
+        return
+    parsed = parsed_of(unit)
+    store = ingest.store_replacement if before is not None else ingest.store_new
+    try:
+        with sf.begin() as session:
+            store(session, parsed, queued)
+    except IntegrityError:  # another import stored it meanwhile
+        log.warning("%s: already in the ledger, skipped", unit.key)
+        return
+    pause_point("unit_committed")
+    queued |= unit.touched
+    if before is not None:
+        f.replaced += 1
+        summary.replaced += 1
+    else:
+        f.imported += 1
+    summary.objects += 1
+    summary.lines += unit.rows
+    summary.accepted += unit.downloads
+    summary.rejected += unit.malformed
+
+
+def _finish_file(settings: Settings, f: LegacyFile, until: dt.date, summary: ImportSummary) -> None:
+    if f.error is None and not f.refused:
+        _record_file(settings, f, until)
+        log.info("%s", _file_line(f, until))
+        return
+    summary.files_failed += 1
+    summary.failures.append(str(f.path))
+    if f.error is None:
+        log.error("%s; %s: not complete (refused units above)", _file_line(f, until), f.path)

@@ -1,0 +1,613 @@
+"""``import legacy-db`` (etl/legacy.py) on SQLite and real PostgreSQL: history before a
+cut-over day plus logs after it = the statistics of the whole; each rule of a legacy row;
+broken files; exactly once (re-runs, appended and changed rows); the look-back of the logs."""
+
+from __future__ import annotations
+
+import datetime as dt
+import itertools
+import logging
+import os
+import shutil
+import sqlite3
+from pathlib import Path
+
+import pytest
+from sqlalchemy import func, select
+
+import legacygen
+import loggen
+from bioc_webstats.errors import WebstatsError
+from bioc_webstats.etl import ingest, legacy, legacy_rows, rule
+from bioc_webstats.store import db
+from bioc_webstats.store.models import DownloadRecord, IngestedObject, StatsPending
+from test_ingest import assert_truth, loaded, make_settings, snapshot, stats_tables
+
+KEY = b"test-key"  # make_settings' WEBSTATS_IP_HASH_KEY
+DL = "/packages/3.18/bioc/src/contrib/limma_3.58.1.tar.gz"
+
+
+def records(url: str) -> list[tuple[str, str, dt.date, int, int]]:
+    with db.session_factory(url)() as s:
+        rows = s.execute(
+            select(
+                DownloadRecord.category, DownloadRecord.package, DownloadRecord.day,
+                DownloadRecord.ip_hash, DownloadRecord.downloads,
+            )
+        ).all()  # fmt: skip
+    return sorted(
+        (c, p, dt.date.fromisoformat(d) if isinstance(d, str) else d, h, n)
+        for c, p, d, h, n in rows
+    )
+
+
+def ledger(url: str) -> dict[str, tuple[int, int, int]]:
+    with db.session_factory(url)() as s:
+        return {
+            o.key: (o.lines_read, o.accepted, o.rejected) for o in s.scalars(select(IngestedObject))
+        }
+
+
+def import_rows(settings, path: Path, rows: list[dict], until: str = "2030-01-01",
+                status_col: str = "statuscode", **kw) -> bool:  # fmt: skip
+    legacygen.write_rows(path, rows, status_col)
+    return legacy.import_files(settings, [str(path)], until=until, **kw)
+
+
+def cli_env(monkeypatch, db_url: str, tmp_path: Path) -> None:
+    """The environment of ``bioc-webstats`` run in this process (cli.main)."""
+    for k, v in {
+        "WEBSTATS_DATABASE_URL": db_url,
+        "WEBSTATS_STATE_DIR": str(tmp_path / "state"),
+        "WEBSTATS_ENV_FILE": "/dev/null",
+        "WEBSTATS_IP_HASH_KEY": KEY.decode(),
+    }.items():
+        monkeypatch.setenv(k, v)
+
+
+def hashed(ip: str) -> int:
+    return rule.ip_hasher(KEY)(ip.encode())
+
+
+# --- history + logs = the whole ---------------------------------------------------------------
+
+
+@pytest.fixture
+def corpus(tmp_path) -> legacygen.SplitCorpus:
+    """Dec 28 2019 - Jan 21 2020 split on Jan 10: the legacy side has an errorcode file
+    (2019) and a statuscode file (2020); January straddles the cut-over."""
+    return legacygen.generate_split(
+        tmp_path / "legacy", tmp_path / "logs", dt.date(2019, 12, 28), 25, dt.date(2020, 1, 10),
+        files_per_day=4, lines_per_file=150, seed=5,
+    )  # fmt: skip
+
+
+@pytest.mark.parametrize(("reader", "workers"), [("native", "2"), ("python", "1")])
+def test_history_plus_logs_equal_the_whole(db_url, tmp_path, corpus, reader, workers, monkeypatch):
+    monkeypatch.setattr(legacy_rows, "_FORCE_PYTHON", reader == "python")  # passed to readers
+    assert legacy_rows.reader_name() == reader
+    settings = loaded(db_url, tmp_path, WEBSTATS_ETL_WORKERS=workers,
+                      WEBSTATS_ETL_LOGS_SINCE="2020-01-10")  # fmt: skip
+    names = sorted(p.name for p in corpus.legacy_files)
+    assert names == ["download_db_2019.sqlite", "download_db_2020.sqlite"]
+    with sqlite3.connect(corpus.legacy_files[0]) as con:  # the old column name before 2020
+        assert "errorcode" in {r[1] for r in con.execute("PRAGMA table_info(access_log)")}
+    # the same clients on both sides of the cut-over: a sum of the halves would be wrong
+    assert corpus.clients_legacy & corpus.clients_logs
+    files = [str(p) for p in corpus.legacy_files]
+    assert legacy.import_files(settings, files, unit_rows=700) is True
+    assert ingest.run(settings, source=str(tmp_path / "logs")) is True
+    assert_truth(db_url, corpus.truth)
+    with db.session_factory(db_url)() as s:
+        total = s.scalar(select(func.sum(DownloadRecord.downloads)))
+        assert total == corpus.counted_legacy + corpus.counted_logs == corpus.truth.counted
+        assert s.scalar(select(func.count()).select_from(StatsPending)) == 0
+        assert db.get_valid_thru(s) >= dt.date(2020, 1, 21)
+    january = {k: v for k, v in corpus.truth.category.items() if k[1:] == (2020, 1)}
+    assert january and all(ips > 0 for ips, _ in january.values())
+    # the units: several per file, each in the ledger once, none counted as a log object
+    keys = [k for k in ledger(db_url) if k.startswith("legacy/")]
+    assert sum(k.endswith("/file") for k in keys) == 2 and len(keys) > 6
+
+
+def test_unsplit_corpus_as_logs_equals_the_same_truth(tmp_path):
+    """The generator's other half: every request as a log line gives the same truth."""
+    whole = legacygen.generate_split(
+        None, tmp_path / "all", dt.date(2019, 12, 28), 25, None, files_per_day=4,
+        lines_per_file=150, seed=5,
+    )  # fmt: skip
+    split = legacygen.generate_split(
+        tmp_path / "legacy", tmp_path / "logs", dt.date(2019, 12, 28), 25, dt.date(2020, 1, 10),
+        files_per_day=4, lines_per_file=150, seed=5,
+    )  # fmt: skip
+    assert whole.truth.package == split.truth.package
+    url = f"sqlite:///{tmp_path / 'whole.sqlite3'}"
+    db.upgrade(url)
+    settings = loaded(url, tmp_path)
+    assert ingest.run(settings, source=str(tmp_path / "all"))
+    assert_truth(url, whole.truth)
+
+
+# --- the rule, row by row ---------------------------------------------------------------------
+
+
+@pytest.fixture
+def sqlite_settings(tmp_path):
+    url = f"sqlite:///{tmp_path / 'webstats.sqlite3'}"
+    db.upgrade(url)
+    yield loaded(url, tmp_path)
+    db.dispose_engine(url)
+
+
+def test_proxy_chain_is_its_first_address_hashed_like_a_log_ip(db_url, tmp_path):
+    settings = loaded(db_url, tmp_path)
+    rows = [
+        legacygen.row(ips="203.0.113.5, 10.0.0.7"),
+        legacygen.row(ips=" 203.0.113.5 ,10.1.1.1, 10.2.2.2"),
+        legacygen.row(ips="203.0.113.5"),
+        legacygen.row(ips="2001:db8::5, 10.0.0.7"),
+    ]
+    assert import_rows(settings, tmp_path / "download_db_2024.sqlite", rows)
+    got = records(db_url)
+    assert got == sorted([
+        ("bioc", "limma", dt.date(2024, 1, 30), hashed("203.0.113.5"), 3),
+        ("bioc", "limma", dt.date(2024, 1, 30), hashed("2001:db8::5"), 1),
+    ])  # fmt: skip
+    # the same client in a log line of the same month: one distinct IP over both sources
+    logs = tmp_path / "logs"
+    logs.mkdir()
+    line = loggen.log_line(uri=DL, ip="203.0.113.5", date="2024-01-31", time="08:00:00")
+    (logs / f"{loggen.DIST}.2024-01-31-08.a1.gz").write_bytes(loggen.log_bytes(line))
+    assert ingest.run(settings, source=str(logs))
+    pkg, cat = stats_tables(db_url)
+    assert pkg[("bioc", "limma", 2024, 1)] == (2, 5)
+    assert cat[("bioc", 2024, 1)] == (2, 5)
+
+
+def test_absolute_urls_and_query_strings_test_the_path(sqlite_settings, tmp_path):
+    counted = [
+        "http://bioconductor.org" + DL,
+        "https://master.bioconductor.org//packages/release/bioc/bin/windows/contrib/4.3/"
+        "limma_3.58.1.zip?raw=true",
+        DL + "?x=/packages/3.18/bioc/src/contrib/edgeR_1.0.tar.gz",
+        DL + "?",
+        "HTTP://BIOCONDUCTOR.ORG:80" + DL,
+    ]
+    not_counted = [
+        "http://bioconductor.org/packages/3.18/bioc/src/contrib/PACKAGES?limma_1.0.tar.gz",
+        "/packages/3.18/bioc/src/contrib/Archive/limma/limma_1.0.tar.gz",
+        "http://bioconductor.org",
+        "/index.html?/packages/3.18/bioc/src/contrib/limma_3.58.1.tar.gz",
+        "bioconductor.org" + DL,  # no scheme: not a path either
+        "/packages/3.18/bioc/src/contrib/limma_3.58.1.tgz",  # src/contrib holds .tar.gz only
+    ]
+    rows = [legacygen.row(url=u, ips=f"192.0.2.{i}") for i, u in enumerate(counted + not_counted)]
+    assert import_rows(sqlite_settings, tmp_path / "download_db_2024.sqlite", rows)
+    got = records(sqlite_settings.database_url)
+    assert {(c, p) for c, p, *_ in got} == {("bioc", "limma")}
+    assert sum(n for *_, n in got) == len(counted)
+    assert {h for *_, h, _ in got} == {hashed(f"192.0.2.{i}") for i in range(len(counted))}
+
+
+@pytest.mark.parametrize("status_col", ["errorcode", "statuscode"])
+def test_status_column_old_and_new_name_method_as_logged(sqlite_settings, tmp_path, status_col):
+    rows = [legacygen.row(status=s, ips=f"192.0.2.{i}") for i, s in
+            enumerate(["200", "301", "302", "307", "308"])]  # fmt: skip
+    rows += [legacygen.row(status=s) for s in ["304", "404", "206", "500"]]
+    rows += [legacygen.row(method=m) for m in ["HEAD", "POST", "get", None]]
+    rows += [legacygen.row(status=s) for s in ["-", "", None, "2OO"]]  # malformed
+    path = tmp_path / "download_db_2015.sqlite"
+    assert import_rows(sqlite_settings, path, rows, status_col=status_col)
+    got = records(sqlite_settings.database_url)
+    assert sum(n for *_, n in got) == 5
+    assert len(got) == 5  # five clients
+    unit = {k: v for k, v in ledger(sqlite_settings.database_url).items() if "/rows-" in k}
+    assert list(unit.values()) == [(len(rows), 5, 4)]  # rows read, downloads, malformed
+
+
+def test_the_day_is_the_local_day_as_logged(db_url, tmp_path):
+    settings = loaded(db_url, tmp_path)
+    rows = [
+        # 23:30 in Seattle is the next day in UTC: still January 31
+        legacygen.row(day="31/Jan/2020", time="23:30:00", offset="-0800"),
+        # 00:10 in Paris is the day before in UTC: still February 1
+        legacygen.row(day="01/Feb/2020", time="00:10:00", offset="+0100", ips="192.0.2.9"),
+    ]
+    assert import_rows(settings, tmp_path / "download_db_2020.sqlite", rows)
+    assert [r[2] for r in records(db_url)] == [dt.date(2020, 1, 31), dt.date(2020, 2, 1)]
+    pkg, _ = stats_tables(db_url)
+    assert pkg[("bioc", "limma", 2020, 1)] == (1, 1)
+    assert pkg[("bioc", "limma", 2020, 2)] == (1, 1)
+    assert pkg[("bioc", "limma", 2020, 0)] == (2, 2)
+    with db.session_factory(db_url)() as s:  # ValidThru: the newest record, as for logs
+        assert db.get_valid_thru(s) == dt.date(2020, 2, 1)
+
+
+def test_old_parser_columns_are_not_trusted(sqlite_settings, tmp_path):
+    rows = [
+        legacygen.row(package="edgeR"),  # the url says limma
+        {
+            **legacygen.row(url="/packages/release/bioc/html/limma.html", package="limma"),
+            "biocrepo": "bioc",
+            "pkgtype": "source",
+        },
+    ]
+    assert import_rows(sqlite_settings, tmp_path / "download_db_2024.sqlite", rows)
+    assert [(c, p, n) for c, p, _, _, n in records(sqlite_settings.database_url)] == [
+        ("bioc", "limma", 1)
+    ]
+
+
+def test_malformed_rows_are_counted_not_fatal(sqlite_settings, tmp_path, caplog):
+    bad = [
+        legacygen.row(day="2024-01-30"), legacygen.row(day="30/jan/2024"),
+        legacygen.row(day="31/Feb/2024"), legacygen.row(day=None), legacygen.row(day="3/Jan/2024"),
+        legacygen.row(ips=""), legacygen.row(ips=None), legacygen.row(ips="-"),
+        legacygen.row(ips=", 10.0.0.7"), legacygen.row(url="/" + "x" * 9000),
+    ]  # fmt: skip
+    caplog.set_level(logging.INFO, "bioc_webstats")
+    rows = [legacygen.row(), *bad, legacygen.row(ips="192.0.2.77")]
+    assert import_rows(sqlite_settings, tmp_path / "download_db_2024.sqlite", rows)
+    unit = {k: v for k, v in ledger(sqlite_settings.database_url).items() if "/rows-" in k}
+    assert list(unit.values()) == [(12, 2, 10)]
+    assert "skipped 10 malformed (day_month_year not a day like 17/Sep/2023: 5" in caplog.text
+    assert "no client address in ips: 4" in caplog.text
+    assert "url or ips longer than 8 KiB: 1" in caplog.text
+
+
+def test_cutover_day_until_or_logs_since_or_refused(db_url, tmp_path, monkeypatch, capsys):
+    rows = [legacygen.row(day=f"{d:02d}/Jan/2020", ips=f"192.0.2.{d}") for d in (9, 10, 11)]
+    path = tmp_path / "download_db_2020.sqlite"
+    legacygen.write_rows(path, rows)
+    days = lambda: sorted({r[2].day for r in records(db_url)})  # noqa: E731
+    settings = loaded(db_url, tmp_path)
+    with pytest.raises(WebstatsError, match=r"--until YYYY-MM-DD or set etl/logs_since"):
+        legacy.import_files(settings, [str(path)])
+    assert ledger(db_url) == {}
+    assert legacy.import_files(settings, [str(path)], until="2020-01-10")
+    assert days() == [9]
+    # etl/logs_since is the default; a later cut-over changes the unit: refused, or replaced
+    later = make_settings(db_url, tmp_path, WEBSTATS_ETL_LOGS_SINCE="2020-01-11")
+    assert legacy.import_files(later, [str(path)]) is False
+    assert days() == [9]
+    assert legacy.import_files(later, [str(path)], replace=True)
+    assert days() == [9, 10]
+    # the command line: one line, exit 1, no traceback
+    from bioc_webstats import cli
+
+    cli_env(monkeypatch, db_url, tmp_path)
+    monkeypatch.delenv("WEBSTATS_ETL_LOGS_SINCE", raising=False)
+    with pytest.raises(SystemExit) as exc:
+        cli.main(["import", "legacy-db", str(path)])
+    err = capsys.readouterr().err
+    assert exc.value.code == 1 and "Traceback" not in err
+    assert err.strip().splitlines()[-1].startswith("bioc-webstats: error: import legacy-db: no cut")
+    with pytest.raises(SystemExit) as exc:
+        cli.main(["import", "legacy-db", "--until", "soon", str(path)])
+    assert exc.value.code == 2 and "not a date YYYY-MM-DD" in capsys.readouterr().err
+
+
+# --- broken files -------------------------------------------------------------------------
+
+
+def good_db(path: Path, n: int = 40, day: str = "30/Jan/2024") -> Path:
+    return legacygen.write_rows(
+        path, [legacygen.row(day=day, ips=f"198.51.100.{i % 50}") for i in range(n)]
+    )
+
+
+def test_broken_files_fail_alone(db_url, tmp_path, caplog, monkeypatch, capsys):
+    settings = loaded(db_url, tmp_path)
+    d = tmp_path / "in"
+    d.mkdir()
+    good = good_db(d / "download_db_2024.sqlite")
+    bad: dict[str, str] = {}
+    (d / "notes.sqlite").write_text("this is not a database\n" * 10)
+    bad["notes.sqlite"] = "not an SQLite database"
+    (d / "empty.sqlite").write_bytes(b"")
+    bad["empty.sqlite"] = "empty file (0 bytes)"
+    with sqlite3.connect(d / "other.sqlite") as con:
+        con.execute("CREATE TABLE other (x)")
+    bad["other.sqlite"] = "no table access_log"
+    with sqlite3.connect(d / "columns.sqlite") as con:
+        con.execute("CREATE TABLE access_log (ips, day_month_year, url)")
+    bad["columns.sqlite"] = "no column method, statuscode (or errorcode)"
+    big = good_db(d / "download_db_2023.sqlite", n=3000, day="30/Jan/2023")
+    half = d / "truncated.sqlite"
+    half.write_bytes(big.read_bytes()[: big.stat().st_size // 2])
+    bad["truncated.sqlite"] = "truncated: its header says"
+    corrupt = d / "corrupt.sqlite"
+    data = bytearray(big.read_bytes())
+    data[len(data) // 2 : len(data) // 2 + 8192] = os.urandom(8192)  # pages of junk
+    corrupt.write_bytes(bytes(data))
+    bad["corrupt.sqlite"] = "malformed"
+    bad["missing.sqlite"] = "No such file"
+    (d / "adir.sqlite").mkdir()
+    bad["adir.sqlite"] = "not a file"
+    with sqlite3.connect(d / "view.sqlite") as con:
+        con.execute(f"CREATE TABLE t ({', '.join(legacygen.COLUMNS)})")
+        con.execute("CREATE VIEW access_log AS SELECT * FROM t")
+    bad["view.sqlite"] = "access_log is a view, not a table"
+    with sqlite3.connect(d / "norowid.sqlite") as con:
+        cols = ", ".join(legacygen.COLUMNS)
+        con.execute(f"CREATE TABLE access_log ({cols}, PRIMARY KEY (ips)) WITHOUT ROWID")
+    bad["norowid.sqlite"] = "no rowid"
+    (d / "again").mkdir()
+    shutil.copy(good, d / "again" / good.name)  # its name is the file's identity
+    bad["again/download_db_2024.sqlite"] = "the same name as"
+    big.unlink()
+    caplog.set_level(logging.INFO, "bioc_webstats")
+    paths = [str(good)] + [str(d / n) for n in bad]
+    assert legacy.import_files(settings, paths, until="2030-01-01", unit_rows=500) is False
+    errors = [r.getMessage() for r in caplog.records if r.levelno == logging.ERROR]
+    for name, why in bad.items():
+        mine = [m for m in errors if str(d / name) in m.split(": ")[0]]
+        assert len(mine) == 1 and why in mine[0], (name, errors)
+    assert len(errors) == len(bad)
+    assert f"{len(bad) + 1} files ({len(bad)} failed" in caplog.text
+    got = ledger(db_url)
+    assert "legacy/download_db_2024.sqlite/file" in got
+    assert not any(k.startswith(("legacy/notes", "legacy/truncated")) for k in got)
+    assert "legacy/corrupt.sqlite/file" not in got
+    assert sum(n for *_, n in records(db_url)) == 40 + sum(
+        v[1] for k, v in got.items() if k.startswith("legacy/corrupt.sqlite/rows-")
+    )
+    # the command line: exit 1, one line at the end, no traceback
+    from bioc_webstats import cli
+
+    cli_env(monkeypatch, db_url, tmp_path)
+    with pytest.raises(SystemExit) as exc:
+        cli.main(["import", "legacy-db", "--until", "2030-01-01", str(d / "notes.sqlite")])
+    err = capsys.readouterr().err
+    assert exc.value.code == 1 and "Traceback" not in err
+    assert "notes.sqlite: not an SQLite database; not imported" in caplog.text
+    assert err.strip().splitlines()[-1].startswith("bioc-webstats: error: import legacy-db: some")
+
+
+# --- exactly once ---------------------------------------------------------------------------
+
+
+def test_rerun_adds_nothing(db_url, tmp_path, corpus, caplog):
+    settings = loaded(db_url, tmp_path, WEBSTATS_ETL_LOGS_SINCE="2020-01-10")
+    files = [str(p) for p in corpus.legacy_files]
+    assert legacy.import_files(settings, files, unit_rows=500)
+    before = snapshot(db_url)
+    caplog.set_level(logging.INFO, "bioc_webstats")
+    assert legacy.import_files(settings, files, unit_rows=500)
+    assert snapshot(db_url) == before
+    assert caplog.text.count("imported before and unchanged since") == 2
+    # touched (a copy kept its bytes, not its mtime): every unit read again, all unchanged
+    caplog.clear()
+    for p in corpus.legacy_files:
+        os.utime(p, ns=(1, 1))
+    assert legacy.import_files(settings, files, unit_rows=999)  # the ranges are the ledger's
+    assert snapshot(db_url)[:3] == before[:3]
+    assert snapshot(db_url)[3]["data_version"] == before[3]["data_version"]
+    assert "0 units imported (0 replaced)" in caplog.text and "0 refused" in caplog.text
+    # the same file under another directory is the same file (its name is the key)
+    copy = tmp_path / "copy"
+    copy.mkdir()
+    shutil.copy2(corpus.legacy_files[0], copy)
+    assert legacy.import_files(settings, [str(copy / corpus.legacy_files[0].name)])
+    assert snapshot(db_url)[:3] == before[:3]
+
+
+def test_rows_appended_later_become_new_units(db_url, tmp_path):
+    settings = loaded(db_url, tmp_path)
+    path = tmp_path / "download_db_2024.sqlite"
+    rows = [legacygen.row(ips=f"198.51.100.{i}") for i in range(25)]
+    assert import_rows(settings, path, rows[:10], unit_rows=4)
+    assert sorted(k for k in ledger(db_url) if "/rows-" in k) == [
+        "legacy/download_db_2024.sqlite/rows-1-4",
+        "legacy/download_db_2024.sqlite/rows-5-8",
+        "legacy/download_db_2024.sqlite/rows-9-10",
+    ]
+    # the old server appended rows: they go in as new units, the old ones are unchanged
+    assert import_rows(settings, path, rows[10:], unit_rows=4)
+    keys = sorted((k for k in ledger(db_url) if "/rows-" in k), key=lambda k: int(k.split("-")[-2]))
+    assert [k.rsplit("/", 1)[1] for k in keys] == [
+        "rows-1-4", "rows-5-8", "rows-9-10", "rows-11-14", "rows-15-18", "rows-19-22",
+        "rows-23-25",
+    ]  # fmt: skip
+    pkg, _ = stats_tables(db_url)
+    assert pkg[("bioc", "limma", 2024, 1)] == (25, 25)
+
+
+def test_changed_rows_are_refused_unless_replace(db_url, tmp_path, caplog):
+    settings = loaded(db_url, tmp_path)
+    path = tmp_path / "download_db_2024.sqlite"
+    assert import_rows(settings, path, [legacygen.row(ips=f"198.51.100.{i}") for i in range(9)],
+                       unit_rows=3)  # fmt: skip
+    before = snapshot(db_url)
+    with sqlite3.connect(path) as con:  # rewritten in place: another package
+        con.execute("UPDATE access_log SET url = replace(url, 'limma', 'edgeR') WHERE rowid = 5")
+    caplog.set_level(logging.INFO, "bioc_webstats")
+    assert legacy.import_files(settings, [str(path)], until="2030-01-01") is False
+    assert snapshot(db_url) == before
+    refused = [r.getMessage() for r in caplog.records if r.levelno == logging.ERROR]
+    assert len(refused) == 2 and "rows 4-6 changed since they were imported" in refused[0]
+    assert "--replace" in refused[0]
+    assert legacy.import_files(settings, [str(path)], until="2030-01-01", replace=True)
+    pkg, _ = stats_tables(db_url)
+    assert pkg[("bioc", "limma", 2024, 1)] == (8, 8)
+    assert pkg[("bioc", "edgeR", 2024, 1)] == (1, 1)
+    assert sum(n for *_, n in records(db_url)) == 9
+
+
+def test_legacy_ledger_rows_do_not_move_the_log_lookback(db_url, tmp_path):
+    """The newest legacy unit (August) is later than the logs (June): if it counted, the
+    look-back would start in late July and never read the June logs."""
+    settings = loaded(db_url, tmp_path)
+    path = tmp_path / "download_db_2024.sqlite"
+    assert import_rows(settings, path, [legacygen.row(day="20/Aug/2024")], until="2024-09-01")
+    with db.session_factory(db_url)() as s:
+        assert s.scalar(select(func.max(IngestedObject.name_hour))) == dt.datetime(2024, 8, 20)
+    from bioc_webstats.daily import status  # nor what `status` says of the log objects
+
+    facts = status(settings)
+    assert facts["objects_ingested"] == 0 and facts["newest_object_hour"] is None
+    logs = tmp_path / "logs"
+    truth = loggen.generate(logs, days=2, start=dt.date(2024, 6, 10), files_per_day=2,
+                            lines_per_file=50)  # fmt: skip
+    assert ingest.run(settings, source=str(logs))
+    keys = set(ledger(db_url))
+    assert set(truth.files) <= keys
+    # and a late log file inside the logs' own look-back window is still picked up
+    late = tmp_path / "logs" / f"{loggen.DIST}.2024-06-10-05.late.gz"
+    late.write_bytes(loggen.log_bytes(loggen.log_line(date="2024-06-10", time="05:10:00")))
+    assert ingest.run(settings, source=str(logs))
+    assert late.name in set(ledger(db_url))
+
+
+def test_units_cover_every_row_once_whatever_the_gaps(sqlite_settings, tmp_path):
+    path = tmp_path / "download_db_2024.sqlite"
+    legacygen.write_rows(path, [legacygen.row(ips=f"198.51.100.{i}") for i in range(30)])
+    with sqlite3.connect(path) as con:
+        con.execute("DELETE FROM access_log WHERE rowid BETWEEN 8 AND 19")
+    assert legacy.import_files(sqlite_settings, [str(path)], until="2030-01-01", unit_rows=5)
+    units = {k: v for k, v in ledger(sqlite_settings.database_url).items() if "/rows-" in k}
+    assert sum(v[0] for v in units.values()) == 18
+    spans = sorted(tuple(map(int, k.rsplit("rows-", 1)[1].split("-"))) for k in units)
+    assert spans[0][0] == 1 and spans[-1][1] == 30
+    assert all(a[1] + 1 == b[0] for a, b in itertools.pairwise(spans))
+
+
+# --- the two loops -----------------------------------------------------------------------------
+
+
+def test_native_and_python_readers_give_the_same_bytes(tmp_path):
+    if legacy_rows._legacy is None or legacy_rows._sqlite_api() is None:
+        pytest.skip("the C reader is not built (BIOC_WEBSTATS_PURE)")
+    stats = legacygen.generate_history(
+        tmp_path / "h", dt.date(2019, 12, 30), dt.date(2020, 1, 3), 3000, seed=3, clients=500
+    )
+    odd = tmp_path / "download_db_2021.sqlite"
+    weird = [
+        legacygen.row(url="/x\tyz" + DL, ips="1.2.3.4\t5"), legacygen.row(url=DL + "\n"),
+        legacygen.row(url="http://h" + DL, ips="\n1.2.3.4"), legacygen.row(url="/" + "y" * 9000),
+        legacygen.row(ips="9" * 9000), legacygen.row(day=None, ips=None, status=None, method=None),
+        legacygen.row(url=DL.encode() + b"\xff\xfe"), legacygen.row(ips=b"1.2.3.4\x00x"),
+        legacygen.row(status=200), legacygen.row(status=200.0), legacygen.row(status=b"302"),
+        legacygen.row(day="29/Feb/2020"), legacygen.row(day="29/Feb/2021"),
+    ]  # fmt: skip
+    legacygen.write_rows(odd, weird * 3)
+    downloads = 0
+    for path in [*stats.files, odd]:
+        f = legacy.inspect(path)
+        until = dt.date(2020, 1, 2) if path != odd else dt.date(2030, 1, 1)
+        for a in range(f.lo, f.hi + 1, 2500):
+            args = (path, f.status_col, a, a + 2499)
+            native = legacy_rows.read_unit(legacy_rows.Rule(KEY, until), *args)
+            assert native == legacy_rows.read_unit_python(legacy_rows.Rule(KEY, until), *args)
+            assert native.rows == min(f.hi, a + 2499) - a + 1
+            downloads += native.downloads
+    assert downloads > 0.5 * stats.downloads / 2  # about half the days are before until
+    # date, long, status, ips, until, not GET+download status, not a download path
+    one = legacy_rows.read_unit(
+        legacy_rows.Rule(KEY, dt.date(2030, 1, 1)), odd, "statuscode", 1, 13
+    )
+    assert one.reasons == [2, 2, 1, 0, 0, 0, 3] and one.downloads == 5
+
+
+# --- the demo's take-over -----------------------------------------------------------------------
+
+
+def test_demo_history_and_logs_give_their_truth(tmp_path):
+    """molecule/shared/sample_data.py --history (what `make demo` deploys, shortened): the
+    legacy databases through `import legacy-db`, the logs through `etl run`, with the cut-over
+    day it writes as etl/logs_since: the statistics are its truth, with a Zipf-like spread."""
+    import importlib.util
+    import json
+
+    spec = importlib.util.spec_from_file_location(
+        "sample_data", Path(__file__).parents[1] / "molecule" / "shared" / "sample_data.py"
+    )
+    sample_data = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(sample_data)
+    out = tmp_path / "sample"
+    out.mkdir()
+    truth = sample_data.write_history(
+        out, dt.date(2023, 11, 1), dt.date(2024, 1, 15), days=2, files_per_day=4,
+        lines_per_file=150, seed=7,
+    )  # fmt: skip
+    assert (out / "cutover").read_text().strip() == truth["cutover"] == "2024-01-15"
+    assert json.loads(json.dumps(truth)) == truth
+    url = f"sqlite:///{tmp_path / 'demo.sqlite3'}"
+    db.upgrade(url)
+    settings = loaded(url, tmp_path, WEBSTATS_ETL_LOGS_SINCE=truth["cutover"])
+    files = sorted(str(p) for p in (out / "legacy").glob("download_db_*.sqlite"))
+    assert [Path(f).name for f in files] == ["download_db_2023.sqlite", "download_db_2024.sqlite"]
+    assert legacy.import_files(settings, files)
+    assert ingest.run(settings, source=str(out / "logs"))
+    pkg, cat = stats_tables(url)
+    assert pkg == {tuple(r[:4]): tuple(r[4:]) for r in truth["package"]}
+    assert cat == {tuple(r[:3]): tuple(r[3:]) for r in truth["category"]}
+    december = sorted((v[1] for k, v in pkg.items() if k[2:] == (2023, 12)), reverse=True)
+    assert december[0] > 20 * december[len(december) // 2] and december[-1] <= 3
+
+
+def test_one_writer_at_a_time(sqlite_settings, tmp_path, monkeypatch, capsys):
+    """import legacy-db takes the writer lock of etl run: while one holds it, it stops at
+    once with one line naming the holder, and changes nothing."""
+    from bioc_webstats import cli
+
+    path = good_db(tmp_path / "download_db_2024.sqlite")
+    cli_env(monkeypatch, sqlite_settings.database_url, tmp_path)
+    with cli.writer_lock(sqlite_settings, "etl run"):
+        with pytest.raises(SystemExit) as exc:
+            cli.main(["import", "legacy-db", "--until", "2030-01-01", str(path)])
+    err = capsys.readouterr().err
+    assert exc.value.code == 1 and "Traceback" not in err
+    assert "import legacy-db: not started, 'etl run' (pid" in err
+    assert ledger(sqlite_settings.database_url) == {}
+    with pytest.raises(SystemExit) as exc:
+        cli.main(["import", "legacy-db", "--until", "2030-01-01", str(path)])
+    assert exc.value.code == 0
+    assert sum(n for *_, n in records(sqlite_settings.database_url)) == 40
+
+
+def test_a_month_in_two_files_counts_both(db_url, tmp_path):
+    """Each file's months are recomputed when the file is in; a later file with rows of the
+    same month (the old server's year files overlap at new year) counts them too."""
+    settings = loaded(db_url, tmp_path)
+    a = legacygen.write_rows(
+        tmp_path / "download_db_2019.sqlite",
+        [legacygen.row(day="30/Dec/2019", ips="192.0.2.1")],
+        "errorcode",
+    )
+    b = legacygen.write_rows(tmp_path / "download_db_2020.sqlite", [
+        legacygen.row(day="31/Dec/2019", ips="192.0.2.2"),
+        legacygen.row(day="31/Dec/2019", ips="192.0.2.1"),
+        legacygen.row(day="02/Jan/2020", ips="192.0.2.1"),
+    ])  # fmt: skip
+    assert legacy.import_files(settings, [str(a), str(b)], until="2030-01-01")
+    pkg, cat = stats_tables(db_url)
+    assert pkg[("bioc", "limma", 2019, 12)] == (2, 3)
+    assert pkg[("bioc", "limma", 2019, 0)] == (2, 3)
+    assert pkg[("bioc", "limma", 2020, 1)] == (1, 1)
+    assert cat[("bioc", 2019, 12)] == (2, 3)
+    with db.session_factory(db_url)() as s:
+        assert s.scalar(select(func.count()).select_from(StatsPending)) == 0
+
+
+def test_readers_end_when_the_import_stops_early(tmp_path):
+    """An import that stops part-way (an error, Ctrl-C) ends its reader processes: what they
+    still send is dropped, none is left behind."""
+    from test_legacy_kill import alive, descendants
+
+    path = good_db(tmp_path / "download_db_2024.sqlite", n=3000)
+    tasks = [(f"k{lo}", str(path), "statuscode", lo, lo + 99) for lo in range(1, 3001, 100)]
+    units = legacy_rows.read_all(tasks, KEY, dt.date(2030, 1, 1), workers=2)
+    first = next(units)
+    assert first.rows == 100 and first.downloads == 100
+
+    def is_reader(pid: int) -> bool:
+        try:
+            return b"_reader_boot" in Path(f"/proc/{pid}/cmdline").read_bytes()
+        except OSError:
+            return False
+
+    readers = {p for p in descendants(os.getpid()) if is_reader(p)}
+    assert len(readers) == 2 and all(alive(p) for p in readers)
+    units.close()  # the importing process gives up
+    assert not any(alive(p) for p in readers)
