@@ -13,6 +13,7 @@ own system units and executable stubs at the rendered paths (the venv does not e
 
 from __future__ import annotations
 
+import datetime as dt
 import re
 import shutil
 import subprocess
@@ -156,8 +157,8 @@ def test_etl_runs_one_command_the_daily_job(rendered):
     execs = re.findall(r"^ExecStart=(.*)$", etl, re.M)
     assert len(execs) == 1, execs
     assert not execs[0].startswith("-")
-    assert re.fullmatch(r"/\S+/run-logged /var/log/bioc-webstats/etl\.log /\S+/bin/bioc-webstats daily",
-                        execs[0]), execs[0]  # fmt: skip
+    daily = r"/\S+/run-logged /var/log/bioc-webstats/etl\.log /\S+/bin/bioc-webstats daily"
+    assert re.fullmatch(daily, execs[0]), execs[0]
     assert re.search(r"^OnFailure=bioc-webstats-failure@%n\.service$", etl, re.M)
 
 
@@ -169,8 +170,6 @@ def test_watchdog_timer_and_service(rendered):
         assert f"OnCalendar={spec}\n" in timer
         next_two = _analyze("calendar", "--iterations=2", spec).stdout
         stamps = re.findall(r"(?:Next elapse|Iter\. #2): \w+ (\S+ \S+)", next_two)
-        import datetime as dt
-
         first, second = (dt.datetime.fromisoformat(s) for s in stamps[:2])
         assert second - first == dt.timedelta(minutes=10), (spec, stamps)
     assert re.search(r"^Persistent=true$", timer, re.M)

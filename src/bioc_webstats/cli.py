@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import sys
 import traceback
 from collections.abc import Iterator
@@ -72,7 +73,6 @@ def writer_lock(settings: Settings, what: str) -> Iterator[None]:
     and says who holds the lock, instead of working through the same objects."""
     import datetime as dt
     import fcntl
-    import os
 
     path = settings.state_dir / "etl.lock"
     try:
@@ -129,18 +129,25 @@ def db_backup(ctx: Context, dest: Path, s3_url: str | None) -> None:
 
 
 @db_group.command("restore")
-@click.argument("source", type=click.Path(dir_okay=False, path_type=Path))
+@click.argument("source")
 @pass_ctx
-def db_restore(ctx: Context, source: Path) -> None:
-    """Replace the database's contents with a backup (all or nothing), migrate it to this
-    release's schema, and publish it under a new version directory. Stop the ETL timer first
-    (playbooks/restore.yml does all of it)."""
-    from .backup import restore
+def db_restore(ctx: Context, source: str) -> None:
+    """Replace the database's contents with a backup, a FILE or s3://bucket/key (all or
+    nothing), migrate it to this release's schema, and publish it under a new version
+    directory. Stop the ETL timer first (playbooks/restore.yml does all of it)."""
+    import shutil
+
+    from .backup import fetch, restore
     from .publish import publish
 
     owner = ctx.settings_for("owner")
+    work = owner.state_dir / f"restore-{os.getpid()}"
     with writer_lock(owner, "db restore"):
-        click.echo(restore(owner, source))
+        try:
+            path = fetch(source, work) if source.startswith("s3://") else Path(source)
+            click.echo(restore(owner, path))
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
         click.echo(f"schema at revision {db.upgrade(owner.database_url)}")
     click.echo(publish(ctx.settings, force=True).line())
 
@@ -443,7 +450,6 @@ def notify_failure(unit: str) -> None:
     """Record that UNIT failed and alert (the OnFailure= hook). It reads no SSM (the topic
     kept on the instance is used); an alert SNS does not take is kept and logged at crit,
     and the watchdog sends it again."""
-    import os
 
     from .alerts import send
     from .aws import failure_alert

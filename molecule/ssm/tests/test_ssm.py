@@ -86,7 +86,8 @@ def test_etl_through_systemd_with_ssm_settings(host, state):
 
 @pytest.mark.parametrize(
     # required by default (config.DEFAULT_REQUIRED); flask/secret_key no longer is
-    ("unit", "name"), [(WEB, "etl/ip_hash_key"), (ETL, "etl/ip_hash_key"), (WEB, "db/server")]
+    ("unit", "name"),
+    [(WEB, "etl/ip_hash_key"), (ETL, "etl/ip_hash_key"), (WEB, "db/server")],
 )
 def test_missing_parameter_fails_the_unit_with_one_clear_line(
     host, ssm, ssm_service, state, unit, name
