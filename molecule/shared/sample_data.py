@@ -6,9 +6,10 @@
 DIR receives:
   logs/             CloudFront log objects from tests/loggen.py (the ETL's source)
   truth.json        the generator's ground truth for those logs
-  packages.csv      the packages table sample (tests/fixtures/packages_sample.csv)
-  packages-source/  config.yaml + devel PACKAGES files consistent with packages.csv, so the
-                    ETL's `packages sync` runs offline and changes nothing
+  packages.csv      the packages table sample (tests/fixtures/packages_sample.csv), a subset of
+                    the history shipped with the release (what a deploy seeds)
+  packages-source/  config.yaml + devel PACKAGES files consistent with the shipped history, so
+                    the ETL's `packages sync` runs offline and changes nothing after the seed
 Idempotent: an existing, complete DIR written with the same arguments is left as it is.
 """
 
@@ -22,6 +23,7 @@ import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
+SHIPPED = REPO / "src" / "bioc_webstats" / "data" / "packages.csv"  # `packages seed` loads it
 sys.path.insert(0, str(REPO / "tests"))
 
 import loggen  # noqa: E402  (tests/loggen.py: the ETL's log generator, with its ground truth)
@@ -33,10 +35,12 @@ REPO_PATHS = {
     "workflows": "workflows",
 }
 RELEASE, DEVEL = "3.22", "3.23"
+RECIPE = 2  # bump when what is written changes (a complete DIR of another recipe is rewritten)
 
 
 def write_packages_source(csv_path: Path, out: Path) -> None:
     """config.yaml and one devel PACKAGES file per category: every open row of the CSV."""
+    # (the CSV: the shipped history, which the sample's packages.csv is a subset of)
     devel: dict[str, list[str]] = {cat: [] for cat in REPO_PATHS}
     with csv_path.open(newline="", encoding="utf-8") as fh:
         for row in csv.DictReader(fh):
@@ -65,7 +69,10 @@ def main() -> None:
     args = ap.parse_args()
 
     stamp = args.out / ".complete"
-    key = json.dumps({k: str(v) for k, v in vars(args).items() if k != "out"}, sort_keys=True)
+    key = json.dumps(
+        {"recipe": RECIPE} | {k: str(v) for k, v in vars(args).items() if k != "out"},
+        sort_keys=True,
+    )
     if stamp.is_file() and stamp.read_text() == key:
         print(f"sample_data: {args.out} is up to date")
         return
@@ -91,7 +98,7 @@ def main() -> None:
         ]
     )
     shutil.copyfile(loggen.PACKAGES_SAMPLE, args.out / "packages.csv")
-    write_packages_source(args.out / "packages.csv", args.out / "packages-source")
+    write_packages_source(SHIPPED, args.out / "packages-source")
     stamp.write_text(key)
     print(f"sample_data: wrote {args.out}")
 

@@ -13,7 +13,7 @@ import re
 import shlex
 
 import pytest
-from testlib import ephemeral_dir, repo_version, run_ok, wait_for
+from testlib import REPO, ephemeral_dir, repo_version, run_ok, wait_for
 
 UNITS_DIR = "/etc/systemd/system"
 WEB = "bioc-webstats.service"
@@ -206,17 +206,47 @@ def truth() -> dict:
     return json.loads((ephemeral_dir() / "sample" / "truth.json").read_text())
 
 
-def test_packages_loaded_from_sample(host, deploy_vars):
-    out = run_ok(
-        host, as_service_user("packages load /srv/bioc-webstats/packages.csv", deploy_vars)
-    )
-    assert "rows read" in out
+def status(host, deploy_vars) -> dict:
+    return json.loads(run_ok(host, as_service_user("status --json", deploy_vars)))
+
+
+def test_packages_seeded_by_the_deploy(host, deploy_vars):
+    """A fresh instance needs no hand step: the deploy loaded the history shipped with the
+    release into the empty packages table (and a second deploy, the idempotence run, did
+    nothing)."""
+    facts = status(host, deploy_vars)
+    shipped = (REPO / "src" / "bioc_webstats" / "data" / "packages.csv").read_text()
+    rows = len(shipped.strip().splitlines()) - 1
+    assert rows > 3000
+    assert facts["packages"] == rows, facts
+    assert facts["packages_seeded_not_synced"], facts
+    assert facts["objects_ingested"] == 0 and facts["valid_thru"] is None, facts
+    out = run_ok(host, as_service_user("packages seed", deploy_vars))
+    assert f"the table has {rows} rows; nothing done" in out
+
+
+# A log object named long before the cut-over day (etl/logs_since): an empty ledger starts at
+# the cut-over day, so the first run must not read it.
+OLD_OBJECT = "E1TVLJONPTUXV3.2023-06-01-00.0ld0bject.gz"
 
 
 def test_etl_through_systemd_ingests_the_logs(host, deploy_vars):
-    run_ok(host, f"systemctl start {ETL}", timeout=600)  # a oneshot: returns when done
+    logs = ephemeral_dir() / "sample" / "logs"
+    sample_objects = sorted(p.name for p in logs.iterdir())
+    run_ok(
+        host, f"cp /srv/bioc-webstats/logs/{sample_objects[0]} /srv/bioc-webstats/logs/{OLD_OBJECT}"
+    )
+    try:
+        run_ok(host, f"systemctl start {ETL}", timeout=600)  # a oneshot: returns when done
+    finally:
+        run_ok(host, f"rm -f /srv/bioc-webstats/logs/{OLD_OBJECT}")
     props = show(host, ETL, "Result", "ExecMainStatus")
     assert props["Result"] == "success", props
+    facts = status(host, deploy_vars)
+    assert facts["logs_since"] == deploy_vars["webstats_config_logs_since"], facts
+    assert facts["objects_ingested"] == len(sample_objects), facts  # not the old one
+    assert facts["newest_object_hour"] and facts["last_etl_ok"] and facts["last_sync_ok"]
+    assert facts["packages_seeded_not_synced"] is None, "the daily sync did not run"
     etl_log = host.file(f"{deploy_vars['webstats_base_log_dir']}/etl.log")
     assert etl_log.exists
     summary = [ln for ln in etl_log.content_string.splitlines() if "etl run:" in ln]
@@ -226,7 +256,7 @@ def test_etl_through_systemd_ingests_the_logs(host, deploy_vars):
     # the release built on this (same-architecture) controller carries the C scanner
     assert "parsing with the native parser" in etl_log.content_string
     journal = run_ok(host, f"journalctl -u {ETL} --no-pager -o cat")
-    assert "etl run:" in journal
+    assert "etl run:" in journal and "daily:" in journal
 
 
 def tab_rows(text: str) -> list[list[str]]:
