@@ -186,3 +186,19 @@ def test_healthz_says_stale(db_url, clean_env, monkeypatch):
     monkeypatch.setenv("WEBSTATS_ALERTS_MAX_DATA_AGE", str(24 * 365 * 100))
     r = create_app(load_settings()).test_client().get("/healthz")
     assert r.status_code == 200 and r.json["status"] == "ok"
+
+
+def test_check_and_daily_keep_the_topic_for_the_hook(clean_env, aws_env, monkeypatch, db_url):
+    """The web unit's check and the daily job keep alerts/sns_topic on the instance whenever
+    they load the configuration, so the hook of a run that fails later (reading no SSM) knows
+    where to alert, even before the watchdog's first run."""
+    topic, _queue = topic_with_queue()
+    kept = clean_env / "state" / "alerts" / "topic"
+    env = {"WEBSTATS_DATABASE_URL": db_url, "WEBSTATS_ALERTS_SNS_TOPIC": topic}
+    assert run_cli("db", "upgrade", **env).returncode == 0
+    res = run_cli("check", "--login", "web", **env)
+    assert res.returncode == 0, res.stderr
+    assert kept.read_text().strip() == topic
+    kept.unlink()
+    run_cli("daily", "--source", str(clean_env / "no-such-logs"), **env)  # fails: no matter
+    assert kept.read_text().strip() == topic

@@ -1,15 +1,17 @@
 #!/usr/bin/env python3
 """The AWS side of molecule/ssm, on the controller's loopback: a moto server (SSM, Secrets
-Manager) and a throw-away PostgreSQL cluster standing in for RDS.
+Manager, SNS and SQS) and a throw-away PostgreSQL cluster standing in for RDS.
 
     python molecule/ssm/aws_fixture.py start DIR   # start both, seed, write DIR/state.json
     python molecule/ssm/aws_fixture.py stop DIR    # stop both, remove the cluster
 
 ``start`` picks free loopback ports (moto, PostgreSQL and the web socket the scenario deploys
 with), seeds ``/bioc/webstats/test/`` with every parameter the units need (SecureStrings for the
-secrets) and the DB login secret, and records ports, process ids and the secret values in
-DIR/state.json (0600) for the tests. Idempotent: ``start`` first stops what a previous run
-left. The container reaches both servers with ``network: host``.
+secrets) and the DB login secret, creates the alert topic (``alerts/sns_topic``) with an SQS
+queue subscribed to it (where the tests read the alerts), and records ports, process ids, the
+topic, the queue and the secret values in DIR/state.json (0600) for the tests. Idempotent:
+``start`` first stops what a previous run left. The container reaches both servers with
+``network: host``.
 """
 
 from __future__ import annotations
@@ -85,10 +87,23 @@ def parameters(state: dict) -> dict[str, tuple[str, str]]:
         "etl/s3_download_logs": ("String", "/srv/bioc-webstats/logs"),
         "etl/packages_source": ("String", "/srv/bioc-webstats/packages-source"),
         "etl/lookback_days": ("String", "3"),
+        "alerts/sns_topic": ("String", state["topic_arn"]),
     }
 
 
+def alert_topic(state: dict) -> None:
+    """The SNS topic of alerts/sns_topic, and an SQS queue subscribed to it."""
+    sns, sqs = aws("sns", state["moto_port"]), aws("sqs", state["moto_port"])
+    state["topic_arn"] = sns.create_topic(Name="bioc-webstats-alerts")["TopicArn"]
+    state["queue_url"] = sqs.create_queue(QueueName="bioc-webstats-alerts")["QueueUrl"]
+    queue_arn = sqs.get_queue_attributes(QueueUrl=state["queue_url"], AttributeNames=["QueueArn"])[
+        "Attributes"
+    ]["QueueArn"]
+    sns.subscribe(TopicArn=state["topic_arn"], Protocol="sqs", Endpoint=queue_arn)
+
+
 def seed(state: dict) -> None:
+    alert_topic(state)
     ssm = aws("ssm", state["moto_port"])
     for name, (kind, value) in parameters(state).items():
         ssm.put_parameter(Name=f"{SSM_PATH}/{name}", Type=kind, Value=value, Overwrite=True)
@@ -225,6 +240,7 @@ def start(work: Path) -> None:
     state["pg_pid"] = start_postgres(work, state["pg_port"], state["secrets"]["db_password"])
     save()
     seed(state)
+    save()
     print(json.dumps({k: v for k, v in state.items() if k != "secrets"}))
 
 

@@ -290,8 +290,10 @@ def daily_cmd(ctx: Context, source: str | None, packages_from: str | None) -> No
     """The daily job (the ETL timer runs it): packages sync, then etl run. A failed sync is
     reported and does not stop the ETL; either failure makes the exit status 1 (systemd's
     OnFailure hook). Successes are recorded (meta last_sync_ok / last_etl_ok)."""
+    from .alerts import remember_topic
     from .daily import run_daily
 
+    remember_topic(ctx.settings)  # the failure hook alerts there if this run fails
     with writer_lock(ctx.settings, "daily"):  # the same lock as etl run: one writer at a time
         result = run_daily(ctx.settings, source=source, packages_from=packages_from)
     click.echo(result.line())
@@ -434,7 +436,10 @@ def config_show(ctx: Context) -> None:
 def check(ctx: Context, login: str) -> None:
     """Smoke test: configuration loads, database reachable, schema current (exit 3 when
     the schema is behind: 'bioc-webstats db upgrade' is the fix)."""
+    from .alerts import remember_topic
+
     settings = ctx.settings_for(login)
+    remember_topic(settings)  # where the failure hook and the watchdog alert, without SSM
     status = db.schema_status(settings.database_url)
     if not status.ok:
         if status.behind:  # exit 3: 'db upgrade' is the fix (the deploy migrates on it)

@@ -134,3 +134,100 @@ def test_secrets_never_in_journal_logs_or_systemctl_show(host, state):
     for secret_name, value in state["secrets"].items():
         for where, text in places.items():
             assert value not in text, f"{secret_name} appears in the {where}"
+
+
+# --- alarms: through SNS (moto) to the SQS queue subscribed to alerts/sns_topic ---------------
+
+
+@pytest.fixture(scope="module")
+def sqs(state):
+    return boto3.client(
+        "sqs",
+        region_name=state["region"],
+        endpoint_url=f"http://127.0.0.1:{state['moto_port']}",
+        aws_access_key_id="testing",
+        aws_secret_access_key="testing",
+    )
+
+
+def alerts_until(sqs, state, pred, timeout: float = 60) -> dict:
+    """SNS notifications delivered to the queue (long polls, bounded), until one matches."""
+    seen: list[str] = []
+
+    def poll():
+        res = sqs.receive_message(
+            QueueUrl=state["queue_url"], MaxNumberOfMessages=10, WaitTimeSeconds=2
+        )
+        for msg in res.get("Messages", []):
+            sqs.delete_message(QueueUrl=state["queue_url"], ReceiptHandle=msg["ReceiptHandle"])
+            note = json.loads(msg["Body"])
+            seen.append(note.get("Subject", ""))
+            if pred(note):
+                return note
+        return None
+
+    return wait_for(poll, timeout, f"the alert in SQS (seen: {seen})", interval=0)
+
+
+def cursor(host) -> str:
+    return run_ok(host, "journalctl --show-cursor -n 0 -o cat").strip().split("cursor: ")[-1]
+
+
+def test_a_failed_etl_run_alerts_through_the_failure_hook(host, ssm, sqs, state):
+    """A log source that cannot be read: the daily job fails, OnFailure= runs the hook, its
+    alert arrives through SNS; the journal says it was sent."""
+    name = f"{state['ssm_path']}/etl/s3_download_logs"
+    kept = ssm.get_parameter(Name=name)["Parameter"]["Value"]
+    sqs.purge_queue(QueueUrl=state["queue_url"])  # the alerts of the tests above
+    since = cursor(host)
+    ssm.put_parameter(
+        Name=name, Type="String", Value="/srv/bioc-webstats/no-such-logs", Overwrite=True
+    )
+    try:
+        res = host.run(f"timeout 600 systemctl start {ETL}")
+        assert res.rc != 0, "the run with an unreadable log source succeeded"
+        hook = f"bioc-webstats-failure@{ETL}.service"
+        note = alerts_until(sqs, state, lambda n: ETL in n.get("Subject", ""))
+        assert note["Subject"] == f"bioc-webstats: {ETL} failed on webstats-ssm"
+        assert note["TopicArn"] == state["topic_arn"]
+        assert f"journalctl -u {ETL}" in note["Message"]
+        journal = run_ok(host, f"journalctl -u {hook} -o cat --after-cursor='{since}'")
+        assert f"alert sent to {state['topic_arn']}" in journal, journal
+        assert "no-such-logs" in run_ok(
+            host, f"journalctl -u {ETL} -o cat --after-cursor='{since}'"
+        )
+    finally:
+        ssm.put_parameter(Name=name, Type="String", Value=kept, Overwrite=True)
+    run_ok(host, f"systemctl reset-failed {ETL}")
+    run_ok(host, f"systemctl start {ETL}", timeout=600)
+    assert run_ok(host, f"systemctl show -p Result --value {ETL}").strip() == "success"
+
+
+def test_stale_data_raises_the_data_stale_alarm_then_clears(host, ssm, sqs, state, ssm_service):
+    """The sample's data is from 2024: with alerts/max_data_age at 1 hour the watchdog raises
+    data-stale (journal + SNS); /healthz says stale (200) once the web reads the new limit;
+    back at the old limit, the alarm clears."""
+    name = f"{state['ssm_path']}/alerts/max_data_age"
+    sqs.purge_queue(QueueUrl=state["queue_url"])
+    since = cursor(host)
+    ssm.put_parameter(Name=name, Type="String", Value="1", Overwrite=True)
+    try:
+        run_ok(host, "systemctl start bioc-webstats-watchdog.service", timeout=120)
+        note = alerts_until(sqs, state, lambda n: "data-stale" in n.get("Subject", ""))
+        assert note["Subject"] == "bioc-webstats ALARM data-stale on webstats-ssm"
+        assert "ValidThru 2024-" in note["Message"] and "limit 1 h" in note["Message"]
+        journal = run_ok(
+            host, f"journalctl -u bioc-webstats-watchdog.service -o cat --after-cursor='{since}'"
+        )
+        assert "ALARM data-stale: ValidThru 2024-" in journal, journal
+        assert "watchdog: 1 alarms: data-stale" in journal, journal
+        run_ok(host, f"systemctl restart {WEB}")  # the web reads its limits at start
+        res = wait_for(lambda: (r := ssm_service.get("/healthz")).ok and r, 60, "/healthz")
+        assert res.status_code == 200 and res.json()["status"] == "stale", res.text
+    finally:
+        ssm.delete_parameter(Name=name)  # back to the env file's limit
+    run_ok(host, "systemctl start bioc-webstats-watchdog.service", timeout=120)
+    note = alerts_until(sqs, state, lambda n: "cleared" in n.get("Subject", ""))
+    assert note["Subject"] == "bioc-webstats cleared: data-stale on webstats-ssm"
+    run_ok(host, f"systemctl restart {WEB}")
+    wait_for(lambda: healthy(ssm_service), 60, "/healthz ok again")
