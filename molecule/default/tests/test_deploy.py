@@ -206,6 +206,13 @@ def truth() -> dict:
     return json.loads((ephemeral_dir() / "sample" / "truth.json").read_text())
 
 
+def scenario_vars() -> dict:
+    """The scenario's own host_vars (on top of the local inventory)."""
+    import yaml
+
+    return yaml.safe_load((REPO / "molecule/default/host_vars/webstats-default.yml").read_text())
+
+
 def status(host, deploy_vars) -> dict:
     return json.loads(run_ok(host, as_service_user("status --json", deploy_vars)))
 
@@ -243,7 +250,7 @@ def test_etl_through_systemd_ingests_the_logs(host, deploy_vars):
     props = show(host, ETL, "Result", "ExecMainStatus")
     assert props["Result"] == "success", props
     facts = status(host, deploy_vars)
-    assert facts["logs_since"] == deploy_vars["webstats_config_logs_since"], facts
+    assert facts["logs_since"] == scenario_vars()["webstats_config_logs_since"], facts
     assert facts["objects_ingested"] == len(sample_objects), facts  # not the old one
     assert facts["newest_object_hour"] and facts["last_etl_ok"] and facts["last_sync_ok"]
     assert facts["packages_seeded_not_synced"] is None, "the daily sync did not run"

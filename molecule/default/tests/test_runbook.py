@@ -366,8 +366,8 @@ def test_restore_after_losing_the_database_serves_the_same_bytes(host, service, 
     dump = run_ok(host, "ls -1t /var/backups/bioc-webstats/webstats-*.dump").split()[0]
 
     run_ok(host, "runuser -u postgres -- psql -X -q -c 'DROP DATABASE webstats WITH (FORCE)'")
-    lost = wait_for(lambda: (r := service.get("/healthz")).status_code == 503 and r, 60,
-                    "/healthz to report the lost database")  # fmt: skip
+    [lost] = wait_for(lambda: [r for r in [service.get("/healthz")] if r.status_code == 503],
+                      60, "/healthz to report the lost database")  # fmt: skip
     body = check_healthz_shape(lost)
     assert body["status"] == "error" and body["database"] is False and body["schema"] is None
 
