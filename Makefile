@@ -61,7 +61,7 @@ demo-down: ## remove the demo container
 test: deps venv lint static pytest molecule ## everything CI runs
 	@echo "make test: all green"
 
-bench-web: deps venv ## web benchmark: gunicorn (4 workers, PostgreSQL) vs nginx, same bytes, wrk
+bench-web: deps venv ## web benchmark: nginx + gunicorn as deployed vs plain nginx, same bytes, wrk; publish time and disk
 	$(BIN)/python bench/bench_web.py
 
 bench-etl: deps venv ## ETL benchmark: 3M log lines into PostgreSQL vs zcat; month/year recompute

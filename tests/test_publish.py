@@ -347,3 +347,23 @@ def test_gunicorn_serves_what_the_cli_published(db_url, tmp_path, logs_dir):
                 assert r.status == 200
                 assert r.read() == (cur / rel).read_bytes()
                 assert r.headers["ETag"] == validators(cur / rel)[0]
+
+
+def test_publish_all_gives_the_bodies_a_request_builds(db_url, clean_env, monkeypatch):
+    """A whole publish reads every package in a few streamed queries; each body equals the
+    one the app builds for that URL on its own."""
+    with db.session_factory(db_url)() as s:
+        webref.load_direct(s, valid_thru=VT)
+    monkeypatch.setenv("WEBSTATS_DATABASE_URL", db_url)
+    settings = load_settings()
+    result = publish(settings, all_files=True)
+    root = current(settings) / "packages/stats"
+    package_files = [
+        p for p in root.rglob("*") if p.is_file() and len(p.relative_to(root).parts) == 3
+    ]
+    assert len(package_files) > 20 and result.built >= len(package_files)
+    for path in package_files:
+        rel = path.relative_to(root).as_posix()
+        if rel.endswith("/index.html"):
+            rel = rel.removesuffix("index.html")
+        assert path.read_bytes() == fresh_build(settings, rel), rel

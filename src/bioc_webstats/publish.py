@@ -25,8 +25,10 @@ from dataclasses import dataclass
 from .config import Settings
 from .errors import WebstatsError
 from .store import db
+from .web import report
 from .web.app import StatsSite
-from .web.targets import STATIC_FILES, category_targets, package_targets
+from .web.site import Version
+from .web.targets import STATIC_FILES, category_targets, package_bodies
 
 log = logging.getLogger(__name__)
 
@@ -68,8 +70,7 @@ def publish(settings: Settings, all_files: bool = False, force: bool = False) ->
         for name in STATIC_FILES:
             if site.site.lookup(version, name) is None:
                 site.site.write(version, name, site.static(name)[0])
-        targets = category_targets(snap) + (package_targets(snap) if all_files else [])
-        for target in targets:
+        for target in category_targets(snap):
             if site.site.lookup(version, target.relpath) is not None:
                 result.present += 1
                 continue
@@ -80,6 +81,8 @@ def publish(settings: Settings, all_files: bool = False, force: bool = False) ->
                 result.moved_on = True
                 break
             result.built += 1
+        if all_files and not result.moved_on:
+            _publish_packages(site, version, snap, state.key, result)
         result.switched = site.site.switch(version)
     except OSError as exc:
         where = exc.filename or settings.publish_dir
@@ -89,6 +92,24 @@ def publish(settings: Settings, all_files: bool = False, force: bool = False) ->
         ) from None
     result.seconds = time.monotonic() - t0
     return result
+
+
+def _publish_packages(
+    site: StatsSite, version: Version, snap: report.Snapshot, key: str, result: PublishResult
+) -> None:
+    """Every package page and file, from one consistent view read in a few streamed queries."""
+    with site.session() as session:
+        if session.get_bind().dialect.name == "postgresql":
+            session.connection(execution_options={"isolation_level": "REPEATABLE READ"})
+        if db.data_state(session).key != key:
+            result.moved_on = True
+            return
+        for target, body in package_bodies(session, snap):
+            if site.site.lookup(version, target.relpath) is not None:
+                result.present += 1
+            else:
+                site.site.write(version, target.relpath, body.encode())
+                result.built += 1
 
 
 def _key(settings: Settings) -> str | None:

@@ -81,12 +81,22 @@ def repository_page(session: Session, snap: report.Snapshot, cat: Category) -> s
     return environment().get_template("repository.html").render(ctx)
 
 
-def package_page(session: Session, snap: report.Snapshot, cat: Category, package: str) -> str:
-    """A package page: where it is now, then its years (newest first)."""
+def package_page(
+    session: Session,
+    snap: report.Snapshot,
+    cat: Category,
+    package: str,
+    years: report.Years | None = None,
+    rel: dict[str, report.Release] | None = None,
+) -> str:
+    """A package page: where it is now, then its years (newest first). ``years`` and
+    ``rel`` when the caller read them already (a whole publish)."""
     assert snap.valid_thru is not None
-    years = report.package_years(session, cat, package, snap.valid_thru.year)
+    if years is None:
+        years = report.package_years(session, cat, package, snap.valid_thru.year)
     order = list(snap.categories[cat.prefix].years.get(package, ()))
-    rel = report.releases(session, package)
+    if rel is None:
+        rel = report.releases(session, package)
     own = rel.get(cat.prefix)
     status: dict = {"kind": None}
     if own is not None and own.last_release is None:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import datetime as dt
 from collections import defaultdict
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 from sqlalchemy import and_, func, or_, select
@@ -81,7 +82,44 @@ def package_years(session: Session, cat: Category, package: str, data_year: int)
     )
     for year, month, ips, downloads in rows:
         _add(out, year, month, ips, downloads)
-    return {y: m for y, m in out.items() if sum(d for mm, (_, d) in m.items() if mm) > 0}
+    return _with_downloads(out)
+
+
+def _with_downloads(years: Years) -> Years:
+    return {y: m for y, m in years.items() if sum(d for mm, (_, d) in m.items() if mm) > 0}
+
+
+def every_package_years(
+    session: Session, cat: Category, data_year: int
+) -> Iterator[tuple[str, Years]]:
+    """(package, its years as :func:`package_years` gives them) for every package of the
+    category with rows, from one streamed query: one package in memory at a time."""
+    stmt = (
+        select(
+            PackageStat.package,
+            PackageStat.year,
+            PackageStat.month,
+            PackageStat.ips,
+            PackageStat.downloads,
+        )
+        .where(
+            PackageStat.category == cat.prefix,
+            PackageStat.year >= cat.first_year,
+            PackageStat.year <= data_year,
+        )
+        .order_by(PackageStat.package)
+        .execution_options(yield_per=20000)
+    )
+    current: str | None = None
+    years: Years = {}
+    for package, year, month, ips, downloads in session.execute(stmt):
+        if package != current:
+            if current is not None:
+                yield current, _with_downloads(years)
+            current, years = package, {}
+        _add(years, year, month, ips, downloads)
+    if current is not None:
+        yield current, _with_downloads(years)
 
 
 def category_years(session: Session, cat: Category, data_year: int) -> Years:
@@ -175,3 +213,14 @@ def releases(session: Session, package: str) -> dict[str, Release]:
         )
     )
     return {c: Release(c, f, last) for c, f, last in rows}
+
+
+def every_release(session: Session) -> dict[str, dict[str, Release]]:
+    """:func:`releases` of every package, in one query."""
+    out: dict[str, dict[str, Release]] = {}
+    rows = session.execute(
+        select(Package.package, Package.category, Package.first_release, Package.last_release)
+    )
+    for pkg, c, f, last in rows:
+        out.setdefault(pkg, {})[c] = Release(c, f, last)
+    return out

@@ -9,6 +9,7 @@ are the ones requests use.
 from __future__ import annotations
 
 import re
+from collections.abc import Iterator
 from dataclasses import dataclass
 from urllib.parse import quote
 
@@ -199,17 +200,27 @@ def category_targets(snap: report.Snapshot) -> list[Target]:
     return list(targets.values())
 
 
-def package_targets(snap: report.Snapshot) -> list[Target]:
-    """Every package page and file of the snapshot (a full publish)."""
-    targets: list[Target] = []
+def package_bodies(session: Session, snap: report.Snapshot) -> Iterator[tuple[Target, str]]:
+    """Every package page and file of the snapshot with its body, the same bodies
+    :func:`build` makes one at a time, from one streamed query per category (a whole publish:
+    thousands of packages in seconds, not one round trip per file)."""
+    if snap.valid_thru is None:
+        return
+    rel = report.every_release(session)
+    data_year = snap.valid_thru.year
     for cat in CATEGORIES:
         ci = snap.categories[cat.prefix]
-        for pkg in ci.order:
+        for pkg, years in report.every_package_years(session, cat, data_year):
+            if pkg not in ci.years:
+                continue
             base = f"{cat.stem}/{pkg}"
-            targets.append(Target("package", cat, f"{base}/index.html", package=pkg))
-            targets.append(Target("pkg_tab", cat, f"{base}/{pkg}_stats.tab", package=pkg))
-            targets += [
-                Target("pkg_year", cat, f"{base}/{pkg}_{y}_stats.tab", package=pkg, year=y)
-                for y in ci.years[pkg]
-            ]
-    return targets
+            page = pages.package_page(session, snap, cat, pkg, years, rel.get(pkg, {}))
+            yield Target("package", cat, f"{base}/index.html", package=pkg), page
+            tab = tabfiles.package_stats_tab(years)
+            yield Target("pkg_tab", cat, f"{base}/{pkg}_stats.tab", package=pkg), tab
+            for y in ci.years[pkg]:
+                body = tabfiles.package_year_tab(y, years.get(y, {}))
+                yield (
+                    Target("pkg_year", cat, f"{base}/{pkg}_{y}_stats.tab", package=pkg, year=y),
+                    body,
+                )
