@@ -315,3 +315,50 @@ def test_pages_answer(service):
     assert r.status_code == 200
     assert "Download stats for Bioconductor software packages" in r.text
     assert "Data as of" in r.text
+
+
+# --- the take-over: compare with the site the legacy server would publish ----------------------
+
+
+@pytest.fixture(scope="module")
+def expected_site(host, deploy_vars) -> str:
+    """The generator's truth rendered as the expected site (molecule/shared/expected_site.py),
+    copied to the host: the directory `compare --against` reads."""
+    import subprocess
+    import sys
+
+    vt = status(host, deploy_vars)["valid_thru"]
+    out = ephemeral_dir() / "expected-site"
+    subprocess.run(
+        [sys.executable, str(REPO / "molecule/shared/expected_site.py"), "--truth",
+         str(ephemeral_dir() / "sample" / "truth.json"), "--valid-thru", vt, "--out", str(out)],
+        check=True, capture_output=True,
+    )  # fmt: skip
+    subprocess.run(["podman", "cp", f"{out}/.", f"{host.backend.name}:/srv/expected-site"],
+                   check=True)  # fmt: skip
+    return "/srv/expected-site/"
+
+
+def test_compare_with_the_expected_site_finds_no_difference(host, deploy_vars, expected_site):
+    res = host.run(as_service_user(f"compare --against {expected_site}", deploy_vars))
+    assert res.rc == 0, res.stdout[-3000:] + res.stderr[-1000:]
+    summary = res.stdout.strip().splitlines()[-1]
+    m = re.fullmatch(r"(\d+) files compared, 0 differ", summary)
+    assert m and int(m.group(1)) > 100, summary
+
+
+def test_compare_reports_a_file_changed_on_purpose(host, deploy_vars, expected_site):
+    t = truth()
+    cat, pkg, year = t["package"][0][:3]
+    rel = f"{STEMS[cat]}/{pkg}/{pkg}_{year}_stats.tab"
+    path = f"{expected_site}{rel}"
+    run_ok(host, f"cp {path} {path}.orig && sed -i '2s/\\t[0-9]*$/\\t999999/' {path}")
+    try:
+        res = host.run(as_service_user(f"compare --against {expected_site}", deploy_vars))
+    finally:
+        run_ok(host, f"mv {path}.orig {path}")
+    assert res.rc == 1, res.stdout[-2000:]
+    lines = res.stdout.strip().splitlines()
+    assert [ln for ln in lines if ln.startswith(rel + ":")] and "999999" in res.stdout, lines[-5:]
+    assert re.fullmatch(r"\d+ files compared, 1 differ", lines[-1]), lines[-1]
+    assert "compare: 1 of" in res.stderr
