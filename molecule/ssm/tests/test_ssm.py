@@ -10,11 +10,12 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from pathlib import Path
 
 import boto3
 import pytest
-from testlib import Service, run_ok, wait_for
+from testlib import Service, run_ok, run_playbook, wait_for
 
 WEB = "bioc-webstats.service"
 ETL = "bioc-webstats-etl.service"
@@ -119,23 +120,6 @@ def test_missing_parameter_fails_the_unit_with_one_clear_line(
         assert run_ok(host, f"systemctl show -p Result --value {ETL}").strip() == "success"
 
 
-def test_secrets_never_in_journal_logs_or_systemctl_show(host, state):
-    places = {
-        "journal": run_ok(host, "journalctl -o cat --no-pager"),
-        "journal (verbose)": run_ok(host, "journalctl -o verbose --no-pager -u 'bioc-webstats*'"),
-        "log files": run_ok(host, "cat /var/log/bioc-webstats/*"),
-        "systemctl show": run_ok(host, "systemctl show " + " ".join(UNITS)),
-        "env file": host.file(ENV_FILE).content_string,
-        "unit files": run_ok(
-            host, "find /etc/systemd/system -path '*bioc-webstats*' -type f -exec cat {} +"
-        ),
-    }
-    assert len(places["log files"]) > 0 and "etl run:" in places["log files"]
-    for secret_name, value in state["secrets"].items():
-        for where, text in places.items():
-            assert value not in text, f"{secret_name} appears in the {where}"
-
-
 # --- alarms: through SNS (moto) to the SQS queue subscribed to alerts/sns_topic ---------------
 
 
@@ -231,3 +215,92 @@ def test_stale_data_raises_the_data_stale_alarm_then_clears(host, ssm, sqs, stat
     assert note["Subject"] == "bioc-webstats cleared: data-stale on webstats-ssm"
     run_ok(host, f"systemctl restart {WEB}")
     wait_for(lambda: healthy(ssm_service), 60, "/healthz ok again")
+
+
+# --- the three logins from their secrets; a rotated password without a restart ------------------
+
+
+def test_each_process_logs_in_with_its_own_secret(host, ssm_service, state):
+    shown = run_ok(host, f"{BW} config show")
+    assert "secret /bioc/rdb/0/login/webstats_runner" in shown
+    assert ssm_service.get("/packages/stats/bioc/bioc_stats.tab").status_code == 200
+    sessions = run_ok(host, psql_admin(state, "SELECT DISTINCT usename FROM pg_stat_activity "
+                                              "WHERE datname = 'webstats'"))  # fmt: skip
+    assert "webstats_web" in sessions.split(), sessions
+    owners = run_ok(host, psql_admin(state, "SELECT DISTINCT tableowner FROM pg_tables "
+                                            "WHERE schemaname = 'public'"))  # fmt: skip
+    assert owners.split() == ["webstats_owner"], owners
+
+
+def psql_admin(state, sql: str) -> str:
+    """``sql`` as the master login (from its secret's value in the fixture's state)."""
+    import shlex
+
+    pw = state["secrets"]["db_master_password"]
+    return (f"PGPASSWORD={shlex.quote(pw)} psql -X -At -h 127.0.0.1 -p {state['pg_port']} "
+            f"-U postgres -d webstats -c {shlex.quote(sql)}")  # fmt: skip
+
+
+def test_rotate_the_web_password_through_its_secret_without_a_restart(
+    host, ssm_service, state, runbook
+):
+    """RUNBOOK "Rotate a password", production: the new password into the secret (the
+    runbook's `aws secretsmanager put-secret-value`, here through boto3: there is no AWS CLI on
+    the controller), then db-bootstrap.yml as written sets it in PostgreSQL from the secret.
+    The web service is not restarted: once its old sessions are gone it logs in again with the
+    secret's new value."""
+    import secrets as pysecrets
+
+    secret_id = "/bioc/rdb/0/login/webstats_web"
+    sm = boto3.client(
+        "secretsmanager",
+        region_name=state["region"],
+        endpoint_url=f"http://127.0.0.1:{state['moto_port']}",
+        aws_access_key_id="testing",
+        aws_secret_access_key="testing",
+    )
+    command = runbook.commands[runbook.commands.index(
+        "ansible-playbook playbooks/db-bootstrap.yml -i inventory/production") - 1]  # fmt: skip
+    assert command.startswith(f"aws secretsmanager put-secret-value --secret-id {secret_id} ")
+    pid = run_ok(host, f"systemctl show -p MainPID --value {WEB}").strip()
+    new = pysecrets.token_urlsafe(24)
+    sm.put_secret_value(
+        SecretId=secret_id, SecretString=json.dumps({"username": "webstats_web", "password": new})
+    )
+    res = run_playbook(
+        runbook("ansible-playbook playbooks/db-bootstrap.yml -i inventory/production")
+    )
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-2000:]
+    assert re.search(r"webstats-ssm\s*:\s*ok=\d+\s+changed=[1-9]", res.stdout), res.stdout[-1500:]
+    # the old sessions end (as after a failover or an idle timeout): new ones must log in
+    run_ok(host, psql_admin(state, "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                                   "WHERE usename = 'webstats_web'"))  # fmt: skip
+    for _ in range(3):
+        health = wait_for(ssm_service.healthz, 60, "/healthz after the rotation")
+        assert health["database"] is True and health["status"] == "ok", health
+    assert ssm_service.get("/packages/stats/bioc/bioc_stats.tab").status_code == 200
+    assert run_ok(host, f"systemctl show -p MainPID --value {WEB}").strip() == pid, "restarted"
+    sessions = run_ok(host, psql_admin(state, "SELECT count(*) FROM pg_stat_activity "
+                                              "WHERE usename = 'webstats_web'"))  # fmt: skip
+    assert int(sessions) >= 1
+    state["secrets"]["db_web_password_rotated"] = new  # never in a log either (test below)
+
+
+# --- last: after every test above (the rotation included) ------------------------------------
+
+
+def test_secrets_never_in_journal_logs_or_systemctl_show(host, state):
+    places = {
+        "journal": run_ok(host, "journalctl -o cat --no-pager"),
+        "journal (verbose)": run_ok(host, "journalctl -o verbose --no-pager -u 'bioc-webstats*'"),
+        "log files": run_ok(host, "cat /var/log/bioc-webstats/*"),
+        "systemctl show": run_ok(host, "systemctl show " + " ".join(UNITS)),
+        "env file": host.file(ENV_FILE).content_string,
+        "unit files": run_ok(
+            host, "find /etc/systemd/system -path '*bioc-webstats*' -type f -exec cat {} +"
+        ),
+    }
+    assert len(places["log files"]) > 0 and "etl run:" in places["log files"]
+    for secret_name, value in state["secrets"].items():
+        for where, text in places.items():
+            assert value not in text, f"{secret_name} appears in the {where}"
