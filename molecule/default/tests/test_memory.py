@@ -1,0 +1,95 @@
+"""Memory use of each service against its ceiling (MemoryMax=, docs/RUNBOOK.md "Memory").
+
+The container cannot enforce MemoryMax= (no memory controller is delegated to it), so the use is
+measured from /proc: the summed PSS of every process of the unit (its cgroup's process list),
+sampled every 50 ms while it runs. The figures go to .cache/memory-default.json (the runbook's
+"measured peak" column) and each must stay under its ceiling.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import pytest
+from testlib import REPO, run_ok
+
+# Runs in the container: the peak summed PSS (KiB) of a unit's processes while it is active,
+# or now (once) with --now; the unit's cgroup is read from the name=systemd hierarchy.
+SAMPLER = r"""
+import sys, time, os
+unit, once = sys.argv[1], "--now" in sys.argv
+base = "/sys/fs/cgroup/systemd/system.slice/" + unit
+def pss():
+    total = 0
+    for root, dirs, files in os.walk(base):
+        try:
+            pids = open(os.path.join(root, "cgroup.procs")).read().split()
+        except OSError:
+            continue
+        for pid in pids:
+            try:
+                for line in open(f"/proc/{pid}/smaps_rollup"):
+                    if line.startswith("Pss:"):
+                        total += int(line.split()[1])
+            except OSError:
+                pass
+    return total
+peak, seen, deadline = 0, False, time.monotonic() + 600
+while time.monotonic() < deadline:
+    now = pss()
+    peak = max(peak, now)
+    seen = seen or now > 0
+    if once or (seen and now == 0):
+        break
+    time.sleep(0.05)
+print(peak)
+"""
+
+CEILINGS = {
+    "bioc-webstats.service": "webstats_services_web_memory_max",
+    "bioc-webstats-etl.service": "webstats_services_etl_memory_max",
+    "nginx.service": "webstats_nginx_memory_max",
+    "bioc-webstats-watchdog.service": "webstats_services_watchdog_memory_max",
+}
+MEASURED: dict[str, float] = {}
+
+
+def mib(value: str) -> float:
+    n, unit = re.fullmatch(r"(\d+)([KMG])", value).groups()
+    return int(n) * {"K": 1 / 1024, "M": 1, "G": 1024}[unit]
+
+
+def sample(host, unit: str, start: str | None = None, now: bool = False) -> float:
+    """Peak PSS (MiB) of ``unit``: now, or while it runs after ``start`` (a command)."""
+    script = "/run/measure-memory.py"
+    host.run(f"cat > {script} <<'EOF'\n{SAMPLER}\nEOF")
+    if start:
+        run_ok(host, f"(python3 {script} {unit} > /run/measure-{unit}.out &) ; sleep 0.2; {start}",
+               timeout=600)  # fmt: skip
+        out = run_ok(host, f"for i in $(seq 100); do [ -s /run/measure-{unit}.out ] && break; "
+                           f"sleep 0.1; done; cat /run/measure-{unit}.out")  # fmt: skip
+    else:
+        out = run_ok(host, f"python3 {script} {unit} {'--now' if now else ''}")
+    return int(out.strip()) / 1024
+
+
+@pytest.mark.parametrize(
+    ("unit", "how"),
+    [
+        ("bioc-webstats.service", "now"),
+        ("nginx.service", "now"),
+        ("bioc-webstats-etl.service", "systemctl start bioc-webstats-etl.service"),
+        ("bioc-webstats-watchdog.service", "systemctl start bioc-webstats-watchdog.service"),
+    ],
+)
+def test_memory_use_under_the_ceiling(host, deploy_vars, unit, how):
+    peak = sample(host, unit, now=True) if how == "now" else sample(host, unit, start=how)
+    assert peak > 5, f"{unit}: nothing measured ({peak:.1f} MiB)"
+    ceiling = mib(deploy_vars[CEILINGS[unit]])
+    MEASURED[unit] = round(peak, 1)
+    report = Path(REPO / ".cache" / "memory-default.json")
+    report.parent.mkdir(exist_ok=True)
+    report.write_text(json.dumps(MEASURED, indent=1) + "\n")
+    assert peak < ceiling, f"{unit}: {peak:.0f} MiB over its ceiling of {ceiling:.0f} MiB"
