@@ -16,19 +16,23 @@ import pytest
 from testlib import REPO, run_ok
 
 # Runs in the container: the peak summed PSS (KiB) of a unit's processes while it is active,
-# or now (once) with --now; the unit's cgroup is read from the name=systemd hierarchy.
+# or now (once) with --now; a process belongs to the unit by its name=systemd cgroup.
 SAMPLER = r"""
 import sys, time, os
 unit, once = sys.argv[1], "--now" in sys.argv
-base = "/sys/fs/cgroup/systemd/system.slice/" + unit
+def in_unit(pid):
+    try:
+        for line in open(f"/proc/{pid}/cgroup"):
+            _, controller, path = line.rstrip("\n").split(":", 2)
+            if controller == "name=systemd":
+                return path.endswith("/" + unit) or ("/" + unit + "/") in path
+    except OSError:
+        pass
+    return False
 def pss():
     total = 0
-    for root, dirs, files in os.walk(base):
-        try:
-            pids = open(os.path.join(root, "cgroup.procs")).read().split()
-        except OSError:
-            continue
-        for pid in pids:
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        if pid != str(os.getpid()) and in_unit(pid):
             try:
                 for line in open(f"/proc/{pid}/smaps_rollup"):
                     if line.startswith("Pss:"):
