@@ -1,9 +1,11 @@
 """Memory use of each service against its ceiling (MemoryMax=, docs/RUNBOOK.md "Memory").
 
 The container cannot enforce MemoryMax= (no memory controller is delegated to it), so the use is
-measured from /proc: the summed PSS of every process of the unit (its cgroup's process list),
-sampled every 50 ms while it runs. The figures go to .cache/memory-default.json (the runbook's
-"measured peak" column) and each must stay under its ceiling.
+measured from /proc: the summed PSS of every process of the unit (found by its cgroup), sampled
+every 50 ms while it runs, by the unit's own user (root may not read another user's smaps
+here; nginx's workers count with their RSS, an upper bound). The figures go to
+.cache/memory-default.json (the runbook's "measured peak" column); each must stay under its
+ceiling.
 """
 
 from __future__ import annotations
@@ -33,12 +35,17 @@ def pss():
     total = 0
     for pid in filter(str.isdigit, os.listdir("/proc")):
         if pid != str(os.getpid()) and in_unit(pid):
-            try:
+            try:  # PSS where readable (the sampler's own user), else RSS (an upper bound)
                 for line in open(f"/proc/{pid}/smaps_rollup"):
                     if line.startswith("Pss:"):
                         total += int(line.split()[1])
             except OSError:
-                pass
+                try:
+                    for line in open(f"/proc/{pid}/status"):
+                        if line.startswith("VmRSS:"):
+                            total += int(line.split()[1])
+                except OSError:
+                    pass
     return total
 peak, seen, deadline = 0, False, time.monotonic() + 600
 while time.monotonic() < deadline:
@@ -68,14 +75,16 @@ def mib(value: str) -> float:
 def sample(host, unit: str, start: str | None = None, now: bool = False) -> float:
     """Peak PSS (MiB) of ``unit``: now, or while it runs after ``start`` (a command)."""
     script = "/run/measure-memory.py"
-    host.run(f"cat > {script} <<'EOF'\n{SAMPLER}\nEOF")
+    host.run(f"cat > {script} <<'EOF'\n{SAMPLER}\nEOF\nchmod 0644 {script}")
+    user = "root" if unit == "nginx.service" else "webstats"
+    py = f"runuser -u {user} -- python3 {script} {unit}"
     if start:
-        run_ok(host, f"(python3 {script} {unit} > /run/measure-{unit}.out &) ; sleep 0.2; {start}",
-               timeout=600)  # fmt: skip
-        out = run_ok(host, f"for i in $(seq 100); do [ -s /run/measure-{unit}.out ] && break; "
-                           f"sleep 0.1; done; cat /run/measure-{unit}.out")  # fmt: skip
+        out_file = f"/tmp/measure-{unit}.out"
+        run_ok(host, f"rm -f {out_file}; ({py} > {out_file} &) ; sleep 0.3; {start}", timeout=600)
+        out = run_ok(host, f"for i in $(seq 100); do [ -s {out_file} ] && break; "
+                           f"sleep 0.1; done; cat {out_file}")  # fmt: skip
     else:
-        out = run_ok(host, f"python3 {script} {unit} {'--now' if now else ''}")
+        out = run_ok(host, f"{py} {'--now' if now else ''}")
     return int(out.strip()) / 1024
 
 
