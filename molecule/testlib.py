@@ -210,7 +210,7 @@ class Load:
         paths: list[str],
         threads: int = 3,
         limit: float = 900,
-        pace: float = 0.05,
+        pace: float = 0.2,
     ) -> None:
         self.base = base.rstrip("/")
         self.paths = paths
