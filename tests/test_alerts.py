@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import os
 
 import pytest
 
@@ -202,3 +203,27 @@ def test_check_and_daily_keep_the_topic_for_the_hook(clean_env, aws_env, monkeyp
     kept.unlink()
     run_cli("daily", "--source", str(clean_env / "no-such-logs"), **env)  # fails: no matter
     assert kept.read_text().strip() == topic
+
+
+def test_notify_failure_takes_the_env_files_aws_settings(clean_env, aws_env, monkeypatch):
+    """The hook's unit has only WEBSTATS_ENV_FILE: the AWS_* lines of that file (an endpoint,
+    the credentials of a test) apply to its SNS call as to every other command."""
+    topic, queue = topic_with_queue()
+    (clean_env / "state" / "alerts").mkdir(parents=True)
+    (clean_env / "state" / "alerts" / "topic").write_text(topic + "\n")
+    env_file = clean_env / "hook.env"
+    env_file.write_text(
+        f"AWS_ENDPOINT_URL={aws_env}\nAWS_ACCESS_KEY_ID=testing\nAWS_SECRET_ACCESS_KEY=testing\n"
+    )
+    kept = {
+        n: os.environ[n] for n in ("AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")
+    }
+    for name in kept:
+        monkeypatch.delenv(name)
+    res = run_cli("notify-failure", "bioc-webstats-etl.service", WEBSTATS_ENV_FILE=str(env_file))
+    for name, value in kept.items():  # this process reads the queue through moto again
+        monkeypatch.setenv(name, value)
+    assert res.returncode == 0, res.stderr
+    assert res.stdout == f"alert sent to {topic}\n"
+    [note] = received(queue)
+    assert note["Subject"].startswith("bioc-webstats: bioc-webstats-etl.service failed on ")

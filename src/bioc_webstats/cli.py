@@ -457,9 +457,15 @@ def notify_failure(unit: str) -> None:
     and the watchdog sends it again."""
 
     from .alerts import send
-    from .aws import failure_alert
-    from .config import state_dir
+    from .aws import failure_alert, use_env_file
+    from .config import DEFAULT_ENV_FILE, read_env_file, state_dir
 
+    # The env file's AWS_* settings (region, endpoints) as every other command takes them; SSM
+    # is not read, and an unreadable env file does not stop the alert.
+    try:
+        use_env_file(read_env_file(Path(os.environ.get("WEBSTATS_ENV_FILE") or DEFAULT_ENV_FILE)))
+    except WebstatsError:
+        pass
     subject, message = failure_alert(unit)
     click.echo(f"bioc-webstats: {message.splitlines()[0]}", err=True)  # the journal record
     outcome = send(state_dir(dict(os.environ)), subject, message)
