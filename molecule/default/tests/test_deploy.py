@@ -232,6 +232,26 @@ def test_packages_seeded_by_the_deploy(host, deploy_vars):
     assert f"the table has {rows} rows; nothing done" in out
 
 
+def test_the_legacy_history_is_imported_up_to_the_cut_over_day(host, deploy_vars):
+    """docs/CUTOVER.md step 3: the legacy server's databases up to the cut-over day
+    (``--until`` defaults to etl/logs_since), exactly once: a second import adds nothing."""
+    sample = ephemeral_dir() / "sample"
+    if not (sample / "legacy").is_dir():
+        pytest.skip("the sample has no legacy databases (webstats_sample_args without --history)")
+    cutover = (sample / "cutover").read_text().strip()
+    assert scenario_vars()["webstats_config_logs_since"] == cutover
+    files = "/srv/bioc-webstats/legacy/download_db_*.sqlite"
+    cmd = as_service_user(f"import legacy-db --until {cutover} {files}", deploy_vars)
+    first = run_ok(host, f"sh -c {shlex.quote(cmd)}", timeout=900)
+    again = run_ok(host, f"sh -c {shlex.quote(cmd)}", timeout=900)
+    assert first != again, first[-1500:]
+    facts = status(host, deploy_vars)
+    assert facts["valid_thru"] and facts["valid_thru"] < cutover, facts
+    assert facts["objects_ingested"] == 0, "the import is not in the logs' ledger"
+    publish = [ln for ln in again.splitlines() if "publish:" in ln]
+    assert not publish or "0 files built" in publish[-1], again[-1500:]
+
+
 # A log object named long before the cut-over day (etl/logs_since): an empty ledger starts at
 # the cut-over day, so the first run must not read it.
 OLD_OBJECT = "E1TVLJONPTUXV3.2023-06-01-00.0ld0bject.gz"
