@@ -11,6 +11,7 @@ pkgs=(
   chromium                         # browser test of the pages
   nginx-light wrk                  # nginx in front of gunicorn in the tests; make bench-web
   podman debootstrap uidmap slirp4netns fuse-overlayfs  # molecule on a real systemd host
+  openssh-client                   # molecule: Ansible reaches the containers over SSH
   systemd                          # systemd-analyze for the static unit gates
 )
 
