@@ -357,8 +357,9 @@ def test_healthz_shapes_are_the_documented_ones(service):
 
 
 def test_restore_after_losing_the_database_serves_the_same_bytes(host, service, runbook):
-    """backup (test above) → the database dropped → db-bootstrap + restore as the runbook says
-    → every published file is served with the same bytes, /healthz ok."""
+    """backup (test above) → the database dropped → db-bootstrap (and a deploy whose backup
+    before the migration fails: stopped, nothing switched) → restore as the runbook says →
+    every published file is served with the same bytes, /healthz ok."""
     urls = published_files(host)
     assert len(urls) > 50, urls
     before = fetch_all(service, urls)
@@ -375,6 +376,28 @@ def test_restore_after_losing_the_database_serves_the_same_bytes(host, service, 
         runbook("ansible-playbook playbooks/db-bootstrap.yml -i inventory/production")
     )
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-2000:]
+
+    # The empty database needs a migration: a deploy now backs up first, and a backup that
+    # fails (no pg_dump here for a moment) stops it before anything is switched.
+    pg_dump = run_ok(host, "ls /usr/lib/postgresql/*/bin/pg_dump").split()[0]
+    live = run_ok(host, "readlink /opt/bioc-webstats/current")
+    run_ok(host, f"mv {pg_dump} {pg_dump}.away")
+    try:
+        res = run_playbook(runbook("ansible-playbook playbooks/deploy.yml -i inventory/production"))
+    finally:
+        run_ok(host, f"mv {pg_dump}.away {pg_dump}")
+    out = res.stdout + res.stderr
+    assert res.returncode != 0, out[-3000:]
+    assert 'failed at "Back up the database before migrating it"' in out, out[-3000:]
+    assert "pg_dump" in out and "Nothing was switched" in out, out[-3000:]
+    assert run_ok(host, "readlink /opt/bioc-webstats/current") == live
+    tables = run_ok(
+        host,
+        "runuser -u postgres -- psql -X -At -d webstats -c "
+        "'SELECT count(*) FROM pg_tables WHERE schemaname = $$public$$'",
+    )
+    assert tables.strip() == "0", "the deploy migrated without its backup"
+
     cmd = runbook(
         "ansible-playbook playbooks/restore.yml -i inventory/production "
         "-e webstats_restore_file=/var/backups/bioc-webstats/<file>.dump",
