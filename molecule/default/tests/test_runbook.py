@@ -62,6 +62,8 @@ def test_status_commands(host, runbook):
     failed = run_ok(host, runbook("systemctl --failed"))
     assert "bioc-webstats" not in failed
     assert WATCHDOG_TIMER in run_ok(host, runbook(f"systemctl list-timers {WATCHDOG_TIMER}"))
+    # (the container enforces no memory accounting: the property is there, not its value)
+    assert "MemoryCurrent=" in run_ok(host, runbook(f"systemctl show -p MemoryCurrent {WEB}"))
 
 
 def test_the_watchdog_checks_now(host, runbook):
@@ -250,6 +252,9 @@ def test_failed_etl_run_is_reported_and_retried(host, service, runbook):
         journal = run_ok(host, runbook("journalctl -u 'bioc-webstats-failure@*' -e"))
         assert ETL in journal
         assert "ALERT NOT SENT" in journal and "kept in /var/lib/bioc-webstats/" in journal
+        # the runbook's way to find alerts that could not be sent: priority crit
+        crit = run_ok(host, runbook("journalctl -p crit -u 'bioc-webstats*' -e"))
+        assert "ALERT NOT SENT" in crit and ETL in crit, crit[-1500:]
         assert "0badf00d" in run_ok(host, f"journalctl -u {ETL} -o cat -n 50")
     finally:
         run_ok(host, f"rm -f {bad}")
