@@ -40,11 +40,11 @@ PLAYBOOKS := $(wildcard playbooks/*.yml)
 static: venv ## Ansible + units, no container: ansible-lint (production), yamllint, syntax-check, systemd gates
 	$(BIN)/yamllint -s .
 	$(BIN)/ansible-lint -q
-	for inv in inventory/production inventory/local; do \
+	for inv in inventory/production inventory/staging inventory/local; do \
 	  for p in $(PLAYBOOKS); do $(BIN)/ansible-playbook --syntax-check -i $$inv $$p >/dev/null || exit 1; done; \
 	done
-	$(BIN)/ruff check roles/webstats_release/files playbooks/files
-	$(BIN)/ruff format --check roles/webstats_release/files playbooks/files
+	$(BIN)/ruff check roles/webstats_release/files
+	$(BIN)/ruff format --check roles/webstats_release/files
 	$(BIN)/python -m pytest -q -p no:cacheprovider tests/test_units_static.py tests/test_roles_static.py
 
 MOLECULE_SCENARIOS ?= default upgrade ssm

@@ -152,15 +152,16 @@ class Runbook:
 
     def __call__(self, cmd: str, fill: dict[str, str] | None = None) -> str:
         """``cmd`` after checking it is in the runbook verbatim; ``BW`` expanded, placeholders
-        (``<object-key> …``) replaced by ``fill``; ``-i inventory/production`` (a playbook
-        run from the workstation) pointed at the scenario's inventory."""
+        (``<object-key> …``) replaced by ``fill``; ``-i inventory/production`` or
+        ``-i inventory/local`` (a playbook run from the workstation) pointed at the scenario's
+        inventory."""
         assert cmd in self.commands, f"not in docs/RUNBOOK.md: {cmd!r}"
         cmd = re.sub(r"^BW\b", self.bw, cmd)
         for placeholder, value in (fill or {}).items():
             cmd = cmd.replace(placeholder, value)
         if cmd.startswith("ansible-playbook "):
             inventory = Path(os.environ["MOLECULE_INVENTORY_FILE"]).parent
-            cmd = cmd.replace("-i inventory/production", f"-i {inventory}")
+            cmd = re.sub(r"-i inventory/(production|local)\b", f"-i {inventory}", cmd)
         return cmd
 
 
@@ -209,7 +210,7 @@ class Load:
         paths: list[str],
         threads: int = 3,
         limit: float = 900,
-        pace: float = 0.05,
+        pace: float = 0.2,
     ) -> None:
         self.base = base.rstrip("/")
         self.paths = paths

@@ -3,8 +3,9 @@
 #
 #   scripts/demo.sh up     prepare the machine, start the container `bioc-webstats-demo` (port
 #                          published on 127.0.0.1:${WEBSTATS_DEMO_PORT:-8000}), copy the sample
-#                          logs in, deploy with inventory/local (local PostgreSQL), load the
-#                          sample packages table, run the ETL once through systemd, print the URL
+#                          logs in, create the database and its logins (db-bootstrap.yml: a local
+#                          PostgreSQL), deploy with inventory/local (which seeds the packages
+#                          table), run the ETL once through systemd, print the URL
 #   scripts/demo.sh down   remove the container
 # Idempotent: `up` again re-runs the deploy (0 changes) and the ETL (nothing new).
 set -euo pipefail
@@ -49,12 +50,13 @@ YAML
   log "sample data into the container"
   ansible-playbook "${inv[@]}" molecule/shared/sample.yml -e "webstats_sample_dir=$PWD/$work/sample"
 
+  log "database and logins: ansible-playbook playbooks/db-bootstrap.yml -i inventory/local"
+  ansible-playbook "${inv[@]}" playbooks/db-bootstrap.yml
+
   log "deploy: ansible-playbook playbooks/deploy.yml -i inventory/local"
   ansible-playbook "${inv[@]}" playbooks/deploy.yml
 
-  log "packages table, then the ETL once through systemd"
-  podman exec "$name" runuser -u webstats -- env WEBSTATS_ENV_FILE=/etc/bioc-webstats/webstats.env \
-    /opt/bioc-webstats/current/bin/bioc-webstats packages load /srv/bioc-webstats/packages.csv
+  log "the ETL once through systemd (the timer's job: bioc-webstats daily)"
   podman exec "$name" timeout 600 systemctl start bioc-webstats-etl.service
   podman exec "$name" tail -n 1 /var/log/bioc-webstats/etl.log
 

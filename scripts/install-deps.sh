@@ -12,6 +12,7 @@ pkgs=(
   nginx-light wrk                  # nginx in front of gunicorn in the tests; make bench-web
   sqlite3                          # make bench-history baseline (reading a legacy database)
   podman debootstrap uidmap slirp4netns fuse-overlayfs  # molecule on a real systemd host
+  openssh-client                   # molecule: Ansible reaches the containers over SSH
   systemd                          # systemd-analyze for the static unit gates
 )
 

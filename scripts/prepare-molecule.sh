@@ -10,7 +10,8 @@
 #      says it is missing (or its recipe changed); any other image name is pulled instead, e.g.
 #      WEBSTATS_MOLECULE_IMAGE=docker.io/geerlingguy/docker-ubuntu2404-ansible:latest;
 #   5. container limits: root here may lack CAP_SYS_RESOURCE, so each container gets explicit
-#      rlimits no higher than this shell's hard limits.
+#      rlimits no higher than this shell's hard limits;
+#   6. an SSH key for the scenarios' Ansible connection (.cache/molecule-ssh/).
 # Writes the results to .cache/molecule.env, which scripts/molecule.sh and the demo source.
 #
 # Environment: WEBSTATS_MOLECULE_IMAGE (default localhost/bioc-webstats-systemd:bookworm),
@@ -44,8 +45,10 @@ fi
 # 4. the image
 # The recipe's hash is stored as a label: change the recipe and the image is rebuilt.
 suite=${image##*:}
-packages=systemd,systemd-sysv,python3,sudo,dbus,iproute2,ca-certificates
-recipe="debootstrap minbase $suite $packages v1"
+# openssh-server: the scenarios' Ansible runs reach the container over SSH with pipelining (a
+# task costs a fraction of the podman connection's four podman calls); testinfra uses podman.
+packages=systemd,systemd-sysv,python3,sudo,dbus,iproute2,ca-certificates,openssh-server
+recipe="debootstrap minbase $suite $packages v2"
 recipe_id=$(printf '%s' "$recipe" | sha256sum | cut -c1-16)
 if [[ $image == localhost/bioc-webstats-systemd:* ]]; then
   have=""
@@ -88,6 +91,11 @@ pid_max=$(cat /proc/sys/kernel/pid_max)
 [ "$nproc" -gt "$pid_max" ] && nproc=$pid_max
 [ "$nofile" -gt 65536 ] && nofile=65536  # plenty for a test; keeps memory use of fd tables low
 
+# 6. the SSH key of the scenarios' Ansible connection (create.yml authorizes it in each container)
+mkdir -p .cache/molecule-ssh
+chmod 0700 .cache/molecule-ssh
+[ -f .cache/molecule-ssh/id_ed25519 ] || ssh-keygen -q -t ed25519 -N '' -C bioc-webstats-molecule -f .cache/molecule-ssh/id_ed25519
+
 mkdir -p .cache
 cat >.cache/molecule.env.tmp <<EOF
 # written by scripts/prepare-molecule.sh; sourced by scripts/molecule.sh and make demo
@@ -95,6 +103,7 @@ export WEBSTATS_MOLECULE_IMAGE=$image
 export WEBSTATS_MOLECULE_NOFILE=$nofile
 export WEBSTATS_MOLECULE_NPROC=$nproc
 export WEBSTATS_MOLECULE_CGROUP_HYBRID=$hybrid
+export WEBSTATS_MOLECULE_SSH_KEY=$PWD/.cache/molecule-ssh/id_ed25519
 EOF
 mv .cache/molecule.env.tmp .cache/molecule.env
 log "ok ($image, nofile=$nofile nproc=$nproc hybrid_cgroups=$hybrid)"

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import os
 
 import pytest
 
@@ -186,3 +187,43 @@ def test_healthz_says_stale(db_url, clean_env, monkeypatch):
     monkeypatch.setenv("WEBSTATS_ALERTS_MAX_DATA_AGE", str(24 * 365 * 100))
     r = create_app(load_settings()).test_client().get("/healthz")
     assert r.status_code == 200 and r.json["status"] == "ok"
+
+
+def test_check_and_daily_keep_the_topic_for_the_hook(clean_env, aws_env, monkeypatch, db_url):
+    """The web unit's check and the daily job keep alerts/sns_topic on the instance whenever
+    they load the configuration, so the hook of a run that fails later (reading no SSM) knows
+    where to alert, even before the watchdog's first run."""
+    topic, _queue = topic_with_queue()
+    kept = clean_env / "state" / "alerts" / "topic"
+    env = {"WEBSTATS_DATABASE_URL": db_url, "WEBSTATS_ALERTS_SNS_TOPIC": topic}
+    assert run_cli("db", "upgrade", **env).returncode == 0
+    res = run_cli("check", "--login", "web", **env)
+    assert res.returncode == 0, res.stderr
+    assert kept.read_text().strip() == topic
+    kept.unlink()
+    run_cli("daily", "--source", str(clean_env / "no-such-logs"), **env)  # fails: no matter
+    assert kept.read_text().strip() == topic
+
+
+def test_notify_failure_takes_the_env_files_aws_settings(clean_env, aws_env, monkeypatch):
+    """The hook's unit has only WEBSTATS_ENV_FILE: the AWS_* lines of that file (an endpoint,
+    the credentials of a test) apply to its SNS call as to every other command."""
+    topic, queue = topic_with_queue()
+    (clean_env / "state" / "alerts").mkdir(parents=True)
+    (clean_env / "state" / "alerts" / "topic").write_text(topic + "\n")
+    env_file = clean_env / "hook.env"
+    env_file.write_text(
+        f"AWS_ENDPOINT_URL={aws_env}\nAWS_ACCESS_KEY_ID=testing\nAWS_SECRET_ACCESS_KEY=testing\n"
+    )
+    kept = {
+        n: os.environ[n] for n in ("AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")
+    }
+    for name in kept:
+        monkeypatch.delenv(name)
+    res = run_cli("notify-failure", "bioc-webstats-etl.service", WEBSTATS_ENV_FILE=str(env_file))
+    for name, value in kept.items():  # this process reads the queue through moto again
+        monkeypatch.setenv(name, value)
+    assert res.returncode == 0, res.stderr
+    assert res.stdout == f"alert sent to {topic}\n"
+    [note] = received(queue)
+    assert note["Subject"].startswith("bioc-webstats: bioc-webstats-etl.service failed on ")

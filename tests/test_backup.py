@@ -72,9 +72,15 @@ def test_backup_lose_restore_same_bytes(db_url, clean_env, monkeypatch, aws_env)
     lose_everything(db_url)
     assert create_app(settings).test_client().get("/packages/stats/bioc/affy/").status_code == 404
 
-    res = run("db", "restore", str(dump))
+    # from S3, as playbooks/restore.yml may (fetched into the state directory, then removed)
+    state = load_settings().state_dir
+    res = run("db", "restore", "s3://bioc-webstats-backups/bioc-webstats/prod/missing.dump")
+    assert res.returncode == 1 and len(res.stderr.splitlines()) == 1, res.stderr
+    assert "cannot fetch s3://bioc-webstats-backups/bioc-webstats/prod/missing.dump" in res.stderr
+    res = run("db", "restore", f"s3://bioc-webstats-backups/{key}")
     assert res.returncode == 0, res.stderr
     assert res.stdout.splitlines()[0].startswith("restore: ")
+    assert not list(state.glob("restore-*")), "the fetched backup was left behind"
     assert "publish: data version" in res.stdout
     after = served(settings)
     for rel in FILES:

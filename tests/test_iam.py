@@ -28,10 +28,18 @@ SAMPLE = {
     "GlueDatabase": "bioc_webstats",
     "AthenaResultsBucket": "bioc-webstats-athena-results",
     "AthenaResultsPrefix": "prod/",
+    "BackupBucket": "bioc-webstats-backups",
+    "BackupPrefix": "prod/",
+    "LoginSuffix": "",
 }
 A, R = SAMPLE["AccountId"], SAMPLE["Region"]
 PARAM = f"arn:aws:ssm:{R}:{A}:parameter/bioc/webstats/prod"
-SECRET = f"arn:aws:secretsmanager:{R}:{A}:secret:/bioc/rdb/0/login/webstats_runner-??????"
+LOGIN = f"arn:aws:secretsmanager:{R}:{A}:secret:/bioc/rdb/0/login/"
+SECRET = f"{LOGIN}webstats_runner-??????"  # the ETL's (db/credentials)
+WEB_SECRET = f"{LOGIN}webstats_web-??????"  # the web's (db/web_credentials)
+OWNER_SECRET = f"{LOGIN}webstats_owner-??????"  # the schema owner's (db/owner_credentials)
+MASTER_SECRET = f"{LOGIN}postgres-??????"  # RDS's master login (db-bootstrap.yml only)
+BACKUPS = "arn:aws:s3:::bioc-webstats-backups/prod/"
 
 # Where each service's resources may be: the project's own, nothing else.
 ALLOWED_RESOURCES: dict[str, tuple[str, ...]] = {
@@ -41,13 +49,16 @@ ALLOWED_RESOURCES: dict[str, tuple[str, ...]] = {
         rf"^arn:aws:ssm:{R}:{A}:session/\$\{{aws:username\}}-\*$",
         rf"^arn:aws:ec2:{R}:{A}:instance/\*$",  # StartSession: only with a tag condition
     ),
-    "secretsmanager": (rf"^{re.escape(SECRET)}$",),
+    "secretsmanager": tuple(
+        rf"^{re.escape(s)}$" for s in (SECRET, WEB_SECRET, OWNER_SECRET, MASTER_SECRET)
+    ),
     "kms": (rf"^arn:aws:kms:{R}:{A}:key/{SAMPLE['KmsKeyId']}$",),
     "s3": (
         r"^arn:aws:s3:::bioc-cloudfront-logs$",
         r"^arn:aws:s3:::bioc-cloudfront-logs/E1TVLJONPTUXV3/\*$",
         r"^arn:aws:s3:::bioc-webstats-athena-results$",
         r"^arn:aws:s3:::bioc-webstats-athena-results/prod/\*$",
+        rf"^{re.escape(BACKUPS)}\*$",
     ),
     "athena": (rf"^arn:aws:athena:{R}:{A}:workgroup/bioc-webstats$",),
     "glue": (
@@ -69,7 +80,7 @@ READ_ONLY = re.compile(r"^[a-z0-9-]+:(Get|Describe|List)[A-Za-z]+$")
 CODE_NEEDS = {
     "webrunner": {
         "ssm:GetParametersByPath": f"{PARAM}/flask/secret_key",
-        "secretsmanager:GetSecretValue": SECRET.replace("??????", "AbCdEf"),
+        "secretsmanager:GetSecretValue": WEB_SECRET.replace("??????", "AbCdEf"),
         "sns:Publish": f"arn:aws:sns:{R}:{A}:bioc-webstats-alerts",
     },
     "etl-athena": {
@@ -86,8 +97,17 @@ CODE_NEEDS = {
         "s3:ListBucket": "arn:aws:s3:::bioc-cloudfront-logs",
         "s3:GetObject": "arn:aws:s3:::bioc-cloudfront-logs/E1TVLJONPTUXV3/2023-09-17/x.gz",
         "cloudfront:CreateInvalidation": f"arn:aws:cloudfront::{A}:distribution/E1TVLJONPTUXV3",
+        "s3:PutObject": f"{BACKUPS}webstats-20260101T000000Z.dump",
     },
 }
+# The instance (etl) also reads the ETL's and the owner's logins (deploy: check, migrations,
+# backups); a web-only host also the ETL's (the deploy's check).
+MORE_NEEDS = {
+    "etl": [("secretsmanager:GetSecretValue", s.replace("??????", "AbCdEf"))
+            for s in (SECRET, WEB_SECRET, OWNER_SECRET)],
+    "webrunner": [("secretsmanager:GetSecretValue", SECRET.replace("??????", "AbCdEf"))],
+}  # fmt: skip
+MORE_NEEDS["etl"].append(("s3:GetObject", f"{BACKUPS}pre-0.9.0-20260101T000000Z.dump"))
 
 
 def as_list(value) -> list:
@@ -171,10 +191,12 @@ def test_policy_grammar_and_least_privilege(path):
             assert via in (f"ssm.{R}.amazonaws.com", f"secretsmanager.{R}.amazonaws.com")
             if st["Effect"] == "Allow":
                 context = st["Condition"]["StringLike"]
-                assert context in (
-                    {"kms:EncryptionContext:PARAMETER_ARN": f"{PARAM}/*"},
-                    {"kms:EncryptionContext:SecretARN": SECRET},
-                )
+                if "kms:EncryptionContext:SecretARN" in context:
+                    arns = set(as_list(context["kms:EncryptionContext:SecretARN"]))
+                    assert set(context) == {"kms:EncryptionContext:SecretARN"}
+                    assert arns <= {SECRET, WEB_SECRET, OWNER_SECRET, MASTER_SECRET}, arns
+                else:
+                    assert context == {"kms:EncryptionContext:PARAMETER_ARN": f"{PARAM}/*"}
         if "s3:ListBucket" in actions:  # listing limited to the objects the role may read
             prefixes = {
                 "arn:aws:s3:::bioc-cloudfront-logs": ["E1TVLJONPTUXV3/*"],
@@ -194,7 +216,7 @@ def test_every_placeholder_documented_is_used():
 @pytest.mark.parametrize("role", sorted(CODE_NEEDS))
 def test_roles_grant_what_the_code_calls(role):
     doc = render(IAM_DIR / f"bioc-webstats-{role}.json")
-    for action, resource in CODE_NEEDS[role].items():
+    for action, resource in [*CODE_NEEDS[role].items(), *MORE_NEEDS.get(role, [])]:
         assert allows(doc, action, resource), f"{role} lacks {action} on {resource}"
     # ... and not beyond the project: other environments, other secrets, other buckets.
     assert not allows(doc, "ssm:GetParametersByPath", f"{PARAM}x/db/server")
@@ -207,6 +229,12 @@ def test_roles_grant_what_the_code_calls(role):
     assert not allows(doc, "s3:PutObject", "arn:aws:s3:::bioc-webstats-athena-results/dev/x")
     assert not allows(doc, "s3:DeleteObject", "arn:aws:s3:::bioc-webstats-athena-results/dev/x")
     assert not allows(doc, "s3:DeleteObject", "arn:aws:s3:::bioc-cloudfront-logs/E1TVLJONPTUXV3/x")
+    # backups: only under the backup prefix, never deleted (a compromised host cannot erase them)
+    assert not allows(doc, "s3:PutObject", "arn:aws:s3:::bioc-webstats-backups/dev/x.dump")
+    assert not allows(doc, "s3:PutObject", "arn:aws:s3:::bioc-webstats-backups/x.dump")
+    assert not allows(doc, "s3:DeleteObject", f"{BACKUPS}x.dump")
+    assert not allows(doc, "secretsmanager:GetSecretValue", MASTER_SECRET.replace("??????", "AbC"))
+    assert not allows(doc, "secretsmanager:PutSecretValue", SECRET.replace("??????", "AbCdEf"))
 
 
 def test_etl_is_webrunner_plus_its_own():
@@ -215,7 +243,14 @@ def test_etl_is_webrunner_plus_its_own():
     assert {sid: etl.get(sid) for sid in web} == web
     assert not any(st["Effect"] == "Deny" for st in [*web.values(), *etl.values()])
     web_actions = {a for st in web.values() for a in as_list(st["Action"])}
-    assert not web_actions & {"s3:GetObject", "s3:ListBucket", "cloudfront:CreateInvalidation"}
+    assert not web_actions & {
+        "s3:GetObject", "s3:PutObject", "s3:ListBucket", "cloudfront:CreateInvalidation"
+    }  # fmt: skip
+    assert not allows(
+        render(IAM_DIR / "bioc-webstats-webrunner.json"),
+        "secretsmanager:GetSecretValue",
+        OWNER_SECRET.replace("??????", "AbCdEf"),
+    ), "a web-only host needs no schema owner's password"
 
 
 def test_operator_is_read_only_and_never_sees_secrets():
@@ -240,10 +275,17 @@ def test_admin_writes_parameters_of_its_environment_only():
     assert not allows(doc, "ssm:PutParameter", PARAM.replace("/prod", "/dev") + "/db/server")
     assert not allows(doc, "ssm:PutParameter", f"arn:aws:ssm:{R}:{A}:parameter/bioc/rdb/0/x")
     assert not any(
-        a.startswith(("secretsmanager:", "s3:", "sns:"))
-        for st in statements(doc)
-        for a in as_list(st["Action"])
+        a.startswith(("s3:", "sns:")) for st in statements(doc) for a in as_list(st["Action"])
     )
+    # db-bootstrap.yml on the workstation reads the master and the three logins' secrets; a
+    # rotation writes a login's secret, never the master's, never another database's.
+    for secret in (SECRET, WEB_SECRET, OWNER_SECRET, MASTER_SECRET):
+        assert allows(doc, "secretsmanager:GetSecretValue", secret.replace("??????", "AbCdEf"))
+    for secret in (SECRET, WEB_SECRET, OWNER_SECRET):
+        assert allows(doc, "secretsmanager:PutSecretValue", secret.replace("??????", "AbCdEf"))
+    assert not allows(doc, "secretsmanager:PutSecretValue", MASTER_SECRET.replace("??????", "Ab"))
+    assert not allows(doc, "secretsmanager:GetSecretValue", f"{LOGIN}other-AbCdEf")
+    assert not allows(doc, "secretsmanager:DeleteSecret", SECRET.replace("??????", "AbCdEf"))
 
 
 def test_trust_policy_is_ec2_assume_role_only():

@@ -34,6 +34,7 @@ def test_the_roles_are_there():
         "webstats_services",
         "webstats_postgresql_local",
         "webstats_nginx",
+        "webstats_db",
     }
 
 
@@ -100,12 +101,40 @@ def test_every_wired_variable_is_an_option_and_every_required_one_is_wired():
     defaults = {k for r in ROLE_NAMES for k in _load(ROLES / r / "defaults" / "main.yml")}
     assert set(wiring) <= set(options), sorted(set(wiring) - set(options))
     unwired = {n for n, spec in options.items() if spec.get("required") and n not in defaults}
+    unwired -= INVENTORY_INPUTS  # site facts (logins and their passwords), not host facts
     assert unwired <= set(wiring), sorted(unwired - set(wiring))
     assert len(wiring) >= 20
     for name, value in wiring.items():
         assert re.search(r"webstats_(base|nginx)_\w+", str(value)), (
             f"{name} is not wired from a fact"
         )
+
+
+# Required inputs that each inventory gives (webstats_db: the database logins, run by
+# playbooks/db-bootstrap.yml), not the wiring.
+INVENTORY_INPUTS = {
+    f"webstats_db_{login}_{what}"
+    for login in ("owner", "etl", "web")
+    for what in ("user", "password")
+}
+
+
+@pytest.mark.parametrize("inventory", ["local", "production", "staging"])
+def test_every_inventory_gives_the_database_logins(inventory):
+    """db-bootstrap.yml runs with every inventory: each names the three logins (all different)
+    and says where their passwords come from (never a literal password in the repository)."""
+    values: dict = {}
+    for path in sorted((REPO / "inventory" / inventory / "group_vars").glob("*.yml")):
+        values.update(_load(path))
+    assert INVENTORY_INPUTS <= set(values), sorted(INVENTORY_INPUTS - set(values))
+    names = [values[f"webstats_db_{login}_user"] for login in ("owner", "etl", "web")]
+    assert len(set(names)) == 3, names
+    for login in ("owner", "etl", "web"):
+        password = str(values[f"webstats_db_{login}_password"])
+        looked_up = r"lookup\('(ansible\.builtin\.password|amazon\.aws\.secretsmanager_secret)'"
+        assert re.search(looked_up, password), f"{inventory}: the {login} password is a literal"
+    if inventory != "local":
+        assert "secretsmanager_secret" in str(values["webstats_db_admin_password"])
 
 
 def test_each_fact_is_declared_once():
@@ -140,7 +169,7 @@ def test_no_role_or_playbook_reads_another_roles_internals():
         parts = path.relative_to(REPO).parts
         owner = {"roles": parts[1], "systemd": "webstats_services"}.get(parts[0])
         for name in set(re.findall(r"__(webstats_[a-z]+(?:_local)?)_\w+", path.read_text())):
-            if owner is None and name in ("webstats_deploy", "webstats_backup"):
+            if owner is None and name in ("webstats_deploy", "webstats_backup", "webstats_restore"):
                 continue  # a playbook's own
             assert name == owner, f"{path.relative_to(REPO)} reads __{name}_*"
 

@@ -13,6 +13,7 @@ own system units and executable stubs at the rendered paths (the venv does not e
 
 from __future__ import annotations
 
+import datetime as dt
 import re
 import shutil
 import subprocess
@@ -26,13 +27,22 @@ import ansible_render
 ROOT = Path(__file__).resolve().parent.parent
 TEMPLATES = ROOT / "systemd"
 UNIT_SUFFIXES = (".service", ".socket", ".timer", ".target")
-SERVICES = ("bioc-webstats.service", "bioc-webstats-etl.service", "bioc-webstats-failure@.service")
+SERVICES = (
+    "bioc-webstats.service",
+    "bioc-webstats-etl.service",
+    "bioc-webstats-watchdog.service",
+    "bioc-webstats-failure@.service",
+)
 ALL_UNITS = (
     "bioc-webstats.socket",
     *SERVICES,
     "bioc-webstats-etl.timer",
+    "bioc-webstats-watchdog.timer",
     "bioc-webstats.target",
 )
+# What the services may use together on the smallest production instance (2 GiB: t3.small),
+# leaving the kernel, journald, sshd and the SSM agent about 300 MiB.
+INSTANCE_BUDGET_MIB = 2048 - 300
 MAX_EXPOSURE = 2.0  # the gate is 2.5 ("OK"); fail well before it
 
 SYSTEMD_ANALYZE = shutil.which("systemd-analyze")
@@ -138,6 +148,68 @@ def test_default_etl_schedule(rendered):
     assert "OnCalendar=*-*-* 01:00:00 UTC" in timer
     assert re.search(r"^Persistent=true$", timer, re.M)
     assert re.search(r"^RandomizedDelaySec=\S+", timer, re.M)
+
+
+def test_etl_runs_one_command_the_daily_job(rendered):
+    """One ExecStart= (sync reported, not fatal, inside `daily`), no leading '-': a failed
+    sync or ETL fails the unit, so OnFailure= alarms."""
+    etl = rendered["bioc-webstats-etl.service"]
+    execs = re.findall(r"^ExecStart=(.*)$", etl, re.M)
+    assert len(execs) == 1, execs
+    assert not execs[0].startswith("-")
+    daily = r"/\S+/run-logged /var/log/bioc-webstats/etl\.log /\S+/bin/bioc-webstats daily"
+    assert re.fullmatch(daily, execs[0]), execs[0]
+    assert re.search(r"^OnFailure=bioc-webstats-failure@%n\.service$", etl, re.M)
+
+
+def test_watchdog_timer_and_service(rendered):
+    timer = rendered["bioc-webstats-watchdog.timer"]
+    service = rendered["bioc-webstats-watchdog.service"]
+    values = _defaults()
+    for spec in values["webstats_services_watchdog_on_calendar"]:
+        assert f"OnCalendar={spec}\n" in timer
+        next_two = _analyze("calendar", "--iterations=2", spec).stdout
+        stamps = re.findall(r"(?:Next elapse|Iter\. #2): \w+ (\S+ \S+)", next_two)
+        first, second = (dt.datetime.fromisoformat(s) for s in stamps[:2])
+        assert second - first == dt.timedelta(minutes=10), (spec, stamps)
+    assert re.search(r"^Persistent=true$", timer, re.M)
+    assert re.search(r"^RandomizedDelaySec=\S+", timer, re.M)
+    assert re.search(r"^Unit=bioc-webstats-watchdog\.service$", timer, re.M)
+    assert re.search(r"^WantedBy=bioc-webstats\.target$", timer, re.M)
+    assert re.search(r"^ExecStart=/\S+/bin/bioc-webstats watchdog$", service, re.M)
+    assert re.search(r"^OnFailure=bioc-webstats-failure@%n\.service$", service, re.M)
+    assert re.search(r"^StateDirectory=bioc-webstats$", service, re.M)  # alerts/ state
+    assert re.search(r"^PartOf=bioc-webstats\.target$", service, re.M)
+
+
+def _mib(value: str) -> float:
+    m = re.fullmatch(r"(\d+(?:\.\d+)?)([KMG]?)", value.strip())
+    assert m, f"MemoryMax={value}: give it in K, M or G"
+    return float(m.group(1)) * {"K": 1 / 1024, "M": 1, "G": 1024, "": 1 / 2**20}[m.group(2)]
+
+
+def test_every_service_has_a_memory_ceiling_within_the_instance(rendered):
+    """MemoryMax= on every service and on nginx (its drop-in); together they fit a 2 GiB
+    instance, so one runaway unit cannot take the others down with it."""
+    ceilings = {}
+    for unit in SERVICES:
+        found = re.findall(r"^MemoryMax=(\S+)$", rendered[unit], re.M)
+        assert len(found) == 1, f"{unit}: MemoryMax= {found}"
+        ceilings[unit] = _mib(found[0])
+    nginx = _defaults()["webstats_nginx_memory_max"]
+    assert nginx, "nginx has no memory ceiling"
+    ceilings["nginx.service"] = _mib(nginx)
+    assert all(v >= 64 for v in ceilings.values()), ceilings
+    # the web must hold its workers (5 on 2 vCPUs x ~100 MB), the ETL its documented peak
+    assert ceilings["bioc-webstats.service"] >= 5 * 100
+    assert ceilings["bioc-webstats-etl.service"] >= 2 * 200
+    total = sum(ceilings.values())
+    assert total <= INSTANCE_BUDGET_MIB, f"{total:.0f} MiB > {INSTANCE_BUDGET_MIB}: {ceilings}"
+    runbook = (ROOT / "docs" / "RUNBOOK.md").read_text()
+    for unit, mib in ceilings.items():
+        assert re.search(rf"`{re.escape(unit)}`[^\n]*\b{mib:.0f} MiB", runbook), (
+            f"the runbook's Memory table does not give {unit} {mib:.0f} MiB"
+        )
 
 
 @pytest.mark.parametrize("unit", SERVICES)

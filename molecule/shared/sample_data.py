@@ -7,9 +7,10 @@ DIR receives:
   logs/             CloudFront log objects from tests/loggen.py (the ETL's source)
   truth.json        the generator's ground truth for those logs (with --history: for the
                     history and the logs together)
-  packages.csv      the packages table sample (tests/fixtures/packages_sample.csv)
-  packages-source/  config.yaml + devel PACKAGES files consistent with packages.csv, so the
-                    ETL's `packages sync` runs offline and changes nothing
+  packages.csv      the packages table sample (tests/fixtures/packages_sample.csv), a subset of
+                    the history shipped with the release (what a deploy seeds)
+  packages-source/  config.yaml + devel PACKAGES files consistent with the shipped history, so
+                    the ETL's `packages sync` runs offline and changes nothing after the seed
 With --history (the take-over, as production will see it):
   legacy/           download_db_2009.sqlite … : the legacy stats server's history from
                     --history-from to the day before --start (tests/legacygen.py), a few
@@ -32,6 +33,7 @@ import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
+SHIPPED = REPO / "src" / "bioc_webstats" / "data" / "packages.csv"  # `packages seed` loads it
 sys.path.insert(0, str(REPO / "tests"))
 
 import legacygen  # noqa: E402  (tests/legacygen.py: the legacy databases, same truth)
@@ -45,10 +47,12 @@ REPO_PATHS = {
 }
 RELEASE, DEVEL = "3.22", "3.23"
 PACKAGE_S = 1.2  # Zipf exponent of package popularity in --history mode
+RECIPE = 3  # bump when what is written changes (a complete DIR of another recipe is rewritten)
 
 
 def write_packages_source(csv_path: Path, out: Path) -> None:
     """config.yaml and one devel PACKAGES file per category: every open row of the CSV."""
+    # (the CSV: the shipped history, which the sample's packages.csv is a subset of)
     devel: dict[str, list[str]] = {cat: [] for cat in REPO_PATHS}
     with csv_path.open(newline="", encoding="utf-8") as fh:
         for row in csv.DictReader(fh):
@@ -122,7 +126,10 @@ def main() -> None:
     args = ap.parse_args()
 
     stamp = args.out / ".complete"
-    key = json.dumps({k: str(v) for k, v in vars(args).items() if k != "out"}, sort_keys=True)
+    key = json.dumps(
+        {"recipe": RECIPE} | {k: str(v) for k, v in vars(args).items() if k != "out"},
+        sort_keys=True,
+    )
     if stamp.is_file() and stamp.read_text() == key:
         print(f"sample_data: {args.out} is up to date")
         return
@@ -156,7 +163,7 @@ def main() -> None:
             ]
         )
     shutil.copyfile(loggen.PACKAGES_SAMPLE, args.out / "packages.csv")
-    write_packages_source(args.out / "packages.csv", args.out / "packages-source")
+    write_packages_source(SHIPPED, args.out / "packages-source")
     stamp.write_text(key)
     print(f"sample_data: wrote {args.out}")
 

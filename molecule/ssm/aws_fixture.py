@@ -1,15 +1,17 @@
 #!/usr/bin/env python3
 """The AWS side of molecule/ssm, on the controller's loopback: a moto server (SSM, Secrets
-Manager) and a throw-away PostgreSQL cluster standing in for RDS.
+Manager, SNS and SQS) and a throw-away PostgreSQL cluster standing in for RDS.
 
     python molecule/ssm/aws_fixture.py start DIR   # start both, seed, write DIR/state.json
     python molecule/ssm/aws_fixture.py stop DIR    # stop both, remove the cluster
 
 ``start`` picks free loopback ports (moto, PostgreSQL and the web socket the scenario deploys
 with), seeds ``/bioc/webstats/test/`` with every parameter the units need (SecureStrings for the
-secrets) and the DB login secret, and records ports, process ids and the secret values in
-DIR/state.json (0600) for the tests. Idempotent: ``start`` first stops what a previous run
-left. The container reaches both servers with ``network: host``.
+secrets) and the DB login secret, creates the alert topic (``alerts/sns_topic``) with an SQS
+queue subscribed to it (where the tests read the alerts), and records ports, process ids, the
+topic, the queue and the secret values in DIR/state.json (0600) for the tests. Idempotent:
+``start`` first stops what a previous run left. The container reaches both servers with
+``network: host``.
 """
 
 from __future__ import annotations
@@ -28,10 +30,14 @@ from pathlib import Path
 import boto3
 
 SSM_PATH = "/bioc/webstats/test"
-SECRET_ID = "/bioc/rdb/0/login/webstats_runner"
 REGION = "us-east-1"
-DB_USER = "webstats_runner"
 DB_NAME = "webstats"
+# As on RDS: a master login (no database of the app yet: playbooks/db-bootstrap.yml creates it
+# and the three logins), each login's password in its own secret.
+SECRET_PREFIX = "/bioc/rdb/0/login/"
+MASTER = "postgres"
+LOGINS = {"owner": "webstats_owner", "etl": "webstats_runner", "web": "webstats_web"}
+SECRET_ID = SECRET_PREFIX + LOGINS["etl"]
 
 
 def free_port() -> int:
@@ -77,26 +83,43 @@ def parameters(state: dict) -> dict[str, tuple[str, str]]:
         "db/server": ("String", "127.0.0.1"),
         "db/port": ("String", str(state["pg_port"])),
         "db/dbname": ("String", DB_NAME),
-        "db/dbuser": ("String", DB_USER),
-        "db/credentials": ("String", SECRET_ID),
+        "db/credentials": ("String", SECRET_PREFIX + LOGINS["etl"]),
+        "db/web_credentials": ("String", SECRET_PREFIX + LOGINS["web"]),
+        "db/owner_credentials": ("String", SECRET_PREFIX + LOGINS["owner"]),
         "flask/secret_key": ("SecureString", state["secrets"]["flask_secret_key"]),
         "flask/log_level": ("String", "INFO"),
         "etl/ip_hash_key": ("SecureString", state["secrets"]["ip_hash_key"]),
         "etl/s3_download_logs": ("String", "/srv/bioc-webstats/logs"),
         "etl/packages_source": ("String", "/srv/bioc-webstats/packages-source"),
         "etl/lookback_days": ("String", "3"),
+        "alerts/sns_topic": ("String", state["topic_arn"]),
     }
 
 
+def alert_topic(state: dict) -> None:
+    """The SNS topic of alerts/sns_topic, and an SQS queue subscribed to it."""
+    sns, sqs = aws("sns", state["moto_port"]), aws("sqs", state["moto_port"])
+    state["topic_arn"] = sns.create_topic(Name="bioc-webstats-alerts")["TopicArn"]
+    state["queue_url"] = sqs.create_queue(QueueName="bioc-webstats-alerts")["QueueUrl"]
+    queue_arn = sqs.get_queue_attributes(QueueUrl=state["queue_url"], AttributeNames=["QueueArn"])[
+        "Attributes"
+    ]["QueueArn"]
+    sns.subscribe(TopicArn=state["topic_arn"], Protocol="sqs", Endpoint=queue_arn)
+
+
 def seed(state: dict) -> None:
+    alert_topic(state)
     ssm = aws("ssm", state["moto_port"])
     for name, (kind, value) in parameters(state).items():
         ssm.put_parameter(Name=f"{SSM_PATH}/{name}", Type=kind, Value=value, Overwrite=True)
     sm = aws("secretsmanager", state["moto_port"])
-    sm.create_secret(
-        Name=SECRET_ID,
-        SecretString=json.dumps({"username": DB_USER, "password": state["secrets"]["db_password"]}),
-    )
+    for login, user in [*LOGINS.items(), ("master", MASTER)]:
+        sm.create_secret(
+            Name=SECRET_PREFIX + user,
+            SecretString=json.dumps(
+                {"username": user, "password": state["secrets"][f"db_{login}_password"]}
+            ),
+        )
 
 
 def start_moto(work: Path, port: int) -> int:
@@ -130,7 +153,7 @@ def start_postgres(work: Path, port: int, password: str) -> int:
             "-D",
             str(data),
             "-U",
-            DB_USER,
+            MASTER,
             "-E",
             "UTF8",
             "--locale=C.UTF-8",
@@ -164,12 +187,6 @@ def start_postgres(work: Path, port: int, password: str) -> int:
     wait(lambda: port_open(port) or proc.poll() is not None, 60, "PostgreSQL")
     if proc.poll() is not None:
         sys.exit(f"aws_fixture: postgres exited: {(work / 'pg.log').read_text()[-500:]}")
-    env = {**os.environ, "PGPASSWORD": password}
-    subprocess.run(
-        [str(bindir / "createdb"), "-h", "127.0.0.1", "-p", str(port), "-U", DB_USER, DB_NAME],
-        check=True,
-        env=env,
-    )
     return proc.pid
 
 
@@ -211,7 +228,7 @@ def start(work: Path) -> None:
         "secrets": {
             "flask_secret_key": secrets.token_urlsafe(32),
             "ip_hash_key": secrets.token_urlsafe(32),
-            "db_password": secrets.token_urlsafe(24),
+            **{f"db_{login}_password": secrets.token_urlsafe(24) for login in [*LOGINS, "master"]},
         },
     }
     state_file = work / "state.json"
@@ -222,9 +239,10 @@ def start(work: Path) -> None:
 
     state["moto_pid"] = start_moto(work, state["moto_port"])
     save()
-    state["pg_pid"] = start_postgres(work, state["pg_port"], state["secrets"]["db_password"])
+    state["pg_pid"] = start_postgres(work, state["pg_port"], state["secrets"]["db_master_password"])
     save()
     seed(state)
+    save()
     print(json.dumps({k: v for k, v in state.items() if k != "secrets"}))
 
 

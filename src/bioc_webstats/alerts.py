@@ -64,6 +64,8 @@ def remember_topic(settings: Settings) -> None:
     try:
         if path.is_file() and path.read_text().strip() == topic:
             return
+        if not topic and not path.exists():
+            return  # nothing to keep, nothing to clear (and no directory made for it)
         path.parent.mkdir(parents=True, exist_ok=True)
         _write(path, topic + "\n")
     except OSError:

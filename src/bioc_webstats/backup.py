@@ -155,6 +155,29 @@ def _upload(dest: Path, s3_url: str) -> str:
     return f"s3://{bucket}/{key}"
 
 
+def fetch(s3_url: str, work_dir: Path) -> Path:
+    """Download a backup from ``s3://bucket/key`` into ``work_dir`` (0700, the file 0600); the
+    caller removes ``work_dir``. Used by ``db restore s3://…``."""
+    from .aws import _aws_errors, client, describe_error
+
+    m = re.match(r"^s3://([a-z0-9][a-z0-9.-]+[a-z0-9])/(.+[^/])$", s3_url)
+    if not m:
+        raise WebstatsError(f"restore: {s3_url} must be s3://bucket/key of a backup")
+    bucket, key = m.groups()
+    old_umask = os.umask(0o077)
+    try:
+        work_dir.mkdir(parents=True, exist_ok=True)
+        dest = work_dir / Path(key).name
+        try:
+            client("s3").download_file(bucket, key, str(dest))
+        except _aws_errors() as exc:
+            dest.unlink(missing_ok=True)
+            raise WebstatsError(f"restore: cannot fetch {s3_url}: {describe_error(exc)}") from None
+    finally:
+        os.umask(old_umask)
+    return dest
+
+
 def restore(settings: Settings, source: Path) -> str:
     """Replace the database's contents with a backup (all or nothing)."""
     if not source.is_file():

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import sys
 import traceback
 from collections.abc import Iterator
@@ -72,7 +73,6 @@ def writer_lock(settings: Settings, what: str) -> Iterator[None]:
     and says who holds the lock, instead of working through the same objects."""
     import datetime as dt
     import fcntl
-    import os
 
     path = settings.state_dir / "etl.lock"
     try:
@@ -129,18 +129,25 @@ def db_backup(ctx: Context, dest: Path, s3_url: str | None) -> None:
 
 
 @db_group.command("restore")
-@click.argument("source", type=click.Path(dir_okay=False, path_type=Path))
+@click.argument("source")
 @pass_ctx
-def db_restore(ctx: Context, source: Path) -> None:
-    """Replace the database's contents with a backup (all or nothing), migrate it to this
-    release's schema, and publish it under a new version directory. Stop the ETL timer first
-    (playbooks/restore.yml does all of it)."""
-    from .backup import restore
+def db_restore(ctx: Context, source: str) -> None:
+    """Replace the database's contents with a backup, a FILE or s3://bucket/key (all or
+    nothing), migrate it to this release's schema, and publish it under a new version
+    directory. Stop the ETL timer first (playbooks/restore.yml does all of it)."""
+    import shutil
+
+    from .backup import fetch, restore
     from .publish import publish
 
     owner = ctx.settings_for("owner")
+    work = owner.state_dir / f"restore-{os.getpid()}"
     with writer_lock(owner, "db restore"):
-        click.echo(restore(owner, source))
+        try:
+            path = fetch(source, work) if source.startswith("s3://") else Path(source)
+            click.echo(restore(owner, path))
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
         click.echo(f"schema at revision {db.upgrade(owner.database_url)}")
     click.echo(publish(ctx.settings, force=True).line())
 
@@ -322,8 +329,10 @@ def daily_cmd(ctx: Context, source: str | None, packages_from: str | None) -> No
     """The daily job (the ETL timer runs it): packages sync, then etl run. A failed sync is
     reported and does not stop the ETL; either failure makes the exit status 1 (systemd's
     OnFailure hook). Successes are recorded (meta last_sync_ok / last_etl_ok)."""
+    from .alerts import remember_topic
     from .daily import run_daily
 
+    remember_topic(ctx.settings)  # the failure hook alerts there if this run fails
     with writer_lock(ctx.settings, "daily"):  # the same lock as etl run: one writer at a time
         result = run_daily(ctx.settings, source=source, packages_from=packages_from)
     click.echo(result.line())
@@ -466,7 +475,10 @@ def config_show(ctx: Context) -> None:
 def check(ctx: Context, login: str) -> None:
     """Smoke test: configuration loads, database reachable, schema current (exit 3 when
     the schema is behind: 'bioc-webstats db upgrade' is the fix)."""
+    from .alerts import remember_topic
+
     settings = ctx.settings_for(login)
+    remember_topic(settings)  # where the failure hook and the watchdog alert, without SSM
     status = db.schema_status(settings.database_url)
     if not status.ok:
         if status.behind:  # exit 3: 'db upgrade' is the fix (the deploy migrates on it)
@@ -482,12 +494,17 @@ def notify_failure(unit: str) -> None:
     """Record that UNIT failed and alert (the OnFailure= hook). It reads no SSM (the topic
     kept on the instance is used); an alert SNS does not take is kept and logged at crit,
     and the watchdog sends it again."""
-    import os
 
     from .alerts import send
-    from .aws import failure_alert
-    from .config import state_dir
+    from .aws import failure_alert, use_env_file
+    from .config import DEFAULT_ENV_FILE, read_env_file, state_dir
 
+    # The env file's AWS_* settings (region, endpoints) as every other command takes them; SSM
+    # is not read, and an unreadable env file does not stop the alert.
+    try:
+        use_env_file(read_env_file(Path(os.environ.get("WEBSTATS_ENV_FILE") or DEFAULT_ENV_FILE)))
+    except WebstatsError:
+        pass
     subject, message = failure_alert(unit)
     click.echo(f"bioc-webstats: {message.splitlines()[0]}", err=True)  # the journal record
     outcome = send(state_dir(dict(os.environ)), subject, message)

@@ -13,7 +13,7 @@ import re
 import shlex
 
 import pytest
-from testlib import ephemeral_dir, repo_version, run_ok, wait_for
+from testlib import REPO, ephemeral_dir, repo_version, run_ok, wait_for
 
 UNITS_DIR = "/etc/systemd/system"
 WEB = "bioc-webstats.service"
@@ -206,17 +206,74 @@ def truth() -> dict:
     return json.loads((ephemeral_dir() / "sample" / "truth.json").read_text())
 
 
-def test_packages_loaded_from_sample(host, deploy_vars):
-    out = run_ok(
-        host, as_service_user("packages load /srv/bioc-webstats/packages.csv", deploy_vars)
-    )
-    assert "rows read" in out
+def scenario_vars() -> dict:
+    """The scenario's own host_vars (on top of the local inventory)."""
+    import yaml
+
+    return yaml.safe_load((REPO / "molecule/default/host_vars/webstats-default.yml").read_text())
+
+
+def status(host, deploy_vars) -> dict:
+    return json.loads(run_ok(host, as_service_user("status --json", deploy_vars)))
+
+
+def test_packages_seeded_by_the_deploy(host, deploy_vars):
+    """A fresh instance needs no hand step: the deploy loaded the history shipped with the
+    release into the empty packages table (and a second deploy, the idempotence run, did
+    nothing)."""
+    facts = status(host, deploy_vars)
+    shipped = (REPO / "src" / "bioc_webstats" / "data" / "packages.csv").read_text()
+    rows = len(shipped.strip().splitlines()) - 1
+    assert rows > 3000
+    assert facts["packages"] == rows, facts
+    assert facts["packages_seeded_not_synced"], facts
+    assert facts["objects_ingested"] == 0 and facts["valid_thru"] is None, facts
+    out = run_ok(host, as_service_user("packages seed", deploy_vars))
+    assert f"the table has {rows} rows; nothing done" in out
+
+
+def test_the_legacy_history_is_imported_up_to_the_cut_over_day(host, deploy_vars):
+    """docs/CUTOVER.md step 3: the legacy server's databases up to the cut-over day
+    (``--until`` defaults to etl/logs_since), exactly once: a second import adds nothing."""
+    sample = ephemeral_dir() / "sample"
+    if not (sample / "legacy").is_dir():
+        pytest.skip("the sample has no legacy databases (webstats_sample_args without --history)")
+    cutover = (sample / "cutover").read_text().strip()
+    assert scenario_vars()["webstats_config_logs_since"] == cutover
+    files = "/srv/bioc-webstats/legacy/download_db_*.sqlite"
+    cmd = as_service_user(f"import legacy-db --until {cutover} {files}", deploy_vars)
+    first = run_ok(host, f"sh -c {shlex.quote(cmd)}", timeout=900)
+    again = run_ok(host, f"sh -c {shlex.quote(cmd)}", timeout=900)
+    assert first != again, first[-1500:]
+    facts = status(host, deploy_vars)
+    assert facts["valid_thru"] and facts["valid_thru"] < cutover, facts
+    assert facts["objects_ingested"] == 0, "the import is not in the logs' ledger"
+    publish = [ln for ln in again.splitlines() if "publish:" in ln]
+    assert not publish or "0 files built" in publish[-1], again[-1500:]
+
+
+# A log object named long before the cut-over day (etl/logs_since): an empty ledger starts at
+# the cut-over day, so the first run must not read it.
+OLD_OBJECT = "E1TVLJONPTUXV3.2023-06-01-00.0ld0bject.gz"
 
 
 def test_etl_through_systemd_ingests_the_logs(host, deploy_vars):
-    run_ok(host, f"systemctl start {ETL}", timeout=600)  # a oneshot: returns when done
+    logs = ephemeral_dir() / "sample" / "logs"
+    sample_objects = sorted(p.name for p in logs.iterdir())
+    run_ok(
+        host, f"cp /srv/bioc-webstats/logs/{sample_objects[0]} /srv/bioc-webstats/logs/{OLD_OBJECT}"
+    )
+    try:
+        run_ok(host, f"systemctl start {ETL}", timeout=600)  # a oneshot: returns when done
+    finally:
+        run_ok(host, f"rm -f /srv/bioc-webstats/logs/{OLD_OBJECT}")
     props = show(host, ETL, "Result", "ExecMainStatus")
     assert props["Result"] == "success", props
+    facts = status(host, deploy_vars)
+    assert facts["logs_since"] == scenario_vars()["webstats_config_logs_since"], facts
+    assert facts["objects_ingested"] == len(sample_objects), facts  # not the old one
+    assert facts["newest_object_hour"] and facts["last_etl_ok"] and facts["last_sync_ok"]
+    assert facts["packages_seeded_not_synced"] is None, "the daily sync did not run"
     etl_log = host.file(f"{deploy_vars['webstats_base_log_dir']}/etl.log")
     assert etl_log.exists
     summary = [ln for ln in etl_log.content_string.splitlines() if "etl run:" in ln]
@@ -226,7 +283,7 @@ def test_etl_through_systemd_ingests_the_logs(host, deploy_vars):
     # the release built on this (same-architecture) controller carries the C scanner
     assert "parsing with the native parser" in etl_log.content_string
     journal = run_ok(host, f"journalctl -u {ETL} --no-pager -o cat")
-    assert "etl run:" in journal
+    assert "etl run:" in journal and "daily:" in journal
 
 
 def tab_rows(text: str) -> list[list[str]]:
@@ -278,3 +335,50 @@ def test_pages_answer(service):
     assert r.status_code == 200
     assert "Download stats for Bioconductor software packages" in r.text
     assert "Data as of" in r.text
+
+
+# --- the take-over: compare with the site the legacy server would publish ----------------------
+
+
+@pytest.fixture(scope="module")
+def expected_site(host, deploy_vars) -> str:
+    """The generator's truth rendered as the expected site (molecule/shared/expected_site.py),
+    copied to the host: the directory `compare --against` reads."""
+    import subprocess
+    import sys
+
+    vt = status(host, deploy_vars)["valid_thru"]
+    out = ephemeral_dir() / "expected-site"
+    subprocess.run(
+        [sys.executable, str(REPO / "molecule/shared/expected_site.py"), "--truth",
+         str(ephemeral_dir() / "sample" / "truth.json"), "--valid-thru", vt, "--out", str(out)],
+        check=True, capture_output=True,
+    )  # fmt: skip
+    subprocess.run(["podman", "cp", f"{out}/.", f"{host.backend.name}:/srv/expected-site"],
+                   check=True)  # fmt: skip
+    return "/srv/expected-site/"
+
+
+def test_compare_with_the_expected_site_finds_no_difference(host, deploy_vars, expected_site):
+    res = host.run(as_service_user(f"compare --against {expected_site}", deploy_vars))
+    assert res.rc == 0, res.stdout[-3000:] + res.stderr[-1000:]
+    summary = res.stdout.strip().splitlines()[-1]
+    m = re.fullmatch(r"(\d+) files compared, 0 differ", summary)
+    assert m and int(m.group(1)) > 100, summary
+
+
+def test_compare_reports_a_file_changed_on_purpose(host, deploy_vars, expected_site):
+    t = truth()
+    cat, pkg, year = t["package"][0][:3]
+    rel = f"{STEMS[cat]}/{pkg}/{pkg}_{year}_stats.tab"
+    path = f"{expected_site}{rel}"
+    run_ok(host, f"cp {path} {path}.orig && sed -i '2s/\\t[0-9]*$/\\t999999/' {path}")
+    try:
+        res = host.run(as_service_user(f"compare --against {expected_site}", deploy_vars))
+    finally:
+        run_ok(host, f"mv {path}.orig {path}")
+    assert res.rc == 1, res.stdout[-2000:]
+    lines = res.stdout.strip().splitlines()
+    assert [ln for ln in lines if ln.startswith(rel + ":")] and "999999" in res.stdout, lines[-5:]
+    assert re.fullmatch(r"\d+ files compared, 1 differ", lines[-1]), lines[-1]
+    assert "compare: 1 of" in res.stderr

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import re
+import subprocess
 
 import pytest
 from testlib import ephemeral_dir, run_ok, run_playbook, wait_for
@@ -19,6 +20,8 @@ TIMER = "bioc-webstats-etl.timer"
 ETL = "bioc-webstats-etl.service"
 TARGET = "bioc-webstats.target"
 NGINX = "nginx.service"
+WATCHDOG = "bioc-webstats-watchdog.service"
+WATCHDOG_TIMER = "bioc-webstats-watchdog.timer"
 
 
 def active(host, unit: str) -> str:
@@ -58,6 +61,19 @@ def test_status_commands(host, runbook):
     assert "Loaded: loaded" in out.stdout
     failed = run_ok(host, runbook("systemctl --failed"))
     assert "bioc-webstats" not in failed
+    assert WATCHDOG_TIMER in run_ok(host, runbook(f"systemctl list-timers {WATCHDOG_TIMER}"))
+    # (the container enforces no memory accounting: the property is there, not its value)
+    assert "MemoryCurrent=" in run_ok(host, runbook(f"systemctl show -p MemoryCurrent {WEB}"))
+
+
+def test_the_watchdog_checks_now(host, runbook):
+    """Nothing is wrong on this host: the watchdog finds no alarm (the limits of the scenario
+    allow the sample's old data), and says so in its journal."""
+    run_ok(host, runbook(f"systemctl start {WATCHDOG}"), timeout=120)
+    assert run_ok(host, f"systemctl show -p Result --value {WATCHDOG}").strip() == "success"
+    journal = run_ok(host, runbook(f"journalctl -u {WATCHDOG} -e"))
+    assert journal.rstrip().splitlines()[-2:] and "watchdog: 0 alarms" in journal, journal[-2000:]
+    assert "watchdog:" in run_ok(host, runbook(f"journalctl -u {WATCHDOG} -n 20"))
 
 
 def test_healthz_by_curl(host, runbook):
@@ -236,6 +252,9 @@ def test_failed_etl_run_is_reported_and_retried(host, service, runbook):
         journal = run_ok(host, runbook("journalctl -u 'bioc-webstats-failure@*' -e"))
         assert ETL in journal
         assert "ALERT NOT SENT" in journal and "kept in /var/lib/bioc-webstats/" in journal
+        # the runbook's way to find alerts that could not be sent: priority crit
+        crit = run_ok(host, runbook("journalctl -p crit -u 'bioc-webstats*' -e"))
+        assert "ALERT NOT SENT" in crit and ETL in crit, crit[-1500:]
         assert "0badf00d" in run_ok(host, f"journalctl -u {ETL} -o cat -n 50")
     finally:
         run_ok(host, f"rm -f {bad}")
@@ -263,19 +282,190 @@ def test_forced_log_rotation_reopens_the_access_log(host, service):
     )
 
 
-# --- special backup ----------------------------------------------------------------------------
+# --- backups, restore ---------------------------------------------------------------------------
+
+
+def test_the_deploy_backed_up_before_it_migrated(host):
+    """The first deploy migrated an empty database: it took a backup first (root only)."""
+    dumps = run_ok(host, "ls -1 /var/backups/bioc-webstats/").split()
+    pre = [d for d in dumps if re.fullmatch(r"pre-[0-9.]+-\d{8}T\d{6}Z\.dump", d)]
+    assert len(pre) == 1, dumps  # the idempotence run did not migrate: no second one
+    dump = host.file(f"/var/backups/bioc-webstats/{pre[0]}")
+    assert (dump.user, dump.mode) == ("root", 0o600)
+    assert "alembic_version" not in run_ok(host, f"pg_restore --list {dump.path}")  # empty then
 
 
 def test_special_backup(host, runbook):
     cmd = runbook("ansible-playbook playbooks/backup.yml -i inventory/production")
     res = run_playbook(cmd)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-2000:]
-    dumps = run_ok(host, "ls -1 /var/backups/bioc-webstats/").split()
-    assert len(dumps) == 1 and re.fullmatch(r"webstats-\d{8}T\d{6}Z\.dump", dumps[0]), dumps
+    listed = run_ok(host, runbook("ls -l /var/backups/bioc-webstats/"))
+    dumps = re.findall(r"\b(webstats-\d{8}T\d{6}Z\.dump)$", listed, re.M)
+    assert len(dumps) == 1, listed
     dump = host.file(f"/var/backups/bioc-webstats/{dumps[0]}")
     assert (dump.user, dump.mode) == ("root", 0o600)
     listing = run_ok(host, f"pg_restore --list {dump.path}")
     assert "TABLE DATA public download_records" in listing
+    assert "backup: /var/backups/bioc-webstats/webstats-" in res.stdout
+
+
+def published_files(host) -> list[str]:
+    """Every file of the published version (category files and the package pages and files
+    built so far), as URLs."""
+    root = "/var/lib/bioc-webstats/site/current/"
+    out = run_ok(host, f"cd {root} && find -L . -type f -printf '%P\\n'")
+    return sorted("/" + rel for rel in out.split() if not rel.startswith("."))
+
+
+def fetch_all(service, urls: list[str]) -> dict[str, str]:
+    """sha256 of each URL's body through nginx (404s and errors fail)."""
+    import hashlib
+
+    hashes = {}
+    for url in urls:
+        r = service.get(url, timeout=60)
+        assert r.status_code == 200, (url, r.status_code)
+        hashes[url] = hashlib.sha256(r.content).hexdigest()
+    return hashes
+
+
+def documented_healthz() -> dict[str, list[str]]:
+    """The /healthz table of the runbook: field → its documented values."""
+    from testlib import RUNBOOK
+
+    text = RUNBOOK.read_text().split("`/healthz` answers one JSON object", 1)[1].split("\n\n", 2)[1]
+    fields: dict[str, list[str]] = {}
+    current = None
+    for line in text.splitlines()[2:]:
+        cells = [c.strip() for c in line.strip("|").split("|")]
+        current = cells[0].strip("`") or current
+        fields.setdefault(current, []).append(cells[1])
+    return fields
+
+
+def check_healthz_shape(res) -> dict:
+    """A /healthz answer matches the runbook's table: the fields, the values, the HTTP code."""
+    doc = documented_healthz()
+    body = res.json()
+    assert set(body) == set(doc), (sorted(body), sorted(doc))
+    status_rows = {re.match(r"`(\w+)` \(HTTP (\d+)\)", v).groups() for v in doc["status"]}
+    assert (body["status"], str(res.status_code)) in status_rows, (body, res.status_code)
+    assert body["database"] in (True, False) and doc["database"] == ["`true` / `false`"]
+    assert body["schema"] is None or re.fullmatch(r"\d{4}", body["schema"]), body
+    assert body["valid_thru"] is None or re.fullmatch(r"\d{4}-\d\d-\d\d", body["valid_thru"])
+    return body
+
+
+def test_healthz_shapes_are_the_documented_ones(service):
+    body = check_healthz_shape(service.get("/healthz"))
+    assert body["status"] == "ok" and body["database"] is True and body["valid_thru"]
+
+
+def test_restore_after_losing_the_database_serves_the_same_bytes(host, service, runbook):
+    """backup (test above) → the database dropped → db-bootstrap (and a deploy whose backup
+    before the migration fails: stopped, nothing switched) → restore as the runbook says →
+    every published file is served with the same bytes, /healthz ok."""
+    urls = published_files(host)
+    assert len(urls) > 50, urls
+    before = fetch_all(service, urls)
+    etag_before = service.get("/packages/stats/bioc/bioc_stats.tab").headers["ETag"]
+    dump = run_ok(host, "ls -1t /var/backups/bioc-webstats/webstats-*.dump").split()[0]
+
+    run_ok(host, "runuser -u postgres -- psql -X -q -c 'DROP DATABASE webstats WITH (FORCE)'")
+    [lost] = wait_for(lambda: [r for r in [service.get("/healthz")] if r.status_code == 503],
+                      60, "/healthz to report the lost database")  # fmt: skip
+    body = check_healthz_shape(lost)
+    assert body["status"] == "error" and body["database"] is False and body["schema"] is None
+
+    res = run_playbook(
+        runbook("ansible-playbook playbooks/db-bootstrap.yml -i inventory/production")
+    )
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-2000:]
+
+    # The empty database needs a migration: a deploy now backs up first, and a backup that
+    # fails (no pg_dump here for a moment) stops it before anything is switched.
+    pg_dump = run_ok(host, "ls /usr/lib/postgresql/*/bin/pg_dump").split()[0]
+    live = run_ok(host, "readlink /opt/bioc-webstats/current")
+    run_ok(host, f"mv {pg_dump} {pg_dump}.away")
+    try:
+        res = run_playbook(runbook("ansible-playbook playbooks/deploy.yml -i inventory/production"))
+    finally:
+        run_ok(host, f"mv {pg_dump}.away {pg_dump}")
+    out = res.stdout + res.stderr
+    assert res.returncode != 0, out[-3000:]
+    assert 'failed at "Back up the database before migrating it"' in out, out[-3000:]
+    assert "pg_dump" in out and "Nothing was switched" in out, out[-3000:]
+    assert run_ok(host, "readlink /opt/bioc-webstats/current") == live
+    tables = run_ok(
+        host,
+        "runuser -u postgres -- psql -X -At -d webstats -c "
+        "'SELECT count(*) FROM pg_tables WHERE schemaname = $$public$$'",
+    )
+    assert tables.strip() == "0", "the deploy migrated without its backup"
+
+    cmd = runbook(
+        "ansible-playbook playbooks/restore.yml -i inventory/production "
+        "-e webstats_restore_file=/var/backups/bioc-webstats/<file>.dump",
+        {"/var/backups/bioc-webstats/<file>.dump": dump},
+    )
+    res = run_playbook(cmd)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-2000:]
+    assert "publish: data version" in res.stdout
+    for timer in (TIMER, "bioc-webstats-watchdog.timer"):
+        assert active(host, timer) == "active", timer  # started again
+    assert not host.file("/var/lib/bioc-webstats/restore-playbook").exists
+
+    health = json.loads(run_ok(host, runbook("curl -fsS http://127.0.0.1:8000/healthz; echo")))
+    assert health["status"] == "ok" and health["valid_thru"]
+    assert "ValidThru: " + health["valid_thru"] in run_ok(host, runbook("BW status"))
+    after = fetch_all(service, urls)
+    differ = [u for u in urls if before[u] != after[u]]
+    assert not differ, f"{len(differ)} of {len(urls)} files differ after the restore: {differ[:5]}"
+    etag_after = service.get("/packages/stats/bioc/bioc_stats.tab").headers["ETag"]
+    assert etag_after != etag_before  # a new data version: caches cannot mix the two
+
+
+def test_rotate_the_web_login_password_on_an_env_file_host(host, service, runbook):
+    """The env-file path of "Rotate a password": a new password in PostgreSQL and the env file;
+    the web service had to restart (the deploy does it), and serves; the old password no
+    longer logs in."""
+    import os
+    import shlex
+
+    secrets = os.environ.get("WEBSTATS_SECRETS_DIR") or str(ephemeral_dir() / "secrets")
+    env = {**os.environ, "WEBSTATS_SECRETS_DIR": secrets}
+    name = host.backend.name
+    pw_file = f"{secrets}/{name}/db-web-password"
+    old = open(pw_file).read().split(" salt=")[0].strip()
+    pid = main_pid(host, WEB)
+    rm = runbook(
+        'rm "${WEBSTATS_SECRETS_DIR:-$HOME/.cache/bioc-webstats/secrets}/<host>/db-web-password"',
+        {"<host>": name},
+    )
+    assert subprocess.run(["bash", "-c", rm], env=env).returncode == 0
+    for cmd in (
+        "ansible-playbook playbooks/db-bootstrap.yml -i inventory/local",
+        "ansible-playbook playbooks/deploy.yml -i inventory/local",
+    ):
+        res = run_playbook(runbook(cmd))
+        assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-2000:]
+    new = open(pw_file).read().split(" salt=")[0].strip()
+    assert new != old
+    assert new in host.file("/etc/bioc-webstats/webstats.env").content_string
+    assert old not in host.file("/etc/bioc-webstats/webstats.env").content_string
+
+    def login(pw: str):
+        sql = shlex.quote("SELECT current_user")
+        return host.run(f"PGPASSWORD={shlex.quote(pw)} psql -X -At -h 127.0.0.1 -U webstats_web "
+                        f"-d webstats -c {sql}")  # fmt: skip
+
+    assert login(new).stdout.strip() == "webstats_web"
+    refused = login(old)
+    assert refused.rc != 0 and "password authentication failed" in refused.stderr
+    assert main_pid(host, WEB) not in (0, pid), "the env-file path needs the restart"
+    health = wait_for(service.healthz, 60, "/healthz after the rotation")
+    assert health["status"] == "ok" and health["database"] is True
+    assert service.get("/packages/stats/bioc/bioc_stats.tab").status_code == 200
 
 
 # --- deploy: what would change -----------------------------------------------------------------

@@ -10,11 +10,12 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from pathlib import Path
 
 import boto3
 import pytest
-from testlib import Service, run_ok, wait_for
+from testlib import Service, run_ok, run_playbook, wait_for
 
 WEB = "bioc-webstats.service"
 ETL = "bioc-webstats-etl.service"
@@ -117,6 +118,184 @@ def test_missing_parameter_fails_the_unit_with_one_clear_line(
     else:
         run_ok(host, f"systemctl start {ETL}", timeout=600)
         assert run_ok(host, f"systemctl show -p Result --value {ETL}").strip() == "success"
+
+
+# --- alarms: through SNS (moto) to the SQS queue subscribed to alerts/sns_topic ---------------
+
+
+@pytest.fixture(scope="module")
+def sqs(state):
+    return boto3.client(
+        "sqs",
+        region_name=state["region"],
+        endpoint_url=f"http://127.0.0.1:{state['moto_port']}",
+        aws_access_key_id="testing",
+        aws_secret_access_key="testing",
+    )
+
+
+def alerts_until(sqs, state, pred, timeout: float = 60) -> dict:
+    """SNS notifications delivered to the queue (long polls, bounded), until one matches."""
+    seen: list[str] = []
+
+    def poll():
+        res = sqs.receive_message(
+            QueueUrl=state["queue_url"], MaxNumberOfMessages=10, WaitTimeSeconds=2
+        )
+        for msg in res.get("Messages", []):
+            sqs.delete_message(QueueUrl=state["queue_url"], ReceiptHandle=msg["ReceiptHandle"])
+            note = json.loads(msg["Body"])
+            seen.append(note.get("Subject", ""))
+            if pred(note):
+                return note
+        return None
+
+    return wait_for(poll, timeout, f"the alert in SQS (seen: {seen})", interval=0)
+
+
+def drain(sqs, state) -> None:
+    """Delete what the queue holds now (PurgeQueue is allowed once a minute only)."""
+    while True:
+        res = sqs.receive_message(QueueUrl=state["queue_url"], MaxNumberOfMessages=10)
+        if not res.get("Messages"):
+            return
+        for msg in res["Messages"]:
+            sqs.delete_message(QueueUrl=state["queue_url"], ReceiptHandle=msg["ReceiptHandle"])
+
+
+def cursor(host) -> str:
+    return run_ok(host, "journalctl --show-cursor -n 0 -o cat").strip().split("cursor: ")[-1]
+
+
+def test_a_failed_etl_run_alerts_through_the_failure_hook(host, ssm, sqs, state):
+    """A log source that cannot be read: the daily job fails, OnFailure= runs the hook, its
+    alert arrives through SNS; the journal says it was sent."""
+    name = f"{state['ssm_path']}/etl/s3_download_logs"
+    kept = ssm.get_parameter(Name=name)["Parameter"]["Value"]
+    drain(sqs, state)  # the alerts of the tests above
+    since = cursor(host)
+    ssm.put_parameter(
+        Name=name, Type="String", Value="/srv/bioc-webstats/no-such-logs", Overwrite=True
+    )
+    try:
+        res = host.run(f"timeout 600 systemctl start {ETL}")
+        assert res.rc != 0, "the run with an unreadable log source succeeded"
+        hook = f"bioc-webstats-failure@{ETL}.service"
+        note = alerts_until(sqs, state, lambda n: ETL in n.get("Subject", ""))
+        assert note["Subject"] == f"bioc-webstats: {ETL} failed on webstats-ssm"
+        assert note["TopicArn"] == state["topic_arn"]
+        assert f"journalctl -u {ETL}" in note["Message"]
+        journal = run_ok(host, f"journalctl -u {hook} -o cat --after-cursor='{since}'")
+        assert f"alert sent to {state['topic_arn']}" in journal, journal
+        assert "no-such-logs" in run_ok(
+            host, f"journalctl -u {ETL} -o cat --after-cursor='{since}'"
+        )
+    finally:
+        ssm.put_parameter(Name=name, Type="String", Value=kept, Overwrite=True)
+    run_ok(host, f"systemctl reset-failed {ETL}")
+    run_ok(host, f"systemctl start {ETL}", timeout=600)
+    assert run_ok(host, f"systemctl show -p Result --value {ETL}").strip() == "success"
+
+
+def test_stale_data_raises_the_data_stale_alarm_then_clears(host, ssm, sqs, state, ssm_service):
+    """The sample's data is from 2024: with alerts/max_data_age at 1 hour the watchdog raises
+    data-stale (journal + SNS); /healthz says stale (200) once the web reads the new limit;
+    back at the old limit, the alarm clears."""
+    name = f"{state['ssm_path']}/alerts/max_data_age"
+    drain(sqs, state)
+    since = cursor(host)
+    ssm.put_parameter(Name=name, Type="String", Value="1", Overwrite=True)
+    try:
+        run_ok(host, "systemctl start bioc-webstats-watchdog.service", timeout=120)
+        note = alerts_until(sqs, state, lambda n: "data-stale" in n.get("Subject", ""))
+        assert note["Subject"] == "bioc-webstats ALARM data-stale on webstats-ssm"
+        assert "ValidThru 2024-" in note["Message"] and "limit 1 h" in note["Message"]
+        journal = run_ok(
+            host, f"journalctl -u bioc-webstats-watchdog.service -o cat --after-cursor='{since}'"
+        )
+        assert "ALARM data-stale: ValidThru 2024-" in journal, journal
+        assert "watchdog: 1 alarms: data-stale" in journal, journal
+        run_ok(host, f"systemctl restart {WEB}")  # the web reads its limits at start
+        res = wait_for(lambda: (r := ssm_service.get("/healthz")).ok and r, 60, "/healthz")
+        assert res.status_code == 200 and res.json()["status"] == "stale", res.text
+    finally:
+        ssm.delete_parameter(Name=name)  # back to the env file's limit
+    run_ok(host, "systemctl start bioc-webstats-watchdog.service", timeout=120)
+    note = alerts_until(sqs, state, lambda n: "cleared" in n.get("Subject", ""))
+    assert note["Subject"] == "bioc-webstats cleared: data-stale on webstats-ssm"
+    run_ok(host, f"systemctl restart {WEB}")
+    wait_for(lambda: healthy(ssm_service), 60, "/healthz ok again")
+
+
+# --- the three logins from their secrets; a rotated password without a restart ------------------
+
+
+def test_each_process_logs_in_with_its_own_secret(host, ssm_service, state):
+    shown = run_ok(host, f"{BW} config show")
+    assert "secret /bioc/rdb/0/login/webstats_runner" in shown
+    assert ssm_service.get("/packages/stats/bioc/bioc_stats.tab").status_code == 200
+    sessions = run_ok(host, psql_admin(state, "SELECT DISTINCT usename FROM pg_stat_activity "
+                                              "WHERE datname = 'webstats'"))  # fmt: skip
+    assert "webstats_web" in sessions.split(), sessions
+    owners = run_ok(host, psql_admin(state, "SELECT DISTINCT tableowner FROM pg_tables "
+                                            "WHERE schemaname = 'public'"))  # fmt: skip
+    assert owners.split() == ["webstats_owner"], owners
+
+
+def psql_admin(state, sql: str) -> str:
+    """``sql`` as the master login (from its secret's value in the fixture's state)."""
+    import shlex
+
+    pw = state["secrets"]["db_master_password"]
+    return (f"PGPASSWORD={shlex.quote(pw)} psql -X -At -h 127.0.0.1 -p {state['pg_port']} "
+            f"-U postgres -d webstats -c {shlex.quote(sql)}")  # fmt: skip
+
+
+def test_rotate_the_web_password_through_its_secret_without_a_restart(
+    host, ssm_service, state, runbook
+):
+    """RUNBOOK "Rotate a password", production: the new password into the secret (the
+    runbook's `aws secretsmanager put-secret-value`, here through boto3: there is no AWS CLI on
+    the controller), then db-bootstrap.yml as written sets it in PostgreSQL from the secret.
+    The web service is not restarted: once its old sessions are gone it logs in again with the
+    secret's new value."""
+    import secrets as pysecrets
+
+    secret_id = "/bioc/rdb/0/login/webstats_web"
+    sm = boto3.client(
+        "secretsmanager",
+        region_name=state["region"],
+        endpoint_url=f"http://127.0.0.1:{state['moto_port']}",
+        aws_access_key_id="testing",
+        aws_secret_access_key="testing",
+    )
+    put = f"aws secretsmanager put-secret-value --secret-id {secret_id} "
+    assert [c for c in runbook.commands if c.startswith(put)], "not in docs/RUNBOOK.md"
+    pid = run_ok(host, f"systemctl show -p MainPID --value {WEB}").strip()
+    new = pysecrets.token_urlsafe(24)
+    sm.put_secret_value(
+        SecretId=secret_id, SecretString=json.dumps({"username": "webstats_web", "password": new})
+    )
+    res = run_playbook(
+        runbook("ansible-playbook playbooks/db-bootstrap.yml -i inventory/production")
+    )
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-2000:]
+    assert re.search(r"webstats-ssm\s*:\s*ok=\d+\s+changed=[1-9]", res.stdout), res.stdout[-1500:]
+    # the old sessions end (as after a failover or an idle timeout): new ones must log in
+    run_ok(host, psql_admin(state, "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                                   "WHERE usename = 'webstats_web'"))  # fmt: skip
+    for _ in range(3):
+        health = wait_for(ssm_service.healthz, 60, "/healthz after the rotation")
+        assert health["database"] is True and health["status"] == "ok", health
+    assert ssm_service.get("/packages/stats/bioc/bioc_stats.tab").status_code == 200
+    assert run_ok(host, f"systemctl show -p MainPID --value {WEB}").strip() == pid, "restarted"
+    sessions = run_ok(host, psql_admin(state, "SELECT count(*) FROM pg_stat_activity "
+                                              "WHERE usename = 'webstats_web'"))  # fmt: skip
+    assert int(sessions) >= 1
+    state["secrets"]["db_web_password_rotated"] = new  # never in a log either (test below)
+
+
+# --- last: after every test above (the rotation included) ------------------------------------
 
 
 def test_secrets_never_in_journal_logs_or_systemctl_show(host, state):

@@ -1,0 +1,113 @@
+"""The database's three logins on the deployed host (molecule/default): playbooks/db-bootstrap.yml
+made them on the local PostgreSQL (as on RDS), the deploy gave each process its own.
+
+Runs after test_deploy.py (the owner migrated, the ETL wrote). Each check connects as a login
+over TCP with its password, as the app does, and asserts what PostgreSQL allows it.
+"""
+
+from __future__ import annotations
+
+import shlex
+
+import pytest
+from testlib import ephemeral_dir, run_ok
+
+DB = "webstats"
+
+
+def password(host, name: str) -> str:
+    """A login's password, as the local inventory generated it on the controller."""
+    path = ephemeral_dir() / "secrets" / host.backend.name / name
+    return path.read_text().split(" salt=")[0].strip()
+
+
+def psql(host, user: str, pw: str, sql: str):
+    """``sql`` as ``user`` over TCP (one transaction, stop at the first error)."""
+    cmd = (
+        f"PGPASSWORD={shlex.quote(pw)} psql -X -q -v ON_ERROR_STOP=1 -h 127.0.0.1 -U {user} "
+        f"-d {DB} -At -c {shlex.quote(sql)}"
+    )
+    return host.run(f"timeout 60 sh -c {shlex.quote(cmd)}")
+
+
+@pytest.fixture(scope="module")
+def logins(host, deploy_vars) -> dict[str, tuple[str, str]]:
+    return {
+        "owner": (deploy_vars["webstats_db_owner_user"], password(host, "db-owner-password")),
+        "etl": (deploy_vars["webstats_db_etl_user"], password(host, "db-password")),
+        "web": (deploy_vars["webstats_db_web_user"], password(host, "db-web-password")),
+    }
+
+
+def test_the_owner_owns_every_table(host, logins):
+    owner, pw = logins["owner"]
+    out = psql(
+        host, owner, pw, "SELECT DISTINCT tableowner FROM pg_tables WHERE schemaname = 'public'"
+    )
+    assert out.rc == 0, out.stderr
+    assert out.stdout.split() == [owner]
+    tables = psql(host, owner, pw, "SELECT count(*) FROM pg_tables WHERE schemaname = 'public'")
+    assert int(tables.stdout) >= 7  # the migrations ran as the owner
+    assert psql(host, owner, pw, "SELECT version_num FROM alembic_version").stdout.strip()
+
+
+def test_the_web_login_reads_and_cannot_write(host, logins):
+    user, pw = logins["web"]
+    assert int(psql(host, user, pw, "SELECT count(*) FROM packages").stdout) > 3000
+    for sql in (
+        "INSERT INTO meta (key, value) VALUES ('molecule', 'x')",
+        "UPDATE packages SET last_release = NULL",
+        "DELETE FROM download_records",
+    ):
+        res = psql(host, user, pw, sql)
+        assert res.rc != 0, f"the web login could: {sql}"
+        assert "permission denied" in res.stderr, res.stderr
+
+
+def test_the_etl_login_writes_rows_and_cannot_change_the_schema(host, logins):
+    user, pw = logins["etl"]
+    wrote = psql(
+        host, user, pw,
+        "BEGIN; INSERT INTO meta (key, value) VALUES ('molecule', 'x'); "
+        "DELETE FROM meta WHERE key = 'molecule'; CREATE TEMP TABLE t (x int); ROLLBACK",
+    )  # fmt: skip
+    assert wrote.rc == 0, wrote.stderr
+    for sql in (
+        "CREATE TABLE molecule_probe (x int)",
+        "ALTER TABLE packages ADD COLUMN molecule_probe int",
+        "DROP TABLE stats_pending",
+        "CREATE INDEX molecule_probe ON packages (package)",
+    ):
+        res = psql(host, user, pw, sql)
+        assert res.rc != 0, f"the ETL login could: {sql}"
+        assert "permission denied" in res.stderr or "must be owner" in res.stderr, res.stderr
+
+
+def test_nobody_else_may_connect(host):
+    """PUBLIC lost CONNECT: a login of the cluster that is none of the three is refused."""
+    probe = "molecule_probe_login"
+    create = f"CREATE ROLE {probe} LOGIN PASSWORD 'probe-pw-123'"
+    run_ok(
+        host,
+        f"runuser -u postgres -- psql -X -q -c {shlex.quote(create)}",
+    )
+    try:
+        res = psql(host, probe, "probe-pw-123", "SELECT 1")
+        assert res.rc != 0 and "permission denied for database" in res.stderr, res.stderr
+    finally:
+        run_ok(host, f"runuser -u postgres -- psql -X -q -c 'DROP ROLE {probe}'")
+
+
+def test_each_process_uses_its_login(host, service, logins):
+    """gunicorn's connections are the web login's; the ETL's were the ETL login's (the
+    statement log is not needed: pg_stat_activity shows the pooled sessions of the web)."""
+    assert service.get("/packages/stats/bioc/bioc_stats.tab").status_code == 200
+    assert service.healthz()["database"] is True
+    out = run_ok(
+        host,
+        "runuser -u postgres -- psql -X -At -c "
+        "\"SELECT DISTINCT usename FROM pg_stat_activity WHERE datname = 'webstats'\"",
+    )
+    users = set(out.split())
+    assert logins["web"][0] in users, users
+    assert logins["owner"][0] not in users, users  # the owner only migrates, then disconnects
