@@ -5,7 +5,8 @@
 #                          published on 127.0.0.1:${WEBSTATS_DEMO_PORT:-8000}), copy the sample
 #                          logs in, create the database and its logins (db-bootstrap.yml: a local
 #                          PostgreSQL), deploy with inventory/local (which seeds the packages
-#                          table), run the ETL once through systemd, print the URL
+#                          table), import the legacy history, run the ETL once through
+#                          systemd, print the URL
 #   scripts/demo.sh down   remove the container
 # Idempotent: `up` again re-runs the deploy (0 changes) and the ETL (nothing new).
 set -euo pipefail
@@ -33,8 +34,8 @@ up() {
   export PATH="$PWD/.venv/bin:$PATH" ANSIBLE_FORCE_COLOR=0 ANSIBLE_NOCOLOR=1
   mkdir -p "$work"
 
-  log "sample data (CloudFront logs from tests/loggen.py, the packages sample)"
-  python molecule/shared/sample_data.py --out "$work/sample"
+  log "sample data (the legacy server's databases since 2009, then CloudFront logs from the cut-over day)"
+  python molecule/shared/sample_data.py --out "$work/sample" --history --start 2024-01-30
 
   log "container $name (systemd, 127.0.0.1:$port → 8000)"
   cat >"$work/platform.yml" <<YAML
@@ -55,6 +56,11 @@ YAML
 
   log "deploy: ansible-playbook playbooks/deploy.yml -i inventory/local"
   ansible-playbook "${inv[@]}" playbooks/deploy.yml
+
+  log "the legacy history up to the cut-over day (docs/CUTOVER.md step 3: import legacy-db)"
+  podman exec "$name" runuser -u webstats -- env WEBSTATS_ENV_FILE=/etc/bioc-webstats/webstats.env \
+    sh -c '/opt/bioc-webstats/current/bin/bioc-webstats import legacy-db /srv/bioc-webstats/legacy/download_db_*.sqlite' \
+    | tail -n 2
 
   log "the ETL once through systemd (the timer's job: bioc-webstats daily)"
   podman exec "$name" timeout 600 systemctl start bioc-webstats-etl.service

@@ -236,8 +236,7 @@ def test_the_legacy_history_is_imported_up_to_the_cut_over_day(host, deploy_vars
     """docs/CUTOVER.md step 3: the legacy server's databases up to the cut-over day
     (``--until`` defaults to etl/logs_since), exactly once: a second import adds nothing."""
     sample = ephemeral_dir() / "sample"
-    if not (sample / "legacy").is_dir():
-        pytest.skip("the sample has no legacy databases (webstats_sample_args without --history)")
+    assert (sample / "legacy").is_dir(), "the sample has no legacy databases (--history)"
     cutover = (sample / "cutover").read_text().strip()
     assert scenario_vars()["webstats_config_logs_since"] == cutover
     files = "/srv/bioc-webstats/legacy/download_db_*.sqlite"
