@@ -21,10 +21,15 @@ import webref
 from webserver import reference_front
 
 CHROMIUM = shutil.which("chromium")
-pytestmark = [
-    pytest.mark.browser,
-    pytest.mark.skipif(CHROMIUM is None, reason="chromium not found: 'make deps' installs it"),
-]
+pytestmark = pytest.mark.browser
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _chromium() -> None:
+    # a missing browser is a failure, never a skip
+    assert CHROMIUM, "chromium not found: 'make deps' installs it"
+
+
 VT = dt.date(2024, 3, 31)
 # The downloads bars: rgba(26,95,140,0.35) over white.
 BAR_RGB = (175, 199, 215)

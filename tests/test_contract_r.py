@@ -14,12 +14,15 @@ import webref
 from webserver import reference_server
 
 RSCRIPT = shutil.which("Rscript")
-pytestmark = [
-    pytest.mark.r,
-    pytest.mark.skipif(
-        RSCRIPT is None, reason="Rscript not found: 'make deps' installs r-base-core"
-    ),
-]
+pytestmark = pytest.mark.r
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _rscript() -> None:
+    # a missing R is a failure, never a skip
+    assert RSCRIPT, "Rscript not found: 'make deps' installs r-base-core"
+
+
 SCRIPT = Path(__file__).parent / "contract" / "check_tabs.R"
 VT = dt.date(2024, 3, 31)
 

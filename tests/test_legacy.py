@@ -476,8 +476,9 @@ def test_units_cover_every_row_once_whatever_the_gaps(sqlite_settings, tmp_path)
 
 
 def test_native_and_python_readers_give_the_same_bytes(tmp_path):
-    if legacy_rows._legacy is None or legacy_rows._sqlite_api() is None:
-        pytest.skip("the C reader is not built (BIOC_WEBSTATS_PURE)")
+    # make test builds the C reader: its absence is a failure
+    assert legacy_rows._legacy is not None, "the C reader is not built (BIOC_WEBSTATS_PURE?)"
+    assert legacy_rows._sqlite_api() is not None, "SQLite's functions not found by ctypes"
     stats = legacygen.generate_history(
         tmp_path / "h", dt.date(2019, 12, 30), dt.date(2020, 1, 3), 3000, seed=3, clients=500
     )

@@ -83,6 +83,18 @@ def test_the_etl_login_writes_rows_and_cannot_change_the_schema(host, logins):
         assert "permission denied" in res.stderr or "must be owner" in res.stderr, res.stderr
 
 
+def test_only_the_etl_login_may_analyze_through_the_owner(host, logins):
+    """Before PostgreSQL 17 only a table's owner may ANALYZE it: the ETL calls the owner's
+    webstats_analyze() (revision 0006), granted by the database's default privileges; the web
+    login may not call it."""
+    user, pw = logins["etl"]
+    res = psql(host, user, pw, "SELECT webstats_analyze()")
+    assert res.rc == 0 and "WARNING" not in res.stderr, res.stderr
+    user, pw = logins["web"]
+    res = psql(host, user, pw, "SELECT webstats_analyze()")
+    assert res.rc != 0 and "permission denied for function" in res.stderr, res.stderr
+
+
 def test_nobody_else_may_connect(host):
     """PUBLIC lost CONNECT: a login of the cluster that is none of the three is refused."""
     probe = "molecule_probe_login"

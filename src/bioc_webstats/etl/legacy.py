@@ -257,6 +257,7 @@ def _ledger(session: Session, name: str) -> tuple[str | None, dict[str, str]]:
 
 def _record_file(settings: Settings, f: LegacyFile, until: dt.date) -> None:
     """The file's row: every unit is in; its size/mtime let the next import skip it."""
+    now = dt.datetime.now(dt.UTC)
     values = {
         "etag": f.etag(until),
         "size": f.size,
@@ -264,7 +265,9 @@ def _record_file(settings: Settings, f: LegacyFile, until: dt.date) -> None:
         "lines_read": f.rows,
         "accepted": f.rows - sum(f.reasons),
         "rejected": sum(f.reasons[i] for i in MALFORMED),
-        "ingested_at": dt.datetime.now(dt.UTC),
+        "ingested_at": now,
+        # it holds no records (its units do): nothing for the counting, no new data version
+        "counted_at": now,
     }
     with db.session_factory(settings.database_url).begin() as session:
         row = session.scalar(select(IngestedObject).where(IngestedObject.key == file_key(f.name)))

@@ -156,6 +156,12 @@ def _pg(session: Session) -> bool:
     return session.get_bind().dialect.name == "postgresql"
 
 
+def _analyze(session: Session) -> None:
+    """ANALYZE of records, packages and seen-sets (PostgreSQL), as the schema owner: the
+    ETL's login does not own the tables (revision 0006's ``webstats_analyze``)."""
+    session.execute(text("SELECT webstats_analyze()"))
+
+
 def _year(pg: bool, col: str = "r.day") -> str:
     return f"extract(year FROM {col})::int" if pg else f"CAST(strftime('%Y', {col}) AS INTEGER)"
 
@@ -484,7 +490,7 @@ def apply_pending(session: Session) -> RecomputeResult:
         if pg and (plan.full_years or plan.recount or plan.categories):
             # Fresh records have no planner statistics yet; ANALYZE samples a fixed number of
             # rows. The daily increment does not need it (it reads by object id).
-            session.execute(text("ANALYZE download_records, packages, stats_seen"))
+            _analyze(session)
         _take_out_gone(session, plan)
         for year in sorted(plan.full_years):
             _recount_packages(session, pg, plan, year, None)
@@ -923,7 +929,7 @@ def rebuild(settings: Settings) -> str:
             downloads[year][pid][month] = int(n)
         session.execute(text("DROP TABLE stats_rebuild_months"))
         if pg:
-            session.execute(text("ANALYZE download_records, packages"))
+            _analyze(session)
         packages = {i: (c, p) for i, c, p in session.execute(
             select(Package.id, Package.category, Package.package))}  # fmt: skip
         plan = _Plan(objects=[], packages=packages, new=packages, gone={})
