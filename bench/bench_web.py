@@ -142,7 +142,17 @@ def load_data(url: str, n_packages: int, first_year: int, last_year: int) -> int
 
 
 # --- servers ------------------------------------------------------------------------------
-def start_plain_nginx(tmp: Path, root: Path, port: int) -> subprocess.Popen:
+def fixed_headers(site: Path) -> str:
+    """The deployed site's add_header lines that name no variable (nosniff, Referrer-Policy,
+    X-Frame-Options, the CSP): what every answer carries, so the baseline sends them too."""
+    return "\n".join(
+        "        " + ln.strip()
+        for ln in site.read_text().splitlines()
+        if ln.strip().startswith("add_header ") and "$" not in ln
+    )
+
+
+def start_plain_nginx(tmp: Path, root: Path, port: int, headers: str) -> subprocess.Popen:
     """The baseline: nginx alone, the same bytes as plain static files, the same headers."""
     conf = tmp / "plain-nginx.conf"
     user = "user root;\n" if os.geteuid() == 0 else ""
@@ -156,7 +166,7 @@ http {{
     types {{ text/html html; text/plain tab txt; text/css css; }}
     default_type text/plain;
     charset utf-8;
-    charset_types text/plain text/html;
+    charset_types text/plain;  # (text/html always is)
     sendfile on;
     tcp_nopush on;
     access_log {tmp}/plain-nginx-access.log;
@@ -168,7 +178,10 @@ http {{
     server {{
         listen 127.0.0.1:{port};
         root {root};
-        location / {{ add_header Cache-Control "public, max-age=3600"; }}
+        location / {{
+            add_header Cache-Control "public, max-age=3600";
+{headers}
+        }}
     }}
 }}
 """
@@ -321,10 +334,14 @@ def main() -> int:
         for d in [root, *root.rglob("*")]:
             d.chmod(0o755 if d.is_dir() else 0o644)
         nport = free_port()
-        ngx = start_plain_nginx(tmp, root, nport)
+        site = front.conf.parent / "sites-enabled" / "bioc-webstats"
+        ngx = start_plain_nginx(tmp, root, nport, fixed_headers(site))
         nbase = f"http://127.0.0.1:{nport}"
         for path in paths.values():
-            assert fetch(nbase + path)[2] == fetch(base + path)[2], path
+            (_, nh, nb), (_, oh, ob) = fetch(nbase + path), fetch(base + path)
+            assert nb == ob, path
+            for name in ("Content-Type", "Content-Security-Policy", "X-Frame-Options"):
+                assert nh[name] == oh[name], (path, name, nh[name], oh[name])
 
         heavy = paths["heavy file (bioc_pkg_stats.tab)"]
         o_etag = fetch(base + heavy)[1]["ETag"]
