@@ -183,19 +183,35 @@ def test_conditional_get_and_head(front):
 
 
 def test_what_has_no_file_goes_to_gunicorn(front):
-    # a package page not published yet, a redirect, /healthz, a 404
+    # a package not published yet (its redirect, its page), /healthz, a 404
+    stats_dir = front.publish_dir / "current" / "packages" / "stats" / "bioc"
+    names = front.get("/packages/stats/bioc/bioc_packages.txt")[2].decode().split()
+    unbuilt = next(n for n in names if not (stats_dir / n).exists())
     for path, status in [
         ("/packages/stats/data-experiment/nosuchpkg_stats.tab", 404),
-        ("/packages/stats/bioc", 301),
+        (f"/packages/stats/bioc/{unbuilt}", 301),
         ("/healthz", 200),
         ("/packages/stats/bioc/nosuchpkg/", 404),
+        (f"/packages/stats/bioc/{unbuilt}/", 200),
     ]:
         marker = f"{path}?probe=proxied-{time.monotonic_ns()}"
         got, headers, _ = front.get(marker)
         assert got == status, path
         if status == 301:
-            assert headers["Location"].startswith("/packages/stats/bioc/?probe=proxied-")
+            assert headers["Location"] == f"{path}/?{marker.split('?')[1]}"
         assert gunicorn_saw(front, marker), path
+
+
+def test_a_published_directory_without_its_slash_is_redirected_by_nginx(front):
+    """The contract's redirect (301, relative, the query kept) from nginx itself: the directory
+    is on disk, so its page exists."""
+    assert (front.publish_dir / "current" / "packages" / "stats" / "bioc").is_dir()
+    marker = f"/packages/stats/bioc?probe=direct-{time.monotonic_ns()}"
+    got, headers, _ = front.get(marker)
+    assert got == 301
+    assert headers["Location"] == "/packages/stats/bioc/?" + marker.split("?")[1]
+    assert headers["X-Content-Type-Options"] == "nosniff"
+    assert front.get(headers["Location"])[0] == 200
 
 
 def test_dot_files_and_slash_runs_never_come_from_disk(front):

@@ -175,7 +175,7 @@ def test_the_apps_published_files_come_from_disk(host, service, paths):
 
 
 @pytest.mark.parametrize(
-    "path,status", [("/packages/stats/bioc", 301), ("/packages/stats/nosuch/", 404)]
+    "path,status", [("/packages/stats", 301), ("/packages/stats/nosuch/", 404)]
 )
 def test_security_headers_on_proxied_answers(service, path, status):
     r = service.get(path)
