@@ -34,9 +34,6 @@ up() {
   export PATH="$PWD/.venv/bin:$PATH" ANSIBLE_FORCE_COLOR=0 ANSIBLE_NOCOLOR=1
   mkdir -p "$work"
 
-  log "sample data (the legacy server's databases since 2009, then CloudFront logs from the cut-over day)"
-  python molecule/shared/sample_data.py --out "$work/sample" --history --start 2024-01-30
-
   log "container $name (systemd, 127.0.0.1:$port → 8000)"
   cat >"$work/platform.yml" <<YAML
 molecule_yml:
@@ -48,7 +45,8 @@ YAML
   ansible-playbook molecule/shared/create.yml -e "@$work/platform.yml"
 
   local inv=(-i inventory/local -i molecule/shared/local-overrides.yml)
-  log "sample data into the container"
+  # (the options: webstats_sample_args in molecule/shared/local-overrides.yml)
+  log "sample data (the legacy server's databases since 2009, then CloudFront logs from the cut-over day) into the container"
   ansible-playbook "${inv[@]}" molecule/shared/sample.yml -e "webstats_sample_dir=$PWD/$work/sample"
 
   log "database and logins: ansible-playbook playbooks/db-bootstrap.yml -i inventory/local"
