@@ -108,15 +108,12 @@ class TreeMemory:
         self._thread.join()
 
 
-def timed_etl(url: str, source: Path, state: Path) -> tuple[float, float, str, TreeMemory]:
-    """(seconds, peak RSS MB of the largest process, summary line, memory of the whole process
-    tree) of one ``etl run``."""
-    env = env_for(url, state)
-    cli(["db", "upgrade"], env)
-    cli(["packages", "load", str(loggen.PACKAGES_SAMPLE)], env)
+def run_timed(args: list[str], env: dict[str, str]) -> tuple[float, str, TreeMemory]:
+    """(wall seconds, stderr, memory of the process tree) of one CLI command under
+    ``/usr/bin/time -v`` (its CPU and peak RSS end stderr); exits with its stderr on failure."""
     t0 = time.perf_counter()
     proc = subprocess.Popen(
-        ["/usr/bin/time", "-v", str(BIN / "bioc-webstats"), "etl", "run", "--source", str(source)],
+        ["/usr/bin/time", "-v", str(BIN / "bioc-webstats"), *args],
         env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )  # fmt: skip
     tree = TreeMemory(proc.pid)
@@ -124,7 +121,17 @@ def timed_etl(url: str, source: Path, state: Path) -> tuple[float, float, str, T
     elapsed = time.perf_counter() - t0
     tree.stop()
     if proc.returncode:
-        raise SystemExit(f"etl run failed ({proc.returncode}):\n{stderr[-3000:]}")
+        raise SystemExit(f"{' '.join(args[:2])} failed ({proc.returncode}):\n{stderr[-3000:]}")
+    return elapsed, stderr, tree
+
+
+def timed_etl(url: str, source: Path, state: Path) -> tuple[float, float, str, TreeMemory]:
+    """(seconds, peak RSS MB of the largest process, summary line, memory of the whole process
+    tree) of one ``etl run``."""
+    env = env_for(url, state)
+    cli(["db", "upgrade"], env)
+    cli(["packages", "load", str(loggen.PACKAGES_SAMPLE)], env)
+    elapsed, stderr, tree = run_timed(["etl", "run", "--source", str(source)], env)
     rss = int(re.search(r"Maximum resident set size \(kbytes\): (\d+)", stderr)[1]) / 1024
     cpu = sum(float(x) for x in re.findall(r"(?:User|System) time \(seconds\): ([\d.]+)", stderr))
     summary = next((ln for ln in stderr.splitlines() if "etl run:" in ln), "")

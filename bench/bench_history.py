@@ -37,7 +37,7 @@ sys.path.insert(0, str(HERE))
 
 import legacygen  # noqa: E402
 import loggen  # noqa: E402
-from bench_etl import BIN, TreeMemory, cli, env_for, time_zcat  # noqa: E402
+from bench_etl import TreeMemory, cli, env_for, run_timed, time_zcat  # noqa: E402
 from conftest import new_pg_database, pg_cluster  # noqa: E402 - the tests' throw-away cluster
 
 FLOOR_SQL = "SELECT ips, day_month_year, method, url, statuscode FROM access_log"
@@ -126,17 +126,7 @@ def timed(
     args: list[str], env: dict[str, str], marker: str
 ) -> tuple[float, float, str, TreeMemory]:
     """(seconds, CPU of the command's processes, its summary line, memory of the tree)."""
-    t0 = time.perf_counter()
-    proc = subprocess.Popen(
-        ["/usr/bin/time", "-v", str(BIN / "bioc-webstats"), *args],
-        env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-    )  # fmt: skip
-    tree = TreeMemory(proc.pid)
-    _, stderr = proc.communicate()
-    elapsed = time.perf_counter() - t0
-    tree.stop()
-    if proc.returncode:
-        raise SystemExit(f"{' '.join(args[:2])} failed ({proc.returncode}):\n{stderr[-3000:]}")
+    elapsed, stderr, tree = run_timed(args, env)
     cpu = sum(float(x) for x in re.findall(r"(?:User|System) time \(seconds\): ([\d.]+)", stderr))
     summary = next((ln for ln in reversed(stderr.splitlines()) if marker in ln), "")
     return elapsed, cpu, summary.split(": ", 1)[-1], tree
