@@ -256,7 +256,7 @@ def main() -> None:
     logs = {d: day_logs(args.data, d, args.lines, args.day_clients) for d in (dec31, feb1)}
     if settings:
         print(f"PostgreSQL settings: {settings}")
-    with pg_cluster(settings) as base, tempfile.TemporaryDirectory() as tmp:
+    with pg_cluster(settings=settings) as base, tempfile.TemporaryDirectory() as tmp:
         r_dec = scenario(base, Path(tmp), "Dec 31", dt.date(2023, 1, 1), 364, args.records,
                          logs[dec31], args)  # fmt: skip
         r_feb = scenario(base, Path(tmp), "Feb 1", dt.date(2024, 1, 1), 31, args.records // 12,

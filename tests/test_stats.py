@@ -376,3 +376,25 @@ def test_an_etl_login_with_dml_rights_only(db_url, tmp_path):
         )).scalar()  # fmt: skip
     admin.dispose()
     assert analyzed is not None
+
+
+def test_a_bulk_year_beside_an_incremented_one(db_url, tmp_path, monkeypatch):
+    """New records over two years, one of them recounted whole (a bulk load): the other is
+    incremented, and the bulk year's records are not also added as an increment."""
+    start = dt.date(2023, 12, 30)
+    staging, source = tmp_path / "staging", tmp_path / "logs"
+    source.mkdir()
+    truth = loggen.generate(staging, days=3, start=start, files_per_day=2, lines_per_file=150)
+    settings = loaded(db_url, tmp_path)
+    feed(staging, source, day_files(staging, truth, start))
+    assert ingest.run(settings, source=str(source))  # 2023 counted: increments from now on
+    monkeypatch.setattr(stats, "_bulk_years", lambda session, objects: {2024})
+    recounted = []
+    real = stats._recount_packages
+    monkeypatch.setattr(stats, "_recount_packages", lambda *a: recounted.append(a[3]) or real(*a))
+    for day in (start + dt.timedelta(days=1), start + dt.timedelta(days=2)):
+        feed(staging, source, day_files(staging, truth, day))
+    assert ingest.run(settings, source=str(source))
+    assert recounted == [2024]
+    assert_truth(db_url, truth)
+    assert_rebuild_agrees(db_url, settings)

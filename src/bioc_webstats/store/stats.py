@@ -497,7 +497,7 @@ def apply_pending(session: Session) -> RecomputeResult:
         for year, pids in sorted(plan.recount.items()):
             if year not in plan.full_years:
                 _recount_packages(session, pg, plan, year, pids)
-        if plan.objects:
+        if plan.objects and not plan.years <= plan.full_years:
             _count_new(session, pg, plan)
         for year, pids in sorted(plan.merge.items()):
             if pids:
@@ -725,6 +725,11 @@ def _count_new(session: Session, pg: bool, plan: _Plan) -> None:
     rule = ""
     if plan.oldest is None or plan.oldest.year < max(FIRST_YEAR.values()):
         rule = f"AND {_counted_rule(params)} "  # (else every new record is in a counted year)
+    # Years recounted whole are not read here at all (a history import's year: 12 s of 30).
+    for n, year in enumerate(sorted(plan.full_years & plan.years)):
+        lo, hi = period(year, 0)
+        rule += f"AND NOT (r.day >= :full_lo{n} AND r.day < :full_hi{n}) "
+        params.update({f"full_lo{n}": lo, f"full_hi{n}": hi})
     # Grouped by the month as one value (computed once per row), split into year and month
     # once per group.
     month = "date_trunc('month', r.day)" if pg else "substr(r.day, 1, 7)"
@@ -742,8 +747,6 @@ def _count_new(session: Session, pg: bool, plan: _Plan) -> None:
             ),
             {**params, **_object_range(plan)},
         )
-    for year in sorted(plan.full_years):
-        session.execute(text("DELETE FROM stats_new WHERE year = :y"), {"y": year})
     for year, pids in sorted(plan.recount.items()):
         ids = sorted(pids)
         for i in range(0, len(ids), _CHUNK):
