@@ -620,15 +620,23 @@ def _recount_packages(
         "ON p.package = r.package AND p.category = r.category "
         f"WHERE r.day >= :lo AND r.day <= :hi AND {where}"
     )
-    session.execute(
-        _expanding(
-            "INSERT INTO stats_seen (ip_hash, package_id, year, months) "
-            f"SELECT r.ip_hash, p.id, :y, {_bit_or(pg, f'1 << ({_month(pg)} - 1)')} {src} "
-            f"GROUP BY p.id, r.ip_hash{_order(pg, 'p.id, r.ip_hash')}",
-            *expanding,
-        ),
-        params,
+    grouped = (
+        f"SELECT r.ip_hash, p.id, :y, {_bit_or(pg, f'1 << ({_month(pg)} - 1)')} {src} "
+        f"GROUP BY p.id, r.ip_hash{_order(pg, 'p.id, r.ip_hash')}"
     )
+    insert = "INSERT INTO stats_seen (ip_hash, package_id, year, months) "
+    if pg:
+        # PostgreSQL (before 17) runs no INSERT … SELECT in parallel, a CREATE TABLE AS it
+        # does: grouped by two processes first, then inserted in the order grouped. A year of 5.5 M
+        # records (bench-history): 4.6 + 3.3 s instead of 10.7 s.
+        session.execute(text("DROP TABLE IF EXISTS stats_grouped"))
+        session.execute(
+            _expanding(f"CREATE TEMP TABLE stats_grouped AS {grouped}", *expanding), params
+        )
+        session.execute(text(f"{insert}SELECT * FROM stats_grouped"))
+        session.execute(text("DROP TABLE stats_grouped"))
+    else:
+        session.execute(_expanding(insert + grouped, *expanding), params)
     seen_where = "year = :y" + (" AND package_id IN :ids" if pids is not None else "")
     ips = {
         pid: counts
