@@ -18,8 +18,8 @@ help: ## list the targets
 deps: ## Debian packages for tests, demo and benchmarks (apt, idempotent)
 	scripts/install-deps.sh
 
-# (setup.py and the C sources: the editable install builds the native parts in place)
-$(STAMP): requirements/dev.txt requirements/runtime.txt pyproject.toml setup.py $(wildcard src/bioc_webstats/etl/*.c)
+# (setup.py and the C sources and header: the editable install builds the native parts in place)
+$(STAMP): requirements/dev.txt requirements/runtime.txt pyproject.toml setup.py $(wildcard src/bioc_webstats/etl/*.c src/bioc_webstats/etl/*.h)
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --disable-pip-version-check --upgrade 'pip>=24,<27'
 	$(BIN)/pip install -q --disable-pip-version-check -r requirements/dev.txt -c requirements/runtime.txt

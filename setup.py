@@ -26,6 +26,8 @@ setup(
         Extension(
             f"bioc_webstats.etl.{name}",
             [f"src/bioc_webstats/etl/{name}.c"],
+            # the header both include: a change rebuilds both, and the sdist ships it (only so)
+            depends=["src/bioc_webstats/etl/_common.h"],
             py_limited_api=True,
             extra_compile_args=["-O2", "-fno-strict-aliasing"],
         )

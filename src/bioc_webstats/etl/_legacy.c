@@ -18,6 +18,9 @@
 #include <stdlib.h>
 #include <string.h>
 
+#define TABLE_FULL "legacy reader cache full"
+#include "_common.h"
+
 /* --- the SQLite functions (addresses from set_api) ------------------------------------------ */
 
 typedef struct sqlite3 sqlite3;
@@ -56,118 +59,6 @@ enum { R_DATE, R_LONG, R_STATUS, R_IPS, R_UNTIL, R_OTHER, R_PATH, N_REASONS };
 #define MS_OTHER 1
 #define MS_BAD 2
 #define KEY_MAX 1024 /* the largest cache_max accepted */
-
-/* --- a hash table of byte strings → int64 (keys copied into one arena) ------------------ */
-
-#define EMPTY UINT32_MAX
-
-typedef struct {
-    uint64_t hash;
-    uint32_t off, len; /* len EMPTY: free slot */
-    int64_t val;
-} Slot;
-
-typedef struct {
-    Slot *slots;
-    size_t cap, n;
-    char *arena;
-    size_t used, room;
-} Table;
-
-static uint64_t hash_seed;
-
-static inline uint64_t mix(uint64_t h) {
-    h ^= h >> 31;
-    h *= 0x9E3779B97F4A7C15ull;
-    h ^= h >> 29;
-    return h;
-}
-
-static uint64_t hash_bytes(const char *p, size_t n) {
-    uint64_t h = hash_seed ^ (n * 0xBF58476D1CE4E5B9ull);
-    while (n >= 8) {
-        uint64_t w;
-        memcpy(&w, p, 8);
-        h = mix(h ^ w) * 0x94D049BB133111EBull;
-        p += 8;
-        n -= 8;
-    }
-    uint64_t w = 0;
-    memcpy(&w, p, n);
-    return mix(mix(h ^ w) ^ hash_seed);
-}
-
-static int table_init(Table *t, size_t cap) {
-    t->slots = malloc(cap * sizeof(Slot));
-    t->arena = malloc(4096);
-    if (!t->slots || !t->arena) return -1;
-    for (size_t i = 0; i < cap; i++) t->slots[i].len = EMPTY;
-    t->cap = cap;
-    t->n = t->used = 0;
-    t->room = 4096;
-    return 0;
-}
-
-static void table_clear(Table *t) {
-    for (size_t i = 0; i < t->cap; i++) t->slots[i].len = EMPTY;
-    t->n = t->used = 0;
-}
-
-static void table_free(Table *t) {
-    free(t->slots);
-    free(t->arena);
-    t->slots = NULL;
-    t->arena = NULL;
-}
-
-static inline Slot *table_find(const Table *t, const char *key, size_t len, uint64_t h) {
-    size_t mask = t->cap - 1, i = (size_t)h & mask;
-    for (;;) {
-        Slot *s = &t->slots[i];
-        if (s->len == EMPTY) return s;
-        if (s->hash == h && s->len == len && memcmp(t->arena + s->off, key, len) == 0) return s;
-        i = (i + 1) & mask;
-    }
-}
-
-/* Add KEY → VAL at the free slot S (0, or -1 with a Python exception set). */
-static int table_put(Table *t, Slot *s, const char *key, size_t len, uint64_t h, int64_t val) {
-    if (t->used + len > t->room) {
-        size_t room = t->room * 2;
-        while (t->used + len > room) room *= 2;
-        if (room >= UINT32_MAX) {
-            PyErr_SetString(PyExc_MemoryError, "legacy reader cache full");
-            return -1;
-        }
-        char *arena = realloc(t->arena, room);
-        if (!arena) return PyErr_NoMemory(), -1;
-        t->arena = arena;
-        t->room = room;
-    }
-    memcpy(t->arena + t->used, key, len);
-    s->hash = h;
-    s->off = (uint32_t)t->used;
-    s->len = (uint32_t)len;
-    s->val = val;
-    t->used += len;
-    if (++t->n * 2 > t->cap) {
-        size_t cap = t->cap * 2;
-        Slot *slots = malloc(cap * sizeof(Slot));
-        if (!slots) return PyErr_NoMemory(), -1;
-        for (size_t i = 0; i < cap; i++) slots[i].len = EMPTY;
-        for (size_t i = 0; i < t->cap; i++) {
-            Slot *o = &t->slots[i];
-            if (o->len == EMPTY) continue;
-            size_t j = (size_t)o->hash & (cap - 1);
-            while (slots[j].len != EMPTY) j = (j + 1) & (cap - 1);
-            slots[j] = *o;
-        }
-        free(t->slots);
-        t->slots = slots;
-        t->cap = cap;
-    }
-    return 0;
-}
 
 /* --- the counts of a unit: (day, hit, ip hash) → downloads, in first-seen order --------- */
 
@@ -245,32 +136,6 @@ static int counts_add(Counts *c, int32_t day, int32_t hit, int64_t ip) {
     return 0;
 }
 
-/* --- a growing byte buffer ------------------------------------------------------------------- */
-
-typedef struct {
-    char *p;
-    size_t len, room;
-} Buf;
-
-static int buf_add(Buf *b, const void *data, size_t n) {
-    if (b->len + n > b->room) {
-        size_t room = b->room ? b->room * 2 : 1 << 16;
-        while (b->len + n > room) room *= 2;
-        char *p = realloc(b->p, room);
-        if (!p) return PyErr_NoMemory(), -1;
-        b->p = p;
-        b->room = room;
-    }
-    memcpy(b->p + b->len, data, n);
-    b->len += n;
-    return 0;
-}
-
-static char *put_be(char *q, uint64_t v, int n) {
-    for (int i = n - 1; i >= 0; i--) q[i] = (char)(v & 0xff), v >>= 8;
-    return q + n;
-}
-
 /* --- the reader -------------------------------------------------------------------------------- */
 
 typedef struct {
@@ -280,33 +145,6 @@ typedef struct {
     size_t cache_max; /* longer values are decided every time, never cached */
     Table days, ms, ipok, ipbad, urls; /* answers of the callbacks, for the process */
 } Reader;
-
-static PyObject *call_bytes(PyObject *cb, const char *p, size_t n) {
-    PyObject *arg = PyBytes_FromStringAndSize(p, (Py_ssize_t)n);
-    if (!arg) return NULL;
-    PyObject *res = PyObject_CallFunctionObjArgs(cb, arg, NULL);
-    Py_DECREF(arg);
-    return res;
-}
-
-/* The cached int answer of CB for a value, asking CB on a miss (-1 with an exception set on
- * error; *out the answer). */
-static int ask_int(Table *t, PyObject *cb, const char *p, size_t n, size_t cache_max,
-                   int64_t *out) {
-    uint64_t h = hash_bytes(p, n);
-    Slot *s = table_find(t, p, n, h);
-    if (s->len != EMPTY) {
-        *out = s->val;
-        return 0;
-    }
-    PyObject *res = call_bytes(cb, p, n);
-    if (!res) return -1;
-    long long v = PyLong_AsLongLong(res);
-    Py_DECREF(res);
-    if (v == -1 && PyErr_Occurred()) return -1;
-    *out = v;
-    return n <= cache_max ? table_put(t, s, p, n, h, v) : 0;
-}
 
 /* method and status → MS_*, cached on "method\0status". */
 static int ask_ms(Reader *r, const char *m, size_t ml, const char *st, size_t sl, int64_t *out) {
@@ -326,12 +164,8 @@ static int ask_ms(Reader *r, const char *m, size_t ml, const char *st, size_t sl
         }
     }
     PyObject *res = PyObject_CallFunction(r->ms_cb, "y#y#", m, (Py_ssize_t)ml, st, (Py_ssize_t)sl);
-    if (!res) return -1;
-    long long v = PyLong_AsLongLong(res);
-    Py_DECREF(res);
-    if (v == -1 && PyErr_Occurred()) return -1;
-    *out = v;
-    return cache ? table_put(&r->ms, s, key, ml + 1 + sl, h, v) : 0;
+    if (answer(res, out) < 0) return -1;
+    return cache && !table_put(&r->ms, s, key, ml + 1 + sl, h, *out) ? -1 : 0;
 }
 
 /* ips → its client's hash (*ok 1) or no client (*ok 0). */
@@ -349,19 +183,15 @@ static int ask_ip(Reader *r, const char *p, size_t n, int64_t *hash, int *ok) {
         return 0;
     }
     PyObject *res = call_bytes(r->ip_cb, p, n);
-    if (!res) return -1;
     int cache = n <= r->cache_max;
     if (res == Py_None) {
         Py_DECREF(res);
         *ok = 0;
-        return cache ? table_put(&r->ipbad, b, p, n, h, 0) : 0;
+        return cache && !table_put(&r->ipbad, b, p, n, h, 0) ? -1 : 0;
     }
-    long long v = PyLong_AsLongLong(res);
-    Py_DECREF(res);
-    if (v == -1 && PyErr_Occurred()) return -1;
-    *hash = v;
+    if (answer(res, hash) < 0) return -1;
     *ok = 1;
-    return cache ? table_put(&r->ipok, s, p, n, h, v) : 0;
+    return cache && !table_put(&r->ipok, s, p, n, h, *hash) ? -1 : 0;
 }
 
 static void reader_clear_caches(Reader *r) {
@@ -402,9 +232,10 @@ static PyObject *Reader_new(PyTypeObject *type, PyObject *args, PyObject *kwds) 
     r->pair_cb = pair_cb;
     r->max_value = max_value;
     r->cache_max = (size_t)cache_max;
-    if (table_init(&r->days, 1024) < 0 || table_init(&r->ms, 64) < 0 ||
-        table_init(&r->ipok, 1 << 14) < 0 || table_init(&r->ipbad, 64) < 0 ||
-        table_init(&r->urls, 1 << 12) < 0) {
+    /* no bound on entries: cache_bytes() lets the Python side empty them */
+    if (table_init(&r->days, 1024, 0) < 0 || table_init(&r->ms, 64, 0) < 0 ||
+        table_init(&r->ipok, 1 << 14, 0) < 0 || table_init(&r->ipbad, 64, 0) < 0 ||
+        table_init(&r->urls, 1 << 12, 0) < 0) {
         Py_DECREF(r);
         return PyErr_NoMemory();
     }
@@ -446,59 +277,18 @@ static PyObject *sqlite_error(sqlite3 *db, const char *what, int rc) {
     return NULL;
 }
 
-/* The records of COUNTS as binary COPY data, and the distinct (day, hit) pairs. */
+/* The records of COUNTS as binary COPY data (in first-seen order), and the distinct (day, hit)
+ * pairs. */
 static PyObject *records(Reader *r, Counts *c, PyObject **day_hits) {
     Buf b = {0};
     PyObject *pairs = PyDict_New(), *list = PyList_New(0), *text = NULL;
     Counts seen = {0};
     if (!pairs || !list || counts_init(&seen) < 0) goto fail;
-    static const char HEADER[] = "PGCOPY\n\xff\r\n\0\0\0\0\0\0\0\0\0";
-    if (buf_add(&b, HEADER, sizeof HEADER - 1) < 0) goto fail;
+    if (buf_add(&b, COPY_HEADER, COPY_HEADER_LEN) < 0) goto fail;
     for (size_t k = 0; k < c->n; k++) {
         Rec *rec = &c->recs[k];
-        PyObject *key = PyLong_FromLong(rec->hit);
-        if (!key) goto fail;
-        PyObject *pair = PyDict_GetItemWithError(pairs, key); /* borrowed */
-        if (!pair) {
-            if (PyErr_Occurred()) {
-                Py_DECREF(key);
-                goto fail;
-            }
-            pair = PyObject_CallFunctionObjArgs(r->pair_cb, key, NULL);
-            if (!pair || !PyBytes_Check(pair) || PyDict_SetItem(pairs, key, pair) < 0) {
-                if (pair && !PyErr_Occurred())
-                    PyErr_SetString(PyExc_TypeError, "pair callback: expected bytes");
-                Py_XDECREF(pair);
-                Py_DECREF(key);
-                goto fail;
-            }
-            Py_DECREF(pair); /* the dict holds it */
-        }
-        Py_DECREF(key);
-        char *pp;
-        Py_ssize_t pl;
-        if (PyBytes_AsStringAndSize(pair, &pp, &pl) < 0) goto fail;
-        const char *tab = memchr(pp, '\t', (size_t)pl);
-        if (!tab) {
-            PyErr_SetString(PyExc_ValueError, "pair callback: expected b'category\\tpackage'");
-            goto fail;
-        }
-        size_t cl = (size_t)(tab - pp), kl = (size_t)pl - cl - 1;
-        char row[40];
-        char *q = put_be(row, 6, 2);
-        q = put_be(q, cl, 4);
-        if (buf_add(&b, row, (size_t)(q - row)) < 0 || buf_add(&b, pp, cl) < 0) goto fail;
-        q = put_be(row, kl, 4);
-        if (buf_add(&b, row, 4) < 0 || buf_add(&b, tab + 1, kl) < 0) goto fail;
-        q = put_be(row, 4, 4);
-        q = put_be(q, (uint64_t)(uint32_t)rec->day, 4);
-        q = put_be(q, 8, 4);
-        q = put_be(q, (uint64_t)rec->ip, 8);
-        q = put_be(q, 4, 4);
-        q = put_be(q, (uint64_t)rec->n, 4);
-        q = put_be(q, 8, 4);
-        q = put_be(q, 0, 8);
-        if (buf_add(&b, row, (size_t)(q - row)) < 0) goto fail;
+        PyObject *pair = pair_text(pairs, r->pair_cb, rec->hit); /* borrowed */
+        if (!pair || copy_record(&b, pair, rec->day, rec->ip, rec->n) < 0) goto fail;
         size_t before = seen.n;
         if (counts_add(&seen, rec->day, rec->hit, 0) < 0) goto fail;
         if (seen.n > before) {
@@ -509,10 +299,8 @@ static PyObject *records(Reader *r, Counts *c, PyObject **day_hits) {
             if (rc < 0) goto fail;
         }
     }
-    if (buf_add(&b, "\xff\xff", 2) < 0) goto fail;
-    text = PyBytes_FromStringAndSize(b.p, (Py_ssize_t)b.len);
+    text = copy_end(&b);
     if (!text) goto fail;
-    free(b.p);
     counts_free(&seen);
     Py_DECREF(pairs);
     *day_hits = list;
@@ -523,26 +311,6 @@ fail:
     Py_XDECREF(pairs);
     Py_XDECREF(list);
     return NULL;
-}
-
-/* The last value of a column and its answer: consecutive rows mostly share their day and
- * their method and status, and a comparison costs less than a lookup. */
-typedef struct {
-    char v[40];
-    size_t len; /* SIZE_MAX: none */
-    int64_t answer;
-} Last;
-
-static inline int last_is(const Last *l, const char *p, size_t n) {
-    return n == l->len && memcmp(p, l->v, n) == 0;
-}
-
-static inline void last_set(Last *l, const char *p, size_t n, int64_t answer) {
-    if (n <= sizeof l->v) {
-        memcpy(l->v, p, n);
-        l->len = n;
-        l->answer = answer;
-    }
 }
 
 /* The loop over one unit's rows (the Python twin: legacy_rows.read_unit_python). */
@@ -559,7 +327,7 @@ static int scan_rows(Reader *r, sqlite3_stmt *st, Counts *c, long long *rows,
         if (last_is(&lday, d, dl)) {
             day = lday.answer;
         } else {
-            if (ask_int(&r->days, r->day_cb, d, dl, r->cache_max, &day) < 0) return -1;
+            if (cached_call(&r->days, r->day_cb, d, dl, r->cache_max, &day) < 0) return -1;
             last_set(&lday, d, dl, day);
         }
         if (day < 0) {
@@ -604,7 +372,7 @@ static int scan_rows(Reader *r, sqlite3_stmt *st, Counts *c, long long *rows,
             continue;
         }
         int64_t hit;
-        if (ask_int(&r->urls, r->url_cb, url, ul, r->cache_max, &hit) < 0) return -1;
+        if (cached_call(&r->urls, r->url_cb, url, ul, r->cache_max, &hit) < 0) return -1;
         if (!hit) {
             reasons[R_PATH]++;
             continue;
@@ -728,20 +496,7 @@ static PyMethodDef module_methods[] = {
 
 static int legacy_exec(PyObject *m) {
     _Static_assert(sizeof api == 10 * sizeof(void *), "api: one pointer per name");
-    PyObject *os = PyImport_ImportModule("os");
-    if (!os) return -1;
-    PyObject *rnd = PyObject_CallMethod(os, "urandom", "i", 8);
-    Py_DECREF(os);
-    if (!rnd) return -1;
-    char *p;
-    Py_ssize_t n;
-    if (PyBytes_AsStringAndSize(rnd, &p, &n) < 0 || n != 8) {
-        Py_DECREF(rnd);
-        if (!PyErr_Occurred()) PyErr_SetString(PyExc_RuntimeError, "os.urandom");
-        return -1;
-    }
-    memcpy(&hash_seed, p, 8);
-    Py_DECREF(rnd);
+    if (seed_hash() < 0) return -1;
     PyObject *names = PyTuple_New(10);
     if (!names) return -1;
     for (Py_ssize_t i = 0; API_NAMES[i]; i++) {

@@ -18,6 +18,9 @@
 #include <stdlib.h>
 #include <string.h>
 
+#define TABLE_FULL "scanner table full (4 GB of keys)"
+#include "_common.h"
+
 /* Reject reasons by code; the Python side names them (rule.REASONS, same order). */
 #define R_COLUMNS 0
 #define R_STATUS 1
@@ -34,145 +37,6 @@
 #define MAX_URI 8192
 #define MAX_IP 64
 #define KEY_CACHE_MAX 256
-
-/* --- a hash table of byte strings → int64 (keys copied into one arena) ------------------- */
-
-#define EMPTY UINT32_MAX
-
-typedef struct { /* 24 bytes: the slots are where the cache misses are */
-    uint64_t hash;
-    uint32_t off; /* of the key in the arena */
-    uint32_t len; /* EMPTY: free slot */
-    int64_t val;
-} Slot;
-
-typedef struct {
-    Slot *slots;
-    size_t cap; /* a power of two */
-    size_t n;
-    char *arena;
-    size_t used, room;
-    size_t max; /* entries kept at most (0: no bound); past it answers are not cached */
-} Table;
-
-static uint64_t hash_seed;
-
-static inline uint64_t mix(uint64_t h) {
-    h ^= h >> 31;
-    h *= 0x9E3779B97F4A7C15ull;
-    h ^= h >> 29;
-    return h;
-}
-
-static uint64_t hash_bytes(const char *p, size_t n) {
-    uint64_t h = hash_seed ^ (n * 0xBF58476D1CE4E5B9ull);
-    while (n >= 8) {
-        uint64_t w;
-        memcpy(&w, p, 8);
-        h = mix(h ^ w) * 0x94D049BB133111EBull;
-        p += 8;
-        n -= 8;
-    }
-    uint64_t w = 0;
-    memcpy(&w, p, n);
-    return mix(mix(h ^ w) ^ hash_seed);
-}
-
-static int table_init(Table *t, size_t cap, size_t max) {
-    t->max = max;
-    t->slots = malloc(cap * sizeof(Slot));
-    t->arena = malloc(4096);
-    if (!t->slots || !t->arena) {
-        free(t->slots);
-        free(t->arena);
-        t->slots = NULL;
-        t->arena = NULL;
-        return -1;
-    }
-    for (size_t i = 0; i < cap; i++) t->slots[i].len = EMPTY;
-    t->cap = cap;
-    t->n = 0;
-    t->used = 0;
-    t->room = 4096;
-    return 0;
-}
-
-/* Forget every entry (keeps the memory). */
-static void table_clear(Table *t) {
-    for (size_t i = 0; i < t->cap; i++) t->slots[i].len = EMPTY;
-    t->n = 0;
-    t->used = 0;
-}
-
-static void table_free(Table *t) {
-    free(t->slots);
-    free(t->arena);
-    t->slots = NULL;
-    t->arena = NULL;
-}
-
-/* The slot holding KEY, or the free slot where it belongs. */
-static inline Slot *table_find(const Table *t, const char *key, size_t len, uint64_t h) {
-    size_t mask = t->cap - 1, i = (size_t)h & mask;
-    for (;;) {
-        Slot *s = &t->slots[i];
-        if (s->len == EMPTY) return s;
-        if (s->hash == h && s->len == len && memcmp(t->arena + s->off, key, len) == 0) return s;
-        i = (i + 1) & mask;
-    }
-}
-
-static int table_grow(Table *t) {
-    size_t cap = t->cap * 2;
-    Slot *slots = malloc(cap * sizeof(Slot));
-    if (!slots) return -1;
-    for (size_t i = 0; i < cap; i++) slots[i].len = EMPTY;
-    for (size_t i = 0; i < t->cap; i++) {
-        Slot *s = &t->slots[i];
-        if (s->len == EMPTY) continue;
-        size_t j = (size_t)s->hash & (cap - 1);
-        while (slots[j].len != EMPTY) j = (j + 1) & (cap - 1);
-        slots[j] = *s;
-    }
-    free(t->slots);
-    t->slots = slots;
-    t->cap = cap;
-    return 0;
-}
-
-/* Fill the free slot S with KEY → VAL. Returns the slot (it moves when the table grows). */
-static Slot *table_put(Table *t, Slot *s, const char *key, size_t len, uint64_t h, int64_t val) {
-    if (len >= EMPTY || t->used + len >= UINT32_MAX) {
-        PyErr_SetString(PyExc_MemoryError, "scanner table full (4 GB of keys)");
-        return NULL;
-    }
-    if (t->used + len > t->room) {
-        size_t room = t->room * 2;
-        while (t->used + len > room) room *= 2;
-        char *arena = realloc(t->arena, room);
-        if (!arena) {
-            PyErr_NoMemory();
-            return NULL;
-        }
-        t->arena = arena;
-        t->room = room;
-    }
-    memcpy(t->arena + t->used, key, len);
-    s->hash = h;
-    s->off = (uint32_t)t->used;
-    s->len = (uint32_t)len;
-    s->val = val;
-    t->used += len;
-    t->n++;
-    if (t->n * 2 > t->cap) {
-        if (table_grow(t) < 0) {
-            PyErr_NoMemory();
-            return NULL;
-        }
-        s = table_find(t, key, len, h);
-    }
-    return s;
-}
 
 /* --- the scanner ------------------------------------------------------------------------- */
 
@@ -213,9 +77,7 @@ typedef struct {
     int64_t *day_epoch; /* per day index: its midnight, seconds since the epoch */
     char (*day_text)[16]; /* per day index: the date as logged (YYYY-MM-DD) */
     size_t n_days, days_room;
-    char last_date[16];
-    size_t last_date_len;
-    int64_t last_date_val;
+    Last last_date; /* the last line's date and its day index */
     long long lines_read, accepted;
     long long rejects[N_REASONS];
     Cand c1[RING_MASK + 1], c2[RING_MASK + 1]; /* URI stage, count stage */
@@ -229,40 +91,6 @@ typedef struct {
     char *key; /* scratch for composite keys */
     size_t key_room;
 } Scanner;
-
-static PyObject *call_bytes(PyObject *cb, const char *p, size_t n) {
-    PyObject *arg = PyBytes_FromStringAndSize(p, (Py_ssize_t)n);
-    if (!arg) return NULL;
-    PyObject *res = PyObject_CallFunctionObjArgs(cb, arg, NULL);
-    Py_DECREF(arg);
-    return res;
-}
-
-/* The callback's answer as an int64; -1 with an exception set on failure. */
-static int answer(PyObject *res, int64_t *out) {
-    if (!res) return -1;
-    long long v = PyLong_AsLongLong(res);
-    Py_DECREF(res);
-    if (v == -1 && PyErr_Occurred()) return -1;
-    *out = v;
-    return 0;
-}
-
-/* Cached callback: the value of KEY in T, asking CB on a miss. */
-static int lookup(Table *t, PyObject *cb, const char *key, size_t len, int64_t *out) {
-    uint64_t h = hash_bytes(key, len);
-    Slot *s = table_find(t, key, len, h);
-    if (s->len != EMPTY) {
-        *out = s->val;
-        return 0;
-    }
-    int64_t v;
-    if (answer(call_bytes(cb, key, len), &v) < 0) return -1;
-    if (len <= KEY_CACHE_MAX && (t->max == 0 || t->n < t->max) && !table_put(t, s, key, len, h, v))
-        return -1;
-    *out = v;
-    return 0;
-}
 
 /* A date column → its day index, or -1 when it is not a valid date; asks date_cb, which
  * answers (index, midnight in epoch seconds) or None. */
@@ -323,20 +151,6 @@ static inline int64_t time_secs(const char *p, size_t n) {
     int h = d[0] * 10 + d[1], m = d[2] * 10 + d[3], sec = d[4] * 10 + d[5];
     if (h > 23 || m > 59 || sec > 59) return -1;
     return h * 3600 + m * 60 + sec;
-}
-
-static int need_key(Scanner *s, size_t n) {
-    if (n <= s->key_room) return 0;
-    size_t room = s->key_room ? s->key_room : 256;
-    while (room < n) room *= 2;
-    char *k = realloc(s->key, room);
-    if (!k) {
-        PyErr_NoMemory();
-        return -1;
-    }
-    s->key = k;
-    s->key_room = room;
-    return 0;
 }
 
 /* Tabs in [p, p + n), eight bytes at a time. */
@@ -428,13 +242,6 @@ static int slow_line(Scanner *s, const char *p, size_t n) {
 }
 
 #define SAME(buf, len, p, n) ((n) == (len) && memcmp((buf), (p), (n)) == 0)
-#define REMEMBER(buf, len, p, n)                      \
-    do {                                              \
-        if ((n) <= sizeof(buf)) {                     \
-            memcpy((buf), (p), (n));                  \
-            (len) = (n);                              \
-        }                                             \
-    } while (0)
 
 /* --- the lookups of download candidates, pipelined ---------------------------------------
  * The URI and count tables outgrow the CPU caches: each lookup would wait for memory twice
@@ -449,13 +256,30 @@ static inline void prefetch_key(const Table *t, uint64_t h) {
     if (slot->len != EMPTY && slot->hash == h) __builtin_prefetch(t->arena + slot->off);
 }
 
+/* The key of a count in s->key: day index, hit id (4 bytes each), the client address. */
 static int count_key(Scanner *s, const Cand *c, int32_t hit, size_t *len) {
     *len = 8 + c->iplen;
-    if (need_key(s, *len) < 0) return -1;
+    if (reserve(&s->key, &s->key_room, *len, 256) < 0) return -1;
     memcpy(s->key, &c->day, 4);
     memcpy(s->key + 4, &hit, 4);
     memcpy(s->key + 8, c->ip, c->iplen);
     return 0;
+}
+
+/* The object's counts one by one: the next used slot of s->counts from *AT on (NULL past the
+ * last), its key (as count_key made it: the client address at KEY + 8), day index and hit id. */
+static const Slot *next_count(const Scanner *s, size_t *at, const char **key, int32_t *day,
+                              int32_t *hit) {
+    const Table *t = &s->counts;
+    while (*at < t->cap) {
+        const Slot *slot = &t->slots[(*at)++];
+        if (slot->len == EMPTY) continue;
+        *key = t->arena + slot->off;
+        memcpy(day, *key, 4);
+        memcpy(hit, *key + 4, 4);
+        return slot;
+    }
+    return NULL;
 }
 
 /* The URI of the oldest candidate → its hit id; a download goes on to the count stage. */
@@ -503,29 +327,33 @@ static int count_stage(Scanner *s) {
     return table_put(&s->counts, slot, s->key, len, d->hash, 1) ? 0 : -1;
 }
 
+/* One step of a stage whose candidates are RING[*TAIL .. HEAD) looked up in T: prefetch the
+ * key of the one DIST behind the newest, look up (LOOKUP) the oldest once it is 2 * DIST
+ * behind (DRAIN: whatever is there). 1 if it moved, 0 if not, -1 on error. */
+static inline int stage(Scanner *s, const Table *t, const Cand *ring, uint64_t head,
+                        uint64_t *ahead, const uint64_t *tail, int (*lookup)(Scanner *),
+                        int drain) {
+    int moved = 0;
+    if (head - *ahead > (drain ? 0 : DIST)) {
+        prefetch_key(t, ring[*ahead & RING_MASK].hash);
+        (*ahead)++;
+        moved = 1;
+    }
+    if (head - *tail > (drain ? 0 : 2 * DIST) && *tail < *ahead) {
+        if (lookup(s) < 0) return -1; /* moves *tail on */
+        moved = 1;
+    }
+    return moved;
+}
+
 /* Move the pipeline on; DRAIN: until it is empty. */
 static int pump(Scanner *s, int drain) {
     for (;;) {
-        int moved = 0;
-        if (s->h1 - s->a1 > (drain ? 0 : DIST)) {
-            prefetch_key(&s->uri, s->c1[s->a1 & RING_MASK].hash);
-            s->a1++;
-            moved = 1;
-        }
-        if (s->h1 - s->t1 > (drain ? 0 : 2 * DIST) && s->t1 < s->a1) {
-            if (uri_stage(s) < 0) return -1;
-            moved = 1;
-        }
-        if (s->h2 - s->a2 > (drain ? 0 : DIST)) {
-            prefetch_key(&s->counts, s->c2[s->a2 & RING_MASK].hash);
-            s->a2++;
-            moved = 1;
-        }
-        if (s->h2 - s->t2 > (drain ? 0 : 2 * DIST) && s->t2 < s->a2) {
-            if (count_stage(s) < 0) return -1;
-            moved = 1;
-        }
-        if (!moved) return 0;
+        int m1 = stage(s, &s->uri, s->c1, s->h1, &s->a1, &s->t1, uri_stage, drain);
+        if (m1 < 0) return -1;
+        int m2 = stage(s, &s->counts, s->c2, s->h2, &s->a2, &s->t2, count_stage, drain);
+        if (m2 < 0) return -1;
+        if (!m1 && !m2) return 0;
     }
 }
 
@@ -560,12 +388,11 @@ static int one_line(Scanner *s, const char *p, size_t n) {
         s->rejects[R_DATETIME]++;
         return 0;
     }
-    if (SAME(s->last_date, s->last_date_len, COL(F_DATE), LEN(F_DATE))) {
-        day = s->last_date_val;
+    if (last_is(&s->last_date, COL(F_DATE), LEN(F_DATE))) {
+        day = s->last_date.answer;
     } else {
         if (date_lookup(s, COL(F_DATE), LEN(F_DATE), &day) < 0) return -1;
-        REMEMBER(s->last_date, s->last_date_len, COL(F_DATE), LEN(F_DATE));
-        s->last_date_val = day;
+        last_set(&s->last_date, COL(F_DATE), LEN(F_DATE), day);
     }
     secs = time_secs(COL(F_TIME), LEN(F_TIME));
     if (day < 0 || secs < 0) {
@@ -583,7 +410,8 @@ static int one_line(Scanner *s, const char *p, size_t n) {
     }
 
     int64_t st;
-    if (lookup(&s->st, s->status_cb, COL(F_STATUS), LEN(F_STATUS), &st) < 0) return -1;
+    if (cached_call(&s->st, s->status_cb, COL(F_STATUS), LEN(F_STATUS), KEY_CACHE_MAX, &st) < 0)
+        return -1;
     if (st == 0) {
         s->rejects[R_STATUS]++;
         return 0;
@@ -626,17 +454,7 @@ static int carry_append(Scanner *s, const char *p, size_t n) {
     if (s->carry_len + n > s->max_line + 2) { /* enough to know it is too long, CR or not */
         n = s->carry_len < s->max_line + 2 ? s->max_line + 2 - s->carry_len : 0;
     }
-    if (s->carry_len + n > s->carry_room) {
-        size_t room = s->carry_room ? s->carry_room : 4096;
-        while (room < s->carry_len + n) room *= 2;
-        char *c = realloc(s->carry, room);
-        if (!c) {
-            PyErr_NoMemory();
-            return -1;
-        }
-        s->carry = c;
-        s->carry_room = room;
-    }
+    if (reserve(&s->carry, &s->carry_room, s->carry_len + n, 4096) < 0) return -1;
     memcpy(s->carry + s->carry_len, p, n);
     s->carry_len += n;
     return 0;
@@ -655,7 +473,7 @@ static void reset_object(Scanner *s) {
     table_clear(&s->dates);
     table_clear(&s->counts);
     s->n_days = 0;
-    s->last_date_len = SIZE_MAX;
+    s->last_date.len = SIZE_MAX;
     s->lines_read = s->accepted = 0;
     memset(s->rejects, 0, sizeof s->rejects);
     s->h1 = s->a1 = s->t1 = s->h2 = s->a2 = s->t2 = 0;
@@ -713,14 +531,10 @@ fail:
 static PyObject *nested_counts(const Scanner *s) {
     PyObject *out = PyDict_New();
     if (!out) return NULL;
-    const Table *t = &s->counts;
-    for (size_t i = 0; i < t->cap; i++) {
-        const Slot *slot = &t->slots[i];
-        if (slot->len == EMPTY) continue;
-        const char *k = t->arena + slot->off;
-        int32_t d32, h32;
-        memcpy(&d32, k, 4);
-        memcpy(&h32, k + 4, 4);
+    const Slot *slot;
+    const char *k;
+    int32_t d32, h32;
+    for (size_t i = 0; (slot = next_count(s, &i, &k, &d32, &h32));) {
         PyObject *dk = PyLong_FromLong(d32), *hk = PyLong_FromLong(h32);
         PyObject *ip = PyBytes_FromStringAndSize(k + 8, (Py_ssize_t)(slot->len - 8));
         PyObject *n = PyLong_FromLongLong(slot->val);
@@ -794,38 +608,7 @@ static PyObject *Scanner_forget_uris(Scanner *s, PyObject *Py_UNUSED(ignored)) {
     Py_RETURN_NONE;
 }
 
-typedef struct {
-    char *p;
-    size_t len, room;
-} Buf;
-
-static int buf_add(Buf *b, const char *p, size_t n) {
-    if (b->len + n > b->room) {
-        size_t room = b->room ? b->room : 1 << 16;
-        while (room < b->len + n) room *= 2;
-        char *q = realloc(b->p, room);
-        if (!q) return PyErr_NoMemory(), -1;
-        b->p = q;
-        b->room = room;
-    }
-    memcpy(b->p + b->len, p, n);
-    b->len += n;
-    return 0;
-}
-
-/* PostgreSQL's binary COPY: the signature, flags and header extension length */
-static const char COPY_HEADER[] = "PGCOPY\n\xff\r\n\0\0\0\0\0\0\0\0\0";
-#define COPY_HEADER_LEN 19
 #define PG_EPOCH_DAYS 10957 /* 2000-01-01, PostgreSQL's day 0, in days since 1970-01-01 */
-
-/* V as N bytes, big-endian, at Q; returns the end. */
-static char *put_be(char *q, uint64_t v, int n) {
-    for (int i = n - 1; i >= 0; i--) {
-        q[i] = (char)(v & 0xff);
-        v >>= 8;
-    }
-    return q + n;
-}
 
 /* The hash of a client address: cached, else asked of HASH_CB (a signed 64-bit int). */
 static int ip_hash(Scanner *s, PyObject *hash_cb, const char *ip, size_t n, int64_t *out) {
@@ -843,28 +626,6 @@ static int ip_hash(Scanner *s, PyObject *hash_cb, const char *ip, size_t n, int6
     return table_put(&s->iph, slot, ip, n, h, *out) ? 0 : -1;
 }
 
-/* b"category\tpackage" of a hit id: cached, else asked of PAIR_CB. Borrowed reference. */
-static PyObject *pair_text(Scanner *s, PyObject *pair_cb, int32_t hit) {
-    PyObject *key = PyLong_FromLong(hit);
-    if (!key) return NULL;
-    PyObject *v = PyDict_GetItemWithError(s->pairs, key);
-    if (!v && !PyErr_Occurred()) {
-        v = PyObject_CallFunctionObjArgs(pair_cb, key, NULL);
-        if (v && !PyBytes_Check(v)) {
-            Py_DECREF(v);
-            v = NULL;
-            PyErr_SetString(PyExc_TypeError, "pair callback: expected bytes");
-        }
-        if (v) {
-            int rc = PyDict_SetItem(s->pairs, key, v);
-            Py_DECREF(v); /* the dict holds it */
-            if (rc < 0) v = NULL;
-        }
-    }
-    Py_DECREF(key);
-    return v;
-}
-
 /* The object's records as PostgreSQL binary COPY data, one row per (day, hit, client), the
  * object id 0 (see with_object_id), and the distinct (day index, hit id) pairs. */
 static int records(Scanner *s, PyObject *hash_cb, PyObject *pair_cb, PyObject **text,
@@ -880,46 +641,16 @@ static int records(Scanner *s, PyObject *hash_cb, PyObject *pair_cb, PyObject **
     }
     if (table_init(&seen, 256, 0) < 0) return PyErr_NoMemory(), -1;
     PyObject *list = PyList_New(0);
-    if (!list || buf_add(&b, COPY_HEADER, sizeof COPY_HEADER - 1) < 0) goto fail;
-    const Table *t = &s->counts;
-    for (size_t i = 0; i < t->cap; i++) {
-        const Slot *slot = &t->slots[i];
-        if (slot->len == EMPTY) continue;
-        const char *k = t->arena + slot->off;
-        int32_t d32, h32;
-        memcpy(&d32, k, 4);
-        memcpy(&h32, k + 4, 4);
+    if (!list || buf_add(&b, COPY_HEADER, COPY_HEADER_LEN) < 0) goto fail;
+    const Slot *slot;
+    const char *k;
+    int32_t d32, h32;
+    for (size_t i = 0; (slot = next_count(s, &i, &k, &d32, &h32));) {
         int64_t hash;
         if (ip_hash(s, hash_cb, k + 8, slot->len - 8, &hash) < 0) goto fail;
-        PyObject *pair = pair_text(s, pair_cb, h32);
-        if (!pair) goto fail;
-        char *pp;
-        Py_ssize_t pl;
-        if (PyBytes_AsStringAndSize(pair, &pp, &pl) < 0) goto fail;
-        const char *tab = memchr(pp, '\t', (size_t)pl);
-        if (!tab) {
-            PyErr_SetString(PyExc_ValueError, "pair callback: expected b'category\\tpackage'");
-            goto fail;
-        }
-        size_t cl = (size_t)(tab - pp), kl = (size_t)pl - cl - 1;
-        /* one row of PostgreSQL's binary COPY: (category, package, day, ip_hash, downloads,
-         * object_id), the object id left 0 for with_object_id() */
-        char row[2 + 4 + 4 + 4 + 4 + 4 + 8 + 4 + 4 + 4 + 8];
-        char *q = row;
-        q = put_be(q, 6, 2);
-        q = put_be(q, (uint64_t)cl, 4);
-        if (buf_add(&b, row, (size_t)(q - row)) < 0 || buf_add(&b, pp, cl) < 0) goto fail;
-        q = put_be(row, (uint64_t)kl, 4);
-        if (buf_add(&b, row, 4) < 0 || buf_add(&b, tab + 1, kl) < 0) goto fail;
-        q = put_be(row, 4, 4);
-        q = put_be(q, (uint64_t)(s->day_epoch[d32] / 86400 - PG_EPOCH_DAYS), 4);
-        q = put_be(q, 8, 4);
-        q = put_be(q, (uint64_t)hash, 8);
-        q = put_be(q, 4, 4);
-        q = put_be(q, (uint64_t)slot->val, 4);
-        q = put_be(q, 8, 4);
-        q = put_be(q, 0, 8);
-        if (buf_add(&b, row, (size_t)(q - row)) < 0) goto fail;
+        PyObject *pair = pair_text(s->pairs, pair_cb, h32); /* borrowed */
+        int64_t day = s->day_epoch[d32] / 86400 - PG_EPOCH_DAYS;
+        if (!pair || copy_record(&b, pair, day, hash, slot->val) < 0) goto fail;
         uint64_t h = hash_bytes(k, 8);
         Slot *ss = table_find(&seen, k, 8, h);
         if (ss->len == EMPTY) {
@@ -931,10 +662,8 @@ static int records(Scanner *s, PyObject *hash_cb, PyObject *pair_cb, PyObject **
             if (rc < 0) goto fail;
         }
     }
-    if (buf_add(&b, "\xff\xff", 2) < 0) goto fail; /* the trailer */
-    *text = PyBytes_FromStringAndSize(b.p, (Py_ssize_t)b.len);
+    *text = copy_end(&b);
     if (!*text) goto fail;
-    free(b.p);
     table_free(&seen);
     *day_hits = list;
     return 0;
@@ -991,7 +720,7 @@ static void Scanner_dealloc(Scanner *s) {
     free(s->key);
     free(s->start);
     free(s->end);
-    PyTypeObject *tp = Py_TYPE(s);
+    PyTypeObject *tp = Py_TYPE((PyObject *)s);
     freefunc tp_free = (freefunc)PyType_GetSlot(tp, Py_tp_free);
     tp_free(s);
     Py_DECREF(tp);
@@ -1014,7 +743,7 @@ static PyObject *Scanner_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
     if (!s) return NULL;
     /* tp_alloc zeroes the object: every pointer is NULL, every count 0 */
     s->nf = -1;
-    s->last_date_len = SIZE_MAX;
+    s->last_date.len = SIZE_MAX;
     Py_INCREF(header);
     s->header_cb = header;
     Py_INCREF(status);
@@ -1092,21 +821,7 @@ static PyType_Spec Scanner_spec = {
 };
 
 static int scan_exec(PyObject *m) {
-    /* a random seed per process: the keys come from the logs, i.e. from anyone on the web */
-    PyObject *os = PyImport_ImportModule("os");
-    if (!os) return -1;
-    PyObject *rnd = PyObject_CallMethod(os, "urandom", "i", 8);
-    Py_DECREF(os);
-    if (!rnd) return -1;
-    char *p;
-    Py_ssize_t n;
-    if (PyBytes_AsStringAndSize(rnd, &p, &n) < 0 || n != 8) {
-        Py_DECREF(rnd);
-        if (!PyErr_Occurred()) PyErr_SetString(PyExc_RuntimeError, "os.urandom");
-        return -1;
-    }
-    memcpy(&hash_seed, p, 8);
-    Py_DECREF(rnd);
+    if (seed_hash() < 0) return -1;
     PyObject *t = PyType_FromSpec(&Scanner_spec);
     if (!t) return -1;
     if (PyModule_AddObject(m, "Scanner", t) < 0) {
@@ -1183,7 +898,7 @@ static PyModuleDef_Slot scan_slots[] = {
 static struct PyModuleDef scan_module = {
     PyModuleDef_HEAD_INIT, "bioc_webstats.etl._scan",
     "The per-line loop of logs.count_object in C (optional; see logs.py).", 0, scan_functions,
-    scan_slots,
+    scan_slots, NULL, NULL, NULL,
 };
 
 PyMODINIT_FUNC PyInit__scan(void) { return PyModuleDef_Init(&scan_module); }
