@@ -36,6 +36,7 @@ sys.path.insert(0, str(ROOT / "tests"))
 
 import loggen  # noqa: E402
 from conftest import new_pg_database, pg_cluster  # noqa: E402 - the tests' throw-away cluster
+from killharness import descendants  # noqa: E402 - the /proc process-tree walk
 
 BIN = Path(sys.executable).parent
 
@@ -56,24 +57,6 @@ def cli(args: list[str], env: dict[str, str]) -> None:
                    stdout=subprocess.DEVNULL)  # fmt: skip
 
 
-def _tree(root: int) -> list[int]:
-    """``root`` and its descendants (from /proc)."""
-    children: dict[int, list[int]] = {}
-    for d in Path("/proc").iterdir():
-        if d.name.isdigit():
-            try:
-                ppid = int((d / "stat").read_text().rsplit(")", 1)[1].split()[1])
-            except (OSError, IndexError, ValueError):
-                continue
-            children.setdefault(ppid, []).append(int(d.name))
-    out, todo = [], [root]
-    while todo:
-        pid = todo.pop()
-        out.append(pid)
-        todo.extend(children.get(pid, ()))
-    return out
-
-
 def _kb(pid: int, path: str, field: str) -> int:
     try:
         for line in Path(f"/proc/{pid}/{path}").read_text().splitlines():
@@ -91,14 +74,14 @@ class TreeMemory:
 
     def __init__(self, root: int, include_root: bool = False) -> None:
         self.root, self.rss, self.pss, self.procs = root, 0, 0, 0
-        self.first = 0 if include_root else 1  # the root is /usr/bin/time unless included
+        self.include_root = include_root  # the root is /usr/bin/time unless included
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
         self._thread.start()
 
     def _run(self) -> None:
         while not self._stop.wait(0.05):
-            pids = _tree(self.root)[self.first :]
+            pids = [*descendants(self.root), *([self.root] if self.include_root else [])]
             self.rss = max(self.rss, sum(_kb(p, "status", "VmRSS:") for p in pids))
             self.pss = max(self.pss, sum(_kb(p, "smaps_rollup", "Pss:") for p in pids))
             self.procs = max(self.procs, len(pids))
