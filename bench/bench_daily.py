@@ -38,7 +38,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))
 
 import loggen  # noqa: E402
-from bench_etl import BIN, TreeMemory, env_for, time_zcat  # noqa: E402
+from bench_etl import BIN, env_for, run_timed, time_zcat  # noqa: E402
 from conftest import new_pg_database, pg_cluster  # noqa: E402 - the tests' throw-away cluster
 
 SYNC_FIXTURE = ROOT / "tests" / "fixtures" / "sync" / "devel"
@@ -55,20 +55,6 @@ def run(args: list[str], env: dict[str, str]) -> str:
     if done.returncode:
         raise SystemExit(f"bioc-webstats {' '.join(args)} failed:\n{done.stderr[-3000:]}")
     return done.stdout
-
-
-def timed(args: list[str], env: dict[str, str]) -> tuple[float, str, TreeMemory]:
-    """(wall seconds, stderr, memory of the process tree) of one CLI command."""
-    t0 = time.perf_counter()
-    proc = subprocess.Popen([str(BIN / "bioc-webstats"), *args], env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
-    tree = TreeMemory(proc.pid, include_root=True)
-    out, err = proc.communicate()
-    took = time.perf_counter() - t0
-    tree.stop()
-    if proc.returncode:
-        raise SystemExit(f"bioc-webstats {' '.join(args)} failed:\n{err[-3000:]}")
-    return took, out + err, tree
 
 
 def day_logs(base: Path, day: dt.date, lines: int, clients: int) -> Path:
@@ -220,8 +206,8 @@ def scenario(base: str, tmp: Path, label: str, start: dt.date, days: int, record
     print(f"  zcat of the day ({len(files)} files, {args.lines:,} lines): {zc:.2f}s, "
           f"CPU {zcpu:.1f}s")  # fmt: skip
     sync = sync_dir(tmp, url)
-    t_sync, out_sync, mem_sync = timed(["packages", "sync", "--from", str(sync)], env)
-    t_etl, out_etl, mem_etl = timed(["etl", "run", "--source", str(logs)], env)
+    t_sync, out_sync, mem_sync = run_timed(["packages", "sync", "--from", str(sync)], env)
+    t_etl, out_etl, mem_etl = run_timed(["etl", "run", "--source", str(logs)], env)
     total = t_sync + t_etl
     summary = next((ln for ln in out_etl.splitlines() if "etl run:" in ln), "")
     changes = next((ln for ln in out_sync.splitlines() if "changes:" in ln), "")

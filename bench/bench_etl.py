@@ -36,6 +36,7 @@ sys.path.insert(0, str(ROOT / "tests"))
 
 import loggen  # noqa: E402
 from conftest import new_pg_database, pg_cluster  # noqa: E402 - the tests' throw-away cluster
+from killharness import descendants  # noqa: E402 - the /proc process-tree walk
 
 BIN = Path(sys.executable).parent
 
@@ -56,24 +57,6 @@ def cli(args: list[str], env: dict[str, str]) -> None:
                    stdout=subprocess.DEVNULL)  # fmt: skip
 
 
-def _tree(root: int) -> list[int]:
-    """``root`` and its descendants (from /proc)."""
-    children: dict[int, list[int]] = {}
-    for d in Path("/proc").iterdir():
-        if d.name.isdigit():
-            try:
-                ppid = int((d / "stat").read_text().rsplit(")", 1)[1].split()[1])
-            except (OSError, IndexError, ValueError):
-                continue
-            children.setdefault(ppid, []).append(int(d.name))
-    out, todo = [], [root]
-    while todo:
-        pid = todo.pop()
-        out.append(pid)
-        todo.extend(children.get(pid, ()))
-    return out
-
-
 def _kb(pid: int, path: str, field: str) -> int:
     try:
         for line in Path(f"/proc/{pid}/{path}").read_text().splitlines():
@@ -89,16 +72,15 @@ class TreeMemory:
     pages counted in every process: an upper bound) and of the summed PSS (shared pages
     split between the processes that map them)."""
 
-    def __init__(self, root: int, include_root: bool = False) -> None:
+    def __init__(self, root: int) -> None:
         self.root, self.rss, self.pss, self.procs = root, 0, 0, 0
-        self.first = 0 if include_root else 1  # the root is /usr/bin/time unless included
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
         self._thread.start()
 
     def _run(self) -> None:
         while not self._stop.wait(0.05):
-            pids = _tree(self.root)[self.first :]
+            pids = descendants(self.root)  # the root is /usr/bin/time: not counted
             self.rss = max(self.rss, sum(_kb(p, "status", "VmRSS:") for p in pids))
             self.pss = max(self.pss, sum(_kb(p, "smaps_rollup", "Pss:") for p in pids))
             self.procs = max(self.procs, len(pids))
@@ -109,20 +91,21 @@ class TreeMemory:
 
 
 def run_timed(args: list[str], env: dict[str, str]) -> tuple[float, str, TreeMemory]:
-    """(wall seconds, stderr, memory of the process tree) of one CLI command under
-    ``/usr/bin/time -v`` (its CPU and peak RSS end stderr); exits with its stderr on failure."""
+    """(wall seconds, stdout then stderr, memory of the process tree) of one CLI command under
+    ``/usr/bin/time -v`` (its CPU and peak RSS end the output); exits with its stderr on
+    failure."""
     t0 = time.perf_counter()
     proc = subprocess.Popen(
         ["/usr/bin/time", "-v", str(BIN / "bioc-webstats"), *args],
         env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )  # fmt: skip
     tree = TreeMemory(proc.pid)
-    _, stderr = proc.communicate()
+    stdout, stderr = proc.communicate()
     elapsed = time.perf_counter() - t0
     tree.stop()
     if proc.returncode:
         raise SystemExit(f"{' '.join(args[:2])} failed ({proc.returncode}):\n{stderr[-3000:]}")
-    return elapsed, stderr, tree
+    return elapsed, stdout + stderr, tree  # packages sync answers on stdout, the ETL logs
 
 
 def timed_etl(url: str, source: Path, state: Path) -> tuple[float, float, str, TreeMemory]:
@@ -131,10 +114,10 @@ def timed_etl(url: str, source: Path, state: Path) -> tuple[float, float, str, T
     env = env_for(url, state)
     cli(["db", "upgrade"], env)
     cli(["packages", "load", str(loggen.PACKAGES_SAMPLE)], env)
-    elapsed, stderr, tree = run_timed(["etl", "run", "--source", str(source)], env)
-    rss = int(re.search(r"Maximum resident set size \(kbytes\): (\d+)", stderr)[1]) / 1024
-    cpu = sum(float(x) for x in re.findall(r"(?:User|System) time \(seconds\): ([\d.]+)", stderr))
-    summary = next((ln for ln in stderr.splitlines() if "etl run:" in ln), "")
+    elapsed, output, tree = run_timed(["etl", "run", "--source", str(source)], env)
+    rss = int(re.search(r"Maximum resident set size \(kbytes\): (\d+)", output)[1]) / 1024
+    cpu = sum(float(x) for x in re.findall(r"(?:User|System) time \(seconds\): ([\d.]+)", output))
+    summary = next((ln for ln in output.splitlines() if "etl run:" in ln), "")
     return elapsed, rss, f"{summary.split(': ', 1)[-1]}; CPU of the ETL processes {cpu:.1f}s", tree
 
 

@@ -126,9 +126,9 @@ def timed(
     args: list[str], env: dict[str, str], marker: str
 ) -> tuple[float, float, str, TreeMemory]:
     """(seconds, CPU of the command's processes, its summary line, memory of the tree)."""
-    elapsed, stderr, tree = run_timed(args, env)
-    cpu = sum(float(x) for x in re.findall(r"(?:User|System) time \(seconds\): ([\d.]+)", stderr))
-    summary = next((ln for ln in reversed(stderr.splitlines()) if marker in ln), "")
+    elapsed, output, tree = run_timed(args, env)
+    cpu = sum(float(x) for x in re.findall(r"(?:User|System) time \(seconds\): ([\d.]+)", output))
+    summary = next((ln for ln in reversed(output.splitlines()) if marker in ln), "")
     return elapsed, cpu, summary.split(": ", 1)[-1], tree
 
 

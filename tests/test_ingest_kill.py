@@ -4,10 +4,6 @@ inside transactions), then run again; the result equals an uninterrupted run."""
 from __future__ import annotations
 
 import datetime as dt
-import os
-import signal
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -16,10 +12,8 @@ from sqlalchemy import func, select
 import loggen
 from bioc_webstats.store import db
 from bioc_webstats.store.models import DownloadRecord, IngestedObject, StatsPending
-from conftest import wait_for
+from killharness import assert_whole, kill_at, prepared, run_cli
 from test_ingest import assert_truth, snapshot
-
-EXE = str(Path(sys.executable).parent / "bioc-webstats")
 
 # (pause point[:n-th passage], workers); the mid-transaction points are inside the
 # transaction of an object (ledger row, records, queue) or of the recompute.
@@ -37,42 +31,6 @@ POINTS = [
 ]
 
 
-def cli_env(db_url: str, tmp_path: Path, **extra: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("WEBSTATS_", "AWS_"))}
-    env.update(
-        WEBSTATS_DATABASE_URL=db_url,
-        WEBSTATS_STATE_DIR=str(tmp_path / "state"),
-        WEBSTATS_ENV_FILE="/dev/null",
-        WEBSTATS_IP_HASH_KEY="test-key",
-        **extra,
-    )
-    return env
-
-
-def run_cli(args: list[str], env: dict[str, str]) -> subprocess.CompletedProcess:
-    return subprocess.run([EXE, *args], env=env, capture_output=True, text=True, timeout=120)
-
-
-def kill_at(point: str, args: list[str], env: dict[str, str], tmp_path: Path) -> None:
-    """Start the command, wait until it blocks at ``point``, SIGKILL it."""
-    marker = tmp_path / f"paused-{point.replace(':', '-')}"
-    env = {**env, "WEBSTATS_TEST_PAUSE_AT": point, "WEBSTATS_TEST_PAUSE_FILE": str(marker)}
-    proc = subprocess.Popen(
-        [EXE, *args], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
-    )
-    try:
-        wait_for(lambda: marker.exists() or proc.poll() is not None, 60, what=f"pause at {point}")
-        assert proc.poll() is None, f"exited before {point}: {proc.communicate()[1]}"
-        assert marker.read_text() == point.split(":")[0]
-        proc.send_signal(signal.SIGKILL)
-        proc.wait(30)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-    assert proc.returncode == -signal.SIGKILL
-
-
 @pytest.fixture
 def logs_dir(tmp_path) -> tuple[Path, loggen.Truth]:
     out = tmp_path / "logs"
@@ -80,13 +38,6 @@ def logs_dir(tmp_path) -> tuple[Path, loggen.Truth]:
         out, days=2, start=dt.date(2023, 12, 31), files_per_day=4, lines_per_file=150, seed=11
     )
     return out, truth
-
-
-def prepared(db_url: str, tmp_path: Path) -> dict[str, str]:
-    env = cli_env(db_url, tmp_path)
-    done = run_cli(["packages", "load", str(loggen.PACKAGES_SAMPLE)], env)
-    assert done.returncode == 0, done.stderr
-    return env
 
 
 def assert_complete(db_url: str, truth: loggen.Truth) -> None:
@@ -116,15 +67,7 @@ def test_killed_run_then_rerun_equals_uninterrupted(db_url, tmp_path, logs_dir, 
     env = prepared(db_url, tmp_path)
     env["WEBSTATS_ETL_WORKERS"] = workers
     kill_at(point, ["etl", "run", "--source", str(out)], env, tmp_path)
-    # Whatever was committed is whole: every ledger row has its records.
-    with db.session_factory(db_url)() as s:
-        for obj_id, accepted in s.execute(select(IngestedObject.id, IngestedObject.accepted)):
-            got = s.scalar(
-                select(func.coalesce(func.sum(DownloadRecord.downloads), 0)).where(
-                    DownloadRecord.object_id == obj_id
-                )
-            )
-            assert got == accepted
+    assert_whole(db_url)  # every ledger row has its records
     done = run_cli(["etl", "run", "--source", str(out)], env)
     assert done.returncode == 0, done.stderr
     assert_complete(db_url, truth)

@@ -594,7 +594,7 @@ def test_a_month_in_two_files_counts_both(db_url, tmp_path):
 def test_readers_end_when_the_import_stops_early(tmp_path):
     """An import that stops part-way (an error, Ctrl-C) ends its reader processes: what they
     still send is dropped, none is left behind."""
-    from test_legacy_kill import alive, descendants
+    from killharness import alive, descendants
 
     path = good_db(tmp_path / "download_db_2024.sqlite", n=3000)
     tasks = [(f"k{lo}", str(path), "statuscode", lo, lo + 99) for lo in range(1, 3001, 100)]

@@ -6,9 +6,6 @@ again; the result equals an uninterrupted import, and no reader process outlives
 from __future__ import annotations
 
 import datetime as dt
-import signal
-import subprocess
-from pathlib import Path
 
 import pytest
 from sqlalchemy import func, select
@@ -16,9 +13,8 @@ from sqlalchemy import func, select
 import legacygen
 from bioc_webstats.store import db
 from bioc_webstats.store.models import DownloadRecord, IngestedObject, StatsPending
-from conftest import wait_for
+from killharness import assert_whole, kill_at, prepared, run_cli
 from test_ingest import assert_truth, snapshot
-from test_ingest_kill import EXE, prepared, run_cli
 
 # (pause point[:n-th passage], etl/workers: 1 reads in the importing process, 2 in two
 # reader processes)
@@ -39,54 +35,6 @@ CASES = [(p, w, "postgresql") for p, w in POINTS] + [
 ]
 
 
-def descendants(pid: int) -> set[int]:
-    children: dict[int, list[int]] = {}
-    for d in Path("/proc").iterdir():
-        if d.name.isdigit():
-            try:
-                ppid = int((d / "stat").read_text().rsplit(")", 1)[1].split()[1])
-            except (OSError, IndexError, ValueError):
-                continue
-            children.setdefault(ppid, []).append(int(d.name))
-    out, todo = set(), [pid]
-    while todo:
-        for c in children.get(todo.pop(), []):
-            out.add(c)
-            todo.append(c)
-    return out
-
-
-def alive(pid: int) -> bool:
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except OSError:
-        return False
-    return state != "Z"
-
-
-def kill_at(point: str, args: list[str], env: dict[str, str], tmp_path: Path) -> None:
-    """Start the command, wait until it blocks at ``point``, SIGKILL it; its reader
-    processes must go with it."""
-    marker = tmp_path / f"paused-{point.replace(':', '-')}"
-    env = {**env, "WEBSTATS_TEST_PAUSE_AT": point, "WEBSTATS_TEST_PAUSE_FILE": str(marker)}
-    proc = subprocess.Popen(
-        [EXE, *args], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
-    )
-    try:
-        wait_for(lambda: marker.exists() or proc.poll() is not None, 60, what=f"pause at {point}")
-        assert proc.poll() is None, f"exited before {point}: {proc.communicate()[1]}"
-        assert marker.read_text() == point.split(":")[0]
-        family = descendants(proc.pid)
-        proc.send_signal(signal.SIGKILL)
-        proc.wait(30)
-        wait_for(lambda: not any(alive(p) for p in family), 30, what="readers to exit")
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-    assert proc.returncode == -signal.SIGKILL
-
-
 @pytest.fixture
 def history(tmp_path) -> legacygen.SplitCorpus:
     """Five days across a year end, every row before the cut-over: two files."""
@@ -98,18 +46,7 @@ def history(tmp_path) -> legacygen.SplitCorpus:
 
 def whole_units(url: str) -> None:
     """Whatever was committed is whole: every unit's records add up to its ledger row."""
-    with db.session_factory(url)() as s:
-        for obj_id, accepted in s.execute(
-            select(IngestedObject.id, IngestedObject.accepted).where(
-                IngestedObject.key.contains("/rows-")
-            )
-        ):
-            got = s.scalar(
-                select(func.coalesce(func.sum(DownloadRecord.downloads), 0)).where(
-                    DownloadRecord.object_id == obj_id
-                )
-            )
-            assert got == accepted
+    assert_whole(url, IngestedObject.key.contains("/rows-"))
 
 
 @pytest.mark.parametrize(
@@ -126,7 +63,7 @@ def test_killed_import_then_rerun_equals_uninterrupted(db_url, tmp_path, history
     env = prepared(db_url, tmp_path)
     env.update(WEBSTATS_ETL_WORKERS=workers, WEBSTATS_LEGACY_UNIT_ROWS="150")
     args = ["import", "legacy-db", "--until", "2020-01-10", *map(str, history.legacy_files)]
-    kill_at(point, args, env, tmp_path)
+    kill_at(point, args, env, tmp_path, readers_exit=True)  # no reader outlives the kill
     whole_units(db_url)
     done = run_cli(args, env)
     assert done.returncode == 0, done.stderr

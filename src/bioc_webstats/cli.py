@@ -10,8 +10,9 @@ import logging
 import os
 import sys
 import traceback
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any, TypeVar
 
 import click
 from sqlalchemy.exc import SQLAlchemyError
@@ -43,6 +44,7 @@ class Context:
 
 
 pass_ctx = click.make_pass_decorator(Context)
+F = TypeVar("F", bound=Callable[..., Any])
 SCHEMA_BEHIND = 3  # exit status of `check` when the schema needs `bioc-webstats db upgrade`
 
 
@@ -219,18 +221,20 @@ def _iso_date(value: str | None) -> str | None:
     return value
 
 
+def _date_option(name: str, text: str) -> Callable[[F], F]:
+    """A YYYY-MM-DD option (``--since``, ``--until``) with its help ``text``: a bad date is
+    a usage error."""
+    return click.option(name, callback=lambda _ctx, _param, value: _iso_date(value), help=text)
+
+
 @etl_group.command("run")
 @click.option("--source", help="Directory or s3://bucket/prefix (default: configuration).")
-@click.option(
+@_date_option(
     "--since",
-    callback=lambda _ctx, _param, value: _iso_date(value),
-    help="Also consider objects dated on or after this date (YYYY-MM-DD); "
-    "never before etl/logs_since.",
+    "Also consider objects dated on or after this date (YYYY-MM-DD); never before etl/logs_since.",
 )
-@click.option(
-    "--until",
-    callback=lambda _ctx, _param, value: _iso_date(value),
-    help="Only objects dated on or before this date (YYYY-MM-DD): a backfill in slices.",
+@_date_option(
+    "--until", "Only objects dated on or before this date (YYYY-MM-DD): a backfill in slices."
 )
 @click.option("--dry-run", is_flag=True, help="List what would be ingested, write nothing.")
 @click.option(
@@ -289,11 +293,10 @@ def import_group() -> None:
 
 @import_group.command("legacy-db")
 @click.argument("files", nargs=-1, required=True)
-@click.option(
+@_date_option(
     "--until",
-    callback=lambda _ctx, _param, value: _iso_date(value),
-    help="The cut-over day (YYYY-MM-DD): rows dated on or after it are skipped, the logs "
-    "cover them. Default: etl/logs_since.",
+    "The cut-over day (YYYY-MM-DD): rows dated on or after it are skipped, the logs cover "
+    "them. Default: etl/logs_since.",
 )
 @click.option(
     "--replace",

@@ -362,9 +362,22 @@ class RunSummary:
     def line(self, what: str = "etl run") -> str:
         return (
             f"{what}: {self.objects} objects ingested, {self.failed} failed, "
-            f"{self.skipped_names} skipped (not log names), {self.lines} lines read, "
-            f"{self.accepted} downloads accepted, {self.rejected} lines rejected, "
-            f"{self.months} months recomputed, ValidThru {self.valid_thru or '-'}, "
+            f"{self.skipped_names} skipped (not log names), {self.counts('lines')}, "
+            f"{self.timing()}"
+        )
+
+    # The parts every summary line shares (``legacy.ImportSummary``'s too); operators and
+    # tests read these lines: not a character of them may change.
+    def counts(self, unit: str) -> str:
+        """What was read of ``unit`` (lines, rows), accepted, rejected, recomputed."""
+        return (
+            f"{self.lines} {unit} read, {self.accepted} downloads accepted, {self.rejected} "
+            f"{unit} rejected, {self.months} months recomputed, "
+            f"ValidThru {self.valid_thru or '-'}"
+        )
+
+    def timing(self) -> str:
+        return (
             f"elapsed {self.elapsed:.1f}s (read {self.t_read:.1f}s, store {self.t_store:.1f}s, "
             f"recompute {self.t_recompute:.1f}s)"
         )

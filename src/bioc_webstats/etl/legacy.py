@@ -210,11 +210,8 @@ class ImportSummary(ingest.RunSummary):
         return (
             f"{what}: {self.files} files ({self.files_failed} failed, {self.files_skipped} "
             f"unchanged since imported), {self.objects} units imported ({self.replaced} "
-            f"replaced), {self.unchanged} unchanged, {self.refused} refused, {self.lines} rows "
-            f"read, {self.accepted} downloads accepted, {self.rejected} rows rejected, "
-            f"{self.months} months recomputed, ValidThru {self.valid_thru or '-'}, cut-over "
-            f"{self.until}, elapsed {self.elapsed:.1f}s (read {self.t_read:.1f}s, store "
-            f"{self.t_store:.1f}s, recompute {self.t_recompute:.1f}s)"
+            f"replaced), {self.unchanged} unchanged, {self.refused} refused, "
+            f"{self.counts('rows')}, cut-over {self.until}, {self.timing()}"
         )
 
 

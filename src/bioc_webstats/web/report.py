@@ -89,11 +89,9 @@ def _with_downloads(years: Years) -> Years:
     return {y: m for y, m in years.items() if sum(d for mm, (_, d) in m.items() if mm) > 0}
 
 
-def every_package_years(
-    session: Session, cat: Category, data_year: int
-) -> Iterator[tuple[str, Years]]:
-    """(package, its years as :func:`package_years` gives them) for every package of the
-    category with rows, from one streamed query: one package in memory at a time."""
+def _package_rows(session: Session, cat: Category, data_year: int) -> Iterator[tuple[str, Years]]:
+    """(package, its month rows by year) for every package of the category with rows, from
+    one streamed query: one package in memory at a time."""
     stmt = (
         select(
             PackageStat.package,
@@ -115,11 +113,20 @@ def every_package_years(
     for package, year, month, ips, downloads in session.execute(stmt):
         if package != current:
             if current is not None:
-                yield current, _with_downloads(years)
+                yield current, years
             current, years = package, {}
         _add(years, year, month, ips, downloads)
     if current is not None:
-        yield current, _with_downloads(years)
+        yield current, years
+
+
+def every_package_years(
+    session: Session, cat: Category, data_year: int
+) -> Iterator[tuple[str, Years]]:
+    """(package, its years as :func:`package_years` gives them) for every package of the
+    category with rows, from one streamed query: one package in memory at a time."""
+    for package, years in _package_rows(session, cat, data_year):
+        yield package, _with_downloads(years)
 
 
 def category_years(session: Session, cat: Category, data_year: int) -> Years:
@@ -141,40 +148,13 @@ def category_years(session: Session, cat: Category, data_year: int) -> Years:
 
 def pkg_stats_body(session: Session, index: CategoryIndex, data_year: int) -> str:
     """``<prefix>_pkg_stats.tab`` built from one streamed query (one text chunk per package)."""
-    cat = index.category
     chunks: dict[str, str] = {}
-    current: str | None = None
-    years: Years = {}
-
-    def flush() -> None:
-        if current is not None and current in index.years:
-            keep = {y: years[y] for y in index.years[current] if y in years}
-            chunks[current] = tabfiles.pkg_stats_tab([(current, keep)])[
+    for package, years in _package_rows(session, index.category, data_year):
+        if package in index.years:
+            keep = {y: years[y] for y in index.years[package] if y in years}
+            chunks[package] = tabfiles.pkg_stats_tab([(package, keep)])[
                 len(tabfiles.PKG_STATS_HEADER) :
             ]
-
-    stmt = (
-        select(
-            PackageStat.package,
-            PackageStat.year,
-            PackageStat.month,
-            PackageStat.ips,
-            PackageStat.downloads,
-        )
-        .where(
-            PackageStat.category == cat.prefix,
-            PackageStat.year >= cat.first_year,
-            PackageStat.year <= data_year,
-        )
-        .order_by(PackageStat.package)
-        .execution_options(yield_per=20000)
-    )
-    for package, year, month, ips, downloads in session.execute(stmt):
-        if package != current:
-            flush()
-            current, years = package, {}
-        _add(years, year, month, ips, downloads)
-    flush()
     return tabfiles.PKG_STATS_HEADER + "".join(chunks.get(n, "") for n in index.order)
 
 
