@@ -70,10 +70,14 @@ def gunicorn_saw(front, marker: str) -> bool:
 
 
 def nginx_logged(front, marker: str) -> str:
-    """nginx's access-log line of the request with ``marker`` (written as it answers)."""
-    lines = [ln for ln in front.access_log.read_text().splitlines() if marker in ln]
-    assert lines, f"{marker} not in nginx's access log"
-    return lines[-1]
+    """nginx's access-log line of the request with ``marker``. nginx writes it after the
+    answer has left, so a client can read the answer before the line is there: wait for it."""
+
+    def lines() -> list[str]:
+        return [ln for ln in front.access_log.read_text().splitlines() if marker in ln]
+
+    wait_for(lambda: bool(lines()), 10, what=f"{marker} in nginx's access log")
+    return lines()[-1]
 
 
 def raw(port: int, data: bytes, timeout: float = 10, source: str | None = None) -> bytes:
