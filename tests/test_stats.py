@@ -167,10 +167,15 @@ def test_daily_cost_follows_the_new_day_not_the_year(db_url, tmp_path, monkeypat
     try:
         feed(staging, source, last)
         assert ingest.run(settings, source=str(source))
+        assert reads and all("r.object_id BETWEEN" in r for r in reads), reads
+        reads.clear()
+        with db.session_factory(db_url).begin() as s:  # nothing new: no record is read
+            valid_thru = db.get_valid_thru(s)
+            assert stats.apply_pending(s).valid_thru == valid_thru
+        assert reads == []
     finally:
         event.remove(engine, "before_cursor_execute", seen)
     assert recounts == []
-    assert reads and all("r.object_id BETWEEN" in r for r in reads), reads
     assert_truth(db_url, truth)
 
 
@@ -286,6 +291,25 @@ def test_apply_pending_skips_years_before_first_year_and_clears_queue(db_url, tm
         assert res.data_version == 2  # 1 was the packages load
         assert db.get_meta(s, stats.SEEN_VERSION) == "2"
     assert settings is not None
+
+
+def test_months_queued_by_an_older_release_advance_valid_thru(db_url, tmp_path):
+    """A release before 0005 queued months and advanced ValidThru only when it counted them:
+    its records may be newer than ValidThru while every ledger row reads counted."""
+    loaded(db_url, tmp_path)
+    with db.session_factory(db_url).begin() as s:
+        db.advance_valid_thru(s, dt.date(2024, 5, 1))
+        s.add(IngestedObject(key="E1.2024-05-03-10.old.gz", size=1, ingested_at=dt.datetime(
+            2024, 5, 4, tzinfo=dt.UTC), counted_at=dt.datetime(2024, 5, 4, tzinfo=dt.UTC),
+            name_hour=dt.datetime(2024, 5, 3, 10)))  # fmt: skip
+        s.flush()
+        obj = s.scalar(select(func.max(IngestedObject.id)))
+        s.add(DownloadRecord(object_id=obj, category="bioc", package="affy",
+                             day=dt.date(2024, 5, 3), ip_hash=7, downloads=1))  # fmt: skip
+        stats.queue(s, [("bioc", "affy", 2024, 5)])
+    with db.session_factory(db_url).begin() as s:
+        assert stats.apply_pending(s).valid_thru == dt.date(2024, 5, 3)
+        assert db.get_valid_thru(s) == dt.date(2024, 5, 3)
 
 
 @pytest.mark.parametrize("where", ["package", "category"])

@@ -357,11 +357,9 @@ def import_files(
     workers = min(readers(settings), len(tasks))
     queued: set[tuple[str, str, int, int]] = set()
     results = read_all(tasks, key, until_day, workers)
-    counted = False  # nothing stored since the last recompute
     for f, task in zip(owner, tasks, strict=True):
         t1 = time.monotonic()
         unit = next(results)
-        counted = False
         t2 = time.monotonic()
         summary.t_read += t2 - t1
         pause_point("unit_parsed")
@@ -374,10 +372,10 @@ def import_files(
             # A file's months now rather than all at the end: the queue (and the recompute's
             # memory) stays at a year's keys, and an import killed later keeps them.
             _recompute(settings, summary)
-            counted = True
             queued.clear()  # (the queue is empty now: what comes next must be queued again)
-    if not counted:  # a file that failed part way, or units a killed import left uncounted
-        _recompute(settings, summary)
+    # A file that failed part way, or units a killed import left uncounted (after the last
+    # file's recount this finds nothing pending and reads no record).
+    _recompute(settings, summary)
     summary.elapsed = time.monotonic() - t0
     log.info("%s", summary.line())
     return summary.files_failed == 0

@@ -521,7 +521,12 @@ def apply_pending(session: Session) -> RecomputeResult:
     before = db.get_valid_thru(session)
     if plan.objects:  # records come with their ledger row: the new ones are all there is
         newest = plan.newest
-    else:
+    elif not plan.queued:
+        # Nothing stored since the last count, which advanced ValidThru in its transaction:
+        # no record can be newer. (A scan here cost 0.8 s after a bulk load: fresh BRIN
+        # ranges are not summarized yet.)
+        newest = None
+    else:  # months queued by a release before 0005, which advanced ValidThru when it counted
         q = select(func.max(DownloadRecord.day))
         if before is not None:  # only newer records matter (a short range scan)
             q = q.where(DownloadRecord.day > before)
