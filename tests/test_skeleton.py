@@ -29,6 +29,7 @@ def test_healthz_ok_on_empty_database(db_url, clean_env, monkeypatch):
         "database": True,
         "schema": db.head_revision(),
         "valid_thru": None,
+        "stale": False,  # ours, beside the contract's five (operations.md: says when stale)
     }
 
 

@@ -55,7 +55,7 @@ def show(host, unit: str, *props: str) -> dict[str, str]:
 
 def healthy(service: Service) -> bool:
     health = service.healthz()
-    return bool(health and health["status"] == "ok" and health["database"])
+    return bool(health and health["status"] == "ok" and health["database"] and not health["stale"])
 
 
 def test_env_file_names_only_the_path(host, state):
@@ -199,8 +199,8 @@ def test_a_failed_etl_run_alerts_through_the_failure_hook(host, ssm, sqs, state)
 
 def test_stale_data_raises_the_data_stale_alarm_then_clears(host, ssm, sqs, state, ssm_service):
     """The sample's data is from 2024: with alerts/max_data_age at 1 hour the watchdog raises
-    data-stale (journal + SNS); /healthz says stale (200) once the web reads the new limit;
-    back at the old limit, the alarm clears."""
+    data-stale (journal + SNS); /healthz says "stale": true (200, status ok) once the web
+    reads the new limit; back at the old limit, the alarm clears."""
     name = f"{state['ssm_path']}/alerts/max_data_age"
     drain(sqs, state)
     since = cursor(host)
@@ -217,7 +217,8 @@ def test_stale_data_raises_the_data_stale_alarm_then_clears(host, ssm, sqs, stat
         assert "watchdog: 1 alarms: data-stale" in journal, journal
         run_ok(host, f"systemctl restart {WEB}")  # the web reads its limits at start
         res = wait_for(lambda: (r := ssm_service.get("/healthz")).ok and r, 60, "/healthz")
-        assert res.status_code == 200 and res.json()["status"] == "stale", res.text
+        assert res.status_code == 200, res.text
+        assert (res.json()["status"], res.json()["stale"]) == ("ok", True), res.text
     finally:
         ssm.delete_parameter(Name=name)  # back to the env file's limit
     run_ok(host, "systemctl start bioc-webstats-watchdog.service", timeout=120)

@@ -196,6 +196,7 @@ def create_app(settings: Settings | None = None) -> Flask:
             "database": False,
             "schema": None,
             "valid_thru": None,
+            "stale": False,
         }
         try:
             status = db.schema_status(settings.database_url)
@@ -205,13 +206,15 @@ def create_app(settings: Settings | None = None) -> Flask:
                 with db.session_factory(settings.database_url)() as session:
                     vt = db.get_valid_thru(session)
                 body["valid_thru"] = vt.isoformat() if vt else None
-                body["status"] = "stale" if _stale(vt, settings) else "ok"
+                body["status"] = "ok"
+                body["stale"] = _stale(vt, settings)
         except Exception:
             app.logger.warning("healthz: database check failed", exc_info=True)
         resp = jsonify(body)
         resp.headers["Cache-Control"] = "no-store"
-        # Stale data is still served (200): a health check must not take the only origin
-        # out for it; the watchdog alarms instead (docs/RUNBOOK.md).
+        # Stale data is still served (200, "ok": the contract's status has two values): a
+        # health check must not take the only origin out for it; "stale" says it and the
+        # watchdog alarms (docs/RUNBOOK.md).
         return resp, 503 if body["status"] == "error" else 200
 
     @app.get(PREFIX)
