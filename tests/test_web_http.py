@@ -67,6 +67,10 @@ def test_headers_on_files_and_pages(loaded):
         etag = r.headers["ETag"]
         assert etag.startswith('"') and etag.endswith('"') and not etag.startswith("W/"), path
         assert int(r.headers["Content-Length"]) == len(r.data), path
+        assert "Content-Disposition" not in r.headers, path  # nginx sends none either
+        part = client.get(P + path, headers={"Range": "bytes=0-9"})  # as nginx answers it
+        assert (part.status_code, part.data) == (206, r.data[:10]), path
+        assert part.headers["Content-Type"] == ctype, path
     assert len(lms) == 1  # one data version, one publish time
     css = client.get(P + "main.css")
     assert css.status_code == 200 and css.headers["Content-Type"].startswith("text/css")

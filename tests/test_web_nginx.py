@@ -228,9 +228,38 @@ def test_dot_files_and_slash_runs_never_come_from_disk(front):
         assert front.get("/packages/stats/.lock-x")[0] == 404
     finally:
         hidden.unlink()
-    # the file exists at the collapsed path; the contract wants 404 or a redirect, never 200
-    for path in ("/packages/stats//bioc/bioc_packages.txt", "/packages/stats/bioc//"):
-        assert front.get(path)[0] in (301, 404), path
+
+
+@pytest.mark.parametrize(
+    "path",
+    [
+        # each names a file that exists once nginx has decoded and normalized it
+        "/packages/stats//bioc/bioc_packages.txt",
+        "/packages/stats/bioc//",
+        "//packages/stats/bioc/bioc_packages.txt",
+        "///packages/stats/",
+        "//healthz",
+        "/packages/stats/bioc/../index.html",
+        "/packages/stats/bioc/%2e%2e/index.html",
+        "/packages/stats/bioc/.%2E/workflows.html",
+        "/packages/stats/bioc/affy/..",
+        "/packages/stats/bioc/affy/%2e%2e%2f%2e%2e%2findex.html",
+        "/packages/stats/bioc/./bioc_packages.txt",
+        "/packages/stats/bioc/%2e/bioc_packages.txt",
+    ],
+)
+def test_dot_segments_and_slash_runs_are_404(front, path):
+    """The path as sent: the contract's ".." segment is 404 or 400 and runs of "/" never 200
+    (nginx would resolve these to published files, and the app strips leading slashes)."""
+    answer = raw(
+        front.port, f"GET {path} HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n".encode()
+    )
+    assert status_of(answer) == 404, answer[:300]
+    assert_security_headers(answer)
+
+
+def test_a_query_may_hold_slashes_and_dots(front):
+    assert front.get(STATIC + "?from=http://x.example//a/../b")[0] == 200
 
 
 def test_switch_of_current_is_seen_by_the_next_request(front):
@@ -279,13 +308,26 @@ def test_doubled_or_missing_host_is_400(front):
     assert status_of(raw(front.port, b"GET /healthz HTTP/1.1\r\nConnection: close\r\n\r\n")) == 400
 
 
-def test_a_body_is_refused(front):
-    head = (
-        f"GET {STATIC} HTTP/1.1\r\nHost: t\r\nContent-Length: 100000\r\nConnection: close\r\n\r\n"
-    )
-    answer = raw(front.port, head.encode() + b"x" * 100_000)
-    assert status_of(answer) == 413
+@pytest.mark.parametrize(
+    "framing", ["Content-Length: 100000", "Content-Length: 1", "Transfer-Encoding: chunked"]
+)
+def test_a_body_is_refused_before_it_is_read(front, framing):
+    """400 at once, the body not awaited: a body trickled a byte at a time would otherwise
+    hold a request slot for as long as the client likes (nginx then discards what comes, for
+    lingering_time at most)."""
+    head = f"GET {STATIC} HTTP/1.1\r\nHost: t\r\n{framing}\r\nConnection: close\r\n\r\n"
+    with socket.create_connection(("127.0.0.1", front.port), timeout=10) as s:
+        started = time.monotonic()
+        s.sendall(head.encode())  # the body is never sent
+        answer = s.recv(65536)
+        assert time.monotonic() - started < 4
+    assert status_of(answer) == 400, answer[:200]
     assert_security_headers(answer)
+
+
+def test_an_empty_body_is_no_body(front):
+    head = f"GET {STATIC} HTTP/1.1\r\nHost: t\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+    assert status_of(raw(front.port, head.encode())) == 200
 
 
 @pytest.mark.parametrize(
@@ -480,3 +522,61 @@ def test_unset_origin_header_lets_everyone_in(front):
         source="127.0.0.2",
     )
     assert status_of(answer) == 200
+
+
+# --- how many requests at once ------------------------------------------------------------
+
+BIG = "/packages/stats/bioc/big-test-file.txt"
+
+
+@pytest.fixture(scope="module")
+def limited(loaded_pg, tmp_path_factory):
+    with run_front(
+        loaded_pg,
+        tmp_path_factory.mktemp("limited"),
+        workers=1,
+        webstats_nginx_max_connections=5,
+        webstats_nginx_max_connections_per_client=3,
+    ) as fr:
+        assert "publish: data version" in fr.cli("publish")
+        with published(fr, BIG).open("wb") as f:
+            f.truncate(64 << 20)  # far more than the socket buffers hold
+        yield fr
+
+
+def _held(port: int, source: str) -> tuple[socket.socket, bytes]:
+    """A request for a big file whose client reads nothing past the status line: nginx is
+    still sending it, so it holds its request slot."""
+    s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    s.settimeout(10)
+    s.bind((source, 0))
+    s.connect(("127.0.0.1", port))
+    s.sendall(f"GET {BIG} HTTP/1.1\r\nHost: t\r\n\r\n".encode())
+    return s, s.recv(12)
+
+
+def test_one_client_cannot_hold_every_slot_and_the_host_is_never_limited(limited):
+    held: list[socket.socket] = []
+
+    def hold(source: str) -> bytes:
+        s, status_line = _held(limited.port, source)
+        held.append(s)
+        return status_line
+
+    try:
+        assert [hold("127.0.0.2") for _ in range(4)] == [b"HTTP/1.1 200"] * 3 + [b"HTTP/1.1 503"]
+        assert [hold("127.0.0.3") for _ in range(2)] == [b"HTTP/1.1 200"] * 2
+        assert hold("127.0.0.4") == b"HTTP/1.1 503"  # five at once in all
+        # the deploy's health check and SysOps on the host are never turned away
+        assert [hold("127.0.0.1") for _ in range(3)] == [b"HTTP/1.1 200"] * 3
+        assert limited.get("/healthz")[0] == 200
+    finally:
+        for s in held:
+            s.close()
+    again = b"GET /healthz HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n"
+    wait_for(
+        lambda: status_of(raw(limited.port, again, source="127.0.0.4")) == 200,
+        30,
+        what="the slots freed once the clients went away",
+    )

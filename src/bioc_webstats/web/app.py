@@ -141,7 +141,7 @@ def _stale(vt: dt.date | None, settings: Settings) -> bool:
 
 
 def _plain(status: int, title: str, message: str) -> Response:
-    root = f"{request.script_root}{PREFIX}/"
+    root = f"{PREFIX}/"
     body = pages.simple_page(title, message, status, root).encode()
     resp = Response(body, status=status, content_type=HTML)
     if status == 503:
@@ -151,7 +151,9 @@ def _plain(status: int, title: str, message: str) -> Response:
 
 
 def _redirect(location: str) -> Response:
-    target = f"{request.script_root}{PREFIX}/{location}"
+    # Not request.script_root: gunicorn takes SCRIPT_NAME from a request header, and a
+    # client talking to its socket could point the redirect at another host.
+    target = f"{PREFIX}/{location}"
     qs = request.query_string.decode("latin-1")
     if qs:
         target += "?" + quote(qs, safe="/?&=+%;:@,$!*'()~")
@@ -171,8 +173,9 @@ def _send(path_or_body: Path | bytes, ctype: str, etag: str, mtime: float, max_a
         resp = send_file(io.BytesIO(path_or_body), mimetype=ctype, etag=etag,
                          last_modified=mtime, max_age=max_age, conditional=True)  # fmt: skip
     resp.headers.pop("Expires", None)
+    resp.headers.pop("Content-Disposition", None)  # nginx sends none
     resp.headers["Cache-Control"] = f"public, max-age={max_age}"
-    if resp.status_code == 200:
+    if resp.status_code in (200, 206):
         resp.headers["Content-Type"] = ctype  # exactly, as nginx sends it
     return resp
 
