@@ -195,14 +195,14 @@ def test_status_column_old_and_new_name_method_as_logged(sqlite_settings, tmp_pa
             enumerate(["200", "301", "302", "307", "308"])]  # fmt: skip
     rows += [legacygen.row(status=s) for s in ["304", "404", "206", "500"]]
     rows += [legacygen.row(method=m) for m in ["HEAD", "POST", "get", None]]
-    rows += [legacygen.row(status=s) for s in ["-", "", None, "2OO"]]  # malformed
+    rows += [legacygen.row(status=s) for s in ["-", "", None, "2OO", "2" * 5000]]  # malformed
     path = tmp_path / "download_db_2015.sqlite"
     assert import_rows(sqlite_settings, path, rows, status_col=status_col)
     got = records(sqlite_settings.database_url)
     assert sum(n for *_, n in got) == 5
     assert len(got) == 5  # five clients
     unit = {k: v for k, v in ledger(sqlite_settings.database_url).items() if "/rows-" in k}
-    assert list(unit.values()) == [(len(rows), 5, 4)]  # rows read, downloads, malformed
+    assert list(unit.values()) == [(len(rows), 5, 5)]  # rows read, downloads, malformed
 
 
 def test_the_day_is_the_local_day_as_logged(db_url, tmp_path):

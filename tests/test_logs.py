@@ -139,6 +139,7 @@ def test_malformed_lines_counted_not_fatal():
             line(date="2024-02-02"),  # more than 48 h after
             line(status="-"),
             line(status="abc"),
+            line(status="2" * 5000),  # int() refuses it: once, it stopped every run
             line(ip="-"),
             line(ip=""),
             "",
@@ -146,14 +147,14 @@ def test_malformed_lines_counted_not_fatal():
             line(date="2024-01-28", time="13:00:00"),  # 47 h before: fine, counts that day
         )
     )
-    assert res.lines_read == 14
-    assert res.rejected == 12
+    assert res.lines_read == 15
+    assert res.rejected == 13
     assert res.accepted == 2
     assert res.reject_reasons == {
         "column count": 2,
         "date/time": 4,
         "timestamp more than 48 h from the object's hour": 2,
-        "status": 2,
+        "status": 3,
         "c-ip": 2,
     }
     assert set(downloads(res)) == {

@@ -166,7 +166,9 @@ def fields_layout(line: bytes) -> tuple[int, int, int, int, int, int, int]:
 
 def status_class(raw: bytes) -> int:
     """An sc-status value → BAD (not a number), OTHER or DL (a download status)."""
-    code = int(raw) if raw.isdigit() else None
+    # A status is a few digits; a long run of them is malformed too (and int() refuses past
+    # 4,300 digits: one such line would stop every run).
+    code = int(raw) if raw.isdigit() and len(raw) <= 9 else None
     return BAD if code is None else DL if code in DOWNLOAD_STATUS else OTHER
 
 
