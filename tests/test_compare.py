@@ -254,3 +254,36 @@ def test_a_site_that_is_down_stops_the_run(ours, monkeypatch):
     # each file retried; only the few already in flight (2 x 4 jobs) went on after the stop
     tried = len(waits) // (cmp.ATTEMPTS - 1)
     assert len(waits) % (cmp.ATTEMPTS - 1) == 0 and cmp.GIVE_UP <= tried <= cmp.GIVE_UP + 8
+
+
+@pytest.mark.parametrize(
+    "parts,why",
+    [
+        ([(b"HTTP/1.1 200 OK\r\nContent-Length: 50\r\n\r\nPackage\n", 0)], "cut short: 8 of 50"),
+        (
+            [(b"HTTP/1.1 200 OK\r\nContent-Length: 99\r\n\r\n", 0)] + [(b"x", 0.2)] * 40,
+            "not complete after 1 s",
+        ),
+        ([(b"NOT HTTP\r\n\r\n", 0)], "not a valid HTTP answer (BadStatusLine)"),
+    ],
+)
+def test_a_broken_answer_is_retried_then_named(monkeypatch, parts, why):
+    """A body shorter than its Content-Length (compared as a shorter file before), one
+    trickled past the per-file deadline, an answer that is not HTTP: retried, then one line."""
+    from test_packages import scripted_server
+
+    monkeypatch.setattr(cmp, "DEADLINE", 1.0)
+    waits: list[float] = []
+    with scripted_server(parts) as url:
+        side = cmp.WebSide(url, timeout=0.5, sleep=waits.append)
+        with pytest.raises(cmp.FetchError) as exc:
+            side.fetch("bioc/bioc_packages.txt")
+    assert str(exc.value).startswith(f"{url}/bioc/bioc_packages.txt: {why}"), exc.value
+    assert str(exc.value).endswith(f"(after {cmp.ATTEMPTS} attempts)")
+    assert len(waits) == cmp.ATTEMPTS - 1
+
+
+def test_a_broken_url_is_one_line():
+    with pytest.raises(cmp.WebstatsError) as exc:
+        cmp.open_side("http://[::1/packages/stats/")
+    assert str(exc.value) == "http://[::1/packages/stats/: not a usable URL (Invalid IPv6 URL)"

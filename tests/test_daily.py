@@ -83,6 +83,30 @@ def test_failed_sync_is_reported_and_the_etl_runs(db_url, tmp_path, monkeypatch,
     assert got[daily.LAST_SYNC_OK] is None and recent(got[daily.LAST_ETL_OK])
 
 
+def test_a_defect_in_the_sync_does_not_stop_the_etl(db_url, tmp_path, monkeypatch, capsys, ready):
+    """Whatever the sync raises, the ETL still runs and the failure is one line."""
+    from bioc_webstats.etl import packages
+
+    def broken(*_a, **_k):
+        raise KeyError("surprise")
+
+    monkeypatch.setattr(packages, "sync", broken)
+    out, truth = ready
+    capsys.readouterr()
+    code = cli_run(
+        monkeypatch, db_url, tmp_path, "daily", "--source", str(out),
+        "--packages-from", str(DEVEL),
+    )  # fmt: skip
+    captured = capsys.readouterr()
+    assert code == 1
+    assert captured.out.splitlines()[-1] == "daily: packages sync failed, etl run ok"
+    assert captured.err.splitlines()[-1] == (
+        "bioc-webstats: error: packages sync: unexpected KeyError: 'surprise'"
+    )
+    assert "Traceback" not in captured.err
+    assert_truth(db_url, truth)
+
+
 def test_sync_stopped_at_its_limit_is_a_failure(db_url, tmp_path, monkeypatch, capsys, ready):
     out, truth = ready
     code = cli_run(

@@ -3,6 +3,7 @@ and a real HTTP server on loopback, on SQLite and PostgreSQL."""
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import functools
 import http.server
@@ -347,6 +348,78 @@ def test_sync_http_timeout_is_one_line(settings):
                 settings, source=f"http://127.0.0.1:{port}", dry_run=True, force=False, timeout=0.5
             )
     assert str(exc.value) == f"cannot fetch http://127.0.0.1:{port}/config.yaml: timed out"
+
+
+@contextlib.contextmanager
+def scripted_server(parts: list[tuple[bytes, float]]) -> Iterator[str]:
+    """A server that answers every connection with ``parts`` (bytes, then a pause), then
+    closes: broken HTTP the way a proxy or a bad mirror sends it."""
+    stop = threading.Event()
+    lsock = socket.socket()
+    lsock.bind(("127.0.0.1", 0))
+    lsock.listen(8)
+    lsock.settimeout(0.2)
+
+    def serve() -> None:
+        while not stop.is_set():
+            try:
+                conn, _ = lsock.accept()
+            except TimeoutError:
+                continue
+            with conn:
+                conn.recv(65536)
+                try:
+                    for data, pause in parts:
+                        conn.sendall(data)
+                        if stop.wait(pause):
+                            break
+                except OSError:
+                    pass  # the client gave up
+
+    t = threading.Thread(target=serve, daemon=True)
+    t.start()
+    try:
+        yield f"http://127.0.0.1:{lsock.getsockname()[1]}"
+    finally:
+        stop.set()
+        t.join(10)
+        lsock.close()
+
+
+@pytest.mark.parametrize(
+    "parts,why",
+    [
+        ([(b"HELLO THIS IS NOT HTTP\r\n\r\n", 0)], "not a valid HTTP answer (BadStatusLine)"),
+        (
+            [(b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\nrelease_version: 3.20\n", 0)],
+            "cut short: 22 of 100 bytes",
+        ),
+        (
+            [(b"HTTP/1.1 200 OK\r\nContent-Length: 1000\r\n\r\n", 0)] + [(b"r", 0.2)] * 40,
+            "not complete after 1 s (",
+        ),
+        (
+            [(b"HTTP/1.1 200 OK\r\n" + b"X-H: v\r\n" * 200 + b"\r\n", 0)],
+            "not a valid HTTP answer (HTTPException)",
+        ),
+    ],
+)
+def test_sync_broken_http_is_one_line(settings, monkeypatch, parts, why):
+    """Not HTTP, a body shorter than its Content-Length (taken whole before: a truncated
+    PACKAGES closed packages), a body trickled past the per-file deadline, too many headers."""
+    from bioc_webstats.etl import manifest
+
+    monkeypatch.setattr(manifest, "FETCH_DEADLINE", 1.0)
+    with scripted_server(parts) as url:
+        with pytest.raises(WebstatsError) as exc:
+            sync(settings, source=url, dry_run=True, force=False, timeout=5)
+    assert str(exc.value).startswith(f"cannot fetch {url}/config.yaml: {why}"), exc.value
+
+
+def test_sync_from_a_broken_url_is_one_line(settings):
+    with pytest.raises(WebstatsError) as exc:
+        sync(settings, source="http://[::1", dry_run=True, force=False)
+    assert str(exc.value) == "packages source http://[::1: Invalid IPv6 URL"
 
 
 def test_sync_cli(loaded):

@@ -30,14 +30,16 @@ from . import __version__
 from .categories import BY_PREFIX, BY_STEM, CATEGORIES, Category
 from .config import Settings
 from .errors import WebstatsError
+from .httpbody import BodyError, not_http, read_body
 
 log = logging.getLogger(__name__)
 
 USER_AGENT = f"bioc-webstats-compare/{__version__} (+https://bioconductor.org/packages/stats/)"
-TIMEOUT = 30.0  # seconds per request
+TIMEOUT = 30.0  # seconds per read
+DEADLINE = 300.0  # seconds per file
 ATTEMPTS = 4  # per file: the first try and three retries
 BACKOFF = 1.0  # seconds before the first retry, doubled each time
-MAX_BYTES = 256 * 1024 * 1024  # the largest file (software's _pkg_stats.tab) is ~20 MB
+MAX_BYTES = 64 * 1024 * 1024  # the largest file (software's _pkg_stats.tab) is ~20 MB
 RETRY_STATUS = frozenset({429, 500, 502, 503, 504})
 GIVE_UP = 10  # files in a row that cannot be read (after their retries): the run stops
 
@@ -75,6 +77,7 @@ class WebSide(Side):
         self.base = base if base.endswith("/") else base + "/"
         self.name = self.base
         self.timeout, self.attempts, self.backoff, self.sleep = timeout, attempts, backoff, sleep
+        self.deadline = max(DEADLINE, timeout)
 
     def url(self, relpath: str) -> str:
         return self.base + urllib.parse.quote(relpath)
@@ -86,10 +89,11 @@ class WebSide(Side):
         for attempt in range(1, self.attempts + 1):
             try:
                 with urllib.request.urlopen(req, timeout=self.timeout) as resp:  # noqa: S310
-                    data = resp.read(MAX_BYTES + 1)
-                if len(data) > MAX_BYTES:
-                    raise FetchError(f"{url}: larger than {MAX_BYTES} bytes")
-                return data
+                    return read_body(resp, MAX_BYTES, self.deadline)
+            except BodyError as exc:
+                if not exc.retry:
+                    raise FetchError(f"{url}: {exc}") from None
+                why, wait = str(exc), delay
             except urllib.error.HTTPError as exc:
                 if exc.code in (404, 410):
                     return None
@@ -97,7 +101,9 @@ class WebSide(Side):
                 if exc.code not in RETRY_STATUS:
                     raise FetchError(f"{url}: {why}") from None
                 wait = _retry_after(exc.headers.get("Retry-After"), delay)
-            except (urllib.error.URLError, TimeoutError, http.client.HTTPException, OSError) as exc:
+            except http.client.HTTPException as exc:
+                why, wait = not_http(exc), delay
+            except (urllib.error.URLError, TimeoutError, OSError) as exc:
                 reason = getattr(exc, "reason", exc)
                 why = (
                     "timed out" if "timed out" in str(reason) else str(reason) or type(exc).__name__
@@ -168,6 +174,12 @@ class DatabaseSide(Side):
 def open_side(where: str, timeout: float = TIMEOUT) -> Side:
     """A base URL (``http(s)://…/packages/stats/``) or a directory copy of a site."""
     if where.startswith(("http://", "https://")):
+        try:
+            host = urllib.parse.urlsplit(where).hostname
+        except ValueError as exc:  # "http://[::1"
+            raise WebstatsError(f"{where}: not a usable URL ({exc})") from None
+        if not host:
+            raise WebstatsError(f"{where}: not a usable URL (no host)")
         return WebSide(where, timeout=timeout)
     return DirSide(Path(where.removeprefix("file://")))
 

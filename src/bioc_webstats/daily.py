@@ -77,6 +77,11 @@ def _step(
         result.failures[name] = _one_line(exc)
         log.error("%s failed: %s", name, result.failures[name])
         return
+    except Exception as exc:  # a defect: the next step (the ETL after the sync) still runs
+        result.failures[name] = f"unexpected {type(exc).__name__}: {_one_line(exc)}"
+        log.error("%s failed: %s", name, result.failures[name])
+        log.debug("%s: the traceback", name, exc_info=True)
+        return
     if not ok:
         result.failures[name] = "some objects failed (see above); retried on the next run"
         log.error("%s failed: %s", name, result.failures[name])

@@ -7,6 +7,7 @@ that does not look like what it should — is one WebstatsError line naming the 
 
 from __future__ import annotations
 
+import http.client
 import re
 import urllib.error
 import urllib.request
@@ -16,8 +17,10 @@ from pathlib import Path
 from .. import __version__
 from ..categories import CATEGORIES
 from ..errors import WebstatsError
+from ..httpbody import BodyError, not_http, read_body
 
-FETCH_TIMEOUT = 30.0  # seconds, per file
+FETCH_TIMEOUT = 30.0  # seconds, per read
+FETCH_DEADLINE = 300.0  # seconds, per file
 MAX_BYTES = 64 * 1024 * 1024  # the largest PACKAGES today is a few MB
 
 _VERSION = re.compile(r"^\d+\.\d+$")
@@ -51,16 +54,22 @@ def read_text(source: str, relpath: str, timeout: float = FETCH_TIMEOUT) -> str:
     if is_url(source):
         url = source.rstrip("/") + "/" + relpath
         agent = {"User-Agent": f"bioc-webstats/{__version__}"}
-        req = urllib.request.Request(url, headers=agent)  # noqa: S310 - is_url(): http(s) only
         try:
+            req = urllib.request.Request(url, headers=agent)  # noqa: S310 - is_url(): http(s)
             with urllib.request.urlopen(req, timeout=timeout) as resp:  # noqa: S310
-                data = resp.read(MAX_BYTES + 1)
+                data = read_body(resp, MAX_BYTES, FETCH_DEADLINE)
+        except BodyError as exc:
+            raise WebstatsError(f"cannot fetch {url}: {exc}") from None
         except urllib.error.HTTPError as exc:
             raise WebstatsError(f"cannot fetch {url}: HTTP {exc.code} {exc.reason}") from None
         except urllib.error.URLError as exc:
             raise WebstatsError(f"cannot fetch {url}: {_reason(exc.reason)}") from None
         except (TimeoutError, OSError) as exc:  # a read that stalls after the headers
             raise WebstatsError(f"cannot fetch {url}: {_reason(exc)}") from None
+        except http.client.HTTPException as exc:
+            raise WebstatsError(f"cannot fetch {url}: {not_http(exc)}") from None
+        except ValueError as exc:  # not a URL urllib can use ("http://[::1")
+            raise WebstatsError(f"packages source {source}: {exc}") from None
         where = url
     else:
         base = Path(source.removeprefix("file://"))

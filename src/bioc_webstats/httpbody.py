@@ -1,0 +1,51 @@
+"""The body of an HTTP answer from another site, read with bounds: what reads the packages
+source (``etl/manifest.py``) and ``compare`` both need it. The socket timeout bounds each
+read; a deadline bounds the whole body (a server sending a byte a second never times out a
+read); a size cap bounds memory; a body that ends before its ``Content-Length`` is an error,
+not a shorter file."""
+
+from __future__ import annotations
+
+import time
+from typing import Protocol
+
+from .errors import WebstatsError
+
+
+class BodyError(WebstatsError):
+    """The body could not be read whole; ``retry`` says whether trying again may help."""
+
+    def __init__(self, message: str, retry: bool) -> None:
+        super().__init__(message)
+        self.retry = retry
+
+
+class _Response(Protocol):
+    headers: object
+
+    def read1(self, n: int = -1) -> bytes: ...
+
+
+def read_body(resp: _Response, max_bytes: int, deadline: float) -> bytes:
+    """All of ``resp``'s body, one network read at a time."""
+    give_up = time.monotonic() + deadline
+    chunks: list[bytes] = []
+    size = 0
+    while chunk := resp.read1(1 << 16):
+        size += len(chunk)
+        if size > max_bytes:
+            raise BodyError(f"larger than {max_bytes} bytes", retry=False)
+        chunks.append(chunk)
+        if time.monotonic() > give_up:
+            raise BodyError(f"not complete after {deadline:g} s ({size} bytes)", retry=True)
+    headers = resp.headers
+    expected = headers.get("Content-Length") if hasattr(headers, "get") else None
+    if expected and expected.strip().isdigit() and not headers.get("Transfer-Encoding"):
+        if size != int(expected):
+            raise BodyError(f"cut short: {size} of {int(expected)} bytes", retry=True)
+    return b"".join(chunks)
+
+
+def not_http(exc: Exception) -> str:
+    """One line for an answer that is not HTTP (http.client's exceptions quote raw bytes)."""
+    return f"not a valid HTTP answer ({type(exc).__name__})"
