@@ -61,6 +61,11 @@ def test_backup_lose_restore_same_bytes(db_url, clean_env, monkeypatch, aws_env)
     before = served(settings)
     boto3.client("s3").create_bucket(Bucket="bioc-webstats-backups")
     dump = clean_env / "backups" / "webstats.dump"
+    # a bucket that is not there: one line, the local dump kept
+    res = run("db", "backup", str(dump), "--s3", "s3://no-such-bucket-here/prod")
+    assert res.returncode == 1 and len(res.stderr.splitlines()) == 1, res.stderr
+    assert "upload to s3://no-such-bucket-here/prod/webstats.dump failed: " in res.stderr
+    assert "NoSuchBucket" in res.stderr and dump.is_file()
     res = run("db", "backup", str(dump), "--s3", "s3://bioc-webstats-backups/bioc-webstats/prod")
     assert res.returncode == 0, res.stderr
     assert res.stdout.startswith(f"backup: {dump} (") and "uploaded to s3://" in res.stdout

@@ -111,9 +111,10 @@ def describe_error(exc: BaseException) -> str:
 
 
 def _aws_errors() -> tuple[type[BaseException], ...]:
+    from boto3.exceptions import Boto3Error  # S3's managed transfers: S3UploadFailedError
     from botocore.exceptions import BotoCoreError, ClientError
 
-    return (BotoCoreError, ClientError)
+    return (BotoCoreError, ClientError, Boto3Error)
 
 
 def normalize_path(path: str) -> str:
