@@ -335,6 +335,8 @@ def test_broken_files_fail_alone(db_url, tmp_path, caplog, monkeypatch, capsys):
     (d / "again").mkdir()
     shutil.copy(good, d / "again" / good.name)  # its name is the file's identity
     bad["again/download_db_2024.sqlite"] = "the same name as"
+    shutil.copy(good, d / "copy_2024.sqlite")  # the same rows under another name
+    bad["copy_2024.sqlite"] = "the same database under another name"
     big.unlink()
     caplog.set_level(logging.INFO, "bioc_webstats")
     paths = [str(good)] + [str(d / n) for n in bad]
@@ -365,6 +367,26 @@ def test_broken_files_fail_alone(db_url, tmp_path, caplog, monkeypatch, capsys):
 
 
 # --- exactly once ---------------------------------------------------------------------------
+
+
+def test_a_copy_under_another_name_is_refused_in_a_later_import(sqlite_settings, tmp_path, caplog):
+    """A file's name is its identity in the ledger; a copy of an imported database under
+    another name would count every download twice: it is refused, nothing of it stored."""
+    rows = [legacygen.row(ips=f"192.0.2.{i}") for i in range(30)]
+    first = tmp_path / "download_db_2020.sqlite"
+    assert import_rows(sqlite_settings, first, rows, unit_rows=10)
+    url = sqlite_settings.database_url
+    before = records(url), stats_tables(url)
+    copy = tmp_path / "elsewhere" / "download_db_2020_copy.sqlite"
+    copy.parent.mkdir()
+    shutil.copy(first, copy)
+    caplog.set_level(logging.ERROR, "bioc_webstats")
+    assert (
+        legacy.import_files(sqlite_settings, [str(copy)], until="2030-01-01", unit_rows=10) is False
+    )
+    assert (records(url), stats_tables(url)) == before
+    assert not [k for k in ledger(url) if "_copy" in k]
+    assert "give exactly the downloads of download_db_2020.sqlite's" in caplog.text
 
 
 def test_rerun_adds_nothing(db_url, tmp_path, corpus, caplog):

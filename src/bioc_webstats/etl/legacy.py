@@ -252,6 +252,18 @@ def _ledger(session: Session, name: str) -> tuple[str | None, dict[str, str]]:
     return next((e for k, e in rows if k == file_key(name)), None), units
 
 
+def _unit_owners(session: Session) -> dict[str, str]:
+    """{a stored unit's ETag: its file's name}, for every legacy unit in the ledger (a few
+    thousand for the whole history)."""
+    io = IngestedObject
+    rows = session.execute(
+        select(io.key, io.etag).where(io.key.startswith(LEGACY_PREFIX, autoescape=True))
+    ).all()
+    return {
+        e: k[len(LEGACY_PREFIX) :].rsplit("/", 1)[0] for k, e in rows if e and _UNIT_KEY.search(k)
+    }
+
+
 def _record_file(settings: Settings, f: LegacyFile, until: dt.date) -> None:
     """The file's row: every unit is in; its size/mtime let the next import skip it."""
     now = dt.datetime.now(dt.UTC)
@@ -356,6 +368,8 @@ def import_files(
     progress = ingest.Progress(len(tasks), sum(hi - lo + 1 for *_, lo, hi in tasks))
     workers = min(readers(settings), len(tasks))
     queued: set[tuple[str, str, int, int]] = set()
+    with sf() as session:
+        owners = _unit_owners(session)
     results = read_all(tasks, key, until_day, workers)
     for f, task in zip(owner, tasks, strict=True):
         t1 = time.monotonic()
@@ -363,7 +377,7 @@ def import_files(
         t2 = time.monotonic()
         summary.t_read += t2 - t1
         pause_point("unit_parsed")
-        _store_unit(sf, f, unit, replace, queued, summary)
+        _store_unit(sf, f, unit, replace, queued, summary, owners)
         summary.t_store += time.monotonic() - t2
         f.done += 1
         progress.update(task[4] - task[3] + 1, unit.rows)
@@ -406,9 +420,18 @@ def _store_unit(
     replace: bool,
     queued: set[tuple[str, str, int, int]],
     summary: ImportSummary,
+    owners: dict[str, str],
 ) -> None:
     if f.error is not None:  # an earlier unit of the file failed: the file is done for
         return
+    twin = owners.get(unit.etag or "") if unit.downloads else None
+    if twin is not None and twin != f.name:
+        # A file's name is its identity in the ledger: the same database copied under another
+        # name would count its downloads twice.
+        unit.error = (
+            f"rows {unit.key.rsplit('/rows-', 1)[1]} give exactly the downloads of {twin}'s, "
+            f"imported before: the same database under another name"
+        )
     if unit.error:
         f.error = unit.error
         log.error("%s: %s; its other units are not imported", f.path, unit.error)
@@ -438,6 +461,8 @@ def _store_unit(
         log.warning("%s: already in the ledger, skipped", unit.key)
         return
     pause_point("unit_committed")
+    if unit.etag and unit.downloads:
+        owners[unit.etag] = f.name
     queued |= unit.touched
     if before is not None:
         f.replaced += 1
