@@ -13,11 +13,11 @@ import pytest
 from sqlalchemy import func, select
 
 import loggen
-from bioc_webstats.errors import WebstatsError
+from bioc_webstats.errors import ConfigError, WebstatsError
 from bioc_webstats.etl import ingest, parse, rule, sources
 from bioc_webstats.store import db
 from bioc_webstats.store.models import DownloadRecord, IngestedObject
-from test_ingest import loaded
+from test_ingest import loaded, make_settings
 
 BUCKET = "bioc-cloudfront-logs"
 CUTOVER = dt.date(2024, 3, 1)
@@ -328,14 +328,33 @@ def test_run_on_a_symlinked_folder_is_not_zero_objects(db_url, tmp_path):
         assert s.scalar(select(func.sum(DownloadRecord.downloads))) == truth.counted
 
 
-def test_cli_until_is_checked(tmp_path, monkeypatch, capsys):
+@pytest.mark.parametrize(
+    "args,why",
+    [
+        (["--until", "tomorrow"], "'tomorrow' is not a date YYYY-MM-DD"),
+        (["--since", "20240101"], "'20240101' is not a date YYYY-MM-DD"),  # fromisoformat took it
+        (["--until", "2024-W05-2"], "'2024-W05-2' is not a date YYYY-MM-DD"),
+        (
+            ["--since", "2024-02-01", "--until", "2024-01-31"],
+            "--until 2024-01-31 is before --since 2024-02-01",
+        ),
+    ],
+)
+def test_cli_since_and_until_are_checked(tmp_path, monkeypatch, capsys, args, why):
+    """Usage errors: exit 2, one line, before anything is read."""
     from bioc_webstats import cli
 
     monkeypatch.setenv("WEBSTATS_ENV_FILE", "/dev/null")
     with pytest.raises(SystemExit) as exc:
-        cli.main(["etl", "run", "--source", str(tmp_path), "--until", "tomorrow"])
+        cli.main(["etl", "run", "--source", str(tmp_path), *args])
     assert exc.value.code == 2
-    assert "'tomorrow' is not a date YYYY-MM-DD" in capsys.readouterr().err
+    assert why in capsys.readouterr().err
+
+
+def test_logs_since_must_be_written_yyyy_mm_dd(tmp_path):
+    settings = make_settings("sqlite://", tmp_path, WEBSTATS_ETL_LOGS_SINCE="20240101")
+    with pytest.raises(ConfigError, match="etl/logs_since must be a date YYYY-MM-DD"):
+        ingest.logs_since(settings)
 
 
 def test_s3_walk_pages_grow_over_files_that_are_not_logs(s3_env):

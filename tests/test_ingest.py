@@ -300,6 +300,38 @@ def test_dry_run_writes_nothing(db_url, tmp_path, data, caplog):
     assert snapshot(db_url) == before
     assert f"{len(truth.files)} to ingest" in caplog.text
     assert f"would ingest {truth.files[0]}" in caplog.text
+    assert f"etl run --dry-run: {len(truth.files)} objects to ingest, 0 failed" in caplog.text
+
+
+def test_an_unreadable_folder_fails_the_run_not_the_others(db_url, tmp_path, caplog, monkeypatch):
+    """A folder of the source that cannot be listed: one line, the other files ingested,
+    the run fails at its end (the next run reads the folder once it can)."""
+    import shutil
+
+    from bioc_webstats.etl import sources
+
+    out = tmp_path / "logs"
+    truth = loggen.generate(out, days=2, files_per_day=2, lines_per_file=50)
+    (out / "locked").mkdir()
+    later = truth.files[-1:]
+    for name in later:
+        shutil.move(out / name, out / "locked" / name)
+    real = sources.os.scandir
+
+    def scandir(path):
+        if str(path).endswith("/locked"):
+            raise PermissionError(13, "Permission denied")
+        return real(path)
+
+    monkeypatch.setattr(sources.os, "scandir", scandir)
+    settings = loaded(db_url, tmp_path)
+    caplog.set_level(logging.INFO, "bioc_webstats")
+    assert ingest.run(settings, source=str(out)) is False
+    assert f"log source {out / 'locked'}: Permission denied; its files are not read" in caplog.text
+    assert f"{len(truth.files) - len(later)} objects ingested, 1 failed" in caplog.text
+    monkeypatch.setattr(sources.os, "scandir", real)
+    assert ingest.run(settings, source=str(out))  # readable again: the rest comes in
+    assert_truth(db_url, truth)
 
 
 def test_packages_table_change_recomputes_those_packages(db_url, tmp_path, data):

@@ -211,11 +211,11 @@ def etl_group() -> None:
 
 def _iso_date(value: str | None) -> str | None:
     """A YYYY-MM-DD option value, else a usage error (exit 2)."""
-    import datetime as dt
+    from .config import parse_day
 
     if value is not None:
         try:
-            dt.date.fromisoformat(value)
+            parse_day(value)
         except ValueError:
             raise click.BadParameter(f"{value!r} is not a date YYYY-MM-DD") from None
     return value
@@ -254,6 +254,8 @@ def etl_run(
     engine: str,
 ) -> None:
     """Ingest new log objects and update the statistics."""
+    if since and until and until < since:  # both YYYY-MM-DD: the text order is the date order
+        raise click.UsageError(f"--until {until} is before --since {since}")
     if engine == "athena":
         from .etl.athena import run
     else:

@@ -7,6 +7,7 @@ same ``WEBSTATS_…=value`` lines as the environment.
 
 from __future__ import annotations
 
+import datetime as dt
 import os
 import re
 from dataclasses import dataclass, field
@@ -127,6 +128,17 @@ class Settings:
         """Where the published site is (``web/publish_dir``, else ``<state_dir>/site``)."""
         value = self.values.get("web/publish_dir")
         return Path(value) if value else self.state_dir / "site"
+
+
+_DAY = re.compile(r"\d{4}-\d{2}-\d{2}")
+
+
+def parse_day(value: str) -> dt.date:
+    """A day written YYYY-MM-DD, else ValueError (``date.fromisoformat`` alone also takes
+    ``20240130`` and ``2024-W05-2``)."""
+    if not _DAY.fullmatch(value):
+        raise ValueError(value)
+    return dt.date.fromisoformat(value)
 
 
 def read_env_file(path: Path) -> dict[str, str]:

@@ -32,7 +32,7 @@ from sqlalchemy import ColumnElement, delete, func, or_, select, text
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from ..config import Settings
+from ..config import Settings, parse_day
 from ..errors import ConfigError, WebstatsError
 from ..store import db, records, stats
 from ..store.models import DownloadRecord, IngestedObject
@@ -322,7 +322,7 @@ def parse_since(since: str | None, option: str = "--since") -> dt.date | None:
     if since is None:
         return None
     try:
-        return dt.date.fromisoformat(since)
+        return parse_day(since)
     except ValueError:
         raise WebstatsError(f"{option} {since!r}: expected a date YYYY-MM-DD") from None
 
@@ -419,7 +419,12 @@ def store_all(
         if parsed.error:
             summary.failed += 1
             summary.failures.append(k)
-            log.error("%s: %s; not ingested, will be retried on the next run", k, parsed.error)
+            then = (
+                "not ingested, will be retried on the next run"
+                if store is store_new
+                else "not re-ingested, its records are kept as they were"
+            )
+            log.error("%s: %s; %s", k, parsed.error, then)
         else:
             try:
                 with sf.begin() as session:
@@ -476,7 +481,7 @@ def logs_since(settings: Settings) -> dt.date | None:
     if not value:
         return None
     try:
-        return dt.date.fromisoformat(value)
+        return parse_day(value)
     except ValueError:
         raise ConfigError(
             f"parameter etl/logs_since must be a date YYYY-MM-DD, got {value!r}"
@@ -580,17 +585,22 @@ def run(
     url = source_url(settings, source)
     if not dry_run:
         ip_hash_key(settings, url)  # fail on configuration before reading anything
-    _src, todo, skipped, _window = list_window(settings, url, since, until)
+    src, todo, skipped, _window = list_window(settings, url, since, until)
     summary = RunSummary(skipped_names=len(skipped))
     for k in skipped:
         log.info("skipped %s: not a log object name", k)
+    # Folders that could not be read (logged by the source): the run goes on without them
+    # and fails at the end, as for a corrupt object.
+    summary.failures += src.unreadable
+    summary.failed += len(src.unreadable)
     pause_point("listed")
     if dry_run:
         for o in todo:
             log.info("would ingest %s (%d bytes)", o.key, o.size)
+        summary.objects = len(todo)
         summary.elapsed = time.monotonic() - t0
         log.info("%s", summary.line("etl run --dry-run").replace("ingested", "to ingest"))
-        return True
+        return summary.failed == 0
     if todo:  # which loop reads the lines (a pure-Python build is about half as fast)
         log.info("parsing with the %s parser in %d processes", parse.parser_name(),
                  min(_workers(settings), len(todo)))  # fmt: skip
@@ -606,7 +616,7 @@ def reingest(settings: Settings, keys: list[str], source: str | None = None) -> 
     t0 = time.monotonic()
     url = source_url(settings, source)
     src = sources.open_source(url)
-    objects = [src.get(k) for k in keys]
+    objects = [src.get(k) for k in dict.fromkeys(keys)]  # each once
     summary = RunSummary()
     _ingest_objects(settings, url, objects, summary, store_replacement)
     finish_run(settings, summary)

@@ -47,7 +47,7 @@ from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from ..config import Settings
+from ..config import Settings, parse_day
 from ..errors import ConfigError
 from ..store import db
 from ..store.models import IngestedObject
@@ -236,7 +236,7 @@ def cutover_day(settings: Settings, until: str | None) -> dt.date:
             "days would be counted twice"
         )
     try:
-        return dt.date.fromisoformat(value)
+        return parse_day(value)
     except ValueError:
         raise ConfigError(f"{where} {value!r}: expected a date YYYY-MM-DD") from None
 

@@ -9,6 +9,7 @@ fails as a whole (:class:`LogFormatError`).
 from __future__ import annotations
 
 import datetime as dt
+import logging
 import os
 import re
 import zlib
@@ -18,6 +19,8 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import WebstatsError
+
+log = logging.getLogger(__name__)
 
 try:  # ISA-L's inflate (the isal wheel) gunzips about three times as fast as zlib's
     from isal import isal_zlib as _inflate
@@ -101,9 +104,11 @@ def dir_day(name: str) -> dt.date | None:
 
 class Source:
     """Where log objects live. ``list`` returns (log objects, keys skipped as not log names)
-    of the objects whose name date is in the window."""
+    of the objects whose name date is in the window; ``unreadable`` names the places it could
+    not list (logged; the run fails at its end)."""
 
     url: str
+    unreadable: list[str]
 
     def list(self, window: Window = EVERYTHING) -> tuple[list[LogObject], list[str]]:
         raise NotImplementedError
@@ -124,6 +129,7 @@ class DirSource(Source):
     def __init__(self, root: Path) -> None:
         self.root = root
         self.url = str(root)
+        self.unreadable = []
         if not root.is_dir():
             raise WebstatsError(f"log source {root}: not a directory")
 
@@ -138,7 +144,11 @@ class DirSource(Source):
                 st = folder.stat()
                 entries = sorted(os.scandir(folder), key=lambda e: e.name)
             except OSError as exc:
-                raise WebstatsError(f"log source {folder}: {exc.strerror}") from None
+                if folder == self.root:
+                    raise WebstatsError(f"log source {folder}: {exc.strerror}") from None
+                log.error("log source %s: %s; its files are not read", folder, exc.strerror)
+                self.unreadable.append(str(folder.relative_to(self.root)))
+                continue
             if (st.st_dev, st.st_ino) in seen:
                 continue
             seen.add((st.st_dev, st.st_ino))
@@ -216,6 +226,7 @@ class S3Source(Source):
         if not self.bucket:
             raise WebstatsError(f"log source {url}: no bucket name")
         self.url = url
+        self.unreadable = []  # a listing that fails, fails as a whole
         self.page_size = page_size
         if client is None:
             from ..aws import client as aws_client
