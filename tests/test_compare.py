@@ -188,6 +188,15 @@ def test_narrowed_by_category_and_package(ours, legacy, expected, tmp_path, monk
     wanted = [k for k in expected if k.startswith(("bioc/affy/", "bioc/TReNA/"))]
     assert (code, out) == (0, [f"{len(wanted)} files compared, 0 differ"])
     assert set(legacy.requests) == {*wanted, "bioc/bioc_packages.txt"}
+    code, out, _ = run(  # a name neither side lists is a difference, not "0 differ"
+        monkeypatch, ours, tmp_path, capsys, "--against", legacy.url,
+        "--categories", "bioc", "--packages", "affy,afy",
+    )  # fmt: skip
+    mine = [k for k in expected if k.startswith("bioc/affy/")]
+    assert code == 1 and out == [
+        "--packages afy: listed by neither side (bioc/bioc_packages.txt)",
+        f"{len(mine) + 1} files compared, 1 differ",
+    ]
     code, _, err = run(
         monkeypatch, ours, tmp_path, capsys, "--against", legacy.url, "--categories", "software"
     )

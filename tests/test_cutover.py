@@ -334,6 +334,7 @@ def test_run_on_a_symlinked_folder_is_not_zero_objects(db_url, tmp_path):
         (["--until", "tomorrow"], "'tomorrow' is not a date YYYY-MM-DD"),
         (["--since", "20240101"], "'20240101' is not a date YYYY-MM-DD"),  # fromisoformat took it
         (["--until", "2024-W05-2"], "'2024-W05-2' is not a date YYYY-MM-DD"),
+        (["--source", " "], "Invalid value for '--source': empty: name a directory or a URL"),
         (
             ["--since", "2024-02-01", "--until", "2024-01-31"],
             "--until 2024-01-31 is before --since 2024-02-01",
@@ -346,7 +347,7 @@ def test_cli_since_and_until_are_checked(tmp_path, monkeypatch, capsys, args, wh
 
     monkeypatch.setenv("WEBSTATS_ENV_FILE", "/dev/null")
     with pytest.raises(SystemExit) as exc:
-        cli.main(["etl", "run", "--source", str(tmp_path), *args])
+        cli.main(["etl", "run", "--source", str(tmp_path), *args])  # the last --source wins
     assert exc.value.code == 2
     assert why in capsys.readouterr().err
 

@@ -124,6 +124,14 @@ def test_load_csv_sample_and_merge(settings, tmp_path):
         ("package,category\nx,bioc\n", "header must have columns"),
         ("package,category,first_version,last_version\nx,nope,301,\n", ":2: unknown category"),
         ("package,category,first_version,last_version\nx,bioc,3x,\n", ":2: not a release code"),
+        (
+            "package,category,first_version,last_version\nokpkg,bioc,314,310\n",
+            ":2: last release 3.10 is before first release 3.14",
+        ),
+        (  # compared as numbers, not as text: 3.9 < 3.10
+            "package,category,first_version,last_version\nokpkg,bioc,3.10,3.9\n",
+            ":2: last release 3.9 is before first release 3.10",
+        ),
     ],
 )
 def test_load_csv_bad_input_changes_nothing(loaded, tmp_path, body, message):
@@ -604,3 +612,13 @@ def test_seed_cli_prints_what_it_did(settings):
     )
     assert again.returncode == 0, again.stderr
     assert again.stdout == "packages seed: the table has 5994 rows; nothing done\n"
+
+
+def test_sync_redirect_loop_is_one_line(settings):
+    """urllib's reason for a redirect loop has three lines."""
+    loop = [(b"HTTP/1.1 302 Found\r\nLocation: /config.yaml\r\nContent-Length: 0\r\n\r\n", 0)]
+    with scripted_server(loop) as url:
+        with pytest.raises(WebstatsError) as exc:
+            sync(settings, source=url, dry_run=True, force=False, timeout=5)
+    message = str(exc.value)
+    assert message.startswith(f"cannot fetch {url}/config.yaml: HTTP 302 ") and "\n" not in message

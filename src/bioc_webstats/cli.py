@@ -187,8 +187,21 @@ def packages_seed(ctx: Context) -> None:
         click.echo(seed(ctx.settings))
 
 
+def _not_empty(_ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
+    """An option that names a place: given empty (a shell variable unset) it is a usage
+    error, not a silent fall-back to the configured place."""
+    if value is not None and not value.strip():
+        raise click.BadParameter("empty: name a directory or a URL", param=param)
+    return value
+
+
 @packages_group.command("sync")
-@click.option("--from", "source", help="Base URL or directory with config.yaml and PACKAGES.")
+@click.option(
+    "--from",
+    "source",
+    callback=_not_empty,
+    help="Base URL or directory with config.yaml and PACKAGES.",
+)
 @click.option("--dry-run", is_flag=True, help="Print the changes, write nothing.")
 @click.option("--force", is_flag=True, help="Apply even past the change limit.")
 @pass_ctx
@@ -228,7 +241,11 @@ def _date_option(name: str, text: str) -> Callable[[F], F]:
 
 
 @etl_group.command("run")
-@click.option("--source", help="Directory or s3://bucket/prefix (default: configuration).")
+@click.option(
+    "--source",
+    callback=_not_empty,
+    help="Directory or s3://bucket/prefix (default: configuration).",
+)
 @_date_option(
     "--since",
     "Also consider objects dated on or after this date (YYYY-MM-DD); never before etl/logs_since.",
@@ -274,7 +291,11 @@ def etl_run(
 
 @etl_group.command("reingest")
 @click.argument("keys", nargs=-1, required=True)
-@click.option("--source", help="Directory or s3://bucket/prefix (default: configuration).")
+@click.option(
+    "--source",
+    callback=_not_empty,
+    help="Directory or s3://bucket/prefix (default: configuration).",
+)
 @pass_ctx
 def etl_reingest(ctx: Context, keys: tuple[str, ...], source: str | None) -> None:
     """Replace the records of already ingested objects."""
@@ -327,8 +348,14 @@ def import_legacy_db(
 
 
 @cli.command("daily")
-@click.option("--source", help="Log directory or s3://bucket/prefix (default: configuration).")
-@click.option("--packages-from", help="Base URL or directory of the packages sync.")
+@click.option(
+    "--source",
+    callback=_not_empty,
+    help="Log directory or s3://bucket/prefix (default: configuration).",
+)
+@click.option(
+    "--packages-from", callback=_not_empty, help="Base URL or directory of the packages sync."
+)
 @pass_ctx
 def daily_cmd(ctx: Context, source: str | None, packages_from: str | None) -> None:
     """The daily job (the ETL timer runs it): packages sync, then etl run. A failed sync is

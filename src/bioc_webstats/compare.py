@@ -30,7 +30,7 @@ from . import __version__
 from .categories import BY_PREFIX, BY_STEM, CATEGORIES, Category
 from .config import Settings
 from .errors import WebstatsError
-from .httpbody import BodyError, not_http, read_body
+from .httpbody import BodyError, http_error, not_http, read_body
 
 log = logging.getLogger(__name__)
 
@@ -97,7 +97,7 @@ class WebSide(Side):
             except urllib.error.HTTPError as exc:
                 if exc.code in (404, 410):
                     return None
-                why = f"HTTP {exc.code} {exc.reason}"
+                why = http_error(exc)
                 if exc.code not in RETRY_STATUS:
                     raise FetchError(f"{url}: {why}") from None
                 wait = _retry_after(exc.headers.get("Retry-After"), delay)
@@ -378,15 +378,21 @@ def compare(
     ``echo`` gets one line per differing file as it is found."""
     cats = _categories(categories)
     run = Comparison(here, there, jobs, echo)
+    found: set[str] = set()
     try:
         for cat in cats:
-            _compare_category(run, cat, packages)
+            found |= _compare_category(run, cat, packages)
     finally:
         run.close()
+    for name in dict.fromkeys(packages or []):
+        if name not in found:  # a typo must not pass for "0 differ"
+            where = ", ".join(f"{c.stem}/{c.prefix}_packages.txt" for c in cats)
+            run.record(Outcome(f"--packages {name}", f"listed by neither side ({where})"))
     return run.result
 
 
-def _compare_category(run: Comparison, cat: Category, only: list[str] | None) -> None:
+def _compare_category(run: Comparison, cat: Category, only: list[str] | None) -> set[str]:
+    """Compare the category's files; the package names either side lists."""
     stem, prefix = cat.stem, cat.prefix
     listing = f"{stem}/{prefix}_packages.txt"
     totals = f"{stem}/{prefix}_stats.tab"
@@ -417,3 +423,4 @@ def _compare_category(run: Comparison, cat: Category, only: list[str] | None) ->
                 f"{stem}/{name}/{name}_{y}_stats.tab" for y in sorted(years, reverse=True)
             ]
         run.files(year_files)
+    return set(names)

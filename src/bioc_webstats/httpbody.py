@@ -7,6 +7,7 @@ not a shorter file."""
 from __future__ import annotations
 
 import time
+import urllib.error
 from typing import Protocol
 
 from .errors import WebstatsError
@@ -44,6 +45,11 @@ def read_body(resp: _Response, max_bytes: int, deadline: float) -> bytes:
         if size != int(expected):
             raise BodyError(f"cut short: {size} of {int(expected)} bytes", retry=True)
     return b"".join(chunks)
+
+
+def http_error(exc: urllib.error.HTTPError) -> str:
+    """``HTTP 404 Not Found`` on one line (urllib's redirect-loop reason has three)."""
+    return " ".join(f"HTTP {exc.code} {exc.reason}".split())
 
 
 def not_http(exc: Exception) -> str:

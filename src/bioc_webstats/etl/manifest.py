@@ -17,7 +17,7 @@ from pathlib import Path
 from .. import __version__
 from ..categories import CATEGORIES
 from ..errors import WebstatsError
-from ..httpbody import BodyError, not_http, read_body
+from ..httpbody import BodyError, http_error, not_http, read_body
 
 FETCH_TIMEOUT = 30.0  # seconds, per read
 FETCH_DEADLINE = 300.0  # seconds, per file
@@ -61,7 +61,7 @@ def read_text(source: str, relpath: str, timeout: float = FETCH_TIMEOUT) -> str:
         except BodyError as exc:
             raise WebstatsError(f"cannot fetch {url}: {exc}") from None
         except urllib.error.HTTPError as exc:
-            raise WebstatsError(f"cannot fetch {url}: HTTP {exc.code} {exc.reason}") from None
+            raise WebstatsError(f"cannot fetch {url}: {http_error(exc)}") from None
         except urllib.error.URLError as exc:
             raise WebstatsError(f"cannot fetch {url}: {_reason(exc.reason)}") from None
         except (TimeoutError, OSError) as exc:  # a read that stalls after the headers

@@ -115,7 +115,15 @@ def _check_row(
         raise WebstatsError(f"{where}: {exc}") from None
     if not _R_NAME.match(name):
         raise WebstatsError(f"{where}: {name!r} is not a valid R package name")
+    if first_release and last_release and _release_key(last_release) < _release_key(first_release):
+        raise WebstatsError(
+            f"{where}: last release {last_release} is before first release {first_release}"
+        )
     return name, cat, first_release, last_release
+
+
+def _release_key(release: str) -> tuple[int, ...]:
+    return tuple(int(part) for part in release.split("."))
 
 
 def load_csv(settings: Settings, path: Path) -> str:
