@@ -62,17 +62,20 @@ demo-down: ## remove the demo container
 test: deps venv lint static pytest molecule ## everything CI runs
 	@echo "make test: all green"
 
+# Options of a bench script: make bench-etl BENCH_ARGS="--skip-recompute --repeat 3"
+BENCH_ARGS ?=
+
 bench-web: deps venv ## web benchmark: nginx + gunicorn as deployed vs plain nginx, same bytes, wrk; publish time and disk
-	$(BIN)/python bench/bench_web.py
+	$(BIN)/python bench/bench_web.py $(BENCH_ARGS)
 
 bench-etl: deps venv ## ETL benchmark: 3M log lines into PostgreSQL vs zcat; month/year recompute
-	$(BIN)/python bench/bench_etl.py
+	$(BIN)/python bench/bench_etl.py $(BENCH_ARGS)
 
 bench-daily: deps venv ## daily-run benchmark: sync + etl run on Dec 31 of a 36M-record year and on Feb 1, vs zcat
-	$(BIN)/python bench/bench_daily.py
+	$(BIN)/python bench/bench_daily.py $(BENCH_ARGS)
 
 bench-history: deps venv ## history: import legacy-db of a 10M-row legacy database vs sqlite3; a 30-day backfill vs zcat
-	$(BIN)/python bench/bench_history.py
+	$(BIN)/python bench/bench_history.py $(BENCH_ARGS)
 
 bench: bench-web bench-etl bench-daily bench-history ## every benchmark (prints ratios against same-run baselines)
 
