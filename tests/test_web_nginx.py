@@ -299,6 +299,10 @@ def test_other_methods_get_405_with_allow(front, method, path):
 
 def test_allow_only_on_405(front):
     assert "Allow" not in front.get(STATIC)[1]
+    # a request line nginx cannot parse names no method: its 400 offers none
+    for line in (b"get /x HTTP/1.1", b"GET /x HTTP/2.0", b"GET * HTTP/1.1"):
+        answer = raw(front.port, line + b"\r\nHost: t\r\nConnection: close\r\n\r\n")
+        assert 400 <= status_of(answer) < 600 and not header_values(answer, "Allow"), answer[:300]
 
 
 def test_doubled_or_missing_host_is_400(front):
