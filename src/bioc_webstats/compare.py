@@ -73,11 +73,12 @@ class WebSide(Side):
         attempts: int = ATTEMPTS,
         backoff: float = BACKOFF,
         sleep: Callable[[float], None] = time.sleep,
+        deadline: float = DEADLINE,
     ) -> None:
         self.base = base if base.endswith("/") else base + "/"
         self.name = self.base
         self.timeout, self.attempts, self.backoff, self.sleep = timeout, attempts, backoff, sleep
-        self.deadline = max(DEADLINE, timeout)
+        self.deadline = deadline  # for a whole file (``timeout`` is per read)
 
     def url(self, relpath: str) -> str:
         return self.base + urllib.parse.quote(relpath)

@@ -66,7 +66,9 @@ def pause_point(name: str) -> None:
     if _pause_seen[name] != int(nth or 1):
         return
     marker = Path(os.environ["WEBSTATS_TEST_PAUSE_FILE"])
-    marker.write_text(name)
+    part = marker.with_name(marker.name + ".part")
+    part.write_text(name)
+    part.replace(marker)  # whole or absent: the test reads it as soon as it exists
     threading.Event().wait()  # forever: the test sends SIGKILL
 
 
