@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import time
 import urllib.error
+from email.message import Message
 from typing import Protocol
 
 from .errors import WebstatsError
@@ -22,7 +23,7 @@ class BodyError(WebstatsError):
 
 
 class _Response(Protocol):
-    headers: object
+    headers: Message
 
     def read1(self, n: int = -1) -> bytes: ...
 
@@ -39,9 +40,8 @@ def read_body(resp: _Response, max_bytes: int, deadline: float) -> bytes:
         chunks.append(chunk)
         if time.monotonic() > give_up:
             raise BodyError(f"not complete after {deadline:g} s ({size} bytes)", retry=True)
-    headers = resp.headers
-    expected = headers.get("Content-Length") if hasattr(headers, "get") else None
-    if expected and expected.strip().isdigit() and not headers.get("Transfer-Encoding"):
+    expected = resp.headers.get("Content-Length")
+    if expected and expected.strip().isdigit() and not resp.headers.get("Transfer-Encoding"):
         if size != int(expected):
             raise BodyError(f"cut short: {size} of {int(expected)} bytes", retry=True)
     return b"".join(chunks)
