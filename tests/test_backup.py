@@ -137,3 +137,17 @@ def test_backup_refuses_a_disk_without_room(pg_server, clean_env, monkeypatch):
     with pytest.raises(WebstatsError, match="MiB free, the database is"):
         backup.backup(load_settings(), dest)
     assert not dest.exists()
+
+
+def test_a_destination_that_cannot_be_made_is_one_line(db_url, clean_env, monkeypatch):
+    monkeypatch.setenv("WEBSTATS_DATABASE_URL", db_url)
+    db.upgrade(db_url)
+    blocker = clean_env / "a-file"
+    blocker.write_text("not a directory\n")
+    res = run("db", "backup", str(blocker / "backups" / "x.dump"))
+    assert res.returncode == 1, res
+    assert "Traceback" not in res.stderr
+    assert res.stderr.strip().splitlines() == [
+        f"bioc-webstats: error: backup: cannot create {blocker / 'backups'}: Not a directory"
+    ], res.stderr
+    assert blocker.read_text() == "not a directory\n"

@@ -89,6 +89,21 @@ def test_s3_errors_are_one_line(s3, tmp_path, db_url):
         ingest.run(settings, source="s3://no-such-bucket/x/")
 
 
+def test_no_credentials_is_one_line(aws_env, tmp_path, db_url, monkeypatch):
+    """No role and no instance metadata (IMDS down, or not on EC2): boto3 fails while making
+    the client, before any request."""
+    for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_EC2_METADATA_DISABLED"):
+        monkeypatch.delenv(name)
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "none"))
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "none"))
+    monkeypatch.setenv("AWS_EC2_METADATA_SERVICE_ENDPOINT", "http://127.0.0.1:9/")
+    settings = loaded(db_url, tmp_path)
+    with pytest.raises(WebstatsError) as exc:
+        ingest.run(settings, source=f"s3://{BUCKET}/cf/")
+    assert str(exc.value).startswith(f"log source s3://{BUCKET}/cf/: MetadataRetrievalError")
+    assert "\n" not in str(exc.value)
+
+
 def test_s3_source_requires_configured_key(s3, tmp_path, db_url):
     settings = loaded(db_url, tmp_path, WEBSTATS_IP_HASH_KEY="")
     with pytest.raises(WebstatsError, match="ip_hash_key"):

@@ -82,6 +82,13 @@ def client_tool(name: str, major: int) -> str:
     )
 
 
+def _make_dir(path: Path, what: str) -> None:
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise WebstatsError(f"{what}: cannot create {path}: {exc.strerror or exc}") from None
+
+
 def _last_line(stderr: str) -> str:
     lines = [x for x in stderr.strip().splitlines() if x.strip()]
     return lines[-1] if lines else "no output"
@@ -92,7 +99,7 @@ def backup(settings: Settings, dest: Path, s3_url: str | None = None) -> BackupR
     url = make_url(settings.database_url)
     old_umask = os.umask(0o077)
     try:
-        dest.parent.mkdir(parents=True, exist_ok=True)
+        _make_dir(dest.parent, "backup")
         if url.get_backend_name() == "sqlite":
             _backup_sqlite(url, dest)
         else:
@@ -166,7 +173,7 @@ def fetch(s3_url: str, work_dir: Path) -> Path:
     bucket, key = m.groups()
     old_umask = os.umask(0o077)
     try:
-        work_dir.mkdir(parents=True, exist_ok=True)
+        _make_dir(work_dir, "restore")
         dest = work_dir / Path(key).name
         try:
             client("s3").download_file(bucket, key, str(dest))

@@ -307,6 +307,7 @@ def run(
     poll_delay: float = 0.5,
 ) -> bool:
     """``etl run --engine athena``: same contract as :func:`bioc_webstats.ingest.run`."""
+    from ..aws import _aws_errors, describe_error
     from ..aws import client as aws_client
 
     t0 = time.monotonic()
@@ -340,7 +341,10 @@ def run(
     days = None
     if days_dir is not None:
         days = (min(o.name_hour.date() for o in todo), max(o.name_hour.date() for o in todo))
-    client = aws_client("athena")
+    try:  # credentials are resolved here
+        client = aws_client("athena")
+    except _aws_errors() as exc:
+        raise WebstatsError(f"Athena: {describe_error(exc)}") from None
     for sql in (
         f"CREATE DATABASE IF NOT EXISTS {_identifier(database)}",
         table_ddl(database, table, location, days_dir),
@@ -365,9 +369,9 @@ def run(
     progress = ingest.Progress(len(todo), sum(o.size for o in todo))
     ingest.store_all(settings, parsed_objects(), summary, ingest.store_new, progress)
     location = result_location(client, qid, output)
-    try:
+    try:  # the records are stored: a failure here is not a reason to fail the run
         delete_results(aws_client("s3"), location)
-    except WebstatsError as exc:  # the records are stored: not a reason to fail the run
+    except (WebstatsError, *_aws_errors()) as exc:
         log.warning(
             "Athena result not deleted (%s): it holds client addresses, remove it or let "
             "the bucket's lifecycle rule expire it",

@@ -229,9 +229,13 @@ class S3Source(Source):
         self.unreadable = []  # a listing that fails, fails as a whole
         self.page_size = page_size
         if client is None:
+            from ..aws import _aws_errors, describe_error
             from ..aws import client as aws_client
 
-            client = aws_client("s3")
+            try:  # credentials are resolved here: no instance metadata, no role
+                client = aws_client("s3")
+            except _aws_errors() as exc:
+                raise WebstatsError(f"log source {url}: {describe_error(exc)}") from None
         self.client = client
 
     def _aws(self, what: str, exc: BaseException) -> WebstatsError:
