@@ -125,10 +125,12 @@ def test_watchdog_quiet_when_all_is_well(watched):
 
 def test_watchdog_stale_data_alerts_once_then_again_then_cleared(watched, monkeypatch):
     _topic, queue, _health, url = watched
-    later = NOW + dt.timedelta(hours=30)  # ValidThru 2024-04-01 is 66 h old then
+    # ValidThru 2024-04-01 is 36 h behind 36 h after its end: not yet, then stale
+    assert alerts.watchdog(dt.datetime(2024, 4, 3, 12, 0, tzinfo=dt.UTC))[0] == []
+    later = NOW + dt.timedelta(hours=30)  # 42 h after the end of 2024-04-01
     alarms, lines = alerts.watchdog(later)
     assert names(alarms) == {"data-stale"}
-    assert lines[0] == "ALARM data-stale: ValidThru 2024-04-01 is 66 h old (limit 36 h)"
+    assert lines[0] == "ALARM data-stale: ValidThru 2024-04-01 is 42 h old (limit 36 h)"
     [note] = received(queue)
     assert note["Subject"].startswith("bioc-webstats ALARM data-stale on ")
     assert "RUNBOOK.md" in note["Message"]

@@ -201,6 +201,35 @@ def test_lookback_window_and_since(db_url, tmp_path):
         ingest.run(settings, source=str(out), since="March")
 
 
+def test_objects_of_the_day_still_running_wait_for_the_next_run(db_url, tmp_path, monkeypatch):
+    """A run takes the names of complete UTC days only (a run at 01:00 would otherwise
+    publish an hour of today, "Data as of" today, and a Last-Modified before ValidThru + 1
+    day); the next day's run takes them through its look-back, and the whole equals the
+    truth."""
+    out = tmp_path / "logs"
+    truth = loggen.generate(out, days=3, start=dt.date(2024, 3, 10), files_per_day=2)
+    settings = loaded(db_url, tmp_path)
+    monkeypatch.setattr(ingest, "last_complete_day", lambda: dt.date(2024, 3, 11))
+    assert ingest.run(settings, source=str(out))
+    with db.session_factory(db_url)() as s:
+        days = {o.name_hour.date() for o in s.scalars(select(IngestedObject))}
+    assert days == {dt.date(2024, 3, 10), dt.date(2024, 3, 11)}
+    # an explicit --until past the last complete day is held to it too
+    assert ingest.run(settings, source=str(out), until="2024-03-12")
+    assert len(snapshot(db_url)[1]) == 4
+    monkeypatch.setattr(ingest, "last_complete_day", lambda: dt.date(2024, 3, 12))
+    assert ingest.run(settings, source=str(out))
+    assert len(snapshot(db_url)[1]) == 6
+    assert_truth(db_url, truth)
+
+
+def test_the_last_complete_day_is_yesterday_utc():
+    now = dt.datetime.now(dt.UTC)
+    assert ingest.last_complete_day() in {
+        (now + dt.timedelta(seconds=s)).date() - dt.timedelta(days=1) for s in (0, 5)
+    }
+
+
 def test_reingest_replaces(db_url, tmp_path, data):
     out, truth = data
     settings = loaded(db_url, tmp_path)
@@ -456,3 +485,14 @@ def test_a_second_writer_stops_at_once_and_names_the_holder(db_url, tmp_path):
     done = subprocess.run([exe, "etl", "run", "--source", str(out)], env=env,
                           capture_output=True, text=True, timeout=300)  # fmt: skip
     assert done.returncode == 0, done.stderr  # the lock died with its holder
+
+
+def test_no_log_source_names_the_parameter(db_url, tmp_path, monkeypatch):
+    monkeypatch.delenv("WEBSTATS_LOG_SOURCE", raising=False)
+    settings = loaded(db_url, tmp_path)
+    with pytest.raises(WebstatsError) as exc:
+        ingest.run(settings)
+    assert str(exc.value) == (
+        "no log source: etl/s3_download_logs (WEBSTATS_LOG_SOURCE) is not set; set it, "
+        "or give --source"
+    )

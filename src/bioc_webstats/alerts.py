@@ -186,7 +186,7 @@ def data_checks(settings: Settings, now: dt.datetime) -> list[Alarm]:
         return [Alarm("database", f"cannot read the database: {first}")]
     vt = state.valid_thru
     if vt is not None:
-        age = (now - dt.datetime(vt.year, vt.month, vt.day, tzinfo=dt.UTC)).total_seconds() / 3600
+        age = db.data_age_hours(vt, now)
         if age > max_age:
             alarms.append(
                 Alarm("data-stale", f"ValidThru {vt} is {age:.0f} h old (limit {max_age:g} h)")

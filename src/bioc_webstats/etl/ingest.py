@@ -339,7 +339,10 @@ def _workers(settings: Settings) -> int:
 def source_url(settings: Settings, source: str | None) -> str:
     url = source or settings.get("etl/s3_download_logs")
     if not url:
-        raise ConfigError("no log source: give --source or set WEBSTATS_LOG_SOURCE")
+        raise ConfigError(
+            "no log source: etl/s3_download_logs (WEBSTATS_LOG_SOURCE) is not set; set it, "
+            "or give --source"
+        )
     return url
 
 
@@ -503,12 +506,15 @@ def plan_window(
     since: dt.date | None,
     until: dt.date | None = None,
     cutover: dt.date | None = None,
+    last_day: dt.date | None = None,
 ) -> sources.Window:
     """The name dates a run lists: from (newest ingested name date - look-back), or
-    ``since`` if earlier, to ``until``. An empty ledger starts at ``since``, else at the
-    cut-over day; nothing starts before the cut-over day (less CUTOVER_MARGIN). No ledger,
-    no ``since`` and no cut-over day: the whole source (development, the demo). Ledger rows
-    of the legacy import do not count (``log_objects``)."""
+    ``since`` if earlier, to ``until``, and never past ``last_day`` (the last complete UTC
+    day: objects of the day still running wait for the next run, whose look-back takes them).
+    An empty ledger starts at ``since``, else at the cut-over day; nothing starts before the
+    cut-over day (less CUTOVER_MARGIN). No ledger, no ``since`` and no cut-over day: the whole
+    source up to ``last_day`` (development, the demo). Ledger rows of the legacy import do
+    not count (``log_objects``)."""
     newest = session.scalar(select(func.max(IngestedObject.name_hour)).where(log_objects()))
     start = None
     if newest is not None:
@@ -523,7 +529,15 @@ def plan_window(
             f"--until {until} is before the window's start {start}"
             + ("" if since is not None and since <= until else "; give --since to go back")
         )
+    if last_day is not None and (until is None or until > last_day):
+        until = last_day
     return sources.Window(start, until)
+
+
+def last_complete_day() -> dt.date:
+    """Yesterday, UTC. A day's statistics (and ValidThru, which the pages show as "Data as
+    of" and Last-Modified may not precede by a day) are only taken once the day is over."""
+    return dt.datetime.now(dt.UTC).date() - dt.timedelta(days=1)
 
 
 def select_objects(
@@ -555,8 +569,11 @@ def list_window(
     lookback = settings.get_int("etl/lookback_days", minimum=0)
     src = sources.open_source(url)
     with db.session_factory(settings.database_url)() as session:
-        window = plan_window(session, lookback, since_day, until_day, cutover)
-    objects, skipped = src.list(window)
+        window = plan_window(session, lookback, since_day, until_day, cutover, last_complete_day())
+    if window.start is not None and window.until is not None and window.until < window.start:
+        objects, skipped = [], []  # nothing complete yet after the ledger's newest day
+    else:
+        objects, skipped = src.list(window)
     with db.session_factory(settings.database_url)() as session:
         todo = select_objects(session, objects, window)
     log.info(

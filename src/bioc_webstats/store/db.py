@@ -269,6 +269,14 @@ class DataState:
         return f"{self.version}-{self.token}"
 
 
+def data_age_hours(valid_thru: dt.date, now: dt.datetime) -> float:
+    """How far the data is behind ``now``: from the end of ValidThru (the next midnight, UTC),
+    as the ETL takes whole days only (right after the 01:00 run: 1 h; a missed run: 25 h
+    more)."""
+    end = dt.datetime(valid_thru.year, valid_thru.month, valid_thru.day, tzinfo=dt.UTC)
+    return (now - end).total_seconds() / 3600 - 24
+
+
 def data_state(session: Session) -> DataState:
     """The current :class:`DataState`, read in one query."""
     rows = dict(

@@ -136,8 +136,7 @@ def _stale(vt: dt.date | None, settings: Settings) -> bool:
         limit = float(settings.get("alerts/max_data_age") or 36)
     except ValueError:
         limit = 36.0
-    midnight = dt.datetime(vt.year, vt.month, vt.day, tzinfo=dt.UTC)
-    return (dt.datetime.now(dt.UTC) - midnight).total_seconds() > limit * 3600
+    return db.data_age_hours(vt, dt.datetime.now(dt.UTC)) > limit
 
 
 def _plain(status: int, title: str, message: str) -> Response:
