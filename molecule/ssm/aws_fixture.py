@@ -30,6 +30,7 @@ from pathlib import Path
 import boto3
 
 SSM_PATH = "/bioc/webstats/test"
+BACKUP_BUCKET = "bioc-webstats-backups"  # the backups' S3 place (host_vars: test/)
 REGION = "us-east-1"
 DB_NAME = "webstats"
 # As on RDS: a master login (no database of the app yet: playbooks/db-bootstrap.yml creates it
@@ -109,6 +110,7 @@ def alert_topic(state: dict) -> None:
 
 def seed(state: dict) -> None:
     alert_topic(state)
+    aws("s3", state["moto_port"]).create_bucket(Bucket=BACKUP_BUCKET)
     ssm = aws("ssm", state["moto_port"])
     for name, (kind, value) in parameters(state).items():
         ssm.put_parameter(Name=f"{SSM_PATH}/{name}", Type=kind, Value=value, Overwrite=True)

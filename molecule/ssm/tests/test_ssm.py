@@ -85,6 +85,60 @@ def test_etl_through_systemd_with_ssm_settings(host, state):
     assert "etl run:" in journal and "objects ingested" in journal
 
 
+# --- backups off the host ------------------------------------------------------------------------
+
+
+def backups_in_s3(state) -> dict[str, str]:
+    """key -> server-side encryption of the objects under the scenario's backup prefix."""
+    s3 = boto3.client(
+        "s3",
+        region_name=state["region"],
+        endpoint_url=f"http://127.0.0.1:{state['moto_port']}",
+        aws_access_key_id="testing",
+        aws_secret_access_key="testing",
+    )
+    listed = s3.list_objects_v2(Bucket="bioc-webstats-backups", Prefix="test/")
+    return {
+        o["Key"]: s3.head_object(Bucket="bioc-webstats-backups", Key=o["Key"]).get(
+            "ServerSideEncryption", ""
+        )
+        for o in listed.get("Contents", [])
+    }
+
+
+def test_the_backup_before_the_migration_is_also_in_s3(host, state):
+    """The first deploy migrated (a fresh database): its backup went to the host and to S3,
+    where the inventory's webstats_base_backup_s3_url says (a copy that outlives the instance)."""
+    local = run_ok(host, "ls -1 /var/backups/bioc-webstats/").split()
+    pre = [d for d in local if re.fullmatch(r"pre-[0-9.]+-\d{8}T\d{6}Z\.dump", d)]
+    assert len(pre) == 1, local
+    stored = backups_in_s3(state)
+    assert stored.get(f"test/{pre[0]}") == "AES256", stored
+
+
+def test_special_backup_on_the_instance(host, state, runbook):
+    """RUNBOOK "Backups", on demand on the instance (Session Manager): the command as written,
+    with this scenario's S3 prefix."""
+    cmd = runbook(
+        "sudo env WEBSTATS_ENV_FILE=/etc/bioc-webstats/webstats.env "
+        "/opt/bioc-webstats/current/bin/bioc-webstats db backup "
+        "/var/backups/bioc-webstats/webstats-$(date -u +%Y%m%dT%H%M%SZ).dump "
+        "--s3 s3://bioc-webstats-backups/prod/",
+        {"s3://bioc-webstats-backups/prod/": "s3://bioc-webstats-backups/test/"},
+    )
+    out = run_ok(host, cmd)
+    found = re.fullmatch(
+        r"backup: /var/backups/bioc-webstats/(webstats-\d{8}T\d{6}Z\.dump) \(\d+ bytes\), "
+        r"uploaded to s3://bioc-webstats-backups/test/(webstats-\d{8}T\d{6}Z\.dump)\n",
+        out,
+    )
+    assert found and found[1] == found[2], out
+    dump = host.file(f"/var/backups/bioc-webstats/{found[1]}")
+    assert (dump.user, dump.mode) == ("root", 0o600)
+    assert backups_in_s3(state).get(f"test/{found[1]}") == "AES256"
+    assert "TABLE DATA public download_records" in run_ok(host, f"pg_restore --list {dump.path}")
+
+
 @pytest.mark.parametrize(
     # required by default (config.DEFAULT_REQUIRED); flask/secret_key no longer is
     ("unit", "name"),
