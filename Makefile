@@ -50,7 +50,16 @@ static: venv ## Ansible + units, no container: ansible-lint (production), yamlli
 
 MOLECULE_SCENARIOS ?= default upgrade ssm
 
-molecule: deps venv ## the real playbook on a real systemd host (podman): $(MOLECULE_SCENARIOS)
+# Newest image first: the default scenario on each of MOLECULE_NEWER (Debian suites, built with
+# debootstrap), then MOLECULE_SCENARIOS on the reference image (Debian 12). With
+# WEBSTATS_MOLECULE_IMAGE set, MOLECULE_SCENARIOS run on that image only.
+MOLECULE_NEWER ?= trixie
+molecule: deps venv ## the real playbook on a real systemd host (podman): Debian 13, then $(MOLECULE_SCENARIOS) on 12
+	if [ -z "$${WEBSTATS_MOLECULE_IMAGE:-}" ]; then \
+	  for suite in $(MOLECULE_NEWER); do \
+	    WEBSTATS_MOLECULE_IMAGE=localhost/bioc-webstats-systemd:$$suite scripts/molecule.sh test -s default; \
+	  done; \
+	fi
 	for s in $(MOLECULE_SCENARIOS); do scripts/molecule.sh test -s $$s; done
 
 demo: deps venv ## deploy into a local systemd container (PostgreSQL, sample logs), print the URL
