@@ -28,6 +28,10 @@ def active(host, unit: str) -> str:
     return host.run(f"systemctl is-active {unit}").stdout.strip()
 
 
+def show(host, unit: str, prop: str) -> str:
+    return run_ok(host, f"systemctl show -p {prop} --value {unit}").strip()
+
+
 def main_pid(host, unit: str) -> int:
     return int(run_ok(host, f"systemctl show -p MainPID --value {unit}").strip())
 
@@ -161,6 +165,24 @@ def test_stop_serving_then_clear_and_start(host, service, runbook):
     run_ok(host, runbook(f"systemctl start {TARGET}"))
     wait_for(lambda: healthy(service), 60, "/healthz through nginx after start")
     assert active(host, NGINX) == "active"
+
+
+def test_a_database_down_at_start_is_waited_for(host, service):
+    """The web service cannot start while the database is down: it retries (no start limit)
+    and comes back by itself once the database is back, with no reset-failed; nginx sends the
+    published files all along."""
+    assert show(host, WEB, "StartLimitIntervalUSec") == "0"
+    run_ok(host, "systemctl stop postgresql.service")
+    try:
+        assert host.run(f"timeout 120 systemctl restart {WEB}").rc != 0
+        state = (show(host, WEB, "ActiveState"), show(host, WEB, "SubState"))
+        assert state == ("activating", "auto-restart"), state
+        # from disk, by nginx
+        assert service.get("/packages/stats/bioc/bioc_packages.txt").status_code == 200
+    finally:
+        run_ok(host, "systemctl start postgresql.service")
+    wait_for(lambda: healthy(service), 90, "/healthz once the database is back")
+    assert active(host, WEB) == "active"
 
 
 # --- the front -----------------------------------------------------------------------------------
