@@ -107,6 +107,27 @@ def test_each_process_takes_its_login(clean_env, monkeypatch):
     assert "db/owner_password = <redacted>" in shown.stdout
 
 
+def test_the_web_on_the_etl_login_is_warned_at_every_start(clean_env):
+    """Without a web login of its own the web unit's check says so (the journal, at each
+    start): the web would log in with rights to write."""
+    env = {
+        "WEBSTATS_ENV_FILE": "/dev/null",
+        "WEBSTATS_STATE_DIR": str(clean_env / "state"),
+        "WEBSTATS_DB_SERVER": "127.0.0.1",
+        "WEBSTATS_DB_PORT": "1",  # nothing listens: the warning comes before the database
+        "WEBSTATS_DB_DBUSER": "runner",
+        "WEBSTATS_DB_PASSWORD": "r-pw",
+    }
+    warning = "bioc-webstats: warning: no db/web_credentials (nor db/web_dbuser): the web logs in"
+    shared = run("check", "--login", "web", **env)
+    assert shared.returncode == 1
+    assert shared.stderr.startswith(warning), shared.stderr
+    assert "r-pw" not in shared.stderr
+    own = run("check", "--login", "web", WEBSTATS_DB_WEB_DBUSER="reader", **env)
+    assert own.returncode == 1 and "warning" not in own.stderr, own.stderr
+    assert "warning" not in run("check", **env).stderr  # the ETL's own login
+
+
 def test_a_rotated_password_is_picked_up_without_a_restart(
     pg_password_server, clean_env, aws_env, monkeypatch
 ):

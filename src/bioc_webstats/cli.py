@@ -510,6 +510,13 @@ def check(ctx: Context, login: str) -> None:
     from .alerts import remember_topic
 
     settings = ctx.settings_for(login)
+    if login == "web" and settings.shared_login:  # at every start of the web unit: the journal
+        click.echo(
+            "bioc-webstats: warning: no db/web_credentials (nor db/web_dbuser): the web logs in "
+            "with the ETL's login, which may write; create the web login (RUNBOOK, "
+            '"Database logins") and set db/web_credentials',
+            err=True,
+        )
     remember_topic(settings)  # where the failure hook and the watchdog alert, without SSM
     status = db.schema_status(settings.database_url)
     if not status.ok:

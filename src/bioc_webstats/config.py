@@ -107,6 +107,7 @@ class Settings:
     ignored: list[str] = field(default_factory=list)  # names under the SSM path we do not know
     aws_region: str | None = None  # from the env file when boto3's own chain has none
     login: str = "etl"  # the database login of database_url (LOGINS)
+    shared_login: bool = False  # no db/<login>_* of its own: the ETL's login (db/*) is used
 
     def get(self, name: str) -> str | None:
         """The value of a parameter by its SSM name (``db/server``)."""
@@ -227,6 +228,7 @@ def load_settings(environ: dict[str, str] | None = None, login: str = "etl") -> 
         _check_required(ssm_path, values, merged, has_db_url=bool(db_url))
 
     sdir = state_dir(merged)
+    shared = False
     if db_url:
         sources["database_url"] = (
             f"environment {url_var}" if url_var in env else f"env file {env_file}"
@@ -234,6 +236,7 @@ def load_settings(environ: dict[str, str] | None = None, login: str = "etl") -> 
         db_url = normalize_database_url(db_url, url_var)
     elif values.get("db/server"):
         db_url = _login_url(values, sources, login, region, bool(ssm_path))
+        shared = login != "etl" and not _own_login(values, login)
     else:
         db_url = f"sqlite:///{sdir / 'webstats.sqlite3'}"
         sources["database_url"] = "default (embedded SQLite)"
@@ -246,6 +249,7 @@ def load_settings(environ: dict[str, str] | None = None, login: str = "etl") -> 
         ignored=ignored,
         aws_region=region,
         login=login,
+        shared_login=shared,
     )
 
 
@@ -276,6 +280,12 @@ def _check_required(
         raise ConfigError(f"missing SSM parameters {', '.join(missing)}")
 
 
+def _own_login(values: dict[str, str | None], login: str) -> bool:
+    """Whether ``login`` has a user, secret or password of its own (db/web_*, db/owner_*)."""
+    prefix = _LOGIN_PREFIX[login]
+    return any(values.get(f"{prefix}{k}") for k in ("dbuser", "credentials", "password"))
+
+
 def _login_url(
     values: dict[str, str | None],
     sources: dict[str, str],
@@ -287,10 +297,7 @@ def _login_url(
     secret when configured, else the ETL login's. The password comes from Secrets Manager
     when SSM is in use or the login's credentials parameter was set explicitly; otherwise
     (local demo) from its password parameter, or libpq's own means (trust, .pgpass)."""
-    prefix = _LOGIN_PREFIX[login]
-    own = any(values.get(f"{prefix}{k}") for k in ("dbuser", "credentials", "password"))
-    if not own:
-        prefix = "db/"
+    prefix = _LOGIN_PREFIX[login] if _own_login(values, login) else "db/"
     cred_name, pw_name, user_name = f"{prefix}credentials", f"{prefix}password", f"{prefix}dbuser"
     secret_id = values.get(cred_name)
     use_secret = values.get(pw_name) is None and bool(
