@@ -9,6 +9,7 @@ import datetime as dt
 import json
 import os
 
+import boto3
 import pytest
 
 import webref
@@ -121,6 +122,32 @@ def test_watchdog_quiet_when_all_is_well(watched):
     _topic, _queue, _health, _url = watched
     alarms, lines = alerts.watchdog(NOW)
     assert alarms == [] and lines == []
+
+
+def test_watchdog_heartbeat_to_cloudwatch(watched, monkeypatch):
+    """With a namespace, each run puts Heartbeat 1 and the number of alarms into CloudWatch
+    (what an alarm on a missing heartbeat watches); without one, nothing is sent."""
+    cw = boto3.client("cloudwatch")
+    assert "heartbeat" not in " ".join(alerts.watchdog(NOW)[1])
+    monkeypatch.setenv("WEBSTATS_ALERTS_CLOUDWATCH_NAMESPACE", "bioc-webstats")
+    later = NOW + dt.timedelta(hours=30)  # data-stale holds then
+    alarms, lines = alerts.watchdog(later)
+    assert names(alarms) == {"data-stale"}
+    assert lines[-1] == "heartbeat sent to CloudWatch bioc-webstats (Environment=local)"
+    dims = [{"Name": "Environment", "Value": "local"}]
+    for metric, value in (("Heartbeat", 1.0), ("Alarms", 1.0)):
+        got = cw.get_metric_statistics(
+            Namespace="bioc-webstats", MetricName=metric, Dimensions=dims,
+            StartTime=later - dt.timedelta(minutes=5), EndTime=later + dt.timedelta(minutes=5),
+            Period=600, Statistics=["Maximum", "SampleCount"],
+        )["Datapoints"]  # fmt: skip
+        assert [(d["Maximum"], d["SampleCount"]) for d in got] == [(value, 1.0)], metric
+    # CloudWatch unreachable: one line, the run goes on (the missing heartbeat is the alarm)
+    monkeypatch.setenv("AWS_ENDPOINT_URL_CLOUDWATCH", f"http://127.0.0.1:{free_port()}")
+    alarms, lines = alerts.watchdog(later)
+    assert names(alarms) == {"data-stale"}
+    assert lines[-1].startswith("heartbeat not sent to CloudWatch bioc-webstats: ")
+    assert "\n" not in lines[-1]
 
 
 def test_watchdog_stale_data_alerts_once_then_again_then_cleared(watched, monkeypatch):

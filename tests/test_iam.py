@@ -31,6 +31,7 @@ SAMPLE = {
     "BackupBucket": "bioc-webstats-backups",
     "BackupPrefix": "prod/",
     "LoginSuffix": "",
+    "MetricsNamespace": "bioc-webstats",
 }
 A, R = SAMPLE["AccountId"], SAMPLE["Region"]
 PARAM = f"arn:aws:ssm:{R}:{A}:parameter/bioc/webstats/prod"
@@ -68,9 +69,14 @@ ALLOWED_RESOURCES: dict[str, tuple[str, ...]] = {
     ),
     "cloudfront": (rf"^arn:aws:cloudfront::{A}:distribution/E1TVLJONPTUXV3$",),
     "sns": (rf"^arn:aws:sns:{R}:{A}:bioc-webstats-alerts$",),
+    "cloudwatch": (rf"^arn:aws:cloudwatch:{R}:{A}:alarm:bioc-webstats-prod-\*$",),
 }
-# Actions without resource-level permissions: the only ones allowed on "*" (names, no data).
-STAR_OK = {"ssm:DescribeParameters", "ec2:DescribeInstances"}
+# Actions without resource-level permissions: the only ones allowed on "*" (names, no data;
+# metrics only into the project's namespace, by condition).
+STAR_OK = {"ssm:DescribeParameters", "ec2:DescribeInstances", "cloudwatch:PutMetricData"}
+STAR_CONDITION = {
+    "cloudwatch:PutMetricData": {"StringEquals": {"cloudwatch:namespace": "bioc-webstats"}}
+}
 ACTION = re.compile(r"^[a-z0-9-]+:[A-Z][A-Za-z0-9]+$")  # no wildcard of any kind
 STATEMENT_KEYS = {"Sid", "Effect", "Action", "Resource", "Condition"}
 CONDITION_OPS = {"StringEquals", "StringLike", "BoolIfExists", "Bool", "ArnLike"}
@@ -82,6 +88,7 @@ CODE_NEEDS = {
         "ssm:GetParametersByPath": f"{PARAM}/flask/secret_key",
         "secretsmanager:GetSecretValue": WEB_SECRET.replace("??????", "AbCdEf"),
         "sns:Publish": f"arn:aws:sns:{R}:{A}:bioc-webstats-alerts",
+        "cloudwatch:PutMetricData": "*",  # the watchdog's heartbeat
     },
     "etl-athena": {
         "athena:StartQueryExecution": f"arn:aws:athena:{R}:{A}:workgroup/bioc-webstats",
@@ -98,6 +105,7 @@ CODE_NEEDS = {
         "s3:GetObject": "arn:aws:s3:::bioc-cloudfront-logs/E1TVLJONPTUXV3/2023-09-17/x.gz",
         "cloudfront:CreateInvalidation": f"arn:aws:cloudfront::{A}:distribution/E1TVLJONPTUXV3",
         "s3:PutObject": f"{BACKUPS}webstats-20260101T000000Z.dump",
+        "cloudwatch:PutMetricData": "*",
     },
 }
 # The instance (etl) also reads the ETL's and the owner's logins (deploy: check, migrations,
@@ -172,6 +180,8 @@ def test_policy_grammar_and_least_privilege(path):
             assert resources == ["*"] and set(actions) <= STAR_OK, (
                 f"{st['Sid']}: '*' resource on a data action"
             )
+            for action in set(actions) & set(STAR_CONDITION):
+                assert st.get("Condition") == STAR_CONDITION[action], st["Sid"]
             continue
         services = {a.split(":")[0] for a in actions}
         assert len(services) == 1, f"{st['Sid']}: one service per statement"
@@ -235,6 +245,17 @@ def test_roles_grant_what_the_code_calls(role):
     assert not allows(doc, "s3:DeleteObject", f"{BACKUPS}x.dump")
     assert not allows(doc, "secretsmanager:GetSecretValue", MASTER_SECRET.replace("??????", "AbC"))
     assert not allows(doc, "secretsmanager:PutSecretValue", SECRET.replace("??????", "AbCdEf"))
+
+
+def test_admin_manages_the_environments_alarms_only():
+    """playbooks/alarms.yml, from the workstation: this environment's alarms, no others."""
+    doc = render(IAM_DIR / "bioc-webstats-admin.json")
+    alarm = f"arn:aws:cloudwatch:{R}:{A}:alarm:"
+    for action in ("PutMetricAlarm", "DescribeAlarms", "DeleteAlarms"):
+        assert allows(doc, f"cloudwatch:{action}", f"{alarm}bioc-webstats-prod-heartbeat")
+        assert not allows(doc, f"cloudwatch:{action}", f"{alarm}bioc-webstats-dev-heartbeat")
+        assert not allows(doc, f"cloudwatch:{action}", f"{alarm}billing")
+    assert not allows(doc, "cloudwatch:PutMetricData", "*")
 
 
 def test_etl_is_webrunner_plus_its_own():

@@ -94,6 +94,7 @@ def parameters(state: dict) -> dict[str, tuple[str, str]]:
         "etl/packages_source": ("String", "/srv/bioc-webstats/packages-source"),
         "etl/lookback_days": ("String", "3"),
         "alerts/sns_topic": ("String", state["topic_arn"]),
+        "alerts/cloudwatch_namespace": ("String", "bioc-webstats"),
     }
 
 

@@ -278,10 +278,35 @@ def watchdog(now: dt.datetime | None = None) -> tuple[list[Alarm], list[str]]:
         alarms += disk_checks([sdir, settings.publish_dir, log_dir], min_free)
     lines = [f"ALARM {a.name}: {a.why}" for a in alarms]
     lines += _notify(sdir, alarms, now)
+    if settings is not None and settings.get("alerts/cloudwatch_namespace"):
+        lines.append(heartbeat(settings, alarms, now))
     sent = resend_spooled(sdir)
     if sent:
         lines.append(f"{sent} kept alerts sent")
     return alarms, lines
+
+
+def heartbeat(settings: Settings, alarms: list[Alarm], now: dt.datetime) -> str:
+    """The watchdog's heartbeat to CloudWatch (``alerts/cloudwatch_namespace``): ``Heartbeat``
+    1 and ``Alarms`` (how many hold), by ``Environment`` (the SSM path's last part). An alarm
+    in CloudWatch on a missing heartbeat (playbooks/alarms.yml) is what tells of a host that
+    is down, stopped or cut off: nothing on the host can."""
+    from .aws import _aws_errors, client, describe_error
+
+    namespace = settings.get("alerts/cloudwatch_namespace") or ""
+    env = settings.ssm_path.rsplit("/", 1)[-1] if settings.ssm_path else "local"
+    dims = [{"Name": "Environment", "Value": env}]
+    data = [
+        {"MetricName": "Heartbeat", "Dimensions": dims, "Timestamp": now, "Value": 1.0},
+        {"MetricName": "Alarms", "Dimensions": dims, "Timestamp": now, "Value": len(alarms)},
+    ]
+    try:
+        client("cloudwatch", settings.aws_region).put_metric_data(
+            Namespace=namespace, MetricData=data
+        )
+    except _aws_errors() as exc:  # the alarm on the missing heartbeat tells of it
+        return f"heartbeat not sent to CloudWatch {namespace}: {describe_error(exc)}"
+    return f"heartbeat sent to CloudWatch {namespace} (Environment={env})"
 
 
 def _notify(sdir: Path, alarms: list[Alarm], now: dt.datetime) -> list[str]:

@@ -76,6 +76,7 @@ PARAMS: tuple[Param, ...] = (
     Param("alerts/max_run_age", "WEBSTATS_ALERTS_MAX_RUN_AGE", "26"),
     Param("alerts/min_free_disk", "WEBSTATS_ALERTS_MIN_FREE_DISK", "10"),
     Param("alerts/health_url", "WEBSTATS_ALERTS_HEALTH_URL", "http://127.0.0.1:8000/healthz"),
+    Param("alerts/cloudwatch_namespace", "WEBSTATS_ALERTS_CLOUDWATCH_NAMESPACE"),
 )
 
 BY_NAME: dict[str, Param] = {p.name: p for p in PARAMS}

@@ -85,6 +85,45 @@ def test_etl_through_systemd_with_ssm_settings(host, state):
     assert "etl run:" in journal and "objects ingested" in journal
 
 
+# --- the heartbeat, and the alarm on its absence (CloudWatch, moto) -----------------------------
+
+
+def test_heartbeat_and_the_alarm_on_its_absence(host, state, runbook):
+    """RUNBOOK "Alarms": with alerts/cloudwatch_namespace set, the watchdog puts a heartbeat
+    into CloudWatch; playbooks/alarms.yml, as written, creates the alarm on it going missing,
+    which notifies the alert topic."""
+    cw = boto3.client(
+        "cloudwatch",
+        region_name=state["region"],
+        endpoint_url=f"http://127.0.0.1:{state['moto_port']}",
+        aws_access_key_id="testing",
+        aws_secret_access_key="testing",
+    )
+    mark = cursor(host)
+    run_ok(host, "systemctl start bioc-webstats-watchdog.service", timeout=300)
+    journal = run_ok(
+        host, f"journalctl -u bioc-webstats-watchdog.service -o cat --after-cursor='{mark}'"
+    )
+    assert "heartbeat sent to CloudWatch bioc-webstats (Environment=test)" in journal, journal
+    metrics = cw.list_metrics(Namespace="bioc-webstats", MetricName="Heartbeat")["Metrics"]
+    assert [m["Dimensions"] for m in metrics] == [[{"Name": "Environment", "Value": "test"}]]
+    res = run_playbook(runbook("ansible-playbook playbooks/alarms.yml -i inventory/production"))
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-2000:]
+    [alarm] = cw.describe_alarms(AlarmNames=["bioc-webstats-test-heartbeat"])["MetricAlarms"]
+    assert (alarm["Namespace"], alarm["MetricName"], alarm["Dimensions"]) == (
+        "bioc-webstats",
+        "Heartbeat",
+        [{"Name": "Environment", "Value": "test"}],
+    )
+    assert (alarm["TreatMissingData"], alarm["ComparisonOperator"]) == (
+        "breaching",
+        "LessThanThreshold",
+    )
+    assert alarm["AlarmActions"] == alarm["OKActions"] == [state["topic_arn"]]
+    again = run_playbook(runbook("ansible-playbook playbooks/alarms.yml -i inventory/production"))
+    assert again.returncode == 0 and "changed=0" in again.stdout, again.stdout[-2000:]
+
+
 # --- backups off the host ------------------------------------------------------------------------
 
 
