@@ -27,6 +27,17 @@ BW = (
 )
 
 
+def moto_client(state: dict, service: str):
+    """A boto3 client of the scenario's moto server (what the instance reaches as AWS)."""
+    return boto3.client(
+        service,
+        region_name=state["region"],
+        endpoint_url=f"http://127.0.0.1:{state['moto_port']}",
+        aws_access_key_id="testing",
+        aws_secret_access_key="testing",
+    )
+
+
 @pytest.fixture(scope="module")
 def state() -> dict:
     return json.loads((Path(os.environ["WEBSTATS_SSM_FIXTURE_DIR"]) / "state.json").read_text())
@@ -39,13 +50,7 @@ def ssm_service(state) -> Service:
 
 @pytest.fixture(scope="module")
 def ssm(state):
-    return boto3.client(
-        "ssm",
-        region_name=state["region"],
-        endpoint_url=f"http://127.0.0.1:{state['moto_port']}",
-        aws_access_key_id="testing",
-        aws_secret_access_key="testing",
-    )
+    return moto_client(state, "ssm")
 
 
 def show(host, unit: str, *props: str) -> dict[str, str]:
@@ -92,13 +97,7 @@ def test_heartbeat_and_the_alarm_on_its_absence(host, state, runbook):
     """RUNBOOK "Alarms": with alerts/cloudwatch_namespace set, the watchdog puts a heartbeat
     into CloudWatch; playbooks/alarms.yml, as written, creates the alarm on it going missing,
     which notifies the alert topic."""
-    cw = boto3.client(
-        "cloudwatch",
-        region_name=state["region"],
-        endpoint_url=f"http://127.0.0.1:{state['moto_port']}",
-        aws_access_key_id="testing",
-        aws_secret_access_key="testing",
-    )
+    cw = moto_client(state, "cloudwatch")
     mark = cursor(host)
     run_ok(host, "systemctl start bioc-webstats-watchdog.service", timeout=300)
     journal = run_ok(
@@ -129,13 +128,7 @@ def test_heartbeat_and_the_alarm_on_its_absence(host, state, runbook):
 
 def backups_in_s3(state) -> dict[str, str]:
     """key -> server-side encryption of the objects under the scenario's backup prefix."""
-    s3 = boto3.client(
-        "s3",
-        region_name=state["region"],
-        endpoint_url=f"http://127.0.0.1:{state['moto_port']}",
-        aws_access_key_id="testing",
-        aws_secret_access_key="testing",
-    )
+    s3 = moto_client(state, "s3")
     listed = s3.list_objects_v2(Bucket="bioc-webstats-backups", Prefix="test/")
     return {
         o["Key"]: s3.head_object(Bucket="bioc-webstats-backups", Key=o["Key"]).get(
@@ -218,13 +211,7 @@ def test_missing_parameter_fails_the_unit_with_one_clear_line(
 
 @pytest.fixture(scope="module")
 def sqs(state):
-    return boto3.client(
-        "sqs",
-        region_name=state["region"],
-        endpoint_url=f"http://127.0.0.1:{state['moto_port']}",
-        aws_access_key_id="testing",
-        aws_secret_access_key="testing",
-    )
+    return moto_client(state, "sqs")
 
 
 def alerts_until(sqs, state, pred, timeout: float = 60) -> dict:
