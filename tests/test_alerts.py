@@ -218,6 +218,18 @@ def test_healthz_says_stale(db_url, clean_env, monkeypatch):
     assert r.status_code == 200 and (r.json["status"], r.json["stale"]) == ("ok", False)
 
 
+def test_healthz_counts_the_age_from_the_end_of_valid_thru(clean_env, monkeypatch):
+    """/healthz's "stale" as the watchdog counts it: yesterday's data is less than 24 h old
+    until midnight (the ETL takes whole days), the day before's is more."""
+    from bioc_webstats.web.app import _stale
+
+    monkeypatch.setenv("WEBSTATS_ALERTS_MAX_DATA_AGE", "24")
+    settings = load_settings()
+    today = dt.datetime.now(dt.UTC).date()
+    assert _stale(today - dt.timedelta(days=1), settings) is False
+    assert _stale(today - dt.timedelta(days=2), settings) is True
+
+
 def test_check_and_daily_keep_the_topic_for_the_hook(clean_env, aws_env, monkeypatch, db_url):
     """The web unit's check and the daily job keep alerts/sns_topic on the instance whenever
     they load the configuration, so the hook of a run that fails later (reading no SSM) knows

@@ -185,6 +185,22 @@ def test_s3_window_lists_exactly_the_window(s3_env, start, until):
     assert all(o.etag and o.size > 0 for o in objects)
 
 
+def test_s3_long_window_pages_instead_of_a_request_a_day(s3_env):
+    """A backfill's window (here 52 days, in practice years): pages of names from its start,
+    not one request per day and distribution."""
+    window = sources.Window(dt.date(2024, 1, 5), dt.date(2024, 2, 25))
+    client = boto3.client("s3")
+    prefixes: list[str] = []  # of the requests for the flat distribution's run of names
+    client.meta.events.register(
+        "before-parameter-build.s3.ListObjectsV2",
+        lambda params, **_: prefixes.append(params.get("Prefix", "")),
+    )
+    objects, _ = sources.S3Source(f"s3://{BUCKET}/big/", client=client).list(window)
+    assert [o.key for o in objects] == _in(s3_env["big/"], window)
+    flat = [p for p in prefixes if p.startswith("big/EFLAT.")]
+    assert 1 <= len(flat) <= 3, flat  # 52 requests, one a day, before
+
+
 def test_s3_daily_listing_is_bounded_by_the_window_not_the_bucket(s3_env):
     """A daily run's window (4 days) costs the same number of keys whether the bucket holds
     30 or 60 days, and a small multiple of the window's own objects; a whole listing costs

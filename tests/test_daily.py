@@ -168,3 +168,15 @@ def test_status_reports_the_facts(db_url, tmp_path, monkeypatch, capsys, ready, 
     facts = json.loads(capsys.readouterr().out)
     assert facts["published"] == facts["data_version"]
     assert recent(facts[daily.LAST_SYNC_OK]) and recent(facts[daily.LAST_ETL_OK])
+
+
+def test_status_counts_the_data_age_from_the_end_of_valid_thru():
+    """As /healthz and the watchdog do: right after the 01:00 run that took yesterday, 1 h."""
+    facts = {
+        "version": "x", "valid_thru": "2024-04-01", "data_version": 3, "published": 3,
+        daily.LAST_SYNC_OK: None, daily.LAST_ETL_OK: None, "packages": 1,
+        "packages_seeded_not_synced": None, "objects_ingested": 1,
+        "newest_object_hour": None, "logs_since": None,
+    }  # fmt: skip
+    now = dt.datetime(2024, 4, 2, 1, 0, tzinfo=dt.UTC)
+    assert daily.status_lines(facts, now)[1] == "ValidThru: 2024-04-01 (ended 1 h ago)"

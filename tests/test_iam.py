@@ -223,6 +223,15 @@ def test_every_placeholder_documented_is_used():
     assert used == documented_placeholders() == set(SAMPLE)
 
 
+def test_the_readmes_render_command_fills_every_placeholder():
+    """The command iam/README.md gives SysAdmins: a placeholder it leaves out would stay in
+    the policy as text (a condition that never matches)."""
+    readme = (IAM_DIR / "README.md").read_text()
+    block = re.search(r"^values = dict\((.*?)\)$", readme, re.M | re.S)
+    assert block, "no values = dict(...) in iam/README.md"
+    assert set(re.findall(r"\b([A-Za-z]+)=", block.group(1))) == documented_placeholders()
+
+
 @pytest.mark.parametrize("role", sorted(CODE_NEEDS))
 def test_roles_grant_what_the_code_calls(role):
     doc = render(IAM_DIR / f"bioc-webstats-{role}.json")

@@ -209,7 +209,7 @@ def test_objects_of_the_day_still_running_wait_for_the_next_run(db_url, tmp_path
     out = tmp_path / "logs"
     truth = loggen.generate(out, days=3, start=dt.date(2024, 3, 10), files_per_day=2)
     settings = loaded(db_url, tmp_path)
-    monkeypatch.setattr(ingest, "last_complete_day", lambda: dt.date(2024, 3, 11))
+    monkeypatch.setattr(db, "last_complete_day", lambda: dt.date(2024, 3, 11))
     assert ingest.run(settings, source=str(out))
     with db.session_factory(db_url)() as s:
         days = {o.name_hour.date() for o in s.scalars(select(IngestedObject))}
@@ -217,15 +217,43 @@ def test_objects_of_the_day_still_running_wait_for_the_next_run(db_url, tmp_path
     # an explicit --until past the last complete day is held to it too
     assert ingest.run(settings, source=str(out), until="2024-03-12")
     assert len(snapshot(db_url)[1]) == 4
-    monkeypatch.setattr(ingest, "last_complete_day", lambda: dt.date(2024, 3, 12))
+    monkeypatch.setattr(db, "last_complete_day", lambda: dt.date(2024, 3, 12))
     assert ingest.run(settings, source=str(out))
     assert len(snapshot(db_url)[1]) == 6
     assert_truth(db_url, truth)
 
 
+def test_valid_thru_never_reaches_a_day_not_over(db_url, tmp_path, monkeypatch):
+    """A line after midnight in one of yesterday's objects (the ETL takes lines up to 48 h
+    off their object's hour) is stored, but ValidThru stays at yesterday until today is over:
+    "Data as of" never shows a day still running, Last-Modified can follow ValidThru + 1."""
+    out = tmp_path / "logs"
+    out.mkdir()
+    lines = [
+        loggen.log_line(date="2024-03-11", time="23:50:00"),
+        loggen.log_line(date="2024-03-12", time="00:10:00", ip="10.9.9.9"),
+    ]
+    (out / f"{loggen.DIST}.2024-03-11-23.a.gz").write_bytes(loggen.log_bytes(*lines))
+    settings = loaded(db_url, tmp_path)
+    monkeypatch.setattr(db, "last_complete_day", lambda: dt.date(2024, 3, 11))
+    assert ingest.run(settings, source=str(out))
+    with db.session_factory(db_url)() as s:
+        assert db.get_valid_thru(s) == dt.date(2024, 3, 11)
+        days = set(s.scalars(select(DownloadRecord.day)))
+    assert days == {dt.date(2024, 3, 11), dt.date(2024, 3, 12)}  # nothing lost
+    # the next day's run, with that day's objects, moves it on
+    monkeypatch.setattr(db, "last_complete_day", lambda: dt.date(2024, 3, 12))
+    (out / f"{loggen.DIST}.2024-03-12-05.b.gz").write_bytes(
+        loggen.log_bytes(loggen.log_line(date="2024-03-12", time="05:00:00"))
+    )
+    assert ingest.run(settings, source=str(out))
+    with db.session_factory(db_url)() as s:
+        assert db.get_valid_thru(s) == dt.date(2024, 3, 12)
+
+
 def test_the_last_complete_day_is_yesterday_utc():
     now = dt.datetime.now(dt.UTC)
-    assert ingest.last_complete_day() in {
+    assert db.last_complete_day() in {
         (now + dt.timedelta(seconds=s)).date() - dt.timedelta(days=1) for s in (0, 5)
     }
 

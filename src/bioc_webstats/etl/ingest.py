@@ -534,12 +534,6 @@ def plan_window(
     return sources.Window(start, until)
 
 
-def last_complete_day() -> dt.date:
-    """Yesterday, UTC. A day's statistics (and ValidThru, which the pages show as "Data as
-    of" and Last-Modified may not precede by a day) are only taken once the day is over."""
-    return dt.datetime.now(dt.UTC).date() - dt.timedelta(days=1)
-
-
 def select_objects(
     session: Session, objects: list[sources.LogObject], window: sources.Window
 ) -> list[sources.LogObject]:
@@ -569,7 +563,8 @@ def list_window(
     lookback = settings.get_int("etl/lookback_days", minimum=0)
     src = sources.open_source(url)
     with db.session_factory(settings.database_url)() as session:
-        window = plan_window(session, lookback, since_day, until_day, cutover, last_complete_day())
+        last = db.last_complete_day()
+        window = plan_window(session, lookback, since_day, until_day, cutover, last)
     if window.start is not None and window.until is not None and window.until < window.start:
         objects, skipped = [], []  # nothing complete yet after the ledger's newest day
     else:

@@ -89,6 +89,9 @@ class Window:
 
 
 EVERYTHING = Window()
+# Up to this many days, a distribution's names are listed one day prefix at a time (a request
+# a day); a longer window pages through its names instead (a request per 1,000 names).
+PER_DAY_LISTING_DAYS = 31
 _DAY_DIR = re.compile(r"^(\d{4}-\d{2}-\d{2})$")
 
 
@@ -333,10 +336,15 @@ class S3Source(Source):
             size = min(size * 2, 1000)
 
     def _list_run(self, run: str, found: _Listing) -> None:
-        """The names ``<run><YYYY-MM-DD>-…`` of the window: with both ends, one prefix per
-        day (nothing outside is listed); open-ended, from the start (``StartAfter``)."""
+        """The names ``<run><YYYY-MM-DD>-…`` of the window: a short one (a daily run's), one
+        prefix per day (nothing outside is listed); a long or open-ended one (a backfill),
+        pages from its start (``StartAfter``) up to the first name past its end."""
         window = found.window
-        if window.start is not None and window.until is not None:
+        if (
+            window.start is not None
+            and window.until is not None
+            and (window.until - window.start).days < PER_DAY_LISTING_DAYS
+        ):
             day = window.start
             while day <= window.until:
                 for obj in self._pages(run + day.isoformat()):

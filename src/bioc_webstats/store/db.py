@@ -230,6 +230,14 @@ def get_valid_thru(session: Session) -> dt.date | None:
     return dt.date.fromisoformat(value) if value else None
 
 
+def last_complete_day() -> dt.date:
+    """Yesterday, UTC. A day's statistics (and ValidThru, which the pages show as "Data as
+    of" and Last-Modified may not precede by a day) are only taken once the day is over: the
+    ETL lists objects named up to it, and ValidThru stops there (a line of today in one of
+    yesterday's objects is stored, and shown once today is over)."""
+    return dt.datetime.now(dt.UTC).date() - dt.timedelta(days=1)
+
+
 def advance_valid_thru(session: Session, day: dt.date) -> dt.date:
     """Move ValidThru to ``day`` if that is later; it never moves backwards."""
     current = get_valid_thru(session)

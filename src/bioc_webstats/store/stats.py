@@ -375,6 +375,11 @@ def _date(value: Any) -> dt.date:
     return dt.date.fromisoformat(value) if isinstance(value, str) else value
 
 
+def _through(newest: Any) -> dt.date:
+    """ValidThru for records up to ``newest``: never a day that is not over yet."""
+    return min(_date(newest), db.last_complete_day())
+
+
 def _plan(session: Session, pg: bool) -> _Plan:
     io = IngestedObject
     objects = [
@@ -532,7 +537,7 @@ def apply_pending(session: Session) -> RecomputeResult:
             q = q.where(DownloadRecord.day > before)
         newest = session.scalar(q)
     if newest is not None:
-        res.valid_thru = db.advance_valid_thru(session, _date(newest))
+        res.valid_thru = db.advance_valid_thru(session, _through(newest))
         if res.valid_thru != before and res.data_version is None:
             res.data_version = _bump(session)
     else:
@@ -966,7 +971,7 @@ def rebuild(settings: Settings) -> str:
         version = _bump(session)
         newest = session.scalar(select(func.max(RecordMonth.last_day)))  # exact: just made
         if newest is not None:
-            db.advance_valid_thru(session, _date(newest))
+            db.advance_valid_thru(session, _through(newest))
         valid_thru = db.get_valid_thru(session)
     months = sum(m != 0 for _, _, m in plan.periods)
     return (
