@@ -48,6 +48,32 @@ def test_notify_failure_publishes_without_ssm(clean_env, aws_env):
     assert "journalctl -u bioc-webstats-etl.service" in body
 
 
+def test_notify_failure_alerts_once_an_hour_for_a_unit_failing_again(clean_env, aws_env):
+    """The web service retrying a start while the database is down fails again and again
+    (each try, each request on its socket): one alert, not one per try; another unit still
+    alerts; an hour later the same unit alerts again."""
+    topic, queue = topic_with_queue()
+    env = {"WEBSTATS_ALERTS_SNS_TOPIC": topic}
+    first = run_cli("notify-failure", "bioc-webstats.service", **env)
+    assert first.returncode == 0 and first.stdout == f"alert sent to {topic}\n", first
+    again = run_cli("notify-failure", "bioc-webstats.service", **env)
+    assert again.returncode == 0, again
+    assert again.stdout.startswith("bioc-webstats.service failed again: alerted at ")
+    assert again.stdout.endswith(" UTC, not repeated within an hour\n")
+    other = run_cli("notify-failure", "bioc-webstats-etl.service", **env)
+    assert other.stdout == f"alert sent to {topic}\n"
+    subjects = [n["Subject"].split(" failed")[0] for n in received(queue)]
+    assert sorted(subjects) == ["bioc-webstats: bioc-webstats-etl.service",
+                                "bioc-webstats: bioc-webstats.service"]  # fmt: skip
+    state = clean_env / "state" / "alerts" / "hook-state.json"
+    known = json.loads(state.read_text())
+    known["bioc-webstats.service"] -= alerts.HOOK_REPEAT + 1  # an hour and a second ago
+    state.write_text(json.dumps(known))
+    later = run_cli("notify-failure", "bioc-webstats.service", **env)
+    assert later.stdout == f"alert sent to {topic}\n"
+    assert len(received(queue)) == 1
+
+
 def test_notify_failure_falls_back_and_the_watchdog_sends_it_later(
     clean_env, aws_env, monkeypatch, db_url
 ):

@@ -34,6 +34,9 @@ from .errors import WebstatsError
 
 RUNBOOK = "/usr/local/share/doc/bioc-webstats/RUNBOOK.md"
 RESEND = 6 * 3600  # seconds between two alerts for the same lasting alarm
+# A unit failing again and again (the web service retrying a start while the database is down,
+# each request on its socket one more try): one failure alert per unit in this many seconds.
+HOOK_REPEAT = 3600
 META_ETL_OK = "last_etl_ok"  # ISO timestamps written by the daily job (`bioc-webstats daily`)
 META_SYNC_OK = "last_sync_ok"
 
@@ -121,6 +124,27 @@ def send(sdir: Path, subject: str, message: str, environ: dict[str, str] | None 
     spooled = _spool(sdir, subject, message)
     _crit(f"bioc-webstats: ALERT NOT SENT ({why}): {subject}")
     return f"alert not sent ({why}); " + (f"kept in {spooled}" if spooled else "not kept either")
+
+
+def alerted_recently(sdir: Path, unit: str, now: float) -> float | None:
+    """When the failure hook last alerted (sent or kept) for ``unit``, if within HOOK_REPEAT
+    seconds; else None, and ``now`` is recorded as its last alert."""
+    path = alerts_dir(sdir) / "hook-state.json"
+    try:
+        known: dict[str, float] = json.loads(path.read_text())
+    except (OSError, ValueError):
+        known = {}
+    last = known.get(unit)
+    if last is not None and 0 <= now - last < HOOK_REPEAT:
+        return last
+    known = {u: t for u, t in known.items() if now - t < HOOK_REPEAT}
+    known[unit] = now
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        _write(path, json.dumps(known))
+    except OSError:
+        pass  # no record: the next failure alerts again, which is the safe side
+    return None
 
 
 def _spool(sdir: Path, subject: str, message: str) -> Path | None:

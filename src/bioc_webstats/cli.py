@@ -6,9 +6,11 @@ Exit status: 0 success, 1 the work failed (one line on stderr), 2 bad usage.
 from __future__ import annotations
 
 import contextlib
+import datetime as dt
 import logging
 import os
 import sys
+import time
 import traceback
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -534,7 +536,7 @@ def notify_failure(unit: str) -> None:
     kept on the instance is used); an alert SNS does not take is kept and logged at crit,
     and the watchdog sends it again."""
 
-    from .alerts import send
+    from .alerts import alerted_recently, send
     from .aws import failure_alert, use_env_file
     from .config import DEFAULT_ENV_FILE, read_env_file, state_dir
 
@@ -546,7 +548,13 @@ def notify_failure(unit: str) -> None:
         pass
     subject, message = failure_alert(unit)
     click.echo(f"bioc-webstats: {message.splitlines()[0]}", err=True)  # the journal record
-    outcome = send(state_dir(dict(os.environ)), subject, message)
+    sdir = state_dir(dict(os.environ))
+    last = alerted_recently(sdir, unit, time.time())
+    if last is not None:  # failing again and again: the first alert stands
+        when = dt.datetime.fromtimestamp(last, dt.UTC).strftime("%H:%M:%S UTC")
+        click.echo(f"{unit} failed again: alerted at {when}, not repeated within an hour")
+        return
+    outcome = send(sdir, subject, message)
     click.echo(outcome)
     if not outcome.startswith("alert sent"):
         raise WebstatsError(f"{unit} failure: {outcome}")
