@@ -184,8 +184,7 @@ def status_lines(facts: dict[str, object], now: dt.datetime | None = None) -> li
     vt = facts["valid_thru"]
     vt_age = ""
     if isinstance(vt, str):
-        day = dt.date.fromisoformat(vt)  # its age as /healthz and the watchdog count it
-        end = dt.datetime(day.year, day.month, day.day, tzinfo=dt.UTC) + dt.timedelta(days=1)
+        end = db.valid_thru_end(dt.date.fromisoformat(vt))  # as /healthz, the watchdog
         vt_age = _age(end, now).replace(" (", " (ended ", 1)
     published = facts["published"]
     same = published == facts["data_version"]

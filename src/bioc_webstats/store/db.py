@@ -277,12 +277,16 @@ class DataState:
         return f"{self.version}-{self.token}"
 
 
+def valid_thru_end(valid_thru: dt.date) -> dt.datetime:
+    """The end of ValidThru's day (the next midnight, UTC): what the data's age counts from,
+    as the ETL takes whole days only."""
+    return dt.datetime.combine(valid_thru + dt.timedelta(days=1), dt.time(), tzinfo=dt.UTC)
+
+
 def data_age_hours(valid_thru: dt.date, now: dt.datetime) -> float:
-    """How far the data is behind ``now``: from the end of ValidThru (the next midnight, UTC),
-    as the ETL takes whole days only (right after the 01:00 run: 1 h; a missed run: 25 h
+    """How far the data is behind ``now`` (right after the 01:00 run: 1 h; a missed run: 25 h
     more)."""
-    end = dt.datetime(valid_thru.year, valid_thru.month, valid_thru.day, tzinfo=dt.UTC)
-    return (now - end).total_seconds() / 3600 - 24
+    return (now - valid_thru_end(valid_thru)).total_seconds() / 3600
 
 
 def data_state(session: Session) -> DataState:
