@@ -49,10 +49,22 @@ def test_previous_release_serves(host, service, versions, runbook):
         assert service.get(path).status_code == 200, path
 
 
+# What release N changes beside the code, as a real release does: the web service's unit
+# (daemon-reload, then a restart behind the socket) and nginx's site (checked, then reloaded).
+N_CHANGES = {"webstats_services_web_restart_sec": "9", "webstats_nginx_keepalive_timeout": "64"}
+UNIT = "/etc/systemd/system/bioc-webstats.service"
+SITE = "/etc/nginx/sites-available/bioc-webstats"
+
+
 def test_upgrade_under_load_drops_no_request(host, service, versions, runbook):
+    assert "RestartSec=10" in host.file(UNIT).content_string
+    nginx_pid = run_ok(host, "systemctl show -P MainPID nginx.service").strip()
+    extra = [f"-e {name}={value}" for name, value in N_CHANGES.items()]
     with Load(service.base, LOAD_PATHS) as load:
         wait_for(lambda: load.ok >= 20, 60, "the load to get going")
-        res = run_playbook(deploy_cmd(runbook, str(ephemeral_dir() / "releases" / "current")))
+        res = run_playbook(
+            deploy_cmd(runbook, str(ephemeral_dir() / "releases" / "current"), *extra)
+        )
         # keep asking until the new version answers, then a little more
         wait_for(lambda: versions["current"] in load.versions, 60, "the load to see N")
         seen = load.ok
@@ -64,6 +76,11 @@ def test_upgrade_under_load_drops_no_request(host, service, versions, runbook):
     assert wait_version(service, versions["current"])
     assert current_release(host) == f"releases/{versions['current']}"
     assert run_ok(host, f"readlink {ROOT}/previous").strip() == f"releases/{versions['previous']}"
+    # the changed unit and site are in force: the unit loaded, nginx reloaded (same master)
+    assert "RestartSec=9" in host.file(UNIT).content_string
+    assert run_ok(host, "systemctl show -P RestartUSec bioc-webstats.service").strip() == "9s"
+    assert "keepalive_timeout 64s;" in host.file(SITE).content_string
+    assert run_ok(host, "systemctl show -P MainPID nginx.service").strip() == nginx_pid
 
 
 def test_rollback_on_demand_and_forward_again(host, service, versions, runbook):
