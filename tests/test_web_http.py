@@ -174,6 +174,7 @@ def test_redirects(loaded, path, location):
         r = method(path)
         assert r.status_code == 301, path
         assert r.headers["Location"] == location
+        assert r.headers["Cache-Control"] == "public, max-age=3600"
     target = client.get(location)
     assert target.status_code == 200
 

@@ -203,6 +203,8 @@ def test_what_has_no_file_goes_to_gunicorn(front):
         assert got == status, path
         if status == 301:
             assert headers["Location"] == f"{path}/?{marker.split('?')[1]}"
+            # as nginx's own redirect below: exactly one, the app's
+            assert headers["Cache-Control"] == "public, max-age=3600"
         assert gunicorn_saw(front, marker), path
 
 
@@ -214,6 +216,7 @@ def test_a_published_directory_without_its_slash_is_redirected_by_nginx(front):
     got, headers, _ = front.get(marker)
     assert got == 301
     assert headers["Location"] == "/packages/stats/bioc/?" + marker.split("?")[1]
+    assert headers["Cache-Control"] == "public, max-age=3600"
     assert headers["X-Content-Type-Options"] == "nosniff"
     assert front.get(headers["Location"])[0] == 200
 

@@ -149,7 +149,9 @@ def _plain(status: int, title: str, message: str) -> Response:
     return resp
 
 
-def _redirect(location: str) -> Response:
+def _redirect(location: str, max_age: int) -> Response:
+    """The contract's 301 to a canonical path, with the Cache-Control nginx gives its own
+    (a cache treats both kinds of redirect alike)."""
     # Not request.script_root: gunicorn takes SCRIPT_NAME from a request header, and a
     # client talking to its socket could point the redirect at another host.
     target = f"{PREFIX}/{location}"
@@ -158,6 +160,7 @@ def _redirect(location: str) -> Response:
         target += "?" + quote(qs, safe="/?&=+%;:@,$!*'()~")
     resp = Response(status=301)
     resp.headers["Location"] = target
+    resp.headers["Cache-Control"] = f"public, max-age={max_age}"
     return resp
 
 
@@ -221,7 +224,7 @@ def create_app(settings: Settings | None = None) -> Flask:
 
     @app.get(PREFIX)
     def prefix_redirect():
-        return _redirect("")
+        return _redirect("", site.max_age)
 
     @app.get(PREFIX + "/", defaults={"sub": ""})
     @app.get(PREFIX + "/<path:sub>")
@@ -233,7 +236,7 @@ def create_app(settings: Settings | None = None) -> Flask:
             body, ctype, etag, mtime = site.static(resolved)
             return _send(body, ctype, etag, mtime, site.max_age)
         if isinstance(resolved, Redirect) and resolved.needs_package is None:
-            return _redirect(resolved.location)
+            return _redirect(resolved.location, site.max_age)
         try:
             state = site.state()
             snap = site.snapshot(state)
@@ -241,7 +244,7 @@ def create_app(settings: Settings | None = None) -> Flask:
                 assert resolved.cat is not None
                 if resolved.needs_package not in snap.categories[resolved.cat.prefix].years:
                     return _plain(404, "Not Found", "No such package.")
-                return _redirect(resolved.location)
+                return _redirect(resolved.location, site.max_age)
             target = resolved
             if not exists(target, snap):
                 return _plain(404, "Not Found", "No such page or file.")
