@@ -76,6 +76,23 @@ def test_notify_failure_alerts_once_an_hour_for_the_web_retrying(clean_env, aws_
     assert len(received(queue)) == 1
 
 
+@pytest.mark.parametrize("junk", ["[]", '{"bioc-webstats.service": "noon"}', "{", ""])
+def test_notify_failure_alerts_over_a_damaged_hook_state(clean_env, aws_env, junk):
+    """A hook state nobody can read (a full disk's half write, a hand edit) is no record: the
+    web's failure alerts, once, and the state is written anew."""
+    topic, queue = topic_with_queue()
+    state = clean_env / "state" / "alerts" / "hook-state.json"
+    state.parent.mkdir(parents=True, exist_ok=True)
+    state.write_text(junk)
+    env = {"WEBSTATS_ALERTS_SNS_TOPIC": topic}
+    first = run_cli("notify-failure", "bioc-webstats.service", **env)
+    assert first.returncode == 0 and first.stdout == f"alert sent to {topic}\n", first
+    again = run_cli("notify-failure", "bioc-webstats.service", **env)
+    assert again.stdout.startswith("bioc-webstats.service failed again: alerted at "), again
+    assert len(received(queue)) == 1
+    assert list(json.loads(state.read_text())) == ["bioc-webstats.service"]
+
+
 def test_notify_failure_falls_back_and_the_watchdog_sends_it_later(
     clean_env, aws_env, monkeypatch, db_url
 ):

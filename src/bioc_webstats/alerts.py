@@ -129,25 +129,38 @@ def send(sdir: Path, subject: str, message: str, environ: dict[str, str] | None 
     return f"alert not sent ({why}); " + (f"kept in {spooled}" if spooled else "not kept either")
 
 
-def alerted_recently(sdir: Path, unit: str, now: float) -> float | None:
+def _hook_state(sdir: Path) -> Path:
+    return alerts_dir(sdir) / "hook-state.json"
+
+
+def last_alert(sdir: Path, unit: str, now: float) -> float | None:
     """When the failure hook last alerted (sent or kept) for ``unit``, if within HOOK_REPEAT
-    seconds; else None, and ``now`` is recorded as its last alert."""
-    path = alerts_dir(sdir) / "hook-state.json"
+    seconds of ``now``; else None."""
     try:
-        known: dict[str, float] = json.loads(path.read_text())
+        last = json.loads(_hook_state(sdir).read_text()).get(unit)
+    except (OSError, ValueError, AttributeError):
+        return None
+    if isinstance(last, int | float) and 0 <= now - last < HOOK_REPEAT:
+        return float(last)
+    return None
+
+
+def record_alert(sdir: Path, unit: str, now: float) -> None:
+    """Record ``now`` as the failure hook's last alert for ``unit`` (older records dropped)."""
+    path = _hook_state(sdir)
+    try:
+        known = json.loads(path.read_text())
+        if not isinstance(known, dict):
+            known = {}
     except (OSError, ValueError):
         known = {}
-    last = known.get(unit)
-    if last is not None and 0 <= now - last < HOOK_REPEAT:
-        return last
-    known = {u: t for u, t in known.items() if now - t < HOOK_REPEAT}
+    known = {u: t for u, t in known.items() if isinstance(t, int | float) and now - t < HOOK_REPEAT}
     known[unit] = now
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         _write(path, json.dumps(known))
     except OSError:
         pass  # no record: the next failure alerts again, which is the safe side
-    return None
 
 
 def _spool(sdir: Path, subject: str, message: str) -> Path | None:
@@ -305,22 +318,22 @@ def watchdog(now: dt.datetime | None = None) -> tuple[list[Alarm], list[str]]:
         alarms += disk_checks([sdir, settings.publish_dir, log_dir], min_free)
     lines = [f"ALARM {a.name}: {a.why}" for a in alarms]
     lines += _notify(sdir, alarms, now)
-    if settings is not None and settings.get("alerts/cloudwatch_namespace"):
-        lines.append(heartbeat(settings, alarms, now))
+    namespace = settings.get("alerts/cloudwatch_namespace") if settings is not None else None
+    if settings is not None and namespace:
+        lines.append(heartbeat(settings, namespace, alarms, now))
     sent = resend_spooled(sdir)
     if sent:
         lines.append(f"{sent} kept alerts sent")
     return alarms, lines
 
 
-def heartbeat(settings: Settings, alarms: list[Alarm], now: dt.datetime) -> str:
-    """The watchdog's heartbeat to CloudWatch (``alerts/cloudwatch_namespace``): ``Heartbeat``
-    1 and ``Alarms`` (how many hold), by ``Environment`` (the SSM path's last part). An alarm
-    in CloudWatch on a missing heartbeat (playbooks/alarms.yml) is what tells of a host that
-    is down, stopped or cut off: nothing on the host can."""
+def heartbeat(settings: Settings, namespace: str, alarms: list[Alarm], now: dt.datetime) -> str:
+    """The watchdog's heartbeat to CloudWatch ``namespace`` (``alerts/cloudwatch_namespace``):
+    ``Heartbeat`` 1 and ``Alarms`` (how many hold), by ``Environment`` (the SSM path's last
+    part). An alarm in CloudWatch on a missing heartbeat (playbooks/alarms.yml) is what tells
+    of a host that is down, stopped or cut off: nothing on the host can."""
     from .aws import _aws_errors, client, describe_error
 
-    namespace = settings.get("alerts/cloudwatch_namespace") or ""
     env = settings.ssm_path.rsplit("/", 1)[-1] if settings.ssm_path else "local"
     dims = [{"Name": "Environment", "Value": env}]
     data = [

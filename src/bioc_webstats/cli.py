@@ -536,7 +536,7 @@ def notify_failure(unit: str) -> None:
     kept on the instance is used); an alert SNS does not take is kept and logged at crit,
     and the watchdog sends it again."""
 
-    from .alerts import RETRYING_UNITS, alerted_recently, send
+    from .alerts import RETRYING_UNITS, last_alert, record_alert, send
     from .aws import failure_alert, use_env_file
     from .config import DEFAULT_ENV_FILE, read_env_file, state_dir
 
@@ -549,11 +549,14 @@ def notify_failure(unit: str) -> None:
     subject, message = failure_alert(unit)
     click.echo(f"bioc-webstats: {message.splitlines()[0]}", err=True)  # the journal record
     sdir = state_dir(dict(os.environ))
-    last = alerted_recently(sdir, unit, time.time()) if unit in RETRYING_UNITS else None
-    if last is not None:  # failing again and again: the first alert stands
-        when = dt.datetime.fromtimestamp(last, dt.UTC).strftime("%H:%M:%S UTC")
-        click.echo(f"{unit} failed again: alerted at {when}, not repeated within an hour")
-        return
+    now = time.time()
+    if unit in RETRYING_UNITS:
+        last = last_alert(sdir, unit, now)
+        if last is not None:  # failing again and again: the first alert stands
+            when = dt.datetime.fromtimestamp(last, dt.UTC).strftime("%H:%M:%S UTC")
+            click.echo(f"{unit} failed again: alerted at {when}, not repeated within an hour")
+            return
+        record_alert(sdir, unit, now)
     outcome = send(sdir, subject, message)
     click.echo(outcome)
     if not outcome.startswith("alert sent"):
