@@ -222,6 +222,24 @@ def test_watchdog_stale_data_alerts_once_then_again_then_cleared(watched, monkey
     assert cleared["Subject"].startswith("bioc-webstats cleared: data-stale on ")
 
 
+@pytest.mark.parametrize("junk", ['["data-stale"]', '{"data-stale": "yesterday"}', "{"])
+def test_watchdog_over_a_damaged_alarm_state_alerts(watched, junk):
+    """An alarm state nobody can read is no record: the alarm is sent, not a traceback, and
+    the state is written anew (so it is not sent again on the next run)."""
+    _topic, queue, _health, _url = watched
+    state = alerts.alerts_dir(load_settings().state_dir) / "state.json"
+    state.parent.mkdir(parents=True, exist_ok=True)
+    state.write_text(junk)
+    later = NOW + dt.timedelta(hours=30)
+    alarms, _ = alerts.watchdog(later)
+    assert names(alarms) == {"data-stale"}
+    alerts.watchdog(later + dt.timedelta(minutes=15))
+    assert [n["Subject"].split(" on ")[0] for n in received(queue)] == [
+        "bioc-webstats ALARM data-stale"
+    ]
+    assert list(json.loads(state.read_text())) == ["data-stale"]
+
+
 def test_watchdog_daily_job_web_publish_and_disk(watched, monkeypatch):
     _topic, queue, health, url = watched
     with db.session_factory(url)() as s:

@@ -129,6 +129,22 @@ def send(sdir: Path, subject: str, message: str, environ: dict[str, str] | None 
     return f"alert not sent ({why}); " + (f"kept in {spooled}" if spooled else "not kept either")
 
 
+def _read_stamps(path: Path) -> dict[str, float]:
+    """A state file of {name: epoch seconds}; what cannot be read as that (missing, a half
+    write, a hand edit) is no record, which makes the caller alert: the safe side."""
+    try:
+        known = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    if not isinstance(known, dict):
+        return {}
+    return {
+        str(k): float(v)
+        for k, v in known.items()
+        if isinstance(v, int | float) and not isinstance(v, bool)
+    }
+
+
 def _hook_state(sdir: Path) -> Path:
     return alerts_dir(sdir) / "hook-state.json"
 
@@ -136,25 +152,14 @@ def _hook_state(sdir: Path) -> Path:
 def last_alert(sdir: Path, unit: str, now: float) -> float | None:
     """When the failure hook last alerted (sent or kept) for ``unit``, if within HOOK_REPEAT
     seconds of ``now``; else None."""
-    try:
-        last = json.loads(_hook_state(sdir).read_text()).get(unit)
-    except (OSError, ValueError, AttributeError):
-        return None
-    if isinstance(last, int | float) and 0 <= now - last < HOOK_REPEAT:
-        return float(last)
-    return None
+    last = _read_stamps(_hook_state(sdir)).get(unit)
+    return last if last is not None and 0 <= now - last < HOOK_REPEAT else None
 
 
 def record_alert(sdir: Path, unit: str, now: float) -> None:
     """Record ``now`` as the failure hook's last alert for ``unit`` (older records dropped)."""
     path = _hook_state(sdir)
-    try:
-        known = json.loads(path.read_text())
-        if not isinstance(known, dict):
-            known = {}
-    except (OSError, ValueError):
-        known = {}
-    known = {u: t for u, t in known.items() if isinstance(t, int | float) and now - t < HOOK_REPEAT}
+    known = {u: t for u, t in _read_stamps(path).items() if now - t < HOOK_REPEAT}
     known[unit] = now
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -354,10 +359,7 @@ def _notify(sdir: Path, alarms: list[Alarm], now: dt.datetime) -> list[str]:
     import socket
 
     path = alerts_dir(sdir) / "state.json"
-    try:
-        known: dict[str, float] = json.loads(path.read_text())
-    except (OSError, ValueError):
-        known = {}
+    known = _read_stamps(path)
     host = socket.gethostname()
     lines: list[str] = []
     stamp = now.timestamp()
