@@ -107,6 +107,9 @@ def test_downloads_sql_is_filled_in():
     assert "'" + " ".join(rule.CLOUDFRONT_FIELDS[:15]) + "'" in sql
     assert "IN (200, 301, 302, 307, 308)" in sql and "172800" in sql
     assert "ORDER BY path, kind" in sql
+    # the local engine's byte bounds: a longer address or path is a rejected line
+    assert f"WHEN length(to_utf8(element_at(f, 5))) > {rule.MAX_IP} THEN false" in sql
+    assert f"WHEN length(to_utf8(element_at(f, 8))) > {rule.MAX_URI} THEN false" in sql
     assert "WHERE day" not in athena.downloads_sql("d", "t", None)
     # the cut-over day: lines dated before it are not counted (0001-01-01 when unset)
     assert "WHEN element_at(f, 1) < '0001-01-01' THEN false" in sql

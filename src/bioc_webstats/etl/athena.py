@@ -112,6 +112,8 @@ def downloads_sql(
         .replace("@@F33@@", fields33)
         .replace("@@F15@@", " ".join(rule.CLOUDFRONT_FIELDS[:15]))
         .replace("@@FLOOR@@", (floor or dt.date.min).isoformat())
+        .replace("@@MAX_IP@@", str(rule.MAX_IP))
+        .replace("@@MAX_URI@@", str(rule.MAX_URI))
     )
 
 

@@ -6,7 +6,8 @@
 -- Placeholders: @@TABLE@@, @@WHERE@@ (partition filter or empty), @@RULE@@ (the download
 -- path pattern of logs.py), @@F33@@ / @@F15@@ (the standard #Fields layouts; other layouts
 -- are left to the local engine), @@FLOOR@@ (the cut-over day: lines dated before it are not
--- counted; 0001-01-01 when none is set).
+-- counted; 0001-01-01 when none is set), @@MAX_IP@@ / @@MAX_URI@@ (the local engine's byte
+-- bounds: a longer c-ip or cs-uri-stem is a malformed line, rejected, as there).
 WITH raw AS (
     SELECT "$path" AS path, regexp_replace(line, '\r$', '') AS line
     FROM @@TABLE@@
@@ -46,6 +47,8 @@ checked AS (
                 > 172800 THEN false
             WHEN NOT regexp_like(element_at(f, 9), '^[0-9]+$') THEN false
             WHEN element_at(f, 5) IN ('', '-') THEN false
+            WHEN length(to_utf8(element_at(f, 5))) > @@MAX_IP@@ THEN false
+            WHEN length(to_utf8(element_at(f, 8))) > @@MAX_URI@@ THEN false
             WHEN element_at(f, 1) < '@@FLOOR@@' THEN false
             ELSE true
         END AS ok
