@@ -565,10 +565,7 @@ def list_window(
     with db.session_factory(settings.database_url)() as session:
         last = db.last_complete_day()
         window = plan_window(session, lookback, since_day, until_day, cutover, last)
-    if window.start is not None and window.until is not None and window.until < window.start:
-        objects, skipped = [], []  # nothing complete yet after the ledger's newest day
-    else:
-        objects, skipped = src.list(window)
+    objects, skipped = ([], []) if window.empty else src.list(window)
     with db.session_factory(settings.database_url)() as session:
         todo = select_objects(session, objects, window)
     log.info(

@@ -87,6 +87,12 @@ class Window:
     def whole(self) -> bool:
         return self.start is None and self.until is None
 
+    @property
+    def empty(self) -> bool:
+        """No day at all (it ends before it starts: nothing complete yet after the ledger's
+        newest day): nothing to list."""
+        return self.start is not None and self.until is not None and self.until < self.start
+
 
 EVERYTHING = Window()
 # Up to this many days, a distribution's names are listed one day prefix at a time (a request
