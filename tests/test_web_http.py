@@ -339,6 +339,64 @@ def test_database_down_is_503_not_500(clean_env, monkeypatch):
     assert client.get(P + "nosuch/").status_code == 404
 
 
+def _allow_connections(url: str, allow: bool) -> None:
+    """Open or close a PostgreSQL database to new connections, and end the ones it has (the
+    database down, as in a restart or a failover, on the real server)."""
+    import sqlalchemy as sa
+
+    base, name = url.rsplit("/", 1)
+    engine = sa.create_engine(f"{base}/postgres", isolation_level="AUTOCOMMIT")
+    with engine.connect() as conn:
+        conn.execute(
+            sa.text(f'ALTER DATABASE "{name}" WITH ALLOW_CONNECTIONS {str(allow).lower()}')
+        )
+        conn.execute(
+            sa.text(
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
+                " WHERE datname = :name AND pid <> pg_backend_pid()"
+            ),
+            {"name": name},
+        )
+    engine.dispose()
+
+
+def test_database_down_after_start_answers_what_it_knows(pg_server, clean_env, monkeypatch, caplog):
+    """A database that goes away under a running web (a restart, a failover) takes only what
+    needs it: the redirects and 404s of the data version last read, and the pages and files
+    built for it, still answer; a body not built yet is 503 until the database is back."""
+    from conftest import new_pg_database
+
+    url = new_pg_database(pg_server)
+    db.upgrade(url)
+    with db.session_factory(url)() as s:
+        webref.load_direct(s, valid_thru=VT)
+    monkeypatch.setenv("WEBSTATS_DATABASE_URL", url)
+    client = create_app(load_settings()).test_client()
+    page = client.get(P + "bioc/affy/")
+    assert page.status_code == 200
+    _allow_connections(url, False)
+    try:
+        assert client.get("/healthz").status_code == 503
+        again = client.get(P + "bioc/affy/")
+        assert again.status_code == 200 and again.data == page.data
+        assert again.headers["ETag"] == page.headers["ETag"]
+        moved = client.get(P + "bioc/affy")
+        assert moved.status_code == 301 and moved.headers["Location"] == P + "bioc/affy/"
+        assert client.get(P + "bioc/nosuchpkg/").status_code == 404
+        assert client.get(P + "bioc/affy/affy_1999_stats.tab").status_code == 404
+        unbuilt = client.get(P + "bioc/limma/")
+        assert unbuilt.status_code == 503 and "unavailable" in unbuilt.text
+    finally:
+        _allow_connections(url, True)
+    assert client.get(P + "bioc/limma/").status_code == 200
+    said = [r.getMessage() for r in caplog.records if r.name == "bioc_webstats.web.app"]
+    down = [m for m in said if m.startswith("database unavailable (")]
+    assert len(down) == 1 and "answering from data version" in down[0], said
+    assert said.count("database available again") == 1, said
+    assert client.get("/healthz").status_code == 200
+    db.dispose_engine(url)
+
+
 SEGMENTS = [
     "bioc",
     "data-annotation",

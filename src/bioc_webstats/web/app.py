@@ -11,6 +11,8 @@ The data version is read from the database on each request the app answers (one 
 when the published ``current`` is not the database's version — a change nobody published
 yet, a recreated or restored database — the app opens a directory for the database's version
 and switches ``current`` to it, so no answer ever comes from another database's files.
+While the database cannot be reached, the version last read stands (:meth:`StatsSite.state`):
+what needs no new body still answers.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from __future__ import annotations
 import datetime as dt
 import gc
 import hashlib
+import logging
 import threading
 import time
 from importlib import resources
@@ -41,6 +44,7 @@ PREFIX = "/packages/stats"
 TEXT = "text/plain; charset=utf-8"
 HTML = "text/html; charset=utf-8"
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+log = logging.getLogger(__name__)  # the app's logger (Flask names it after this module)
 
 
 def log_level(settings: Settings) -> str:
@@ -67,6 +71,8 @@ class StatsSite:
         self.site = PublishedSite(settings.publish_dir)
         self.max_age = settings.get_int("web/cache_max_age")
         self._snap: tuple[str, report.Snapshot] | None = None
+        self._last_state: db.DataState | None = None
+        self._db_down = False
         self._lock = threading.Lock()
         self._static: dict[str, tuple[bytes, str, str, float]] = {}
 
@@ -74,8 +80,28 @@ class StatsSite:
         return db.session_factory(self.settings.database_url)()
 
     def state(self) -> db.DataState:
-        with self.session() as session:
-            return db.data_state(session)
+        """The database's data version; while the database cannot be reached, the last one
+        read (its snapshot is in memory and its files on disk: redirects, 404s and what is
+        published still answer; only a body not built yet needs the database)."""
+        try:
+            with self.session() as session:
+                state = db.data_state(session)
+        except SQLAlchemyError as exc:
+            if self._last_state is None:
+                raise
+            if not self._db_down:  # one line per outage, not one per request
+                log.warning(
+                    "database unavailable (%s): answering from data version %s until it is back",
+                    type(exc).__name__,
+                    self._last_state.key,
+                )
+                self._db_down = True
+            return self._last_state
+        if self._db_down:
+            log.warning("database available again")
+            self._db_down = False
+        self._last_state = state
+        return state
 
     def snapshot(self, state: db.DataState) -> report.Snapshot:
         """The snapshot of this data version (loaded once per version and process)."""
