@@ -246,6 +246,22 @@ def test_packages_seeded_by_the_deploy(host, deploy_vars):
     assert f"the table has {rows} rows; nothing done" in out
 
 
+def test_what_the_first_deploy_published_is_sent_by_nginx(host, service, deploy_vars):
+    """The deploy's own publish of a fresh instance (before any data) is readable by nginx:
+    every directory of the publish tree has nginx's group and is setgid, and nginx sends the
+    assets from disk (a version directory of the service's group was a 403 for every file
+    until the first ETL run)."""
+    publish = deploy_vars["webstats_base_publish_dir"]
+    group = deploy_vars["webstats_nginx_group"]
+    assert run_ok(host, f"stat -c %G {publish}").strip() == group
+    wrong = run_ok(host, f"find {publish} -type d \\( ! -group {group} -o ! -perm -2050 \\)")
+    assert wrong.strip() == "", wrong
+    assert run_ok(host, f"test -f {publish}/current/packages/stats/main.css && echo yes") == "yes\n"
+    for asset in ("main.css", "charts.js"):
+        r = service.get(f"/packages/stats/{asset}")
+        assert r.status_code == 200, (asset, r.status_code)
+
+
 def test_the_legacy_history_is_imported_up_to_the_cut_over_day(host, deploy_vars):
     """docs/CUTOVER.md step 3: the legacy server's databases up to the cut-over day
     (``--until`` defaults to etl/logs_since), exactly once: a second import adds nothing."""
