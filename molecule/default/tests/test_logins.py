@@ -7,6 +7,7 @@ over TCP with its password, as the app does, and asserts what PostgreSQL allows 
 
 from __future__ import annotations
 
+import re
 import shlex
 
 import pytest
@@ -123,3 +124,72 @@ def test_each_process_uses_its_login(host, service, logins):
     users = set(out.split())
     assert logins["web"][0] in users, users
     assert logins["owner"][0] not in users, users  # the owner only migrates, then disconnects
+
+
+def test_db_bootstrap_with_an_administrator_that_is_no_superuser(host):
+    """RDS's master login is no superuser (CREATEROLE, CREATEDB): it cannot read the stored
+    passwords, nor name SUPERUSER in an ALTER ROLE. db-bootstrap.yml as that administrator, on a
+    database of its own beside the scenario's: a second run changes nothing, a rotated password
+    is set (the old one refused), and a table a login owns (a database from before the owner
+    login) is given to the owner."""
+    import json
+    import os
+
+    from testlib import run_playbook
+
+    admin, admin_pw = "molecule_rds_master", "rds-master-pw-1234567"
+    names = {"owner": "rds_owner", "etl": "rds_runner", "web": "rds_web"}
+    pws = {
+        "owner": "rds-owner-pw-12345678",
+        "etl": "rds-runner-pw-1234567",
+        "web": "rds-web-pw-123456789",
+    }
+    sql = f"CREATE ROLE {admin} LOGIN CREATEROLE CREATEDB PASSWORD '{admin_pw}'"
+    run_ok(host, f"runuser -u postgres -- psql -X -q -c {shlex.quote(sql)}")
+    inventory = os.path.dirname(os.environ["MOLECULE_INVENTORY_FILE"])
+    extra = ephemeral_dir() / "rds-admin.json"
+
+    def bootstrap(etl_pw: str):
+        extra.write_text(json.dumps({
+            "webstats_db_admin_host": "127.0.0.1", "webstats_db_admin_user": admin,
+            "webstats_db_admin_password": admin_pw, "webstats_db_name": "webstats_rds",
+            **{f"webstats_db_{k}_user": v for k, v in names.items()},
+            **{f"webstats_db_{k}_password": v for k, v in {**pws, "etl": etl_pw}.items()},
+        }))  # fmt: skip
+        res = run_playbook(
+            f"ansible-playbook playbooks/db-bootstrap.yml -i {inventory} -e @{extra}"
+        )
+        assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-2000:]
+        recap = re.search(r"webstats-default\s*:\s*ok=\d+\s+changed=(\d+)", res.stdout)
+        assert recap, res.stdout[-2000:]
+        return int(recap.group(1))
+
+    def as_login(user: str, pw: str, query: str):
+        cmd = (f"PGPASSWORD={shlex.quote(pw)} psql -X -q -h 127.0.0.1 -U {user} -d webstats_rds "
+               f"-At -c {shlex.quote(query)}")  # fmt: skip
+        return host.run(f"timeout 60 sh -c {shlex.quote(cmd)}")
+
+    try:
+        assert bootstrap(pws["etl"]) > 0
+        assert bootstrap(pws["etl"]) == 0  # it failed here (NOSUPERUSER), or set every password
+        for key in names:
+            assert (
+                as_login(names[key], pws[key], "SELECT current_user").stdout.strip() == names[key]
+            )
+        rotated = "rds-runner-rotated-98765"
+        assert bootstrap(rotated) == 1
+        assert as_login(names["etl"], rotated, "SELECT 1").rc == 0
+        refused = as_login(names["etl"], pws["etl"], "SELECT 1")
+        assert refused.rc != 0 and "password authentication failed" in refused.stderr
+        owned = "CREATE TABLE legacy_probe (x int); ALTER TABLE legacy_probe OWNER TO rds_runner"
+        run_ok(host, f"runuser -u postgres -- psql -X -q -d webstats_rds -c {shlex.quote(owned)}")
+        assert bootstrap(rotated) > 0
+        query = "SELECT tableowner FROM pg_tables WHERE tablename = 'legacy_probe'"
+        owner = as_login(names["owner"], pws["owner"], query)
+        assert owner.stdout.strip() == names["owner"], owner.stderr
+    finally:
+        drop = ["DROP DATABASE IF EXISTS webstats_rds WITH (FORCE)"] + [
+            f"DROP ROLE IF EXISTS {r}" for r in (*names.values(), admin)
+        ]
+        for statement in drop:
+            host.run(f"runuser -u postgres -- psql -X -q -c {shlex.quote(statement)}")
