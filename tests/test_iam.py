@@ -293,8 +293,13 @@ def test_operator_is_read_only_and_never_sees_secrets():
     denied = {
         r for st in statements(doc) if st["Effect"] == "Deny" for r in as_list(st["Resource"])
     }
-    for name in ("db/password", "flask/secret_key", "etl/ip_hash_key"):
-        assert f"{PARAM}/{name}" in denied
+    from bioc_webstats.config import PARAMS
+
+    # every parameter the app treats as secret, and the runbook's origin header secret
+    secret = {p.name for p in PARAMS if p.secret} | {"nginx/origin_header"}
+    assert {"db/password", "db/web_password", "db/owner_password", "etl/ip_hash_key"} <= secret
+    for name in sorted(secret):
+        assert f"{PARAM}/{name}" in denied, name
     assert f"arn:aws:kms:{R}:{A}:key/*" in denied  # no SecureString decrypts through SSM
 
 
