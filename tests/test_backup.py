@@ -7,6 +7,7 @@ from __future__ import annotations
 import datetime as dt
 import os
 import shutil
+import sqlite3
 import stat
 import subprocess
 import sys
@@ -151,3 +152,83 @@ def test_a_destination_that_cannot_be_made_is_one_line(db_url, clean_env, monkey
         f"bioc-webstats: error: backup: cannot create {blocker / 'backups'}: Not a directory"
     ], res.stderr
     assert blocker.read_text() == "not a directory\n"
+
+
+def test_a_failed_backup_keeps_the_earlier_one(db_url, clean_env, monkeypatch):
+    """The dump goes beside the destination and is renamed over it once complete: a dump that
+    fails (here its file cannot be opened) leaves the earlier backup as it was."""
+    monkeypatch.setenv("WEBSTATS_DATABASE_URL", db_url)
+    db.upgrade(db_url)
+    dest = clean_env / "b" / "webstats.dump"
+    dest.parent.mkdir()
+    dest.write_bytes(b"yesterday's backup\n")
+    (dest.parent / f".{dest.name}.partial-{os.getpid()}").mkdir()  # the dump cannot be written
+    with pytest.raises(WebstatsError) as err:
+        backup.backup(load_settings(), dest)
+    assert "\n" not in str(err.value) and dest.name in str(err.value)
+    assert dest.read_bytes() == b"yesterday's backup\n"
+    (dest.parent / f".{dest.name}.partial-{os.getpid()}").rmdir()
+    done = backup.backup(load_settings(), dest)  # then a good one replaces it, 0600
+    assert done.size == dest.stat().st_size > 100
+    assert stat.S_IMODE(dest.stat().st_mode) == 0o600
+    assert [p.name for p in dest.parent.iterdir()] == [dest.name]  # no partial file left
+
+
+def test_sqlite_backup_refuses_the_database_itself(clean_env, monkeypatch):
+    live = clean_env / "webstats.sqlite3"
+    url = f"sqlite:///{live}"
+    db.upgrade(url)
+    with db.session_factory(url)() as s:
+        webref.load_direct(s, valid_thru=VT)
+    monkeypatch.setenv("WEBSTATS_DATABASE_URL", url)
+    before = live.read_bytes()
+    mode = stat.S_IMODE(live.stat().st_mode)
+    res = run("db", "backup", str(live))
+    assert res.returncode == 1
+    assert res.stderr.splitlines() == [
+        f"bioc-webstats: error: backup: {live} is the database itself: choose another file"
+    ]
+    assert live.read_bytes() == before and stat.S_IMODE(live.stat().st_mode) == mode
+
+
+@pytest.mark.parametrize("kind", ["sqlite", "postgresql"])
+def test_restore_refuses_a_database_that_is_no_backup_of_ours(
+    kind, clean_env, monkeypatch, request, tmp_path
+):
+    """A valid SQLite file or pg_dump archive of another database (one table named meta) is
+    refused with one line before anything is replaced: the live data stays."""
+    from conftest import new_pg_database
+
+    if kind == "sqlite":
+        url = f"sqlite:///{tmp_path / 'live.sqlite3'}"
+        other = tmp_path / "other.sqlite3"
+        with sqlite3.connect(other) as conn:
+            conn.execute("CREATE TABLE meta (x)")
+        conn.close()
+    else:
+        base = request.getfixturevalue("pg_server")
+        url = new_pg_database(base)
+        foreign = new_pg_database(base)
+        engine = sa.create_engine(foreign)
+        with engine.begin() as conn:
+            conn.execute(sa.text("CREATE TABLE meta (x int)"))
+            conn.execute(sa.text("INSERT INTO meta VALUES (1)"))
+        engine.dispose()
+        other = tmp_path / "other.dump"
+        u = sa.engine.make_url(foreign)
+        subprocess.run(
+            ["pg_dump", "--format=custom", f"--file={other}", "-h", u.host, "-p", str(u.port),
+             "-U", u.username, u.database],
+            env={**os.environ, "PGPASSWORD": u.password or ""}, check=True,
+        )  # fmt: skip
+    db.upgrade(url)
+    with db.session_factory(url)() as s:
+        webref.load_direct(s, valid_thru=VT)
+    monkeypatch.setenv("WEBSTATS_DATABASE_URL", url)
+    res = run("db", "restore", str(other))
+    assert res.returncode == 1
+    [line] = res.stderr.splitlines()
+    assert f"restore: {other} is not a" in line, line
+    with db.session_factory(url)() as s:
+        assert db.get_valid_thru(s) == VT
+    db.dispose_engine(url)

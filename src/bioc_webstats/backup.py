@@ -95,25 +95,43 @@ def _last_line(stderr: str) -> str:
 
 
 def backup(settings: Settings, dest: Path, s3_url: str | None = None) -> BackupResult:
-    """Dump the database to ``dest`` (0600) and, with ``s3_url``, upload it."""
+    """Dump the database to ``dest`` (0600) and, with ``s3_url``, upload it. The dump is
+    written beside ``dest`` and renamed over it once complete: a failed dump leaves whatever
+    was at ``dest`` (an earlier backup) as it was."""
     url = make_url(settings.database_url)
+    sqlite = url.get_backend_name() == "sqlite"
+    if not dest.name or dest.is_dir():
+        raise WebstatsError(f"backup: {dest} is a directory, not a file name")
+    if sqlite and Path(url.database or "").resolve() == dest.resolve():
+        raise WebstatsError(f"backup: {dest} is the database itself: choose another file")
     old_umask = os.umask(0o077)
     try:
         _make_dir(dest.parent, "backup")
-        if url.get_backend_name() == "sqlite":
-            _backup_sqlite(url, dest)
-        else:
-            _backup_postgresql(settings.database_url, url, dest)
+        partial = dest.with_name(f".{dest.name}.partial-{os.getpid()}")
+        try:
+            if sqlite:
+                _backup_sqlite(url, partial, dest)
+            else:
+                _backup_postgresql(settings.database_url, url, partial, dest)
+            partial.chmod(0o600)
+            partial.replace(dest)
+        except OSError as exc:
+            raise WebstatsError(f"backup: cannot write {dest}: {exc.strerror or exc}") from None
+        finally:
+            if partial.is_file():  # what this run wrote and did not rename
+                partial.unlink()
     finally:
         os.umask(old_umask)
-    dest.chmod(0o600)
     result = BackupResult(dest, dest.stat().st_size)
     if s3_url:
-        result.s3 = _upload(dest, s3_url)
+        try:
+            result.s3 = _upload(dest, s3_url)
+        except WebstatsError as exc:
+            raise WebstatsError(f"{exc} (the local backup {dest} is kept)") from None
     return result
 
 
-def _backup_postgresql(database_url: str, url: URL, dest: Path) -> None:
+def _backup_postgresql(database_url: str, url: URL, partial: Path, dest: Path) -> None:
     major = server_major(database_url)
     pg_dump = client_tool("pg_dump", major)
     with db.get_engine(database_url).connect() as conn:
@@ -125,21 +143,29 @@ def _backup_postgresql(database_url: str, url: URL, dest: Path) -> None:
             f"{size // 2**20} MiB: free some space or dump elsewhere"
         )
     done = subprocess.run(
-        [pg_dump, "--format=custom", "--no-owner", "--no-privileges", f"--file={dest}"],
+        [pg_dump, "--format=custom", "--no-owner", "--no-privileges", f"--file={partial}"],
         env=_pg_env(url), capture_output=True, text=True, check=False,
     )  # fmt: skip
     if done.returncode != 0:
-        dest.unlink(missing_ok=True)
         raise WebstatsError(f"pg_dump of {url.database} failed: {_last_line(done.stderr)}")
 
 
-def _backup_sqlite(url: URL, dest: Path) -> None:
-    source = sqlite3.connect(f"file:{url.database}?mode=ro", uri=True)
+def _backup_sqlite(url: URL, partial: Path, dest: Path) -> None:
     try:
-        with sqlite3.connect(dest) as target:
-            source.backup(target)
+        source = sqlite3.connect(f"file:{url.database}?mode=ro", uri=True)
     except sqlite3.Error as exc:
-        raise WebstatsError(f"backup of {url.database} failed: {exc}") from None
+        raise WebstatsError(f"backup: cannot open the database {url.database}: {exc}") from None
+    try:
+        try:
+            target = sqlite3.connect(partial)
+        except sqlite3.Error as exc:
+            raise WebstatsError(f"backup: cannot write {dest}: {exc}") from None
+        try:
+            source.backup(target)
+        finally:
+            target.close()  # complete on disk before the rename and the size
+    except sqlite3.Error as exc:
+        raise WebstatsError(f"backup of {url.database} to {dest} failed: {exc}") from None
     finally:
         source.close()
 
@@ -185,27 +211,54 @@ def fetch(s3_url: str, work_dir: Path) -> Path:
     return dest
 
 
+# What a backup of this database holds, whatever its revision: refused otherwise, before
+# anything of the live database is replaced.
+BACKUP_TABLES = {"alembic_version", "meta", "packages", "ingested_objects", "download_records"}
+
+
+def _check_backup_tables(src: sqlite3.Connection, source: Path) -> None:
+    try:
+        names = {r[0] for r in src.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+        revision = src.execute("SELECT version_num FROM alembic_version").fetchall()
+    except sqlite3.Error as exc:
+        raise WebstatsError(f"restore: {source} is not a bioc-webstats backup ({exc})") from None
+    missing = sorted(BACKUP_TABLES - names)
+    if missing or len(revision) != 1:
+        why = f"no table {', '.join(missing)}" if missing else "no schema revision"
+        raise WebstatsError(f"restore: {source} is not a bioc-webstats backup ({why})")
+
+
 def restore(settings: Settings, source: Path) -> str:
     """Replace the database's contents with a backup (all or nothing)."""
     if not source.is_file():
         raise WebstatsError(f"restore: {source}: no such file")
     url = make_url(settings.database_url)
     if url.get_backend_name() == "sqlite":
+        if not url.database:
+            raise WebstatsError("restore: the database is in memory (sqlite://): nothing to keep")
         try:
-            with sqlite3.connect(f"file:{source}?mode=ro", uri=True) as src:
-                src.execute("SELECT count(*) FROM meta").fetchone()
-                db.dispose_engine(settings.database_url)
-                with sqlite3.connect(url.database) as target:
-                    src.backup(target)
+            src = sqlite3.connect(f"file:{source}?mode=ro", uri=True)
         except sqlite3.Error as exc:
-            raise WebstatsError(
-                f"restore: {source} is not a bioc-webstats backup ({exc})"
-            ) from None
+            raise WebstatsError(f"restore: cannot read {source}: {exc}") from None
+        try:
+            _check_backup_tables(src, source)
+            db.dispose_engine(settings.database_url)
+            try:
+                target = sqlite3.connect(url.database)
+                try:
+                    src.backup(target)
+                finally:
+                    target.close()
+            except sqlite3.Error as exc:
+                raise WebstatsError(f"restore into {url.database} failed: {exc}") from None
+        finally:
+            src.close()
         return f"restore: {url.database} from {source}"
     major = server_major(settings.database_url)
     pg_restore = client_tool("pg_restore", major)
     listed = subprocess.run([pg_restore, "--list", str(source)], capture_output=True, text=True)
-    if listed.returncode != 0 or " TABLE DATA " not in listed.stdout:
+    data = set(re.findall(r" TABLE DATA public (\w+) ", listed.stdout))
+    if listed.returncode != 0 or not BACKUP_TABLES <= data:
         raise WebstatsError(f"restore: {source} is not a pg_dump archive of the database")
     db.dispose_engine(settings.database_url)  # no pooled session holds a lock on the tables
     done = subprocess.run(
