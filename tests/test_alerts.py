@@ -48,6 +48,24 @@ def test_notify_failure_publishes_without_ssm(clean_env, aws_env):
     assert "journalctl -u bioc-webstats-etl.service" in body
 
 
+def test_an_env_file_that_is_not_utf8_is_one_line_and_the_hook_still_alerts(clean_env, aws_env):
+    """A damaged env file (a stray Latin-1 byte): every command says so in one line, naming
+    the line; the failure hook alerts anyway (through the topic kept on the instance)."""
+    topic, queue = topic_with_queue()
+    (clean_env / "state" / "alerts").mkdir(parents=True)
+    (clean_env / "state" / "alerts" / "topic").write_text(topic + "\n")
+    env_file = clean_env / "damaged.env"
+    env_file.write_bytes(b"WEBSTATS_FLASK_LOG_LEVEL=INFO\nWEBSTATS_X=caf\xe9\n")
+    res = run_cli("check", WEBSTATS_ENV_FILE=str(env_file))
+    assert res.returncode == 1 and "Traceback" not in res.stderr
+    assert res.stderr.splitlines() == [
+        f"bioc-webstats: error: cannot read env file {env_file}: line 2 is not UTF-8"
+    ]
+    hook = run_cli("notify-failure", "bioc-webstats-etl.service", WEBSTATS_ENV_FILE=str(env_file))
+    assert hook.returncode == 0 and hook.stdout == f"alert sent to {topic}\n", hook
+    assert len(received(queue)) == 1
+
+
 def test_notify_failure_alerts_once_an_hour_for_the_web_retrying(clean_env, aws_env):
     """The web service retrying a start while the database is down fails again and again
     (each try, each request on its socket): one alert, not one per try; the ETL alerts every

@@ -150,6 +150,9 @@ def read_env_file(path: Path) -> dict[str, str]:
         text = path.read_text(encoding="utf-8")
     except OSError as exc:
         raise ConfigError(f"cannot read env file {path}: {exc.strerror}") from None
+    except UnicodeDecodeError as exc:
+        line = text_line(path, exc.start)
+        raise ConfigError(f"cannot read env file {path}: line {line} is not UTF-8") from None
     for lineno, raw in enumerate(text.splitlines(), 1):
         line = raw.strip()
         if not line or line.startswith("#"):
@@ -163,6 +166,14 @@ def read_env_file(path: Path) -> dict[str, str]:
             value = value[1:-1]
         out[key] = value
     return out
+
+
+def text_line(path: Path, offset: int) -> int:
+    """The 1-based line of byte ``offset`` in ``path`` (0 when it cannot be read)."""
+    try:
+        return path.read_bytes()[:offset].count(b"\n") + 1
+    except OSError:
+        return 0
 
 
 def state_dir(env: dict[str, str]) -> Path:
