@@ -258,6 +258,25 @@ def test_watchdog_over_a_damaged_alarm_state_alerts(watched, junk):
     assert list(json.loads(state.read_text())) == ["data-stale"]
 
 
+def test_a_damaged_meta_value_is_an_alarm_and_one_line(watched):
+    """ValidThru set to garbage by hand: the watchdog alarms (it crashed, sending nothing),
+    `status` says it in one line."""
+    _topic, queue, _health, url = watched
+    with db.session_factory(url)() as s:
+        db.set_meta(s, db.VALID_THRU, "garbage")
+        s.commit()
+    alarms, _ = alerts.watchdog(NOW)
+    assert names(alarms) == {"database"}
+    [alarm] = alarms
+    assert alarm.why.startswith("the database's meta valid_thru holds 'garbage', not a day")
+    [note] = received(queue)
+    assert note["Subject"].startswith("bioc-webstats ALARM database on ")
+    res = run_cli("status", WEBSTATS_DATABASE_URL=url)
+    assert res.returncode == 1 and "Traceback" not in res.stderr
+    [line] = res.stderr.splitlines()
+    assert "meta valid_thru holds 'garbage'" in line
+
+
 def test_watchdog_daily_job_web_publish_and_disk(watched, monkeypatch):
     _topic, queue, health, url = watched
     with db.session_factory(url)() as s:

@@ -397,6 +397,17 @@ def test_database_down_after_start_answers_what_it_knows(pg_server, clean_env, m
     db.dispose_engine(url)
 
 
+def test_a_damaged_meta_value_is_503_not_500(loaded):
+    client, url = loaded
+    with db.session_factory(url)() as s:
+        db.set_meta(s, db.DATA_VERSION, "x")
+        s.commit()
+    for path in ("", "bioc/affy/", "bioc/affy"):
+        r = client.get(P + path)
+        assert r.status_code == 503, path
+        assert "unavailable" in r.text and "Traceback" not in r.text
+
+
 SEGMENTS = [
     "bioc",
     "data-annotation",

@@ -229,6 +229,8 @@ def data_checks(settings: Settings, now: dt.datetime) -> list[Alarm]:
     except SQLAlchemyError as exc:
         first = (str(getattr(exc, "orig", None) or exc).strip().splitlines() or ["?"])[0]
         return [Alarm("database", f"cannot read the database: {first}")]
+    except db.DamagedMetaError as exc:
+        return [Alarm("database", str(exc))]
     vt = state.valid_thru
     if vt is not None:
         age = db.data_age_hours(vt, now)

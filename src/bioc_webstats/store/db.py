@@ -13,6 +13,7 @@ from sqlalchemy import Engine, create_engine, event, select
 from sqlalchemy.orm import Session, sessionmaker
 
 from ..config import PASSWORD_SOURCES, SecretPassword
+from ..errors import WebstatsError
 from .models import Meta
 
 if TYPE_CHECKING:
@@ -224,10 +225,33 @@ def delete_meta(session: Session, key: str) -> None:
         session.delete(row)
 
 
+class DamagedMetaError(WebstatsError):
+    """A ``meta`` value the app wrote that no longer parses (an edit by hand, a bad restore)."""
+
+
+def _meta_date(key: str, value: str | None) -> dt.date | None:
+    try:
+        return dt.date.fromisoformat(value) if value else None
+    except ValueError:
+        raise DamagedMetaError(
+            f"the database's meta {key} holds {value[:40]!r}, not a day YYYY-MM-DD: "
+            "restore a backup, or set it right (docs/RUNBOOK.md)"
+        ) from None
+
+
+def _meta_int(key: str, value: str | None) -> int:
+    try:
+        return int(value) if value else 0
+    except ValueError:
+        raise DamagedMetaError(
+            f"the database's meta {key} holds {value[:40]!r}, not a number: "
+            "restore a backup, or set it right (docs/RUNBOOK.md)"
+        ) from None
+
+
 def get_valid_thru(session: Session) -> dt.date | None:
     """The latest date of any stored download record, as kept in ``meta``."""
-    value = get_meta(session, VALID_THRU)
-    return dt.date.fromisoformat(value) if value else None
+    return _meta_date(VALID_THRU, get_meta(session, VALID_THRU))
 
 
 def last_complete_day() -> dt.date:
@@ -249,8 +273,7 @@ def advance_valid_thru(session: Session, day: dt.date) -> dt.date:
 
 def get_data_version(session: Session) -> int:
     """A counter that changes whenever the statistics change (ETags and caches follow it)."""
-    value = get_meta(session, DATA_VERSION)
-    return int(value) if value else 0
+    return _meta_int(DATA_VERSION, get_meta(session, DATA_VERSION))
 
 
 def bump_data_version(session: Session) -> int:
@@ -298,7 +321,7 @@ def data_state(session: Session) -> DataState:
     )
     vt = rows.get(VALID_THRU)
     return DataState(
-        int(rows.get(DATA_VERSION) or 0),
+        _meta_int(DATA_VERSION, rows.get(DATA_VERSION)),
         rows.get(DATA_TOKEN) or "0",
-        dt.date.fromisoformat(vt) if vt else None,
+        _meta_date(VALID_THRU, vt),
     )

@@ -305,6 +305,11 @@ def create_app(settings: Settings | None = None) -> Flask:
     def db_error(_exc: SQLAlchemyError):
         return _plain(503, "Service Unavailable", "The statistics database is unavailable.")
 
+    @app.errorhandler(db.DamagedMetaError)
+    def damaged(exc: db.DamagedMetaError):
+        app.logger.error("%s", exc)  # one line for SysOps; the visitor gets no detail
+        return _plain(503, "Service Unavailable", "The statistics database is unavailable.")
+
     @app.errorhandler(Exception)
     def unexpected(exc: Exception):
         app.logger.error("unexpected error", exc_info=exc)
