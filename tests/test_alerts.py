@@ -277,6 +277,23 @@ def test_a_damaged_meta_value_is_an_alarm_and_one_line(watched):
     assert "meta valid_thru holds 'garbage'" in line
 
 
+def test_a_bad_limit_is_a_config_alarm_and_the_checks_still_run(watched, monkeypatch):
+    """A limit that is no number (alerts/min_free_disk 'abc': the watchdog exited before any
+    alarm) is a config alarm; its default is used, so the check it bounds still runs."""
+    _topic, queue, _health, _url = watched
+    monkeypatch.setenv("WEBSTATS_ALERTS_MIN_FREE_DISK", "abc")
+    monkeypatch.setenv("WEBSTATS_ALERTS_MAX_DATA_AGE", "nan")
+    alarms, _ = alerts.watchdog(NOW + dt.timedelta(hours=30))
+    assert names(alarms) == {"config", "data-stale"}
+    why = sorted(a.why for a in alarms if a.name == "config")
+    assert why == [
+        "parameter alerts/max_data_age must be a number of hours, got 'nan'; 36 is used meanwhile",
+        "parameter alerts/min_free_disk must be a number of percent, got 'abc'; 10 is used "
+        "meanwhile",
+    ]
+    assert len(received(queue)) == 2
+
+
 def test_watchdog_daily_job_web_publish_and_disk(watched, monkeypatch):
     _topic, queue, health, url = watched
     with db.session_factory(url)() as s:

@@ -30,7 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .config import DEFAULT_ENV_FILE, Settings, read_env_file, state_dir
-from .errors import WebstatsError
+from .errors import ConfigError, WebstatsError
 
 RUNBOOK = "/usr/local/share/doc/bioc-webstats/RUNBOOK.md"
 RESEND = 6 * 3600  # seconds between two alerts for the same lasting alarm
@@ -205,11 +205,27 @@ def resend_spooled(sdir: Path, environ: dict[str, str] | None = None) -> int:
 # --- the checks --------------------------------------------------------------------------
 
 
-def _hours(value: str | None, name: str, default: float) -> float:
+def _number(settings: Settings, name: str, default: float, unit: str) -> float:
+    """A numeric alarm setting: a finite number of ``unit``, 0 or more (0: the check is off
+    for a percentage; no data is ever younger than 0 h); else a ConfigError."""
+    value = settings.get(name)
     try:
-        return float(value) if value else default
+        number = float(value) if value else default
     except ValueError:
-        raise WebstatsError(f"parameter {name} must be a number of hours, got {value!r}") from None
+        number = float("nan")
+    if not 0 <= number < float("inf"):
+        raise ConfigError(f"parameter {name} must be a number of {unit}, got {value!r}")
+    return number
+
+
+def _limit(settings: Settings, name: str, default: float, unit: str, alarms: list[Alarm]) -> float:
+    """:func:`_number`, or its default with a ``config`` alarm: a bad limit must not stop the
+    checks it bounds."""
+    try:
+        return _number(settings, name, default, unit)
+    except ConfigError as exc:
+        alarms.append(Alarm("config", f"{exc}; {default:g} is used meanwhile"))
+        return default
 
 
 def data_checks(settings: Settings, now: dt.datetime) -> list[Alarm]:
@@ -218,9 +234,9 @@ def data_checks(settings: Settings, now: dt.datetime) -> list[Alarm]:
 
     from .store import db
 
-    max_age = _hours(settings.get("alerts/max_data_age"), "alerts/max_data_age", 36)
-    max_run = _hours(settings.get("alerts/max_run_age"), "alerts/max_run_age", 26)
     alarms: list[Alarm] = []
+    max_age = _limit(settings, "alerts/max_data_age", 36, "hours", alarms)
+    max_run = _limit(settings, "alerts/max_run_age", 26, "hours", alarms)
     try:
         with db.session_factory(settings.database_url)() as session:
             state = db.data_state(session)
@@ -321,7 +337,7 @@ def watchdog(now: dt.datetime | None = None) -> tuple[list[Alarm], list[str]]:
         url = settings.get("alerts/health_url") or "http://127.0.0.1:8000/healthz"
         alarms += web_check(url)
         log_dir = Path(settings.get("gunicorn/error_log") or "/var/log/x").parent
-        min_free = _hours(settings.get("alerts/min_free_disk"), "alerts/min_free_disk", 10)
+        min_free = _limit(settings, "alerts/min_free_disk", 10, "percent", alarms)
         alarms += disk_checks([sdir, settings.publish_dir, log_dir], min_free)
     lines = [f"ALARM {a.name}: {a.why}" for a in alarms]
     lines += _notify(sdir, alarms, now)
