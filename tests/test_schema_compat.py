@@ -49,6 +49,48 @@ def test_floor_above_this_release_refuses(db_url, clean_env, monkeypatch):
     assert resp.status_code == 503
 
 
+def _cli(*args: str, url: str):
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    exe = str(Path(sys.executable).parent / "bioc-webstats")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("WEBSTATS_")}
+    env |= {"WEBSTATS_DATABASE_URL": url, "WEBSTATS_ENV_FILE": "/dev/null"}
+    return subprocess.run([exe, *args], env=env, capture_output=True, text=True, timeout=120)
+
+
+def test_db_upgrade_leaves_a_newer_schema_and_names_a_foreign_one(db_url):
+    """`db upgrade` by hand on a later release's schema (a rollback) does nothing and says so;
+    a revision no release knows, or two rows in alembic_version, is one line, not alembic's
+    traceback."""
+    newer = _next(db.head_revision())
+    _stamp(db_url, newer)
+    res = _cli("db", "upgrade", url=db_url)
+    assert res.returncode == 0, res.stderr
+    assert res.stdout == f"schema at revision {newer}\n"
+    _stamp(db_url, newer, floor=newer)
+    res = _cli("db", "upgrade", url=db_url)
+    assert res.returncode == 1 and "deploy a newer release" in res.stderr
+    assert len(res.stderr.splitlines()) == 1
+    with db.get_engine(db_url).begin() as conn:
+        conn.execute(sa.text("DELETE FROM meta WHERE key = 'schema_floor'"))
+    _stamp(db_url, "zzz")
+    res = _cli("db", "upgrade", url=db_url)
+    assert res.returncode == 1 and "Traceback" not in res.stderr
+    assert res.stderr.splitlines() == [
+        "bioc-webstats: error: db upgrade: Can't locate revision identified by 'zzz'"
+    ]
+    with db.get_engine(db_url).begin() as conn:
+        conn.execute(sa.text("INSERT INTO alembic_version VALUES ('0001')"))
+    res = _cli("check", url=db_url)
+    assert res.returncode != 0 and "Traceback" not in res.stderr
+    assert len(res.stderr.splitlines()) == 1, res.stderr
+    assert "the database's schema revision:" in res.stderr
+    db.dispose_engine(db_url)
+
+
 def test_older_schema_needs_upgrade(db_url):
     _stamp(db_url, "0001")
     status = db.schema_status(db_url)

@@ -113,12 +113,27 @@ def upgrade(url: str) -> str:
     if url.startswith("sqlite:///"):
         Path(url.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
     from alembic import command
+    from alembic.util.exc import CommandError
 
+    if current_revision(url) is not None:
+        status = schema_status(url)
+        if not status.behind:  # this release's, or a later release's (compatible or not)
+            if not status.ok:
+                raise WebstatsError(status.reason)
+            assert status.revision is not None
+            return status.revision  # nothing to do: a newer schema is never downgraded
     cfg = _alembic_config(url)
-    with get_engine(url).begin() as conn:
-        cfg.attributes["connection"] = conn
-        command.upgrade(cfg, "head")
+    try:
+        with get_engine(url).begin() as conn:
+            cfg.attributes["connection"] = conn
+            command.upgrade(cfg, "head")
+    except CommandError as exc:  # a revision no release knows: alembic_version edited by hand
+        raise WebstatsError(f"db upgrade: {_first_line(exc)}") from None
     return head_revision()
+
+
+def _first_line(exc: Exception) -> str:
+    return (str(exc).strip().splitlines() or [type(exc).__name__])[0]
 
 
 def head_revision() -> str:
@@ -134,9 +149,13 @@ def head_revision() -> str:
 def current_revision(url: str) -> str | None:
     """The revision the database is at (None: no schema yet). Raises if unreachable."""
     from alembic.runtime.migration import MigrationContext
+    from alembic.util.exc import CommandError
 
     with get_engine(url).connect() as conn:
-        return MigrationContext.configure(conn).get_current_revision()
+        try:
+            return MigrationContext.configure(conn).get_current_revision()
+        except CommandError as exc:  # e.g. two rows in alembic_version
+            raise WebstatsError(f"the database's schema revision: {_first_line(exc)}") from None
 
 
 SCHEMA_FLOOR = "schema_floor"
