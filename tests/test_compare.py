@@ -295,3 +295,17 @@ def test_a_broken_url_is_one_line():
     with pytest.raises(cmp.WebstatsError) as exc:
         cmp.open_side("http://[::1/packages/stats/")
     assert str(exc.value) == "http://[::1/packages/stats/: not a usable URL (Invalid IPv6 URL)"
+
+
+@pytest.mark.parametrize("url", ["http://u:S3cretPW@127.0.0.1:1/", "https://token@example.org/x/"])
+def test_credentials_in_a_url_are_refused_and_never_printed(url):
+    """compare and the packages source refuse user:password@ in a URL in one line without the
+    secret (urllib would not send it, and every line about the site printed it)."""
+    from bioc_webstats.etl import manifest
+
+    for call in (lambda: cmp.open_side(url), lambda: manifest.read_text(url, "config.yaml")):
+        with pytest.raises(cmp.WebstatsError) as exc:
+            call()
+        text = str(exc.value)
+        assert "credentials in the URL are not supported" in text
+        assert "S3cret" not in text and "token" not in text and "\n" not in text

@@ -388,6 +388,10 @@ def test_service_endpoint_variable_and_region_from_env_file(clean_env, aws_env, 
             "postgresql://u@h/d?password=pw&sslmode=require",
             "postgresql://u@h/d?password=***&sslmode=require",
         ),
+        (
+            "postgresql://u@h/d?sslmode=verify-full&sslpassword=KeyPass&sslkey=/k",
+            "postgresql://u@h/d?sslmode=verify-full&sslpassword=***&sslkey=/k",
+        ),
         ("postgresql://h/d", "postgresql://h/d"),
         (
             "sqlite:////var/lib/bioc-webstats/webstats.sqlite3",

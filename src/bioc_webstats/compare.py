@@ -30,7 +30,7 @@ from . import __version__
 from .categories import BY_PREFIX, BY_STEM, CATEGORIES, Category
 from .config import Settings
 from .errors import WebstatsError
-from .httpbody import BodyError, http_error, not_http, read_body
+from .httpbody import BodyError, http_error, no_credentials, not_http, read_body
 
 log = logging.getLogger(__name__)
 
@@ -175,6 +175,7 @@ class DatabaseSide(Side):
 def open_side(where: str, timeout: float = TIMEOUT) -> Side:
     """A base URL (``http(s)://…/packages/stats/``) or a directory copy of a site."""
     if where.startswith(("http://", "https://")):
+        no_credentials(where, "--against")
         try:
             host = urllib.parse.urlsplit(where).hostname
         except ValueError as exc:  # "http://[::1"

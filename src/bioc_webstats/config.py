@@ -417,7 +417,8 @@ def normalize_database_url(url: str, name: str = "WEBSTATS_DATABASE_URL") -> str
     return fixed
 
 
-_URL_PASSWORD_QUERY = re.compile(r"(?i)([?&]password=)[^&]*")
+# libpq's query parameters that hold a secret: the password, and the client key's passphrase
+_URL_PASSWORD_QUERY = re.compile(r"(?i)([?&](?:password|sslpassword)=)[^&]*")
 
 
 def redact_url(url: str) -> str:

@@ -14,6 +14,19 @@ from typing import Protocol
 from .errors import WebstatsError
 
 
+def no_credentials(url: str, what: str) -> None:
+    """Refuse an http(s) URL carrying ``user:password@``: urllib would not send them, and
+    the URL is printed in every line about it (a secret in the journal)."""
+    authority = url.partition("://")[2].split("/", 1)[0].split("?", 1)[0]
+    if "@" in authority:
+        scheme = url.partition("://")[0]
+        host = authority.rpartition("@")[2]
+        raise WebstatsError(
+            f"{what} {scheme}://***@{host}/…: credentials in the URL are not supported "
+            "(the site must be public)"
+        )
+
+
 class BodyError(WebstatsError):
     """The body could not be read whole; ``retry`` says whether trying again may help."""
 

@@ -17,7 +17,7 @@ from pathlib import Path
 from .. import __version__
 from ..categories import CATEGORIES
 from ..errors import WebstatsError
-from ..httpbody import BodyError, http_error, not_http, read_body
+from ..httpbody import BodyError, http_error, no_credentials, not_http, read_body
 
 FETCH_TIMEOUT = 30.0  # seconds, per read
 FETCH_DEADLINE = 300.0  # seconds, per file
@@ -52,6 +52,7 @@ def is_url(source: str) -> bool:
 def read_text(source: str, relpath: str, timeout: float = FETCH_TIMEOUT) -> str:
     """The text of ``relpath`` under ``source`` (a base URL or a directory)."""
     if is_url(source):
+        no_credentials(source, "packages source")
         url = source.rstrip("/") + "/" + relpath
         agent = {"User-Agent": f"bioc-webstats/{__version__}"}
         try:
