@@ -478,6 +478,36 @@ def test_cli_bad_since_is_a_usage_error(tmp_path, monkeypatch, capsys):
     assert "not a date YYYY-MM-DD" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize(
+    "env, message",
+    [
+        ({"WEBSTATS_ETL_LOOKBACK_DAYS": "99999999"}, "etl/lookback_days must be at most 3660"),
+        ({"WEBSTATS_ETL_LOGS_SINCE": "0001-01-01"}, "etl/logs_since must be a date YYYY-MM-DD"),
+        ({"WEBSTATS_ETL_WORKERS": "100000"}, "etl/workers must be at most 64"),
+    ],
+)
+def test_settings_far_out_of_range_are_one_line(db_url, tmp_path, env, message):
+    """Values that overflowed the window's date arithmetic (a traceback) or forked a process
+    per unit of a huge count are refused in one line naming the parameter."""
+    import subprocess
+    import sys
+
+    loaded(db_url, tmp_path)
+    out = tmp_path / "logs"
+    loggen.generate(out, days=1, files_per_day=2, lines_per_file=20)
+    base = {k: v for k, v in os.environ.items() if not k.startswith("WEBSTATS_")}
+    base.update(
+        WEBSTATS_DATABASE_URL=db_url, WEBSTATS_STATE_DIR=str(tmp_path / "state"),
+        WEBSTATS_ENV_FILE="/dev/null", WEBSTATS_IP_HASH_KEY="test-key", **env,
+    )  # fmt: skip
+    exe = str(Path(sys.executable).parent / "bioc-webstats")
+    res = subprocess.run([exe, "etl", "run", "--source", str(out)], env=base,
+                         capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert res.returncode == 1 and "Traceback" not in res.stderr
+    line = res.stderr.strip().splitlines()[-1]  # after the run's own log lines, if any
+    assert line.startswith("bioc-webstats: error: ") and message in line, res.stderr
+
+
 def test_a_second_writer_stops_at_once_and_names_the_holder(db_url, tmp_path):
     """Two `etl run` at once: the second one does no work and says who holds the lock."""
     import subprocess

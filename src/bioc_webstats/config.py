@@ -114,7 +114,7 @@ class Settings:
         """The value of a parameter by its SSM name (``db/server``)."""
         return self.values.get(name)
 
-    def get_int(self, name: str, minimum: int | None = None) -> int:
+    def get_int(self, name: str, minimum: int | None = None, maximum: int | None = None) -> int:
         """An integer parameter; a bad value is a ConfigError naming it."""
         raw = self.values.get(name)
         try:
@@ -123,6 +123,8 @@ class Settings:
             raise ConfigError(f"parameter {name} must be an integer, got {raw!r}") from None
         if minimum is not None and value < minimum:
             raise ConfigError(f"parameter {name} must be at least {minimum}, got {value}")
+        if maximum is not None and value > maximum:
+            raise ConfigError(f"parameter {name} must be at most {maximum}, got {value}")
         return value
 
     @property
@@ -135,12 +137,20 @@ class Settings:
 _DAY = re.compile(r"\d{4}-\d{2}-\d{2}")
 
 
+# The days any option or parameter may name: the statistics start in 2009; a day far outside
+# (0001-01-01, 9999-12-31) would overflow the date arithmetic of the windows around it.
+DAY_RANGE = (dt.date(1990, 1, 1), dt.date(2999, 12, 31))
+
+
 def parse_day(value: str) -> dt.date:
-    """A day written YYYY-MM-DD, else ValueError (``date.fromisoformat`` alone also takes
-    ``20240130`` and ``2024-W05-2``)."""
+    """A day written YYYY-MM-DD within DAY_RANGE, else ValueError (``date.fromisoformat``
+    alone also takes ``20240130`` and ``2024-W05-2``)."""
     if not _DAY.fullmatch(value):
         raise ValueError(value)
-    return dt.date.fromisoformat(value)
+    day = dt.date.fromisoformat(value)
+    if not DAY_RANGE[0] <= day <= DAY_RANGE[1]:
+        raise ValueError(value)
+    return day
 
 
 def read_env_file(path: Path) -> dict[str, str]:

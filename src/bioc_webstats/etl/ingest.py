@@ -332,7 +332,7 @@ def parse_since(since: str | None, option: str = "--since") -> dt.date | None:
 def _workers(settings: Settings) -> int:
     """Parse processes: ``etl/workers``, default the CPU count (at most 4)."""
     if settings.get("etl/workers"):
-        return max(1, settings.get_int("etl/workers"))
+        return settings.get_int("etl/workers", minimum=1, maximum=64)
     return max(1, min(4, os.cpu_count() or 1))
 
 
@@ -560,7 +560,7 @@ def list_window(
     if since_day and until_day and until_day < since_day:
         raise WebstatsError(f"--until {until_day} is before --since {since_day}")
     cutover = logs_since(settings)
-    lookback = settings.get_int("etl/lookback_days", minimum=0)
+    lookback = settings.get_int("etl/lookback_days", minimum=0, maximum=3660)  # ten years
     src = sources.open_source(url)
     with db.session_factory(settings.database_url)() as session:
         last = db.last_complete_day()
