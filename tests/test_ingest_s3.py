@@ -85,8 +85,17 @@ def test_s3_listing_across_pages(s3):
 
 def test_s3_errors_are_one_line(s3, tmp_path, db_url):
     settings = loaded(db_url, tmp_path)
-    with pytest.raises(WebstatsError, match="NoSuchBucket"):
+    with pytest.raises(WebstatsError, match="NoSuchBucket") as exc:
         ingest.run(settings, source="s3://no-such-bucket/x/")
+    assert "\n" not in str(exc.value)
+    # a name S3 would refuse (botocore's validation error was two lines, with its regex)
+    for bad in ("s3://bad bucket/p", "s3://Upper/p", "s3://ab/p"):
+        with pytest.raises(WebstatsError) as exc:
+            ingest.run(settings, source=bad)
+        assert str(exc.value) == (
+            f"log source {bad}: {bad[5:].split('/')[0]!r} is not an S3 bucket name "
+            "(3-63 lower-case letters, digits, dots and hyphens)"
+        )
 
 
 def test_no_credentials_is_one_line(aws_env, tmp_path, db_url, monkeypatch):

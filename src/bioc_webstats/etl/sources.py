@@ -226,6 +226,9 @@ class _Listing:
             self.objects.append(LogObject(key, int(item["Size"]), hour, etag))
 
 
+_BUCKET = re.compile(r"[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]")
+
+
 class S3Source(Source):
     """``s3://bucket/prefix``: listed with the ListObjectsV2 paginator, read by streaming."""
 
@@ -234,6 +237,11 @@ class S3Source(Source):
         self.bucket, _, self.prefix = rest.partition("/")
         if not self.bucket:
             raise WebstatsError(f"log source {url}: no bucket name")
+        if not _BUCKET.fullmatch(self.bucket):
+            raise WebstatsError(
+                f"log source {url}: {self.bucket!r} is not an S3 bucket name "
+                "(3-63 lower-case letters, digits, dots and hyphens)"
+            )
         self.url = url
         self.unreadable = []  # a listing that fails, fails as a whole
         self.page_size = page_size
@@ -248,14 +256,9 @@ class S3Source(Source):
         self.client = client
 
     def _aws(self, what: str, exc: BaseException) -> WebstatsError:
-        from botocore.exceptions import ClientError
+        from ..aws import describe_error
 
-        if isinstance(exc, ClientError):
-            err = exc.response.get("Error", {})
-            why = f"{err.get('Code', 'ClientError')}: {err.get('Message', '')}".rstrip(": ")
-        else:
-            why = f"{type(exc).__name__}: {exc}"
-        return WebstatsError(f"s3://{self.bucket}/{what}: {why}")
+        return WebstatsError(f"s3://{self.bucket}/{what}: {describe_error(exc)}")
 
     def list(self, window: Window = EVERYTHING) -> tuple[list[LogObject], list[str]]:
         """The log objects named in the window. Without a window: one paginated pass over
