@@ -66,6 +66,24 @@ def test_an_env_file_that_is_not_utf8_is_one_line_and_the_hook_still_alerts(clea
     assert len(received(queue)) == 1
 
 
+def test_notify_failure_with_a_mangled_unit_name_is_one_line(clean_env, aws_env):
+    """A unit name with a line break, or thousands of characters (a hand, a bad template):
+    still an alert; every line printed stays one line, cut to 200 characters."""
+    topic, queue = topic_with_queue()
+    down = f"http://127.0.0.1:{free_port()}"
+    res = run_cli("notify-failure", "x\ny.service" + "z" * 5000,
+                  WEBSTATS_ALERTS_SNS_TOPIC=topic, AWS_ENDPOINT_URL=down)  # fmt: skip
+    assert res.returncode == 1
+    record, crit, error = res.stderr.splitlines()
+    assert crit.startswith("<2>bioc-webstats: ALERT NOT SENT") and len(crit) < 700
+    assert record.startswith("bioc-webstats: xy.servicezzz") and len(record) < 400
+    assert error.startswith("bioc-webstats: error: xy.servicezzz") and len(error) < 700
+    ok = run_cli("notify-failure", "", WEBSTATS_ALERTS_SNS_TOPIC=topic)
+    assert ok.returncode == 0 and ok.stdout == f"alert sent to {topic}\n"
+    [note] = received(queue)
+    assert note["Subject"].startswith("bioc-webstats: (no unit name) failed on ")
+
+
 def test_notify_failure_alerts_once_an_hour_for_the_web_retrying(clean_env, aws_env):
     """The web service retrying a start while the database is down fails again and again
     (each try, each request on its socket): one alert, not one per try; the ETL alerts every

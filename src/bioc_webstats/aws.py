@@ -203,6 +203,11 @@ def publish_to_topic(topic: str, subject: str, message: str, region: str | None 
         raise WebstatsError(f"SNS topic {topic}: publish answered without a MessageId")
 
 
+def clean_unit(unit: str) -> str:
+    """A unit name as printed in alerts and lines: printable characters, at most 200."""
+    return "".join(ch for ch in unit if ch.isprintable())[:200] or "(no unit name)"
+
+
 def failure_alert(unit: str, environ: dict[str, str] | None = None) -> tuple[str, str]:
     """Subject and body of the alert for a failed systemd unit.
 
@@ -211,7 +216,7 @@ def failure_alert(unit: str, environ: dict[str, str] | None = None) -> tuple[str
     when present. No log content is included: it stays in the journal.
     """
     env = os.environ if environ is None else environ
-    unit = "".join(ch for ch in unit if ch.isprintable())[:200]
+    unit = clean_unit(unit)
     host = socket.gethostname()
     when = dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
     subject = f"bioc-webstats: {unit} failed on {host}"

@@ -537,7 +537,7 @@ def notify_failure(unit: str) -> None:
     and the watchdog sends it again."""
 
     from .alerts import RETRYING_UNITS, last_alert, record_alert, send
-    from .aws import failure_alert, use_env_file
+    from .aws import clean_unit, failure_alert, use_env_file
     from .config import DEFAULT_ENV_FILE, read_env_file, state_dir
 
     # The env file's AWS_* settings (region, endpoints) as every other command takes them; SSM
@@ -546,6 +546,7 @@ def notify_failure(unit: str) -> None:
         use_env_file(read_env_file(Path(os.environ.get("WEBSTATS_ENV_FILE") or DEFAULT_ENV_FILE)))
     except WebstatsError:
         pass
+    unit = clean_unit(unit)  # one line whatever systemd (or a hand) passed
     subject, message = failure_alert(unit)
     click.echo(f"bioc-webstats: {message.splitlines()[0]}", err=True)  # the journal record
     sdir = state_dir(dict(os.environ))
