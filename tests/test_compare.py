@@ -309,3 +309,23 @@ def test_credentials_in_a_url_are_refused_and_never_printed(url):
         text = str(exc.value)
         assert "credentials in the URL are not supported" in text
         assert "S3cret" not in text and "token" not in text and "\n" not in text
+
+
+@pytest.mark.parametrize(
+    "args, option",
+    [
+        (["--against", ""], "--against"),  # a shell variable unset: not the current directory
+        (["--against", "x", "--packages", ","], "--packages"),  # 0 files compared: a pass
+        (["--against", "x", "--categories", " , "], "--categories"),  # every category
+        (["--against", "x", "--timeout", "nan"], "--timeout"),  # a traceback on the first fetch
+    ],
+)
+def test_compare_options_that_name_nothing_are_usage_errors(args, option, capsys, monkeypatch):
+    from bioc_webstats import cli
+
+    monkeypatch.setenv("WEBSTATS_ENV_FILE", "/dev/null")
+    with pytest.raises(SystemExit) as exc:
+        cli.main(["compare", *args])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert f"Invalid value for '{option}'" in err and "Traceback" not in err

@@ -432,24 +432,41 @@ def _csv_list(value: str | None) -> list[str] | None:
     return [v.strip() for v in value.split(",") if v.strip()] if value else None
 
 
+def _names(_ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
+    """A comma-separated list that names something: empty (",", "") is a usage error, not
+    a selection of nothing that passes, nor of everything."""
+    if value is not None and not _csv_list(value):
+        raise click.BadParameter("names nothing: give one or more, comma-separated", param=param)
+    return value
+
+
+def _finite(_ctx: click.Context, param: click.Parameter, value: float) -> float:
+    if value != value:  # NaN slips through FloatRange's comparisons
+        raise click.BadParameter("not a number", param=param)
+    return value
+
+
 @cli.command("compare")
 @click.option(
     "--against",
     required=True,
+    callback=_not_empty,
     help="The other site: a base URL (https://bioconductor.org/packages/stats/) or a "
     "directory copy of it.",
 )
 @click.option(
     "--ours",
+    callback=_not_empty,
     help="Read this side from a URL (e.g. http://127.0.0.1:8000/packages/stats/) instead of "
     "building it from the database.",
 )
-@click.option("--categories", help="Only these categories (comma-separated: bioc,workflows).")
-@click.option("--packages", help="Only these packages' files (comma-separated).")
+@click.option("--categories", callback=_names,
+              help="Only these categories (comma-separated: bioc,workflows).")  # fmt: skip
+@click.option("--packages", callback=_names, help="Only these packages' files (comma-separated).")
 @click.option("--jobs", type=click.IntRange(1, 16), default=4, show_default=True,
               help="Requests at a time to a remote site.")  # fmt: skip
 @click.option("--timeout", type=click.FloatRange(1, 600), default=30.0, show_default=True,
-              help="Seconds per request.")  # fmt: skip
+              callback=_finite, help="Seconds per request.")  # fmt: skip
 @pass_ctx
 def compare_cmd(
     ctx: Context,
