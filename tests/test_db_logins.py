@@ -69,6 +69,8 @@ def test_plain_postgresql_scheme_and_a_password_with_special_characters(
         (f"postgresql://u:{HARD}@db.example:99999/x", "invalid port 99999"),
         (f"mysql://u:{HARD}@db.example/x", "must be postgresql://"),
         ("db.example/webstats", "must be postgresql://"),
+        ("sqlite://", "in-memory SQLite database"),  # db upgrade said done, and kept nothing
+        ("sqlite:///:memory:", "in-memory SQLite database"),
     ],
 )
 def test_bad_database_url_is_one_line_without_the_password(clean_env, url, message):

@@ -424,6 +424,11 @@ def normalize_database_url(url: str, name: str = "WEBSTATS_DATABASE_URL") -> str
         ) from None
     if port is not None and not 0 < port < 65536:
         raise ConfigError(f"{name} has an invalid port {port} ({shown})")
+    if driver == "sqlite" and parsed.database in (None, "", ":memory:"):
+        raise ConfigError(
+            f"{name} is an in-memory SQLite database ({shown}), which keeps nothing: "
+            "give a file, sqlite:///path"
+        )
     return fixed
 
 
