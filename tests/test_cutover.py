@@ -369,7 +369,8 @@ def test_cli_since_and_until_are_checked(tmp_path, monkeypatch, capsys, args, wh
 
 
 def test_logs_since_must_be_written_yyyy_mm_dd(tmp_path):
-    settings = make_settings("sqlite://", tmp_path, WEBSTATS_ETL_LOGS_SINCE="20240101")
+    url = f"sqlite:///{tmp_path / 'w.sqlite3'}"
+    settings = make_settings(url, tmp_path, WEBSTATS_ETL_LOGS_SINCE="20240101")
     with pytest.raises(ConfigError, match="etl/logs_since must be a date YYYY-MM-DD"):
         ingest.logs_since(settings)
 
