@@ -391,6 +391,41 @@ def test_an_unreadable_folder_fails_the_run_not_the_others(db_url, tmp_path, cap
     assert_truth(db_url, truth)
 
 
+def test_names_that_are_not_utf8_fail_alone(db_url, tmp_path, caplog):
+    """A folder (and a file) whose name is not UTF-8: one line, the rest ingested, the run
+    fails at its end (it stopped at once with a UnicodeEncodeError traceback)."""
+    import shutil
+
+    out = tmp_path / "logs"
+    truth = loggen.generate(out, days=2, files_per_day=2, lines_per_file=50)
+    odd = os.fsencode(out) + b"/sub\xff"
+    os.mkdir(odd)
+    later = truth.files[-1]
+    shutil.move(out / later, os.fsdecode(odd + b"/" + os.fsencode(later)))
+    (Path(os.fsdecode(os.fsencode(out) + b"/notes\xfe.txt"))).write_text("x\n")
+    settings = loaded(db_url, tmp_path)
+    caplog.set_level(logging.INFO, "bioc_webstats")
+    assert ingest.run(settings, source=str(out)) is False
+    assert f"log source {out}: sub\ufffd: name not UTF-8, not read" in caplog.text
+    assert f"{len(truth.files) - 1} objects ingested, 1 failed" in caplog.text
+    shutil.move(os.fsdecode(odd + b"/" + os.fsencode(later)), out / later)  # renamed
+    assert ingest.run(settings, source=str(out)) is False  # the odd folder is still there
+    os.rmdir(odd)
+    assert ingest.run(settings, source=str(out))
+    assert_truth(db_url, truth)
+
+
+def test_reingest_takes_keys_relative_to_the_source(data):
+    """`etl reingest` of an absolute path (even one outside the source) is refused by name."""
+    from bioc_webstats.etl import sources
+
+    out, truth = data
+
+    with pytest.raises(WebstatsError) as exc:
+        sources.DirSource(out).get(str(out / truth.files[0]))
+    assert str(exc.value) == f"{out / truth.files[0]}: a key is relative to the log source {out}"
+
+
 def test_packages_table_change_recomputes_those_packages(db_url, tmp_path, data):
     out, truth = data
     settings = make_settings(db_url, tmp_path)

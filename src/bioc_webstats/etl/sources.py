@@ -165,6 +165,14 @@ class DirSource(Source):
             for entry in entries:
                 path = Path(entry.path)
                 key = path.relative_to(self.root).as_posix()
+                if not _utf8(key):  # no CloudFront name; the ledger keeps text keys
+                    shown = key.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
+                    if entry.is_dir():
+                        log.error("log source %s: %s: name not UTF-8, not read", folder, shown)
+                        self.unreadable.append(shown)
+                    elif entry.is_file():
+                        skipped.append(shown)
+                    continue
                 if entry.is_dir():  # follows a symlink
                     day = dir_day(entry.name)
                     if day is None or day in window:  # a day folder outside: not opened
@@ -182,6 +190,8 @@ class DirSource(Source):
         return objects, skipped
 
     def get(self, key: str) -> LogObject:
+        if Path(key).is_absolute():
+            raise WebstatsError(f"{key}: a key is relative to the log source {self.root}")
         path = self.root / key
         hour = parse_name(key)
         if hour is None or not path.is_file() or ".." in Path(key).parts:
@@ -195,6 +205,16 @@ class DirSource(Source):
                     yield chunk
         except OSError as exc:
             raise LogFormatError(f"cannot read: {exc.strerror}") from None
+
+
+def _utf8(name: str) -> bool:
+    """Whether a file name decoded from the disk is text (undecodable bytes come back as
+    surrogates, which no database or log line takes)."""
+    try:
+        name.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 WALK_PAGE = 20  # keys per request while looking for runs of names (each costs one request)
