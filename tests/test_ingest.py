@@ -426,6 +426,48 @@ def test_reingest_takes_keys_relative_to_the_source(data):
     assert str(exc.value) == f"{out / truth.files[0]}: a key is relative to the log source {out}"
 
 
+def test_ctrl_c_stops_the_run_in_one_line(db_url, tmp_path):
+    """Ctrl-C (SIGINT to the process group) while workers parse: 'aborted', exit 1, no
+    traceback from any worker; the next run ingests everything."""
+    import signal
+    import subprocess
+    import sys
+    import threading
+
+    from conftest import wait_for
+
+    settings = loaded(db_url, tmp_path)
+    out = tmp_path / "logs"
+    truth = loggen.generate(out, days=3, files_per_day=8, lines_per_file=20000)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("WEBSTATS_")}
+    env.update(
+        WEBSTATS_DATABASE_URL=db_url, WEBSTATS_STATE_DIR=str(settings.state_dir),
+        WEBSTATS_ENV_FILE="/dev/null", WEBSTATS_IP_HASH_KEY="test-key", WEBSTATS_ETL_WORKERS="2",
+    )  # fmt: skip
+    exe = str(Path(sys.executable).parent / "bioc-webstats")
+    proc = subprocess.Popen(
+        [exe, "etl", "run", "--source", str(out)], env=env, stderr=subprocess.PIPE, text=True,
+        start_new_session=True, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+    )  # fmt: skip
+    lines: list[str] = []
+    reader = threading.Thread(target=lambda: lines.extend(proc.stderr), daemon=True)
+    reader.start()
+    try:  # the workers are parsing once the first object's rejections are logged
+        wait_for(lambda: any("lines rejected" in x for x in lines), 60, what="parsing")
+        os.killpg(proc.pid, signal.SIGINT)
+        assert proc.wait(60) in (0, 1)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    reader.join(10)
+    err = "".join(lines)
+    assert "Traceback" not in err and "KeyboardInterrupt" not in err, err[-3000:]
+    if proc.returncode == 1:  # (0: the run was over before the signal came)
+        assert err.rstrip().endswith("aborted"), err[-500:]
+    assert ingest.run(settings, source=str(out))
+    assert_truth(db_url, truth)
+
+
 def test_packages_table_change_recomputes_those_packages(db_url, tmp_path, data):
     out, truth = data
     settings = make_settings(db_url, tmp_path)

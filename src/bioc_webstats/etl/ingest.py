@@ -19,6 +19,7 @@ import logging
 import multiprocessing
 import os
 import secrets
+import signal
 import sys
 import threading
 import time
@@ -136,6 +137,9 @@ _worker: dict[str, Any] = {}
 def _init_worker(source_url: str, key: bytes, child: bool, floor: dt.date | None = None) -> None:
     if child:
         _die_with_parent()
+        # Ctrl-C reaches the whole process group: the parent stops the run and its workers;
+        # a worker's own KeyboardInterrupt would only print a traceback each.
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
         db.forget_inherited_connections()
     _worker.clear()
     # one hasher per process: the parsers keep each client's hash while it is the same
