@@ -237,6 +237,10 @@ def test_db_password_from_secrets_manager(clean_env, aws_env, monkeypatch):
     assert s.sources["db/dbuser"] == "secret /bioc/rdb/0/login/webstats_runner"
     for secret in (DB_PASSWORD, SECRET_KEY, HASH_KEY):
         assert secret not in repr(s)
+    from bioc_webstats.config import render_settings
+
+    shown = render_settings(s)  # the user logged in as, not the default it replaced
+    assert "db/dbuser = runner_from_secret  (secret /bioc/rdb/0/login/webstats_runner)" in shown
 
 
 def test_db_secret_named_by_parameter(clean_env, aws_env, monkeypatch):

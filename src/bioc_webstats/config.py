@@ -330,8 +330,9 @@ def _login_url(
         from .aws import read_db_secret
 
         secret_user, password = read_db_secret(secret_id, region, cred_name)  # type: ignore[arg-type]
-        if secret_user:
+        if secret_user:  # the user logged in as: what `config show` says too
             user, sources[user_name] = secret_user, f"secret {secret_id}"
+            values[user_name] = secret_user
     try:
         port = int(values.get("db/port") or 5432)
         if not 0 < port < 65536:
