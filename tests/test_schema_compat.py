@@ -202,3 +202,15 @@ def test_0005_upgrades_a_populated_0004_database(db_url, tmp_path):
         s.execute(sa.text("DELETE FROM ingested_objects WHERE key LIKE '%old.gz'"))
     stats.rebuild(settings)
     assert_truth(db_url, truth)
+
+
+def test_a_command_before_db_upgrade_says_to_run_it(tmp_path, pg_server):
+    from conftest import new_pg_database
+
+    for url in (f"sqlite:///{tmp_path / 'empty.sqlite3'}", new_pg_database(pg_server)):
+        res = _cli("status", url=url)
+        assert res.returncode == 1
+        [line] = res.stderr.splitlines()
+        assert line.startswith("bioc-webstats: error: database: ")
+        assert line.endswith("(no schema yet? run 'bioc-webstats db upgrade')"), line
+        db.dispose_engine(url)

@@ -9,6 +9,7 @@ import contextlib
 import datetime as dt
 import logging
 import os
+import re
 import sys
 import time
 import traceback
@@ -619,6 +620,8 @@ def main(argv: list[str] | None = None) -> None:
             traceback.print_exc()
         orig = getattr(exc, "orig", None) or exc
         first = str(orig).strip().splitlines()[0] if str(orig).strip() else type(orig).__name__
+        if re.search(r"no such table|relation \S+ does not exist", first):
+            first += " (no schema yet? run 'bioc-webstats db upgrade')"
         click.echo(f"bioc-webstats: error: database: {first}", err=True)
         sys.exit(1)
     sys.exit(0)
