@@ -268,6 +268,30 @@ def test_nginx_origin_check_keeps_the_secret_in_its_own_file(tmp_path):
     assert nginx_test(conf).returncode == 0
 
 
+def test_nginx_origin_check_is_removed_after_the_site_that_includes_it(tmp_path):
+    """Turning the origin check off: the enabled site still includes the secret's file until
+    the new site is written, so every `nginx -t` before that (nginx.conf's, the site's) fails
+    on a file removed too early. Shown with nginx itself, then the role's order checked."""
+    values = ansible_render.deploy_vars()
+    conf, _ = render_nginx(
+        tmp_path,
+        Path(values["webstats_base_web_socket"]),
+        Path(values["webstats_base_publish_dir"]),
+        webstats_nginx_origin_header_name="X-Origin-Verify",
+        webstats_nginx_origin_header_value="a-secret-of-sixteen+",
+    )
+    (conf.parent / "bioc-webstats-origin.conf").unlink()
+    assert nginx_test(conf).returncode != 0  # the old site, its include gone
+    tasks = [t["name"] for t in _load(ROLES / "webstats_nginx" / "tasks" / "main.yml")]
+    removed = tasks.index("Remove the origin header check when not configured")
+    for before in (
+        "Install nginx.conf (checked with nginx -t)",
+        "Install the site (checked with nginx -t, in place of the enabled sites)",
+        "Enable the site",
+    ):
+        assert tasks.index(before) < removed, before
+
+
 def test_nginx_is_installed():
     """Tests that need nginx fail without it (make deps installs nginx-light)."""
     assert Path(nginx_binary()).is_file()
