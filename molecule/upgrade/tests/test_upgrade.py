@@ -136,3 +136,27 @@ def test_broken_release_is_rolled_back_and_n_keeps_serving(host, service, versio
     assert run_ok(host, "systemctl is-active bioc-webstats.service").strip() == "active"
     assert load.failed == 0, f"{load.failed} failed of {load.ok + load.failed}: {load.errors}"
     assert load.ok > 0
+
+
+def test_a_config_change_of_a_failed_deploy_restarts_the_web_next_time(
+    host, service, versions, runbook
+):
+    """A deploy that changes the configuration and fails before the units (here: its release
+    cannot be built) leaves the new env file and the web on the old one; the next deploy
+    restarts the web although nothing changes in it (the notification died with the first)."""
+    env_file = "/etc/bioc-webstats/webstats.env"
+    setting = "-e webstats_config_logs_since=2020-01-01"
+    pid = run_ok(host, "systemctl show -P MainPID bioc-webstats.service").strip()
+    res = run_playbook(deploy_cmd(runbook, "/nonexistent/release", setting))
+    assert res.returncode != 0
+    assert "Nothing was switched" in res.stdout + res.stderr, res.stdout[-3000:]
+    assert "WEBSTATS_ETL_LOGS_SINCE=2020-01-01" in host.file(env_file).content_string
+    assert run_ok(host, "systemctl show -P MainPID bioc-webstats.service").strip() == pid
+    current = str(ephemeral_dir() / "releases" / "current")
+    res = run_playbook(deploy_cmd(runbook, current, setting))
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-2000:]
+    assert "changed after bioc-webstats.service started" in res.stdout, res.stdout[-3000:]
+    assert wait_version(service, versions["current"])
+    assert run_ok(host, "systemctl show -P MainPID bioc-webstats.service").strip() != pid
+    res = run_playbook(deploy_cmd(runbook, current, setting))  # and then it is done
+    assert res.returncode == 0 and "changed after" not in res.stdout, res.stdout[-3000:]
