@@ -252,7 +252,8 @@ def test_nginx_t_catches_a_broken_site(nginx_conf, tmp_path):
     assert "merge_slashes" in failed.stderr
 
 
-def test_nginx_origin_check_keeps_the_secret_in_its_own_file(tmp_path):
+def _render_with_origin_check(tmp_path: Path) -> Path:
+    """nginx.conf of the deploy's values with the origin header check on."""
     values = ansible_render.deploy_vars()
     conf, _ = render_nginx(
         tmp_path,
@@ -261,6 +262,11 @@ def test_nginx_origin_check_keeps_the_secret_in_its_own_file(tmp_path):
         webstats_nginx_origin_header_name="X-Origin-Verify",
         webstats_nginx_origin_header_value="a-secret-of-sixteen+",
     )
+    return conf
+
+
+def test_nginx_origin_check_keeps_the_secret_in_its_own_file(tmp_path):
+    conf = _render_with_origin_check(tmp_path)
     site = (conf.parent / "sites-enabled" / "bioc-webstats").read_text()
     origin = (conf.parent / "bioc-webstats-origin.conf").read_text()
     assert "a-secret-of-sixteen+" not in site + conf.read_text()
@@ -272,14 +278,7 @@ def test_nginx_origin_check_is_removed_after_the_site_that_includes_it(tmp_path)
     """Turning the origin check off: the enabled site still includes the secret's file until
     the new site is written, so every `nginx -t` before that (nginx.conf's, the site's) fails
     on a file removed too early. Shown with nginx itself, then the role's order checked."""
-    values = ansible_render.deploy_vars()
-    conf, _ = render_nginx(
-        tmp_path,
-        Path(values["webstats_base_web_socket"]),
-        Path(values["webstats_base_publish_dir"]),
-        webstats_nginx_origin_header_name="X-Origin-Verify",
-        webstats_nginx_origin_header_value="a-secret-of-sixteen+",
-    )
+    conf = _render_with_origin_check(tmp_path)
     (conf.parent / "bioc-webstats-origin.conf").unlink()
     assert nginx_test(conf).returncode != 0  # the old site, its include gone
     tasks = [t["name"] for t in _load(ROLES / "webstats_nginx" / "tasks" / "main.yml")]
