@@ -14,6 +14,7 @@ process writes to the database, in name order.
 from __future__ import annotations
 
 import concurrent.futures as cf
+import contextlib
 import datetime as dt
 import logging
 import multiprocessing
@@ -400,9 +401,14 @@ def _ingest_objects(
     store: Callable[[Session, Parsed, set[tuple[str, str, int, int]]], None],
 ) -> None:
     key = ip_hash_key(settings, url)
-    parsed = parse_all(url, key, objects, _workers(settings), logs_since(settings))
     progress = Progress(len(objects), sum(o.size for o in objects))
-    store_all(settings, parsed, summary, store, progress)
+    # Closed here on any exit (Ctrl-C while storing): the worker pool is then shut down in
+    # this thread, not by the garbage collector in the pool's own thread, which cannot join
+    # itself and printed a traceback.
+    with contextlib.closing(
+        parse_all(url, key, objects, _workers(settings), logs_since(settings))
+    ) as parsed:
+        store_all(settings, parsed, summary, store, progress)
 
 
 def store_all(
