@@ -249,8 +249,10 @@ class DamagedMetaError(WebstatsError):
 
 
 def _meta_date(key: str, value: str | None) -> dt.date | None:
+    from ..config import parse_day
+
     try:
-        return dt.date.fromisoformat(value) if value else None
+        return parse_day(value) if value else None
     except ValueError:
         raise DamagedMetaError(
             f"the database's meta {key} holds {value[:40]!r}, not a day YYYY-MM-DD: "
