@@ -59,6 +59,24 @@ def test_defaults_without_ssm_use_embedded_sqlite(clean_env):
     assert s.sources["database_url"] == "default (embedded SQLite)"
 
 
+@pytest.mark.parametrize(
+    ("raw", "expected"),
+    [("", 36.0), ("1.5", 1.5), ("0", 0.0), ("-1", None), ("inf", None), ("nan", None), ("x", None)],
+)
+def test_get_float_takes_finite_numbers_from_zero_and_empty_is_the_default(
+    clean_env, monkeypatch, raw, expected
+):
+    monkeypatch.setenv("WEBSTATS_ALERTS_MAX_DATA_AGE", raw)
+    s = load_settings()
+    if expected is not None:
+        assert s.get_float("alerts/max_data_age", "hours") == expected
+        return
+    with pytest.raises(
+        ConfigError, match=f"alerts/max_data_age must be a number of hours, got '{raw}'"
+    ):
+        s.get_float("alerts/max_data_age", "hours")
+
+
 def test_each_level_overrides_the_previous(clean_env, aws_env, monkeypatch):
     env_file = clean_env / "webstats.env"
     env_file.write_text(

@@ -29,8 +29,8 @@ import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
-from .config import DEFAULT_ENV_FILE, Settings, read_env_file, state_dir
-from .errors import ConfigError, WebstatsError
+from .config import BY_NAME, DEFAULT_ENV_FILE, Settings, read_env_file, state_dir
+from .errors import ConfigError, WebstatsError, first_line
 
 RUNBOOK = "/usr/local/share/doc/bioc-webstats/RUNBOOK.md"
 RESEND = 6 * 3600  # seconds between two alerts for the same lasting alarm
@@ -205,25 +205,13 @@ def resend_spooled(sdir: Path, environ: dict[str, str] | None = None) -> int:
 # --- the checks --------------------------------------------------------------------------
 
 
-def _number(settings: Settings, name: str, default: float, unit: str) -> float:
-    """A numeric alarm setting: a finite number of ``unit``, 0 or more (0: the check is off
-    for a percentage; no data is ever younger than 0 h); else a ConfigError."""
-    value = settings.get(name)
+def _limit(settings: Settings, name: str, unit: str, alarms: list[Alarm]) -> float:
+    """The limit ``name`` (:meth:`Settings.get_float`), or its default with a ``config``
+    alarm: a bad limit must not stop the checks it bounds."""
     try:
-        number = float(value) if value else default
-    except ValueError:
-        number = float("nan")
-    if not 0 <= number < float("inf"):
-        raise ConfigError(f"parameter {name} must be a number of {unit}, got {value!r}")
-    return number
-
-
-def _limit(settings: Settings, name: str, default: float, unit: str, alarms: list[Alarm]) -> float:
-    """:func:`_number`, or its default with a ``config`` alarm: a bad limit must not stop the
-    checks it bounds."""
-    try:
-        return _number(settings, name, default, unit)
+        return settings.get_float(name, unit)
     except ConfigError as exc:
+        default = float(BY_NAME[name].default)  # type: ignore[arg-type]
         alarms.append(Alarm("config", f"{exc}; {default:g} is used meanwhile"))
         return default
 
@@ -235,16 +223,15 @@ def data_checks(settings: Settings, now: dt.datetime) -> list[Alarm]:
     from .store import db
 
     alarms: list[Alarm] = []
-    max_age = _limit(settings, "alerts/max_data_age", 36, "hours", alarms)
-    max_run = _limit(settings, "alerts/max_run_age", 26, "hours", alarms)
+    max_age = _limit(settings, "alerts/max_data_age", "hours", alarms)
+    max_run = _limit(settings, "alerts/max_run_age", "hours", alarms)
     try:
         with db.session_factory(settings.database_url)() as session:
             state = db.data_state(session)
             etl_ok = db.get_meta(session, META_ETL_OK)
             sync_ok = db.get_meta(session, META_SYNC_OK)
     except SQLAlchemyError as exc:
-        first = (str(getattr(exc, "orig", None) or exc).strip().splitlines() or ["?"])[0]
-        return [Alarm("database", f"cannot read the database: {first}")]
+        return [Alarm("database", f"cannot read the database: {first_line(exc)}")]
     except db.DamagedMetaError as exc:
         return [Alarm("database", str(exc))]
     vt = state.valid_thru
@@ -337,7 +324,7 @@ def watchdog(now: dt.datetime | None = None) -> tuple[list[Alarm], list[str]]:
         url = settings.get("alerts/health_url") or "http://127.0.0.1:8000/healthz"
         alarms += web_check(url)
         log_dir = Path(settings.get("gunicorn/error_log") or "/var/log/x").parent
-        min_free = _limit(settings, "alerts/min_free_disk", 10, "percent", alarms)
+        min_free = _limit(settings, "alerts/min_free_disk", "percent", alarms)
         alarms += disk_checks([sdir, settings.publish_dir, log_dir], min_free)
     lines = [f"ALARM {a.name}: {a.why}" for a in alarms]
     lines += _notify(sdir, alarms, now)
@@ -381,12 +368,15 @@ def _notify(sdir: Path, alarms: list[Alarm], now: dt.datetime) -> list[str]:
     host = socket.gethostname()
     lines: list[str] = []
     stamp = now.timestamp()
-    current = {a.name: a for a in alarms}
-    for name, alarm in current.items():
+    # One alert per name, holding every reason (two bad limits are two lines of one alert).
+    current: dict[str, list[str]] = {}
+    for alarm in alarms:
+        current.setdefault(alarm.name, []).append(alarm.why)
+    for name, whys in current.items():
         if stamp - known.get(name, 0.0) >= RESEND:
             subject = f"bioc-webstats ALARM {name} on {host}"
-            body = (
-                f"{alarm.why}\n\nRunbook: /usr/local/share/doc/bioc-webstats/RUNBOOK.md, Alarms.\n"
+            body = "\n".join(whys) + (
+                "\n\nRunbook: /usr/local/share/doc/bioc-webstats/RUNBOOK.md, Alarms.\n"
             )
             lines.append(f"{name}: {send(sdir, subject, body)}")
             known[name] = stamp

@@ -22,7 +22,7 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from . import __version__
 from .config import Settings, load_settings
-from .errors import WebstatsError
+from .errors import WebstatsError, first_line
 from .store import db
 
 log = logging.getLogger("bioc_webstats")
@@ -618,8 +618,7 @@ def main(argv: list[str] | None = None) -> None:
     except SQLAlchemyError as exc:
         if verbose:
             traceback.print_exc()
-        orig = getattr(exc, "orig", None) or exc
-        first = str(orig).strip().splitlines()[0] if str(orig).strip() else type(orig).__name__
+        first = first_line(exc)
         if re.search(r"no such table|relation \S+ does not exist", first):
             first += " (no schema yet? run 'bioc-webstats db upgrade')"
         click.echo(f"bioc-webstats: error: database: {first}", err=True)

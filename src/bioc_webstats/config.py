@@ -8,6 +8,7 @@ same ``WEBSTATS_…=value`` lines as the environment.
 from __future__ import annotations
 
 import datetime as dt
+import math
 import os
 import re
 from dataclasses import dataclass, field
@@ -125,6 +126,18 @@ class Settings:
             raise ConfigError(f"parameter {name} must be at least {minimum}, got {value}")
         if maximum is not None and value > maximum:
             raise ConfigError(f"parameter {name} must be at most {maximum}, got {value}")
+        return value
+
+    def get_float(self, name: str, unit: str) -> float:
+        """A finite number of ``unit``, 0 or more (empty: the parameter's default); a bad
+        value is a ConfigError naming it."""
+        raw = self.values.get(name) or BY_NAME[name].default
+        try:
+            value = float(raw)  # type: ignore[arg-type]
+        except (TypeError, ValueError):
+            value = math.nan
+        if not 0 <= value < math.inf:
+            raise ConfigError(f"parameter {name} must be a number of {unit}, got {raw!r}")
         return value
 
     @property

@@ -20,7 +20,7 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from . import __version__
 from .config import Settings
-from .errors import WebstatsError
+from .errors import WebstatsError, first_line
 from .store import db
 
 log = logging.getLogger(__name__)
@@ -42,12 +42,7 @@ def record_success(settings: Settings, key: str) -> str:
 
 
 def _one_line(exc: BaseException) -> str:
-    if isinstance(exc, SQLAlchemyError):
-        orig = getattr(exc, "orig", None) or exc
-        text = str(orig).strip()
-        return "database: " + (text.splitlines()[0] if text else type(orig).__name__)
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
+    return ("database: " if isinstance(exc, SQLAlchemyError) else "") + first_line(exc)
 
 
 @dataclass

@@ -7,3 +7,11 @@ class WebstatsError(Exception):
 
 class ConfigError(WebstatsError):
     """Configuration could not be loaded; the message names the parameter or file."""
+
+
+def first_line(exc: BaseException) -> str:
+    """An error as one journal line: the first line of its text (of the driver's error under
+    a SQLAlchemy one, whose own text adds SQL and a link), else its type's name."""
+    inner = getattr(exc, "orig", None) or exc
+    text = str(inner).strip()
+    return text.splitlines()[0] if text else type(inner).__name__

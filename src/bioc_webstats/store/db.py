@@ -13,7 +13,7 @@ from sqlalchemy import Engine, create_engine, event, select
 from sqlalchemy.orm import Session, sessionmaker
 
 from ..config import PASSWORD_SOURCES, SecretPassword
-from ..errors import WebstatsError
+from ..errors import WebstatsError, first_line
 from .models import Meta
 
 if TYPE_CHECKING:
@@ -128,12 +128,8 @@ def upgrade(url: str) -> str:
             cfg.attributes["connection"] = conn
             command.upgrade(cfg, "head")
     except CommandError as exc:  # a revision no release knows: alembic_version edited by hand
-        raise WebstatsError(f"db upgrade: {_first_line(exc)}") from None
+        raise WebstatsError(f"db upgrade: {first_line(exc)}") from None
     return head_revision()
-
-
-def _first_line(exc: Exception) -> str:
-    return (str(exc).strip().splitlines() or [type(exc).__name__])[0]
 
 
 def head_revision() -> str:
@@ -155,7 +151,7 @@ def current_revision(url: str) -> str | None:
         try:
             return MigrationContext.configure(conn).get_current_revision()
         except CommandError as exc:  # e.g. two rows in alembic_version
-            raise WebstatsError(f"the database's schema revision: {_first_line(exc)}") from None
+            raise WebstatsError(f"the database's schema revision: {first_line(exc)}") from None
 
 
 SCHEMA_FLOOR = "schema_floor"
