@@ -4,9 +4,10 @@
     python molecule/shared/make_releases.py --out DIR
 
 Writes DIR/current (release N: the checkout as it is now, so that edits made while a scenario
-runs cannot change what it deploys half-way), DIR/previous (N-1: the same code with a lower
-``__version__``), DIR/broken (a release after N whose /healthz always answers 503, so the
-deploy's health wait fails) and DIR/versions.json ({"previous", "current", "broken"}). The
+runs cannot change what it deploys half-way), DIR/previous (N-1: the real previous release,
+the code as it was just before the commit that set N's ``__version__``, taken from git),
+DIR/broken (a release after N whose /healthz always answers 503, so the deploy's health wait
+fails) and DIR/versions.json ({"previous", "current", "broken", "previous_commit"}). The
 deploy builds each one's wheelhouse through webstats_release_source_dir, as it does for the
 checkout.
 """
@@ -17,9 +18,13 @@ import argparse
 import json
 import re
 import shutil
+import subprocess
+import sys
+import tempfile
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
+INIT = "src/bioc_webstats/__init__.py"
 FILES = [
     "pyproject.toml",
     "setup.py",
@@ -63,16 +68,36 @@ def neighbours(version: str) -> tuple[str, str]:
     return lower, f"{x}.{y}.{z + 1}"
 
 
-def copy_tree(dest: Path, version: str, extra: str = "") -> None:
-    """The packaging files and src/ of the checkout, with ``__version__`` set to ``version``."""
+def git(*args: str) -> bytes:
+    return subprocess.run(["git", "-C", str(REPO), *args], check=True, capture_output=True).stdout
+
+
+def previous_release(current: str) -> tuple[str, str]:
+    """(commit, version) of the release before ``current``: the parent of the commit that set
+    ``__version__`` to ``current`` (the oldest commit that added that line)."""
+    try:
+        bumps = git("log", "--format=%H", "-S", f'__version__ = "{current}"', "--", INIT).split()
+        commit = git("rev-parse", "--verify", f"{bumps[-1].decode()}^").decode().strip()
+        version = VERSION.search(git("show", f"{commit}:{INIT}").decode())[1]
+    except (subprocess.CalledProcessError, IndexError, TypeError) as exc:
+        sys.exit(
+            f"make_releases: cannot find the release before {current} in git ({exc}); the"
+            " upgrade scenario deploys the real previous release, so it needs the checkout's"
+            " history (a full clone)"
+        )
+    return commit, version
+
+
+def copy_tree(dest: Path, version: str, extra: str = "", root: Path = REPO) -> None:
+    """The packaging files and src/ of ``root``, with ``__version__`` set to ``version``."""
     if dest.exists():
         shutil.rmtree(dest)
     for name in FILES:
-        if (REPO / name).is_file():
+        if (root / name).is_file():
             (dest / name).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(REPO / name, dest / name)
+            shutil.copy2(root / name, dest / name)
     shutil.copytree(
-        REPO / "src",
+        root / "src",
         dest / "src",
         ignore=shutil.ignore_patterns("__pycache__", "*.egg-info", "*.pyc", "*.so"),
     )
@@ -87,11 +112,20 @@ def main() -> None:
     ap.add_argument("--out", type=Path, required=True)
     args = ap.parse_args()
     current = VERSION.search((REPO / "src" / "bioc_webstats" / "__init__.py").read_text())[1]
-    previous, broken = neighbours(current)
+    _lower, broken = neighbours(current)
+    commit, previous = previous_release(current)
     copy_tree(args.out / "current", current)
-    copy_tree(args.out / "previous", previous)
+    with tempfile.TemporaryDirectory() as tmp:
+        archive = git("archive", "--format=tar", commit)
+        subprocess.run(["tar", "-x", "-C", tmp], input=archive, check=True)
+        copy_tree(args.out / "previous", previous, root=Path(tmp))
     copy_tree(args.out / "broken", broken, BREAK_HEALTHZ)
-    versions = {"previous": previous, "current": current, "broken": broken}
+    versions = {
+        "previous": previous,
+        "current": current,
+        "broken": broken,
+        "previous_commit": commit,
+    }
     (args.out / "versions.json").write_text(json.dumps(versions) + "\n")
     print(json.dumps(versions))
 
