@@ -164,6 +164,16 @@ def test_status_reports_the_facts(db_url, tmp_path, monkeypatch, capsys, ready, 
     assert lines[5].startswith("last ETL run ok: 20")
     assert lines[7].startswith("log objects ingested: 3, newest named 2024-01-30T")
     assert lines[8] == "cut-over day (etl/logs_since): 2024-01-01"
+    # a bad setting is named, after the facts (it failed the whole command), and exits 1
+    bad_day = {"WEBSTATS_ETL_LOGS_SINCE": "2024-13-01"}
+    assert cli_run(monkeypatch, db_url, tmp_path, "status", **bad_day) == 1
+    bad = capsys.readouterr()
+    assert bad.out.splitlines() == [*lines[:8], "cut-over day (etl/logs_since): not set"]
+    assert bad.err == (
+        "bioc-webstats: error: parameter etl/logs_since must be a date YYYY-MM-DD, "
+        "got '2024-13-01'\n"
+    )
+    monkeypatch.setenv("WEBSTATS_ETL_LOGS_SINCE", "2024-01-01")
     assert cli_run(monkeypatch, db_url, tmp_path, "status", "--json") == 0
     facts = json.loads(capsys.readouterr().out)
     assert facts["published"] == facts["data_version"]

@@ -84,6 +84,24 @@ def test_bad_database_url_is_one_line_without_the_password(clean_env, url, messa
         assert piece not in res.stderr
 
 
+@pytest.mark.parametrize(
+    "server", ["db.example/other", "db.example?host=evil", "u@db.example", "db example", ""]
+)
+def test_a_server_that_is_no_host_is_one_line(clean_env, monkeypatch, server):
+    """db/server is a host: a '/', '?' or '@' in it would make the URL mean another database
+    (it was taken as written)."""
+    monkeypatch.setenv("WEBSTATS_DB_SERVER", server)
+    monkeypatch.setenv("WEBSTATS_DB_PASSWORD", "r-pw")
+    if not server:  # unset: the embedded database, as documented
+        assert load_settings().database_url.startswith("sqlite:")
+        return
+    with pytest.raises(ConfigError, match="db/server must be a host name or address"):
+        load_settings()
+    for ok in ("db.example", "10.0.0.7", "[::1]", "webstats.abc123.us-east-1.rds.amazonaws.com"):
+        monkeypatch.setenv("WEBSTATS_DB_SERVER", ok)
+        assert sa.engine.make_url(load_settings().database_url).host in (ok, ok.strip("[]"))
+
+
 def test_each_process_takes_its_login(clean_env, monkeypatch):
     monkeypatch.setenv("WEBSTATS_DB_SERVER", "db.example")
     monkeypatch.setenv("WEBSTATS_DB_DBUSER", "runner")

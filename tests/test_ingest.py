@@ -292,6 +292,8 @@ def test_bad_input(db_url, tmp_path, caplog):
             (loggen.log_line(date="2024-05-01", time="10:00:00") + "\n").encode()
         ),
         f"{loggen.DIST}.2024-05-01-11.garbage.gz": gzip.compress(b"\x00garbage\nmore\tjunk\n"),
+        # too short for zlib to check the header: not "truncated gzip"
+        f"{loggen.DIST}.2024-05-01-13.short.gz": b"hello\n",
     }
     for name, content in bad.items():
         (out / name).write_bytes(content)
@@ -315,10 +317,11 @@ def test_bad_input(db_url, tmp_path, caplog):
         ("empty", "empty file"),
         ("headerless", "no #Fields line before the first data line"),
         ("garbage", "no #Fields"),
+        ("short", "not a gzip file (6 bytes, no gzip header)"),
     ]:
         assert any(name in m and why in m and "will be retried" in m for m in messages), name
     assert "3 of 3 lines rejected" in caplog.text
-    assert "5 failed" in caplog.text
+    assert "6 failed" in caplog.text
     # Retried next time, still failing, nothing changes; once repaired, it goes in.
     before = snapshot(db_url)
     assert ingest.run(settings, source=str(out)) is False

@@ -622,3 +622,17 @@ def test_sync_redirect_loop_is_one_line(settings):
             sync(settings, source=url, dry_run=True, force=False, timeout=5)
     message = str(exc.value)
     assert message.startswith(f"cannot fetch {url}/config.yaml: HTTP 302 ") and "\n" not in message
+
+
+def test_packages_load_of_no_file_is_one_usage_line(db_url, tmp_path, monkeypatch, capsys):
+    """'' was opened as the current directory ("Is a directory")."""
+    from test_ingest_s3 import cli_run
+
+    for arg, why in [
+        ("", "does not exist"),
+        (str(tmp_path / "missing.csv"), "does not exist"),
+        (str(tmp_path), "is a directory"),
+    ]:
+        assert cli_run(monkeypatch, db_url, tmp_path, "packages", "load", arg) == 2
+        err = capsys.readouterr().err
+        assert "Traceback" not in err and why in err, err

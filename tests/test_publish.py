@@ -104,6 +104,12 @@ def test_unwritable_directory_still_answers_and_unstorable_is_not_stored(tmp_pat
     assert site.get_or_build(version, "sub/y.tab", lambda: (b"b", True)) == b"b"
 
 
+def test_a_publish_directory_that_is_a_file_is_named(tmp_path):
+    (tmp_path / "site").write_text("not a directory")  # mkdir said only "File exists"
+    with pytest.raises(WebstatsError, match=r"the publish directory \S+/site is not a directory"):
+        PublishedSite(tmp_path / "site").open_version("1-aa")
+
+
 def test_switch_is_one_rename_and_prunes(tmp_path):
     site = PublishedSite(tmp_path / "site")
     made = []

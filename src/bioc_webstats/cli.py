@@ -166,7 +166,7 @@ def packages_group() -> None:
 
 
 @packages_group.command("load")
-@click.argument("csv_file", type=click.Path(dir_okay=False, path_type=Path))
+@click.argument("csv_file", type=click.Path(exists=True, dir_okay=False, path_type=Path))
 @pass_ctx
 def packages_load(ctx: Context, csv_file: Path) -> None:
     """Load/merge the packages table from a CSV (package,category,first_version,last_version)."""
@@ -389,6 +389,8 @@ def status_cmd(ctx: Context, as_json: bool) -> None:
         click.echo(json.dumps(facts, sort_keys=True))
     else:
         click.echo("\n".join(status_lines(facts)))
+    if facts.get("config_error"):  # the facts first: they matter most at such a time
+        raise WebstatsError(str(facts["config_error"]))
 
 
 # --- stats ----------------------------------------------------------------------------------

@@ -148,6 +148,8 @@ class Settings:
 
 
 _DAY = re.compile(r"\d{4}-\d{2}-\d{2}")
+# A host name, an IPv4 address or an IPv6 one in brackets (what a database URL can carry).
+_HOST = re.compile(r"[A-Za-z0-9._-]+|\[[0-9A-Fa-f:.]+\]")
 
 
 # The days any option or parameter may name: the statistics start in 2009; a day far outside
@@ -354,13 +356,16 @@ def _login_url(
         raise ConfigError(
             f"parameter db/port must be a port number, got {values['db/port']!r}"
         ) from None
+    server = values["db/server"] or ""
+    if not _HOST.fullmatch(server):  # '/', '?', '@' would change what the URL means
+        raise ConfigError(f"parameter db/server must be a host name or address, got {server!r}")
     from sqlalchemy.engine import URL
 
     url = URL.create(
         "postgresql+psycopg2",
         username=user,
         password=password,
-        host=values["db/server"],
+        host=server,
         port=port,
         database=values["db/dbname"],
     ).render_as_string(hide_password=False)

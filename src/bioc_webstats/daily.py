@@ -161,7 +161,10 @@ def status(settings: Settings) -> dict[str, object]:
         }
         newest = session.scalar(select(func.max(IngestedObject.name_hour)).where(log_objects()))
     facts["newest_object_hour"] = newest.isoformat(timespec="hours") if newest else None
-    cutover = logs_since(settings)
+    try:
+        cutover = logs_since(settings)
+    except WebstatsError as exc:  # the other facts still stand (the CLI fails after them)
+        cutover, facts["config_error"] = None, str(exc)
     facts["logs_since"] = cutover.isoformat() if cutover else None
     current = PublishedSite(settings.publish_dir).current()
     facts["published"] = current.key if current else None

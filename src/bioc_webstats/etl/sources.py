@@ -429,9 +429,12 @@ def decompress(chunks: Iterable[bytes]) -> Iterator[bytes]:
     d = _inflate.decompressobj(wbits=31)
     fed = False  # bytes went into the current member and it has not ended yet
     total = 0
+    head = b""  # the stream's first two bytes: gzip's magic, or not gzip at all
     try:
         for chunk in chunks:
             total += len(chunk)
+            if len(head) < 2:
+                head += chunk[: 2 - len(head)]
             while chunk:
                 fed = True
                 out = d.decompress(chunk, OUT_MAX)
@@ -455,6 +458,8 @@ def decompress(chunks: Iterable[bytes]) -> Iterator[bytes]:
         raise LogFormatError(f"not a valid gzip file ({exc})") from None
     if total == 0:
         raise LogFormatError("empty file (0 bytes), not gzip")
+    if fed and not b"\x1f\x8b".startswith(head):  # too short for zlib to check the header
+        raise LogFormatError(f"not a gzip file ({total} bytes, no gzip header)")
     if fed:
         raise LogFormatError("truncated gzip (unexpected end of data)")
 

@@ -30,6 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .. import __version__
+from ..errors import WebstatsError
 
 log = logging.getLogger(__name__)
 
@@ -119,6 +120,8 @@ class PublishedSite:
         latest = max((v.published for v in versions), default=0)
         published = max(int(time.time()), latest + 1)
         path = self.root / f"v{key}-{self.code}-{published}"
+        if self.root.exists() and not self.root.is_dir():  # mkdir would say "File exists"
+            raise WebstatsError(f"the publish directory {self.root} is not a directory")
         self.root.mkdir(parents=True, exist_ok=True)
         (path / SITE_PREFIX).mkdir(parents=True, exist_ok=True)
         _touch(path / SITE_PREFIX, published)
