@@ -94,6 +94,28 @@ def _options() -> dict[str, dict]:
     return out
 
 
+@pytest.mark.parametrize("role", ROLE_NAMES)
+def test_boolean_options_are_read_with_the_bool_filter(role):
+    """A boolean given on the command line (``-e name=false``) is the string "false", which
+    Jinja takes as true: every test of a boolean option goes through ``| bool`` (the ETL timer
+    was started by a deploy told to keep it stopped)."""
+    defaults = _load(ROLES / role / "defaults" / "main.yml")
+    flags = [name for name, value in defaults.items() if isinstance(value, bool)]
+    bare = []
+    for path in sorted((ROLES / role).glob("*/*.yml")):
+        if path.parent.name not in ("tasks", "handlers", "vars"):
+            continue
+        for n, line in enumerate(path.read_text().splitlines(), 1):
+            code = line.split(" #")[0]
+            if code.lstrip().startswith(("#", "- name:", "name:", "msg:")):
+                continue
+            for flag in flags:
+                for m in re.finditer(rf"\b{flag}\b(?!\s*\|\s*bool)", code):
+                    if not code[: m.start()].rstrip().endswith("webstats_"):
+                        bare.append(f"{path.relative_to(REPO)}:{n}: {code.strip()}")
+    assert not bare, "\n".join(bare)
+
+
 def test_every_wired_variable_is_an_option_and_every_required_one_is_wired():
     """The playbooks pass each shared fact to the roles' own variables (wiring.yml): each is a
     documented input of its role, and every required input without a default is wired."""
