@@ -341,7 +341,9 @@ def test_watchdog_config_failure_is_an_alarm_through_the_kept_topic(clean_env, a
     assert res.stdout.strip().endswith("watchdog: 1 alarms: config")
     [note] = received(queue)
     assert note["Subject"].startswith("bioc-webstats ALARM config on ")
-    assert json.loads(json.dumps(note))  # a well-formed notification
+    # the reason reaches SysOps in the body, with where to look
+    assert "missing SSM parameters /bioc/webstats/missing/db/server" in note["Message"]
+    assert "RUNBOOK.md, Alarms" in note["Message"]
 
 
 def test_healthz_says_stale(db_url, clean_env, monkeypatch):

@@ -121,7 +121,7 @@ def test_pg_dump_must_match_the_server(pg_server, tmp_path, monkeypatch):
     (fake / "pg_dump").write_text("#!/bin/sh\necho 'pg_dump (PostgreSQL) 9.6.24'\n")
     (fake / "pg_dump").chmod(0o755)
     monkeypatch.setenv("PATH", f"{fake}:/usr/bin:/bin")
-    monkeypatch.setattr(backup.Path, "is_file", lambda self: False)  # no versioned client
+    monkeypatch.setattr(backup, "PG_LIB", tmp_path / "no-versioned-clients")
     with pytest.raises(WebstatsError, match=r"pg_dump 9 cannot handle a PostgreSQL \d+ server"):
         backup.client_tool("pg_dump", major)
 

@@ -268,6 +268,9 @@ def test_process_wide_uri_cache_bounded_and_results_unchanged(monkeypatch):
         ("bioc", "cn.mops", "2024-01-30", "192.0.2.1"): 1,
     }
     assert downloads(count(data)) == first  # served from the caches
+    assert len(parse._URIS) >= 3  # the object's URIs stay for the next one
     monkeypatch.setattr(parse, "URI_CACHE_MAX", 1)
     assert downloads(count(data)) == first  # caches emptied at the start of the object
+    assert len(parse._URIS) <= 1  # and no more kept than the bound
     assert downloads(count(data)) == first
+    assert len(parse._URIS) <= 1

@@ -11,7 +11,6 @@ import os
 import subprocess
 import sys
 import threading
-import time
 import urllib.request
 from pathlib import Path
 
@@ -28,7 +27,7 @@ from bioc_webstats.store import db
 from bioc_webstats.web.app import StatsSite
 from bioc_webstats.web.site import KEEP, PublishedSite, validators
 from bioc_webstats.web.targets import Target, build, category_targets, resolve
-from conftest import new_pg_database
+from conftest import new_pg_database, wait_for
 from test_ingest import loaded
 from webserver import run_gunicorn
 
@@ -73,9 +72,15 @@ def test_get_or_build_builds_once_across_threads(tmp_path):
     version = site.open_version("1-aa")
     calls = []
 
+    def blocked_on_the_lock() -> int:
+        """This process's requests waiting in flock() now (in /proc/locks, marked '->')."""
+        lines = Path("/proc/locks").read_text().splitlines()
+        return sum(" -> FLOCK " in ln and f" {os.getpid()} " in ln for ln in lines)
+
     def slow_build():
         calls.append(1)
-        time.sleep(0.2)  # long enough for every thread to be waiting on the lock
+        # hold the lock until the seven other threads wait on it (they must not build too)
+        wait_for(lambda: blocked_on_the_lock() >= 7, 30, what="seven threads on the lock")
         return b"body", True
 
     results = []

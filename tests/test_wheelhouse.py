@@ -69,13 +69,18 @@ def test_pure_wheel_on_request(tmp_path):
         assert not [n for n in zf.namelist() if n.endswith(".so")]
 
 
-def test_pure_wheel_for_another_architecture(monkeypatch):
+def test_the_native_platform_only_for_this_architecture():
+    """A native wheel only for the build host's own architecture on Linux; any other target
+    (or a mix) gets the pure-Python one."""
     mod = _module()
-    monkeypatch.setattr(mod.platform, "machine", lambda: "x86_64")
-    monkeypatch.setattr(mod.sys, "platform", "linux")
+    here = ("linux", "x86_64")
     x86 = ["manylinux_2_35_x86_64", "manylinux2014_x86_64"]
     arm = ["manylinux_2_35_aarch64", "manylinux2014_aarch64"]
-    assert mod.native_platform(x86, pure=False) == "manylinux2014_x86_64"
-    assert mod.native_platform(x86, pure=True) is None
-    assert mod.native_platform(arm, pure=False) is None
-    assert mod.native_platform([*x86, *arm], pure=False) is None
+    assert mod.native_platform(x86, pure=False, here=here) == "manylinux2014_x86_64"
+    assert mod.native_platform(x86, pure=True, here=here) is None
+    assert mod.native_platform(arm, pure=False, here=here) is None
+    assert mod.native_platform([*x86, *arm], pure=False, here=here) is None
+    assert mod.native_platform(arm, pure=False, here=("linux", "arm64")) == (
+        "manylinux2014_aarch64"
+    )
+    assert mod.native_platform(x86, pure=False, here=("darwin", "x86_64")) is None

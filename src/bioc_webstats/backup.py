@@ -54,6 +54,10 @@ def _pg_env(url: URL) -> dict[str, str]:
     return env
 
 
+# Where Debian's postgresql-client-N packages put their versioned tools.
+PG_LIB = Path("/usr/lib/postgresql")
+
+
 def server_major(database_url: str) -> int:
     with db.get_engine(database_url).connect() as conn:
         return int(conn.execute(text("SHOW server_version_num")).scalar_one()) // 10000
@@ -62,7 +66,7 @@ def server_major(database_url: str) -> int:
 def client_tool(name: str, major: int) -> str:
     """The ``pg_dump``/``pg_restore`` of ``major`` (or newer): the versioned one under
     /usr/lib/postgresql when installed, else the one on PATH if its version fits."""
-    versioned = Path(f"/usr/lib/postgresql/{major}/bin/{name}")
+    versioned = PG_LIB / str(major) / "bin" / name
     candidates = [str(versioned)] if versioned.is_file() else []
     on_path = shutil.which(name)
     if on_path:

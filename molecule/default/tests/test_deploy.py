@@ -156,7 +156,7 @@ def test_units_installed_root_owned(host):
         assert f.mode & 0o022 == 0, f"{unit}: {oct(f.mode)}"
 
 
-def test_nginx_runs_in_its_sandbox(host):
+def test_the_running_nginx_has_no_new_privileges_and_five_capabilities(host):
     """The running master, not only its unit file: the package started nginx before the
     sandbox existed, and a reload keeps that master; the deploy restarted it once."""
     pid = run_ok(host, "systemctl show -p MainPID --value nginx.service").strip()

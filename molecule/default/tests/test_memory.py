@@ -47,10 +47,14 @@ def pss():
                 except OSError:
                     pass
     return total
+ready = sys.argv[sys.argv.index("--ready") + 1] if "--ready" in sys.argv else None
 peak, seen, deadline = 0, False, time.monotonic() + 600
 while time.monotonic() < deadline:
     now = pss()
     peak = max(peak, now)
+    if ready:  # sampling: the unit may start now
+        open(ready, "w").close()
+        ready = None
     seen = seen or now > 0
     if once or (seen and now == 0):
         break
@@ -79,8 +83,11 @@ def sample(host, unit: str, start: str | None = None, now: bool = False) -> floa
     user = "root" if unit == "nginx.service" else "webstats"
     py = f"runuser -u {user} -- python3 {script} {unit}"
     if start:
-        out_file = f"/tmp/measure-{unit}.out"
-        run_ok(host, f"rm -f {out_file}; ({py} > {out_file} &) ; sleep 0.3; {start}", timeout=600)
+        out_file, ready = f"/tmp/measure-{unit}.out", f"/tmp/measure-{unit}.ready"
+        # the unit starts once the sampler samples (else its peak could pass unseen)
+        run_ok(host, f"rm -f {out_file} {ready}; ({py} --ready {ready} > {out_file} &); "
+                     f"for i in $(seq 300); do [ -e {ready} ] && break; sleep 0.1; done; "
+                     f"test -e {ready} && {start}", timeout=600)  # fmt: skip
         out = run_ok(host, f"for i in $(seq 100); do [ -s {out_file} ] && break; "
                            f"sleep 0.1; done; cat {out_file}")  # fmt: skip
     else:

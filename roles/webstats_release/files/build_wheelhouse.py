@@ -103,12 +103,16 @@ def check_glibc(wheel: Path) -> None:
                 )
 
 
-def native_platform(platforms: list[str], pure: bool) -> str | None:
+def native_platform(
+    platforms: list[str], pure: bool, here: tuple[str, str] | None = None
+) -> str | None:
     """The wheel's platform tag when the C scanner can be built here for the target, else
-    None: a pure-Python wheel (asked for, or the target has another architecture)."""
-    machine = platform.machine().replace("arm64", "aarch64").replace("amd64", "x86_64")
+    None: a pure-Python wheel (asked for, or the target has another architecture). ``here``:
+    (sys.platform, machine) of the build host, this one by default."""
+    system, machine = here or (sys.platform, platform.machine())
+    machine = machine.replace("arm64", "aarch64").replace("amd64", "x86_64")
     targets = {PLATFORM_ARCH.sub("", p) for p in platforms}
-    if pure or sys.platform != "linux" or targets != {machine}:
+    if pure or system != "linux" or targets != {machine}:
         return None
     return f"manylinux2014_{machine}"
 
