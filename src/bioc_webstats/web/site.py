@@ -16,6 +16,7 @@ time — also after a restore, which gets a new directory rather than an old one
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import hashlib
 import json
@@ -30,7 +31,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .. import __version__
-from ..errors import WebstatsError
 
 log = logging.getLogger(__name__)
 
@@ -121,7 +121,7 @@ class PublishedSite:
         published = max(int(time.time()), latest + 1)
         path = self.root / f"v{key}-{self.code}-{published}"
         if self.root.exists() and not self.root.is_dir():  # mkdir would say "File exists"
-            raise WebstatsError(f"the publish directory {self.root} is not a directory")
+            raise NotADirectoryError(errno.ENOTDIR, os.strerror(errno.ENOTDIR), str(self.root))
         self.root.mkdir(parents=True, exist_ok=True)
         (path / SITE_PREFIX).mkdir(parents=True, exist_ok=True)
         _touch(path / SITE_PREFIX, published)
