@@ -56,16 +56,10 @@ def create_app(*args, **kwargs):  # a deliberately broken release (molecule/upgr
 """
 
 
-def neighbours(version: str) -> tuple[str, str]:
-    """A version just below and one just above ``version`` (X.Y.Z)."""
+def next_patch(version: str) -> str:
+    """The version just above ``version`` (X.Y.Z): the broken release's (N-1 comes from git)."""
     x, y, z = (int(p) for p in version.split(".")[:3])
-    if z > 0:
-        lower = f"{x}.{y}.{z - 1}"
-    elif y > 0:
-        lower = f"{x}.{y - 1}.99"
-    else:
-        lower = f"{x - 1}.99.99"
-    return lower, f"{x}.{y}.{z + 1}"
+    return f"{x}.{y}.{z + 1}"
 
 
 def git(*args: str) -> bytes:
@@ -112,7 +106,7 @@ def main() -> None:
     ap.add_argument("--out", type=Path, required=True)
     args = ap.parse_args()
     current = VERSION.search((REPO / "src" / "bioc_webstats" / "__init__.py").read_text())[1]
-    _lower, broken = neighbours(current)
+    broken = next_patch(current)
     commit, previous = previous_release(current)
     copy_tree(args.out / "current", current)
     with tempfile.TemporaryDirectory() as tmp:
