@@ -6,8 +6,10 @@
 Writes DIR/current (release N: the checkout as it is now, so that edits made while a scenario
 runs cannot change what it deploys half-way), DIR/previous (N-1: the real previous release,
 the code as it was just before the commit that set N's ``__version__``, taken from git),
-DIR/broken (a release after N whose /healthz always answers 503, so the deploy's health wait
-fails) and DIR/versions.json ({"previous", "current", "broken", "previous_commit"}). The
+DIR/previous-repo (N-1's whole tree: the upgrade scenario deploys N-1 with N-1's own
+playbooks, roles and inventory, as the host was deployed before the upgrade), DIR/broken (a
+release after N whose /healthz always answers 503, so the deploy's health wait fails) and
+DIR/versions.json ({"previous", "current", "broken", "previous_commit"}). The
 deploy builds each one's wheelhouse through webstats_release_source_dir, as it does for the
 checkout.
 """
@@ -20,7 +22,6 @@ import re
 import shutil
 import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
@@ -109,10 +110,12 @@ def main() -> None:
     broken = next_patch(current)
     commit, previous = previous_release(current)
     copy_tree(args.out / "current", current)
-    with tempfile.TemporaryDirectory() as tmp:
-        archive = git("archive", "--format=tar", commit)
-        subprocess.run(["tar", "-x", "-C", tmp], input=archive, check=True)
-        copy_tree(args.out / "previous", previous, root=Path(tmp))
+    tree = args.out / "previous-repo"
+    if tree.exists():
+        shutil.rmtree(tree)
+    tree.mkdir(parents=True)
+    subprocess.run(["tar", "-x", "-C", str(tree)], input=git("archive", commit), check=True)
+    copy_tree(args.out / "previous", previous, root=tree)
     copy_tree(args.out / "broken", broken, BREAK_HEALTHZ)
     versions = {
         "previous": previous,

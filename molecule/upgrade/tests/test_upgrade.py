@@ -1,7 +1,8 @@
 """Upgrade N-1 → N under continuous requests; rollback on demand; a broken release rolls back.
 
-Converge installed release N-1. These tests run in file order and drive the real playbooks
-from the controller against the scenario's container, as a SysAdmin would (docs/RUNBOOK.md).
+Converge installed release N-1 with N-1's own playbooks. These tests run in file order and
+drive N's real playbooks from the controller against the scenario's container, as a SysAdmin
+would (docs/RUNBOOK.md).
 """
 
 from __future__ import annotations
