@@ -6,12 +6,10 @@ from __future__ import annotations
 
 import datetime as dt
 import os
-import shutil
 import sqlite3
 import stat
 import subprocess
 import sys
-import types
 from pathlib import Path
 
 import boto3
@@ -132,12 +130,18 @@ def test_backup_refuses_a_disk_without_room(pg_server, clean_env, monkeypatch):
     url = new_pg_database(pg_server)
     db.upgrade(url)
     monkeypatch.setenv("WEBSTATS_DATABASE_URL", url)
-    full = types.SimpleNamespace(total=10, used=9, free=1)
-    monkeypatch.setattr(shutil, "disk_usage", lambda _p: full)
-    dest = clean_env / "b" / "x.dump"
-    with pytest.raises(WebstatsError, match="MiB free, the database is"):
-        backup.backup(load_settings(), dest)
-    assert not dest.exists()
+    # a real small filesystem (1 MiB of tmpfs; the tests run as root) under a database of
+    # several MiB
+    small = clean_env / "small"
+    small.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m,mode=0700", "tmpfs", small], check=True)
+    try:
+        dest = small / "b" / "x.dump"
+        with pytest.raises(WebstatsError, match=r"has [01] MiB free, the database is \d+ MiB"):
+            backup.backup(load_settings(), dest)
+        assert list(small.rglob("*")) in ([], [small / "b"])  # no partial dump left
+    finally:
+        subprocess.run(["umount", small], check=True)
 
 
 def test_a_destination_that_cannot_be_made_is_one_line(db_url, clean_env, monkeypatch):
