@@ -77,6 +77,21 @@ def test_headers_on_files_and_pages(loaded):
     assert {"ETag", "Last-Modified", "Cache-Control"} <= set(css.headers.keys())
 
 
+def test_a_failed_precondition_is_a_short_answer(loaded):
+    """An If-Match that fails: 412 with a short page, not the file with a doubled charset and
+    a public Cache-Control (werkzeug's own 412 kept both)."""
+    client, _ = loaded
+    for path in ("bioc/affy/affy_stats.tab", "bioc/bioc_packages.txt", "bioc/affy/"):
+        whole = client.get(P + path)
+        r = client.get(P + path, headers={"If-Match": '"nope"'})
+        assert r.status_code == 412, path
+        assert r.headers["Content-Type"] == "text/html; charset=utf-8", path
+        assert r.headers["Cache-Control"] == "no-store", path
+        assert whole.data not in r.data and b"Precondition Failed" in r.data, path
+        ok = client.get(P + path, headers={"If-Match": whole.headers["ETag"]})
+        assert (ok.status_code, ok.data) == (200, whole.data), path
+
+
 def test_last_modified_format_and_max_age_setting(db_url, clean_env, monkeypatch):
     with db.session_factory(db_url)() as s:
         webref.load_direct(s, valid_thru=dt.date(2023, 10, 4))

@@ -186,11 +186,16 @@ def test_conditional_get_and_head(front):
         assert hhead[name] == headers[name], name
 
 
-def test_what_has_no_file_goes_to_gunicorn(front):
-    # a package not published yet (its redirect, its page), /healthz, a 404
+def _unbuilt_package(front) -> str:
+    """A package of bioc whose directory is not published yet (the app answers for it)."""
     stats_dir = front.publish_dir / "current" / "packages" / "stats" / "bioc"
     names = front.get("/packages/stats/bioc/bioc_packages.txt")[2].decode().split()
-    unbuilt = next(n for n in names if not (stats_dir / n).exists())
+    return next(n for n in names if not (stats_dir / n).exists())
+
+
+def test_what_has_no_file_goes_to_gunicorn(front):
+    # a package not published yet (its redirect, its page), /healthz, a 404
+    unbuilt = _unbuilt_package(front)
     for path, status in [
         ("/packages/stats/data-experiment/nosuchpkg_stats.tab", 404),
         (f"/packages/stats/bioc/{unbuilt}", 301),
@@ -249,6 +254,13 @@ def test_dot_files_and_slash_runs_never_come_from_disk(front):
         "/packages/stats/bioc/affy/%2e%2e%2f%2e%2e%2findex.html",
         "/packages/stats/bioc/./bioc_packages.txt",
         "/packages/stats/bioc/%2e/bioc_packages.txt",
+        # an encoded "/" is a "/" (the contract: a URL means what it decodes to)
+        "/packages/stats/bioc/%2F/",
+        "/packages/stats/bioc/%2fbioc_packages.txt",
+        "/packages/stats%2F%2F",
+        "/packages/stats/bioc/%2Faffy",
+        # a raw byte outside printable ASCII (no name has one; gunicorn would say 400)
+        "/packages/stats/bioc/\u00e9/",
     ],
 )
 def test_dot_segments_and_slash_runs_are_404(front, path):
@@ -263,6 +275,57 @@ def test_dot_segments_and_slash_runs_are_404(front, path):
 
 def test_a_query_may_hold_slashes_and_dots(front):
     assert front.get(STATIC + "?from=http://x.example//a/../b")[0] == 200
+
+
+def raw_get(front, target: bytes, headers: bytes = b"") -> bytes:
+    return raw(
+        front.port, b"GET %s HTTP/1.1\r\nHost: t\r\n%sConnection: close\r\n\r\n" % (target, headers)
+    )
+
+
+def test_a_query_with_raw_bytes_is_ignored_also_by_the_app(front):
+    """The contract: a query is ignored. Raw non-ASCII in it reached gunicorn, which answered
+    400 to a redirect, /healthz and a page not built yet; nginx now drops such a query."""
+    unbuilt = _unbuilt_package(front)
+    for target, status in [
+        (f"/packages/stats/bioc/{unbuilt}.html?q=caf\u00e9", 301),
+        ("/healthz?q=\u00e9", 200),
+        ("/packages/stats/bioc/nosuchpkg/?q=\u00e9", 404),
+        (f"/packages/stats/bioc/{unbuilt}/?q=\u00e9&x=%01", 200),
+    ]:
+        answer = raw_get(front, target.encode())
+        assert status_of(answer) == status, (target, answer[:300])
+        if status == 301:
+            assert header_values(answer, "Location") == [f"/packages/stats/bioc/{unbuilt}/"]
+        assert_security_headers(answer)
+
+
+def test_an_unknown_transfer_encoding_is_400_not_501(front):
+    for coding in (b"gzip", b"identity", b"xchunked", b""):
+        answer = raw_get(front, b"/packages/stats/", b"Transfer-Encoding: %s\r\n" % coding)
+        assert status_of(answer) == 400, (coding, answer[:300])
+        assert_security_headers(answer)
+
+
+def test_ranges_follow_nginx_rules_also_for_what_the_app_sends(front):
+    """A file the app builds on its first request and nginx sends next: the same answer to the
+    same Range either way (the app's own Range handling refused an unknown unit with 416)."""
+    names = front.get("/packages/stats/bioc/bioc_packages.txt")[2].decode().split()
+    fresh = [f"/packages/stats/bioc/{n}/{n}_stats.tab" for n in names]
+    fresh = [p for p in fresh if not published(front, p).exists()]
+    assert len(fresh) >= 3
+    for path, rng in zip(fresh, (b"items=0-5", b"bytes=0-9", b"bytes=0-1,5-6"), strict=False):
+        first = raw_get(front, path.encode(), b"Range: %s\r\n" % rng)  # the app's
+        body = published(front, path).read_bytes()
+        again = raw_get(front, path.encode(), b"Range: %s\r\n" % rng)  # from disk
+        for answer in (first, again):
+            got = (status_of(answer), header_values(answer, "Content-Range"))
+            if rng == b"bytes=0-9":
+                assert got == (206, [f"bytes 0-9/{len(body)}"]), (rng, answer[:300])
+                assert answer.split(b"\r\n\r\n", 1)[1] == body[:10]
+            else:  # not a unit nginx knows / more ranges than max_ranges: the whole file
+                assert got == (200, []), (rng, answer[:300])
+                assert answer.split(b"\r\n\r\n", 1)[1] == body
 
 
 def test_switch_of_current_is_seen_by_the_next_request(front):

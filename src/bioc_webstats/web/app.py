@@ -31,6 +31,7 @@ from flask import Flask, Response, jsonify, request, send_file
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session
 from werkzeug.exceptions import HTTPException
+from werkzeug.http import HTTP_STATUS_CODES
 
 from .. import __version__
 from ..config import Settings, load_settings
@@ -200,6 +201,13 @@ def _send(path_or_body: Path | bytes, ctype: str, etag: str, mtime: float, max_a
     else:
         resp = send_file(io.BytesIO(path_or_body), mimetype=ctype, etag=etag,
                          last_modified=mtime, max_age=max_age, conditional=True)  # fmt: skip
+    if resp.status_code not in (200, 206, 304):  # e.g. 412 for an If-Match that fails
+        resp.close()
+        name = HTTP_STATUS_CODES.get(resp.status_code, "Error")
+        plain = _plain(resp.status_code, name, f"{name}.")
+        if "Content-Range" in resp.headers:  # 416: the size
+            plain.headers["Content-Range"] = resp.headers["Content-Range"]
+        return plain
     resp.headers.pop("Expires", None)
     resp.headers.pop("Content-Disposition", None)  # nginx sends none
     resp.headers["Cache-Control"] = f"public, max-age={max_age}"
