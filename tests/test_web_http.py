@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import datetime as dt
 import random
+from pathlib import Path
 
 import pytest
 
@@ -502,3 +503,78 @@ def test_generated_urls_never_5xx(loaded):
         assert r.status_code in (200, 301, 304, 308, 400, 404, 405, 414), url
     # the generator reaches real files too, not just 404s
     assert statuses.get(200, 0) > 100 and statuses.get(404, 0) > 1000
+
+
+def _cluster_pids(url: str) -> list[int]:
+    """The postmaster of the cluster behind ``url`` and every process it started."""
+    import sqlalchemy as sa
+
+    engine = sa.create_engine(url)
+    with engine.connect() as conn:
+        data = conn.execute(sa.text("SHOW data_directory")).scalar_one()
+    engine.dispose()
+    with open(f"{data}/postmaster.pid") as f:
+        postmaster = int(f.readline())
+    children = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == postmaster:
+            children.append(int(stat.parent.name))
+    return [postmaster, *children]
+
+
+def test_healthz_answers_503_at_once_when_the_database_hangs(clean_env, monkeypatch):
+    """A database that accepts and never answers (here: every process of its cluster stopped)
+    held /healthz until nginx's 504 minutes later; the deploy and the watchdog need a 503.
+    Its check waits a bounded time on a thread of its own, and a hung check is not joined by
+    the next one."""
+    import contextlib
+    import os
+    import signal
+    import threading
+
+    from bioc_webstats.web import app as webapp
+    from conftest import new_pg_database, pg_cluster, wait_for
+
+    monkeypatch.setattr(webapp, "HEALTH_TIMEOUT", 1.0)
+    with pg_cluster() as base:
+        url = new_pg_database(base)
+        db.upgrade(url)
+        with db.session_factory(url)() as s:
+            webref.load_direct(s, valid_thru=VT)
+        monkeypatch.setenv("WEBSTATS_DATABASE_URL", url)
+        client = create_app(load_settings()).test_client()
+        assert client.get("/healthz").status_code == 200  # its pool now holds a connection
+        pids = _cluster_pids(url)
+        answers: list = []
+
+        def ask() -> None:
+            r = client.get("/healthz")
+            answers.append((r.status_code, r.json))
+
+        # (runuser, the cluster's parent, stops itself when its child stops: resumed too)
+        parent = int(Path(f"/proc/{pids[0]}/stat").read_text().rsplit(")", 1)[1].split()[1])
+
+        def send(sig: int, targets: list[int]) -> None:
+            for pid in targets:
+                with contextlib.suppress(ProcessLookupError):  # a short-lived child
+                    os.kill(pid, sig)
+
+        send(signal.SIGSTOP, pids)
+        try:
+            for _ in range(2):  # the first check hangs; the second finds it still hanging
+                asker = threading.Thread(target=ask, daemon=True)
+                asker.start()
+                asker.join(60)
+                assert not asker.is_alive(), "/healthz did not answer while the database hangs"
+            assert [(code, body["status"], body["database"]) for code, body in answers] == [
+                (503, "error", False),
+                (503, "error", False),
+            ]
+        finally:
+            send(signal.SIGCONT, [*pids, parent])
+        wait_for(lambda: client.get("/healthz").status_code == 200, 60, what="healthz 200 again")
+        db.dispose_engine(url)

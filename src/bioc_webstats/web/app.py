@@ -23,6 +23,7 @@ import hashlib
 import logging
 import threading
 import time
+from collections.abc import Callable
 from importlib import resources
 from pathlib import Path
 from urllib.parse import quote
@@ -62,6 +63,49 @@ def http_datetime(when: dt.datetime) -> str:
     """RFC 7231 date of an aware datetime, locale-independent."""
     when = when.astimezone(dt.UTC)
     return tabfiles.http_date(when.date()).replace("00:00:00", when.strftime("%H:%M:%S"))
+
+
+HEALTH_TIMEOUT = 5.0  # seconds /healthz waits for the database before it says 503
+
+
+class BoundedCheck:
+    """Runs a check on a thread of its own and waits for it at most ``timeout`` seconds.
+
+    A database that hangs (it accepts, then never answers) would hold /healthz until nginx
+    gives up with a 504 minutes later; the deploy and the watchdog need a 503 at once. A check
+    that hangs keeps only its own (daemon) thread: a check that finds the previous one running
+    waits for it (within the same bound) instead of starting another beside it.
+    """
+
+    def __init__(self, timeout: float) -> None:
+        self.timeout = timeout
+        self._lock = threading.Lock()
+        self._running: threading.Thread | None = None
+
+    def run(self, fn: Callable[[], None]) -> None:
+        failed: list[BaseException] = []
+        done = threading.Event()
+
+        def check() -> None:
+            try:
+                fn()
+            except BaseException as exc:  # noqa: BLE001 - handed to the waiting request
+                failed.append(exc)
+            finally:
+                done.set()
+
+        previous = self._running  # (after a fork, the parent's thread is not alive here)
+        if previous is not None and previous.is_alive():  # another request's, or a hung one
+            previous.join(self.timeout)
+            if previous.is_alive():
+                raise TimeoutError("the previous check is still waiting for the database")
+        with self._lock:
+            self._running = threading.Thread(target=check, name="healthz", daemon=True)
+            self._running.start()
+        if not done.wait(self.timeout):
+            raise TimeoutError(f"no answer from the database within {self.timeout:g} s")
+        if failed:
+            raise failed[0]
 
 
 class StatsSite:
@@ -227,6 +271,21 @@ def create_app(settings: Settings | None = None) -> Flask:
     site = StatsSite(settings)
     app.extensions["webstats"] = site
 
+    health = BoundedCheck(HEALTH_TIMEOUT)
+
+    def database_facts(facts: dict) -> None:
+        """Fills ``facts`` as it learns them (what it learnt before a failure stands)."""
+        status = db.schema_status(settings.database_url)
+        facts.update(database=True, schema=status.revision)
+        if status.ok:
+            with db.session_factory(settings.database_url)() as session:
+                vt = db.get_valid_thru(session)
+            facts.update(
+                valid_thru=vt.isoformat() if vt else None,
+                status="ok",
+                stale=_stale(vt, settings),
+            )
+
     @app.get("/healthz")
     def healthz():
         body = {
@@ -237,18 +296,15 @@ def create_app(settings: Settings | None = None) -> Flask:
             "valid_thru": None,
             "stale": False,
         }
+        facts: dict = {}
         try:
-            status = db.schema_status(settings.database_url)
-            body["database"] = True
-            body["schema"] = status.revision
-            if status.ok:
-                with db.session_factory(settings.database_url)() as session:
-                    vt = db.get_valid_thru(session)
-                body["valid_thru"] = vt.isoformat() if vt else None
-                body["status"] = "ok"
-                body["stale"] = _stale(vt, settings)
+            health.run(lambda: database_facts(facts))
+        except TimeoutError as exc:  # the check may still write: its facts are not used
+            app.logger.warning("healthz: %s", exc)
+            facts = {}
         except Exception:
             app.logger.warning("healthz: database check failed", exc_info=True)
+        body.update(facts)
         resp = jsonify(body)
         resp.headers["Cache-Control"] = "no-store"
         # Stale data is still served (200, "ok": the contract's status has two values): a
