@@ -14,6 +14,7 @@ pkgs=(
   podman debootstrap uidmap slirp4netns fuse-overlayfs  # molecule on a real systemd host
   openssh-client                   # molecule: Ansible reaches the containers over SSH
   systemd                          # systemd-analyze for the static unit gates
+  iptables                         # a database cut off by the network (test_web_http)
 )
 
 missing=()

@@ -578,3 +578,49 @@ def test_healthz_answers_503_at_once_when_the_database_hangs(clean_env, monkeypa
             send(signal.SIGCONT, [*pids, parent])
         wait_for(lambda: client.get("/healthz").status_code == 200, 60, what="healthz 200 again")
         db.dispose_engine(url)
+
+
+def test_a_database_cut_off_by_the_network_is_503_not_a_hung_request(clean_env, monkeypatch):
+    """A failover or a partition: the server stops answering, nothing closes the connection.
+    The request that needs the database must end (503), not wait out the kernel's quarter of
+    an hour of retransmissions with a worker thread (libpq's tcp_user_timeout, keepalives).
+    The packets to and from a real cluster's port are dropped (iptables; the tests run as
+    root)."""
+    import subprocess
+    import threading
+
+    from conftest import new_pg_database, pg_cluster
+
+    monkeypatch.setattr(db, "TCP_TIMEOUT", 3)
+    with pg_cluster() as base:
+        url = new_pg_database(base)
+        db.upgrade(url)
+        with db.session_factory(url)() as s:
+            webref.load_direct(s, valid_thru=VT)
+        monkeypatch.setenv("WEBSTATS_DATABASE_URL", url)
+        client = create_app(load_settings()).test_client()
+        assert client.get(P + "bioc/affy/").status_code == 200  # a pooled connection now
+        port = base.rsplit(":", 1)[1]
+        rules = [
+            ["INPUT", "-p", "tcp", flag, port, "-m", "comment", "--comment", "webstats-test",
+             "-j", "DROP"]
+            for flag in ("--dport", "--sport")
+        ]  # fmt: skip
+        answers: list[int] = []
+
+        def ask() -> None:
+            answers.append(client.get(P + "bioc/limma/").status_code)  # not built yet
+
+        for rule in rules:
+            subprocess.run(["iptables", "-I", *rule], check=True)
+        try:
+            asker = threading.Thread(target=ask, daemon=True)
+            asker.start()
+            asker.join(120)
+            assert not asker.is_alive(), "the request hung on the unreachable database"
+        finally:
+            for rule in rules:
+                subprocess.run(["iptables", "-D", *rule], check=True)
+        assert answers == [503]
+        assert client.get(P + "bioc/limma/").status_code == 200  # back: a new connection
+        db.dispose_engine(url)

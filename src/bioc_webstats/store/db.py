@@ -27,6 +27,13 @@ DATA_TOKEN = "data_token"  # noqa: S105 - random, new with every data version: n
 
 _engines: dict[str, Engine] = {}
 
+# A server that goes away without a word (a failover, a network partition) must not hold a
+# request or a run for the kernel's quarter of an hour of retransmissions: data it does not
+# acknowledge, or keepalive probes it does not answer, end the connection after this many
+# seconds (libpq's tcp_user_timeout and keepalives; a long query's silence is not a failure,
+# the server's kernel answers the probes).
+TCP_TIMEOUT = 30
+
 
 def get_engine(url: str) -> Engine:
     """One engine per URL and process (gunicorn workers each build their own after fork)."""
@@ -41,7 +48,14 @@ def get_engine(url: str) -> Engine:
                 pool_pre_ping=True,
                 pool_size=5,
                 max_overflow=5,
-                connect_args={"connect_timeout": 10},
+                connect_args={
+                    "connect_timeout": 10,
+                    "keepalives": 1,
+                    "keepalives_idle": TCP_TIMEOUT,
+                    "keepalives_interval": 5,
+                    "keepalives_count": 3,
+                    "tcp_user_timeout": TCP_TIMEOUT * 1000,
+                },
             )
             source = PASSWORD_SOURCES.get(url)
             if source is not None:
