@@ -5,7 +5,6 @@ broken files; exactly once (re-runs, appended and changed rows); the look-back o
 from __future__ import annotations
 
 import datetime as dt
-import itertools
 import logging
 import os
 import shutil
@@ -488,10 +487,99 @@ def test_units_cover_every_row_once_whatever_the_gaps(sqlite_settings, tmp_path)
         con.execute("DELETE FROM access_log WHERE rowid BETWEEN 8 AND 19")
     assert legacy.import_files(sqlite_settings, [str(path)], until="2030-01-01", unit_rows=5)
     units = {k: v for k, v in ledger(sqlite_settings.database_url).items() if "/rows-" in k}
-    assert sum(v[0] for v in units.values()) == 18
     spans = sorted(tuple(map(int, k.rsplit("rows-", 1)[1].split("-"))) for k in units)
-    assert spans[0][0] == 1 and spans[-1][1] == 30
-    assert all(a[1] + 1 == b[0] for a, b in itertools.pairwise(spans))
+    # every unit starts at a row, none overlaps, the gap costs no unit
+    assert spans == [(1, 5), (6, 10), (20, 24), (25, 29), (30, 30)]
+    assert [units[legacy.unit_key(path.name, *s)][0] for s in spans] == [5, 2, 5, 5, 1]
+
+
+def test_rowids_far_apart_cost_units_by_rows_not_by_span(sqlite_settings, tmp_path, caplog):
+    """Rows at rowids 1, 2 and 2**62 (a hand-made or damaged file): the units followed the
+    whole span, 2**62 / 100,000 of them, and the import grew until it ran out of memory."""
+    path = tmp_path / "download_db_2024.sqlite"
+    legacygen.write_rows(path, [legacygen.row(ips=f"198.51.100.{i}") for i in range(3)])
+    with sqlite3.connect(path) as con:
+        con.execute("UPDATE access_log SET rowid = ? WHERE rowid = 3", (2**62,))
+        con.execute("UPDATE access_log SET rowid = ? WHERE rowid = 2", (10**9,))
+    caplog.set_level(logging.INFO, "bioc_webstats")
+    assert legacy.import_files(sqlite_settings, [str(path)], until="2030-01-01")
+    units = sorted(k for k in ledger(sqlite_settings.database_url) if "/rows-" in k)
+    assert units == [
+        legacy.unit_key(path.name, 1, 100_000),
+        legacy.unit_key(path.name, 10**9, 10**9 + 99_999),
+        legacy.unit_key(path.name, 2**62, 2**62),  # the last unit ends at the last row
+    ]
+    pkg, _ = stats_tables(sqlite_settings.database_url)
+    assert pkg[("bioc", "limma", 2024, 1)] == (3, 3)
+    # appended after the far row: one more unit
+    with sqlite3.connect(path) as con:
+        con.execute(
+            "INSERT INTO access_log (rowid, ips, day_month_year, method, url, statuscode)"
+            " VALUES (?, '198.51.100.9', '30/Jan/2024', 'GET', ?, '200')",
+            (2**62 + 10**6, DL),
+        )
+    assert legacy.import_files(sqlite_settings, [str(path)], until="2030-01-01")
+    assert len([k for k in ledger(sqlite_settings.database_url) if "/rows-" in k]) == 4
+    pkg, _ = stats_tables(sqlite_settings.database_url)
+    assert pkg[("bioc", "limma", 2024, 1)] == (4, 4)
+
+
+def test_rows_in_the_wal_file_are_imported(sqlite_settings, tmp_path, caplog):
+    """A file in WAL mode with a writer still open: rows appended since the last import are
+    in the -wal file only, the main file's size and mtime unchanged. The import skipped the
+    file as "unchanged since" and lost them."""
+    path = tmp_path / "download_db_2024.sqlite"
+    legacygen.write_rows(path, [legacygen.row(ips=f"198.51.100.{i}") for i in range(5)])
+    writer = sqlite3.connect(path)
+    try:
+        assert writer.execute("PRAGMA journal_mode=wal").fetchone()[0] == "wal"
+        writer.execute("PRAGMA wal_autocheckpoint=0")  # the old server's rows stay in the -wal
+        assert legacy.import_files(sqlite_settings, [str(path)], until="2030-01-01")
+        before = path.stat()
+        writer.executemany(
+            "INSERT INTO access_log (ips, day_month_year, method, url, statuscode)"
+            " VALUES (?, '30/Jan/2024', 'GET', ?, '200')",
+            [(f"203.0.113.{i}", DL) for i in range(3)],
+        )
+        writer.commit()
+        assert (path.stat().st_size, path.stat().st_mtime_ns) == (
+            before.st_size,
+            before.st_mtime_ns,
+        )
+        assert legacy.import_files(sqlite_settings, [str(path)], until="2030-01-01")
+    finally:
+        writer.close()
+    pkg, _ = stats_tables(sqlite_settings.database_url)
+    assert pkg[("bioc", "limma", 2024, 1)] == (8, 8)
+
+
+def test_names_that_are_not_utf8_fail_alone(sqlite_settings, tmp_path, caplog):
+    """A file whose name is not UTF-8: one line, the good files imported; an extra column of
+    access_log whose name is not UTF-8 is no reason to fail (a traceback stopped the whole
+    import, the good file included)."""
+    good = good_db(tmp_path / "download_db_2023.sqlite", n=10)
+    odd_name = tmp_path / os.fsdecode(b"download_db_\xff2019.sqlite")
+    shutil.copy(good, odd_name)
+    odd_col = tmp_path / "download_db_2021.sqlite"
+    with sqlite3.connect(odd_col) as con:
+        con.execute(
+            'CREATE TABLE access_log (ips, day_month_year, method, url, statuscode, "x\u00ff")'
+        )
+        con.executemany(
+            "INSERT INTO access_log VALUES (?, '30/Jan/2024', 'GET', ?, '200', NULL)",
+            [(f"203.0.113.{i}", DL) for i in range(4)],
+        )
+    con.close()
+    raw = odd_col.read_bytes()
+    assert raw.count("x\u00ff".encode()) == 1
+    odd_col.write_bytes(raw.replace("x\u00ff".encode(), b"x\xff\xfe"))  # same length
+    caplog.set_level(logging.INFO, "bioc_webstats")
+    paths = [str(good), str(odd_name), str(odd_col)]
+    assert not legacy.import_files(sqlite_settings, paths, until="2030-01-01")
+    errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+    assert len(errors) == 1 and "its name is not UTF-8" in errors[0], errors
+    pkg, _ = stats_tables(sqlite_settings.database_url)
+    assert pkg[("bioc", "limma", 2024, 1)] == (14, 14)
 
 
 # --- the two loops -----------------------------------------------------------------------------

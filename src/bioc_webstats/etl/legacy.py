@@ -13,8 +13,9 @@ lines, through the same ledger, by the same rule:
 * rows dated on or after the cut-over day (``--until``, default ``etl/logs_since``) are the
   logs' and are skipped.
 
-Units. A file is read in units of consecutive rowids (``UNIT_ROWS``, the last one ending at
-the file's last row); each unit is one ledger row ``legacy/<file name>/rows-<lo>-<hi>`` and
+Units. A file is read in units of consecutive rowids (``UNIT_ROWS`` of them from a row; the
+next unit starts at the next row, so gaps cost no units; the last one ends at the file's last
+row); each unit is one ledger row ``legacy/<file name>/rows-<lo>-<hi>`` and
 one transaction with its records and queued months, like a log object. The ranges of a file
 are fixed by its first import: a later import (the old server appended rows) adds units after
 the last one. Reading by rowid range needs no index and no assumption about the order of
@@ -25,8 +26,9 @@ again gives the same fingerprint and adds nothing; a different one means its row
 since (the old server rewrote them, or ``--until`` moved across them): the unit is refused
 and the import fails, unless ``--replace`` (then its records are replaced, as
 ``etl reingest`` does for a log object). When every unit of a file is in, a ledger row
-``legacy/<file name>/file`` records the file's size, mtime and the cut-over day: the next
-import of the same unchanged file skips it without reading it.
+``legacy/<file name>/file`` records the file's size, mtime (and its ``-wal`` file's, whose
+rows are the database's too) and the cut-over day: the next import of the same unchanged
+file skips it without reading it.
 
 These ledger rows never take part in the log ETL's look-back (``ingest.log_objects``).
 """
@@ -39,6 +41,7 @@ import os
 import re
 import sqlite3
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -84,6 +87,7 @@ class LegacyFile:
     name: str = ""
     size: int = 0
     mtime_ns: int = 0
+    wal: str = ""  # the -wal file beside it (its rows are the database's too): size, mtime
     status_col: str = "statuscode"
     lo: int | None = None  # rowid range of access_log
     hi: int | None = None
@@ -100,7 +104,8 @@ class LegacyFile:
     done: int = 0  # units handled (stored, unchanged, refused or failed)
 
     def etag(self, until: dt.date) -> str:
-        return f"size={self.size} mtime_ns={self.mtime_ns} until={until.isoformat()}"
+        wal = f" wal={self.wal}" if self.wal else ""
+        return f"size={self.size} mtime_ns={self.mtime_ns}{wal} until={until.isoformat()}"
 
 
 def unit_key(name: str, lo: int, hi: int) -> str:
@@ -139,6 +144,10 @@ def inspect(path: Path) -> LegacyFile:
     """Check a file and find its rowid range; LegacyFileError says what is wrong."""
     f = LegacyFile(path, name=path.name)
     try:
+        f.name.encode("utf-8")
+    except UnicodeEncodeError:  # undecodable bytes: no ledger key, no log line takes them
+        raise LegacyFileError("its name is not UTF-8: rename it") from None
+    try:
         st = path.stat()
     except OSError as exc:
         raise LegacyFileError(exc.strerror or str(exc)) from None
@@ -146,13 +155,21 @@ def inspect(path: Path) -> LegacyFile:
         raise LegacyFileError("not a file")
     f.size, f.mtime_ns = st.st_size, st.st_mtime_ns
     try:
+        wal = path.with_name(path.name + "-wal").stat()
+        f.wal = f"{wal.st_size}:{wal.st_mtime_ns}"
+    except OSError:
+        pass  # none (or unreadable: SQLite reports that as it opens the database)
+    try:
         _check_header(path, f.size)
     except OSError as exc:
         raise LegacyFileError(exc.strerror or str(exc)) from None
     try:
         con = open_ro(path)
         try:
-            cols = {r[1].decode().lower() for r in con.execute("PRAGMA table_info(access_log)")}
+            cols = {
+                r[1].decode("utf-8", "replace").lower()
+                for r in con.execute("PRAGMA table_info(access_log)")
+            }
             if not cols:
                 raise LegacyFileError("no table access_log")
             missing = [c for c in REQUIRED if c not in cols]
@@ -166,7 +183,8 @@ def inspect(path: Path) -> LegacyFile:
                 "SELECT type FROM sqlite_master WHERE name = 'access_log' COLLATE NOCASE"
             ).fetchone()
             if kind and kind[0] != b"table":
-                raise LegacyFileError(f"access_log is a {kind[0].decode()}, not a table")
+                shown = kind[0].decode("utf-8", "replace")
+                raise LegacyFileError(f"access_log is a {shown}, not a table")
             try:
                 f.lo, f.hi = con.execute("SELECT min(rowid), max(rowid) FROM access_log").fetchone()
             except sqlite3.OperationalError:  # WITHOUT ROWID: no ranges to read it by
@@ -178,17 +196,37 @@ def inspect(path: Path) -> LegacyFile:
     return f
 
 
-def plan_units(f: LegacyFile, known: list[tuple[int, int]], unit_rows: int) -> None:
-    """The units to read: those already in the ledger (to check) and new ones after them."""
+def plan_units(
+    f: LegacyFile,
+    known: list[tuple[int, int]],
+    unit_rows: int,
+    next_row: Callable[[int], int | None],
+) -> None:
+    """The units to read: those already in the ledger (to check) and new ones after them.
+
+    A unit spans ``unit_rows`` rowids from an existing row; the next one starts at the first
+    row after it (``next_row``), so a gap in the rowids (rows deleted, or two rows at rowids
+    1 and 2**62) costs no units: there are never more units than rows.
+    """
     f.units = sorted(known)
     if f.lo is None or f.hi is None:
         return
-    start = max((hi for _, hi in known), default=f.lo - 1) + 1
-    start = max(start, f.lo)
-    while start <= f.hi:
+    after = max((hi for _, hi in known), default=f.lo - 1)
+    start = f.lo if after < f.lo else next_row(after)
+    while start is not None and start <= f.hi:
         end = min(start + unit_rows - 1, f.hi)
         f.units.append((start, end))
-        start = end + 1
+        start = next_row(end) if end < f.hi else None
+
+
+def _next_row(con: sqlite3.Connection) -> Callable[[int], int | None]:
+    """The first rowid of access_log after a given one (a b-tree seek, not a scan)."""
+
+    def first_after(rowid: int) -> int | None:
+        row = con.execute("SELECT min(rowid) FROM access_log WHERE rowid > ?", (rowid,))
+        return row.fetchone()[0]
+
+    return first_after
 
 
 # --- the import ----------------------------------------------------------------------------------
@@ -346,7 +384,17 @@ def import_files(
         for k in known:
             m = _UNIT_KEY.search(k)
             ranges.append((int(m[1]), int(m[2])))  # type: ignore[index]
-        plan_units(f, ranges, unit_rows)
+        try:
+            con = open_ro(f.path)
+            try:
+                plan_units(f, ranges, unit_rows, _next_row(con))
+            finally:
+                con.close()
+        except sqlite3.DatabaseError as exc:
+            summary.files_failed += 1
+            summary.failures.append(p)
+            log.error("%s: not a readable SQLite database (%s); not imported", p, exc)
+            continue
         f.known = known
         files.append(f)
     tasks = [
