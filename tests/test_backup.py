@@ -144,6 +144,29 @@ def test_backup_refuses_a_disk_without_room(pg_server, clean_env, monkeypatch):
         subprocess.run(["umount", small], check=True)
 
 
+def test_a_destination_that_is_no_regular_file_is_left_alone(db_url, clean_env, monkeypatch):
+    """`db backup /dev/null` (or a FIFO) replaced the device node with the dump: refused, one
+    line, the node as it was."""
+    monkeypatch.setenv("WEBSTATS_DATABASE_URL", db_url)
+    db.upgrade(db_url)
+    fifo = clean_env / "fifo"
+    os.mkfifo(fifo)
+    null = clean_env / "null"
+    os.mknod(null, 0o666 | stat.S_IFCHR, os.makedev(1, 3))  # /dev/null's numbers (as root)
+    for node in (fifo, null):
+        before = node.lstat()
+        res = run("db", "backup", str(node))
+        assert res.returncode == 1, res
+        assert res.stderr.strip().splitlines() == [
+            f"bioc-webstats: error: backup: {node} exists and is not a regular file: choose another"
+        ], res.stderr
+        after = node.lstat()
+        assert (after.st_mode, after.st_rdev, after.st_ino) == (
+            before.st_mode, before.st_rdev, before.st_ino
+        )  # fmt: skip
+    assert sorted(p.name for p in clean_env.iterdir() if p.name.startswith(".")) == []
+
+
 def test_a_destination_that_cannot_be_made_is_one_line(db_url, clean_env, monkeypatch):
     monkeypatch.setenv("WEBSTATS_DATABASE_URL", db_url)
     db.upgrade(db_url)

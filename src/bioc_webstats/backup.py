@@ -106,6 +106,8 @@ def backup(settings: Settings, dest: Path, s3_url: str | None = None) -> BackupR
     sqlite = url.get_backend_name() == "sqlite"
     if not dest.name or dest.is_dir():
         raise WebstatsError(f"backup: {dest} is a directory, not a file name")
+    if dest.exists() and not dest.is_file():  # a device, a FIFO, a socket: never replaced
+        raise WebstatsError(f"backup: {dest} exists and is not a regular file: choose another")
     if sqlite and Path(url.database or "").resolve() == dest.resolve():
         raise WebstatsError(f"backup: {dest} is the database itself: choose another file")
     old_umask = os.umask(0o077)
