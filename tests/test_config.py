@@ -59,6 +59,27 @@ def test_defaults_without_ssm_use_embedded_sqlite(clean_env):
     assert s.sources["database_url"] == "default (embedded SQLite)"
 
 
+def test_env_file_with_a_bom_and_names_that_are_no_variables(clean_env, monkeypatch):
+    """An editor's byte-order mark made the first line's name "\\ufeffWEBSTATS_…": set, never
+    read, and the default database used without a word. The mark is dropped; a name that is
+    no variable name is one line naming it."""
+    env = clean_env / "webstats.env"
+    monkeypatch.setenv("WEBSTATS_ENV_FILE", str(env))
+    env.write_bytes(b"\xef\xbb\xbfWEBSTATS_WEB_CACHE_MAX_AGE=60\nWEBSTATS_ETL_LOOKBACK_DAYS=5\n")
+    s = load_settings()
+    assert (s.get("web/cache_max_age"), s.sources["web/cache_max_age"]) == ("60", f"env file {env}")
+    assert s.get("etl/lookback_days") == "5"
+    for line, shown in [
+        ("WEBSTATS ETL LOOKBACK DAYS=5", "'WEBSTATS ETL LOOKBACK DAYS'"),
+        ("\u200bWEBSTATS_ETL_LOOKBACK_DAYS=5", "'\\u200bWEBSTATS_ETL_LOOKBACK_DAYS'"),
+        ("1WEBSTATS=5", "'1WEBSTATS'"),
+    ]:
+        env.write_text(f"# settings\n{line}\n", encoding="utf-8")
+        with pytest.raises(ConfigError) as err:
+            load_settings()
+        assert str(err.value) == f"{env}:2: {shown} is no variable name"
+
+
 @pytest.mark.parametrize(
     ("raw", "expected"),
     [("", 36.0), ("1.5", 1.5), ("0", 0.0), ("-1", None), ("inf", None), ("nan", None), ("x", None)],

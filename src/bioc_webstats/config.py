@@ -168,11 +168,14 @@ def parse_day(value: str) -> dt.date:
     return day
 
 
+_ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+
+
 def read_env_file(path: Path) -> dict[str, str]:
     """Parse ``KEY=value`` lines (``#`` comments, optional quotes); errors name the line."""
     out: dict[str, str] = {}
     try:
-        text = path.read_text(encoding="utf-8")
+        text = path.read_text(encoding="utf-8-sig")  # an editor's BOM is no part of a name
     except OSError as exc:
         raise ConfigError(f"cannot read env file {path}: {exc.strerror}") from None
     except UnicodeDecodeError as exc:
@@ -186,6 +189,9 @@ def read_env_file(path: Path) -> dict[str, str]:
         key = key.strip().removeprefix("export ").strip()
         if not sep or not key:
             raise ConfigError(f"{path}:{lineno}: expected KEY=value")
+        if not _ENV_NAME.fullmatch(key):  # it would be set and never read
+            shown = key.encode("ascii", "backslashreplace").decode()
+            raise ConfigError(f"{path}:{lineno}: '{shown}' is no variable name")
         value = value.strip()
         if len(value) >= 2 and value[0] == value[-1] and value[0] in "'\"":
             value = value[1:-1]
