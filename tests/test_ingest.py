@@ -15,7 +15,7 @@ from sqlalchemy import func, select, update
 import loggen
 from bioc_webstats.config import Settings, load_settings
 from bioc_webstats.errors import WebstatsError
-from bioc_webstats.etl import ingest, packages, parse
+from bioc_webstats.etl import ingest, packages, parse, sources
 from bioc_webstats.store import db, stats
 from bioc_webstats.store.models import (
     CategoryStat,
@@ -392,6 +392,29 @@ def test_an_unreadable_folder_fails_the_run_not_the_others(db_url, tmp_path, cap
     monkeypatch.setattr(sources.os, "scandir", real)
     assert ingest.run(settings, source=str(out))  # readable again: the rest comes in
     assert_truth(db_url, truth)
+
+
+def test_a_log_name_on_no_file_fails_the_run_and_other_entries_are_listed(db_url, tmp_path, caplog):
+    """A log object's name on a broken symlink was dropped without a word (its downloads
+    missing, the run green); a FIFO or a broken link under another name was not listed."""
+    out = tmp_path / "logs"
+    truth = loggen.generate(out, days=1, files_per_day=2, lines_per_file=50)
+    day = truth.files[0].split(".")[1][:10]
+    (out / f"E1TVLJONPTUXV3.{day}-05.broken.gz").symlink_to(tmp_path / "gone.gz")
+    (out / "notes.link").symlink_to(tmp_path / "gone.txt")
+    os.mkfifo(out / "a.fifo")
+    settings = loaded(db_url, tmp_path)
+    caplog.set_level(logging.INFO, "bioc_webstats")
+    assert ingest.run(settings, source=str(out)) is False
+    assert (
+        f"log source {out}: E1TVLJONPTUXV3.{day}-05.broken.gz is not a file (a broken"
+        " symlink?); not read" in caplog.text
+    )
+    assert f"{len(truth.files)} objects ingested, 1 failed" in caplog.text
+    assert_truth(db_url, truth)
+    objects, skipped = sources.DirSource(out).list()
+    assert [o.key for o in objects] == sorted(truth.files)
+    assert skipped == ["a.fifo", "notes.link"]
 
 
 def test_names_that_are_not_utf8_fail_alone(db_url, tmp_path, caplog):

@@ -180,10 +180,17 @@ class DirSource(Source):
                     continue
                 hour = parse_name(entry.name)
                 if hour is None:
-                    if entry.is_file():
-                        skipped.append(key)
-                elif hour.date() in window and entry.is_file():  # by name: no stat outside
+                    skipped.append(key)  # a file, or a broken link, a FIFO: listed, not read
+                elif hour.date() not in window:  # by name: no stat outside
+                    continue
+                elif entry.is_file():
                     objects.append(LogObject(key, entry.stat().st_size, hour))
+                else:  # a log object's name on no file: its downloads would go missing
+                    log.error(
+                        "log source %s: %s is not a file (a broken symlink?); not read",
+                        folder, entry.name,
+                    )  # fmt: skip
+                    self.unreadable.append(key)
             todo.extend(reversed(subdirs))  # depth first, in name order
         objects.sort(key=lambda o: o.key)
         skipped.sort()
