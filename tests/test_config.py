@@ -90,12 +90,12 @@ def test_get_float_takes_finite_numbers_from_zero_and_empty_is_the_default(
     monkeypatch.setenv("WEBSTATS_ALERTS_MAX_DATA_AGE", raw)
     s = load_settings()
     if expected is not None:
-        assert s.get_float("alerts/max_data_age", "hours") == expected
+        assert s.get_float("alerts/max_data_age") == expected
         return
     with pytest.raises(
         ConfigError, match=f"alerts/max_data_age must be a number of hours, got '{raw}'"
     ):
-        s.get_float("alerts/max_data_age", "hours")
+        s.get_float("alerts/max_data_age")
 
 
 def test_each_level_overrides_the_previous(clean_env, aws_env, monkeypatch):

@@ -54,3 +54,32 @@ def test_cli_check_fails_with_one_line_before_upgrade(clean_env):
     assert r.returncode == 0, r.stderr
     r = subprocess.run([exe, "check"], env=env, capture_output=True, text=True)
     assert r.returncode == 0 and r.stdout.startswith("ok:")
+
+
+def test_cli_check_fails_on_a_value_its_parameter_does_not_take(clean_env):
+    """`check` (the deploy's smoke test) said ok with WEBSTATS_ETL_LOOKBACK_DAYS=abc; the
+    ETL unit then failed on it at 01:00. Every typed parameter is checked, all in one line."""
+    env = {
+        "PATH": "/usr/bin:/bin",
+        "WEBSTATS_ENV_FILE": str(clean_env / "none.env"),
+        "WEBSTATS_DATABASE_URL": f"sqlite:///{clean_env / 'c.db'}",
+    }
+    exe = str(Path(sys.executable).parent / "bioc-webstats")
+    assert subprocess.run([exe, "db", "upgrade"], env=env, capture_output=True).returncode == 0
+    bad = {
+        "WEBSTATS_ETL_LOOKBACK_DAYS": ("abc", "parameter etl/lookback_days must be an integer"),
+        "WEBSTATS_ETL_LOGS_SINCE": ("2024-13-01", "parameter etl/logs_since must be a date"),
+        "WEBSTATS_ETL_WORKERS": ("1e3", "parameter etl/workers must be an integer"),
+        "WEBSTATS_GUNICORN_THREADS": ("0", "parameter gunicorn/threads must be at least 1"),
+        "WEBSTATS_ETL_SYNC_CHANGE_LIMIT": ("-1", "etl/sync_change_limit must be at least 0"),
+        "WEBSTATS_ALERTS_MIN_FREE_DISK": ("x", "alerts/min_free_disk must be a number of percent"),
+    }
+    for name, (value, message) in bad.items():
+        r = subprocess.run([exe, "check"], env={**env, name: value}, capture_output=True, text=True)
+        assert r.returncode == 1, (name, r.stdout)
+        assert r.stderr.count("\n") == 1 and message in r.stderr, (name, r.stderr)
+    both = {**env, **{n: v for n, (v, _) in list(bad.items())[:2]}}
+    r = subprocess.run([exe, "check"], env=both, capture_output=True, text=True)
+    assert r.stderr.count("\n") == 1 and r.stderr.count("parameter ") == 2, r.stderr
+    r = subprocess.run([exe, "check"], env=env, capture_output=True, text=True)
+    assert r.returncode == 0 and r.stdout.startswith("ok:")

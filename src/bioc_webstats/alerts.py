@@ -205,11 +205,11 @@ def resend_spooled(sdir: Path, environ: dict[str, str] | None = None) -> int:
 # --- the checks --------------------------------------------------------------------------
 
 
-def _limit(settings: Settings, name: str, unit: str, alarms: list[Alarm]) -> float:
+def _limit(settings: Settings, name: str, alarms: list[Alarm]) -> float:
     """The limit ``name`` (:meth:`Settings.get_float`), or its default with a ``config``
     alarm: a bad limit must not stop the checks it bounds."""
     try:
-        return settings.get_float(name, unit)
+        return settings.get_float(name)
     except ConfigError as exc:
         default = float(BY_NAME[name].default)  # type: ignore[arg-type]
         alarms.append(Alarm("config", f"{exc}; {default:g} is used meanwhile"))
@@ -223,8 +223,8 @@ def data_checks(settings: Settings, now: dt.datetime) -> list[Alarm]:
     from .store import db
 
     alarms: list[Alarm] = []
-    max_age = _limit(settings, "alerts/max_data_age", "hours", alarms)
-    max_run = _limit(settings, "alerts/max_run_age", "hours", alarms)
+    max_age = _limit(settings, "alerts/max_data_age", alarms)
+    max_run = _limit(settings, "alerts/max_run_age", alarms)
     try:
         with db.session_factory(settings.database_url)() as session:
             state = db.data_state(session)
@@ -324,7 +324,7 @@ def watchdog(now: dt.datetime | None = None) -> tuple[list[Alarm], list[str]]:
         url = settings.get("alerts/health_url") or "http://127.0.0.1:8000/healthz"
         alarms += web_check(url)
         log_dir = Path(settings.get("gunicorn/error_log") or "/var/log/x").parent
-        min_free = _limit(settings, "alerts/min_free_disk", "percent", alarms)
+        min_free = _limit(settings, "alerts/min_free_disk", alarms)
         alarms += disk_checks([sdir, settings.publish_dir, log_dir], min_free)
     lines = [f"ALARM {a.name}: {a.why}" for a in alarms]
     lines += _notify(sdir, alarms, now)

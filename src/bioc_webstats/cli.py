@@ -527,8 +527,9 @@ def config_show(ctx: Context) -> None:
 )
 @pass_ctx
 def check(ctx: Context, login: str) -> None:
-    """Smoke test: configuration loads, database reachable, schema current (exit 3 when
-    the schema is behind: 'bioc-webstats db upgrade' is the fix)."""
+    """Smoke test: configuration loads (every value what its parameter takes), database
+    reachable, schema current (exit 3 when the schema is behind: 'bioc-webstats db upgrade'
+    is the fix)."""
     from .alerts import remember_topic
 
     settings = ctx.settings_for(login)
@@ -540,6 +541,9 @@ def check(ctx: Context, login: str) -> None:
             err=True,
         )
     remember_topic(settings)  # where the failure hook and the watchdog alert, without SSM
+    problems = settings.problems()  # at the deploy, not in the unit that reads one at 01:00
+    if problems:
+        raise WebstatsError("; ".join(problems))
     status = db.schema_status(settings.database_url)
     if not status.ok:
         if status.behind:  # exit 3: 'db upgrade' is the fix (the deploy migrates on it)

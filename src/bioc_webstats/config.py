@@ -22,12 +22,18 @@ DEFAULT_STATE_DIR = "/var/lib/bioc-webstats"
 
 @dataclass(frozen=True)
 class Param:
-    """One setting: its SSM name, environment variable, default, and whether it is secret."""
+    """One setting: its SSM name, environment variable, default, whether it is secret, and
+    what a value must be (checked where it is read, and all at once by ``bioc-webstats
+    check``: :meth:`Settings.problems`)."""
 
     name: str  # SSM name under the path, e.g. "db/server"
     env: str  # environment / env-file variable
     default: str | None = None
     secret: bool = False
+    kind: str = "text"  # "int", "number" (of unit, 0 or more) or "day" (YYYY-MM-DD)
+    minimum: int | None = None  # of an "int"
+    maximum: int | None = None
+    unit: str = ""  # of a "number"
 
 
 PARAMS: tuple[Param, ...] = (
@@ -58,24 +64,31 @@ PARAMS: tuple[Param, ...] = (
     Param("etl/cloudfront_distribution", "WEBSTATS_ETL_CLOUDFRONT_DISTRIBUTION"),
     Param("etl/ip_hash_key", "WEBSTATS_IP_HASH_KEY", None, secret=True),
     Param("etl/packages_source", "WEBSTATS_ETL_PACKAGES_SOURCE", "https://bioconductor.org"),
-    Param("etl/lookback_days", "WEBSTATS_ETL_LOOKBACK_DAYS", "3"),
-    Param("etl/logs_since", "WEBSTATS_ETL_LOGS_SINCE", None),
-    Param("etl/sync_change_limit", "WEBSTATS_ETL_SYNC_CHANGE_LIMIT", "50"),
-    Param("etl/workers", "WEBSTATS_ETL_WORKERS", None),  # parse processes; default: CPUs, max 4
+    Param(
+        "etl/lookback_days", "WEBSTATS_ETL_LOOKBACK_DAYS", "3", kind="int", minimum=0, maximum=3660
+    ),
+    Param("etl/logs_since", "WEBSTATS_ETL_LOGS_SINCE", None, kind="day"),
+    Param("etl/sync_change_limit", "WEBSTATS_ETL_SYNC_CHANGE_LIMIT", "50", kind="int", minimum=0),
+    # parse processes; default: CPUs, at most 4
+    Param("etl/workers", "WEBSTATS_ETL_WORKERS", None, kind="int", minimum=1, maximum=64),
     Param("etl/athena_database", "WEBSTATS_ETL_ATHENA_DATABASE", "bioc_webstats"),
     Param("etl/athena_workgroup", "WEBSTATS_ETL_ATHENA_WORKGROUP", "primary"),
     Param("etl/athena_output", "WEBSTATS_ETL_ATHENA_OUTPUT"),  # s3://bucket/prefix/ for results
-    Param("gunicorn/workers", "WEBSTATS_GUNICORN_WORKERS", None),  # default: 2 x CPUs + 1
-    Param("gunicorn/threads", "WEBSTATS_GUNICORN_THREADS", "4"),
-    Param("web/cache_max_age", "WEBSTATS_WEB_CACHE_MAX_AGE", "3600"),
+    Param(
+        "gunicorn/workers", "WEBSTATS_GUNICORN_WORKERS", None, kind="int", minimum=1
+    ),  # 2 x CPUs + 1
+    Param("gunicorn/threads", "WEBSTATS_GUNICORN_THREADS", "4", kind="int", minimum=1),
+    Param("web/cache_max_age", "WEBSTATS_WEB_CACHE_MAX_AGE", "3600", kind="int", minimum=0),
     # Where the published pages and files are (nginx serves <publish_dir>/current);
     # default: <state_dir>/site.
     Param("web/publish_dir", "WEBSTATS_WEB_PUBLISH_DIR", None),
     Param("alerts/sns_topic", "WEBSTATS_ALERTS_SNS_TOPIC"),
     # The watchdog's limits (hours, hours, percent) and the URL it checks the web at.
-    Param("alerts/max_data_age", "WEBSTATS_ALERTS_MAX_DATA_AGE", "36"),
-    Param("alerts/max_run_age", "WEBSTATS_ALERTS_MAX_RUN_AGE", "26"),
-    Param("alerts/min_free_disk", "WEBSTATS_ALERTS_MIN_FREE_DISK", "10"),
+    Param("alerts/max_data_age", "WEBSTATS_ALERTS_MAX_DATA_AGE", "36", kind="number", unit="hours"),
+    Param("alerts/max_run_age", "WEBSTATS_ALERTS_MAX_RUN_AGE", "26", kind="number", unit="hours"),
+    Param(
+        "alerts/min_free_disk", "WEBSTATS_ALERTS_MIN_FREE_DISK", "10", kind="number", unit="percent"
+    ),
     Param("alerts/health_url", "WEBSTATS_ALERTS_HEALTH_URL", "http://127.0.0.1:8000/healthz"),
     Param("alerts/cloudwatch_namespace", "WEBSTATS_ALERTS_CLOUDWATCH_NAMESPACE"),
 )
@@ -115,8 +128,10 @@ class Settings:
         """The value of a parameter by its SSM name (``db/server``)."""
         return self.values.get(name)
 
-    def get_int(self, name: str, minimum: int | None = None, maximum: int | None = None) -> int:
-        """An integer parameter; a bad value is a ConfigError naming it."""
+    def get_int(self, name: str) -> int:
+        """An integer parameter within its bounds (:class:`Param`); a bad value is a
+        ConfigError naming it."""
+        minimum, maximum = BY_NAME[name].minimum, BY_NAME[name].maximum
         raw = self.values.get(name)
         try:
             value = int(raw)  # type: ignore[arg-type]
@@ -128,9 +143,10 @@ class Settings:
             raise ConfigError(f"parameter {name} must be at most {maximum}, got {value}")
         return value
 
-    def get_float(self, name: str, unit: str) -> float:
-        """A finite number of ``unit``, 0 or more (empty: the parameter's default); a bad
+    def get_float(self, name: str) -> float:
+        """A finite number of the parameter's unit, 0 or more (empty: its default); a bad
         value is a ConfigError naming it."""
+        unit = BY_NAME[name].unit
         raw = self.values.get(name) or BY_NAME[name].default
         try:
             value = float(raw)  # type: ignore[arg-type]
@@ -139,6 +155,32 @@ class Settings:
         if not 0 <= value < math.inf:
             raise ConfigError(f"parameter {name} must be a number of {unit}, got {raw!r}")
         return value
+
+    def get_day(self, name: str) -> dt.date | None:
+        """A day parameter (YYYY-MM-DD), None when unset; a bad value is a ConfigError."""
+        value = self.values.get(name)
+        if not value:
+            return None
+        try:
+            return parse_day(value)
+        except ValueError:
+            raise ConfigError(
+                f"parameter {name} must be a date YYYY-MM-DD, got {value!r}"
+            ) from None
+
+    def problems(self) -> list[str]:
+        """What is wrong with the typed parameters' values (each as its getter says it):
+        ``bioc-webstats check`` fails on them at the deploy, not the unit that reads one
+        at 01:00."""
+        found = []
+        for p in PARAMS:
+            if p.kind == "text" or (p.default is None and not self.values.get(p.name)):
+                continue
+            try:
+                {"int": self.get_int, "number": self.get_float, "day": self.get_day}[p.kind](p.name)
+            except ConfigError as exc:
+                found.append(str(exc))
+        return found
 
     @property
     def publish_dir(self) -> Path:

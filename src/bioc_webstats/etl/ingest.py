@@ -337,7 +337,7 @@ def parse_since(since: str | None, option: str = "--since") -> dt.date | None:
 def _workers(settings: Settings) -> int:
     """Parse processes: ``etl/workers``, default the CPU count (at most 4)."""
     if settings.get("etl/workers"):
-        return settings.get_int("etl/workers", minimum=1, maximum=64)
+        return settings.get_int("etl/workers")
     return max(1, min(4, os.cpu_count() or 1))
 
 
@@ -492,15 +492,7 @@ CUTOVER_MARGIN = dt.timedelta(days=2)
 
 def logs_since(settings: Settings) -> dt.date | None:
     """``etl/logs_since``, the cut-over day: no log line dated before it is counted."""
-    value = settings.get("etl/logs_since")
-    if not value:
-        return None
-    try:
-        return parse_day(value)
-    except ValueError:
-        raise ConfigError(
-            f"parameter etl/logs_since must be a date YYYY-MM-DD, got {value!r}"
-        ) from None
+    return settings.get_day("etl/logs_since")
 
 
 def log_objects() -> ColumnElement[bool]:
@@ -570,7 +562,7 @@ def list_window(
     if since_day and until_day and until_day < since_day:
         raise WebstatsError(f"--until {until_day} is before --since {since_day}")
     cutover = logs_since(settings)
-    lookback = settings.get_int("etl/lookback_days", minimum=0, maximum=3660)  # ten years
+    lookback = settings.get_int("etl/lookback_days")
     src = sources.open_source(url)
     with db.session_factory(settings.database_url)() as session:
         last = db.last_complete_day()

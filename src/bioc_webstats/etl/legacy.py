@@ -257,7 +257,7 @@ def readers(settings: Settings) -> int:
     """Reader processes: ``etl/workers`` if set (1: read in the importing process, as the
     log ETL parses), else one per CPU but one (the writing and PostgreSQL's), 1 to 3."""
     if settings.get("etl/workers"):
-        n = settings.get_int("etl/workers", minimum=1, maximum=64)
+        n = settings.get_int("etl/workers")
         return 0 if n == 1 else n
     return max(1, min(3, (os.cpu_count() or 1) - 1))
 

@@ -278,8 +278,6 @@ def sync(
     """
     src = source or settings.get("etl/packages_source") or "https://bioconductor.org"
     limit = settings.get_int("etl/sync_change_limit")
-    if limit < 0:
-        raise WebstatsError(f"parameter etl/sync_change_limit must be >= 0, got {limit}")
     manifest = read_manifest(src, timeout)
     with db.session_factory(settings.database_url).begin() as session:
         existing = {(p.package, p.category): p for p in session.scalars(select(Package))}

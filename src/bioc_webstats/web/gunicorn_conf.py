@@ -28,11 +28,11 @@ try:
     _settings = load_settings(login="web")
     loglevel = log_level(_settings).lower()
     workers = (
-        _settings.get_int("gunicorn/workers", minimum=1)
+        _settings.get_int("gunicorn/workers")
         if _settings.get("gunicorn/workers")
         else 2 * (os.cpu_count() or 1) + 1
     )
-    threads = _settings.get_int("gunicorn/threads", minimum=1)
+    threads = _settings.get_int("gunicorn/threads")
 except ConfigError as exc:  # one clear line, no traceback, non-zero exit (the unit fails)
     sys.stderr.write(f"bioc-webstats: {exc}\n")
     raise SystemExit(1) from None
