@@ -83,3 +83,11 @@ def test_cli_check_fails_on_a_value_its_parameter_does_not_take(clean_env):
     assert r.stderr.count("\n") == 1 and r.stderr.count("parameter ") == 2, r.stderr
     r = subprocess.run([exe, "check"], env=env, capture_output=True, text=True)
     assert r.returncode == 0 and r.stdout.startswith("ok:")
+    # the web unit's own check (its ExecStartPre): only what the web reads
+    web = [exe, "check", "--login", "web"]
+    r = subprocess.run(web, env=both, capture_output=True, text=True)
+    assert r.returncode == 0 and r.stdout.startswith("ok:"), r.stderr
+    r = subprocess.run(
+        web, env={**env, "WEBSTATS_GUNICORN_THREADS": "0"}, capture_output=True, text=True
+    )
+    assert r.returncode == 1 and "gunicorn/threads must be at least 1" in r.stderr

@@ -168,13 +168,15 @@ class Settings:
                 f"parameter {name} must be a date YYYY-MM-DD, got {value!r}"
             ) from None
 
-    def problems(self) -> list[str]:
-        """What is wrong with the typed parameters' values (each as its getter says it):
-        ``bioc-webstats check`` fails on them at the deploy, not the unit that reads one
-        at 01:00."""
+    def problems(self, topics: tuple[str, ...] = ()) -> list[str]:
+        """What is wrong with the typed parameters' values (each as its getter says it), of
+        the ``topics`` given (``("gunicorn/", "web/")``; none: all): ``bioc-webstats check``
+        fails on them at the deploy, not the unit that reads one at 01:00."""
         found = []
         for p in PARAMS:
             if p.kind == "text" or (p.default is None and not self.values.get(p.name)):
+                continue
+            if topics and not p.name.startswith(topics):
                 continue
             try:
                 {"int": self.get_int, "number": self.get_float, "day": self.get_day}[p.kind](p.name)
