@@ -413,6 +413,58 @@ def test_database_down_after_start_answers_what_it_knows(pg_server, clean_env, m
     db.dispose_engine(url)
 
 
+def test_a_worker_started_during_an_outage_answers_from_the_published_version(
+    pg_server, clean_env, monkeypatch, caplog
+):
+    """A worker that starts while the database is down (recycled after max_requests, the
+    service restarted) knew no data version: its redirects and 404s were 503. It now takes the
+    published one, its snapshot read from the published pkg_stats files (the same snapshot
+    as the database's), and loads it from the database once it answers."""
+    from bioc_webstats.publish import publish
+    from bioc_webstats.web import report
+    from conftest import new_pg_database
+
+    url = new_pg_database(pg_server)
+    db.upgrade(url)
+    with db.session_factory(url)() as s:
+        webref.load_direct(s, valid_thru=VT)
+    monkeypatch.setenv("WEBSTATS_DATABASE_URL", url)
+    settings = load_settings()
+    publish(settings)
+    first = create_app(settings)
+    site = first.extensions["webstats"]
+    state = site.state()
+    cur = site.site.current()
+    assert site.site.meta(cur)["valid_thru"] == VT.isoformat()
+
+    def read(relpath: str) -> bytes | None:
+        found = site.site.lookup(cur, relpath)
+        return found.read_bytes() if found is not None else None
+
+    with db.session_factory(url)() as session:
+        from_db = report.load_snapshot(session, state.version, state.valid_thru)
+    assert report.snapshot_from_files(read, state.version, state.valid_thru) == from_db
+    assert from_db.categories["bioc"].years  # (not two empty snapshots)
+
+    _allow_connections(url, False)
+    try:
+        client = create_app(load_settings()).test_client()  # a worker started now
+        assert client.get("/healthz").status_code == 503
+        moved = client.get(P + "bioc/affy.html?x=1")
+        assert (moved.status_code, moved.headers["Location"]) == (301, P + "bioc/affy/?x=1")
+        assert client.get(P + "bioc/nosuchpkg/").status_code == 404
+        assert client.get(P + "bioc/affy/affy_1999_stats.tab").status_code == 404
+        assert client.get(P + "bioc/bioc_packages.txt").status_code == 200  # published
+        unbuilt = client.get(P + "bioc/limma/")
+        assert unbuilt.status_code == 503 and "unavailable" in unbuilt.text
+    finally:
+        _allow_connections(url, True)
+    assert client.get(P + "bioc/limma/").status_code == 200
+    worker = client.application.extensions["webstats"]
+    assert worker._snap[2] is False  # reloaded from the database
+    db.dispose_engine(url)
+
+
 def test_a_damaged_meta_value_is_503_not_500(loaded):
     client, url = loaded
     with db.session_factory(url)() as s:

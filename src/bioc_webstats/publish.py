@@ -65,7 +65,7 @@ def publish(settings: Settings, all_files: bool = False, force: bool = False) ->
     state = site.state()
     snap = site.snapshot(state)
     try:
-        version = site.site.open_version(state.key, force=force)
+        version = site.site.open_version(state.key, force=force, valid_thru=state.valid_thru)
         result = PublishResult(state.key, version.path.name)
         for name in STATIC_FILES:
             if site.site.lookup(version, name) is None:

@@ -12,7 +12,9 @@ when the published ``current`` is not the database's version — a change nobody
 yet, a recreated or restored database — the app opens a directory for the database's version
 and switches ``current`` to it, so no answer ever comes from another database's files.
 While the database cannot be reached, the version last read stands (:meth:`StatsSite.state`):
-what needs no new body still answers.
+what needs no new body still answers. A worker that starts during the outage (recycled, or
+the service restarted) takes the published ``current`` version, its snapshot read from the
+published ``<prefix>_pkg_stats.tab`` files.
 """
 
 from __future__ import annotations
@@ -111,11 +113,15 @@ class BoundedCheck:
 class StatsSite:
     """Per-process state: settings, the published site, the snapshot of the data version."""
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, from_published: bool = False) -> None:
         self.settings = settings
+        # The web only: with the database down and no data version read yet, answer from
+        # the published one (a publish must not take the database's silence for a version).
+        self.from_published = from_published
         self.site = PublishedSite(settings.publish_dir)
         self.max_age = settings.get_int("web/cache_max_age")
-        self._snap: tuple[str, report.Snapshot] | None = None
+        # (data key, snapshot, whether it was read from published files)
+        self._snap: tuple[str, report.Snapshot, bool] | None = None
         self._last_state: db.DataState | None = None
         self._db_down = False
         self._lock = threading.Lock()
@@ -132,6 +138,10 @@ class StatsSite:
             with self.session() as session:
                 state = db.data_state(session)
         except SQLAlchemyError as exc:
+            if self._last_state is None and self.from_published:  # started during the outage
+                with self._lock:
+                    if self._last_state is None:
+                        self._last_state = self._published_state()
             if self._last_state is None:
                 raise
             if not self._db_down:  # one line per outage, not one per request
@@ -148,16 +158,41 @@ class StatsSite:
         self._last_state = state
         return state
 
+    def _published_state(self) -> db.DataState | None:
+        """The data version ``current`` holds, with its snapshot read from its published
+        files (None when they cannot be read): a worker that starts while the database is
+        down answers redirects and 404s like the others, not 503."""
+        cur = self.site.current()
+        meta = self.site.meta(cur) if cur is not None else None
+        if cur is None or meta is None or "valid_thru" not in meta:
+            return None
+        try:
+            vt = dt.date.fromisoformat(meta["valid_thru"]) if meta["valid_thru"] else None
+            version, token = cur.key.split("-", 1)
+
+            def read(relpath: str) -> bytes | None:
+                found = self.site.lookup(cur, relpath)
+                return found.read_bytes() if found is not None else None
+
+            snap = report.snapshot_from_files(read, int(version), vt)
+        except (OSError, ValueError, TypeError):
+            return None
+        if snap is None:
+            return None
+        self._snap = (cur.key, snap, True)
+        return db.DataState(int(version), token, vt)
+
     def snapshot(self, state: db.DataState) -> report.Snapshot:
-        """The snapshot of this data version (loaded once per version and process)."""
+        """The snapshot of this data version (loaded once per version and process; one read
+        from published files is loaded again from the database once it answers)."""
         snap = self._snap
-        if snap is None or snap[0] != state.key:
+        if snap is None or snap[0] != state.key or (snap[2] and not self._db_down):
             with self._lock:
                 snap = self._snap
-                if snap is None or snap[0] != state.key:
+                if snap is None or snap[0] != state.key or (snap[2] and not self._db_down):
                     with self.session() as session:
                         loaded = report.load_snapshot(session, state.version, state.valid_thru)
-                    snap = self._snap = (state.key, loaded)
+                    snap = self._snap = (state.key, loaded, False)
                     # Long-lived from here on: keep it out of the collector's full scans.
                     gc.freeze()
         return snap[1]
@@ -173,7 +208,7 @@ class StatsSite:
             cur = site.current()
             if cur is not None and cur.key == state.key:
                 return cur
-            version = site.open_version(state.key)
+            version = site.open_version(state.key, valid_thru=state.valid_thru)
             site.switch(version)
             return version
 
@@ -268,7 +303,7 @@ def create_app(settings: Settings | None = None) -> Flask:
     app.config["WEBSTATS"] = settings
     app.logger.setLevel(log_level(settings))
     app.url_map.merge_slashes = False
-    site = StatsSite(settings)
+    site = StatsSite(settings, from_published=True)
     app.extensions["webstats"] = site
 
     health = BoundedCheck(HEALTH_TIMEOUT)

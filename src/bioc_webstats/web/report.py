@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import datetime as dt
 from collections import defaultdict
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 from sqlalchemy import and_, func, or_, select
@@ -61,6 +61,29 @@ def load_snapshot(session: Session, data_version: int, valid_thru: dt.date | Non
         for (category, package), ys in years.items():
             cats[category].years[package] = tuple(sorted(ys, reverse=True))
         for ci in cats.values():
+            ci.order = tabfiles.sort_packages(ci.years)
+    return Snapshot(data_version, valid_thru, cats)
+
+
+def snapshot_from_files(
+    read: Callable[[str], bytes | None], data_version: int, valid_thru: dt.date | None
+) -> Snapshot | None:
+    """The snapshot of a published data version, from its ``<prefix>_pkg_stats.tab`` files
+    (``read`` gives a file by URL path, None when it is not there): what the app answers
+    redirects and 404s from while the database is down. None when a file is missing."""
+    cats = {c.prefix: CategoryIndex(c) for c in CATEGORIES}
+    if valid_thru is not None:
+        for cat in CATEGORIES:
+            body = read(f"{cat.stem}/{cat.prefix}_pkg_stats.tab")
+            if body is None:
+                return None
+            years: dict[str, list[int]] = defaultdict(list)
+            for line in body.decode("utf-8").splitlines()[1:]:
+                package, year, month, _ips, downloads = line.split("\t")
+                if month == "all" and int(downloads) > 0:
+                    years[package].append(int(year))
+            ci = cats[cat.prefix]
+            ci.years = {p: tuple(sorted(ys, reverse=True)) for p, ys in years.items()}
             ci.order = tabfiles.sort_packages(ci.years)
     return Snapshot(data_version, valid_thru, cats)
 

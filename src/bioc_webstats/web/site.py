@@ -16,6 +16,7 @@ time — also after a restore, which gets a new directory rather than an old one
 from __future__ import annotations
 
 import contextlib
+import datetime as dt
 import errno
 import fcntl
 import hashlib
@@ -99,7 +100,9 @@ class PublishedSite:
         version = self._read(self.root / target)
         return version if version is not None and version.path.is_dir() else None
 
-    def open_version(self, key: str, force: bool = False) -> Version:
+    def open_version(
+        self, key: str, force: bool = False, valid_thru: dt.date | None = None
+    ) -> Version:
         """The directory to publish data version ``key`` into: the current one when it holds
         that key and this code version (unless ``force``), one being filled that is newer than
         the current, or a new one with a publish time later than every other's."""
@@ -125,7 +128,14 @@ class PublishedSite:
         self.root.mkdir(parents=True, exist_ok=True)
         (path / SITE_PREFIX).mkdir(parents=True, exist_ok=True)
         _touch(path / SITE_PREFIX, published)
-        meta = {"key": key, "code": self.code, "published": published}
+        meta = {
+            "key": key,
+            "code": self.code,
+            "published": published,
+            # what the app answers from when the database is down and it knows no data
+            # version yet (StatsSite.state)
+            "valid_thru": valid_thru.isoformat() if valid_thru else None,
+        }
         _write_atomic(path / META_FILE, json.dumps(meta).encode() + b"\n", published)
         return Version(path, key, self.code, published)
 
@@ -155,6 +165,14 @@ class PublishedSite:
         return removed
 
     # --- files ------------------------------------------------------------------------------
+
+    def meta(self, version: Version) -> dict | None:
+        """The version's ``.version.json`` (None when unreadable)."""
+        try:
+            meta = json.loads((version.path / META_FILE).read_bytes())
+        except (OSError, ValueError):
+            return None
+        return meta if isinstance(meta, dict) else None
 
     def lookup(self, version: Version, relpath: str) -> Path | None:
         path = version.file(relpath)
