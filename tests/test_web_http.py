@@ -3,11 +3,14 @@ headers, ETag/304, HEAD, redirects, the tricky 404s, no data, database down, gen
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import random
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from flask.testing import FlaskClient
 
 import webref
 from bioc_webstats import create_app
@@ -557,6 +560,22 @@ def test_generated_urls_never_5xx(loaded):
     assert statuses.get(200, 0) > 100 and statuses.get(404, 0) > 1000
 
 
+@contextlib.contextmanager
+def _app_on_a_cluster_of_its_own(monkeypatch) -> Iterator[tuple[str, str, FlaskClient]]:
+    """(base URL, database URL, client): the reference data on a throw-away cluster of its
+    own (a test may stop its processes or drop its packets), and an app on it."""
+    from conftest import new_pg_database, pg_cluster
+
+    with pg_cluster() as base:
+        url = new_pg_database(base)
+        db.upgrade(url)
+        with db.session_factory(url)() as s:
+            webref.load_direct(s, valid_thru=VT)
+        monkeypatch.setenv("WEBSTATS_DATABASE_URL", url)
+        yield base, url, create_app(load_settings()).test_client()
+        db.dispose_engine(url)
+
+
 def _cluster_pids(url: str) -> list[int]:
     """The postmaster of the cluster behind ``url`` and every process it started."""
     import sqlalchemy as sa
@@ -583,22 +602,15 @@ def test_healthz_answers_503_at_once_when_the_database_hangs(clean_env, monkeypa
     held /healthz until nginx's 504 minutes later; the deploy and the watchdog need a 503.
     Its check waits a bounded time on a thread of its own, and a hung check is not joined by
     the next one."""
-    import contextlib
     import os
     import signal
     import threading
 
     from bioc_webstats.web import app as webapp
-    from conftest import new_pg_database, pg_cluster, wait_for
+    from conftest import wait_for
 
     monkeypatch.setattr(webapp, "HEALTH_TIMEOUT", 1.0)
-    with pg_cluster() as base:
-        url = new_pg_database(base)
-        db.upgrade(url)
-        with db.session_factory(url)() as s:
-            webref.load_direct(s, valid_thru=VT)
-        monkeypatch.setenv("WEBSTATS_DATABASE_URL", url)
-        client = create_app(load_settings()).test_client()
+    with _app_on_a_cluster_of_its_own(monkeypatch) as (_base, url, client):
         assert client.get("/healthz").status_code == 200  # its pool now holds a connection
         pids = _cluster_pids(url)
         answers: list = []
@@ -629,7 +641,6 @@ def test_healthz_answers_503_at_once_when_the_database_hangs(clean_env, monkeypa
         finally:
             send(signal.SIGCONT, [*pids, parent])
         wait_for(lambda: client.get("/healthz").status_code == 200, 60, what="healthz 200 again")
-        db.dispose_engine(url)
 
 
 def test_a_database_cut_off_by_the_network_is_503_not_a_hung_request(clean_env, monkeypatch):
@@ -641,16 +652,8 @@ def test_a_database_cut_off_by_the_network_is_503_not_a_hung_request(clean_env, 
     import subprocess
     import threading
 
-    from conftest import new_pg_database, pg_cluster
-
     monkeypatch.setattr(db, "TCP_TIMEOUT", 3)
-    with pg_cluster() as base:
-        url = new_pg_database(base)
-        db.upgrade(url)
-        with db.session_factory(url)() as s:
-            webref.load_direct(s, valid_thru=VT)
-        monkeypatch.setenv("WEBSTATS_DATABASE_URL", url)
-        client = create_app(load_settings()).test_client()
+    with _app_on_a_cluster_of_its_own(monkeypatch) as (base, _url, client):
         assert client.get(P + "bioc/affy/").status_code == 200  # a pooled connection now
         port = base.rsplit(":", 1)[1]
         rules = [
@@ -675,4 +678,3 @@ def test_a_database_cut_off_by_the_network_is_503_not_a_hung_request(clean_env, 
                 subprocess.run(["iptables", "-D", *rule], check=True)
         assert answers == [503]
         assert client.get(P + "bioc/limma/").status_code == 200  # back: a new connection
-        db.dispose_engine(url)
