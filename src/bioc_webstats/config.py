@@ -74,9 +74,8 @@ PARAMS: tuple[Param, ...] = (
     Param("etl/athena_database", "WEBSTATS_ETL_ATHENA_DATABASE", "bioc_webstats"),
     Param("etl/athena_workgroup", "WEBSTATS_ETL_ATHENA_WORKGROUP", "primary"),
     Param("etl/athena_output", "WEBSTATS_ETL_ATHENA_OUTPUT"),  # s3://bucket/prefix/ for results
-    Param(
-        "gunicorn/workers", "WEBSTATS_GUNICORN_WORKERS", None, kind="int", minimum=1
-    ),  # 2 x CPUs + 1
+    # default: 2 x CPUs + 1
+    Param("gunicorn/workers", "WEBSTATS_GUNICORN_WORKERS", None, kind="int", minimum=1),
     Param("gunicorn/threads", "WEBSTATS_GUNICORN_THREADS", "4", kind="int", minimum=1),
     Param("web/cache_max_age", "WEBSTATS_WEB_CACHE_MAX_AGE", "3600", kind="int", minimum=0),
     # Where the published pages and files are (nginx serves <publish_dir>/current);

@@ -143,10 +143,8 @@ def _check_header(path: Path, size: int) -> None:
 def inspect(path: Path) -> LegacyFile:
     """Check a file and find its rowid range; LegacyFileError says what is wrong."""
     f = LegacyFile(path, name=path.name)
-    try:
-        f.name.encode("utf-8")
-    except UnicodeEncodeError:  # undecodable bytes: no ledger key, no log line takes them
-        raise LegacyFileError("its name is not UTF-8: rename it") from None
+    if not sources.utf8_name(f.name):  # no ledger key, no log line takes it
+        raise LegacyFileError("its name is not UTF-8: rename it")
     try:
         st = path.stat()
     except OSError as exc:
@@ -219,14 +217,17 @@ def plan_units(
         start = next_row(end) if end < f.hi else None
 
 
-def _next_row(con: sqlite3.Connection) -> Callable[[int], int | None]:
-    """The first rowid of access_log after a given one (a b-tree seek, not a scan)."""
-
-    def first_after(rowid: int) -> int | None:
-        row = con.execute("SELECT min(rowid) FROM access_log WHERE rowid > ?", (rowid,))
-        return row.fetchone()[0]
-
-    return first_after
+def _plan(f: LegacyFile, known: list[tuple[int, int]], unit_rows: int) -> None:
+    """:func:`plan_units` on the file, whose next row after a rowid is a b-tree seek."""
+    try:
+        con = open_ro(f.path)
+        try:
+            seek = "SELECT min(rowid) FROM access_log WHERE rowid > ?"
+            plan_units(f, known, unit_rows, lambda rowid: con.execute(seek, (rowid,)).fetchone()[0])
+        finally:
+            con.close()
+    except sqlite3.DatabaseError as exc:
+        raise LegacyFileError(f"not a readable SQLite database ({exc})") from None
 
 
 # --- the import ----------------------------------------------------------------------------------
@@ -359,6 +360,12 @@ def import_files(
     sf = db.session_factory(settings.database_url)
     files: list[LegacyFile] = []
     names: dict[str, str] = {}  # file name → path: the name is the file's identity
+
+    def failed(p: str, exc: LegacyFileError) -> None:
+        summary.files_failed += 1
+        summary.failures.append(p)
+        log.error("%s: %s; not imported", p, exc)
+
     for p in dict.fromkeys(paths):  # each path once
         summary.files += 1
         try:
@@ -369,9 +376,7 @@ def import_files(
                     "identity in the ledger, import one of them at a time"
                 )
         except LegacyFileError as exc:
-            summary.files_failed += 1
-            summary.failures.append(p)
-            log.error("%s: %s; not imported", p, exc)
+            failed(p, exc)
             continue
         names[f.name] = p
         with sf() as session:
@@ -385,15 +390,9 @@ def import_files(
             m = _UNIT_KEY.search(k)
             ranges.append((int(m[1]), int(m[2])))  # type: ignore[index]
         try:
-            con = open_ro(f.path)
-            try:
-                plan_units(f, ranges, unit_rows, _next_row(con))
-            finally:
-                con.close()
-        except sqlite3.DatabaseError as exc:
-            summary.files_failed += 1
-            summary.failures.append(p)
-            log.error("%s: not a readable SQLite database (%s); not imported", p, exc)
+            _plan(f, ranges, unit_rows)
+        except LegacyFileError as exc:
+            failed(p, exc)
             continue
         f.known = known
         files.append(f)

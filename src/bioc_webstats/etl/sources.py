@@ -165,7 +165,7 @@ class DirSource(Source):
             for entry in entries:
                 path = Path(entry.path)
                 key = path.relative_to(self.root).as_posix()
-                if not _utf8(key):  # no CloudFront name; the ledger keeps text keys
+                if not utf8_name(key):  # no CloudFront name; the ledger keeps text keys
                     shown = key.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
                     if entry.is_dir():
                         log.error("log source %s: %s: name not UTF-8, not read", folder, shown)
@@ -214,7 +214,7 @@ class DirSource(Source):
             raise LogFormatError(f"cannot read: {exc.strerror}") from None
 
 
-def _utf8(name: str) -> bool:
+def utf8_name(name: str) -> bool:
     """Whether a file name decoded from the disk is text (undecodable bytes come back as
     surrogates, which no database or log line takes)."""
     try:

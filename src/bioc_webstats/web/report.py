@@ -48,7 +48,7 @@ def load_snapshot(session: Session, data_version: int, valid_thru: dt.date | Non
     """Every (category, package, year) with a download: the month-0 rows, one query."""
     cats = {c.prefix: CategoryIndex(c) for c in CATEGORIES}
     if valid_thru is not None:
-        years: dict[tuple[str, str], list[int]] = defaultdict(list)
+        years: dict[str, dict[str, list[int]]] = {c.prefix: defaultdict(list) for c in CATEGORIES}
         rows = session.execute(
             select(PackageStat.category, PackageStat.package, PackageStat.year).where(
                 PackageStat.month == 0, PackageStat.downloads > 0
@@ -57,12 +57,16 @@ def load_snapshot(session: Session, data_version: int, valid_thru: dt.date | Non
         for category, package, year in rows:
             cat = BY_PREFIX.get(category)
             if cat is not None and cat.first_year <= year <= valid_thru.year:
-                years[(category, package)].append(year)
-        for (category, package), ys in years.items():
-            cats[category].years[package] = tuple(sorted(ys, reverse=True))
-        for ci in cats.values():
-            ci.order = tabfiles.sort_packages(ci.years)
+                years[category][package].append(year)
+        for category, packages in years.items():
+            _index(cats[category], packages)
     return Snapshot(data_version, valid_thru, cats)
+
+
+def _index(ci: CategoryIndex, years: dict[str, list[int]]) -> None:
+    """A category's packages and their years with a download, newest first, in order."""
+    ci.years = {p: tuple(sorted(ys, reverse=True)) for p, ys in years.items()}
+    ci.order = tabfiles.sort_packages(ci.years)
 
 
 def snapshot_from_files(
@@ -82,9 +86,7 @@ def snapshot_from_files(
                 package, year, month, _ips, downloads = line.split("\t")
                 if month == "all" and int(downloads) > 0:
                     years[package].append(int(year))
-            ci = cats[cat.prefix]
-            ci.years = {p: tuple(sorted(ys, reverse=True)) for p, ys in years.items()}
-            ci.order = tabfiles.sort_packages(ci.years)
+            _index(cats[cat.prefix], years)
     return Snapshot(data_version, valid_thru, cats)
 
 
