@@ -128,6 +128,45 @@ def test_each_level_overrides_the_previous(clean_env, aws_env, monkeypatch):
     assert s.ssm_path == PATH  # trailing slash normalized
 
 
+def test_ssm_does_not_move_what_the_deploy_wired_for_this_host(clean_env, aws_env, monkeypatch):
+    """The publish directory nginx serves (and the other host settings the deploy lists in
+    WEBSTATS_HOST_SETTINGS) stays the env file's: an SSM parameter of the same name, shared by
+    every instance of the environment, is reported and not applied."""
+    env_file = clean_env / "webstats.env"
+    env_file.write_text(
+        f"WEBSTATS_SSM_PATH={PATH}\n"
+        "WEBSTATS_WEB_PUBLISH_DIR=/var/lib/bioc-webstats/site\n"
+        "WEBSTATS_GUNICORN_ERROR_LOG=/var/log/bioc-webstats/error.log\n"
+        "WEBSTATS_HOST_SETTINGS=WEBSTATS_WEB_PUBLISH_DIR,WEBSTATS_GUNICORN_ERROR_LOG,"
+        "WEBSTATS_WEB_CACHE_MAX_AGE\n"
+    )
+    monkeypatch.setenv("WEBSTATS_ENV_FILE", str(env_file))
+    put_required()
+    make_db_secret()
+    put("web/publish_dir", "/srv/elsewhere")
+    put("gunicorn/error_log", "/tmp/error.log")
+    put("web/cache_max_age", "60")  # listed, but not in the file: the file wires nothing
+    put("gunicorn/threads", "8")  # not a host setting
+
+    s = load_settings()
+    assert s.publish_dir == Path("/var/lib/bioc-webstats/site")
+    assert s.sources["web/publish_dir"] == f"env file {env_file}"
+    assert s.get("gunicorn/error_log") == "/var/log/bioc-webstats/error.log"
+    assert (s.get("web/cache_max_age"), s.get("gunicorn/threads")) == ("60", "8")
+    assert s.overruled == ["gunicorn/error_log", "web/publish_dir"]
+    monkeypatch.setenv("WEBSTATS_WEB_PUBLISH_DIR", "/srv/by-hand")  # the environment still wins
+    assert load_settings().publish_dir == Path("/srv/by-hand")
+    monkeypatch.delenv("WEBSTATS_WEB_PUBLISH_DIR")
+
+    line = (
+        f"SSM parameter {PATH}/web/publish_dir: this host's value is the deploy's "
+        "(WEBSTATS_WEB_PUBLISH_DIR in the env file)"
+    )
+    assert f"# ignored: {line}" in run_cli("config", "show").stdout.splitlines()
+    res = run_cli("check")  # the web unit's start and the deploy's smoke test say it too
+    assert f"bioc-webstats: warning: {line}" in res.stderr.splitlines(), res.stderr
+
+
 def test_ssm_by_path_paginates_recurses_and_decrypts(clean_env, aws_env, monkeypatch):
     from bioc_webstats.aws import load_ssm_parameters
 

@@ -21,7 +21,7 @@ import click
 from sqlalchemy.exc import SQLAlchemyError
 
 from . import __version__
-from .config import Settings, load_settings
+from .config import Settings, load_settings, overruled_lines
 from .errors import WebstatsError, first_line
 from .store import db
 
@@ -540,6 +540,8 @@ def check(ctx: Context, login: str) -> None:
             '"Database logins") and set db/web_credentials',
             err=True,
         )
+    for line in overruled_lines(settings):  # a parameter someone set in SSM that has no effect
+        click.echo(f"bioc-webstats: warning: {line}", err=True)
     remember_topic(settings)  # where the failure hook and the watchdog alert, without SSM
     # At the deploy, not in the unit that reads one at 01:00; the web's own start looks only
     # at what the web reads (a bad ETL parameter must not take the site down).

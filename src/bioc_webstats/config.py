@@ -103,6 +103,10 @@ DEFAULT_REQUIRED: tuple[str, ...] = ("db/server", "etl/ip_hash_key")
 # data), "web" (gunicorn: reads only), "owner" (``db upgrade``: owns the schema).
 LOGINS = ("etl", "web", "owner")
 _LOGIN_PREFIX = {"etl": "db/", "web": "db/web_", "owner": "db/owner_"}
+# The env file's list of the variables the deploy derived from the host's layout
+# (roles/webstats_config: webstats_config_host_settings); an SSM parameter does not override
+# them (Settings.overruled).
+HOST_SETTINGS = "WEBSTATS_HOST_SETTINGS"
 
 
 @dataclass
@@ -119,6 +123,8 @@ class Settings:
     ssm_path: str | None = None
     extra: dict[str, str] = field(default_factory=dict, repr=False)
     ignored: list[str] = field(default_factory=list)  # names under the SSM path we do not know
+    # names under the SSM path whose value is a fact of this host (HOST_SETTINGS): not applied
+    overruled: list[str] = field(default_factory=list)
     aws_region: str | None = None  # from the env file when boto3's own chain has none
     login: str = "etl"  # the database login of database_url (LOGINS)
     shared_login: bool = False  # no db/<login>_* of its own: the ETL's login (db/*) is used
@@ -292,15 +298,21 @@ def load_settings(environ: dict[str, str] | None = None, login: str = "etl") -> 
     region = merged.get("AWS_REGION") or merged.get("AWS_DEFAULT_REGION") or None
     ssm_path = merged.get("WEBSTATS_SSM_PATH") or None
     ignored: list[str] = []
+    overruled: list[str] = []
+    # What the deploy wrote as this host's layout (the publish directory nginx serves, the
+    # socket, the log files): SSM, shared by every instance of an environment, cannot move it.
+    host_fixed = {n.strip() for n in file_vars.get(HOST_SETTINGS, "").split(",")} & set(file_vars)
     if ssm_path:
         from .aws import load_ssm_parameters, normalize_path  # boto3 only when SSM is used
 
         ssm_path = normalize_path(ssm_path)
         for name, value in sorted(load_ssm_parameters(ssm_path, region).items()):
-            if name in BY_NAME:
-                values[name], sources[name] = value, f"ssm {ssm_path}/{name}"
-            else:
+            if name not in BY_NAME:
                 ignored.append(name)
+            elif BY_NAME[name].env in host_fixed:
+                overruled.append(name)
+            else:
+                values[name], sources[name] = value, f"ssm {ssm_path}/{name}"
 
     for p in PARAMS:
         if p.env in env:
@@ -333,6 +345,7 @@ def load_settings(environ: dict[str, str] | None = None, login: str = "etl") -> 
         state_dir=sdir,
         ssm_path=ssm_path,
         ignored=ignored,
+        overruled=overruled,
         aws_region=region,
         login=login,
         shared_login=shared,
@@ -533,4 +546,14 @@ def render_settings(settings: Settings) -> str:
         lines.append(f"{p.name} = {shown}  ({settings.sources.get(p.name)})")
     for name in settings.ignored:  # names only: an unknown parameter may well be a secret
         lines.append(f"# ignored: unknown SSM parameter {settings.ssm_path}/{name}")
+    lines.extend(f"# ignored: {line}" for line in overruled_lines(settings))
     return "\n".join(lines) + "\n"
+
+
+def overruled_lines(settings: Settings) -> list[str]:
+    """One line per SSM parameter not applied because the deploy set it for this host."""
+    return [
+        f"SSM parameter {settings.ssm_path}/{name}: this host's value is the deploy's "
+        f"({BY_NAME[name].env} in the env file)"
+        for name in settings.overruled
+    ]

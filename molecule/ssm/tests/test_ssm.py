@@ -82,6 +82,27 @@ def test_service_runs_on_the_ssm_configuration(host, ssm_service, state):
         assert value not in shown
 
 
+def test_ssm_does_not_move_the_hosts_layout(host, state):
+    """A publish directory set in SSM (shared by the environment's instances) would have the
+    ETL publish where nginx does not look: the deploy's own value stays, and config show says
+    why the parameter is not applied."""
+    ssm = moto_client(state, "ssm")
+    name = f"{state['ssm_path']}/web/publish_dir"
+    ssm.put_parameter(Name=name, Type="String", Value="/srv/elsewhere", Overwrite=True)
+    try:
+        shown = run_ok(host, f"{BW} config show").splitlines()
+    finally:
+        ssm.delete_parameter(Name=name)
+    assert (
+        "web/publish_dir = /var/lib/bioc-webstats/site  (env file /etc/bioc-webstats/webstats.env)"
+        in shown
+    )
+    assert (
+        f"# ignored: SSM parameter {name}: this host's value is the deploy's "
+        "(WEBSTATS_WEB_PUBLISH_DIR in the env file)"
+    ) in shown
+
+
 def test_etl_through_systemd_with_ssm_settings(host, state):
     run_ok(host, f"{BW} packages load /srv/bioc-webstats/packages.csv")
     run_ok(host, f"systemctl start {ETL}", timeout=600)
