@@ -146,17 +146,13 @@ class Runbook:
 
     def __init__(self) -> None:
         self.commands = runbook_commands()
-        # "BW" stands for the CLI of the live release as the service user (the line with --help)
-        bw = next(c for c in self.commands if c.endswith("bin/bioc-webstats --help"))
-        self.bw = bw.removesuffix(" --help")
 
     def __call__(self, cmd: str, fill: dict[str, str] | None = None) -> str:
-        """``cmd`` after checking it is in the runbook verbatim; ``BW`` expanded, placeholders
+        """``cmd`` after checking it is in the runbook verbatim; placeholders
         (``<object-key> …``) replaced by ``fill``; ``-i inventory/production`` or
         ``-i inventory/local`` (a playbook run from the workstation) pointed at the scenario's
         inventory."""
         assert cmd in self.commands, f"not in docs/RUNBOOK.md: {cmd!r}"
-        cmd = re.sub(r"^BW\b", self.bw, cmd)
         for placeholder, value in (fill or {}).items():
             cmd = cmd.replace(placeholder, value)
         if cmd.startswith("ansible-playbook "):

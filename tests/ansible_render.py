@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import re
+import shlex
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +37,7 @@ def environment(loader: jinja2.BaseLoader | None = None) -> jinja2.Environment:
     env.filters["regex_replace"] = _regex_replace
     env.filters["basename"] = os.path.basename
     env.filters["dirname"] = os.path.dirname
+    env.filters["quote"] = shlex.quote  # Ansible's quote is shlex's
     return env
 
 

@@ -26,7 +26,7 @@ import ansible_render
 
 ROOT = Path(__file__).resolve().parent.parent
 TEMPLATES = ROOT / "systemd"
-UNIT_SUFFIXES = (".service", ".socket", ".timer", ".target")
+UNIT_SUFFIXES = (".service", ".socket", ".timer", ".target", ".slice")
 SERVICES = (
     "bioc-webstats.service",
     "bioc-webstats-etl.service",
@@ -39,6 +39,7 @@ ALL_UNITS = (
     "bioc-webstats-etl.timer",
     "bioc-webstats-watchdog.timer",
     "bioc-webstats.target",
+    "bioc-webstats-etl.slice",
 )
 # What the services may use together on the smallest production instance (2 GiB: t3.small),
 # leaving the kernel, journald, sshd and the SSM agent about 300 MiB.

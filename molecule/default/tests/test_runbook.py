@@ -100,9 +100,9 @@ def test_healthz_by_curl(host, runbook):
 
 
 def test_cli_check_and_config_show(host, runbook):
-    out = run_ok(host, runbook("BW check"))
+    out = run_ok(host, runbook("bioc-webstats check"))
     assert out.startswith("ok")
-    shown = run_ok(host, runbook("BW config show"))
+    shown = run_ok(host, runbook("bioc-webstats config show"))
     env = host.file("/etc/bioc-webstats/webstats.env").content_string
     secrets = [
         line.split("=", 1)[1]
@@ -113,6 +113,40 @@ def test_cli_check_and_config_show(host, runbook):
     assert secrets
     for secret in [*secrets, password]:
         assert secret not in shown, "config show prints a secret"
+
+
+def test_cli_runs_as_the_service_user_under_the_etls_ceiling(host, runbook):
+    """`bioc-webstats` (the runbook's CLI, for root) runs the command as the service user, in a
+    scope of the ETL's slice, which holds the ETL's memory ceiling; the caller's WEBSTATS_*
+    reach the command, and its exit status is the command's."""
+    assert show(host, "bioc-webstats-etl.slice", "MemoryMax") == str(512 * 1024 * 1024)
+    assert show(host, ETL, "Slice") == "bioc-webstats-etl.slice"
+    # The command reads its env file, here a FIFO the caller names: it waits there, running,
+    # until the test writes the file into it.
+    run_ok(host, "rm -f /run/cli-test.* && mkfifo -m 0644 /run/cli-test.fifo")
+    run_ok(
+        host,
+        "setsid -f sh -c 'WEBSTATS_ENV_FILE=/run/cli-test.fifo bioc-webstats config show "
+        ">/run/cli-test.out 2>&1; echo $? >/run/cli-test.rc'",
+    )
+    pid = wait_for(
+        lambda: int(run_ok(host, "pgrep -u webstats -f 'bin/bioc-webstats config show'")),
+        60,
+        "the command to start",
+    )
+    cgroup = run_ok(host, f"cat /proc/{pid}/cgroup")
+    assert re.search(r"/bioc-webstats-etl\.slice/run-\w+\.scope$", cgroup, re.M), cgroup
+    run_ok(host, "cat /etc/bioc-webstats/webstats.env >/run/cli-test.fifo")
+    wait_for(lambda: host.file("/run/cli-test.rc").exists, 60, "the command to end")
+    assert host.file("/run/cli-test.rc").content_string.strip() == "0"
+    shown = host.file("/run/cli-test.out").content_string
+    assert "web/publish_dir = /var/lib/bioc-webstats/site  (env file /run/cli-test.fifo)" in shown
+    run_ok(host, runbook("bioc-webstats --help"))
+    usage = host.run("bioc-webstats import legacy-db")
+    assert usage.rc == 2 and "Missing argument" in usage.stderr, usage  # click's usage error
+    as_user = host.run("runuser -u nobody -- /usr/local/sbin/bioc-webstats status")
+    assert as_user.rc == 1 and "run it as root" in as_user.stderr, as_user
+    run_ok(host, "rm -f /run/cli-test.*")
 
 
 # --- start, stop, restart ----------------------------------------------------------------------
@@ -252,12 +286,12 @@ def test_run_the_etl_now_changes_nothing_when_nothing_is_new(host, service, runb
 
 def test_etl_by_hand(host, service, runbook):
     before = category_year_file(service)
-    assert "0 changes" in run_ok(host, runbook("BW packages sync --dry-run"))
-    run_ok(host, runbook("BW etl run --dry-run"))
-    run_ok(host, runbook("BW etl run --since 2026-11-01"))
+    assert "0 changes" in run_ok(host, runbook("bioc-webstats packages sync --dry-run"))
+    run_ok(host, runbook("bioc-webstats etl run --dry-run"))
+    run_ok(host, runbook("bioc-webstats etl run --since 2026-11-01"))
     key = sorted(p.name for p in (ephemeral_dir() / "sample" / "logs").iterdir())[0]
-    run_ok(host, runbook("BW etl reingest <object-key> …", {"<object-key> …": key}))
-    run_ok(host, runbook("BW stats rebuild"), timeout=600)
+    run_ok(host, runbook("bioc-webstats etl reingest <object-key> …", {"<object-key> …": key}))
+    run_ok(host, runbook("bioc-webstats stats rebuild"), timeout=600)
     assert category_year_file(service) == before, "reingest/rebuild changed the statistics"
 
 
@@ -458,7 +492,7 @@ def test_restore_after_losing_the_database_serves_the_same_bytes(host, service, 
 
     health = json.loads(run_ok(host, runbook("curl -fsS http://127.0.0.1:8000/healthz; echo")))
     assert health["status"] == "ok" and health["valid_thru"]
-    assert "ValidThru: " + health["valid_thru"] in run_ok(host, runbook("BW status"))
+    assert "ValidThru: " + health["valid_thru"] in run_ok(host, runbook("bioc-webstats status"))
     after = fetch_all(service, urls)
     differ = [u for u in urls if before[u] != after[u]]
     assert not differ, f"{len(differ)} of {len(urls)} files differ after the restore: {differ[:5]}"

@@ -21,10 +21,7 @@ WEB = "bioc-webstats.service"
 ETL = "bioc-webstats-etl.service"
 UNITS = ["bioc-webstats.socket", WEB, ETL, "bioc-webstats-etl.timer", "bioc-webstats.target"]
 ENV_FILE = "/etc/bioc-webstats/webstats.env"
-BW = (
-    f"runuser -u webstats -- env WEBSTATS_ENV_FILE={ENV_FILE} "
-    "/opt/bioc-webstats/current/bin/bioc-webstats"
-)
+BW = "bioc-webstats"  # the CLI the deploy installs for root (RUNBOOK)
 
 
 def moto_client(state: dict, service: str):
