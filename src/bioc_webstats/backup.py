@@ -51,6 +51,11 @@ def _pg_env(url: URL) -> dict[str, str]:
     )
     if url.password:
         env["PGPASSWORD"] = str(url.password)
+    # The connection's TLS, as every other connection of the app makes it (db/sslmode).
+    for param, var in (("sslmode", "PGSSLMODE"), ("sslrootcert", "PGSSLROOTCERT")):
+        value = url.query.get(param)
+        if isinstance(value, str):
+            env[var] = value
     return env
 
 

@@ -51,6 +51,11 @@ PARAMS: tuple[Param, ...] = (
     Param("db/web_dbuser", "WEBSTATS_DB_WEB_DBUSER", None),
     Param("db/web_credentials", "WEBSTATS_DB_WEB_CREDENTIALS", None),
     Param("db/web_password", "WEBSTATS_DB_WEB_PASSWORD", None, secret=True),
+    # TLS of every database connection (libpq's sslmode and sslrootcert, for each login and
+    # for pg_dump/pg_restore): verify-full against the database's CA in production, which the
+    # deploy writes (webstats_base_db_ca_bundle); unset, libpq's default (prefer).
+    Param("db/sslmode", "WEBSTATS_DB_SSLMODE", None),
+    Param("db/sslrootcert", "WEBSTATS_DB_SSLROOTCERT", None),
     # Unused (the app keeps no sessions); known so that the original design's SSM parameter
     # is not reported as unknown.
     Param("flask/secret_key", "WEBSTATS_FLASK_SECRET_KEY", None, secret=True),
@@ -327,13 +332,20 @@ def load_settings(environ: dict[str, str] | None = None, login: str = "etl") -> 
 
     sdir = state_dir(merged)
     shared = False
+    tls = tls_query(values)
     if db_url:
         sources["database_url"] = (
             f"environment {url_var}" if url_var in env else f"env file {env_file}"
         )
         db_url = normalize_database_url(db_url, url_var)
+        if tls and not db_url.startswith("sqlite"):
+            from sqlalchemy.engine import make_url
+
+            url = make_url(db_url)
+            if "sslmode" not in url.query:  # the URL's own sslmode is the more specific
+                db_url = url.update_query_dict(tls).render_as_string(hide_password=False)
     elif values.get("db/server"):
-        db_url = _login_url(values, sources, login, region, bool(ssm_path))
+        db_url = _login_url(values, sources, login, region, bool(ssm_path), tls)
         shared = login != "etl" and not _own_login(values, login)
     else:
         db_url = f"sqlite:///{sdir / 'webstats.sqlite3'}"
@@ -379,6 +391,29 @@ def _check_required(
         raise ConfigError(f"missing SSM parameters {', '.join(missing)}")
 
 
+# libpq's sslmode values (https://www.postgresql.org/docs/current/libpq-ssl.html).
+SSL_MODES = ("disable", "allow", "prefer", "require", "verify-ca", "verify-full")
+
+
+def tls_query(values: dict[str, str | None]) -> dict[str, str]:
+    """The libpq connection parameters of db/sslmode and db/sslrootcert (none when sslmode is
+    unset); a bad value is a ConfigError naming it."""
+    mode, root = values.get("db/sslmode") or "", values.get("db/sslrootcert") or ""
+    if not mode:
+        return {}
+    if mode not in SSL_MODES:
+        raise ConfigError(
+            f"parameter db/sslmode must be one of {', '.join(SSL_MODES)}, got {mode!r}"
+        )
+    if mode.startswith("verify-") and not root:
+        raise ConfigError(f"parameter db/sslmode is {mode}: db/sslrootcert must name the CA file")
+    if root and root != "system" and not Path(root).is_absolute():  # system: the OS's CAs
+        raise ConfigError(
+            f"parameter db/sslrootcert must be an absolute path or 'system', got {root!r}"
+        )
+    return {"sslmode": mode, **({"sslrootcert": root} if root else {})}
+
+
 def _own_login(values: dict[str, str | None], login: str) -> bool:
     """Whether ``login`` has a user, secret or password of its own (db/web_*, db/owner_*)."""
     prefix = _LOGIN_PREFIX[login]
@@ -391,6 +426,7 @@ def _login_url(
     login: str,
     region: str | None,
     ssm: bool,
+    tls: dict[str, str],
 ) -> str:
     """The PostgreSQL URL of ``login`` from the db/* parameters: its own user, password or
     secret when configured, else the ETL login's. The password comes from Secrets Manager
@@ -430,6 +466,7 @@ def _login_url(
         host=server,
         port=port,
         database=values["db/dbname"],
+        query=tls,
     ).render_as_string(hide_password=False)
     sources["database_url"] = f"{prefix}* parameters" + (
         f" + secret {secret_id}" if use_secret else ""
