@@ -188,6 +188,32 @@ def test_each_fact_is_declared_once():
                 assert not (name.endswith(("_user", "_group")) and value == "webstats"), name
 
 
+@pytest.mark.parametrize(
+    "bundle", ["", "-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----"]
+)
+def test_env_file_holds_the_hosts_layout_and_the_database_tls(bundle):
+    """The env file names the host settings it was given (SSM cannot override them), and the
+    database's TLS settings exactly when its CA bundle is set."""
+    values = ansible_render.deploy_vars(webstats_base_db_ca_bundle=bundle)
+    values.update(ansible_managed="managed", __webstats_config_secrets={})
+    text = ansible_render.render(ROLES / "webstats_config/templates/webstats.env.j2", values)
+    settings = dict(line.split("=", 1) for line in text.splitlines() if "=" in line)
+    listed = settings.pop("WEBSTATS_HOST_SETTINGS").split(",")
+    assert {"WEBSTATS_WEB_PUBLISH_DIR", "WEBSTATS_GUNICORN_BIND_PORT"} <= set(listed)
+    assert all(settings[name] for name in listed), listed
+    tls = {k: settings.get(k) for k in ("WEBSTATS_DB_SSLMODE", "WEBSTATS_DB_SSLROOTCERT")}
+    if bundle:
+        assert tls == {
+            "WEBSTATS_DB_SSLMODE": "verify-full",
+            "WEBSTATS_DB_SSLROOTCERT": values["webstats_base_db_ca_file"],
+        }
+        assert set(tls) <= set(listed)
+        assert values["webstats_db_admin_ca_cert"] == values["webstats_base_db_ca_file"]
+    else:  # libpq's default, and SSM may still set it
+        assert tls == {"WEBSTATS_DB_SSLMODE": None, "WEBSTATS_DB_SSLROOTCERT": None}
+        assert values["webstats_db_admin_ca_cert"] == ""
+
+
 def test_no_role_or_playbook_reads_another_roles_internals():
     """__webstats_<role>_* names belong to that role; playbooks read published results."""
     paths = [

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import secrets
 import shutil
 import signal
@@ -140,10 +141,31 @@ def start_moto(work: Path, port: int) -> int:
     return proc.pid
 
 
+def make_certificates(work: Path) -> None:
+    """As RDS: the server's certificate for its address (127.0.0.1), signed by a CA of its
+    own (work/ca.pem, what the deploy is given as the database's CA bundle)."""
+
+    def openssl(*args: str) -> None:
+        subprocess.run(["openssl", *args], check=True, cwd=work, capture_output=True)
+
+    curve = ("-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes")
+    days = ("-days", "30")
+    openssl("req", "-x509", *curve, *days, "-keyout", "ca.key", "-out", "ca.pem",
+            "-subj", "/CN=bioc-webstats test RDS CA")  # fmt: skip
+    openssl("req", *curve, "-keyout", "server.key", "-out", "server.csr", "-subj", "/CN=127.0.0.1")
+    (work / "server.ext").write_text("subjectAltName=IP:127.0.0.1\n")
+    openssl("x509", "-req", *days, "-in", "server.csr", "-CA", "ca.pem", "-CAkey", "ca.key",
+            "-CAcreateserial", "-out", "server.crt", "-extfile", "server.ext")  # fmt: skip
+    (work / "ca.key").unlink()
+    shutil.chown(work / "server.key", "postgres")
+    (work / "server.key").chmod(0o600)
+
+
 def start_postgres(work: Path, port: int, password: str) -> int:
     bindir = pg_bindir()
     data = work / "pg"
     shutil.chown(work, "postgres")
+    make_certificates(work)
     run_as = ["runuser", "-u", "postgres", "--"]
     pwfile = work / "pwfile"
     pwfile.write_text(password + "\n")
@@ -167,6 +189,9 @@ def start_postgres(work: Path, port: int, password: str) -> int:
         stdout=subprocess.DEVNULL,
     )
     pwfile.unlink()
+    # As RDS with rds.force_ssl: a TCP login without TLS is refused.
+    hba = data / "pg_hba.conf"
+    hba.write_text(re.sub(r"(?m)^host(\s)", r"hostssl\1", hba.read_text()))
     log = (work / "pg.log").open("wb")
     proc = subprocess.Popen(
         [
@@ -182,6 +207,12 @@ def start_postgres(work: Path, port: int, password: str) -> int:
             "listen_addresses=127.0.0.1",
             "-c",
             "fsync=off",
+            "-c",
+            "ssl=on",
+            "-c",
+            f"ssl_cert_file={work / 'server.crt'}",
+            "-c",
+            f"ssl_key_file={work / 'server.key'}",
         ],
         stdout=log,
         stderr=subprocess.STDOUT,

@@ -79,6 +79,26 @@ def test_service_runs_on_the_ssm_configuration(host, ssm_service, state):
         assert value not in shown
 
 
+def test_every_database_connection_verifies_the_server(host, ssm_service, state):
+    """As production: the deploy installed the database's CA bundle, and every login connects
+    verify-full against it (the fixture's server also refuses a TCP login without TLS, as RDS
+    with rds.force_ssl, so the running service is itself the proof of TLS). Against other CAs
+    (the system's), the same host's check fails on the certificate."""
+    ca_file = "/usr/local/share/bioc-webstats/db-ca.pem"
+    env = host.file(ENV_FILE).content_string
+    assert "WEBSTATS_DB_SSLMODE=verify-full" in env.splitlines()
+    assert f"WEBSTATS_DB_SSLROOTCERT={ca_file}" in env.splitlines()
+    ca = host.file(ca_file)
+    assert (ca.user, ca.group, ca.mode) == ("root", "root", 0o644)
+    fixture_ca = Path(os.environ["WEBSTATS_SSM_FIXTURE_DIR"]) / "ca.pem"
+    assert ca.content_string.strip() == fixture_ca.read_text().strip()
+    assert wait_for(lambda: healthy(ssm_service), 60, "/healthz")
+    shown = run_ok(host, f"{BW} config show").splitlines()
+    assert f"db/sslmode = verify-full  (env file {ENV_FILE})" in shown
+    other = host.run(f"WEBSTATS_DB_SSLROOTCERT=/etc/ssl/certs/ca-certificates.crt {BW} check")
+    assert other.rc == 1 and "certificate verify failed" in other.stderr, other
+
+
 def test_ssm_does_not_move_the_hosts_layout(host, state):
     """A publish directory set in SSM (shared by the environment's instances) would have the
     ETL publish where nginx does not look: the deploy's own value stays, and config show says
