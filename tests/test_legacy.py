@@ -16,7 +16,7 @@ from sqlalchemy import func, select
 
 import legacygen
 import loggen
-from bioc_webstats.errors import WebstatsError
+from bioc_webstats.errors import ConfigError, WebstatsError
 from bioc_webstats.etl import ingest, legacy, legacy_rows, rule
 from bioc_webstats.store import db
 from bioc_webstats.store.models import DownloadRecord, IngestedObject, StatsPending
@@ -271,6 +271,9 @@ def test_cutover_day_until_or_logs_since_or_refused(db_url, tmp_path, monkeypatc
     assert days() == [9]
     assert legacy.import_files(later, [str(path)], replace=True)
     assert days() == [9, 10]
+    bad = make_settings(db_url, tmp_path, WEBSTATS_ETL_LOGS_SINCE="2020-13-01")
+    with pytest.raises(ConfigError, match=r"^parameter etl/logs_since must be a date YYYY-MM-DD, "):
+        legacy.import_files(bad, [str(path)])
     # the command line: one line, exit 1, no traceback
     from bioc_webstats import cli
 

@@ -50,7 +50,7 @@ from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from ..config import Settings, parse_day
+from ..config import Settings
 from ..errors import ConfigError
 from ..store import db
 from ..store.models import IngestedObject
@@ -265,19 +265,19 @@ def readers(settings: Settings) -> int:
 
 def cutover_day(settings: Settings, until: str | None) -> dt.date:
     """``--until``, else ``etl/logs_since``; neither: refused (a day would count twice)."""
-    value, where = until, "--until"
-    if value is None:
-        value, where = settings.get("etl/logs_since"), "etl/logs_since (WEBSTATS_ETL_LOGS_SINCE)"
-    if not value:
+    # the same message for a bad etl/logs_since as from `check` and the log ETL
+    day = (
+        ingest.parse_since(until, "--until")
+        if until is not None
+        else settings.get_day("etl/logs_since")
+    )
+    if day is None:
         raise ConfigError(
             "import legacy-db: no cut-over day: give --until YYYY-MM-DD or set etl/logs_since "
             "(WEBSTATS_ETL_LOGS_SINCE); rows from that day on are the logs', and without it "
             "days would be counted twice"
         )
-    try:
-        return parse_day(value)
-    except ValueError:
-        raise ConfigError(f"{where} {value!r}: expected a date YYYY-MM-DD") from None
+    return day
 
 
 def _ledger(session: Session, name: str) -> tuple[str | None, dict[str, str]]:
