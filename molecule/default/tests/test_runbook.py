@@ -135,7 +135,8 @@ def test_cli_runs_as_the_service_user_under_the_etls_ceiling(host, runbook):
         "the command to start",
     )
     cgroup = run_ok(host, f"cat /proc/{pid}/cgroup")
-    assert re.search(r"/bioc-webstats-etl\.slice/run-\w+\.scope$", cgroup, re.M), cgroup
+    # the scope's name: run-r<id>.scope (systemd 252), run-p<pid>-i<n>.scope (257)
+    assert re.search(r"/bioc-webstats-etl\.slice/run-[\w-]+\.scope$", cgroup, re.M), cgroup
     run_ok(host, "cat /etc/bioc-webstats/webstats.env >/run/cli-test.fifo")
     wait_for(lambda: host.file("/run/cli-test.rc").exists, 60, "the command to end")
     assert host.file("/run/cli-test.rc").content_string.strip() == "0"
