@@ -27,6 +27,14 @@ def current_release(host) -> str:
     return run_ok(host, f"readlink {ROOT}/current").strip()
 
 
+# The CLI of release N-1 as the service user: N-1's deploy may predate the bioc-webstats
+# wrapper of webstats_services.
+PREVIOUS_CLI = (
+    "runuser -u webstats -- env WEBSTATS_ENV_FILE=/etc/bioc-webstats/webstats.env "
+    "/opt/bioc-webstats/current/bin/bioc-webstats"
+)
+
+
 def wait_version(service, version: str) -> dict:
     return wait_for(
         lambda: (h := service.healthz()) and h["version"] == version and h,
@@ -44,7 +52,7 @@ def test_previous_release_serves(host, service, versions, runbook):
     assert wait_version(service, versions["previous"])
     assert current_release(host) == f"releases/{versions['previous']}"
     # data for the pages the load asks for
-    run_ok(host, f"{runbook.bw} packages load /srv/bioc-webstats/packages.csv")
+    run_ok(host, f"{PREVIOUS_CLI} packages load /srv/bioc-webstats/packages.csv")
     run_ok(host, runbook("systemctl start bioc-webstats-etl.service"), timeout=600)
     for path in LOAD_PATHS:
         assert service.get(path).status_code == 200, path
