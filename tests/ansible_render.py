@@ -38,6 +38,7 @@ def environment(loader: jinja2.BaseLoader | None = None) -> jinja2.Environment:
     env.filters["basename"] = os.path.basename
     env.filters["dirname"] = os.path.dirname
     env.filters["quote"] = shlex.quote  # Ansible's quote is shlex's
+    env.filters["combine"] = lambda *dicts: {k: v for d in dicts for k, v in d.items()}
     return env
 
 

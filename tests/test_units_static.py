@@ -316,3 +316,44 @@ def test_directories_follow_a_changed_fact():
     etl = env.get_template("bioc-webstats-etl.service.j2").render(**values)
     assert "LogsDirectory=webstats-b\n" in etl
     assert " /var/log/webstats-b/etl.log " in etl
+
+
+def test_cli_wrapper_runs_with_the_units_environment(tmp_path):
+    """The SysOps wrapper hands the CLI exactly what every unit's Environment= holds (plus a
+    PATH, a locale and the terminal): a variable added for the units reaches a run by hand."""
+    values = ansible_render.deploy_vars(webstats_services_environment={"WEBSTATS_X": "a b"})
+    env = ansible_render.environment(jinja2.FileSystemLoader(str(TEMPLATES)))
+    units = set()
+    for unit in SERVICES:
+        text = env.get_template(f"{unit}.j2").render(**values)
+        found = set(re.findall(r'^Environment="?([^"\n]*)"?$', text, re.M))
+        assert found, unit
+        units = units or found
+        assert found == units, f"{unit} has another environment"
+    # Run the rendered wrapper as root with stand-ins that print what env -i would receive.
+    wrapper = tmp_path / "bioc-webstats"
+    wrapper.write_text(env.get_template("bioc-webstats-cli.j2").render(**values))
+    wrapper.chmod(0o755)
+    stubs = tmp_path / "bin"
+    stubs.mkdir()
+    for name, body in (
+        ("id", 'echo 0'),
+        ("systemd-run", 'while [ "$1" != -- ]; do shift; done; shift; exec "$@"'),
+        ("runuser", 'shift 3; exec "$@"'),
+        ("env", '[ "$1" = -0 ] && exit 0; shift; for a in "$@"; do printf "%s\\n" "$a"; done'),
+    ):
+        (stubs / name).write_text(f"#!/bin/bash\n{body}\n")
+        (stubs / name).chmod(0o755)
+    res = subprocess.run(
+        ["bash", str(wrapper), "status"],
+        env={"PATH": f"{stubs}:/usr/bin:/bin"},
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert res.returncode == 0, res.stderr
+    args = res.stdout.splitlines()
+    assert args[-2:] == [f"{values['webstats_services_app_dir']}/bin/bioc-webstats", "status"]
+    passed = {a for a in args[:-2] if not a.startswith(("PATH=", "LANG=", "TERM="))}
+    assert passed == units
+    assert "WEBSTATS_X=a b" in passed
