@@ -337,7 +337,7 @@ def test_cli_wrapper_runs_with_the_units_environment(tmp_path):
     stubs = tmp_path / "bin"
     stubs.mkdir()
     for name, body in (
-        ("id", 'echo 0'),
+        ("id", "echo 0"),
         ("systemd-run", 'while [ "$1" != -- ]; do shift; done; shift; exec "$@"'),
         ("runuser", 'shift 3; exec "$@"'),
         ("env", '[ "$1" = -0 ] && exit 0; shift; for a in "$@"; do printf "%s\\n" "$a"; done'),
