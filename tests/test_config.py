@@ -267,6 +267,28 @@ def test_cli_missing_parameter_exit_1_one_line_no_secret(clean_env, aws_env, mon
     assert SECRET_KEY not in res.stderr
 
 
+@pytest.mark.parametrize(
+    "name, value",
+    [
+        # an Expires past year 9999: every page and file was a 500, while check said ok
+        ("WEBSTATS_WEB_CACHE_MAX_AGE", "253402300799"),
+        ("WEBSTATS_GUNICORN_WORKERS", "100000"),  # a process each
+        ("WEBSTATS_GUNICORN_THREADS", "100000"),
+    ],
+)
+def test_check_refuses_web_settings_far_out_of_range(clean_env, monkeypatch, name, value):
+    monkeypatch.setenv(name, value)
+    res = run_cli("check")
+    assert res.returncode == 1, res.stdout
+    param = name.removeprefix("WEBSTATS_").lower().replace("_", "/", 1)
+    assert (
+        res.stderr
+        == f"bioc-webstats: error: parameter {param} must be at most "
+        + ("31536000" if "MAX_AGE" in name else "64" if "WORKERS" in name else "256")
+        + f", got {value}\n"
+    )
+
+
 def test_unreachable_endpoint_is_one_line_naming_path(clean_env, monkeypatch):
     monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{free_port()}")
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")

@@ -82,6 +82,22 @@ def test_raw_byte_urls_never_5xx(server):
     assert healthy(server.base)
 
 
+def test_no_request_header_moves_the_site(server):
+    """SCRIPT_NAME and PATH_INFO sent as headers (a loopback client is one of gunicorn's trusted
+    forwarders by default) neither mount the site under another prefix nor fail the request."""
+
+    def status(target: bytes, header: bytes) -> int:
+        with socket.create_connection(("127.0.0.1", server.port), timeout=30) as s:
+            s.sendall(b"GET " + target + b" HTTP/1.1\r\nHost: t\r\nConnection: close\r\n"
+                      + header + b"\r\n\r\n")  # fmt: skip
+            return int(s.recv(4096).split(b" ", 2)[1])
+
+    for header in (b"SCRIPT_NAME: /evil", b"PATH_INFO: /packages/stats/bioc/"):
+        assert status(b"/packages/stats/", header) == 200, header
+        assert status(b"/packages/stats/bioc/bioc_packages.txt", header) == 200, header
+        assert status(b"/evil/packages/stats/", header) == 404, header
+
+
 def test_access_log_and_sigusr1_reopen(server):
     server.get("/packages/stats/bioc/bioc_packages.txt")
     wait_for(lambda: b"bioc_packages.txt" in server.access_log.read_bytes(), 10, what="log line")

@@ -79,10 +79,19 @@ PARAMS: tuple[Param, ...] = (
     Param("etl/athena_database", "WEBSTATS_ETL_ATHENA_DATABASE", "bioc_webstats"),
     Param("etl/athena_workgroup", "WEBSTATS_ETL_ATHENA_WORKGROUP", "primary"),
     Param("etl/athena_output", "WEBSTATS_ETL_ATHENA_OUTPUT"),  # s3://bucket/prefix/ for results
-    # default: 2 x CPUs + 1
-    Param("gunicorn/workers", "WEBSTATS_GUNICORN_WORKERS", None, kind="int", minimum=1),
-    Param("gunicorn/threads", "WEBSTATS_GUNICORN_THREADS", "4", kind="int", minimum=1),
-    Param("web/cache_max_age", "WEBSTATS_WEB_CACHE_MAX_AGE", "3600", kind="int", minimum=0),
+    # Upper bounds: a typo must fail check (the deploy's smoke test), not fork a thousand
+    # workers or send an Expires past year 9999 (a 500 on every file). Workers' default: 2 x
+    # CPUs + 1.
+    Param("gunicorn/workers", "WEBSTATS_GUNICORN_WORKERS", None, kind="int", minimum=1, maximum=64),
+    Param("gunicorn/threads", "WEBSTATS_GUNICORN_THREADS", "4", kind="int", minimum=1, maximum=256),
+    Param(
+        "web/cache_max_age",
+        "WEBSTATS_WEB_CACHE_MAX_AGE",
+        "3600",
+        kind="int",
+        minimum=0,
+        maximum=31_536_000,  # a year: HTTP/1.1's (RFC 2616) longest Expires
+    ),
     # Where the published pages and files are (nginx serves <publish_dir>/current);
     # default: <state_dir>/site.
     Param("web/publish_dir", "WEBSTATS_WEB_PUBLISH_DIR", None),

@@ -51,6 +51,10 @@ preload_app = True  # configuration (SSM, secrets) is read once, in the arbiter
 proc_name = "bioc-webstats"
 if os.path.isdir("/dev/shm"):  # noqa: S108 - gunicorn's heartbeat files, kept off the disk
     worker_tmp_dir = "/dev/shm"  # noqa: S108
+# No request header moves the app's paths: gunicorn would map SCRIPT_NAME and PATH_INFO headers
+# from a loopback peer into the WSGI environ (its default forwarder_headers), so a client of a
+# TCP bind could mount the site under any prefix or get a 500. nginx sets neither.
+forwarder_headers = ""
 # gunicorn's own parser limits (nginx in front has its own, smaller ones).
 limit_request_line = 4094
 limit_request_fields = 100
