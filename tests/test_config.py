@@ -289,6 +289,15 @@ def test_check_refuses_web_settings_far_out_of_range(clean_env, monkeypatch, nam
     )
 
 
+def test_an_env_file_without_end_is_one_line(clean_env, monkeypatch):
+    """/dev/zero (or any file far larger than an env file) is refused, not read into memory."""
+    monkeypatch.setenv("WEBSTATS_ENV_FILE", "/dev/zero")
+    res = run_cli("check")
+    assert (res.returncode, res.stderr) == (
+        1, "bioc-webstats: error: env file /dev/zero: larger than 1024 KiB\n"
+    )  # fmt: skip
+
+
 def test_unreachable_endpoint_is_one_line_naming_path(clean_env, monkeypatch):
     monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{free_port()}")
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")

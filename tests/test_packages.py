@@ -124,6 +124,14 @@ def test_load_csv_sample_and_merge(settings, tmp_path):
         ("package,category\nx,bioc\n", "header must have columns"),
         ("package,category,first_version,last_version\nx,nope,301,\n", ":2: unknown category"),
         ("package,category,first_version,last_version\nx,bioc,3x,\n", ":2: not a release code"),
+        (  # longer than the column: passed the check, then failed in the database, unnamed
+            "package,category,first_version,last_version\nokpkg,bioc,3.1,9999999999999999.1\n",
+            ":2: not a release code",
+        ),
+        (  # no line break (a binary file, /dev/zero): one line, not all the memory
+            "package,category,first_version,last_version\n" + "x" * 70_000,
+            r"bad.csv:2: line longer than 65536 characters",
+        ),
         (
             "package,category,first_version,last_version\nokpkg,bioc,314,310\n",
             ":2: last release 3.10 is before first release 3.14",
@@ -288,6 +296,11 @@ def _broken_copy(tmp_path: Path) -> Path:
             "bad_version",
             "{root}/config.yaml: release_version must be a version like 3.20, got 'latest'",
         ),
+        (  # longer than the column: --dry-run listed what the real run then failed to store
+            "long_version",
+            "{root}/config.yaml: release_version must be a version like 3.20, "
+            "got '3.99999999999999999999'",
+        ),
         (
             "devel_not_after",
             "{root}/config.yaml: devel_version 3.20 is not after release_version 3.20",
@@ -315,6 +328,8 @@ def test_sync_bad_source_is_one_line_and_changes_nothing(loaded, tmp_path, break
         conf.write_text('release_version: "latest"\ndevel_version: "3.21"\n')
     elif breakage == "devel_not_after":
         conf.write_text("release_version: 3.20\ndevel_version: '3.20'\n")
+    elif breakage == "long_version":
+        conf.write_text('release_version: "3.99999999999999999999"\ndevel_version: "4.0"\n')
     before, version = table(loaded), data_version(loaded)
     with pytest.raises(WebstatsError) as exc:
         sync(loaded, source=source, dry_run=False, force=True)

@@ -232,17 +232,23 @@ def parse_day(value: str) -> dt.date:
 
 
 _ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+MAX_ENV_FILE = 1024 * 1024  # a few dozen lines; /dev/zero must not take the memory
 
 
 def read_env_file(path: Path) -> dict[str, str]:
     """Parse ``KEY=value`` lines (``#`` comments, optional quotes); errors name the line."""
     out: dict[str, str] = {}
     try:
-        text = path.read_text(encoding="utf-8-sig")  # an editor's BOM is no part of a name
+        with path.open("rb") as fh:
+            data = fh.read(MAX_ENV_FILE + 1)
     except OSError as exc:
         raise ConfigError(f"cannot read env file {path}: {exc.strerror}") from None
+    if len(data) > MAX_ENV_FILE:
+        raise ConfigError(f"env file {path}: larger than {MAX_ENV_FILE >> 10} KiB")
+    try:
+        text = data.decode("utf-8-sig")  # an editor's BOM is no part of a name
     except UnicodeDecodeError as exc:
-        line = text_line(path, exc.start)
+        line = data[: exc.start].count(b"\n") + 1
         raise ConfigError(f"cannot read env file {path}: line {line} is not UTF-8") from None
     for lineno, raw in enumerate(text.splitlines(), 1):
         line = raw.strip()
@@ -260,14 +266,6 @@ def read_env_file(path: Path) -> dict[str, str]:
             value = value[1:-1]
         out[key] = value
     return out
-
-
-def text_line(path: Path, offset: int) -> int:
-    """The 1-based line of byte ``offset`` in ``path`` (0 when it cannot be read)."""
-    try:
-        return path.read_bytes()[:offset].count(b"\n") + 1
-    except OSError:
-        return 0
 
 
 def state_dir(env: dict[str, str]) -> Path:

@@ -23,7 +23,7 @@ FETCH_TIMEOUT = 30.0  # seconds, per read
 FETCH_DEADLINE = 300.0  # seconds, per file
 MAX_BYTES = 64 * 1024 * 1024  # the largest PACKAGES today is a few MB
 
-_VERSION = re.compile(r"^\d+\.\d+$")
+_VERSION = re.compile(r"^\d{1,3}\.\d{1,3}$")  # a release: its column holds 16 characters
 _TOP_KEY = re.compile(r"^([A-Za-z_][A-Za-z0-9_]*)\s*:\s*(.*?)\s*$")
 # A valid R package name (etl.md): letters, digits and dots, starts with a letter.
 _PKG_NAME = re.compile(r"^[A-Za-z][A-Za-z0-9.]*[A-Za-z0-9]$")

@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import csv
 import datetime as dt
+import itertools
 import re
+from collections.abc import Iterator
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
+from typing import Any
 
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
@@ -20,7 +23,11 @@ from ..store.models import Package
 from .manifest import FETCH_TIMEOUT, Manifest, read_manifest, version_key
 
 _CODE = re.compile(r"^\d{3,4}$")
-_XY = re.compile(r"^\d+\.\d+$")
+_XY = re.compile(r"^\d{1,3}\.\d{1,3}$")  # a release: its column holds 16 characters
+# A packages CSV is a few hundred KB (5,994 rows since 2009): bounds that stop /dev/zero or a
+# file without line breaks before it takes the memory.
+MAX_CSV_BYTES = 64 * 1024 * 1024
+MAX_CSV_LINE = 64 * 1024
 
 
 def release_from_code(value: str) -> str | None:
@@ -65,7 +72,7 @@ def read_csv(path: Path) -> list[tuple[str, str, str | None, str | None]]:
     rows: dict[tuple[str, str], tuple[int, tuple[str, str, str | None, str | None]]] = {}
     try:
         with path.open(newline="", encoding="utf-8-sig") as fh:
-            reader = csv.reader(fh, strict=True)
+            reader = csv.reader(_bounded_lines(fh, path), strict=True)
             header = [h.strip() for h in next(reader, [])]
             if not set(COLUMNS) <= set(header):
                 raise WebstatsError(f"{path}: header must have columns {','.join(COLUMNS)}")
@@ -96,6 +103,24 @@ def read_csv(path: Path) -> list[tuple[str, str, str | None, str | None]]:
     except csv.Error as exc:
         raise WebstatsError(f"{path}:{reader.line_num}: not CSV ({exc})") from None
     return [row for _, row in rows.values()]
+
+
+def _bounded_lines(fh: Any, path: Path) -> Iterator[str]:
+    """The lines of a text file, each at most MAX_CSV_LINE characters and all of them
+    MAX_CSV_BYTES: beyond either, one line naming the file."""
+    total = 0
+    for number in itertools.count(1):
+        line = fh.readline(MAX_CSV_LINE + 1)
+        if not line:
+            return
+        if len(line) > MAX_CSV_LINE:
+            raise WebstatsError(f"{path}:{number}: line longer than {MAX_CSV_LINE} characters")
+        total += len(line)
+        if total > MAX_CSV_BYTES:
+            raise WebstatsError(
+                f"{path}: larger than {MAX_CSV_BYTES >> 20} MiB, not a packages CSV"
+            )
+        yield line
 
 
 def _check_row(
