@@ -104,6 +104,8 @@ def test_not_a_backup_is_one_line_and_changes_nothing(db_url, clean_env, monkeyp
     assert "is not a" in line and str(junk) in line
     res = run("db", "restore", str(clean_env / "missing.dump"))
     assert res.returncode == 1 and "no such file" in res.stderr
+    res = run("db", "restore", str(clean_env))  # a directory exists: not "no such file"
+    assert res.stderr == f"bioc-webstats: error: restore: {clean_env}: not a regular file\n"
     with db.session_factory(db_url)() as s:
         assert db.get_valid_thru(s) == VT
 

@@ -295,6 +295,9 @@ def test_a_broken_url_is_one_line():
     with pytest.raises(cmp.WebstatsError) as exc:
         cmp.open_side("http://[::1/packages/stats/")
     assert str(exc.value) == "http://[::1/packages/stats/: not a usable URL (Invalid IPv6 URL)"
+    with pytest.raises(cmp.WebstatsError) as exc:  # named as given, not as a path (ftp:/x)
+        cmp.open_side("ftp://x/")
+    assert str(exc.value) == "ftp://x/: not a directory nor an http(s):// URL"
 
 
 @pytest.mark.parametrize("url", ["http://u:S3cretPW@127.0.0.1:1/", "https://token@example.org/x/"])

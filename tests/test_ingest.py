@@ -573,6 +573,12 @@ def test_progress_bar_on_a_terminal_and_lines_in_the_journal(capsys, caplog, mon
     assert "\r" not in capsys.readouterr().err
 
 
+def test_a_source_that_is_no_directory_is_named_as_given():
+    with pytest.raises(WebstatsError) as exc:  # a Path would print http:/example.com
+        sources.open_source("http://example.com/")
+    assert str(exc.value) == "log source http://example.com/: not a directory nor an s3:// URL"
+
+
 def test_cli_bad_since_is_a_usage_error(tmp_path, monkeypatch, capsys):
     from bioc_webstats import cli
 

@@ -242,7 +242,8 @@ def _check_backup_tables(src: sqlite3.Connection, source: Path) -> None:
 def restore(settings: Settings, source: Path) -> str:
     """Replace the database's contents with a backup (all or nothing)."""
     if not source.is_file():
-        raise WebstatsError(f"restore: {source}: no such file")
+        what = "not a regular file" if source.exists() else "no such file"
+        raise WebstatsError(f"restore: {source}: {what}")
     url = make_url(settings.database_url)
     if url.get_backend_name() == "sqlite":
         if not url.database:

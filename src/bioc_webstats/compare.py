@@ -130,11 +130,11 @@ def _retry_after(value: str | None, default: float) -> float:
 class DirSide(Side):
     """A directory copy of a site (what ``/packages/stats/`` holds)."""
 
-    def __init__(self, root: Path) -> None:
-        if not root.is_dir():
-            raise WebstatsError(f"{root}: not a directory nor an http(s):// URL")
-        self.root = root
-        self.name = str(root)
+    def __init__(self, root: Path | str) -> None:
+        self.root = Path(root)
+        self.name = str(root)  # as given: a Path would show ftp://x as ftp:/x
+        if not self.root.is_dir():
+            raise WebstatsError(f"{self.name}: not a directory nor an http(s):// URL")
 
     def fetch(self, relpath: str) -> bytes | None:
         path = self.root / relpath
@@ -183,7 +183,7 @@ def open_side(where: str, timeout: float = TIMEOUT) -> Side:
         if not host:
             raise WebstatsError(f"{where}: not a usable URL (no host)")
         return WebSide(where, timeout=timeout)
-    return DirSide(Path(where.removeprefix("file://")))
+    return DirSide(where.removeprefix("file://"))
 
 
 # --- what is compared -------------------------------------------------------------------------

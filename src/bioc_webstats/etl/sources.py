@@ -135,12 +135,12 @@ class DirSource(Source):
     """A local directory, searched recursively (symlinked folders followed, each real folder
     once); keys are paths relative to it."""
 
-    def __init__(self, root: Path) -> None:
-        self.root = root
-        self.url = str(root)
+    def __init__(self, root: Path | str) -> None:
+        self.root = Path(root)
+        self.url = str(root)  # as given: a Path would show http://x as http:/x
         self.unreadable = []
-        if not root.is_dir():
-            raise WebstatsError(f"log source {root}: not a directory")
+        if not self.root.is_dir():
+            raise WebstatsError(f"log source {self.url}: not a directory nor an s3:// URL")
 
     def list(self, window: Window = EVERYTHING) -> tuple[list[LogObject], list[str]]:
         objects: list[LogObject] = []
@@ -424,7 +424,7 @@ def open_source(url: str) -> Source:
     """A source from ``s3://bucket/prefix`` or a directory path."""
     if url.startswith("s3://"):
         return S3Source(url)
-    return DirSource(Path(url))
+    return DirSource(url)
 
 
 # --- reading -----------------------------------------------------------------------------------
