@@ -6,6 +6,8 @@ from __future__ import annotations
 import contextlib
 import datetime as dt
 import random
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -356,6 +358,23 @@ def test_database_down_is_503_not_500(clean_env, monkeypatch):
     assert client.get("/healthz").status_code == 503
     assert client.get(P + "main.css").status_code == 200  # no database needed
     assert client.get(P + "nosuch/").status_code == 404
+
+
+@pytest.mark.parametrize("where", ["directory", "missing directory"])
+def test_a_sqlite_file_that_cannot_be_opened_is_503_and_named(clean_env, monkeypatch, where):
+    """SQLite's own error names no file: the web answers 503, and check names the file."""
+    path = clean_env if where == "directory" else clean_env / "nowhere" / "x.db"
+    why = "a directory" if where == "directory" else f"no directory {path.parent}"
+    monkeypatch.setenv("WEBSTATS_DATABASE_URL", f"sqlite:///{path}")
+    client = create_app(load_settings()).test_client()
+    assert client.get("/healthz").status_code == 503
+    assert client.get(P + "bioc/bioc_stats.tab").status_code == 503
+    res = subprocess.run([str(Path(sys.executable).parent / "bioc-webstats"), "check"],
+                         capture_output=True, text=True, timeout=60)  # fmt: skip
+    assert res.returncode == 1
+    assert res.stderr == (
+        f"bioc-webstats: error: database: unable to open database file {path}: {why}\n"
+    )
 
 
 def _allow_connections(url: str, allow: bool) -> None:

@@ -41,6 +41,7 @@ def get_engine(url: str) -> Engine:
     if engine is None:
         if url.startswith("sqlite"):
             engine = create_engine(url, connect_args={"timeout": 30})
+            event.listen(engine, "do_connect", _sqlite_file)
             event.listen(engine, "connect", _sqlite_pragmas)
         else:
             engine = create_engine(
@@ -96,6 +97,23 @@ def forget_inherited_connections() -> None:
     (closing would end the parent's sessions; SQLAlchemy's recipe for multiprocessing)."""
     for engine in _engines.values():
         engine.dispose(close=False)
+
+
+def _sqlite_file(_dialect, _record, cargs, _cparams) -> None:
+    """SQLite says only "unable to open database file": name the file and why (as the
+    driver's own error, so every caller handles it as a database error)."""
+    import sqlite3
+
+    name = str(cargs[0]) if cargs else ""
+    if not name or name == ":memory:" or name.startswith("file:"):
+        return
+    path = Path(name)
+    if path.is_dir():
+        raise sqlite3.OperationalError(f"unable to open database file {path}: a directory")
+    if not path.parent.is_dir():
+        raise sqlite3.OperationalError(
+            f"unable to open database file {path}: no directory {path.parent}"
+        )
 
 
 def _sqlite_pragmas(dbapi_conn, _record) -> None:
