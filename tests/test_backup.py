@@ -183,6 +183,29 @@ def test_a_destination_that_cannot_be_made_is_one_line(db_url, clean_env, monkey
     assert blocker.read_text() == "not a directory\n"
 
 
+def test_a_file_that_is_no_backup_is_not_replaced(db_url, clean_env, monkeypatch):
+    """A typo in the path (a log, a config file) is not overwritten by a dump; a bad --s3 is
+    refused before anything is dumped."""
+    monkeypatch.setenv("WEBSTATS_DATABASE_URL", db_url)
+    db.upgrade(db_url)
+    notes = clean_env / "notes.txt"
+    notes.write_text("keep me\n")
+    res = run("db", "backup", str(notes))
+    assert res.returncode == 1
+    assert res.stderr == (
+        f"bioc-webstats: error: backup: {notes} exists and is not a backup: choose another file\n"
+    )
+    assert notes.read_text() == "keep me\n"
+    dest = clean_env / "new.dump"
+    res = run("db", "backup", str(dest), "--s3", "notaurl")
+    assert (res.returncode, res.stderr) == (
+        1, "bioc-webstats: error: --s3 must be s3://bucket/prefix, got 'notaurl'\n"
+    )  # fmt: skip
+    assert not dest.exists()
+    assert run("db", "backup", str(dest)).returncode == 0  # a backup replaces a backup
+    assert run("db", "backup", str(dest)).returncode == 0
+
+
 def test_a_failed_backup_keeps_the_earlier_one(db_url, clean_env, monkeypatch):
     """The dump goes beside the destination and is renamed over it once complete: a dump that
     fails (here its file cannot be opened) leaves the earlier backup as it was."""
@@ -190,12 +213,12 @@ def test_a_failed_backup_keeps_the_earlier_one(db_url, clean_env, monkeypatch):
     db.upgrade(db_url)
     dest = clean_env / "b" / "webstats.dump"
     dest.parent.mkdir()
-    dest.write_bytes(b"yesterday's backup\n")
+    dest.write_bytes(b"PGDMP yesterday's backup\n")
     (dest.parent / f".{dest.name}.partial-{os.getpid()}").mkdir()  # the dump cannot be written
     with pytest.raises(WebstatsError) as err:
         backup.backup(load_settings(), dest)
     assert "\n" not in str(err.value) and dest.name in str(err.value)
-    assert dest.read_bytes() == b"yesterday's backup\n"
+    assert dest.read_bytes() == b"PGDMP yesterday's backup\n"
     (dest.parent / f".{dest.name}.partial-{os.getpid()}").rmdir()
     done = backup.backup(load_settings(), dest)  # then a good one replaces it, 0600
     assert done.size == dest.stat().st_size > 100

@@ -115,6 +115,12 @@ def backup(settings: Settings, dest: Path, s3_url: str | None = None) -> BackupR
         raise WebstatsError(f"backup: {dest} exists and is not a regular file: choose another")
     if sqlite and Path(url.database or "").resolve() == dest.resolve():
         raise WebstatsError(f"backup: {dest} is the database itself: choose another file")
+    if dest.is_file() and dest.stat().st_size and not _is_backup(dest):
+        # An earlier backup is replaced (the deploy's own name each time); anything else
+        # there is a typo in the path, and kept.
+        raise WebstatsError(f"backup: {dest} exists and is not a backup: choose another file")
+    if s3_url:
+        _s3_prefix(s3_url)  # a bad URL is refused before the dump, not after it
     old_umask = os.umask(0o077)
     try:
         _make_dir(dest.parent, "backup")
@@ -181,12 +187,28 @@ def _backup_sqlite(url: URL, partial: Path, dest: Path) -> None:
         source.close()
 
 
-def _upload(dest: Path, s3_url: str) -> str:
-    from .aws import _aws_errors, client, describe_error
+def _is_backup(path: Path) -> bool:
+    """The file starts as a pg_dump archive or an SQLite database does."""
+    try:
+        with path.open("rb") as fh:
+            head = fh.read(16)
+    except OSError:
+        return False
+    return head.startswith(b"PGDMP") or head == b"SQLite format 3\x00"
 
+
+def _s3_prefix(s3_url: str) -> tuple[str, str]:
+    """(bucket, prefix) of ``s3://bucket/prefix``."""
     if not re.match(r"^s3://[a-z0-9][a-z0-9.-]+[a-z0-9](/.*)?$", s3_url):
         raise WebstatsError(f"--s3 must be s3://bucket/prefix, got {s3_url!r}")
     bucket, _, prefix = s3_url[5:].partition("/")
+    return bucket, prefix
+
+
+def _upload(dest: Path, s3_url: str) -> str:
+    from .aws import _aws_errors, client, describe_error
+
+    bucket, prefix = _s3_prefix(s3_url)
     key = f"{prefix.strip('/')}/{dest.name}".lstrip("/")
     try:
         client("s3").upload_file(
