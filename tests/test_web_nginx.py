@@ -226,6 +226,19 @@ def test_a_published_directory_without_its_slash_is_redirected_by_nginx(front):
     assert front.get(headers["Location"])[0] == 200
 
 
+def test_a_redirect_too_long_for_a_location_is_414_not_502(front):
+    """The app escapes a query's ^ { | … into %XX (three times as long) and keeps it in the
+    Location; past nginx's 4 KB header buffer that was a 502. Past MAX_LOCATION it is 414;
+    below it, the 301 keeps the query."""
+    for path in ("/packages/stats", "/packages/stats/bioc/affy.html"):
+        got, headers, _ = front.get(path + "?" + "^" * 1300)
+        assert got == 414, path
+        assert headers["Cache-Control"] == "no-store"
+        got, headers, _ = front.get(path + "?" + "^" * 500)
+        assert got == 301 and headers["Location"].endswith("?" + "%5E" * 500), path
+    assert front.get("/packages/stats?" + "a" * 3800)[0] == 414
+
+
 def test_dot_files_and_slash_runs_never_come_from_disk(front):
     meta = front.publish_dir / "current" / ".version.json"
     assert meta.is_file()  # the app's own dot-file at the version's root

@@ -255,6 +255,11 @@ def _plain(status: int, title: str, message: str) -> Response:
     return resp
 
 
+# The longest Location a redirect carries: nginx takes an upstream's headers in one 4 KB buffer
+# (a longer one was its 502), and a query escaped here can grow to three times its length.
+MAX_LOCATION = 2048
+
+
 def _redirect(location: str, max_age: int) -> Response:
     """The contract's 301 to a canonical path, with the Cache-Control nginx gives its own
     (a cache treats both kinds of redirect alike)."""
@@ -264,6 +269,8 @@ def _redirect(location: str, max_age: int) -> Response:
     qs = request.query_string.decode("latin-1")
     if qs:
         target += "?" + quote(qs, safe="/?&=+%;:@,$!*'()~")
+    if len(target) > MAX_LOCATION:
+        return _plain(414, "URI Too Long", "The address is too long.")
     resp = Response(status=301)
     resp.headers["Location"] = target
     resp.headers["Cache-Control"] = f"public, max-age={max_age}"
