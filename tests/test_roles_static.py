@@ -352,3 +352,20 @@ def test_nginx_is_installed():
     """Tests that need nginx fail without it (make deps installs nginx-light)."""
     assert Path(nginx_binary()).is_file()
     assert NGINX_TEMPLATES.is_dir()
+
+
+def test_every_runbook_section_named_elsewhere_exists():
+    """A message or comment that sends SysOps to `RUNBOOK.md, "Section"` names a real heading
+    (the deploy's failure message named a section that did not exist)."""
+    runbook = (REPO / "docs" / "RUNBOOK.md").read_text()
+    headings = {m.group(1).strip() for m in re.finditer(r"^#+ (.+)$", runbook, re.M)}
+    refs = []
+    for top in ("src", "roles", "playbooks", "systemd", "iam", "docs"):
+        for path in (REPO / top).rglob("*"):
+            if path.suffix not in (".py", ".yml", ".j2", ".md") or not path.is_file():
+                continue
+            for m in re.finditer(r'RUNBOOK(?:\.md)?,? "([^"\n]+)"', path.read_text()):
+                refs.append((path.relative_to(REPO), m.group(1)))
+    assert len(refs) >= 8, refs
+    missing = [(str(p), name) for p, name in refs if not any(h.startswith(name) for h in headings)]
+    assert missing == []
