@@ -23,7 +23,8 @@ FETCH_TIMEOUT = 30.0  # seconds, per read
 FETCH_DEADLINE = 300.0  # seconds, per file
 MAX_BYTES = 64 * 1024 * 1024  # the largest PACKAGES today is a few MB
 
-_VERSION = re.compile(r"^\d{1,3}\.\d{1,3}$")  # a release: its column holds 16 characters
+# A release X.Y, as config.yaml and the packages CSV give it (its column holds 16 characters).
+RELEASE = re.compile(r"^\d{1,3}\.\d{1,3}$")
 _TOP_KEY = re.compile(r"^([A-Za-z_][A-Za-z0-9_]*)\s*:\s*(.*?)\s*$")
 # A valid R package name (etl.md): letters, digits and dots, starts with a letter.
 _PKG_NAME = re.compile(r"^[A-Za-z][A-Za-z0-9.]*[A-Za-z0-9]$")
@@ -150,7 +151,7 @@ def read_manifest(source: str, timeout: float = FETCH_TIMEOUT) -> Manifest:
     versions = {}
     for key in ("release_version", "devel_version"):
         value = conf.get(key, "")
-        if not _VERSION.match(value):
+        if not RELEASE.match(value):
             got = f"{value!r}" if value else "missing"
             raise WebstatsError(f"{where}: {key} must be a version like 3.20, got {got}")
         versions[key] = value

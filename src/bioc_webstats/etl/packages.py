@@ -20,10 +20,9 @@ from ..config import Settings
 from ..errors import WebstatsError
 from ..store import db
 from ..store.models import Package
-from .manifest import FETCH_TIMEOUT, Manifest, read_manifest, version_key
+from .manifest import FETCH_TIMEOUT, RELEASE, Manifest, read_manifest, version_key
 
 _CODE = re.compile(r"^\d{3,4}$")
-_XY = re.compile(r"^\d{1,3}\.\d{1,3}$")  # a release: its column holds 16 characters
 # A packages CSV is a few hundred KB (5,994 rows since 2009): bounds that stop /dev/zero or a
 # file without line breaks before it takes the memory.
 MAX_CSV_BYTES = 64 * 1024 * 1024
@@ -35,7 +34,7 @@ def release_from_code(value: str) -> str | None:
     value = value.strip()
     if not value:
         return None
-    if _XY.match(value):
+    if RELEASE.match(value):
         return value
     if _CODE.match(value):
         n = int(value)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime as dt
 import secrets
+import sqlite3
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -102,8 +103,6 @@ def forget_inherited_connections() -> None:
 def _sqlite_file(_dialect, _record, cargs, _cparams) -> None:
     """SQLite says only "unable to open database file": name the file and why (as the
     driver's own error, so every caller handles it as a database error)."""
-    import sqlite3
-
     name = str(cargs[0]) if cargs else ""
     if not name or name == ":memory:" or name.startswith("file:"):
         return
