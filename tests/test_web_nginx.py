@@ -193,6 +193,16 @@ def _unbuilt_package(front) -> str:
     return next(n for n in names if not (stats_dir / n).exists())
 
 
+def _unbuilt_files(front) -> list[str]:
+    """Each package's ``_stats.tab`` not published yet, in every category (the app answers
+    for them until they are)."""
+    urls = []
+    for cat in ("bioc", "data-annotation", "data-experiment", "workflows"):
+        names = front.get(f"/packages/stats/{cat}/{cat}_packages.txt")[2].decode().split()
+        urls += [f"/packages/stats/{cat}/{n}/{n}_stats.tab" for n in names]
+    return [u for u in urls if not published(front, u).exists()]
+
+
 def test_what_has_no_file_goes_to_gunicorn(front):
     # a package not published yet (its redirect, its page), /healthz, a 404
     unbuilt = _unbuilt_package(front)
@@ -538,6 +548,40 @@ def test_fifty_thousand_headers_get_4xx_and_memory_stays_flat(front):
     assert 400 <= status_of(answer) < 500, answer[:200]
     assert_security_headers(answer)
     _assert_flat(before, _all_rss(front))
+
+
+def test_many_small_headers_are_one_limit_for_files_and_the_app(front):
+    """nginx bounds a request's headers by size (its 400); gunicorn's own count limit (100
+    fields) made the same request a 431 where the app answers and a 200 for a file on disk."""
+    extra = b"".join(b"X-H%d: v\r\n" % i for i in range(300))
+    unbuilt = _unbuilt_package(front)
+    for path in (b"/packages/stats/bioc/bioc_packages.txt", b"/healthz",
+                 f"/packages/stats/bioc/{unbuilt}/".encode()):  # fmt: skip
+        answer = raw_get(front, path, extra)
+        assert status_of(answer) == 200, (path, answer[:200])
+
+
+def test_the_app_judges_conditions_as_nginx_does(front):
+    """nginx passes the app only the headers it reads, the conditional ones among them; the
+    app answers them as nginx answers for a file on disk (werkzeug's send_file gave 412 to an
+    If-Match that matched, 200 to one that did not)."""
+    etag = front.get(STATIC)[1]["ETag"]
+    past = email.utils.formatdate(1_000_000_000, usegmt=True)
+    later = email.utils.formatdate(1_800_000_000, usegmt=True)
+    for headers, status in [
+        ({"If-None-Match": "*"}, 304),
+        ({"If-Modified-Since": later}, 304),
+        ({"If-Match": "*"}, 200),
+        ({"If-Match": '"other"'}, 412),
+        ({"If-Unmodified-Since": past}, 412),
+        ({"If-Unmodified-Since": later}, 200),
+        ({"If-Match": "*", "If-Unmodified-Since": past}, 412),  # nginx judges both
+    ]:
+        assert front.get(STATIC, headers=headers)[0] == status, ("disk", headers)
+        page = _unbuilt_files(front)[0]
+        assert front.get(page, headers=headers)[0] == status, ("app", headers)
+        assert gunicorn_saw(front, page), headers
+    assert front.get(STATIC, headers={"If-Match": etag})[0] == 200
 
 
 def test_a_slow_client_is_cut_off(front):

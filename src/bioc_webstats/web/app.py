@@ -34,7 +34,7 @@ from flask import Flask, Response, jsonify, request, send_file
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session
 from werkzeug.exceptions import HTTPException
-from werkzeug.http import HTTP_STATUS_CODES
+from werkzeug.http import HTTP_STATUS_CODES, parse_date, parse_etags
 
 from .. import __version__
 from ..config import Settings, load_settings
@@ -277,10 +277,25 @@ def _redirect(location: str, max_age: int) -> Response:
     return resp
 
 
+def _precondition_failed(etag: str, mtime: float) -> bool:
+    """If-Match and If-Unmodified-Since, each judged as nginx judges them for a file on disk.
+    If-Match is taken out of the request: werkzeug's send_file answers it inverted (412 when
+    it matches)."""
+    if_match = request.environ.pop("HTTP_IF_MATCH", None)
+    if if_match is not None and if_match.strip() != "*":
+        if not parse_etags(if_match).is_strong(etag):
+            return True
+    since = parse_date(request.environ.get("HTTP_IF_UNMODIFIED_SINCE"))
+    return since is not None and int(mtime) > since.timestamp()
+
+
 def _send(path_or_body: Path | bytes, ctype: str, etag: str, mtime: float, max_age: int):
-    """200 (or 304 when the request's validators match) with nginx's headers."""
+    """200 (or 304 when the request's validators match, 412 when a precondition fails) with
+    nginx's headers."""
     import io
 
+    if _precondition_failed(etag, mtime):
+        return _plain(412, "Precondition Failed", "Precondition Failed.")
     if isinstance(path_or_body, Path):
         resp = send_file(path_or_body, mimetype=ctype, etag=etag, last_modified=mtime,
                          max_age=max_age, conditional=True)  # fmt: skip

@@ -55,7 +55,8 @@ if os.path.isdir("/dev/shm"):  # noqa: S108 - gunicorn's heartbeat files, kept o
 # from a loopback peer into the WSGI environ (its default forwarder_headers), so a client of a
 # TCP bind could mount the site under any prefix or get a 500. nginx sets neither.
 forwarder_headers = ""
-# gunicorn's own parser limits (nginx in front has its own, smaller ones).
+# gunicorn's own parser limits, for a TCP bind without nginx (nginx passes the app only the
+# few headers it reads, within nginx's own limits).
 limit_request_line = 4094
 limit_request_fields = 100
 limit_request_field_size = 8190
