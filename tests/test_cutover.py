@@ -350,6 +350,10 @@ def test_run_on_a_symlinked_folder_is_not_zero_objects(db_url, tmp_path):
         (["--until", "tomorrow"], "'tomorrow' is not a date YYYY-MM-DD"),
         (["--since", "20240101"], "'20240101' is not a date YYYY-MM-DD"),  # fromisoformat took it
         (["--until", "2024-W05-2"], "'2024-W05-2' is not a date YYYY-MM-DD"),
+        (
+            ["--until", "9999-12-31"],
+            "'9999-12-31' is not a date YYYY-MM-DD from 1990-01-01 to 2999",
+        ),
         (["--source", " "], "Invalid value for '--source': empty: name a directory or a URL"),
         (
             ["--since", "2024-02-01", "--until", "2024-01-31"],

@@ -170,8 +170,8 @@ def test_status_reports_the_facts(db_url, tmp_path, monkeypatch, capsys, ready, 
     bad = capsys.readouterr()
     assert bad.out.splitlines() == [*lines[:8], "cut-over day (etl/logs_since): not set"]
     assert bad.err == (
-        "bioc-webstats: error: parameter etl/logs_since must be a date YYYY-MM-DD, "
-        "got '2024-13-01'\n"
+        "bioc-webstats: error: parameter etl/logs_since must be a date YYYY-MM-DD from "
+        "1990-01-01 to 2999-12-31, got '2024-13-01'\n"
     )
     monkeypatch.setenv("WEBSTATS_ETL_LOGS_SINCE", "2024-01-01")
     assert cli_run(monkeypatch, db_url, tmp_path, "status", "--json") == 0

@@ -9,6 +9,8 @@ import logging
 import os
 import shutil
 import sqlite3
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -243,13 +245,18 @@ def test_malformed_rows_are_counted_not_fatal(sqlite_settings, tmp_path, caplog)
         legacygen.row(day="31/Feb/2024"), legacygen.row(day=None), legacygen.row(day="3/Jan/2024"),
         legacygen.row(ips=""), legacygen.row(ips=None), legacygen.row(ips="-"),
         legacygen.row(ips=", 10.0.0.7"), legacygen.row(url="/" + "x" * 9000),
+        legacygen.row(day="31/Dec/1999"), legacygen.row(day="15/Jun/1995"),
     ]  # fmt: skip
     caplog.set_level(logging.INFO, "bioc_webstats")
     rows = [legacygen.row(), *bad, legacygen.row(ips="192.0.2.77")]
     assert import_rows(sqlite_settings, tmp_path / "download_db_2024.sqlite", rows)
     unit = {k: v for k, v in ledger(sqlite_settings.database_url).items() if "/rows-" in k}
-    assert list(unit.values()) == [(12, 2, 10)]
-    assert "skipped 10 malformed (day_month_year not a day like 17/Sep/2023: 5" in caplog.text
+    assert list(unit.values()) == [(14, 2, 12)]
+    # (a day before 2000 was "on or after the cut-over": the codes of a bad day are negative)
+    assert (
+        "12 malformed (day_month_year not a day like 17/Sep/2023 (from 2000 on): 7" in caplog.text
+    )
+    assert ", 0 dated on or after 2030-01-01" in caplog.text
     assert "no client address in ips: 4" in caplog.text
     assert "url or ips longer than 8 KiB: 1" in caplog.text
 
@@ -272,7 +279,10 @@ def test_cutover_day_until_or_logs_since_or_refused(db_url, tmp_path, monkeypatc
     assert legacy.import_files(later, [str(path)], replace=True)
     assert days() == [9, 10]
     bad = make_settings(db_url, tmp_path, WEBSTATS_ETL_LOGS_SINCE="2020-13-01")
-    with pytest.raises(ConfigError, match=r"^parameter etl/logs_since must be a date YYYY-MM-DD, "):
+    with pytest.raises(
+        ConfigError,
+        match=r"^parameter etl/logs_since must be a date YYYY-MM-DD from 1990-01-01 to 2999-12-31,",
+    ):
         legacy.import_files(bad, [str(path)])
     # the command line: one line, exit 1, no traceback
     from bioc_webstats import cli
@@ -366,6 +376,131 @@ def test_broken_files_fail_alone(db_url, tmp_path, caplog, monkeypatch, capsys):
     assert exc.value.code == 1 and "Traceback" not in err
     assert "notes.sqlite: not an SQLite database; not imported" in caplog.text
     assert err.strip().splitlines()[-1].startswith("bioc-webstats: error: import legacy-db: some")
+
+
+def _hot_journal(path: Path) -> None:
+    """A copy of a file and its -journal taken during a write (an interrupted write)."""
+    src = path.with_name("src-" + path.name)
+    good_db(src, n=2000)
+    con = sqlite3.connect(src, isolation_level=None)
+    con.execute("PRAGMA cache_size=1")  # pages reach the file before the commit
+    con.execute("BEGIN")
+    con.execute("UPDATE access_log SET ips = '203.0.113.9'")
+    shutil.copy(src, path)
+    shutil.copy(src.with_name(src.name + "-journal"), path.with_name(path.name + "-journal"))
+    con.execute("ROLLBACK")
+    con.close()
+    src.unlink()
+
+
+def test_tables_whose_rows_are_no_file_rows_fail_alone(sqlite_settings, tmp_path, caplog):
+    """Found by a probe: an FTS5 table over a view read the view's rows (an endless view:
+    the import hung); columns named rowid, _rowid_ and oid hid the rowid (a traceback that
+    stopped the whole import); a name with a newline forged a second log line; an
+    interrupted write's journal said only "attempt to write a readonly database"."""
+    d = tmp_path / "in"
+    d.mkdir()
+    good = good_db(d / "download_db_2024.sqlite")
+    bad: dict[str, str] = {}
+    with sqlite3.connect(d / "fts.sqlite") as con:
+        con.execute(
+            "CREATE VIEW v AS WITH RECURSIVE c(x) AS (SELECT 1 UNION ALL SELECT x + 1 FROM c) "
+            "SELECT x AS r, '1.2.3.4' ips, '30/Jan/2024' day_month_year, 'GET' method, "
+            f"'{DL}' url, '200' statuscode FROM c"
+        )
+        con.execute(
+            "CREATE VIRTUAL TABLE access_log USING fts5(ips, day_month_year, method, url, "
+            "statuscode, content='v', content_rowid='r')"
+        )
+    bad["fts.sqlite"] = "access_log is a virtual table, not a table"
+    with sqlite3.connect(d / "shadowed.sqlite") as con:
+        con.execute(
+            "CREATE TABLE access_log (rowid, _rowid_, oid, ips, day_month_year, method, url, "
+            "statuscode)"
+        )
+        con.execute(f"INSERT INTO access_log VALUES ('a', 'b', 'c', '1.2.3.4', '30/Jan/2024', "
+                    f"'GET', '{DL}', '200')")  # fmt: skip
+    bad["shadowed.sqlite"] = "columns named rowid, _rowid_ and oid"
+    _hot_journal(d / "hot.sqlite")
+    bad["hot.sqlite"] = "a -journal file beside it holds an interrupted write"
+    caplog.set_level(logging.INFO, "bioc_webstats")
+    newline = d / "download_db_2023\nforged: imported.sqlite"
+    shutil.copy(good, newline)
+    paths = [str(good), *(str(d / n) for n in bad), str(newline)]
+    assert legacy.import_files(sqlite_settings, paths, until="2030-01-01") is False
+    errors = [r.getMessage() for r in caplog.records if r.levelno == logging.ERROR]
+    for name, why in bad.items():
+        mine = [m for m in errors if str(d / name) in m.split(": ")[0]]
+        assert len(mine) == 1 and why in mine[0], (name, errors)
+    assert len(errors) == len(bad) + 1
+    assert "\n" not in errors[-1] and "its name has a control character" in errors[-1]
+    assert f"{len(paths)} files ({len(paths) - 1} failed" in caplog.text
+    pkg, _ = stats_tables(sqlite_settings.database_url)
+    assert pkg[("bioc", "limma", 2024, 1)] == (40, 40)
+
+
+def test_a_column_named_rowid_and_a_generated_column(sqlite_settings, tmp_path):
+    """A column named rowid hides SQLite's rowid from ``rowid`` (not from ``_rowid_``); a
+    generated column is a column (PRAGMA table_info does not list it)."""
+    path = tmp_path / "download_db_2024.sqlite"
+    with sqlite3.connect(path) as con:
+        con.execute(
+            "CREATE TABLE access_log (rowid TEXT, ips, day_month_year, method, statuscode, "
+            "path, url TEXT GENERATED ALWAYS AS ('http://h' || path) VIRTUAL)"
+        )
+        con.executemany(
+            "INSERT INTO access_log (rowid, ips, day_month_year, method, statuscode, path) "
+            "VALUES (?, ?, '30/Jan/2024', 'GET', '200', ?)",
+            [(v, f"198.51.100.{i}", DL) for i, v in enumerate(["a", None, "1.5", "z"])],
+        )
+    assert legacy.import_files(sqlite_settings, [str(path)], until="2030-01-01", unit_rows=2)
+    pkg, _ = stats_tables(sqlite_settings.database_url)
+    assert pkg[("bioc", "limma", 2024, 1)] == (4, 4)
+    keys = sorted(
+        k.rsplit("/", 1)[1] for k in ledger(sqlite_settings.database_url) if "/rows-" in k
+    )
+    assert keys == ["rows-1-2", "rows-3-4"]
+
+
+def test_negative_rowids_are_units_like_any_other(sqlite_settings, tmp_path, caplog):
+    """Keys ``rows--10--9`` were not read back as ranges: rows appended later were imported
+    again with the old ones (counted twice)."""
+    path = tmp_path / "download_db_2024.sqlite"
+    with sqlite3.connect(path) as con:
+        con.execute("CREATE TABLE access_log (ips, day_month_year, method, url, statuscode)")
+        con.executemany(
+            "INSERT INTO access_log (rowid, ips, day_month_year, method, url, statuscode) "
+            "VALUES (?, ?, '30/Jan/2024', 'GET', ?, '200')",
+            [(-10, "198.51.100.1", DL), (-9, "198.51.100.2", DL)],
+        )
+    assert legacy.import_files(sqlite_settings, [str(path)], until="2030-01-01")
+    with sqlite3.connect(path) as con:
+        con.execute(
+            "INSERT INTO access_log VALUES ('198.51.100.3', '31/Jan/2024', 'GET', ?, '200')", (DL,)
+        )
+    caplog.set_level(logging.INFO, "bioc_webstats")
+    assert legacy.import_files(sqlite_settings, [str(path)], until="2030-01-01")
+    assert "1 imported, 0 replaced, 1 unchanged" in caplog.text
+    keys = sorted(
+        k.rsplit("/", 1)[1] for k in ledger(sqlite_settings.database_url) if "/rows-" in k
+    )
+    assert keys == ["rows--10--9", "rows--8--8"]  # (SQLite appends at the largest + 1)
+    assert sum(n for *_, n in records(sqlite_settings.database_url)) == 3
+
+
+def test_a_wal_file_the_import_left_empty_is_no_change(sqlite_settings, tmp_path, caplog):
+    """Reading a WAL-mode file leaves an empty -wal beside it: the next import read the whole
+    file again, as changed."""
+    path = good_db(tmp_path / "download_db_2024.sqlite")
+    with sqlite3.connect(path) as con:
+        assert con.execute("PRAGMA journal_mode=wal").fetchone()[0] == "wal"
+    con.close()
+    assert not path.with_name(path.name + "-wal").exists()
+    assert legacy.import_files(sqlite_settings, [str(path)], until="2030-01-01")
+    assert path.with_name(path.name + "-wal").stat().st_size == 0
+    caplog.set_level(logging.INFO, "bioc_webstats")
+    assert legacy.import_files(sqlite_settings, [str(path)], until="2030-01-01")
+    assert "imported before and unchanged since" in caplog.text
 
 
 # --- exactly once ---------------------------------------------------------------------------
@@ -603,6 +738,8 @@ def test_native_and_python_readers_give_the_same_bytes(tmp_path):
         legacygen.row(url=DL.encode() + b"\xff\xfe"), legacygen.row(ips=b"1.2.3.4\x00x"),
         legacygen.row(status=200), legacygen.row(status=200.0), legacygen.row(status=b"302"),
         legacygen.row(day="29/Feb/2020"), legacygen.row(day="29/Feb/2021"),
+        # one C cache key "GET\0" "200" for both (a probe): the answer of the first, twice
+        legacygen.row(method="GET\0", status="200"), legacygen.row(method="GET", status="\x00200"),
     ]  # fmt: skip
     legacygen.write_rows(odd, weird * 3)
     downloads = 0
@@ -621,6 +758,37 @@ def test_native_and_python_readers_give_the_same_bytes(tmp_path):
         legacy_rows.Rule(KEY, dt.date(2030, 1, 1)), odd, "statuscode", 1, 13
     )
     assert one.reasons == [2, 2, 1, 0, 0, 0, 3] and one.downloads == 5
+    two = legacy_rows.read_unit(
+        legacy_rows.Rule(KEY, dt.date(2030, 1, 1)), odd, "statuscode", 14, 15
+    )
+    assert two.reasons == [0, 0, 1, 0, 0, 1, 0]
+
+
+def test_the_python_loop_keeps_its_caches_and_rows_bounded(tmp_path):
+    """The Python loop's rule caches grew with every url that was no download (only those
+    of downloads were counted), and it fetched 4,096 rows at a time (4 GB of 1 MB rows)."""
+    path = tmp_path / "download_db_2024.sqlite"
+    urls = [f"/{'d' * 150}{i:06d}/x.html" for i in range(2000)]
+    legacygen.write_rows(path, [legacygen.row(url=u) for u in urls])
+    r = legacy_rows.Rule(KEY, dt.date(2030, 1, 1), cache_bytes=10_000)
+    for lo in (1, 1001):
+        got = legacy_rows.read_unit_python(r, path, "statuscode", lo, lo + 999)
+        assert got.reasons[legacy_rows.R_PATH] == 1000
+    assert len(r.dirs) + len(r.files) <= 2 * 1000  # the second unit's, not both
+    big = tmp_path / "download_db_2023.sqlite"
+    good_db(big, n=1000)
+    with sqlite3.connect(big) as con:  # 1000 rows of 1 MB each, in a file of a few KB
+        con.execute(f"ALTER TABLE access_log ADD COLUMN x TEXT DEFAULT '{'A' * (1 << 20)}'")
+        con.execute("UPDATE access_log SET url = x")
+    code = (
+        "import resource, sys, datetime as dt; from pathlib import Path;"
+        "resource.setrlimit(resource.RLIMIT_AS, (800 << 20, 800 << 20));"
+        "from bioc_webstats.etl import legacy_rows as L;"
+        f"u = L.read_unit_python(L.Rule(b'k', dt.date(2030, 1, 1)), Path({str(big)!r}),"
+        "'statuscode', 1, 1000); print(u.rows, u.reasons[L.R_LONG])"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.stdout.split() == ["1000", "1000"], done.stderr[-2000:]
 
 
 # --- the demo's take-over -----------------------------------------------------------------------
@@ -710,7 +878,9 @@ def test_readers_end_when_the_import_stops_early(tmp_path):
     from killharness import alive, descendants
 
     path = good_db(tmp_path / "download_db_2024.sqlite", n=3000)
-    tasks = [(f"k{lo}", str(path), "statuscode", lo, lo + 99) for lo in range(1, 3001, 100)]
+    tasks = [
+        (f"k{lo}", str(path), ("statuscode", "rowid"), lo, lo + 99) for lo in range(1, 3001, 100)
+    ]
     units = legacy_rows.read_all(tasks, KEY, dt.date(2030, 1, 1), workers=2)
     first = next(units)
     assert first.rows == 100 and first.downloads == 100

@@ -227,13 +227,13 @@ def etl_group() -> None:
 
 def _iso_date(value: str | None) -> str | None:
     """A YYYY-MM-DD option value, else a usage error (exit 2)."""
-    from .config import parse_day
+    from .config import DAY_TEXT, parse_day
 
     if value is not None:
         try:
             parse_day(value)
         except ValueError:
-            raise click.BadParameter(f"{value!r} is not a date YYYY-MM-DD") from None
+            raise click.BadParameter(f"{value!r} is not {DAY_TEXT}") from None
     return value
 
 

@@ -183,9 +183,7 @@ class Settings:
         try:
             return parse_day(value)
         except ValueError:
-            raise ConfigError(
-                f"parameter {name} must be a date YYYY-MM-DD, got {value!r}"
-            ) from None
+            raise ConfigError(f"parameter {name} must be {DAY_TEXT}, got {value!r}") from None
 
     def problems(self, topics: tuple[str, ...] = ()) -> list[str]:
         """What is wrong with the typed parameters' values (each as its getter says it), of
@@ -218,6 +216,7 @@ _HOST = re.compile(r"[A-Za-z0-9._-]+|\[[0-9A-Fa-f:.]+\]")
 # The days any option or parameter may name: the statistics start in 2009; a day far outside
 # (0001-01-01, 9999-12-31) would overflow the date arithmetic of the windows around it.
 DAY_RANGE = (dt.date(1990, 1, 1), dt.date(2999, 12, 31))
+DAY_TEXT = f"a date YYYY-MM-DD from {DAY_RANGE[0]} to {DAY_RANGE[1]}"
 
 
 def parse_day(value: str) -> dt.date:

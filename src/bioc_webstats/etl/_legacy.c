@@ -146,16 +146,22 @@ typedef struct {
     Table days, ms, ipok, ipbad, urls; /* answers of the callbacks, for the process */
 } Reader;
 
-/* method and status → MS_*, cached on "method\0status". */
+/* "method\0status" would be one key for ("GET\0", "200") and ("GET", "\0200"): the key is
+   the method's length (one byte), the method, the status. */
+static void ms_key(char *key, const char *m, size_t ml, const char *st, size_t sl) {
+    key[0] = (char)(unsigned char)ml;
+    memcpy(key + 1, m, ml);
+    memcpy(key + 1 + ml, st, sl);
+}
+
+/* method and status → MS_*, cached on ms_key. */
 static int ask_ms(Reader *r, const char *m, size_t ml, const char *st, size_t sl, int64_t *out) {
     char key[KEY_MAX + 1];
-    int cache = ml + sl <= r->cache_max;
+    int cache = ml <= 255 && ml + sl <= r->cache_max;
     uint64_t h = 0;
     Slot *s = NULL;
     if (cache) {
-        memcpy(key, m, ml);
-        key[ml] = 0;
-        memcpy(key + ml + 1, st, sl);
+        ms_key(key, m, ml, st, sl);
         h = hash_bytes(key, ml + 1 + sl);
         s = table_find(&r->ms, key, ml + 1 + sl, h);
         if (s->len != EMPTY) {
@@ -345,16 +351,13 @@ static int scan_rows(Reader *r, sqlite3_stmt *st, Counts *c, long long *rows,
         int64_t ms;
         char mskey[sizeof lms.v];
         size_t mkl = ml + 1 + sl;
-        if (mkl <= sizeof mskey) { /* "method\0status", compared with the last row's */
-            memcpy(mskey, m, ml);
-            mskey[ml] = 0;
-            memcpy(mskey + ml + 1, s, sl);
-        }
-        if (mkl <= sizeof mskey && last_is(&lms, mskey, mkl)) {
+        int keyed = ml <= 255 && mkl <= sizeof mskey;
+        if (keyed) ms_key(mskey, m, ml, s, sl); /* compared with the last row's */
+        if (keyed && last_is(&lms, mskey, mkl)) {
             ms = lms.answer;
         } else {
             if (ask_ms(r, m, ml, s, sl, &ms) < 0) return -1;
-            if (mkl <= sizeof mskey) last_set(&lms, mskey, mkl, ms);
+            if (keyed) last_set(&lms, mskey, mkl, ms);
         }
         if (ms == MS_BAD) {
             reasons[R_STATUS]++;

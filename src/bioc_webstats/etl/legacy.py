@@ -62,6 +62,7 @@ from .legacy_rows import (
     R_PATH,
     R_UNTIL,
     REASONS,
+    ROWID_NAMES,
     STATUS_COLUMNS,
     LegacyFileError,
     UnitResult,
@@ -89,6 +90,7 @@ class LegacyFile:
     mtime_ns: int = 0
     wal: str = ""  # the -wal file beside it (its rows are the database's too): size, mtime
     status_col: str = "statuscode"
+    rowid: str = "rowid"  # its name in SQL (a column of the table may hide "rowid")
     lo: int | None = None  # rowid range of access_log
     hi: int | None = None
     units: list[tuple[int, int]] = field(default_factory=list)
@@ -116,7 +118,7 @@ def file_key(name: str) -> str:
     return f"{LEGACY_PREFIX}{name}/file"
 
 
-_UNIT_KEY = re.compile(r"/rows-(\d+)-(\d+)$")
+_UNIT_KEY = re.compile(r"/rows-(-?\d+)-(-?\d+)$")  # (a rowid may be negative)
 
 
 def _check_header(path: Path, size: int) -> None:
@@ -145,6 +147,8 @@ def inspect(path: Path) -> LegacyFile:
     f = LegacyFile(path, name=path.name)
     if not sources.utf8_name(f.name):  # no ledger key, no log line takes it
         raise LegacyFileError("its name is not UTF-8: rename it")
+    if not f.name.isprintable():  # a newline in it would forge log lines
+        raise LegacyFileError("its name has a control character: rename it")
     try:
         st = path.stat()
     except OSError as exc:
@@ -154,7 +158,8 @@ def inspect(path: Path) -> LegacyFile:
     f.size, f.mtime_ns = st.st_size, st.st_mtime_ns
     try:
         wal = path.with_name(path.name + "-wal").stat()
-        f.wal = f"{wal.st_size}:{wal.st_mtime_ns}"
+        # An empty one is none: reading a WAL-mode file leaves an empty -wal behind.
+        f.wal = f"{wal.st_size}:{wal.st_mtime_ns}" if wal.st_size else ""
     except OSError:
         pass  # none (or unreadable: SQLite reports that as it opens the database)
     try:
@@ -164,12 +169,21 @@ def inspect(path: Path) -> LegacyFile:
     try:
         con = open_ro(path)
         try:
-            cols = {
-                r[1].decode("utf-8", "replace").lower()
-                for r in con.execute("PRAGMA table_info(access_log)")
-            }
-            if not cols:
+            kind = con.execute(
+                "SELECT type, sql FROM sqlite_master WHERE name = 'access_log' COLLATE NOCASE"
+            ).fetchone()
+            if kind is None:
                 raise LegacyFileError("no table access_log")
+            if kind[0] != b"table":
+                shown = kind[0].decode("utf-8", "replace")
+                raise LegacyFileError(f"access_log is a {shown}, not a table")
+            if (kind[1] or b"").lstrip()[:20].upper() == b"CREATE VIRTUAL TABLE":
+                # its rows come from a module (FTS5 over a view: any rows, or none, forever)
+                raise LegacyFileError("access_log is a virtual table, not a table")
+            cols = {  # table_xinfo: generated columns too
+                r[1].decode("utf-8", "replace").lower()
+                for r in con.execute("PRAGMA table_xinfo(access_log)")
+            }
             missing = [c for c in REQUIRED if c not in cols]
             status = [c for c in STATUS_COLUMNS if c in cols]
             if not status:
@@ -177,20 +191,29 @@ def inspect(path: Path) -> LegacyFile:
             if missing:
                 raise LegacyFileError(f"access_log has no column {', '.join(missing)}")
             f.status_col = status[0]
-            kind = con.execute(
-                "SELECT type FROM sqlite_master WHERE name = 'access_log' COLLATE NOCASE"
-            ).fetchone()
-            if kind and kind[0] != b"table":
-                shown = kind[0].decode("utf-8", "replace")
-                raise LegacyFileError(f"access_log is a {shown}, not a table")
+            rowid = [a for a in ROWID_NAMES if a not in cols]
+            if not rowid:
+                raise LegacyFileError(
+                    "access_log has columns named rowid, _rowid_ and oid: no name is left "
+                    "to read its rows by"
+                )
+            f.rowid = rowid[0]
             try:
-                f.lo, f.hi = con.execute("SELECT min(rowid), max(rowid) FROM access_log").fetchone()
+                f.lo, f.hi = con.execute(
+                    f"SELECT min({f.rowid}), max({f.rowid}) FROM access_log"  # noqa: S608
+                ).fetchone()
             except sqlite3.OperationalError:  # WITHOUT ROWID: no ranges to read it by
                 raise LegacyFileError("access_log has no rowid (a WITHOUT ROWID table)") from None
         finally:
             con.close()
     except sqlite3.DatabaseError as exc:
-        raise LegacyFileError(f"not a readable SQLite database ({exc})") from None
+        hint = ""
+        if path.with_name(path.name + "-journal").exists():
+            hint = (
+                "; a -journal file beside it holds an interrupted write, which a read-only "
+                "import cannot roll back"
+            )
+        raise LegacyFileError(f"not a readable SQLite database ({exc}){hint}") from None
     return f
 
 
@@ -222,7 +245,7 @@ def _plan(f: LegacyFile, known: list[tuple[int, int]], unit_rows: int) -> None:
     try:
         con = open_ro(f.path)
         try:
-            seek = "SELECT min(rowid) FROM access_log WHERE rowid > ?"
+            seek = f"SELECT min({f.rowid}) FROM access_log WHERE {f.rowid} > ?"  # noqa: S608
             plan_units(f, known, unit_rows, lambda rowid: con.execute(seek, (rowid,)).fetchone()[0])
         finally:
             con.close()
@@ -327,6 +350,11 @@ def _record_file(settings: Settings, f: LegacyFile, until: dt.date) -> None:
     pause_point("file_recorded")
 
 
+def _shown(path: str) -> str:
+    """A path for a log line: escaped if a character in it would break or forge the line."""
+    return path if path.isprintable() else ascii(path)
+
+
 def _file_line(f: LegacyFile, until: dt.date) -> str:
     malformed = sum(f.reasons[i] for i in MALFORMED)
     why = ", ".join(f"{REASONS[i]}: {f.reasons[i]}" for i in MALFORMED if f.reasons[i])
@@ -364,7 +392,7 @@ def import_files(
     def failed(p: str, exc: LegacyFileError) -> None:
         summary.files_failed += 1
         summary.failures.append(p)
-        log.error("%s: %s; not imported", p, exc)
+        log.error("%s: %s; not imported", _shown(p), exc)
 
     for p in dict.fromkeys(paths):  # each path once
         summary.files += 1
@@ -383,7 +411,7 @@ def import_files(
             file_etag, known = _ledger(session, f.name)
         if file_etag == f.etag(until_day):
             summary.files_skipped += 1
-            log.info("%s: imported before and unchanged since (%s): skipped", p, file_etag)
+            log.info("%s: imported before and unchanged since (%s): skipped", _shown(p), file_etag)
             continue
         ranges = []
         for k in known:
@@ -397,7 +425,7 @@ def import_files(
         f.known = known
         files.append(f)
     tasks = [
-        (unit_key(f.name, lo, hi), str(f.path), f.status_col, lo, hi)
+        (unit_key(f.name, lo, hi), str(f.path), (f.status_col, f.rowid), lo, hi)
         for f in files
         for lo, hi in f.units
     ]
@@ -427,7 +455,7 @@ def import_files(
         _store_unit(sf, f, unit, replace, queued, summary, owners)
         summary.t_store += time.monotonic() - t2
         f.done += 1
-        progress.update(task[4] - task[3] + 1, unit.rows)
+        progress.update(task[-1] - task[-2] + 1, unit.rows)
         if f.done == len(f.units):
             _finish_file(settings, f, until_day, summary)
             # A file's months now rather than all at the end: the queue (and the recompute's

@@ -42,12 +42,13 @@ _FORCE_PYTHON = os.environ.get("WEBSTATS_ETL_PARSER", "") == "python"
 
 MAX_VALUE = rule.MAX_URI  # bytes: a longer url or ips is no request a client made (malformed)
 STATUS_COLUMNS = ("statuscode", "errorcode")  # errorcode: the name before 2020
+ROWID_NAMES = ("rowid", "_rowid_", "oid")  # SQLite's names of it; a column hides one
 
 # Why a row is not a download, by code (the same codes in the C loop, _legacy.c). The first
 # four are malformed rows (the ledger's "rejected"), like the malformed lines of a log.
 R_DATE, R_LONG, R_STATUS, R_IPS, R_UNTIL, R_OTHER, R_PATH = range(7)
 REASONS = (
-    "day_month_year not a day like 17/Sep/2023",
+    "day_month_year not a day like 17/Sep/2023 (from 2000 on)",
     "url or ips longer than 8 KiB",
     "status not a number",
     "no client address in ips",
@@ -126,6 +127,8 @@ class Rule:
         if day is None:
             return DAY_BAD
         n = day.toordinal() - PG_EPOCH
+        if n < 0:  # before 2000: no day of the old server (2009 on); the codes are negative
+            return DAY_BAD
         return DAY_UNTIL if n >= self.until else n
 
     def method_status(self, method: bytes, status: bytes) -> int:
@@ -144,13 +147,13 @@ class Rule:
     def url(self, url: bytes) -> int:
         """The hit id of a package download url (> 0), else 0."""
         pair = rule.classify_uri(url_path(url), self.dirs, self.files)
+        self.cached += len(url)  # (what the caches of classify_uri may keep, bounded above)
         if pair is None:
             return 0
         hit = self.hits.get(pair)
         if hit is None:
             hit = self.hits[pair] = len(self.pairs)
             self.pairs.append("\t".join(pair).encode("ascii"))
-        self.cached += len(url)
         return hit
 
     def pair(self, hit: int) -> bytes:
@@ -196,13 +199,13 @@ def _row_prefix(pair: bytes, day: int) -> bytes:
     )  # fmt: skip
 
 
-def unit_sql(status_col: str, null_as_empty: bool) -> str:
+def unit_sql(status_col: str, null_as_empty: bool, rowid: str = "rowid") -> str:
     """The query of a unit: the five values the rule reads, by rowid range."""
-    assert status_col in STATUS_COLUMNS  # never a name from the file
+    assert status_col in STATUS_COLUMNS and rowid in ROWID_NAMES  # never a name from the file
     cols = ("day_month_year", "method", status_col, "ips", "url")
     if null_as_empty:
         cols = tuple(f"ifnull(CAST({c} AS TEXT), '')" for c in cols)
-    return f"SELECT {', '.join(cols)} FROM access_log WHERE rowid BETWEEN ? AND ?"  # noqa: S608
+    return f"SELECT {', '.join(cols)} FROM access_log WHERE {rowid} BETWEEN ? AND ?"  # noqa: S608
 
 
 def open_ro(path: Path) -> sqlite3.Connection:
@@ -250,11 +253,13 @@ def reader_name() -> str:
     return "native"
 
 
-def read_unit(r: Rule, path: Path, status_col: str, lo: int, hi: int) -> UnitCounts:
-    """Read and count the rows ``lo``..``hi`` (rowids) of ``path``; LegacyFileError if the
-    file cannot be read."""
+def read_unit(
+    r: Rule, path: Path, status_col: str, lo: int, hi: int, rowid: str = "rowid"
+) -> UnitCounts:
+    """Read and count the rows ``lo``..``hi`` (rowids, named ``rowid`` in SQL) of ``path``;
+    LegacyFileError if the file cannot be read."""
     if reader_name() == "python":
-        return read_unit_python(r, path, status_col, lo, hi)
+        return read_unit_python(r, path, status_col, lo, hi, rowid)
     if not _READER or _READER[0] is not r:
         _legacy.set_api(_sqlite_api())
         reader = _legacy.Reader(
@@ -267,13 +272,15 @@ def read_unit(r: Rule, path: Path, status_col: str, lo: int, hi: int) -> UnitCou
         reader.forget()
     uri = f"{path.resolve().as_uri()}?mode=ro"
     try:
-        rows, reasons, data, day_hits = reader.read(uri, unit_sql(status_col, False), lo, hi)
+        rows, reasons, data, day_hits = reader.read(uri, unit_sql(status_col, False, rowid), lo, hi)
     except sqlite3.DatabaseError as exc:
         raise LegacyFileError(f"rows {lo}-{hi}: {exc}") from None
     return UnitCounts(rows, list(reasons), data, day_hits)
 
 
-def read_unit_python(r: Rule, path: Path, status_col: str, lo: int, hi: int) -> UnitCounts:
+def read_unit_python(
+    r: Rule, path: Path, status_col: str, lo: int, hi: int, rowid: str = "rowid"
+) -> UnitCounts:
     """The per-row loop in Python (the C loop in ``_legacy`` gives the same bytes)."""
     if r.outgrown():
         r.reset()
@@ -286,51 +293,50 @@ def read_unit_python(r: Rule, path: Path, status_col: str, lo: int, hi: int) -> 
     rows = 0
     con = open_ro(path)
     try:
-        cur = con.execute(unit_sql(status_col, True), (lo, hi))
-        while batch := cur.fetchmany(4096):
-            rows += len(batch)
-            for d, m, s, ips, url in batch:
-                day = days.get(d)
-                if day is None:
-                    day = r.day(d)
-                    if len(d) <= KEY_CACHE_MAX:  # (no cache keeps a long value)
-                        days[d] = day
-                if day < 0:
-                    reasons[R_DATE if day == DAY_BAD else R_UNTIL] += 1
-                    continue
-                if len(url) > MAX_VALUE or len(ips) > MAX_VALUE:
-                    reasons[R_LONG] += 1
-                    continue
-                c = ms.get((m, s))
-                if c is None:
-                    c = r.method_status(m, s)
-                    if len(m) + len(s) <= KEY_CACHE_MAX:
-                        ms[(m, s)] = c
-                if c == MS_BAD:
-                    reasons[R_STATUS] += 1
-                    continue
-                if ips in ips_hash:
-                    h = ips_hash[ips]
-                else:
-                    h = r.client(ips)
-                    if len(ips) <= KEY_CACHE_MAX:
-                        ips_hash[ips] = h
-                if h is None:
-                    reasons[R_IPS] += 1
-                    continue
-                if c != MS_DL:
-                    reasons[R_OTHER] += 1
-                    continue
-                hit = urls.get(url)
-                if hit is None:
-                    hit = r.url(url)
-                    if len(url) <= KEY_CACHE_MAX:
-                        urls[url] = hit
-                if not hit:
-                    reasons[R_PATH] += 1
-                    continue
-                k = (day, hit, h)
-                counts[k] = counts.get(k, 0) + 1
+        # one row at a time, as the C loop: a batch of rows would be unbounded in bytes
+        for d, m, s, ips, url in con.execute(unit_sql(status_col, True, rowid), (lo, hi)):
+            rows += 1
+            day = days.get(d)
+            if day is None:
+                day = r.day(d)
+                if len(d) <= KEY_CACHE_MAX:  # (no cache keeps a long value)
+                    days[d] = day
+            if day < 0:
+                reasons[R_DATE if day == DAY_BAD else R_UNTIL] += 1
+                continue
+            if len(url) > MAX_VALUE or len(ips) > MAX_VALUE:
+                reasons[R_LONG] += 1
+                continue
+            c = ms.get((m, s))
+            if c is None:
+                c = r.method_status(m, s)
+                if len(m) + len(s) <= KEY_CACHE_MAX:
+                    ms[(m, s)] = c
+            if c == MS_BAD:
+                reasons[R_STATUS] += 1
+                continue
+            if ips in ips_hash:
+                h = ips_hash[ips]
+            else:
+                h = r.client(ips)
+                if len(ips) <= KEY_CACHE_MAX:
+                    ips_hash[ips] = h
+            if h is None:
+                reasons[R_IPS] += 1
+                continue
+            if c != MS_DL:
+                reasons[R_OTHER] += 1
+                continue
+            hit = urls.get(url)
+            if hit is None:
+                hit = r.url(url)
+                if len(url) <= KEY_CACHE_MAX:
+                    urls[url] = hit
+            if not hit:
+                reasons[R_PATH] += 1
+                continue
+            k = (day, hit, h)
+            counts[k] = counts.get(k, 0) + 1
     except sqlite3.DatabaseError as exc:
         raise LegacyFileError(f"rows {lo}-{hi}: {exc}") from None
     finally:
@@ -434,14 +440,14 @@ def serve() -> None:
         return
 
 
-def read_task(task: tuple[str, str, str, int, int]) -> UnitResult:
-    """Read one unit: (ledger key, path, status column, first rowid, last rowid). Failures
-    are returned, not raised."""
-    key, path, status_col, lo, hi = task
+def read_task(task: tuple[str, str, tuple[str, str], int, int]) -> UnitResult:
+    """Read one unit: (ledger key, path, (status column, rowid name), first rowid, last
+    rowid). Failures are returned, not raised."""
+    key, path, (status_col, rowid), lo, hi = task
     r: Rule = _worker["rule"]
     try:
         with parse._no_cyclic_gc():
-            counts = read_unit(r, Path(path), status_col, lo, hi)
+            counts = read_unit(r, Path(path), status_col, lo, hi, rowid)
     except LegacyFileError as exc:
         return UnitResult(key, hi - lo + 1, dt.datetime(1970, 1, 1), error=str(exc))
     days = [d for d, _ in counts.day_hits]
@@ -543,7 +549,10 @@ class _Reader:
 
 
 def read_all(
-    tasks: list[tuple[str, str, str, int, int]], key: bytes, until: dt.date, workers: int
+    tasks: list[tuple[str, str, tuple[str, str], int, int]],
+    key: bytes,
+    until: dt.date,
+    workers: int,
 ) -> Iterator[UnitResult]:
     """Units read in the order given, by ``workers`` reader processes (0: in this process).
     Task i goes to reader i mod n, which answers its tasks in order; each is at most AHEAD
