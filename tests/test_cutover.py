@@ -304,6 +304,20 @@ def test_dir_source_follows_symlinked_folders_once(tmp_path):
     assert sum(1 for _ in sources.DirSource(root).chunks(objects[1])) == 1  # readable via key
 
 
+def test_a_link_added_later_to_a_folder_read_names_the_same_objects(tmp_path):
+    """A link to a folder inside the source, added after a run: its objects were new keys
+    (``a/…`` next to ``b/…``), ingested a second time."""
+    root = tmp_path / "logs"
+    _write(root / "b" / "E1.2024-03-01-00.a.gz", CUTOVER, 0)
+    before = [o.key for o in sources.DirSource(root).list()[0]]
+    (root / "a").symlink_to("b")  # sorts first: walked first
+    (root / "c").symlink_to(root / "b")
+    assert (
+        [o.key for o in sources.DirSource(root).list()[0]] == before == ["b/E1.2024-03-01-00.a.gz"]
+    )
+    assert sources.DirSource(root / "a").get("E1.2024-03-01-00.a.gz").size > 0
+
+
 def test_dir_source_skips_names_and_day_folders_outside_the_window(tmp_path, monkeypatch):
     root = tmp_path / "logs"
     for i in range(10):

@@ -53,6 +53,10 @@ def test_parse_name():
         "E1.2023-09-17-01.ab",
         "notes.txt",
         "E1.2023-09-17-01.gz",
+        "E1.2023-09-17-01.ab.gz\n",  # ($ matched before a final newline)
+        "E1.1989-12-31-23.ab.gz",  # outside the days a setting may name: ValidThru 0001-01-01
+        "E1.0001-01-01-00.ab.gz",
+        "E1.3000-01-01-00.ab.gz",
     ):
         assert sources.parse_name(bad) is None, bad
 
@@ -92,6 +96,9 @@ def test_parse_name():
         ("/packages/bioc/src/contrib/limma_1.0.tar.gz", None),
         ("/packages/3.18/bioc/src/contrib/limma_1.0.tar.gz/x", None),
         ("/packages/3.18/bioc/src/contrib/limma%5F1.0.tar.gz", None),
+        (f"/packages/3.18/bioc/src/contrib/A{'a' * 199}_1.0.tar.gz", ("bioc", "A" + "a" * 199)),
+        # longer than download_records.package: PostgreSQL refused the COPY, every run
+        (f"/packages/3.18/bioc/src/contrib/A{'a' * 200}_1.0.tar.gz", None),
     ],
 )
 def test_download_rule_paths(uri, expected):
@@ -198,6 +205,10 @@ def test_multi_member_gzip_and_last_line_without_newline():
         (b"", "empty file"),
         (b"this is not gzip at all\n", "not a valid gzip"),
         (gz(line(), line())[:-12], "truncated"),
+        (gz(line()) + gz(line())[:-12], "truncated"),  # a second member cut short
+        # after the last member: "truncated" and "Invalid gzip/zlib wrapper" before
+        (gz(line()) + b"JUNKJUNK", "bytes after the end of the gzip data that are not gzip"),
+        (gz(line()) + bytes(512), "bytes after the end of the gzip data that are not gzip"),
         (gzip.compress(b""), "no #Fields"),
         (gz(line(), header=False), "no #Fields line before the first data line"),
         (gzip.compress(b"#Version: 1.0\n#Fields: date time\n"), "lacks"),

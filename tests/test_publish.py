@@ -201,6 +201,31 @@ def test_etl_run_publishes_and_the_web_serves_without_building(
     assert result.built > 0 and (cur / "packages/stats" / f"bioc/{pkg}/{pkg}_stats.tab").is_file()
 
 
+def test_a_run_after_one_killed_before_its_publish_publishes(
+    db_url, tmp_path, logs_dir, monkeypatch
+):
+    """A run killed between its commit and its publish left the site behind the database;
+    the next run, finding nothing new, did not publish either (until new data came)."""
+    from bioc_webstats.etl import ingest
+
+    settings = loaded(db_url, tmp_path)
+    for k, v in {
+        "WEBSTATS_DATABASE_URL": db_url,
+        "WEBSTATS_STATE_DIR": str(settings.state_dir),
+        "WEBSTATS_ENV_FILE": "/dev/null",
+        "WEBSTATS_IP_HASH_KEY": "test-key",
+    }.items():
+        monkeypatch.setenv(k, v)
+    assert ingest.run(settings, source=str(logs_dir)) is True  # committed, not published
+    assert PublishedSite(settings.publish_dir).current() is None
+    with pytest.raises(SystemExit) as exc:
+        cli.main(["etl", "run", "--source", str(logs_dir)])  # nothing new
+    assert exc.value.code == 0
+    with db.session_factory(db_url)() as s:
+        key = db.data_state(s).key
+    assert PublishedSite(settings.publish_dir).current().key == key
+
+
 def test_rebuild_and_sync_publish_a_new_version_and_prune(db_url, tmp_path, logs_dir, monkeypatch):
     from test_packages import DEVEL
 

@@ -27,7 +27,7 @@ from .errors import WebstatsError
 from .store import db
 from .web import report
 from .web.app import StatsSite
-from .web.site import Version
+from .web.site import PublishedSite, Version
 from .web.targets import STATIC_FILES, category_targets, package_bodies
 
 log = logging.getLogger(__name__)
@@ -141,8 +141,18 @@ def after_change(settings: Settings) -> Iterator[None]:
 
 
 def _changed(settings: Settings, before: str | None) -> bool:
+    """The command changed the data, or the site is behind it: an earlier command was killed
+    between its commit and its publish (the watchdog's publish-behind), and this one is the
+    next chance to catch up."""
     after = _key(settings)
-    return after is not None and after != before
+    if after is None:
+        return False
+    if after != before:
+        return True
+    if after.startswith("0-"):  # data version 0: nothing stored yet, nothing to catch up
+        return False
+    cur = PublishedSite(settings.publish_dir).current()
+    return cur is None or cur.key != after
 
 
 def _publish_and_invalidate(settings: Settings) -> None:

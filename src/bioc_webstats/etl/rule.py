@@ -19,7 +19,9 @@ from .sources import LogFormatError
 # group 2 (src) or 3 (bin) the package, a valid R name. <version>, <R version> and the other
 # dirs are single path segments. The same pattern runs in Athena (athena.py), so it is kept
 # to syntax that Python and Trino read alike.
-_NAME_RE = r"([A-Za-z][A-Za-z0-9.]*[A-Za-z0-9])_[^/]+"
+MAX_PACKAGE = 200  # characters of a package name: download_records.package is VARCHAR(200)
+_NAME_CHARS = r"[A-Za-z][A-Za-z0-9.]{0," + str(MAX_PACKAGE - 2) + r"}[A-Za-z0-9]"
+_NAME_RE = r"(" + _NAME_CHARS + r")_[^/]+"
 REPOS = "|".join(c.repo_path for c in CATEGORIES)  # bioc|data/annotation|… (no regex syntax)
 DOWNLOAD_PATTERN = (
     r"/packages/[^/]+/(" + REPOS + r")/"
@@ -91,7 +93,7 @@ _DIR = re.compile(
     rb"/packages/[^/]+/(" + REPOS.encode() + rb")/"
     rb"(?:(src/contrib)|bin/(?:[^/]+/)+contrib/[^/]+)"
 )
-_FILE = re.compile(rb"([A-Za-z][A-Za-z0-9.]*[A-Za-z0-9])_[^/]+\.(tar\.gz|tgz|zip)")
+_FILE = re.compile(rb"(" + _NAME_CHARS.encode() + rb")_[^/]+\.(tar\.gz|tgz|zip)")
 
 
 def classify_uri(

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from ..config import DAY_RANGE
 from ..errors import WebstatsError
 
 log = logging.getLogger(__name__)
@@ -35,7 +36,7 @@ OUT_MAX = 1 << 20  # text bytes decompressed at a time (memory stays flat whatev
 
 # <distribution-id>.<YYYY-MM-DD-HH>.<unique>.gz, at any depth (the key's last segment)
 _NAME = re.compile(
-    r"^(?P<dist>[A-Za-z0-9]+)\.(?P<date>\d{4}-\d{2}-\d{2})-(?P<hour>\d{2})\.(?P<uniq>[A-Za-z0-9]+)\.gz$"
+    r"^(?P<dist>[A-Za-z0-9]+)\.(?P<date>\d{4}-\d{2}-\d{2})-(?P<hour>\d{2})\.(?P<uniq>[A-Za-z0-9]+)\.gz\Z"
 )
 
 
@@ -63,7 +64,8 @@ def parse_name(key: str) -> dt.datetime | None:
     except ValueError:
         return None
     hour = int(m["hour"])
-    if hour > 23:
+    # (a day outside the days any setting may name would become a ValidThru nothing reads)
+    if hour > 23 or not DAY_RANGE[0] <= day <= DAY_RANGE[1]:
         return None
     return dt.datetime(day.year, day.month, day.day, hour)
 
@@ -133,7 +135,8 @@ class Source:
 
 class DirSource(Source):
     """A local directory, searched recursively (symlinked folders followed, each real folder
-    once); keys are paths relative to it."""
+    once); keys are paths relative to it, through real folders where they are inside it (a
+    link added later to a folder already read names the same objects, not new ones)."""
 
     def __init__(self, root: Path | str) -> None:
         self.root = Path(root)
@@ -146,6 +149,7 @@ class DirSource(Source):
         objects: list[LogObject] = []
         skipped: list[str] = []
         seen: set[tuple[int, int]] = set()  # real folders walked (a symlink loop ends here)
+        real_root = self.root.resolve()
         todo = [self.root]
         while todo:
             folder = todo.pop()
@@ -161,10 +165,14 @@ class DirSource(Source):
             if (st.st_dev, st.st_ino) in seen:
                 continue
             seen.add((st.st_dev, st.st_ino))
+            real = folder.resolve()
+            base = real.relative_to(real_root) if real.is_relative_to(real_root) else None
             subdirs = []
             for entry in entries:
                 path = Path(entry.path)
-                key = path.relative_to(self.root).as_posix()
+                key = (
+                    path.relative_to(self.root) if base is None else base / entry.name
+                ).as_posix()
                 if not utf8_name(key):  # no CloudFront name; the ledger keeps text keys
                     shown = key.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
                     if entry.is_dir():
@@ -432,25 +440,41 @@ def open_source(url: str) -> Source:
 
 def decompress(chunks: Iterable[bytes]) -> Iterator[bytes]:
     """Gunzip a stream of chunks (several gzip members allowed). LogFormatError if the
-    stream is empty, not gzip, corrupt or truncated."""
+    stream is empty, not gzip, corrupt or truncated, or has bytes after its last member that
+    are not gzip."""
     d = _inflate.decompressobj(wbits=31)
     fed = False  # bytes went into the current member and it has not ended yet
     total = 0
-    head = b""  # the stream's first two bytes: gzip's magic, or not gzip at all
+    members = 0  # members that ended
+    head = b""  # the current member's first two bytes: gzip's magic, or not gzip at all
+
+    def ended() -> Any:
+        nonlocal members, fed, head
+        members += 1
+        fed, head = False, b""
+        return _inflate.decompressobj(wbits=31)
+
+    def not_gzip(why: str) -> LogFormatError:
+        if members and not b"\x1f\x8b".startswith(head):  # (gzip -t: "trailing garbage")
+            return LogFormatError(
+                f"bytes after the end of the gzip data that are not gzip ({members} "
+                "member(s) read, then something else)"
+            )
+        return LogFormatError(why)
+
     try:
         for chunk in chunks:
             total += len(chunk)
-            if len(head) < 2:
-                head += chunk[: 2 - len(head)]
             while chunk:
+                if len(head) < 2:
+                    head += chunk[: 2 - len(head)]
                 fed = True
                 out = d.decompress(chunk, OUT_MAX)
                 if out:
                     yield out
                 if d.eof:  # another member may follow
                     chunk = d.unused_data
-                    d = _inflate.decompressobj(wbits=31)
-                    fed = False
+                    d = ended()
                     continue
                 chunk = d.unconsumed_tail  # what the output limit left of the chunk
                 while not chunk and len(out) == OUT_MAX and not d.eof:
@@ -459,16 +483,15 @@ def decompress(chunks: Iterable[bytes]) -> Iterator[bytes]:
                         yield out
                 if d.eof:
                     chunk = d.unused_data
-                    d = _inflate.decompressobj(wbits=31)
-                    fed = False
+                    d = ended()
     except _INFLATE_ERRORS as exc:
-        raise LogFormatError(f"not a valid gzip file ({exc})") from None
+        raise not_gzip(f"not a valid gzip file ({exc})") from None
     if total == 0:
         raise LogFormatError("empty file (0 bytes), not gzip")
-    if fed and not b"\x1f\x8b".startswith(head):  # too short for zlib to check the header
+    if fed and not members and not b"\x1f\x8b".startswith(head):  # too short for zlib
         raise LogFormatError(f"not a gzip file ({total} bytes, no gzip header)")
     if fed:
-        raise LogFormatError("truncated gzip (unexpected end of data)")
+        raise not_gzip("truncated gzip (unexpected end of data)")
 
 
 # A line longer than this (line end excluded) is malformed, and is not kept whole in memory:
