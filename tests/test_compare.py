@@ -5,10 +5,13 @@ server that fails twice then answers → retried; politeness (User-Agent, a few 
 
 from __future__ import annotations
 
+import concurrent.futures as cf
 import datetime as dt
 import functools
 import http.server
+import os
 import threading
+import time
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
@@ -19,6 +22,7 @@ import webref
 from bioc_webstats import compare as cmp
 from bioc_webstats.config import load_settings
 from bioc_webstats.store import db
+from conftest import free_port
 from test_ingest_s3 import cli_run
 
 VT = dt.date(2024, 3, 31)
@@ -188,14 +192,18 @@ def test_narrowed_by_category_and_package(ours, legacy, expected, tmp_path, monk
     wanted = [k for k in expected if k.startswith(("bioc/affy/", "bioc/TReNA/"))]
     assert (code, out) == (0, [f"{len(wanted)} files compared, 0 differ"])
     assert set(legacy.requests) == {*wanted, "bioc/bioc_packages.txt"}
-    code, out, _ = run(  # a name neither side lists is a difference, not "0 differ"
+    code, out, err = run(  # a name neither side lists is not compared, not "0 differ"
         monkeypatch, ours, tmp_path, capsys, "--against", legacy.url,
         "--categories", "bioc", "--packages", "affy,afy",
     )  # fmt: skip
     mine = [k for k in expected if k.startswith("bioc/affy/")]
     assert code == 1 and out == [
         "--packages afy: listed by neither side (bioc/bioc_packages.txt)",
-        f"{len(mine) + 1} files compared, 1 differ",
+        f"{len(mine)} files compared, 0 differ, 1 could not be compared",
+    ]
+    assert err == [
+        f"bioc-webstats: error: compare: 0 of {len(mine)} files differ from {legacy.url}; "
+        "1 could not be compared"
     ]
     code, _, err = run(
         monkeypatch, ours, tmp_path, capsys, "--against", legacy.url, "--categories", "software"
@@ -226,15 +234,18 @@ def test_a_server_that_fails_twice_then_answers(ours, legacy, expected, monkeypa
     legacy.fail[flaky] = 10
     waits.clear()
     here = cmp.DatabaseSide(load_settings())
-    try:
+    try:  # counted apart from the files compared (not as one that differs)
         result = cmp.compare(here, there, categories=["bioc"], echo=lines.append)
     finally:
         here.close()
-    assert result.differ == 1 and legacy.requests[flaky] == cmp.ATTEMPTS
+    assert (result.differ, result.failed) == (0, 1)
+    assert legacy.requests[flaky] == cmp.ATTEMPTS
+    bioc = sum(k.startswith("bioc/") for k in expected)
     assert lines == [
         f"{flaky}: cannot compare: {legacy.url}{flaky}: HTTP 503 try again "
-        f"(after {cmp.ATTEMPTS} attempts)"
+        f"(after {cmp.ATTEMPTS} attempts)",
     ]
+    assert result.summary() == f"{bioc - 1} files compared, 0 differ, 1 could not be compared"
 
 
 def test_first_difference_texts():
@@ -306,7 +317,7 @@ def test_credentials_in_a_url_are_refused_and_never_printed(url):
     secret (urllib would not send it, and every line about the site printed it)."""
     from bioc_webstats.etl import manifest
 
-    for call in (lambda: cmp.open_side(url), lambda: manifest.read_text(url, "config.yaml")):
+    for call in (lambda: cmp.open_side(url), lambda: manifest.read_source(url, "config.yaml")):
         with pytest.raises(cmp.WebstatsError) as exc:
             call()
         text = str(exc.value)
@@ -332,3 +343,196 @@ def test_compare_options_that_name_nothing_are_usage_errors(args, option, capsys
     assert exc.value.code == 2
     err = capsys.readouterr().err
     assert f"Invalid value for '{option}'" in err and "Traceback" not in err
+
+
+# --- hostile sites (a probe's findings) -------------------------------------------------------
+
+
+def _answer(status: str, *headers: str) -> list[tuple[bytes, float]]:
+    head = "".join(f"{h}\r\n" for h in (*headers, "Content-Length: 0"))
+    return [(f"HTTP/1.1 {status}\r\n{head}\r\n".encode(), 0)]
+
+
+@pytest.mark.parametrize("value", ["nan", "inf", "-5"])
+def test_an_unusable_retry_after_falls_back_to_the_backoff(value):
+    """NaN passed min/max to time.sleep (a traceback); inf waited 60 s, -5 not at all."""
+    from test_packages import scripted_server
+
+    waits: list[float] = []
+    with scripted_server(_answer("503 Busy", f"Retry-After: {value}")) as url:
+        side = cmp.WebSide(url, timeout=5, backoff=0.25, sleep=waits.append)
+        with pytest.raises(cmp.FetchError, match=r"HTTP 503 Busy \(after 4 attempts\)$"):
+            side.fetch("bioc/bioc_packages.txt")
+    assert waits == [0.25, 0.5, 1.0]
+
+
+@pytest.mark.parametrize(
+    "url, why",
+    [
+        ("http://127.0.0.1:99999/", "Port out of range 0-65535"),  # was fetched from port 34463
+        ("http://127.0.0.1:abc/", "Port could not be cast to integer value as 'abc'"),
+        ("http://a b/", "a space or a control character in the host"),
+        ("http://" + "a" * 70 + ".example/", "host name not usable: encoding with 'idna' codec"),
+    ],
+)
+def test_an_unusable_url_is_refused_once_up_front(url, why):
+    """Not a WebSide whose every file fails 4 times (or an IDNA traceback on the first)."""
+    from bioc_webstats.etl import manifest
+
+    with pytest.raises(cmp.WebstatsError) as exc:
+        cmp.open_side(url)
+    assert str(exc.value).startswith(f"{url}: not a usable URL ({why}")
+    with pytest.raises(cmp.WebstatsError) as exc:
+        manifest.read_source(url, "config.yaml")
+    assert str(exc.value).startswith(f"packages source {url}: not a usable URL ({why}")
+
+
+@pytest.mark.parametrize(
+    "where", ["HTTP://user:s3cr3t@127.0.0.1/", "Https://user:s3cr3t@h/", "ftp://user:s3cr3t@h/"]
+)
+def test_a_password_in_any_scheme_is_never_printed(where):
+    """The scheme check was case-sensitive: HTTP:// was taken for a directory, printed whole."""
+    from bioc_webstats.etl import manifest
+
+    for call in (lambda: cmp.open_side(where), lambda: manifest.read_source(where, "x")):
+        with pytest.raises(cmp.WebstatsError) as exc:
+            call()
+        assert "s3cr3t" not in str(exc.value) and "***@" in str(exc.value)
+    if where.startswith("ftp"):
+        assert (
+            str(exc.value) == "packages source ftp://***@h/: not a directory nor an http(s):// URL"
+        )
+    else:
+        assert "credentials in the URL are not supported" in str(exc.value)
+
+
+def test_an_upper_case_scheme_is_a_url(legacy, expected):
+    side = cmp.open_side(legacy.url.replace("http://", "HTTP://"))
+    assert side.fetch("bioc/bioc_packages.txt") == expected["bioc/bioc_packages.txt"]
+
+
+@pytest.mark.parametrize(
+    "location, why",
+    [
+        ("ftp://127.0.0.1:{port}/x", "not http(s)"),  # urllib followed it; the FTP reply went
+        ("http://" + "a" * 70 + ".example/", "host name not usable"),  # a UnicodeError
+        ("http://127.0.0.1:99999/", "Port out of range"),
+    ],
+)
+def test_a_redirect_to_an_unusable_url_is_refused_once(location, why):
+    from test_packages import scripted_server
+
+    location = location.format(port=free_port())
+    waits: list[float] = []
+    with scripted_server(_answer("302 Found", f"Location: {location}")) as url:
+        side = cmp.WebSide(url, timeout=5, sleep=waits.append)
+        with pytest.raises(cmp.FetchError) as exc:
+            side.fetch("bioc/bioc_packages.txt")
+    assert str(exc.value).startswith(f"{url}/bioc/bioc_packages.txt: HTTP 302 redirect to ")
+    assert f"refused: {why}" in str(exc.value)
+    assert "\n" not in str(exc.value) and waits == []  # not retried
+
+
+def test_headers_trickled_past_the_deadline_are_cut_off():
+    """The deadline bounded only the body: a status line sent a byte at a time held compare
+    (and packages sync) for as long as the server liked."""
+    from test_packages import scripted_server
+
+    trickle = [(b"HTTP/1.1 200 OK\r\nX-Slow: ", 0), *[(b"z", 0.2)] * 30, (b"\r\n\r\n", 0)]
+    with scripted_server(trickle) as url:
+        side = cmp.WebSide(url, timeout=5, attempts=1, deadline=1.0)
+        started = time.monotonic()
+        with pytest.raises(cmp.FetchError, match=r"not complete after 1 s \("):
+            side.fetch("bioc/bioc_packages.txt")
+    assert time.monotonic() - started < 4  # the trickle lasts 6 s
+
+
+def _run_bounded(call, unblock, timeout: float = 10.0):
+    """``call()``'s exception, failing (after unblocking it) if it does not end in time."""
+    with cf.ThreadPoolExecutor(1) as pool:
+        future = pool.submit(call)
+        try:
+            return future.exception(timeout=timeout)
+        except cf.TimeoutError:
+            unblock()
+            raise AssertionError(f"still blocked after {timeout} s") from None
+
+
+def test_a_directory_copy_refuses_what_is_not_a_regular_file(tmp_path, monkeypatch):
+    """A FIFO blocked forever; a link to /dev/zero read until MemoryError; a big file was
+    read whole, past the cap of an HTTP body."""
+    bioc = tmp_path / "bioc"
+    bioc.mkdir()
+    os.mkfifo(bioc / "fifo")
+    (bioc / "zero").symlink_to("/dev/zero")
+    (bioc / "big").write_bytes(b"x" * 2000)
+    monkeypatch.setattr(cmp, "MAX_BYTES", 1000)
+    side = cmp.open_side(str(tmp_path))
+
+    def unblock() -> None:
+        os.close(os.open(bioc / "fifo", os.O_WRONLY | os.O_NONBLOCK))
+
+    for name, why in [
+        ("fifo", "not a regular file"),
+        ("zero", "not a regular file"),
+        ("big", "larger than 1000 bytes"),
+    ]:
+        exc = _run_bounded(lambda n=name: side.fetch(f"bioc/{n}"), unblock)
+        assert isinstance(exc, cmp.FetchError) and str(exc).startswith(f"{bioc / name}: {why}")
+    assert side.fetch("bioc/nothing") is None
+
+
+def test_nothing_to_compare_is_not_a_pass(tmp_path, monkeypatch, capsys):
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    unused = f"sqlite:///{tmp_path / 'unused.sqlite3'}"  # --ours: the database is not read
+    code, out, err = run(
+        monkeypatch, unused, tmp_path, capsys, "--against", str(tmp_path / "a"),
+        "--ours", str(tmp_path / "b"),
+    )  # fmt: skip
+    assert (code, out) == (1, ["0 files compared, 0 differ"])
+    assert err == [
+        f"bioc-webstats: error: compare: nothing was compared: neither {tmp_path / 'a'} nor "
+        f"{tmp_path / 'b'} publishes any file of the selected categories"
+    ]
+
+
+def test_year_files_are_not_all_held_in_memory(tmp_path):
+    """Comparison.files kept every body until the last one was read (25 year files of
+    60 MB: a MemoryError); now each is dropped once judged."""
+    import tracemalloc
+
+    years = range(2000, 2025)
+    size = 2 * 1024 * 1024
+    for side in ("a", "b"):
+        (tmp_path / side / "bioc").mkdir(parents=True)
+        tab = webref.Reference.H + "".join(f"{y}\tall\t1\t1\n" for y in years)
+        (tmp_path / side / "bioc/bioc_stats.tab").write_text(tab)
+        for y in years:
+            (tmp_path / side / f"bioc/bioc_{y}_stats.tab").write_bytes(b"%d\n" % y * (size // 5))
+    here, there = cmp.open_side(str(tmp_path / "a")), cmp.open_side(str(tmp_path / "b"))
+    tracemalloc.start()
+    try:
+        result = cmp.compare(here, there, categories=["bioc"], jobs=1, echo=print)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert (result.compared, result.differ) == (26, 0)
+    assert peak < 10 * size  # held all at once: 2 sides x 25 files = 50 x size
+
+
+def test_a_listing_is_split_at_newlines_only_and_bounded(tmp_path, monkeypatch):
+    """splitlines made two packages of 'b\\u2028c'; a listing of millions of names was all
+    held as a list of lines."""
+    assert cmp._names("a\nb\u2028c\r\nd\x1ce\x85f\n\n".encode()) == ["a", "b\u2028c", "d\x1ce\x85f"]
+    for side in ("a", "b"):
+        (tmp_path / side / "workflows").mkdir(parents=True)
+        (tmp_path / side / "workflows/workflows_packages.txt").write_text("p1\np2\np3\np4\n")
+    monkeypatch.setattr(cmp, "MAX_NAMES", 3)
+    lines: list[str] = []
+    here, there = cmp.open_side(str(tmp_path / "a")), cmp.open_side(str(tmp_path / "b"))
+    result = cmp.compare(here, there, categories=["workflows"], echo=lines.append)
+    assert lines == [
+        "workflows/workflows_packages.txt: cannot compare its packages: lists more than 3 packages",
+    ]
+    assert result.summary() == "1 files compared, 0 differ, 1 could not be compared"

@@ -24,6 +24,7 @@ from bioc_webstats.config import Settings, load_settings
 from bioc_webstats.errors import WebstatsError
 from bioc_webstats.etl.manifest import Manifest, parse_config_yaml
 from bioc_webstats.etl.packages import Change, load_csv, plan_changes, sync
+from bioc_webstats.httpbody import mask
 from bioc_webstats.store import db
 from bioc_webstats.store.models import (
     CategoryStat,
@@ -139,6 +140,10 @@ def test_load_csv_sample_and_merge(settings, tmp_path):
         (  # compared as numbers, not as text: 3.9 < 3.10
             "package,category,first_version,last_version\nokpkg,bioc,3.10,3.9\n",
             ":2: last release 3.9 is before first release 3.10",
+        ),
+        (  # the first one was used, silently
+            "package,category,first_version,last_version,package\nokpkg,bioc,301,,other\n",
+            r"bad.csv: header has column package more than once$",
         ),
     ],
 )
@@ -305,9 +310,32 @@ def _broken_copy(tmp_path: Path) -> Path:
             "devel_not_after",
             "{root}/config.yaml: devel_version 3.20 is not after release_version 3.20",
         ),
+        (  # names that 'packages load' refuses (the column holds 200 characters)
+            "dotdot_name",
+            "{root}/packages/devel/bioc/src/contrib/PACKAGES:3: package name 'a..b' contains a "
+            "path ('/', '\\' or '..')",
+        ),
+        (
+            "long_name",
+            "{root}/packages/devel/bioc/src/contrib/PACKAGES:1: package name longer than 200 "
+            "characters (201)",
+        ),
+        (  # split into lines whole: 66 MB took 1.4 GB; it is a few KB ("not a PACKAGES file")
+            "big_config",
+            "cannot read {root}/config.yaml: larger than 1048576 bytes",
+        ),
+        (  # held as a set of names
+            "many_names",
+            "{root}/packages/devel/bioc/src/contrib/PACKAGES: more than 3 packages, "
+            "not a PACKAGES file",
+        ),
     ],
 )
-def test_sync_bad_source_is_one_line_and_changes_nothing(loaded, tmp_path, breakage, message):
+def test_sync_bad_source_is_one_line_and_changes_nothing(
+    loaded, tmp_path, monkeypatch, breakage, message
+):
+    from bioc_webstats.etl import manifest
+
     root = _broken_copy(tmp_path)
     contrib = root / "packages" / "devel"
     conf = root / "config.yaml"
@@ -330,6 +358,17 @@ def test_sync_bad_source_is_one_line_and_changes_nothing(loaded, tmp_path, break
         conf.write_text("release_version: 3.20\ndevel_version: '3.20'\n")
     elif breakage == "long_version":
         conf.write_text('release_version: "3.99999999999999999999"\ndevel_version: "4.0"\n')
+    elif breakage == "dotdot_name":
+        (contrib / "bioc/src/contrib/PACKAGES").write_text("Package: ab\n\nPackage: a..b\n")
+    elif breakage == "long_name":
+        (contrib / "bioc/src/contrib/PACKAGES").write_text(f"Package: {'a' * 201}\n")
+    elif breakage == "big_config":
+        conf.write_bytes(conf.read_bytes() + b"#\n" * (1 << 19))
+    elif breakage == "many_names":
+        monkeypatch.setattr(manifest, "MAX_PACKAGES", 3)
+        (contrib / "bioc/src/contrib/PACKAGES").write_text(
+            "".join(f"Package: p{n}\n\n" for n in range(4))
+        )
     before, version = table(loaded), data_version(loaded)
     with pytest.raises(WebstatsError) as exc:
         sync(loaded, source=source, dry_run=False, force=True)
@@ -439,10 +478,75 @@ def test_sync_broken_http_is_one_line(settings, monkeypatch, parts, why):
     assert str(exc.value).startswith(f"cannot fetch {url}/config.yaml: {why}"), exc.value
 
 
-def test_sync_from_a_broken_url_is_one_line(settings):
+@pytest.mark.parametrize(
+    "source, why",
+    [
+        ("http://[::1", "Invalid IPv6 URL"),
+        ("http://127.0.0.1:99999/", "Port out of range 0-65535"),  # was fetched, port 34463
+        ("http://a b/", "a space or a control character in the host"),  # retried as a fetch
+        (
+            "Https://user:s3cr3t@h/",
+            "credentials in the URL are not supported: the site must be public",
+        ),
+    ],
+)
+def test_sync_from_a_broken_url_is_one_line(settings, source, why):
     with pytest.raises(WebstatsError) as exc:
-        sync(settings, source="http://[::1", dry_run=True, force=False)
-    assert str(exc.value) == "packages source http://[::1: Invalid IPv6 URL"
+        sync(settings, source=source, dry_run=True, force=False)
+    assert str(exc.value) == f"packages source {mask(source)}: not a usable URL ({why})"
+    assert "s3cr3t" not in str(exc.value)
+
+
+def test_sync_accepts_an_upper_case_scheme(loaded, http_source):
+    url = http_source[0].replace("http://", "HTTP://")
+    assert sync(loaded, source=url, dry_run=True, force=False).startswith(
+        f"packages sync from {url}: release 3.20, devel 3.21"
+    )
+
+
+def test_sync_headers_trickled_past_the_deadline(settings, monkeypatch):
+    """The deadline bounded only the body: headers sent a byte at a time held the sync."""
+    from bioc_webstats.etl import manifest
+
+    monkeypatch.setattr(manifest, "FETCH_DEADLINE", 1.0)
+    trickle = [(b"HTTP/1.1 200 OK\r\nX-Slow: ", 0), *[(b"z", 0.2)] * 30, (b"\r\n\r\n", 0)]
+    with scripted_server(trickle) as url:
+        with pytest.raises(WebstatsError) as exc:
+            sync(settings, source=url, dry_run=True, force=False, timeout=5)
+    assert str(exc.value).startswith(f"cannot fetch {url}/config.yaml: not complete after 1 s (")
+
+
+def test_sync_from_a_fifo_is_one_line(tmp_path):
+    """A FIFO for config.yaml held the sync forever (opened for reading, it waits for a writer)."""
+    from bioc_webstats.etl.manifest import read_manifest
+    from test_compare import _run_bounded
+
+    root = _broken_copy(tmp_path)
+    (root / "config.yaml").unlink()
+    os.mkfifo(root / "config.yaml")
+
+    def unblock() -> None:
+        os.close(os.open(root / "config.yaml", os.O_WRONLY | os.O_NONBLOCK))
+
+    exc = _run_bounded(lambda: read_manifest(str(root)), unblock)
+    assert isinstance(exc, WebstatsError) and str(exc) == (
+        f"cannot read {root}/config.yaml: not a regular file (a FIFO, a device or a socket)"
+    )
+
+
+@pytest.mark.parametrize("sep", ["\u2028", "\x1c", "\x85", "\r"])
+def test_sync_reads_lines_split_at_newlines_only(tmp_path, sep):
+    """splitlines made a package of 'License: A\u2028Package: PhantomA'; a config.yaml
+    starting with a byte-order mark had no release_version."""
+    from bioc_webstats.etl.manifest import read_manifest
+
+    root = _broken_copy(tmp_path)
+    (root / "config.yaml").write_bytes(b"\xef\xbb\xbfrelease_version: 3.20\ndevel_version: 3.21\n")
+    bioc = root / "packages/devel/bioc/src/contrib/PACKAGES"
+    bioc.write_text(bioc.read_text() + f"\nPackage: Real\nLicense: A{sep}Package: PhantomA\n")
+    found = read_manifest(str(root))
+    assert found.release_version == "3.20"
+    assert "Real" in found.devel["bioc"] and "PhantomA" not in found.devel["bioc"]
 
 
 def test_sync_cli(loaded):
@@ -592,6 +696,11 @@ def test_seed_only_an_empty_table_then_sync_past_the_limit(settings, monkeypatch
     assert data_version(settings) == version
     with db.session_factory(settings.database_url)() as s:
         assert db.get_meta(s, SEEDED)
+    # the dry run says what the real run does (it said: "a real run needs --force")
+    dry = sync(settings, source=str(DEVEL), dry_run=True, force=False).splitlines()
+    assert dry[-2].startswith("first sync since the shipped history was seeded (")
+    assert dry[-2].endswith("): the change limit of 50 does not apply")
+    assert dry[-1] == "dry run: nothing written"
     report = sync(settings, source=str(DEVEL), dry_run=False, force=False)
     lines = report.splitlines()
     assert lines[-1] == "applied"

@@ -481,8 +481,8 @@ def compare_cmd(
     timeout: float,
 ) -> None:
     """Compare every published text file, byte for byte, with another site (the legacy one):
-    one line per differing file, then 'N files compared, M differ'; exit 0 only when none
-    differs."""
+    one line per differing file, then 'N files compared, M differ'; exit 0 only when files
+    were compared, none differs and none could not be compared."""
     from .compare import DatabaseSide, compare, open_side
 
     there = open_side(against, timeout)
@@ -494,9 +494,19 @@ def compare_cmd(
     finally:
         here.close()
     click.echo(result.summary())
+    if result.failed:
+        raise WebstatsError(
+            f"compare: {result.differ} of {result.compared} files differ from {there.name}; "
+            f"{result.failed} could not be compared"
+        )
     if result.differ:
         raise WebstatsError(
             f"compare: {result.differ} of {result.compared} files differ from {there.name}"
+        )
+    if not result.compared:  # not a pass: an empty directory, a typo in a URL
+        raise WebstatsError(
+            f"compare: nothing was compared: neither {there.name} nor {here.name} publishes "
+            "any file of the selected categories"
         )
 
 

@@ -17,20 +17,32 @@ from __future__ import annotations
 import concurrent.futures as cf
 import http.client
 import logging
+import math
 import time
 import urllib.error
 import urllib.parse
-import urllib.request
 from collections import deque
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from . import __version__
 from .categories import BY_PREFIX, BY_STEM, CATEGORIES, Category
 from .config import Settings
 from .errors import WebstatsError
-from .httpbody import BodyError, http_error, no_credentials, not_http, read_body
+from .httpbody import (
+    BodyError,
+    fetch,
+    http_error,
+    is_http,
+    lines,
+    mask,
+    not_http,
+    one_line,
+    read_local,
+    url_problem,
+)
 
 log = logging.getLogger(__name__)
 
@@ -42,6 +54,7 @@ BACKOFF = 1.0  # seconds before the first retry, doubled each time
 MAX_BYTES = 64 * 1024 * 1024  # the largest file (software's _pkg_stats.tab) is ~20 MB
 RETRY_STATUS = frozenset({429, 500, 502, 503, 504})
 GIVE_UP = 10  # files in a row that cannot be read (after their retries): the run stops
+MAX_NAMES = 100_000  # in a _packages.txt (bioc's lists ~2,300): more is no listing
 
 
 class FetchError(WebstatsError):
@@ -85,12 +98,10 @@ class WebSide(Side):
 
     def fetch(self, relpath: str) -> bytes | None:
         url = self.url(relpath)
-        req = urllib.request.Request(url, headers={"User-Agent": USER_AGENT})  # noqa: S310
         delay = self.backoff
         for attempt in range(1, self.attempts + 1):
             try:
-                with urllib.request.urlopen(req, timeout=self.timeout) as resp:  # noqa: S310
-                    return read_body(resp, MAX_BYTES, self.deadline)
+                return fetch(url, USER_AGENT, self.timeout, MAX_BYTES, self.deadline)
             except BodyError as exc:
                 if not exc.retry:
                     raise FetchError(f"{url}: {exc}") from None
@@ -107,9 +118,13 @@ class WebSide(Side):
             except (urllib.error.URLError, TimeoutError, OSError) as exc:
                 reason = getattr(exc, "reason", exc)
                 why = (
-                    "timed out" if "timed out" in str(reason) else str(reason) or type(exc).__name__
+                    "timed out"
+                    if "timed out" in str(reason)
+                    else one_line(str(reason)) or type(exc).__name__
                 )
                 wait = delay
+            except ValueError as exc:  # UnicodeError: a host the resolver refuses
+                raise FetchError(f"{url}: not a usable URL ({one_line(str(exc))})") from None
             if attempt == self.attempts:
                 raise FetchError(f"{url}: {why} (after {self.attempts} attempts)")
             log.debug("%s: %s; retrying in %.1fs", url, why, wait)
@@ -119,12 +134,15 @@ class WebSide(Side):
 
 
 def _retry_after(value: str | None, default: float) -> float:
-    """A ``Retry-After`` in seconds when it is a small number, else our own backoff."""
+    """A ``Retry-After`` in seconds when it is a small number, else our own backoff (NaN,
+    inf or a negative number too: NaN passes min/max and time.sleep raises on it)."""
     try:
         seconds = float(value) if value else default
     except ValueError:
         return default
-    return min(max(seconds, 0.0), 60.0)
+    if not math.isfinite(seconds) or seconds < 0:
+        return default
+    return min(seconds, 60.0)
 
 
 class DirSide(Side):
@@ -132,16 +150,18 @@ class DirSide(Side):
 
     def __init__(self, root: Path | str) -> None:
         self.root = Path(root)
-        self.name = str(root)  # as given: a Path would show ftp://x as ftp:/x
+        self.name = mask(str(root))  # as given: a Path would show ftp://x as ftp:/x
         if not self.root.is_dir():
             raise WebstatsError(f"{self.name}: not a directory nor an http(s):// URL")
 
     def fetch(self, relpath: str) -> bytes | None:
         path = self.root / relpath
         try:
-            return path.read_bytes()
+            return read_local(path, MAX_BYTES)
         except (FileNotFoundError, NotADirectoryError, IsADirectoryError):
             return None
+        except BodyError as exc:  # a FIFO, a link to /dev/zero, a file over the cap
+            raise FetchError(f"{path}: {exc}") from None
         except OSError as exc:
             raise FetchError(f"{path}: {exc.strerror}") from None
 
@@ -174,14 +194,10 @@ class DatabaseSide(Side):
 
 def open_side(where: str, timeout: float = TIMEOUT) -> Side:
     """A base URL (``http(s)://…/packages/stats/``) or a directory copy of a site."""
-    if where.startswith(("http://", "https://")):
-        no_credentials(where, "--against")
-        try:
-            host = urllib.parse.urlsplit(where).hostname
-        except ValueError as exc:  # "http://[::1"
-            raise WebstatsError(f"{where}: not a usable URL ({exc})") from None
-        if not host:
-            raise WebstatsError(f"{where}: not a usable URL (no host)")
+    if is_http(where):
+        problem = url_problem(where)
+        if problem:  # once, not as a network error retried for every file
+            raise WebstatsError(f"{mask(where)}: not a usable URL ({problem})")
         return WebSide(where, timeout=timeout)
     return DirSide(where.removeprefix("file://"))
 
@@ -189,21 +205,36 @@ def open_side(where: str, timeout: float = TIMEOUT) -> Side:
 # --- what is compared -------------------------------------------------------------------------
 
 
+class TooManyNames(WebstatsError):
+    """A ``_packages.txt`` naming more than MAX_NAMES packages."""
+
+
 def _names(body: bytes | None) -> list[str]:
-    """Package names of a ``<prefix>_packages.txt`` (one a line)."""
-    if not body:
-        return []
-    return [n for n in body.decode("utf-8", "replace").splitlines() if n]
+    """Package names of a ``<prefix>_packages.txt`` (one a line), in order, each once."""
+    names: dict[str, None] = {}
+    for line in lines(body or b""):
+        if line:
+            names[line.decode("utf-8", "replace")] = None
+            if len(names) > MAX_NAMES:
+                raise TooManyNames(f"lists more than {MAX_NAMES} packages")
+    return list(names)
+
+
+def _both_names(here: bytes | None, there: bytes | None) -> list[str]:
+    return list(dict.fromkeys(_names(here) + _names(there)))
 
 
 def _years(body: bytes | None) -> set[int]:
-    """The years a ``_stats.tab`` holds blocks for."""
+    """The years a ``_stats.tab`` holds blocks for (lines whose first field is a year)."""
     years = set()
-    for line in (body or b"").decode("utf-8", "replace").splitlines()[1:]:
-        head = line.split("\t", 1)[0]
-        if len(head) == 4 and head.isascii() and head.isdigit():
-            years.add(int(head))
+    for n, line in enumerate(lines(body or b"")):
+        if n and line[:4].isdigit() and line[4:5] in (b"", b"\t"):
+            years.add(int(line[:4]))
     return years
+
+
+def _both_years(here: bytes | None, there: bytes | None) -> set[int]:
+    return _years(here) | _years(there)
 
 
 def _safe(name: str) -> bool:
@@ -224,6 +255,7 @@ class Outcome:
 
     path: str
     line: str | None = None  # None: the same bytes
+    failed: bool = False  # not compared: a side unreadable, a listing unusable
 
     @property
     def differs(self) -> bool:
@@ -234,10 +266,12 @@ class Outcome:
 class CompareResult:
     compared: int = 0
     differ: int = 0
+    failed: int = 0  # could not be compared: neither "compared" nor "differ"
     lines: list[str] = field(default_factory=list)
 
     def summary(self) -> str:
-        return f"{self.compared} files compared, {self.differ} differ"
+        failed = f", {self.failed} could not be compared" if self.failed else ""
+        return f"{self.compared} files compared, {self.differ} differ{failed}"
 
 
 def first_difference(here: bytes, there: bytes) -> str:
@@ -324,7 +358,7 @@ class Comparison:
             if nxt is not None:
                 submit(nxt)
             if here_err or there_err:
-                self.record(Outcome(path, f"cannot compare: {here_err or there_err}"))
+                self.record(Outcome(path, f"cannot compare: {here_err or there_err}", True))
                 self.failed_in_a_row += 1
                 if self.failed_in_a_row >= GIVE_UP:  # a site that is down: not 50,000 times
                     raise WebstatsError(
@@ -336,22 +370,31 @@ class Comparison:
             yield path, here, there
 
     def record(self, outcome: Outcome) -> None:
-        self.result.compared += 1
+        if outcome.failed:
+            self.result.failed += 1
+        else:
+            self.result.compared += 1
+            self.result.differ += outcome.differs
         if outcome.differs:
-            self.result.differ += 1
             line = f"{outcome.path}: {outcome.line}"
             self.result.lines.append(line)
             self.echo(line)  # one line per differing file, as it is found
 
-    def files(self, paths: list[str]) -> dict[str, tuple[bytes | None, bytes | None]]:
-        """Compare ``paths``; return the bodies of both sides (for the lists they hold)."""
-        bodies = {}
+    def files(
+        self, paths: list[str], keep: Mapping[str, Callable[[bytes | None, bytes | None], Any]]
+    ) -> dict[str, Any]:
+        """Compare ``paths``; of the bodies, only ``keep[path](here, there)`` is kept (the
+        names or years a list holds): each body is dropped once judged (bounded memory)."""
+        kept = {}
         for path, here, there in self.fetch_both(paths):
-            outcome = judge(path, here, there)
             if here is not None or there is not None:
-                self.record(outcome)
-            bodies[path] = (here, there)
-        return bodies
+                self.record(judge(path, here, there))
+            if path in keep:
+                try:
+                    kept[path] = keep[path](here, there)
+                except TooManyNames as exc:  # the file is compared, its packages are not
+                    self.record(Outcome(path, f"cannot compare its packages: {exc}", True))
+        return kept
 
 
 def _categories(names: list[str] | None) -> list[Category]:
@@ -389,7 +432,7 @@ def compare(
     for name in dict.fromkeys(packages or []):
         if name not in found:  # a typo must not pass for "0 differ"
             where = ", ".join(f"{c.stem}/{c.prefix}_packages.txt" for c in cats)
-            run.record(Outcome(f"--packages {name}", f"listed by neither side ({where})"))
+            run.record(Outcome(f"--packages {name}", f"listed by neither side ({where})", True))
     return run.result
 
 
@@ -400,29 +443,32 @@ def _compare_category(run: Comparison, cat: Category, only: list[str] | None) ->
     totals = f"{stem}/{prefix}_stats.tab"
     if only is None:
         heavy = [f"{stem}/{prefix}_pkg_stats.tab", f"{stem}/{prefix}_pkg_scores.tab"]
-        bodies = run.files([listing, totals, *heavy])
-        years = set().union(*map(_years, bodies[totals])) if totals in bodies else set()
-        run.files([f"{stem}/{prefix}_{y}_stats.tab" for y in sorted(years, reverse=True)])
+        kept = run.files([listing, totals, *heavy], {listing: _both_names, totals: _both_years})
+        years = kept.get(totals, set())
+        run.files([f"{stem}/{prefix}_{y}_stats.tab" for y in sorted(years, reverse=True)], {})
+        names = kept.get(listing, [])
     else:  # only these packages: the lists are read, not compared
-        bodies = {listing: (run.here.fetch(listing), run.there.fetch(listing))}
-    here_names, there_names = (_names(b) for b in bodies.get(listing, (None, None)))
-    names = list(dict.fromkeys(here_names + there_names))
+        try:
+            names = _both_names(run.here.fetch(listing), run.there.fetch(listing))
+        except TooManyNames as exc:
+            run.record(Outcome(listing, f"cannot compare its packages: {exc}", True))
+            names = []
     if only is not None:
         names = [n for n in names if n in set(only)]
     unsafe = [n for n in names if not _safe(n)]
     for name in unsafe:
-        run.record(Outcome(listing, f"package name {name[:80]!r} is not a usable file name"))
+        run.record(Outcome(listing, f"package name {name[:80]!r} is not a usable file name", True))
     names = [n for n in names if _safe(n)]
     # Each package's all-years file first; its year files after (the years both list).
-    for start in range(0, len(names), 200):  # bounded memory: 200 packages' bodies at a time
+    for start in range(0, len(names), 200):  # 200 packages, then their year files
         chunk = names[start : start + 200]
-        tabs = run.files([f"{stem}/{n}/{n}_stats.tab" for n in chunk])
+        paths = [f"{stem}/{n}/{n}_stats.tab" for n in chunk]
+        tabs = run.files(paths, dict.fromkeys(paths, _both_years))
         year_files = []
         for name in chunk:
-            here, there = tabs.get(f"{stem}/{name}/{name}_stats.tab", (None, None))
-            years = _years(here) | _years(there)
+            years = tabs.get(f"{stem}/{name}/{name}_stats.tab", set())
             year_files += [
                 f"{stem}/{name}/{name}_{y}_stats.tab" for y in sorted(years, reverse=True)
             ]
-        run.files(year_files)
+        run.files(year_files, {})
     return set(names)

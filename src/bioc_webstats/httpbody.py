@@ -1,30 +1,69 @@
-"""The body of an HTTP answer from another site, read with bounds: what reads the packages
-source (``etl/manifest.py``) and ``compare`` both need it. The socket timeout bounds each
-read; a deadline bounds the whole body (a server sending a byte a second never times out a
-read); a size cap bounds memory; a body that ends before its ``Content-Length`` is an error,
-not a shorter file."""
+"""The body of an HTTP answer from another site (or of a file in a directory copy of it), read
+with bounds: what reads the packages source (``etl/manifest.py``) and ``compare`` both need
+it. The socket timeout bounds each read; a deadline bounds the whole answer, from the
+connection to the body's last byte (a server sending a byte a second never times out a read,
+in the headers as in the body); a size cap bounds memory; a body that ends before its
+``Content-Length`` is an error, not a shorter file. Only http(s) redirects are followed."""
 
 from __future__ import annotations
 
+import errno
+import functools
+import http.client
+import io
+import os
+import re
+import stat
 import time
 import urllib.error
+import urllib.parse
+import urllib.request
+from collections.abc import Iterator
 from email.message import Message
-from typing import Protocol
+from typing import Any, Protocol
 
 from .errors import WebstatsError
 
+_USERINFO = re.compile(r"\b([A-Za-z][A-Za-z0-9+.-]*://)\S*@")
+_CONTROL = re.compile(r"[\x00-\x20\x7f]")  # what http.client refuses in a host
 
-def no_credentials(url: str, what: str) -> None:
-    """Refuse an http(s) URL carrying ``user:password@``: urllib would not send them, and
-    the URL is printed in every line about it (a secret in the journal)."""
-    authority = url.partition("://")[2].split("/", 1)[0].split("?", 1)[0]
-    if "@" in authority:
-        scheme = url.partition("://")[0]
-        host = authority.rpartition("@")[2]
-        raise WebstatsError(
-            f"{what} {scheme}://***@{host}/…: credentials in the URL are not supported "
-            "(the site must be public)"
-        )
+
+def mask(text: str) -> str:
+    """``text`` with the ``user:password@`` of every URL in it (any scheme) shown as ``***@``."""
+    return _USERINFO.sub(r"\1***@", text)
+
+
+def one_line(text: str, limit: int = 300) -> str:
+    """Text from elsewhere (a reason phrase, a server's reply) as one short line of a message:
+    a multi-line reply must not forge journal lines; masked before it is cut (no half secret)."""
+    text = mask(" ".join("".join(c if c.isprintable() else " " for c in text).split()))
+    return text if len(text) <= limit else text[:limit] + "…"
+
+
+def is_http(url: str) -> bool:
+    """Whether ``url`` is http(s): schemes are case-insensitive (``HTTP://`` is no directory)."""
+    return url[:8].lower().startswith(("http://", "https://"))
+
+
+def url_problem(url: str) -> str | None:
+    """Why an http(s) URL cannot be fetched, found before any request (a site given, a
+    redirect's target) rather than as a network error retried for every file."""
+    try:
+        parts = urllib.parse.urlsplit(url)
+        parts.port  # noqa: B018 - raises for a port out of range or not a number
+    except ValueError as exc:  # "http://[::1", "http://h:99999/"
+        return one_line(str(exc))
+    if "@" in parts.netloc:  # urllib would not send them, and every line names the URL
+        return "credentials in the URL are not supported: the site must be public"
+    if not parts.hostname:
+        return "no host"
+    if _CONTROL.search(parts.netloc):
+        return "a space or a control character in the host"
+    try:
+        parts.hostname.encode("idna")  # what the resolver does (a label over 63 characters)
+    except UnicodeError as exc:
+        return f"host name not usable: {one_line(str(exc))}"
+    return None
 
 
 class BodyError(WebstatsError):
@@ -41,9 +80,8 @@ class _Response(Protocol):
     def read1(self, n: int = -1) -> bytes: ...
 
 
-def read_body(resp: _Response, max_bytes: int, deadline: float) -> bytes:
-    """All of ``resp``'s body, one network read at a time."""
-    give_up = time.monotonic() + deadline
+def read_body(resp: _Response, max_bytes: int) -> bytes:
+    """All of ``resp``'s body, one network read at a time (the deadline is the socket's)."""
     chunks: list[bytes] = []
     size = 0
     while chunk := resp.read1(1 << 16):
@@ -51,8 +89,6 @@ def read_body(resp: _Response, max_bytes: int, deadline: float) -> bytes:
         if size > max_bytes:
             raise BodyError(f"larger than {max_bytes} bytes", retry=False)
         chunks.append(chunk)
-        if time.monotonic() > give_up:
-            raise BodyError(f"not complete after {deadline:g} s ({size} bytes)", retry=True)
     expected = resp.headers.get("Content-Length")
     if expected and expected.strip().isdigit() and not resp.headers.get("Transfer-Encoding"):
         if size != int(expected):
@@ -60,9 +96,159 @@ def read_body(resp: _Response, max_bytes: int, deadline: float) -> bytes:
     return b"".join(chunks)
 
 
+class _DeadlineIO(io.RawIOBase):
+    """A socket's reads, each bounded by what is left of the answer's deadline."""
+
+    def __init__(self, sock: Any, conn: _Bounded) -> None:
+        super().__init__()
+        # makefile: a reference that keeps the socket open after urllib closes the connection's
+        self.sock, self.raw, self.conn = sock, sock.makefile("rb", buffering=0), conn
+        self.received = 0
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buf: Any) -> int | None:
+        self.sock.settimeout(self.conn.left())
+        try:
+            n = self.raw.readinto(buf)
+        except TimeoutError:
+            if time.monotonic() >= self.conn.give_up:
+                raise self.conn.overdue(f"{self.received} bytes received") from None
+            raise
+        self.received += n or 0
+        return n
+
+    def close(self) -> None:
+        self.raw.close()
+        super().close()
+
+
+class _Bounded:
+    """An HTTP(S) connection whose connect and every read share one deadline."""
+
+    timeout: Any
+    _per_read: float
+
+    def __init__(self, *args: Any, give_up: float, deadline: float, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.give_up, self.deadline, self._per_read = give_up, deadline, self.timeout
+
+    def overdue(self, detail: str) -> BodyError:
+        return BodyError(f"not complete after {self.deadline:g} s ({detail})", retry=True)
+
+    def left(self) -> float:
+        """The socket timeout for the next read: the per-read one, or less near the deadline."""
+        left = self.give_up - time.monotonic()
+        if left <= 0:
+            raise self.overdue("deadline passed")
+        return min(self._per_read, left)
+
+    def connect(self) -> None:
+        self.timeout = self.left()
+        super().connect()
+
+    def response_class(self, sock: Any, *args: Any, **kwargs: Any) -> http.client.HTTPResponse:
+        reader = io.BufferedReader(_DeadlineIO(sock, self))
+        return http.client.HTTPResponse(_Socket(reader), *args, **kwargs)
+
+
+class _Socket:
+    """What HTTPResponse reads through: only its ``makefile`` is used."""
+
+    def __init__(self, reader: io.BufferedReader) -> None:
+        self.reader = reader
+
+    def makefile(self, _mode: str) -> io.BufferedReader:
+        return self.reader
+
+
+class _HTTP(_Bounded, http.client.HTTPConnection):
+    pass
+
+
+class _HTTPS(_Bounded, http.client.HTTPSConnection):
+    pass
+
+
+class _HTTPHandler(urllib.request.HTTPHandler):
+    def __init__(self, **bound: float) -> None:
+        super().__init__()
+        self.bound = bound
+
+    def http_open(self, req: urllib.request.Request) -> http.client.HTTPResponse:
+        return self.do_open(functools.partial(_HTTP, **self.bound), req)
+
+
+class _HTTPSHandler(urllib.request.HTTPSHandler):
+    def __init__(self, **bound: float) -> None:
+        super().__init__()
+        self.bound = bound
+
+    def https_open(self, req: urllib.request.Request) -> http.client.HTTPResponse:
+        return self.do_open(functools.partial(_HTTPS, **self.bound), req)
+
+
+class _Redirect(urllib.request.HTTPRedirectHandler):
+    """Follows a redirect only to a usable http(s) URL (urllib also follows ftp://)."""
+
+    def redirect_request(
+        self, req: urllib.request.Request, fp: Any, code: int, msg: str, headers: Message,
+        newurl: str,
+    ) -> urllib.request.Request | None:  # fmt: skip
+        problem = url_problem(newurl) if is_http(newurl) else "not http(s)"
+        if problem:
+            raise urllib.error.HTTPError(
+                req.full_url, code, f"redirect to {newurl} refused: {problem}", headers, fp
+            )
+        return super().redirect_request(req, fp, code, msg, headers, newurl)
+
+
+def fetch(url: str, agent: str, timeout: float, max_bytes: int, deadline: float) -> bytes:
+    """The body of ``url`` (http(s), checked by :func:`url_problem`): ``timeout`` seconds per
+    read, ``deadline`` for all of it, connection and headers included (BodyError past it)."""
+    bound = {"give_up": time.monotonic() + deadline, "deadline": deadline}
+    opener = urllib.request.build_opener(_Redirect(), _HTTPHandler(**bound), _HTTPSHandler(**bound))
+    req = urllib.request.Request(url, headers={"User-Agent": agent})  # noqa: S310 - http(s)
+    with opener.open(req, timeout=timeout) as resp:
+        return read_body(resp, max_bytes)
+
+
+def read_local(path: str | os.PathLike[str], max_bytes: int) -> bytes:
+    """A regular file's bytes, at most ``max_bytes``. Opened non-blocking so that a FIFO's
+    open does not wait for a writer; a FIFO, a device (a link to /dev/zero) or a socket is
+    refused, a directory is IsADirectoryError."""
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC)
+    try:
+        info = os.fstat(fd)
+        if stat.S_ISDIR(info.st_mode):
+            raise IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR))
+        if not stat.S_ISREG(info.st_mode):
+            raise BodyError("not a regular file (a FIFO, a device or a socket)", retry=False)
+        with open(fd, "rb", closefd=False) as fh:
+            # A buffer of the file's size, not of the cap; one that grew (or says 0, as in
+            # /proc) is read on, up to the cap.
+            data = fh.read(min(info.st_size, max_bytes) + 1)
+            if len(data) > info.st_size:
+                data += fh.read(max_bytes + 1 - len(data))
+    finally:
+        os.close(fd)
+    if len(data) > max_bytes:
+        raise BodyError(f"larger than {max_bytes} bytes", retry=False)
+    return data
+
+
+def lines(data: bytes) -> Iterator[bytes]:
+    """The lines of ``data`` without their ``\\n`` or ``\\r\\n``, one at a time (a BytesIO
+    shares the bytes: no list of millions of lines). Split at ``\\n`` only: splitlines also
+    splits at U+2028, ``\\x1c`` or ``\\x85`` (a phantom ``Package:`` line)."""
+    for line in io.BytesIO(data):
+        yield line.rstrip(b"\r\n")
+
+
 def http_error(exc: urllib.error.HTTPError) -> str:
     """``HTTP 404 Not Found`` on one line (urllib's redirect-loop reason has three)."""
-    return " ".join(f"HTTP {exc.code} {exc.reason}".split())
+    return one_line(f"HTTP {exc.code} {exc.reason}")
 
 
 def not_http(exc: Exception) -> str:

@@ -10,24 +10,53 @@ from __future__ import annotations
 import http.client
 import re
 import urllib.error
-import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
 from .. import __version__
 from ..categories import CATEGORIES
 from ..errors import WebstatsError
-from ..httpbody import BodyError, http_error, no_credentials, not_http, read_body
+from ..httpbody import (
+    BodyError,
+    fetch,
+    http_error,
+    is_http,
+    lines,
+    mask,
+    not_http,
+    one_line,
+    read_local,
+    url_problem,
+)
+from .rule import MAX_PACKAGE
 
 FETCH_TIMEOUT = 30.0  # seconds, per read
-FETCH_DEADLINE = 300.0  # seconds, per file
+FETCH_DEADLINE = 300.0  # seconds, per file, from the connection to the body's end
 MAX_BYTES = 64 * 1024 * 1024  # the largest PACKAGES today is a few MB
+MAX_CONFIG_BYTES = 1024 * 1024  # config.yaml is a few KB; split into lines whole
+MAX_PACKAGES = 100_000  # names in one PACKAGES (bioc's has ~2,300): more is no PACKAGES
 
 # A release X.Y, as config.yaml and the packages CSV give it (its column holds 16 characters).
 RELEASE = re.compile(r"^\d{1,3}\.\d{1,3}$")
 _TOP_KEY = re.compile(r"^([A-Za-z_][A-Za-z0-9_]*)\s*:\s*(.*?)\s*$")
 # A valid R package name (etl.md): letters, digits and dots, starts with a letter.
-_PKG_NAME = re.compile(r"^[A-Za-z][A-Za-z0-9.]*[A-Za-z0-9]$")
+PKG_NAME = re.compile(r"^[A-Za-z][A-Za-z0-9.]*[A-Za-z0-9]$")
+
+
+def name_problem(name: str) -> str | None:
+    """Why ``name`` cannot be a package name (it becomes a URL path and a file name): what
+    ``packages load`` refuses, and so ``packages sync``."""
+    for char, what in (("\x00", "a NUL"), ("\n", "a newline"), ("\r", "a carriage return"),
+                       ("\t", "a tab")):  # fmt: skip
+        if char in name:
+            return f"package name contains {what}"
+    if "/" in name or "\\" in name or ".." in name:
+        return f"package name {name[:80]!r} contains a path ('/', '\\' or '..')"
+    if any(c in name for c in "<>&\"'"):
+        return f"package name {name[:80]!r} contains HTML (<, >, &, quotes)"
+    if len(name) > MAX_PACKAGE:  # (the column's size; R's names are far shorter)
+        return f"package name longer than {MAX_PACKAGE} characters ({len(name)})"
+    return None
 
 
 @dataclass(frozen=True)
@@ -45,21 +74,18 @@ def packages_path(repo_path: str) -> str:
     return f"packages/devel/{repo_path}/src/contrib/PACKAGES"
 
 
-def is_url(source: str) -> bool:
-    """Whether the source is fetched over HTTP(S) rather than read from a directory."""
-    return source.startswith(("http://", "https://"))
-
-
-def read_text(source: str, relpath: str, timeout: float = FETCH_TIMEOUT) -> str:
-    """The text of ``relpath`` under ``source`` (a base URL or a directory)."""
-    if is_url(source):
-        no_credentials(source, "packages source")
+def read_source(
+    source: str, relpath: str, timeout: float = FETCH_TIMEOUT, max_bytes: int = MAX_BYTES
+) -> bytes:
+    """The bytes of ``relpath`` under ``source`` (a base URL or a directory), at most
+    ``max_bytes``."""
+    if is_http(source):
+        problem = url_problem(source)
+        if problem:
+            raise WebstatsError(f"packages source {mask(source)}: not a usable URL ({problem})")
         url = source.rstrip("/") + "/" + relpath
-        agent = {"User-Agent": f"bioc-webstats/{__version__}"}
         try:
-            req = urllib.request.Request(url, headers=agent)  # noqa: S310 - is_url(): http(s)
-            with urllib.request.urlopen(req, timeout=timeout) as resp:  # noqa: S310
-                data = read_body(resp, MAX_BYTES, FETCH_DEADLINE)
+            return fetch(url, f"bioc-webstats/{__version__}", timeout, max_bytes, FETCH_DEADLINE)
         except BodyError as exc:
             raise WebstatsError(f"cannot fetch {url}: {exc}") from None
         except urllib.error.HTTPError as exc:
@@ -70,23 +96,22 @@ def read_text(source: str, relpath: str, timeout: float = FETCH_TIMEOUT) -> str:
             raise WebstatsError(f"cannot fetch {url}: {_reason(exc)}") from None
         except http.client.HTTPException as exc:
             raise WebstatsError(f"cannot fetch {url}: {not_http(exc)}") from None
-        except ValueError as exc:  # not a URL urllib can use ("http://[::1")
-            raise WebstatsError(f"packages source {source}: {exc}") from None
-        where = url
-    else:
-        base = Path(source.removeprefix("file://"))
-        if not base.is_dir():
-            raise WebstatsError(f"packages source {source}: not a directory nor an http(s):// URL")
-        where = str(base / relpath)
-        try:
-            with open(where, "rb") as fh:
-                data = fh.read(MAX_BYTES + 1)
-        except OSError as exc:
-            raise WebstatsError(f"cannot read {where}: {exc.strerror}") from None
-    if len(data) > MAX_BYTES:
-        raise WebstatsError(f"{where}: larger than {MAX_BYTES} bytes, not a PACKAGES file")
-    # Only ASCII names are taken from the text; odd bytes elsewhere (Maintainer:) don't matter.
-    return data.decode("utf-8", errors="replace")
+        except ValueError as exc:  # UnicodeError: a host the resolver refuses
+            raise WebstatsError(
+                f"cannot fetch {url}: not a usable URL ({one_line(str(exc))})"
+            ) from None
+    base = Path(source.removeprefix("file://"))
+    if not base.is_dir():
+        raise WebstatsError(
+            f"packages source {mask(source)}: not a directory nor an http(s):// URL"
+        )
+    where = base / relpath
+    try:
+        return read_local(where, max_bytes)
+    except BodyError as exc:  # a FIFO, a link to /dev/zero, a file over the cap
+        raise WebstatsError(f"cannot read {where}: {exc}") from None
+    except OSError as exc:
+        raise WebstatsError(f"cannot read {where}: {exc.strerror}") from None
 
 
 def _reason(reason: object) -> str:
@@ -94,7 +119,7 @@ def _reason(reason: object) -> str:
         return "timed out"
     if isinstance(reason, OSError) and reason.strerror:
         return reason.strerror
-    return str(reason) or type(reason).__name__
+    return one_line(str(reason)) or type(reason).__name__
 
 
 def parse_config_yaml(text: str) -> dict[str, str]:
@@ -103,7 +128,8 @@ def parse_config_yaml(text: str) -> dict[str, str]:
     Enough for ``release_version``/``devel_version`` without a YAML dependency.
     """
     out: dict[str, str] = {}
-    for line in text.splitlines():
+    for line in text.split("\n"):  # not splitlines: U+2028 or \x1c is no line break here
+        line = line.removesuffix("\r")
         if not line or line[0] in " \t#-":
             continue
         m = _TOP_KEY.match(line)
@@ -119,20 +145,26 @@ def parse_config_yaml(text: str) -> dict[str, str]:
     return out
 
 
-def parse_packages(text: str, where: str) -> frozenset[str]:
-    """The ``Package:`` names of a Debian-control-like PACKAGES file.
+def parse_packages(data: bytes, where: str) -> frozenset[str]:
+    """The ``Package:`` names of a Debian-control-like PACKAGES file, read a line at a time.
 
     A file without any Package: field, or with an invalid name, is an error: a sync from a
     truncated or wrong file must not close every package of the category.
     """
     names = set()
-    for lineno, line in enumerate(text.splitlines(), 1):
-        if not line.startswith("Package:"):  # continuation lines start with white space
+    for lineno, raw in enumerate(lines(data), 1):
+        if not raw.startswith(b"Package:"):  # continuation lines start with white space
             continue
-        name = line[len("Package:") :].strip()
-        if not _PKG_NAME.match(name):
+        # Only ASCII names pass; odd bytes elsewhere (Maintainer:) don't matter.
+        name = raw[len(b"Package:") :].decode("utf-8", "replace").strip(" \t")
+        if not PKG_NAME.match(name):
             raise WebstatsError(f"{where}:{lineno}: invalid package name {name[:80]!r}")
+        problem = name_problem(name)
+        if problem:
+            raise WebstatsError(f"{where}:{lineno}: {problem}")
         names.add(name)
+        if len(names) > MAX_PACKAGES:
+            raise WebstatsError(f"{where}: more than {MAX_PACKAGES} packages, not a PACKAGES file")
     if not names:
         raise WebstatsError(f"{where}: no Package: fields (not a PACKAGES file?)")
     return frozenset(names)
@@ -147,7 +179,8 @@ def version_key(version: str) -> tuple[int, int]:
 def read_manifest(source: str, timeout: float = FETCH_TIMEOUT) -> Manifest:
     """Read ``config.yaml`` and the four devel PACKAGES files; all or an error."""
     where = source.rstrip("/") + "/config.yaml"
-    conf = parse_config_yaml(read_text(source, "config.yaml", timeout))
+    config = read_source(source, "config.yaml", timeout, MAX_CONFIG_BYTES)
+    conf = parse_config_yaml(config.decode("utf-8-sig", errors="replace"))  # -sig: a BOM
     versions = {}
     for key in ("release_version", "devel_version"):
         value = conf.get(key, "")
@@ -164,5 +197,5 @@ def read_manifest(source: str, timeout: float = FETCH_TIMEOUT) -> Manifest:
     for cat in CATEGORIES:
         rel = packages_path(cat.repo_path)
         file_where = source.rstrip("/") + "/" + rel
-        devel[cat.prefix] = parse_packages(read_text(source, rel, timeout), file_where)
+        devel[cat.prefix] = parse_packages(read_source(source, rel, timeout), file_where)
     return Manifest(source, versions["release_version"], versions["devel_version"], devel)

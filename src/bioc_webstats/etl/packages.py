@@ -20,7 +20,15 @@ from ..config import Settings
 from ..errors import WebstatsError
 from ..store import db
 from ..store.models import Package
-from .manifest import FETCH_TIMEOUT, RELEASE, Manifest, read_manifest, version_key
+from .manifest import (
+    FETCH_TIMEOUT,
+    PKG_NAME,
+    RELEASE,
+    Manifest,
+    name_problem,
+    read_manifest,
+    version_key,
+)
 
 _CODE = re.compile(r"^\d{3,4}$")
 # A packages CSV is a few hundred KB (5,994 rows since 2009): bounds that stop /dev/zero or a
@@ -42,25 +50,8 @@ def release_from_code(value: str) -> str | None:
     raise ValueError(f"not a release code: {value!r}")
 
 
-MAX_NAME = 200  # characters of a package name (R's are far shorter)
-_R_NAME = re.compile(r"^[A-Za-z][A-Za-z0-9.]*[A-Za-z0-9]$")  # a valid R package name
 COLUMNS = ("package", "category", "first_version", "last_version")
 SEEDED = "packages_seeded"  # meta: when the shipped history was seeded, until the first sync
-
-
-def _name_problem(name: str) -> str | None:
-    """Why ``name`` cannot be a package name (it becomes a URL path and a file name)."""
-    for char, what in (("\x00", "a NUL"), ("\n", "a newline"), ("\r", "a carriage return"),
-                       ("\t", "a tab")):  # fmt: skip
-        if char in name:
-            return f"package name contains {what}"
-    if "/" in name or "\\" in name or ".." in name:
-        return f"package name {name[:80]!r} contains a path ('/', '\\' or '..')"
-    if any(c in name for c in "<>&\"'"):
-        return f"package name {name[:80]!r} contains HTML (<, >, &, quotes)"
-    if len(name) > MAX_NAME:
-        return f"package name longer than {MAX_NAME} characters ({len(name)})"
-    return None
 
 
 def read_csv(path: Path) -> list[tuple[str, str, str | None, str | None]]:
@@ -75,6 +66,9 @@ def read_csv(path: Path) -> list[tuple[str, str, str | None, str | None]]:
             header = [h.strip() for h in next(reader, [])]
             if not set(COLUMNS) <= set(header):
                 raise WebstatsError(f"{path}: header must have columns {','.join(COLUMNS)}")
+            twice = [c for c in COLUMNS if header.count(c) > 1]
+            if twice:  # which one holds the values is a guess
+                raise WebstatsError(f"{path}: header has column {twice[0]} more than once")
             at = {c: header.index(c) for c in COLUMNS}
             line = reader.line_num + 1  # where the next row starts
             for values in reader:
@@ -130,14 +124,14 @@ def _check_row(
         raise WebstatsError(f"{where}: unknown category {cat[:40]!r}")
     if not name:
         raise WebstatsError(f"{where}: empty package name")
-    problem = _name_problem(name)
+    problem = name_problem(name)
     if problem:
         raise WebstatsError(f"{where}: {problem}")
     try:
         first_release, last_release = release_from_code(first), release_from_code(last)
     except ValueError as exc:
         raise WebstatsError(f"{where}: {exc}") from None
-    if not _R_NAME.match(name):
+    if not PKG_NAME.match(name):
         raise WebstatsError(f"{where}: {name!r} is not a valid R package name")
     if first_release and last_release and _release_key(last_release) < _release_key(first_release):
         raise WebstatsError(
@@ -309,18 +303,19 @@ def sync(
             {k: (p.first_release, p.last_release) for k, p in existing.items()}, manifest
         )
         lines = [_summary(manifest, changes), *(c.describe() for c in changes)]
-        if dry_run:  # nothing was modified: leaving the block writes nothing
-            if len(changes) > limit:
-                lines.append(f"over the change limit of {limit}: a real run needs --force")
-            lines.append("dry run: nothing written")
-            return "\n".join(lines)
         seeded = db.get_meta(session, SEEDED)
-        if seeded and len(changes) > limit and not force:
+        over = len(changes) > limit and not force
+        if over and seeded:  # a dry run says what the real run will do
             lines.append(
                 f"first sync since the shipped history was seeded ({seeded}): "
                 f"the change limit of {limit} does not apply"
             )
-        elif len(changes) > limit and not force:
+        if dry_run:  # nothing was modified: leaving the block writes nothing
+            if over and not seeded:
+                lines.append(f"over the change limit of {limit}: a real run needs --force")
+            lines.append("dry run: nothing written")
+            return "\n".join(lines)
+        if over and not seeded:
             raise WebstatsError(
                 f"packages sync: {len(changes)} changes exceed the change limit of {limit} "
                 "(etl/sync_change_limit); nothing changed. Review them with --dry-run, "
