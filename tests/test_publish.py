@@ -139,10 +139,8 @@ def test_validators_are_nginx_s(tmp_path):
 # --- publish and the app -------------------------------------------------------------------
 
 
-def test_etl_run_publishes_and_the_web_serves_without_building(
-    db_url, tmp_path, logs_dir, monkeypatch, caplog
-):
-    settings = loaded(db_url, tmp_path)
+def cli_env(monkeypatch, db_url: str, settings) -> None:
+    """The environment of ``bioc-webstats`` run in this process (cli.main)."""
     for k, v in {
         "WEBSTATS_DATABASE_URL": db_url,
         "WEBSTATS_STATE_DIR": str(settings.state_dir),
@@ -150,6 +148,13 @@ def test_etl_run_publishes_and_the_web_serves_without_building(
         "WEBSTATS_IP_HASH_KEY": "test-key",
     }.items():
         monkeypatch.setenv(k, v)
+
+
+def test_etl_run_publishes_and_the_web_serves_without_building(
+    db_url, tmp_path, logs_dir, monkeypatch, caplog
+):
+    settings = loaded(db_url, tmp_path)
+    cli_env(monkeypatch, db_url, settings)
     caplog.set_level(logging.INFO)
     with pytest.raises(SystemExit) as exc:
         cli.main(["etl", "run", "--source", str(logs_dir)])
@@ -209,13 +214,7 @@ def test_a_run_after_one_killed_before_its_publish_publishes(
     from bioc_webstats.etl import ingest
 
     settings = loaded(db_url, tmp_path)
-    for k, v in {
-        "WEBSTATS_DATABASE_URL": db_url,
-        "WEBSTATS_STATE_DIR": str(settings.state_dir),
-        "WEBSTATS_ENV_FILE": "/dev/null",
-        "WEBSTATS_IP_HASH_KEY": "test-key",
-    }.items():
-        monkeypatch.setenv(k, v)
+    cli_env(monkeypatch, db_url, settings)
     assert ingest.run(settings, source=str(logs_dir)) is True  # committed, not published
     assert PublishedSite(settings.publish_dir).current() is None
     with pytest.raises(SystemExit) as exc:
@@ -230,13 +229,7 @@ def test_rebuild_and_sync_publish_a_new_version_and_prune(db_url, tmp_path, logs
     from test_packages import DEVEL
 
     settings = loaded(db_url, tmp_path)
-    for k, v in {
-        "WEBSTATS_DATABASE_URL": db_url,
-        "WEBSTATS_STATE_DIR": str(settings.state_dir),
-        "WEBSTATS_ENV_FILE": "/dev/null",
-        "WEBSTATS_IP_HASH_KEY": "test-key",
-    }.items():
-        monkeypatch.setenv(k, v)
+    cli_env(monkeypatch, db_url, settings)
     seen = []
     for args in (
         ["etl", "run", "--source", str(logs_dir)],
