@@ -146,8 +146,10 @@ class Rule:
 
     def url(self, url: bytes) -> int:
         """The hit id of a package download url (> 0), else 0."""
+        held = len(self.dirs) + len(self.files)
         pair = rule.classify_uri(url_path(url), self.dirs, self.files)
-        self.cached += len(url)  # (what the caches of classify_uri may keep, bounded above)
+        if len(self.dirs) + len(self.files) > held:  # a half kept, of at most the url's bytes
+            self.cached += len(url)
         if pair is None:
             return 0
         hit = self.hits.get(pair)
