@@ -7,6 +7,7 @@ import datetime as dt
 import gzip
 import logging
 import os
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -690,3 +691,32 @@ def test_sqlite_stores_an_object_s_records_in_bounded_memory(tmp_path):
     assert peak < 48 << 20, peak  # a batch's worth (16 MB); the list of every row: 343 MB
     with db.session_factory(url)() as session:
         assert session.scalar(select(func.sum(DownloadRecord.downloads))) == 200_000
+
+
+@pytest.mark.parametrize("parser", ["native", "python"])
+def test_objects_past_the_memory_bound_are_stored_through_spool_files(
+    db_url, tmp_path, data, monkeypatch, parser
+):
+    """Records spilled past parse's bound, and results over INLINE_MAX, go from the parse
+    workers through files of the run's spool directory: the statistics are the truth, a
+    re-ingest replaces them, and no file is left."""
+    out, truth = data
+    monkeypatch.setattr(parse, "_FORCE_PYTHON", parser == "python")  # forked workers inherit it
+    monkeypatch.setattr(sources, "OUT_MAX", 4096)
+    monkeypatch.setattr(parse, "SPILL_BYTES", 2048)
+    monkeypatch.setattr(parse, "HITS_MAX", 4)
+    monkeypatch.setattr(ingest, "INLINE_MAX", 512)
+    spool_root = tmp_path / "tmp"
+    spool_root.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(spool_root))
+    read = []
+    parts = ingest.spool_parts
+    monkeypatch.setattr(ingest, "spool_parts", lambda path: read.append(path) or parts(path))
+    settings = loaded(db_url, tmp_path, WEBSTATS_ETL_WORKERS="2")
+    assert ingest.run(settings, source=str(out)) is True
+    assert len(read) == len(truth.files)  # every object had a spool file
+    assert_truth(db_url, truth)
+    ingest.reingest(settings, truth.files[:4], source=str(out))
+    assert len(read) == len(truth.files) + 4
+    assert_truth(db_url, truth)
+    assert list(spool_root.iterdir()) == []

@@ -77,7 +77,7 @@ def records_both(data: bytes, hour: dt.datetime, monkeypatch, floor=None):
     a, b = out
     assert (a.copy_format, b.copy_format) == ("binary", "text")
     assert copy_rows(a.copy_data, "binary") == copy_rows(b.copy_data, "text")
-    assert (a.touched, a.max_day, a.reject_reasons) == (b.touched, b.max_day, b.reject_reasons)
+    assert (a.max_day, a.reject_reasons) == (b.max_day, b.reject_reasons)
     assert (a.lines_read, a.accepted, a.rejected) == (b.lines_read, b.accepted, b.rejected)
     return a
 
@@ -102,6 +102,39 @@ def test_generated_logs_every_variant(tmp_path, monkeypatch):
         assert sum(r[4] for r in rows) == a.accepted
         assert len(rows) == len(a.counts)
     assert accepted == truth.counted
+
+
+def _summed(rows) -> dict:
+    out: dict = {}
+    for c, p, d, h, n, _ in rows:
+        out[c, p, d, h] = out.get((c, p, d, h), 0) + n
+    return out
+
+
+@pytest.mark.parametrize("parser", ["native", "python"])
+def test_records_past_the_bound_are_spilled_and_sum_to_the_same(tmp_path, monkeypatch, parser):
+    """Past SPILL_BYTES of counts (or HITS_MAX packages) the records so far go to ``spill``
+    and are forgotten: the parts together hold the same downloads per (package, day, client)."""
+    truth = loggen.generate(tmp_path, days=1, files_per_day=2, lines_per_file=3000, seed=5)
+    hasher = rule.ip_hasher(b"test key")
+    monkeypatch.setattr(parse, "_FORCE_PYTHON", parser == "python")
+    monkeypatch.setattr(sources, "OUT_MAX", 8192)  # many pieces: a bound is checked per piece
+    for key in truth.files:
+        data, hour = (tmp_path / key).read_bytes(), sources.parse_name(key)
+        whole = parse.count_records([data], hour, hasher, spill=lambda _: pytest.fail("spilled"))
+        with monkeypatch.context() as m:
+            m.setattr(parse, "SPILL_BYTES", 4096)
+            m.setattr(parse, "HITS_MAX", 3)
+            parts: list[bytes] = []
+            rec = parse.count_records([data], hour, hasher, spill=parts.append)
+        assert len(parts) > 5
+        rows = [r for part in (*parts, rec.copy_data) for r in copy_rows(part, rec.copy_format)]
+        assert len(rows) > len(copy_rows(whole.copy_data, whole.copy_format))
+        assert _summed(rows) == _summed(copy_rows(whole.copy_data, whole.copy_format))
+        assert (rec.lines_read, rec.accepted, rec.rejected, rec.max_day, rec.reject_reasons) == (
+            whole.lines_read, whole.accepted, whole.rejected, whole.max_day, whole.reject_reasons
+        )  # fmt: skip
+        assert rec.accepted == sum(r[4] for r in rows) > 0
 
 
 def _damaged(rng: random.Random, n: int) -> bytes:
@@ -317,6 +350,80 @@ def test_long_values_are_malformed_before_any_cache(monkeypatch):
     assert a.reject_reasons == {"cs-uri-stem too long": 1, "c-ip": 1, "status": 1}
     assert max(map(len, parse._URIS)) <= rule.KEY_CACHE_MAX
     assert max(map(len, parse._FILES)) <= rule.KEY_CACHE_MAX
+
+
+SPILL_PROBE = """
+import re, sys
+from bioc_webstats.etl import ingest, sources
+(obj,), _ = sources.open_source(sys.argv[1]).list()
+ingest._init_worker(sys.argv[1], b"k", False)  # as the ETL's parse workers do
+res = ingest._parse(obj)
+hwm = re.search(r"VmHWM:\\s+(\\d+) kB", open("/proc/self/status").read())[1]
+print(res.accepted, int(getattr(res, "spool", None) is not None), int(hwm) // 1024)
+"""
+
+
+def _gz_lines(lines) -> bytes:
+    import zlib
+
+    c = zlib.compressobj(1, zlib.DEFLATED, 31)
+    head = f"#Version: 1.0\n#Fields: {' '.join(loggen.FIELDS)}\n".encode()
+    return b"".join([c.compress(head), *(c.compress(ln.encode() + b"\n") for ln in lines),
+                     c.flush()])  # fmt: skip
+
+
+MILLION = 1_000_000
+
+
+@pytest.fixture(scope="module")
+def hostile_objects(tmp_path_factory) -> dict:
+    """A small object, and two of a million downloads: by distinct IPv6 clients, and of
+    distinct 190-character package names (about 3 MB of gzip each)."""
+    ok = "/packages/3.18/bioc/src/contrib/limma_3.58.1.tar.gz"
+    objects = {
+        "small": _gz_lines(loggen.log_line(ip=f"2001:db8::{i:x}") for i in range(100)),
+        "clients": _gz_lines(
+            loggen.log_line(uri=ok, ip=f"2001:db8:{i >> 16:x}:{i & 0xFFFF:x}:abcd:ef01:2345:6789")
+            for i in range(MILLION)
+        ),
+        "packages": _gz_lines(
+            loggen.log_line(uri=f"/packages/3.18/bioc/src/contrib/P{i:08d}{'x' * 180}_1.0.tar.gz")
+            for i in range(MILLION)
+        ),
+    }
+    assert len(objects["packages"]) < 8 << 20  # a few MB on the wire
+    out = tmp_path_factory.mktemp("hostile")
+    for name, data in objects.items():  # one log source (a directory) each
+        (out / name).mkdir()
+        (out / name / f"E1.2024-01-30-12.{name}.gz").write_bytes(data)
+    return {name: out / name for name in objects}
+
+
+@pytest.mark.parametrize("parser", ["native", "python"])
+def test_an_object_of_a_million_distinct_clients_or_packages_keeps_memory_bounded(
+    hostile_objects, parser, tmp_path
+):
+    """A parse worker hands the counts on as records past the bound, through a spool file,
+    and stays within 100 MB of a small object's peak (before: 280-450 MB for the clients,
+    2 GB for the packages)."""
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "WEBSTATS_ETL_PARSER": "python" if parser == "python" else ""}
+    env["TMPDIR"] = str(tmp_path)  # where the spool files go
+    peaks, spooled = {}, {}
+    for name, path in hostile_objects.items():
+        out = subprocess.run(
+            [sys.executable, "-c", SPILL_PROBE, str(path)],
+            env=env, capture_output=True, text=True, timeout=600,
+        )  # fmt: skip
+        assert out.returncode == 0, out.stderr
+        accepted, spooled[name], peaks[name] = map(int, out.stdout.split())
+        assert accepted == (100 if name == "small" else MILLION)  # every download counted
+    assert peaks["clients"] - peaks["small"] < 100, peaks  # MB
+    assert peaks["packages"] - peaks["small"] < 100, peaks
+    assert spooled == {"small": 0, "clients": 1, "packages": 1}
 
 
 MEMORY_PROBE = """

@@ -689,6 +689,25 @@ done:
     return res;
 }
 
+/* The records counted so far (as finish_records gives them), then forgotten: the object goes
+ * on. parse.py calls it when held() passes its bound, so an object's counts never outgrow it. */
+static PyObject *Scanner_take_records(Scanner *s, PyObject *args) {
+    PyObject *hash_cb, *pair_cb, *text = NULL, *day_hits = NULL;
+    if (!PyArg_ParseTuple(args, "OO", &hash_cb, &pair_cb) || check_active(s) < 0) return NULL;
+    if (records(s, hash_cb, pair_cb, &text, &day_hits) < 0) {
+        reset_object(s);
+        return NULL;
+    }
+    table_clear(&s->counts);
+    return Py_BuildValue("(NN)", text, day_hits);
+}
+
+/* The bytes the object's counts take: their keys, and their slots at the table's lowest load
+ * (the slots a cleared table keeps are not counted: they are reused). */
+static PyObject *Scanner_held(Scanner *s, PyObject *Py_UNUSED(ignored)) {
+    return PyLong_FromSize_t(s->counts.used + 2 * s->counts.n * sizeof(Slot));
+}
+
 static int copy_small(PyObject *obj, char *dst, size_t room, Py_ssize_t *len) {
     char *p;
     Py_ssize_t n;
@@ -802,6 +821,11 @@ static PyMethodDef Scanner_methods[] = {
      "COPY data (category, package, day, HASH(ip), n, object id 0 per row), "
      "[(day index, hit id)], fields_seen); "
      "PAIR(hit id) answers b'category\\tpackage'. Ends the object."},
+    {"take_records", (PyCFunction)Scanner_take_records, METH_VARARGS,
+     "take_records(hash, pair) -> (binary COPY data, [(day index, hit id)]) of the counts so "
+     "far, as finish_records gives them, which are then forgotten; the object goes on."},
+    {"held", (PyCFunction)Scanner_held, METH_NOARGS,
+     "held() -> the bytes the object's counts take (keys and slots)."},
     {"forget_uris", (PyCFunction)Scanner_forget_uris, METH_NOARGS,
      "forget_uris(): drop the cached hit ids (the Python side renumbered them)."},
     {NULL, NULL, 0, NULL},

@@ -16,12 +16,14 @@ from __future__ import annotations
 import concurrent.futures as cf
 import contextlib
 import datetime as dt
+import itertools
 import logging
 import multiprocessing
 import os
 import secrets
 import signal
 import sys
+import tempfile
 import threading
 import time
 from collections import deque
@@ -127,6 +129,7 @@ class Parsed:
     reasons: dict[str, int] = field(default_factory=dict)
     copy_data: bytes = b""  # COPY rows without the object id (store.records)
     copy_format: str = "text"
+    spool: str | None = None  # a file of more COPY data (spool_write), deleted once stored
     touched: set[tuple[str, str, int, int]] = field(default_factory=set)
     max_day: dt.date | None = None
     error: str | None = None
@@ -135,7 +138,13 @@ class Parsed:
 _worker: dict[str, Any] = {}
 
 
-def _init_worker(source_url: str, key: bytes, child: bool, floor: dt.date | None = None) -> None:
+def _init_worker(
+    source_url: str,
+    key: bytes,
+    child: bool,
+    floor: dt.date | None = None,
+    spool_dir: str | None = None,
+) -> None:
     if child:
         _die_with_parent()
         # Ctrl-C reaches the whole process group: the parent stops the run and its workers;
@@ -144,7 +153,14 @@ def _init_worker(source_url: str, key: bytes, child: bool, floor: dt.date | None
         db.forget_inherited_connections()
     _worker.clear()
     # one hasher per process: the parsers keep each client's hash while it is the same
-    _worker.update(url=source_url, key=key, source=None, hasher=rule.ip_hasher(key), floor=floor)
+    _worker.update(
+        url=source_url,
+        key=key,
+        source=None,
+        hasher=rule.ip_hasher(key),
+        floor=floor,
+        spool_dir=spool_dir or tempfile.gettempdir(),
+    )
 
 
 def _die_with_parent() -> None:
@@ -158,20 +174,66 @@ def _die_with_parent() -> None:
         pass
 
 
+# COPY data a parse result carries itself (through the pool's pipe, held while the results
+# before it are stored); more goes through a spool file, as do the records parse spills.
+INLINE_MAX = 4 << 20
+
+
+class _Spool:
+    """The COPY data of one object that is not carried in its Parsed: parts written to a file
+    in the run's spool directory as they come (each prefixed by its length)."""
+
+    def __init__(self, directory: str) -> None:
+        self.directory, self.path = directory, None
+        self._fh: Any = None
+
+    def write(self, data: bytes) -> None:
+        if self._fh is None:
+            fd, self.path = tempfile.mkstemp(suffix=".copy", dir=self.directory)
+            self._fh = os.fdopen(fd, "wb")
+        self._fh.write(len(data).to_bytes(8, "big"))
+        self._fh.write(data)
+
+    def close(self, keep: bool) -> str | None:
+        if self._fh is not None:
+            self._fh.close()
+            if not keep:
+                os.unlink(self.path)  # type: ignore[arg-type]
+        return self.path if keep else None
+
+
+def spool_parts(path: str) -> Iterator[bytes]:
+    """The parts of a spool file, one at a time (each as big as parse's bound, not more)."""
+    with open(path, "rb") as fh:
+        while head := fh.read(8):
+            yield fh.read(int.from_bytes(head, "big"))
+
+
 def _parse(obj: sources.LogObject) -> Parsed:
     """Read and count one object (runs in a worker). Failures are returned, not raised."""
     if _worker["source"] is None:
         _worker["source"] = sources.open_source(_worker["url"])
     out = Parsed(obj)
     chunks = _worker["source"].chunks(obj)
+    spool = _Spool(_worker["spool_dir"])
     try:
-        rec = parse.count_records(chunks, obj.name_hour, _worker["hasher"], _worker["floor"])
+        rec = parse.count_records(
+            chunks, obj.name_hour, _worker["hasher"], _worker["floor"], spool.write
+        )
     except sources.LogFormatError as exc:
         out.error = str(exc)
+        spool.close(keep=False)
         return out
+    except BaseException:
+        spool.close(keep=False)
+        raise
+    if len(rec.copy_data) > INLINE_MAX:
+        spool.write(rec.copy_data)
+        rec.copy_data = b""
+    out.spool = spool.close(keep=True)
     out.lines_read, out.accepted, out.rejected = rec.lines_read, rec.accepted, rec.rejected
     out.copy_data, out.copy_format = rec.copy_data, rec.copy_format
-    out.touched, out.max_day, out.reasons = rec.touched, rec.max_day, rec.reject_reasons
+    out.max_day, out.reasons = rec.max_day, rec.reject_reasons
     return out
 
 
@@ -183,9 +245,22 @@ def parse_all(
     floor: dt.date | None = None,
 ) -> Iterator[Parsed]:
     """Parsed objects in the order given; ``workers`` > 1 parses in child processes with a
-    bounded number in flight, so memory stays constant whatever the number of objects."""
+    bounded number in flight, so memory stays constant whatever the number of objects. Their
+    spool files are in a directory of this run, removed when the generator is closed."""
+    with tempfile.TemporaryDirectory(prefix="bioc-webstats-etl-") as spool_dir:
+        yield from _parse_all(source_url, key, objects, workers, floor, spool_dir)
+
+
+def _parse_all(
+    source_url: str,
+    key: bytes,
+    objects: list[sources.LogObject],
+    workers: int,
+    floor: dt.date | None,
+    spool_dir: str,
+) -> Iterator[Parsed]:
     if workers <= 1 or len(objects) <= 1:
-        _init_worker(source_url, key, child=False, floor=floor)
+        _init_worker(source_url, key, child=False, floor=floor, spool_dir=spool_dir)
         for obj in objects:
             yield _parse(obj)
         return
@@ -194,7 +269,7 @@ def parse_all(
         max_workers=workers,
         mp_context=ctx,
         initializer=_init_worker,
-        initargs=(source_url, key, True, floor),
+        initargs=(source_url, key, True, floor, spool_dir),
     ) as pool:
         pending: deque[cf.Future[Parsed]] = deque()
         todo = iter(objects)
@@ -214,9 +289,13 @@ def parse_all(
 
 
 def _insert_records(session: Session, object_id: int, parsed: Parsed) -> None:
-    if parsed.copy_data and parsed.accepted:
-        data = parse.with_object_id(parsed.copy_data, parsed.copy_format, object_id)
-        records.write(session, data, parsed.copy_format)
+    if not parsed.accepted:
+        return
+    parts = spool_parts(parsed.spool) if parsed.spool else ()
+    for part in itertools.chain((parsed.copy_data,), parts):  # (one part in memory at a time)
+        if part:
+            data = parse.with_object_id(part, parsed.copy_format, object_id)
+            records.write(session, data, parsed.copy_format)
 
 
 def _ledger_values(parsed: Parsed) -> dict[str, Any]:
@@ -251,17 +330,6 @@ def store_new(
     pause_point("object_queued")  # (the ledger row is the queue now: counted_at NULL)
 
 
-def _months_of_object(session: Session, object_id: int) -> set[tuple[str, str, int, int]]:
-    r = DownloadRecord
-    out = set()
-    for cat, pkg, day in session.execute(
-        select(r.category, r.package, r.day).where(r.object_id == object_id).distinct()
-    ):
-        day = dt.date.fromisoformat(day) if isinstance(day, str) else day
-        out.add((cat, pkg, day.year, day.month))
-    return out
-
-
 def store_replacement(
     session: Session, parsed: Parsed, queued: set[tuple[str, str, int, int]] | None = None
 ) -> None:
@@ -272,13 +340,13 @@ def store_replacement(
     row = session.scalar(select(IngestedObject).where(IngestedObject.key == parsed.obj.key))
     if row is None:
         raise WebstatsError(f"{parsed.obj.key}: not in the ledger (use 'etl run' to ingest it)")
-    stats.queue(session, _months_of_object(session, row.id))
+    stats.queue_object(session, row.id)
     session.execute(delete(DownloadRecord).where(DownloadRecord.object_id == row.id))
     pause_point("reingest_deleted")
     for name, value in _ledger_values(parsed).items():
         setattr(row, name, value)
     _insert_records(session, row.id, parsed)
-    stats.queue(session, parsed.touched)
+    stats.queue_object(session, row.id)
 
 
 # --- progress ---------------------------------------------------------------------------------
@@ -452,7 +520,6 @@ def store_all(
                 log.error("%s", exc)
             else:
                 pause_point("object_committed")
-                queued |= parsed.touched
                 summary.objects += 1
                 summary.lines += parsed.lines_read
                 summary.accepted += parsed.accepted
@@ -466,6 +533,9 @@ def store_all(
                         parsed.lines_read,
                         why,
                     )
+        if parsed.spool:  # stored or not: a retry parses the object again
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(parsed.spool)
         summary.t_store += time.monotonic() - t1
         progress.update(parsed.obj.size, parsed.lines_read)
 

@@ -4,6 +4,11 @@ Two loops with the same results: the Python one below and the C one (``_scan``, 
 setup.py), to which every decision of the rule (``rule``) is handed as cached callbacks.
 Malformed lines are counted by reason, not fatal; an object with no ``#Fields:`` line before
 its first data line fails as a whole (:class:`~.sources.LogFormatError`).
+
+Memory is bounded by bytes whatever one object holds: past ``SPILL_BYTES`` of counts, or
+``HITS_MAX`` distinct (category, package), :func:`count_records` hands the records counted so
+far to its ``spill`` function and forgets them. A client may then have two records of one
+day and package in one object; every count sums them (downloads) or takes them as a set (IPs).
 """
 
 from __future__ import annotations
@@ -71,6 +76,12 @@ class ObjectCounts:
 
 
 URI_CACHE_MAX = 100_000
+# An object's counts kept in memory before they go on as records: 1 M distinct IPv6 clients
+# took 280 MB (C) or 450 MB (Python), 1 M distinct 190-byte package names 2 GB.
+SPILL_BYTES = 16 << 20
+HALF_CACHE_MAX = 50_000  # directories, file names (the two halves of a download path)
+HITS_MAX = 20_000  # distinct (category, package) of the counts in memory (a day has ~8,000)
+_PY_ENTRY = 160  # bytes of one count in the Python loop's dicts (a client value <= MAX_IP)
 _URIS: dict[bytes, int] = {}  # cs-uri-stem → hit id (> 0), or 0: not a download path
 _HITS: dict[tuple[str, str], int] = {}  # (category, package) → hit id
 _DIRS: dict[bytes, tuple[str, bool] | None] = {}
@@ -118,11 +129,14 @@ def parser_name() -> str:
 def _reset_rule_caches() -> None:
     """Empty the process-wide caches of the download rule once they outgrow their bound."""
     if len(_URIS) > URI_CACHE_MAX or len(_HITS) > URI_CACHE_MAX:
-        _URIS.clear()
-        _HITS.clear()
-        if _SCANNER:  # its cached hit ids are those just forgotten
-            _SCANNER[0].forget_uris()
-    if len(_DIRS) > URI_CACHE_MAX or len(_FILES) > URI_CACHE_MAX:
+        _forget_hits()
+    _bound_halves()
+
+
+def _bound_halves() -> None:
+    # Keys of at most KEY_CACHE_MAX bytes, so a bound on entries bounds the bytes; checked on
+    # every miss: one object can hold a million distinct file names.
+    if len(_DIRS) > HALF_CACHE_MAX or len(_FILES) > HALF_CACHE_MAX:
         _DIRS.clear()
         _FILES.clear()
 
@@ -133,6 +147,7 @@ def _hit_of(uri: bytes) -> int:
     hit = _URIS.get(uri)
     if hit is None:
         pair = classify_uri(uri, _DIRS, _FILES)
+        _bound_halves()
         hit = 0 if pair is None else _HITS.setdefault(pair, len(_HITS) + 1)
         if len(_URIS) < URI_CACHE_MAX and len(uri) <= KEY_CACHE_MAX:
             _URIS[uri] = hit
@@ -160,9 +175,13 @@ def _scanner() -> Any:
 
 
 def _scan_object(
-    chunks: Iterable[bytes], name_hour: dt.datetime, floor: dt.date | None
+    chunks: Iterable[bytes],
+    name_hour: dt.datetime,
+    floor: dt.date | None,
+    after_piece: Callable[[Any], None] | None = None,
 ) -> tuple[Any, list[dt.date]]:
-    """Feed one object to the C scanner; returns it (to be finished) and its day list."""
+    """Feed one object to the C scanner (``after_piece(scanner)`` after every piece); returns
+    it (to be finished) and its day list."""
     scanner = _scanner()
     center = epoch(name_hour)
     day_list: list[dt.date] = []
@@ -182,6 +201,8 @@ def _scan_object(
         scanner.begin(date, center - MAX_SKEW, center + MAX_SKEW, low)
     for piece in decompress(chunks):
         scanner.feed(piece)
+        if after_piece is not None:
+            after_piece(scanner)
     return scanner, day_list
 
 
@@ -211,12 +232,11 @@ class ObjectRecords:
     """What one object contributed, ready for PostgreSQL's COPY of (category, package, day,
     ip_hash, downloads, object_id): one row per (category, package, day, client), in COPY's
     binary format with object id 0 (the C loop; :func:`with_object_id` sets it) or as text
-    lines without the object id (the Python loop); the (category, package, year, month) it
-    touches, and line counts."""
+    lines without the object id (the Python loop); its latest day, and line counts. Records
+    handed to ``spill`` on the way are not in ``copy_data``."""
 
     copy_data: bytes
     copy_format: str  # "binary" or "text"
-    touched: set[tuple[str, str, int, int]]
     max_day: dt.date | None
     lines_read: int
     accepted: int
@@ -229,67 +249,98 @@ def count_records(
     name_hour: dt.datetime,
     hash_ip: Callable[[bytes], int],
     floor: dt.date | None = None,
+    spill: Callable[[bytes], None] | None = None,
 ) -> ObjectRecords:
-    """count_object, with the counts as COPY text and the client addresses hashed by
-    ``hash_ip`` (each address once per process while ``hash_ip`` is the same function)."""
+    """count_object, with the counts as COPY data and the client addresses hashed by
+    ``hash_ip`` (each address once per process while ``hash_ip`` is the same function).
+    With ``spill``, memory is bounded: the records counted so far go to ``spill`` (COPY data
+    of the same format) whenever they pass ``SPILL_BYTES`` or ``HITS_MAX``."""
     with _no_cyclic_gc():
         if parser_name() == "native":
-            return _records_native(chunks, name_hour, hash_ip, floor)
-        return _records_python(count_object(chunks, name_hour, floor), hash_ip)
+            return _records_native(chunks, name_hour, hash_ip, floor, spill)
+        return _records_python(chunks, name_hour, hash_ip, floor, spill)
+
+
+def _forget_hits() -> None:
+    """Renumber the (category, package) from 1: only between an object's records."""
+    _URIS.clear()
+    _HITS.clear()
+    if _SCANNER:
+        _SCANNER[0].forget_uris()
 
 
 def _records_native(
     chunks: Iterable[bytes],
     name_hour: dt.datetime,
     hash_ip: Callable[[bytes], int],
-    floor: dt.date | None = None,
+    floor: dt.date | None,
+    spill: Callable[[bytes], None] | None,
 ) -> ObjectRecords:
-    scanner, day_list = _scan_object(chunks, name_hour, floor)
     pairs: dict[int, tuple[str, str]] = {}
+    days: set[int] = set()  # day indexes with records
 
     def pair_text(hit: int) -> bytes:
         if hit not in pairs:  # (the last line of the object may have added one)
             pairs.update((i, pair) for pair, i in _HITS.items())
         return "\t".join(pairs[hit]).encode("ascii")
 
+    def bound(scanner: Any) -> None:
+        if scanner.held() <= SPILL_BYTES and len(_HITS) <= HITS_MAX:
+            return
+        text, day_hits = scanner.take_records(hash_ip, pair_text)
+        days.update(d for d, _ in day_hits)
+        spill(text)  # type: ignore[misc]
+        if len(_HITS) > HITS_MAX:
+            _forget_hits()
+            pairs.clear()
+
+    scanner, day_list = _scan_object(chunks, name_hour, floor, bound if spill else None)
     lines_read, accepted, rejects, text, day_hits, fields_seen = scanner.finish_records(
         hash_ip, pair_text
     )
     if not fields_seen:
         raise LogFormatError("no #Fields line (empty or header-less file)")
-    if any(h not in pairs for _, h in day_hits):  # (the C side caches pair texts)
-        pairs.update((i, pair) for pair, i in _HITS.items())
-    touched = set()
-    for d, h in day_hits:
-        day = day_list[d]
-        touched.add((*pairs[h], day.year, day.month))
-    days = {day_list[d] for d, _ in day_hits}
+    days.update(d for d, _ in day_hits)
     return ObjectRecords(
-        text, "binary", touched, max(days, default=None), lines_read, accepted, sum(rejects),
-        _reasons(rejects),
+        text, "binary", max((day_list[d] for d in days), default=None), lines_read, accepted,
+        sum(rejects), _reasons(rejects),
     )  # fmt: skip
 
 
-def _records_python(res: ObjectCounts, hash_ip: Callable[[bytes], int]) -> ObjectRecords:
+def _records_python(
+    chunks: Iterable[bytes],
+    name_hour: dt.datetime,
+    hash_ip: Callable[[bytes], int],
+    floor: dt.date | None,
+    spill: Callable[[bytes], None] | None,
+) -> ObjectRecords:
     if _IP_HASHER[:1] != [hash_ip] or len(_IP_HASHES) > IP_HASH_CACHE_MAX:
         _IP_HASHES.clear()
         _IP_HASHER[:] = [hash_ip]
-    hashes = _IP_HASHES
-    touched = set()
-    parts: list[str] = []
-    for day, per_pkg in res.by_day.items():
-        dstr = day.isoformat()
-        for (cat, pkg), ips in per_pkg.items():
-            touched.add((cat, pkg, day.year, day.month))
-            prefix = f"{cat}\t{pkg}\t{dstr}\t"
-            for ip, n in ips.items():
-                h = hashes.get(ip)
-                if h is None:
-                    h = hashes[ip] = hash_ip(ip)
-                parts.append(f"{prefix}{h}\t{n}\n")
+    days: set[dt.date] = set()
+
+    def text(by_day: dict[dt.date, dict[tuple[str, str], dict[bytes, int]]]) -> bytes:
+        hashes = _IP_HASHES
+        parts: list[str] = []
+        for day, per_pkg in by_day.items():
+            days.add(day)
+            prefix_day = f"\t{day.isoformat()}\t"
+            for (cat, pkg), ips in per_pkg.items():
+                prefix = f"{cat}\t{pkg}{prefix_day}"
+                for ip, n in ips.items():
+                    h = hashes.get(ip)
+                    if h is None:
+                        if len(hashes) >= IP_HASH_CACHE_MAX:  # bounded: start again
+                            hashes.clear()
+                        h = hashes[ip] = hash_ip(ip)
+                    parts.append(f"{prefix}{h}\t{n}\n")
+        return "".join(parts).encode("ascii")
+
+    part = None if spill is None else (lambda by_day: spill(text(by_day)))
+    res = _count(chunks, name_hour, floor, part)
     return ObjectRecords(
-        "".join(parts).encode("ascii"), "text", touched, res.max_day, res.lines_read,
-        res.accepted, res.rejected, res.reject_reasons,
+        text(res.by_day), "text", max(days, default=None), res.lines_read, res.accepted,
+        res.rejected, res.reject_reasons,
     )  # fmt: skip
 
 
@@ -301,8 +352,13 @@ def with_object_id(copy_data: bytes, copy_format: str, object_id: int) -> bytes:
 
 
 def _count(
-    chunks: Iterable[bytes], name_hour: dt.datetime, floor: dt.date | None = None
+    chunks: Iterable[bytes],
+    name_hour: dt.datetime,
+    floor: dt.date | None = None,
+    spill: Callable[[dict[dt.date, dict[tuple[str, str], dict[bytes, int]]]], None] | None = None,
 ) -> ObjectCounts:
+    """count_object's Python loop; with ``spill``, the counts so far (in ObjectCounts.by_day's
+    shape) go to it and are forgotten whenever they pass SPILL_BYTES or HITS_MAX."""
     res = ObjectCounts()
     reasons = res.reject_reasons
     center = epoch(name_hour)
@@ -323,9 +379,18 @@ def _count(
     nf = -1  # number of fields; -1 until the first #Fields line
     cut = cut1 = rest_tabs = -1  # split limit, pieces expected, tabs after the limit
     idate = itime = iip = imethod = iuri = istatus = 0
-    lines_read = 0
+    lines_read = accepted = 0
 
     for lines in line_batches(chunks):
+        if spill is not None and _over_bound(res.by_day):
+            done, res.by_day = _public_counts(res.by_day), {}
+            dcache.clear()  # (they point at the days' old count dicts)
+            dall.clear()
+            accepted += sum(n for per_pkg in done.values() for ips in per_pkg.values()
+                            for n in ips.values())  # fmt: skip
+            spill(done)
+            if len(_HITS) > HITS_MAX:
+                _forget_hits()
         lines_read += len(lines)
         for line in lines:
             # Split only up to the last column needed; the tabs of the rest are counted.
@@ -391,18 +456,27 @@ def _count(
                 bucket[hit][ip] += 1
     if nf < 0:
         raise LogFormatError("no #Fields line (empty or header-less file)")
-    # Back to the public shape: day → (category, package) → ip → n.
-    pairs = {i: pair for pair, i in _HITS.items()}
-    accepted = 0
-    for day, per_hit in list(res.by_day.items()):
-        out: dict[tuple[str, str], dict[bytes, int]] = {}
-        for hit, ips in per_hit.items():  # type: ignore[attr-defined]
-            if ips:
-                out[pairs[hit]] = dict(ips)
-                accepted += sum(ips.values())
-        if out:
-            res.by_day[day] = out
-        else:  # a day of valid lines but no download
-            del res.by_day[day]
+    res.by_day = _public_counts(res.by_day)
+    accepted += sum(n for per_pkg in res.by_day.values() for ips in per_pkg.values()
+                    for n in ips.values())  # fmt: skip
     res.lines_read, res.accepted, res.rejected = lines_read, accepted, sum(reasons.values())
     return res
+
+
+def _over_bound(by_day: dict) -> bool:
+    """Whether the Python loop's counts (by day, by hit id) pass SPILL_BYTES or HITS_MAX
+    (a sum over the (day, hit) pairs, not over the counts)."""
+    entries = sum(len(ips) for per_hit in by_day.values() for ips in per_hit.values())
+    return entries * _PY_ENTRY > SPILL_BYTES or len(_HITS) > HITS_MAX
+
+
+def _public_counts(by_day: dict) -> dict[dt.date, dict[tuple[str, str], dict[bytes, int]]]:
+    """The loop's counts by day and hit id in the public shape: day → (category, package) →
+    ip → n (days and packages without a download left out)."""
+    pairs = {i: pair for pair, i in _HITS.items()}
+    out: dict[dt.date, dict[tuple[str, str], dict[bytes, int]]] = {}
+    for day, per_hit in by_day.items():
+        per_pkg = {pairs[hit]: dict(ips) for hit, ips in per_hit.items() if ips}
+        if per_pkg:  # (a day of valid lines but no download is left out)
+            out[day] = per_pkg
+    return out

@@ -125,6 +125,20 @@ def queue(session: Session, keys: Iterable[tuple[str, str, int, int]]) -> int:
     return len(rows)
 
 
+def queue_object(session: Session, object_id: int) -> None:
+    """Queue the (category, package, year, month) of one ingested object's records, in the
+    database (a hostile object's months need not fit in this process's memory)."""
+    pg = _pg(session)
+    session.execute(
+        text(
+            "INSERT INTO stats_pending (category, package, year, month) "
+            f"SELECT DISTINCT r.category, r.package, {_year(pg)}, {_month(pg)} "
+            "FROM download_records r WHERE r.object_id = :id ON CONFLICT DO NOTHING"
+        ),
+        {"id": object_id},
+    )
+
+
 def lock_for_records(session: Session) -> None:
     """First statement of a transaction that stores or removes download records (see the
     module docstring): such transactions run side by side, never during a count."""
