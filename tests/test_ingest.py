@@ -24,6 +24,7 @@ from bioc_webstats.store.models import (
     IngestedObject,
     Meta,
     PackageStat,
+    RecordMonth,
     StatsPending,
 )
 from conftest import wait_for
@@ -720,3 +721,33 @@ def test_objects_past_the_memory_bound_are_stored_through_spool_files(
     assert len(read) == len(truth.files) + 4
     assert_truth(db_url, truth)
     assert list(spool_root.iterdir()) == []
+
+
+def test_counting_a_day_of_many_unknown_names_holds_no_row_per_name(db_url, tmp_path, monkeypatch):
+    """100,000 distinct unknown package names in a day: record_months gets a row each, and the
+    counting takes back one row per year (a hostile day's million names took 600 MB)."""
+    import tracemalloc
+
+    out = tmp_path / "logs"
+    out.mkdir()
+    uri = "/packages/3.18/bioc/src/contrib/P{:07d}x_1.0.tar.gz"
+    lines = [loggen.log_line(uri=uri.format(i)) for i in range(100_000)]
+    (out / "E1.2024-01-30-12.many.gz").write_bytes(loggen.log_bytes(*lines))
+    peaks = []
+    real = stats.apply_pending
+
+    def measured(session):
+        tracemalloc.start()
+        try:
+            return real(session)
+        finally:
+            peaks.append(tracemalloc.get_traced_memory()[1])
+            tracemalloc.stop()
+
+    monkeypatch.setattr(stats, "apply_pending", measured)
+    settings = loaded(db_url, tmp_path, WEBSTATS_ETL_WORKERS="1")
+    assert ingest.run(settings, source=str(out)) is True
+    with db.session_factory(db_url)() as s:
+        assert s.scalar(select(func.count()).select_from(RecordMonth)) == 100_000
+        assert db.get_valid_thru(s) == dt.date(2024, 1, 30)
+    assert peaks and max(peaks) < 4 << 20, peaks

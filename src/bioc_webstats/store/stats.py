@@ -343,24 +343,33 @@ def _widen_record_months(session: Session, pg: bool, plan: _Plan) -> None:
     than the oldest, and the newest — ranges only widen up to days counted before, which
     ValidThru holds already)."""
     least, greatest = ("least", "greatest") if pg else ("min", "max")
+    upsert = (
+        "INSERT INTO record_months (category, package, year, month, first_day, last_day) "
+        f"SELECT r.category, r.package, {_year(pg)}, {_month(pg)}, min(r.day), max(r.day) "
+        "FROM (SELECT DISTINCT r.category, r.package, r.day "
+        f"FROM {_NEW_FROM} WHERE {_NEW_WHERE}) r "
+        "GROUP BY 1, 2, 3, 4 "
+        "ON CONFLICT (category, package, year, month) DO UPDATE SET "
+        f"first_day = {least}(record_months.first_day, excluded.first_day), "
+        f"last_day = {greatest}(record_months.last_day, excluded.last_day) "
+        "RETURNING year, first_day, last_day"
+    )
+    # One row per year back, not per package-month (a hostile day of a million unknown
+    # names made a million rows, 600 MB here); SQLite has no INSERT in a WITH: its rows are
+    # folded as they come.
+    if pg:
+        upsert = (
+            f"WITH up AS ({upsert}) SELECT year, min(first_day), max(last_day) FROM up GROUP BY 1"
+        )
+    years: dict[int, tuple[dt.date, dt.date]] = {}
     with _hashed(session, pg):
-        rows = session.execute(
-            text(
-                "INSERT INTO record_months (category, package, year, month, first_day, last_day) "
-                f"SELECT r.category, r.package, {_year(pg)}, {_month(pg)}, min(r.day), max(r.day) "
-                "FROM (SELECT DISTINCT r.category, r.package, r.day "
-                f"FROM {_NEW_FROM} WHERE {_NEW_WHERE}) r "
-                "GROUP BY 1, 2, 3, 4 "
-                "ON CONFLICT (category, package, year, month) DO UPDATE SET "
-                f"first_day = {least}(record_months.first_day, excluded.first_day), "
-                f"last_day = {greatest}(record_months.last_day, excluded.last_day) "
-                "RETURNING year, first_day, last_day"
-            ),
-            _object_range(plan),
-        ).all()
-    plan.years = {y for y, _, _ in rows}
-    plan.oldest = min((_date(a) for _, a, _ in rows), default=None)
-    plan.newest = max((_date(b) for _, _, b in rows), default=None)
+        for y, a, b in session.execute(text(upsert), _object_range(plan)):
+            a, b = _date(a), _date(b)
+            lo, hi = years.get(y, (a, b))
+            years[y] = (min(lo, a), max(hi, b))
+    plan.years = set(years)
+    plan.oldest = min((a for a, _ in years.values()), default=None)
+    plan.newest = max((b for _, b in years.values()), default=None)
 
 
 def _record_years(
