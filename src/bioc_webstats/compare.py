@@ -15,11 +15,9 @@ backoff on 5xx, 429, timeouts and broken connections, and a User-Agent naming th
 from __future__ import annotations
 
 import concurrent.futures as cf
-import http.client
 import logging
 import math
 import time
-import urllib.error
 import urllib.parse
 from collections import deque
 from collections.abc import Callable, Iterator, Mapping
@@ -33,13 +31,11 @@ from .config import Settings
 from .errors import WebstatsError
 from .httpbody import (
     BodyError,
-    fetch,
-    http_error,
+    FetchFailed,
+    get,
     is_http,
     lines,
     mask,
-    not_http,
-    one_line,
     read_local,
     url_problem,
 )
@@ -101,30 +97,14 @@ class WebSide(Side):
         delay = self.backoff
         for attempt in range(1, self.attempts + 1):
             try:
-                return fetch(url, USER_AGENT, self.timeout, MAX_BYTES, self.deadline)
-            except BodyError as exc:
-                if not exc.retry:
-                    raise FetchError(f"{url}: {exc}") from None
-                why, wait = str(exc), delay
-            except urllib.error.HTTPError as exc:
-                if exc.code in (404, 410):
+                return get(url, USER_AGENT, self.timeout, MAX_BYTES, self.deadline)
+            except FetchFailed as exc:
+                if exc.status in (404, 410):
                     return None
-                why = http_error(exc)
-                if exc.code not in RETRY_STATUS:
-                    raise FetchError(f"{url}: {why}") from None
-                wait = _retry_after(exc.headers.get("Retry-After"), delay)
-            except http.client.HTTPException as exc:
-                why, wait = not_http(exc), delay
-            except (urllib.error.URLError, TimeoutError, OSError) as exc:
-                reason = getattr(exc, "reason", exc)
-                why = (
-                    "timed out"
-                    if "timed out" in str(reason)
-                    else one_line(str(reason)) or type(exc).__name__
-                )
-                wait = delay
-            except ValueError as exc:  # UnicodeError: a host the resolver refuses
-                raise FetchError(f"{url}: not a usable URL ({one_line(str(exc))})") from None
+                if not exc.retry or (exc.status is not None and exc.status not in RETRY_STATUS):
+                    raise FetchError(f"{url}: {exc}") from None
+                why = str(exc)
+                wait = delay if exc.status is None else _retry_after(exc.retry_after, delay)
             if attempt == self.attempts:
                 raise FetchError(f"{url}: {why} (after {self.attempts} attempts)")
             log.debug("%s: %s; retrying in %.1fs", url, why, wait)

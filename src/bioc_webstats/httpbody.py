@@ -171,22 +171,32 @@ class _HTTPS(_Bounded, http.client.HTTPSConnection):
     pass
 
 
-class _HTTPHandler(urllib.request.HTTPHandler):
+class _BoundedOpen:
+    """The two handlers' part: the fetch's bounds, handed to the connection they open."""
+
+    connection: type[_Bounded]
+    do_open: Any  # (urllib's AbstractHTTPHandler)
+
     def __init__(self, **bound: float) -> None:
         super().__init__()
         self.bound = bound
+
+    def _open(self, req: urllib.request.Request) -> http.client.HTTPResponse:
+        return self.do_open(functools.partial(self.connection, **self.bound), req)
+
+
+class _HTTPHandler(_BoundedOpen, urllib.request.HTTPHandler):
+    connection = _HTTP
 
     def http_open(self, req: urllib.request.Request) -> http.client.HTTPResponse:
-        return self.do_open(functools.partial(_HTTP, **self.bound), req)
+        return self._open(req)
 
 
-class _HTTPSHandler(urllib.request.HTTPSHandler):
-    def __init__(self, **bound: float) -> None:
-        super().__init__()
-        self.bound = bound
+class _HTTPSHandler(_BoundedOpen, urllib.request.HTTPSHandler):
+    connection = _HTTPS
 
     def https_open(self, req: urllib.request.Request) -> http.client.HTTPResponse:
-        return self.do_open(functools.partial(_HTTPS, **self.bound), req)
+        return self._open(req)
 
 
 class _Redirect(urllib.request.HTTPRedirectHandler):
@@ -212,6 +222,45 @@ def fetch(url: str, agent: str, timeout: float, max_bytes: int, deadline: float)
     req = urllib.request.Request(url, headers={"User-Agent": agent})  # noqa: S310 - http(s)
     with opener.open(req, timeout=timeout) as resp:
         return read_body(resp, max_bytes)
+
+
+class FetchFailed(WebstatsError):
+    """A fetch that failed, as one line; ``retry``: whether trying again may help;
+    ``status``: the HTTP status answered (None: no answer); ``retry_after``: its header."""
+
+    def __init__(
+        self, why: str, retry: bool, status: int | None = None, retry_after: str | None = None
+    ) -> None:
+        super().__init__(why)
+        self.retry, self.status, self.retry_after = retry, status, retry_after
+
+
+def get(url: str, agent: str, timeout: float, max_bytes: int, deadline: float) -> bytes:
+    """:func:`fetch`, with every way it can fail (an HTTP error, no answer, a body cut short
+    or too large, a host the resolver refuses) as one :class:`FetchFailed`."""
+    try:
+        return fetch(url, agent, timeout, max_bytes, deadline)
+    except BodyError as exc:
+        raise FetchFailed(str(exc), exc.retry) from None
+    except urllib.error.HTTPError as exc:  # (before URLError: it is one)
+        after = exc.headers.get("Retry-After") if exc.headers else None
+        raise FetchFailed(http_error(exc), True, exc.code, after) from None
+    except urllib.error.URLError as exc:
+        raise FetchFailed(_reason(exc.reason), True) from None
+    except (TimeoutError, OSError) as exc:  # a read that stalls after the headers
+        raise FetchFailed(_reason(exc), True) from None
+    except http.client.HTTPException as exc:
+        raise FetchFailed(not_http(exc), True) from None
+    except ValueError as exc:  # UnicodeError: a host the resolver refuses
+        raise FetchFailed(f"not a usable URL ({one_line(str(exc))})", False) from None
+
+
+def _reason(reason: object) -> str:
+    if isinstance(reason, TimeoutError) or "timed out" in str(reason):
+        return "timed out"
+    if isinstance(reason, OSError) and reason.strerror:
+        return reason.strerror
+    return one_line(str(reason)) or type(reason).__name__
 
 
 def read_local(path: str | os.PathLike[str], max_bytes: int) -> bytes:

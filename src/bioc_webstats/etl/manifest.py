@@ -7,9 +7,7 @@ that does not look like what it should — is one WebstatsError line naming the 
 
 from __future__ import annotations
 
-import http.client
 import re
-import urllib.error
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,13 +16,11 @@ from ..categories import CATEGORIES
 from ..errors import WebstatsError
 from ..httpbody import (
     BodyError,
-    fetch,
-    http_error,
+    FetchFailed,
+    get,
     is_http,
     lines,
     mask,
-    not_http,
-    one_line,
     read_local,
     url_problem,
 )
@@ -85,21 +81,9 @@ def read_source(
             raise WebstatsError(f"packages source {mask(source)}: not a usable URL ({problem})")
         url = source.rstrip("/") + "/" + relpath
         try:
-            return fetch(url, f"bioc-webstats/{__version__}", timeout, max_bytes, FETCH_DEADLINE)
-        except BodyError as exc:
+            return get(url, f"bioc-webstats/{__version__}", timeout, max_bytes, FETCH_DEADLINE)
+        except FetchFailed as exc:
             raise WebstatsError(f"cannot fetch {url}: {exc}") from None
-        except urllib.error.HTTPError as exc:
-            raise WebstatsError(f"cannot fetch {url}: {http_error(exc)}") from None
-        except urllib.error.URLError as exc:
-            raise WebstatsError(f"cannot fetch {url}: {_reason(exc.reason)}") from None
-        except (TimeoutError, OSError) as exc:  # a read that stalls after the headers
-            raise WebstatsError(f"cannot fetch {url}: {_reason(exc)}") from None
-        except http.client.HTTPException as exc:
-            raise WebstatsError(f"cannot fetch {url}: {not_http(exc)}") from None
-        except ValueError as exc:  # UnicodeError: a host the resolver refuses
-            raise WebstatsError(
-                f"cannot fetch {url}: not a usable URL ({one_line(str(exc))})"
-            ) from None
     base = Path(source.removeprefix("file://"))
     if not base.is_dir():
         raise WebstatsError(
@@ -112,14 +96,6 @@ def read_source(
         raise WebstatsError(f"cannot read {where}: {exc}") from None
     except OSError as exc:
         raise WebstatsError(f"cannot read {where}: {exc.strerror}") from None
-
-
-def _reason(reason: object) -> str:
-    if isinstance(reason, TimeoutError) or "timed out" in str(reason):
-        return "timed out"
-    if isinstance(reason, OSError) and reason.strerror:
-        return reason.strerror
-    return one_line(str(reason)) or type(reason).__name__
 
 
 def parse_config_yaml(text: str) -> dict[str, str]:
