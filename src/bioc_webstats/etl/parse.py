@@ -82,6 +82,7 @@ SPILL_BYTES = 16 << 20
 HALF_CACHE_MAX = 50_000  # directories, file names (the two halves of a download path)
 HITS_MAX = 20_000  # distinct (category, package) of the counts in memory (a day has ~8,000)
 _PY_ENTRY = 160  # bytes of one count in the Python loop's dicts (a client value <= MAX_IP)
+_CHECK_LINES = 20_000  # lines between two sums of the Python loop's counts
 _URIS: dict[bytes, int] = {}  # cs-uri-stem → hit id (> 0), or 0: not a download path
 _HITS: dict[tuple[str, str], int] = {}  # (category, package) → hit id
 _DIRS: dict[bytes, tuple[str, bool] | None] = {}
@@ -380,17 +381,20 @@ def _count(
     cut = cut1 = rest_tabs = -1  # split limit, pieces expected, tabs after the limit
     idate = itime = iip = imethod = iuri = istatus = 0
     lines_read = accepted = 0
+    check_at = _CHECK_LINES  # (a line adds one count at most: no need to sum them before)
 
     for lines in line_batches(chunks):
-        if spill is not None and _over_bound(res.by_day):
-            done, res.by_day = _public_counts(res.by_day), {}
-            dcache.clear()  # (they point at the days' old count dicts)
-            dall.clear()
-            accepted += sum(n for per_pkg in done.values() for ips in per_pkg.values()
-                            for n in ips.values())  # fmt: skip
-            spill(done)
-            if len(_HITS) > HITS_MAX:
-                _forget_hits()
+        if spill is not None and (lines_read >= check_at or len(_HITS) > HITS_MAX):
+            check_at = lines_read + _CHECK_LINES
+            if _over_bound(res.by_day):
+                done, res.by_day = _public_counts(res.by_day), {}
+                dcache.clear()  # (they point at the days' old count dicts)
+                dall.clear()
+                accepted += sum(n for per_pkg in done.values() for ips in per_pkg.values()
+                                for n in ips.values())  # fmt: skip
+                spill(done)
+                if len(_HITS) > HITS_MAX:
+                    _forget_hits()
         lines_read += len(lines)
         for line in lines:
             # Split only up to the last column needed; the tabs of the rest are counted.
