@@ -751,3 +751,32 @@ def test_counting_a_day_of_many_unknown_names_holds_no_row_per_name(db_url, tmp_
         assert s.scalar(select(func.count()).select_from(RecordMonth)) == 100_000
         assert db.get_valid_thru(s) == dt.date(2024, 1, 30)
     assert peaks and max(peaks) < 4 << 20, peaks
+
+
+def test_a_spool_file_that_cannot_be_written_or_read_back_fails_its_object_alone(
+    db_url, tmp_path, data, monkeypatch, caplog
+):
+    """No spool directory (a full disk is the same path), or a spool file cut short: that
+    object fails with one line and is not in the ledger; no traceback, the others stored."""
+    out, _ = data
+    monkeypatch.setattr(ingest, "INLINE_MAX", 0)  # every object's records through a file
+    objs, _ = sources.open_source(str(out)).list()
+    gone = tmp_path / "gone"
+    ingest._init_worker(str(out), b"k", child=False, spool_dir=str(gone))
+    failed = ingest._parse(objs[0])
+    assert failed.error == f"cannot spool its records in {gone}: No such file or directory"
+    assert failed.spool is None
+    ingest._init_worker(str(out), b"k", child=False, spool_dir=str(tmp_path))
+    cut, whole = ingest._parse(objs[1]), ingest._parse(objs[2])
+    assert cut.error is None and cut.spool and whole.spool
+    os.truncate(cut.spool, os.path.getsize(cut.spool) - 1)
+    settings = loaded(db_url, tmp_path)
+    summary = ingest.RunSummary()
+    progress = ingest.Progress(3, 3, tty=False)
+    with caplog.at_level(logging.ERROR):
+        ingest.store_all(settings, [failed, cut, whole], summary, ingest.store_new, progress)
+    assert (summary.objects, summary.failed) == (1, 2)
+    assert f"{objs[1].key}: spool file {cut.spool} cut short" in caplog.text
+    assert not os.path.exists(cut.spool) and not os.path.exists(whole.spool)
+    with db.session_factory(db_url)() as s:
+        assert list(s.scalars(select(IngestedObject.key))) == [objs[2].key]

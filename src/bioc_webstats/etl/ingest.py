@@ -188,25 +188,56 @@ class _Spool:
         self._fh: Any = None
 
     def write(self, data: bytes) -> None:
-        if self._fh is None:
-            fd, self.path = tempfile.mkstemp(suffix=".copy", dir=self.directory)
-            self._fh = os.fdopen(fd, "wb")
-        self._fh.write(len(data).to_bytes(8, "big"))
-        self._fh.write(data)
+        try:
+            if self._fh is None:
+                fd, self.path = tempfile.mkstemp(suffix=".copy", dir=self.directory)
+                self._fh = os.fdopen(fd, "wb")
+            self._fh.write(len(data).to_bytes(8, "big"))
+            self._fh.write(data)
+        except OSError as exc:  # a full disk: the object fails, the run goes on
+            raise SpoolError(self._cannot(exc)) from None
 
     def close(self, keep: bool) -> str | None:
-        if self._fh is not None:
-            self._fh.close()
-            if not keep:
-                os.unlink(self.path)  # type: ignore[arg-type]
-        return self.path if keep else None
+        """The path of the file written, closed; None: nothing written, or not ``keep``
+        (removed). SpoolError when what is kept could not be written whole."""
+        if self._fh is None:
+            return None
+        fh, self._fh = self._fh, None
+        try:
+            fh.close()  # (the last write happens here)
+        except OSError as exc:
+            if keep:
+                self._remove()
+                raise SpoolError(self._cannot(exc)) from None
+        if not keep:
+            self._remove()
+            return None
+        return self.path
+
+    def _cannot(self, exc: OSError) -> str:
+        return f"cannot spool its records in {self.directory}: {exc.strerror or exc}"
+
+    def _remove(self) -> None:
+        with contextlib.suppress(OSError):
+            os.unlink(self.path)  # type: ignore[arg-type]
+
+
+class SpoolError(WebstatsError):
+    """A spool file could not be written or read back whole (the object is not stored)."""
 
 
 def spool_parts(path: str) -> Iterator[bytes]:
     """The parts of a spool file, one at a time (each as big as parse's bound, not more)."""
-    with open(path, "rb") as fh:
-        while head := fh.read(8):
-            yield fh.read(int.from_bytes(head, "big"))
+    try:
+        with open(path, "rb") as fh:
+            while head := fh.read(8):
+                size = int.from_bytes(head, "big")
+                part = fh.read(size)
+                if len(head) != 8 or len(part) != size:
+                    raise SpoolError(f"spool file {path} cut short")
+                yield part
+    except OSError as exc:
+        raise SpoolError(f"cannot read spool file {path}: {exc.strerror}") from None
 
 
 def _parse(obj: sources.LogObject) -> Parsed:
@@ -220,17 +251,17 @@ def _parse(obj: sources.LogObject) -> Parsed:
         rec = parse.count_records(
             chunks, obj.name_hour, _worker["hasher"], _worker["floor"], spool.write
         )
-    except sources.LogFormatError as exc:
+        if len(rec.copy_data) > INLINE_MAX:
+            spool.write(rec.copy_data)
+            rec.copy_data = b""
+        out.spool = spool.close(keep=True)
+    except (sources.LogFormatError, SpoolError) as exc:
         out.error = str(exc)
         spool.close(keep=False)
         return out
     except BaseException:
         spool.close(keep=False)
         raise
-    if len(rec.copy_data) > INLINE_MAX:
-        spool.write(rec.copy_data)
-        rec.copy_data = b""
-    out.spool = spool.close(keep=True)
     out.lines_read, out.accepted, out.rejected = rec.lines_read, rec.accepted, rec.rejected
     out.copy_data, out.copy_format = rec.copy_data, rec.copy_format
     out.max_day, out.reasons = rec.max_day, rec.reject_reasons
@@ -499,14 +530,14 @@ def store_all(
             break
         k = parsed.obj.key
         pause_point("object_parsed")
+        then = (
+            "not ingested, will be retried on the next run"
+            if store is store_new
+            else "not re-ingested, its records are kept as they were"
+        )
         if parsed.error:
             summary.failed += 1
             summary.failures.append(k)
-            then = (
-                "not ingested, will be retried on the next run"
-                if store is store_new
-                else "not re-ingested, its records are kept as they were"
-            )
             log.error("%s: %s; %s", k, parsed.error, then)
         else:
             try:
@@ -514,6 +545,10 @@ def store_all(
                     store(session, parsed, queued)
             except IntegrityError:  # another run stored it meanwhile
                 log.warning("%s: already in the ledger, skipped", k)
+            except SpoolError as exc:
+                summary.failed += 1
+                summary.failures.append(k)
+                log.error("%s: %s; %s", k, exc, then)
             except WebstatsError as exc:
                 summary.failed += 1
                 summary.failures.append(k)
