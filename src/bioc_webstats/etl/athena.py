@@ -285,7 +285,6 @@ def rows_to_parsed(
             h = hashes[address] = hasher(address.encode("utf-8"))
         n = int(str(n1))
         kept.append((str(cat), str(pkg), d, h, n))  # COPY text made in _done
-        current.touched.add((str(cat), str(pkg), d.year, d.month))
         if current.max_day is None or d > current.max_day:
             current.max_day = d
     if current is not None:

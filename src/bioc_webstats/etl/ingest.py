@@ -129,8 +129,7 @@ class Parsed:
     reasons: dict[str, int] = field(default_factory=dict)
     copy_data: bytes = b""  # COPY rows without the object id (store.records)
     copy_format: str = "text"
-    spool: str | None = None  # a file of more COPY data (spool_write), deleted once stored
-    touched: set[tuple[str, str, int, int]] = field(default_factory=set)
+    spool: str | None = None  # a file of more COPY data (_Spool), deleted once stored
     max_day: dt.date | None = None
     error: str | None = None
 

@@ -483,7 +483,7 @@ def parsed_of(unit: UnitResult) -> Parsed:
     out = Parsed(sources.LogObject(unit.key, unit.size, unit.name_hour, unit.etag))
     out.lines_read, out.accepted, out.rejected = unit.rows, unit.downloads, unit.malformed
     out.reasons = {REASONS[i]: n for i, n in enumerate(unit.reasons) if n}
-    out.touched, out.max_day = unit.touched, unit.max_day
+    out.max_day = unit.max_day
     out.copy_data, out.copy_format = unit.copy_data, "binary"
     return out
 
