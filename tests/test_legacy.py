@@ -740,6 +740,8 @@ def test_native_and_python_readers_give_the_same_bytes(tmp_path):
         legacygen.row(day="29/Feb/2020"), legacygen.row(day="29/Feb/2021"),
         # one C cache key "GET\0" "200" for both (a probe): the answer of the first, twice
         legacygen.row(method="GET\0", status="200"), legacygen.row(method="GET", status="\x00200"),
+        # a day string past the C loop's DAY_MAX: malformed there before any callback
+        legacygen.row(day="17/Sep/2023" + " " * 100),
     ]  # fmt: skip
     legacygen.write_rows(odd, weird * 3)
     downloads = 0

@@ -390,6 +390,19 @@ def hostile_objects(tmp_path_factory) -> dict:
             loggen.log_line(uri=f"/packages/3.18/bioc/src/contrib/P{i:08d}{'x' * 180}_1.0.tar.gz")
             for i in range(MILLION)
         ),
+        # short client values, 190-character names: records far larger than the counts
+        "longnames": _gz_lines(
+            loggen.log_line(
+                uri=f"/packages/3.18/bioc/src/contrib/P{i % 100:02d}{'x' * 188}_1.0.tar.gz",
+                ip=f"{i:x}",
+            )
+            for i in range(MILLION)
+        ),
+        # a distinct date on every line (valid ones from 1000-01-01 on: four in the window)
+        "dates": _gz_lines(
+            loggen.log_line(uri=ok, date=(dt.date(1000, 1, 1) + dt.timedelta(i)).isoformat())
+            for i in range(MILLION)
+        ),
     }
     assert len(objects["packages"]) < 8 << 20  # a few MB on the wire
     out = tmp_path_factory.mktemp("hostile")
@@ -405,7 +418,8 @@ def test_an_object_of_a_million_distinct_clients_or_packages_keeps_memory_bounde
 ):
     """A parse worker hands the counts on as records past the bound, through a spool file,
     and stays within 100 MB of a small object's peak (before: 280-450 MB for the clients,
-    2 GB for the packages)."""
+    2 GB for the packages, 200 MB for the long names: parts of 74 MB; 160-350 MB for the
+    dates, every one of them kept)."""
     import os
     import subprocess
     import sys
@@ -420,10 +434,11 @@ def test_an_object_of_a_million_distinct_clients_or_packages_keeps_memory_bounde
         )  # fmt: skip
         assert out.returncode == 0, out.stderr
         accepted, spooled[name], peaks[name] = map(int, out.stdout.split())
-        assert accepted == (100 if name == "small" else MILLION)  # every download counted
-    assert peaks["clients"] - peaks["small"] < 100, peaks  # MB
-    assert peaks["packages"] - peaks["small"] < 100, peaks
-    assert spooled == {"small": 0, "clients": 1, "packages": 1}
+        downloads = {"small": 100, "dates": 4}.get(name, MILLION)  # (2024-01-28 … 31)
+        assert accepted == downloads  # every download counted
+    for name in ("clients", "packages", "longnames", "dates"):
+        assert peaks[name] - peaks["small"] < 100, peaks  # MB
+    assert spooled == {"small": 0, "clients": 1, "packages": 1, "longnames": 1, "dates": 0}
 
 
 MEMORY_PROBE = """

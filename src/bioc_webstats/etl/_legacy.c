@@ -319,6 +319,8 @@ fail:
     return NULL;
 }
 
+#define DAY_MAX 64 /* bytes of a day string (17/Sep/2023) past which it is malformed unread */
+
 /* The loop over one unit's rows (the Python twin: legacy_rows.read_unit_python). */
 static int scan_rows(Reader *r, sqlite3_stmt *st, Counts *c, long long *rows,
                      long long reasons[N_REASONS], int *rc_out) {
@@ -330,6 +332,10 @@ static int scan_rows(Reader *r, sqlite3_stmt *st, Counts *c, long long *rows,
         size_t dl, ml, sl, il, ul;
         const char *d = col(st, 0, &dl);
         int64_t day;
+        if (dl > DAY_MAX) { /* no day is that long: not handed to Python (a copy of each) */
+            reasons[R_DATE]++;
+            continue;
+        }
         if (last_is(&lday, d, dl)) {
             day = lday.answer;
         } else {

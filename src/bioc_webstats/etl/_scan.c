@@ -92,8 +92,13 @@ typedef struct {
     size_t key_room;
 } Scanner;
 
-/* A date column → its day index, or -1 when it is not a valid date; asks date_cb, which
- * answers (index, midnight in epoch seconds) or None. */
+#define DAY_INVALID -1 /* not a date */
+#define DAY_OUTSIDE -2 /* a date none of whose seconds is in the object's window */
+#define DATES_MAX 4096 /* dates an object's cache keeps (a day has one; garbage has many) */
+
+/* A date column → its day index, DAY_INVALID or DAY_OUTSIDE; asks date_cb, which answers
+ * (index, midnight in epoch seconds), (DAY_OUTSIDE, 0) or None. Only dates in the window get
+ * an index (a handful), so neither the day arrays nor the cache grow with garbage dates. */
 static int date_lookup(Scanner *s, const char *p, size_t n, int64_t *out) {
     uint64_t h = hash_bytes(p, n);
     Slot *slot = table_find(&s->dates, p, n, h);
@@ -103,37 +108,40 @@ static int date_lookup(Scanner *s, const char *p, size_t n, int64_t *out) {
     }
     PyObject *res = call_bytes(s->date_cb, p, n);
     if (!res) return -1;
-    int64_t v = -1;
+    int64_t v = DAY_INVALID;
     if (res != Py_None) {
         long long idx, epoch;
         int ok = PyArg_ParseTuple(res, "LL", &idx, &epoch);
         Py_DECREF(res);
         if (!ok) return -1;
-        if (idx < 0 || (size_t)idx > s->n_days || idx > INT32_MAX) {
+        if (idx == DAY_OUTSIDE) {
+            v = DAY_OUTSIDE;
+        } else if (idx < 0 || (size_t)idx > s->n_days || idx > INT32_MAX) {
             PyErr_SetString(PyExc_ValueError, "date callback: day indexes must count up from 0");
             return -1;
-        }
-        if ((size_t)idx == s->n_days) {
-            if (s->n_days == s->days_room) {
-                size_t room = s->days_room ? s->days_room * 2 : 16;
-                int64_t *d = realloc(s->day_epoch, room * sizeof *d);
-                if (!d) return PyErr_NoMemory(), -1;
-                s->day_epoch = d;
-                char(*dt)[16] = realloc(s->day_text, room * sizeof *dt);
-                if (!dt) return PyErr_NoMemory(), -1;
-                s->day_text = dt;
-                s->days_room = room;
+        } else {
+            if ((size_t)idx == s->n_days) {
+                if (s->n_days == s->days_room) {
+                    size_t room = s->days_room ? s->days_room * 2 : 16;
+                    int64_t *d = realloc(s->day_epoch, room * sizeof *d);
+                    if (!d) return PyErr_NoMemory(), -1;
+                    s->day_epoch = d;
+                    char(*dt)[16] = realloc(s->day_text, room * sizeof *dt);
+                    if (!dt) return PyErr_NoMemory(), -1;
+                    s->day_text = dt;
+                    s->days_room = room;
+                }
+                s->n_days++;
             }
-            s->n_days++;
+            s->day_epoch[idx] = epoch;
+            memset(s->day_text[idx], 0, 16);
+            memcpy(s->day_text[idx], p, n < 15 ? n : 15);
+            v = idx;
         }
-        s->day_epoch[idx] = epoch;
-        memset(s->day_text[idx], 0, 16);
-        memcpy(s->day_text[idx], p, n < 15 ? n : 15);
-        v = idx;
     } else {
         Py_DECREF(res);
     }
-    if (!table_put(&s->dates, slot, p, n, h, v)) return -1;
+    if (s->dates.n < DATES_MAX && !table_put(&s->dates, slot, p, n, h, v)) return -1;
     *out = v;
     return 0;
 }
@@ -395,11 +403,11 @@ static int one_line(Scanner *s, const char *p, size_t n) {
         last_set(&s->last_date, COL(F_DATE), LEN(F_DATE), day);
     }
     secs = time_secs(COL(F_TIME), LEN(F_TIME));
-    if (day < 0 || secs < 0) {
+    if (day == DAY_INVALID || secs < 0) {
         s->rejects[R_DATETIME]++;
         return 0;
     }
-    int64_t ts = s->day_epoch[day] + secs;
+    int64_t ts = day == DAY_OUTSIDE ? INT64_MIN : s->day_epoch[day] + secs;
     if (ts < s->lo || ts > s->hi) {
         s->rejects[R_SKEW]++;
         return 0;
@@ -702,10 +710,11 @@ static PyObject *Scanner_take_records(Scanner *s, PyObject *args) {
     return Py_BuildValue("(NN)", text, day_hits);
 }
 
-/* The bytes the object's counts take: their keys, and their slots at the table's lowest load
- * (the slots a cleared table keeps are not counted: they are reused). */
+/* (bytes, entries) of the object's counts: their keys, and their slots at the table's lowest
+ * load (the slots a cleared table keeps are not counted: they are reused). */
 static PyObject *Scanner_held(Scanner *s, PyObject *Py_UNUSED(ignored)) {
-    return PyLong_FromSize_t(s->counts.used + 2 * s->counts.n * sizeof(Slot));
+    return Py_BuildValue("(nn)", (Py_ssize_t)(s->counts.used + 2 * s->counts.n * sizeof(Slot)),
+                         (Py_ssize_t)s->counts.n);
 }
 
 static int copy_small(PyObject *obj, char *dst, size_t room, Py_ssize_t *len) {
@@ -825,7 +834,7 @@ static PyMethodDef Scanner_methods[] = {
      "take_records(hash, pair) -> (binary COPY data, [(day index, hit id)]) of the counts so "
      "far, as finish_records gives them, which are then forgotten; the object goes on."},
     {"held", (PyCFunction)Scanner_held, METH_NOARGS,
-     "held() -> the bytes the object's counts take (keys and slots)."},
+     "held() -> (bytes, entries) of the object's counts (keys and slots)."},
     {"forget_uris", (PyCFunction)Scanner_forget_uris, METH_NOARGS,
      "forget_uris(): drop the cached hit ids (the Python side renumbered them)."},
     {NULL, NULL, 0, NULL},

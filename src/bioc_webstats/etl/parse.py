@@ -83,6 +83,10 @@ HALF_CACHE_MAX = 50_000  # directories, file names (the two halves of a download
 HITS_MAX = 20_000  # distinct (category, package) of the counts in memory (a day has ~8,000)
 _PY_ENTRY = 160  # bytes of one count in the Python loop's dicts (a client value <= MAX_IP)
 _CHECK_LINES = 20_000  # lines between two sums of the Python loop's counts
+_ROW = 64  # bytes of a record's COPY row besides its category and package names
+_PAIR_MAX = [0]  # the longest category + package of the hits (_HITS)
+_DAY_OUTSIDE = -2  # the C scanner's code of a date with no second in the object's window
+_CACHE_MAX = 100_000  # entries of the Python loop's per-object date/time, day, status caches
 _URIS: dict[bytes, int] = {}  # cs-uri-stem → hit id (> 0), or 0: not a download path
 _HITS: dict[tuple[str, str], int] = {}  # (category, package) → hit id
 _DIRS: dict[bytes, tuple[str, bool] | None] = {}
@@ -149,7 +153,10 @@ def _hit_of(uri: bytes) -> int:
     if hit is None:
         pair = classify_uri(uri, _DIRS, _FILES)
         _bound_halves()
-        hit = 0 if pair is None else _HITS.setdefault(pair, len(_HITS) + 1)
+        hit = 0 if pair is None else _HITS.get(pair, 0)
+        if pair is not None and not hit:
+            hit = _HITS[pair] = len(_HITS) + 1
+            _PAIR_MAX[0] = max(_PAIR_MAX[0], len(pair[0]) + len(pair[1]))
         if len(_URIS) < URI_CACHE_MAX and len(uri) <= KEY_CACHE_MAX:
             _URIS[uri] = hit
     return hit
@@ -191,6 +198,8 @@ def _scan_object(
         dv = date_secs(raw) if len(raw) == 10 else None
         if dv is None:
             return None
+        if dv[0] + 86400 <= center - MAX_SKEW or dv[0] > center + MAX_SKEW:
+            return _DAY_OUTSIDE, 0  # no second of it is in the window: no day index
         day_list.append(dv[1])
         return len(day_list) - 1, dv[0]
 
@@ -266,6 +275,7 @@ def _forget_hits() -> None:
     """Renumber the (category, package) from 1: only between an object's records."""
     _URIS.clear()
     _HITS.clear()
+    _PAIR_MAX[0] = 0
     if _SCANNER:
         _SCANNER[0].forget_uris()
 
@@ -286,7 +296,9 @@ def _records_native(
         return "\t".join(pairs[hit]).encode("ascii")
 
     def bound(scanner: Any) -> None:
-        if scanner.held() <= SPILL_BYTES and len(_HITS) <= HITS_MAX:
+        # the table, and the COPY data its records become (names of up to 200 characters)
+        table, entries = scanner.held()
+        if table + entries * (_ROW + _PAIR_MAX[0]) <= SPILL_BYTES and len(_HITS) <= HITS_MAX:
             return
         text, day_hits = scanner.take_records(hash_ip, pair_text)
         days.update(d for d, _ in day_hits)
@@ -384,6 +396,14 @@ def _count(
     check_at = _CHECK_LINES  # (a line adds one count at most: no need to sum them before)
 
     for lines in line_batches(chunks):
+        # The per-object caches: one entry per distinct value, a handful in a real object.
+        if len(dall) > _CACHE_MAX:
+            dall.clear()
+            dcache.clear()  # (shortcuts only: the counts stay in res.by_day)
+        if len(days) > _CACHE_MAX:
+            days.clear()
+        if len(scache) > _CACHE_MAX:
+            scache.clear()
         if spill is not None and (lines_read >= check_at or len(_HITS) > HITS_MAX):
             check_at = lines_read + _CHECK_LINES
             if _over_bound(res.by_day):
@@ -471,7 +491,7 @@ def _over_bound(by_day: dict) -> bool:
     """Whether the Python loop's counts (by day, by hit id) pass SPILL_BYTES or HITS_MAX
     (a sum over the (day, hit) pairs, not over the counts)."""
     entries = sum(len(ips) for per_hit in by_day.values() for ips in per_hit.values())
-    return entries * _PY_ENTRY > SPILL_BYTES or len(_HITS) > HITS_MAX
+    return entries * (_PY_ENTRY + _ROW + _PAIR_MAX[0]) > SPILL_BYTES or len(_HITS) > HITS_MAX
 
 
 def _public_counts(by_day: dict) -> dict[dt.date, dict[tuple[str, str], dict[bytes, int]]]:
