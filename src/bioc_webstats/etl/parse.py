@@ -410,8 +410,7 @@ def _count(
                 done, res.by_day = _public_counts(res.by_day), {}
                 dcache.clear()  # (they point at the days' old count dicts)
                 dall.clear()
-                accepted += sum(n for per_pkg in done.values() for ips in per_pkg.values()
-                                for n in ips.values())  # fmt: skip
+                accepted += _downloads(done)
                 spill(done)
                 if len(_HITS) > HITS_MAX:
                     _forget_hits()
@@ -481,8 +480,7 @@ def _count(
     if nf < 0:
         raise LogFormatError("no #Fields line (empty or header-less file)")
     res.by_day = _public_counts(res.by_day)
-    accepted += sum(n for per_pkg in res.by_day.values() for ips in per_pkg.values()
-                    for n in ips.values())  # fmt: skip
+    accepted += _downloads(res.by_day)
     res.lines_read, res.accepted, res.rejected = lines_read, accepted, sum(reasons.values())
     return res
 
@@ -492,6 +490,10 @@ def _over_bound(by_day: dict) -> bool:
     (a sum over the (day, hit) pairs, not over the counts)."""
     entries = sum(len(ips) for per_hit in by_day.values() for ips in per_hit.values())
     return entries * (_PY_ENTRY + _ROW + _PAIR_MAX[0]) > SPILL_BYTES or len(_HITS) > HITS_MAX
+
+
+def _downloads(by_day: dict[dt.date, dict[tuple[str, str], dict[bytes, int]]]) -> int:
+    return sum(n for per_pkg in by_day.values() for ips in per_pkg.values() for n in ips.values())
 
 
 def _public_counts(by_day: dict) -> dict[dt.date, dict[tuple[str, str], dict[bytes, int]]]:
