@@ -198,3 +198,119 @@ def test_a_rotated_password_is_picked_up_without_a_restart(
             assert conn.scalar(sa.text("SELECT current_user")) == "rot"
     finally:
         db.dispose_engine(settings.database_url)
+
+
+# --- the web's own env file (config write-web): its login only, and a rotation followed ------
+
+
+def test_the_webs_file_holds_its_settings_and_its_own_login_only(clean_env, tmp_path):
+    """What bioc-webstats-web-config.service writes for the web, which cannot reach the
+    instance role: the web's settings and its login, none of the other secrets, no SSM path,
+    no AWS setting; mode 0600; the web loads the same configuration from it."""
+    env = {
+        "WEBSTATS_ENV_FILE": "/dev/null",
+        "WEBSTATS_STATE_DIR": str(tmp_path),
+        "WEBSTATS_DB_SERVER": "db.example",
+        "WEBSTATS_DB_DBUSER": "runner",
+        "WEBSTATS_DB_PASSWORD": "r-pw",
+        "WEBSTATS_DB_OWNER_DBUSER": "owner",
+        "WEBSTATS_DB_OWNER_PASSWORD": "o-pw",
+        "WEBSTATS_DB_WEB_DBUSER": "reader",
+        "WEBSTATS_DB_WEB_PASSWORD": HARD,
+        "WEBSTATS_DB_SSLMODE": "require",
+        "WEBSTATS_IP_HASH_KEY": "hash-key-secret",
+        "WEBSTATS_FLASK_SECRET_KEY": "flask-secret",
+        "WEBSTATS_GUNICORN_WORKERS": "3",
+        "WEBSTATS_WEB_CACHE_MAX_AGE": "60",
+        "WEBSTATS_ALERTS_MAX_DATA_AGE": "12",
+        "WEBSTATS_ETL_LOGS_SINCE": "2024-01-01",
+        "AWS_ENDPOINT_URL": "http://127.0.0.1:1",
+    }
+    out = tmp_path / "web.env"
+    res = run("config", "write-web", str(out), **env)
+    assert res.returncode == 0 and res.stdout == f"written: {out}\n", res.stderr
+    assert out.stat().st_mode & 0o777 == 0o600
+    text = out.read_text()
+    for secret in ("r-pw", "o-pw", "hash-key-secret", "flask-secret", "runner", "owner"):
+        assert secret not in text, secret
+    for name in ("WEBSTATS_SSM_PATH", "AWS_", "WEBSTATS_ETL_", "WEBSTATS_DB_"):
+        assert name not in text, name
+    web = load_settings({"WEBSTATS_ENV_FILE": str(out)}, login="web")
+    direct = load_settings(env, login="web")
+    assert web.database_url == direct.database_url  # the password with every URL character
+    assert sa.engine.make_url(web.database_url).password == HARD
+    for name in ("gunicorn/workers", "web/cache_max_age", "alerts/max_data_age", "db/sslmode"):
+        if name.startswith("db/"):
+            assert "sslmode=require" in web.database_url
+        else:
+            assert web.get(name) == direct.get(name), name
+    again = run("config", "write-web", str(out), **env)
+    assert again.returncode == 0 and again.stdout == f"unchanged: {out}\n"
+
+
+@pytest.mark.parametrize(
+    ("setting", "message"),
+    [
+        ({"WEBSTATS_GUNICORN_WORKERS": "1000"}, "parameter gunicorn/workers must be at most 64"),
+        ({"WEBSTATS_ALERTS_SNS_TOPIC": "arn:a\nWEBSTATS_X=1"}, "alerts/sns_topic: a value cannot"),
+        ({"WEBSTATS_DB_PORT": "x"}, "parameter db/port must be a port number"),
+    ],
+)
+def test_a_web_configuration_that_cannot_be_written_keeps_the_last_file(
+    clean_env, tmp_path, setting, message
+):
+    """A bad value fails the writer with one line (the unit's failure alarms) and leaves the
+    file the web runs with as it was."""
+    env = {
+        "WEBSTATS_ENV_FILE": "/dev/null",
+        "WEBSTATS_STATE_DIR": str(tmp_path),
+        "WEBSTATS_DB_SERVER": "db.example",
+        "WEBSTATS_DB_WEB_DBUSER": "reader",
+        "WEBSTATS_DB_WEB_PASSWORD": "w-pw",
+    }
+    out = tmp_path / "run" / "web.env"
+    out.parent.mkdir()
+    assert run("config", "write-web", str(out), **env).returncode == 0
+    kept = out.read_text()
+    res = run("config", "write-web", str(out), **env, **setting)
+    assert res.returncode == 1 and "Traceback" not in res.stderr
+    assert len(res.stderr.splitlines()) == 1 and message in res.stderr, res.stderr
+    assert out.read_text() == kept
+    assert [p.name for p in out.parent.iterdir()] == ["web.env"]  # no temporary file left
+
+
+def test_the_web_follows_a_password_rotated_in_its_file(pg_password_server, clean_env, tmp_path):
+    """The web has no way to the secret: after a failed login it reads its file again, which
+    the writer (every 5 minutes, and db-bootstrap.yml) has rewritten with the new password."""
+    url = new_pg_database(pg_password_server)
+    dbname = url.rsplit("/", 1)[1]
+    role(pg_password_server, dbname, "webrot", "first-pw")
+    host, port = parts(pg_password_server)
+    env = {
+        "WEBSTATS_ENV_FILE": "/dev/null",
+        "WEBSTATS_STATE_DIR": str(tmp_path),
+        "WEBSTATS_DB_SERVER": host,
+        "WEBSTATS_DB_PORT": str(port),
+        "WEBSTATS_DB_DBNAME": dbname,
+        "WEBSTATS_DB_WEB_DBUSER": "webrot",
+        "WEBSTATS_DB_WEB_PASSWORD": "first-pw",
+    }
+    out = tmp_path / "web.env"
+    assert run("config", "write-web", str(out), **env).returncode == 0
+    settings = load_settings({"WEBSTATS_ENV_FILE": str(out)}, login="web")
+    engine = db.get_engine(settings.database_url)
+    try:
+        with engine.connect() as conn:
+            assert conn.scalar(sa.text("SELECT current_user")) == "webrot"
+        admin = sa.create_engine(f"{pg_password_server}/{dbname}", isolation_level="AUTOCOMMIT")
+        with admin.connect() as conn:
+            conn.execute(sa.text("ALTER ROLE webrot PASSWORD 'second-pw'"))
+        admin.dispose()
+        engine.dispose()  # the old sessions end (a failover, an idle timeout)
+        rotated = {**env, "WEBSTATS_DB_WEB_PASSWORD": "second-pw"}
+        res = run("config", "write-web", str(out), **rotated)
+        assert res.returncode == 0 and "written" in res.stdout
+        with engine.connect() as conn:  # the same engine: no restart
+            assert conn.scalar(sa.text("SELECT current_user")) == "webrot"
+    finally:
+        db.dispose_engine(settings.database_url)

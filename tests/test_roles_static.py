@@ -232,6 +232,7 @@ def test_no_role_or_playbook_reads_another_roles_internals():
                 "webstats_backup",
                 "webstats_restore",
                 "webstats_alarms",
+                "webstats_dbboot",
             )
             if owner is None and name in playbooks_own:
                 continue  # a playbook's own

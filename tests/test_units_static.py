@@ -31,6 +31,7 @@ SERVICES = (
     "bioc-webstats.service",
     "bioc-webstats-etl.service",
     "bioc-webstats-watchdog.service",
+    "bioc-webstats-web-config.service",
     "bioc-webstats-failure@.service",
 )
 ALL_UNITS = (
@@ -38,6 +39,7 @@ ALL_UNITS = (
     *SERVICES,
     "bioc-webstats-etl.timer",
     "bioc-webstats-watchdog.timer",
+    "bioc-webstats-web-config.timer",
     "bioc-webstats.target",
     "bioc-webstats-etl.slice",
 )
@@ -186,6 +188,37 @@ def test_watchdog_timer_and_service(rendered):
     assert re.search(r"^PartOf=bioc-webstats\.target$", service, re.M)
 
 
+def test_the_web_reads_its_own_file_and_cannot_reach_the_instance_role(rendered):
+    """The web unit is denied the instance metadata service (no AWS credentials, so no SSM and
+    no secret of the other logins) and reads the file the configuration oneshot writes, which
+    runs before each start of the web and every 5 minutes; no other unit is cut off."""
+    web = rendered["bioc-webstats.service"]
+    writer = rendered["bioc-webstats-web-config.service"]
+    timer = rendered["bioc-webstats-web-config.timer"]
+    path = _defaults()["__webstats_services_web_env_file"]
+    assert re.findall(r"^IPAddressDeny=(.*)$", web, re.M) == ["169.254.169.254 fd00:ec2::254"]
+    for unit in set(SERVICES) - {"bioc-webstats.service"}:
+        assert not re.search(r"^IPAddressDeny=", rendered[unit], re.M), unit
+    files = re.findall(r'^Environment="?WEBSTATS_ENV_FILE=([^"\n]*)"?$', web, re.M)
+    assert files[-1] == path  # the last assignment wins
+    for dep in ("Wants", "After"):
+        line = re.search(rf"^{dep}=(.*)$", web, re.M)
+        assert line and "bioc-webstats-web-config.service" in line.group(1).split(), dep
+    assert re.search(rf"^ExecStart=/\S+/bin/bioc-webstats config write-web {path}$", writer, re.M)
+    assert re.search(rf"^RuntimeDirectory={Path(path).parent.name}$", writer, re.M)
+    assert re.search(r"^RuntimeDirectoryMode=0700$", writer, re.M)
+    assert re.search(r"^RuntimeDirectoryPreserve=yes$", writer, re.M)
+    assert re.search(r"^OnFailure=bioc-webstats-failure@%n\.service$", writer, re.M)
+    assert re.search(r"^User=webstats$", writer, re.M)
+    spec = re.search(r"^OnCalendar=(.*)$", timer, re.M).group(1)
+    next_two = _analyze("calendar", "--iterations=2", spec).stdout
+    stamps = re.findall(r"(?:Next elapse|Iter\. #2): \w+ (\S+ \S+)", next_two)
+    first, second = (dt.datetime.fromisoformat(s) for s in stamps[:2])
+    assert second - first == dt.timedelta(minutes=5), (spec, stamps)
+    assert re.search(r"^Unit=bioc-webstats-web-config\.service$", timer, re.M)
+    assert re.search(r"^WantedBy=bioc-webstats\.target$", timer, re.M)
+
+
 def _mib(value: str) -> float:
     m = re.fullmatch(r"(\d+(?:\.\d+)?)([KMG]?)", value.strip())
     assert m, f"MemoryMax={value}: give it in K, M or G"
@@ -324,9 +357,10 @@ def test_cli_wrapper_runs_with_the_units_environment(tmp_path):
     values = ansible_render.deploy_vars(webstats_services_environment={"WEBSTATS_X": "a b"})
     env = ansible_render.environment(jinja2.FileSystemLoader(str(TEMPLATES)))
     units = set()
+    web_file = f"WEBSTATS_ENV_FILE={values['__webstats_services_web_env_file']}"
     for unit in SERVICES:
         text = env.get_template(f"{unit}.j2").render(**values)
-        found = set(re.findall(r'^Environment="?([^"\n]*)"?$', text, re.M))
+        found = set(re.findall(r'^Environment="?([^"\n]*)"?$', text, re.M)) - {web_file}
         assert found, unit
         units = units or found
         assert found == units, f"{unit} has another environment"

@@ -36,10 +36,11 @@ RUNBOOK = "/usr/local/share/doc/bioc-webstats/RUNBOOK.md"
 RESEND = 6 * 3600  # seconds between two alerts for the same lasting alarm
 # The web service retries a failed start by itself (Restart=, no start limit): while the
 # database is down it fails again and again (each request on its socket one more try). One
-# failure alert an hour for it; a unit that does not retry (the ETL, the watchdog: each
-# failure is another run) alerts every time.
+# failure alert an hour for it, and for the web's configuration, written again every 5
+# minutes; a unit that does not retry (the ETL, the watchdog: each failure is another run)
+# alerts every time.
 HOOK_REPEAT = 3600
-RETRYING_UNITS = frozenset({"bioc-webstats.service"})
+RETRYING_UNITS = frozenset({"bioc-webstats.service", "bioc-webstats-web-config.service"})
 META_ETL_OK = "last_etl_ok"  # ISO timestamps written by the daily job (`bioc-webstats daily`)
 META_SYNC_OK = "last_sync_ok"
 

@@ -37,7 +37,7 @@ class Context:
 
     @property
     def settings(self) -> Settings:
-        """The configuration with the ETL's database login (every command but two)."""
+        """The configuration with the ETL's database login (every command but three)."""
         return self.settings_for("etl")
 
     def settings_for(self, login: str) -> Settings:
@@ -525,6 +525,43 @@ def config_show(ctx: Context) -> None:
     from .config import render_settings
 
     click.echo(render_settings(ctx.settings), nl=False)
+
+
+@config_group.command("write-web")
+@click.argument("path", type=click.Path(dir_okay=False, path_type=Path))
+@pass_ctx
+def config_write_web(ctx: Context, path: Path) -> None:
+    """Write the web service's env file to PATH (mode 0600, atomically): its settings and its
+    own database login, no other secret, no SSM path. bioc-webstats-web-config.service runs it
+    before each start of the web and every 5 minutes (a rotated password)."""
+    import tempfile
+
+    from .config import web_env_text
+
+    settings = ctx.settings_for("web")
+    if settings.shared_login:  # the journal of every start of the web
+        click.echo(
+            "bioc-webstats: warning: no db/web_credentials (nor db/web_dbuser): the web logs in "
+            "with the ETL's login, which may write; create the web login (RUNBOOK, "
+            '"Database logins") and set db/web_credentials',
+            err=True,
+        )
+    text = web_env_text(settings)
+    try:
+        if path.is_file() and path.read_text() == text:
+            click.echo(f"unchanged: {path}")
+            return
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-")
+        try:
+            with os.fdopen(fd, "w") as out:  # mkstemp: 0600 from the first byte
+                out.write(text)
+            os.replace(tmp, path)
+        finally:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
+    except OSError as exc:
+        raise WebstatsError(f"cannot write {path}: {exc.strerror}") from None
+    click.echo(f"written: {path}")
 
 
 @cli.command("check")

@@ -350,6 +350,8 @@ def load_settings(environ: dict[str, str] | None = None, login: str = "etl") -> 
             url = make_url(db_url)
             if "sslmode" not in url.query:  # the URL's own sslmode is the more specific
                 db_url = url.update_query_dict(tls).render_as_string(hide_password=False)
+        if url_var not in env and env_file:  # the web's file, rewritten on a rotation
+            _watch_file_password(db_url, Path(env_file), url_var)
     elif values.get("db/server"):
         db_url = _login_url(values, sources, login, region, bool(ssm_path), tls)
         shared = login != "etl" and not _own_login(values, login)
@@ -504,9 +506,54 @@ class SecretPassword:
         return self._value
 
 
+class FilePassword:
+    """The current (user, password) of the database URL an env file holds: read again after
+    ``TTL`` seconds or a failed login. The web's file (``config write-web``) is rewritten when
+    the login's secret changes, and the web, which cannot read the secret, follows it."""
+
+    TTL = 300.0
+
+    def __init__(self, path: Path, var: str, value: tuple[str | None, str]) -> None:
+        self.path, self.var = path, var
+        self._value = value
+        self._read_at = _monotonic()
+
+    def get(self, refresh: bool = False) -> tuple[str | None, str]:
+        if refresh or _monotonic() - self._read_at > self.TTL:
+            self._read_at = _monotonic()
+            try:
+                url = _password_url(read_env_file(self.path).get(self.var) or "", self.var)
+            except ConfigError:  # being rewritten, or gone: the last value stays
+                url = None
+            if url is not None and url.password:
+                self._value = (url.username, str(url.password))
+        return self._value
+
+
+def _monotonic() -> float:
+    import time
+
+    return time.monotonic()
+
+
+def _password_url(url: str, var: str):
+    """The SQLAlchemy URL of a PostgreSQL ``url`` (None for another database)."""
+    if not url or url.startswith("sqlite"):
+        return None
+    from sqlalchemy.engine import make_url
+
+    return make_url(normalize_database_url(url, var))
+
+
+def _watch_file_password(db_url: str, path: Path, var: str) -> None:
+    url = _password_url(db_url, var)
+    if url is not None and url.password:
+        PASSWORD_SOURCES[db_url] = FilePassword(path, var, (url.username, str(url.password)))
+
+
 # Database URL → where its password comes from now (filled by load_settings; read by
 # store/db.py whenever it opens a connection).
-PASSWORD_SOURCES: dict[str, SecretPassword] = {}
+PASSWORD_SOURCES: dict[str, SecretPassword | FilePassword] = {}
 
 _DRIVERS = {"postgresql": "postgresql+psycopg2", "postgres": "postgresql+psycopg2",
             "postgresql+psycopg2": "postgresql+psycopg2", "sqlite": "sqlite"}  # fmt: skip
@@ -591,6 +638,39 @@ def render_settings(settings: Settings) -> str:
         lines.append(f"# ignored: unknown SSM parameter {settings.ssm_path}/{name}")
     lines.extend(f"# ignored: {line}" for line in overruled_lines(settings))
     return "\n".join(lines) + "\n"
+
+
+# The web's own env file: what the web reads, and nothing it must not (the other logins'
+# secrets, the IP hash key, the SSM path: the web unit has no way to the instance role).
+WEB_ENV_HEADER = (
+    "# Written by `bioc-webstats config write-web` (bioc-webstats-web-config.service) from the\n"
+    "# configuration and SSM: the web service's settings and its own database login only.\n"
+)
+
+
+WEB_TOPICS = ("flask/", "gunicorn/", "web/", "alerts/")  # what the web reads (db/*: the URL)
+
+
+def web_env_text(settings: Settings) -> str:
+    """The env file of the web service: every non-secret setting (the typed ones checked),
+    and the web login's database URL; a ConfigError names what cannot be written."""
+    problems = settings.problems(WEB_TOPICS)
+    if problems:
+        raise ConfigError("; ".join(problems))
+    lines = [WEB_ENV_HEADER]
+    items = [
+        (p.env, settings.values.get(p.name), p.name)
+        for p in PARAMS
+        if p.name.startswith(WEB_TOPICS) and not p.secret
+    ]
+    items.append(("WEBSTATS_DATABASE_URL_WEB", settings.database_url, "database_url"))
+    for env, value, name in items:
+        if value is None:
+            continue
+        if "\n" in value or "\r" in value:
+            raise ConfigError(f"parameter {name}: a value cannot hold a line break")
+        lines.append(f"{env}={value}\n")
+    return "".join(lines)
 
 
 def overruled_lines(settings: Settings) -> list[str]:

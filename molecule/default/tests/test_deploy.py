@@ -51,7 +51,7 @@ def as_service_user(cmd: str, deploy_vars) -> str:
 # --- the state the deploy leaves ---------------------------------------------------------------
 
 
-@pytest.mark.parametrize("unit", [SOCKET, TIMER, "nginx.service"])
+@pytest.mark.parametrize("unit", [SOCKET, TIMER, "bioc-webstats-web-config.timer", "nginx.service"])
 def test_entry_units_enabled_and_active(host, unit):
     svc = host.service(unit)
     assert svc.is_enabled, f"{unit} not enabled"

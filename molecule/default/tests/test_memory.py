@@ -67,6 +67,7 @@ CEILINGS = {
     "bioc-webstats-etl.service": "webstats_services_etl_memory_max",
     "nginx.service": "webstats_nginx_memory_max",
     "bioc-webstats-watchdog.service": "webstats_services_watchdog_memory_max",
+    "bioc-webstats-web-config.service": "webstats_services_web_config_memory_max",
 }
 MEASURED: dict[str, float] = {}
 
@@ -102,6 +103,7 @@ def sample(host, unit: str, start: str | None = None, now: bool = False) -> floa
         ("nginx.service", "now"),
         ("bioc-webstats-etl.service", "systemctl start bioc-webstats-etl.service"),
         ("bioc-webstats-watchdog.service", "systemctl start bioc-webstats-watchdog.service"),
+        ("bioc-webstats-web-config.service", "systemctl start bioc-webstats-web-config.service"),
     ],
 )
 def test_memory_use_under_the_ceiling(host, deploy_vars, unit, how):

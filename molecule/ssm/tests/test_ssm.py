@@ -18,8 +18,18 @@ import pytest
 from testlib import Service, run_ok, run_playbook, wait_for
 
 WEB = "bioc-webstats.service"
+WEB_CONFIG = "bioc-webstats-web-config.service"  # writes the web's file from SSM
+WEB_FILE = "/run/bioc-webstats-web/web.env"
 ETL = "bioc-webstats-etl.service"
-UNITS = ["bioc-webstats.socket", WEB, ETL, "bioc-webstats-etl.timer", "bioc-webstats.target"]
+UNITS = [
+    "bioc-webstats.socket",
+    WEB,
+    WEB_CONFIG,
+    ETL,
+    "bioc-webstats-etl.timer",
+    "bioc-webstats-web-config.timer",
+    "bioc-webstats.target",
+]
 ENV_FILE = "/etc/bioc-webstats/webstats.env"
 BW = "bioc-webstats"  # the CLI the deploy installs for root (RUNBOOK)
 
@@ -210,9 +220,10 @@ def test_special_backup_on_the_instance(host, state, runbook):
 
 
 @pytest.mark.parametrize(
-    # required by default (config.DEFAULT_REQUIRED); flask/secret_key no longer is
+    # required by default (config.DEFAULT_REQUIRED); flask/secret_key no longer is. The web
+    # reads no SSM: the unit that writes its file does.
     ("unit", "name"),
-    [(WEB, "etl/ip_hash_key"), (ETL, "etl/ip_hash_key"), (WEB, "db/server")],
+    [(WEB_CONFIG, "etl/ip_hash_key"), (ETL, "etl/ip_hash_key"), (WEB_CONFIG, "db/server")],
 )
 def test_missing_parameter_fails_the_unit_with_one_clear_line(
     host, ssm, ssm_service, state, unit, name
@@ -236,12 +247,72 @@ def test_missing_parameter_fails_the_unit_with_one_clear_line(
     finally:
         ssm.put_parameter(Name=full, Type=kept["Type"], Value=kept["Value"], Overwrite=True)
     run_ok(host, f"systemctl reset-failed {unit}")
-    if unit == WEB:
-        run_ok(host, f"systemctl start {WEB}")
-        wait_for(lambda: healthy(ssm_service), 60, "/healthz once the parameter is back")
+    if unit == WEB_CONFIG:
+        run_ok(host, f"systemctl start {WEB_CONFIG}")
+        assert wait_for(lambda: healthy(ssm_service), 60, "/healthz")
     else:
         run_ok(host, f"systemctl start {ETL}", timeout=600)
         assert run_ok(host, f"systemctl show -p Result --value {ETL}").strip() == "success"
+
+
+def test_the_web_has_no_way_to_the_instance_role_and_reads_its_own_file(host, ssm_service, state):
+    """The web unit cannot reach the instance metadata service (where the role's credentials
+    are) and its process has neither AWS settings nor an SSM path: what it knows is the file
+    the configuration unit wrote, which holds its own login and no other secret."""
+    assert wait_for(lambda: healthy(ssm_service), 60, "/healthz")
+    deny = show(host, WEB, "IPAddressDeny")["IPAddressDeny"].split()
+    assert set(deny) == {"169.254.169.254/32", "fd00:ec2::254/128"}, deny
+    pid = run_ok(host, f"systemctl show -p MainPID --value {WEB}").strip()
+    environ = run_ok(host, f"tr '\\0' '\\n' < /proc/{pid}/environ").splitlines()
+    assert f"WEBSTATS_ENV_FILE={WEB_FILE}" in environ, environ
+    assert not [v for v in environ if v.startswith(("AWS_", "WEBSTATS_SSM"))], environ
+    web_file = host.file(WEB_FILE)
+    assert (web_file.user, web_file.group, web_file.mode) == ("webstats", "webstats", 0o600)
+    assert host.file(str(Path(WEB_FILE).parent)).mode == 0o700
+    text = web_file.content_string
+    assert "WEBSTATS_DATABASE_URL_WEB=postgresql+psycopg2://webstats_web:" in text
+    assert "WEBSTATS_SSM_PATH" not in text and "AWS_" not in text
+    for name, value in state["secrets"].items():
+        if name != "db_web_password":
+            assert value not in text, f"{name} is in the web's file"
+    # the gunicorn workers read nothing else (no SSM, no secret) either
+    workers = run_ok(host, f"pgrep -P {pid}").split()
+    assert workers
+    for worker in workers:
+        env = run_ok(host, f"tr '\\0' '\\n' < /proc/{worker}/environ").splitlines()
+        assert not [v for v in env if v.startswith(("AWS_", "WEBSTATS_SSM"))], env
+
+
+def test_the_web_keeps_its_last_configuration_and_recovers_by_itself(
+    host, ssm, ssm_service, state
+):
+    """SSM unreadable at a restart: the web starts with the file it had (the writer's failure
+    alarms). After a reboot there is no file (it is in /run): the web cannot start, and once
+    the parameter is back it comes up by itself (Restart= starts the writer first)."""
+    full = f"{state['ssm_path']}/db/server"
+    kept = ssm.get_parameter(Name=full)["Parameter"]
+    since = cursor(host)
+    ssm.delete_parameter(Name=full)
+    try:
+        run_ok(host, f"systemctl restart {WEB}", timeout=300)
+        assert wait_for(lambda: healthy(ssm_service), 60, "/healthz with the last file")
+        assert show(host, WEB_CONFIG, "Result")["Result"] != "success"
+        assert f"missing SSM parameter {full}" in run_ok(
+            host, f"journalctl -u {WEB_CONFIG} -o cat --after-cursor='{since}'"
+        )
+        run_ok(host, f"rm {WEB_FILE}")  # as after a reboot: /run is empty
+        res = host.run(f"timeout 300 systemctl restart {WEB}")
+        assert res.rc != 0, "the web started without a configuration"
+        assert show(host, WEB, "ActiveState")["ActiveState"] != "active"
+        journal = run_ok(host, f"journalctl -u {WEB} -o cat --after-cursor='{since}'")
+        assert f"bioc-webstats: error: cannot read env file {WEB_FILE}: No such file" in journal
+        assert "Traceback" not in journal
+    finally:
+        ssm.put_parameter(Name=full, Type=kept["Type"], Value=kept["Value"], Overwrite=True)
+    # no hand step: the web's next automatic restart runs the writer, which now succeeds
+    assert wait_for(lambda: healthy(ssm_service), 120, "/healthz once SSM answers again")
+    assert host.file(WEB_FILE).exists
+    run_ok(host, f"systemctl reset-failed {WEB_CONFIG}")
 
 
 # --- alarms: through SNS (moto) to the SQS queue subscribed to alerts/sns_topic ---------------

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING
 from sqlalchemy import Engine, create_engine, event, select
 from sqlalchemy.orm import Session, sessionmaker
 
-from ..config import PASSWORD_SOURCES, SecretPassword
+from ..config import PASSWORD_SOURCES, FilePassword, SecretPassword
 from ..errors import WebstatsError, first_line
 from .models import Meta
 
@@ -66,7 +66,7 @@ def get_engine(url: str) -> Engine:
     return engine
 
 
-def _secret_login(source: SecretPassword):
+def _secret_login(source: SecretPassword | FilePassword):
     """Connect with the secret's current login; after a failed login, read the secret again
     and retry once: a rotated password is picked up without a restart."""
 
