@@ -263,7 +263,8 @@ def test_the_web_has_no_way_to_the_instance_role_and_reads_its_own_file(host, ss
     deny = show(host, WEB, "IPAddressDeny")["IPAddressDeny"].split()
     assert set(deny) == {"169.254.169.254/32", "fd00:ec2::254/128"}, deny
     pid = run_ok(host, f"systemctl show -p MainPID --value {WEB}").strip()
-    environ = run_ok(host, f"tr '\\0' '\\n' < /proc/{pid}/environ").splitlines()
+    # as the service user: root in the container may not read another process's environ
+    environ = run_ok(host, f"runuser -u webstats -- cat /proc/{pid}/environ").split("\0")
     assert f"WEBSTATS_ENV_FILE={WEB_FILE}" in environ, environ
     assert not [v for v in environ if v.startswith(("AWS_", "WEBSTATS_SSM"))], environ
     web_file = host.file(WEB_FILE)
@@ -279,13 +280,12 @@ def test_the_web_has_no_way_to_the_instance_role_and_reads_its_own_file(host, ss
     workers = run_ok(host, f"pgrep -P {pid}").split()
     assert workers
     for worker in workers:
-        env = run_ok(host, f"tr '\\0' '\\n' < /proc/{worker}/environ").splitlines()
+        env = run_ok(host, f"runuser -u webstats -- cat /proc/{worker}/environ")
+        env = env.split("\0")
         assert not [v for v in env if v.startswith(("AWS_", "WEBSTATS_SSM"))], env
 
 
-def test_the_web_keeps_its_last_configuration_and_recovers_by_itself(
-    host, ssm, ssm_service, state
-):
+def test_the_web_keeps_its_last_configuration_and_recovers_by_itself(host, ssm, ssm_service, state):
     """SSM unreadable at a restart: the web starts with the file it had (the writer's failure
     alarms). After a reboot there is no file (it is in /run): the web cannot start, and once
     the parameter is back it comes up by itself (Restart= starts the writer first)."""
