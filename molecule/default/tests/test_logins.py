@@ -177,7 +177,8 @@ def test_db_bootstrap_with_an_administrator_that_is_no_superuser(host):
                 as_login(names[key], pws[key], "SELECT current_user").stdout.strip() == names[key]
             )
         rotated = "rds-runner-rotated-98765"
-        assert bootstrap(rotated) == 1
+        # the password set, and the deployed web's file written again (the play's handler)
+        assert bootstrap(rotated) == 2
         assert as_login(names["etl"], rotated, "SELECT 1").rc == 0
         refused = as_login(names["etl"], pws["etl"], "SELECT 1")
         assert refused.rc != 0 and "password authentication failed" in refused.stderr
