@@ -411,3 +411,29 @@ def test_s3_walk_pages_grow_over_files_that_are_not_logs(s3_env):
     )
     assert [o.key for o in objects] == [key] and len(skipped) == 300
     assert counter.requests <= 7  # pages of 20, 40, 80, 160, then the run and its end
+
+
+def test_listing_a_folder_of_many_names_holds_nothing_per_name_outside_the_window(tmp_path):
+    """A local copy of years of archive in one folder (`aws s3 sync`): names outside the window
+    cost nothing, a name inside one small object (the listing of 200,000 names took 243 MB,
+    and 71 MB with none of them in the window: every entry sorted in a list, a Path and an
+    interned name each)."""
+    import tracemalloc
+
+    root = tmp_path / "logs"
+    root.mkdir()
+    names = 20_000
+    for i in range(names):
+        (root / f"E1.2023-01-{1 + i % 28:02d}-{i % 24:02d}.{i:08x}.gz").touch()
+    peaks = {}
+    for what, window in (
+        ("outside", sources.Window(dt.date(2024, 1, 1), dt.date(2024, 1, 2))),
+        ("inside", sources.EVERYTHING),
+    ):
+        tracemalloc.start()
+        objects, _ = sources.DirSource(root).list(window)
+        peaks[what] = tracemalloc.get_traced_memory()[1]
+        tracemalloc.stop()
+        assert len(objects) == (0 if what == "outside" else names)
+    assert peaks["outside"] < 64 * 1024, peaks  # was 300 bytes a name
+    assert peaks["inside"] < names * 400, peaks  # was 1,150 bytes a name

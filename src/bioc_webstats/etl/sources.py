@@ -44,7 +44,7 @@ class LogFormatError(WebstatsError):
     """The object as a whole cannot be read (corrupt, truncated, not gzip, no #Fields)."""
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)  # slots: a backfill's listing holds one per object
 class LogObject:
     """One log object of a source: its key (relative path or S3 key) and name hour (UTC)."""
 
@@ -155,54 +155,70 @@ class DirSource(Source):
             folder = todo.pop()
             try:
                 st = folder.stat()
-                entries = sorted(os.scandir(folder), key=lambda e: e.name)
+                if (st.st_dev, st.st_ino) in seen:
+                    continue
+                seen.add((st.st_dev, st.st_ino))
+                real = folder.resolve()
+                base = real.relative_to(real_root) if real.is_relative_to(real_root) else None
+                prefix = (folder.relative_to(self.root) if base is None else base).as_posix()
+                prefix = "" if prefix == "." else prefix + "/"
+                subdirs: list[Path] = []
+                # One entry at a time, keys made as strings: a folder of a year's archive
+                # (100,000s of names) holds no list of entries nor a Path per name (pathlib
+                # interns every part for good).
+                with os.scandir(folder) as entries:
+                    for entry in entries:
+                        self._entry(entry, prefix, folder, window, objects, skipped, subdirs)
             except OSError as exc:
                 if folder == self.root:
                     raise WebstatsError(f"log source {folder}: {exc.strerror}") from None
                 log.error("log source %s: %s; its files are not read", folder, exc.strerror)
                 self.unreadable.append(str(folder.relative_to(self.root)))
                 continue
-            if (st.st_dev, st.st_ino) in seen:
-                continue
-            seen.add((st.st_dev, st.st_ino))
-            real = folder.resolve()
-            base = real.relative_to(real_root) if real.is_relative_to(real_root) else None
-            subdirs = []
-            for entry in entries:
-                path = Path(entry.path)
-                key = (
-                    path.relative_to(self.root) if base is None else base / entry.name
-                ).as_posix()
-                if not utf8_name(key):  # no CloudFront name; the ledger keeps text keys
-                    shown = key.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
-                    if entry.is_dir():
-                        log.error("log source %s: %s: name not UTF-8, not read", folder, shown)
-                        self.unreadable.append(shown)
-                    elif entry.is_file():
-                        skipped.append(shown)
-                    continue
-                if entry.is_dir():  # follows a symlink
-                    day = dir_day(entry.name)
-                    if day is None or day in window:  # a day folder outside: not opened
-                        subdirs.append(path)
-                    continue
-                hour = parse_name(entry.name)
-                if hour is None:
-                    skipped.append(key)  # a file, or a broken link, a FIFO: listed, not read
-                elif hour.date() not in window:  # by name: no stat outside
-                    continue
-                elif entry.is_file():
-                    objects.append(LogObject(key, entry.stat().st_size, hour))
-                else:  # a log object's name on no file: its downloads would go missing
-                    log.error(
-                        "log source %s: %s is not a file (a broken symlink?); not read",
-                        folder, entry.name,
-                    )  # fmt: skip
-                    self.unreadable.append(key)
+            subdirs.sort()
             todo.extend(reversed(subdirs))  # depth first, in name order
         objects.sort(key=lambda o: o.key)
         skipped.sort()
         return objects, skipped
+
+    def _entry(
+        self,
+        entry: os.DirEntry[str],
+        prefix: str,
+        folder: Path,
+        window: Window,
+        objects: list[LogObject],
+        skipped: list[str],
+        subdirs: list[Path],
+    ) -> None:
+        """One entry of a folder: a log object of the window, a name skipped, a folder to walk."""
+        key = prefix + entry.name
+        if not utf8_name(key):  # no CloudFront name; the ledger keeps text keys
+            shown = key.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
+            if entry.is_dir():
+                log.error("log source %s: %s: name not UTF-8, not read", folder, shown)
+                self.unreadable.append(shown)
+            elif entry.is_file():
+                skipped.append(shown)
+            return
+        if entry.is_dir():  # follows a symlink
+            day = dir_day(entry.name)
+            if day is None or day in window:  # a day folder outside: not opened
+                subdirs.append(Path(entry.path))
+            return
+        hour = parse_name(entry.name)
+        if hour is None:
+            skipped.append(key)  # a file, or a broken link, a FIFO: listed, not read
+        elif hour.date() not in window:  # by name: no stat outside
+            return
+        elif entry.is_file():
+            objects.append(LogObject(key, entry.stat().st_size, hour))
+        else:  # a log object's name on no file: its downloads would go missing
+            log.error(
+                "log source %s: %s is not a file (a broken symlink?); not read",
+                folder, entry.name,
+            )  # fmt: skip
+            self.unreadable.append(key)
 
     def get(self, key: str) -> LogObject:
         if Path(key).is_absolute():
