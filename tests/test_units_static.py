@@ -168,16 +168,22 @@ def test_etl_runs_one_command_the_daily_job(rendered):
     assert re.search(r"^OnFailure=bioc-webstats-failure@%n\.service$", etl, re.M)
 
 
+def _interval(spec: str) -> dt.timedelta:
+    """The time between the next two elapses of an OnCalendar= expression (systemd's own)."""
+    next_two = _analyze("calendar", "--iterations=2", spec).stdout
+    stamps = re.findall(r"(?:Next elapse|Iter\. #2): \w+ (\S+ \S+)", next_two)
+    assert len(stamps) >= 2, next_two
+    first, second = (dt.datetime.fromisoformat(s) for s in stamps[:2])
+    return second - first
+
+
 def test_watchdog_timer_and_service(rendered):
     timer = rendered["bioc-webstats-watchdog.timer"]
     service = rendered["bioc-webstats-watchdog.service"]
     values = _defaults()
     for spec in values["webstats_services_watchdog_on_calendar"]:
         assert f"OnCalendar={spec}\n" in timer
-        next_two = _analyze("calendar", "--iterations=2", spec).stdout
-        stamps = re.findall(r"(?:Next elapse|Iter\. #2): \w+ (\S+ \S+)", next_two)
-        first, second = (dt.datetime.fromisoformat(s) for s in stamps[:2])
-        assert second - first == dt.timedelta(minutes=10), (spec, stamps)
+        assert _interval(spec) == dt.timedelta(minutes=10), spec
     assert re.search(r"^Persistent=true$", timer, re.M)
     assert re.search(r"^RandomizedDelaySec=\S+", timer, re.M)
     assert re.search(r"^Unit=bioc-webstats-watchdog\.service$", timer, re.M)
@@ -211,10 +217,7 @@ def test_the_web_reads_its_own_file_and_cannot_reach_the_instance_role(rendered)
     assert re.search(r"^OnFailure=bioc-webstats-failure@%n\.service$", writer, re.M)
     assert re.search(r"^User=webstats$", writer, re.M)
     spec = re.search(r"^OnCalendar=(.*)$", timer, re.M).group(1)
-    next_two = _analyze("calendar", "--iterations=2", spec).stdout
-    stamps = re.findall(r"(?:Next elapse|Iter\. #2): \w+ (\S+ \S+)", next_two)
-    first, second = (dt.datetime.fromisoformat(s) for s in stamps[:2])
-    assert second - first == dt.timedelta(minutes=5), (spec, stamps)
+    assert _interval(spec) == dt.timedelta(minutes=5), spec
     assert re.search(r"^Unit=bioc-webstats-web-config\.service$", timer, re.M)
     assert re.search(r"^WantedBy=bioc-webstats\.target$", timer, re.M)
 
