@@ -22,7 +22,6 @@ import json
 import os
 import shutil
 import sys
-import tempfile
 import time
 import urllib.error
 import urllib.request
@@ -31,6 +30,7 @@ from pathlib import Path
 
 from .config import BY_NAME, DEFAULT_ENV_FILE, Settings, read_env_file, state_dir
 from .errors import ConfigError, WebstatsError, first_line
+from .files import write_atomic
 
 RUNBOOK = "/usr/local/share/doc/bioc-webstats/RUNBOOK.md"
 RESEND = 6 * 3600  # seconds between two alerts for the same lasting alarm
@@ -74,7 +74,7 @@ def remember_topic(settings: Settings) -> None:
         if not topic and not path.exists():
             return  # nothing to keep, nothing to clear (and no directory made for it)
         path.parent.mkdir(parents=True, exist_ok=True)
-        _write(path, topic + "\n")
+        write_atomic(path, topic + "\n")
     except OSError:
         pass  # a read-only state directory (a SysOps shell): the last kept topic stays
 
@@ -97,13 +97,6 @@ def kept_topic(sdir: Path, environ: dict[str, str] | None = None) -> str | None:
         return (alerts_dir(sdir) / "topic").read_text().strip() or None
     except OSError:
         return None
-
-
-def _write(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-")
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
 
 
 def _region(topic: str) -> str | None:
@@ -164,7 +157,7 @@ def record_alert(sdir: Path, unit: str, now: float) -> None:
     known[unit] = now
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        _write(path, json.dumps(known))
+        write_atomic(path, json.dumps(known))
     except OSError:
         pass  # no record: the next failure alerts again, which is the safe side
 
@@ -174,7 +167,7 @@ def _spool(sdir: Path, subject: str, message: str) -> Path | None:
     try:
         spool.mkdir(parents=True, exist_ok=True)
         path = spool / f"{time.time_ns()}.json"
-        _write(path, json.dumps({"subject": subject, "message": message}))
+        write_atomic(path, json.dumps({"subject": subject, "message": message}))
         return path
     except OSError:
         return None
@@ -388,7 +381,7 @@ def _notify(sdir: Path, alarms: list[Alarm], now: dt.datetime) -> list[str]:
         del known[name]
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        _write(path, json.dumps(known))
+        write_atomic(path, json.dumps(known))
     except OSError as exc:
         lines.append(f"cannot keep the alarm state in {path}: {exc.strerror}")
     return lines

@@ -513,6 +513,13 @@ def compare_cmd(
 # --- config / check -------------------------------------------------------------------------
 
 
+SHARED_WEB_LOGIN = (
+    "bioc-webstats: warning: no db/web_credentials (nor db/web_dbuser): the web logs in with "
+    'the ETL\'s login, which may write; create the web login (RUNBOOK, "Database logins") and '
+    "set db/web_credentials"
+)
+
+
 @cli.group("config")
 def config_group() -> None:
     """The effective configuration."""
@@ -534,31 +541,18 @@ def config_write_web(ctx: Context, path: Path) -> None:
     """Write the web service's env file to PATH (mode 0600, atomically): its settings and its
     own database login, no other secret, no SSM path. bioc-webstats-web-config.service runs it
     before each start of the web and every 5 minutes (a rotated password)."""
-    import tempfile
-
     from .config import web_env_text
+    from .files import write_atomic
 
     settings = ctx.settings_for("web")
     if settings.shared_login:  # the journal of every start of the web
-        click.echo(
-            "bioc-webstats: warning: no db/web_credentials (nor db/web_dbuser): the web logs in "
-            "with the ETL's login, which may write; create the web login (RUNBOOK, "
-            '"Database logins") and set db/web_credentials',
-            err=True,
-        )
+        click.echo(SHARED_WEB_LOGIN, err=True)
     text = web_env_text(settings)
     try:
         if path.is_file() and path.read_text() == text:
             click.echo(f"unchanged: {path}")
             return
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-")
-        try:
-            with os.fdopen(fd, "w") as out:  # mkstemp: 0600 from the first byte
-                out.write(text)
-            os.replace(tmp, path)
-        finally:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(tmp)
+        write_atomic(path, text)  # 0600
     except OSError as exc:
         raise WebstatsError(f"cannot write {path}: {exc.strerror}") from None
     click.echo(f"written: {path}")
@@ -580,13 +574,8 @@ def check(ctx: Context, login: str) -> None:
     from .alerts import remember_topic
 
     settings = ctx.settings_for(login)
-    if login == "web" and settings.shared_login:  # at every start of the web unit: the journal
-        click.echo(
-            "bioc-webstats: warning: no db/web_credentials (nor db/web_dbuser): the web logs in "
-            "with the ETL's login, which may write; create the web login (RUNBOOK, "
-            '"Database logins") and set db/web_credentials',
-            err=True,
-        )
+    if login == "web" and settings.shared_login:  # the check before a deploy switches
+        click.echo(SHARED_WEB_LOGIN, err=True)
     for line in overruled_lines(settings):  # a parameter someone set in SSM that has no effect
         click.echo(f"bioc-webstats: warning: {line}", err=True)
     remember_topic(settings)  # where the failure hook and the watchdog alert, without SSM

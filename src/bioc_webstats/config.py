@@ -11,6 +11,7 @@ import datetime as dt
 import math
 import os
 import re
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -496,8 +497,6 @@ class SecretPassword:
         self._read_at = 0.0
 
     def get(self, refresh: bool = False) -> tuple[str | None, str]:
-        import time
-
         if refresh or self._value is None or time.monotonic() - self._read_at > self.TTL:
             from .aws import read_db_secret
 
@@ -516,11 +515,11 @@ class FilePassword:
     def __init__(self, path: Path, var: str, value: tuple[str | None, str]) -> None:
         self.path, self.var = path, var
         self._value = value
-        self._read_at = _monotonic()
+        self._read_at = time.monotonic()
 
     def get(self, refresh: bool = False) -> tuple[str | None, str]:
-        if refresh or _monotonic() - self._read_at > self.TTL:
-            self._read_at = _monotonic()
+        if refresh or time.monotonic() - self._read_at > self.TTL:
+            self._read_at = time.monotonic()
             try:
                 url = _password_url(read_env_file(self.path).get(self.var) or "", self.var)
             except ConfigError:  # being rewritten, or gone: the last value stays
@@ -528,12 +527,6 @@ class FilePassword:
             if url is not None and url.password:
                 self._value = (url.username, str(url.password))
         return self._value
-
-
-def _monotonic() -> float:
-    import time
-
-    return time.monotonic()
 
 
 def _password_url(url: str, var: str):
@@ -652,8 +645,8 @@ WEB_TOPICS = ("flask/", "gunicorn/", "web/", "alerts/")  # what the web reads (d
 
 
 def web_env_text(settings: Settings) -> str:
-    """The env file of the web service: every non-secret setting (the typed ones checked),
-    and the web login's database URL; a ConfigError names what cannot be written."""
+    """The env file of the web service: the non-secret settings of WEB_TOPICS (the typed ones
+    checked) and the web login's database URL; a ConfigError names what cannot be written."""
     problems = settings.problems(WEB_TOPICS)
     if problems:
         raise ConfigError("; ".join(problems))
