@@ -23,6 +23,7 @@ import jinja2
 import pytest
 
 import ansible_render
+from bioc_webstats import alerts
 
 ROOT = Path(__file__).resolve().parent.parent
 TEMPLATES = ROOT / "systemd"
@@ -207,6 +208,14 @@ def test_the_web_reads_its_own_file_and_cannot_reach_the_instance_role(rendered)
         assert not re.search(r"^IPAddressDeny=", rendered[unit], re.M), unit
     files = re.findall(r'^Environment="?WEBSTATS_ENV_FILE=([^"\n]*)"?$', web, re.M)
     assert files[-1] == path  # the last assignment wins
+    # nor the host's env file (every unit's first assignment), nor the alarms' state
+    state = Path("/var/lib", re.search(r"^StateDirectory=(.*)$", web, re.M).group(1))
+    etl = rendered["bioc-webstats-etl.service"]
+    assert files[0] == re.search(r'WEBSTATS_ENV_FILE=([^"\n]*)', etl).group(1)
+    hidden = re.findall(r"^InaccessiblePaths=(.*)$", web, re.M)
+    assert hidden == [f"-{files[0]} -{alerts.alerts_dir(state)}"]
+    for unit in set(SERVICES) - {"bioc-webstats.service"}:
+        assert not re.search(r"^InaccessiblePaths=", rendered[unit], re.M), unit
     for dep in ("Wants", "After"):
         line = re.search(rf"^{dep}=(.*)$", web, re.M)
         assert line and "bioc-webstats-web-config.service" in line.group(1).split(), dep

@@ -23,6 +23,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from . import __version__
 from .config import Settings, load_settings, overruled_lines
 from .errors import WebstatsError, first_line
+from .proc import keep_memory_private
 from .store import db
 
 log = logging.getLogger("bioc_webstats")
@@ -645,6 +646,7 @@ def watchdog_cmd() -> None:
 
 def main(argv: list[str] | None = None) -> None:
     """Console entry point: expected failures become one line on stderr and exit 1."""
+    keep_memory_private()  # before any secret is read
     verbose = any(a in ("-v", "--verbose") for a in (argv if argv is not None else sys.argv[1:]))
     try:
         cli.main(args=argv, prog_name="bioc-webstats", standalone_mode=False)

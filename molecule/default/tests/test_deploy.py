@@ -148,6 +148,27 @@ def test_env_file_not_world_readable(host, deploy_vars):
     assert loose == "", f"world-accessible: {loose}"
 
 
+def test_the_web_cannot_read_the_env_file_nor_the_alarms_of_its_user(host, deploy_vars):
+    """The web runs as the ETL's user, which may read the host's env file (here it holds every
+    secret: no SSM) and the watchdog's state; seen from the web's own mount namespace
+    (/proc/<pid>/root, as that user) neither is there to read."""
+    user = deploy_vars["webstats_services_user"]
+    env = deploy_vars["webstats_config_env_file"]
+    alerts = f"{deploy_vars['webstats_services_state_dir']}/alerts"
+    pid = run_ok(host, f"systemctl show -p MainPID --value {WEB}").strip()
+    assert pid not in ("", "0")
+    # the control: the user reads both outside the web
+    assert "WEBSTATS_DATABASE_URL" in run_ok(host, f"runuser -u {user} -- cat {env}")
+    run_ok(host, f"runuser -u {user} -- ls {alerts}")
+    for cmd in (f"cat /proc/{pid}/root{env}", f"ls /proc/{pid}/root{alerts}"):
+        res = host.run(f"runuser -u {user} -- {cmd}")
+        assert res.rc != 0, (cmd, res.stdout[:200])
+        assert "Permission denied" in res.stderr, (cmd, res.stderr)
+    # what it does need is there: the published site
+    site = f"{deploy_vars['webstats_services_state_dir']}/site/current/"
+    run_ok(host, f"runuser -u {user} -- ls /proc/{pid}/root{site}")
+
+
 def test_units_installed_root_owned(host):
     for unit in (WEB, SOCKET, TARGET, ETL, TIMER, "bioc-webstats-failure@.service"):
         f = host.file(f"{UNITS_DIR}/{unit}")

@@ -38,6 +38,7 @@ from sqlalchemy.orm import Session
 
 from ..config import Settings, parse_day
 from ..errors import ConfigError, WebstatsError
+from ..proc import die_with_parent
 from ..store import db, records, stats
 from ..store.models import DownloadRecord, IngestedObject
 from . import parse, rule, sources
@@ -145,7 +146,7 @@ def _init_worker(
     spool_dir: str | None = None,
 ) -> None:
     if child:
-        _die_with_parent()
+        die_with_parent()  # a worker must not outlive a killed ETL process
         # Ctrl-C reaches the whole process group: the parent stops the run and its workers;
         # a worker's own KeyboardInterrupt would only print a traceback each.
         signal.signal(signal.SIGINT, signal.SIG_IGN)
@@ -160,17 +161,6 @@ def _init_worker(
         floor=floor,
         spool_dir=spool_dir or tempfile.gettempdir(),
     )
-
-
-def _die_with_parent() -> None:
-    # A worker must not outlive a killed ETL process (Linux: PR_SET_PDEATHSIG = SIGKILL).
-    try:
-        import ctypes
-        import signal
-
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)
-    except (OSError, AttributeError):
-        pass
 
 
 # COPY data a parse result carries itself (through the pool's pipe, held while the results

@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import WebstatsError
+from ..proc import die_with_parent, keep_memory_private
 from . import parse, rule
 
 try:  # the per-row loop in C (setup.py); without it, the Python loop below, same results
@@ -405,17 +406,6 @@ def _return_big_buffers() -> None:
         pass
 
 
-def _die_with_parent() -> None:
-    # A reader must not outlive a killed import (Linux: PR_SET_PDEATHSIG = SIGKILL).
-    try:
-        import ctypes
-        import signal
-
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)
-    except (OSError, AttributeError):
-        pass
-
-
 def _init_worker(key: bytes, until: dt.date, cache_bytes: int = CACHE_BUDGET) -> None:
     _worker.clear()
     _worker["rule"] = Rule(key, until, cache_bytes)
@@ -426,7 +416,8 @@ def serve() -> None:
     Python loop?, cache share in bytes) then tasks on stdin, one pickled UnitResult per task
     on stdout, until stdin closes. The key comes through the pipe, never the command line."""
     global _FORCE_PYTHON
-    _die_with_parent()
+    keep_memory_private()  # the key arrives below
+    die_with_parent()
     _return_big_buffers()
     inp, out = sys.stdin.buffer, sys.stdout.buffer
     sys.stdout = sys.stderr  # nothing else may write into the results
