@@ -280,16 +280,12 @@ def test_a_site_that_is_down_stops_the_run(ours, monkeypatch):
     "parts,why",
     [
         ([(b"HTTP/1.1 200 OK\r\nContent-Length: 50\r\n\r\nPackage\n", 0)], "cut short: 8 of 50"),
-        (
-            [(b"HTTP/1.1 200 OK\r\nContent-Length: 99\r\n\r\n", 0)] + [(b"x", 0.2)] * 40,
-            "not complete after 1 s",
-        ),
         ([(b"NOT HTTP\r\n\r\n", 0)], "not a valid HTTP answer (BadStatusLine)"),
     ],
 )
 def test_a_broken_answer_is_retried_then_named(parts, why):
-    """A body shorter than its Content-Length (compared as a shorter file before), one
-    trickled past the per-file deadline, an answer that is not HTTP: retried, then one line."""
+    """A body shorter than its Content-Length (compared as a shorter file before), an answer
+    that is not HTTP: retried, then one line."""
     from test_packages import scripted_server
 
     waits: list[float] = []
@@ -300,6 +296,20 @@ def test_a_broken_answer_is_retried_then_named(parts, why):
     assert str(exc.value).startswith(f"{url}/bioc/bioc_packages.txt: {why}"), exc.value
     assert str(exc.value).endswith(f"(after {cmp.ATTEMPTS} attempts)")
     assert len(waits) == cmp.ATTEMPTS - 1
+
+
+def test_a_body_trickled_past_the_deadline_is_named_without_a_retry():
+    """Another attempt would be as slow: one line after one deadline, not four."""
+    from test_packages import scripted_server
+
+    waits: list[float] = []
+    parts = [(b"HTTP/1.1 200 OK\r\nContent-Length: 99\r\n\r\n", 0)] + [(b"x", 0.2)] * 40
+    with scripted_server(parts) as url:
+        side = cmp.WebSide(url, timeout=5, sleep=waits.append, deadline=1.0)
+        with pytest.raises(cmp.FetchError) as exc:
+            side.fetch("bioc/bioc_packages.txt")
+    assert str(exc.value).startswith(f"{url}/bioc/bioc_packages.txt: not complete after 1 s (")
+    assert waits == []
 
 
 def test_a_broken_url_is_one_line():

@@ -135,7 +135,8 @@ class _Bounded:
         self.give_up, self.deadline, self._per_read = give_up, deadline, self.timeout
 
     def overdue(self, detail: str) -> BodyError:
-        return BodyError(f"not complete after {self.deadline:g} s ({detail})", retry=True)
+        # Not retried: another attempt would be as slow (4 attempts held a file 4 deadlines).
+        return BodyError(f"not complete after {self.deadline:g} s ({detail})", retry=False)
 
     def left(self) -> float:
         """The socket timeout for the next read: the per-read one, or less near the deadline."""
