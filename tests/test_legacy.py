@@ -258,7 +258,7 @@ def test_malformed_rows_are_counted_not_fatal(sqlite_settings, tmp_path, caplog)
     )
     assert ", 0 dated on or after 2030-01-01" in caplog.text
     assert "no client address in ips: 4" in caplog.text
-    assert "url or ips longer than 8 KiB: 1" in caplog.text
+    assert "too long (url or ips over 8 KiB, any value over 4 MiB): 1" in caplog.text
 
 
 def test_cutover_day_until_or_logs_since_or_refused(db_url, tmp_path, monkeypatch, capsys):
@@ -764,6 +764,51 @@ def test_native_and_python_readers_give_the_same_bytes(tmp_path):
         legacy_rows.Rule(KEY, dt.date(2030, 1, 1)), odd, "statuscode", 14, 15
     )
     assert two.reasons == [0, 0, 1, 0, 0, 1, 0]
+
+
+def test_a_value_sqlite_would_hold_whole_is_an_over_long_row_and_the_rest_is_read(tmp_path):
+    """A value over LOAD_MAX (a 300 MB url was loaded whole before the length check): SQLite
+    refuses to load it, the row counts as too long, and the rows after it are read, by both
+    loops alike: first, last, two in a row, in any of the five columns."""
+    big = "z" * (legacy_rows.LOAD_MAX + 1)
+    path = tmp_path / "download_db_2024.sqlite"
+    rows = [
+        legacygen.row(url="/" + big), legacygen.row(ips="192.0.2.9"),
+        legacygen.row(ips=big), legacygen.row(day=big), legacygen.row(ips="192.0.2.8"),
+        legacygen.row(method=big), legacygen.row(status=big),
+        legacygen.row(ips="192.0.2.7"), legacygen.row(url=DL + "?" + big),
+    ]  # fmt: skip
+    legacygen.write_rows(path, rows)
+    for lo, hi, downloads in ((1, 9, 3), (3, 8, 2), (2, 2, 1), (9, 9, 0), (6, 7, 0)):
+        args = (path, "statuscode", lo, hi)
+        native = legacy_rows.read_unit(legacy_rows.Rule(KEY, dt.date(2030, 1, 1)), *args)
+        assert native == legacy_rows.read_unit_python(
+            legacy_rows.Rule(KEY, dt.date(2030, 1, 1)), *args
+        )
+        assert native.rows == hi - lo + 1
+        assert native.downloads == downloads, (lo, hi)
+        assert native.reasons[legacy_rows.R_LONG] == hi - lo + 1 - downloads, (lo, hi)
+
+
+@pytest.mark.parametrize("loop", ["read_unit", "read_unit_python"])
+def test_a_huge_value_is_never_loaded(tmp_path, loop):
+    """The peak memory of reading a unit with a 96 MB url is that of the same unit without it."""
+    path = tmp_path / "download_db_2024.sqlite"
+    legacygen.write_rows(path, [legacygen.row(), legacygen.row(url="/" + "z" * (96 << 20))])
+    code = (
+        "import resource, datetime as dt; from pathlib import Path;"
+        "from bioc_webstats.etl import legacy_rows as L;"
+        "r = L.Rule(b'k', dt.date(2030, 1, 1));"
+        f"L.{loop}(r, Path({str(path)!r}), 'statuscode', 1, 1);"  # the reader warmed up
+        "before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss;"
+        f"u = L.{loop}(r, Path({str(path)!r}), 'statuscode', 1, 2);"
+        "after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss;"
+        "print(u.rows, u.downloads, u.reasons[L.R_LONG], (after - before) >> 10)"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    rows, downloads, long, grew_mib = map(int, done.stdout.split() or [-1] * 4)
+    assert (rows, downloads, long) == (2, 1, 1), done.stderr[-2000:]
+    assert grew_mib < 16, f"the peak memory grew by {grew_mib} MiB"
 
 
 def test_the_python_loop_keeps_its_caches_and_rows_bounded(tmp_path):

@@ -28,6 +28,8 @@ typedef struct sqlite3_stmt sqlite3_stmt;
 #define SQLITE_OK 0
 #define SQLITE_ROW 100
 #define SQLITE_DONE 101
+#define SQLITE_TOOBIG 18       /* a value over the length limit: SQLite refuses to load it */
+#define SQLITE_LIMIT_LENGTH 0
 #define SQLITE_OPEN_READONLY 0x00000001
 #define SQLITE_OPEN_URI 0x00000040
 #define SQLITE_OPEN_NOMUTEX 0x00008000 /* one thread per connection: no locking per call */
@@ -43,13 +45,17 @@ static struct {
     int (*close_v2)(sqlite3 *);
     const char *(*errmsg)(sqlite3 *);
     int (*busy_timeout)(sqlite3 *, int);
+    int (*limit)(sqlite3 *, int, int);
+    int (*reset)(sqlite3_stmt *);
+    long long (*column_int64)(sqlite3_stmt *, int);
 } api;
 static int api_set;
 
 static const char *const API_NAMES[] = {
     "sqlite3_open_v2", "sqlite3_prepare_v2", "sqlite3_bind_int64",  "sqlite3_step",
     "sqlite3_column_text", "sqlite3_column_bytes", "sqlite3_finalize", "sqlite3_close_v2",
-    "sqlite3_errmsg", "sqlite3_busy_timeout", NULL,
+    "sqlite3_errmsg", "sqlite3_busy_timeout", "sqlite3_limit", "sqlite3_reset",
+    "sqlite3_column_int64", NULL,
 };
 
 /* Why a row is not a download (legacy.R_*, same order). */
@@ -392,12 +398,17 @@ static int scan_rows(Reader *r, sqlite3_stmt *st, Counts *c, long long *rows,
     return 0;
 }
 
+/* read(uri, sql, seek_sql, lo, hi, load_max): the rows lo..hi of SQL (in rowid order). SQLite
+ * loads no value over load_max bytes (SQLITE_TOOBIG): that row is over-long, SEEK_SQL
+ * (rowid range, offset) finds its rowid, and the scan goes on after it. */
 static PyObject *Reader_read(Reader *r, PyObject *args) {
-    const char *path, *sql;
+    const char *path, *sql, *seek_sql;
     long long lo, hi;
-    if (!PyArg_ParseTuple(args, "ssLL", &path, &sql, &lo, &hi)) return NULL;
+    int load_max;
+    if (!PyArg_ParseTuple(args, "sssLLi", &path, &sql, &seek_sql, &lo, &hi, &load_max))
+        return NULL;
     sqlite3 *db = NULL;
-    sqlite3_stmt *st = NULL;
+    sqlite3_stmt *st = NULL, *seek = NULL;
     Counts c = {0};
     PyObject *res = NULL;
     long long rows = 0, reasons[N_REASONS] = {0};
@@ -408,18 +419,40 @@ static PyObject *Reader_read(Reader *r, PyObject *args) {
         goto done;
     }
     api.busy_timeout(db, 30000);
+    api.limit(db, SQLITE_LIMIT_LENGTH, load_max);
     rc = api.prepare_v2(db, sql, -1, &st, NULL);
+    if (rc == SQLITE_OK) rc = api.prepare_v2(db, seek_sql, -1, &seek, NULL);
     if (rc != SQLITE_OK) {
         sqlite_error(db, "cannot read access_log", rc);
         goto done;
     }
-    api.bind_int64(st, 1, lo);
-    api.bind_int64(st, 2, hi);
     if (counts_init(&c) < 0) {
         PyErr_NoMemory();
         goto done;
     }
-    if (scan_rows(r, st, &c, &rows, reasons, &rc) < 0) goto done;
+    for (long long from = lo;;) {
+        long long before = rows;
+        api.bind_int64(st, 1, from);
+        api.bind_int64(st, 2, hi);
+        if (scan_rows(r, st, &c, &rows, reasons, &rc) < 0) goto done;
+        if (rc != SQLITE_TOOBIG) break;
+        api.reset(st);
+        api.bind_int64(seek, 1, from);
+        api.bind_int64(seek, 2, hi);
+        api.bind_int64(seek, 3, rows - before);
+        rc = api.step(seek);
+        if (rc != SQLITE_ROW) { /* the seek's error, or the row gone: reported below */
+            if (rc == SQLITE_DONE) rc = SQLITE_TOOBIG;
+            break;
+        }
+        long long bad = api.column_int64(seek, 0);
+        api.reset(seek);
+        rows++;
+        reasons[R_LONG]++;
+        rc = SQLITE_DONE;
+        if (bad >= hi) break;
+        from = bad + 1;
+    }
     if (rc != SQLITE_DONE) {
         sqlite_error(db, "cannot read access_log", rc);
         goto done;
@@ -432,6 +465,7 @@ static PyObject *Reader_read(Reader *r, PyObject *args) {
 done:
     counts_free(&c);
     if (st) api.finalize(st);
+    if (seek) api.finalize(seek);
     if (db) api.close_v2(db);
     return res;
 }
@@ -450,9 +484,11 @@ static PyObject *Reader_cache_bytes(Reader *r, PyObject *Py_UNUSED(ignored)) {
 
 static PyMethodDef Reader_methods[] = {
     {"read", (PyCFunction)Reader_read, METH_VARARGS,
-     "read(path, sql, lo, hi) -> (rows, reasons per code, binary COPY data of the records "
-     "(object id 0), [(day, hit id)]): run SQL (five columns: day_month_year, method, status, "
-     "ips, url; ?1 and ?2 the rowid range) on the database PATH (a file: URI) and count."},
+     "read(path, sql, seek_sql, lo, hi, load_max) -> (rows, reasons per code, binary COPY "
+     "data of the records (object id 0), [(day, hit id)]): run SQL (five columns: "
+     "day_month_year, method, status, ips, url; ?1 and ?2 the rowid range, in rowid order) on "
+     "the database PATH (a file: URI) and count; a row with a value over LOAD_MAX bytes is "
+     "over-long, found by SEEK_SQL (?1, ?2 the range, ?3 the rows read in it)."},
     {"forget", (PyCFunction)Reader_forget, METH_NOARGS,
      "forget(): drop every cached answer (the Python side renumbered its hit ids)."},
     {"cache_bytes", (PyCFunction)Reader_cache_bytes, METH_NOARGS,
@@ -504,9 +540,11 @@ static PyMethodDef module_methods[] = {
 };
 
 static int legacy_exec(PyObject *m) {
-    _Static_assert(sizeof api == 10 * sizeof(void *), "api: one pointer per name");
+#define N_API 13
+    _Static_assert(sizeof api == N_API * sizeof(void *), "api: one pointer per name");
+    _Static_assert(sizeof API_NAMES == (N_API + 1) * sizeof(char *), "API_NAMES: one per name");
     if (seed_hash() < 0) return -1;
-    PyObject *names = PyTuple_New(10);
+    PyObject *names = PyTuple_New(N_API);
     if (!names) return -1;
     for (Py_ssize_t i = 0; API_NAMES[i]; i++) {
         PyObject *s = PyUnicode_FromString(API_NAMES[i]);

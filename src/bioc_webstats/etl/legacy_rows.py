@@ -42,6 +42,10 @@ except ImportError:  # pragma: no cover - a pure-Python build
 _FORCE_PYTHON = os.environ.get("WEBSTATS_ETL_PARSER", "") == "python"
 
 MAX_VALUE = rule.MAX_URI  # bytes: a longer url or ips is no request a client made (malformed)
+# bytes: SQLite loads no longer value of a row it reads (SQLITE_LIMIT_LENGTH; its default, 1 GB,
+# would be held whole); such a row is over-long (R_LONG), whichever of the five values it is.
+# (It bounds the schema's text too, which SQLite reads as a value: a real one is a few KB.)
+LOAD_MAX = 4 << 20
 STATUS_COLUMNS = ("statuscode", "errorcode")  # errorcode: the name before 2020
 ROWID_NAMES = ("rowid", "_rowid_", "oid")  # SQLite's names of it; a column hides one
 
@@ -50,7 +54,7 @@ ROWID_NAMES = ("rowid", "_rowid_", "oid")  # SQLite's names of it; a column hide
 R_DATE, R_LONG, R_STATUS, R_IPS, R_UNTIL, R_OTHER, R_PATH = range(7)
 REASONS = (
     "day_month_year not a day like 17/Sep/2023 (from 2000 on)",
-    "url or ips longer than 8 KiB",
+    "too long (url or ips over 8 KiB, any value over 4 MiB)",
     "status not a number",
     "no client address in ips",
     "on or after the cut-over day",
@@ -202,13 +206,31 @@ def _row_prefix(pair: bytes, day: int) -> bytes:
     )  # fmt: skip
 
 
-def unit_sql(status_col: str, null_as_empty: bool, rowid: str = "rowid") -> str:
-    """The query of a unit: the five values the rule reads, by rowid range."""
+def unit_sql(
+    status_col: str, null_as_empty: bool, rowid: str = "rowid", with_rowid: bool = False
+) -> str:
+    """The query of a unit: the five values the rule reads (and the rowid), by rowid range,
+    in rowid order."""
     assert status_col in STATUS_COLUMNS and rowid in ROWID_NAMES  # never a name from the file
-    cols = ("day_month_year", "method", status_col, "ips", "url")
+    cols: tuple[str, ...] = ("day_month_year", "method", status_col, "ips", "url")
     if null_as_empty:
         cols = tuple(f"ifnull(CAST({c} AS TEXT), '')" for c in cols)
-    return f"SELECT {', '.join(cols)} FROM access_log WHERE {rowid} BETWEEN ? AND ?"  # noqa: S608
+    if with_rowid:
+        cols += (rowid,)
+    return (
+        f"SELECT {', '.join(cols)} FROM access_log WHERE {rowid} BETWEEN ? AND ? "  # noqa: S608
+        f"ORDER BY {rowid}"
+    )
+
+
+def seek_sql(rowid: str = "rowid") -> str:
+    """The rowid of the row after the first ?3 rows of the range ?1..?2 (the one SQLite
+    refused to load): rowids only, no value of the row is read."""
+    assert rowid in ROWID_NAMES
+    return (
+        f"SELECT {rowid} FROM access_log WHERE {rowid} BETWEEN ? AND ? "  # noqa: S608
+        f"ORDER BY {rowid} LIMIT 1 OFFSET ?"
+    )
 
 
 def open_ro(path: Path) -> sqlite3.Connection:
@@ -275,7 +297,9 @@ def read_unit(
         reader.forget()
     uri = f"{path.resolve().as_uri()}?mode=ro"
     try:
-        rows, reasons, data, day_hits = reader.read(uri, unit_sql(status_col, False, rowid), lo, hi)
+        rows, reasons, data, day_hits = reader.read(
+            uri, unit_sql(status_col, False, rowid), seek_sql(rowid), lo, hi, LOAD_MAX
+        )
     except sqlite3.DatabaseError as exc:
         raise LegacyFileError(f"rows {lo}-{hi}: {exc}") from None
     return UnitCounts(rows, list(reasons), data, day_hits)
@@ -294,10 +318,10 @@ def read_unit_python(
     ips_hash: dict[bytes, int | None] = {}
     urls: dict[bytes, int] = {}
     rows = 0
+    too_big = [0]
     con = open_ro(path)
     try:
-        # one row at a time, as the C loop: a batch of rows would be unbounded in bytes
-        for d, m, s, ips, url in con.execute(unit_sql(status_col, True, rowid), (lo, hi)):
+        for d, m, s, ips, url in _unit_rows(con, status_col, rowid, lo, hi, too_big):
             rows += 1
             day = days.get(d)
             if day is None:
@@ -344,6 +368,8 @@ def read_unit_python(
         raise LegacyFileError(f"rows {lo}-{hi}: {exc}") from None
     finally:
         con.close()
+    rows += too_big[0]
+    reasons[R_LONG] += too_big[0]
     out = [_HEADER]
     prefixes: dict[tuple[int, int], bytes] = {}
     for (day, hit, h), n in counts.items():
@@ -353,6 +379,44 @@ def read_unit_python(
         out.append(prefix + _TAIL.pack(8, h, 4, n, 8, 0))
     out.append(b"\xff\xff")
     return UnitCounts(rows, reasons, b"".join(out), list(prefixes))
+
+
+def _unit_rows(
+    con: sqlite3.Connection, status_col: str, rowid: str, lo: int, hi: int, too_big: list[int]
+) -> Iterator[list[bytes]]:
+    """The rows ``lo``..``hi`` one at a time, as the C loop (a batch of rows would be unbounded
+    in bytes); a row with a value SQLite refuses to load (over LOAD_MAX) is not given but
+    counted in ``too_big[0]``, and the rows after it are."""
+    con.setlimit(sqlite3.SQLITE_LIMIT_LENGTH, LOAD_MAX)
+    scan = unit_sql(status_col, True, rowid, with_rowid=True)
+    start = lo
+    while start <= hi:
+        try:
+            for *row, at in con.execute(scan, (start, hi)):
+                start = at + 1
+                yield row
+            return
+        except sqlite3.DataError as exc:
+            if exc.sqlite_errorcode != sqlite3.SQLITE_TOOBIG:
+                raise
+        # sqlite3 steps one row ahead: the row after the last one given is either the one
+        # refused or one dropped with the error of the next. Read it alone (LIMIT 1).
+        try:
+            got = con.execute(scan + " LIMIT 1", (start, hi)).fetchall()
+        except sqlite3.DataError as exc:
+            if exc.sqlite_errorcode != sqlite3.SQLITE_TOOBIG:
+                raise
+            found = con.execute(seek_sql(rowid), (start, hi, 0)).fetchone()
+            if found is None:
+                raise
+            too_big[0] += 1
+            start = found[0] + 1
+            continue
+        if not got:
+            return
+        *row, at = got[0]
+        start = at + 1
+        yield row
 
 
 def fingerprint(counts: UnitCounts) -> str:
