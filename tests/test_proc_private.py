@@ -61,17 +61,10 @@ def _env(tmp_path: Path, **extra: str) -> dict[str, str]:
 
 
 def test_the_control_a_process_that_did_not_ask_is_readable(tmp_path):
-    proc = subprocess.Popen(
-        [*NO_CAPS, sys.executable, "-c", "import sys; sys.stdin.read()"],
-        stdin=subprocess.PIPE,
-        env=_env(tmp_path),
+    code = "import sys; sys.stdin.read()"
+    assert (
+        _probe_blocked([sys.executable, "-c", code], tmp_path) == "environ readable\nmem readable\n"
     )
-    try:
-        wait_for(lambda: _blocked_reading_stdin(proc.pid), timeout=60, what="the control")
-        assert _probe(proc.pid) == "environ readable\nmem readable\n"
-    finally:
-        proc.kill()
-        proc.wait()
 
 
 def test_the_cli_holding_a_database_login_cannot_be_read(tmp_path):
@@ -99,16 +92,19 @@ def test_the_cli_holding_a_database_login_cannot_be_read(tmp_path):
 
 def test_a_legacy_reader_cannot_be_read_before_its_key_arrives(tmp_path):
     # The importing process starts its readers with exactly this command, then sends the key
-    # through stdin: the reader waits for it here.
+    # through stdin: the reader waits for it there.
+    reader = [sys.executable, "-m", "bioc_webstats.etl._reader_boot"]
+    assert _probe_blocked(reader, tmp_path) == "environ PermissionError\nmem PermissionError\n"
+
+
+def _probe_blocked(argv: list[str], tmp_path: Path) -> str:
+    """The probe of ``argv`` (no capabilities) once it waits for its standard input."""
     proc = subprocess.Popen(
-        [*NO_CAPS, sys.executable, "-m", "bioc_webstats.etl._reader_boot"],
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        env=_env(tmp_path),
+        [*NO_CAPS, *argv], stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=_env(tmp_path)
     )
     try:
-        wait_for(lambda: _blocked_reading_stdin(proc.pid), timeout=60, what="the reader")
-        assert _probe(proc.pid) == "environ PermissionError\nmem PermissionError\n"
+        wait_for(lambda: _blocked_reading_stdin(proc.pid), timeout=60, what=argv[-1])
+        return _probe(proc.pid)
     finally:
         proc.kill()
         proc.wait()
