@@ -209,8 +209,8 @@ def test_the_web_reads_its_own_file_and_cannot_reach_the_instance_role(rendered)
     files = re.findall(r'^Environment="?WEBSTATS_ENV_FILE=([^"\n]*)"?$', web, re.M)
     assert files[-1] == path  # the last assignment wins
     # nor the host's env file (every unit's first assignment), nor the alarms' state
-    state = Path("/var/lib", re.search(r"^StateDirectory=(.*)$", web, re.M).group(1))
     etl = rendered["bioc-webstats-etl.service"]
+    state = Path("/var/lib", re.search(r"^StateDirectory=(.*)$", etl, re.M).group(1))
     assert files[0] == re.search(r'WEBSTATS_ENV_FILE=([^"\n]*)', etl).group(1)
     hidden = re.findall(r"^InaccessiblePaths=(.*)$", web, re.M)
     assert hidden == [f"-{files[0]} -{alerts.alerts_dir(state)}"]
@@ -221,10 +221,14 @@ def test_the_web_reads_its_own_file_and_cannot_reach_the_instance_role(rendered)
         assert line and "bioc-webstats-web-config.service" in line.group(1).split(), dep
     assert re.search(rf"^ExecStart=/\S+/bin/bioc-webstats config write-web {path}$", writer, re.M)
     assert re.search(rf"^RuntimeDirectory={Path(path).parent.name}$", writer, re.M)
-    assert re.search(r"^RuntimeDirectoryMode=0700$", writer, re.M)
+    assert re.search(r"^RuntimeDirectoryMode=0750$", writer, re.M)
     assert re.search(r"^RuntimeDirectoryPreserve=yes$", writer, re.M)
     assert re.search(r"^OnFailure=bioc-webstats-failure@%n\.service$", writer, re.M)
+    # the service user, whose configuration it reads, writing as the web's group (0640)
     assert re.search(r"^User=webstats$", writer, re.M)
+    assert re.search(r"^Group=webstats-web$", writer, re.M)
+    assert re.search(r"^SupplementaryGroups=webstats$", writer, re.M)
+    assert not re.search(r"^(StateDirectory|LogsDirectory)=", writer, re.M)
     spec = re.search(r"^OnCalendar=(.*)$", timer, re.M).group(1)
     assert _interval(spec) == dt.timedelta(minutes=5), spec
     assert re.search(r"^Unit=bioc-webstats-web-config\.service$", timer, re.M)
@@ -295,7 +299,38 @@ def test_services_share_the_sandbox(rendered):
             "UMask=0027",
         ):
             assert setting in text, f"{unit}: {setting!r} missing"
-        assert re.search(r"^User=webstats$", text, re.M), unit
+        user = "webstats-web" if unit == "bioc-webstats.service" else "webstats"
+        assert re.search(rf"^User={user}$", text, re.M), unit
+
+
+def test_the_web_has_its_own_account_and_writes_only_where_it_must(rendered):
+    """The web runs as its own user and group (not the ETL's: it can neither signal the ETL's
+    processes nor write etl.log), writable where its modes allow: the state directory (the
+    publish directory's ACL) and the log directory (its own two files). Not through
+    StateDirectory=/LogsDirectory=, which would hand both directories to its user at every
+    start (and back to the service user at the ETL's)."""
+    web = rendered["bioc-webstats.service"]
+    values = _defaults()
+    assert re.findall(r"^User=(.*)$", web, re.M) == [values["webstats_base_web_user"]]
+    assert re.findall(r"^Group=(.*)$", web, re.M) == [values["webstats_base_web_group"]]
+    assert values["webstats_base_web_user"] != values["webstats_base_user"]
+    assert values["webstats_base_web_group"] != values["webstats_base_group"]
+    assert not re.search(r"^(StateDirectory|LogsDirectory)", web, re.M)
+    assert re.findall(r"^ReadWritePaths=(.*)$", web, re.M) == [
+        f"{values['webstats_base_state_dir']} {values['webstats_base_log_dir']}"
+    ]
+    # its log files are the ones the configuration names, owned by its user
+    base = (ROOT / "roles/webstats_base/tasks/main.yml").read_text()
+    task = re.search(r"- name: Create the web service's log files\n(.*?)\n\n", base, re.S)
+    assert task and 'owner: "{{ webstats_base_web_user }}"' in task.group(1)
+    wiring = (ROOT / "playbooks/vars/wiring.yml").read_text()
+    for var in ("ACCESS", "ERROR"):
+        name = f"webstats_base_web_{var.lower()}_log"
+        assert f'WEBSTATS_GUNICORN_{var}_LOG: "{{{{ {name} }}}}"' in wiring
+        assert f"{name}" in task.group(1)
+    # and logrotate keeps each file's owner (the web's, nginx's, the ETL's)
+    rotate = (ROOT / "roles/webstats_base/templates/logrotate.j2").read_text()
+    assert re.findall(r"^\s*create\b.*$", rotate, re.M) == ["    create 0640"]
 
 
 def test_run_logged_wrapper(tmp_path, rendered):
@@ -337,7 +372,7 @@ def test_socket_is_a_unix_socket_for_nginx(rendered):
     assert "NoDelay" not in socket  # TCP only
 
 
-@pytest.mark.parametrize("unit", ["bioc-webstats.service", "bioc-webstats-etl.service"])
+@pytest.mark.parametrize("unit", ["bioc-webstats-etl.service"])
 def test_state_and_log_directories_follow_the_facts(rendered, unit):
     """StateDirectory=/LogsDirectory= name the base role's directories, with the mode the base
     role gives them (systemd would otherwise reset it at every start)."""

@@ -539,8 +539,9 @@ def config_show(ctx: Context) -> None:
 @click.argument("path", type=click.Path(dir_okay=False, path_type=Path))
 @pass_ctx
 def config_write_web(ctx: Context, path: Path) -> None:
-    """Write the web service's env file to PATH (mode 0600, atomically): its settings and its
-    own database login, no other secret, no SSM path. bioc-webstats-web-config.service runs it
+    """Write the web service's env file to PATH (mode 0640, atomically: the web service's
+    account reads it through the group the writer runs with): its settings and its own
+    database login, no other secret, no SSM path. bioc-webstats-web-config.service runs it
     before each start of the web and every 5 minutes (a rotated password)."""
     from .config import web_env_text
     from .files import write_atomic
@@ -553,7 +554,7 @@ def config_write_web(ctx: Context, path: Path) -> None:
         if path.is_file() and path.read_text() == text:
             click.echo(f"unchanged: {path}")
             return
-        write_atomic(path, text)  # 0600
+        write_atomic(path, text, mode=0o640)
     except OSError as exc:
         raise WebstatsError(f"cannot write {path}: {exc.strerror}") from None
     click.echo(f"written: {path}")

@@ -116,8 +116,9 @@ def parse_seconds(value) -> int:
     return int(m.group(1)) * units[m.group(2)]
 
 
-def test_service_user_has_no_login(host, deploy_vars):
-    user = host.user(deploy_vars["webstats_services_user"])
+@pytest.mark.parametrize("var", ["webstats_services_user", "webstats_services_web_user"])
+def test_service_users_have_no_login(host, deploy_vars, var):
+    user = host.user(deploy_vars[var])
     assert user.exists
     assert user.shell in ("/usr/sbin/nologin", "/sbin/nologin", "/bin/false")
     assert user.uid < 1000  # a system account
@@ -132,8 +133,9 @@ def test_code_root_owned_and_not_writable_by_service(host, deploy_vars):
     assert release.startswith(f"{root}/releases/")
     not_root = run_ok(host, f"find {root} \\! -user root -print -quit")
     assert not_root == "", f"not owned by root: {not_root}"
-    writable = run_ok(host, f"runuser -u {user} -- find -L {root} -writable -print -quit")
-    assert writable == "", f"writable by {user}: {writable}"
+    for who in (user, deploy_vars["webstats_services_web_user"]):
+        writable = run_ok(host, f"runuser -u {who} -- find -L {root} -writable -print -quit")
+        assert writable == "", f"writable by {who}: {writable}"
 
 
 def test_env_file_not_world_readable(host, deploy_vars):
@@ -148,29 +150,67 @@ def test_env_file_not_world_readable(host, deploy_vars):
     assert loose == "", f"world-accessible: {loose}"
 
 
-def test_the_web_cannot_read_the_env_file_nor_the_alarms_of_its_user(host, deploy_vars):
-    """The web runs as the ETL's user, which may read the host's env file (here it holds every
-    secret: no SSM) and the watchdog's state; seen from the web's own mount namespace
-    (/proc/<pid>/root, as that user) neither is there to read."""
-    user = deploy_vars["webstats_services_user"]
+def test_the_web_cannot_read_the_env_file_nor_the_alarms(host, deploy_vars):
+    """The web runs as its own user, not in the service group: the host's env file (here it
+    holds every secret: no SSM) and the watchdog's state are not its to read, and not even
+    there in its own mount namespace (/proc/<pid>/root, as that user)."""
+    etl_user = deploy_vars["webstats_services_user"]
+    user = deploy_vars["webstats_services_web_user"]
     env = deploy_vars["webstats_config_env_file"]
     alerts = f"{deploy_vars['webstats_services_state_dir']}/alerts"
     pid = run_ok(host, f"systemctl show -p MainPID --value {WEB}").strip()
     assert pid not in ("", "0")
+    assert run_ok(host, f"ps -o user= -p {pid}").strip() == user
     # the unit's own mount namespace: without CAP_SYS_ADMIN in the container (create.yml),
     # systemd ignores every mount setting of the sandbox silently
     web_ns = run_ok(host, f"runuser -u {user} -- readlink /proc/{pid}/ns/mnt")
     assert web_ns != run_ok(host, "readlink /proc/1/ns/mnt")
-    # the control: the user reads both outside the web
-    assert "WEBSTATS_DATABASE_URL" in run_ok(host, f"runuser -u {user} -- cat {env}")
-    run_ok(host, f"runuser -u {user} -- ls {alerts}")
-    for cmd in (f"cat /proc/{pid}/root{env}", f"ls /proc/{pid}/root{alerts}"):
+    # the control: the service user reads both
+    assert "WEBSTATS_DATABASE_URL" in run_ok(host, f"runuser -u {etl_user} -- cat {env}")
+    run_ok(host, f"runuser -u {etl_user} -- ls {alerts}")
+    for cmd in (
+        f"cat {env}",
+        f"ls {alerts}",
+        f"cat /proc/{pid}/root{env}",
+        f"ls /proc/{pid}/root{alerts}",
+    ):
         res = host.run(f"runuser -u {user} -- {cmd}")
         assert res.rc != 0, (cmd, res.stdout[:200])
         assert "Permission denied" in res.stderr, (cmd, res.stderr)
-    # what it does need is there: the published site
+    # what it does need is there: the published site, and its own configuration (0640, the
+    # service user's file in the web's group)
     site = f"{deploy_vars['webstats_services_state_dir']}/site/current/"
     run_ok(host, f"runuser -u {user} -- ls /proc/{pid}/root{site}")
+    web_env = host.file(deploy_vars["__webstats_services_web_env_file"])
+    assert (web_env.user, web_env.group, web_env.mode) == (
+        etl_user,
+        deploy_vars["webstats_services_web_group"],
+        0o640,
+    )
+    assert "WEBSTATS_DATABASE_URL_WEB" in run_ok(host, f"runuser -u {user} -- cat {web_env.path}")
+
+
+def test_the_web_can_neither_write_the_etl_log_nor_signal_the_etl(host, deploy_vars):
+    """Apart from the ETL's account: etl.log (where an alarm's context is read) takes no line
+    from the web, and no process of the service user takes a signal from it."""
+    etl_user = deploy_vars["webstats_services_user"]
+    user = deploy_vars["webstats_services_web_user"]
+    etl_log = f"{deploy_vars['webstats_services_log_dir']}/etl.log"
+    run_ok(host, f"runuser -u {etl_user} -- sh -c 'printf \"\" >> {etl_log}'")
+    res = host.run(f"runuser -u {user} -- sh -c 'printf forged >> {etl_log}'")
+    assert res.rc != 0 and "Permission denied" in res.stderr, res.stderr
+    # nor create a file beside it
+    res = host.run(f"runuser -u {user} -- touch {deploy_vars['webstats_services_log_dir']}/x.log")
+    assert res.rc != 0 and "Permission denied" in res.stderr, res.stderr
+    victim = host.run(f"runuser -u {etl_user} -- sh -c 'sleep 300 >/dev/null 2>&1 & echo $!'")
+    pid = victim.stdout.strip()
+    assert victim.rc == 0 and pid.isdigit(), victim.stderr
+    try:
+        res = host.run(f"runuser -u {user} -- kill -TERM {pid}")
+        assert res.rc != 0 and "not permitted" in res.stderr, res.stderr
+        assert host.run(f"kill -0 {pid}").rc == 0  # still alive
+    finally:
+        host.run(f"kill {pid}")
 
 
 def test_units_installed_root_owned(host):
@@ -234,7 +274,7 @@ def test_web_logs_written(host, service, deploy_vars):
     assert host.file(f"{log_dir}/error.log").exists
     for name in ("access.log", "error.log"):
         f = host.file(f"{log_dir}/{name}")
-        assert f.user == deploy_vars["webstats_services_user"]
+        assert f.user == deploy_vars["webstats_services_web_user"]
         assert f.mode & 0o007 == 0, f"{name} world-readable"
 
 
@@ -392,6 +432,24 @@ def test_package_files_match_truth(service):
         }
         want = {m: months.get(m, (0, 0)) for m in range(13)}
         assert got == want, (cat, pkg, year)
+
+
+def test_the_web_builds_package_files_into_the_live_version(host, service, deploy_vars):
+    """Package files are built on their first request (above), by the web's own user, into
+    the version directory the ETL's user published: the publish directory's default ACL lets
+    each write where the other created. Not served from memory for want of a permission."""
+    t = truth()
+    cat, pkg, year = t["package"][0][:3]
+    url = f"/packages/stats/{STEMS[cat]}/{pkg}/{pkg}_{year}_stats.tab"
+    assert service.get(url).status_code == 200
+    publish = deploy_vars["webstats_base_publish_dir"]
+    built = host.file(f"{publish}/current{url}")
+    assert built.is_file, url
+    assert built.user == deploy_vars["webstats_services_web_user"]
+    parent = host.file(f"{publish}/current/packages/stats")
+    assert parent.user == deploy_vars["webstats_services_user"]  # the ETL published it
+    error_log = f"{deploy_vars['webstats_services_log_dir']}/error.log"
+    assert "serving from memory" not in host.file(error_log).content_string
 
 
 def test_pages_answer(service):

@@ -41,6 +41,7 @@ def paths(deploy_vars) -> dict[str, str]:
         "publish": deploy_vars["webstats_base_publish_dir"],
         "logs": deploy_vars["webstats_base_log_dir"],
         "user": deploy_vars["webstats_base_user"],
+        "web_user": deploy_vars["webstats_base_web_user"],
         "nginx": deploy_vars["webstats_nginx_user"],
         "nginx_group": deploy_vars["webstats_nginx_group"],
     }
@@ -75,8 +76,15 @@ def test_state_directory_lets_nginx_into_the_publish_directory_only(host, paths)
     state = host.file(paths["state"])
     assert (state.user, state.mode) == (paths["user"], 0o751)
     site = host.file(paths["publish"])
-    assert (site.user, site.group, site.mode) == (paths["user"], paths["nginx_group"], 0o2750)
+    # 2770: the group bits are the ACL's mask; the group itself (nginx's) reads only
+    assert (site.user, site.group, site.mode) == (paths["user"], paths["nginx_group"], 0o2770)
+    acl = run_ok(host, f"getfacl --omit-header {paths['publish']}").split()
+    for entry in ("group::r-x", "other::---", "default:group::r-x", "default:other::---"):
+        assert entry in acl, (entry, acl)
+    for user in (paths["user"], paths["web_user"]):
+        assert f"user:{user}:rwx" in acl and f"default:user:{user}:rwx" in acl, acl
     nginx = paths["nginx"]
+    assert host.run(as_user(nginx, f"test -w {paths['publish']}")).rc != 0
     # nginx cannot list the state directory, nor read anything in it outside the publish dir
     assert host.run(as_user(nginx, f"ls {paths['state']}")).rc != 0
     others = run_ok(
@@ -125,7 +133,10 @@ def probe(host, paths):
 def test_a_published_file_is_sent_by_nginx(host, service, paths, probe):
     url, target = probe
     f = host.file(target)
-    assert (f.group, f.mode) == (paths["nginx_group"], 0o640)  # the setgid directory's group
+    assert f.group == paths["nginx_group"]  # the setgid directory's group
+    assert f.mode & 0o007 == 0, oct(f.mode)  # the default ACL: nobody else
+    assert host.run(as_user(paths["nginx"], f"test -r {target}")).rc == 0
+    assert host.run(as_user(paths["nginx"], f"test -w {target}")).rc != 0
     marker = f"{url}?probe={time.monotonic_ns()}"
     r = service.get(marker)
     assert r.status_code == 200 and r.text == "probe\n"

@@ -348,7 +348,7 @@ def test_log_files_exist(host, name):
     assert f.exists and f.size > 0, name
 
 
-def test_forced_log_rotation_reopens_the_access_log(host, service):
+def test_forced_log_rotation_reopens_the_access_log(host, service, deploy_vars):
     run_ok(host, "logrotate -f /etc/logrotate.d/bioc-webstats")
     assert service.get("/healthz?probe=after-rotation").status_code == 200
     wait_for(
@@ -356,6 +356,15 @@ def test_forced_log_rotation_reopens_the_access_log(host, service):
         30,
         "the request in the new access.log",
     )
+    # each new file keeps its owner: the web's two, the ETL's own (which the web cannot write)
+    owners = {
+        "access.log": deploy_vars["webstats_services_web_user"],
+        "error.log": deploy_vars["webstats_services_web_user"],
+        "etl.log": deploy_vars["webstats_services_user"],
+    }
+    for name, owner in owners.items():
+        f = host.file(f"/var/log/bioc-webstats/{name}")
+        assert (f.user, f.mode) == (owner, 0o640), (name, f.user, oct(f.mode))
 
 
 # --- backups, restore ---------------------------------------------------------------------------

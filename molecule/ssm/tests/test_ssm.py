@@ -19,7 +19,7 @@ from testlib import Service, run_ok, run_playbook, wait_for
 
 WEB = "bioc-webstats.service"
 WEB_CONFIG = "bioc-webstats-web-config.service"  # writes the web's file from SSM
-WEB_FILE = "/run/bioc-webstats-web/web.env"
+WEB_FILE = "/run/bioc-webstats-web-config/web.env"
 ETL = "bioc-webstats-etl.service"
 UNITS = [
     "bioc-webstats.socket",
