@@ -5,6 +5,7 @@ broken files; exactly once (re-runs, appended and changed rows); the look-back o
 from __future__ import annotations
 
 import datetime as dt
+import itertools
 import logging
 import os
 import shutil
@@ -642,11 +643,9 @@ def test_rowids_far_apart_cost_units_by_rows_not_by_span(sqlite_settings, tmp_pa
     caplog.set_level(logging.INFO, "bioc_webstats")
     assert legacy.import_files(sqlite_settings, [str(path)], until="2030-01-01")
     units = sorted(k for k in ledger(sqlite_settings.database_url) if "/rows-" in k)
-    assert units == [
-        legacy.unit_key(path.name, 1, 100_000),
-        legacy.unit_key(path.name, 10**9, 10**9 + 99_999),
-        legacy.unit_key(path.name, 2**62, 2**62),  # the last unit ends at the last row
-    ]
+    # fewer rows than a unit's least (1,000) in the first 100,000 rowids: the unit goes on
+    # to the last row
+    assert units == [legacy.unit_key(path.name, 1, 2**62)]
     pkg, _ = stats_tables(sqlite_settings.database_url)
     assert pkg[("bioc", "limma", 2024, 1)] == (3, 3)
     # appended after the far row: one more unit
@@ -657,9 +656,43 @@ def test_rowids_far_apart_cost_units_by_rows_not_by_span(sqlite_settings, tmp_pa
             (2**62 + 10**6, DL),
         )
     assert legacy.import_files(sqlite_settings, [str(path)], until="2030-01-01")
-    assert len([k for k in ledger(sqlite_settings.database_url) if "/rows-" in k]) == 4
+    assert len([k for k in ledger(sqlite_settings.database_url) if "/rows-" in k]) == 2
     pkg, _ = stats_tables(sqlite_settings.database_url)
     assert pkg[("bioc", "limma", 2024, 1)] == (4, 4)
+
+
+def test_sparse_rowids_take_a_unit_per_hundredth_of_the_unit_rows(sqlite_settings, tmp_path):
+    """Every row a million rowids from the next (a hand-made or rewritten file): a unit of
+    100,000 rowids held one row, so a file of 10 million such rows meant 10 million ledger
+    rows and transactions. A unit now holds at least unit_rows // 100 rows (here 1000 // 100
+    = 10), never more than unit_rows."""
+    path = tmp_path / "download_db_2024.sqlite"
+    n = 205
+    legacygen.write_rows(
+        path, [legacygen.row(ips=f"198.51.{i // 250}.{i % 250}") for i in range(n)]
+    )
+    with sqlite3.connect(path) as con:
+        con.execute("UPDATE access_log SET rowid = rowid * 1000000")
+    assert legacy.import_files(sqlite_settings, [str(path)], until="2030-01-01", unit_rows=1000)
+    units = {k: v for k, v in ledger(sqlite_settings.database_url).items() if "/rows-" in k}
+    spans = sorted(tuple(map(int, k.rsplit("rows-", 1)[1].split("-"))) for k in units)
+    assert len(spans) == 21  # 20 of 10 rows, the last of 5
+    assert spans[0] == (10**6, 10 * 10**6) and spans[-1] == (201 * 10**6, 205 * 10**6)
+    assert all(a[1] < b[0] for a, b in itertools.pairwise(spans))  # none overlaps
+    rows = [units[legacy.unit_key(path.name, *sp)][0] for sp in spans]
+    assert rows == [10] * 20 + [5]
+    pkg, _ = stats_tables(sqlite_settings.database_url)
+    assert pkg[("bioc", "limma", 2024, 1)] == (n, n)
+    # dense rowids: the units are those of before (1,000 rowids each)
+    dense = tmp_path / "download_db_2023.sqlite"
+    legacygen.write_rows(dense, [legacygen.row(day="10/Jan/2023") for _ in range(2500)])
+    assert legacy.import_files(sqlite_settings, [str(dense)], until="2030-01-01", unit_rows=1000)
+    keys = sorted(
+        k for k in ledger(sqlite_settings.database_url) if dense.name in k and "/rows-" in k
+    )
+    assert keys == sorted(
+        legacy.unit_key(dense.name, lo, hi) for lo, hi in [(1, 1000), (1001, 2000), (2001, 2500)]
+    )
 
 
 def test_rows_in_the_wal_file_are_imported(sqlite_settings, tmp_path, caplog):

@@ -13,13 +13,14 @@ lines, through the same ledger, by the same rule:
 * rows dated on or after the cut-over day (``--until``, default ``etl/logs_since``) are the
   logs' and are skipped.
 
-Units. A file is read in units of consecutive rowids (``UNIT_ROWS`` of them from a row; the
-next unit starts at the next row, so gaps cost no units; the last one ends at the file's last
-row); each unit is one ledger row ``legacy/<file name>/rows-<lo>-<hi>`` and
-one transaction with its records and queued months, like a log object. The ranges of a file
-are fixed by its first import: a later import (the old server appended rows) adds units after
-the last one. Reading by rowid range needs no index and no assumption about the order of
-the rows; a unit's memory is bounded by its number of rows.
+Units. A file is read in units of consecutive rowids (``UNIT_ROWS`` of them from a row, or as
+many as hold ``UNIT_ROWS // 100`` rows where the rowids are sparse; the next unit starts at the
+next row, so gaps cost no units; the last one ends at the file's last row); each unit is one
+ledger row ``legacy/<file name>/rows-<lo>-<hi>`` and one transaction with its records and
+queued months, like a log object. The ranges of a file are fixed by its first import: a later
+import (the old server appended rows) adds units after the last one. Reading by rowid range
+needs no index and no assumption about the order of the rows; a unit's memory is bounded by its
+number of rows.
 
 A unit's ETag is a fingerprint of what it gave (its records and its counts). Importing it
 again gives the same fingerprint and adds nothing; a different one means its rows changed
@@ -222,31 +223,53 @@ def plan_units(
     known: list[tuple[int, int]],
     unit_rows: int,
     next_row: Callable[[int], int | None],
+    nth_row: Callable[[int, int], int | None],
 ) -> None:
     """The units to read: those already in the ledger (to check) and new ones after them.
 
-    A unit spans ``unit_rows`` rowids from an existing row; the next one starts at the first
-    row after it (``next_row``), so a gap in the rowids (rows deleted, or two rows at rowids
-    1 and 2**62) costs no units: there are never more units than rows.
+    A unit spans ``unit_rows`` rowids from an existing row, or more when those hold fewer
+    than ``unit_rows // 100`` rows (sparse rowids): it then ends at that many rows from its
+    first (``nth_row``). The next one starts at the first row after it (``next_row``), so a
+    gap in the rowids (rows deleted, or two rows at rowids 1 and 2**62) costs no units, and a
+    file whose rowids are all far apart takes at most one unit per ``unit_rows // 100`` rows,
+    not one per row. A unit never holds more than ``unit_rows`` rows (its memory).
     """
     f.units = sorted(known)
     if f.lo is None or f.hi is None:
         return
+    least = max(1, unit_rows // 100)
     after = max((hi for _, hi in known), default=f.lo - 1)
     start = f.lo if after < f.lo else next_row(after)
     while start is not None and start <= f.hi:
-        end = min(start + unit_rows - 1, f.hi)
+        end = start + unit_rows - 1
+        if least > 1:
+            last = nth_row(start, least)  # None: fewer rows than that are left
+            end = max(end, f.hi if last is None else last)
+        end = min(end, f.hi)
         f.units.append((start, end))
         start = next_row(end) if end < f.hi else None
 
 
 def _plan(f: LegacyFile, known: list[tuple[int, int]], unit_rows: int) -> None:
-    """:func:`plan_units` on the file, whose next row after a rowid is a b-tree seek."""
+    """:func:`plan_units` on the file, whose next (and n-th) row after a rowid is a b-tree
+    seek (and a walk of n rowids, no value read)."""
     try:
         con = open_ro(f.path)
         try:
             seek = f"SELECT min({f.rowid}) FROM access_log WHERE {f.rowid} > ?"  # noqa: S608
-            plan_units(f, known, unit_rows, lambda rowid: con.execute(seek, (rowid,)).fetchone()[0])
+            nth = (
+                f"SELECT {f.rowid} FROM access_log WHERE {f.rowid} >= ? "  # noqa: S608
+                f"ORDER BY {f.rowid} LIMIT 1 OFFSET ?"
+            )
+
+            def next_row(rowid: int) -> int | None:
+                return con.execute(seek, (rowid,)).fetchone()[0]
+
+            def nth_row(rowid: int, n: int) -> int | None:
+                got = con.execute(nth, (rowid, n - 1)).fetchone()
+                return None if got is None else got[0]
+
+            plan_units(f, known, unit_rows, next_row, nth_row)
         finally:
             con.close()
     except sqlite3.DatabaseError as exc:

@@ -318,11 +318,14 @@ def read_unit_python(
     ips_hash: dict[bytes, int | None] = {}
     urls: dict[bytes, int] = {}
     rows = 0
-    too_big = [0]
     con = open_ro(path)
     try:
-        for d, m, s, ips, url in _unit_rows(con, status_col, rowid, lo, hi, too_big):
+        for row in _unit_rows(con, status_col, rowid, lo, hi):
             rows += 1
+            if row is None:  # a value SQLite would not load
+                reasons[R_LONG] += 1
+                continue
+            d, m, s, ips, url = row
             day = days.get(d)
             if day is None:
                 day = r.day(d)
@@ -368,8 +371,6 @@ def read_unit_python(
         raise LegacyFileError(f"rows {lo}-{hi}: {exc}") from None
     finally:
         con.close()
-    rows += too_big[0]
-    reasons[R_LONG] += too_big[0]
     out = [_HEADER]
     prefixes: dict[tuple[int, int], bytes] = {}
     for (day, hit, h), n in counts.items():
@@ -382,11 +383,11 @@ def read_unit_python(
 
 
 def _unit_rows(
-    con: sqlite3.Connection, status_col: str, rowid: str, lo: int, hi: int, too_big: list[int]
-) -> Iterator[list[bytes]]:
+    con: sqlite3.Connection, status_col: str, rowid: str, lo: int, hi: int
+) -> Iterator[list[bytes] | None]:
     """The rows ``lo``..``hi`` one at a time, as the C loop (a batch of rows would be unbounded
-    in bytes); a row with a value SQLite refuses to load (over LOAD_MAX) is not given but
-    counted in ``too_big[0]``, and the rows after it are."""
+    in bytes); a row with a value SQLite refuses to load (over LOAD_MAX) is given as None, and
+    the rows after it as usual."""
     con.setlimit(sqlite3.SQLITE_LIMIT_LENGTH, LOAD_MAX)
     scan = unit_sql(status_col, True, rowid, with_rowid=True)
     start = lo
@@ -409,8 +410,8 @@ def _unit_rows(
             found = con.execute(seek_sql(rowid), (start, hi, 0)).fetchone()
             if found is None:
                 raise
-            too_big[0] += 1
             start = found[0] + 1
+            yield None
             continue
         if not got:
             return
