@@ -263,13 +263,15 @@ def test_the_web_has_no_way_to_the_instance_role_and_reads_its_own_file(host, ss
     deny = show(host, WEB, "IPAddressDeny")["IPAddressDeny"].split()
     assert set(deny) == {"169.254.169.254/32", "fd00:ec2::254/128"}, deny
     pid = run_ok(host, f"systemctl show -p MainPID --value {WEB}").strip()
-    # as the service user: root in the container may not read another process's environ
-    environ = run_ok(host, f"runuser -u webstats -- cat /proc/{pid}/environ").split("\0")
+    # as the web's user: root in the container may not read another process's environ
+    environ = run_ok(host, f"runuser -u webstats-web -- cat /proc/{pid}/environ").split("\0")
     assert f"WEBSTATS_ENV_FILE={WEB_FILE}" in environ, environ
     assert not [v for v in environ if v.startswith(("AWS_", "WEBSTATS_SSM"))], environ
     web_file = host.file(WEB_FILE)
-    assert (web_file.user, web_file.group, web_file.mode) == ("webstats", "webstats", 0o600)
-    assert host.file(str(Path(WEB_FILE).parent)).mode == 0o700
+    # written by the service user in the web's group, which reads it; nobody else does
+    assert (web_file.user, web_file.group, web_file.mode) == ("webstats", "webstats-web", 0o640)
+    folder = host.file(str(Path(WEB_FILE).parent))
+    assert (folder.user, folder.group, folder.mode) == ("webstats", "webstats-web", 0o750)
     text = web_file.content_string
     assert "WEBSTATS_DATABASE_URL_WEB=postgresql+psycopg2://webstats_web:" in text
     assert "WEBSTATS_SSM_PATH" not in text and "AWS_" not in text
@@ -280,7 +282,7 @@ def test_the_web_has_no_way_to_the_instance_role_and_reads_its_own_file(host, ss
     workers = run_ok(host, f"pgrep -P {pid}").split()
     assert workers
     for worker in workers:
-        env = run_ok(host, f"runuser -u webstats -- cat /proc/{worker}/environ")
+        env = run_ok(host, f"runuser -u webstats-web -- cat /proc/{worker}/environ")
         env = env.split("\0")
         assert not [v for v in env if v.startswith(("AWS_", "WEBSTATS_SSM"))], env
 
