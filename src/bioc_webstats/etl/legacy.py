@@ -453,23 +453,25 @@ def import_files(
         for lo, hi in f.units
     ]
     owner = [f for f in files for _ in f.units]
+    # a unit holds at most unit_rows rows, however many rowids it spans (sparse rowids)
+    weight = [min(hi - lo + 1, unit_rows) for *_, lo, hi in tasks]
     log.info(
         "import legacy-db: %d of %d files to read, %d units (%d rows at most), with the %s "
         "reader in %s process(es); cut-over day %s",
-        len(files), summary.files, len(tasks), sum(hi - lo + 1 for *_, lo, hi in tasks),
+        len(files), summary.files, len(tasks), sum(weight),
         reader_name(), min(readers(settings), len(tasks)) or "the importing", until_day,
     )  # fmt: skip
     pause_point("legacy_planned")
     for f in files:
         if not f.units:
             _finish_file(settings, f, until_day, summary)
-    progress = ingest.Progress(len(tasks), sum(hi - lo + 1 for *_, lo, hi in tasks))
+    progress = ingest.Progress(len(tasks), sum(weight))
     workers = min(readers(settings), len(tasks))
     queued: set[tuple[str, str, int, int]] = set()
     with sf() as session:
         owners = _unit_owners(session)
     results = read_all(tasks, key, until_day, workers)
-    for f, task in zip(owner, tasks, strict=True):
+    for f, w in zip(owner, weight, strict=True):
         t1 = time.monotonic()
         unit = next(results)
         t2 = time.monotonic()
@@ -478,7 +480,7 @@ def import_files(
         _store_unit(sf, f, unit, replace, queued, summary, owners)
         summary.t_store += time.monotonic() - t2
         f.done += 1
-        progress.update(task[-1] - task[-2] + 1, unit.rows)
+        progress.update(w, unit.rows)
         if f.done == len(f.units):
             _finish_file(settings, f, until_day, summary)
             # A file's months now rather than all at the end: the queue (and the recompute's
