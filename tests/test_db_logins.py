@@ -229,7 +229,7 @@ def test_the_webs_file_holds_its_settings_and_its_own_login_only(clean_env, tmp_
     out = tmp_path / "web.env"
     res = run("config", "write-web", str(out), **env)
     assert res.returncode == 0 and res.stdout == f"written: {out}\n", res.stderr
-    assert out.stat().st_mode & 0o777 == 0o600
+    assert out.stat().st_mode & 0o777 == 0o640  # the web reads it through its group
     text = out.read_text()
     for secret in ("r-pw", "o-pw", "hash-key-secret", "flask-secret", "runner", "owner"):
         assert secret not in text, secret

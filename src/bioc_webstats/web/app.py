@@ -258,6 +258,8 @@ def _plain(status: int, title: str, message: str) -> Response:
 # The longest Location a redirect carries: nginx takes an upstream's headers in one 4 KB buffer
 # (a longer one was its 502), and a query escaped here can grow to three times its length.
 MAX_LOCATION = 2048
+# The query nginx did not pass in the request line because it holds raw bytes (site.conf).
+RAW_QUERY_HEADER = "X-Webstats-Raw-Query"
 
 
 def _redirect(location: str, max_age: int) -> Response:
@@ -266,9 +268,11 @@ def _redirect(location: str, max_age: int) -> Response:
     # Not request.script_root: gunicorn takes SCRIPT_NAME from a request header, and a
     # client talking to its socket could point the redirect at another host.
     target = f"{PREFIX}/{location}"
-    qs = request.query_string.decode("latin-1")
+    # nginx passes a query holding raw bytes in a header (gunicorn refuses it in the request
+    # line); both arrive decoded as latin-1, byte for byte, and are percent-encoded so
+    qs = request.headers.get(RAW_QUERY_HEADER) or request.query_string.decode("latin-1")
     if qs:
-        target += "?" + quote(qs, safe="/?&=+%;:@,$!*'()~")
+        target += "?" + quote(qs, safe="/?&=+%;:@,$!*'()~", encoding="latin-1")
     if len(target) > MAX_LOCATION:
         return _plain(414, "URI Too Long", "The address is too long.")
     resp = Response(status=301)
