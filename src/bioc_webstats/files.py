@@ -15,8 +15,7 @@ def write_atomic(path: Path, text: str, mode: int = 0o600) -> None:
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-")
     try:
         with os.fdopen(fd, "w") as out:
-            if mode != 0o600:
-                os.fchmod(out.fileno(), mode)
+            os.fchmod(out.fileno(), mode)
             out.write(text)
         os.replace(tmp, path)
     finally:

@@ -241,11 +241,8 @@ def plan_units(
     after = max((hi for _, hi in known), default=f.lo - 1)
     start = f.lo if after < f.lo else next_row(after)
     while start is not None and start <= f.hi:
-        end = start + unit_rows - 1
-        if least > 1:
-            last = nth_row(start, least)  # None: fewer rows than that are left
-            end = max(end, f.hi if last is None else last)
-        end = min(end, f.hi)
+        last = nth_row(start, least)  # None: fewer rows than that are left
+        end = min(max(start + unit_rows - 1, f.hi if last is None else last), f.hi)
         f.units.append((start, end))
         start = next_row(end) if end < f.hi else None
 
