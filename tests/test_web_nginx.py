@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import datetime as dt
 import email.utils
+import hashlib
 import re
 import resource
 import socket
@@ -201,6 +202,36 @@ def _unbuilt_files(front) -> list[str]:
         names = front.get(f"/packages/stats/{cat}/{cat}_packages.txt")[2].decode().split()
         urls += [f"/packages/stats/{cat}/{n}/{n}_stats.tab" for n in names]
     return [u for u in urls if not published(front, u).exists()]
+
+
+def test_the_apps_warnings_reach_gunicorns_error_log_once(front):
+    """A disk that refuses a package page (here its lock path is a directory: the tests run
+    as root, whom no mode stops) is served from memory, and the warning SysOps need is in
+    gunicorn's error.log, in gunicorn's format, once: not only in the journal."""
+    error_log = front.gunicorn_access_log.with_name("error.log")
+    name = _unbuilt_package(front)
+    relpath = f"bioc/{name}/index.html"
+    live = (front.publish_dir / "current").resolve()
+    blocker = live / (".lock-" + hashlib.sha256(relpath.encode()).hexdigest()[:24])
+    blocker.mkdir()
+    try:
+        offset = error_log.stat().st_size
+        status, _, body = front.get(f"/packages/stats/bioc/{name}/")
+        assert status == 200 and name.encode() in body
+        assert not published(front, f"/packages/stats/bioc/{name}/").exists()
+        wait_for(
+            lambda: b"serving from memory" in error_log.read_bytes()[offset:],
+            10,
+            what="the warning in error.log",
+        )
+        new = error_log.read_bytes()[offset:].decode().splitlines()
+        lines = [line for line in new if "serving from memory" in line]
+        assert len(lines) == 1, new
+        assert re.match(
+            r"\[\d{4}-\d\d-\d\d [\d:]+ [+-]\d{4}\] \[\d+\] \[WARNING\] site: ", lines[0]
+        )
+    finally:
+        blocker.rmdir()
 
 
 def test_what_has_no_file_goes_to_gunicorn(front):

@@ -9,7 +9,8 @@
 - ``Type=notify``: gunicorn's arbiter sends ``READY=1`` to ``$NOTIFY_SOCKET`` itself once it
   listens (gunicorn.systemd.sd_notify), so no hook is needed here.
 - Logs to ``gunicorn/access_log`` and ``gunicorn/error_log`` (``-`` = stdout/stderr);
-  SIGUSR1 makes gunicorn reopen both files (logrotate's postrotate sends it).
+  SIGUSR1 makes gunicorn reopen both files (logrotate's postrotate sends it). The app's own
+  warnings (the ``bioc_webstats`` loggers) go to the same error log.
 - Workers: ``gunicorn/workers`` (default 2 x CPUs + 1) with ``gunicorn/threads`` threads
   each; like every parameter they come from the env file, SSM or the environment
   (``WEBSTATS_GUNICORN_WORKERS`` …) and ``bioc-webstats config show`` lists them.
@@ -17,6 +18,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import sys
 
@@ -40,6 +42,23 @@ except ConfigError as exc:  # one clear line, no traceback, non-zero exit (the u
 bind = [_settings.get("gunicorn/bind_port") or "0.0.0.0:8000"]
 accesslog = _settings.get("gunicorn/access_log") or "-"
 errorlog = _settings.get("gunicorn/error_log") or "-"
+
+
+class _ToGunicornErrorLog(logging.Handler):
+    """Hands the app's records to gunicorn's error log, to whatever handlers it holds at the
+    time: the file it reopens on SIGUSR1, the ones a reload replaces."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        logging.getLogger("gunicorn.error").handle(record)
+
+
+# Every warning of the app (its request handlers, web/site.py, the store) goes to error.log,
+# in gunicorn's format, once: Flask adds its own handler (to the request's wsgi.errors, or
+# stderr outside a request: the journal) only when the logger has none, and this is one.
+_app_log = logging.getLogger("bioc_webstats")
+_app_log.addHandler(_ToGunicornErrorLog())
+_app_log.setLevel(loglevel.upper())
+_app_log.propagate = False
 
 worker_class = "gthread"
 keepalive = 5  # behind nginx: its upstream connections
