@@ -419,6 +419,32 @@ def test_a_log_name_on_no_file_fails_the_run_and_other_entries_are_listed(db_url
     assert skipped == ["a.fifo", "notes.link"]
 
 
+def test_a_symlink_loop_fails_the_run_not_the_other_entries(db_url, tmp_path, caplog):
+    """An entry whose kind cannot be told (a link to itself) is named and fails the run at
+    its end; it stopped the whole run at the top of the source, and below it dropped the
+    entries after it in directory order without naming them."""
+    import shutil
+
+    out = tmp_path / "logs"
+    truth = loggen.generate(out, days=2, files_per_day=3, lines_per_file=50)
+    (out / "sub").mkdir()
+    for name in truth.files[::2]:
+        shutil.move(out / name, out / "sub" / name)
+    (out / "README.txt").symlink_to("README.txt")
+    (out / "sub" / "loop").symlink_to("loop")
+    settings = loaded(db_url, tmp_path)
+    caplog.set_level(logging.INFO, "bioc_webstats")
+    assert ingest.run(settings, source=str(out)) is False
+    assert f"log source {out}: README.txt: Too many levels of symbolic links; not read" in (
+        caplog.text
+    )
+    assert f"log source {out / 'sub'}: loop: Too many levels of symbolic links" in caplog.text
+    assert f"{len(truth.files)} objects ingested, 2 failed" in caplog.text
+    assert_truth(db_url, truth)
+    objects, _ = sources.DirSource(out).list()
+    assert len(objects) == len(truth.files)
+
+
 def test_names_that_are_not_utf8_fail_alone(db_url, tmp_path, caplog):
     """A folder (and a file) whose name is not UTF-8: one line, the rest ingested, the run
     fails at its end (it stopped at once with a UnicodeEncodeError traceback)."""

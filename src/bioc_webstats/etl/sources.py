@@ -168,7 +168,10 @@ class DirSource(Source):
                 # interns every part for good).
                 with os.scandir(folder) as entries:
                     for entry in entries:
-                        self._entry(entry, prefix, folder, window, objects, skipped, subdirs)
+                        try:
+                            self._entry(entry, prefix, folder, window, objects, skipped, subdirs)
+                        except OSError as exc:  # a link loop, a target it may not stat
+                            self._unexaminable(folder, prefix, entry.name, exc)
             except OSError as exc:
                 if folder == self.root:
                     raise WebstatsError(f"log source {folder}: {exc.strerror}") from None
@@ -219,6 +222,14 @@ class DirSource(Source):
                 folder, entry.name,
             )  # fmt: skip
             self.unreadable.append(key)
+
+    def _unexaminable(self, folder: Path, prefix: str, name: str, exc: OSError) -> None:
+        """An entry whose kind cannot be told: named, and the run fails at its end (it may be
+        a folder of logs); the folder's other entries are read."""
+        shown = name.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
+        shown = shown if shown.isprintable() else repr(shown)  # no forged log line
+        log.error("log source %s: %s: %s; not read", folder, shown, exc.strerror or exc)
+        self.unreadable.append(prefix + shown)
 
     def get(self, key: str) -> LogObject:
         if Path(key).is_absolute():
