@@ -373,6 +373,21 @@ def test_a_redirect_keeps_a_query_with_raw_bytes_percent_encoded(front):
     # a client cannot set the header through nginx
     answer = raw_get(front, path.encode() + b".html?a=1", b"X-Webstats-Raw-Query: b=2\r\n")
     assert header_values(answer, "Location") == [f"{path}/?a=1"]
+    # a published directory without its slash (nginx's own redirect had the emptied query),
+    # and a published file asked with such a query: the same bytes as without it
+    assert (front.publish_dir / "current" / "packages" / "stats" / "bioc").is_dir()
+    for target, location in [
+        (b"/packages/stats/bioc?q=caf\xc3\xa9&x=1", "/packages/stats/bioc/?q=caf%C3%A9&x=1"),
+        (b"/packages/stats/data-annotation?\xff", "/packages/stats/data-annotation/?%FF"),
+    ]:
+        answer = raw_get(front, target)
+        assert status_of(answer) == 301, (target, answer[:300])
+        assert header_values(answer, "Location") == [location], target
+        assert header_values(answer, "Cache-Control") == ["public, max-age=3600"], target
+        assert_security_headers(answer)
+    answer = raw_get(front, STATIC.encode() + b"?q=\xc3\xa9")
+    assert status_of(answer) == 200 and answer.endswith(front.get(STATIC)[2])
+    assert_security_headers(answer)
 
 
 def test_an_unknown_transfer_encoding_is_400_not_501(front):
