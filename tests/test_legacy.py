@@ -661,6 +661,26 @@ def test_rowids_far_apart_cost_units_by_rows_not_by_span(sqlite_settings, tmp_pa
     assert pkg[("bioc", "limma", 2024, 1)] == (4, 4)
 
 
+def test_the_extreme_rowids_are_one_unit_and_the_next_file_goes_on(db_url, tmp_path):
+    """Rows at the smallest and the largest rowid SQLite allows: the unit's span of rowids
+    (2**64) went to the ledger as its size and overflowed PostgreSQL's BIGINT, which stopped
+    the whole import with a line naming no file, the files after it not read."""
+    settings = loaded(db_url, tmp_path)
+    far = tmp_path / "download_db_2023.sqlite"
+    legacygen.write_rows(far, [legacygen.row(day="10/Jan/2023") for _ in range(3)])
+    with sqlite3.connect(far) as con:
+        con.execute("UPDATE access_log SET rowid = ? WHERE rowid = 1", (-(2**63),))
+        con.execute("UPDATE access_log SET rowid = ? WHERE rowid = 3", (2**63 - 1,))
+    after = tmp_path / "download_db_2024.sqlite"
+    legacygen.write_rows(after, [legacygen.row()])
+    assert legacy.import_files(settings, [str(far), str(after)], until="2030-01-01")
+    units = ledger(db_url)
+    assert units[legacy.unit_key(far.name, -(2**63), 2**63 - 1)] == (3, 3, 0)
+    pkg, _ = stats_tables(db_url)
+    assert pkg[("bioc", "limma", 2023, 1)] == (1, 3)
+    assert pkg[("bioc", "limma", 2024, 1)] == (1, 1)
+
+
 def test_sparse_rowids_take_a_unit_per_hundredth_of_the_unit_rows(sqlite_settings, tmp_path):
     """Every row a million rowids from the next (a hand-made or rewritten file): a unit of
     100,000 rowids held one row, so a file of 10 million such rows meant 10 million ledger

@@ -437,7 +437,7 @@ class UnitResult:
     """One unit read (what crosses from a reader process to the importing one)."""
 
     key: str
-    size: int  # rowids in the range
+    size: int  # the ledger's size: rows read (a span of rowids may pass BIGINT: 2**64)
     name_hour: dt.datetime  # the unit's first day (informative: no look-back reads it)
     etag: str | None = None  # the fingerprint
     rows: int = 0
@@ -507,11 +507,11 @@ def read_task(task: tuple[str, str, tuple[str, str], int, int]) -> UnitResult:
         with parse._no_cyclic_gc():
             counts = read_unit(r, Path(path), status_col, lo, hi, rowid)
     except LegacyFileError as exc:
-        return UnitResult(key, hi - lo + 1, dt.datetime(1970, 1, 1), error=str(exc))
+        return UnitResult(key, 0, dt.datetime(1970, 1, 1), error=str(exc))
     days = [d for d, _ in counts.day_hits]
     first = dt.date.fromordinal(min(days, default=0) + PG_EPOCH)
     out = UnitResult(
-        key, hi - lo + 1, dt.datetime(first.year, first.month, first.day), fingerprint(counts),
+        key, counts.rows, dt.datetime(first.year, first.month, first.day), fingerprint(counts),
         counts.rows, counts.reasons, counts.copy_data,
     )  # fmt: skip
     for d, hit in counts.day_hits:
