@@ -23,7 +23,7 @@ from sqlalchemy import select
 from bioc_webstats.config import Settings, load_settings
 from bioc_webstats.errors import WebstatsError
 from bioc_webstats.etl.manifest import Manifest, parse_config_yaml
-from bioc_webstats.etl.packages import Change, load_csv, plan_changes, sync
+from bioc_webstats.etl.packages import Change, load_csv, plan_changes, read_csv, sync
 from bioc_webstats.httpbody import mask
 from bioc_webstats.store import db
 from bioc_webstats.store.models import (
@@ -531,6 +531,27 @@ def test_sync_from_a_fifo_is_one_line(tmp_path):
     exc = _run_bounded(lambda: read_manifest(str(root)), unblock)
     assert isinstance(exc, WebstatsError) and str(exc) == (
         f"cannot read {root}/config.yaml: not a regular file (a FIFO, a device or a socket)"
+    )
+
+
+@pytest.mark.parametrize("what", ["fifo", "device"])
+def test_packages_load_of_a_fifo_or_a_device_is_one_line(tmp_path, what):
+    """`packages load` of a FIFO waited for a writer forever (click's exists=True takes it);
+    a link to /dev/zero read until the size cap."""
+    from test_compare import _run_bounded
+
+    path = tmp_path / "packages.csv"
+    if what == "fifo":
+        os.mkfifo(path)
+    else:
+        path.symlink_to("/dev/zero")
+
+    def unblock() -> None:
+        os.close(os.open(path, os.O_WRONLY | os.O_NONBLOCK))
+
+    exc = _run_bounded(lambda: read_csv(path), unblock)
+    assert isinstance(exc, WebstatsError) and str(exc) == (
+        f"cannot read {path}: not a regular file (a FIFO, a device or a socket)"
     )
 
 

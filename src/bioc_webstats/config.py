@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .errors import ConfigError
+from .files import open_regular
 
 DEFAULT_ENV_FILE = "/etc/bioc-webstats/webstats.env"
 DEFAULT_STATE_DIR = "/var/lib/bioc-webstats"
@@ -239,7 +240,8 @@ def read_env_file(path: Path) -> dict[str, str]:
     """Parse ``KEY=value`` lines (``#`` comments, optional quotes); errors name the line."""
     out: dict[str, str] = {}
     try:
-        with path.open("rb") as fh:
+        # A FIFO: one line, not a wait for a writer; /dev/null: no settings (read bounded).
+        with open_regular(path, devices=True) as fh:
             data = fh.read(MAX_ENV_FILE + 1)
     except OSError as exc:
         raise ConfigError(f"cannot read env file {path}: {exc.strerror}") from None

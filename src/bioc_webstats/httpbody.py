@@ -7,13 +7,11 @@ in the headers as in the body); a size cap bounds memory; a body that ends befor
 
 from __future__ import annotations
 
-import errno
 import functools
 import http.client
 import io
 import os
 import re
-import stat
 import time
 import urllib.error
 import urllib.parse
@@ -23,6 +21,7 @@ from email.message import Message
 from typing import Any, Protocol
 
 from .errors import WebstatsError
+from .files import NotARegularFile, open_regular
 
 _USERINFO = re.compile(r"\b([A-Za-z][A-Za-z0-9+.-]*://)\S*@")
 _CONTROL = re.compile(r"[\x00-\x20\x7f]")  # what http.client refuses in a host
@@ -265,24 +264,20 @@ def _reason(reason: object) -> str:
 
 
 def read_local(path: str | os.PathLike[str], max_bytes: int) -> bytes:
-    """A regular file's bytes, at most ``max_bytes``. Opened non-blocking so that a FIFO's
-    open does not wait for a writer; a FIFO, a device (a link to /dev/zero) or a socket is
-    refused, a directory is IsADirectoryError."""
-    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC)
+    """A regular file's bytes, at most ``max_bytes``. A FIFO (its open does not wait for a
+    writer), a device (a link to /dev/zero) or a socket is refused, a directory is
+    IsADirectoryError."""
     try:
-        info = os.fstat(fd)
-        if stat.S_ISDIR(info.st_mode):
-            raise IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR))
-        if not stat.S_ISREG(info.st_mode):
-            raise BodyError("not a regular file (a FIFO, a device or a socket)", retry=False)
-        with open(fd, "rb", closefd=False) as fh:
-            # A buffer of the file's size, not of the cap; one that grew (or says 0, as in
-            # /proc) is read on, up to the cap.
-            data = fh.read(min(info.st_size, max_bytes) + 1)
-            if len(data) > info.st_size:
-                data += fh.read(max_bytes + 1 - len(data))
-    finally:
-        os.close(fd)
+        fh = open_regular(path)
+    except NotARegularFile as exc:
+        raise BodyError(exc.strerror, retry=False) from None
+    with fh:
+        size = os.fstat(fh.fileno()).st_size
+        # A buffer of the file's size, not of the cap; one that grew (or says 0, as in
+        # /proc) is read on, up to the cap.
+        data = fh.read(min(size, max_bytes) + 1)
+        if len(data) > size:
+            data += fh.read(max_bytes + 1 - len(data))
     if len(data) > max_bytes:
         raise BodyError(f"larger than {max_bytes} bytes", retry=False)
     return data
