@@ -198,9 +198,12 @@ def _unbuilt_files(front) -> list[str]:
     """Each package's ``_stats.tab`` not published yet, in every category (the app answers
     for them until they are)."""
     urls = []
-    for cat in ("bioc", "data-annotation", "data-experiment", "workflows"):
-        names = front.get(f"/packages/stats/{cat}/{cat}_packages.txt")[2].decode().split()
-        urls += [f"/packages/stats/{cat}/{n}/{n}_stats.tab" for n in names]
+    stems = {"bioc": "bioc", "data-annotation": "annotation", "data-experiment": "experiment",
+             "workflows": "workflows"}  # fmt: skip
+    for stem, prefix in stems.items():
+        status, _, body = front.get(f"/packages/stats/{stem}/{prefix}_packages.txt")
+        assert status == 200, stem
+        urls += [f"/packages/stats/{stem}/{n}/{n}_stats.tab" for n in body.decode().split()]
     return [u for u in urls if not published(front, u).exists()]
 
 
@@ -388,6 +391,44 @@ def test_a_redirect_keeps_a_query_with_raw_bytes_percent_encoded(front):
     answer = raw_get(front, STATIC.encode() + b"?q=\xc3\xa9")
     assert status_of(answer) == 200 and answer.endswith(front.get(STATIC)[2])
     assert_security_headers(answer)
+
+
+@pytest.mark.parametrize(
+    "header",
+    [
+        b"User-Agent: R\x7f",
+        b"User-Agent: R (\x01)",
+        b"X-Forwarded-For: 192.0.2.1\x1b",
+        b'If-None-Match: "x\x01"',
+        b"If-Modified-Since: Sat, 01 Jun 2024\x0b00:00:00 GMT",
+        b"If-Unmodified-Since: \x7f",
+    ],
+)
+def test_a_control_character_in_a_header_is_not_gunicorns_400(front, header):
+    """nginx passes a control character in a header value; gunicorn answered 400 for every URL
+    of the app (a file on disk was 200): the same URL's status depended on whether its page
+    was built yet."""
+    unbuilt = _unbuilt_files(front)[-1]  # the app's, as its package's directory (the last
+    # category's: others take bioc's few)
+    # (an If-Unmodified-Since that is no date fails, in nginx as in the app)
+    file_status = 412 if header.startswith(b"If-Unmodified-Since") else 200
+    for target, status in [
+        ("/healthz", 200),
+        (unbuilt.rsplit("/", 1)[0], 301),
+        ("/packages/stats/bioc/nosuchpkg/", 404),
+        (unbuilt, file_status),
+        (STATIC, file_status),
+    ]:
+        answer = raw_get(front, target.encode(), header + b"\r\n")
+        assert status_of(answer) == status, (target, answer[:300])
+        assert_security_headers(answer)
+
+
+def test_a_control_character_in_if_match_fails_it_in_the_app_as_in_nginx(front):
+    unbuilt = _unbuilt_files(front)[-1]
+    for target in (STATIC, unbuilt):
+        answer = raw_get(front, target.encode(), b'If-Match: "x\x01"\r\n')
+        assert status_of(answer) == 412, (target, answer[:300])
 
 
 def test_an_unknown_transfer_encoding_is_400_not_501(front):
@@ -642,11 +683,12 @@ def test_the_app_judges_conditions_as_nginx_does(front):
         ({"If-Match": '"other"'}, 412),
         ({"If-Unmodified-Since": past}, 412),
         ({"If-Unmodified-Since": later}, 200),
+        ({"If-Unmodified-Since": "not a date"}, 412),
         ({"If-Match": "*", "If-Unmodified-Since": past}, 412),  # nginx judges both
     ]:
         assert front.get(STATIC, headers=headers)[0] == status, ("disk", headers)
         page = _unbuilt_files(front)[0]
-        assert front.get(page, headers=headers)[0] == status, ("app", headers)
+        assert front.get(page, headers=headers)[0] == status, ("app", headers, page)
         assert gunicorn_saw(front, page), headers
     assert front.get(STATIC, headers={"If-Match": etag})[0] == 200
 

@@ -289,8 +289,11 @@ def _precondition_failed(etag: str, mtime: float) -> bool:
     if if_match is not None and if_match.strip() != "*":
         if not parse_etags(if_match).is_strong(etag):
             return True
-    since = parse_date(request.environ.get("HTTP_IF_UNMODIFIED_SINCE"))
-    return since is not None and int(mtime) > since.timestamp()
+    raw = request.environ.get("HTTP_IF_UNMODIFIED_SINCE")
+    if raw is None:
+        return False
+    since = parse_date(raw)  # one that is no date fails, as in nginx
+    return since is None or int(mtime) > since.timestamp()
 
 
 def _send(path_or_body: Path | bytes, ctype: str, etag: str, mtime: float, max_age: int):
