@@ -440,6 +440,35 @@ def test_tables_whose_rows_are_no_file_rows_fail_alone(sqlite_settings, tmp_path
     assert pkg[("bioc", "limma", 2024, 1)] == (40, 40)
 
 
+def test_a_wal_file_in_a_read_only_directory_says_why(tmp_path):
+    """A file in WAL mode where SQLite cannot create its -shm (a read-only mount, here bound
+    in a mount namespace of its own): "unable to open database file" alone said nothing of
+    why, for a file any sqlite3 shell opens elsewhere."""
+    d = tmp_path / "ro"
+    d.mkdir()
+    path = good_db(d / "download_db_2024.sqlite")
+    with sqlite3.connect(path) as con:
+        assert con.execute("PRAGMA journal_mode=wal").fetchone() == ("wal",)
+    assert not path.with_name(path.name + "-wal").exists()  # closed: checkpointed, removed
+    code = (
+        "import sys\nfrom pathlib import Path\nfrom bioc_webstats.etl import legacy\n"
+        "try:\n    legacy.inspect(Path(sys.argv[1]))\n"
+        "except legacy.LegacyFileError as exc:\n    print(exc)\n"
+    )
+    ro = f'mount --bind {d} {d} && mount -o remount,bind,ro {d} && exec "$0" -c "$1" "$2"'
+    out = subprocess.run(
+        ["unshare", "--mount", "sh", "-c", ro, sys.executable, code, str(path)],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == (
+        "not a readable SQLite database (unable to open database file); it is in WAL mode, "
+        "and SQLite could not create its -shm file beside it (a read-only directory?): copy "
+        "it, with its -wal if any, where the import may write"
+    )
+    legacy.inspect(path)  # where it may: read
+
+
 def test_a_column_named_rowid_and_a_generated_column(sqlite_settings, tmp_path):
     """A column named rowid hides SQLite's rowid from ``rowid`` (not from ``_rowid_``); a
     generated column is a column (PRAGMA table_info does not list it)."""

@@ -53,6 +53,7 @@ from sqlalchemy.orm import Session
 
 from ..config import Settings
 from ..errors import ConfigError
+from ..files import open_regular
 from ..store import db
 from ..store.models import IngestedObject
 from . import ingest, sources
@@ -126,7 +127,7 @@ def _check_header(path: Path, size: int) -> None:
     """Fail early on what is no SQLite database, or one cut short (a partial copy)."""
     if size == 0:
         raise LegacyFileError("empty file (0 bytes), not an SQLite database")
-    with path.open("rb") as fh:
+    with open_regular(path) as fh:  # (replaced by a FIFO since it was checked: no wait)
         head = fh.read(100)
     if len(head) < 100 or not head.startswith(SQLITE_MAGIC):
         raise LegacyFileError("not an SQLite database")
@@ -141,6 +142,15 @@ def _check_header(path: Path, size: int) -> None:
         raise LegacyFileError(
             f"truncated: its header says {page * pages} bytes, the file has {size}"
         )
+
+
+def _wal_mode(path: Path) -> bool:
+    """The header says WAL (its read and write versions are 2)."""
+    try:
+        with open_regular(path) as fh:
+            return fh.read(20)[18:20] == b"\x02\x02"
+    except OSError:
+        return False
 
 
 def inspect(path: Path) -> LegacyFile:
@@ -213,6 +223,11 @@ def inspect(path: Path) -> LegacyFile:
             hint = (
                 "; a -journal file beside it holds an interrupted write, which a read-only "
                 "import cannot roll back"
+            )
+        elif _wal_mode(path) and not path.with_name(path.name + "-shm").exists():
+            hint = (
+                "; it is in WAL mode, and SQLite could not create its -shm file beside it (a "
+                "read-only directory?): copy it, with its -wal if any, where the import may write"
             )
         raise LegacyFileError(f"not a readable SQLite database ({exc}){hint}") from None
     return f
