@@ -64,6 +64,9 @@ def _resolve(values: dict[str, Any]) -> dict[str, Any]:
 
     def render(value: Any) -> Any:
         if isinstance(value, str) and "{{" in value:
+            alone = re.fullmatch(r"\{\{\s*([A-Za-z_]\w*)\s*\}\}", value)
+            if alone and isinstance(values.get(alone[1]), dict | list):
+                return values[alone[1]]  # as Ansible: "{{ a_dict }}" is that dict, not its text
             return env.from_string(value).render(**values)
         if isinstance(value, dict):
             return {k: render(v) for k, v in value.items()}

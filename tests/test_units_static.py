@@ -401,7 +401,10 @@ def test_directories_follow_a_changed_fact():
 def test_cli_wrapper_runs_with_the_units_environment(tmp_path):
     """The SysOps wrapper hands the CLI exactly what every unit's Environment= holds (plus a
     PATH, a locale and the terminal): a variable added for the units reaches a run by hand."""
-    values = ansible_render.deploy_vars(webstats_services_environment={"WEBSTATS_X": "a b"})
+    values = ansible_render.deploy_vars(webstats_base_environment={"WEBSTATS_X": "a b"})
+    # one fact: the units' and the deploy's own commands' (smoke test, migration, publish)
+    assert values["webstats_services_environment"] == {"WEBSTATS_X": "a b"}
+    assert values["webstats_release_environment"] == {"WEBSTATS_X": "a b"}
     env = ansible_render.environment(jinja2.FileSystemLoader(str(TEMPLATES)))
     units = set()
     web_file = f"WEBSTATS_ENV_FILE={values['__webstats_services_web_env_file']}"

@@ -11,6 +11,7 @@ import hashlib
 import re
 import resource
 import socket
+import subprocess
 import time
 from pathlib import Path
 
@@ -19,7 +20,7 @@ import pytest
 import webref
 from bioc_webstats.store import db
 from conftest import new_pg_database, wait_for
-from webserver import rss_kib, run_front, unix_get
+from webserver import nginx_binary, nginx_test, render_nginx, rss_kib, run_front, stop, unix_get
 
 VT = dt.date(2024, 3, 31)
 CSP = (
@@ -742,6 +743,44 @@ def test_origin_header_required_when_configured(guarded):
     # the deploy's health check (loopback) needs no secret
     assert status_of(raw(guarded.port, request.format("").encode())) == 200
     assert "s3cret-value" not in Path(guarded.access_log).read_text()
+
+
+def test_the_hosts_own_listen_address_is_the_host_itself(tmp_path):
+    """Listening on an address of its own (not every address), the host's health checks (the
+    deploy's, the watchdog's) ask that address from that address: they were refused 403 by the
+    origin check (and limited like any client), so every deploy rolled back. Another address
+    is still refused."""
+    own = "127.0.0.2"
+    conf, values = render_nginx(
+        tmp_path, tmp_path / "no-gunicorn.sock", tmp_path / "site",
+        webstats_nginx_listen_address=own,
+        webstats_nginx_origin_header_name="X-Origin-Verify",
+        webstats_nginx_origin_header_value="s3cret-value-0123456789",
+    )  # fmt: skip
+    checked = nginx_test(conf)
+    assert checked.returncode == 0, checked.stderr
+    port = values["webstats_nginx_port"]
+
+    def status_from(source: str) -> int:
+        with socket.create_connection((own, port), timeout=10, source_address=(source, 0)) as s:
+            s.sendall(b"GET /healthz HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n")
+            return status_of(s.recv(65536))
+
+    def up() -> bool:
+        try:
+            with socket.create_connection((own, port), timeout=1):
+                return True
+        except OSError:
+            return False
+
+    nginx = subprocess.Popen([nginx_binary(), "-c", str(conf), "-g", "daemon off;"])
+    try:
+        wait_for(lambda: up() or nginx.poll() is not None, 30, what="nginx")
+        assert nginx.poll() is None
+        assert status_from(own) == 502  # let in: passed on (no gunicorn here)
+        assert status_from("127.0.0.3") == 403
+    finally:
+        stop(nginx)
 
 
 def test_unset_origin_header_lets_everyone_in(front):
