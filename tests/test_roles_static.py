@@ -370,3 +370,17 @@ def test_every_runbook_section_named_elsewhere_exists():
     assert len(refs) >= 8, refs
     missing = [(str(p), name) for p, name in refs if not any(h.startswith(name) for h in headings)]
     assert missing == []
+
+
+@pytest.mark.parametrize(
+    ("target", "answers"), [("0.3.13", "0.3.13"), ("0.3.13+0a1b2c3d4e5f", "0.3.13")]
+)
+def test_a_rollback_waits_for_the_version_its_release_answers(target, answers):
+    """A rebuild of a live version is installed as releases/<version>+<key>, and answers
+    /healthz with <version>: a rollback to it waited 90 s for "<version>+<key>" and reported a
+    failed rollback while it served."""
+    tasks = _load(ROLES / "webstats_release" / "tasks" / "rollback.yml")
+    wait = next(t for t in tasks if t.get("ansible.builtin.include_tasks") == "health.yml")
+    expr = wait["vars"]["__webstats_release_health_version"]
+    env = ansible_render.environment()
+    assert env.from_string(expr).render(__webstats_release_target=target) == answers
