@@ -21,6 +21,7 @@ from pathlib import Path
 
 import jinja2
 import pytest
+import yaml
 
 import ansible_render
 from bioc_webstats import alerts
@@ -135,6 +136,42 @@ def test_verify_catches_a_bad_unit(unit_root):
         assert "NoSuchKey" in result.stdout + result.stderr
     finally:
         bad.unlink()
+
+
+VERIFY_UNIT = Path(__file__).parent.parent / "roles/webstats_services/files/verify-unit"
+
+
+@pytest.mark.parametrize(
+    ("dropin", "fails"),
+    [
+        ("[Service]\nMemoryMax=1G\nEnvironment=A=1\n", None),
+        ("[Service]\nMemoryMaxx=1G\n", "Unknown key 'MemoryMaxx'"),
+        ("[Srvice]\nMemoryMax=1G\n", "Unknown section 'Srvice'"),
+    ],
+)
+def test_a_site_dropin_is_verified_with_its_unit(tmp_path, dropin, fails):
+    """webstats_services_dropins were installed unchecked: systemd ignores a misspelt key or
+    section with a journal warning, and the deploy said ok with the setting dropped."""
+    assert SYSTEMD_ANALYZE, "systemd-analyze is not installed: 'make deps' installs systemd"
+    unit = tmp_path / "webstats-test.service"
+    unit.write_text("[Unit]\nDescription=t\n[Service]\nExecStart=/bin/true\n")
+    conf = tmp_path / "candidate"
+    conf.write_text(dropin)
+    result = subprocess.run(
+        ["sh", str(VERIFY_UNIT), "--dropin", str(unit), str(conf)],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    if fails is None:
+        assert result.returncode == 0, result.stdout + result.stderr
+    else:
+        assert result.returncode == 1 and fails in result.stdout + result.stderr
+        assert "webstats-test.service.d/50-site.conf" in result.stdout + result.stderr
+    missing = subprocess.run(
+        ["sh", str(VERIFY_UNIT), "--dropin", "webstats-no-such.service", str(conf)],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert missing.returncode == 1
+    assert "no unit file webstats-no-such.service installed" in missing.stderr
 
 
 def test_calendar_expressions(rendered):
@@ -441,3 +478,12 @@ def test_cli_wrapper_runs_with_the_units_environment(tmp_path):
     passed = {a for a in args[:-2] if not a.startswith(("PATH=", "LANG=", "TERM="))}
     assert passed == units
     assert "WEBSTATS_X=a b" in passed
+
+
+def test_the_site_dropins_are_installed_through_the_verifier():
+    tasks = yaml.safe_load(
+        (Path(__file__).parent.parent / "roles/webstats_services/tasks/main.yml").read_text()
+    )
+    install = next(t for t in tasks if t["name"].startswith("Install the site drop-ins"))
+    validate = install["ansible.builtin.template"]["validate"]
+    assert validate == "{{ __webstats_services_verify }} --dropin {{ item.key }} %s"
