@@ -221,6 +221,16 @@ def test_units_installed_root_owned(host):
         assert f.mode & 0o022 == 0, f"{unit}: {oct(f.mode)}"
 
 
+def test_a_site_dropin_is_in_force(host):
+    """The scenario's webstats_services_dropins (host_vars), installed once verified with its
+    unit (verify-unit --dropin), and applied."""
+    dropin = host.file(f"{UNITS_DIR}/bioc-webstats-watchdog.service.d/50-site.conf")
+    assert (dropin.user, dropin.mode) == ("root", 0o644)
+    assert "Nice=5" in dropin.content_string.splitlines()
+    nice = host.check_output("systemctl show -P Nice bioc-webstats-watchdog.service")
+    assert nice.strip() == "5"
+
+
 def test_the_running_nginx_has_no_new_privileges_and_five_capabilities(host):
     """The running master, not only its unit file: the package started nginx before the
     sandbox existed, and a reload keeps that master; the deploy restarted it once."""
