@@ -49,23 +49,6 @@ def run_cli(*args: str) -> subprocess.CompletedProcess[str]:
     )
 
 
-def test_an_env_file_that_is_a_fifo_is_one_line(tmp_path):
-    """A FIFO as the env file held every command (and the units' starts) forever."""
-    from bioc_webstats.config import read_env_file
-    from test_compare import _run_bounded
-
-    path = tmp_path / "webstats.env"
-    os.mkfifo(path)
-
-    def unblock() -> None:
-        os.close(os.open(path, os.O_WRONLY | os.O_NONBLOCK))
-
-    exc = _run_bounded(lambda: read_env_file(path), unblock)
-    assert isinstance(exc, ConfigError) and str(exc) == (
-        f"cannot read env file {path}: not a regular file (a FIFO, a device or a socket)"
-    )
-
-
 def test_defaults_without_ssm_use_embedded_sqlite(clean_env):
     s = load_settings()
     for p in PARAMS:

@@ -534,25 +534,23 @@ def test_sync_from_a_fifo_is_one_line(tmp_path):
     )
 
 
-@pytest.mark.parametrize("what", ["fifo", "device"])
-def test_packages_load_of_a_fifo_or_a_device_is_one_line(tmp_path, what):
-    """`packages load` of a FIFO waited for a writer forever (click's exists=True takes it);
-    a link to /dev/zero read until the size cap."""
-    from test_compare import _run_bounded
+def test_packages_load_reads_a_pipe_and_bounds_a_device(tmp_path):
+    """`packages load <(curl …)` hands a pipe: it is read as a file (a FIFO waits for its
+    writer, as `cat` does); a link to /dev/zero is cut off at the size cap, one line."""
+    import threading
 
-    path = tmp_path / "packages.csv"
-    if what == "fifo":
-        os.mkfifo(path)
-    else:
-        path.symlink_to("/dev/zero")
-
-    def unblock() -> None:
-        os.close(os.open(path, os.O_WRONLY | os.O_NONBLOCK))
-
-    exc = _run_bounded(lambda: read_csv(path), unblock)
-    assert isinstance(exc, WebstatsError) and str(exc) == (
-        f"cannot read {path}: not a regular file (a FIFO, a device or a socket)"
-    )
+    fifo = tmp_path / "packages.fifo"
+    os.mkfifo(fifo)
+    text = "package,category,first_version,last_version\naffy,bioc,114,\n"
+    writer = threading.Thread(target=lambda: fifo.write_text(text), daemon=True)
+    writer.start()
+    assert read_csv(fifo) == [("affy", "bioc", "1.14", None)]
+    writer.join(10)
+    zero = tmp_path / "zero.csv"
+    zero.symlink_to("/dev/zero")
+    with pytest.raises(WebstatsError) as exc:
+        read_csv(zero)
+    assert str(exc.value).startswith(f"{zero}:")
 
 
 @pytest.mark.parametrize("sep", ["\u2028", "\x1c", "\x85", "\r"])

@@ -16,7 +16,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .errors import ConfigError
-from .files import open_regular
 
 DEFAULT_ENV_FILE = "/etc/bioc-webstats/webstats.env"
 DEFAULT_STATE_DIR = "/var/lib/bioc-webstats"
@@ -240,8 +239,8 @@ def read_env_file(path: Path) -> dict[str, str]:
     """Parse ``KEY=value`` lines (``#`` comments, optional quotes); errors name the line."""
     out: dict[str, str] = {}
     try:
-        # A FIFO: one line, not a wait for a writer; /dev/null: no settings (read bounded).
-        with open_regular(path, devices=True) as fh:
+        # (a FIFO or a pipe, <(…), is read as the shell would: SysOps may hand settings so)
+        with path.open("rb") as fh:
             data = fh.read(MAX_ENV_FILE + 1)
     except OSError as exc:
         raise ConfigError(f"cannot read env file {path}: {exc.strerror}") from None

@@ -15,18 +15,17 @@ class NotARegularFile(OSError):
     """A FIFO, a device or a socket where a file was expected."""
 
 
-def open_regular(path: str | os.PathLike[str], devices: bool = False) -> BinaryIO:
+def open_regular(path: str | os.PathLike[str]) -> BinaryIO:
     """``path`` opened to read, if it is a regular file. Opened non-blocking, so that a FIFO's
     open does not wait for a writer (forever): a FIFO, a device (a link to /dev/zero) or a
     socket is NotARegularFile, a directory IsADirectoryError; both are OSErrors whose
-    ``strerror`` says so in a few words. With ``devices``, a character device is read as it
-    is (``/dev/null``: nothing), the caller bounding what it reads."""
+    ``strerror`` says so in a few words."""
     fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC)
     try:
         mode = os.fstat(fd).st_mode
         if stat.S_ISDIR(mode):
             raise IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR))
-        if not (stat.S_ISREG(mode) or (devices and stat.S_ISCHR(mode))):
+        if not stat.S_ISREG(mode):
             raise NotARegularFile(errno.EINVAL, "not a regular file (a FIFO, a device or a socket)")
         return open(fd, "rb")
     except BaseException:

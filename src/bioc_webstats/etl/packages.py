@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import csv
 import datetime as dt
-import io
 import itertools
 import re
 from collections.abc import Iterator
@@ -19,7 +18,6 @@ from sqlalchemy.orm import Session
 from ..categories import BY_PREFIX, CATEGORIES
 from ..config import Settings
 from ..errors import WebstatsError
-from ..files import open_regular
 from ..store import db
 from ..store.models import Package
 from .manifest import (
@@ -63,8 +61,8 @@ def read_csv(path: Path) -> list[tuple[str, str, str | None, str | None]]:
     other versions is refused, naming both lines."""
     rows: dict[tuple[str, str], tuple[int, tuple[str, str, str | None, str | None]]] = {}
     try:
-        # (a FIFO: one line, not a wait for a writer)
-        with io.TextIOWrapper(open_regular(path), encoding="utf-8-sig", newline="") as fh:
+        # (a pipe, `packages load <(curl …)`, is read as any file: bounded, below)
+        with path.open(newline="", encoding="utf-8-sig") as fh:
             reader = csv.reader(_bounded_lines(fh, path), strict=True)
             header = [h.strip() for h in next(reader, [])]
             if not set(COLUMNS) <= set(header):
