@@ -487,3 +487,21 @@ def test_the_site_dropins_are_installed_through_the_verifier():
     install = next(t for t in tasks if t["name"].startswith("Install the site drop-ins"))
     validate = install["ansible.builtin.template"]["validate"]
     assert validate == "{{ __webstats_services_verify }} --dropin {{ item.key }} %s"
+
+
+@pytest.mark.parametrize("template", ["nginx-service.conf.j2", "nginx-sandbox.conf.j2"])
+def test_the_nginx_roles_dropins_verify_with_the_packaged_unit(tmp_path, template):
+    """The nginx role's drop-ins of nginx.service (memory cap, target, sandbox) are checked
+    here, with the distribution's unit, rather than on the host: no message about them (a
+    misspelt key would be ignored by systemd with a warning)."""
+    from webserver import NGINX_TEMPLATES
+
+    unit = Path("/lib/systemd/system/nginx.service")
+    assert unit.is_file(), "nginx is not installed: 'make deps' installs it"
+    conf = tmp_path / "candidate"
+    conf.write_text(ansible_render.render(NGINX_TEMPLATES / template, ansible_render.deploy_vars()))
+    result = subprocess.run(
+        ["sh", str(VERIFY_UNIT), "--dropin", str(unit), str(conf)],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stdout + result.stderr
