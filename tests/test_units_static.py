@@ -166,6 +166,11 @@ def test_a_site_dropin_is_verified_with_its_unit(tmp_path, dropin, fails):
     else:
         assert result.returncode == 1 and fails in result.stdout + result.stderr
         assert "webstats-test.service.d/50-site.conf" in result.stdout + result.stderr
+
+
+def test_a_site_dropin_of_a_unit_not_installed_fails(tmp_path):
+    conf = tmp_path / "candidate"
+    conf.write_text("[Service]\nMemoryMax=1G\nEnvironment=A=1\n")
     missing = subprocess.run(
         ["sh", str(VERIFY_UNIT), "--dropin", "webstats-no-such.service", str(conf)],
         capture_output=True, text=True, timeout=60,

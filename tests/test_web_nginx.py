@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 
 import webref
+from bioc_webstats.categories import CATEGORIES
 from bioc_webstats.store import db
 from conftest import new_pg_database, wait_for
 from webserver import nginx_binary, nginx_test, render_nginx, rss_kib, run_front, stop, unix_get
@@ -199,9 +200,7 @@ def _unbuilt_files(front) -> list[str]:
     """Each package's ``_stats.tab`` not published yet, in every category (the app answers
     for them until they are)."""
     urls = []
-    stems = {"bioc": "bioc", "data-annotation": "annotation", "data-experiment": "experiment",
-             "workflows": "workflows"}  # fmt: skip
-    for stem, prefix in stems.items():
+    for stem, prefix in ((c.stem, c.prefix) for c in CATEGORIES):
         status, _, body = front.get(f"/packages/stats/{stem}/{prefix}_packages.txt")
         assert status == 200, stem
         urls += [f"/packages/stats/{stem}/{n}/{n}_stats.tab" for n in body.decode().split()]

@@ -123,8 +123,9 @@ def file_key(name: str) -> str:
 _UNIT_KEY = re.compile(r"/rows-(-?\d+)-(-?\d+)$")  # (a rowid may be negative)
 
 
-def _check_header(path: Path, size: int) -> None:
-    """Fail early on what is no SQLite database, or one cut short (a partial copy)."""
+def _check_header(path: Path, size: int) -> bytes:
+    """Fail early on what is no SQLite database, or one cut short (a partial copy); the
+    header's 100 bytes."""
     if size == 0:
         raise LegacyFileError("empty file (0 bytes), not an SQLite database")
     with open_regular(path) as fh:  # (replaced by a FIFO since it was checked: no wait)
@@ -142,15 +143,7 @@ def _check_header(path: Path, size: int) -> None:
         raise LegacyFileError(
             f"truncated: its header says {page * pages} bytes, the file has {size}"
         )
-
-
-def _wal_mode(path: Path) -> bool:
-    """The header says WAL (its read and write versions are 2)."""
-    try:
-        with open_regular(path) as fh:
-            return fh.read(20)[18:20] == b"\x02\x02"
-    except OSError:
-        return False
+    return head
 
 
 def inspect(path: Path) -> LegacyFile:
@@ -174,7 +167,7 @@ def inspect(path: Path) -> LegacyFile:
     except OSError:
         pass  # none (or unreadable: SQLite reports that as it opens the database)
     try:
-        _check_header(path, f.size)
+        head = _check_header(path, f.size)
     except OSError as exc:
         raise LegacyFileError(exc.strerror or str(exc)) from None
     try:
@@ -224,7 +217,8 @@ def inspect(path: Path) -> LegacyFile:
                 "; a -journal file beside it holds an interrupted write, which a read-only "
                 "import cannot roll back"
             )
-        elif _wal_mode(path) and not path.with_name(path.name + "-shm").exists():
+        elif head[18:20] == b"\x02\x02" and not path.with_name(path.name + "-shm").exists():
+            # (the header's read and write versions: 2 is WAL)
             hint = (
                 "; it is in WAL mode, and SQLite could not create its -shm file beside it (a "
                 "read-only directory?): copy it, with its -wal if any, where the import may write"
