@@ -129,12 +129,16 @@ def test_subdirectory_layout_and_skipped_names(db_url, tmp_path, caplog):
     out = tmp_path / "logs"
     truth = loggen.generate(out, days=1, files_per_day=3, lines_per_file=200, seed=3, subdirs=True)
     (out / "notes.txt").write_text("not a log")
+    (out / "x\nERROR forged").write_text("a newline in its name")
     settings = loaded(db_url, tmp_path)
     caplog.set_level(logging.INFO, "bioc_webstats")
     assert ingest.run(settings, source=str(out))
     assert_truth(db_url, truth)
     assert "skipped notes.txt: not a log object name" in caplog.text
-    assert "1 skipped (not log names)" in caplog.text
+    # A name is one escaped word of its line, never a line of its own.
+    assert "skipped 'x\\nERROR forged': not a log object name" in caplog.text
+    assert not any(line.startswith("ERROR forged") for line in caplog.text.splitlines())
+    assert "2 skipped (not log names)" in caplog.text
 
 
 def late_file(out: Path, hour: dt.datetime, n: int) -> Path:

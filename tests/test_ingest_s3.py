@@ -4,6 +4,7 @@ objects never downloaded again, ETags in the ledger."""
 from __future__ import annotations
 
 import datetime as dt
+import logging
 
 import boto3
 import pytest
@@ -35,17 +36,22 @@ def s3(aws_env):
     return client
 
 
-def test_s3_source_ingests_and_never_rereads(db_url, tmp_path, s3):
+def test_s3_source_ingests_and_never_rereads(db_url, tmp_path, s3, caplog):
     out = tmp_path / "logs"
     truth = loggen.generate(
         out, days=2, start=dt.date(2024, 2, 28), files_per_day=4, lines_per_file=150, subdirs=True
     )
     etags = upload_dir(s3, out, "cf/")
     s3.put_object(Bucket=BUCKET, Key="cf/README.txt", Body=b"not a log")
+    # (moto's server takes no newline in a key; an escape sequence rewrites a terminal's line)
+    s3.put_object(Bucket=BUCKET, Key="cf/x\x1b[2K\rERROR forged", Body=b"a control key")
     s3.put_object(Bucket=BUCKET, Key="elsewhere/E1.2024-02-28-00.aa.gz", Body=b"outside prefix")
     settings = loaded(db_url, tmp_path, WEBSTATS_ETL_WORKERS="2")
+    caplog.set_level(logging.INFO, "bioc_webstats")
     assert ingest.run(settings, source=f"s3://{BUCKET}/cf/") is True
     assert_truth(db_url, truth)
+    assert "skipped 'cf/x\\x1b[2K\\rERROR forged': not a log object name" in caplog.text
+    assert "\x1b" not in caplog.text and "\r" not in caplog.text
     with db.session_factory(db_url)() as s:
         ledger = {o.key: o.etag for o in s.scalars(select(IngestedObject))}
     assert ledger == {k: v for k, v in etags.items() if k.endswith(".gz")}

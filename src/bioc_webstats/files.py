@@ -1,4 +1,5 @@
-"""Writing a small file whole or not at all; opening one to read without waiting on a FIFO."""
+"""Writing a small file whole or not at all; opening one to read without waiting on a FIFO;
+showing a name from the disk in a log line."""
 
 from __future__ import annotations
 
@@ -31,6 +32,14 @@ def open_regular(path: str | os.PathLike[str]) -> BinaryIO:
     except BaseException:
         os.close(fd)
         raise
+
+
+def shown(name: str) -> str:
+    """A name from the disk (or a bucket) for a log line: bytes that are not UTF-8 (decoded as
+    surrogates) as U+FFFD, and the whole name escaped (``ascii``) if a character in it, a
+    newline say, would break or forge the line."""
+    text = name.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
+    return text if text.isprintable() else ascii(text)
 
 
 def write_atomic(path: Path, text: str, mode: int = 0o600) -> None:

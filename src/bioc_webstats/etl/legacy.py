@@ -53,7 +53,7 @@ from sqlalchemy.orm import Session
 
 from ..config import Settings
 from ..errors import ConfigError
-from ..files import open_regular
+from ..files import open_regular, shown
 from ..store import db
 from ..store.models import IngestedObject
 from . import ingest, sources
@@ -379,11 +379,6 @@ def _record_file(settings: Settings, f: LegacyFile, until: dt.date) -> None:
     pause_point("file_recorded")
 
 
-def _shown(path: str) -> str:
-    """A path for a log line: escaped if a character in it would break or forge the line."""
-    return path if path.isprintable() else ascii(path)
-
-
 def _file_line(f: LegacyFile, until: dt.date) -> str:
     malformed = sum(f.reasons[i] for i in MALFORMED)
     why = ", ".join(f"{REASONS[i]}: {f.reasons[i]}" for i in MALFORMED if f.reasons[i])
@@ -421,7 +416,7 @@ def import_files(
     def failed(p: str, exc: LegacyFileError) -> None:
         summary.files_failed += 1
         summary.failures.append(p)
-        log.error("%s: %s; not imported", _shown(p), exc)
+        log.error("%s: %s; not imported", shown(p), exc)
 
     for p in dict.fromkeys(paths):  # each path once
         summary.files += 1
@@ -440,7 +435,7 @@ def import_files(
             file_etag, known = _ledger(session, f.name)
         if file_etag == f.etag(until_day):
             summary.files_skipped += 1
-            log.info("%s: imported before and unchanged since (%s): skipped", _shown(p), file_etag)
+            log.info("%s: imported before and unchanged since (%s): skipped", shown(p), file_etag)
             continue
         ranges = []
         for k in known:

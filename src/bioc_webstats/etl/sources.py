@@ -20,6 +20,7 @@ from typing import Any
 
 from ..config import DAY_RANGE
 from ..errors import WebstatsError
+from ..files import shown
 
 log = logging.getLogger(__name__)
 
@@ -175,8 +176,10 @@ class DirSource(Source):
             except OSError as exc:
                 if folder == self.root:
                     raise WebstatsError(f"log source {folder}: {exc.strerror}") from None
-                log.error("log source %s: %s; its files are not read", folder, exc.strerror)
-                self.unreadable.append(str(folder.relative_to(self.root)))
+                log.error(
+                    "log source %s: %s; its files are not read", shown(str(folder)), exc.strerror
+                )
+                self.unreadable.append(shown(str(folder.relative_to(self.root))))
                 continue
             subdirs.sort()
             todo.extend(reversed(subdirs))  # depth first, in name order
@@ -197,12 +200,13 @@ class DirSource(Source):
         """One entry of a folder: a log object of the window, a name skipped, a folder to walk."""
         key = prefix + entry.name
         if not utf8_name(key):  # no CloudFront name; the ledger keeps text keys
-            shown = key.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
             if entry.is_dir():
-                log.error("log source %s: %s: name not UTF-8, not read", folder, shown)
-                self.unreadable.append(shown)
+                log.error(
+                    "log source %s: %s: name not UTF-8, not read", shown(str(folder)), shown(key)
+                )
+                self.unreadable.append(shown(key))
             elif entry.is_file():
-                skipped.append(shown)
+                skipped.append(shown(key))
             return
         if entry.is_dir():  # follows a symlink
             day = dir_day(entry.name)
@@ -211,7 +215,7 @@ class DirSource(Source):
             return
         hour = parse_name(entry.name)
         if hour is None:
-            skipped.append(key)  # a file, or a broken link, a FIFO: listed, not read
+            skipped.append(shown(key))  # a file, or a broken link, a FIFO: listed, not read
         elif hour.date() not in window:  # by name: no stat outside
             return
         elif entry.is_file():
@@ -226,10 +230,10 @@ class DirSource(Source):
     def _unexaminable(self, folder: Path, prefix: str, name: str, exc: OSError) -> None:
         """An entry whose kind cannot be told: named, and the run fails at its end (it may be
         a folder of logs); the folder's other entries are read."""
-        shown = name.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
-        shown = shown if shown.isprintable() else repr(shown)  # no forged log line
-        log.error("log source %s: %s: %s; not read", folder, shown, exc.strerror or exc)
-        self.unreadable.append(prefix + shown)
+        log.error(
+            "log source %s: %s: %s; not read", shown(str(folder)), shown(name), exc.strerror or exc
+        )
+        self.unreadable.append(shown(prefix + name))
 
     def get(self, key: str) -> LogObject:
         if Path(key).is_absolute():
@@ -282,7 +286,7 @@ class _Listing:
             return
         hour = parse_name(key)
         if hour is None:
-            self.skipped.append(key)
+            self.skipped.append(shown(key))
         elif hour.date() in self.window:
             etag = str(item.get("ETag", "")).strip('"') or None
             self.objects.append(LogObject(key, int(item["Size"]), hour, etag))
