@@ -10,6 +10,7 @@ pkgs=(
   r-base-core                      # contract tests: R reads the .tab files
   chromium                         # browser test of the pages
   nginx-light wrk                  # nginx in front of gunicorn in the tests; make bench-web
+  logrotate                        # the base role's logrotate file and timer drop-in, checked
   sqlite3                          # make bench-history baseline (reading a legacy database)
   podman debootstrap uidmap slirp4netns fuse-overlayfs  # molecule on a real systemd host
   openssh-client                   # molecule: Ansible reaches the containers over SSH

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import datetime as dt
 import re
+import shlex
 import shutil
 import subprocess
 from pathlib import Path
@@ -510,3 +511,45 @@ def test_the_nginx_roles_dropins_verify_with_the_packaged_unit(tmp_path, templat
         capture_output=True, text=True, timeout=60,
     )  # fmt: skip
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+def _base_task(name: str) -> dict:
+    tasks = yaml.safe_load((ROOT / "roles/webstats_base/tasks/main.yml").read_text())
+    return next(t for t in tasks if t["name"] == name)
+
+
+def test_the_logrotate_timer_dropin_verifies_with_the_packaged_unit(tmp_path):
+    """The base role's drop-in of logrotate.timer (hourly runs for maxsize) verifies with the
+    distribution's timer; the same check fails on a misspelt key (systemd would ignore it)."""
+    unit = Path("/lib/systemd/system/logrotate.timer")
+    assert unit.is_file(), "logrotate is not installed: 'make deps' installs it"
+    content = _base_task("Run logrotate hourly (size caps)")["ansible.builtin.copy"]["content"]
+    for text, ok in ((content, True), (content.replace("OnCalendar", "OnCalender"), False)):
+        conf = tmp_path / "candidate"
+        conf.write_text(text)
+        result = subprocess.run(
+            ["sh", str(VERIFY_UNIT), "--dropin", str(unit), str(conf)],
+            capture_output=True, text=True, timeout=60,
+        )  # fmt: skip
+        assert (result.returncode == 0) is ok, result.stdout + result.stderr
+
+
+def test_the_logrotate_config_passes_its_validate(tmp_path):
+    """The role installs the logrotate file through its ``validate:``: the file as rendered
+    passes it, and one with a misspelt option does not (``logrotate --debug`` alone ignores
+    the line and exits 0)."""
+    task = _base_task("Rotate the log files")["ansible.builtin.template"]
+    validate = task["validate"]
+    text = ansible_render.render(
+        ROOT / "roles/webstats_base/templates" / task["src"],
+        {**ansible_render.deploy_vars(), "ansible_managed": "managed"},
+    )
+    for body, ok in ((text, True), (text.replace("maxsize", "maxsise"), False)):
+        conf = tmp_path / "bioc-webstats"
+        conf.write_text(body)
+        conf.chmod(0o644)
+        result = subprocess.run(  # as Ansible runs it: "validate % path", split, no shell
+            shlex.split(validate % str(conf)), capture_output=True, text=True,
+            timeout=60,
+        )  # fmt: skip
+        assert (result.returncode == 0) is ok, result.stdout + result.stderr
