@@ -1,6 +1,7 @@
 """``bioc-webstats …``: the one door into the app for systemd units, playbooks and SysOps.
 
-Exit status: 0 success, 1 the work failed (one line on stderr), 2 bad usage.
+Exit status: 0 success, 1 the work failed (one line on stderr), 2 bad usage, 3 (``check``)
+the schema is missing or behind (``db upgrade`` is the fix).
 """
 
 from __future__ import annotations
@@ -74,9 +75,10 @@ def cli(ctx: click.Context, verbose: bool) -> None:
 
 @contextlib.contextmanager
 def writer_lock(settings: Settings, what: str) -> Iterator[None]:
-    """One command that writes records or statistics at a time on this host (``etl run``,
-    ``etl reingest``, ``stats rebuild``, ``import legacy-db``): a second one stops at once
-    and says who holds the lock, instead of working through the same objects."""
+    """One command that writes records or statistics at a time on this host (``daily``,
+    ``etl run``, ``etl reingest``, ``stats rebuild``, ``import legacy-db``, ``db restore``): a
+    second one stops at once and says who holds the lock, instead of working through the same
+    objects."""
     import datetime as dt
     import fcntl
 
@@ -570,9 +572,9 @@ def config_write_web(ctx: Context, path: Path) -> None:
 )
 @pass_ctx
 def check(ctx: Context, login: str) -> None:
-    """Smoke test: configuration loads (every value what its parameter takes), database
-    reachable, schema current (exit 3 when the schema is behind: 'bioc-webstats db upgrade'
-    is the fix)."""
+    """Smoke test: configuration loads (every value what its parameter takes; with --login
+    web, the gunicorn/* and web/* ones), database reachable, schema current (exit 3 when the
+    schema is behind: 'bioc-webstats db upgrade' is the fix)."""
     from .alerts import remember_topic
 
     settings = ctx.settings_for(login)

@@ -18,11 +18,11 @@ def _prctl(option: int, arg: int) -> None:
 
 
 def keep_memory_private() -> None:
-    """Make this process not dumpable: the web service runs as the same unix user, and a
-    process of the same user could otherwise read this one's memory and environment through
-    ``/proc/<pid>/mem`` and ``environ`` (the database logins, ``etl/ip_hash_key``); no core
-    dump of it is written either. ``exec`` resets it, so every entry point asks again; forks
-    keep it."""
+    """Make this process not dumpable: a process of the same unix user (another command of
+    the service user, or a compromised one) could otherwise read this one's memory and
+    environment through ``/proc/<pid>/mem`` and ``environ`` (the database logins,
+    ``etl/ip_hash_key``); no core dump of it is written either. ``exec`` resets it, so every
+    entry point asks again; forks keep it."""
     _prctl(_PR_SET_DUMPABLE, 0)
 
 

@@ -66,7 +66,7 @@ timeout = 120  # the first request of a new data version may build the half-mill
 graceful_timeout = 30  # a restart lets running requests finish (the socket unit queues new ones)
 max_requests = 100_000  # recycle workers now and then; the jitter keeps them from going at once
 max_requests_jitter = 10_000
-preload_app = True  # configuration (SSM, secrets) is read once, in the arbiter
+preload_app = True  # configuration (the web's env file) is read once, in the arbiter
 proc_name = "bioc-webstats"
 if os.path.isdir("/dev/shm"):  # noqa: S108 - gunicorn's heartbeat files, kept off the disk
     worker_tmp_dir = "/dev/shm"  # noqa: S108
