@@ -810,3 +810,42 @@ def test_a_spool_file_that_cannot_be_written_or_read_back_fails_its_object_alone
     assert not os.path.exists(cut.spool) and not os.path.exists(whole.spool)
     with db.session_factory(db_url)() as s:
         assert list(s.scalars(select(IngestedObject.key))) == [objs[2].key]
+
+
+def test_one_log_object_under_two_names_is_counted_once(db_url, tmp_path, caplog):
+    """A CloudFront object is its name: a copy in another folder (the same name) and a link to
+    it (another name, one file) were each ingested again, their downloads counted twice. Once
+    in one run, and once when the other name appears in a later run."""
+    import shutil
+
+    out = tmp_path / "logs"
+    truth = loggen.generate(out, days=2, files_per_day=3, lines_per_file=50)
+    first, second, third = (out / name for name in truth.files[:3])
+    (out / "copies").mkdir()
+    shutil.copy(first, out / "copies" / first.name)  # the same name in another folder
+    # a link whose name sorts before its file's: the file's own name is the one read
+    link = second.with_name(second.name.replace(".gz", "").rsplit(".", 1)[0] + ".0link.gz")
+    link.symlink_to(second.name)
+    assert link.name < second.name and sources.parse_name(link.name)
+    settings = loaded(db_url, tmp_path)
+    caplog.set_level(logging.INFO, "bioc_webstats")
+    assert ingest.run(settings, source=str(out))
+    assert_truth(db_url, truth)
+    assert f"copies/{first.name}: the same log object as {first.name} (its CloudFront name)" in (
+        caplog.text
+    )
+    assert f"{link.name} is another name of {second.name} (a link); not read under it" in (
+        caplog.text
+    )
+    with db.session_factory(db_url)() as s:
+        keys = set(s.scalars(select(IngestedObject.key)))
+    assert keys == set(truth.files)
+    # Later: another copy and a hard link of objects read before add nothing.
+    (out / "later").mkdir()
+    shutil.copy(second, out / "later" / second.name)
+    hard = third.with_name(third.name.replace(".gz", "").rsplit(".", 1)[0] + ".0hard.gz")
+    os.link(third, hard)
+    assert hard.name < third.name  # the name listed for the file: the ledger has the other
+    before = snapshot(db_url)
+    assert ingest.run(settings, source=str(out))
+    assert snapshot(db_url) == before

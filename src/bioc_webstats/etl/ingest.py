@@ -38,6 +38,7 @@ from sqlalchemy.orm import Session
 
 from ..config import Settings, parse_day
 from ..errors import ConfigError, WebstatsError
+from ..files import shown
 from ..proc import die_with_parent
 from ..store import db, records, stats
 from ..store.models import DownloadRecord, IngestedObject
@@ -633,7 +634,11 @@ def plan_window(
 def select_objects(
     session: Session, objects: list[sources.LogObject], window: sources.Window
 ) -> list[sources.LogObject]:
-    """The objects of the window not in the ledger, in (name hour, key) order."""
+    """The objects of the window not in the ledger, in (name hour, key) order.
+
+    An object is its CloudFront name (``<dist>.<hour>.<unique>.gz``, unique to it), wherever
+    it lies: the same name under another prefix or folder (a copy, a bucket reorganised) is
+    the object the ledger holds, or one read once in this run, not a new one."""
     objects = [o for o in objects if o.name_hour.date() in window]
     q = select(IngestedObject.key)
     if window.start is not None:
@@ -643,7 +648,20 @@ def select_objects(
         end = window.until + dt.timedelta(days=1)
         q = q.where(IngestedObject.name_hour < dt.datetime(end.year, end.month, end.day))
     done = set(session.scalars(q))
-    return sorted((o for o in objects if o.key not in done), key=lambda o: (o.name_hour, o.key))
+    names = {k.rsplit("/", 1)[-1]: k for k in sorted(done, reverse=True)}
+    todo = []
+    new = (o for o in objects if o.key not in done and done.isdisjoint(o.aliases))
+    for o in sorted(new, key=lambda o: (o.name_hour, o.key)):
+        name = o.key.rsplit("/", 1)[-1]
+        other = names.setdefault(name, o.key)
+        if other != o.key:
+            log.warning(
+                "%s: the same log object as %s (its CloudFront name); not read again",
+                shown(o.key), shown(other),
+            )  # fmt: skip
+            continue
+        todo.append(o)
+    return todo
 
 
 def list_window(

@@ -14,7 +14,7 @@ import os
 import re
 import zlib
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -53,6 +53,7 @@ class LogObject:
     size: int
     name_hour: dt.datetime
     etag: str | None = None
+    aliases: tuple[str, ...] = ()  # other keys of the same file (links): read under none
 
 
 def parse_name(key: str) -> dt.datetime | None:
@@ -150,6 +151,7 @@ class DirSource(Source):
         objects: list[LogObject] = []
         skipped: list[str] = []
         seen: set[tuple[int, int]] = set()  # real folders walked (a symlink loop ends here)
+        self._files: dict[str, tuple[int, int, bool]] = {}  # key: (device, inode, a link)
         real_root = self.root.resolve()
         todo = [self.root]
         while todo:
@@ -183,9 +185,29 @@ class DirSource(Source):
                 continue
             subdirs.sort()
             todo.extend(reversed(subdirs))  # depth first, in name order
+        objects = self._once(objects)
         objects.sort(key=lambda o: o.key)
         skipped.sort()
         return objects, skipped
+
+    def _once(self, objects: list[LogObject]) -> list[LogObject]:
+        """One file under two names (a symlink to a log object, a hard link) is one object:
+        listed under its own name (not a link's; then the first name), the others its
+        ``aliases`` (the ledger may hold it under one of them); its downloads would count
+        twice."""
+        files = self._files
+        names: dict[tuple[int, int], list[LogObject]] = {}
+        for o in sorted(objects, key=lambda o: (files[o.key][2], o.key)):
+            names.setdefault(files[o.key][:2], []).append(o)
+        once = []
+        for kept, *others in names.values():
+            for o in others:
+                log.warning(
+                    "log source %s: %s is another name of %s (a link); not read under it",
+                    shown(self.url), shown(o.key), shown(kept.key),
+                )  # fmt: skip
+            once.append(replace(kept, aliases=tuple(o.key for o in others)) if others else kept)
+        return once
 
     def _entry(
         self,
@@ -219,7 +241,9 @@ class DirSource(Source):
         elif hour.date() not in window:  # by name: no stat outside
             return
         elif entry.is_file():
-            objects.append(LogObject(key, entry.stat().st_size, hour))
+            st = entry.stat()
+            objects.append(LogObject(key, st.st_size, hour))
+            self._files[key] = (st.st_dev, st.st_ino, entry.is_symlink())
         else:  # a log object's name on no file: its downloads would go missing
             log.error(
                 "log source %s: %s is not a file (a broken symlink?); not read",
