@@ -279,6 +279,16 @@ def test_cutover_day_until_or_logs_since_or_refused(db_url, tmp_path, monkeypatc
     assert days() == [9]
     assert legacy.import_files(later, [str(path)], replace=True)
     assert days() == [9, 10]
+    # an --until after etl/logs_since would count the days between in both sources: refused
+    with pytest.raises(
+        ConfigError,
+        match=r"^import legacy-db: --until 2020-01-12 is after etl/logs_since 2020-01-11, from "
+        r"which the log ETL counts: the days between would be counted twice; give --until "
+        r"2020-01-11 or earlier",
+    ):
+        legacy.import_files(later, [str(path)], until="2020-01-12", replace=True)
+    assert days() == [9, 10]
+    assert legacy.import_files(later, [str(path)], until="2020-01-11")  # the same day: fine
     bad = make_settings(db_url, tmp_path, WEBSTATS_ETL_LOGS_SINCE="2020-13-01")
     with pytest.raises(
         ConfigError,

@@ -316,13 +316,17 @@ def readers(settings: Settings) -> int:
 
 
 def cutover_day(settings: Settings, until: str | None) -> dt.date:
-    """``--until``, else ``etl/logs_since``; neither: refused (a day would count twice)."""
+    """``--until``, else ``etl/logs_since``; neither, or an ``--until`` after
+    ``etl/logs_since``: refused (a day would count twice)."""
     # the same message for a bad etl/logs_since as from `check` and the log ETL
-    day = (
-        ingest.parse_since(until, "--until")
-        if until is not None
-        else settings.get_day("etl/logs_since")
-    )
+    logs_since = settings.get_day("etl/logs_since")
+    day = ingest.parse_since(until, "--until") if until is not None else logs_since
+    if day is not None and logs_since is not None and day > logs_since:
+        raise ConfigError(
+            f"import legacy-db: --until {day} is after etl/logs_since {logs_since}, from which "
+            "the log ETL counts: the days between would be counted twice; give --until "
+            f"{logs_since} or earlier (or move etl/logs_since first)"
+        )
     if day is None:
         raise ConfigError(
             "import legacy-db: no cut-over day: give --until YYYY-MM-DD or set etl/logs_since "
