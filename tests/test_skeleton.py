@@ -91,3 +91,32 @@ def test_cli_check_fails_on_a_value_its_parameter_does_not_take(clean_env):
         web, env={**env, "WEBSTATS_GUNICORN_THREADS": "0"}, capture_output=True, text=True
     )
     assert r.returncode == 1 and "gunicorn/threads must be at least 1" in r.stderr
+
+
+def test_a_path_the_cli_cannot_reach_is_one_line(clean_env):
+    """A path argument the system refuses (here a name too long; on a host, a root-only folder
+    given to a command that runs as the service user) was a traceback from pathlib's
+    is_dir/is_file; it is one line naming the path, exit 1."""
+    env = {
+        "PATH": "/usr/bin:/bin",
+        "WEBSTATS_ENV_FILE": str(clean_env / "none.env"),
+        "WEBSTATS_DATABASE_URL": f"sqlite:///{clean_env / 'c.db'}",
+        "WEBSTATS_ETL_LOGS_SINCE": "2024-01-01",
+        "WEBSTATS_STATE_DIR": str(clean_env / "state"),
+    }
+    exe = str(Path(sys.executable).parent / "bioc-webstats")
+    assert subprocess.run([exe, "db", "upgrade"], env=env, capture_output=True).returncode == 0
+    far = f"{clean_env}/{'x' * 300}"
+    for args in (
+        ["etl", "run", "--dry-run", "--source", far],
+        ["packages", "sync", "--dry-run", "--from", far],
+        ["compare", "--against", far],
+        ["db", "backup", f"{far}/out.dump"],
+        ["db", "restore", f"{far}/in.dump"],
+    ):
+        r = subprocess.run([exe, *args], env=env, capture_output=True, text=True, timeout=120)
+        assert r.returncode == 1, (args, r.stderr)
+        assert r.stderr.startswith(f"bioc-webstats: error: {far}") and "Traceback" not in r.stderr
+        assert r.stderr.count("\n") == 1 and r.stderr.rstrip().endswith("File name too long"), (
+            args, r.stderr,
+        )  # fmt: skip

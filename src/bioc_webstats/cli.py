@@ -24,6 +24,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from . import __version__
 from .config import Settings, load_settings, overruled_lines
 from .errors import WebstatsError, first_line
+from .files import shown
 from .proc import keep_memory_private
 from .store import db
 
@@ -673,5 +674,11 @@ def main(argv: list[str] | None = None) -> None:
         if re.search(r"no such table|relation \S+ does not exist", first):
             first += " (no schema yet? run 'bioc-webstats db upgrade')"
         click.echo(f"bioc-webstats: error: database: {first}", err=True)
+        sys.exit(1)
+    except OSError as exc:  # a path given that this user may not reach, a full disk, …
+        if verbose:
+            traceback.print_exc()
+        where = f"{shown(os.fsdecode(exc.filename))}: " if exc.filename is not None else ""
+        click.echo(f"bioc-webstats: error: {where}{exc.strerror or exc}", err=True)
         sys.exit(1)
     sys.exit(0)
