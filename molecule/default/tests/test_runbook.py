@@ -177,6 +177,48 @@ def test_restart_everything(host, service, runbook):
     wait_for(lambda: active(host, TIMER) == "active", 60, "the timer after restart")
 
 
+def test_restart_everything_answers_no_502(host, service, runbook):
+    """nginx stops before gunicorn and starts after it: while the target restarts, a request is
+    refused (nginx down) or answered, never 502 (they stopped together: nginx's requests in
+    flight met a closed socket)."""
+    import collections
+    import threading
+
+    import requests
+
+    paths = ["/healthz", "/packages/stats/bioc/", "/packages/stats/bioc/bioc_packages.txt"]
+    statuses: list[int] = []
+    done = threading.Event()
+
+    def client(path: str) -> None:
+        session = requests.Session()
+        while not done.is_set():
+            try:
+                r = session.get(service.base + path, timeout=10, allow_redirects=False)
+                statuses.append(r.status_code)
+            except requests.RequestException:
+                session = requests.Session()  # refused or reset while nginx is down
+
+    threads = [threading.Thread(target=client, args=(p,), daemon=True) for p in paths]
+    for t in threads:
+        t.start()
+    try:
+        for _ in range(2):
+            before = main_pid(host, WEB)
+            run_ok(host, runbook(f"systemctl restart {TARGET}"))
+            wait_for(
+                lambda b=before: main_pid(host, WEB) not in (0, b) and healthy(service),
+                60,
+                "the web back after the restart",
+            )
+    finally:
+        done.set()
+        for t in threads:
+            t.join(30)
+    seen = collections.Counter(statuses)
+    assert seen[200] > 0 and not {502, 504} & set(seen), seen
+
+
 def test_restart_web_service_keeps_socket(host, service, runbook):
     socket_since = run_ok(host, f"systemctl show -p ActiveEnterTimestampMonotonic {SOCKET}")
     before = main_pid(host, WEB)
@@ -272,6 +314,35 @@ def test_pause_and_resume_the_etl(host, runbook):
     assert active(host, TIMER) == "active"
     next_run = run_ok(host, f"systemctl show -p NextElapseUSecRealtime --value {TIMER}")
     assert next_run.strip() not in ("", "n/a", "0")
+
+
+def test_stopping_a_running_etl_is_no_failure(host, deploy_vars):
+    """A stop (of the unit, or of the target) ends a run with SIGTERM: success, no alert. It
+    was a failure ('signal') that ran the failure hook. The run is held by a runtime drop-in:
+    the unit's own wrapper around a sleep."""
+    hook = f"bioc-webstats-failure@{ETL}.service"
+    hooked = show(host, hook, "InvocationID")
+    dropin = f"/run/systemd/system/{ETL}.d/zz-molecule-hold.conf"
+    wrapper = deploy_vars["webstats_services_run_logged"]
+    run_ok(
+        host,
+        f"mkdir -p /run/systemd/system/{ETL}.d && printf '[Service]\\nExecStart=\\n"
+        f"ExecStart={wrapper} /tmp/molecule-hold.log /bin/sleep 300\\n' > {dropin} "
+        "&& systemctl daemon-reload",
+    )
+    try:
+        run_ok(host, f"systemctl start --no-block {ETL}")
+        wait_for(
+            lambda: show(host, ETL, "ActiveState") == "activating" and main_pid(host, ETL) > 0,
+            60,
+            "the held run",
+        )
+        run_ok(host, f"systemctl stop {ETL}")
+        assert show(host, ETL, "Result") == "success"
+        assert host.run(f"systemctl is-failed --quiet {ETL}").rc != 0
+    finally:
+        run_ok(host, f"rm -f {dropin} && systemctl daemon-reload")
+    assert show(host, hook, "InvocationID") == hooked, "the failure hook ran"
 
 
 def test_run_the_etl_now_changes_nothing_when_nothing_is_new(host, service, runbook):
