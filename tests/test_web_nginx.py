@@ -424,6 +424,27 @@ def test_a_control_character_in_a_header_is_not_gunicorns_400(front, header):
         assert_security_headers(answer)
 
 
+@pytest.mark.parametrize(
+    "header",
+    [
+        b"X-Forwarded-For: " + b"1" * 8170,  # fits nginx's 8k header buffer
+        b"X-Forwarded-For: " + b"1" * 4100 + b"\r\nX-Forwarded-For: " + b"2" * 4100,
+    ],
+)
+def test_a_long_forwarded_chain_is_not_gunicorns_431(front, header):
+    """nginx passes the chain it was sent plus the client's address: past gunicorn's 8190
+    bytes a field (or two headers joined) the app's URLs were 431 where a file is 200."""
+    unbuilt = _unbuilt_files(front)[-1]
+    for target, status in [
+        ("/healthz", 200),
+        ("/packages/stats/bioc/nosuchpkg/", 404),
+        (unbuilt, 200),
+        (STATIC, 200),
+    ]:
+        answer = raw_get(front, target.encode(), header + b"\r\n")
+        assert status_of(answer) == status, (target, answer[:300])
+
+
 def test_a_control_character_in_if_match_fails_it_in_the_app_as_in_nginx(front):
     unbuilt = _unbuilt_files(front)[-1]
     for target in (STATIC, unbuilt):
