@@ -36,6 +36,17 @@ def wait_for(predicate, timeout: float = 30.0, interval: float = 0.05, what: str
         time.sleep(interval)
 
 
+@pytest.fixture(autouse=True)
+def _publish_without_waiting(monkeypatch, request):
+    """A publish within the second of the last one waits for the next (Last-Modified never in
+    the future); tests that publish again and again in-process do not wait, except those that
+    check it (marker ``publish_waits``). Commands run as subprocesses wait as deployed."""
+    if "publish_waits" not in request.keywords:
+        from bioc_webstats.web import site
+
+        monkeypatch.setattr(site, "MAX_PUBLISH_WAIT", 0.0)
+
+
 def _pg_bindir() -> Path:
     base = Path("/usr/lib/postgresql")
     versions = sorted(

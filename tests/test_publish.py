@@ -11,6 +11,7 @@ import os
 import subprocess
 import sys
 import threading
+import time
 import urllib.request
 from pathlib import Path
 
@@ -392,3 +393,27 @@ def test_publish_all_gives_the_bodies_a_request_builds(db_url, clean_env, monkey
         if rel.endswith("/index.html"):
             rel = rel.removesuffix("index.html")
         assert path.read_bytes() == fresh_build(settings, rel), rel
+
+
+@pytest.mark.publish_waits
+def test_publishers_at_once_never_date_a_version_in_the_future(tmp_path):
+    """Eight publishers at once each took a second later than the others' versions, the last
+    one seven seconds ahead of the clock: Last-Modified in the future. One at a time picks its
+    time, each a second later than the last and none later than now."""
+    site = PublishedSite(tmp_path / "site")
+    made: list[tuple[int, float]] = []
+
+    def publish(i: int) -> None:
+        v = PublishedSite(tmp_path / "site").open_version(f"{i}-p{i}", force=True)
+        made.append((v.published, time.time()))
+
+    threads = [threading.Thread(target=publish, args=(i,)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert len(made) == 4
+    times = sorted(p for p, _ in made)
+    assert times == sorted(set(times))  # distinct: the validators are the second and the size
+    assert all(published <= now for published, now in made), made
+    assert (tmp_path / "site" / ".lock-publish").is_file() and site.current() is None

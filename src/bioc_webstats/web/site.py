@@ -27,7 +27,7 @@ import re
 import shutil
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -38,6 +38,7 @@ log = logging.getLogger(__name__)
 CURRENT = "current"
 SITE_PREFIX = "packages/stats"  # URL prefix, mirrored under each version directory
 META_FILE = ".version.json"  # nginx never serves dot-files; the app 404s them
+MAX_PUBLISH_WAIT = 2.0  # seconds a publish waits for a second later than the last one
 KEEP = 2  # version directories kept: the current one and the one before (requests in flight)
 _DIR_RE = re.compile(r"^v(\d+)-([0-9A-Za-z]+)-(.+)-(\d+)$")
 
@@ -120,23 +121,30 @@ class PublishedSite:
             ]
             if newer:
                 return newer[-1]
-        latest = max((v.published for v in versions), default=0)
-        published = max(int(time.time()), latest + 1)
-        path = self.root / f"v{key}-{self.code}-{published}"
         if self.root.exists() and not self.root.is_dir():  # mkdir would say "File exists"
             raise NotADirectoryError(errno.ENOTDIR, os.strerror(errno.ENOTDIR), str(self.root))
         self.root.mkdir(parents=True, exist_ok=True)
-        (path / SITE_PREFIX).mkdir(parents=True, exist_ok=True)
-        _touch(path / SITE_PREFIX, published)
-        meta = {
-            "key": key,
-            "code": self.code,
-            "published": published,
-            # what the app answers from when the database is down and it knows no data
-            # version yet (StatsSite.state)
-            "valid_thru": valid_thru.isoformat() if valid_thru else None,
-        }
-        _write_atomic(path / META_FILE, json.dumps(meta).encode() + b"\n", published)
+        # One publisher at a time picks its time (flock): a second later than every other
+        # version's (the validators are the second and the size), and not in the future
+        # (Last-Modified): one published within this second waits for the next.
+        with _publish_lock(self.root):
+            latest = max((v.published for v in self.versions()), default=0)
+            wait = latest + 1 - time.time()
+            if 0 < wait <= MAX_PUBLISH_WAIT:  # (further: the clock went back; not waited for)
+                time.sleep(wait)
+            published = max(int(time.time()), latest + 1)
+            path = self.root / f"v{key}-{self.code}-{published}"
+            (path / SITE_PREFIX).mkdir(parents=True, exist_ok=True)
+            _touch(path / SITE_PREFIX, published)
+            meta = {
+                "key": key,
+                "code": self.code,
+                "published": published,
+                # what the app answers from when the database is down and it knows no data
+                # version yet (StatsSite.state)
+                "valid_thru": valid_thru.isoformat() if valid_thru else None,
+            }
+            _write_atomic(path / META_FILE, json.dumps(meta).encode() + b"\n", published)
         return Version(path, key, self.code, published)
 
     def switch(self, version: Version) -> bool:
@@ -218,6 +226,22 @@ class PublishedSite:
                 return body
         finally:
             lock.close()  # releases the lock
+
+
+@contextlib.contextmanager
+def _publish_lock(root: Path) -> Iterator[None]:
+    """Held while a publisher picks its time and makes its directory (the ETL's user, or the
+    web's: read-only is enough for flock). One that cannot be opened is done without."""
+    try:
+        fd = os.open(root / ".lock-publish", os.O_RDONLY | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    except OSError:
+        yield
+        return
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # releases the lock
 
 
 def _touch(path: Path, when: int) -> None:
