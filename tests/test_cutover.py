@@ -280,6 +280,15 @@ def test_window_errors_are_one_line(db_url, tmp_path):
         ingest.run(settings, source=str(tmp_path), since="2024-02-01", until="2024-01-01")
     with pytest.raises(WebstatsError, match="--until 'soon'"):
         ingest.run(settings, source=str(tmp_path), until="soon")
+    # before the cut-over day: --since cannot go back there, so it is not offered
+    since_cut = loaded(db_url, tmp_path, WEBSTATS_ETL_LOGS_SINCE="2024-03-01")
+    with pytest.raises(WebstatsError) as exc:
+        ingest.run(since_cut, source=str(tmp_path), until="2020-01-01")
+    start = dt.date(2024, 3, 1) - ingest.CUTOVER_MARGIN
+    assert str(exc.value) == (
+        f"--until 2020-01-01 is before the window's start {start}; the log ETL reads nothing "
+        "dated before etl/logs_since 2024-03-01"
+    )
 
 
 # --- listing by window: a local folder -----------------------------------------------------------

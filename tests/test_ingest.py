@@ -7,6 +7,7 @@ import datetime as dt
 import gzip
 import logging
 import os
+import re
 import tempfile
 from pathlib import Path
 
@@ -367,6 +368,15 @@ def test_dry_run_writes_nothing(db_url, tmp_path, data, caplog):
     assert f"{len(truth.files)} to ingest" in caplog.text
     assert f"would ingest {truth.files[0]}" in caplog.text
     assert f"etl run --dry-run: {len(truth.files)} objects to ingest, 0 failed" in caplog.text
+    assert caplog.text.rstrip().endswith("s)") and "ValidThru -," in caplog.text  # none yet
+    # after a run: the ValidThru there is (it said '-')
+    caplog.clear()
+    assert ingest.run(settings, source=str(out))
+    valid_thru = re.search(r"etl run: .* ValidThru (\S+),", caplog.text)[1]
+    assert valid_thru != "-"
+    caplog.clear()
+    assert ingest.run(settings, source=str(out), dry_run=True)
+    assert f"ValidThru {valid_thru}," in caplog.text.split("etl run --dry-run:")[-1]
 
 
 def test_an_unreadable_folder_fails_the_run_not_the_others(db_url, tmp_path, caplog, monkeypatch):

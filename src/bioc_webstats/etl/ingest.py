@@ -618,14 +618,17 @@ def plan_window(
         start = newest.date() - dt.timedelta(days=lookback_days)
     if since is not None and (start is None or since < start):
         start = since
+    at_cutover = False
     if cutover is not None:
         first = cutover - CUTOVER_MARGIN
-        start = first if start is None or start < first else start
+        if start is None or start < first:
+            start, at_cutover = first, True
     if until is not None and start is not None and until < start:
-        raise WebstatsError(
-            f"--until {until} is before the window's start {start}"
-            + ("" if since is not None and since <= until else "; give --since to go back")
-        )
+        if at_cutover:  # --since cannot go back past it
+            hint = f"; the log ETL reads nothing dated before etl/logs_since {cutover}"
+        else:
+            hint = "" if since is not None and since <= until else "; give --since to go back"
+        raise WebstatsError(f"--until {until} is before the window's start {start}{hint}")
     if last_day is not None and (until is None or until > last_day):
         until = last_day
     return sources.Window(start, until)
@@ -723,6 +726,8 @@ def run(
         for o in todo:
             log.info("would ingest %s (%d bytes)", o.key, o.size)
         summary.objects = len(todo)
+        with db.session_factory(settings.database_url)() as session:
+            summary.valid_thru = db.get_valid_thru(session)  # as it is, the run not made
         summary.elapsed = time.monotonic() - t0
         log.info("%s", summary.line("etl run --dry-run").replace("ingested", "to ingest"))
         return summary.failed == 0
