@@ -712,6 +712,24 @@ def test_the_app_judges_conditions_as_nginx_does(front):
     assert front.get(STATIC, headers={"If-Match": etag})[0] == 200
 
 
+def test_the_app_judges_a_tag_with_a_date_as_nginx_does(front):
+    """A matching If-None-Match with an older If-Modified-Since, and a tag without its quotes:
+    nginx answers 200 for a file on disk, and the app answered 304 for the same file before it
+    was on disk (werkzeug's rules)."""
+    past = email.utils.formatdate(1_000_000_000, usegmt=True)
+    page = _unbuilt_files(front)[0]
+    for target, on_disk in ((STATIC, True), (page, False)):
+        etag = front.get(target)[1]["ETag"]
+        for headers, status in [
+            ({"If-None-Match": etag, "If-Modified-Since": past}, 200),
+            ({"If-None-Match": etag.strip('"')}, 200),
+            ({"If-None-Match": f'"other", {etag}'}, 304),
+        ]:
+            if not on_disk:
+                published(front, target).unlink(missing_ok=True)  # the app answers it
+            assert front.get(target, headers=headers)[0] == status, (target, headers)
+
+
 def test_a_slow_client_is_cut_off(front):
     """A client that never finishes its request head is closed after client_header_timeout
     (a connection left open would time this read out)."""

@@ -34,7 +34,7 @@ from flask import Flask, Response, jsonify, request, send_file
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session
 from werkzeug.exceptions import HTTPException
-from werkzeug.http import HTTP_STATUS_CODES, parse_date, parse_etags
+from werkzeug.http import HTTP_STATUS_CODES, parse_date
 
 from .. import __version__
 from ..config import Settings, load_settings
@@ -281,19 +281,52 @@ def _redirect(location: str, max_age: int) -> Response:
     return resp
 
 
+def _etag_listed(header: str, etag: str, weak: bool) -> bool:
+    """Whether an If-Match (``weak`` False) or If-None-Match (True) list names ``etag`` (the
+    tag unquoted, as send_file takes it), as nginx reads the list: ``*`` alone, or the quoted
+    tag byte for byte (``W/`` ignored when weak), between commas and blanks."""
+    header = header.strip(" \t")
+    if header == "*":
+        return True
+    quoted = f'"{etag}"'
+    for item in header.split(","):
+        item = item.strip(" \t")
+        if weak and item.startswith("W/"):
+            item = item[2:]
+        if item == quoted:
+            return True
+    return False
+
+
 def _precondition_failed(etag: str, mtime: float) -> bool:
     """If-Match and If-Unmodified-Since, each judged as nginx judges them for a file on disk.
     If-Match is taken out of the request: werkzeug's send_file answers it inverted (412 when
     it matches)."""
     if_match = request.environ.pop("HTTP_IF_MATCH", None)
-    if if_match is not None and if_match.strip() != "*":
-        if not parse_etags(if_match).is_strong(etag):
-            return True
+    if if_match is not None and not _etag_listed(if_match, etag, weak=False):
+        return True
     raw = request.environ.get("HTTP_IF_UNMODIFIED_SINCE")
     if raw is None:
         return False
     since = parse_date(raw)  # one that is no date fails, as in nginx
     return since is None or int(mtime) > since.timestamp()
+
+
+def _not_modified(etag: str, mtime: float) -> bool:
+    """If-None-Match and If-Modified-Since, judged as nginx judges them for a file on disk
+    (``if_modified_since before``): 304 when one is there and neither says modified, so an
+    older If-Modified-Since beside a matching tag is a 200, as from nginx (werkzeug followed
+    RFC 9110 there, and matched a tag without its quotes). Both are taken out of the request:
+    send_file is left the ranges."""
+    tags = request.environ.pop("HTTP_IF_NONE_MATCH", None)
+    raw = request.environ.pop("HTTP_IF_MODIFIED_SINCE", None)
+    if tags is None and raw is None:
+        return False
+    if raw is not None:
+        since = parse_date(raw)
+        if since is None or since.timestamp() < int(mtime):
+            return False
+    return tags is None or _etag_listed(tags, etag, weak=True)
 
 
 def _send(path_or_body: Path | bytes, ctype: str, etag: str, mtime: float, max_age: int):
@@ -303,6 +336,11 @@ def _send(path_or_body: Path | bytes, ctype: str, etag: str, mtime: float, max_a
 
     if _precondition_failed(etag, mtime):
         return _plain(412, "Precondition Failed", "Precondition Failed.")
+    if _not_modified(etag, mtime):  # (werkzeug sends no Last-Modified with a 304: RFC 9110)
+        resp = Response(status=304)
+        resp.headers["ETag"] = f'"{etag}"'
+        resp.headers["Cache-Control"] = f"public, max-age={max_age}"
+        return resp
     if isinstance(path_or_body, Path):
         resp = send_file(path_or_body, mimetype=ctype, etag=etag, last_modified=mtime,
                          max_age=max_age, conditional=True)  # fmt: skip
