@@ -315,6 +315,8 @@ def test_pages_carry_legacy_texts(loaded):
     assert "<h2>2010</h2>" not in pkg and "<h2>2009</h2>" in pkg
     moved = client.get(P + "bioc/CNAnorm/").text
     assert "Package CNAnorm is now in the Bioconductor annotation repository" in moved
+    assert '<a href="../../data-annotation/CNAnorm/">Package CNAnorm is now' in moved
+    assert client.get(P + "data-annotation/CNAnorm/").status_code == 200
     gone = client.get(P + "bioc/TReNA/").text
     assert (
         "Package TReNA is not in the current release of Bioconductor. It was last seen in 3.8."
@@ -703,3 +705,29 @@ def test_a_database_cut_off_by_the_network_is_503_not_a_hung_request(clean_env, 
                 subprocess.run(["iptables", "-D", *rule], check=True)
         assert answers == [503]
         assert client.get(P + "bioc/limma/").status_code == 200  # back: a new connection
+
+
+def test_a_move_to_a_category_without_downloads_yet_links_nowhere(loaded):
+    """A package closed here and open in a category where it has no download yet: its page
+    there is a 404, so the sentence is said without a link to it (it linked to the 404)."""
+    from sqlalchemy import update
+
+    from bioc_webstats.store.models import Package
+
+    client, url = loaded
+    with db.session_factory(url)() as s:
+        s.execute(
+            update(Package)
+            .where(Package.package == "affy", Package.category == "bioc")
+            .values(last_release="3.18")
+        )
+        s.add(Package(package="affy", category="experiment", first_release="3.19"))
+        db.bump_data_version(s)
+        s.commit()
+    assert client.get(P + "data-experiment/affy/").status_code == 404
+    page = client.get(P + "bioc/affy/").text
+    assert (
+        '<p class="landing">Package affy is now in the Bioconductor experiment repository</p>'
+        in (page)
+    )
+    assert "data-experiment/affy" not in page

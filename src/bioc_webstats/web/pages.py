@@ -104,7 +104,10 @@ def package_page(
     elif own is not None:
         moved = [c for c, r in rel.items() if c != cat.prefix and r.last_release is None]
         if moved:
-            status = {"kind": "moved", "to": BY_PREFIX[moved[0]]} if moved[0] in BY_PREFIX else {}
+            to = BY_PREFIX.get(moved[0])
+            # its page there exists once it has a download there: a link to a 404 before
+            linked = to is not None and bool(snap.categories[to.prefix].years.get(package))
+            status = {"kind": "moved", "to": to, "linked": linked} if to is not None else {}
         else:
             status = {"kind": "gone", "last": own.last_release}
     ctx = {
