@@ -142,6 +142,16 @@ def test_verify_catches_a_bad_unit(unit_root):
 VERIFY_UNIT = Path(__file__).parent.parent / "roles/webstats_services/files/verify-unit"
 
 
+def verify_dropin(unit: Path | str, text: str, tmp_path: Path) -> subprocess.CompletedProcess:
+    """``verify-unit --dropin UNIT FILE`` of a candidate drop-in, as the role's validate."""
+    conf = tmp_path / "candidate"
+    conf.write_text(text)
+    return subprocess.run(
+        ["sh", str(VERIFY_UNIT), "--dropin", str(unit), str(conf)],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+
+
 @pytest.mark.parametrize(
     ("dropin", "fails"),
     [
@@ -156,12 +166,7 @@ def test_a_site_dropin_is_verified_with_its_unit(tmp_path, dropin, fails):
     assert SYSTEMD_ANALYZE, "systemd-analyze is not installed: 'make deps' installs systemd"
     unit = tmp_path / "webstats-test.service"
     unit.write_text("[Unit]\nDescription=t\n[Service]\nExecStart=/bin/true\n")
-    conf = tmp_path / "candidate"
-    conf.write_text(dropin)
-    result = subprocess.run(
-        ["sh", str(VERIFY_UNIT), "--dropin", str(unit), str(conf)],
-        capture_output=True, text=True, timeout=60,
-    )  # fmt: skip
+    result = verify_dropin(unit, dropin, tmp_path)
     if fails is None:
         assert result.returncode == 0, result.stdout + result.stderr
     else:
@@ -170,12 +175,9 @@ def test_a_site_dropin_is_verified_with_its_unit(tmp_path, dropin, fails):
 
 
 def test_a_site_dropin_of_a_unit_not_installed_fails(tmp_path):
-    conf = tmp_path / "candidate"
-    conf.write_text("[Service]\nMemoryMax=1G\nEnvironment=A=1\n")
-    missing = subprocess.run(
-        ["sh", str(VERIFY_UNIT), "--dropin", "webstats-no-such.service", str(conf)],
-        capture_output=True, text=True, timeout=60,
-    )  # fmt: skip
+    missing = verify_dropin(
+        "webstats-no-such.service", "[Service]\nMemoryMax=1G\nEnvironment=A=1\n", tmp_path
+    )
     assert missing.returncode == 1
     assert "no unit file webstats-no-such.service installed" in missing.stderr
 
@@ -504,12 +506,8 @@ def test_the_nginx_roles_dropins_verify_with_the_packaged_unit(tmp_path, templat
 
     unit = Path("/lib/systemd/system/nginx.service")
     assert unit.is_file(), "nginx is not installed: 'make deps' installs it"
-    conf = tmp_path / "candidate"
-    conf.write_text(ansible_render.render(NGINX_TEMPLATES / template, ansible_render.deploy_vars()))
-    result = subprocess.run(
-        ["sh", str(VERIFY_UNIT), "--dropin", str(unit), str(conf)],
-        capture_output=True, text=True, timeout=60,
-    )  # fmt: skip
+    text = ansible_render.render(NGINX_TEMPLATES / template, ansible_render.deploy_vars())
+    result = verify_dropin(unit, text, tmp_path)
     assert result.returncode == 0, result.stdout + result.stderr
 
 
@@ -525,12 +523,7 @@ def test_the_logrotate_timer_dropin_verifies_with_the_packaged_unit(tmp_path):
     assert unit.is_file(), "logrotate is not installed: 'make deps' installs it"
     content = _base_task("Run logrotate hourly (size caps)")["ansible.builtin.copy"]["content"]
     for text, ok in ((content, True), (content.replace("OnCalendar", "OnCalender"), False)):
-        conf = tmp_path / "candidate"
-        conf.write_text(text)
-        result = subprocess.run(
-            ["sh", str(VERIFY_UNIT), "--dropin", str(unit), str(conf)],
-            capture_output=True, text=True, timeout=60,
-        )  # fmt: skip
+        result = verify_dropin(unit, text, tmp_path)
         assert (result.returncode == 0) is ok, result.stdout + result.stderr
 
 
