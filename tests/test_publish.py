@@ -397,9 +397,9 @@ def test_publish_all_gives_the_bodies_a_request_builds(db_url, clean_env, monkey
 
 @pytest.mark.publish_waits
 def test_publishers_at_once_never_date_a_version_in_the_future(tmp_path):
-    """Eight publishers at once each took a second later than the others' versions, the last
-    one seven seconds ahead of the clock: Last-Modified in the future. One at a time picks its
-    time, each a second later than the last and none later than now."""
+    """Publishers at once each took a second later than the others' versions, the last ones
+    seconds ahead of the clock (eight: seven): Last-Modified in the future. One at a time picks
+    its time, each a second later than the last and none later than now."""
     site = PublishedSite(tmp_path / "site")
     made: list[tuple[int, float]] = []
 
@@ -417,3 +417,49 @@ def test_publishers_at_once_never_date_a_version_in_the_future(tmp_path):
     assert times == sorted(set(times))  # distinct: the validators are the second and the size
     assert all(published <= now for published, now in made), made
     assert (tmp_path / "site" / ".lock-publish").is_file() and site.current() is None
+
+
+def test_publishers_of_one_data_version_at_once_share_its_directory(tmp_path):
+    """The web's workers and the ETL's publish that meet the same new data version: one
+    directory, the others wait for it and take it (each made its own, a second apart, and the
+    pruning took the ones still being filled)."""
+    barrier = threading.Barrier(4)
+    made: list[Path] = []
+
+    def publish() -> None:
+        site = PublishedSite(tmp_path / "site")
+        barrier.wait(30)
+        made.append(site.open_version("7-abc").path)
+
+    threads = [threading.Thread(target=publish) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert len(made) == 4 and len(set(made)) == 1, made
+    assert len(PublishedSite(tmp_path / "site").versions()) == 1
+
+
+def test_the_publish_lock_is_no_link_and_is_not_waited_for_ever(tmp_path, monkeypatch, caplog):
+    """The web's user may write the publish directory: a link put in place of the lock is not
+    followed (nor its target created), and a holder that never lets go delays a publish by
+    PUBLISH_LOCK_WAIT at most."""
+    import fcntl
+
+    from bioc_webstats.web import site as site_module
+
+    root = tmp_path / "site"
+    root.mkdir()
+    elsewhere = tmp_path / "elsewhere.lock"
+    (root / ".lock-publish").symlink_to(elsewhere)
+    v = PublishedSite(root).open_version("1-aa")
+    assert v.path.is_dir() and not elsewhere.exists()
+    assert "no publish lock in" in caplog.text
+    (root / ".lock-publish").unlink()
+    (root / ".lock-publish").touch()
+    monkeypatch.setattr(site_module, "PUBLISH_LOCK_WAIT", 0.5)
+    with open(root / ".lock-publish", "rb") as held:
+        fcntl.flock(held, fcntl.LOCK_EX)
+        v2 = PublishedSite(root).open_version("2-bb")
+    assert v2.published > v.published
+    assert "publish lock in" in caplog.text and "publishing without" in caplog.text

@@ -8,6 +8,7 @@ fails as a whole (:class:`LogFormatError`).
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import logging
 import os
@@ -151,7 +152,8 @@ class DirSource(Source):
         objects: list[LogObject] = []
         skipped: list[str] = []
         seen: set[tuple[int, int]] = set()  # real folders walked (a symlink loop ends here)
-        self._files: dict[str, tuple[int, int, bool]] = {}  # key: (device, inode, a link)
+        # (key, device, inode, a symlink) of the files that may have another name here
+        self._links: list[tuple[str, int, int, bool]] = []
         real_root = self.root.resolve()
         todo = [self.root]
         while todo:
@@ -194,20 +196,34 @@ class DirSource(Source):
         """One file under two names (a symlink to a log object, a hard link) is one object:
         listed under its own name (not a link's; then the first name), the others its
         ``aliases`` (the ledger may hold it under one of them); its downloads would count
-        twice."""
-        files = self._files
+        twice. Only links are remembered while listing (a name costs nothing more); the
+        other names are looked at only when there are links."""
+        if not self._links:
+            return objects
+        ident = {key: (dev, ino, link) for key, dev, ino, link in self._links}
+        wanted = {(dev, ino) for _, dev, ino, _ in self._links}
+        for o in objects:
+            if o.key not in ident:
+                with contextlib.suppress(OSError):  # gone since: read (or not) as it is
+                    st = os.stat(self.root / o.key)
+                    if (st.st_dev, st.st_ino) in wanted:
+                        ident[o.key] = (st.st_dev, st.st_ino, False)
         names: dict[tuple[int, int], list[LogObject]] = {}
-        for o in sorted(objects, key=lambda o: (files[o.key][2], o.key)):
-            names.setdefault(files[o.key][:2], []).append(o)
-        once = []
+        linked = (o for o in objects if o.key in ident)
+        for o in sorted(linked, key=lambda o: (ident[o.key][2], o.key)):
+            names.setdefault(ident[o.key][:2], []).append(o)
+        dropped: set[str] = set()
+        kept_as: dict[str, LogObject] = {}
         for kept, *others in names.values():
             for o in others:
                 log.warning(
                     "log source %s: %s is another name of %s (a link); not read under it",
                     shown(self.url), shown(o.key), shown(kept.key),
                 )  # fmt: skip
-            once.append(replace(kept, aliases=tuple(o.key for o in others)) if others else kept)
-        return once
+                dropped.add(o.key)
+            if others:
+                kept_as[kept.key] = replace(kept, aliases=tuple(o.key for o in others))
+        return [kept_as.get(o.key, o) for o in objects if o.key not in dropped]
 
     def _entry(
         self,
@@ -243,7 +259,9 @@ class DirSource(Source):
         elif entry.is_file():
             st = entry.stat()
             objects.append(LogObject(key, st.st_size, hour))
-            self._files[key] = (st.st_dev, st.st_ino, entry.is_symlink())
+            link = entry.is_symlink()
+            if link or st.st_nlink > 1:
+                self._links.append((key, st.st_dev, st.st_ino, link))
         else:  # a log object's name on no file: its downloads would go missing
             log.error(
                 "log source %s: %s is not a file (a broken symlink?); not read",

@@ -25,6 +25,7 @@ import logging
 import os
 import re
 import shutil
+import stat
 import tempfile
 import time
 from collections.abc import Callable, Iterator
@@ -39,6 +40,7 @@ CURRENT = "current"
 SITE_PREFIX = "packages/stats"  # URL prefix, mirrored under each version directory
 META_FILE = ".version.json"  # nginx never serves dot-files; the app 404s them
 MAX_PUBLISH_WAIT = 2.0  # seconds a publish waits for a second later than the last one
+PUBLISH_LOCK_WAIT = 30.0  # seconds it waits for the others' (each holds it about a second)
 KEEP = 2  # version directories kept: the current one and the one before (requests in flight)
 _DIR_RE = re.compile(r"^v(\d+)-([0-9A-Za-z]+)-(.+)-(\d+)$")
 
@@ -107,27 +109,19 @@ class PublishedSite:
         """The directory to publish data version ``key`` into: the current one when it holds
         that key and this code version (unless ``force``), one being filled that is newer than
         the current, or a new one with a publish time later than every other's."""
-        versions = self.versions()
-        cur = self.current()
-        if not force:
-            if cur is not None and cur.key == key and cur.code == self.code:
-                return cur
-            newer = [
-                v
-                for v in versions
-                if v.key == key
-                and v.code == self.code
-                and (cur is None or v.published > cur.published)
-            ]
-            if newer:
-                return newer[-1]
+        if not force and (found := self._of_key(key)) is not None:
+            return found
         if self.root.exists() and not self.root.is_dir():  # mkdir would say "File exists"
             raise NotADirectoryError(errno.ENOTDIR, os.strerror(errno.ENOTDIR), str(self.root))
         self.root.mkdir(parents=True, exist_ok=True)
         # One publisher at a time picks its time (flock): a second later than every other
         # version's (the validators are the second and the size), and not in the future
-        # (Last-Modified): one published within this second waits for the next.
+        # (Last-Modified): one published within this second waits for the next. Who waited
+        # looks again: the one before may have made this key's directory (workers of the web
+        # and the ETL's publish that met the same new data version).
         with _publish_lock(self.root):
+            if not force and (found := self._of_key(key)) is not None:
+                return found
             latest = max((v.published for v in self.versions()), default=0)
             wait = latest + 1 - time.time()
             if 0 < wait <= MAX_PUBLISH_WAIT:  # (further: the clock went back; not waited for)
@@ -146,6 +140,19 @@ class PublishedSite:
             }
             _write_atomic(path / META_FILE, json.dumps(meta).encode() + b"\n", published)
         return Version(path, key, self.code, published)
+
+    def _of_key(self, key: str) -> Version | None:
+        """The current directory when it holds ``key`` and this code version, else the newest
+        one of them being filled (newer than the current), else None."""
+        cur = self.current()
+        if cur is not None and cur.key == key and cur.code == self.code:
+            return cur
+        newer = [
+            v
+            for v in self.versions()
+            if v.key == key and v.code == self.code and (cur is None or v.published > cur.published)
+        ]
+        return newer[-1] if newer else None
 
     def switch(self, version: Version) -> bool:
         """Point ``current`` at ``version`` (a rename: atomic for every reader) unless it
@@ -231,14 +238,30 @@ class PublishedSite:
 @contextlib.contextmanager
 def _publish_lock(root: Path) -> Iterator[None]:
     """Held while a publisher picks its time and makes its directory (the ETL's user, or the
-    web's: read-only is enough for flock). One that cannot be opened is done without."""
+    web's: read-only is enough for flock). Not through a link, only on a regular file, and
+    waited for PUBLISH_LOCK_WAIT at most (a stuck holder, the web's user among them, cannot
+    hold a publish for ever): without it, the publish goes on unlocked."""
+    flags = os.O_RDONLY | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW | os.O_NONBLOCK
     try:
-        fd = os.open(root / ".lock-publish", os.O_RDONLY | os.O_CREAT | os.O_CLOEXEC, 0o644)
-    except OSError:
+        fd = os.open(root / ".lock-publish", flags, 0o644)
+    except OSError as exc:
+        log.warning("site: no publish lock in %s (%s)", root, exc.strerror)
         yield
         return
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
+        held = False
+        if stat.S_ISREG(os.fstat(fd).st_mode):
+            deadline = time.monotonic() + PUBLISH_LOCK_WAIT
+            while not held:
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    held = True
+                except BlockingIOError:
+                    if time.monotonic() > deadline:
+                        break
+                    time.sleep(0.05)
+        if not held:
+            log.warning("site: the publish lock in %s is not to be had; publishing without", root)
         yield
     finally:
         os.close(fd)  # releases the lock
