@@ -178,9 +178,9 @@ def test_restart_everything(host, service, runbook):
 
 
 def test_restart_everything_answers_no_502(host, service, runbook):
-    """nginx stops before gunicorn and starts after it: while the target restarts, a request is
-    refused (nginx down) or answered, never 502 (they stopped together: nginx's requests in
-    flight met a closed socket)."""
+    """nginx stops before gunicorn's socket closes, and starts after it listens: while the
+    target restarts, a request is refused (nginx down) or answered, never 502 (they stopped
+    together: what nginx passed on met a closed socket)."""
     import collections
     import threading
 
