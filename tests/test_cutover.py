@@ -289,6 +289,14 @@ def test_window_errors_are_one_line(db_url, tmp_path):
         f"--until 2020-01-01 is before the window's start {start}; the log ETL reads nothing "
         "dated before etl/logs_since 2024-03-01"
     )
+    # the same when the look-back itself starts there: --since cannot go back either
+
+    class Newest:  # the ledger's newest name hour: exactly a look-back after that start
+        def scalar(self, _query):
+            return dt.datetime.combine(start + dt.timedelta(days=3), dt.time())
+
+    with pytest.raises(WebstatsError, match="reads nothing dated before etl/logs_since"):
+        ingest.plan_window(Newest(), 3, None, dt.date(2020, 1, 1), dt.date(2024, 3, 1))
 
 
 # --- listing by window: a local folder -----------------------------------------------------------

@@ -120,3 +120,22 @@ def test_a_path_the_cli_cannot_reach_is_one_line(clean_env):
         assert r.stderr.count("\n") == 1 and r.stderr.rstrip().endswith("File name too long"), (
             args, r.stderr,
         )  # fmt: skip
+
+
+def test_an_oserror_on_a_descriptor_is_one_line_too(clean_env, monkeypatch, capsys):
+    """An OSError whose filename is a descriptor's number (os.stat(fd), os.read) gave a
+    TypeError traceback from inside the handler that makes one line of it."""
+    import errno
+
+    import pytest
+
+    from bioc_webstats import cli
+
+    def broken(*_a, **_k):
+        raise OSError(errno.EBADF, "Bad file descriptor", 3)
+
+    monkeypatch.setattr(cli, "load_settings", broken)
+    with pytest.raises(SystemExit) as exc:
+        cli.main(["status"])
+    assert exc.value.code == 1
+    assert capsys.readouterr().err == "bioc-webstats: error: 3: Bad file descriptor\n"

@@ -678,7 +678,9 @@ def main(argv: list[str] | None = None) -> None:
     except OSError as exc:  # a path given that this user may not reach, a full disk, …
         if verbose:
             traceback.print_exc()
-        where = f"{shown(os.fsdecode(exc.filename))}: " if exc.filename is not None else ""
+        name = exc.filename  # a path, or a file descriptor's number, or none
+        name = os.fsdecode(name) if isinstance(name, str | bytes | os.PathLike) else name
+        where = f"{shown(str(name))}: " if name is not None else ""
         click.echo(f"bioc-webstats: error: {where}{exc.strerror or exc}", err=True)
         sys.exit(1)
     sys.exit(0)

@@ -518,7 +518,7 @@ def store_all(
         summary.t_read += t1 - t0
         if parsed is None:
             break
-        k = parsed.obj.key
+        k = shown(parsed.obj.key)  # for log lines (a folder's name may hold a newline)
         pause_point("object_parsed")
         then = (
             "not ingested, will be retried on the next run"
@@ -618,11 +618,11 @@ def plan_window(
         start = newest.date() - dt.timedelta(days=lookback_days)
     if since is not None and (start is None or since < start):
         start = since
-    at_cutover = False
+    at_cutover = False  # the start is the earliest there is: --since cannot go back
     if cutover is not None:
         first = cutover - CUTOVER_MARGIN
-        if start is None or start < first:
-            start, at_cutover = first, True
+        start = first if start is None or start < first else start
+        at_cutover = start <= first
     if until is not None and start is not None and until < start:
         if at_cutover:  # --since cannot go back past it
             hint = f"; the log ETL reads nothing dated before etl/logs_since {cutover}"
@@ -724,7 +724,7 @@ def run(
     pause_point("listed")
     if dry_run:
         for o in todo:
-            log.info("would ingest %s (%d bytes)", o.key, o.size)
+            log.info("would ingest %s (%d bytes)", shown(o.key), o.size)
         summary.objects = len(todo)
         with db.session_factory(settings.database_url)() as session:
             summary.valid_thru = db.get_valid_thru(session)  # as it is, the run not made

@@ -265,9 +265,9 @@ class DirSource(Source):
         else:  # a log object's name on no file: its downloads would go missing
             log.error(
                 "log source %s: %s is not a file (a broken symlink?); not read",
-                folder, entry.name,
+                shown(str(folder)), entry.name,
             )  # fmt: skip
-            self.unreadable.append(key)
+            self.unreadable.append(shown(key))
 
     def _unexaminable(self, folder: Path, prefix: str, name: str, exc: OSError) -> None:
         """An entry whose kind cannot be told: named, and the run fails at its end (it may be
