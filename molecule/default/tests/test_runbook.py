@@ -318,8 +318,8 @@ def test_pause_and_resume_the_etl(host, runbook):
 
 def test_stopping_a_running_etl_is_no_failure(host, deploy_vars):
     """A stop ends a run with SIGTERM (here the unit's; the target's and restore.yml's are
-    the same signal): success, no alert. It was a failure ('signal') that ran the failure hook. The run is held by a runtime drop-in:
-    the unit's own wrapper around a sleep."""
+    the same signal): success, no alert. It was a failure ('signal') that ran the failure
+    hook. The run is held by a runtime drop-in: the unit's own wrapper around a sleep."""
     hook = f"bioc-webstats-failure@{ETL}.service"
     hooked = show(host, hook, "InvocationID")
     dropin = f"/run/systemd/system/{ETL}.d/zz-molecule-hold.conf"
