@@ -859,3 +859,29 @@ def test_one_log_object_under_two_names_is_counted_once(db_url, tmp_path, caplog
     before = snapshot(db_url)
     assert ingest.run(settings, source=str(out))
     assert snapshot(db_url) == before
+
+
+def test_copies_of_one_name_that_differ_are_not_read_and_fail_the_run(db_url, tmp_path, caplog):
+    """Two objects of one CloudFront name and different sizes (a copy cut short): which one is
+    CloudFront's cannot be told, so neither is read, both are named and the run fails, until
+    the wrong one is removed; against an object read before, the same."""
+    import shutil
+
+    out = tmp_path / "logs"
+    truth = loggen.generate(out, days=2, files_per_day=3, lines_per_file=50)
+    first, second = (out / name for name in truth.files[:2])
+    (out / "short").mkdir()
+    (out / "short" / first.name).write_bytes(first.read_bytes()[:-10])
+    settings = loaded(db_url, tmp_path)
+    caplog.set_level(logging.INFO, "bioc_webstats")
+    assert ingest.run(settings, source=str(out)) is False
+    assert f"short/{first.name}: named as {first.name} but" in caplog.text
+    assert f"{len(truth.files) - 1} objects ingested, 2 failed" in caplog.text
+    shutil.rmtree(out / "short")
+    (out / "later").mkdir()
+    (out / "later" / second.name).write_bytes(second.read_bytes() + b"x")  # read before
+    assert ingest.run(settings, source=str(out)) is False
+    assert f"later/{second.name}: named as {second.name} but" in caplog.text
+    shutil.rmtree(out / "later")
+    assert ingest.run(settings, source=str(out))
+    assert_truth(db_url, truth)

@@ -324,6 +324,8 @@ def run(
     src, todo, skipped, _window = ingest.list_window(settings, url, since, until)
     assert isinstance(src, sources.S3Source)
     summary = ingest.RunSummary(skipped_names=len(skipped))
+    summary.failures += src.unreadable  # copies of one name that differ: named, the run fails
+    summary.failed += len(src.unreadable)
     if dry_run or not todo:
         if dry_run:
             for o in todo:
@@ -332,7 +334,7 @@ def run(
             ingest.finish_run(settings, summary)
         summary.elapsed = time.monotonic() - t0
         log.info("%s", summary.line("etl run --engine athena"))
-        return True
+        return summary.failed == 0
 
     location = f"s3://{src.bucket}/{src.prefix}"
     if not location.endswith("/"):

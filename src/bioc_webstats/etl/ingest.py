@@ -635,36 +635,51 @@ def plan_window(
 
 
 def select_objects(
-    session: Session, objects: list[sources.LogObject], window: sources.Window
+    session: Session,
+    objects: list[sources.LogObject],
+    window: sources.Window,
+    conflicts: list[str] | None = None,
 ) -> list[sources.LogObject]:
     """The objects of the window not in the ledger, in (name hour, key) order.
 
     An object is its CloudFront name (``<dist>.<hour>.<unique>.gz``, unique to it), wherever
     it lies: the same name under another prefix or folder (a copy, a bucket reorganised) is
-    the object the ledger holds, or one read once in this run, not a new one."""
+    the object the ledger holds, or one read once in this run, not a new one. Two of one name
+    and different sizes (one cut short, or not CloudFront's): neither is read, each is named
+    and added to ``conflicts`` (the run fails) until the wrong one is removed."""
     objects = [o for o in objects if o.name_hour.date() in window]
-    q = select(IngestedObject.key)
+    q = select(IngestedObject.key, IngestedObject.size)
     if window.start is not None:
         start = window.start
         q = q.where(IngestedObject.name_hour >= dt.datetime(start.year, start.month, start.day))
     if window.until is not None:
         end = window.until + dt.timedelta(days=1)
         q = q.where(IngestedObject.name_hour < dt.datetime(end.year, end.month, end.day))
-    done = set(session.scalars(q))
-    names = {k.rsplit("/", 1)[-1]: k for k in sorted(done, reverse=True)}
-    todo = []
+    sizes: dict[str, int] = {k: n for k, n in session.execute(q)}
+    done = set(sizes)
+    names = {k.rsplit("/", 1)[-1]: (k, sizes[k]) for k in sorted(done, reverse=True)}
+    todo: dict[str, sources.LogObject] = {}  # by name
     new = (o for o in objects if o.key not in done and done.isdisjoint(o.aliases))
     for o in sorted(new, key=lambda o: (o.name_hour, o.key)):
         name = o.key.rsplit("/", 1)[-1]
-        other = names.setdefault(name, o.key)
-        if other != o.key:
+        other, size = names.setdefault(name, (o.key, o.size))
+        if other == o.key:
+            todo[name] = o
+        elif size == o.size:
             log.warning(
                 "%s: the same log object as %s (its CloudFront name); not read again",
                 shown(o.key), shown(other),
             )  # fmt: skip
-            continue
-        todo.append(o)
-    return todo
+        else:
+            log.error(
+                "%s: named as %s but %d bytes, not %d: not read; remove the wrong copy",
+                shown(o.key), shown(other), o.size, size,
+            )  # fmt: skip
+            first = todo.pop(name, None)  # read in this run: neither is
+            for key in (o.key, *([first.key] if first is not None else [])):
+                if conflicts is not None:
+                    conflicts.append(shown(key))
+    return sorted(todo.values(), key=lambda o: (o.name_hour, o.key))
 
 
 def list_window(
@@ -684,7 +699,7 @@ def list_window(
         window = plan_window(session, lookback, since_day, until_day, cutover, last)
     objects, skipped = ([], []) if window.empty else src.list(window)
     with db.session_factory(settings.database_url)() as session:
-        todo = select_objects(session, objects, window)
+        todo = select_objects(session, objects, window, src.unreadable)
     log.info(
         "%s: %d objects listed (names from %s to %s), %d to ingest",
         url,
