@@ -304,4 +304,44 @@ def restore(settings: Settings, source: Path) -> str:
         raise WebstatsError(
             f"pg_restore into {url.database} failed, nothing changed: {_last_line(done.stderr)}"
         )
-    return f"restore: {url.database} from {source}"
+    dropped = _drop_what_the_backup_lacks(settings.database_url, listed.stdout)
+    newer = f"; dropped what its schema has not yet: {', '.join(dropped)}" if dropped else ""
+    return f"restore: {url.database} from {source}{newer}"
+
+
+def _drop_what_the_backup_lacks(database_url: str, toc: str) -> list[str]:
+    """The owner's tables, views and functions the backup does not hold: a backup older than
+    the schema (the deploy's pre-migration dump) leaves behind what the newer migrations made
+    (``--clean`` drops only what the archive names), and ``db upgrade`` then fails to make them
+    again ("already exists"). Dropped in one transaction, for the upgrade to make them anew
+    from the restored data."""
+    kept = set(re.findall(r" (?:TABLE|VIEW|MATERIALIZED VIEW) public (\w+) ", toc))
+    kept_functions = set(re.findall(r" FUNCTION public (\w+)\(", toc))
+    dropped: list[str] = []
+    with db.get_engine(database_url).begin() as conn:
+        relations = conn.execute(
+            text(
+                "SELECT c.relname, c.relkind FROM pg_class c JOIN pg_namespace n "
+                "ON n.oid = c.relnamespace WHERE n.nspname = 'public' "
+                "AND c.relkind IN ('r', 'p', 'v', 'm') AND c.relowner = "
+                "(SELECT oid FROM pg_roles WHERE rolname = current_user) "
+                "AND NOT c.relispartition ORDER BY c.relname"
+            )
+        ).all()
+        for name, kind in relations:
+            if name not in kept:
+                what = {"v": "VIEW", "m": "MATERIALIZED VIEW"}.get(kind, "TABLE")
+                conn.execute(text(f'DROP {what} IF EXISTS public."{name}" CASCADE'))
+                dropped.append(name)
+        functions = conn.execute(
+            text(
+                "SELECT p.oid::regprocedure::text, p.proname FROM pg_proc p JOIN pg_namespace n "
+                "ON n.oid = p.pronamespace WHERE n.nspname = 'public' AND p.proowner = "
+                "(SELECT oid FROM pg_roles WHERE rolname = current_user) ORDER BY 1"
+            )
+        ).all()
+        for signature, name in functions:
+            if name not in kept_functions:
+                conn.execute(text(f"DROP FUNCTION IF EXISTS {signature} CASCADE"))
+                dropped.append(f"{name}()")
+    return dropped
