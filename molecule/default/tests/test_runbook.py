@@ -559,6 +559,12 @@ def test_restore_after_losing_the_database_serves_the_same_bytes(host, service, 
     )
     assert tables.strip() == "0", "the deploy migrated without its backup"
 
+    # As a restore interrupted before its end (^C) leaves the host: both timers stopped, and
+    # the note of what it stopped. Its re-run found them stopped and left them so.
+    timers = (TIMER, "bioc-webstats-watchdog.timer")
+    run_ok(host, f"systemctl stop {' '.join(timers)}")
+    note = "/var/lib/bioc-webstats/restore-playbook.timers"
+    run_ok(host, f"printf '%s\\n' '{json.dumps(list(timers))}' > {note} && chmod 0600 {note}")
     cmd = runbook(
         "ansible-playbook playbooks/restore.yml -i inventory/production "
         "-e webstats_restore_file=/var/backups/bioc-webstats/<file>.dump",
@@ -567,9 +573,10 @@ def test_restore_after_losing_the_database_serves_the_same_bytes(host, service, 
     res = run_playbook(cmd)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-2000:]
     assert "publish: data version" in res.stdout
-    for timer in (TIMER, "bioc-webstats-watchdog.timer"):
+    for timer in timers:
         assert active(host, timer) == "active", timer  # started again
     assert not host.file("/var/lib/bioc-webstats/restore-playbook").exists
+    assert not host.file(note).exists
 
     health = json.loads(run_ok(host, runbook("curl -fsS http://127.0.0.1:8000/healthz; echo")))
     assert health["status"] == "ok" and health["valid_thru"]
