@@ -8,9 +8,11 @@ secret value ever shows in the journal, the log files, the env file or ``systemc
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
+from collections.abc import Iterator
 from pathlib import Path
 
 import boto3
@@ -146,8 +148,9 @@ def test_heartbeat_and_the_alarm_on_its_absence(host, state, runbook):
     into CloudWatch; playbooks/alarms.yml, as written, creates the alarm on it going missing,
     which notifies the alert topic."""
     cw = moto_client(state, "cloudwatch")
-    mark = cursor(host)
-    run_ok(host, "systemctl start bioc-webstats-watchdog.service", timeout=300)
+    with no_timer_run(host):  # the run started here, not one of the timer's begun before
+        mark = cursor(host)
+        run_ok(host, "systemctl start bioc-webstats-watchdog.service", timeout=300)
     journal = run_ok(
         host, f"journalctl -u bioc-webstats-watchdog.service -o cat --after-cursor='{mark}'"
     )
@@ -400,20 +403,27 @@ def test_stale_data_raises_the_data_stale_alarm_then_clears(host, ssm, sqs, stat
     data-stale (journal + SNS); /healthz says "stale": true (200, status ok) once the web
     reads the new limit; back at the old limit, the alarm clears."""
     name = f"{state['ssm_path']}/alerts/max_data_age"
-    # No run of the timer's meanwhile: one started before the limit changes back is the run a
-    # `systemctl start` joins (a oneshot), and no "cleared" came (every 10 minutes, within a
-    # randomized minute: it met this test in a CI run).
-    run_ok(host, "systemctl stop bioc-webstats-watchdog.timer")
-    wait_for(
-        lambda: (
-            host.run("systemctl is-active bioc-webstats-watchdog.service").stdout.strip()
-            != "activating"
-        ),
-        300,
-        "the timer's watchdog run to end",
-    )
-    try:
+    with no_timer_run(host):
         _stale_then_cleared(host, ssm, sqs, state, ssm_service, name)
+
+
+@contextlib.contextmanager
+def no_timer_run(host) -> Iterator[None]:
+    """The watchdog timer stopped (and a run of its own ended) meanwhile: a run it began is
+    the run a `systemctl start` of the oneshot joins, with what it read before (every 10
+    minutes, within a randomized minute: it met the stale-data test in a CI run, and no
+    "cleared" came)."""
+    run_ok(host, "systemctl stop bioc-webstats-watchdog.timer")
+    try:
+        wait_for(
+            lambda: (
+                host.run("systemctl is-active bioc-webstats-watchdog.service").stdout.strip()
+                != "activating"
+            ),
+            300,
+            "the timer's watchdog run to end",
+        )
+        yield
     finally:
         run_ok(host, "systemctl start bioc-webstats-watchdog.timer")
 
