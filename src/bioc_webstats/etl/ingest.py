@@ -638,7 +638,7 @@ def select_objects(
     session: Session,
     objects: list[sources.LogObject],
     window: sources.Window,
-    conflicts: list[str] | None = None,
+    conflicts: list[str],
 ) -> list[sources.LogObject]:
     """The objects of the window not in the ledger, in (name hour, key) order.
 
@@ -676,9 +676,7 @@ def select_objects(
                 shown(o.key), shown(other), o.size, size,
             )  # fmt: skip
             first = todo.pop(name, None)  # read in this run: neither is
-            for key in (o.key, *([first.key] if first is not None else [])):
-                if conflicts is not None:
-                    conflicts.append(shown(key))
+            conflicts += [shown(k.key) for k in (o, first) if k is not None]
     return sorted(todo.values(), key=lambda o: (o.name_hour, o.key))
 
 
