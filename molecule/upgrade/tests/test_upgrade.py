@@ -43,6 +43,21 @@ def wait_version(service, version: str) -> dict:
     )
 
 
+ENV_FILE = "/etc/bioc-webstats/webstats.env"
+
+
+def env_file_state(host) -> tuple[str, str]:
+    """The env file's bytes, and its owner, group, mode and time to the nanosecond."""
+    return (
+        run_ok(host, f"cat {ENV_FILE}"),
+        run_ok(host, f"stat -c '%U:%G %a %.9Y' {ENV_FILE}").strip(),
+    )
+
+
+def env_file_copies(host) -> str:
+    return run_ok(host, f"find {ENV_FILE.rsplit('/', 1)[0]} -name 'webstats.env.*~'").strip()
+
+
 def deploy_cmd(runbook, source: str, *extra: str) -> str:
     cmd = runbook(DEPLOY)
     return " ".join([cmd, "-e", f"webstats_release_source_dir={source}", *extra])
@@ -132,13 +147,17 @@ def test_broken_release_is_rolled_back_and_n_keeps_serving(host, service, versio
         "webstats_release_health_retries=3",
         "-e",
         "webstats_release_health_delay=2",
+        "-e",  # and a configuration change, which goes back with the release
+        "webstats_config_logs_since=2021-01-01",
     )
+    env_before = env_file_state(host)
     with Load(service.base, LOAD_PATHS[1:]) as load:  # pages only: /healthz fails by design
         res = run_playbook(cmd)
     assert res.returncode != 0, "the deploy of a broken release succeeded"
     out = res.stdout + res.stderr
     assert f"Deploy of bioc-webstats {versions['broken']} failed" in out, out[-3000:]
     assert f"Rolled back: release {versions['current']} is serving again." in out, out[-3000:]
+    assert env_file_state(host) == env_before
     assert current_release(host) == f"releases/{versions['current']}"
     health = wait_version(service, versions["current"])
     assert health["status"] == "ok"
@@ -147,25 +166,49 @@ def test_broken_release_is_rolled_back_and_n_keeps_serving(host, service, versio
     assert load.ok > 0
 
 
-def test_a_config_change_of_a_failed_deploy_restarts_the_web_next_time(
-    host, service, versions, runbook
-):
-    """A deploy that changes the configuration and fails before the units (here: its release
-    cannot be built) leaves the new env file and the web on the old one; the next deploy
-    restarts the web although nothing changes in it (the notification died with the first)."""
-    env_file = "/etc/bioc-webstats/webstats.env"
+def test_a_failed_deploy_puts_back_the_env_file_it_replaced(host, service, versions, runbook):
+    """A deploy that changes the configuration and fails before the switch (here: its release
+    cannot be built) leaves the env file as it was (its bytes, owner, mode and time) and the
+    web untouched; the next deploy applies the change."""
     setting = "-e webstats_config_logs_since=2020-01-01"
     pid = run_ok(host, "systemctl show -P MainPID bioc-webstats.service").strip()
+    before = env_file_state(host)
+    assert "WEBSTATS_ETL_LOGS_SINCE=2020-01-01" not in before[0]
     res = run_playbook(deploy_cmd(runbook, "/nonexistent/release", setting))
     assert res.returncode != 0
-    assert "Nothing was switched" in res.stdout + res.stderr, res.stdout[-3000:]
-    assert "WEBSTATS_ETL_LOGS_SINCE=2020-01-01" in host.file(env_file).content_string
+    assert "Nothing was switched: the release that was live stays, with the env file it had" in (
+        res.stdout + res.stderr
+    ), res.stdout[-3000:]
+    assert env_file_state(host) == before
     assert run_ok(host, "systemctl show -P MainPID bioc-webstats.service").strip() == pid
     current = str(ephemeral_dir() / "releases" / "current")
+    res = run_playbook(deploy_cmd(runbook, current, setting))
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-2000:]
+    assert "WEBSTATS_ETL_LOGS_SINCE=2020-01-01" in env_file_state(host)[0]
+    assert wait_version(service, versions["current"])
+    assert run_ok(host, "systemctl show -P MainPID bioc-webstats.service").strip() != pid
+    assert env_file_copies(host) == ""
+
+
+def test_an_env_file_newer_than_the_web_restarts_it_and_old_copies_go(
+    host, service, versions, runbook
+):
+    """A deploy interrupted after it wrote the env file (^C, a lost connection) left it newer
+    than the web's start, and its copy of the old file: the next deploy restarts the web
+    although nothing changes in the file (the notification died with the first), and removes
+    the copy."""
+    pid = run_ok(host, "systemctl show -P MainPID bioc-webstats.service").strip()
+    run_ok(
+        host,
+        f"cp -p {ENV_FILE} '{ENV_FILE}.4242.2026-01-01@00:00:00~' && touch {ENV_FILE}",
+    )
+    current = str(ephemeral_dir() / "releases" / "current")
+    setting = "-e webstats_config_logs_since=2020-01-01"
     res = run_playbook(deploy_cmd(runbook, current, setting))
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-2000:]
     assert "changed after bioc-webstats.service started" in res.stdout, res.stdout[-3000:]
     assert wait_version(service, versions["current"])
     assert run_ok(host, "systemctl show -P MainPID bioc-webstats.service").strip() != pid
+    assert env_file_copies(host) == ""
     res = run_playbook(deploy_cmd(runbook, current, setting))  # and then it is done
     assert res.returncode == 0 and "changed after" not in res.stdout, res.stdout[-3000:]
