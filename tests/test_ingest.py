@@ -885,3 +885,27 @@ def test_copies_of_one_name_that_differ_are_not_read_and_fail_the_run(db_url, tm
     shutil.rmtree(out / "later")
     assert ingest.run(settings, source=str(out))
     assert_truth(db_url, truth)
+
+
+def test_reingest_of_a_moved_object_replaces_it_under_its_new_key(db_url, tmp_path, caplog):
+    """An object read before a bucket was reorganised (now in another folder, the same name):
+    `etl reingest` of its new key replaces the ledger's object of that name, which then lies
+    under the new key, instead of saying it is not in the ledger; the statistics stay exact."""
+    out = tmp_path / "logs"
+    truth = loggen.generate(out, days=2, files_per_day=3, lines_per_file=50)
+    settings = loaded(db_url, tmp_path)
+    assert ingest.run(settings, source=str(out))
+    first = out / truth.files[0]
+    (out / "2024").mkdir()
+    moved = f"2024/{first.name}"
+    first.rename(out / moved)
+    caplog.set_level(logging.INFO, "bioc_webstats")
+    ingest.reingest(settings, [moved], source=str(out))
+    assert f"{moved}: in the ledger as {first.name} (moved): re-read from here" in caplog.text
+    assert_truth(db_url, truth)
+    with db.session_factory(db_url)() as s:
+        keys = set(s.scalars(select(IngestedObject.key)))
+    assert keys == set(truth.files) - {first.name} | {moved}
+    before = snapshot(db_url)
+    assert ingest.run(settings, source=str(out))  # the moved object is not read again
+    assert snapshot(db_url)[:3] == before[:3]

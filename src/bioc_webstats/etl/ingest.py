@@ -351,6 +351,29 @@ def store_new(
     pause_point("object_queued")  # (the ledger row is the queue now: counted_at NULL)
 
 
+def _held_under_another_key(session: Session, obj: sources.LogObject) -> IngestedObject | None:
+    """The ledger's row of a log object read under another key (its CloudFront name, in
+    another folder or prefix: a bucket reorganised since), or None."""
+    name = sources.object_name(obj.key)
+    rows = [
+        r
+        for r in session.scalars(
+            select(IngestedObject).where(IngestedObject.name_hour == obj.name_hour)
+        )
+        if sources.object_name(r.key) == name and r.key != obj.key
+    ]
+    if len(rows) > 1:
+        keys = ", ".join(shown(r.key) for r in rows)
+        raise WebstatsError(
+            f"{shown(obj.key)}: the ledger holds it under {len(rows)} keys ({keys})"
+        )
+    if rows:
+        log.info(
+            "%s: in the ledger as %s (moved): re-read from here", shown(obj.key), shown(rows[0].key)
+        )
+    return rows[0] if rows else None
+
+
 def store_replacement(
     session: Session, parsed: Parsed, queued: set[tuple[str, str, int, int]] | None = None
 ) -> None:
@@ -360,12 +383,17 @@ def store_replacement(
     stats.lock_for_records(session)
     row = session.scalar(select(IngestedObject).where(IngestedObject.key == parsed.obj.key))
     if row is None:
-        raise WebstatsError(f"{parsed.obj.key}: not in the ledger (use 'etl run' to ingest it)")
+        row = _held_under_another_key(session, parsed.obj)
+    if row is None:
+        raise WebstatsError(
+            f"{shown(parsed.obj.key)}: not in the ledger (use 'etl run' to ingest it)"
+        )
     stats.queue_object(session, row.id)
     session.execute(delete(DownloadRecord).where(DownloadRecord.object_id == row.id))
     pause_point("reingest_deleted")
     for name, value in _ledger_values(parsed).items():
         setattr(row, name, value)
+    row.key = parsed.obj.key  # where it lies now (a moved object): the next listing skips it
     _insert_records(session, row.id, parsed)
     stats.queue_object(session, row.id)
 
@@ -657,11 +685,11 @@ def select_objects(
         q = q.where(IngestedObject.name_hour < dt.datetime(end.year, end.month, end.day))
     sizes: dict[str, int] = {k: n for k, n in session.execute(q)}
     done = set(sizes)
-    names = {k.rsplit("/", 1)[-1]: (k, sizes[k]) for k in sorted(done, reverse=True)}
+    names = {sources.object_name(k): (k, sizes[k]) for k in sorted(done, reverse=True)}
     todo: dict[str, sources.LogObject] = {}  # by name
     new = (o for o in objects if o.key not in done and done.isdisjoint(o.aliases))
     for o in sorted(new, key=lambda o: (o.name_hour, o.key)):
-        name = o.key.rsplit("/", 1)[-1]
+        name = sources.object_name(o.key)
         other, size = names.setdefault(name, (o.key, o.size))
         if other == o.key:
             todo[name] = o

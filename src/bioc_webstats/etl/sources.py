@@ -57,9 +57,14 @@ class LogObject:
     aliases: tuple[str, ...] = ()  # other keys of the same file (links): read under none
 
 
+def object_name(key: str) -> str:
+    """A key's last part: a log object's CloudFront name, whatever folder or prefix holds it."""
+    return key.rsplit("/", 1)[-1]
+
+
 def parse_name(key: str) -> dt.datetime | None:
     """The hour (UTC, naive) in ``<dist>.<YYYY-MM-DD-HH>.<unique>.gz``; None if not a log name."""
-    m = _NAME.match(key.rsplit("/", 1)[-1])
+    m = _NAME.match(object_name(key))
     if not m:
         return None
     try:
