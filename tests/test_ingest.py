@@ -776,10 +776,10 @@ def test_counting_a_day_of_many_unknown_names_holds_no_row_per_name(db_url, tmp_
     peaks = []
     real = stats.apply_pending
 
-    def measured(session):
+    def measured(session, *args):
         tracemalloc.start()
         try:
-            return real(session)
+            return real(session, *args)
         finally:
             peaks.append(tracemalloc.get_traced_memory()[1])
             tracemalloc.stop()
@@ -909,3 +909,31 @@ def test_reingest_of_a_moved_object_replaces_it_under_its_new_key(db_url, tmp_pa
     before = snapshot(db_url)
     assert ingest.run(settings, source=str(out))  # the moved object is not read again
     assert snapshot(db_url)[:3] == before[:3]
+
+
+def test_a_run_across_midnight_does_not_claim_the_new_day(db_url, tmp_path, monkeypatch):
+    """A run that listed before midnight (the objects up to Dec 30) and counted after it: a
+    line of Dec 31 00:10 in Dec 30's last object did not make ValidThru Dec 31, a day none
+    of whose objects the run read (it took the clock again when it counted)."""
+    out = tmp_path / "logs"
+    out.mkdir()
+
+    def put(hour: str, *lines: str) -> None:
+        (out / f"{loggen.DIST}.{hour}.{len(list(out.iterdir())):08x}.gz").write_bytes(
+            loggen.log_bytes(*lines)
+        )
+
+    put("2026-12-30-23", loggen.log_line(date="2026-12-30", time="23:50:00"),
+        loggen.log_line(date="2026-12-31", time="00:10:00", ip="192.0.2.9"))  # fmt: skip
+    put("2026-12-31-12", loggen.log_line(date="2026-12-31", time="12:00:00"))  # not listed
+    settings = loaded(db_url, tmp_path)
+    days = iter([dt.date(2026, 12, 30)])  # at the listing; then the day is over
+    monkeypatch.setattr(db, "last_complete_day", lambda: next(days, dt.date(2026, 12, 31)))
+    assert ingest.run(settings, source=str(out))
+    with db.session_factory(db_url)() as s:
+        assert not any("2026-12-31-12" in k for k in s.scalars(select(IngestedObject.key)))
+        assert db.get_valid_thru(s) == dt.date(2026, 12, 30)
+        assert s.scalar(select(func.max(DownloadRecord.day))) == dt.date(2026, 12, 31)
+    assert ingest.run(settings, source=str(out))  # the next run reads Dec 31's objects
+    with db.session_factory(db_url)() as s:
+        assert db.get_valid_thru(s) == dt.date(2026, 12, 31)

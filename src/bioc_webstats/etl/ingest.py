@@ -485,6 +485,9 @@ class RunSummary:
     t_read: float = 0.0  # waiting for parsed objects
     t_store: float = 0.0  # object transactions
     t_recompute: float = 0.0
+    # ValidThru's bound: the last complete UTC day when the run began. A run that ends after
+    # midnight read none of the new day's objects: that day is not over for its statistics.
+    through: dt.date = field(default_factory=lambda: db.last_complete_day())
 
     def line(self, what: str = "etl run") -> str:
         return (
@@ -599,7 +602,7 @@ def finish_run(settings: Settings, summary: RunSummary) -> None:
     pause_point("before_recompute")
     t0 = time.monotonic()
     with db.session_factory(settings.database_url).begin() as session:
-        res = stats.apply_pending(session)
+        res = stats.apply_pending(session, summary.through)
         pause_point("recompute_done")
     pause_point("recompute_committed")
     summary.t_recompute = time.monotonic() - t0
@@ -754,8 +757,8 @@ def run(
     url = source_url(settings, source)
     if not dry_run:
         ip_hash_key(settings, url)  # fail on configuration before reading anything
-    src, todo, skipped, _window = list_window(settings, url, since, until)
-    summary = RunSummary(skipped_names=len(skipped))
+    src, todo, skipped, window = list_window(settings, url, since, until)
+    summary = RunSummary(skipped_names=len(skipped), through=window.until or db.last_complete_day())
     for k in skipped:
         log.info("skipped %s: not a log object name", k)
     # Folders that could not be read (logged by the source): the run goes on without them

@@ -398,9 +398,10 @@ def _date(value: Any) -> dt.date:
     return dt.date.fromisoformat(value) if isinstance(value, str) else value
 
 
-def _through(newest: Any) -> dt.date:
-    """ValidThru for records up to ``newest``: never a day that is not over yet."""
-    return min(_date(newest), db.last_complete_day())
+def _through(newest: Any, bound: dt.date | None = None) -> dt.date:
+    """ValidThru for records up to ``newest``: never a day that is not over yet (``bound``:
+    the last complete day when the caller's run began, if it began earlier)."""
+    return min(_date(newest), bound or db.last_complete_day())
 
 
 def _plan(session: Session, pg: bool) -> _Plan:
@@ -505,10 +506,11 @@ def _bulk_years(session: Session, objects: list[tuple[int, dt.datetime, Any]]) -
 # --- doing it -----------------------------------------------------------------------------------
 
 
-def apply_pending(session: Session) -> RecomputeResult:
+def apply_pending(session: Session, through: dt.date | None = None) -> RecomputeResult:
     """Count the records not counted yet, recount what is queued and what a packages-table
-    change needs, clear the queue, bump the data version, advance ValidThru. Runs in the
-    caller's transaction (see the module docstring)."""
+    change needs, clear the queue, bump the data version, advance ValidThru (to ``through``
+    at most: the last day the caller's run listed). Runs in the caller's transaction (see the
+    module docstring)."""
     _lock_counting(session)
     pg = _pg(session)
     res = RecomputeResult()
@@ -560,7 +562,7 @@ def apply_pending(session: Session) -> RecomputeResult:
             q = q.where(DownloadRecord.day > before)
         newest = session.scalar(q)
     if newest is not None:
-        res.valid_thru = db.advance_valid_thru(session, _through(newest))
+        res.valid_thru = db.advance_valid_thru(session, _through(newest, through))
         if res.valid_thru != before and res.data_version is None:
             res.data_version = _bump(session)
     else:
