@@ -40,6 +40,9 @@ RESEND = 6 * 3600  # seconds between two alerts for the same lasting alarm
 # minutes; a unit that does not retry (the ETL, the watchdog: each failure is another run)
 # alerts every time.
 HOOK_REPEAT = 3600
+# A data version left unpublished this long is an alarm: every writer publishes right after
+# its commit (seconds; minutes for a whole history), and a check in between is not one.
+PUBLISH_GRACE = 15 * 60
 RETRYING_UNITS = frozenset({"bioc-webstats.service", "bioc-webstats-web-config.service"})
 META_ETL_OK = "last_etl_ok"  # ISO timestamps written by the daily job (`bioc-webstats daily`)
 META_SYNC_OK = "last_sync_ok"
@@ -251,16 +254,41 @@ def data_checks(settings: Settings, now: dt.datetime) -> list[Alarm]:
     from .web.site import PublishedSite
 
     cur = PublishedSite(settings.publish_dir).current()
-    if state.version and (cur is None or cur.key != state.key):
+    behind = bool(state.version) and (cur is None or cur.key != state.key)
+    since = _behind_since(settings.state_dir, state.key if behind else None, now)
+    if since is not None and (now - since).total_seconds() >= PUBLISH_GRACE:
         shown = cur.key if cur else "nothing"
         alarms.append(
             Alarm(
                 "publish-behind",
-                f"the site shows {shown}, the database is at {state.key}: "
-                "run 'bioc-webstats publish'",
+                f"the site shows {shown}, the database is at {state.key} (since "
+                f"{since:%H:%M} UTC): run 'bioc-webstats publish'",
             )
         )
     return alarms
+
+
+def _behind_since(sdir: Path, key: str | None, now: dt.datetime) -> dt.datetime | None:
+    """Since when the database's data version ``key`` has been seen unpublished (None: it is
+    published), kept in the alerts directory from one check to the next."""
+    path = alerts_dir(sdir) / "publish-behind.json"
+    try:
+        kept = json.loads(path.read_text())
+        since = dt.datetime.fromisoformat(kept["since"]) if kept["key"] == key else None
+    except (OSError, ValueError, TypeError, KeyError):
+        since = None  # none kept, or damaged: seen from now on
+    if since is not None and (since.tzinfo is None or since > now):
+        since = None  # damaged, or the clock went back
+    try:
+        if key is None:
+            path.unlink(missing_ok=True)
+        elif since is None:
+            since = now
+            path.parent.mkdir(parents=True, exist_ok=True)
+            write_atomic(path, json.dumps({"key": key, "since": now.isoformat()}))
+    except OSError:
+        return now - dt.timedelta(seconds=PUBLISH_GRACE) if key is not None else None
+    return since
 
 
 def web_check(url: str) -> list[Alarm]:
