@@ -15,7 +15,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from sqlalchemy import func, select
+from sqlalchemy import delete, func, select
 
 import legacygen
 import loggen
@@ -563,7 +563,58 @@ def test_a_copy_under_another_name_is_refused_in_a_later_import(sqlite_settings,
     )
     assert (records(url), stats_tables(url)) == before
     assert not [k for k in ledger(url) if "_copy" in k]
+    assert "its first 10 rows are those of download_db_2020.sqlite, imported before" in caplog.text
+    # a ledger of a release that kept no first rows: its units tell the copy
+    with db.session_factory(url).begin() as s:
+        s.execute(delete(IngestedObject).where(IngestedObject.key.endswith("/head")))
+    caplog.clear()
+    assert (
+        legacy.import_files(sqlite_settings, [str(copy)], until="2030-01-01", unit_rows=10) is False
+    )
+    assert (records(url), stats_tables(url)) == before
     assert "give exactly the downloads of download_db_2020.sqlite's" in caplog.text
+    # and an import of the original (unchanged, skipped) keeps its first rows again
+    assert legacy.import_files(sqlite_settings, [str(first)], until="2030-01-01", unit_rows=10)
+    assert legacy.heads_key(first.name) in ledger(url)
+
+
+def test_a_copy_is_refused_wherever_its_units_fall(sqlite_settings, tmp_path, caplog):
+    """The check by units found a copy only when its units' ranges were the original's: a
+    file first imported with fewer rows than a unit (the current year's early in January), or
+    grown between imports, was counted twice under another name, exit 0. A copy, a newer and
+    an older backup under other names are refused, and a copy given with its original in one
+    command; a file of other rows is not."""
+    url = sqlite_settings.database_url
+    caplog.set_level(logging.ERROR, "bioc_webstats")
+    rows = [legacygen.row(ips=f"192.0.2.{i}") for i in range(40)]
+    first = tmp_path / "download_db_2024.sqlite"
+    assert import_rows(sqlite_settings, first, rows[:10])  # one unit of 10 rows
+    assert import_rows(sqlite_settings, first, rows[10:20])  # the server appended 10
+    before = records(url), stats_tables(url)
+    assert len(before[0]) == 20
+    newer = tmp_path / "newer" / "download_db_2024.sqlite.bak"
+    older = tmp_path / "older" / "download_db_2024_jan.sqlite"
+    for path, n in ((tmp_path / "copy" / "download_db_2024_copy.sqlite", 20), (newer, 35),
+                    (older, 5)):  # fmt: skip
+        path.parent.mkdir()
+        legacygen.write_rows(path, rows[:n])
+        caplog.clear()
+        assert legacy.import_files(sqlite_settings, [str(path)], until="2030-01-01") is False
+        assert (records(url), stats_tables(url)) == before, path
+        assert f"rows are those of {first.name}, imported before" in caplog.text, caplog.text
+    # both new, in one command: the second is refused, the first imported
+    one, two = tmp_path / "a" / "download_db_2023.sqlite", tmp_path / "b" / "dl_2023.sqlite"
+    others = [legacygen.row(ips=f"198.51.100.{i}", day="02/Feb/2023") for i in range(3)]
+    for path in (one, two):
+        path.parent.mkdir()
+        legacygen.write_rows(path, others)
+    caplog.clear()
+    assert legacy.import_files(sqlite_settings, [str(one), str(two)], until="2030-01-01") is False
+    assert f"rows are those of {one.name}, given before ({one})" in caplog.text
+    assert len(records(url)) == 23
+    # the original itself, grown again, goes on as before
+    assert import_rows(sqlite_settings, first, rows[20:40])
+    assert len(records(url)) == 43
 
 
 def test_rerun_adds_nothing(db_url, tmp_path, corpus, caplog):

@@ -29,7 +29,9 @@ and the import fails, unless ``--replace`` (then its records are replaced, as
 ``etl reingest`` does for a log object). When every unit of a file is in, a ledger row
 ``legacy/<file name>/file`` records the file's size, mtime (and its ``-wal`` file's, whose
 rows are the database's too) and the cut-over day: the next import of the same unchanged
-file skips it without reading it.
+file skips it without reading it. ``legacy/<file name>/head`` keeps fingerprints of its first
+rows: a file under another name that begins with them is a copy or another backup of it, and
+is refused (its downloads would count twice).
 
 These ledger rows never take part in the log ETL's look-back (``ingest.log_objects``).
 """
@@ -97,6 +99,8 @@ class LegacyFile:
     hi: int | None = None
     units: list[tuple[int, int]] = field(default_factory=list)
     known: dict[str, str] = field(default_factory=dict)  # unit key → ETag, in the ledger
+    heads: dict[int, str] = field(default_factory=dict)  # fingerprints of its first rows
+    heads_kept: bool = False  # in the ledger as they are now
     error: str | None = None
     # what this run did
     rows: int = 0
@@ -120,7 +124,61 @@ def file_key(name: str) -> str:
     return f"{LEGACY_PREFIX}{name}/file"
 
 
+def heads_key(name: str) -> str:
+    return f"{LEGACY_PREFIX}{name}/head"
+
+
 _UNIT_KEY = re.compile(r"/rows-(-?\d+)-(-?\d+)$")  # (a rowid may be negative)
+
+# A copy of a database, or an older or newer backup of it, begins with the same rows, wherever
+# its units' ranges fall (they are fixed by each file's first import): fingerprints of a file's
+# first rows, by how many, tell one under another name. Values are cut at HEAD_VALUE bytes (a
+# hostile row holds no memory).
+HEAD_SIZES = (1, 10, 100, 1000)
+HEAD_VALUE = 4096
+
+
+def read_heads(f: LegacyFile) -> dict[int, str]:
+    """{n: fingerprint of the first n rows in rowid order} for the sizes the file has."""
+    import hashlib
+
+    cut = ", ".join(
+        f"substr({c}, 1, {HEAD_VALUE})"
+        for c in ("ips", "day_month_year", "method", "url", f.status_col)
+    )
+    query = f"SELECT {cut} FROM access_log ORDER BY {f.rowid} LIMIT {HEAD_SIZES[-1]}"  # noqa: S608
+    out: dict[int, str] = {}
+    h = hashlib.blake2b(digest_size=12)
+    try:
+        con = open_ro(f.path)
+        try:
+            for i, row in enumerate(con.execute(query), 1):
+                h.update(repr(row).encode("utf-8", "backslashreplace"))
+                if i in HEAD_SIZES:
+                    out[i] = h.hexdigest()
+        finally:
+            con.close()
+    except sqlite3.DatabaseError as exc:
+        raise LegacyFileError(f"not a readable SQLite database ({exc})") from None
+    return out
+
+
+def _heads_text(heads: dict[int, str]) -> str:
+    return " ".join(f"{n}:{v}" for n, v in sorted(heads.items()))
+
+
+def _parse_heads(text: str | None) -> dict[int, str]:
+    try:
+        return {int(n): v for n, v in (p.split(":", 1) for p in (text or "").split())}
+    except ValueError:
+        return {}  # damaged: nothing to compare with
+
+
+def same_database(a: dict[int, str], b: dict[int, str]) -> int:
+    """How many first rows two files share by their fingerprints (0: none compared equal):
+    the most both have."""
+    common = set(a) & set(b)
+    return max(common) if common and a[max(common)] == b[max(common)] else 0
 
 
 def _check_header(path: Path, size: int) -> bytes:
@@ -359,6 +417,41 @@ def _unit_owners(session: Session) -> dict[str, str]:
     }
 
 
+def _stored_heads(session: Session) -> dict[str, dict[int, str]]:
+    """{file name: the fingerprints of its first rows} for every legacy file in the ledger."""
+    io = IngestedObject
+    rows = session.execute(
+        select(io.key, io.etag).where(
+            io.key.startswith(LEGACY_PREFIX, autoescape=True), io.key.endswith("/head")
+        )
+    ).all()
+    return {k[len(LEGACY_PREFIX) : -len("/head")]: _parse_heads(e) for k, e in rows}
+
+
+def _keep_heads(session: Session, f: LegacyFile) -> None:
+    """The file's first rows' fingerprints into the ledger (caller commits), once a run."""
+    if f.heads_kept or not f.heads:
+        return
+    now = dt.datetime.now(dt.UTC)
+    values = {
+        "etag": _heads_text(f.heads),
+        "size": 0,
+        "name_hour": dt.datetime(1970, 1, 1),
+        "lines_read": 0,
+        "accepted": 0,
+        "rejected": 0,
+        "ingested_at": now,
+        "counted_at": now,  # it holds no records: nothing for the counting
+    }
+    row = session.scalar(select(IngestedObject).where(IngestedObject.key == heads_key(f.name)))
+    if row is None:
+        session.add(IngestedObject(key=heads_key(f.name), **values))
+    else:
+        for k, v in values.items():
+            setattr(row, k, v)
+    f.heads_kept = True
+
+
 def _record_file(settings: Settings, f: LegacyFile, until: dt.date) -> None:
     """The file's row: every unit is in; its size/mtime let the next import skip it."""
     now = dt.datetime.now(dt.UTC)
@@ -380,6 +473,7 @@ def _record_file(settings: Settings, f: LegacyFile, until: dt.date) -> None:
         else:
             for k, v in values.items():
                 setattr(row, k, v)
+        _keep_heads(session, f)
     pause_point("file_recorded")
 
 
@@ -422,6 +516,8 @@ def import_files(
         summary.failures.append(p)
         log.error("%s: %s; not imported", shown(p), exc)
 
+    with sf() as session:
+        heads = _stored_heads(session)  # by file name; this run's files are added as planned
     for p in dict.fromkeys(paths):  # each path once
         summary.files += 1
         try:
@@ -431,15 +527,22 @@ def import_files(
                     f"the same name as {names[f.name]}, given before: a file's name is its "
                     "identity in the ledger, import one of them at a time"
                 )
+            f.heads = read_heads(f)
+            _not_a_copy(f, heads, names)
         except LegacyFileError as exc:
             failed(p, exc)
             continue
         names[f.name] = p
+        f.heads_kept = heads.get(f.name) == f.heads
+        heads[f.name] = f.heads
         with sf() as session:
             file_etag, known = _ledger(session, f.name)
         if file_etag == f.etag(until_day):
             summary.files_skipped += 1
             log.info("%s: imported before and unchanged since (%s): skipped", shown(p), file_etag)
+            if not f.heads_kept:  # imported by a release that kept none
+                with sf.begin() as session:
+                    _keep_heads(session, f)
             continue
         ranges = []
         for k in known:
@@ -498,6 +601,21 @@ def import_files(
     summary.elapsed = time.monotonic() - t0
     log.info("%s", summary.line())
     return summary.files_failed == 0
+
+
+def _not_a_copy(f: LegacyFile, heads: dict[str, dict[int, str]], given: dict[str, str]) -> None:
+    """Refuse a file that begins with the rows of another name's, imported before or given
+    before in this command (``given``: name → path): the same database copied, or another
+    backup of it, whose downloads would count twice."""
+    for name, theirs in heads.items():
+        n = same_database(f.heads, theirs) if name != f.name else 0
+        if n:
+            when = f"given before ({shown(given[name])})" if name in given else "imported before"
+            raise LegacyFileError(
+                f"its first {n} rows are those of {name}, {when}: the same database under "
+                f"another name, its downloads would count twice; to import rows the legacy "
+                f"server added since, name it {name}"
+            )
 
 
 def _recompute(settings: Settings, summary: ImportSummary) -> None:
@@ -562,7 +680,9 @@ def _store_unit(
     try:
         with sf.begin() as session:
             store(session, parsed, queued)
+            _keep_heads(session, f)  # with its first unit: a copy is known from then on
     except IntegrityError:  # another import stored it meanwhile
+        f.heads_kept = False  # (not with it)
         log.warning("%s: already in the ledger, skipped", unit.key)
         return
     pause_point("unit_committed")
