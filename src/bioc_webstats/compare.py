@@ -15,8 +15,10 @@ backoff on 5xx, 429, timeouts and broken connections, and a User-Agent naming th
 from __future__ import annotations
 
 import concurrent.futures as cf
+import itertools
 import logging
 import math
+import re
 import time
 import urllib.parse
 from collections import deque
@@ -217,6 +219,14 @@ def _both_years(here: bytes | None, there: bytes | None) -> set[int]:
     return _years(here) | _years(there)
 
 
+def _plausible(cat: Category, years: set[int]) -> list[int]:
+    """The years a site can have year files for, newest first: from the category's first to
+    this one (a listing of "years" 0000 to 9999 from a hostile site is not 10,000 requests a
+    file; its all-years file, which lists them, differs anyway)."""
+    this_year = time.gmtime().tm_year
+    return sorted((y for y in years if cat.first_year <= y <= this_year), reverse=True)
+
+
 def _safe(name: str) -> bool:
     """A package name usable as a path segment (the lists come from another site)."""
     return (
@@ -254,17 +264,26 @@ class CompareResult:
         return f"{self.compared} files compared, {self.differ} differ{failed}"
 
 
+# A line with its end, as bytes.splitlines(keepends=True) cuts them, found one at a time: a
+# list of a body's lines costs about 30 times its bytes (tens of millions of objects for a
+# hostile 60 MB of short lines).
+_LINE = re.compile(rb"[^\r\n]*(?:\r\n|\r|\n)|[^\r\n]+")
+
+
 def first_difference(here: bytes, there: bytes) -> str:
     """Where two bodies first differ: the line number and both lines (a line end shown
     only when the two lines differ in it)."""
-    a, b = here.splitlines(keepends=True), there.splitlines(keepends=True)
-    for n, (x, y) in enumerate(zip(a, b, strict=False), 1):
-        if x != y:
-            return f"line {n}: here {_show(x, y)}, there {_show(y, x)}"
-    n = min(len(a), len(b)) + 1
-    if len(a) > len(b):
-        return f"line {n}: there ends; here goes on with {_show(a[n - 1])}"
-    return f"line {n}: here ends; there goes on with {_show(b[n - 1])}"
+    a = (m.group() for m in _LINE.finditer(here))
+    b = (m.group() for m in _LINE.finditer(there))
+    for n, (x, y) in enumerate(itertools.zip_longest(a, b), 1):
+        if x == y:
+            continue
+        if y is None:
+            return f"line {n}: there ends; here goes on with {_show(x)}"
+        if x is None:
+            return f"line {n}: here ends; there goes on with {_show(y)}"
+        return f"line {n}: here {_show(x, y)}, there {_show(y, x)}"
+    return "the same lines"  # (the bodies are equal)
 
 
 def _show(line: bytes, other: bytes | None = None) -> str:
@@ -424,8 +443,8 @@ def _compare_category(run: Comparison, cat: Category, only: list[str] | None) ->
     if only is None:
         heavy = [f"{stem}/{prefix}_pkg_stats.tab", f"{stem}/{prefix}_pkg_scores.tab"]
         kept = run.files([listing, totals, *heavy], {listing: _both_names, totals: _both_years})
-        years = kept.get(totals, set())
-        run.files([f"{stem}/{prefix}_{y}_stats.tab" for y in sorted(years, reverse=True)], {})
+        years = _plausible(cat, kept.get(totals, set()))
+        run.files([f"{stem}/{prefix}_{y}_stats.tab" for y in years], {})
         names = kept.get(listing, [])
     else:  # only these packages: the lists are read, not compared
         try:
@@ -446,9 +465,7 @@ def _compare_category(run: Comparison, cat: Category, only: list[str] | None) ->
         tabs = run.files(paths, dict.fromkeys(paths, _both_years))
         year_files = []
         for name in chunk:
-            years = tabs.get(f"{stem}/{name}/{name}_stats.tab", set())
-            year_files += [
-                f"{stem}/{name}/{name}_{y}_stats.tab" for y in sorted(years, reverse=True)
-            ]
+            years = _plausible(cat, tabs.get(f"{stem}/{name}/{name}_stats.tab", set()))
+            year_files += [f"{stem}/{name}/{name}_{y}_stats.tab" for y in years]
         run.files(year_files, {})
     return set(names)
