@@ -404,6 +404,34 @@ def _hot_journal(path: Path) -> None:
     src.unlink()
 
 
+def test_a_file_a_live_writer_holds_says_so(sqlite_settings, tmp_path, caplog, monkeypatch):
+    """A file the legacy server is writing (its lock and its -journal held) was said to hold
+    "an interrupted write": a hint to remove the live writer's journal, which can corrupt
+    it. It now says another process is writing it, and fails alone."""
+    path = good_db(tmp_path / "download_db_2024.sqlite")
+    real = legacy.open_ro
+
+    def impatient(p: Path) -> sqlite3.Connection:  # a lock held: no 30 s wait in a test
+        con = real(p)
+        con.execute("PRAGMA busy_timeout = 50")
+        return con
+
+    monkeypatch.setattr(legacy, "open_ro", impatient)
+    writer = sqlite3.connect(path, isolation_level=None)
+    try:
+        writer.execute("BEGIN EXCLUSIVE")
+        writer.execute("UPDATE access_log SET ips = '203.0.113.9'")
+        assert path.with_name(path.name + "-journal").exists()
+        caplog.set_level(logging.ERROR, "bioc_webstats")
+        assert legacy.import_files(sqlite_settings, [str(path)], until="2030-01-01") is False
+    finally:
+        writer.execute("ROLLBACK")
+        writer.close()
+    assert "database is locked); another process is writing it" in caplog.text, caplog.text
+    assert "interrupted write" not in caplog.text
+    assert not records(sqlite_settings.database_url)
+
+
 def test_tables_whose_rows_are_no_file_rows_fail_alone(sqlite_settings, tmp_path, caplog):
     """Found by a probe: an FTS5 table over a view read the view's rows (an endless view:
     the import hung); columns named rowid, _rowid_ and oid hid the rowid (a traceback that

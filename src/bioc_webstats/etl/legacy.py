@@ -159,7 +159,7 @@ def read_heads(f: LegacyFile) -> dict[int, str]:
         finally:
             con.close()
     except sqlite3.DatabaseError as exc:
-        raise LegacyFileError(f"not a readable SQLite database ({exc})") from None
+        raise _unreadable(f.path, exc) from None
     return out
 
 
@@ -269,20 +269,31 @@ def inspect(path: Path) -> LegacyFile:
         finally:
             con.close()
     except sqlite3.DatabaseError as exc:
-        hint = ""
-        if path.with_name(path.name + "-journal").exists():
-            hint = (
-                "; a -journal file beside it holds an interrupted write, which a read-only "
-                "import cannot roll back"
-            )
-        elif head[18:20] == b"\x02\x02" and not path.with_name(path.name + "-shm").exists():
-            # (the header's read and write versions: 2 is WAL)
-            hint = (
-                "; it is in WAL mode, and SQLite could not create its -shm file beside it (a "
-                "read-only directory?): copy it, with its -wal if any, where the import may write"
-            )
-        raise LegacyFileError(f"not a readable SQLite database ({exc}){hint}") from None
+        raise _unreadable(path, exc, head) from None
     return f
+
+
+def _unreadable(path: Path, exc: sqlite3.DatabaseError, head: bytes = b"") -> LegacyFileError:
+    """The one line for a file SQLite cannot read, with what to do when that can be told."""
+    hint = ""
+    if getattr(exc, "sqlite_errorcode", 0) & 0xFF == sqlite3.SQLITE_BUSY:
+        # a live writer's lock (its -journal is its transaction's: never to be removed)
+        hint = (
+            "; another process is writing it: import a copy made with sqlite3's .backup, or "
+            "run again when the writer is done"
+        )
+    elif path.with_name(path.name + "-journal").exists():
+        hint = (
+            "; a -journal file beside it holds an interrupted write, which a read-only "
+            "import cannot roll back"
+        )
+    elif head[18:20] == b"\x02\x02" and not path.with_name(path.name + "-shm").exists():
+        # (the header's read and write versions: 2 is WAL)
+        hint = (
+            "; it is in WAL mode, and SQLite could not create its -shm file beside it (a "
+            "read-only directory?): copy it, with its -wal if any, where the import may write"
+        )
+    return LegacyFileError(f"not a readable SQLite database ({exc}){hint}")
 
 
 def plan_units(
@@ -337,7 +348,7 @@ def _plan(f: LegacyFile, known: list[tuple[int, int]], unit_rows: int) -> None:
         finally:
             con.close()
     except sqlite3.DatabaseError as exc:
-        raise LegacyFileError(f"not a readable SQLite database ({exc})") from None
+        raise _unreadable(f.path, exc) from None
 
 
 # --- the import ----------------------------------------------------------------------------------
