@@ -606,3 +606,24 @@ def test_a_listing_is_split_at_newlines_only_and_bounded(tmp_path, monkeypatch):
         "workflows/workflows_packages.txt: cannot compare its packages: lists more than 3 packages",
     ]
     assert result.summary() == "1 files compared, 0 differ, 1 could not be compared"
+
+
+@pytest.mark.parametrize("length", ["²", "٣", " 12 ", "x"])
+def test_a_content_length_of_other_digits_is_no_traceback(length):
+    """str.isdigit() takes '²' and '٣', int() does not take '²': a hostile Content-Length
+    was a ValueError out of the body reader; only ASCII digits are a length."""
+    from email.message import Message
+
+    from bioc_webstats import httpbody
+
+    class Resp:
+        headers = Message()
+
+        def __init__(self) -> None:
+            self.parts = [b"twelve bytes", b""]
+            self.headers["Content-Length"] = length
+
+        def read1(self, n: int = -1) -> bytes:
+            return self.parts.pop(0)
+
+    assert httpbody.read_body(Resp(), 100) == b"twelve bytes"  # (12: checked; others: none)

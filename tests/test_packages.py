@@ -310,6 +310,10 @@ def _broken_copy(tmp_path: Path) -> Path:
             "devel_not_after",
             "{root}/config.yaml: devel_version 3.20 is not after release_version 3.20",
         ),
+        (  # str's \\d takes any script's digits: '٣.٢٠' was stored as a release
+            "arabic_digits",
+            "{root}/config.yaml: release_version must be a version like 3.20, got '٣.٢٠'",
+        ),
         (  # names that 'packages load' refuses (the column holds 200 characters)
             "dotdot_name",
             "{root}/packages/devel/bioc/src/contrib/PACKAGES:3: package name 'a..b' contains a "
@@ -356,6 +360,8 @@ def test_sync_bad_source_is_one_line_and_changes_nothing(
         conf.write_text('release_version: "latest"\ndevel_version: "3.21"\n')
     elif breakage == "devel_not_after":
         conf.write_text("release_version: 3.20\ndevel_version: '3.20'\n")
+    elif breakage == "arabic_digits":
+        conf.write_text('release_version: "٣.٢٠"\ndevel_version: "3.21"\n', encoding="utf-8")
     elif breakage == "long_version":
         conf.write_text('release_version: "3.99999999999999999999"\ndevel_version: "4.0"\n')
     elif breakage == "dotdot_name":
@@ -650,6 +656,8 @@ HEADER = "package,category,first_version,last_version\n"
         ("ab-c,bioc,301,\n", r":2: 'ab-c' is not a valid R package name$"),
         ("limma,bioc\n", r":2: 2 columns, the header has 4$"),
         ("limma,bioc,301,,extra\n", r":2: 5 columns, the header has 4$"),
+        ("edgeR,bioc,٣.١٤,\n", r":2: .*not a release code: '٣\.١٤'"),  # any script's digits
+        ("edgeR,bioc,٣١٤,\n", r":2: .*not a release code: '٣١٤'"),
         ("limma,bioc,301,\naffy,bioc,101,\nlimma,bioc,302,\n",
          r":4: bioc/limma conflicts with line 2 \(same package and category, other versions\)$"),
     ],

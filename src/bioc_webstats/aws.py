@@ -32,7 +32,7 @@ MAX_ATTEMPTS = 4
 STATS_PATHS = ("/packages/stats/*",)
 _XML_CODE = re.compile(r"<Code>([^<]{1,100})</Code>")
 _XML_MESSAGE = re.compile(r"<Message>([^<]{0,500})</Message>")
-_SNS_ARN = re.compile(r"^arn:aws[a-z-]*:sns:([a-z0-9-]+):\d{12}:[A-Za-z0-9_-]{1,256}$")
+_SNS_ARN = re.compile(r"^arn:aws[a-z-]*:sns:([a-z0-9-]+):[0-9]{12}:[A-Za-z0-9_-]{1,256}$")
 
 
 # The env file's AWS_* lines (region, endpoints, test credentials), below the process

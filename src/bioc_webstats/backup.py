@@ -82,7 +82,7 @@ def client_tool(name: str, major: int) -> str:
         )
     for tool in candidates:
         out = subprocess.run([tool, "--version"], capture_output=True, text=True, check=False)
-        found = re.search(r"\b(\d+)(?:\.\d+)?", out.stdout)
+        found = re.search(r"\b([0-9]+)(?:\.[0-9]+)?", out.stdout)
         if found and int(found.group(1)) >= major:
             return tool
     raise WebstatsError(

@@ -209,7 +209,7 @@ class Settings:
         return Path(value) if value else self.state_dir / "site"
 
 
-_DAY = re.compile(r"\d{4}-\d{2}-\d{2}")
+_DAY = re.compile(r"[0-9]{4}-[0-9]{2}-[0-9]{2}")
 # A host name, an IPv4 address or an IPv6 one in brackets (what a database URL can carry).
 _HOST = re.compile(r"[A-Za-z0-9._-]+|\[[0-9A-Fa-f:.]+\]")
 

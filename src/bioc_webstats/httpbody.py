@@ -79,6 +79,11 @@ class _Response(Protocol):
     def read1(self, n: int = -1) -> bytes: ...
 
 
+def _digits(text: str) -> bool:
+    """ASCII digits only (str.isdigit() also takes '²', which int() refuses)."""
+    return text.isascii() and text.isdigit()
+
+
 def read_body(resp: _Response, max_bytes: int) -> bytes:
     """All of ``resp``'s body, one network read at a time (the deadline is the socket's)."""
     chunks: list[bytes] = []
@@ -89,7 +94,7 @@ def read_body(resp: _Response, max_bytes: int) -> bytes:
             raise BodyError(f"larger than {max_bytes} bytes", retry=False)
         chunks.append(chunk)
     expected = resp.headers.get("Content-Length")
-    if expected and expected.strip().isdigit() and not resp.headers.get("Transfer-Encoding"):
+    if expected and _digits(expected.strip()) and not resp.headers.get("Transfer-Encoding"):
         if size != int(expected):
             raise BodyError(f"cut short: {size} of {int(expected)} bytes", retry=True)
     return b"".join(chunks)

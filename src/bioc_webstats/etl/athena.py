@@ -43,7 +43,7 @@ log = logging.getLogger(__name__)
 
 COLUMNS = ["kind", "path", "category", "package", "day", "ip", "n1", "n2", "n3", "status"]
 QUERY_TIMEOUT = 4 * 3600.0
-_DAY_DIR = re.compile(r"^(?P<dir>(?:[^/]+/)*)(?P<day>\d{4}-\d{2}-\d{2})/[^/]+$")
+_DAY_DIR = re.compile(r"^(?P<dir>(?:[^/]+/)*)(?P<day>[0-9]{4}-[0-9]{2}-[0-9]{2})/[^/]+$")
 _STATUS = {
     "no-fields": "no #Fields line (Athena engine)",
     "layout": "non-standard #Fields layout: ingest it with the local engine",

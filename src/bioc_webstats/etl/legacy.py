@@ -128,7 +128,7 @@ def heads_key(name: str) -> str:
     return f"{LEGACY_PREFIX}{name}/head"
 
 
-_UNIT_KEY = re.compile(r"/rows-(-?\d+)-(-?\d+)$")  # (a rowid may be negative)
+_UNIT_KEY = re.compile(r"/rows-(-?[0-9]+)-(-?[0-9]+)$")  # (a rowid may be negative)
 
 # A copy of a database, or an older or newer backup of it, begins with the same rows, wherever
 # its units' ranges fall (they are fixed by each file's first import): fingerprints of a file's
@@ -512,7 +512,7 @@ def import_files(
     t0 = time.monotonic()
     if unit_rows is None:  # WEBSTATS_LEGACY_UNIT_ROWS: environment only (tests, tuning)
         raw = os.environ.get("WEBSTATS_LEGACY_UNIT_ROWS") or str(UNIT_ROWS)
-        if not raw.isdigit() or int(raw) < 1:
+        if not (raw.isascii() and raw.isdigit()) or int(raw) < 1:
             raise ConfigError(f"WEBSTATS_LEGACY_UNIT_ROWS {raw!r}: expected a number of rows")
         unit_rows = int(raw)
     until_day = cutover_day(settings, until)

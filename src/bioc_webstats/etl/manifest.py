@@ -33,7 +33,7 @@ MAX_CONFIG_BYTES = 1024 * 1024  # config.yaml is a few KB; split into lines whol
 MAX_PACKAGES = 100_000  # names in one PACKAGES (bioc's has ~2,300): more is no PACKAGES
 
 # A release X.Y, as config.yaml and the packages CSV give it (its column holds 16 characters).
-RELEASE = re.compile(r"^\d{1,3}\.\d{1,3}$")
+RELEASE = re.compile(r"^[0-9]{1,3}\.[0-9]{1,3}$")
 _TOP_KEY = re.compile(r"^([A-Za-z_][A-Za-z0-9_]*)\s*:\s*(.*?)\s*$")
 # A valid R package name (etl.md): letters, digits and dots, starts with a letter.
 PKG_NAME = re.compile(r"^[A-Za-z][A-Za-z0-9.]*[A-Za-z0-9]$")

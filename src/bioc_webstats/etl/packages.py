@@ -30,7 +30,7 @@ from .manifest import (
     version_key,
 )
 
-_CODE = re.compile(r"^\d{3,4}$")
+_CODE = re.compile(r"^[0-9]{3,4}$")
 # A packages CSV is a few hundred KB (5,994 rows since 2009): bounds that stop /dev/zero or a
 # file without line breaks before it takes the memory.
 MAX_CSV_BYTES = 64 * 1024 * 1024

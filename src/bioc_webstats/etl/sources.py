@@ -38,7 +38,7 @@ OUT_MAX = 1 << 20  # text bytes decompressed at a time (memory stays flat whatev
 
 # <distribution-id>.<YYYY-MM-DD-HH>.<unique>.gz, at any depth (the key's last segment)
 _NAME = re.compile(
-    r"^(?P<dist>[A-Za-z0-9]+)\.(?P<date>\d{4}-\d{2}-\d{2})-(?P<hour>\d{2})\.(?P<uniq>[A-Za-z0-9]+)\.gz\Z"
+    r"^(?P<dist>[A-Za-z0-9]+)\.(?P<date>[0-9]{4}-[0-9]{2}-[0-9]{2})-(?P<hour>[0-9]{2})\.(?P<uniq>[A-Za-z0-9]+)\.gz\Z"
 )
 
 
@@ -108,7 +108,7 @@ EVERYTHING = Window()
 # Up to this many days, a distribution's names are listed one day prefix at a time (a request
 # a day); a longer window pages through its names instead (a request per 1,000 names).
 PER_DAY_LISTING_DAYS = 31
-_DAY_DIR = re.compile(r"^(\d{4}-\d{2}-\d{2})$")
+_DAY_DIR = re.compile(r"^([0-9]{4}-[0-9]{2}-[0-9]{2})$")
 
 
 def dir_day(name: str) -> dt.date | None:

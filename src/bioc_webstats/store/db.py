@@ -199,7 +199,7 @@ class SchemaStatus:
 
 
 def _revision_number(rev: str) -> int | None:
-    return int(rev) if rev.isdigit() else None
+    return int(rev) if rev.isascii() and rev.isdigit() else None
 
 
 def schema_status(url: str) -> SchemaStatus:
@@ -238,7 +238,7 @@ def schema_status(url: str) -> SchemaStatus:
         )
     with session_factory(url)() as session:
         floor = get_meta(session, SCHEMA_FLOOR)
-    if floor and floor.isdigit() and int(floor) > head_n:
+    if floor and floor.isascii() and floor.isdigit() and int(floor) > head_n:
         return SchemaStatus(
             current,
             False,

@@ -42,7 +42,7 @@ META_FILE = ".version.json"  # nginx never serves dot-files; the app 404s them
 MAX_PUBLISH_WAIT = 2.0  # seconds a publish waits for a second later than the last one
 PUBLISH_LOCK_WAIT = 30.0  # seconds it waits for the others' (each holds it about a second)
 KEEP = 2  # version directories kept: the current one and the one before (requests in flight)
-_DIR_RE = re.compile(r"^v(\d+)-([0-9A-Za-z]+)-(.+)-(\d+)$")
+_DIR_RE = re.compile(r"^v([0-9]+)-([0-9A-Za-z]+)-(.+)-([0-9]+)$")
 
 
 @dataclass(frozen=True)
