@@ -148,6 +148,11 @@ def test_env_file_not_world_readable(host, deploy_vars):
     assert host.file(env.path).contains("WEBSTATS_DATABASE_URL")
     loose = run_ok(host, f"find {env.path.rsplit('/', 1)[0]} -perm /o=rwx -type f")
     assert loose == "", f"world-accessible: {loose}"
+    # the copy the deploy checks a release with before it goes live: the same bytes, the same
+    # owner and mode (it holds the same secrets)
+    staged = host.file(env.path + ".staged")
+    assert (staged.user, staged.group, staged.mode) == (env.user, env.group, env.mode)
+    assert staged.content_string == env.content_string
 
 
 def test_the_web_cannot_read_the_env_file_nor_the_alarms(host, deploy_vars):
