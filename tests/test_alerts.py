@@ -337,7 +337,9 @@ def test_watchdog_daily_job_web_publish_and_disk(watched, monkeypatch):
     later = NOW + dt.timedelta(seconds=alerts.PUBLISH_GRACE)
     alarms, lines = alerts.watchdog(later)
     assert names(alarms) == {"etl-not-run", "web-down", "publish-behind", "disk-low"}
-    assert f"the database is at {state_key(url)} (since {NOW:%H:%M} UTC)" in "\n".join(lines)
+    assert f"the database is at {state_key(url)} (since {NOW:%Y-%m-%d %H:%M} UTC)" in "\n".join(
+        lines
+    )
     got = [n["Subject"].split(" on ")[0] for n in received(queue)]
     assert got == ["bioc-webstats ALARM publish-behind"]
 

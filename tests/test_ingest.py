@@ -909,6 +909,16 @@ def test_reingest_of_a_moved_object_replaces_it_under_its_new_key(db_url, tmp_pa
     before = snapshot(db_url)
     assert ingest.run(settings, source=str(out))  # the moved object is not read again
     assert snapshot(db_url)[:3] == before[:3]
+    # a file of that name and another size is not the object: refused, nothing replaced
+    second = out / truth.files[1]
+    (out / "short").mkdir()
+    other = gzip.compress(gzip.decompress(second.read_bytes())[:-200], compresslevel=1)
+    assert len(other) != second.stat().st_size
+    (out / "short" / second.name).write_bytes(other)
+    with pytest.raises(WebstatsError, match="1 objects failed"):
+        ingest.reingest(settings, [f"short/{second.name}"], source=str(out))
+    assert f"short/{second.name}: named as {second.name} but" in caplog.text
+    assert snapshot(db_url)[:3] == before[:3]
 
 
 def test_a_run_across_midnight_does_not_claim_the_new_day(db_url, tmp_path, monkeypatch):

@@ -262,7 +262,7 @@ def data_checks(settings: Settings, now: dt.datetime) -> list[Alarm]:
             Alarm(
                 "publish-behind",
                 f"the site shows {shown}, the database is at {state.key} (since "
-                f"{since:%H:%M} UTC): run 'bioc-webstats publish'",
+                f"{since:%Y-%m-%d %H:%M} UTC): run 'bioc-webstats publish'",
             )
         )
     return alarms
@@ -270,7 +270,9 @@ def data_checks(settings: Settings, now: dt.datetime) -> list[Alarm]:
 
 def _behind_since(sdir: Path, key: str | None, now: dt.datetime) -> dt.datetime | None:
     """Since when the database's data version ``key`` has been seen unpublished (None: it is
-    published), kept in the alerts directory from one check to the next."""
+    published), kept in the alerts directory from one check to the next. A newer version
+    starts its own wait: a long command (an import, a file at a time) commits versions for
+    hours and publishes at its end, and a publish of its that fails fails the command."""
     path = alerts_dir(sdir) / "publish-behind.json"
     try:
         kept = json.loads(path.read_text())

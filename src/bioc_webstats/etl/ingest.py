@@ -367,6 +367,12 @@ def _held_under_another_key(session: Session, obj: sources.LogObject) -> Ingeste
         raise WebstatsError(
             f"{shown(obj.key)}: the ledger holds it under {len(rows)} keys ({keys})"
         )
+    if rows and rows[0].size != obj.size:  # a copy cut short, say: 'etl run' names both too
+        raise WebstatsError(
+            f"{shown(obj.key)}: named as {shown(rows[0].key)} but {obj.size} bytes, not "
+            f"{rows[0].size}: not re-read; remove the wrong copy (or reingest "
+            f"{shown(rows[0].key)} itself)"
+        )
     if rows:
         log.info(
             "%s: in the ledger as %s (moved): re-read from here", shown(obj.key), shown(rows[0].key)
