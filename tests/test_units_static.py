@@ -258,7 +258,9 @@ def test_the_web_reads_its_own_file_and_cannot_reach_the_instance_role(rendered)
     state = Path("/var/lib", re.search(r"^StateDirectory=(.*)$", etl, re.M).group(1))
     assert files[0] == re.search(r'WEBSTATS_ENV_FILE=([^"\n]*)', etl).group(1)
     hidden = re.findall(r"^InaccessiblePaths=(.*)$", web, re.M)
-    assert hidden == [f"-{files[0]} -{alerts.alerts_dir(state)}"]
+    assert hidden == [
+        f"-{files[0]} -{files[0]}.staged -{alerts.alerts_dir(state)}"
+    ]  # (and its copy)
     for unit in set(SERVICES) - {"bioc-webstats.service"}:
         assert not re.search(r"^InaccessiblePaths=", rendered[unit], re.M), unit
     for dep in ("Wants", "After"):

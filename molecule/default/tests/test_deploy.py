@@ -175,8 +175,10 @@ def test_the_web_cannot_read_the_env_file_nor_the_alarms(host, deploy_vars):
     run_ok(host, f"runuser -u {etl_user} -- ls {alerts}")
     for cmd in (
         f"cat {env}",
+        f"cat {env}.staged",
         f"ls {alerts}",
         f"cat /proc/{pid}/root{env}",
+        f"cat /proc/{pid}/root{env}.staged",
         f"ls /proc/{pid}/root{alerts}",
     ):
         res = host.run(f"runuser -u {user} -- {cmd}")
