@@ -180,7 +180,24 @@ def test_a_value_the_release_refuses_never_goes_live(host, service, versions, ru
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-2000:]
     assert "WEBSTATS_ETL_LOGS_SINCE=2020-01-01" in env_file_state(host)[0]
     assert wait_version(service, versions["current"])
-    assert run_ok(host, "systemctl show -P MainPID bioc-webstats.service").strip() != pid
+    pid_fixed = run_ok(host, "systemctl show -P MainPID bioc-webstats.service").strip()
+    assert pid_fixed != pid
+    # a configuration-only deploy that fails after its file went live (nginx refuses a value):
+    # nothing to roll back, and the message says the new file stays live
+    res = run_playbook(
+        deploy_cmd(
+            runbook,
+            current,
+            "-e webstats_config_logs_since=2020-01-02",
+            "-e webstats_nginx_listen_address=999.0.0.1",
+        )
+    )
+    out = res.stdout + res.stderr
+    assert res.returncode != 0, out[-3000:]
+    assert "but the env file this run put live stays too" in out, out[-3000:]
+    assert "WEBSTATS_ETL_LOGS_SINCE=2020-01-02" in env_file_state(host)[0]
+    assert wait_version(service, versions["current"])  # nginx kept its configuration
+    assert run_ok(host, "systemctl show -P MainPID bioc-webstats.service").strip() != pid_fixed
 
 
 def test_an_env_file_newer_than_the_web_restarts_it(host, service, versions, runbook):
