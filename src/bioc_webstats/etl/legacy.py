@@ -454,13 +454,18 @@ def _keep_heads(session: Session, f: LegacyFile) -> None:
         "ingested_at": now,
         "counted_at": now,  # it holds no records: nothing for the counting
     }
-    row = session.scalar(select(IngestedObject).where(IngestedObject.key == heads_key(f.name)))
+    _put_row(session, heads_key(f.name), values)
+    f.heads_kept = True
+
+
+def _put_row(session: Session, key: str, values: dict[str, Any]) -> None:
+    """A ledger row of no records (a file's, its first rows'), added or updated."""
+    row = session.scalar(select(IngestedObject).where(IngestedObject.key == key))
     if row is None:
-        session.add(IngestedObject(key=heads_key(f.name), **values))
+        session.add(IngestedObject(key=key, **values))
     else:
         for k, v in values.items():
             setattr(row, k, v)
-    f.heads_kept = True
 
 
 def _record_file(settings: Settings, f: LegacyFile, until: dt.date) -> None:
@@ -478,12 +483,7 @@ def _record_file(settings: Settings, f: LegacyFile, until: dt.date) -> None:
         "counted_at": now,
     }
     with db.session_factory(settings.database_url).begin() as session:
-        row = session.scalar(select(IngestedObject).where(IngestedObject.key == file_key(f.name)))
-        if row is None:
-            session.add(IngestedObject(key=file_key(f.name), **values))
-        else:
-            for k, v in values.items():
-                setattr(row, k, v)
+        _put_row(session, file_key(f.name), values)
         _keep_heads(session, f)
     pause_point("file_recorded")
 
