@@ -1115,3 +1115,23 @@ def test_readers_end_when_the_import_stops_early(tmp_path):
     assert len(readers) == 2 and all(alive(p) for p in readers)
     units.close()  # the importing process gives up
     assert not any(alive(p) for p in readers)
+
+
+def test_the_first_rows_fingerprint_loads_no_huge_value(sqlite_settings, tmp_path):
+    """The fingerprints of a file's first rows read its values as the readers do: a 96 MB url
+    in the second row is not loaded (the readers call that row over-long), the fingerprint
+    stops before it, and the file is imported (it failed: 'string or blob too big')."""
+    path = tmp_path / "download_db_2024.sqlite"
+    legacygen.write_rows(path, [legacygen.row(), legacygen.row(url="/" + "z" * (96 << 20))])
+    code = (
+        "import re; from pathlib import Path; from bioc_webstats.etl import legacy as L;"
+        f"f = L.inspect(Path({str(path)!r}));"
+        "hwm = lambda: int(re.search(r'VmHWM:\\s*(\\d+)', open('/proc/self/status').read())[1]);"
+        "before = hwm(); heads = L.read_heads(f); after = hwm();"
+        "print(sorted(heads), (after - before) >> 10)"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.stdout.split(" ", 1)[0] == "[1]", done.stderr[-2000:]
+    assert int(done.stdout.split()[-1]) < 16, done.stdout  # MiB the peak grew by
+    assert legacy.import_files(sqlite_settings, [str(path)], until="2030-01-01")
+    assert len(records(sqlite_settings.database_url)) == 1

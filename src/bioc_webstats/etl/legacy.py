@@ -61,6 +61,7 @@ from ..store.models import IngestedObject
 from . import ingest, sources
 from .ingest import LEGACY_PREFIX, Parsed, pause_point
 from .legacy_rows import (
+    LOAD_MAX,
     MALFORMED,
     R_OTHER,
     R_PATH,
@@ -146,18 +147,28 @@ def read_heads(f: LegacyFile) -> dict[int, str]:
         f"substr({c}, 1, {HEAD_VALUE})"
         for c in ("ips", "day_month_year", "method", "url", f.status_col)
     )
-    query = f"SELECT {cut} FROM access_log ORDER BY {f.rowid} LIMIT {HEAD_SIZES[-1]}"  # noqa: S608
+    rowids = f"SELECT {f.rowid} FROM access_log ORDER BY {f.rowid} LIMIT {HEAD_SIZES[-1]}"  # noqa: S608
+    one = f"SELECT {cut} FROM access_log WHERE {f.rowid} = ?"  # noqa: S608
     out: dict[int, str] = {}
     h = hashlib.blake2b(digest_size=12)
     try:
         con = open_ro(f.path)
         try:
-            for i, row in enumerate(con.execute(query), 1):
-                h.update(repr(row).encode("utf-8", "backslashreplace"))
+            con.setlimit(sqlite3.SQLITE_LIMIT_LENGTH, LOAD_MAX)  # as the readers: none loaded whole
+            # a row at a time, by rowid (no value read to find them): a cursor steps a row
+            # ahead, and one it cannot load would take the row before with it
+            for i, (rowid,) in enumerate(con.execute(rowids).fetchall(), 1):
+                h.update(
+                    repr(con.execute(one, (rowid,)).fetchone()).encode("utf-8", "backslashreplace")
+                )
                 if i in HEAD_SIZES:
                     out[i] = h.hexdigest()
         finally:
             con.close()
+    except sqlite3.DataError as exc:
+        if exc.sqlite_errorcode != sqlite3.SQLITE_TOOBIG:
+            raise _unreadable(f.path, exc) from None
+        # a value over LOAD_MAX (an over-long row, to the readers): the rows before it say it
     except sqlite3.DatabaseError as exc:
         raise _unreadable(f.path, exc) from None
     return out
