@@ -150,7 +150,7 @@ def test_env_file_not_world_readable(host, deploy_vars):
     assert loose == "", f"world-accessible: {loose}"
     # the copy the deploy checks a release with before it goes live: the same bytes, the same
     # owner and mode (it holds the same secrets)
-    staged = host.file(env.path + ".staged")
+    staged = host.file(deploy_vars["webstats_config_staged_env_file"])
     assert (staged.user, staged.group, staged.mode) == (env.user, env.group, env.mode)
     assert staged.content_string == env.content_string
 
@@ -162,6 +162,7 @@ def test_the_web_cannot_read_the_env_file_nor_the_alarms(host, deploy_vars):
     etl_user = deploy_vars["webstats_services_user"]
     user = deploy_vars["webstats_services_web_user"]
     env = deploy_vars["webstats_config_env_file"]
+    staged = deploy_vars["webstats_config_staged_env_file"]
     alerts = f"{deploy_vars['webstats_services_state_dir']}/alerts"
     pid = run_ok(host, f"systemctl show -p MainPID --value {WEB}").strip()
     assert pid not in ("", "0")
@@ -175,10 +176,10 @@ def test_the_web_cannot_read_the_env_file_nor_the_alarms(host, deploy_vars):
     run_ok(host, f"runuser -u {etl_user} -- ls {alerts}")
     for cmd in (
         f"cat {env}",
-        f"cat {env}.staged",
+        f"cat {staged}",
         f"ls {alerts}",
         f"cat /proc/{pid}/root{env}",
-        f"cat /proc/{pid}/root{env}.staged",
+        f"cat /proc/{pid}/root{staged}",
         f"ls /proc/{pid}/root{alerts}",
     ):
         res = host.run(f"runuser -u {user} -- {cmd}")

@@ -323,9 +323,7 @@ def run(
     key = b"" if dry_run else ingest.ip_hash_key(settings, url)
     src, todo, skipped, window = ingest.list_window(settings, url, since, until)
     assert isinstance(src, sources.S3Source)
-    summary = ingest.RunSummary(skipped_names=len(skipped))
-    if window.until is not None:  # the last day listed: not one the listing had not reached
-        summary.through = window.until
+    summary = ingest.listed_summary(skipped, window)
     summary.failures += src.unreadable  # copies of one name that differ: named, the run fails
     summary.failed += len(src.unreadable)
     if dry_run or not todo:

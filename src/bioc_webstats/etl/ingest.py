@@ -351,6 +351,12 @@ def store_new(
     pause_point("object_queued")  # (the ledger row is the queue now: counted_at NULL)
 
 
+def _other_size(key: str, size: int, other: str, other_size: int) -> str:
+    """Two objects of one CloudFront name and different sizes: which is CloudFront's cannot
+    be told (one cut short, or not CloudFront's)."""
+    return f"{shown(key)}: named as {shown(other)} but {size} bytes, not {other_size}"
+
+
 def _held_under_another_key(session: Session, obj: sources.LogObject) -> IngestedObject | None:
     """The ledger's row of a log object read under another key (its CloudFront name, in
     another folder or prefix: a bucket reorganised since), or None."""
@@ -369,9 +375,8 @@ def _held_under_another_key(session: Session, obj: sources.LogObject) -> Ingeste
         )
     if rows and rows[0].size != obj.size:  # a copy cut short, say: 'etl run' names both too
         raise WebstatsError(
-            f"{shown(obj.key)}: named as {shown(rows[0].key)} but {obj.size} bytes, not "
-            f"{rows[0].size}: not re-read; remove the wrong copy (or reingest "
-            f"{shown(rows[0].key)} itself)"
+            f"{_other_size(obj.key, obj.size, rows[0].key, rows[0].size)}: not re-read; remove "
+            f"the wrong copy (or reingest {shown(rows[0].key)} itself)"
         )
     if rows:
         log.info(
@@ -709,12 +714,17 @@ def select_objects(
             )  # fmt: skip
         else:
             log.error(
-                "%s: named as %s but %d bytes, not %d: not read; remove the wrong copy",
-                shown(o.key), shown(other), o.size, size,
-            )  # fmt: skip
+                "%s: not read; remove the wrong copy", _other_size(o.key, o.size, other, size)
+            )
             first = todo.pop(name, None)  # read in this run: neither is
             conflicts += [shown(k.key) for k in (o, first) if k is not None]
     return sorted(todo.values(), key=lambda o: (o.name_hour, o.key))
+
+
+def listed_summary(skipped: list[str], window: sources.Window) -> RunSummary:
+    """The summary of a run that listed ``window``: ValidThru goes no further than its last
+    day (the last complete day when it listed)."""
+    return RunSummary(skipped_names=len(skipped), through=window.until or db.last_complete_day())
 
 
 def list_window(
@@ -764,7 +774,7 @@ def run(
     if not dry_run:
         ip_hash_key(settings, url)  # fail on configuration before reading anything
     src, todo, skipped, window = list_window(settings, url, since, until)
-    summary = RunSummary(skipped_names=len(skipped), through=window.until or db.last_complete_day())
+    summary = listed_summary(skipped, window)
     for k in skipped:
         log.info("skipped %s: not a log object name", k)
     # Folders that could not be read (logged by the source): the run goes on without them

@@ -39,6 +39,7 @@ These ledger rows never take part in the log ETL's look-back (``ingest.log_objec
 from __future__ import annotations
 
 import datetime as dt
+import hashlib
 import logging
 import os
 import re
@@ -141,8 +142,6 @@ HEAD_VALUE = 4096
 
 def read_heads(f: LegacyFile) -> dict[int, str]:
     """{n: fingerprint of the first n rows in rowid order} for the sizes the file has."""
-    import hashlib
-
     cut = ", ".join(
         f"substr({c}, 1, {HEAD_VALUE})"
         for c in ("ips", "day_month_year", "method", "url", f.status_col)
@@ -454,23 +453,23 @@ def _keep_heads(session: Session, f: LegacyFile) -> None:
     """The file's first rows' fingerprints into the ledger (caller commits), once a run."""
     if f.heads_kept or not f.heads:
         return
-    now = dt.datetime.now(dt.UTC)
-    values = {
-        "etag": _heads_text(f.heads),
-        "size": 0,
-        "name_hour": dt.datetime(1970, 1, 1),
-        "lines_read": 0,
-        "accepted": 0,
-        "rejected": 0,
-        "ingested_at": now,
-        "counted_at": now,  # it holds no records: nothing for the counting
-    }
-    _put_row(session, heads_key(f.name), values)
+    _put_row(session, heads_key(f.name), etag=_heads_text(f.heads))
     f.heads_kept = True
 
 
-def _put_row(session: Session, key: str, values: dict[str, Any]) -> None:
-    """A ledger row of no records (a file's, its first rows'), added or updated."""
+def _put_row(session: Session, key: str, etag: str, **counts: int) -> None:
+    """A ledger row of no records (a file's, its first rows'), added or updated; ``counts``:
+    its size, lines_read, accepted and rejected (0 when not given)."""
+    now = dt.datetime.now(dt.UTC)
+    values = {
+        "etag": etag,
+        **dict.fromkeys(("size", "lines_read", "accepted", "rejected"), 0),
+        **counts,
+        "name_hour": dt.datetime(1970, 1, 1),
+        "ingested_at": now,
+        # it holds no records (its units do): nothing for the counting, no new data version
+        "counted_at": now,
+    }
     row = session.scalar(select(IngestedObject).where(IngestedObject.key == key))
     if row is None:
         session.add(IngestedObject(key=key, **values))
@@ -481,20 +480,11 @@ def _put_row(session: Session, key: str, values: dict[str, Any]) -> None:
 
 def _record_file(settings: Settings, f: LegacyFile, until: dt.date) -> None:
     """The file's row: every unit is in; its size/mtime let the next import skip it."""
-    now = dt.datetime.now(dt.UTC)
-    values = {
-        "etag": f.etag(until),
-        "size": f.size,
-        "name_hour": dt.datetime(1970, 1, 1),
-        "lines_read": f.rows,
-        "accepted": f.rows - sum(f.reasons),
-        "rejected": sum(f.reasons[i] for i in MALFORMED),
-        "ingested_at": now,
-        # it holds no records (its units do): nothing for the counting, no new data version
-        "counted_at": now,
-    }
     with db.session_factory(settings.database_url).begin() as session:
-        _put_row(session, file_key(f.name), values)
+        _put_row(
+            session, file_key(f.name), f.etag(until), size=f.size, lines_read=f.rows,
+            accepted=f.rows - sum(f.reasons), rejected=sum(f.reasons[i] for i in MALFORMED),
+        )  # fmt: skip
         _keep_heads(session, f)
     pause_point("file_recorded")
 
