@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime as dt
+import gc
 import random
 import subprocess
 import sys
@@ -109,6 +110,36 @@ def test_last_modified_format_and_max_age_setting(db_url, clean_env, monkeypatch
     assert lm[:3] in ("Mon", "Tue", "Wed", "Thu", "Fri", "Sat", "Sun") and lm.endswith(" GMT")
     assert http_time(lm) >= dt.datetime(2023, 10, 5, tzinfo=dt.UTC)
     assert r.headers["Cache-Control"] == "public, max-age=60"
+
+
+def _frozen_garbage() -> int:
+    """Unreachable objects that only the permanent generation (gc.freeze) keeps alive."""
+    gc.collect()
+    gc.unfreeze()
+    try:
+        return gc.collect()
+    finally:
+        gc.freeze()
+
+
+def test_a_new_data_version_leaves_no_garbage_frozen(loaded):
+    """A worker lives for days and loads each data version once: the cycles that became
+    garbage since the last freeze (the replaced snapshot's, the requests') must not be
+    frozen with the new snapshot, or they stay until the worker exits."""
+    client, url = loaded
+    path = P + "bioc/affy/affy_2024_stats.tab"
+    assert client.get(path).status_code == 200
+    _frozen_garbage()  # what earlier tests and imports left
+    left = {}
+    for versions in (1, 20):
+        for _ in range(versions):
+            bump(url)
+            assert client.get(path).status_code == 200
+            assert client.get(P + "bioc/affy/").status_code == 200
+        left[versions] = _frozen_garbage()
+    # At most the request that loaded the last version (alive when it froze): was about 165
+    # objects more for each version
+    assert left[20] <= left[1] + 10, left
 
 
 def test_etag_follows_data_version_and_304(loaded):

@@ -194,6 +194,11 @@ class StatsSite:
                         loaded = report.load_snapshot(session, state.version, state.valid_thru)
                     snap = self._snap = (state.key, loaded, False)
                     # Long-lived from here on: keep it out of the collector's full scans.
+                    # Unfrozen and collected first: cycles that became garbage since the
+                    # last freeze (the replaced snapshot's, a request's) would stay frozen,
+                    # a few kilobytes a data version for the worker's lifetime.
+                    gc.unfreeze()
+                    gc.collect()
                     gc.freeze()
         return snap[1]
 
