@@ -155,6 +155,19 @@ def test_notify_failure_falls_back_and_the_watchdog_sends_it_later(
     assert not list((clean_env / "state" / "alerts" / "spool").glob("*.json"))
 
 
+def test_the_spool_keeps_the_newest_alerts_only(tmp_path):
+    """Without a topic (or with SNS refusing for months) every alert was kept: a lasting alarm
+    left about 1,500 files a year, all sent at once when a topic was set at last."""
+    env = {"WEBSTATS_ENV_FILE": str(tmp_path / "none.env")}
+    for i in range(alerts.SPOOL_KEEP + 30):
+        line = alerts.send(tmp_path, f"bioc-webstats ALARM data-stale #{i}", "x" * 200, env)
+        assert line.startswith("alert not sent (no SNS topic configured"), line
+    spool = sorted((tmp_path / "alerts" / "spool").glob("*.json"))
+    assert len(spool) == alerts.SPOOL_KEEP
+    subjects = [json.loads(p.read_text())["subject"] for p in spool]
+    assert subjects[0].endswith("#30") and subjects[-1].endswith(f"#{alerts.SPOOL_KEEP + 29}")
+
+
 def _loaded(db_url, valid_thru):
     with db.session_factory(db_url)() as s:
         webref.load_direct(s, valid_thru=valid_thru)

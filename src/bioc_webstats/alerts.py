@@ -43,6 +43,9 @@ HOOK_REPEAT = 3600
 # A data version left unpublished this long is an alarm: every writer publishes right after
 # its commit (seconds; minutes for a whole history), and a check in between is not one.
 PUBLISH_GRACE = 15 * 60
+# Unsent alerts kept (the newest): without a topic, or with SNS refusing for months, the spool
+# would grow by every alert, and a topic set at last would send them all.
+SPOOL_KEEP = 100
 RETRYING_UNITS = frozenset({"bioc-webstats.service", "bioc-webstats-web-config.service"})
 META_ETL_OK = "last_etl_ok"  # ISO timestamps written by the daily job (`bioc-webstats daily`)
 META_SYNC_OK = "last_sync_ok"
@@ -171,9 +174,11 @@ def _spool(sdir: Path, subject: str, message: str) -> Path | None:
         spool.mkdir(parents=True, exist_ok=True)
         path = spool / f"{time.time_ns()}.json"
         write_atomic(path, json.dumps({"subject": subject, "message": message}))
-        return path
     except OSError:
         return None
+    for stale in sorted(spool.glob("*.json"))[:-SPOOL_KEEP]:  # each is in the journal too
+        stale.unlink(missing_ok=True)
+    return path
 
 
 def resend_spooled(sdir: Path, environ: dict[str, str] | None = None) -> int:
