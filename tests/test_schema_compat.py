@@ -214,3 +214,133 @@ def test_a_command_before_db_upgrade_says_to_run_it(tmp_path, pg_server):
         assert line.startswith("bioc-webstats: error: database: ")
         assert line.endswith("(no schema yet? run 'bioc-webstats db upgrade')"), line
         db.dispose_engine(url)
+
+
+def _at(url: str, revision: str) -> None:
+    from alembic import command
+
+    cfg = db._alembic_config(url)
+    with db.get_engine(url).begin() as conn:
+        cfg.attributes["connection"] = conn
+        command.upgrade(cfg, revision)
+
+
+def _connect(url: str, name: str):
+    """A session outside the app's engines, named ``name`` (a psql session, say)."""
+    import psycopg2
+    from sqlalchemy.engine import make_url
+
+    u = make_url(url)
+    return psycopg2.connect(
+        host=u.host, port=u.port, user=u.username, password=u.password, dbname=u.database,
+        application_name=name,
+    )  # fmt: skip
+
+
+def _lock_waiters(url: str) -> int:
+    conn = _connect(url, "observer")
+    try:
+        cur = conn.cursor()
+        cur.execute(
+            "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() "
+            "AND wait_event_type = 'Lock'"
+        )
+        return cur.fetchone()[0]
+    finally:
+        conn.close()
+
+
+def test_two_upgrades_at_once_both_succeed(pg_server, tmp_path):
+    """Two deploys, or a deploy and restore.yml (whose restore migrates too): the second
+    waited for nothing and failed on a catalog row the first had just made."""
+    import subprocess
+
+    from conftest import new_pg_database, wait_for
+    from killharness import EXE, cli_env
+
+    url = new_pg_database(pg_server)
+    _at(url, "0004")  # the release before the seen-sets: 0005 changes the ledger
+    env = cli_env(url, tmp_path)
+    # Both start their migration while the ledger is in use, then it is released: they run
+    # at the same moment rather than one after the other by chance.
+    holder = _connect(url, "holder")
+    holder.cursor().execute("SELECT count(*) FROM ingested_objects")
+    try:
+        procs = [
+            subprocess.Popen([EXE, "db", "upgrade"], env=env, stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True)
+            for _ in range(2)
+        ]  # fmt: skip
+        wait_for(lambda: _lock_waiters(url) == 2, 60, what="both upgrades to wait")
+    finally:
+        holder.rollback()
+        holder.close()
+    done = [(p.wait(timeout=300), *p.communicate()) for p in procs]
+    assert [rc for rc, _, _ in done] == [0, 0], done
+    assert {out for _, out, _ in done} == {f"schema at revision {db.head_revision()}\n"}
+    db.dispose_engine(url)
+
+
+def test_an_upgrade_behind_a_table_in_use_stops_in_one_line_naming_it(pg_server, monkeypatch):
+    """A long transaction on a table the migration changes (an ETL's, a psql session's): the
+    upgrade waited without limit, and every session after it queued behind its lock."""
+    import pytest
+    from sqlalchemy.engine import make_url
+
+    from bioc_webstats.errors import WebstatsError
+    from conftest import new_pg_database
+
+    url = new_pg_database(pg_server)
+    _at(url, "0004")
+    monkeypatch.setattr(db, "MIGRATE_LOCK_WAIT", "1s")
+    monkeypatch.setattr(db, "MIGRATE_TRIES", 2)
+    u = make_url(url)
+    holder = _connect(url, "psql by hand")
+    try:
+        cur = holder.cursor()
+        cur.execute("SELECT count(*) FROM ingested_objects")  # its transaction stays open
+        cur.execute("SELECT pg_backend_pid()")
+        pid = cur.fetchone()[0]
+        with pytest.raises(WebstatsError) as err:
+            db.upgrade(url)
+        line = str(err.value)
+        assert "\n" not in line
+        assert line.startswith("db upgrade: the tables it changes stayed in use for 2 x 1s ")
+        assert f"pid {pid} {u.username} 'psql by hand'" in line, line
+        assert "nothing was changed" in line
+        assert db.current_revision(url) == "0004"
+        # meanwhile, another session is not held up behind it
+        with db.get_engine(url).connect() as conn:
+            conn.execute(sa.text("SET lock_timeout = '5s'"))
+            assert conn.execute(sa.text("SELECT count(*) FROM ingested_objects")).scalar() == 0
+    finally:
+        holder.rollback()
+        holder.close()
+    assert db.upgrade(url) == db.head_revision()
+    db.dispose_engine(url)
+
+
+def test_sessions_are_named_by_their_command(pg_server, clean_env, monkeypatch):
+    """pg_stat_activity names each session's command (what a waiting upgrade reports), never
+    its arguments (every login sees the names)."""
+    from click.testing import CliRunner
+
+    from bioc_webstats import cli
+    from conftest import new_pg_database
+
+    assert cli._command_path(["-v", "etl", "run", "--source", "/x"]) == ["etl", "run"]
+    assert cli._command_path(["compare", "--against", "http://u:pw@h/"]) == ["compare"]
+    assert cli._command_path(["import", "legacy-db", "a.sqlite"]) == ["import", "legacy-db"]
+    url = new_pg_database(pg_server)
+    monkeypatch.setattr(db, "APPLICATION_NAME", "bioc-webstats stats rebuild")
+    db.upgrade(url)
+    with db.get_engine(url).connect() as conn:
+        name = conn.execute(sa.text("SELECT current_setting('application_name')")).scalar()
+    assert name == "bioc-webstats stats rebuild"
+    db.dispose_engine(url)
+    # the CLI names its sessions so
+    monkeypatch.setattr("sys.argv", ["bioc-webstats", "-v", "config", "show"])
+    monkeypatch.setenv("WEBSTATS_DATABASE_URL", url)
+    res = CliRunner().invoke(cli.cli, ["-v", "config", "show"])
+    assert res.exit_code == 0, res.output
+    assert db.APPLICATION_NAME == "bioc-webstats config show"

@@ -72,6 +72,23 @@ def cli(ctx: click.Context, verbose: bool) -> None:
     for name in ("botocore", "boto3", "urllib3", "s3transfer"):
         logging.getLogger(name).setLevel(logging.INFO if verbose else logging.WARNING)
     ctx.obj = Context(verbose)
+    db.APPLICATION_NAME = " ".join(["bioc-webstats", *_command_path(sys.argv[1:])])
+
+
+def _command_path(args: list[str]) -> list[str]:
+    """The command's names (``etl run``), never its arguments: a session's application name
+    is shown to every login of the database."""
+    names: list[str] = []
+    cmd: click.Command = cli
+    for arg in args:
+        if arg.startswith("-"):
+            continue
+        sub = cmd.commands.get(arg) if isinstance(cmd, click.Group) else None
+        if sub is None:
+            break
+        names.append(arg)
+        cmd = sub
+    return names
 
 
 @contextlib.contextmanager

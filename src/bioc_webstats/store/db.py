@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
+import logging
 import secrets
 import sqlite3
 from dataclasses import dataclass
@@ -10,7 +11,8 @@ from importlib import resources
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from sqlalchemy import Engine, create_engine, event, select
+from sqlalchemy import Engine, create_engine, event, select, text
+from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session, sessionmaker
 
 from ..config import PASSWORD_SOURCES, FilePassword, SecretPassword
@@ -26,6 +28,8 @@ VALID_THRU = "valid_thru"
 DATA_VERSION = "data_version"
 DATA_TOKEN = "data_token"  # noqa: S105 - random, new with every data version: never the same in two databases
 
+log = logging.getLogger(__name__)
+
 _engines: dict[str, Engine] = {}
 
 # A server that goes away without a word (a failover, a network partition) must not hold a
@@ -34,6 +38,18 @@ _engines: dict[str, Engine] = {}
 # seconds (libpq's tcp_user_timeout and keepalives; a long query's silence is not a failure,
 # the server's kernel answers the probes).
 TCP_TIMEOUT = 30
+
+# Who each session is, in pg_stat_activity (the CLI sets its command; the web its own): what
+# SysOps, and a migration that waits, name.
+APPLICATION_NAME = "bioc-webstats"
+
+# One migration at a time (two deploys, a deploy and a restore): the second waits, then finds
+# the schema current. A table the migration changes may be in use (a long ETL transaction, a
+# psql session): each try waits this long for its lock, without holding up the sessions that
+# queue behind it for longer, and after the last one the upgrade stops, changing nothing.
+MIGRATE_LOCK = 0x5EE7_0DB5
+MIGRATE_LOCK_WAIT = "30s"
+MIGRATE_TRIES = 10
 
 
 def get_engine(url: str) -> Engine:
@@ -57,6 +73,7 @@ def get_engine(url: str) -> Engine:
                     "keepalives_interval": 5,
                     "keepalives_count": 3,
                     "tcp_user_timeout": TCP_TIMEOUT * 1000,
+                    "application_name": APPLICATION_NAME[:63],
                 },
             )
             source = PASSWORD_SOURCES.get(url)
@@ -154,13 +171,56 @@ def upgrade(url: str) -> str:
             assert status.revision is not None
             return status.revision  # nothing to do: a newer schema is never downgraded
     cfg = _alembic_config(url)
-    try:
-        with get_engine(url).begin() as conn:
-            cfg.attributes["connection"] = conn
-            command.upgrade(cfg, "head")
-    except CommandError as exc:  # a revision no release knows: alembic_version edited by hand
-        raise WebstatsError(f"db upgrade: {first_line(exc)}") from None
+    pg = not url.startswith("sqlite")
+    for attempt in range(1, MIGRATE_TRIES + 1):
+        try:
+            with get_engine(url).begin() as conn:
+                if pg:
+                    conn.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": MIGRATE_LOCK})
+                    conn.execute(text(f"SET LOCAL lock_timeout = '{MIGRATE_LOCK_WAIT}'"))
+                cfg.attributes["connection"] = conn
+                command.upgrade(cfg, "head")  # reads the revision again, under the lock
+            break
+        except CommandError as exc:  # a revision no release knows: alembic_version edited
+            raise WebstatsError(f"db upgrade: {first_line(exc)}") from None
+        except DBAPIError as exc:
+            if getattr(exc.orig, "pgcode", None) != LOCK_NOT_AVAILABLE:
+                raise
+            holders = _lock_holders(url)
+            if attempt == MIGRATE_TRIES:
+                raise WebstatsError(
+                    f"db upgrade: the tables it changes stayed in use for {MIGRATE_TRIES} x "
+                    f"{MIGRATE_LOCK_WAIT} ({holders}); nothing was changed. Let that finish "
+                    "(bioc-webstats status; systemctl status bioc-webstats-etl.service) or "
+                    "stop it, then run it again"
+                ) from None
+            log.warning("db upgrade: waiting for tables in use (%s), try %d", holders, attempt)
     return head_revision()
+
+
+LOCK_NOT_AVAILABLE = "55P03"  # SQLSTATE of a lock_timeout
+
+
+def _lock_holders(url: str) -> str:
+    """The other sessions holding a lock on a table of this database, as pg_stat_activity
+    shows them to any login (pid, user, application name: never the query)."""
+    try:
+        with get_engine(url).connect() as conn:
+            rows = conn.execute(
+                text(
+                    "SELECT DISTINCT a.pid, a.usename, a.application_name "
+                    "FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid "
+                    "WHERE l.granted AND l.locktype = 'relation' AND l.database = "
+                    "(SELECT oid FROM pg_database WHERE datname = current_database()) "
+                    "AND a.pid <> pg_backend_pid() ORDER BY a.pid LIMIT 4"
+                )
+            ).all()
+    except DBAPIError:
+        return "by sessions it could not list"
+    if not rows:
+        return "by sessions that have ended since"
+    named = [f"pid {p} {u or '?'} '{a or '?'}'" for p, u, a in rows[:3]]
+    return "held by " + ", ".join(named) + (" and others" if len(rows) > 3 else "")
 
 
 def head_revision() -> str:

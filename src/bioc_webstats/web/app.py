@@ -371,6 +371,7 @@ def create_app(settings: Settings | None = None) -> Flask:
     """Build the app from the effective configuration (loaded once per process, with the
     web's read-only database login)."""
     settings = settings or load_settings(login="web")
+    db.APPLICATION_NAME = "bioc-webstats web"  # its sessions, as pg_stat_activity names them
     app = Flask(__name__, static_folder=None)
     app.config["WEBSTATS"] = settings
     app.logger.setLevel(log_level(settings))
