@@ -574,6 +574,30 @@ def test_sync_reads_lines_split_at_newlines_only(tmp_path, sep):
     assert "Real" in found.devel["bioc"] and "PhantomA" not in found.devel["bioc"]
 
 
+def test_a_sync_while_another_writer_runs_stops_at_once(loaded, capsys):
+    """SysOps' `packages sync --force` while the daily job (which syncs too) runs: it failed
+    on a row the other had just added, or waited silently behind its count. It now stops at
+    once naming the holder, like every writer; a dry run (it writes nothing) still runs."""
+    from bioc_webstats import cli
+
+    before = table(loaded)
+    with cli.writer_lock(loaded, "daily"):
+        with pytest.raises(SystemExit) as done:
+            cli.main(["packages", "sync", "--from", str(DEVEL), "--force"])
+        assert done.value.code == 1
+        err = capsys.readouterr().err
+        assert err.startswith("bioc-webstats: error: packages sync: not started, 'daily' (pid")
+        assert table(loaded) == before
+        with pytest.raises(SystemExit) as done:
+            cli.main(["packages", "sync", "--from", str(DEVEL), "--dry-run"])
+        assert done.value.code in (0, None)
+        assert capsys.readouterr().out.splitlines()[-1] == "dry run: nothing written"
+    with pytest.raises(SystemExit) as done:
+        cli.main(["packages", "sync", "--from", str(DEVEL), "--force"])
+    assert done.value.code in (0, None)
+    assert table(loaded) != before
+
+
 def test_sync_cli(loaded):
     env = dict(os.environ)
     res = subprocess.run(

@@ -72,7 +72,6 @@ def cli(ctx: click.Context, verbose: bool) -> None:
     for name in ("botocore", "boto3", "urllib3", "s3transfer"):
         logging.getLogger(name).setLevel(logging.INFO if verbose else logging.WARNING)
     ctx.obj = Context(verbose)
-    db.APPLICATION_NAME = " ".join(["bioc-webstats", *_command_path(sys.argv[1:])])
 
 
 def _command_path(args: list[str]) -> list[str]:
@@ -94,7 +93,8 @@ def _command_path(args: list[str]) -> list[str]:
 @contextlib.contextmanager
 def writer_lock(settings: Settings, what: str) -> Iterator[None]:
     """One command that writes records or statistics at a time on this host (``daily``,
-    ``etl run``, ``etl reingest``, ``stats rebuild``, ``import legacy-db``, ``db restore``): a
+    ``etl run``, ``etl reingest``, ``stats rebuild``, ``import legacy-db``, ``db restore``,
+    ``packages sync``): a
     second one stops at once and says who holds the lock, instead of working through the same
     objects."""
     import datetime as dt
@@ -234,7 +234,10 @@ def packages_sync(ctx: Context, source: str | None, dry_run: bool, force: bool) 
     from .etl.packages import sync
     from .publish import after_change
 
-    with after_change(ctx.settings):
+    # The daily job syncs too: a second sync at once (SysOps' --force) failed on a row the
+    # other had added, or waited silently behind its count. A dry run writes nothing.
+    lock = contextlib.nullcontext() if dry_run else writer_lock(ctx.settings, "packages sync")
+    with lock, after_change(ctx.settings):
         click.echo(sync(ctx.settings, source=source, dry_run=dry_run, force=force))
 
 
@@ -668,7 +671,9 @@ def watchdog_cmd() -> None:
 def main(argv: list[str] | None = None) -> None:
     """Console entry point: expected failures become one line on stderr and exit 1."""
     keep_memory_private()  # before any secret is read
-    verbose = any(a in ("-v", "--verbose") for a in (argv if argv is not None else sys.argv[1:]))
+    args = argv if argv is not None else sys.argv[1:]
+    verbose = any(a in ("-v", "--verbose") for a in args)
+    db.APPLICATION_NAME = " ".join(["bioc-webstats", *_command_path(args)])
     try:
         cli.main(args=argv, prog_name="bioc-webstats", standalone_mode=False)
     except click.exceptions.Exit as exc:
