@@ -109,6 +109,7 @@ def test_a_defect_in_the_sync_does_not_stop_the_etl(db_url, tmp_path, monkeypatc
 
 def test_sync_stopped_at_its_limit_is_a_failure(db_url, tmp_path, monkeypatch, capsys, ready):
     out, truth = ready
+    monkeypatch.setenv("WEBSTATS_ETL_SYNC_CHANGE_LIMIT", "50")
     code = cli_run(
         monkeypatch, db_url, tmp_path, "daily", "--source", str(out),
         "--packages-from", str(DEVEL),

@@ -22,8 +22,15 @@ from sqlalchemy import select
 
 from bioc_webstats.config import Settings, load_settings
 from bioc_webstats.errors import WebstatsError
-from bioc_webstats.etl.manifest import Manifest, parse_config_yaml
-from bioc_webstats.etl.packages import Change, load_csv, plan_changes, read_csv, sync
+from bioc_webstats.etl.manifest import Manifest, parse_config_yaml, version_key
+from bioc_webstats.etl.packages import (
+    Change,
+    load_csv,
+    plan_changes,
+    read_csv,
+    shipped_csv,
+    sync,
+)
 from bioc_webstats.httpbody import mask
 from bioc_webstats.store import db
 from bioc_webstats.store.models import (
@@ -596,6 +603,26 @@ def test_a_sync_while_another_writer_runs_stops_at_once(loaded, capsys):
         cli.main(["packages", "sync", "--from", str(DEVEL), "--force"])
     assert done.value.code in (0, None)
     assert table(loaded) != before
+
+
+def test_the_default_change_limit_lets_a_release_through_and_stops_a_lost_file():
+    """A release removes its deprecated packages from devel at once: with a limit under that,
+    the daily sync stopped (and alarmed daily until forced) after most releases (3.16: 52,
+    3.18: 75 closed). The limit still stops a lost or emptied PACKAGES file."""
+    from bioc_webstats.config import PARAMS
+
+    [limit] = [int(p.default) for p in PARAMS if p.name == "etl/sync_change_limit"]
+    rows = read_csv(shipped_csv())
+    closed: dict[str, int] = {}
+    for _, _, _, last in rows:
+        if last is not None:
+            closed[last] = closed.get(last, 0) + 1
+    recent = {v: n for v, n in closed.items() if version_key(v) >= version_key("3.10")}
+    assert len(recent) >= 9 and max(recent.values()) >= 100, recent
+    assert max(recent.values()) * 1.5 < limit, recent
+    open_in = {c: sum(1 for _, cat, _, last in rows if cat == c and last is None)
+               for c in ("bioc", "annotation", "experiment")}  # fmt: skip
+    assert all(n > 2 * limit for n in open_in.values()), open_in
 
 
 def test_sync_cli(loaded):

@@ -74,7 +74,9 @@ PARAMS: tuple[Param, ...] = (
         "etl/lookback_days", "WEBSTATS_ETL_LOOKBACK_DAYS", "3", kind="int", minimum=0, maximum=3660
     ),
     Param("etl/logs_since", "WEBSTATS_ETL_LOGS_SINCE", None, kind="day"),
-    Param("etl/sync_change_limit", "WEBSTATS_ETL_SYNC_CHANGE_LIMIT", "50", kind="int", minimum=0),
+    # Above a release's removals from devel (the shipped history: up to 109 at once, 3.13),
+    # far below a lost PACKAGES file (thousands).
+    Param("etl/sync_change_limit", "WEBSTATS_ETL_SYNC_CHANGE_LIMIT", "200", kind="int", minimum=0),
     # parse processes; default: CPUs, at most 4
     Param("etl/workers", "WEBSTATS_ETL_WORKERS", None, kind="int", minimum=1, maximum=64),
     Param("etl/athena_database", "WEBSTATS_ETL_ATHENA_DATABASE", "bioc_webstats"),
