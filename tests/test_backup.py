@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import datetime as dt
 import os
+import shutil
 import sqlite3
 import stat
 import subprocess
@@ -139,9 +140,53 @@ def test_backup_refuses_a_disk_without_room(pg_server, clean_env, monkeypatch):
     subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m,mode=0700", "tmpfs", small], check=True)
     try:
         dest = small / "b" / "x.dump"
-        with pytest.raises(WebstatsError, match=r"has [01] MiB free, the database is \d+ MiB"):
+        with pytest.raises(
+            WebstatsError, match=r"has [01] MiB free, a dump of this \d+ MiB database needs about"
+        ):
             backup.backup(load_settings(), dest)
         assert list(small.rglob("*")) in ([], [small / "b"])  # no partial dump left
+    finally:
+        subprocess.run(["umount", small], check=True)
+
+
+def test_backup_needs_room_for_a_dump_not_for_the_database(pg_server, clean_env, monkeypatch):
+    """The check asked for the whole database's size: once the history and a year of logs
+    outgrew the instance's free disk, every migrating deploy failed at its backup, though the
+    dump is about a fifth of the database."""
+    from conftest import new_pg_database
+
+    url = new_pg_database(pg_server)
+    db.upgrade(url)
+    with db.get_engine(url).begin() as conn:  # 400,000 download records of random clients
+        conn.execute(
+            sa.text(
+                "INSERT INTO download_records (object_id, category, package, day, ip_hash, "
+                "downloads) SELECT i / 1000, 'bioc', 'pkg' || (i % 300), "
+                "DATE '2024-01-01' + (i % 365), (random() * 9e18)::bigint, 1 "
+                "FROM generate_series(1, 400000) AS i"
+            )
+        )
+        size = conn.execute(sa.text("SELECT pg_database_size(current_database())")).scalar()
+    db.dispose_engine(url)
+    monkeypatch.setenv("WEBSTATS_DATABASE_URL", url)
+    room = size // 2**20 * 2 // 3  # MiB: less than the database, more than a third of it
+    small = clean_env / "small"
+    small.mkdir()
+    subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", f"size={room}m,mode=0700", "tmpfs", small], check=True
+    )
+    try:
+        assert shutil.disk_usage(small).free < size
+        dest = small / "x.dump"
+        done = backup.backup(load_settings(), dest)
+        assert dest.read_bytes()[:5] == b"PGDMP" and done.size < size // 3, (done.size, size)
+        # an earlier dump twice as large as the room left asks for more than a third
+        dest.rename(small / "pre-0.0.1-20260101T000000Z.dump")
+        with (small / "pre-0.0.1-20260101T000000Z.dump").open("ab") as fh:
+            fh.write(b"\0" * (shutil.disk_usage(small).free // 2 + 2**20))
+        with pytest.raises(WebstatsError, match=r"needs about \d+ MiB: free some space"):
+            backup.backup(load_settings(), small / "y.dump")
+        assert sorted(p.name for p in small.iterdir()) == ["pre-0.0.1-20260101T000000Z.dump"]
     finally:
         subprocess.run(["umount", small], check=True)
 
