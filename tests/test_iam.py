@@ -70,6 +70,7 @@ ALLOWED_RESOURCES: dict[str, tuple[str, ...]] = {
     "cloudfront": (rf"^arn:aws:cloudfront::{A}:distribution/E1TVLJONPTUXV3$",),
     "sns": (rf"^arn:aws:sns:{R}:{A}:bioc-webstats-alerts$",),
     "cloudwatch": (rf"^arn:aws:cloudwatch:{R}:{A}:alarm:bioc-webstats-prod-\*$",),
+    "rds": (rf"^arn:aws:rds:{R}:{A}:db:\*$",),  # the admin's alarms.yml: its size, read only
 }
 # Actions without resource-level permissions: the only ones allowed on "*" (names, no data;
 # metrics only into the project's namespace, by condition).
@@ -265,6 +266,11 @@ def test_admin_manages_the_environments_alarms_only():
         assert not allows(doc, f"cloudwatch:{action}", f"{alarm}bioc-webstats-dev-heartbeat")
         assert not allows(doc, f"cloudwatch:{action}", f"{alarm}billing")
     assert not allows(doc, "cloudwatch:PutMetricData", "*")
+    # the database's storage alarm reads the instance's allocated storage, and nothing more
+    rds = f"arn:aws:rds:{R}:{A}:db:bioc-rdb"
+    assert allows(doc, "rds:DescribeDBInstances", rds)
+    for action in ("ModifyDBInstance", "DeleteDBInstance", "CreateDBSnapshot"):
+        assert not allows(doc, f"rds:{action}", rds)
 
 
 def test_etl_is_webrunner_plus_its_own():

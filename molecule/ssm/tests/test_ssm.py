@@ -146,7 +146,7 @@ def test_etl_through_systemd_with_ssm_settings(host, state):
 def test_heartbeat_and_the_alarm_on_its_absence(host, state, runbook):
     """RUNBOOK "Alarms": with alerts/cloudwatch_namespace set, the watchdog puts a heartbeat
     into CloudWatch; playbooks/alarms.yml, as written, creates the alarm on it going missing,
-    which notifies the alert topic."""
+    and the alarm on the database's free storage, which notify the alert topic."""
     cw = moto_client(state, "cloudwatch")
     with no_timer_run(host):  # the run started here, not one of the timer's begun before
         mark = cursor(host)
@@ -157,6 +157,13 @@ def test_heartbeat_and_the_alarm_on_its_absence(host, state, runbook):
     assert "heartbeat sent to CloudWatch bioc-webstats (Environment=test)" in journal, journal
     metrics = cw.list_metrics(Namespace="bioc-webstats", MetricName="Heartbeat")["Metrics"]
     assert [m["Dimensions"] for m in metrics] == [[{"Name": "Environment", "Value": "test"}]]
+    # the database (RDS in production: here an instance in moto, 100 GiB, named by the
+    # scenario's webstats_alarms_db_instance)
+    moto_client(state, "rds").create_db_instance(
+        DBInstanceIdentifier="bioc-webstats-test", DBInstanceClass="db.t4g.small",
+        Engine="postgres", AllocatedStorage=100, MasterUsername="postgres",
+        MasterUserPassword="not-used-here",
+    )  # fmt: skip
     res = run_playbook(runbook("ansible-playbook playbooks/alarms.yml -i inventory/production"))
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-2000:]
     [alarm] = cw.describe_alarms(AlarmNames=["bioc-webstats-test-heartbeat"])["MetricAlarms"]
@@ -170,6 +177,20 @@ def test_heartbeat_and_the_alarm_on_its_absence(host, state, runbook):
         "LessThanThreshold",
     )
     assert alarm["AlarmActions"] == alarm["OKActions"] == [state["topic_arn"]]
+    # the database's disk, which nothing on the instance sees: under 10 % (alerts/min_free_disk)
+    # of its 100 GiB free
+    [db] = cw.describe_alarms(AlarmNames=["bioc-webstats-test-db-storage"])["MetricAlarms"]
+    assert (db["Namespace"], db["MetricName"], db["Dimensions"]) == (
+        "AWS/RDS",
+        "FreeStorageSpace",
+        [{"Name": "DBInstanceIdentifier", "Value": "bioc-webstats-test"}],
+    )
+    assert (db["Statistic"], db["ComparisonOperator"], db["Threshold"]) == (
+        "Minimum",
+        "LessThanThreshold",
+        10 * 2**30,
+    )
+    assert db["AlarmActions"] == db["OKActions"] == [state["topic_arn"]]
     again = run_playbook(runbook("ansible-playbook playbooks/alarms.yml -i inventory/production"))
     assert again.returncode == 0 and "changed=0" in again.stdout, again.stdout[-2000:]
 
