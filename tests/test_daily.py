@@ -191,3 +191,58 @@ def test_status_counts_the_data_age_from_the_end_of_valid_thru():
     }  # fmt: skip
     now = dt.datetime(2024, 4, 2, 1, 0, tzinfo=dt.UTC)
     assert daily.status_lines(facts, now)[1] == "ValidThru: 2024-04-01 (ended 1 h ago)"
+
+
+def test_the_daily_job_waits_for_a_command_run_by_hand(
+    db_url, tmp_path, monkeypatch, capsys, caplog, ready
+):
+    """A backfill or a reingest SysOps started is still running at the timer's hour: the
+    daily job refused at once (a lost day, and an alarm). It waits for it now, and gives up,
+    in one line, only after its wait."""
+    import threading
+
+    from bioc_webstats import cli
+    from bioc_webstats.config import load_settings
+    from conftest import wait_for
+
+    out, _ = ready
+    settings = load_settings()  # the environment cli_run set (state directory included)
+    monkeypatch.setattr(cli, "LOCK_POLL", 0.05)
+    held, failures = threading.Event(), []
+
+    def by_hand() -> None:
+        try:
+            with cli.writer_lock(settings, "etl run"):
+                held.set()
+                wait_for(
+                    lambda: any("waiting for 'etl run'" in r.getMessage() for r in caplog.records),
+                    60, what="the daily job to wait",
+                )  # fmt: skip
+        except Exception as exc:  # the test's own thread: reported below
+            failures.append(exc)
+
+    caplog.set_level(logging.WARNING)
+    holder = threading.Thread(target=by_hand)
+    holder.start()
+    assert held.wait(30)
+    capsys.readouterr()
+    code = cli_run(
+        monkeypatch, db_url, tmp_path, "daily", "--source", str(out), "--packages-from", str(DEVEL),
+        WEBSTATS_ETL_SYNC_CHANGE_LIMIT="1000",
+    )  # fmt: skip
+    holder.join(60)
+    assert not failures, failures
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    assert captured.out.splitlines()[-1] == "daily: packages sync ok, etl run ok"
+    assert recent(meta(db_url)[daily.LAST_ETL_OK])
+    # a holder that does not finish within the wait: one line, nothing done
+    monkeypatch.setattr(cli, "DAILY_LOCK_WAIT", 0.3)
+    before = meta(db_url)
+    with cli.writer_lock(settings, "etl reingest"):
+        code = cli_run(monkeypatch, db_url, tmp_path, "daily", "--source", str(out))
+    err = capsys.readouterr().err.splitlines()
+    assert code == 1
+    assert err[-1].startswith("bioc-webstats: error: daily: not started after waiting 0.005 "), err
+    assert "'etl reingest' (pid " in err[-1]
+    assert meta(db_url) == before

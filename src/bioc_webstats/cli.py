@@ -90,13 +90,19 @@ def _command_path(args: list[str]) -> list[str]:
     return names
 
 
+# The daily job waits this long for a command SysOps started by hand (a backfill, a reingest)
+# before it gives up: it runs once a day, so refusing at once meant a failed day and an alarm.
+# Its unit's TimeoutStartSec (4 h) leaves it the rest.
+DAILY_LOCK_WAIT = 2 * 3600.0
+LOCK_POLL = 5.0
+
+
 @contextlib.contextmanager
-def writer_lock(settings: Settings, what: str) -> Iterator[None]:
+def writer_lock(settings: Settings, what: str, wait: float = 0) -> Iterator[None]:
     """One command that writes records or statistics at a time on this host (``daily``,
     ``etl run``, ``etl reingest``, ``stats rebuild``, ``import legacy-db``, ``db restore``,
-    ``packages sync``): a
-    second one stops at once and says who holds the lock, instead of working through the same
-    objects."""
+    ``packages sync``): a second one stops and says who holds the lock, instead of working
+    through the same objects; at once, or after ``wait`` seconds of waiting for it."""
     import datetime as dt
     import fcntl
 
@@ -107,15 +113,27 @@ def writer_lock(settings: Settings, what: str) -> Iterator[None]:
     except OSError as exc:
         raise WebstatsError(f"cannot open the lock {path}: {exc.strerror}") from None
     with os.fdopen(fd, "r+") as f:
-        try:
-            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = f.read().strip() or "another process"
-            raise WebstatsError(
-                f"{what}: not started, {holder} holds {path} (one writer at a time); "
-                "try again when it is done"
-            ) from None
+        deadline, told = time.monotonic() + wait, False
+        while True:
+            try:
+                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                f.seek(0)
+                holder = f.read().strip() or "another process"
+            left = deadline - time.monotonic()
+            if left <= 0:
+                waited = f" after waiting {wait / 60:g} minutes" if wait else ""
+                raise WebstatsError(
+                    f"{what}: not started{waited}, {holder} holds {path} (one writer at a "
+                    "time); try again when it is done"
+                )
+            if not told:
+                log.warning("%s: waiting for %s to finish (one writer at a time)", what, holder)
+                told = True
+            time.sleep(min(LOCK_POLL, left))
         since = dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+        f.seek(0)  # (read from while waiting)
         f.truncate(0)
         f.write(f"'{what}' (pid {os.getpid()}, since {since})\n")
         f.flush()
@@ -392,7 +410,8 @@ def daily_cmd(ctx: Context, source: str | None, packages_from: str | None) -> No
     from .daily import run_daily
 
     remember_topic(ctx.settings)  # the failure hook alerts there if this run fails
-    with writer_lock(ctx.settings, "daily"):  # the same lock as etl run: one writer at a time
+    # the same lock as etl run (one writer at a time); a command run by hand is waited for
+    with writer_lock(ctx.settings, "daily", wait=DAILY_LOCK_WAIT):
         result = run_daily(ctx.settings, source=source, packages_from=packages_from)
     click.echo(result.line())
     if not result.ok:
