@@ -168,6 +168,21 @@ def test_the_spool_keeps_the_newest_alerts_only(tmp_path):
     assert subjects[0].endswith("#30") and subjects[-1].endswith(f"#{alerts.SPOOL_KEEP + 29}")
 
 
+def test_a_grown_spool_is_not_sent_whole(tmp_path, aws_env):
+    """A spool an earlier release let grow (no cap): a topic set at last sends the newest
+    SPOOL_KEEP, not every alert of the months before."""
+    topic, _ = topic_with_queue()
+    spool = tmp_path / "alerts" / "spool"
+    spool.mkdir(parents=True)
+    for i in range(alerts.SPOOL_KEEP + 30):
+        body = {"subject": f"bioc-webstats ALARM data-stale #{i}", "message": "x"}
+        (spool / f"{1_700_000_000_000_000_000 + i}.json").write_text(json.dumps(body))
+    assert alerts.resend_spooled(tmp_path, {"WEBSTATS_ALERTS_SNS_TOPIC": topic}) == (
+        alerts.SPOOL_KEEP
+    )
+    assert list(spool.iterdir()) == []
+
+
 def _loaded(db_url, valid_thru):
     with db.session_factory(db_url)() as s:
         webref.load_direct(s, valid_thru=valid_thru)

@@ -184,9 +184,14 @@ def test_backup_needs_room_for_a_dump_not_for_the_database(pg_server, clean_env,
         dest.rename(small / "pre-0.0.1-20260101T000000Z.dump")
         with (small / "pre-0.0.1-20260101T000000Z.dump").open("ab") as fh:
             fh.write(b"\0" * (shutil.disk_usage(small).free // 2 + 2**20))
+        # (a newer file of that suffix that is no dump does not hide it)
+        (small / "notes.dump").write_text("not a dump\n")
         with pytest.raises(WebstatsError, match=r"needs about \d+ MiB: free some space"):
             backup.backup(load_settings(), small / "y.dump")
-        assert sorted(p.name for p in small.iterdir()) == ["pre-0.0.1-20260101T000000Z.dump"]
+        assert sorted(p.name for p in small.iterdir()) == [
+            "notes.dump",
+            "pre-0.0.1-20260101T000000Z.dump",
+        ]
     finally:
         subprocess.run(["umount", small], check=True)
 

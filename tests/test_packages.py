@@ -609,9 +609,9 @@ def test_the_default_change_limit_lets_a_release_through_and_stops_a_lost_file()
     """A release removes its deprecated packages from devel at once: with a limit under that,
     the daily sync stopped (and alarmed daily until forced) after most releases (3.16: 52,
     3.18: 75 closed). The limit still stops a lost or emptied PACKAGES file."""
-    from bioc_webstats.config import PARAMS
+    from bioc_webstats.config import BY_NAME
 
-    [limit] = [int(p.default) for p in PARAMS if p.name == "etl/sync_change_limit"]
+    limit = int(BY_NAME["etl/sync_change_limit"].default)
     rows = read_csv(shipped_csv())
     closed: dict[str, int] = {}
     for _, _, _, last in rows:

@@ -17,6 +17,7 @@ it again.
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import json
 import os
@@ -176,9 +177,15 @@ def _spool(sdir: Path, subject: str, message: str) -> Path | None:
         write_atomic(path, json.dumps({"subject": subject, "message": message}))
     except OSError:
         return None
-    for stale in sorted(spool.glob("*.json"))[:-SPOOL_KEEP]:  # each is in the journal too
-        stale.unlink(missing_ok=True)
+    _prune_spool(spool)
     return path
+
+
+def _prune_spool(spool: Path) -> None:
+    """Keep the newest SPOOL_KEEP (each alert is in the journal too)."""
+    with contextlib.suppress(OSError):
+        for stale in sorted(spool.glob("*.json"))[:-SPOOL_KEEP]:
+            stale.unlink(missing_ok=True)
 
 
 def resend_spooled(sdir: Path, environ: dict[str, str] | None = None) -> int:
@@ -189,6 +196,7 @@ def resend_spooled(sdir: Path, environ: dict[str, str] | None = None) -> int:
     spool = alerts_dir(sdir) / "spool"
     if not topic or not spool.is_dir():
         return 0
+    _prune_spool(spool)  # a spool an earlier release let grow is not sent whole
     sent = 0
     for path in sorted(spool.glob("*.json")):
         try:

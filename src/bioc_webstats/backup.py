@@ -183,11 +183,10 @@ DUMP_SHARE = 3
 def dump_room(size: int, directory: Path) -> int:
     """The free bytes a dump of a ``size``-byte database needs in ``directory``."""
     newest = 0
-    with contextlib.suppress(OSError):
-        dumps = [p for p in directory.iterdir() if p.suffix == ".dump" and p.is_file()]
+    with contextlib.suppress(OSError):  # (a file gone meanwhile: no estimate from it)
+        dumps = [p for p in directory.iterdir() if p.is_file() and _is_backup(p)]
         if dumps:
-            latest = max(dumps, key=lambda p: p.stat().st_mtime)
-            newest = latest.stat().st_size if _is_backup(latest) else 0
+            newest = max(dumps, key=lambda p: p.stat().st_mtime).stat().st_size
     return min(size, max(size // DUMP_SHARE, 2 * newest))
 
 

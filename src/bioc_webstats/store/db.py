@@ -2,16 +2,19 @@
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import logging
 import secrets
 import sqlite3
+import threading
+from collections.abc import Iterator
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from sqlalchemy import Engine, create_engine, event, select, text
+from sqlalchemy import Connection, Engine, create_engine, event, select, text
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -173,8 +176,9 @@ def upgrade(url: str) -> str:
     cfg = _alembic_config(url)
     pg = not url.startswith("sqlite")
     for attempt in range(1, MIGRATE_TRIES + 1):
+        blockers: dict[int, str] = {}
         try:
-            with get_engine(url).begin() as conn:
+            with get_engine(url).begin() as conn, _watching_blockers(url, conn, blockers, pg):
                 if pg:
                     conn.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": MIGRATE_LOCK})
                     conn.execute(text(f"SET LOCAL lock_timeout = '{MIGRATE_LOCK_WAIT}'"))
@@ -186,7 +190,12 @@ def upgrade(url: str) -> str:
         except DBAPIError as exc:
             if getattr(exc.orig, "pgcode", None) != LOCK_NOT_AVAILABLE:
                 raise
-            holders = _lock_holders(url)
+            named = [f"pid {pid} {who}" for pid, who in sorted(blockers.items())[:3]]
+            holders = (
+                "held by " + ", ".join(named) + (" and others" if len(blockers) > 3 else "")
+                if named
+                else "by a session that has ended since"
+            )
             if attempt == MIGRATE_TRIES:
                 raise WebstatsError(
                     f"db upgrade: the tables it changes stayed in use for {MIGRATE_TRIES} x "
@@ -199,28 +208,45 @@ def upgrade(url: str) -> str:
 
 
 LOCK_NOT_AVAILABLE = "55P03"  # SQLSTATE of a lock_timeout
+BLOCKER_POLL = 1.0
 
 
-def _lock_holders(url: str) -> str:
-    """The other sessions holding a lock on a table of this database, as pg_stat_activity
-    shows them to any login (pid, user, application name: never the query)."""
+@contextlib.contextmanager
+def _watching_blockers(
+    url: str, conn: Connection, seen: dict[int, str], pg: bool
+) -> Iterator[None]:
+    """While the migration runs, note every session that blocks it (``pg_blocking_pids``, from
+    a second session; as pg_stat_activity shows them to any login: pid, user, application
+    name, never the query): once it has given up waiting, it blocks nothing any more."""
+    if not pg:
+        yield
+        return
+    pid = conn.execute(text("SELECT pg_backend_pid()")).scalar_one()
+    stop = threading.Event()
+
+    def watch() -> None:
+        try:
+            with get_engine(url).connect() as watcher:
+                while not stop.wait(BLOCKER_POLL):
+                    for p, user, app in watcher.execute(
+                        text(
+                            "SELECT pid, usename, application_name FROM pg_stat_activity "
+                            "WHERE pid = ANY(pg_blocking_pids(:p))"
+                        ),
+                        {"p": pid},
+                    ):
+                        seen[p] = f"{user or '?'} '{app or '?'}'"
+                    watcher.rollback()  # a fresh view of pg_stat_activity each time
+        except DBAPIError:
+            pass  # no names then: the message says so
+
+    thread = threading.Thread(target=watch, name="db-upgrade-blockers", daemon=True)
+    thread.start()
     try:
-        with get_engine(url).connect() as conn:
-            rows = conn.execute(
-                text(
-                    "SELECT DISTINCT a.pid, a.usename, a.application_name "
-                    "FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid "
-                    "WHERE l.granted AND l.locktype = 'relation' AND l.database = "
-                    "(SELECT oid FROM pg_database WHERE datname = current_database()) "
-                    "AND a.pid <> pg_backend_pid() ORDER BY a.pid LIMIT 4"
-                )
-            ).all()
-    except DBAPIError:
-        return "by sessions it could not list"
-    if not rows:
-        return "by sessions that have ended since"
-    named = [f"pid {p} {u or '?'} '{a or '?'}'" for p, u, a in rows[:3]]
-    return "held by " + ", ".join(named) + (" and others" if len(rows) > 3 else "")
+        yield
+    finally:
+        stop.set()
+        thread.join(10)
 
 
 def head_revision() -> str:
