@@ -777,7 +777,7 @@ def test_seed_only_an_empty_table_then_sync_past_the_limit(settings, monkeypatch
     # the dry run says what the real run does (it said: "a real run needs --force")
     dry = sync(settings, source=str(DEVEL), dry_run=True, force=False).splitlines()
     assert dry[-2].startswith("first sync since the shipped history was seeded (")
-    assert dry[-2].endswith("): the change limit of 50 does not apply")
+    assert dry[-2].endswith("): the change limit of 200 does not apply")
     assert dry[-1] == "dry run: nothing written"
     report = sync(settings, source=str(DEVEL), dry_run=False, force=False)
     lines = report.splitlines()
