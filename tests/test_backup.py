@@ -368,3 +368,36 @@ def test_a_backup_older_than_the_schema_restores_and_migrates(pg_server, clean_e
     with db.session_factory(live)() as s:
         assert s.execute(sa.text("SELECT count(*) FROM download_records")).scalar() == 0
     db.dispose_engine(live)
+
+
+def test_no_migration_runs_between_the_restore_and_its_drop(pg_server, clean_env, monkeypatch):
+    """A deploy's `db upgrade` during `db restore`: between pg_restore and the drop of what the
+    backup's schema lacks, a migration would have made tables the drop then removed, under a
+    revision that claims them. The restore holds the migration lock across both."""
+    from conftest import new_pg_database
+
+    url = new_pg_database(pg_server)
+    db.upgrade(url)
+    monkeypatch.setenv("WEBSTATS_DATABASE_URL", url)
+    dump = clean_env / "x.dump"
+    backup.backup(load_settings(), dump)
+    seen = []
+    drop = backup._drop_what_the_backup_lacks
+
+    def checked(database_url: str, toc: str) -> list[str]:
+        with db.get_engine(database_url).connect() as other:  # as a migration would try it
+            got = other.execute(
+                sa.text("SELECT pg_try_advisory_xact_lock(:k)"), {"k": db.MIGRATE_LOCK}
+            ).scalar()
+            other.rollback()
+        seen.append(got)
+        return drop(database_url, toc)
+
+    monkeypatch.setattr(backup, "_drop_what_the_backup_lacks", checked)
+    assert backup.restore(load_settings(), dump).startswith("restore: ")
+    assert seen == [False]
+    with db.get_engine(url).connect() as conn:  # released after it
+        assert conn.execute(
+            sa.text("SELECT pg_try_advisory_xact_lock(:k)"), {"k": db.MIGRATE_LOCK}
+        ).scalar()
+    db.dispose_engine(url)

@@ -318,16 +318,28 @@ def restore(settings: Settings, source: Path) -> str:
     if listed.returncode != 0 or not BACKUP_TABLES <= data:
         raise WebstatsError(f"restore: {source} is not a pg_dump archive of the database")
     db.dispose_engine(settings.database_url)  # no pooled session holds a lock on the tables
-    done = subprocess.run(
-        [pg_restore, "--clean", "--if-exists", "--no-owner", "--no-privileges",
-         "--single-transaction", "--exit-on-error", f"--dbname={url.database}", str(source)],
-        env=_pg_env(url), capture_output=True, text=True, check=False,
-    )  # fmt: skip
-    if done.returncode != 0:
-        raise WebstatsError(
-            f"pg_restore into {url.database} failed, nothing changed: {_last_line(done.stderr)}"
-        )
-    dropped = _drop_what_the_backup_lacks(settings.database_url, listed.stdout)
+    # No migration (a deploy's) between the restore and the drop of what its schema lacks: it
+    # would be dropped under the migrated revision. The migration lock, held by a session of
+    # its own that touches no table, from before pg_restore to after the drop.
+    with db.get_engine(settings.database_url).connect() as guard:
+        guard.execute(text("SELECT pg_advisory_lock(:k)"), {"k": db.MIGRATE_LOCK})
+        guard.commit()  # (a session lock: it holds no snapshot nor table lock meanwhile)
+        try:
+            done = subprocess.run(
+                [pg_restore, "--clean", "--if-exists", "--no-owner", "--no-privileges",
+                 "--single-transaction", "--exit-on-error", f"--dbname={url.database}",
+                 str(source)],
+                env=_pg_env(url), capture_output=True, text=True, check=False,
+            )  # fmt: skip
+            if done.returncode != 0:
+                raise WebstatsError(
+                    f"pg_restore into {url.database} failed, nothing changed: "
+                    f"{_last_line(done.stderr)}"
+                )
+            dropped = _drop_what_the_backup_lacks(settings.database_url, listed.stdout)
+        finally:
+            guard.execute(text("SELECT pg_advisory_unlock(:k)"), {"k": db.MIGRATE_LOCK})
+            guard.commit()
     newer = f"; dropped what its schema has not yet: {', '.join(dropped)}" if dropped else ""
     return f"restore: {url.database} from {source}{newer}"
 
