@@ -605,6 +605,23 @@ def test_a_sync_while_another_writer_runs_stops_at_once(loaded, capsys):
     assert table(loaded) != before
 
 
+def test_a_load_while_another_writer_runs_stops_at_once(settings, tmp_path, capsys):
+    """`packages load` recounts what it changes, like a sync: it wrote beside the daily job."""
+    from bioc_webstats import cli
+
+    with cli.writer_lock(settings, "daily"):
+        with pytest.raises(SystemExit) as done:
+            cli.main(["packages", "load", str(SAMPLE)])
+        assert done.value.code == 1
+        err = capsys.readouterr().err
+        assert err.startswith("bioc-webstats: error: packages load: not started, 'daily' (pid")
+        assert table(settings) == {}
+    with pytest.raises(SystemExit) as done:
+        cli.main(["packages", "load", str(SAMPLE)])
+    assert done.value.code in (0, None)
+    assert table(settings) != {}
+
+
 def test_the_default_change_limit_lets_a_release_through_and_stops_a_lost_file():
     """A release removes its deprecated packages from devel at once: with a limit under that,
     the daily sync stopped (and alarmed daily until forced) after most releases (3.16: 52,

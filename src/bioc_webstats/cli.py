@@ -101,7 +101,7 @@ LOCK_POLL = 5.0
 def writer_lock(settings: Settings, what: str, wait: float = 0) -> Iterator[None]:
     """One command that writes records or statistics at a time on this host (``daily``,
     ``etl run``, ``etl reingest``, ``stats rebuild``, ``import legacy-db``, ``db restore``,
-    ``packages sync``): a second one stops and says who holds the lock, instead of working
+    ``packages sync``, ``packages load``): a second one stops and says who holds the lock, instead of working
     through the same objects; at once, or after ``wait`` seconds of waiting for it."""
     import datetime as dt
     import fcntl
@@ -212,7 +212,8 @@ def packages_load(ctx: Context, csv_file: Path) -> None:
     from .etl.packages import load_csv
     from .publish import after_change
 
-    with after_change(ctx.settings):
+    # It recounts the packages it changes, like a sync: one writer at a time.
+    with writer_lock(ctx.settings, "packages load"), after_change(ctx.settings):
         summary = load_csv(ctx.settings, csv_file)
     click.echo(summary)
 
