@@ -70,8 +70,10 @@ PARAMS: tuple[Param, ...] = (
     Param("etl/cloudfront_distribution", "WEBSTATS_ETL_CLOUDFRONT_DISTRIBUTION"),
     Param("etl/ip_hash_key", "WEBSTATS_IP_HASH_KEY", None, secret=True),
     Param("etl/packages_source", "WEBSTATS_ETL_PACKAGES_SOURCE", "https://bioconductor.org"),
+    # At least 2: an object holds lines up to 48 h after its name's hour, and a run holds it
+    # back until they are over (ingest.RunSummary.hold_after); the next run must still list it.
     Param(
-        "etl/lookback_days", "WEBSTATS_ETL_LOOKBACK_DAYS", "3", kind="int", minimum=0, maximum=3660
+        "etl/lookback_days", "WEBSTATS_ETL_LOOKBACK_DAYS", "3", kind="int", minimum=2, maximum=3660
     ),
     Param("etl/logs_since", "WEBSTATS_ETL_LOGS_SINCE", None, kind="day"),
     # Above a release's removals from devel (the shipped history: up to 109 at once, 3.13),

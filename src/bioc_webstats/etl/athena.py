@@ -321,9 +321,9 @@ def run(
     if not output or not output.startswith("s3://"):
         raise ConfigError("etl/athena_output (WEBSTATS_ETL_ATHENA_OUTPUT) must be an s3:// URL")
     key = b"" if dry_run else ingest.ip_hash_key(settings, url)
-    src, todo, skipped, window = ingest.list_window(settings, url, since, until)
+    src, todo, skipped, window, last = ingest.list_window(settings, url, since, until)
     assert isinstance(src, sources.S3Source)
-    summary = ingest.listed_summary(skipped, window)
+    summary = ingest.listed_summary(skipped, window, last)
     summary.failures += src.unreadable  # copies of one name that differ: named, the run fails
     summary.failed += len(src.unreadable)
     if dry_run or not todo:

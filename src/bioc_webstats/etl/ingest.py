@@ -499,6 +499,11 @@ class RunSummary:
     # ValidThru's bound: the last complete UTC day when the run began. A run that ends after
     # midnight read none of the new day's objects: that day is not over for its statistics.
     through: dt.date = field(default_factory=lambda: db.last_complete_day())
+    # A run that reaches the last complete day holds back the objects with downloads after
+    # it (a line of 00:10 in yesterday's last hour): stored now, they showed in the new
+    # month's (or year's) statistics while ValidThru and "Data as of" said yesterday. They
+    # are not in the ledger, so the next run's look-back takes them, that day over.
+    hold_after: dt.date | None = None
 
     def line(self, what: str = "etl run") -> str:
         return (
@@ -571,6 +576,16 @@ def store_all(
             summary.failed += 1
             summary.failures.append(k)
             log.error("%s: %s; %s", k, parsed.error, then)
+        elif (
+            store is store_new
+            and summary.hold_after is not None
+            and parsed.max_day is not None
+            and parsed.max_day > summary.hold_after
+        ):
+            log.info(
+                "%s: holds downloads of %s, a day not over yet: read by the next run",
+                k, parsed.max_day,
+            )  # fmt: skip
         else:
             try:
                 with sf.begin() as session:
@@ -721,17 +736,23 @@ def select_objects(
     return sorted(todo.values(), key=lambda o: (o.name_hour, o.key))
 
 
-def listed_summary(skipped: list[str], window: sources.Window) -> RunSummary:
+def listed_summary(
+    skipped: list[str], window: sources.Window, last: dt.date | None = None
+) -> RunSummary:
     """The summary of a run that listed ``window``: ValidThru goes no further than its last
-    day (the last complete day when it listed)."""
-    return RunSummary(skipped_names=len(skipped), through=window.until or db.last_complete_day())
+    day (the last complete day when it listed, ``last``). A window that reaches ``last``
+    holds back the objects with downloads after it (``RunSummary.hold_after``); a backfill's
+    earlier ``--until`` does not (the daily run's look-back would not return to them)."""
+    through = window.until or db.last_complete_day()
+    hold = through if last is not None and through >= last else None
+    return RunSummary(skipped_names=len(skipped), through=through, hold_after=hold)
 
 
 def list_window(
     settings: Settings, url: str, since: str | None, until: str | None
-) -> tuple[sources.Source, list[sources.LogObject], list[str], sources.Window]:
+) -> tuple[sources.Source, list[sources.LogObject], list[str], sources.Window, dt.date]:
     """Open the source, plan the window and list it: (source, objects to ingest, skipped
-    names, window)."""
+    names, window, the last complete day when it was planned)."""
     since_day = parse_since(since)
     until_day = parse_since(until, "--until")
     if since_day and until_day and until_day < since_day:
@@ -753,7 +774,7 @@ def list_window(
         window.until or "now",
         len(todo),
     )
-    return src, todo, skipped, window
+    return src, todo, skipped, window, last
 
 
 def run(
@@ -773,8 +794,8 @@ def run(
     url = source_url(settings, source)
     if not dry_run:
         ip_hash_key(settings, url)  # fail on configuration before reading anything
-    src, todo, skipped, window = list_window(settings, url, since, until)
-    summary = listed_summary(skipped, window)
+    src, todo, skipped, window, last = list_window(settings, url, since, until)
+    summary = listed_summary(skipped, window, last)
     for k in skipped:
         log.info("skipped %s: not a log object name", k)
     # Folders that could not be read (logged by the source): the run goes on without them
