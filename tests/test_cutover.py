@@ -299,6 +299,25 @@ def test_window_errors_are_one_line(db_url, tmp_path):
         ingest.plan_window(Newest(), 3, None, dt.date(2020, 1, 1), dt.date(2024, 3, 1))
 
 
+def test_since_on_an_empty_ledger_does_not_narrow_the_cutover_window():
+    """`etl run --since <cut-over day>` as the first run started at the day itself: the two
+    days before, whose objects hold lines of the day, were left out, and the daily runs
+    (from the newest name less the look-back) never went back to them."""
+
+    class Empty:
+        def scalar(self, _query):
+            return None
+
+    cut = dt.date(2024, 3, 10)
+    first = cut - ingest.CUTOVER_MARGIN
+    for since in (None, cut, cut + dt.timedelta(days=5), first - dt.timedelta(days=9)):
+        window = ingest.plan_window(Empty(), 3, since, None, cut, dt.date(2024, 6, 1))
+        assert window.start == first, since
+    # no cut-over day: --since is the start
+    window = ingest.plan_window(Empty(), 3, cut, None, None, dt.date(2024, 6, 1))
+    assert window.start == cut
+
+
 # --- listing by window: a local folder -----------------------------------------------------------
 
 

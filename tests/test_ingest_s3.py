@@ -5,17 +5,27 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
+from pathlib import Path
 
 import boto3
 import pytest
 from sqlalchemy import select
 
 import loggen
+from bioc_webstats.config import Settings
 from bioc_webstats.errors import WebstatsError
 from bioc_webstats.etl import ingest, parse, sources
 from bioc_webstats.store import db
 from bioc_webstats.store.models import IngestedObject
-from test_ingest import assert_truth, loaded, snapshot
+from test_ingest import assert_truth, snapshot
+from test_ingest import loaded as loaded_dir
+
+
+def loaded(db_url: str, tmp_path: Path, **env: str) -> Settings:
+    """A bucket's first run needs the cut-over day (the whole bucket is refused)."""
+    env.setdefault("WEBSTATS_ETL_LOGS_SINCE", "2009-01-01")
+    return loaded_dir(db_url, tmp_path, **env)
+
 
 BUCKET = "bioc-cloudfront-logs"
 
@@ -87,6 +97,25 @@ def test_s3_listing_across_pages(s3):
         sources.S3Source(f"s3://{BUCKET}/", client=client).chunks(obj), obj.name_hour
     )
     assert res.accepted == 1
+
+
+def test_a_bucket_without_the_cutover_day_is_not_read_from_its_beginning(s3, tmp_path, db_url):
+    """etl.md: an empty ledger starts at etl/logs_since, never at the bucket's beginning (a
+    whole bucket overran the unit every day, and counted a legacy import's days twice)."""
+    line = loggen.log_line(date="2024-03-10", time="05:00:00")
+    key = f"{loggen.DIST}.2024-03-10-05.a.gz"
+    s3.put_object(Bucket=BUCKET, Key=key, Body=loggen.log_bytes(line))
+    settings = loaded_dir(db_url, tmp_path)
+    with pytest.raises(WebstatsError) as exc:
+        ingest.run(settings, source=f"s3://{BUCKET}/")
+    assert str(exc.value) == (
+        "etl run: the ledger is empty and etl/logs_since is not set: the first run would read "
+        "the whole bucket; set the cut-over day (etl/logs_since, docs/CUTOVER.md) or give --since"
+    )
+    assert snapshot(db_url)[1] == []
+    assert ingest.run(settings, source=f"s3://{BUCKET}/", since="2024-03-01")
+    assert len(snapshot(db_url)[1]) == 1
+    assert ingest.run(settings, source=f"s3://{BUCKET}/")  # a ledger: its look-back
 
 
 def test_s3_errors_are_one_line(s3, tmp_path, db_url):

@@ -101,8 +101,9 @@ LOCK_POLL = 5.0
 def writer_lock(settings: Settings, what: str, wait: float = 0) -> Iterator[None]:
     """One command that writes records or statistics at a time on this host (``daily``,
     ``etl run``, ``etl reingest``, ``stats rebuild``, ``import legacy-db``, ``db restore``,
-    ``packages sync``, ``packages load``): a second one stops and says who holds the lock, instead of working
-    through the same objects; at once, or after ``wait`` seconds of waiting for it."""
+    ``packages sync``, ``packages load``): a second one stops and says who holds the lock,
+    instead of working through the same objects; at once, or after ``wait`` seconds of
+    waiting for it."""
     import datetime as dt
     import fcntl
 

@@ -665,9 +665,10 @@ def plan_window(
     """The name dates a run lists: from (newest ingested name date - look-back), or
     ``since`` if earlier, to ``until``, and never past ``last_day`` (the last complete UTC
     day: objects of the day still running wait for the next run, whose look-back takes them).
-    An empty ledger starts at ``since``, else at the cut-over day; nothing starts before the
-    cut-over day (less CUTOVER_MARGIN). No ledger, no ``since`` and no cut-over day: the whole
-    source up to ``last_day`` (development, the demo). Ledger rows of the legacy import do
+    An empty ledger starts at ``since``, or at the cut-over day (less CUTOVER_MARGIN) if
+    there is one, ``since`` or not; nothing starts before that. No ledger, no ``since`` and
+    no cut-over day: the whole source up to ``last_day`` (development, the demo; a bucket is
+    refused by ``list_window``). Ledger rows of the legacy import do
     not count (``log_objects``)."""
     newest = session.scalar(select(func.max(IngestedObject.name_hour)).where(log_objects()))
     start = None
@@ -678,7 +679,10 @@ def plan_window(
     at_cutover = False  # the start is the earliest there is: --since cannot go back
     if cutover is not None:
         first = cutover - CUTOVER_MARGIN
-        start = first if start is None or start < first else start
+        # An empty ledger starts at the cut-over day's margin whatever --since says (it
+        # widens only): --since <cut-over day> left out the objects of the two days before,
+        # which hold lines of the day, and later runs never go back to them.
+        start = first if start is None or start < first or newest is None else start
         at_cutover = start <= first
     if until is not None and start is not None and until < start:
         if at_cutover:  # --since cannot go back past it
@@ -763,6 +767,14 @@ def list_window(
     with db.session_factory(settings.database_url)() as session:
         last = db.last_complete_day()
         window = plan_window(session, lookback, since_day, until_day, cutover, last)
+    if window.start is None and isinstance(src, sources.S3Source):
+        # the whole bucket: months of objects, past the unit's time limit every day, and
+        # the days of a legacy import counted twice (etl.md: never the bucket's beginning)
+        raise ConfigError(
+            "etl run: the ledger is empty and etl/logs_since is not set: the first run would "
+            "read the whole bucket; set the cut-over day (etl/logs_since, docs/CUTOVER.md) or "
+            "give --since"
+        )
     objects, skipped = ([], []) if window.empty else src.list(window)
     with db.session_factory(settings.database_url)() as session:
         todo = select_objects(session, objects, window, src.unreadable)
