@@ -274,6 +274,12 @@ def run_front(db_url: str, tmp: Path, workers: int = 2, **facts) -> Iterator[Fro
     env = gunicorn_env(db_url, tmp, f"unix:{sock}", workers)
     env["WEBSTATS_WEB_PUBLISH_DIR"] = str(publish_dir)
     env["WEBSTATS_WEB_CACHE_MAX_AGE"] = str(values["webstats_nginx_cache_max_age"])
+    # No home to write to, as for the unit's web user (/nonexistent, a read-only system);
+    # these tests run as root, who could create that one: a file stands for it.
+    home = tmp / "no-home"
+    home.touch()
+    env["HOME"] = str(home)
+    env.pop("XDG_RUNTIME_DIR", None)
     gunicorn = subprocess.Popen(gunicorn_cmd(), env=env, cwd=tmp)
     nginx = None
     try:

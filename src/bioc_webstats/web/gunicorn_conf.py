@@ -75,7 +75,12 @@ if os.path.isdir("/dev/shm"):  # noqa: S108 - gunicorn's heartbeat files, kept o
 # TCP bind could mount the site under any prefix or get a 500. nginx sets neither.
 forwarder_headers = ""
 # gunicorn's own parser limits, for a TCP bind without nginx (nginx passes the app only the
-# few headers it reads, within nginx's own limits).
-limit_request_line = 4094
+# few headers it reads, within nginx's own limits). The request line takes what nginx takes
+# (large_client_header_buffers 8k): at 4094 a long query was 414 while a page was not built
+# yet, and 200 once nginx sent it from disk.
+limit_request_line = 8190
+# gunicorn's control socket (25.1+) wanted $HOME/.gunicorn/ (the web user has no home, the
+# unit a read-only system): an ERROR in error.log on every start. Nothing here uses it.
+control_socket_disable = True
 limit_request_fields = 100
 limit_request_field_size = 8190
