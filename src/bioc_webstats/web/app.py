@@ -23,6 +23,7 @@ import datetime as dt
 import gc
 import hashlib
 import logging
+import re
 import threading
 import time
 from collections.abc import Callable
@@ -34,7 +35,7 @@ from flask import Flask, Response, jsonify, request, send_file
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session
 from werkzeug.exceptions import HTTPException
-from werkzeug.http import HTTP_STATUS_CODES, parse_date
+from werkzeug.http import HTTP_STATUS_CODES
 
 from .. import __version__
 from ..config import Settings, load_settings
@@ -303,6 +304,40 @@ def _etag_listed(header: str, etag: str, weak: bool) -> bool:
     return False
 
 
+_MONTHS = {m: i for i, m in enumerate("Jan Feb Mar Apr May Jun Jul Aug Sep Oct Nov Dec".split(), 1)}
+# The three forms nginx reads (ngx_parse_http_time): "Sun, 06 Nov 1994 08:49:37 GMT",
+# "Sunday, 06-Nov-94 08:49:37 GMT" and "Sun Nov  6 08:49:37 1994"; the weekday is not
+# checked, nor what follows the time.
+_RFC_DATE = re.compile(r"[^ ,]*, *(\d\d)(?: ([A-Z][a-z]{2}) (\d{4})|-([A-Z][a-z]{2})-(\d\d)) ")
+_ASC_DATE = re.compile(r"[^ ,]* +([A-Z][a-z]{2}). ?(\d\d?) ")
+_HMS = re.compile(r"(\d\d):(\d\d):(\d\d)")
+
+
+def http_date(raw: str) -> dt.datetime | None:
+    """An HTTP date as nginx reads it, else None: werkzeug's parse_date took any email date
+    ("06 Dec 2026 15:56:16 +0100"), so the app answered 304 where nginx, for the same file on
+    disk, ignored the header and sent 200."""
+    if m := _RFC_DATE.match(raw):
+        day, month = int(m[1]), m[2] or m[4]
+        year = int(m[3]) if m[3] else int(m[5]) + (2000 if int(m[5]) < 70 else 1900)
+        hms = _HMS.match(raw, m.end())
+    elif m := _ASC_DATE.match(raw):
+        day, month = int(m[2]), m[1]
+        hms = _HMS.match(raw, m.end())
+        year_m = re.compile(r" (\d{4})").match(raw, hms.end()) if hms else None
+        if year_m is None:
+            return None
+        year = int(year_m[1])
+    else:
+        return None
+    if hms is None or month not in _MONTHS:
+        return None
+    try:
+        return dt.datetime(year, _MONTHS[month], day, *map(int, hms.groups()), tzinfo=dt.UTC)
+    except ValueError:  # 31 Feb, 24:00:00, 00:00:60: no date (nginx: the same)
+        return None
+
+
 def _precondition_failed(etag: str, mtime: float) -> bool:
     """If-Match and If-Unmodified-Since, each judged as nginx judges them for a file on disk.
     If-Match is taken out of the request: werkzeug's send_file answers it inverted (412 when
@@ -313,7 +348,7 @@ def _precondition_failed(etag: str, mtime: float) -> bool:
     raw = request.environ.get("HTTP_IF_UNMODIFIED_SINCE")
     if raw is None:
         return False
-    since = parse_date(raw)  # one that is no date fails, as in nginx
+    since = http_date(raw)  # one that is no date fails, as in nginx
     return since is None or int(mtime) > since.timestamp()
 
 
@@ -328,7 +363,7 @@ def _not_modified(etag: str, mtime: float) -> bool:
     if tags is None and raw is None:
         return False
     if raw is not None:
-        since = parse_date(raw)
+        since = http_date(raw)
         if since is None or since.timestamp() < int(mtime):
             return False
     return tags is None or _etag_listed(tags, etag, weak=True)
