@@ -292,6 +292,42 @@ def test_a_backfill_slice_does_not_hold_its_last_objects(db_url, tmp_path, monke
     assert days == {dt.date(2024, 3, 11), dt.date(2024, 3, 12)}  # nothing lost
 
 
+def test_an_object_that_failed_is_retried_after_its_look_back(db_url, tmp_path, monkeypatch):
+    """A corrupt object was retried only while its name was inside the look-back: after
+    three days the runs went back to exit 0 and its downloads were never counted. Every run
+    now lists back to the oldest failed object until it is read; a backfill slice elsewhere
+    keeps it."""
+    out = tmp_path / "logs"
+    out.mkdir()
+
+    def good(day: dt.date) -> None:
+        line = loggen.log_line(date=day.isoformat(), time="05:00:00")
+        (out / f"{loggen.DIST}.{day}-05.good.gz").write_bytes(loggen.log_bytes(line))
+
+    start = dt.date(2024, 3, 10)
+    bad = out / f"{loggen.DIST}.{start}-06.bad.gz"
+    whole = loggen.log_bytes(loggen.log_line(date=start.isoformat(), time="06:00:00"))
+    bad.write_bytes(whole[:-12])  # cut short
+    settings = loaded(db_url, tmp_path)
+    for n in range(8):
+        day = start + dt.timedelta(days=n)
+        good(day)
+        monkeypatch.setattr(db, "last_complete_day", lambda d=day: d)
+        assert ingest.run(settings, source=str(out)) is False, day
+    with db.session_factory(db_url)() as s:
+        assert db.get_retry_from(s) == start
+    # a backfill slice before it neither reads it nor forgets it
+    assert ingest.run(settings, source=str(out), since="2024-03-01", until="2024-03-05")
+    with db.session_factory(db_url)() as s:
+        assert db.get_retry_from(s) == start
+    bad.write_bytes(whole)  # a good copy put in its place
+    assert ingest.run(settings, source=str(out)) is True
+    with db.session_factory(db_url)() as s:
+        assert db.get_retry_from(s) is None
+        assert bad.name in set(s.scalars(select(IngestedObject.key)))
+        assert sum(s.scalars(select(DownloadRecord.downloads))) == 9
+
+
 def test_the_last_complete_day_is_yesterday_utc():
     now = dt.datetime.now(dt.UTC)
     assert db.last_complete_day() in {

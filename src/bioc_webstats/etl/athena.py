@@ -326,6 +326,7 @@ def run(
     summary = ingest.listed_summary(skipped, window, last)
     summary.failures += src.unreadable  # copies of one name that differ: named, the run fails
     summary.failed += len(src.unreadable)
+    summary.failed_days += ingest.named_days(src.unreadable)
     if dry_run or not todo:
         if dry_run:
             for o in todo:

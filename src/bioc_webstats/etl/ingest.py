@@ -504,6 +504,10 @@ class RunSummary:
     # month's (or year's) statistics while ValidThru and "Data as of" said yesterday. They
     # are not in the ledger, so the next run's look-back takes them, that day over.
     hold_after: dt.date | None = None
+    # The window listed (None: a reingest) and the name dates of the objects that failed in
+    # it: the oldest is kept (``db.RETRY_FROM``) and every run lists from it until it is read.
+    window: sources.Window | None = None
+    failed_days: list[dt.date] = field(default_factory=list)
 
     def line(self, what: str = "etl run") -> str:
         return (
@@ -575,6 +579,7 @@ def store_all(
         if parsed.error:
             summary.failed += 1
             summary.failures.append(k)
+            summary.failed_days.append(parsed.obj.name_hour.date())
             log.error("%s: %s; %s", k, parsed.error, then)
         elif (
             store is store_new
@@ -595,10 +600,12 @@ def store_all(
             except SpoolError as exc:
                 summary.failed += 1
                 summary.failures.append(k)
+                summary.failed_days.append(parsed.obj.name_hour.date())
                 log.error("%s: %s; %s", k, exc, then)
             except WebstatsError as exc:
                 summary.failed += 1
                 summary.failures.append(k)
+                summary.failed_days.append(parsed.obj.name_hour.date())
                 log.error("%s", exc)
             else:
                 pause_point("object_committed")
@@ -629,11 +636,31 @@ def finish_run(settings: Settings, summary: RunSummary) -> None:
     t0 = time.monotonic()
     with db.session_factory(settings.database_url).begin() as session:
         res = stats.apply_pending(session, summary.through)
+        if summary.window is not None:
+            _remember_failures(session, summary)
         pause_point("recompute_done")
     pause_point("recompute_committed")
     summary.t_recompute = time.monotonic() - t0
     summary.months = res.months
     summary.valid_thru = res.valid_thru
+
+
+def named_days(keys: list[str]) -> list[dt.date]:
+    """The name dates of those of ``keys`` that are log objects (two copies of one name that
+    differ; a folder that could not be read has none)."""
+    return [hour.date() for hour in map(sources.parse_name, keys) if hour is not None]
+
+
+def _remember_failures(session: Session, summary: RunSummary) -> None:
+    """Keep the name date of the oldest object that failed (its look-back would otherwise
+    pass it within days: the runs went back to exit 0 and its downloads were never counted),
+    or forget it once a run that listed it read it (or found it gone)."""
+    assert summary.window is not None
+    keep = list(summary.failed_days)
+    old = db.get_retry_from(session)
+    if old is not None and old not in summary.window:  # (a backfill slice elsewhere)
+        keep.append(old)
+    db.set_retry_from(session, min(keep, default=None))
 
 
 # Objects named up to this many days before the cut-over day are read too: a file named for
@@ -661,6 +688,7 @@ def plan_window(
     until: dt.date | None = None,
     cutover: dt.date | None = None,
     last_day: dt.date | None = None,
+    retry_from: dt.date | None = None,
 ) -> sources.Window:
     """The name dates a run lists: from (newest ingested name date - look-back), or
     ``since`` if earlier, to ``until``, and never past ``last_day`` (the last complete UTC
@@ -676,6 +704,8 @@ def plan_window(
         start = newest.date() - dt.timedelta(days=lookback_days)
     if since is not None and (start is None or since < start):
         start = since
+    if retry_from is not None and start is not None and retry_from < start:
+        start = retry_from  # an object a run could not read: until it is read
     at_cutover = False  # the start is the earliest there is: --since cannot go back
     if cutover is not None:
         first = cutover - CUTOVER_MARGIN
@@ -749,7 +779,7 @@ def listed_summary(
     earlier ``--until`` does not (the daily run's look-back would not return to them)."""
     through = window.until or db.last_complete_day()
     hold = through if last is not None and through >= last else None
-    return RunSummary(skipped_names=len(skipped), through=through, hold_after=hold)
+    return RunSummary(skipped_names=len(skipped), through=through, hold_after=hold, window=window)
 
 
 def list_window(
@@ -766,7 +796,8 @@ def list_window(
     src = sources.open_source(url)
     with db.session_factory(settings.database_url)() as session:
         last = db.last_complete_day()
-        window = plan_window(session, lookback, since_day, until_day, cutover, last)
+        retry = db.get_retry_from(session)
+        window = plan_window(session, lookback, since_day, until_day, cutover, last, retry)
     if window.start is None and isinstance(src, sources.S3Source):
         # the whole bucket: months of objects, past the unit's time limit every day, and
         # the days of a legacy import counted twice (etl.md: never the bucket's beginning)
@@ -814,6 +845,7 @@ def run(
     # and fails at the end, as for a corrupt object.
     summary.failures += src.unreadable
     summary.failed += len(src.unreadable)
+    summary.failed_days += named_days(src.unreadable)
     pause_point("listed")
     if dry_run:
         for o in todo:

@@ -383,6 +383,22 @@ def _meta_int(key: str, value: str | None) -> int:
         ) from None
 
 
+RETRY_FROM = "retry_from"
+
+
+def get_retry_from(session: Session) -> dt.date | None:
+    """The name date of the oldest log object a run could not read (corrupt, cut short, in
+    conflict), which every run lists again until it is read or gone; None when there is none."""
+    return _meta_date(RETRY_FROM, get_meta(session, RETRY_FROM))
+
+
+def set_retry_from(session: Session, day: dt.date | None) -> None:
+    if day is None:
+        delete_meta(session, RETRY_FROM)
+    else:
+        set_meta(session, RETRY_FROM, day.isoformat())
+
+
 def get_valid_thru(session: Session) -> dt.date | None:
     """The latest date of any stored download record, as kept in ``meta``."""
     return _meta_date(VALID_THRU, get_meta(session, VALID_THRU))
