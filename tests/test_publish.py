@@ -20,7 +20,7 @@ from sqlalchemy import text
 
 import loggen
 import webref
-from bioc_webstats import cli, create_app
+from bioc_webstats import __version__, cli, create_app
 from bioc_webstats.config import load_settings
 from bioc_webstats.errors import WebstatsError
 from bioc_webstats.publish import publish
@@ -205,6 +205,37 @@ def test_etl_run_publishes_and_the_web_serves_without_building(
     # the whole site, package files too
     result = publish(settings, all_files=True)
     assert result.built > 0 and (cur / "packages/stats" / f"bioc/{pkg}/{pkg}_stats.tab").is_file()
+
+
+def test_a_release_never_writes_pages_among_another_releases(
+    db_url, tmp_path, logs_dir, monkeypatch
+):
+    """A deploy's new release answered (and built pages) before its health check; rolled
+    back, the pages it had built stayed in the directory the release before it served: the
+    web wrote into `current` whatever release had published it. A release now writes only in
+    a directory of its own code, with the shipped assets, and switches to it."""
+    settings = loaded(db_url, tmp_path)
+    cli_env(monkeypatch, db_url, settings)
+    with pytest.raises(SystemExit) as exc:
+        cli.main(["etl", "run", "--source", str(logs_dir)])
+    assert exc.value.code == 0
+    site = StatsSite(settings)
+    with db.session_factory(db_url)() as s:
+        state = db.data_state(s)
+    pkg = next(iter(site.snapshot(state).categories["bioc"].order))
+    # what the release before this one published: its directory, named with its code
+    ours = current(settings).resolve()
+    old = ours.with_name(ours.name.replace(f"-{__version__}-", "-0.0.1-"))
+    ours.rename(old)
+    (settings.publish_dir / "current").unlink()
+    (settings.publish_dir / "current").symlink_to(old.name)
+    client = create_app(settings).test_client()  # this release's web, the same data
+    assert client.get(f"{P}bioc/{pkg}/").status_code == 200
+    assert not (old / "packages/stats" / f"bioc/{pkg}/index.html").exists()
+    new = current(settings).resolve()
+    assert new != old and f"-{__version__}-" in new.name
+    assert (new / "packages/stats" / f"bioc/{pkg}/index.html").is_file()
+    assert (new / "packages/stats/main.css").is_file()  # the assets go with it (nginx sends them)
 
 
 def test_a_run_after_one_killed_before_its_publish_publishes(

@@ -204,17 +204,23 @@ class StatsSite:
         return snap[1]
 
     def version(self, state: db.DataState) -> Version:
-        """The published version directory of the database's data version: ``current``
-        when it is that version, else a new directory that ``current`` is switched to."""
+        """The published version directory of the database's data version and of this
+        release (its code): ``current`` when it is both, else a new directory, with the
+        shipped assets, that ``current`` is switched to. Pages of one release are never
+        written among another's: a release rolled back after its health check failed left
+        the pages it had built in the directory the release before it went on serving."""
         site = self.site
         cur = site.current()
-        if cur is not None and cur.key == state.key:
+        if cur is not None and cur.key == state.key and cur.code == site.code:
             return cur
         with self._lock:
             cur = site.current()
-            if cur is not None and cur.key == state.key:
+            if cur is not None and cur.key == state.key and cur.code == site.code:
                 return cur
             version = site.open_version(state.key, valid_thru=state.valid_thru)
+            for name in STATIC_FILES:
+                if site.lookup(version, name) is None:
+                    site.write(version, name, self.static(name)[0])
             site.switch(version)
             return version
 
