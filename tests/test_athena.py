@@ -120,6 +120,10 @@ def test_downloads_sql_is_filled_in():
     # the local engine's byte bounds: a longer address or path is a rejected line
     assert f"WHEN length(to_utf8(element_at(f, 5))) > {rule.MAX_IP} THEN false" in sql
     assert f"WHEN length(to_utf8(element_at(f, 8))) > {rule.MAX_URI} THEN false" in sql
+    # and its status digits: 0000000200 is malformed there, not a download
+    assert f"'^[0-9]{{1,{rule.MAX_STATUS_DIGITS}}}$'" in sql
+    assert rule.status_class(b"0" * (rule.MAX_STATUS_DIGITS - 3) + b"200") == rule.DL
+    assert rule.status_class(b"0" * (rule.MAX_STATUS_DIGITS - 2) + b"200") == rule.BAD
     assert "WHERE day" not in athena.downloads_sql("d", "t", None)
     # the cut-over day: lines dated before it are not counted (0001-01-01 when unset)
     assert "WHEN element_at(f, 1) < '0001-01-01' THEN false" in sql

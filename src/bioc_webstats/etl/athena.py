@@ -114,6 +114,7 @@ def downloads_sql(
         .replace("@@FLOOR@@", (floor or dt.date.min).isoformat())
         .replace("@@MAX_IP@@", str(rule.MAX_IP))
         .replace("@@MAX_URI@@", str(rule.MAX_URI))
+        .replace("@@MAX_STATUS@@", str(rule.MAX_STATUS_DIGITS))
     )
 
 

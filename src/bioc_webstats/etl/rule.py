@@ -51,6 +51,9 @@ MAX_SKEW = 48 * 3600  # seconds a line's timestamp may be away from the object's
 # the values in a hostile log.
 MAX_URI = 8192
 MAX_IP = 64
+# A status is a few digits; a long run of them is malformed too (and int() refuses past
+# 4,300 digits: one such line would stop every run). Athena's query applies it as well.
+MAX_STATUS_DIGITS = 9
 KEY_CACHE_MAX = 256
 _REPO_CATEGORY = {k.encode(): v.prefix for k, v in BY_REPO_PATH.items()}
 
@@ -168,9 +171,7 @@ def fields_layout(line: bytes) -> tuple[int, int, int, int, int, int, int]:
 
 def status_class(raw: bytes) -> int:
     """An sc-status value → BAD (not a number), OTHER or DL (a download status)."""
-    # A status is a few digits; a long run of them is malformed too (and int() refuses past
-    # 4,300 digits: one such line would stop every run).
-    code = int(raw) if raw.isdigit() and len(raw) <= 9 else None
+    code = int(raw) if raw.isdigit() and len(raw) <= MAX_STATUS_DIGITS else None
     return BAD if code is None else DL if code in DOWNLOAD_STATUS else OTHER
 
 

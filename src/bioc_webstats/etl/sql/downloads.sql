@@ -7,7 +7,8 @@
 -- path pattern of logs.py), @@F33@@ / @@F15@@ (the standard #Fields layouts; other layouts
 -- are left to the local engine), @@FLOOR@@ (the cut-over day: lines dated before it are not
 -- counted; 0001-01-01 when none is set), @@MAX_IP@@ / @@MAX_URI@@ (the local engine's byte
--- bounds: a longer c-ip or cs-uri-stem is a malformed line, rejected, as there).
+-- bounds: a longer c-ip or cs-uri-stem is a malformed line, rejected, as there), @@MAX_STATUS@@
+-- (its digits of a status: 0000000200 is malformed there, not a download).
 WITH raw AS (
     SELECT "$path" AS path, regexp_replace(line, '\r$', '') AS line
     FROM @@TABLE@@
@@ -45,7 +46,7 @@ checked AS (
             WHEN abs(date_diff('second', hour,
                 date_parse(element_at(f, 1) || ' ' || element_at(f, 2), '%Y-%m-%d %H:%i:%s')))
                 > 172800 THEN false
-            WHEN NOT regexp_like(element_at(f, 9), '^[0-9]+$') THEN false
+            WHEN NOT regexp_like(element_at(f, 9), '^[0-9]{1,@@MAX_STATUS@@}$') THEN false
             WHEN element_at(f, 5) IN ('', '-') THEN false
             WHEN length(to_utf8(element_at(f, 5))) > @@MAX_IP@@ THEN false
             WHEN length(to_utf8(element_at(f, 8))) > @@MAX_URI@@ THEN false
