@@ -226,9 +226,9 @@ def _count_native(
     """count_object with the per-line loop in C (``_scan``): the same rule, decided by the
     same functions (called once per distinct value, their answers cached in C)."""
     scanner, day_list = _scan_object(chunks, name_hour, floor)
-    lines_read, accepted, rejects, counts, fields_seen = scanner.finish()
-    if not fields_seen:
-        raise LogFormatError("no #Fields line (empty or header-less file)")
+    # (whether a #Fields line came: without one there was no data line either, which would
+    # have failed the object; an object of headers or blank lines only is empty, not bad)
+    lines_read, accepted, rejects, counts, _fields_seen = scanner.finish()
     pairs = {i: pair for pair, i in _HITS.items()}
     res = ObjectCounts(lines_read=lines_read, accepted=accepted, rejected=sum(rejects))
     res.reject_reasons = _reasons(rejects)
@@ -308,11 +308,9 @@ def _records_native(
             pairs.clear()
 
     scanner, day_list = _scan_object(chunks, name_hour, floor, bound if spill else None)
-    lines_read, accepted, rejects, text, day_hits, fields_seen = scanner.finish_records(
+    lines_read, accepted, rejects, text, day_hits, _fields_seen = scanner.finish_records(
         hash_ip, pair_text
     )
-    if not fields_seen:
-        raise LogFormatError("no #Fields line (empty or header-less file)")
     days.update(d for d, _ in day_hits)
     return ObjectRecords(
         text, "binary", max((day_list[d] for d in days), default=None), lines_read, accepted,
@@ -477,8 +475,6 @@ def _count(
                 if not hit:
                     continue
                 bucket[hit][ip] += 1
-    if nf < 0:
-        raise LogFormatError("no #Fields line (empty or header-less file)")
     res.by_day = _public_counts(res.by_day)
     accepted += _downloads(res.by_day)
     res.lines_read, res.accepted, res.rejected = lines_read, accepted, sum(reasons.values())
