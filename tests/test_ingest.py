@@ -328,6 +328,97 @@ def test_an_object_that_failed_is_retried_after_its_look_back(db_url, tmp_path, 
         assert sum(s.scalars(select(DownloadRecord.downloads))) == 9
 
 
+def _day_objects(out: Path, day: dt.date, bad: bool = False) -> tuple[Path, bytes]:
+    """One object of ``day`` (``bad``: cut short); its path and its whole bytes."""
+    name = "bad" if bad else "good"
+    path = out / f"{loggen.DIST}.{day}-{6 if bad else 5:02d}.{name}.gz"
+    whole = loggen.log_bytes(loggen.log_line(date=day.isoformat(), time="05:00:00"))
+    path.write_bytes(whole[:-12] if bad else whole)
+    return path, whole
+
+
+def test_a_slice_that_reads_the_oldest_failure_keeps_the_later_ones(db_url, tmp_path, monkeypatch):
+    """Two failed objects (the 10th's, the 12th's); the first repaired and read again by a
+    slice of its day: retry_from was cleared, the 12th's fell out of every window and the
+    runs exited 0 without it."""
+    out = tmp_path / "logs"
+    out.mkdir()
+    start = dt.date(2024, 3, 10)
+    first, whole = _day_objects(out, start, bad=True)
+    _day_objects(out, start + dt.timedelta(days=2), bad=True)
+    settings = loaded(db_url, tmp_path)
+    for n in range(10):
+        day = start + dt.timedelta(days=n)
+        _day_objects(out, day)
+        monkeypatch.setattr(db, "last_complete_day", lambda d=day: d)
+        assert ingest.run(settings, source=str(out)) is False
+    first.write_bytes(whole)
+    assert ingest.run(settings, source=str(out), since=str(start), until=str(start))
+    for n in range(10, 14):
+        day = start + dt.timedelta(days=n)
+        _day_objects(out, day)
+        monkeypatch.setattr(db, "last_complete_day", lambda d=day: d)
+        assert ingest.run(settings, source=str(out)) is False, day  # the 12th's, still
+    with db.session_factory(db_url)() as s:
+        assert db.get_retry_from(s) == start + dt.timedelta(days=2)
+        assert first.name in set(s.scalars(select(IngestedObject.key)))
+
+
+def test_an_unreadable_day_folder_is_retried_after_its_look_back(db_url, tmp_path, monkeypatch):
+    """A `YYYY-MM-DD` folder that cannot be read fails the run; once outside the window it
+    was not opened, so nothing named it again and the runs exited 0 without its objects."""
+    out = tmp_path / "logs"
+    start = dt.date(2024, 3, 10)
+    for n in range(8):
+        day = start + dt.timedelta(days=n)
+        (out / str(day)).mkdir(parents=True)
+        _day_objects(out / str(day), day)
+    blocked = str(out / str(start + dt.timedelta(days=1)))
+    real = os.scandir
+
+    def scandir(path):
+        if str(path) == blocked:
+            raise PermissionError(13, "Permission denied")
+        return real(path)
+
+    monkeypatch.setattr(os, "scandir", scandir)
+    settings = loaded(db_url, tmp_path)
+    results = []
+    for n in range(8):
+        day = start + dt.timedelta(days=n)
+        monkeypatch.setattr(db, "last_complete_day", lambda d=day: d)
+        results.append(ingest.run(settings, source=str(out)))
+    assert results == [True] + [False] * 7  # (the 10th's run lists no 11th yet)
+    monkeypatch.setattr(os, "scandir", real)  # its mode fixed
+    assert ingest.run(settings, source=str(out)) is True
+    with db.session_factory(db_url)() as s:
+        assert db.get_retry_from(s) is None
+        keys = list(s.scalars(select(IngestedObject.key)))
+    assert any(str(start + dt.timedelta(days=1)) in k for k in keys)
+
+
+def test_a_failure_before_a_later_cutover_day_is_forgotten(db_url, tmp_path, monkeypatch):
+    """The cut-over day moved past a failed object: nothing there counts any more, and its
+    retry_from kept every run listing from the cut-over day, for ever."""
+    out = tmp_path / "logs"
+    out.mkdir()
+    start = dt.date(2024, 3, 10)
+    _day_objects(out, start, bad=True)
+    settings = loaded(db_url, tmp_path)
+    for n in range(3):
+        day = start + dt.timedelta(days=n)
+        _day_objects(out, day)
+        monkeypatch.setattr(db, "last_complete_day", lambda d=day: d)
+        assert ingest.run(settings, source=str(out)) is False
+    monkeypatch.setattr(ingest, "logs_since", lambda _s: dt.date(2024, 3, 20))
+    for day in (dt.date(2024, 6, 1), dt.date(2024, 6, 2)):
+        _day_objects(out, day)
+        monkeypatch.setattr(db, "last_complete_day", lambda d=day: d)
+        assert ingest.run(settings, source=str(out)) is True
+    with db.session_factory(db_url)() as s:
+        assert db.get_retry_from(s) is None
+
+
 def test_the_last_complete_day_is_yesterday_utc():
     now = dt.datetime.now(dt.UTC)
     assert db.last_complete_day() in {

@@ -637,7 +637,7 @@ def finish_run(settings: Settings, summary: RunSummary) -> None:
     with db.session_factory(settings.database_url).begin() as session:
         res = stats.apply_pending(session, summary.through)
         if summary.window is not None:
-            _remember_failures(session, summary)
+            _remember_failures(session, summary, logs_since(settings))
         pause_point("recompute_done")
     pause_point("recompute_committed")
     summary.t_recompute = time.monotonic() - t0
@@ -646,20 +646,35 @@ def finish_run(settings: Settings, summary: RunSummary) -> None:
 
 
 def named_days(keys: list[str]) -> list[dt.date]:
-    """The name dates of those of ``keys`` that are log objects (two copies of one name that
-    differ; a folder that could not be read has none)."""
-    return [hour.date() for hour in map(sources.parse_name, keys) if hour is not None]
+    """The dates in the names of ``keys``: a log object's (two copies of one name that
+    differ) or a ``YYYY-MM-DD`` folder's that could not be read (one outside the window is
+    not opened, so nothing would name it again); another folder has none (every run walks it)."""
+    days = []
+    for key in keys:
+        hour = sources.parse_name(key)
+        day = hour.date() if hour is not None else sources.dir_day(key.rstrip("/").rsplit("/")[-1])
+        if day is not None:
+            days.append(day)
+    return days
 
 
-def _remember_failures(session: Session, summary: RunSummary) -> None:
+def _remember_failures(session: Session, summary: RunSummary, cutover: dt.date | None) -> None:
     """Keep the name date of the oldest object that failed (its look-back would otherwise
     pass it within days: the runs went back to exit 0 and its downloads were never counted),
-    or forget it once a run that listed it read it (or found it gone)."""
-    assert summary.window is not None
+    or forget it once a run that listed it, and everything after it, read it (or found it
+    gone)."""
+    window = summary.window
+    assert window is not None
     keep = list(summary.failed_days)
     old = db.get_retry_from(session)
-    if old is not None and old not in summary.window:  # (a backfill slice elsewhere)
-        keep.append(old)
+    if cutover is not None and old is not None and old < cutover - CUTOVER_MARGIN:
+        old = None  # before a cut-over day moved later: nothing there is counted any more
+    if old is not None:
+        if old not in window:  # a backfill slice elsewhere
+            keep.append(old)
+        elif summary.hold_after is None and window.until is not None:
+            # a slice that ends before the last complete day: a later failure is unseen
+            keep.append(window.until + dt.timedelta(days=1))
     db.set_retry_from(session, min(keep, default=None))
 
 
