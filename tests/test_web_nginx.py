@@ -733,6 +733,12 @@ def test_the_app_judges_conditions_as_nginx_does(front):
         ({"If-Modified-Since": "Fri, 15 jan 2027 08:00:00 GMT"}, 200),
         ({"If-Modified-Since": "Fri, 30 Feb 2027 08:00:00 GMT"}, 200),
         ({"If-Unmodified-Since": "15 Jan 2027 08:00:00 +0100"}, 412),
+        # nginx's own reading: a month by its first letters, day 0 the month's eve
+        ({"If-Modified-Since": "Fri, 00 Jan 2027 08:00:00 GMT"}, 304),
+        ({"If-Modified-Since": "Fri, 15 Fxx 2027 08:00:00 GMT"}, 304),
+        ({"If-Modified-Since": "Fri Dxx 15 08:00:00 2027"}, 304),
+        ({"If-Unmodified-Since": "Fri, 15 JAN 2027 08:00:00 GMT"}, 200),
+        ({"If-Modified-Since": "Fri, 29 Feb 2027 08:00:00 GMT"}, 200),
     ]:
         assert front.get(STATIC, headers=headers)[0] == status, ("disk", headers)
         published(front, page).unlink(missing_ok=True)  # the app answers it

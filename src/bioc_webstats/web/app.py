@@ -310,13 +310,26 @@ def _etag_listed(header: str, etag: str, weak: bool) -> bool:
     return False
 
 
-_MONTHS = {m: i for i, m in enumerate("Jan Feb Mar Apr May Jun Jul Aug Sep Oct Nov Dec".split(), 1)}
 # The three forms nginx reads (ngx_parse_http_time): "Sun, 06 Nov 1994 08:49:37 GMT",
 # "Sunday, 06-Nov-94 08:49:37 GMT" and "Sun Nov  6 08:49:37 1994"; the weekday is not
-# checked, nor what follows the time.
-_RFC_DATE = re.compile(r"[^ ,]*, *(\d\d)(?: ([A-Z][a-z]{2}) (\d{4})|-([A-Z][a-z]{2})-(\d\d)) ")
-_ASC_DATE = re.compile(r"[^ ,]* +([A-Z][a-z]{2}). ?(\d\d?) ")
+# checked, nor what follows the time, and a month is told by its first letter (and its second
+# or third for J, M, A), as there.
+_RFC_DATE = re.compile(r"[^ ,]*, *(\d\d)(?: ([JFMASOND]..) (\d{4})|-([JFMASOND]..)-(\d\d)) ")
+_ASC_DATE = re.compile(r"[^ ,]* +([JFMASOND]..). ?(\d\d?) ")
 _HMS = re.compile(r"(\d\d):(\d\d):(\d\d)")
+_YEAR = re.compile(r" (\d{4})")
+_MDAY = (31, 29, 31, 30, 31, 30, 31, 31, 30, 31, 30, 31)
+
+
+def _month(name: str) -> int:
+    first = name[0]
+    if first == "J":
+        return 1 if name[1] == "a" else 6 if name[2] == "n" else 7
+    if first == "M":
+        return 3 if name[2] == "r" else 5
+    if first == "A":
+        return 4 if name[1] == "p" else 8
+    return {"F": 2, "S": 9, "O": 10, "N": 11, "D": 12}[first]
 
 
 def http_date(raw: str) -> dt.datetime | None:
@@ -324,24 +337,31 @@ def http_date(raw: str) -> dt.datetime | None:
     ("06 Dec 2026 15:56:16 +0100"), so the app answered 304 where nginx, for the same file on
     disk, ignored the header and sent 200."""
     if m := _RFC_DATE.match(raw):
-        day, month = int(m[1]), m[2] or m[4]
+        day, month = int(m[1]), _month(m[2] or m[4])
         year = int(m[3]) if m[3] else int(m[5]) + (2000 if int(m[5]) < 70 else 1900)
         hms = _HMS.match(raw, m.end())
     elif m := _ASC_DATE.match(raw):
-        day, month = int(m[2]), m[1]
+        day, month = int(m[2]), _month(m[1])
         hms = _HMS.match(raw, m.end())
-        year_m = re.compile(r" (\d{4})").match(raw, hms.end()) if hms else None
-        if year_m is None:
+        found = _YEAR.match(raw, hms.end()) if hms else None
+        if found is None:
             return None
-        year = int(year_m[1])
+        year = int(found[1])
     else:
         return None
-    if hms is None or month not in _MONTHS:
+    if hms is None:
         return None
-    try:
-        return dt.datetime(year, _MONTHS[month], day, *map(int, hms.groups()), tzinfo=dt.UTC)
-    except ValueError:  # 31 Feb, 24:00:00, 00:00:60: no date (nginx: the same)
+    hour, minute, second = map(int, hms.groups())
+    leap = year % 4 == 0 and (year % 100 != 0 or year % 400 == 0)
+    if hour > 23 or minute > 59 or second > 59 or day > _MDAY[month - 1]:
         return None
+    if month == 2 and day == 29 and not leap:
+        return None
+    if year < 1:
+        return None
+    # day 0 is the month's eve, as nginx counts it
+    first = dt.datetime(year, month, 1, hour, minute, second, tzinfo=dt.UTC)
+    return first + dt.timedelta(days=day - 1)
 
 
 def _precondition_failed(etag: str, mtime: float) -> bool:
