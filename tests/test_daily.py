@@ -191,6 +191,11 @@ def test_status_counts_the_data_age_from_the_end_of_valid_thru():
     }  # fmt: skip
     now = dt.datetime(2024, 4, 2, 1, 0, tzinfo=dt.UTC)
     assert daily.status_lines(facts, now)[1] == "ValidThru: 2024-04-01 (ended 1 h ago)"
+    # a log object that failed, retried by every run until read (meta retry_from)
+    assert daily.status_lines({**facts, "retry_from": "2024-03-28"}, now)[7] == (
+        "log objects ingested: 1, newest named -; failed ones named from 2024-03-28 are "
+        "retried by every run"
+    )
 
 
 def test_the_daily_job_waits_for_a_command_run_by_hand(

@@ -160,6 +160,8 @@ def status(settings: Settings) -> dict[str, object]:
             or 0,
         }
         newest = session.scalar(select(func.max(IngestedObject.name_hour)).where(log_objects()))
+        retry = db.get_retry_from(session)
+    facts["retry_from"] = retry.isoformat() if retry else None
     facts["newest_object_hour"] = newest.isoformat(timespec="hours") if newest else None
     try:
         cutover = logs_since(settings)
@@ -202,6 +204,11 @@ def status_lines(facts: dict[str, object], now: dt.datetime | None = None) -> li
         f"packages: {facts['packages']} rows"
         + (f" (seeded {seeded}, not synced since)" if seeded else ""),
         f"log objects ingested: {facts['objects_ingested']}, newest named "
-        f"{facts['newest_object_hour'] or '-'}",
+        f"{facts['newest_object_hour'] or '-'}"
+        + (
+            f"; failed ones named from {facts['retry_from']} are retried by every run"
+            if facts.get("retry_from")
+            else ""
+        ),
         f"cut-over day (etl/logs_since): {facts['logs_since'] or 'not set'}",
     ]
