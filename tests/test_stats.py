@@ -232,7 +232,7 @@ def test_a_release_without_seen_sets_in_between(db_url, tmp_path):
     # The old release: records of day 2 stored (not counted), packages added, recounted.
     feed(staging, source, day_files(staging, truth, start + dt.timedelta(days=1)))
     summary = ingest.RunSummary()
-    _, todo, _, _ = ingest.list_window(settings, str(source), None, None)
+    _, todo, _, _, _ = ingest.list_window(settings, str(source), None, None)
     ingest._ingest_objects(settings, str(source), todo, summary, ingest.store_new)
     with db.session_factory(db_url).begin() as s:
         for line in held:
