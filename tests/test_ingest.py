@@ -9,6 +9,7 @@ import logging
 import os
 import re
 import tempfile
+from collections.abc import Iterable
 from pathlib import Path
 
 import pytest
@@ -292,6 +293,27 @@ def test_a_backfill_slice_does_not_hold_its_last_objects(db_url, tmp_path, monke
     assert days == {dt.date(2024, 3, 11), dt.date(2024, 3, 12)}  # nothing lost
 
 
+def _day_objects(out: Path, day: dt.date, bad: bool = False) -> tuple[Path, bytes]:
+    """One object of ``day`` (``bad``: cut short); its path and its whole bytes."""
+    name = "bad" if bad else "good"
+    path = out / f"{loggen.DIST}.{day}-{6 if bad else 5:02d}.{name}.gz"
+    whole = loggen.log_bytes(loggen.log_line(date=day.isoformat(), time="05:00:00"))
+    path.write_bytes(whole[:-12] if bad else whole)
+    return path, whole
+
+
+def _daily_runs(monkeypatch, settings, out: Path, days: Iterable[dt.date], ok: bool) -> None:
+    """For each day: one good object of it, then the daily run that day; each returns ``ok``."""
+    for day in days:
+        _day_objects(out, day)
+        monkeypatch.setattr(db, "last_complete_day", lambda d=day: d)
+        assert ingest.run(settings, source=str(out)) is ok, day
+
+
+def _days(start: dt.date, n: int) -> list[dt.date]:
+    return [start + dt.timedelta(days=i) for i in range(n)]
+
+
 def test_an_object_that_failed_is_retried_after_its_look_back(db_url, tmp_path, monkeypatch):
     """A corrupt object was retried only while its name was inside the look-back: after
     three days the runs went back to exit 0 and its downloads were never counted. Every run
@@ -299,21 +321,10 @@ def test_an_object_that_failed_is_retried_after_its_look_back(db_url, tmp_path, 
     keeps it."""
     out = tmp_path / "logs"
     out.mkdir()
-
-    def good(day: dt.date) -> None:
-        line = loggen.log_line(date=day.isoformat(), time="05:00:00")
-        (out / f"{loggen.DIST}.{day}-05.good.gz").write_bytes(loggen.log_bytes(line))
-
     start = dt.date(2024, 3, 10)
-    bad = out / f"{loggen.DIST}.{start}-06.bad.gz"
-    whole = loggen.log_bytes(loggen.log_line(date=start.isoformat(), time="06:00:00"))
-    bad.write_bytes(whole[:-12])  # cut short
+    bad, whole = _day_objects(out, start, bad=True)
     settings = loaded(db_url, tmp_path)
-    for n in range(8):
-        day = start + dt.timedelta(days=n)
-        good(day)
-        monkeypatch.setattr(db, "last_complete_day", lambda d=day: d)
-        assert ingest.run(settings, source=str(out)) is False, day
+    _daily_runs(monkeypatch, settings, out, _days(start, 8), ok=False)
     with db.session_factory(db_url)() as s:
         assert db.get_retry_from(s) == start
     # a backfill slice before it neither reads it nor forgets it
@@ -328,15 +339,6 @@ def test_an_object_that_failed_is_retried_after_its_look_back(db_url, tmp_path, 
         assert sum(s.scalars(select(DownloadRecord.downloads))) == 9
 
 
-def _day_objects(out: Path, day: dt.date, bad: bool = False) -> tuple[Path, bytes]:
-    """One object of ``day`` (``bad``: cut short); its path and its whole bytes."""
-    name = "bad" if bad else "good"
-    path = out / f"{loggen.DIST}.{day}-{6 if bad else 5:02d}.{name}.gz"
-    whole = loggen.log_bytes(loggen.log_line(date=day.isoformat(), time="05:00:00"))
-    path.write_bytes(whole[:-12] if bad else whole)
-    return path, whole
-
-
 def test_a_slice_that_reads_the_oldest_failure_keeps_the_later_ones(db_url, tmp_path, monkeypatch):
     """Two failed objects (the 10th's, the 12th's); the first repaired and read again by a
     slice of its day: retry_from was cleared, the 12th's fell out of every window and the
@@ -347,18 +349,11 @@ def test_a_slice_that_reads_the_oldest_failure_keeps_the_later_ones(db_url, tmp_
     first, whole = _day_objects(out, start, bad=True)
     _day_objects(out, start + dt.timedelta(days=2), bad=True)
     settings = loaded(db_url, tmp_path)
-    for n in range(10):
-        day = start + dt.timedelta(days=n)
-        _day_objects(out, day)
-        monkeypatch.setattr(db, "last_complete_day", lambda d=day: d)
-        assert ingest.run(settings, source=str(out)) is False
+    _daily_runs(monkeypatch, settings, out, _days(start, 10), ok=False)
     first.write_bytes(whole)
     assert ingest.run(settings, source=str(out), since=str(start), until=str(start))
-    for n in range(10, 14):
-        day = start + dt.timedelta(days=n)
-        _day_objects(out, day)
-        monkeypatch.setattr(db, "last_complete_day", lambda d=day: d)
-        assert ingest.run(settings, source=str(out)) is False, day  # the 12th's, still
+    later = _days(start + dt.timedelta(days=10), 4)
+    _daily_runs(monkeypatch, settings, out, later, ok=False)  # the 12th's, still
     with db.session_factory(db_url)() as s:
         assert db.get_retry_from(s) == start + dt.timedelta(days=2)
         assert first.name in set(s.scalars(select(IngestedObject.key)))
@@ -405,16 +400,9 @@ def test_a_failure_before_a_later_cutover_day_is_forgotten(db_url, tmp_path, mon
     start = dt.date(2024, 3, 10)
     _day_objects(out, start, bad=True)
     settings = loaded(db_url, tmp_path)
-    for n in range(3):
-        day = start + dt.timedelta(days=n)
-        _day_objects(out, day)
-        monkeypatch.setattr(db, "last_complete_day", lambda d=day: d)
-        assert ingest.run(settings, source=str(out)) is False
+    _daily_runs(monkeypatch, settings, out, _days(start, 3), ok=False)
     monkeypatch.setattr(ingest, "logs_since", lambda _s: dt.date(2024, 3, 20))
-    for day in (dt.date(2024, 6, 1), dt.date(2024, 6, 2)):
-        _day_objects(out, day)
-        monkeypatch.setattr(db, "last_complete_day", lambda d=day: d)
-        assert ingest.run(settings, source=str(out)) is True
+    _daily_runs(monkeypatch, settings, out, _days(dt.date(2024, 6, 1), 2), ok=True)
     with db.session_factory(db_url)() as s:
         assert db.get_retry_from(s) is None
 
