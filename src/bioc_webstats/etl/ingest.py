@@ -706,8 +706,9 @@ def plan_window(
     retry_from: dt.date | None = None,
 ) -> sources.Window:
     """The name dates a run lists: from (newest ingested name date - look-back), or
-    ``since`` if earlier, to ``until``, and never past ``last_day`` (the last complete UTC
-    day: objects of the day still running wait for the next run, whose look-back takes them).
+    ``since`` or ``retry_from`` (an object that failed) if earlier, to ``until``, and never
+    past ``last_day`` (the last complete UTC day: objects of the day still running wait for
+    the next run, whose look-back takes them).
     An empty ledger starts at ``since``, or at the cut-over day (less CUTOVER_MARGIN) if
     there is one, ``since`` or not; nothing starts before that. No ledger, no ``since`` and
     no cut-over day: the whole source up to ``last_day`` (development, the demo; a bucket is
