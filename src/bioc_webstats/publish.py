@@ -28,7 +28,7 @@ from .store import db
 from .web import report
 from .web.app import StatsSite
 from .web.site import PublishedSite, Version
-from .web.targets import STATIC_FILES, category_targets, package_bodies
+from .web.targets import category_targets, package_bodies
 
 log = logging.getLogger(__name__)
 
@@ -67,9 +67,7 @@ def publish(settings: Settings, all_files: bool = False, force: bool = False) ->
     try:
         version = site.site.open_version(state.key, force=force, valid_thru=state.valid_thru)
         result = PublishResult(state.key, version.path.name)
-        for name in STATIC_FILES:
-            if site.site.lookup(version, name) is None:
-                site.site.write(version, name, site.static(name)[0])
+        site.write_assets(version)
         for target in category_targets(snap):
             if site.site.lookup(version, target.relpath) is not None:
                 result.present += 1

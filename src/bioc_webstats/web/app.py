@@ -19,6 +19,7 @@ published ``<prefix>_pkg_stats.tab`` files.
 
 from __future__ import annotations
 
+import calendar
 import datetime as dt
 import gc
 import hashlib
@@ -218,11 +219,16 @@ class StatsSite:
             if cur is not None and cur.key == state.key and cur.code == site.code:
                 return cur
             version = site.open_version(state.key, valid_thru=state.valid_thru)
-            for name in STATIC_FILES:
-                if site.lookup(version, name) is None:
-                    site.write(version, name, self.static(name)[0])
+            self.write_assets(version)
             site.switch(version)
             return version
+
+    def write_assets(self, version: Version) -> None:
+        """The shipped assets (STATIC_FILES) into ``version``, those not there yet: nginx sends
+        them from the directory like every published file."""
+        for name in STATIC_FILES:
+            if self.site.lookup(version, name) is None:
+                self.site.write(version, name, self.static(name)[0])
 
     def build(self, target: Target, snap: report.Snapshot, key: str) -> tuple[bytes, bool]:
         """Generate one body from one consistent view of the database: (body, whether it
@@ -352,12 +358,9 @@ def http_date(raw: str) -> dt.datetime | None:
     if hms is None:
         return None
     hour, minute, second = map(int, hms.groups())
-    leap = year % 4 == 0 and (year % 100 != 0 or year % 400 == 0)
-    if hour > 23 or minute > 59 or second > 59 or day > _MDAY[month - 1]:
+    if year < 1 or hour > 23 or minute > 59 or second > 59 or day > _MDAY[month - 1]:
         return None
-    if month == 2 and day == 29 and not leap:
-        return None
-    if year < 1:
+    if month == 2 and day == 29 and not calendar.isleap(year):
         return None
     # day 0 is the month's eve, as nginx counts it
     first = dt.datetime(year, month, 1, hour, minute, second, tzinfo=dt.UTC)
