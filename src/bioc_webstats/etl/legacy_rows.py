@@ -109,8 +109,9 @@ def url_path(url: bytes) -> bytes:
 
 
 def first_address(ips: bytes) -> bytes:
-    """The client of a proxy chain ``client, proxy, …`` (the whole value if no comma)."""
-    return ips.split(b",", 1)[0].strip()
+    """The client of a proxy chain ``client, proxy, …`` (also separated by blanks only)."""
+    first = ips.split(b",", 1)[0].split(None, 1)
+    return first[0] if first else b""
 
 
 class Rule:
