@@ -241,6 +241,22 @@ class StatsSite:
             same = db.data_state(session).key == key
             return build(session, target, snap).encode(), same
 
+    def send_asset(self, name: str) -> Response:
+        """A shipped asset as nginx sends it: the published copy, with its publish time and
+        ETag (nginx hands the app a request it does not take, one with a query of raw bytes;
+        answered from the package's file, the validators differed). The package's file
+        answers only while nothing is published."""
+        cur = self.site.current()
+        found = self.site.lookup(cur, name) if cur is not None else None
+        if found is not None:
+            try:
+                etag, mtime, _size = validators(found)
+                return _send(found, STATIC_FILES[name][1], etag.strip('"'), mtime, self.max_age)
+            except OSError:  # replaced meanwhile (an old version removed): the package's copy
+                pass
+        body, ctype, etag, mtime = self.static(name)
+        return _send(body, ctype, etag, mtime, self.max_age)
+
     def static(self, name: str) -> tuple[bytes, str, str, float]:
         """(body, content type, etag, mtime) of a shipped asset, read once."""
         if name not in self._static:
@@ -273,9 +289,10 @@ def _plain(status: int, title: str, message: str) -> Response:
     return resp
 
 
-# The longest Location a redirect carries: nginx takes an upstream's headers in one 4 KB buffer
-# (a longer one was its 502), and a query escaped here can grow to three times its length.
-MAX_LOCATION = 2048
+# The longest Location a redirect carries: nginx takes an upstream's headers in one buffer of
+# 32 KB (proxy_buffer_size in site.conf; a longer one is its 502), and a query escaped here
+# grows to at most three times the 8 KB request line nginx accepts. Longer: 414.
+MAX_LOCATION = 3 * 8192 + 1024
 # The query nginx did not pass in the request line because it holds raw bytes (site.conf).
 RAW_QUERY_HEADER = "X-Webstats-Raw-Query"
 
@@ -495,8 +512,7 @@ def create_app(settings: Settings | None = None) -> Flask:
         if resolved is None:
             return _plain(404, "Not Found", "No such page or file.")
         if isinstance(resolved, str):
-            body, ctype, etag, mtime = site.static(resolved)
-            return _send(body, ctype, etag, mtime, site.max_age)
+            return site.send_asset(resolved)
         if isinstance(resolved, Redirect) and resolved.needs_package is None:
             return _redirect(resolved.location, site.max_age)
         try:
