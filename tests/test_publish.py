@@ -6,6 +6,7 @@ version (and never come back for another database)."""
 from __future__ import annotations
 
 import datetime as dt
+import errno
 import logging
 import os
 import subprocess
@@ -25,6 +26,7 @@ from bioc_webstats.config import load_settings
 from bioc_webstats.errors import WebstatsError
 from bioc_webstats.publish import publish
 from bioc_webstats.store import db
+from bioc_webstats.web import site as site_mod
 from bioc_webstats.web.app import StatsSite
 from bioc_webstats.web.site import KEEP, PublishedSite, validators
 from bioc_webstats.web.targets import Target, build, category_targets, resolve
@@ -303,6 +305,27 @@ def test_publish_failure_is_one_line(db_url, tmp_path, monkeypatch, capsys):
     # the app still answers, from memory
     client = create_app(settings).test_client()
     assert client.get(P + "index.html").status_code == 200
+
+
+def test_a_disk_that_fills_up_fails_the_publish_and_keeps_the_site(db_url, tmp_path, monkeypatch):
+    """A full disk part-way through a publish: the publish said "the data version moved on",
+    exited 0 and switched the site to the partial directory."""
+    settings = loaded(db_url, tmp_path)
+    publish(settings)
+    before = current(settings).resolve()
+    real, writes = site_mod._write_atomic, []
+
+    def filling(path: Path, body: bytes, mtime: int) -> None:
+        writes.append(path)
+        if len(writes) > 5:  # the assets and two category files, then the disk is full
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
+        real(path, body, mtime)
+
+    monkeypatch.setattr(site_mod, "_write_atomic", filling)
+    with pytest.raises(WebstatsError, match="No space left on device; the site keeps showing"):
+        publish(settings, force=True)
+    assert len(writes) == 6
+    assert current(settings).resolve() == before
 
 
 def test_build_racing_a_new_data_version_is_not_stored(db_url, clean_env, monkeypatch):

@@ -73,7 +73,10 @@ def publish(settings: Settings, all_files: bool = False, force: bool = False) ->
                 result.present += 1
                 continue
             got = site.site.get_or_build(
-                version, target.relpath, lambda t=target: site.build(t, snap, state.key)
+                version,
+                target.relpath,
+                lambda t=target: site.build(t, snap, state.key),
+                strict=True,
             )
             if isinstance(got, bytes):  # built from a newer data version: not stored
                 result.moved_on = True

@@ -201,14 +201,19 @@ class PublishedSite:
         return path
 
     def get_or_build(
-        self, version: Version, relpath: str, build: Callable[[], tuple[bytes, bool]]
+        self,
+        version: Version,
+        relpath: str,
+        build: Callable[[], tuple[bytes, bool]],
+        strict: bool = False,
     ) -> Path | bytes:
         """The file, building it first if needed. One builder per file at a time, across
         threads and processes (flock), so the first requests after a change do not start the
         same heavy build in every worker; the second look after the lock finds the file the
         other builder wrote. ``build`` returns (body, storable): a body built while the data
         version moved on is served once but not stored. A disk that refuses is logged and the
-        body served from memory."""
+        body served from memory, or, ``strict`` (a publish, which must not switch to a partial
+        directory), raises its OSError."""
         path = self.lookup(version, relpath)
         if path is not None:
             return path
@@ -216,6 +221,8 @@ class PublishedSite:
         try:
             lock = open(version.path / lock_name, "a+b")
         except OSError as exc:
+            if strict:
+                raise
             log.warning("site: cannot lock in %s (%s); serving from memory", version.path, exc)
             return build()[0]
         try:
@@ -229,6 +236,8 @@ class PublishedSite:
             try:
                 return self.write(version, relpath, body)
             except OSError as exc:
+                if strict:
+                    raise
                 log.warning("site: cannot write %s (%s); serving from memory", relpath, exc)
                 return body
         finally:
