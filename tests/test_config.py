@@ -70,14 +70,23 @@ def test_env_file_with_a_bom_and_names_that_are_no_variables(clean_env, monkeypa
     assert (s.get("web/cache_max_age"), s.sources["web/cache_max_age"]) == ("60", f"env file {env}")
     assert s.get("etl/lookback_days") == "5"
     for line, shown in [
-        ("WEBSTATS ETL LOOKBACK DAYS=5", "'WEBSTATS ETL LOOKBACK DAYS'"),
-        ("\u200bWEBSTATS_ETL_LOOKBACK_DAYS=5", "'\\u200bWEBSTATS_ETL_LOOKBACK_DAYS'"),
-        ("1WEBSTATS=5", "'1WEBSTATS'"),
+        ("WEBSTATS ETL LOOKBACK DAYS=5", "'WEBSTATS' is followed by ' '"),
+        ("\u200bWEBSTATS_ETL_LOOKBACK_DAYS=5", "a name begins with '\\u200b'"),
+        ("1WEBSTATS=5", "a name begins with '1'"),
+        # the first "=" in the value: the secret before it was in the message
+        (
+            "WEBSTATS_IP_HASH_KEY: q8Zr+0xV/Hk3mP9sLw2TnQ7y=",
+            "'WEBSTATS_IP_HASH_KEY' is followed by ':'",
+        ),
+        ("WEBSTATS_DB_PASSWORD S3cr3t=PW", "'WEBSTATS_DB_PASSWORD' is followed by ' '"),
     ]:
         env.write_text(f"# settings\n{line}\n", encoding="utf-8")
         with pytest.raises(ConfigError) as err:
             load_settings()
-        assert str(err.value) == f"{env}:2: {shown} is no variable name"
+        assert str(err.value) == (
+            f"{env}:2: {shown}: not NAME=value (the rest of the line is not shown)"
+        )
+        assert "S3cr3t" not in str(err.value) and "q8Zr" not in str(err.value)
 
 
 @pytest.mark.parametrize(

@@ -264,8 +264,15 @@ def read_env_file(path: Path) -> dict[str, str]:
         if not sep or not key:
             raise ConfigError(f"{path}:{lineno}: expected KEY=value")
         if not _ENV_NAME.fullmatch(key):  # it would be set and never read
-            shown = key.encode("ascii", "backslashreplace").decode()
-            raise ConfigError(f"{path}:{lineno}: '{shown}' is no variable name")
+            # Only the name's valid start is shown: "NAME: secret=…" or "NAME secret=…" is a
+            # line whose first "=" is in the value.
+            m = _ENV_NAME.match(key)
+            n = m.end() if m else 0
+            bad = key[n].encode("ascii", "backslashreplace").decode()
+            what = f"'{key[:n]}' is followed by '{bad}'" if n else f"a name begins with '{bad}'"
+            raise ConfigError(
+                f"{path}:{lineno}: {what}: not NAME=value (the rest of the line is not shown)"
+            )
         value = value.strip()
         if len(value) >= 2 and value[0] == value[-1] and value[0] in "'\"":
             value = value[1:-1]
