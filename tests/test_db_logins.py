@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import stat
 import subprocess
 import sys
 from pathlib import Path
@@ -246,6 +247,22 @@ def test_the_webs_file_holds_its_settings_and_its_own_login_only(clean_env, tmp_
             assert web.get(name) == direct.get(name), name
     again = run("config", "write-web", str(out), **env)
     assert again.returncode == 0 and again.stdout == f"unchanged: {out}\n"
+    # an old file that is not UTF-8 (a Latin-1 comment) is replaced: it was a traceback
+    out.write_bytes(b"# caf\xe9\n")
+    res = run("config", "write-web", str(out), **env)
+    assert res.returncode == 0 and res.stdout == f"written: {out}\n", res.stderr
+    assert out.read_text() == text
+    # not over a FIFO or a link (as root, "config write-web /dev/null" made /dev/null a file)
+    fifo, link = tmp_path / "fifo", tmp_path / "link"
+    os.mkfifo(fifo)
+    link.symlink_to(out)
+    for path in (fifo, link):
+        res = run("config", "write-web", str(path), **env)
+        assert res.returncode == 1, path
+        assert res.stderr == (
+            f"bioc-webstats: error: cannot write {path}: exists and is not a regular file\n"
+        )
+    assert stat.S_ISFIFO(fifo.lstat().st_mode) and link.is_symlink()
 
 
 @pytest.mark.parametrize(

@@ -11,6 +11,7 @@ import datetime as dt
 import logging
 import os
 import re
+import stat
 import sys
 import time
 import traceback
@@ -595,7 +596,15 @@ def config_write_web(ctx: Context, path: Path) -> None:
         click.echo(SHARED_WEB_LOGIN, err=True)
     text = web_env_text(settings)
     try:
-        if path.is_file() and path.read_text() == text:
+        # Not over a device or a FIFO (config write-web /dev/null, as root, replaced it with
+        # a file) nor a link; an old file that is not UTF-8 is replaced, not a traceback.
+        try:
+            st: os.stat_result | None = path.lstat()
+        except FileNotFoundError:
+            st = None
+        if st is not None and not stat.S_ISREG(st.st_mode):
+            raise WebstatsError(f"cannot write {path}: exists and is not a regular file")
+        if st is not None and path.read_bytes() == text.encode():
             click.echo(f"unchanged: {path}")
             return
         write_atomic(path, text, mode=0o640)
