@@ -59,6 +59,26 @@ def test_defaults_without_ssm_use_embedded_sqlite(clean_env):
     assert s.sources["database_url"] == "default (embedded SQLite)"
 
 
+@pytest.mark.parametrize(
+    "name", ["WEBSTATS_DB_PASSWORD", "WEBSTATS_IP_HASH_KEY", "WEBSTATS_DATABASE_URL"]
+)
+def test_a_variable_that_is_not_utf8_is_one_line(clean_env, name):
+    """Bytes that are not UTF-8 in the process environment (a password pasted from a Latin-1
+    file) were a 40-line traceback from the first use of the value."""
+    env = {k.encode(): v.encode() for k, v in os.environ.items()}
+    env[b"WEBSTATS_DB_SERVER"] = b"db.example"
+    env[name.encode()] = b"sqlite:////tmp/S3cr3t\xff" if "URL" in name else b"S3cr3t\xff"
+    for args in (["check"], ["etl", "reingest", "x"]):
+        res = subprocess.run([CLI, *args], capture_output=True, env=env, timeout=120)
+        assert res.returncode == 1, args
+        assert (
+            res.stderr
+            == (
+                f"bioc-webstats: error: environment {name}: not UTF-8 (the value is not shown)\n"
+            ).encode()
+        ), res.stderr[-2000:]
+
+
 def test_env_file_with_a_bom_and_names_that_are_no_variables(clean_env, monkeypatch):
     """An editor's byte-order mark made the first line's name "\\ufeffWEBSTATS_…": set, never
     read, and the default database used without a word. The mark is dropped; a name that is

@@ -289,6 +289,14 @@ def state_dir(env: dict[str, str]) -> Path:
     )
 
 
+def _is_utf8(value: str) -> bool:
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 def load_settings(environ: dict[str, str] | None = None, login: str = "etl") -> Settings:
     """Build the effective configuration in precedence order (lowest first).
 
@@ -299,6 +307,11 @@ def load_settings(environ: dict[str, str] | None = None, login: str = "etl") -> 
     if login not in LOGINS:
         raise ValueError(f"login must be one of {LOGINS}")
     env = dict(os.environ if environ is None else environ)
+    for name, value in env.items():
+        # Python keeps bytes that are not UTF-8 as surrogates: every later use of the value
+        # (a URL, a hash key) was a traceback. The env file is checked as it is read.
+        if name.startswith("WEBSTATS_") and not _is_utf8(value):
+            raise ConfigError(f"environment {name}: not UTF-8 (the value is not shown)")
     values: dict[str, str | None] = {p.name: p.default for p in PARAMS}
     sources: dict[str, str] = {p.name: "default" for p in PARAMS}
 
