@@ -470,3 +470,13 @@ def test_notify_failure_takes_the_env_files_aws_settings(clean_env, aws_env, mon
     assert res.stdout == f"alert sent to {topic}\n"
     [note] = received(queue)
     assert note["Subject"].startswith("bioc-webstats: bioc-webstats-etl.service failed on ")
+
+
+def test_a_health_url_with_a_password_is_not_in_the_alarm():
+    """The alarm's text reaches the journal, the spool and SNS: a health URL's user:password
+    was in it, with urllib's "Name or service not known" for a cause."""
+    [alarm] = alerts.web_check("https://admin:S3cr3t-PW@127.0.0.1:1/healthz")
+    assert alarm.name == "web-down"
+    assert alarm.why == (
+        "https://***@127.0.0.1:1/healthz: alerts/health_url cannot hold a user:password"
+    )
