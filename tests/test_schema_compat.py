@@ -3,11 +3,15 @@ unless the newer schema raised the floor above it."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import sqlalchemy as sa
 
 from bioc_webstats import create_app
 from bioc_webstats.config import load_settings
 from bioc_webstats.store import db, stats
+
+PACKAGES = Path(__file__).parent / "fixtures" / "packages_sample.csv"
 
 
 def _stamp(url: str, revision: str, floor: str | None = None) -> None:
@@ -49,7 +53,7 @@ def test_floor_above_this_release_refuses(db_url, clean_env, monkeypatch):
     assert resp.status_code == 503
 
 
-def _cli(*args: str, url: str):
+def _cli(*args: str, url: str, state_dir=None):
     import os
     import subprocess
     import sys
@@ -58,6 +62,8 @@ def _cli(*args: str, url: str):
     exe = str(Path(sys.executable).parent / "bioc-webstats")
     env = {k: v for k, v in os.environ.items() if not k.startswith("WEBSTATS_")}
     env |= {"WEBSTATS_DATABASE_URL": url, "WEBSTATS_ENV_FILE": "/dev/null"}
+    if state_dir is not None:
+        env["WEBSTATS_STATE_DIR"] = str(state_dir)
     return subprocess.run([exe, *args], env=env, capture_output=True, text=True, timeout=120)
 
 
@@ -204,6 +210,12 @@ def test_0005_upgrades_a_populated_0004_database(db_url, tmp_path):
     assert_truth(db_url, truth)
 
 
+HINT = (
+    "(the schema is missing or older than this release? 'bioc-webstats check' tells; "
+    "'bioc-webstats db upgrade' fixes it)"
+)
+
+
 def test_a_command_before_db_upgrade_says_to_run_it(tmp_path, pg_server):
     from conftest import new_pg_database
 
@@ -212,7 +224,32 @@ def test_a_command_before_db_upgrade_says_to_run_it(tmp_path, pg_server):
         assert res.returncode == 1
         [line] = res.stderr.splitlines()
         assert line.startswith("bioc-webstats: error: database: ")
-        assert line.endswith("(no schema yet? run 'bioc-webstats db upgrade')"), line
+        assert line.endswith(HINT), line
+        db.dispose_engine(url)
+
+
+def test_a_command_on_a_schema_behind_the_release_says_so(tmp_path, pg_server):
+    """A release installed, its migration not run yet: a missing column gave the database's
+    error with no hint (PostgreSQL) or "no schema yet?", and status said nothing of it."""
+    from conftest import new_pg_database
+
+    logs = tmp_path / "logs"
+    logs.mkdir()
+    for url in (f"sqlite:///{tmp_path / 'old.sqlite3'}", new_pg_database(pg_server)):
+        _at(url, "0004")
+        db.dispose_engine(url)
+        for args in (["packages", "load", str(PACKAGES)], ["etl", "run", "--source", str(logs)]):
+            res = _cli(*args, url=url, state_dir=tmp_path / "state")
+            assert res.returncode == 1, (args, res.stderr)
+            line = res.stderr.splitlines()[-1]
+            assert line.startswith("bioc-webstats: error: database: ") and line.endswith(HINT)
+        res = _cli("status", url=url)
+        assert res.returncode == 0, res.stderr
+        first = res.stdout.splitlines()[0]
+        assert first.endswith(
+            f"; database schema is at 0004, this release needs {db.head_revision()}: "
+            "run 'bioc-webstats db upgrade'"
+        ), first
         db.dispose_engine(url)
 
 

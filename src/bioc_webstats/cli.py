@@ -698,6 +698,13 @@ def watchdog_cmd() -> None:
     )
 
 
+# What SQLite and PostgreSQL say of a table or a column that is not there.
+_SCHEMA_MISSING = re.compile(
+    r"no such (table|column)|has no column named"
+    r"|(relation|column) \S+ (of relation \S+ )?does not exist"
+)
+
+
 def main(argv: list[str] | None = None) -> None:
     """Console entry point: expected failures become one line on stderr and exit 1."""
     keep_memory_private()  # before any secret is read
@@ -723,8 +730,13 @@ def main(argv: list[str] | None = None) -> None:
         if verbose:
             traceback.print_exc()
         first = first_line(exc)
-        if re.search(r"no such table|relation \S+ does not exist", first):
-            first += " (no schema yet? run 'bioc-webstats db upgrade')"
+        # A table or a column missing: no schema yet, or one behind this release (installed,
+        # not migrated yet), which the hint named wrongly or not at all.
+        if re.search(_SCHEMA_MISSING, first):
+            first += (
+                " (the schema is missing or older than this release? 'bioc-webstats check' "
+                "tells; 'bioc-webstats db upgrade' fixes it)"
+            )
         click.echo(f"bioc-webstats: error: database: {first}", err=True)
         sys.exit(1)
     except OSError as exc:  # a path given that this user may not reach, a full disk, …

@@ -161,6 +161,8 @@ def status(settings: Settings) -> dict[str, object]:
         }
         newest = session.scalar(select(func.max(IngestedObject.name_hour)).where(log_objects()))
         retry = db.get_retry_from(session)
+    schema = db.schema_status(settings.database_url)  # behind: the release's commands fail
+    facts["schema"], facts["schema_ok"] = schema.reason, schema.ok
     facts["retry_from"] = retry.isoformat() if retry else None
     facts["newest_object_hour"] = newest.isoformat(timespec="hours") if newest else None
     try:
@@ -193,7 +195,8 @@ def status_lines(facts: dict[str, object], now: dt.datetime | None = None) -> li
         pub += f" (the database is at {facts['data_version']}: run 'bioc-webstats publish')"
     seeded = facts["packages_seeded_not_synced"]
     return [
-        f"bioc-webstats {facts['version']}",
+        f"bioc-webstats {facts['version']}"
+        + ("" if facts.get("schema_ok", True) else f"; database {facts['schema']}"),
         f"ValidThru: {vt or 'no data yet'}{vt_age}",
         f"data version: {facts['data_version']}",
         f"published: {pub}",
