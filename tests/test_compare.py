@@ -169,6 +169,20 @@ def test_a_directory_copy(ours, legacy, expected, tmp_path, monkeypatch, capsys)
     assert not legacy.requests
 
 
+def test_a_place_one_level_off_is_refused_in_one_line(ours, legacy, tmp_path, monkeypatch, capsys):
+    """The directory above the site (or an empty one): every file was "missing there" and
+    the verdict "N of N differ" named no cause."""
+    above = legacy.root.parent
+    for where in (str(above), legacy.url.rsplit("/", 2)[0] + "/"):
+        code, out, err = run(monkeypatch, ours, tmp_path, capsys, "--against", where)
+        assert code == 1 and out == [], where
+        assert err == [
+            f"bioc-webstats: error: compare: {where} holds no file of the categories (not even "
+            "bioc/bioc_packages.txt): give the directory or URL that holds the category "
+            "directories (…/packages/stats/)"
+        ], where
+
+
 def test_ours_from_a_url(legacy, expected, tmp_path, monkeypatch, capsys, db_url):
     """--ours URL: both sides over HTTP (here: the same site, so nothing differs), and the
     database is not read."""

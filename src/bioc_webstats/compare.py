@@ -421,6 +421,7 @@ def compare(
     """Compare every text file of the selected categories (and packages) on both sides;
     ``echo`` gets one line per differing file as it is found."""
     cats = _categories(categories)
+    there = _Primed(there, _check_a_site(here, there, cats))
     run = Comparison(here, there, jobs, echo)
     found: set[str] = set()
     try:
@@ -433,6 +434,37 @@ def compare(
             where = ", ".join(f"{c.stem}/{c.prefix}_packages.txt" for c in cats)
             run.record(Outcome(f"--packages {name}", f"listed by neither side ({where})", True))
     return run.result
+
+
+class _Primed(Side):
+    """A side with a body already read (the check's listing): not asked for it twice."""
+
+    def __init__(self, side: Side, bodies: dict[str, bytes]) -> None:
+        self.side, self.bodies, self.name = side, bodies, side.name
+
+    def fetch(self, relpath: str) -> bytes | None:
+        body = self.bodies.pop(relpath, None)
+        return body if body is not None else self.side.fetch(relpath)
+
+
+def _check_a_site(here: Side, there: Side, cats: list[Category]) -> dict[str, bytes]:
+    """Refuse a place that holds no category file at all (a directory or URL one level off)
+    while this side has some: every file was "missing there", and the verdict "N of N
+    differ" named no cause. The file found, by its path (not asked for twice)."""
+    paths = [f"{c.stem}/{c.prefix}_{n}" for c in cats for n in ("packages.txt", "stats.tab")]
+    try:
+        for path in paths:
+            body = there.fetch(path)
+            if body is not None:
+                return {path: body}
+        if all(here.fetch(path) is None for path in paths):
+            return {}  # neither side: "nothing was compared" says so
+    except FetchError:  # unreadable is not absent: the comparison reports it
+        return {}
+    raise WebstatsError(
+        f"compare: {there.name} holds no file of the categories (not even {paths[0]}): give "
+        "the directory or URL that holds the category directories (…/packages/stats/)"
+    )
 
 
 def _compare_category(run: Comparison, cat: Category, only: list[str] | None) -> set[str]:
