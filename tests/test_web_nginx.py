@@ -558,7 +558,18 @@ def test_allow_only_on_405(front):
     # a request line nginx cannot parse names no method: its 400 offers none
     for line in (b"get /x HTTP/1.1", b"GET /x HTTP/2.0", b"GET * HTTP/1.1"):
         answer = raw(front.port, line + b"\r\nHost: t\r\nConnection: close\r\n\r\n")
-        assert 400 <= status_of(answer) < 600 and not header_values(answer, "Allow"), answer[:300]
+        assert status_of(answer) == 400 and not header_values(answer, "Allow"), answer[:300]
+        assert_security_headers(answer)
+
+
+@pytest.mark.parametrize("version", [b"HTTP/2.0", b"HTTP/3.0", b"HTTP/9.9"])
+@pytest.mark.parametrize("path", [STATIC, "/packages/stats/bioc/", "/healthz", "/nope"])
+def test_an_http_version_nginx_does_not_speak_is_400_not_5xx(front, version, path):
+    """ "Never a 5xx": nginx answered 505 (HTTP Version Not Supported)."""
+    answer = raw(front.port, b"GET %s %s\r\nHost: t\r\nConnection: close\r\n\r\n" % (
+        path.encode(), version))  # fmt: skip
+    assert status_of(answer) == 400, answer[:300]
+    assert_security_headers(answer)
 
 
 def test_doubled_or_missing_host_is_400(front):
