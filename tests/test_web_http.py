@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import datetime as dt
 import gc
+import os
 import random
 import subprocess
 import sys
@@ -414,6 +415,32 @@ def test_a_sqlite_file_that_cannot_be_opened_is_503_and_named(clean_env, monkeyp
     assert res.stderr == (
         f"bioc-webstats: error: database: unable to open database file {path}: {why}\n"
     )
+
+
+@pytest.mark.parametrize("where", ["file", "directory"])
+def test_a_sqlite_file_this_user_may_not_write_is_named(clean_env, where):
+    """A file this user may not read and write (or a directory it may not create it in):
+    SQLite said only "unable to open database file" (or, to a reading command, "attempt to
+    write a readonly database"). Run as root without capabilities, as the tests run as root."""
+    box = clean_env / "box"
+    box.mkdir()
+    path = box / "webstats.sqlite3"
+    if where == "file":
+        path.write_bytes(b"")
+        path.chmod(0o444)
+        why = "this user may not read and write it"
+    else:
+        box.chmod(0o555)
+        why = f"this user may not create it in {box}"
+    no_caps = ["setpriv", "--bounding-set=-all", "--inh-caps=-all", "--ambient-caps=-all"]
+    env = {**os.environ, "WEBSTATS_DATABASE_URL": f"sqlite:///{path}"}
+    for args in (["check"], ["status"]):
+        res = subprocess.run([*no_caps, str(Path(sys.executable).parent / "bioc-webstats"), *args],
+                             capture_output=True, text=True, timeout=60, env=env)  # fmt: skip
+        assert res.returncode == 1, (args, res.stdout)
+        assert res.stderr == (
+            f"bioc-webstats: error: database: unable to open database file {path}: {why}\n"
+        ), args
 
 
 def _allow_connections(url: str, allow: bool) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import datetime as dt
 import logging
+import os
 import secrets
 import sqlite3
 import threading
@@ -132,6 +133,17 @@ def _sqlite_file(_dialect, _record, cargs, _cparams) -> None:
     if not path.parent.is_dir():
         raise sqlite3.OperationalError(
             f"unable to open database file {path}: no directory {path.parent}"
+        )
+    # SQLite opens it read-write (and writes its WAL beside it) for every command, reading
+    # ones too: "unable to open" or "attempt to write a readonly database" named no cause.
+    if path.exists():
+        if not os.access(path, os.R_OK | os.W_OK):
+            raise sqlite3.OperationalError(
+                f"unable to open database file {path}: this user may not read and write it"
+            )
+    elif not os.access(path.parent, os.W_OK | os.X_OK):
+        raise sqlite3.OperationalError(
+            f"unable to open database file {path}: this user may not create it in {path.parent}"
         )
 
 
