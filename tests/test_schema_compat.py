@@ -97,6 +97,19 @@ def test_db_upgrade_leaves_a_newer_schema_and_names_a_foreign_one(db_url):
     db.dispose_engine(db_url)
 
 
+def test_a_schema_stamped_older_than_it_is_fails_the_upgrade_in_one_line(db_url):
+    """alembic_version edited by hand to an older revision: the migration after it finds the
+    schema other than it expects (SQLite: a 73-line traceback); nothing is changed."""
+    _stamp(db_url, "0003")
+    res = _cli("db", "upgrade", url=db_url)
+    assert res.returncode == 1 and "Traceback" not in res.stderr
+    [line] = res.stderr.splitlines()
+    assert line.startswith("bioc-webstats: error: "), line
+    assert "pk_download_records" in line, line
+    assert db.current_revision(db_url) == "0003"
+    db.dispose_engine(db_url)
+
+
 def test_older_schema_needs_upgrade(db_url):
     _stamp(db_url, "0001")
     status = db.schema_status(db_url)

@@ -199,6 +199,14 @@ def upgrade(url: str) -> str:
             break
         except CommandError as exc:  # a revision no release knows: alembic_version edited
             raise WebstatsError(f"db upgrade: {first_line(exc)}") from None
+        except (ValueError, KeyError, NotImplementedError) as exc:
+            # A migration that finds the schema other than its revision says (alembic_version
+            # edited by hand; SQLite's batch mode: "No such constraint"): rolled back.
+            raise WebstatsError(
+                f"db upgrade: a migration from {current_revision(url)} failed: "
+                f"{first_line(exc)}; nothing was changed (the schema is not what its "
+                "alembic_version says: restore the last backup)"
+            ) from None
         except DBAPIError as exc:
             if getattr(exc.orig, "pgcode", None) != LOCK_NOT_AVAILABLE:
                 raise
