@@ -478,5 +478,9 @@ def test_a_health_url_with_a_password_is_not_in_the_alarm():
     [alarm] = alerts.web_check("https://admin:S3cr3t-PW@127.0.0.1:1/healthz")
     assert alarm.name == "web-down"
     assert alarm.why == (
-        "https://***@127.0.0.1:1/healthz: alerts/health_url cannot hold a user:password"
+        "https://***@127.0.0.1:1/healthz: alerts/health_url: credentials in the URL are not "
+        "supported: the site must be public"
     )
+    # an "@" in the query is no user:password (it was taken for one)
+    [alarm] = alerts.web_check("http://127.0.0.1:1/healthz?from=ops@example.org")
+    assert alarm.why.startswith("http://127.0.0.1:1/healthz?from=ops@example.org: "), alarm.why

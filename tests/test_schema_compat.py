@@ -233,11 +233,17 @@ def test_a_command_before_db_upgrade_says_to_run_it(tmp_path, pg_server):
     from conftest import new_pg_database
 
     for url in (f"sqlite:///{tmp_path / 'empty.sqlite3'}", new_pg_database(pg_server)):
-        res = _cli("status", url=url)
+        res = _cli("stats", "rebuild", url=url, state_dir=tmp_path / "state")
         assert res.returncode == 1
         [line] = res.stderr.splitlines()
         assert line.startswith("bioc-webstats: error: database: ")
         assert line.endswith(HINT), line
+        res = _cli("status", url=url)
+        assert res.returncode == 1
+        assert res.stderr.splitlines() == [
+            f"bioc-webstats: error: database: no schema yet, this release needs "
+            f"{db.head_revision()}: run 'bioc-webstats db upgrade'"
+        ]
         db.dispose_engine(url)
 
 

@@ -32,7 +32,7 @@ from pathlib import Path
 from .config import BY_NAME, DEFAULT_ENV_FILE, Settings, read_env_file, state_dir
 from .errors import ConfigError, WebstatsError, first_line
 from .files import write_atomic
-from .httpbody import mask, one_line
+from .httpbody import mask, one_line, url_problem
 
 RUNBOOK = "/usr/local/share/doc/bioc-webstats/RUNBOOK.md"
 RESEND = 6 * 3600  # seconds between two alerts for the same lasting alarm
@@ -308,18 +308,19 @@ def _behind_since(sdir: Path, key: str | None, now: dt.datetime) -> dt.datetime 
 
 
 def web_check(url: str) -> list[Alarm]:
-    # The alarm's text goes to the journal, the spool and SNS: never a URL's user:password.
-    shown = mask(url)
-    if shown != url:  # (urllib takes none: its "host not found" named the wrong cause)
-        return [Alarm("web-down", f"{shown}: alerts/health_url cannot hold a user:password")]
+    # The alarm's text goes to the journal, the spool and SNS: never a URL's user:password
+    # (urllib takes none: its "host not found" named the wrong cause).
+    problem = url_problem(url)
+    if problem:
+        return [Alarm("web-down", f"{mask(url)}: alerts/health_url: {problem}")]
     try:
         with urllib.request.urlopen(url, timeout=10) as r:  # noqa: S310 - our own URL
             status = r.status
     except urllib.error.HTTPError as exc:
         status = exc.code
     except (OSError, ValueError) as exc:
-        return [Alarm("web-down", f"{shown}: {one_line(str(getattr(exc, 'reason', exc)))}")]
-    return [] if status == 200 else [Alarm("web-down", f"{shown} answered {status}")]
+        return [Alarm("web-down", f"{url}: {one_line(str(getattr(exc, 'reason', exc)))}")]
+    return [] if status == 200 else [Alarm("web-down", f"{url} answered {status}")]
 
 
 def disk_checks(paths: list[Path], min_free: float) -> list[Alarm]:

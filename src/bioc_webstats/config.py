@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .errors import ConfigError
+from .files import is_text
 
 DEFAULT_ENV_FILE = "/etc/bioc-webstats/webstats.env"
 DEFAULT_STATE_DIR = "/var/lib/bioc-webstats"
@@ -264,14 +265,20 @@ def read_env_file(path: Path) -> dict[str, str]:
         if not sep or not key:
             raise ConfigError(f"{path}:{lineno}: expected KEY=value")
         if not _ENV_NAME.fullmatch(key):  # it would be set and never read
-            # Only the name's valid start is shown: "NAME: secret=…" or "NAME secret=…" is a
-            # line whose first "=" is in the value.
+            # Nothing of a value is shown: in "NAME: secret=…", "NAME secret=…" or a key
+            # wrapped onto a line of its own, the first "=" is in the value. Only a name of
+            # ours, and a first character that is no letter or digit (an invisible one).
             m = _ENV_NAME.match(key)
             n = m.end() if m else 0
             bad = key[n].encode("ascii", "backslashreplace").decode()
-            what = f"'{key[:n]}' is followed by '{bad}'" if n else f"a name begins with '{bad}'"
+            if key[:n].startswith(("WEBSTATS", "AWS_")):
+                what = f"'{key[:n]}' is followed by '{bad}': "
+            elif n == 0 and not key[0].isalnum():
+                what = f"a name begins with '{bad}': "
+            else:
+                what = ""
             raise ConfigError(
-                f"{path}:{lineno}: {what}: not NAME=value (the rest of the line is not shown)"
+                f"{path}:{lineno}: {what}not NAME=value (the rest of the line is not shown)"
             )
         value = value.strip()
         if len(value) >= 2 and value[0] == value[-1] and value[0] in "'\"":
@@ -289,14 +296,6 @@ def state_dir(env: dict[str, str]) -> Path:
     )
 
 
-def _is_utf8(value: str) -> bool:
-    try:
-        value.encode("utf-8")
-    except UnicodeEncodeError:
-        return False
-    return True
-
-
 def load_settings(environ: dict[str, str] | None = None, login: str = "etl") -> Settings:
     """Build the effective configuration in precedence order (lowest first).
 
@@ -310,7 +309,7 @@ def load_settings(environ: dict[str, str] | None = None, login: str = "etl") -> 
     for name, value in env.items():
         # Python keeps bytes that are not UTF-8 as surrogates: every later use of the value
         # (a URL, a hash key) was a traceback. The env file is checked as it is read.
-        if name.startswith("WEBSTATS_") and not _is_utf8(value):
+        if name.startswith("WEBSTATS_") and not is_text(value):
             raise ConfigError(f"environment {name}: not UTF-8 (the value is not shown)")
     values: dict[str, str | None] = {p.name: p.default for p in PARAMS}
     sources: dict[str, str] = {p.name: "default" for p in PARAMS}

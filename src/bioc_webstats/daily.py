@@ -138,33 +138,23 @@ def _parse(value: str | None) -> dt.datetime | None:
 
 def status(settings: Settings) -> dict[str, object]:
     """The facts SysOps and a watchdog look at, from the database and the published site."""
-    from .etl.ingest import log_objects, logs_since
-    from .etl.packages import SEEDED
-    from .store.models import IngestedObject, Package
+    from .etl.ingest import logs_since
     from .web.site import PublishedSite
 
-    with db.session_factory(settings.database_url)() as session:
-        state = db.data_state(session)
-        facts: dict[str, object] = {
-            "version": __version__,
-            "valid_thru": state.valid_thru.isoformat() if state.valid_thru else None,
-            "data_version": state.key,
-            LAST_SYNC_OK: db.get_meta(session, LAST_SYNC_OK),
-            LAST_ETL_OK: db.get_meta(session, LAST_ETL_OK),
-            "packages": session.scalar(select(func.count()).select_from(Package)) or 0,
-            "packages_seeded_not_synced": db.get_meta(session, SEEDED),
-            # log objects only: the legacy import's units share the ledger
-            "objects_ingested": session.scalar(
-                select(func.count()).select_from(IngestedObject).where(log_objects())
-            )
-            or 0,
-        }
-        newest = session.scalar(select(func.max(IngestedObject.name_hour)).where(log_objects()))
-        retry = db.get_retry_from(session)
-    schema = db.schema_status(settings.database_url)  # behind: the release's commands fail
-    facts["schema"], facts["schema_ok"] = schema.reason, schema.ok
-    facts["retry_from"] = retry.isoformat() if retry else None
-    facts["newest_object_hour"] = newest.isoformat(timespec="hours") if newest else None
+    # First, and whatever it finds: a schema behind this release fails the queries below
+    # (a release installed, not migrated), and the line saying so is the fact that matters.
+    try:
+        schema = db.schema_status(settings.database_url)
+        revision, problem = schema.revision, None if schema.ok else schema.reason
+    except WebstatsError as exc:  # alembic_version edited by hand
+        revision, problem = None, str(exc)
+    try:
+        facts = _database_facts(settings)
+    except SQLAlchemyError:
+        if problem is None:
+            raise
+        raise WebstatsError(f"database: {problem}") from None  # (its error names a column)
+    facts["schema"], facts["schema_problem"] = revision, problem  # (schema: as /healthz's)
     try:
         cutover = logs_since(settings)
     except WebstatsError as exc:  # the other facts still stand (the CLI fails after them)
@@ -178,6 +168,33 @@ def status(settings: Settings) -> dict[str, object]:
         else None
     )
     return facts
+
+
+def _database_facts(settings: Settings) -> dict[str, object]:
+    from .etl.ingest import log_objects
+    from .etl.packages import SEEDED
+    from .store.models import IngestedObject, Package
+
+    with db.session_factory(settings.database_url)() as session:
+        state = db.data_state(session)
+        newest = session.scalar(select(func.max(IngestedObject.name_hour)).where(log_objects()))
+        retry = db.get_retry_from(session)
+        return {
+            "version": __version__,
+            "valid_thru": state.valid_thru.isoformat() if state.valid_thru else None,
+            "data_version": state.key,
+            LAST_SYNC_OK: db.get_meta(session, LAST_SYNC_OK),
+            LAST_ETL_OK: db.get_meta(session, LAST_ETL_OK),
+            "packages": session.scalar(select(func.count()).select_from(Package)) or 0,
+            "packages_seeded_not_synced": db.get_meta(session, SEEDED),
+            # log objects only: the legacy import's units share the ledger
+            "objects_ingested": session.scalar(
+                select(func.count()).select_from(IngestedObject).where(log_objects())
+            )
+            or 0,
+            "retry_from": retry.isoformat() if retry else None,
+            "newest_object_hour": newest.isoformat(timespec="hours") if newest else None,
+        }
 
 
 def status_lines(facts: dict[str, object], now: dt.datetime | None = None) -> list[str]:
@@ -196,7 +213,7 @@ def status_lines(facts: dict[str, object], now: dt.datetime | None = None) -> li
     seeded = facts["packages_seeded_not_synced"]
     return [
         f"bioc-webstats {facts['version']}"
-        + ("" if facts.get("schema_ok", True) else f"; database {facts['schema']}"),
+        + (f"; database {facts['schema_problem']}" if facts.get("schema_problem") else ""),
         f"ValidThru: {vt or 'no data yet'}{vt_age}",
         f"data version: {facts['data_version']}",
         f"published: {pub}",

@@ -12,6 +12,16 @@ from pathlib import Path
 from typing import BinaryIO
 
 
+def is_text(value: str) -> bool:
+    """Whether a string from the OS (a file name, an environment value) is text: bytes that
+    are not UTF-8 come back as surrogates, which no database, URL or log line takes."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 class NotARegularFile(OSError):
     """A FIFO, a device or a socket where a file was expected."""
 

@@ -56,7 +56,7 @@ from sqlalchemy.orm import Session
 
 from ..config import Settings
 from ..errors import ConfigError
-from ..files import open_regular, shown
+from ..files import is_text, open_regular, shown
 from ..store import db
 from ..store.models import IngestedObject
 from . import ingest, sources
@@ -217,7 +217,7 @@ def _check_header(path: Path, size: int) -> bytes:
 def inspect(path: Path) -> LegacyFile:
     """Check a file and find its rowid range; LegacyFileError says what is wrong."""
     f = LegacyFile(path, name=path.name)
-    if not sources.utf8_name(f.name):  # no ledger key, no log line takes it
+    if not is_text(f.name):  # no ledger key, no log line takes it
         raise LegacyFileError("its name is not UTF-8: rename it")
     if not f.name.isprintable():  # a newline in it would forge log lines
         raise LegacyFileError("its name has a control character: rename it")

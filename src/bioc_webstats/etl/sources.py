@@ -21,7 +21,7 @@ from typing import Any
 
 from ..config import DAY_RANGE
 from ..errors import WebstatsError
-from ..files import shown
+from ..files import is_text, shown
 
 log = logging.getLogger(__name__)
 
@@ -242,7 +242,7 @@ class DirSource(Source):
     ) -> None:
         """One entry of a folder: a log object of the window, a name skipped, a folder to walk."""
         key = prefix + entry.name
-        if not utf8_name(key):  # no CloudFront name; the ledger keeps text keys
+        if not is_text(key):  # no CloudFront name; the ledger keeps text keys
             if entry.is_dir():
                 log.error(
                     "log source %s: %s: name not UTF-8, not read", shown(str(folder)), shown(key)
@@ -298,16 +298,6 @@ class DirSource(Source):
                     yield chunk
         except OSError as exc:
             raise LogFormatError(f"cannot read: {exc.strerror}") from None
-
-
-def utf8_name(name: str) -> bool:
-    """Whether a file name decoded from the disk is text (undecodable bytes come back as
-    surrogates, which no database or log line takes)."""
-    try:
-        name.encode("utf-8")
-    except UnicodeEncodeError:
-        return False
-    return True
 
 
 WALK_PAGE = 20  # keys per request while looking for runs of names (each costs one request)
