@@ -20,6 +20,7 @@ import webref
 from bioc_webstats import create_app
 from bioc_webstats.config import load_settings
 from bioc_webstats.store import db
+from test_proc_private import NO_CAPS
 
 P = "/packages/stats/"
 VT = dt.date(2024, 3, 31)
@@ -432,10 +433,9 @@ def test_a_sqlite_file_this_user_may_not_write_is_named(clean_env, where):
     else:
         box.chmod(0o555)
         why = f"this user may not create it in {box}"
-    no_caps = ["setpriv", "--bounding-set=-all", "--inh-caps=-all", "--ambient-caps=-all"]
     env = {**os.environ, "WEBSTATS_DATABASE_URL": f"sqlite:///{path}"}
     for args in (["check"], ["status"]):
-        res = subprocess.run([*no_caps, str(Path(sys.executable).parent / "bioc-webstats"), *args],
+        res = subprocess.run([*NO_CAPS, str(Path(sys.executable).parent / "bioc-webstats"), *args],
                              capture_output=True, text=True, timeout=60, env=env)  # fmt: skip
         assert res.returncode == 1, (args, res.stdout)
         assert res.stderr == (

@@ -732,7 +732,7 @@ def main(argv: list[str] | None = None) -> None:
         first = first_line(exc)
         # A table or a column missing: no schema yet, or one behind this release (installed,
         # not migrated yet), which the hint named wrongly or not at all.
-        if re.search(_SCHEMA_MISSING, first):
+        if _SCHEMA_MISSING.search(first):
             first += (
                 " (the schema is missing or older than this release? 'bioc-webstats check' "
                 "tells; 'bioc-webstats db upgrade' fixes it)"
