@@ -484,3 +484,39 @@ def test_a_health_url_with_a_password_is_not_in_the_alarm():
     # an "@" in the query is no user:password (it was taken for one)
     [alarm] = alerts.web_check("http://127.0.0.1:1/healthz?from=ops@example.org")
     assert alarm.why.startswith("http://127.0.0.1:1/healthz?from=ops@example.org: "), alarm.why
+
+
+@pytest.mark.parametrize(
+    "parts,why",
+    [
+        ([(b"SSH-2.0-OpenSSH_9.6\r\n", 0)], "not a valid HTTP answer (BadStatusLine)"),
+        ([(b"HTTP/1.1 200 OK\r\nX: " + b"y" * 70000 + b"\r\n\r\n", 0)], "not a valid HTTP answer"),
+    ],
+)
+def test_a_health_url_answering_no_http_is_the_alarm_not_a_traceback(parts, why):
+    """A port typo reaching sshd: http.client's exceptions are no OSError, and the watchdog
+    ended in a traceback without sending the alarms it had found."""
+    from test_packages import scripted_server
+
+    with scripted_server(parts) as url:
+        [alarm] = alerts.web_check(url + "/healthz")
+    assert alarm.name == "web-down"
+    assert alarm.why.startswith(f"{url}/healthz: {why}"), alarm.why
+
+
+def test_a_health_url_that_is_not_http_is_named():
+    [alarm] = alerts.web_check("ftp://127.0.0.1:1/healthz")
+    assert alarm.why == "ftp://127.0.0.1:1/healthz: alerts/health_url: not an http(s) URL"
+
+
+def test_the_health_check_follows_a_redirect_without_reading_its_body():
+    """urllib read a redirect's whole body before following it: a 2 GB one held 2 GB of the
+    watchdog's memory; here one that stalls past the 10 s a read may take."""
+    from test_packages import scripted_server
+
+    with scripted_server([(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok", 0)]) as target:
+        head = (
+            f"HTTP/1.1 302 Found\r\nLocation: {target}/healthz\r\nContent-Length: 9999999\r\n\r\n"
+        )
+        with scripted_server([(head.encode() + b"x" * 4096, 12.0)]) as url:
+            assert alerts.web_check(url + "/healthz") == []

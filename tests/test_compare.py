@@ -641,3 +641,15 @@ def test_a_content_length_of_other_digits_is_no_traceback(length):
             return self.parts.pop(0)
 
     assert httpbody.read_body(Resp(), 100) == b"twelve bytes"  # (12: checked; others: none)
+
+
+def test_a_redirects_body_is_not_read():
+    """urllib read a redirect's whole body before following it, past every cap (a 1 GB one
+    took 4 GB of compare's memory, and of packages sync's): here one that never ends."""
+    from bioc_webstats import httpbody
+    from test_packages import scripted_server
+
+    with scripted_server([(b"HTTP/1.1 200 OK\r\nContent-Length: 7\r\n\r\nPackage", 0)]) as target:
+        head = f"HTTP/1.1 301 Moved\r\nLocation: {target}/x\r\nContent-Length: 999999999\r\n\r\n"
+        with scripted_server([(head.encode(), 0), *[(b"x" * 65536, 0.1)] * 100]) as url:
+            assert httpbody.get(url + "/a", "test", 5, max_bytes=100, deadline=3) == b"Package"

@@ -773,6 +773,10 @@ def test_the_app_judges_conditions_as_nginx_does(front):
         ({"If-Modified-Since": "Fri Dxx 15 08:00:00 2027"}, 304),
         ({"If-Unmodified-Since": "Fri, 15 JAN 2027 08:00:00 GMT"}, 200),
         ({"If-Modified-Since": "Fri, 29 Feb 2027 08:00:00 GMT"}, 200),
+        # the eve of year 1 (the app's 500: out of datetime's range)
+        ({"If-Modified-Since": "Sun, 00 Jan 0001 00:00:00 GMT"}, 200),
+        ({"If-Modified-Since": "Sun Jan  0 00:00:00 0001"}, 200),
+        ({"If-Unmodified-Since": "Sun, 00 Jan 0001 00:00:00 GMT"}, 412),
     ]:
         assert front.get(STATIC, headers=headers)[0] == status, ("disk", headers)
         published(front, page).unlink(missing_ok=True)  # the app answers it

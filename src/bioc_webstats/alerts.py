@@ -24,15 +24,14 @@ import os
 import shutil
 import sys
 import time
-import urllib.error
-import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
+from . import __version__
 from .config import BY_NAME, DEFAULT_ENV_FILE, Settings, read_env_file, state_dir
 from .errors import ConfigError, WebstatsError, first_line
 from .files import write_atomic
-from .httpbody import mask, one_line, url_problem
+from .httpbody import FetchFailed, is_http, mask, status, url_problem
 
 RUNBOOK = "/usr/local/share/doc/bioc-webstats/RUNBOOK.md"
 RESEND = 6 * 3600  # seconds between two alerts for the same lasting alarm
@@ -51,6 +50,7 @@ SPOOL_KEEP = 100
 RETRYING_UNITS = frozenset({"bioc-webstats.service", "bioc-webstats-web-config.service"})
 META_ETL_OK = "last_etl_ok"  # ISO timestamps written by the daily job (`bioc-webstats daily`)
 META_SYNC_OK = "last_sync_ok"
+WATCHDOG_AGENT = f"bioc-webstats-watchdog/{__version__}"
 
 
 @dataclass(frozen=True)
@@ -310,17 +310,16 @@ def _behind_since(sdir: Path, key: str | None, now: dt.datetime) -> dt.datetime 
 def web_check(url: str) -> list[Alarm]:
     # The alarm's text goes to the journal, the spool and SNS: never a URL's user:password
     # (urllib takes none: its "host not found" named the wrong cause).
-    problem = url_problem(url)
+    problem = url_problem(url) if is_http(url) else "not an http(s) URL"
     if problem:
         return [Alarm("web-down", f"{mask(url)}: alerts/health_url: {problem}")]
     try:
-        with urllib.request.urlopen(url, timeout=10) as r:  # noqa: S310 - our own URL
-            status = r.status
-    except urllib.error.HTTPError as exc:
-        status = exc.code
-    except (OSError, ValueError) as exc:
-        return [Alarm("web-down", f"{url}: {one_line(str(getattr(exc, 'reason', exc)))}")]
-    return [] if status == 200 else [Alarm("web-down", f"{url} answered {status}")]
+        # Bounded as every fetch of ours: a deadline, no redirect's body read, and an answer
+        # that is not HTTP (a port typo reaching sshd) is this alarm, not a traceback.
+        code = status(url, WATCHDOG_AGENT, timeout=10, deadline=30)
+    except FetchFailed as exc:
+        return [Alarm("web-down", f"{url}: {exc}")]
+    return [] if code == 200 else [Alarm("web-down", f"{url} answered {code}")]
 
 
 def disk_checks(paths: list[Path], min_free: float) -> list[Alarm]:

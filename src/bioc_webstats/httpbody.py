@@ -218,14 +218,28 @@ class _Redirect(urllib.request.HTTPRedirectHandler):
             )
         return super().redirect_request(req, fp, code, msg, headers, newurl)
 
+    def http_error_302(
+        self, req: urllib.request.Request, fp: Any, code: int, msg: str, headers: Message
+    ) -> Any:
+        # urllib reads a redirect's whole body before following it (a 2 GB one took 4 GB):
+        # closed first, it reads nothing.
+        fp.close()
+        return super().http_error_302(req, fp, code, msg, headers)
+
+    http_error_301 = http_error_303 = http_error_307 = http_error_308 = http_error_302
+
+
+def _opened(url: str, agent: str, timeout: float, deadline: float) -> http.client.HTTPResponse:
+    bound = {"give_up": time.monotonic() + deadline, "deadline": deadline}
+    opener = urllib.request.build_opener(_Redirect(), _HTTPHandler(**bound), _HTTPSHandler(**bound))
+    req = urllib.request.Request(url, headers={"User-Agent": agent})  # noqa: S310 - http(s)
+    return opener.open(req, timeout=timeout)  # type: ignore[no-any-return]
+
 
 def fetch(url: str, agent: str, timeout: float, max_bytes: int, deadline: float) -> bytes:
     """The body of ``url`` (http(s), checked by :func:`url_problem`): ``timeout`` seconds per
     read, ``deadline`` for all of it, connection and headers included (BodyError past it)."""
-    bound = {"give_up": time.monotonic() + deadline, "deadline": deadline}
-    opener = urllib.request.build_opener(_Redirect(), _HTTPHandler(**bound), _HTTPSHandler(**bound))
-    req = urllib.request.Request(url, headers={"User-Agent": agent})  # noqa: S310 - http(s)
-    with opener.open(req, timeout=timeout) as resp:
+    with _opened(url, agent, timeout, deadline) as resp:
         return read_body(resp, max_bytes)
 
 
@@ -245,19 +259,41 @@ def get(url: str, agent: str, timeout: float, max_bytes: int, deadline: float) -
     or too large, a host the resolver refuses) as one :class:`FetchFailed`."""
     try:
         return fetch(url, agent, timeout, max_bytes, deadline)
-    except BodyError as exc:
-        raise FetchFailed(str(exc), exc.retry) from None
-    except urllib.error.HTTPError as exc:  # (before URLError: it is one)
+    except _FAILURES as exc:
+        raise _failed(exc) from None
+
+
+def status(url: str, agent: str, timeout: float, deadline: float) -> int:
+    """The HTTP status ``url`` answers, its body not read (the watchdog's check), redirects
+    followed as :func:`fetch` follows them; no answer at all is one :class:`FetchFailed`."""
+    try:
+        with _opened(url, agent, timeout, deadline) as resp:
+            return resp.status
+    except _FAILURES as exc:
+        failed = _failed(exc)
+        if failed.status is None:
+            raise failed from None
+        return failed.status
+
+
+# Every way a fetch fails (urllib's errors are OSErrors; ValueError: a host the resolver refuses)
+_FAILURES = (BodyError, OSError, http.client.HTTPException, ValueError)
+
+
+def _failed(exc: Exception) -> FetchFailed:
+    """A fetch's failure (one of ``_FAILURES``) as one line."""
+    if isinstance(exc, BodyError):
+        return FetchFailed(str(exc), exc.retry)
+    if isinstance(exc, urllib.error.HTTPError):  # (before URLError: it is one)
         after = exc.headers.get("Retry-After") if exc.headers else None
-        raise FetchFailed(http_error(exc), True, exc.code, after) from None
-    except urllib.error.URLError as exc:
-        raise FetchFailed(_reason(exc.reason), True) from None
-    except (TimeoutError, OSError) as exc:  # a read that stalls after the headers
-        raise FetchFailed(_reason(exc), True) from None
-    except http.client.HTTPException as exc:
-        raise FetchFailed(not_http(exc), True) from None
-    except ValueError as exc:  # UnicodeError: a host the resolver refuses
-        raise FetchFailed(f"not a usable URL ({one_line(str(exc))})", False) from None
+        return FetchFailed(http_error(exc), True, exc.code, after)
+    if isinstance(exc, urllib.error.URLError):
+        return FetchFailed(_reason(exc.reason), True)
+    if isinstance(exc, OSError):  # TimeoutError: a read that stalls after the headers
+        return FetchFailed(_reason(exc), True)
+    if isinstance(exc, http.client.HTTPException):
+        return FetchFailed(not_http(exc), True)
+    return FetchFailed(f"not a usable URL ({one_line(str(exc))})", False)  # a ValueError
 
 
 def _reason(reason: object) -> str:

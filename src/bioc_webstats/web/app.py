@@ -381,7 +381,10 @@ def http_date(raw: str) -> dt.datetime | None:
         return None
     # day 0 is the month's eve, as nginx counts it
     first = dt.datetime(year, month, 1, hour, minute, second, tzinfo=dt.UTC)
-    return first + dt.timedelta(days=day - 1)
+    try:
+        return first + dt.timedelta(days=day - 1)
+    except OverflowError:  # 00 Jan 0001 (a 500): older than any file, as None is to its callers
+        return None
 
 
 def _precondition_failed(etag: str, mtime: float) -> bool:
