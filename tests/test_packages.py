@@ -566,6 +566,20 @@ def test_packages_load_reads_a_pipe_and_bounds_a_device(tmp_path):
     assert str(exc.value).startswith(f"{zero}:")
 
 
+def test_a_csv_too_large_for_a_packages_table_is_refused_early(tmp_path):
+    """64 MiB of short rows passed the old cap and took 5 GB (every row held, then an
+    object each): refused by rows, and by bytes where rows repeat (read once)."""
+    head = "package,category,first_version,last_version\n"
+    many = tmp_path / "many.csv"
+    many.write_text(head + "".join(f"P{i:07d},bioc,,\n" for i in range(50_001)))
+    with pytest.raises(WebstatsError, match=r"many.csv: more than 50000 rows, not a packages"):
+        read_csv(many)
+    same = tmp_path / "same.csv"
+    same.write_text(head + "affy,bioc,114,\n" * 300_000)  # 4.3 MB
+    with pytest.raises(WebstatsError, match=r"same.csv: larger than 4 MiB, not a packages CSV"):
+        read_csv(same)
+
+
 @pytest.mark.parametrize("sep", ["\u2028", "\x1c", "\x85", "\r"])
 def test_sync_reads_lines_split_at_newlines_only(tmp_path, sep):
     """splitlines made a package of 'License: A\u2028Package: PhantomA'; a config.yaml

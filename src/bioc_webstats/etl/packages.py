@@ -31,10 +31,12 @@ from .manifest import (
 )
 
 _CODE = re.compile(r"^[0-9]{3,4}$")
-# A packages CSV is a few hundred KB (5,994 rows since 2009): bounds that stop /dev/zero or a
-# file without line breaks before it takes the memory.
-MAX_CSV_BYTES = 64 * 1024 * 1024
+# A packages CSV is 170 KB (5,994 rows since 2009): bounds that stop /dev/zero, a file
+# without line breaks or a wrong file before it takes the memory (64 MiB of short rows took
+# 5 GB: every row is held, then an object each).
+MAX_CSV_BYTES = 4 * 1024 * 1024
 MAX_CSV_LINE = 64 * 1024
+MAX_CSV_ROWS = 50_000
 
 
 def release_from_code(value: str) -> str | None:
@@ -83,6 +85,10 @@ def read_csv(path: Path) -> list[tuple[str, str, str | None, str | None]]:
                 row = _check_row(where, *(values[at[c]] for c in COLUMNS))
                 key = (row[0], row[1])
                 seen = rows.get(key)
+                if seen is None and len(rows) == MAX_CSV_ROWS:
+                    raise WebstatsError(
+                        f"{path}: more than {MAX_CSV_ROWS} rows, not a packages CSV"
+                    )
                 if seen is None:
                     rows[key] = (int(where.rsplit(":", 1)[1]), row)
                 elif seen[1] != row:
