@@ -357,6 +357,10 @@ def test_broken_files_fail_alone(db_url, tmp_path, caplog, monkeypatch, capsys):
         cols = ", ".join(legacygen.COLUMNS)
         con.execute(f"CREATE TABLE access_log ({cols}, PRIMARY KEY (ips)) WITHOUT ROWID")
     bad["norowid.sqlite"] = "no rowid"
+    with sqlite3.connect(d / "schema.sqlite") as con:  # read whole, it took 2x its size
+        cols = ", ".join(legacygen.COLUMNS)
+        con.execute(f"CREATE TABLE access_log ({cols} /* {'x' * (5 << 20)} */)")
+    bad["schema.sqlite"] = "its schema is larger than 4 MiB"
     (d / "again").mkdir()
     shutil.copy(good, d / "again" / good.name)  # its name is the file's identity
     bad["again/download_db_2024.sqlite"] = "the same name as"

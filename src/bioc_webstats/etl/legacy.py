@@ -278,6 +278,10 @@ def inspect(path: Path) -> LegacyFile:
                 raise LegacyFileError("access_log has no rowid (a WITHOUT ROWID table)") from None
         finally:
             con.close()
+    except sqlite3.DataError as exc:
+        if exc.sqlite_errorcode != sqlite3.SQLITE_TOOBIG:
+            raise _unreadable(path, exc, head) from None
+        raise LegacyFileError(f"its schema is larger than {LOAD_MAX >> 20} MiB") from None
     except sqlite3.DatabaseError as exc:
         raise _unreadable(path, exc, head) from None
     return f

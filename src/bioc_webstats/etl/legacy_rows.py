@@ -238,6 +238,10 @@ def open_ro(path: Path) -> sqlite3.Connection:
     """A read-only connection (the old server may still be writing the file)."""
     con = sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True, timeout=30)
     con.text_factory = bytes
+    # Before the first statement, which parses the file's schema: a CREATE TABLE holding a
+    # 400 MB comment took 880 MB; over LOAD_MAX it is SQLITE_TOOBIG, as an over-long value.
+    con.setlimit(sqlite3.SQLITE_LIMIT_LENGTH, LOAD_MAX)
+    con.setlimit(sqlite3.SQLITE_LIMIT_SQL_LENGTH, LOAD_MAX)
     return con
 
 
