@@ -112,14 +112,18 @@ def test_notify_failure_alerts_once_an_hour_for_the_web_retrying(clean_env, aws_
     assert len(received(queue)) == 1
 
 
-@pytest.mark.parametrize("junk", ["[]", '{"bioc-webstats.service": "noon"}', "{", ""])
+# (nested too deep for json: a RecursionError; not UTF-8: a UnicodeDecodeError, both tracebacks)
+DAMAGED = ["[" * 200_000, b"\xe9\xe9"]
+
+
+@pytest.mark.parametrize("junk", ["[]", '{"bioc-webstats.service": "noon"}', "{", "", *DAMAGED])
 def test_notify_failure_alerts_over_a_damaged_hook_state(clean_env, aws_env, junk):
     """A hook state nobody can read (a full disk's half write, a hand edit) is no record: the
     web's failure alerts, once, and the state is written anew."""
     topic, queue = topic_with_queue()
     state = clean_env / "state" / "alerts" / "hook-state.json"
     state.parent.mkdir(parents=True, exist_ok=True)
-    state.write_text(junk)
+    state.write_bytes(junk if isinstance(junk, bytes) else junk.encode())
     env = {"WEBSTATS_ALERTS_SNS_TOPIC": topic}
     first = run_cli("notify-failure", "bioc-webstats.service", **env)
     assert first.returncode == 0 and first.stdout == f"alert sent to {topic}\n", first
@@ -291,14 +295,14 @@ def test_watchdog_stale_data_alerts_once_then_again_then_cleared(watched, monkey
     assert cleared["Subject"].startswith("bioc-webstats cleared: data-stale on ")
 
 
-@pytest.mark.parametrize("junk", ['["data-stale"]', '{"data-stale": "yesterday"}', "{"])
+@pytest.mark.parametrize("junk", ['["data-stale"]', '{"data-stale": "yesterday"}', "{", *DAMAGED])
 def test_watchdog_over_a_damaged_alarm_state_alerts(watched, junk):
     """An alarm state nobody can read is no record: the alarm is sent, not a traceback, and
     the state is written anew (so it is not sent again on the next run)."""
     _topic, queue, _health, _url = watched
     state = alerts.alerts_dir(load_settings().state_dir) / "state.json"
     state.parent.mkdir(parents=True, exist_ok=True)
-    state.write_text(junk)
+    state.write_bytes(junk if isinstance(junk, bytes) else junk.encode())
     later = NOW + dt.timedelta(hours=30)
     alarms, _ = alerts.watchdog(later)
     assert names(alarms) == {"data-stale"}
@@ -520,3 +524,16 @@ def test_the_health_check_follows_a_redirect_without_reading_its_body():
         )
         with scripted_server([(head.encode() + b"x" * 4096, 12.0)]) as url:
             assert alerts.web_check(url + "/healthz") == []
+
+
+@pytest.mark.parametrize("junk", [b"\xe9\xe9", b"x" * (alerts.STATE_MAX + 1)])
+def test_a_damaged_kept_topic_is_none(clean_env, junk):
+    """The topic kept on disk, not UTF-8: `check`, `notify-failure` and the watchdog ended in
+    a traceback (the hook sent nothing, kept nothing)."""
+    kept = clean_env / "state" / "alerts" / "topic"
+    kept.parent.mkdir(parents=True)
+    kept.write_bytes(junk if isinstance(junk, bytes) else junk.encode())
+    res = run_cli("notify-failure", "bioc-webstats-etl.service")
+    assert res.returncode == 1 and "Traceback" not in res.stderr, res.stderr
+    assert "alert not sent (no SNS topic configured" in res.stderr
+    assert len(list((clean_env / "state" / "alerts" / "spool").glob("*.json"))) == 1

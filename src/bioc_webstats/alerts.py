@@ -30,7 +30,7 @@ from pathlib import Path
 from . import __version__
 from .config import BY_NAME, DEFAULT_ENV_FILE, Settings, read_env_file, state_dir
 from .errors import ConfigError, WebstatsError, first_line
-from .files import write_atomic
+from .files import open_regular, write_atomic
 from .httpbody import FetchFailed, is_http, mask, status, url_problem
 
 RUNBOOK = "/usr/local/share/doc/bioc-webstats/RUNBOOK.md"
@@ -47,6 +47,7 @@ PUBLISH_GRACE = 15 * 60
 # Unsent alerts kept (the newest): without a topic, or with SNS refusing for months, the spool
 # would grow by every alert, and a topic set at last would send them all.
 SPOOL_KEEP = 100
+STATE_MAX = 1 << 20  # bytes of a file of the alerts directory: a few hundred are ours
 RETRYING_UNITS = frozenset({"bioc-webstats.service", "bioc-webstats-web-config.service"})
 META_ETL_OK = "last_etl_ok"  # ISO timestamps written by the daily job (`bioc-webstats daily`)
 META_SYNC_OK = "last_sync_ok"
@@ -72,12 +73,33 @@ def alerts_dir(sdir: Path) -> Path:
     return sdir / "alerts"
 
 
+def _read_state(path: Path) -> str | None:
+    """A file of this directory as text, or None when it cannot be one of ours (missing, a
+    FIFO, not UTF-8, larger than STATE_MAX): its callers then act as if it were missing.
+    A damaged file here made the commands that alert end in a traceback, alerting nobody."""
+    try:
+        with open_regular(path) as fh:
+            data = fh.read(STATE_MAX + 1)
+        return data.decode() if len(data) <= STATE_MAX else None
+    except (OSError, UnicodeDecodeError):
+        return None
+
+
+def _read_json(path: Path) -> object:
+    text = _read_state(path)
+    try:
+        return None if text is None else json.loads(text)
+    except (ValueError, RecursionError):  # half written, edited; [[[[… 200,000 deep
+        return None
+
+
 def remember_topic(settings: Settings) -> None:
     """Keep ``alerts/sns_topic`` on the instance for the moments SSM cannot be read."""
     topic = settings.get("alerts/sns_topic") or ""
     path = alerts_dir(settings.state_dir) / "topic"
     try:
-        if path.is_file() and path.read_text().strip() == topic:
+        kept = _read_state(path)
+        if kept is not None and kept.strip() == topic:
             return
         if not topic and not path.exists():
             return  # nothing to keep, nothing to clear (and no directory made for it)
@@ -101,10 +123,7 @@ def kept_topic(sdir: Path, environ: dict[str, str] | None = None) -> str | None:
         topic = None
     if topic:
         return topic
-    try:
-        return (alerts_dir(sdir) / "topic").read_text().strip() or None
-    except OSError:
-        return None
+    return (_read_state(alerts_dir(sdir) / "topic") or "").strip() or None
 
 
 def _region(topic: str) -> str | None:
@@ -134,10 +153,7 @@ def send(sdir: Path, subject: str, message: str, environ: dict[str, str] | None 
 def _read_stamps(path: Path) -> dict[str, float]:
     """A state file of {name: epoch seconds}; what cannot be read as that (missing, a half
     write, a hand edit) is no record, which makes the caller alert: the safe side."""
-    try:
-        known = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return {}
+    known = _read_json(path)
     if not isinstance(known, dict):
         return {}
     return {
@@ -200,10 +216,10 @@ def resend_spooled(sdir: Path, environ: dict[str, str] | None = None) -> int:
     _prune_spool(spool)  # a spool an earlier release let grow is not sent whole
     sent = 0
     for path in sorted(spool.glob("*.json")):
+        item = _read_json(path)
         try:
-            item = json.loads(path.read_text())
             publish_to_topic(topic, item["subject"], item["message"], _region(topic))
-        except (OSError, ValueError, KeyError, TypeError):
+        except (ValueError, KeyError, TypeError):
             path.unlink(missing_ok=True)  # unreadable: nothing to send
             continue
         except WebstatsError:
@@ -288,10 +304,10 @@ def _behind_since(sdir: Path, key: str | None, now: dt.datetime) -> dt.datetime 
     starts its own wait: a long command (an import, a file at a time) commits versions for
     hours and publishes at its end, and a publish of its that fails fails the command."""
     path = alerts_dir(sdir) / "publish-behind.json"
+    kept = _read_json(path)
     try:
-        kept = json.loads(path.read_text())
         since = dt.datetime.fromisoformat(kept["since"]) if kept["key"] == key else None
-    except (OSError, ValueError, TypeError, KeyError):
+    except (ValueError, TypeError, KeyError):
         since = None  # none kept, or damaged: seen from now on
     if since is not None and (since.tzinfo is None or since > now):
         since = None  # damaged, or the clock went back
