@@ -6,6 +6,9 @@ again; the result equals an uninterrupted import, and no reader process outlives
 from __future__ import annotations
 
 import datetime as dt
+import os
+import signal
+import subprocess
 
 import pytest
 from sqlalchemy import func, select
@@ -13,7 +16,8 @@ from sqlalchemy import func, select
 import legacygen
 from bioc_webstats.store import db
 from bioc_webstats.store.models import DownloadRecord, IngestedObject, StatsPending
-from killharness import assert_whole, kill_at, prepared, run_cli
+from conftest import wait_for
+from killharness import EXE, alive, assert_whole, descendants, kill_at, prepared, run_cli
 from test_ingest import assert_truth, snapshot
 
 # (pause point[:n-th passage], etl/workers: 1 reads in the importing process, 2 in two
@@ -83,3 +87,37 @@ def test_killed_import_then_rerun_equals_uninterrupted(db_url, tmp_path, history
     assert again.returncode == 0, again.stderr
     assert snapshot(db_url) == before
     assert "2 unchanged since imported" in again.stderr
+
+
+@pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)
+def test_ctrl_c_ends_the_import_in_one_line(db_url, tmp_path, history):
+    """^C reaches the terminal's whole process group: the reader processes printed their
+    KeyboardInterrupt tracebacks under the importing process's 'aborted'. A re-run completes."""
+    env = prepared(db_url, tmp_path)
+    marker = tmp_path / "paused"
+    env.update(
+        WEBSTATS_ETL_WORKERS="2", WEBSTATS_LEGACY_UNIT_ROWS="150",
+        WEBSTATS_TEST_PAUSE_AT="unit_parsed:3", WEBSTATS_TEST_PAUSE_FILE=str(marker),
+    )  # fmt: skip
+    args = ["import", "legacy-db", "--until", "2020-01-10", *map(str, history.legacy_files)]
+    proc = subprocess.Popen(
+        [EXE, *args], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        start_new_session=True,  # a process group of its own, as a shell gives a command
+    )  # fmt: skip
+    try:
+        wait_for(lambda: marker.exists() or proc.poll() is not None, 60, what="the pause")
+        readers = descendants(proc.pid)
+        assert proc.poll() is None and len(readers) == 2, proc.communicate()[1]
+        os.killpg(proc.pid, signal.SIGINT)
+        _, err = proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    wait_for(lambda: not any(alive(p) for p in readers), 30, what="readers to exit")
+    assert "Traceback" not in err and err.rstrip().endswith("aborted"), err
+    assert proc.returncode == 1
+    del env["WEBSTATS_TEST_PAUSE_AT"]
+    done = run_cli(args, env)
+    assert done.returncode == 0, done.stderr
+    assert_truth(db_url, history.truth)

@@ -20,6 +20,7 @@ import os
 import pickle
 import queue
 import re
+import signal
 import sqlite3
 import struct
 import subprocess
@@ -486,6 +487,9 @@ def serve() -> None:
     Python loop?, cache share in bytes) then tasks on stdin, one pickled UnitResult per task
     on stdout, until stdin closes. The key comes through the pipe, never the command line."""
     global _FORCE_PYTHON
+    # ^C reaches the terminal's whole process group: the importing process says "aborted"
+    # and closes the pipes, which end this one (each reader printed a traceback).
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     keep_memory_private()  # the key arrives below
     die_with_parent()
     _return_big_buffers()
