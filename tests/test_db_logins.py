@@ -247,11 +247,20 @@ def test_the_webs_file_holds_its_settings_and_its_own_login_only(clean_env, tmp_
             assert web.get(name) == direct.get(name), name
     again = run("config", "write-web", str(out), **env)
     assert again.returncode == 0 and again.stdout == f"unchanged: {out}\n"
-    # an old file that is not UTF-8 (a Latin-1 comment) is replaced: it was a traceback
-    out.write_bytes(b"# caf\xe9\n")
+    # an old file of ours that is not UTF-8 (a Latin-1 value) is replaced: it was a traceback
+    out.write_bytes(text.encode() + b"WEBSTATS_X=caf\xe9\n")
     res = run("config", "write-web", str(out), **env)
     assert res.returncode == 0 and res.stdout == f"written: {out}\n", res.stderr
     assert out.read_text() == text
+    # a file that is not one it wrote (a typo: the main env file) is left as it is
+    main = tmp_path / "webstats.env"
+    main.write_text("WEBSTATS_DB_SERVER=db.example.org\n" + "# x\n" * 100_000)
+    res = run("config", "write-web", str(main), **env)
+    assert res.returncode == 1 and res.stderr == (
+        f"bioc-webstats: error: cannot write {main}: it holds something else than what "
+        "'config write-web' writes; give the web's env file, or remove it first\n"
+    )
+    assert main.read_text().startswith("WEBSTATS_DB_SERVER=db.example.org\n")
     # not over a FIFO or a link (as root, "config write-web /dev/null" made /dev/null a file)
     fifo, link = tmp_path / "fifo", tmp_path / "link"
     os.mkfifo(fifo)

@@ -588,7 +588,7 @@ def config_write_web(ctx: Context, path: Path) -> None:
     account reads it through the group the writer runs with): its settings and its own
     database login, no other secret, no SSM path. bioc-webstats-web-config.service runs it
     before each start of the web and every 5 minutes (a rotated password)."""
-    from .config import web_env_text
+    from .config import WEB_ENV_HEADER, web_env_text
     from .files import write_atomic
 
     settings = ctx.settings_for("web")
@@ -604,9 +604,18 @@ def config_write_web(ctx: Context, path: Path) -> None:
             st = None
         if st is not None and not stat.S_ISREG(st.st_mode):
             raise WebstatsError(f"cannot write {path}: exists and is not a regular file")
-        if st is not None and path.read_bytes() == text.encode():
-            click.echo(f"unchanged: {path}")
-            return
+        if st is not None and st.st_size:
+            with path.open("rb") as fh:  # as much as tells (a 1.5 GB file was read whole)
+                old = fh.read(max(len(text.encode()), len(WEB_ENV_HEADER)) + 1)
+            if old == text.encode():
+                click.echo(f"unchanged: {path}")
+                return
+            if not old.startswith(WEB_ENV_HEADER.split("\n", 1)[0].encode()):
+                # a typo in the path (the main env file, any file): not replaced
+                raise WebstatsError(
+                    f"cannot write {path}: it holds something else than what "
+                    "'config write-web' writes; give the web's env file, or remove it first"
+                )
         write_atomic(path, text, mode=0o640)
     except OSError as exc:
         raise WebstatsError(f"cannot write {path}: {exc.strerror}") from None
