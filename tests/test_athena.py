@@ -139,6 +139,10 @@ def test_table_ddl_flat_and_projected():
     by_day = athena.table_ddl("db1", "td", "s3://b/cf/", "E1TV/")
     assert "'storage.location.template' = 's3://b/cf/E1TV/${day}/'" in by_day
     assert "PARTITIONED BY (day STRING)" in by_day and "@@" not in by_day
+    # between quotes in the statement: a quote in a prefix or a folder broke out of them
+    for location, days in (("s3://b/it's/", None), ("s3://b/cf/", "E1\\'/")):
+        with pytest.raises(athena.WebstatsError, match=r"holds a ' or a \\: not usable"):
+            athena.table_ddl("db1", "t", location, days)
 
 
 def test_day_layout_detection():

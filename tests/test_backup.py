@@ -359,10 +359,13 @@ def test_a_backup_older_than_the_schema_restores_and_migrates(pg_server, clean_e
     db.upgrade(live)
     with db.session_factory(live)() as s:
         webref.load_direct(s, valid_thru=VT)
+    with db.get_engine(live).begin() as conn:  # its name went unescaped into the DROP
+        conn.execute(sa.text('CREATE TABLE public."we""ird" (x int)'))
     monkeypatch.setenv("WEBSTATS_DATABASE_URL", live)
     res = run("db", "restore", str(dump))
     assert res.returncode == 0, res.stderr
     assert "dropped what its schema has not yet: " in res.stdout and "stats_seen" in res.stdout
+    assert 'we"ird' in res.stdout
     assert f"schema at revision {db.head_revision()}" in res.stdout
     assert db.current_revision(live) == db.head_revision()
     with db.session_factory(live)() as s:

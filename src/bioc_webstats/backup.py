@@ -366,7 +366,8 @@ def _drop_what_the_backup_lacks(database_url: str, toc: str) -> list[str]:
         for name, kind in relations:
             if name not in kept:
                 what = {"v": "VIEW", "m": "MATERIALIZED VIEW"}.get(kind, "TABLE")
-                conn.execute(text(f'DROP {what} IF EXISTS public."{name}" CASCADE'))
+                quoted = conn.dialect.identifier_preparer.quote_identifier(name)  # a " in it
+                conn.execute(text(f"DROP {what} IF EXISTS public.{quoted} CASCADE"))
                 dropped.append(name)
         functions = conn.execute(
             text(

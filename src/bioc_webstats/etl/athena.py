@@ -81,6 +81,9 @@ def day_layout(prefix: str, keys: Iterable[str]) -> str | None:
 def table_ddl(database: str, table: str, location: str, days_dir: str | None) -> str:
     """CREATE EXTERNAL TABLE for the location (with partition projection by day or flat)."""
     full = f"{_identifier(database)}.{_identifier(table)}"
+    where = location + (days_dir or "")
+    if "'" in where or "\\" in where:  # it goes between quotes in the statement
+        raise WebstatsError(f"Athena: the log location {where} holds a ' or a \\: not usable")
     if days_dir is None:
         sql = _sql("cloudfront_logs_table.sql")
     else:
