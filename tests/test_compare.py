@@ -530,7 +530,7 @@ def test_a_directory_copy_refuses_what_is_not_a_regular_file(tmp_path, monkeypat
     os.mkfifo(bioc / "fifo")
     (bioc / "zero").symlink_to("/dev/zero")
     (bioc / "big").write_bytes(b"x" * 2000)
-    monkeypatch.setattr(cmp, "MAX_BYTES", 1000)
+    monkeypatch.setattr(cmp, "MAX_SMALL", 1000)
     side = cmp.open_side(str(tmp_path))
 
     def unblock() -> None:
@@ -653,3 +653,49 @@ def test_a_redirects_body_is_not_read():
         head = f"HTTP/1.1 301 Moved\r\nLocation: {target}/x\r\nContent-Length: 999999999\r\n\r\n"
         with scripted_server([(head.encode(), 0), *[(b"x" * 65536, 0.1)] * 100]) as url:
             assert httpbody.get(url + "/a", "test", 5, max_bytes=100, deadline=3) == b"Package"
+
+
+def test_a_listing_that_cannot_be_read_with_packages_is_one_line(ours, legacy, monkeypatch):
+    """--packages read the listing again after the site check had found it unreadable (four
+    more attempts), and its FetchError ended the whole run instead of one line."""
+    monkeypatch.setenv("WEBSTATS_DATABASE_URL", ours)
+    listing = "bioc/bioc_packages.txt"
+    legacy.fail[listing] = 100
+    waits: list[float] = []
+    there = cmp.WebSide(legacy.url, backoff=0.01, sleep=waits.append)
+    here = cmp.DatabaseSide(load_settings())
+    lines: list[str] = []
+    try:
+        result = cmp.compare(here, there, ["bioc"], ["affy"], echo=lines.append)
+    finally:
+        here.close()
+    assert legacy.requests[listing] == cmp.ATTEMPTS  # once, with its retries
+    assert lines[0].startswith(f"{listing}: cannot compare its packages: {legacy.url}{listing}: ")
+    assert result.failed >= 1 and result.differ == 0
+
+
+def test_a_file_is_capped_by_what_it_is(tmp_path):
+    """2 x jobs files in flight under one 64 MiB cap: a site answering 60 MB for every file
+    took 770 MB. Only a category's _pkg_stats.tab is large (software's ~20 MB)."""
+    big = b"x" * (cmp.MAX_SMALL + 1)
+    (tmp_path / "bioc" / "affy").mkdir(parents=True)
+    (tmp_path / "bioc" / "bioc_pkg_stats.tab").write_bytes(big)
+    (tmp_path / "bioc" / "affy" / "affy_stats.tab").write_bytes(big)
+    side = cmp.open_side(str(tmp_path))
+    assert side.fetch("bioc/bioc_pkg_stats.tab") == big
+    with pytest.raises(cmp.FetchError, match=f"larger than {cmp.MAX_SMALL} bytes"):
+        side.fetch("bioc/affy/affy_stats.tab")
+
+
+def test_a_file_url_and_a_url_with_a_query(tmp_path):
+    (tmp_path / "a b").mkdir()
+    for url in (f"file://{tmp_path}/a%20b", f"file://localhost{tmp_path}/a%20b"):
+        assert cmp.open_side(url).root == tmp_path / "a b", url  # was "localhost/…"
+    with pytest.raises(cmp.WebstatsError) as exc:
+        cmp.open_side("file://other.host/x")
+    assert str(exc.value) == "file://other.host/x: a file:// URL names a directory of this host"
+    # a query is lost from every file's URL; it may hold a token: not printed
+    for url in ("http://h.example/stats/?token=s3cr3t", "http://h.example/stats/#s3cr3t"):
+        with pytest.raises(cmp.WebstatsError) as exc:
+            cmp.open_side(url)
+        assert str(exc.value) == "http://h.example/stats/: not a usable URL (a query or a #)"

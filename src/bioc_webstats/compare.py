@@ -49,7 +49,17 @@ TIMEOUT = 30.0  # seconds per read
 DEADLINE = 300.0  # seconds per file
 ATTEMPTS = 4  # per file: the first try and three retries
 BACKOFF = 1.0  # seconds before the first retry, doubled each time
-MAX_BYTES = 64 * 1024 * 1024  # the largest file (software's _pkg_stats.tab) is ~20 MB
+# Bytes of a file: a category's _pkg_stats.tab (software's is ~20 MB, one line a package a
+# month), every other file (a listing, a package's file: KBs). 2 x jobs files are in flight:
+# one cap for all let a site of 60 MB answers take 770 MB, past the 512 MiB of the slice.
+MAX_BYTES = 64 * 1024 * 1024
+MAX_SMALL = 4 * 1024 * 1024
+
+
+def max_bytes(relpath: str) -> int:
+    return MAX_BYTES if relpath.endswith("_pkg_stats.tab") else MAX_SMALL
+
+
 RETRY_STATUS = frozenset({429, 500, 502, 503, 504})
 GIVE_UP = 10  # files in a row that cannot be read (after their retries): the run stops
 MAX_NAMES = 100_000  # in a _packages.txt (bioc's lists ~2,300): more is no listing
@@ -99,7 +109,7 @@ class WebSide(Side):
         delay = self.backoff
         for attempt in range(1, self.attempts + 1):
             try:
-                return get(url, USER_AGENT, self.timeout, MAX_BYTES, self.deadline)
+                return get(url, USER_AGENT, self.timeout, max_bytes(relpath), self.deadline)
             except FetchFailed as exc:
                 if exc.status in (404, 410):
                     return None
@@ -139,7 +149,7 @@ class DirSide(Side):
     def fetch(self, relpath: str) -> bytes | None:
         path = self.root / relpath
         try:
-            return read_local(path, MAX_BYTES)
+            return read_local(path, max_bytes(relpath))
         except (FileNotFoundError, NotADirectoryError, IsADirectoryError):
             return None
         except BodyError as exc:  # a FIFO, a link to /dev/zero, a file over the cap
@@ -178,10 +188,18 @@ def open_side(where: str, timeout: float = TIMEOUT) -> Side:
     """A base URL (``http(s)://…/packages/stats/``) or a directory copy of a site."""
     if is_http(where):
         problem = url_problem(where)
+        parts = None if problem else urllib.parse.urlsplit(where)
+        if parts and (parts.query or parts.fragment):  # each file's URL would lose them
+            where, problem = parts._replace(query="", fragment="").geturl(), "a query or a #"
         if problem:  # once, not as a network error retried for every file
             raise WebstatsError(f"{mask(where)}: not a usable URL ({problem})")
         return WebSide(where, timeout=timeout)
-    return DirSide(where.removeprefix("file://"))
+    if where[:7].lower() == "file://":
+        parts = urllib.parse.urlsplit(where)
+        if parts.netloc not in ("", "localhost"):
+            raise WebstatsError(f"{mask(where)}: a file:// URL names a directory of this host")
+        return DirSide(urllib.parse.unquote(parts.path))
+    return DirSide(where)
 
 
 # --- what is compared -------------------------------------------------------------------------
@@ -437,29 +455,35 @@ def compare(
 
 
 class _Primed(Side):
-    """A side with a body already read (the check's listing): not asked for it twice."""
+    """A side with a file already read, or found unreadable (the check's): not asked for it
+    twice (four more attempts at a site that timed out)."""
 
-    def __init__(self, side: Side, bodies: dict[str, bytes]) -> None:
+    def __init__(self, side: Side, bodies: dict[str, bytes | FetchError]) -> None:
         self.side, self.bodies, self.name = side, bodies, side.name
 
     def fetch(self, relpath: str) -> bytes | None:
         body = self.bodies.pop(relpath, None)
+        if isinstance(body, FetchError):
+            raise body
         return body if body is not None else self.side.fetch(relpath)
 
 
-def _check_a_site(here: Side, there: Side, cats: list[Category]) -> dict[str, bytes]:
+def _check_a_site(here: Side, there: Side, cats: list[Category]) -> dict[str, bytes | FetchError]:
     """Refuse a place that holds no category file at all (a directory or URL one level off)
     while this side has some: every file was "missing there", and the verdict "N of N
     differ" named no cause. The file found, by its path (not asked for twice)."""
     paths = [f"{c.stem}/{c.prefix}_{n}" for c in cats for n in ("packages.txt", "stats.tab")]
-    try:
-        for path in paths:
+    for path in paths:
+        try:
             body = there.fetch(path)
-            if body is not None:
-                return {path: body}
+        except FetchError as exc:  # unreadable is not absent: the comparison reports it
+            return {path: exc}
+        if body is not None:
+            return {path: body}
+    try:
         if all(here.fetch(path) is None for path in paths):
             return {}  # neither side: "nothing was compared" says so
-    except FetchError:  # unreadable is not absent: the comparison reports it
+    except FetchError:
         return {}
     raise WebstatsError(
         f"compare: {there.name} holds no file of the categories (not even {paths[0]}): give "
@@ -481,7 +505,7 @@ def _compare_category(run: Comparison, cat: Category, only: list[str] | None) ->
     else:  # only these packages: the lists are read, not compared
         try:
             names = _both_names(run.here.fetch(listing), run.there.fetch(listing))
-        except TooManyNames as exc:
+        except (TooManyNames, FetchError) as exc:  # (unreadable: a line, not the run's end)
             run.record(Outcome(listing, f"cannot compare its packages: {exc}", True))
             names = []
     if only is not None:
