@@ -718,6 +718,31 @@ def test_changed_rows_are_refused_unless_replace(db_url, tmp_path, caplog):
     assert sum(n for *_, n in records(db_url)) == 9
 
 
+def test_a_moved_cut_over_day_is_one_line_a_file(db_url, tmp_path, caplog):
+    """Imported with a cut-over day too early (a typo), then with the right one: every unit
+    holding rows between the two was refused in a line of its own ("changed since", which
+    they were not: ~670 lines for the real history). One line names the two days."""
+    settings = loaded(db_url, tmp_path)
+    path = tmp_path / "download_db_2024.sqlite"
+    rows = [legacygen.row(day=f"{d:02d}/Feb/2024", ips=f"198.51.100.{d}") for d in range(1, 13)]
+    assert import_rows(settings, path, rows, until="2024-01-15", unit_rows=3)
+    assert sum(n for *_, n in records(db_url)) == 0
+    caplog.set_level(logging.INFO, "bioc_webstats")
+    assert legacy.import_files(settings, [str(path)], until="2024-03-01", unit_rows=3) is False
+    errors = [r.getMessage() for r in caplog.records if r.levelno == logging.ERROR]
+    assert len(errors) == 2, errors  # the reason, then the file's line
+    assert errors[0] == (
+        f"{path}: 4 units changed since they were imported, with the cut-over day 2024-01-15 "
+        "then and 2024-03-01 now; not imported: 'import legacy-db --replace' replaces their "
+        "records (or --until 2024-01-15 keeps them)"
+    )
+    assert legacy.import_files(settings, [str(path)], until="2024-03-01", replace=True)
+    assert sum(n for *_, n in records(db_url)) == 12
+    # a cut-over day on or before the history's first would import nothing at all
+    with pytest.raises(legacy.ConfigError, match=r"cut-over day 2008-12-31: the history starts"):
+        legacy.import_files(settings, [str(path)], until="2008-12-31")
+
+
 def test_legacy_ledger_rows_do_not_move_the_log_lookback(db_url, tmp_path):
     """The newest legacy unit (August) is later than the logs (June): if it counted, the
     look-back would start in late July and never read the June logs."""

@@ -78,6 +78,9 @@ from .legacy_rows import (
 )
 
 log = logging.getLogger(__name__)
+# The legacy server's first file (download_db_2009.sqlite): a cut-over day on or before it
+# imports nothing (a typo: 2006 for 2026), and moving it later then refuses every unit.
+HISTORY_START = dt.date(2009, 1, 1)
 
 UNIT_ROWS = 100_000  # rows of a unit (a transaction); bounds a unit's memory
 REQUIRED = ("ips", "day_month_year", "method", "url")
@@ -101,6 +104,7 @@ class LegacyFile:
     hi: int | None = None
     units: list[tuple[int, int]] = field(default_factory=list)
     known: dict[str, str] = field(default_factory=dict)  # unit key → ETag, in the ledger
+    until_before: str | None = None  # the cut-over day it was imported with, if it was
     heads: dict[int, str] = field(default_factory=dict)  # fingerprints of its first rows
     heads_kept: bool = False  # in the ledger as they are now
     error: str | None = None
@@ -398,6 +402,15 @@ def readers(settings: Settings) -> int:
     return max(1, min(3, (os.cpu_count() or 1) - 1))
 
 
+def _until_of(file_etag: str | None) -> str | None:
+    m = re.search(r" until=(\d{4}-\d{2}-\d{2})$", file_etag or "")
+    return m[1] if m else None
+
+
+def _until_moved(f: LegacyFile, until: dt.date | None) -> bool:
+    return f.until_before is not None and until is not None and f.until_before != str(until)
+
+
 def cutover_day(settings: Settings, until: str | None) -> dt.date:
     """``--until``, else ``etl/logs_since``; neither, or an ``--until`` after
     ``etl/logs_since``: refused (a day would count twice)."""
@@ -409,6 +422,11 @@ def cutover_day(settings: Settings, until: str | None) -> dt.date:
             f"import legacy-db: --until {day} is after etl/logs_since {logs_since}, from which "
             "the log ETL counts: the days between would be counted twice; give --until "
             f"{logs_since} or earlier (or move etl/logs_since first)"
+        )
+    if day is not None and day <= HISTORY_START:
+        raise ConfigError(
+            f"import legacy-db: cut-over day {day}: the history starts on {HISTORY_START}, "
+            "nothing before it would be imported"
         )
     if day is None:
         raise ConfigError(
@@ -570,6 +588,7 @@ def import_files(
             failed(p, exc)
             continue
         f.known = known
+        f.until_before = _until_of(file_etag)
         files.append(f)
     tasks = [
         (unit_key(f.name, lo, hi), str(f.path), (f.status_col, f.rowid), lo, hi)
@@ -685,6 +704,8 @@ def _store_unit(
     if before is not None and not replace:
         f.refused += 1
         summary.refused += 1
+        if _until_moved(f, summary.until):
+            return  # one line for the file (_finish_file), not one a unit
         log.error(
             "%s: rows %s changed since they were imported (%s, now %s); not imported: "
             "'import legacy-db --replace' replaces their records",
@@ -723,5 +744,12 @@ def _finish_file(settings: Settings, f: LegacyFile, until: dt.date, summary: Imp
         return
     summary.files_failed += 1
     summary.failures.append(str(f.path))
+    if f.error is None and _until_moved(f, until):
+        log.error(
+            "%s: %d units changed since they were imported, with the cut-over day %s then and "
+            "%s now; not imported: 'import legacy-db --replace' replaces their records (or "
+            "--until %s keeps them)",
+            f.path, f.refused, f.until_before, until, f.until_before,
+        )  # fmt: skip
     if f.error is None:
         log.error("%s; %s: not complete (refused units above)", _file_line(f, until), f.path)
