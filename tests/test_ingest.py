@@ -256,6 +256,12 @@ def test_downloads_of_a_day_not_over_wait_with_their_object(db_url, tmp_path, mo
     caplog.set_level(logging.INFO)
     assert ingest.run(settings, source=str(out))
     assert f"{late}: holds downloads of 2024-04-01, a day not over yet" in caplog.text
+    summary = caplog.records[-1].getMessage()  # the last line is the summary, as before
+    assert summary.startswith("etl run: 1 objects ingested, 0 failed"), summary
+    assert (
+        "1 objects held back: they hold downloads of a day not over yet (after 2024-03-31), "
+        "read by the next run"
+    ) in caplog.text
     with db.session_factory(db_url)() as s:
         assert db.get_valid_thru(s) == dt.date(2024, 3, 31)
         assert set(s.scalars(select(DownloadRecord.day))) == {dt.date(2024, 3, 31)}

@@ -504,6 +504,7 @@ class RunSummary:
     # month's (or year's) statistics while ValidThru and "Data as of" said yesterday. They
     # are not in the ledger, so the next run's look-back takes them, that day over.
     hold_after: dt.date | None = None
+    held: int = 0  # objects held back so
     # The window listed (None: a reingest) and the name dates of the objects that failed in
     # it: the oldest is kept (``db.RETRY_FROM``) and every run lists from it until it is read.
     window: sources.Window | None = None
@@ -587,6 +588,7 @@ def store_all(
             and parsed.max_day is not None
             and parsed.max_day > summary.hold_after
         ):
+            summary.held += 1
             log.info(
                 "%s: holds downloads of %s, a day not over yet: read by the next run",
                 k, parsed.max_day,
@@ -878,8 +880,19 @@ def run(
     _ingest_objects(settings, url, todo, summary, store_new)
     finish_run(settings, summary)
     summary.elapsed = time.monotonic() - t0
+    _say_held(summary)
     log.info("%s", summary.line())
     return summary.failed == 0
+
+
+def _say_held(summary: RunSummary) -> None:
+    """The objects held back, in a line of their own (the summary's may not change)."""
+    if summary.held:
+        log.info(
+            "%d objects held back: they hold downloads of a day not over yet (after %s), "
+            "read by the next run",
+            summary.held, summary.hold_after,
+        )  # fmt: skip
 
 
 def reingest(settings: Settings, keys: list[str], source: str | None = None) -> None:
