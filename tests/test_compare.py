@@ -228,18 +228,23 @@ def test_narrowed_by_category_and_package(ours, legacy, expected, tmp_path, monk
     ]
 
 
-def test_a_server_that_fails_twice_then_answers(ours, legacy, expected, monkeypatch):
+def _from_ours(ours, monkeypatch, there, *args):
+    """``cmp.compare`` of this instance's database with ``there``: (result, lines echoed)."""
     monkeypatch.setenv("WEBSTATS_DATABASE_URL", ours)
+    here = cmp.DatabaseSide(load_settings())
+    lines: list[str] = []
+    try:
+        return cmp.compare(here, there, *args, echo=lines.append), lines
+    finally:
+        here.close()
+
+
+def test_a_server_that_fails_twice_then_answers(ours, legacy, expected, monkeypatch):
     flaky = "bioc/bioc_pkg_stats.tab"
     legacy.fail[flaky] = 2
     waits: list[float] = []
     there = cmp.WebSide(legacy.url, backoff=0.25, sleep=waits.append)
-    here = cmp.DatabaseSide(load_settings())
-    lines: list[str] = []
-    try:
-        result = cmp.compare(here, there, echo=lines.append)
-    finally:
-        here.close()
+    result, lines = _from_ours(ours, monkeypatch, there)
     assert (result.compared, result.differ, lines) == (len(expected), 0, [])
     assert legacy.requests[flaky] == 3
     assert waits == [0.25, 0.5]  # backoff, doubled
@@ -247,11 +252,8 @@ def test_a_server_that_fails_twice_then_answers(ours, legacy, expected, monkeypa
     legacy.requests.clear()
     legacy.fail[flaky] = 10
     waits.clear()
-    here = cmp.DatabaseSide(load_settings())
-    try:  # counted apart from the files compared (not as one that differs)
-        result = cmp.compare(here, there, categories=["bioc"], echo=lines.append)
-    finally:
-        here.close()
+    # counted apart from the files compared (not as one that differs)
+    result, lines = _from_ours(ours, monkeypatch, there, ["bioc"])
     assert (result.differ, result.failed) == (0, 1)
     assert legacy.requests[flaky] == cmp.ATTEMPTS
     bioc = sum(k.startswith("bioc/") for k in expected)
@@ -658,17 +660,10 @@ def test_a_redirects_body_is_not_read():
 def test_a_listing_that_cannot_be_read_with_packages_is_one_line(ours, legacy, monkeypatch):
     """--packages read the listing again after the site check had found it unreadable (four
     more attempts), and its FetchError ended the whole run instead of one line."""
-    monkeypatch.setenv("WEBSTATS_DATABASE_URL", ours)
     listing = "bioc/bioc_packages.txt"
     legacy.fail[listing] = 100
-    waits: list[float] = []
-    there = cmp.WebSide(legacy.url, backoff=0.01, sleep=waits.append)
-    here = cmp.DatabaseSide(load_settings())
-    lines: list[str] = []
-    try:
-        result = cmp.compare(here, there, ["bioc"], ["affy"], echo=lines.append)
-    finally:
-        here.close()
+    there = cmp.WebSide(legacy.url, backoff=0.01, sleep=lambda _: None)
+    result, lines = _from_ours(ours, monkeypatch, there, ["bioc"], ["affy"])
     assert legacy.requests[listing] == cmp.ATTEMPTS  # once, with its retries
     assert lines[0].startswith(f"{listing}: cannot compare its packages: {legacy.url}{listing}: ")
     assert result.failed >= 1 and result.differ == 0
