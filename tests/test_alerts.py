@@ -537,3 +537,14 @@ def test_a_damaged_kept_topic_is_none(clean_env, junk):
     assert res.returncode == 1 and "Traceback" not in res.stderr, res.stderr
     assert "alert not sent (no SNS topic configured" in res.stderr
     assert len(list((clean_env / "state" / "alerts" / "spool").glob("*.json"))) == 1
+
+
+def test_a_health_url_redirected_where_it_may_not_go_says_why():
+    from test_packages import scripted_server
+
+    head = b"HTTP/1.1 302 Found\r\nLocation: ftp://127.0.0.1/healthz\r\nContent-Length: 0\r\n\r\n"
+    with scripted_server([(head, 0)]) as url:
+        [alarm] = alerts.web_check(url + "/healthz")
+    assert alarm.why.startswith(
+        f"{url}/healthz: HTTP 302 redirect to ftp://127.0.0.1/healthz refused"
+    )

@@ -738,9 +738,19 @@ def test_a_moved_cut_over_day_is_one_line_a_file(db_url, tmp_path, caplog):
     )
     assert legacy.import_files(settings, [str(path)], until="2024-03-01", replace=True)
     assert sum(n for *_, n in records(db_url)) == 12
-    # a cut-over day on or before the history's first would import nothing at all
-    with pytest.raises(legacy.ConfigError, match=r"cut-over day 2008-12-31: the history starts"):
-        legacy.import_files(settings, [str(path)], until="2008-12-31")
+
+
+def test_a_moved_cut_over_day_is_said_beside_a_damaged_unit(tmp_path, caplog):
+    """The units refused for the moved day were not said when a later unit was damaged."""
+    f = legacy.LegacyFile(tmp_path / "download_db_2024.sqlite", "download_db_2024.sqlite")
+    f.refused, f.until_before = 3, "2024-01-15"
+    f.error = "rows 1001-1500: cannot read access_log: database disk image is malformed"
+    summary = legacy.ImportSummary(until=dt.date(2024, 3, 1))
+    caplog.set_level(logging.INFO, "bioc_webstats")
+    legacy._finish_file(None, f, dt.date(2024, 3, 1), summary)
+    [line] = [r.getMessage() for r in caplog.records if r.levelno == logging.ERROR]
+    assert line.startswith(f"{f.path}: 3 units changed since they were imported, with the cut")
+    assert summary.failures == [str(f.path)]
 
 
 def test_legacy_ledger_rows_do_not_move_the_log_lookback(db_url, tmp_path):

@@ -606,7 +606,7 @@ def config_write_web(ctx: Context, path: Path) -> None:
             raise WebstatsError(f"cannot write {path}: exists and is not a regular file")
         if st is not None and st.st_size:
             with path.open("rb") as fh:  # as much as tells (a 1.5 GB file was read whole)
-                old = fh.read(max(len(text.encode()), len(WEB_ENV_HEADER)) + 1)
+                old = fh.read(len(text.encode()) + 1)  # (the text starts with the header)
             if old == text.encode():
                 click.echo(f"unchanged: {path}")
                 return

@@ -188,9 +188,10 @@ def open_side(where: str, timeout: float = TIMEOUT) -> Side:
     """A base URL (``http(s)://…/packages/stats/``) or a directory copy of a site."""
     if is_http(where):
         problem = url_problem(where)
-        parts = None if problem else urllib.parse.urlsplit(where)
-        if parts and (parts.query or parts.fragment):  # each file's URL would lose them
-            where, problem = parts._replace(query="", fragment="").geturl(), "a query or a #"
+        if not problem and ("?" in where or "#" in where):
+            # each file's path would go into the query (or be dropped with the #), and a
+            # query may hold a token: not shown
+            where, problem = re.split(r"[?#]", where, maxsplit=1)[0], "a query or a #"
         if problem:  # once, not as a network error retried for every file
             raise WebstatsError(f"{mask(where)}: not a usable URL ({problem})")
         return WebSide(where, timeout=timeout)
@@ -505,9 +506,12 @@ def _compare_category(run: Comparison, cat: Category, only: list[str] | None) ->
     else:  # only these packages: the lists are read, not compared
         try:
             names = _both_names(run.here.fetch(listing), run.there.fetch(listing))
-        except (TooManyNames, FetchError) as exc:  # (unreadable: a line, not the run's end)
+        except TooManyNames as exc:
             run.record(Outcome(listing, f"cannot compare its packages: {exc}", True))
             names = []
+        except FetchError as exc:  # a line, not the run's end; the packages' own files
+            run.record(Outcome(listing, f"cannot compare: {exc}", True))  # need no listing
+            names = list(dict.fromkeys(only))
     if only is not None:
         names = [n for n in names if n in set(only)]
     unsafe = [n for n in names if not _safe(n)]

@@ -271,7 +271,7 @@ def status(url: str, agent: str, timeout: float, deadline: float) -> int:
             return resp.status
     except _FAILURES as exc:
         failed = _failed(exc)
-        if failed.status is None:
+        if failed.status is None or 300 <= failed.status < 400:  # (a redirect refused: why)
             raise failed from None
         return failed.status
 

@@ -4,7 +4,13 @@ under ``legacy_rows``' names, not ``__main__``'s."""
 
 from __future__ import annotations
 
-from bioc_webstats.etl.legacy_rows import serve
+import signal
+
+# ^C reaches the terminal's whole process group: the importing process says "aborted" and
+# closes the pipes, which end this one (each reader printed a traceback). Before any import.
+signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+from bioc_webstats.etl.legacy_rows import serve  # noqa: E402
 
 if __name__ == "__main__":
     serve()

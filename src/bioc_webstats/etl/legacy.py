@@ -157,7 +157,6 @@ def read_heads(f: LegacyFile) -> dict[int, str]:
     try:
         con = open_ro(f.path)
         try:
-            con.setlimit(sqlite3.SQLITE_LIMIT_LENGTH, LOAD_MAX)  # as the readers: none loaded whole
             # a row at a time, by rowid (no value read to find them): a cursor steps a row
             # ahead, and one it cannot load would take the row before with it
             for i, (rowid,) in enumerate(con.execute(rowids).fetchall(), 1):
@@ -744,7 +743,7 @@ def _finish_file(settings: Settings, f: LegacyFile, until: dt.date, summary: Imp
         return
     summary.files_failed += 1
     summary.failures.append(str(f.path))
-    if f.error is None and _until_moved(f, until):
+    if f.refused and _until_moved(f, until):  # (a unit damaged after them too)
         log.error(
             "%s: %d units changed since they were imported, with the cut-over day %s then and "
             "%s now; not imported: 'import legacy-db --replace' replaces their records (or "

@@ -20,7 +20,6 @@ import os
 import pickle
 import queue
 import re
-import signal
 import sqlite3
 import struct
 import subprocess
@@ -394,7 +393,6 @@ def _unit_rows(
     """The rows ``lo``..``hi`` one at a time, as the C loop (a batch of rows would be unbounded
     in bytes); a row with a value SQLite refuses to load (over LOAD_MAX) is given as None, and
     the rows after it as usual."""
-    con.setlimit(sqlite3.SQLITE_LIMIT_LENGTH, LOAD_MAX)
     scan = unit_sql(status_col, True, rowid, with_rowid=True)
     start = lo
     while start <= hi:
@@ -487,9 +485,6 @@ def serve() -> None:
     Python loop?, cache share in bytes) then tasks on stdin, one pickled UnitResult per task
     on stdout, until stdin closes. The key comes through the pipe, never the command line."""
     global _FORCE_PYTHON
-    # ^C reaches the terminal's whole process group: the importing process says "aborted"
-    # and closes the pipes, which end this one (each reader printed a traceback).
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
     keep_memory_private()  # the key arrives below
     die_with_parent()
     _return_big_buffers()
