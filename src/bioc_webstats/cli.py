@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import click
-from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.exc import InterfaceError, OperationalError, SQLAlchemyError
 
 from . import __version__
 from .config import Settings, load_settings, overruled_lines
@@ -633,7 +633,8 @@ def config_write_web(ctx: Context, path: Path) -> None:
 @pass_ctx
 def check(ctx: Context, login: str) -> None:
     """Smoke test: configuration loads (every value what its parameter takes; with --login
-    web, the gunicorn/* and web/* ones), database reachable, schema current (exit 3 when the
+    web, the gunicorn/* and web/* ones), database reachable (with --login web, the web's
+    start, an unreachable one is a warning: the web answers 503), schema current (exit 3 when the
     schema is behind: 'bioc-webstats db upgrade' is the fix)."""
     from .alerts import remember_topic
 
@@ -648,7 +649,20 @@ def check(ctx: Context, login: str) -> None:
     problems = settings.problems(("gunicorn/", "web/") if login == "web" else ())
     if problems:
         raise WebstatsError("; ".join(problems))
-    status = db.schema_status(settings.database_url)
+    try:
+        status = db.schema_status(settings.database_url)
+    except (OperationalError, InterfaceError) as exc:
+        if login != "web":
+            raise
+        # The web's start (its ExecStartPre): failed, the socket held every request nginx
+        # passed on until nginx's 504 (150 s); started, the app answers 503 at once and
+        # follows the database back (a new connection each try).
+        click.echo(
+            f"bioc-webstats: warning: database: {first_line(exc)}; the web starts and answers "
+            "503 until the database is back",
+            err=True,
+        )
+        return
     if not status.ok:
         if status.behind:  # exit 3: 'db upgrade' is the fix (the deploy migrates on it)
             click.echo(f"bioc-webstats: error: {status.reason}", err=True)

@@ -40,7 +40,7 @@ from werkzeug.http import HTTP_STATUS_CODES
 
 from .. import __version__
 from ..config import Settings, load_settings
-from ..errors import ConfigError
+from ..errors import ConfigError, first_line
 from ..store import db
 from . import pages, report, tabfiles
 from .site import PublishedSite, Version, validators
@@ -494,6 +494,8 @@ def create_app(settings: Settings | None = None) -> Flask:
         except TimeoutError as exc:  # the check may still write: its facts are not used
             app.logger.warning("healthz: %s", exc)
             facts = {}
+        except SQLAlchemyError as exc:  # one line: a traceback a request filled error.log
+            app.logger.warning("healthz: database check failed: %s", first_line(exc))
         except Exception:
             app.logger.warning("healthz: database check failed", exc_info=True)
         body.update(facts)
@@ -540,8 +542,8 @@ def create_app(settings: Settings | None = None) -> Flask:
                 got = site.site.get_or_build(
                     version, target.relpath, lambda: site.build(target, snap, state.key)
                 )
-        except SQLAlchemyError:
-            app.logger.warning("database unavailable", exc_info=True)
+        except SQLAlchemyError as exc:  # (one line each: an outage is many requests)
+            app.logger.warning("database unavailable: %s", first_line(exc))
             return _plain(503, "Service Unavailable", "The statistics database is unavailable.")
         ctype = HTML if target.is_page else TEXT
         if isinstance(got, Path):
