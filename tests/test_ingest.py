@@ -1112,3 +1112,30 @@ def test_a_run_across_midnight_does_not_claim_the_new_day(db_url, tmp_path, monk
     assert ingest.run(settings, source=str(out))  # the next run reads Dec 31's objects
     with db.session_factory(db_url)() as s:
         assert db.get_valid_thru(s) == dt.date(2026, 12, 31)
+
+
+@pytest.mark.parametrize("db_url", ["postgresql"], indirect=True)
+def test_a_lock_that_cannot_take_its_holders_name_still_locks(db_url, tmp_path):
+    """On a full disk every writing command failed with a bare "No space left on device" (no
+    path, no step): writing who holds the lock failed first. That name is not needed (the
+    flock is the lock): a warning naming the lock, and the command goes on. Here the state
+    directory's files may not grow at all (RLIMIT_FSIZE 0)."""
+    import resource
+    import subprocess
+
+    from killharness import EXE, prepared
+
+    env = prepared(db_url, tmp_path)
+    logs = tmp_path / "logs"
+    logs.mkdir()
+
+    def no_growth() -> None:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (0, 0))
+
+    done = subprocess.run(
+        [EXE, "etl", "run", "--dry-run", "--source", str(logs), "--since", "2024-01-01"],
+        env=env, capture_output=True, text=True, timeout=120, preexec_fn=no_growth,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert f"cannot write its name into the lock {tmp_path / 'state' / 'etl.lock'}: File too " \
+        "large" in done.stderr  # fmt: skip

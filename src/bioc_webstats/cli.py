@@ -135,10 +135,12 @@ def writer_lock(settings: Settings, what: str, wait: float = 0) -> Iterator[None
                 told = True
             time.sleep(min(LOCK_POLL, left))
         since = dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
-        f.seek(0)  # (read from while waiting)
         f.truncate(0)
-        f.write(f"'{what}' (pid {os.getpid()}, since {since})\n")
-        f.flush()
+        try:  # who holds it, for the next one: unbuffered, and not needed (the flock is the
+            # lock): a full disk failed every writer here with a bare "No space left on device"
+            os.pwrite(f.fileno(), f"'{what}' (pid {os.getpid()}, since {since})\n".encode(), 0)
+        except OSError as exc:
+            log.warning("%s: cannot write its name into the lock %s: %s", what, path, exc.strerror)
         try:
             yield
         finally:
