@@ -30,8 +30,8 @@ from pathlib import Path
 from . import __version__
 from .config import BY_NAME, DEFAULT_ENV_FILE, Settings, read_env_file, state_dir
 from .errors import ConfigError, WebstatsError, first_line
-from .files import open_regular, write_atomic
-from .httpbody import FetchFailed, is_http, mask, status, url_problem
+from .files import write_atomic
+from .httpbody import BodyError, FetchFailed, is_http, mask, read_local, status, url_problem
 
 RUNBOOK = "/usr/local/share/doc/bioc-webstats/RUNBOOK.md"
 RESEND = 6 * 3600  # seconds between two alerts for the same lasting alarm
@@ -78,10 +78,8 @@ def _read_state(path: Path) -> str | None:
     FIFO, not UTF-8, larger than STATE_MAX): its callers then act as if it were missing.
     A damaged file here made the commands that alert end in a traceback, alerting nobody."""
     try:
-        with open_regular(path) as fh:
-            data = fh.read(STATE_MAX + 1)
-        return data.decode() if len(data) <= STATE_MAX else None
-    except (OSError, UnicodeDecodeError):
+        return read_local(path, STATE_MAX).decode()
+    except (OSError, BodyError, UnicodeDecodeError):
         return None
 
 
