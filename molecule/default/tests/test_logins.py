@@ -126,6 +126,7 @@ def test_each_process_uses_its_login(host, service, logins):
     assert logins["owner"][0] not in users, users  # the owner only migrates, then disconnects
 
 
+@pytest.mark.replay
 def test_db_bootstrap_with_an_administrator_that_is_no_superuser(host):
     """RDS's master login is no superuser (CREATEROLE, CREATEDB): it cannot read the stored
     passwords, nor name SUPERUSER in an ALTER ROLE. db-bootstrap.yml as that administrator, on a

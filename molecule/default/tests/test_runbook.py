@@ -512,6 +512,7 @@ def test_healthz_shapes_are_the_documented_ones(service):
     assert body["status"] == "ok" and body["database"] is True and body["valid_thru"]
 
 
+@pytest.mark.replay
 def test_restore_after_losing_the_database_serves_the_same_bytes(host, service, runbook):
     """backup (test above) → the database dropped → db-bootstrap (and a deploy whose backup
     before the migration fails: stopped, nothing switched) → restore as the runbook says →
@@ -583,6 +584,7 @@ def test_restore_after_losing_the_database_serves_the_same_bytes(host, service, 
     assert etag_after != etag_before  # a new data version: caches cannot mix the two
 
 
+@pytest.mark.replay
 def test_rotate_the_web_login_password_on_an_env_file_host(host, service, runbook):
     """The env-file path of "Rotate a password": a new password in PostgreSQL and the env file;
     the web service had to restart (the deploy does it), and serves; the old password no
@@ -629,6 +631,7 @@ def test_rotate_the_web_login_password_on_an_env_file_host(host, service, runboo
 # --- deploy: what would change -----------------------------------------------------------------
 
 
+@pytest.mark.replay
 def test_deploy_check_diff_reports_no_change(runbook):
     cmd = runbook("ansible-playbook playbooks/deploy.yml -i inventory/production --check --diff")
     res = run_playbook(cmd)
