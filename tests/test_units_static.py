@@ -408,6 +408,40 @@ def test_run_logged_wrapper(tmp_path, rendered):
     assert lines[0].endswith(" one") and lines[2].endswith(" three")
 
 
+def test_run_logged_says_how_systemd_ended_a_run(tmp_path, rendered):
+    """ExecStopPost='s --ended: a run systemd ended (its wrapper gone with it) gets one line in
+    etl.log; a run that exited by itself, well or not, gets none (the wrapper said it)."""
+    wrapper = tmp_path / "run-logged"
+    wrapper.write_text(rendered["run-logged"])
+    wrapper.chmod(0o755)
+    log = tmp_path / "etl.log"
+
+    def ended(result: str, code: str, status: str) -> str:
+        before = log.read_text() if log.exists() else ""
+        env = {"PATH": "/usr/bin:/bin", "SERVICE_RESULT": result, "EXIT_CODE": code}
+        env["EXIT_STATUS"] = status
+        res = subprocess.run(
+            [str(wrapper), "--ended", str(log)], env=env, capture_output=True, timeout=30
+        )
+        assert res.returncode == 0 and not res.stdout and not res.stderr, res
+        return (log.read_text() if log.exists() else "")[len(before) :]
+
+    assert ended("success", "exited", "0") == ""
+    assert ended("exit-code", "exited", "1") == ""
+    stop = ended("success", "killed", "TERM")
+    assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ the run was stopped .*\n", stop), stop
+    assert stop.endswith("systemd: success, killed TERM\n")
+    assert "start timeout" in ended("timeout", "killed", "TERM")
+    assert "memory ceiling" in ended("oom-kill", "exited", "137")
+    assert "ended: signal" in ended("signal", "killed", "KILL")
+    etl = rendered["bioc-webstats-etl.service"]
+    post = re.findall(r"^ExecStopPost=(.*)$", etl, re.M)
+    assert post == [
+        r"-" + re.findall(r"^ExecStart=(\S+) ", etl, re.M)[0] + " --ended "
+        "/var/log/bioc-webstats/etl.log"
+    ], post
+
+
 def test_socket_is_a_unix_socket_for_nginx(rendered):
     socket = rendered["bioc-webstats.socket"]
     values = _defaults()

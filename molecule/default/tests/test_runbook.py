@@ -338,6 +338,10 @@ def test_stopping_a_running_etl_is_no_failure(host, deploy_vars):
     finally:
         run_ok(host, f"rm -f {dropin} && systemctl daemon-reload")
     assert show(host, hook, "InvocationID") == hooked, "the failure hook ran"
+    # The stop took the wrapper with the run: ExecStopPost= says so in etl.log, in the sandbox
+    etl_log = f"{deploy_vars['webstats_services_log_dir']}/etl.log"
+    last = run_ok(host, f"tail -n 1 {etl_log}").strip()
+    assert re.search(r"Z the run was stopped \(.*systemd: success, killed TERM$", last), last
 
 
 def test_run_the_etl_now_changes_nothing_when_nothing_is_new(host, service, runbook):
