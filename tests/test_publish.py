@@ -24,6 +24,7 @@ import webref
 from bioc_webstats import __version__, cli, create_app
 from bioc_webstats.config import load_settings
 from bioc_webstats.errors import WebstatsError
+from bioc_webstats.etl import packages
 from bioc_webstats.publish import publish
 from bioc_webstats.store import db
 from bioc_webstats.web import site as site_mod
@@ -207,6 +208,34 @@ def test_etl_run_publishes_and_the_web_serves_without_building(
     # the whole site, package files too
     result = publish(settings, all_files=True)
     assert result.built > 0 and (cur / "packages/stats" / f"bioc/{pkg}/{pkg}_stats.tab").is_file()
+
+
+def test_relative_directories_are_the_working_directorys(db_url, tmp_path, logs_dir, monkeypatch):
+    """WEBSTATS_STATE_DIR and web/publish_dir given relative (by hand, from where one stands):
+    the ETL wrote there, and every page and file the web built on request was a 500 (Flask's
+    send_file took the path from the package's directory)."""
+    monkeypatch.chdir(tmp_path)
+    for k, v in {
+        "WEBSTATS_DATABASE_URL": db_url,
+        "WEBSTATS_STATE_DIR": "state",
+        "WEBSTATS_WEB_PUBLISH_DIR": "site",
+        "WEBSTATS_ENV_FILE": "/dev/null",
+        "WEBSTATS_IP_HASH_KEY": "test-key",
+    }.items():
+        monkeypatch.setenv(k, v)
+    settings = load_settings()
+    assert (settings.state_dir, settings.publish_dir) == (tmp_path / "state", tmp_path / "site")
+    packages.load_csv(settings, loggen.PACKAGES_SAMPLE)
+    with pytest.raises(SystemExit) as exc:
+        cli.main(["etl", "run", "--source", str(logs_dir)])
+    assert exc.value.code == 0
+    with db.session_factory(db_url)() as s:
+        state = db.data_state(s)
+    pkg = next(iter(StatsSite(settings).snapshot(state).categories["bioc"].order))
+    client = create_app(load_settings()).test_client()
+    for url in (f"{P}bioc/{pkg}/", f"{P}bioc/{pkg}/{pkg}_stats.tab", f"{P}bioc/bioc_stats.tab"):
+        assert client.get(url).status_code == 200, url
+    assert (tmp_path / "site/current/packages/stats/bioc" / pkg / "index.html").is_file()
 
 
 def test_a_release_never_writes_pages_among_another_releases(

@@ -6,6 +6,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from bioc_webstats import __version__, create_app
 from bioc_webstats.config import load_settings
 from bioc_webstats.store import db
@@ -139,3 +141,13 @@ def test_an_oserror_on_a_descriptor_is_one_line_too(clean_env, monkeypatch, caps
         cli.main(["status"])
     assert exc.value.code == 1
     assert capsys.readouterr().err == "bioc-webstats: error: 3: Bad file descriptor\n"
+
+
+@pytest.mark.parametrize("module", ["bioc_webstats", "bioc_webstats.cli"])
+def test_python_dash_m_is_the_cli(module, tmp_path):
+    """``python -m`` runs the CLI (``-m bioc_webstats.cli`` printed nothing and exited 0)."""
+    res = subprocess.run(
+        [sys.executable, "-m", module, "--version"],
+        capture_output=True, text=True, timeout=60, cwd=tmp_path,
+    )  # fmt: skip
+    assert res.returncode == 0 and res.stdout == f"bioc-webstats, version {__version__}\n", res

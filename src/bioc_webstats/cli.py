@@ -773,3 +773,7 @@ def main(argv: list[str] | None = None) -> None:
         click.echo(f"bioc-webstats: error: {where}{exc.strerror or exc}", err=True)
         sys.exit(1)
     sys.exit(0)
+
+
+if __name__ == "__main__":  # python -m bioc_webstats.cli
+    main()

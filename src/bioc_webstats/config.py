@@ -209,9 +209,11 @@ class Settings:
 
     @property
     def publish_dir(self) -> Path:
-        """Where the published site is (``web/publish_dir``, else ``<state_dir>/site``)."""
+        """Where the published site is (``web/publish_dir``, else ``<state_dir>/site``);
+        a relative one from the working directory (Flask's send_file would take it from the
+        package's directory: a 500 for every page built on request)."""
         value = self.values.get("web/publish_dir")
-        return Path(value) if value else self.state_dir / "site"
+        return Path(value).absolute() if value else self.state_dir / "site"
 
 
 _DAY = re.compile(r"[0-9]{4}-[0-9]{2}-[0-9]{2}")
@@ -288,12 +290,13 @@ def read_env_file(path: Path) -> dict[str, str]:
 
 
 def state_dir(env: dict[str, str]) -> Path:
-    """Where the embedded database and caches live (systemd's StateDirectory when set)."""
+    """Where the embedded database and caches live (systemd's StateDirectory when set); a
+    relative one from the working directory."""
     return Path(
         env.get("WEBSTATS_STATE_DIR")
         or env.get("STATE_DIRECTORY", "").split(":")[0]
         or DEFAULT_STATE_DIR
-    )
+    ).absolute()
 
 
 def load_settings(environ: dict[str, str] | None = None, login: str = "etl") -> Settings:
