@@ -84,6 +84,29 @@ def test_notify_failure_with_a_mangled_unit_name_is_one_line(clean_env, aws_env)
     assert note["Subject"].startswith("bioc-webstats: (no unit name) failed on ")
 
 
+@pytest.mark.parametrize(
+    "endpoint", ["http://127.0.0.1:99999", "http://[::1", "http://h:abc", "://x", "http://ünï.x"]
+)
+def test_an_endpoint_that_is_no_url_keeps_the_alert(clean_env, aws_env, endpoint):
+    """AWS_ENDPOINT_URL in the env file (where the hook reads its AWS settings) that botocore
+    cannot use: the hook died on a bare ValueError, the alert neither sent nor kept; check
+    and the watchdog too. Now one line naming the variable (not its value); the alert kept."""
+    topic, _queue = topic_with_queue()
+    env_file = clean_env / "webstats.env"
+    env_file.write_text(f"AWS_ENDPOINT_URL={endpoint}\nWEBSTATS_ALERTS_SNS_TOPIC={topic}\n")
+    env = {"WEBSTATS_ENV_FILE": str(env_file), "AWS_ENDPOINT_URL": ""}
+    res = run_cli("notify-failure", "bioc-webstats-etl.service", **env)
+    assert res.returncode == 1 and "Traceback" not in res.stderr, res
+    why = "AWS_ENDPOINT_URL: not an http(s) URL with a host (and a valid port)"
+    assert f"ALERT NOT SENT ({why})" in res.stderr and endpoint not in res.stderr
+    assert len(list((clean_env / "state" / "alerts" / "spool").glob("*.json"))) == 1
+    ssm = {**env, "WEBSTATS_SSM_PATH": "/bioc/webstats/t"}
+    check = run_cli("check", **ssm)
+    assert check.returncode == 1 and check.stderr == f"bioc-webstats: error: {why}\n", check
+    watchdog = run_cli("watchdog", **ssm)  # an alarm, kept as the hook's
+    assert watchdog.stdout.startswith(f"ALARM config: {why}") and "Traceback" not in watchdog.stderr
+
+
 def test_notify_failure_alerts_once_an_hour_for_the_web_retrying(clean_env, aws_env):
     """The web service retrying a start while the database is down fails again and again
     (each try, each request on its socket): one alert, not one per try; the ETL alerts every

@@ -412,6 +412,8 @@ def heartbeat(settings: Settings, namespace: str, alarms: list[Alarm], now: dt.d
         )
     except _aws_errors() as exc:  # the alarm on the missing heartbeat tells of it
         return f"heartbeat not sent to CloudWatch {namespace}: {describe_error(exc)}"
+    except ConfigError as exc:  # an endpoint override that is no URL
+        return f"heartbeat not sent to CloudWatch {namespace}: {exc}"
     return f"heartbeat sent to CloudWatch {namespace} (Environment={env})"
 
 

@@ -81,12 +81,42 @@ def client(service: str, region: str | None = None) -> Any:
         if _FILE_ENV.get("AWS_SESSION_TOKEN"):
             creds["aws_session_token"] = _FILE_ENV["AWS_SESSION_TOKEN"]
     region = region or _setting("AWS_REGION") or _setting("AWS_DEFAULT_REGION")
+    _check_endpoints(service)
     endpoint = None  # botocore reads the process environment's endpoints itself
     key = "AWS_ENDPOINT_URL_" + service.upper().replace("-", "_")
     if not (os.environ.get(key) or os.environ.get("AWS_ENDPOINT_URL")):
         endpoint = _FILE_ENV.get(key) or _FILE_ENV.get("AWS_ENDPOINT_URL")
     session = boto3.session.Session(botocore_session=core, region_name=region or None, **creds)
     return session.client(service, config=config, endpoint_url=endpoint)
+
+
+# botocore's own name of a service in its endpoint variable, where it is not ours
+_BOTOCORE_ENDPOINT_KEY = {"secretsmanager": "SECRETS_MANAGER"}
+
+
+def _check_endpoints(service: str) -> None:
+    """An endpoint override a client would use must be an http(s) URL with a host and a port
+    that can be: botocore raises a bare ValueError for one that is not (a port out of range,
+    ``http://[::1``), at the client or at its first call: the failure hook died on it, and
+    its alert was neither sent nor kept. The variable is named; its value is not shown."""
+    import urllib.parse
+
+    ours = service.upper().replace("-", "_")
+    names = {f"AWS_ENDPOINT_URL_{ours}", "AWS_ENDPOINT_URL"}
+    names.add(f"AWS_ENDPOINT_URL_{_BOTOCORE_ENDPOINT_KEY.get(service, ours)}")
+    for name in sorted(names):
+        url = _setting(name)
+        if not url:
+            continue
+        try:
+            parts = urllib.parse.urlsplit(url)
+            parts.port  # noqa: B018 (raises ValueError when out of range or not a number)
+            good = parts.scheme in ("http", "https") and (parts.hostname or "").isascii()
+            good = good and bool(parts.hostname)
+        except ValueError:
+            good = False
+        if not good:
+            raise ConfigError(f"{name}: not an http(s) URL with a host (and a valid port)")
 
 
 def describe_error(exc: BaseException) -> str:
