@@ -425,6 +425,34 @@ def test_bad_db_secret_is_one_line_without_its_content(clean_env, aws_env, monke
     assert DB_PASSWORD not in msg
 
 
+def test_a_nul_character_in_a_value_is_one_line(clean_env, aws_env, monkeypatch):
+    """A NUL in the env file, an SSM value or the database secret: psycopg2 (and every path
+    call) raised a bare ValueError: tracebacks in check and status, every page a 500. Now one
+    line at the configuration's load, the value not shown."""
+    env_file = clean_env / "nul.env"
+    env_file.write_text(f"WEBSTATS_DB_SERVER=db\nWEBSTATS_DB_PASSWORD={DB_PASSWORD}\0x\n")
+    monkeypatch.setenv("WEBSTATS_ENV_FILE", str(env_file))
+    with pytest.raises(ConfigError) as exc:
+        load_settings()
+    assert str(exc.value) == f"{env_file}:2: holds a NUL character (the line is not shown)"
+    monkeypatch.setenv("WEBSTATS_ENV_FILE", "/dev/null")
+    monkeypatch.setenv("WEBSTATS_SSM_PATH", PATH)
+    put_required()
+    put("web/publish_dir", "/srv/site\0x")
+    with pytest.raises(ConfigError) as exc:
+        load_settings()
+    assert str(exc.value) == (
+        f"parameter web/publish_dir (ssm {PATH}/web/publish_dir): holds a NUL character (not shown)"
+    )
+    put("web/publish_dir", "/srv/site")
+    make_db_secret(body=json.dumps({"username": "u", "password": DB_PASSWORD + "\0"}))
+    res = run_cli("status")
+    assert res.returncode == 1 and res.stderr == (
+        "bioc-webstats: error: database secret /bioc/rdb/0/login/webstats_runner "
+        "(db/credentials): holds a NUL character\n"
+    ), res
+
+
 def test_local_postgres_without_ssm_does_not_ask_secrets_manager(clean_env, monkeypatch):
     monkeypatch.setenv("WEBSTATS_DB_SERVER", "127.0.0.1")
     s = load_settings()  # no AWS configured at all: must not try Secrets Manager

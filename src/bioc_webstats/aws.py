@@ -199,6 +199,8 @@ def read_db_secret(
     user = data.get("username")
     if user is not None and not isinstance(user, str):
         raise ConfigError(f'database secret {secret_id} ({param}): "username" not a string')
+    if "\0" in data["password"] or "\0" in (user or ""):  # the driver raises on it
+        raise ConfigError(f"database secret {secret_id} ({param}): holds a NUL character")
     return user or None, data["password"]
 
 

@@ -262,6 +262,8 @@ def read_env_file(path: Path) -> dict[str, str]:
         line = raw.strip()
         if not line or line.startswith("#"):
             continue
+        if "\0" in line:  # no path, URL nor password holds one: the drivers raise on it
+            raise ConfigError(f"{path}:{lineno}: holds a NUL character (the line is not shown)")
         key, sep, value = line.partition("=")
         key = key.strip().removeprefix("export ").strip()
         if not sep or not key:
@@ -356,6 +358,11 @@ def load_settings(environ: dict[str, str] | None = None, login: str = "etl") -> 
     for p in PARAMS:
         if p.env in env:
             values[p.name], sources[p.name] = env[p.env], f"environment {p.env}"
+    for name, value in values.items():  # (an SSM value may hold one; the environment cannot)
+        if value and "\0" in value:
+            raise ConfigError(
+                f"parameter {name} ({sources[name]}): holds a NUL character (not shown)"
+            )
 
     url_var = "WEBSTATS_DATABASE_URL" + ("" if login == "etl" else f"_{login.upper()}")
     if not merged.get(url_var):
