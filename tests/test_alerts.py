@@ -534,6 +534,9 @@ def test_a_health_url_answering_no_http_is_the_alarm_not_a_traceback(parts, why)
 def test_a_health_url_that_is_not_http_is_named():
     [alarm] = alerts.web_check("ftp://127.0.0.1:1/healthz")
     assert alarm.why == "ftp://127.0.0.1:1/healthz: alerts/health_url: not an http(s) URL"
+    # a line break or a bell in it cannot forge an ALARM line (journal, spool, SNS)
+    [alarm] = alerts.web_check("x\nALARM forged: fake\a")
+    assert alarm.why == "x\\nALARM forged: fake\\x07: alerts/health_url: not an http(s) URL"
 
 
 def test_the_health_check_follows_a_redirect_without_reading_its_body():

@@ -453,6 +453,27 @@ def test_a_nul_character_in_a_value_is_one_line(clean_env, aws_env, monkeypatch)
     ), res
 
 
+def test_a_value_with_a_line_break_is_shown_on_its_line(clean_env, monkeypatch):
+    """A line break (or an escape sequence) in a value forged a line of `config show`
+    (``db/password = …``) and of an error; each is written as its escape now."""
+    monkeypatch.setenv("WEBSTATS_ALERTS_HEALTH_URL", "http://x/\ndb/password = hunter2")
+    monkeypatch.setenv("WEBSTATS_ALERTS_CLOUDWATCH_NAMESPACE", "\x1b[2Jred\a")
+    lines = run_cli("config", "show").stdout.splitlines()
+    assert (
+        "alerts/health_url = http://x/\\ndb/password = hunter2  (environment "
+        "WEBSTATS_ALERTS_HEALTH_URL)" in lines
+    )
+    assert not [ln for ln in lines if ln.startswith("db/password = h")]
+    assert (
+        "alerts/cloudwatch_namespace = \\x1b[2Jred\\x07  (environment "
+        "WEBSTATS_ALERTS_CLOUDWATCH_NAMESPACE)" in lines
+    )
+    res = run_cli("etl", "run", "--dry-run", "--source", "x\nERROR forged")
+    assert res.returncode == 1 and res.stderr == (
+        "bioc-webstats: error: log source x\\nERROR forged: not a directory nor an s3:// URL\n"
+    )
+
+
 def test_local_postgres_without_ssm_does_not_ask_secrets_manager(clean_env, monkeypatch):
     monkeypatch.setenv("WEBSTATS_DB_SERVER", "127.0.0.1")
     s = load_settings()  # no AWS configured at all: must not try Secrets Manager

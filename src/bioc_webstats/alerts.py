@@ -29,7 +29,7 @@ from pathlib import Path
 
 from . import __version__
 from .config import BY_NAME, DEFAULT_ENV_FILE, Settings, read_env_file, state_dir
-from .errors import ConfigError, WebstatsError, first_line
+from .errors import ConfigError, WebstatsError, first_line, printable
 from .files import write_atomic
 from .httpbody import BodyError, FetchFailed, is_http, mask, read_local, status, url_problem
 
@@ -58,6 +58,9 @@ WATCHDOG_AGENT = f"bioc-webstats-watchdog/{__version__}"
 class Alarm:
     name: str  # data-stale, etl-not-run, sync-not-run, web-down, publish-behind, disk-low, config
     why: str
+
+    def __post_init__(self) -> None:  # a value it quotes (a URL) cannot forge an ALARM line
+        object.__setattr__(self, "why", printable(self.why))
 
 
 def _crit(line: str) -> None:

@@ -24,7 +24,7 @@ from sqlalchemy.exc import InterfaceError, OperationalError, SQLAlchemyError
 
 from . import __version__
 from .config import Settings, load_settings, overruled_lines
-from .errors import WebstatsError, first_line
+from .errors import WebstatsError, first_line, printable
 from .files import shown
 from .proc import keep_memory_private
 from .store import db
@@ -749,7 +749,7 @@ def main(argv: list[str] | None = None) -> None:
     except WebstatsError as exc:
         if verbose:
             traceback.print_exc()
-        click.echo(f"bioc-webstats: error: {exc}", err=True)
+        click.echo(f"bioc-webstats: error: {printable(str(exc))}", err=True)
         sys.exit(1)
     except SQLAlchemyError as exc:
         if verbose:

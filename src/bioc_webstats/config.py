@@ -15,7 +15,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .errors import ConfigError
+from .errors import ConfigError, printable
 from .files import is_text
 
 DEFAULT_ENV_FILE = "/etc/bioc-webstats/webstats.env"
@@ -659,7 +659,7 @@ def render_settings(settings: Settings) -> str:
     lines.append(f"ssm_path = {settings.ssm_path or '-'}")
     for p in PARAMS:
         value = settings.values.get(p.name)
-        shown = "-" if value is None else ("<redacted>" if p.secret else value)
+        shown = "-" if value is None else ("<redacted>" if p.secret else printable(value))
         lines.append(f"{p.name} = {shown}  ({settings.sources.get(p.name)})")
     for name in settings.ignored:  # names only: an unknown parameter may well be a secret
         lines.append(f"# ignored: unknown SSM parameter {settings.ssm_path}/{name}")

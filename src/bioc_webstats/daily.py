@@ -20,7 +20,7 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from . import __version__
 from .config import Settings
-from .errors import WebstatsError, first_line
+from .errors import WebstatsError, first_line, printable
 from .store import db
 
 log = logging.getLogger(__name__)
@@ -42,6 +42,8 @@ def record_success(settings: Settings, key: str) -> str:
 
 
 def _one_line(exc: BaseException) -> str:
+    if isinstance(exc, WebstatsError):  # ours: one line already, unless a value it quotes
+        return printable(str(exc))
     return ("database: " if isinstance(exc, SQLAlchemyError) else "") + first_line(exc)
 
 

@@ -15,3 +15,11 @@ def first_line(exc: BaseException) -> str:
     inner = getattr(exc, "orig", None) or exc
     text = str(inner).strip()
     return text.splitlines()[0] if text else type(inner).__name__
+
+
+def printable(text: str) -> str:
+    """A text for one line of output: each character that would break or forge the line (a
+    line break, an escape sequence, a bell) written as its escape (``\\n``), the rest as is."""
+    if text.isprintable():
+        return text
+    return "".join(ch if ch.isprintable() else ascii(ch)[1:-1] for ch in text)
