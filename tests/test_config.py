@@ -320,6 +320,51 @@ def test_check_refuses_web_settings_far_out_of_range(clean_env, monkeypatch, nam
     )
 
 
+BIND_TEXT = "must be HOST:PORT (a port up to 65535), [IPv6]:PORT, unix:PATH or fd://N"
+
+
+@pytest.mark.parametrize(
+    "name, value, message",
+    [  # each passed check (and the web's own), then the web failed: gunicorn's traceback
+        ("WEBSTATS_FLASK_LOG_LEVEL", "LOUD", "must be one of DEBUG, INFO, WARNING, ERROR, "
+         "CRITICAL, got 'LOUD'"),
+        ("WEBSTATS_GUNICORN_BIND_PORT", "0.0.0.0:99999", f"{BIND_TEXT}, got '0.0.0.0:99999'"),
+        ("WEBSTATS_GUNICORN_BIND_PORT", "fd://x", f"{BIND_TEXT}, got 'fd://x'"),
+        ("WEBSTATS_GUNICORN_BIND_PORT", "::1:8000", f"{BIND_TEXT}, got '::1:8000'"),
+    ],
+)  # fmt: skip
+def test_check_refuses_what_the_web_cannot_start_with(clean_env, monkeypatch, name, value, message):
+    monkeypatch.setenv(name, value)
+    param = name.removeprefix("WEBSTATS_").lower().replace("_", "/", 1)
+    for login in ("etl", "web"):
+        res = run_cli("check", "--login", login)
+        assert res.returncode == 1, res
+        assert res.stderr == f"bioc-webstats: error: parameter {param} {message}\n"
+    for good in ("127.0.0.1:8000", "[::1]:8000", "unix:/run/x.sock", "fd://3", "localhost"):
+        monkeypatch.setenv("WEBSTATS_GUNICORN_BIND_PORT", good)
+        assert load_settings().get_bind("gunicorn/bind_port") == good
+
+
+def test_a_bad_value_is_shown_cut_short(clean_env, monkeypatch):
+    """A value of 100,000 characters (or a megabyte in the env file) was the whole error line."""
+    monkeypatch.setenv("WEBSTATS_ETL_LOOKBACK_DAYS", "9" * 100_000)
+    res = run_cli("check")
+    assert res.returncode == 1 and len(res.stderr) < 200, len(res.stderr)
+    assert res.stderr.startswith("bioc-webstats: error: parameter etl/lookback_days must be ")
+    assert res.stderr.endswith("…999'\n")
+
+
+def test_an_ipv6_database_server_is_given_to_libpq_bare(clean_env, monkeypatch):
+    """``[::1]`` passed the check and libpq took it for a host name; ``::1`` was refused."""
+    from sqlalchemy.engine import make_url
+
+    monkeypatch.setenv("WEBSTATS_DB_PASSWORD", "pw")
+    for server in ("[::1]", "::1", "fd00:ec2::254"):
+        monkeypatch.setenv("WEBSTATS_DB_SERVER", server)
+        url = make_url(load_settings().database_url)
+        assert url.host == server.strip("[]"), url
+
+
 def test_an_env_file_without_end_is_one_line(clean_env, monkeypatch):
     """/dev/zero (or any file far larger than an env file) is refused, not read into memory."""
     monkeypatch.setenv("WEBSTATS_ENV_FILE", "/dev/zero")

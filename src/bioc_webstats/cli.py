@@ -635,9 +635,9 @@ def config_write_web(ctx: Context, path: Path) -> None:
 @pass_ctx
 def check(ctx: Context, login: str) -> None:
     """Smoke test: configuration loads (every value what its parameter takes; with --login
-    web, the gunicorn/* and web/* ones), database reachable (with --login web, the web's
-    start, an unreachable one is a warning: the web answers 503), schema current (exit 3 when the
-    schema is behind: 'bioc-webstats db upgrade' is the fix)."""
+    web, the flask/*, gunicorn/* and web/* ones), database reachable (with --login web, the
+    web's start, an unreachable one is a warning: the web answers 503), schema current (exit 3
+    when the schema is behind: 'bioc-webstats db upgrade' is the fix)."""
     from .alerts import remember_topic
 
     settings = ctx.settings_for(login)
@@ -648,7 +648,7 @@ def check(ctx: Context, login: str) -> None:
     remember_topic(settings)  # where the failure hook and the watchdog alert, without SSM
     # At the deploy, not in the unit that reads one at 01:00; the web's own start looks only
     # at what the web reads (a bad ETL parameter must not take the site down).
-    problems = settings.problems(("gunicorn/", "web/") if login == "web" else ())
+    problems = settings.problems(("flask/", "gunicorn/", "web/") if login == "web" else ())
     if problems:
         raise WebstatsError("; ".join(problems))
     try:

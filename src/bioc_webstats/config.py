@@ -32,7 +32,9 @@ class Param:
     env: str  # environment / env-file variable
     default: str | None = None
     secret: bool = False
-    kind: str = "text"  # "int", "number" (of unit, 0 or more) or "day" (YYYY-MM-DD)
+    # "int", "number" (of unit, 0 or more), "day" (YYYY-MM-DD), "level" (a logging level) or
+    # "bind" (gunicorn's: HOST:PORT, [IPv6]:PORT, unix:PATH, fd://N)
+    kind: str = "text"
     minimum: int | None = None  # of an "int"
     maximum: int | None = None
     unit: str = ""  # of a "number"
@@ -61,8 +63,8 @@ PARAMS: tuple[Param, ...] = (
     # Unused (the app keeps no sessions); known so that the original design's SSM parameter
     # is not reported as unknown.
     Param("flask/secret_key", "WEBSTATS_FLASK_SECRET_KEY", None, secret=True),
-    Param("flask/log_level", "WEBSTATS_FLASK_LOG_LEVEL", "INFO"),
-    Param("gunicorn/bind_port", "WEBSTATS_GUNICORN_BIND_PORT", "0.0.0.0:8000"),
+    Param("flask/log_level", "WEBSTATS_FLASK_LOG_LEVEL", "INFO", kind="level"),
+    Param("gunicorn/bind_port", "WEBSTATS_GUNICORN_BIND_PORT", "0.0.0.0:8000", kind="bind"),
     Param(
         "gunicorn/access_log", "WEBSTATS_GUNICORN_ACCESS_LOG", "/var/log/bioc-webstats/access.log"
     ),
@@ -161,11 +163,11 @@ class Settings:
         try:
             value = int(raw)  # type: ignore[arg-type]
         except (TypeError, ValueError):
-            raise ConfigError(f"parameter {name} must be an integer, got {raw!r}") from None
+            raise ConfigError(f"parameter {name} must be an integer, got {quoted(raw)}") from None
         if minimum is not None and value < minimum:
-            raise ConfigError(f"parameter {name} must be at least {minimum}, got {value}")
+            raise ConfigError(f"parameter {name} must be at least {minimum}, got {quoted(value)}")
         if maximum is not None and value > maximum:
-            raise ConfigError(f"parameter {name} must be at most {maximum}, got {value}")
+            raise ConfigError(f"parameter {name} must be at most {maximum}, got {quoted(value)}")
         return value
 
     def get_float(self, name: str) -> float:
@@ -178,7 +180,7 @@ class Settings:
         except (TypeError, ValueError):
             value = math.nan
         if not 0 <= value < math.inf:
-            raise ConfigError(f"parameter {name} must be a number of {unit}, got {raw!r}")
+            raise ConfigError(f"parameter {name} must be a number of {unit}, got {quoted(raw)}")
         return value
 
     def get_day(self, name: str) -> dt.date | None:
@@ -189,7 +191,35 @@ class Settings:
         try:
             return parse_day(value)
         except ValueError:
-            raise ConfigError(f"parameter {name} must be {DAY_TEXT}, got {value!r}") from None
+            raise ConfigError(f"parameter {name} must be {DAY_TEXT}, got {quoted(value)}") from None
+
+    def get_level(self, name: str) -> str:
+        """A logging level (upper-cased; empty: the default); else a ConfigError."""
+        level = (self.values.get(name) or BY_NAME[name].default or "").upper()
+        if level not in LOG_LEVELS:
+            raise ConfigError(
+                f"parameter {name} must be one of {', '.join(LOG_LEVELS)}, got {quoted(level)}"
+            )
+        return level
+
+    def get_bind(self, name: str) -> str:
+        """An address gunicorn can bind (checked here: gunicorn died on a port past 65535
+        with a traceback after check had said ok); else a ConfigError."""
+        value = self.values.get(name) or BY_NAME[name].default or ""
+        if value.startswith("unix:"):
+            good = len(value) > 5
+        elif value.startswith("fd://"):
+            good = value[5:].isdigit() and value[5:].isascii()
+        else:
+            host, _, port = value.rpartition(":") if ":" in value else (value, "", "8000")
+            good = bool(_BIND_HOST.fullmatch(host)) and port.isdigit() and port.isascii()
+            good = good and 0 <= int(port) <= 65535
+        if not good:
+            raise ConfigError(
+                f"parameter {name} must be HOST:PORT (a port up to 65535), [IPv6]:PORT, "
+                f"unix:PATH or fd://N, got {quoted(value)}"
+            )
+        return value
 
     def problems(self, topics: tuple[str, ...] = ()) -> list[str]:
         """What is wrong with the typed parameters' values (each as its getter says it), of
@@ -202,7 +232,13 @@ class Settings:
             if topics and not p.name.startswith(topics):
                 continue
             try:
-                {"int": self.get_int, "number": self.get_float, "day": self.get_day}[p.kind](p.name)
+                {
+                    "int": self.get_int,
+                    "number": self.get_float,
+                    "day": self.get_day,
+                    "level": self.get_level,
+                    "bind": self.get_bind,
+                }[p.kind](p.name)
             except ConfigError as exc:
                 found.append(str(exc))
         return found
@@ -216,9 +252,20 @@ class Settings:
         return Path(value).absolute() if value else self.state_dir / "site"
 
 
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+_QUOTED_MAX = 80  # characters of a bad value an error shows: a 1 MB one was the whole line
+
+
+def quoted(value: object) -> str:
+    """A bad value for an error line: its repr, cut to a few dozen characters."""
+    text = repr(value)
+    return text if len(text) <= _QUOTED_MAX else f"{text[: _QUOTED_MAX - 5]}…{text[-4:]}"
+
+
 _DAY = re.compile(r"[0-9]{4}-[0-9]{2}-[0-9]{2}")
 # A host name, an IPv4 address or an IPv6 one in brackets (what a database URL can carry).
-_HOST = re.compile(r"[A-Za-z0-9._-]+|\[[0-9A-Fa-f:.]+\]")
+_HOST = re.compile(r"[A-Za-z0-9._-]+|\[[0-9A-Fa-f:.]+\]|[0-9A-Fa-f.]*:[0-9A-Fa-f:.]*")
+_BIND_HOST = re.compile(r"[A-Za-z0-9._-]*|\[[0-9A-Fa-f:.]+\]")  # gunicorn's: IPv6 in brackets
 
 
 # The days any option or parameter may name: the statistics start in 2009; a day far outside
@@ -446,13 +493,13 @@ def tls_query(values: dict[str, str | None]) -> dict[str, str]:
         return {}
     if mode not in SSL_MODES:
         raise ConfigError(
-            f"parameter db/sslmode must be one of {', '.join(SSL_MODES)}, got {mode!r}"
+            f"parameter db/sslmode must be one of {', '.join(SSL_MODES)}, got {quoted(mode)}"
         )
     if mode.startswith("verify-") and not root:
         raise ConfigError(f"parameter db/sslmode is {mode}: db/sslrootcert must name the CA file")
     if root and root != "system" and not Path(root).is_absolute():  # system: the OS's CAs
         raise ConfigError(
-            f"parameter db/sslrootcert must be an absolute path or 'system', got {root!r}"
+            f"parameter db/sslrootcert must be an absolute path or 'system', got {quoted(root)}"
         )
     return {"sslmode": mode, **({"sslrootcert": root} if root else {})}
 
@@ -495,18 +542,20 @@ def _login_url(
             raise ValueError
     except ValueError:
         raise ConfigError(
-            f"parameter db/port must be a port number, got {values['db/port']!r}"
+            f"parameter db/port must be a port number, got {quoted(values['db/port'])}"
         ) from None
     server = values["db/server"] or ""
     if not _HOST.fullmatch(server):  # '/', '?', '@' would change what the URL means
-        raise ConfigError(f"parameter db/server must be a host name or address, got {server!r}")
+        raise ConfigError(
+            f"parameter db/server must be a host name or address, got {quoted(server)}"
+        )
     from sqlalchemy.engine import URL
 
     url = URL.create(
         "postgresql+psycopg2",
         username=user,
         password=password,
-        host=server,
+        host=server.strip("[]"),  # libpq takes an IPv6 address bare ([::1] is a name to it)
         port=port,
         database=values["db/dbname"],
         query=tls,

@@ -40,7 +40,7 @@ from werkzeug.http import HTTP_STATUS_CODES
 
 from .. import __version__
 from ..config import Settings, load_settings
-from ..errors import ConfigError, first_line
+from ..errors import first_line
 from ..store import db
 from . import pages, report, tabfiles
 from .site import PublishedSite, Version, validators
@@ -49,18 +49,12 @@ from .targets import STATIC_FILES, Redirect, Target, build, exists, resolve
 PREFIX = "/packages/stats"
 TEXT = "text/plain; charset=utf-8"
 HTML = "text/html; charset=utf-8"
-LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 log = logging.getLogger(__name__)  # the app's logger (Flask names it after this module)
 
 
 def log_level(settings: Settings) -> str:
     """``flask/log_level`` upper-cased; anything else than a logging level is a ConfigError."""
-    level = (settings.get("flask/log_level") or "INFO").upper()
-    if level not in LOG_LEVELS:
-        raise ConfigError(
-            f"parameter flask/log_level must be one of {', '.join(LOG_LEVELS)}, got {level!r}"
-        )
-    return level
+    return settings.get_level("flask/log_level")
 
 
 def http_datetime(when: dt.datetime) -> str:
