@@ -313,6 +313,14 @@ def _broken_copy(tmp_path: Path) -> Path:
             "{root}/config.yaml: release_version must be a version like 3.20, "
             "got '3.99999999999999999999'",
         ),
+        (  # stored as a release, and a correct sync after it changed nothing
+            "leading_zero",
+            "{root}/config.yaml: release_version must be a version like 3.20, got '03.20'",
+        ),
+        (
+            "three_digits",
+            "{root}/config.yaml: devel_version must be a version like 3.20, got '3.021'",
+        ),
         (
             "devel_not_after",
             "{root}/config.yaml: devel_version 3.20 is not after release_version 3.20",
@@ -365,6 +373,10 @@ def test_sync_bad_source_is_one_line_and_changes_nothing(
         conf.write_text('release_version: "3.20"\n')
     elif breakage == "bad_version":
         conf.write_text('release_version: "latest"\ndevel_version: "3.21"\n')
+    elif breakage == "leading_zero":
+        conf.write_text('release_version: "03.20"\ndevel_version: "3.21"\n')
+    elif breakage == "three_digits":
+        conf.write_text('release_version: "3.20"\ndevel_version: "3.021"\n')
     elif breakage == "devel_not_after":
         conf.write_text("release_version: 3.20\ndevel_version: '3.20'\n")
     elif breakage == "arabic_digits":

@@ -13,6 +13,7 @@ from pathlib import Path
 
 from .. import __version__
 from ..categories import CATEGORIES
+from ..config import quoted
 from ..errors import WebstatsError
 from ..httpbody import (
     BodyError,
@@ -32,8 +33,9 @@ MAX_BYTES = 64 * 1024 * 1024  # the largest PACKAGES today is a few MB
 MAX_CONFIG_BYTES = 1024 * 1024  # config.yaml is a few KB; split into lines whole
 MAX_PACKAGES = 100_000  # names in one PACKAGES (bioc's has ~2,300): more is no PACKAGES
 
-# A release X.Y, as config.yaml and the packages CSV give it (its column holds 16 characters).
-RELEASE = re.compile(r"^[0-9]{1,3}\.[0-9]{1,3}$")
+# A release X.Y, as config.yaml and the packages CSV give it: no leading zero (03.20, 3.021
+# were stored as new releases, and a correct sync after them changed nothing), two digits each.
+RELEASE = re.compile(r"^[1-9][0-9]?\.(0|[1-9][0-9]?)$")
 _TOP_KEY = re.compile(r"^([A-Za-z_][A-Za-z0-9_]*)\s*:\s*(.*?)\s*$")
 # A valid R package name (etl.md): letters, digits and dots, starts with a letter.
 PKG_NAME = re.compile(r"^[A-Za-z][A-Za-z0-9.]*[A-Za-z0-9]$")
@@ -161,7 +163,7 @@ def read_manifest(source: str, timeout: float = FETCH_TIMEOUT) -> Manifest:
     for key in ("release_version", "devel_version"):
         value = conf.get(key, "")
         if not RELEASE.match(value):
-            got = f"{value!r}" if value else "missing"
+            got = quoted(value) if value else "missing"
             raise WebstatsError(f"{where}: {key} must be a version like 3.20, got {got}")
         versions[key] = value
     if version_key(versions["devel_version"]) <= version_key(versions["release_version"]):
