@@ -297,6 +297,9 @@ def test_the_webs_file_holds_its_settings_and_its_own_login_only(clean_env, tmp_
     [
         ({"WEBSTATS_GUNICORN_WORKERS": "1000"}, "parameter gunicorn/workers must be at most 64"),
         ({"WEBSTATS_ALERTS_SNS_TOPIC": "arn:a\nWEBSTATS_X=1"}, "alerts/sns_topic: a value cannot"),
+        # the reader's lines are str.splitlines()'s: the web could not read what was written
+        ({"WEBSTATS_ALERTS_HEALTH_URL": "http://x/\u2028y"}, "alerts/health_url: a value cannot"),
+        ({"WEBSTATS_WEB_PUBLISH_DIR": "/srv/a\x0bb"}, "web/publish_dir: a value cannot"),
         ({"WEBSTATS_DB_PORT": "x"}, "parameter db/port must be a port number"),
     ],
 )
@@ -321,6 +324,26 @@ def test_a_web_configuration_that_cannot_be_written_keeps_the_last_file(
     assert len(res.stderr.splitlines()) == 1 and message in res.stderr, res.stderr
     assert out.read_text() == kept
     assert [p.name for p in out.parent.iterdir()] == ["web.env"]  # no temporary file left
+
+
+def test_a_value_the_reader_would_change_is_written_quoted(clean_env, tmp_path, monkeypatch):
+    """Spaces or a quote pair at a value's ends: the reader strips them, so the ETL published
+    into '/srv/site ' while the web read '/srv/site'. Quoted, the web reads what the ETL has."""
+    tricky = {
+        "WEBSTATS_WEB_PUBLISH_DIR": "/srv/site ",
+        "WEBSTATS_ALERTS_HEALTH_URL": "'http://127.0.0.1:8000/healthz'",
+        "WEBSTATS_FLASK_LOG_LEVEL": "info",
+    }
+    env = {"WEBSTATS_ENV_FILE": "/dev/null", "WEBSTATS_STATE_DIR": str(tmp_path), **tricky}
+    out = tmp_path / "web.env"
+    assert run("config", "write-web", str(out), **env).returncode == 0
+    for name in [*tricky, *env]:
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("WEBSTATS_ENV_FILE", str(out))
+    read = load_settings(login="web")
+    assert read.get("web/publish_dir") == "/srv/site "
+    assert read.get("alerts/health_url") == "'http://127.0.0.1:8000/healthz'"
+    assert read.get("flask/log_level") == "info"
 
 
 def test_the_web_follows_a_password_rotated_in_its_file(pg_password_server, clean_env, tmp_path):

@@ -743,8 +743,13 @@ def web_env_text(settings: Settings) -> str:
     for env, value, name in items:
         if value is None:
             continue
-        if "\n" in value or "\r" in value:
+        # read back by read_env_file: its lines are str.splitlines()'s (U+2028, \v, \f …
+        # break one too), each value stripped, and unquoted when a quote pair encloses it
+        if len(f"x{value}x".splitlines()) != 1:
             raise ConfigError(f"parameter {name}: a value cannot hold a line break")
+        enclosed = len(value) >= 2 and value[0] == value[-1] and value[0] in "'\""
+        if value != value.strip() or enclosed:  # quoted: read back as it is
+            value = f'"{value}"'
         lines.append(f"{env}={value}\n")
     return "".join(lines)
 
