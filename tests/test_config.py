@@ -345,6 +345,16 @@ def test_check_refuses_what_the_web_cannot_start_with(clean_env, monkeypatch, na
         assert load_settings().get_bind("gunicorn/bind_port") == good
 
 
+def test_check_refuses_a_state_directory_that_is_a_file(clean_env, monkeypatch, tmp_path):
+    """It passed check; the ETL then failed with 'cannot open the lock …/etl.lock: File exists'."""
+    (tmp_path / "afile").write_text("")
+    monkeypatch.setenv("WEBSTATS_STATE_DIR", str(tmp_path / "afile"))
+    res = run_cli("check")
+    assert res.returncode == 1 and res.stderr == (
+        f"bioc-webstats: error: state directory {tmp_path / 'afile'}: not a directory\n"
+    ), res
+
+
 def test_a_bad_value_is_shown_cut_short(clean_env, monkeypatch):
     """A value of 100,000 characters (or a megabyte in the env file) was the whole error line."""
     monkeypatch.setenv("WEBSTATS_ETL_LOOKBACK_DAYS", "9" * 100_000)

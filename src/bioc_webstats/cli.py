@@ -649,6 +649,8 @@ def check(ctx: Context, login: str) -> None:
     # At the deploy, not in the unit that reads one at 01:00; the web's own start looks only
     # at what the web reads (a bad ETL parameter must not take the site down).
     problems = settings.problems(("flask/", "gunicorn/", "web/") if login == "web" else ())
+    if settings.state_dir.exists() and not settings.state_dir.is_dir():  # (a typo: a file)
+        problems.append(f"state directory {shown(str(settings.state_dir))}: not a directory")
     if problems:
         raise WebstatsError("; ".join(problems))
     try:
