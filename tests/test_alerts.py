@@ -85,7 +85,15 @@ def test_notify_failure_with_a_mangled_unit_name_is_one_line(clean_env, aws_env)
 
 
 @pytest.mark.parametrize(
-    "endpoint", ["http://127.0.0.1:99999", "http://[::1", "http://h:abc", "://x", "http://ünï.x"]
+    "endpoint",
+    [
+        "http://127.0.0.1:99999",
+        "http://[::1",
+        "http://h:abc",
+        "://x",
+        "http://ünï.x",
+        "http://a_b:1",
+    ],
 )
 def test_an_endpoint_that_is_no_url_keeps_the_alert(clean_env, aws_env, endpoint):
     """AWS_ENDPOINT_URL in the env file (where the hook reads its AWS settings) that botocore

@@ -331,6 +331,8 @@ BIND_TEXT = "must be HOST:PORT (a port up to 65535), [IPv6]:PORT, unix:PATH or f
         ("WEBSTATS_GUNICORN_BIND_PORT", "0.0.0.0:99999", f"{BIND_TEXT}, got '0.0.0.0:99999'"),
         ("WEBSTATS_GUNICORN_BIND_PORT", "fd://x", f"{BIND_TEXT}, got 'fd://x'"),
         ("WEBSTATS_GUNICORN_BIND_PORT", "::1:8000", f"{BIND_TEXT}, got '::1:8000'"),
+        # a host named 8000 to gunicorn: it cannot bind it
+        ("WEBSTATS_GUNICORN_BIND_PORT", "8000", f"{BIND_TEXT}, got '8000'"),
     ],
 )  # fmt: skip
 def test_check_refuses_what_the_web_cannot_start_with(clean_env, monkeypatch, name, value, message):
@@ -340,7 +342,8 @@ def test_check_refuses_what_the_web_cannot_start_with(clean_env, monkeypatch, na
         res = run_cli("check", "--login", login)
         assert res.returncode == 1, res
         assert res.stderr == f"bioc-webstats: error: parameter {param} {message}\n"
-    for good in ("127.0.0.1:8000", "[::1]:8000", "unix:/run/x.sock", "fd://3", "localhost"):
+    good_ones = ("127.0.0.1:8000", "[::1]:8000", "[::1]", "tcp://0.0.0.0:8000", "unix:/run/x")
+    for good in (*good_ones, "fd://3", "localhost", ":8000"):
         monkeypatch.setenv("WEBSTATS_GUNICORN_BIND_PORT", good)
         assert load_settings().get_bind("gunicorn/bind_port") == good
 
@@ -373,6 +376,10 @@ def test_an_ipv6_database_server_is_given_to_libpq_bare(clean_env, monkeypatch):
         monkeypatch.setenv("WEBSTATS_DB_SERVER", server)
         url = make_url(load_settings().database_url)
         assert url.host == server.strip("[]"), url
+    for server in ("10.0.0.5:5432", "db:5432", ":::", "[::1"):  # a port is db/port's
+        monkeypatch.setenv("WEBSTATS_DB_SERVER", server)
+        with pytest.raises(ConfigError, match="must be a host name or address"):
+            load_settings()
 
 
 def test_an_env_file_without_end_is_one_line(clean_env, monkeypatch):
@@ -523,6 +530,10 @@ def test_a_value_with_a_line_break_is_shown_on_its_line(clean_env, monkeypatch):
         "alerts/cloudwatch_namespace = \\x1b[2Jred\\x07  (environment "
         "WEBSTATS_ALERTS_CLOUDWATCH_NAMESPACE)" in lines
     )
+    monkeypatch.setenv("WEBSTATS_STATE_DIR", str(clean_env / "s\ndb/password = x"))
+    lines = run_cli("config", "show").stdout.splitlines()
+    assert not [ln for ln in lines if ln.startswith("db/password = x")], lines
+    monkeypatch.delenv("WEBSTATS_STATE_DIR")
     res = run_cli("etl", "run", "--dry-run", "--source", "x\nERROR forged")
     assert res.returncode == 1 and res.stderr == (
         "bioc-webstats: error: log source x\\nERROR forged: not a directory nor an s3:// URL\n"

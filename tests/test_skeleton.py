@@ -151,3 +151,12 @@ def test_python_dash_m_is_the_cli(module, tmp_path):
         capture_output=True, text=True, timeout=60, cwd=tmp_path,
     )  # fmt: skip
     assert res.returncode == 0 and res.stdout == f"bioc-webstats, version {__version__}\n", res
+
+
+def test_printable_escapes_what_breaks_a_line_and_tells_a_backslash_from_it():
+    from bioc_webstats.errors import printable
+
+    assert printable("a b/é") == "a b/é"  # nothing to escape: as it is, backslashes too
+    assert printable("C:\\x") == "C:\\x"
+    assert printable("x\nALARM y\x07") == "x\\nALARM y\\x07"
+    assert printable("a\\nb\n") == "a\\\\nb\\n"  # a value's backslash-n, then a newline

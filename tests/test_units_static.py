@@ -431,7 +431,7 @@ def test_run_logged_says_how_systemd_ended_a_run(tmp_path, rendered):
     stop = ended("success", "killed", "TERM")
     assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ the run was stopped .*\n", stop), stop
     assert stop.endswith("systemd: success, killed TERM\n")
-    assert "start timeout" in ended("timeout", "killed", "TERM")
+    assert "the run timed out (TimeoutStartSec" in ended("timeout", "killed", "TERM")
     assert "memory ceiling" in ended("oom-kill", "exited", "137")
     assert "ended: signal" in ended("signal", "killed", "KILL")
     etl = rendered["bioc-webstats-etl.service"]

@@ -101,6 +101,8 @@ def _check_endpoints(service: str) -> None:
     its alert was neither sent nor kept. The variable is named; its value is not shown."""
     import urllib.parse
 
+    from botocore.utils import is_valid_endpoint_url, is_valid_ipv6_endpoint_url
+
     ours = service.upper().replace("-", "_")
     names = {f"AWS_ENDPOINT_URL_{ours}", "AWS_ENDPOINT_URL"}
     names.add(f"AWS_ENDPOINT_URL_{_BOTOCORE_ENDPOINT_KEY.get(service, ours)}")
@@ -113,6 +115,8 @@ def _check_endpoints(service: str) -> None:
             parts.port  # noqa: B018 (raises ValueError when out of range or not a number)
             good = parts.scheme in ("http", "https") and (parts.hostname or "").isascii()
             good = good and bool(parts.hostname)
+            # and botocore's own test of a host (my_host, a..b, a 64-character label)
+            good = good and (is_valid_endpoint_url(url) or is_valid_ipv6_endpoint_url(url))
         except ValueError:
             good = False
         if not good:

@@ -8,6 +8,7 @@ same ``WEBSTATS_…=value`` lines as the environment.
 from __future__ import annotations
 
 import datetime as dt
+import ipaddress
 import math
 import os
 import re
@@ -203,18 +204,21 @@ class Settings:
         return level
 
     def get_bind(self, name: str) -> str:
-        """An address gunicorn can bind (checked here: gunicorn died on a port past 65535
-        with a traceback after check had said ok); else a ConfigError."""
+        """An address gunicorn can bind, as gunicorn parses it (checked here: gunicorn died on
+        a port past 65535 with a traceback after check had said ok); else a ConfigError."""
+        from gunicorn.util import parse_address
+
         value = self.values.get(name) or BY_NAME[name].default or ""
-        if value.startswith("unix:"):
-            good = len(value) > 5
-        elif value.startswith("fd://"):
-            good = value[5:].isdigit() and value[5:].isascii()
-        else:
-            host, _, port = value.rpartition(":") if ":" in value else (value, "", "8000")
-            good = bool(_BIND_HOST.fullmatch(host)) and port.isdigit() and port.isascii()
-            good = good and 0 <= int(port) <= 65535
-        if not good:
+        try:
+            address = parse_address(value, "8000")
+        except (RuntimeError, ValueError):
+            address = None
+        if isinstance(address, tuple):
+            host, port = address
+            # ("8000": a host named 8000 to gunicorn, which cannot bind it)
+            if not 0 <= port <= 65535 or str(host).isdigit():
+                address = None
+        if address is None:
             raise ConfigError(
                 f"parameter {name} must be HOST:PORT (a port up to 65535), [IPv6]:PORT, "
                 f"unix:PATH or fd://N, got {quoted(value)}"
@@ -263,9 +267,20 @@ def quoted(value: object) -> str:
 
 
 _DAY = re.compile(r"[0-9]{4}-[0-9]{2}-[0-9]{2}")
-# A host name, an IPv4 address or an IPv6 one in brackets (what a database URL can carry).
-_HOST = re.compile(r"[A-Za-z0-9._-]+|\[[0-9A-Fa-f:.]+\]|[0-9A-Fa-f.]*:[0-9A-Fa-f:.]*")
-_BIND_HOST = re.compile(r"[A-Za-z0-9._-]*|\[[0-9A-Fa-f:.]+\]")  # gunicorn's: IPv6 in brackets
+# A host name or an IPv4 address (what a database URL can carry; IPv6: _is_host).
+_HOST = re.compile(r"[A-Za-z0-9._-]+")
+
+
+def _is_host(server: str) -> bool:
+    """A host name, an IPv4 address, or an IPv6 one bare or in brackets (db/server)."""
+    if _HOST.fullmatch(server):
+        return True
+    bare = server[1:-1] if server.startswith("[") and server.endswith("]") else server
+    try:
+        ipaddress.IPv6Address(bare)
+    except ValueError:
+        return False
+    return True
 
 
 # The days any option or parameter may name: the statistics start in 2009; a day far outside
@@ -545,7 +560,7 @@ def _login_url(
             f"parameter db/port must be a port number, got {quoted(values['db/port'])}"
         ) from None
     server = values["db/server"] or ""
-    if not _HOST.fullmatch(server):  # '/', '?', '@' would change what the URL means
+    if not _is_host(server):  # '/', '?', '@' would change what the URL means
         raise ConfigError(
             f"parameter db/server must be a host name or address, got {quoted(server)}"
         )
@@ -708,12 +723,12 @@ def render_settings(settings: Settings) -> str:
     lines.append(f"ssm_path = {settings.ssm_path or '-'}")
     for p in PARAMS:
         value = settings.values.get(p.name)
-        shown = "-" if value is None else ("<redacted>" if p.secret else printable(value))
+        shown = "-" if value is None else ("<redacted>" if p.secret else value)
         lines.append(f"{p.name} = {shown}  ({settings.sources.get(p.name)})")
     for name in settings.ignored:  # names only: an unknown parameter may well be a secret
         lines.append(f"# ignored: unknown SSM parameter {settings.ssm_path}/{name}")
     lines.extend(f"# ignored: {line}" for line in overruled_lines(settings))
-    return "\n".join(lines) + "\n"
+    return "\n".join(printable(line) for line in lines) + "\n"
 
 
 # The web's own env file: what the web reads, and nothing it must not (the other logins'

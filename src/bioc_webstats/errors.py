@@ -22,4 +22,7 @@ def printable(text: str) -> str:
     line break, an escape sequence, a bell) written as its escape (``\\n``), the rest as is."""
     if text.isprintable():
         return text
-    return "".join(ch if ch.isprintable() else ascii(ch)[1:-1] for ch in text)
+    # (a backslash doubled then: an escaped newline and a "\\n" the value held differ)
+    return "".join(
+        "\\\\" if ch == "\\" else ch if ch.isprintable() else ascii(ch)[1:-1] for ch in text
+    )
