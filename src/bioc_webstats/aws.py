@@ -114,8 +114,7 @@ def _check_endpoints(service: str) -> None:
             parts = urllib.parse.urlsplit(url)
             parts.port  # noqa: B018 (raises ValueError when out of range or not a number)
             good = parts.scheme in ("http", "https") and (parts.hostname or "").isascii()
-            good = good and bool(parts.hostname)
-            # and botocore's own test of a host (my_host, a..b, a 64-character label)
+            # and botocore's own test of a host (none, my_host, a..b, a 64-character label)
             good = good and (is_valid_endpoint_url(url) or is_valid_ipv6_endpoint_url(url))
         except ValueError:
             good = False

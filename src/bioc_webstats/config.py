@@ -346,11 +346,17 @@ def read_env_file(path: Path) -> dict[str, str]:
             raise ConfigError(
                 f"{path}:{lineno}: {what}not NAME=value (the rest of the line is not shown)"
             )
-        value = value.strip()
-        if len(value) >= 2 and value[0] == value[-1] and value[0] in "'\"":
-            value = value[1:-1]
-        out[key] = value
+        out[key] = _env_value(value)
     return out
+
+
+def _env_value(raw: str) -> str:
+    """A value as read_env_file gives it: stripped, and unquoted when a quote pair encloses
+    it (``config write-web`` quotes what this would change)."""
+    value = raw.strip()
+    if len(value) >= 2 and value[0] == value[-1] and value[0] in "'\"":
+        value = value[1:-1]
+    return value
 
 
 def state_dir(env: dict[str, str]) -> Path:
@@ -414,17 +420,16 @@ def load_settings(environ: dict[str, str] | None = None, login: str = "etl") -> 
                 ignored.append(name)
             elif BY_NAME[name].env in host_fixed:
                 overruled.append(name)
+            elif "\0" in value:  # (the env file refuses its own; the environment cannot hold one)
+                raise ConfigError(
+                    f"parameter {name} (ssm {ssm_path}/{name}): holds a NUL character (not shown)"
+                )
             else:
                 values[name], sources[name] = value, f"ssm {ssm_path}/{name}"
 
     for p in PARAMS:
         if p.env in env:
             values[p.name], sources[p.name] = env[p.env], f"environment {p.env}"
-    for name, value in values.items():  # (an SSM value may hold one; the environment cannot)
-        if value and "\0" in value:
-            raise ConfigError(
-                f"parameter {name} ({sources[name]}): holds a NUL character (not shown)"
-            )
 
     url_var = "WEBSTATS_DATABASE_URL" + ("" if login == "etl" else f"_{login.upper()}")
     if not merged.get(url_var):
@@ -759,11 +764,10 @@ def web_env_text(settings: Settings) -> str:
         if value is None:
             continue
         # read back by read_env_file: its lines are str.splitlines()'s (U+2028, \v, \f …
-        # break one too), each value stripped, and unquoted when a quote pair encloses it
+        # break one too), each value as _env_value gives it
         if len(f"x{value}x".splitlines()) != 1:
             raise ConfigError(f"parameter {name}: a value cannot hold a line break")
-        enclosed = len(value) >= 2 and value[0] == value[-1] and value[0] in "'\""
-        if value != value.strip() or enclosed:  # quoted: read back as it is
+        if _env_value(value) != value:  # quoted: read back as it is
             value = f'"{value}"'
         lines.append(f"{env}={value}\n")
     return "".join(lines)

@@ -52,11 +52,6 @@ HTML = "text/html; charset=utf-8"
 log = logging.getLogger(__name__)  # the app's logger (Flask names it after this module)
 
 
-def log_level(settings: Settings) -> str:
-    """``flask/log_level`` upper-cased; anything else than a logging level is a ConfigError."""
-    return settings.get_level("flask/log_level")
-
-
 def http_datetime(when: dt.datetime) -> str:
     """RFC 7231 date of an aware datetime, locale-independent."""
     when = when.astimezone(dt.UTC)
@@ -452,7 +447,7 @@ def create_app(settings: Settings | None = None) -> Flask:
     db.APPLICATION_NAME = "bioc-webstats web"  # its sessions, as pg_stat_activity names them
     app = Flask(__name__, static_folder=None)
     app.config["WEBSTATS"] = settings
-    app.logger.setLevel(log_level(settings))
+    app.logger.setLevel(settings.get_level("flask/log_level"))
     app.url_map.merge_slashes = False
     site = StatsSite(settings, from_published=True)
     app.extensions["webstats"] = site

@@ -24,11 +24,10 @@ import sys
 
 from bioc_webstats.config import load_settings
 from bioc_webstats.errors import ConfigError
-from bioc_webstats.web.app import log_level
 
 try:
     _settings = load_settings(login="web")
-    loglevel = log_level(_settings).lower()
+    loglevel = _settings.get_level("flask/log_level").lower()
     workers = (
         _settings.get_int("gunicorn/workers")
         if _settings.get("gunicorn/workers")
