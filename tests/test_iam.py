@@ -32,6 +32,7 @@ SAMPLE = {
     "BackupPrefix": "prod/",
     "LoginSuffix": "",
     "MetricsNamespace": "bioc-webstats",
+    "DbInstance": "bioc-rdb",
 }
 A, R = SAMPLE["AccountId"], SAMPLE["Region"]
 PARAM = f"arn:aws:ssm:{R}:{A}:parameter/bioc/webstats/prod"
@@ -70,7 +71,7 @@ ALLOWED_RESOURCES: dict[str, tuple[str, ...]] = {
     "cloudfront": (rf"^arn:aws:cloudfront::{A}:distribution/E1TVLJONPTUXV3$",),
     "sns": (rf"^arn:aws:sns:{R}:{A}:bioc-webstats-alerts$",),
     "cloudwatch": (rf"^arn:aws:cloudwatch:{R}:{A}:alarm:bioc-webstats-prod-\*$",),
-    "rds": (rf"^arn:aws:rds:{R}:{A}:db:\*$",),  # the admin's alarms.yml: its size, read only
+    "rds": (rf"^arn:aws:rds:{R}:{A}:db:bioc-rdb$",),  # the admin's alarms.yml: its size, read only
 }
 # Actions without resource-level permissions: the only ones allowed on "*" (names, no data;
 # metrics only into the project's namespace, by condition).
@@ -269,6 +270,7 @@ def test_admin_manages_the_environments_alarms_only():
     # the database's storage alarm reads the instance's allocated storage, and nothing more
     rds = f"arn:aws:rds:{R}:{A}:db:bioc-rdb"
     assert allows(doc, "rds:DescribeDBInstances", rds)
+    assert not allows(doc, "rds:DescribeDBInstances", f"arn:aws:rds:{R}:{A}:db:other-db")
     for action in ("ModifyDBInstance", "DeleteDBInstance", "CreateDBSnapshot"):
         assert not allows(doc, f"rds:{action}", rds)
 
