@@ -803,6 +803,59 @@ def test_the_app_judges_a_tag_with_a_date_as_nginx_does(front):
             assert front.get(target, headers=headers)[0] == status, (target, headers)
 
 
+VALIDATORS = ("ETag", "Last-Modified", "Cache-Control", "Content-Length", *SECURITY)
+
+
+def _validators(headers) -> dict[str, str | None]:
+    return {name: headers.get(name) for name in VALIDATORS}
+
+
+def test_a_tab_before_the_first_tag_is_judged_as_nginx_does(front):
+    """nginx takes a tab before the first tag for part of it (a tag after a comma may have
+    one): the app answered 304 (If-None-Match) and 200 (If-Match) where nginx, for the same
+    file on disk, answered 200 and 412."""
+    page = _unbuilt_files(front)[0]
+    for target, on_disk in ((STATIC, True), (page, False)):
+        etag = front.get(target)[1]["ETag"]
+        for headers, status in [
+            ({"If-None-Match": "\t" + etag}, 200),
+            ({"If-None-Match": '"other",\t' + etag}, 304),
+            ({"If-None-Match": " " + etag}, 304),
+            ({"If-Match": "\t" + etag}, 412),
+            ({"If-Match": '"other",\t' + etag}, 200),
+            ({"If-Match": "\t*"}, 412),
+        ]:
+            if not on_disk:
+                published(front, target).unlink(missing_ok=True)  # the app answers it
+            assert front.get(target, headers=headers)[0] == status, (target, headers)
+
+
+def test_a_page_served_from_memory_has_the_validators_of_its_file(front):
+    """A page the disk refuses (its lock path a directory) is served from memory: with the
+    ETag and Last-Modified of the clock, a new pair each second, where the same bytes from
+    disk later have the version's publish time."""
+    name = _unbuilt_package(front)
+    url = f"/packages/stats/bioc/{name}/"
+    relpath = f"bioc/{name}/index.html"
+    live = (front.publish_dir / "current").resolve()
+    blocker = live / (".lock-" + hashlib.sha256(relpath.encode()).hexdigest()[:24])
+    blocker.mkdir()
+    try:
+        second = int(time.time())
+        status, first, body = front.get(url)
+        assert status == 200 and not published(front, url).exists()
+        # the clock's next second: where the validators moved with it
+        wait_for(lambda: int(time.time()) > second + 1, 5, what="the clock's next second")
+        again = front.get(url)[1]
+        assert front.get(url, headers={"If-None-Match": first["ETag"]})[0] == 304
+    finally:
+        blocker.rmdir()
+    status, stored, same = front.get(url)  # the app stores it, nginx sends it next
+    assert (status, same) == (200, body) and published(front, url).exists()
+    from_disk = front.get(url)[1]
+    assert _validators(first) == _validators(again) == _validators(stored) == _validators(from_disk)
+
+
 def test_a_slow_client_is_cut_off(front):
     """A client that never finishes its request head is closed after client_header_timeout
     (a connection left open would time this read out)."""

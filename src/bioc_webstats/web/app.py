@@ -525,20 +525,28 @@ def create_app(settings: Settings | None = None) -> Flask:
             except OSError as exc:  # no usable publish directory: still answer, from memory
                 app.logger.warning("cannot publish into %s: %s", settings.publish_dir, exc)
                 version = None
+            same: list[bool] = []  # whether a body built is of the data version served
+
+            def make() -> tuple[bytes, bool]:
+                body, storable = site.build(target, snap, state.key)
+                same.append(storable)
+                return body, storable
+
             if version is None:
-                got: Path | bytes = site.build(target, snap, state.key)[0]
+                got: Path | bytes = make()[0]
             else:
-                got = site.site.get_or_build(
-                    version, target.relpath, lambda: site.build(target, snap, state.key)
-                )
+                got = site.site.get_or_build(version, target.relpath, make)
         except SQLAlchemyError as exc:  # (one line each: an outage is many requests)
             app.logger.warning("database unavailable: %s", first_line(exc))
             return _plain(503, "Service Unavailable", "The statistics database is unavailable.")
         ctype = HTML if target.is_page else TEXT
         if isinstance(got, Path):
             etag, mtime, _size = validators(got)
-        else:  # not stored (the data moved on meanwhile, or the disk refused)
-            mtime = float(max(int(time.time()), version.published if version else 0))
+        else:  # not stored: the disk refused it, or the data moved on meanwhile
+            if version is not None and same == [True]:  # the bytes nginx will send once stored
+                mtime = float(version.published)
+            else:
+                mtime = float(max(int(time.time()), version.published if version else 0))
             etag = f'"{int(mtime):x}-{len(got):x}"'
         return _send(got, ctype, etag.strip('"'), mtime, site.max_age)
 
