@@ -298,7 +298,8 @@ def _date_option(name: str, text: str) -> Callable[[F], F]:
 )
 @_date_option(
     "--since",
-    "Also consider objects dated on or after this date (YYYY-MM-DD); never before etl/logs_since.",
+    "Also consider objects dated on or after this date (YYYY-MM-DD); no line dated before "
+    "etl/logs_since is counted.",
 )
 @_date_option(
     "--until", "Only objects dated on or before this date (YYYY-MM-DD): a backfill in slices."

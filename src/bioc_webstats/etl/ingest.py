@@ -7,8 +7,8 @@ counted to the statistics and marks them counted, bumps the data version and adv
 leaves each object either fully stored or absent, and any stored but not yet counted object
 counted by the next run.
 
-Objects are parsed in worker processes (``etl/workers``, default: the CPU count) while this
-process writes to the database, in name order.
+Objects are parsed in worker processes (``etl/workers``, default: the CPU count, at most 4)
+while this process writes to the database, in name order.
 """
 
 from __future__ import annotations
