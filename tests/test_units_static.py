@@ -139,7 +139,7 @@ def test_verify_catches_a_bad_unit(unit_root):
         bad.unlink()
 
 
-VERIFY_UNIT = Path(__file__).parent.parent / "roles/webstats_services/files/verify-unit"
+VERIFY_UNIT = Path(__file__).parent.parent / "roles/webstats_base/files/verify-unit"
 
 
 def verify_dropin(unit: Path | str, text: str, tmp_path: Path) -> subprocess.CompletedProcess:
@@ -530,14 +530,35 @@ def test_the_site_dropins_are_installed_through_the_verifier():
     )
     install = next(t for t in tasks if t["name"].startswith("Install the site drop-ins"))
     validate = install["ansible.builtin.template"]["validate"]
-    assert validate == "{{ __webstats_services_verify }} --dropin {{ item.key }} %s"
+    assert validate == "{{ webstats_services_verify_unit }} --dropin {{ item.key }} %s"
+
+
+def test_every_dropin_of_a_role_is_installed_through_the_verifier():
+    """nginx's drop-ins (its sandbox among them) and logrotate.timer's were installed unchecked
+    on the host: a key the host's systemd does not know would weaken the sandbox silently."""
+    nginx = yaml.safe_load((ROOT / "roles/webstats_nginx/tasks/main.yml").read_text())
+    checked = {}
+    for task in nginx:
+        module = task.get("ansible.builtin.template") or {}
+        if str(module.get("dest", "")).startswith("/etc/systemd/system/"):
+            checked[module["dest"]] = module.get("validate")
+    assert checked == {
+        "/etc/systemd/system/{{ item.unit }}.d/bioc-webstats.conf":
+            "{{ webstats_nginx_verify_unit }} --dropin {{ item.unit }} %s",
+        "/etc/systemd/system/nginx.service.d/bioc-webstats-sandbox.conf":
+            "{{ webstats_nginx_verify_unit }} --dropin nginx.service %s",
+    }  # fmt: skip
+    timer = _base_task("Run logrotate hourly (size caps)")["ansible.builtin.copy"]
+    assert timer["validate"] == (
+        "{{ webstats_base_libexec_dir }}/verify-unit --dropin logrotate.timer %s"
+    )
 
 
 @pytest.mark.parametrize("template", ["nginx-service.conf.j2", "nginx-sandbox.conf.j2"])
 def test_the_nginx_roles_dropins_verify_with_the_packaged_unit(tmp_path, template):
     """The nginx role's drop-ins of nginx.service (memory cap, target, sandbox) are checked
-    here, with the distribution's unit, rather than on the host: no message about them (a
-    misspelt key would be ignored by systemd with a warning)."""
+    here too, with the distribution's unit (on the host, with the host's): no message about
+    them (a misspelt key would be ignored by systemd with a warning)."""
     from webserver import NGINX_TEMPLATES
 
     unit = Path("/lib/systemd/system/nginx.service")
