@@ -198,7 +198,7 @@ def malformed_row(day: dt.date, rng: random.Random) -> tuple[str | None, str | N
     elif how == 4:
         ips = None
     elif how == 5:
-        ips = ", 10.0.0.7"  # a chain without its client
+        ips = "-, -"  # a chain of placeholders: no address, no client
     else:
         status = "-"
     return ips, dstr, status

@@ -12,6 +12,7 @@ import shutil
 import sqlite3
 import subprocess
 import sys
+from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -168,6 +169,30 @@ def test_proxy_chain_is_its_first_address_hashed_like_a_log_ip(db_url, tmp_path)
     assert cat[("bioc", 2024, 1)] == (2, 7)
 
 
+def test_the_client_is_the_first_element_that_is_an_address(sqlite_settings, tmp_path):
+    """``unknown`` (a proxy's word for a client it does not know) was hashed as a client: every
+    such row of the history one distinct IP; a port a proxy added made each port another
+    client; an empty or ``-`` element before the address made the row malformed."""
+    chains = {
+        "unknown, 198.51.100.7": "198.51.100.7",
+        ", 198.51.100.7": "198.51.100.7",
+        "-, 198.51.100.7": "198.51.100.7",
+        "198.51.100.7:5678": "198.51.100.7",
+        "crawler.example.org, 198.51.100.7": "198.51.100.7",
+        "unknown, 192.0.2.9": "192.0.2.9",
+        "[2001:db8::9]:443": "2001:db8::9",
+        "2001:db8::9, 10.0.0.7": "2001:db8::9",
+        "crawler.example.org": "crawler.example.org",  # no address: still one client
+    }
+    rows = [legacygen.row(ips=chain) for chain in chains]
+    rows.append(legacygen.row(ips="-, "))  # no client at all: malformed
+    assert import_rows(sqlite_settings, tmp_path / "download_db_2024.sqlite", rows)
+    counted = Counter(hashed(client) for client in chains.values())
+    got = records(sqlite_settings.database_url)
+    assert {(r[3], r[4]) for r in got} == set(counted.items())
+    assert sum(r[4] for r in got) == len(chains)
+
+
 def test_absolute_urls_and_query_strings_test_the_path(sqlite_settings, tmp_path):
     counted = [
         "http://bioconductor.org" + DL,
@@ -247,7 +272,7 @@ def test_malformed_rows_are_counted_not_fatal(sqlite_settings, tmp_path, caplog)
         legacygen.row(day="2024-01-30"), legacygen.row(day="30/jan/2024"),
         legacygen.row(day="31/Feb/2024"), legacygen.row(day=None), legacygen.row(day="3/Jan/2024"),
         legacygen.row(ips=""), legacygen.row(ips=None), legacygen.row(ips="-"),
-        legacygen.row(ips=", 10.0.0.7"), legacygen.row(url="/" + "x" * 9000),
+        legacygen.row(ips="-, "), legacygen.row(url="/" + "x" * 9000),
         legacygen.row(day="31/Dec/1999"), legacygen.row(day="15/Jun/1995"),
     ]  # fmt: skip
     caplog.set_level(logging.INFO, "bioc_webstats")

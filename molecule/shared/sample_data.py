@@ -47,7 +47,7 @@ REPO_PATHS = {
 }
 RELEASE, DEVEL = "3.22", "3.23"
 PACKAGE_S = 1.2  # Zipf exponent of package popularity in --history mode
-RECIPE = 3  # bump when what is written changes (a complete DIR of another recipe is rewritten)
+RECIPE = 4  # bump when what is written changes (a complete DIR of another recipe is rewritten)
 
 
 def write_packages_source(csv_path: Path, out: Path) -> None:

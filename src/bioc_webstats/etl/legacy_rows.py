@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import datetime as dt
 import hashlib
+import ipaddress
 import os
 import pickle
 import queue
@@ -108,10 +109,38 @@ def url_path(url: bytes) -> bytes:
     return url[m.end() :] if m else url
 
 
+# An element of a chain that is an address, with a port a proxy may have added: IPv4, or IPv6
+# in brackets; a bare IPv6 (colons) is one when ipaddress says so.
+_IPV4 = re.compile(rb"([0-9]{1,3}(?:\.[0-9]{1,3}){3})(?::[0-9]{1,5})?")
+_IPV6 = re.compile(rb"\[([0-9A-Fa-f:.]+)\](?::[0-9]{1,5})?|([0-9A-Fa-f:.]*:[0-9A-Fa-f:.]*)")
+
+
+def _address(item: bytes) -> bytes | None:
+    """The address of one element of a chain (no port, no brackets), or None: ``unknown``
+    (a proxy's placeholder for a client it does not know), a host name, an identifier."""
+    if m := _IPV4.fullmatch(item):
+        return m[1]
+    if m := _IPV6.fullmatch(item):
+        candidate = m[1] or m[2]
+        try:
+            ipaddress.IPv6Address(candidate.decode("ascii"))
+        except ValueError:
+            return None
+        return candidate
+    return None
+
+
 def first_address(ips: bytes) -> bytes:
-    """The client of a proxy chain ``client, proxy, …`` (also separated by blanks only)."""
-    first = ips.split(b",", 1)[0].split(None, 1)
-    return first[0] if first else b""
+    """The client of a proxy chain ``client, proxy, …`` (also separated by blanks only): its
+    first element that is an address, as logged but for a port (``1.2.3.4:5678``) or IPv6's
+    brackets (``[2001:db8::1]:443``); ``unknown``, ``-`` or an empty element before it is
+    passed over. A chain without any address gives its first element as it is (a host name
+    the old server logged: still one client), or b"" when it has none."""
+    items = [i for i in ips.replace(b",", b" ").split() if i != b"-"]
+    for item in items:
+        if (found := _address(item)) is not None:
+            return found
+    return items[0] if items else b""
 
 
 class Rule:
