@@ -170,15 +170,16 @@ def test_proxy_chain_is_its_first_address_hashed_like_a_log_ip(db_url, tmp_path)
 
 
 def test_the_client_is_the_first_element_that_is_an_address(sqlite_settings, tmp_path):
-    """``unknown`` (a proxy's word for a client it does not know) was hashed as a client: every
-    such row of the history one distinct IP; a port a proxy added made each port another
-    client; an empty or ``-`` element before the address made the row malformed."""
+    """``unknown`` (a proxy's word for a client it does not know) was hashed as the client of
+    a chain: every such row of the history one distinct IP; a port a proxy added made each port
+    another client; an empty or ``-`` element before the address made the row malformed."""
     chains = {
         "unknown, 198.51.100.7": "198.51.100.7",
         ", 198.51.100.7": "198.51.100.7",
         "-, 198.51.100.7": "198.51.100.7",
         "198.51.100.7:5678": "198.51.100.7",
-        "crawler.example.org, 198.51.100.7": "198.51.100.7",
+        "Unknown , 198.51.100.7:80": "198.51.100.7",
+        "crawler.example.org, 198.51.100.8": "crawler.example.org",  # a client, as written
         "unknown, 192.0.2.9": "192.0.2.9",
         "[2001:db8::9]:443": "2001:db8::9",
         "2001:db8::9, 10.0.0.7": "2001:db8::9",

@@ -116,8 +116,8 @@ _IPV6 = re.compile(rb"\[([0-9A-Fa-f:.]+)\](?::[0-9]{1,5})?|([0-9A-Fa-f:.]*:[0-9A
 
 
 def _address(item: bytes) -> bytes | None:
-    """The address of one element of a chain (no port, no brackets), or None: ``unknown``
-    (a proxy's placeholder for a client it does not know), a host name, an identifier."""
+    """The address of one element of a chain without its port or brackets, or None (a host
+    name, an identifier)."""
     if m := _IPV4.fullmatch(item):
         return m[1]
     if m := _IPV6.fullmatch(item):
@@ -130,17 +130,19 @@ def _address(item: bytes) -> bytes | None:
     return None
 
 
+# What a proxy writes for a client it does not know (also ``-`` and an empty element).
+_PLACEHOLDERS = frozenset({b"-", b"unknown"})
+
+
 def first_address(ips: bytes) -> bytes:
     """The client of a proxy chain ``client, proxy, …`` (also separated by blanks only): its
-    first element that is an address, as logged but for a port (``1.2.3.4:5678``) or IPv6's
-    brackets (``[2001:db8::1]:443``); ``unknown``, ``-`` or an empty element before it is
-    passed over. A chain without any address gives its first element as it is (a host name
-    the old server logged: still one client), or b"" when it has none."""
+    first element, placeholders (``unknown``, ``-``, empty) passed over, as logged but for a
+    port (``1.2.3.4:5678``) or IPv6's brackets (``[2001:db8::1]:443``) around an address. A
+    chain of placeholders only: ``unknown`` is one client, like a host name (its downloads
+    counted); ``-`` or nothing is none (b"")."""
     items = [i for i in ips.replace(b",", b" ").split() if i != b"-"]
-    for item in items:
-        if (found := _address(item)) is not None:
-            return found
-    return items[0] if items else b""
+    first = next((i for i in items if i.lower() not in _PLACEHOLDERS), items[0] if items else b"")
+    return _address(first) or first
 
 
 class Rule:
