@@ -130,8 +130,8 @@ def _address(item: bytes) -> bytes | None:
     return None
 
 
-# What a proxy writes for a client it does not know (also ``-`` and an empty element).
-_PLACEHOLDERS = frozenset({b"-", b"unknown"})
+# What a proxy writes for a client it does not know (``-``, as a log's c-ip: rule.BAD_IP).
+_UNKNOWN = b"unknown"
 
 
 def first_address(ips: bytes) -> bytes:
@@ -140,8 +140,8 @@ def first_address(ips: bytes) -> bytes:
     port (``1.2.3.4:5678``) or IPv6's brackets (``[2001:db8::1]:443``) around an address. A
     chain of placeholders only: ``unknown`` is one client, like a host name (its downloads
     counted); ``-`` or nothing is none (b"")."""
-    items = [i for i in ips.replace(b",", b" ").split() if i != b"-"]
-    first = next((i for i in items if i.lower() not in _PLACEHOLDERS), items[0] if items else b"")
+    items = [i for i in ips.replace(b",", b" ").split() if i not in rule.BAD_IP]
+    first = next((i for i in items if i.lower() != _UNKNOWN), items[0] if items else b"")
     return _address(first) or first
 
 
