@@ -169,7 +169,7 @@ def test_proxy_chain_is_its_first_address_hashed_like_a_log_ip(db_url, tmp_path)
     assert cat[("bioc", 2024, 1)] == (2, 7)
 
 
-def test_the_client_is_the_first_element_that_is_an_address(sqlite_settings, tmp_path):
+def test_the_client_is_the_first_element_but_placeholders(sqlite_settings, tmp_path):
     """``unknown`` (a proxy's word for a client it does not know) was hashed as the client of
     a chain: every such row of the history one distinct IP; a port a proxy added made each port
     another client; an empty or ``-`` element before the address made the row malformed."""
