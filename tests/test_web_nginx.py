@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import datetime as dt
 import email.utils
-import hashlib
 import re
 import resource
 import socket
@@ -20,6 +19,7 @@ import pytest
 import webref
 from bioc_webstats.categories import CATEGORIES
 from bioc_webstats.store import db
+from bioc_webstats.web.site import PublishedSite
 from bioc_webstats.web.targets import STATIC_FILES
 from conftest import new_pg_database, wait_for
 from webserver import nginx_binary, nginx_test, render_nginx, rss_kib, run_front, stop, unix_get
@@ -232,8 +232,7 @@ def test_the_apps_warnings_reach_gunicorns_error_log_once(front):
     error_log = front.gunicorn_access_log.with_name("error.log")
     name = _unbuilt_package(front)
     relpath = f"bioc/{name}/index.html"
-    live = (front.publish_dir / "current").resolve()
-    blocker = live / (".lock-" + hashlib.sha256(relpath.encode()).hexdigest()[:24])
+    blocker = PublishedSite(front.publish_dir).current().lock(relpath)
     blocker.mkdir()
     try:
         offset = error_log.stat().st_size
@@ -840,8 +839,7 @@ def test_a_page_served_from_memory_has_the_validators_of_its_file(front):
     name = _unbuilt_package(front)
     url = f"/packages/stats/bioc/{name}/"
     relpath = f"bioc/{name}/index.html"
-    live = (front.publish_dir / "current").resolve()
-    blocker = live / (".lock-" + hashlib.sha256(relpath.encode()).hexdigest()[:24])
+    blocker = PublishedSite(front.publish_dir).current().lock(relpath)
     blocker.mkdir()
     try:
         status, first, body = front.get(url)

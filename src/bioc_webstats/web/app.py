@@ -43,7 +43,7 @@ from ..config import Settings, load_settings
 from ..errors import first_line
 from ..store import db
 from . import pages, report, tabfiles
-from .site import PublishedSite, Version, validators
+from .site import PublishedSite, Version, file_etag, validators
 from .targets import STATIC_FILES, Redirect, Target, build, exists, resolve
 
 PREFIX = "/packages/stats"
@@ -541,14 +541,14 @@ def create_app(settings: Settings | None = None) -> Flask:
             return _plain(503, "Service Unavailable", "The statistics database is unavailable.")
         ctype = HTML if target.is_page else TEXT
         if isinstance(got, Path):
-            etag, mtime, _size = validators(got)
+            tag, mtime, _size = validators(got)
         else:  # not stored: the disk refused it, or the data moved on meanwhile
             if version is not None and same == [True]:  # the bytes nginx will send once stored
                 mtime = float(version.published)
             else:
                 mtime = float(max(int(time.time()), version.published if version else 0))
-            etag = f'"{int(mtime):x}-{len(got):x}"'
-        return _send(got, ctype, etag.strip('"'), mtime, site.max_age)
+            tag = file_etag(mtime, len(got))
+        return _send(got, ctype, tag.strip('"'), mtime, site.max_age)
 
     @app.errorhandler(HTTPException)
     def http_error(exc: HTTPException):

@@ -63,11 +63,20 @@ class Version:
         """The file of a URL path under the site prefix (``bioc/affy/index.html``)."""
         return self.path / SITE_PREFIX / relpath
 
+    def lock(self, relpath: str) -> Path:
+        """The lock its builders share (a dot-file: nginx never serves it)."""
+        return self.path / (".lock-" + hashlib.sha256(relpath.encode()).hexdigest()[:24])
+
+
+def file_etag(mtime: float, size: int) -> str:
+    """nginx's strong ETag of a file of this mtime and size, so both answer alike."""
+    return f'"{int(mtime):x}-{size:x}"'
+
 
 def validators(path: Path) -> tuple[str, float, int]:
-    """(strong ETag, mtime, size) of a published file: nginx's rule, so both answer alike."""
+    """(strong ETag, mtime, size) of a published file."""
     st = os.stat(path)
-    return f'"{int(st.st_mtime):x}-{st.st_size:x}"', st.st_mtime, st.st_size
+    return file_etag(st.st_mtime, st.st_size), st.st_mtime, st.st_size
 
 
 class PublishedSite:
@@ -217,9 +226,8 @@ class PublishedSite:
         path = self.lookup(version, relpath)
         if path is not None:
             return path
-        lock_name = ".lock-" + hashlib.sha256(relpath.encode()).hexdigest()[:24]
         try:
-            lock = open(version.path / lock_name, "a+b")
+            lock = open(version.lock(relpath), "a+b")
         except OSError as exc:
             if strict:
                 raise
