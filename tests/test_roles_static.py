@@ -171,20 +171,20 @@ def test_every_inventory_gives_the_database_logins(inventory):
 
 def test_each_fact_is_declared_once():
     """The shared literals (the service account, the paths, the socket) are set in one role's
-    defaults only; the others take them through the wiring."""
-    facts = (
-        "/opt/bioc-webstats",
-        "/etc/bioc-webstats",
-        "/var/lib/bioc-webstats",
-        "/var/log/bioc-webstats",
-        "/run/bioc-webstats",
-        "webstats.env",
+    defaults only; the others take them through the wiring, in their defaults and their
+    private vars alike."""
+    facts = re.compile(
+        r"(/opt/bioc-webstats|/etc/bioc-webstats|/var/lib/bioc-webstats|/var/log/bioc-webstats"
+        r"|/run/bioc-webstats|/usr/local/libexec/bioc-webstats)(/|$)|webstats\.env"
     )
     for role in ROLE_NAMES:
-        for name, value in _load(ROLES / role / "defaults" / "main.yml").items():
-            literal = str(value) if "{{" not in str(value) else ""
-            if role != "webstats_base":
-                assert not any(f in literal for f in facts), f"{role}: {name}: {value}"
+        if role == "webstats_base":
+            continue
+        for kind in ("defaults", "vars"):
+            path = ROLES / role / kind / "main.yml"
+            for name, value in (_load(path) if path.exists() else {}).items():
+                literal = str(value) if "{{" not in str(value) else ""
+                assert not facts.search(literal), f"{role}/{kind}: {name}: {value}"
                 assert not (name.endswith(("_user", "_group")) and value == "webstats"), name
 
 
