@@ -235,6 +235,36 @@ def test_status_column_old_and_new_name_method_as_logged(sqlite_settings, tmp_pa
     assert list(unit.values()) == [(len(rows), 5, 5)]  # rows read, downloads, malformed
 
 
+def test_a_file_with_both_status_columns_reads_errorcode_where_statuscode_is_empty(
+    sqlite_settings, tmp_path
+):
+    """A year file whose table got a statuscode column added beside errorcode (not renamed):
+    rows of before have only errorcode, rows of after only statuscode, and a row with both
+    is judged by statuscode."""
+    path = tmp_path / "download_db_2020.sqlite"
+    con = legacygen.create(path, "errorcode")
+    con.execute("ALTER TABLE access_log ADD COLUMN statuscode TEXT")
+    cases = [  # (errorcode, statuscode), downloads
+        ("200", None), ("200", ""), (None, "200"), ("", "200"), ("404", "200"),  # 5
+        ("200", "404"), ("404", None), (None, None), ("-", ""),
+    ]  # fmt: skip
+    with con:
+        for i, (err, status) in enumerate(cases):
+            r = legacygen.row(ips=f"192.0.2.{i}", day="30/Jan/2020")
+            r.pop("status")
+            con.execute(
+                "INSERT INTO access_log (ips, day_month_year, method, url, errorcode, statuscode)"
+                " VALUES (?, ?, ?, ?, ?, ?)",
+                (r["ips"], r["day_month_year"], r["method"], r["url"], err, status),
+            )
+    con.close()
+    assert legacy.import_files(sqlite_settings, [str(path)], until="2030-01-01")
+    got = records(sqlite_settings.database_url)
+    assert {h for *_, h, _ in got} == {hashed(f"192.0.2.{i}") for i in range(5)}
+    unit = {k: v for k, v in ledger(sqlite_settings.database_url).items() if "/rows-" in k}
+    assert list(unit.values()) == [(len(cases), 5, 2)]  # rows read, downloads, malformed
+
+
 def test_the_day_is_the_local_day_as_logged(db_url, tmp_path):
     settings = loaded(db_url, tmp_path)
     rows = [

@@ -8,7 +8,8 @@ lines, through the same ledger, by the same rule:
 * the client is the first address of ``ips`` (``1.2.3.4, 10.0.0.7`` is a proxy chain),
   hashed like a log line's ``c-ip``;
 * ``url`` may be absolute and carry a query: the rule tests its path;
-* the status is ``statuscode`` (``errorcode`` in files before 2020); only GET counts;
+* the status is ``statuscode`` (``errorcode`` in files before 2020; with both, ``errorcode``
+  where ``statuscode`` is empty); only GET counts;
 * the old parser's ``package``/``biocrepo``/``pkgtype`` are not read at all;
 * rows dated on or after the cut-over day (``--until``, default ``etl/logs_since``) are the
   logs' and are skipped.
@@ -69,6 +70,7 @@ from .legacy_rows import (
     R_UNTIL,
     REASONS,
     ROWID_NAMES,
+    STATUS_BOTH,
     STATUS_COLUMNS,
     LegacyFileError,
     UnitResult,
@@ -265,7 +267,7 @@ def inspect(path: Path) -> LegacyFile:
                 missing.append("statuscode (or errorcode)")
             if missing:
                 raise LegacyFileError(f"access_log has no column {', '.join(missing)}")
-            f.status_col = status[0]
+            f.status_col = status[0] if len(status) == 1 else STATUS_BOTH
             rowid = [a for a in ROWID_NAMES if a not in cols]
             if not rowid:
                 raise LegacyFileError(

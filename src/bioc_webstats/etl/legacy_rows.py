@@ -48,6 +48,8 @@ MAX_VALUE = rule.MAX_URI  # bytes: a longer url or ips is no request a client ma
 # (It bounds the schema's text too, which SQLite reads as a value: a real one is a few KB.)
 LOAD_MAX = 4 << 20
 STATUS_COLUMNS = ("statuscode", "errorcode")  # errorcode: the name before 2020
+# A file with both (a column added, not renamed): a row's errorcode where it has no statuscode.
+STATUS_BOTH = "coalesce(nullif(statuscode, ''), errorcode)"
 ROWID_NAMES = ("rowid", "_rowid_", "oid")  # SQLite's names of it; a column hides one
 
 # Why a row is not a download, by code (the same codes in the C loop, _legacy.c). The first
@@ -243,7 +245,8 @@ def unit_sql(
 ) -> str:
     """The query of a unit: the five values the rule reads (and the rowid), by rowid range,
     in rowid order."""
-    assert status_col in STATUS_COLUMNS and rowid in ROWID_NAMES  # never a name from the file
+    # never a name from the file
+    assert status_col in (*STATUS_COLUMNS, STATUS_BOTH) and rowid in ROWID_NAMES
     cols: tuple[str, ...] = ("day_month_year", "method", status_col, "ips", "url")
     if null_as_empty:
         cols = tuple(f"ifnull(CAST({c} AS TEXT), '')" for c in cols)
