@@ -543,8 +543,10 @@ def test_every_dropin_of_a_role_is_installed_through_the_verifier():
         if str(module.get("dest", "")).startswith("/etc/systemd/system/"):
             checked[module["dest"]] = module.get("validate")
     assert checked == {
-        "/etc/systemd/system/{{ item.unit }}.d/bioc-webstats.conf":
-            "{{ webstats_nginx_verify_unit }} --dropin {{ item.unit }} %s",
+        "/etc/systemd/system/nginx.service.d/bioc-webstats.conf":
+            "{{ webstats_nginx_verify_unit }} --dropin nginx.service %s",
+        "/etc/systemd/system/{{ __webstats_nginx_target }}.d/bioc-webstats.conf":
+            "{{ webstats_nginx_verify_unit }} --dropin {{ __webstats_nginx_target }} %s",
         "/etc/systemd/system/nginx.service.d/bioc-webstats-sandbox.conf":
             "{{ webstats_nginx_verify_unit }} --dropin nginx.service %s",
     }  # fmt: skip
@@ -571,6 +573,23 @@ def test_the_nginx_roles_dropins_verify_with_the_packaged_unit(tmp_path, templat
 def _base_task(name: str) -> dict:
     tasks = yaml.safe_load((ROOT / "roles/webstats_base/tasks/main.yml").read_text())
     return next(t for t in tasks if t["name"] == name)
+
+
+def test_nginx_cannot_reach_the_instance_role_either():
+    """nginx parses the public's requests before the web does: its drop-in denies it the
+    instance metadata service as the web unit's does (it had no such line), and the role
+    applies it to the running nginx (a daemon-reload does not)."""
+    from webserver import NGINX_TEMPLATES
+
+    values = ansible_render.deploy_vars()
+    dropin = ansible_render.render(NGINX_TEMPLATES / "nginx-service.conf.j2", values)
+    web = ansible_render.render(TEMPLATES / "bioc-webstats.service.j2", values)
+    denied = re.findall(r"^IPAddressDeny=(.*)$", dropin, re.M)
+    assert denied == ["169.254.169.254 fd00:ec2::254"]
+    assert denied == re.findall(r"^IPAddressDeny=(.*)$", web, re.M)
+    handlers = yaml.safe_load((ROOT / "roles/webstats_nginx/handlers/main.yml").read_text())
+    applied = [h for h in handlers if h.get("listen") == "webstats nginx resources changed"]
+    assert len(applied) == 1 and "set-property" in applied[0]["ansible.builtin.command"]["argv"]
 
 
 def test_the_logrotate_timer_dropin_verifies_with_the_packaged_unit(tmp_path):

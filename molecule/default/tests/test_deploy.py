@@ -253,6 +253,18 @@ def test_the_running_nginx_has_no_new_privileges_and_five_capabilities(host):
     # in an unprivileged container skips mount namespaces, for every unit)
 
 
+def test_the_running_nginx_may_not_reach_the_instance_role(host):
+    """nginx parses the public's requests first: as the web unit, it is denied the instance
+    metadata service. The deploy set it on the running master (`set-property --runtime`: a
+    daemon-reload leaves a running unit's IP filter as it was), the drop-in for later starts."""
+    deny = run_ok(host, "systemctl show -P IPAddressDeny nginx.service").split()
+    assert set(deny) == {"169.254.169.254/32", "fd00:ec2::254/128"}, deny
+    dropin = host.file(f"{UNITS_DIR}/nginx.service.d/bioc-webstats.conf").content_string
+    assert "IPAddressDeny=169.254.169.254 fd00:ec2::254" in dropin.splitlines()
+    applied = "/run/systemd/system.control/nginx.service.d/50-IPAddressDeny.conf"
+    assert "IPAddressDeny=169.254.169.254/32" in host.file(applied).content_string
+
+
 def installed_services(host) -> list[str]:
     names = run_ok(host, f"ls {UNITS_DIR}").split()
     services = [n for n in names if n.startswith("bioc-webstats") and n.endswith(".service")]

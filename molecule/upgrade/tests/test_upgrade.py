@@ -101,6 +101,10 @@ def test_upgrade_under_load_drops_no_request(host, service, versions, runbook):
     assert run_ok(host, "systemctl show -P RestartUSec bioc-webstats.service").strip() == "9s"
     assert "keepalive_timeout 64s;" in host.file(SITE).content_string
     assert run_ok(host, "systemctl show -P MainPID nginx.service").strip() == nginx_pid
+    # a resource drop-in that changed (0.3.23: the metadata service denied) is applied to that
+    # same master, not left to its next start
+    applied = "/run/systemd/system.control/nginx.service.d/50-IPAddressDeny.conf"
+    assert "IPAddressDeny=169.254.169.254/32" in host.file(applied).content_string
 
 
 def test_rollback_on_demand_and_forward_again(host, service, versions, runbook):
