@@ -671,6 +671,68 @@ def test_a_thousand_idle_connections_do_not_starve_a_new_client(front, fd_room):
     print(f"1,000 idle connections, then: {times}")
 
 
+def _unread_heads(port: int) -> tuple[int, int]:
+    """(connections to ``port`` nginx holds, how many of them hold bytes it has not read)."""
+    held = unread = 0
+    for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
+        fields = line.split()
+        local, state, queues = fields[1], fields[3], fields[4]
+        if state == "01" and int(local.split(":")[1], 16) == port:  # established, ours
+            held += 1
+            unread += int(queues.split(":")[1], 16) > 0
+    return held, unread
+
+
+def _mib(value: str) -> int:
+    number, unit = re.fullmatch(r"(\d+)([KMG])", value).groups()
+    return int(number) * {"K": 1, "M": 1024, "G": 1024 * 1024}[unit] // 1024
+
+
+def test_every_connection_with_a_full_head_fits_nginxs_memory_ceiling(loaded_pg, tmp_path):
+    """limit_conn counts a request once its head is read: until then one address may open
+    every connection nginx has, each with the largest head it keeps (1k + 4 x 8k buffers).
+    The workers' memory then stays under the unit's MemoryMax= (it was 2 x 4096 connections
+    of ~43 KB, 340 MB, against a 192M ceiling: the kernel would have killed workers)."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    with run_front(loaded_pg, tmp_path) as fr:
+        workers = int(fr.values["webstats_nginx_worker_processes"])
+        per_worker = int(fr.values["webstats_nginx_worker_connections"])
+        ceiling_kib = _mib(fr.values["webstats_nginx_memory_max"]) * 1024
+        assert len(fr.pids()["nginx"]) == workers + 1
+        # each worker keeps a few of its connections (the listener, gunicorn's)
+        count = workers * (per_worker - 16)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (min(hard, count + 1024), hard))
+        assert resource.getrlimit(resource.RLIMIT_NOFILE)[0] >= count + 256, "no room"
+        line = b"X-Fill: " + b"a" * 8000 + b"\r\n"  # each in a large buffer of its own
+        head = b"GET /healthz HTTP/1.1\r\nHost: t\r\n" + line * 3 + b"X-Last: " + b"a" * 7000
+        opened: list[socket.socket] = []
+        try:
+            for _ in range(count):
+                s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+                s.bind(("127.0.0.2", 0))
+                s.settimeout(10)
+                s.connect(("127.0.0.1", fr.port))
+                s.sendall(head)
+                opened.append(s)
+
+            # nginx has read every byte of the connections it kept (before its header timeout
+            # closes them); it turns away the few a full worker is handed
+            def read_all() -> bool:
+                held, unread = _unread_heads(fr.port)
+                return unread == 0 and held >= count * 0.9
+
+            wait_for(read_all, 8, what="nginx to read every head")
+            held = _unread_heads(fr.port)[0]
+            peak = sum(rss_kib(pid) for pid in fr.pids()["nginx"])
+        finally:
+            for s in opened:
+                s.close()
+            resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+    print(f"{held} connections with a {len(head)}-byte head: nginx {peak // 1024} MiB")
+    assert peak > held * 32, "the heads were not held"  # (at least their bytes)
+    assert peak < ceiling_kib, f"{peak} KiB with {held} heads, ceiling {ceiling_kib} KiB"
+
+
 def _closed(s: socket.socket) -> bool:
     s.setblocking(False)
     try:
@@ -1001,6 +1063,9 @@ def test_one_client_cannot_hold_every_slot_and_the_host_is_never_limited(limited
     finally:
         for s in held:
             s.close()
+    # no address in clear in nginx's error log (its limit_conn lines named the client)
+    error_log = Path(limited.values["webstats_nginx_log_dir"]) / "nginx-error.log"
+    assert b"127.0.0." not in error_log.read_bytes()
     again = b"GET /healthz HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n"
     wait_for(
         lambda: status_of(raw(limited.port, again, source="127.0.0.4")) == 200,
