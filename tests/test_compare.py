@@ -222,10 +222,11 @@ def test_narrowed_by_category_and_package(ours, legacy, expected, tmp_path, monk
     code, _, err = run(
         monkeypatch, ours, tmp_path, capsys, "--against", legacy.url, "--categories", "software"
     )
-    assert code == 1 and err == [
-        "bioc-webstats: error: --categories: unknown category 'software' "
+    assert code == 2  # a usage error (interfaces.md), before anything is fetched
+    assert err[-1] == (
+        "Error: Invalid value for '--categories': unknown category 'software' "
         "(one of bioc, annotation, experiment, workflows)"
-    ]
+    )
 
 
 def _from_ours(ours, monkeypatch, there, *args):
@@ -398,6 +399,8 @@ def test_credentials_in_a_url_are_refused_and_never_printed(url):
         (["--against", "x", "--packages", ","], "--packages"),  # 0 files compared: a pass
         (["--against", "x", "--categories", " , "], "--categories"),  # every category
         (["--against", "x", "--timeout", "nan"], "--timeout"),  # a traceback on the first fetch
+        (["--against", "x", "--categories", "bioc,foo"], "--categories"),  # was exit 1
+        (["--against", "x", "--categories", "BIOC"], "--categories"),
     ],
 )
 def test_compare_options_that_name_nothing_are_usage_errors(args, option, capsys, monkeypatch):
@@ -655,6 +658,22 @@ def test_a_redirects_body_is_not_read():
         head = f"HTTP/1.1 301 Moved\r\nLocation: {target}/x\r\nContent-Length: 999999999\r\n\r\n"
         with scripted_server([(head.encode(), 0), *[(b"x" * 65536, 0.1)] * 100]) as url:
             assert httpbody.get(url + "/a", "test", 5, max_bytes=100, deadline=3) == b"Package"
+
+
+@pytest.mark.parametrize("unreadable", ["bioc/bioc_packages.txt", "bioc/affy/affy_stats.tab"])
+def test_what_an_unreadable_list_names_on_the_other_side_is_still_compared(
+    ours, legacy, expected, monkeypatch, unreadable
+):
+    """A listing (its packages) or a package's all-years file (its year files) that one side
+    cannot give: it is one line, and the files the other side's copy names are compared. They
+    were dropped with it, uncounted (every bioc package's files behind '1 could not be
+    compared')."""
+    legacy.fail[unreadable] = 100
+    there = cmp.WebSide(legacy.url, backoff=0.01, sleep=lambda _: None)
+    result, lines = _from_ours(ours, monkeypatch, there, ["bioc"])
+    bioc = sum(k.startswith("bioc/") for k in expected)
+    assert [line.split(": cannot compare: ")[0] for line in lines] == [unreadable]
+    assert (result.compared, result.differ, result.failed) == (bioc - 1, 0, 1)
 
 
 def test_a_listing_that_cannot_be_read_with_packages_is_one_line(ours, legacy, monkeypatch):

@@ -492,6 +492,17 @@ def _names(_ctx: click.Context, param: click.Parameter, value: str | None) -> st
     return value
 
 
+def _category_names(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
+    """--categories: names something, and only categories (a usage error, exit 2)."""
+    from .categories import BY_PREFIX, BY_STEM, CATEGORIES
+
+    for name in _csv_list(_names(ctx, param, value)) or []:
+        if name not in BY_PREFIX and name not in BY_STEM:
+            known = ", ".join(c.prefix for c in CATEGORIES)
+            raise click.BadParameter(f"unknown category {name!r} (one of {known})", param=param)
+    return value
+
+
 def _finite(_ctx: click.Context, param: click.Parameter, value: float) -> float:
     if value != value:  # NaN slips through FloatRange's comparisons
         raise click.BadParameter("not a number", param=param)
@@ -512,7 +523,7 @@ def _finite(_ctx: click.Context, param: click.Parameter, value: float) -> float:
     help="Read this side from a URL (e.g. http://127.0.0.1:8000/packages/stats/) instead of "
     "building it from the database.",
 )
-@click.option("--categories", callback=_names,
+@click.option("--categories", callback=_category_names,
               help="Only these categories (comma-separated: bioc,workflows).")  # fmt: skip
 @click.option("--packages", callback=_names, help="Only these packages' files (comma-separated).")
 @click.option("--jobs", type=click.IntRange(1, 16), default=4, show_default=True,

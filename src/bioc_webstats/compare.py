@@ -352,8 +352,11 @@ class Comparison:
         except FetchError as exc:
             return None, str(exc)
 
-    def fetch_both(self, paths: list[str]) -> Iterator[tuple[str, bytes | None, bytes | None]]:
-        """(path, here, there) in the order given, with at most ``2 * jobs`` in flight."""
+    def fetch_both(
+        self, paths: list[str]
+    ) -> Iterator[tuple[str, bytes | None, bytes | None, str | None]]:
+        """(path, here, there, why one side could not be read) in the order given, with at
+        most ``2 * jobs`` in flight; the side that could not be read is None."""
         pending: deque[tuple[str, cf.Future, cf.Future | None]] = deque()
         todo = iter(paths)
 
@@ -375,17 +378,7 @@ class Comparison:
             nxt = next(todo, None)
             if nxt is not None:
                 submit(nxt)
-            if here_err or there_err:
-                self.record(Outcome(path, f"cannot compare: {here_err or there_err}", True))
-                self.failed_in_a_row += 1
-                if self.failed_in_a_row >= GIVE_UP:  # a site that is down: not 50,000 times
-                    raise WebstatsError(
-                        f"compare: stopped after {GIVE_UP} files in a row could not be read "
-                        f"(last: {here_err or there_err})"
-                    )
-                continue
-            self.failed_in_a_row = 0
-            yield path, here, there
+            yield path, here, there, here_err or there_err
 
     def record(self, outcome: Outcome) -> None:
         if outcome.failed:
@@ -404,9 +397,19 @@ class Comparison:
         """Compare ``paths``; of the bodies, only ``keep[path](here, there)`` is kept (the
         names or years a list holds): each body is dropped once judged (bounded memory)."""
         kept = {}
-        for path, here, there in self.fetch_both(paths):
-            if here is not None or there is not None:
-                self.record(judge(path, here, there))
+        for path, here, there, error in self.fetch_both(paths):
+            if error:  # not judged; what the other side lists is still compared
+                self.record(Outcome(path, f"cannot compare: {error}", True))
+                self.failed_in_a_row += 1
+                if self.failed_in_a_row >= GIVE_UP:  # a site that is down: not 50,000 times
+                    raise WebstatsError(
+                        f"compare: stopped after {GIVE_UP} files in a row could not be read "
+                        f"(last: {error})"
+                    )
+            else:
+                self.failed_in_a_row = 0
+                if here is not None or there is not None:
+                    self.record(judge(path, here, there))
             if path in keep:
                 try:
                     kept[path] = keep[path](here, there)
