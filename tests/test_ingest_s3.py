@@ -99,6 +99,22 @@ def test_s3_listing_across_pages(s3):
     assert res.accepted == 1
 
 
+def test_a_distributions_flat_names_beside_its_day_folders_are_all_listed(s3):
+    """A bucket moved to the folder layout: a distribution's old names at the top, its newer
+    ones under <dist>/<day>/. The walk jumped past the run of flat names to "<dist>/", a
+    StartAfter that passes over that whole folder: its objects were never listed, and the run
+    ended well (24 of 72 objects, ValidThru two days short)."""
+    data = loggen.log_bytes(loggen.log_line())
+    flat = [f"{loggen.DIST}.2024-01-30-{h:02d}.f{h}.gz" for h in range(3)]
+    nested = [f"{loggen.DIST}/2024-01-{d}/{loggen.DIST}.2024-01-{d}-00.n{d}.gz" for d in (30, 31)]
+    for key in flat + nested:
+        s3.put_object(Bucket=BUCKET, Key=key, Body=data)
+    window = sources.Window(start=dt.date(2024, 1, 29), until=dt.date(2024, 2, 5))
+    for source in (f"s3://{BUCKET}/", f"s3://{BUCKET}"):
+        objects, skipped = sources.S3Source(source).list(window)
+        assert sorted(o.key for o in objects) == sorted(flat + nested) and skipped == []
+
+
 def test_a_bucket_without_the_cutover_day_is_not_read_from_its_beginning(s3, tmp_path, db_url):
     """etl.md: an empty ledger starts at etl/logs_since, never at the bucket's beginning (a
     whole bucket overran the unit every day, and counted a legacy import's days twice)."""

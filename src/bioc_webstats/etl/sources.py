@@ -436,7 +436,9 @@ class S3Source(Source):
                     continue
                 # A run of one distribution's names: from the window's start to its end.
                 self._list_run(folder + m["dist"] + ".", found)
-                jump = _after(folder + m["dist"] + ".")
+                # Past every "<dist>." name, short of a "<dist>/" folder: a StartAfter of
+                # "<dist>/" itself passes over that whole folder (S3 pages by common prefix).
+                jump = folder + m["dist"] + ".\U0010ffff"
                 break
             if jump is not None:
                 cursor = jump
