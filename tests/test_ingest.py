@@ -825,6 +825,46 @@ def test_settings_far_out_of_range_are_one_line(db_url, tmp_path, env, message):
     assert line.startswith("bioc-webstats: error: ") and message in line, res.stderr
 
 
+def test_a_database_error_inside_the_records_copy_is_one_line(pg_server, tmp_path):
+    """The records' COPY runs on the driver's own cursor: its errors (a full disk here, a
+    statement timeout, a dropped connection) are psycopg2's, which nothing took for a
+    database error: a 40-line traceback. Nothing is stored, and the next run reads it all."""
+    import subprocess
+    import sys
+
+    import sqlalchemy as sa
+
+    from conftest import new_pg_database
+
+    url = new_pg_database(pg_server)
+    db.upgrade(url)
+    loaded(url, tmp_path)
+    out = tmp_path / "logs"
+    loggen.generate(out, days=1, files_per_day=2, lines_per_file=50)
+    full = sa.text(
+        "CREATE FUNCTION full_disk() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN "
+        "RAISE EXCEPTION 'could not extend file' USING ERRCODE = 'disk_full'; END $$; "
+        "CREATE TRIGGER full_disk BEFORE INSERT ON download_records "
+        "FOR EACH ROW EXECUTE FUNCTION full_disk()"
+    )
+    with sa.create_engine(url).begin() as c:
+        c.execute(full)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("WEBSTATS_")}
+    env.update(
+        WEBSTATS_DATABASE_URL=url, WEBSTATS_STATE_DIR=str(tmp_path / "state"),
+        WEBSTATS_ENV_FILE="/dev/null", WEBSTATS_IP_HASH_KEY="test-key",
+        WEBSTATS_ETL_LOGS_SINCE="2009-01-01",
+    )  # fmt: skip
+    exe = str(Path(sys.executable).parent / "bioc-webstats")
+    res = subprocess.run([exe, "etl", "run", "--source", str(out)], env=env,
+                         capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert res.returncode == 1 and "Traceback" not in res.stderr, res.stderr
+    line = res.stderr.strip().splitlines()[-1]
+    assert line == "bioc-webstats: error: database: could not extend file", res.stderr
+    with db.session_factory(url)() as s:
+        assert s.scalar(select(func.count()).select_from(IngestedObject)) == 0
+
+
 def test_a_second_writer_stops_at_once_and_names_the_holder(db_url, tmp_path):
     """Two `etl run` at once: the second one does no work and says who holds the lock."""
     import subprocess

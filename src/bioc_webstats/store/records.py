@@ -16,6 +16,7 @@ from collections.abc import Iterable, Iterator
 from itertools import islice
 
 from sqlalchemy import insert
+from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session
 
 from .models import DownloadRecord
@@ -41,9 +42,16 @@ def write(session: Session, data: bytes, copy_format: str) -> None:
     if not data:
         return
     if session.get_bind().dialect.name == "postgresql":
+        import psycopg2  # (only on PostgreSQL: the driver is there)
+
         options = " (FORMAT binary)" if copy_format == "binary" else ""
-        with session.connection().connection.cursor() as cur:
-            cur.copy_expert(_COPY + options, io.BytesIO(data))
+        try:
+            with session.connection().connection.cursor() as cur:
+                cur.copy_expert(_COPY + options, io.BytesIO(data))
+        except psycopg2.Error as exc:
+            # On the driver's own cursor: its error is made SQLAlchemy's, as any statement's
+            # is, so that a full disk or a timeout is the one line of a database error.
+            raise DBAPIError.instance(_COPY, None, exc, psycopg2.Error) from None
         return
     rows = decode(data, copy_format)
     # In batches: a list of every row as a dict took ten times the COPY data (3 GB for an
