@@ -326,6 +326,39 @@ def test_watchdog_stale_data_alerts_once_then_again_then_cleared(watched, monkey
     assert cleared["Subject"].startswith("bioc-webstats cleared: data-stale on ")
 
 
+def test_an_alarm_whose_check_cannot_run_is_not_cleared(watched, monkeypatch):
+    """Stale data, then the database unreachable, then the configuration unreadable: the
+    data-stale and web-down alarms were sent as "cleared" (SysOps told it was fixed) and
+    raised anew once the database was back. Unknown is not fixed: only a check that ran
+    clears its alarm."""
+    _topic, queue, health, url = watched
+    later = NOW + dt.timedelta(hours=30)
+    health.status = 503
+    assert names(alerts.watchdog(later)[0]) == {"data-stale", "web-down"}
+    received(queue)
+    down = f"postgresql+psycopg2://x@127.0.0.1:{free_port()}/x"
+    monkeypatch.setenv("WEBSTATS_DATABASE_URL", down)
+    alarms, _ = alerts.watchdog(later + dt.timedelta(minutes=10))
+    assert names(alarms) == {"database", "web-down"}
+    subjects = [n["Subject"].split(" on ")[0] for n in received(queue)]
+    assert subjects == ["bioc-webstats ALARM database"]
+    monkeypatch.setenv("WEBSTATS_SSM_PATH", "/bioc/webstats/missing")  # unreadable
+    alarms, _ = alerts.watchdog(later + dt.timedelta(minutes=20))
+    assert names(alarms) == {"config"}
+    subjects = [n["Subject"].split(" on ")[0] for n in received(queue)]
+    assert subjects == ["bioc-webstats ALARM config"]
+    # everything back: what still holds is not sent again, the rest clears
+    monkeypatch.delenv("WEBSTATS_SSM_PATH")
+    monkeypatch.setenv("WEBSTATS_DATABASE_URL", url)
+    health.status = 200
+    alarms, _ = alerts.watchdog(later + dt.timedelta(minutes=30))
+    assert names(alarms) == {"data-stale"}
+    assert sorted(n["Subject"].split(" on ")[0] for n in received(queue)) == [
+        "bioc-webstats cleared: config", "bioc-webstats cleared: database",
+        "bioc-webstats cleared: web-down",
+    ]  # fmt: skip
+
+
 @pytest.mark.parametrize("junk", ['["data-stale"]', '{"data-stale": "yesterday"}', "{", *DAMAGED])
 def test_watchdog_over_a_damaged_alarm_state_alerts(watched, junk):
     """An alarm state nobody can read is no record: the alarm is sent, not a traceback, and

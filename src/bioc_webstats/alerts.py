@@ -360,6 +360,12 @@ def disk_checks(paths: list[Path], min_free: float) -> list[Alarm]:
 # --- the watchdog ------------------------------------------------------------------------
 
 
+# The alarms the checks that need the database raise, and those that need the configuration:
+# when a check cannot run, its alarm is neither raised nor cleared (unknown is not fixed).
+DATA_ALARMS = frozenset({"data-stale", "etl-not-run", "sync-not-run", "publish-behind"})
+HOST_ALARMS = frozenset({"database", "web-down", "disk-low"}) | DATA_ALARMS
+
+
 def watchdog(now: dt.datetime | None = None) -> tuple[list[Alarm], list[str]]:
     """Run every check, alert on new, lasting and cleared alarms; returns (alarms, lines)."""
     from .config import load_settings
@@ -386,7 +392,13 @@ def watchdog(now: dt.datetime | None = None) -> tuple[list[Alarm], list[str]]:
         min_free = _limit(settings, "alerts/min_free_disk", alarms)
         alarms += disk_checks([sdir, settings.publish_dir, log_dir], min_free)
     lines = [f"ALARM {a.name}: {a.why}" for a in alarms]
-    lines += _notify(sdir, alarms, now)
+    if settings is None:
+        unchecked = HOST_ALARMS
+    elif any(a.name == "database" for a in alarms):
+        unchecked = DATA_ALARMS
+    else:
+        unchecked = frozenset()
+    lines += _notify(sdir, alarms, now, unchecked)
     namespace = settings.get("alerts/cloudwatch_namespace") if settings is not None else None
     if settings is not None and namespace:
         lines.append(heartbeat(settings, namespace, alarms, now))
@@ -420,8 +432,11 @@ def heartbeat(settings: Settings, namespace: str, alarms: list[Alarm], now: dt.d
     return f"heartbeat sent to CloudWatch {namespace} (Environment={env})"
 
 
-def _notify(sdir: Path, alarms: list[Alarm], now: dt.datetime) -> list[str]:
-    """Alert on alarms that are new or due again, and on those that cleared."""
+def _notify(
+    sdir: Path, alarms: list[Alarm], now: dt.datetime, unchecked: frozenset[str] = frozenset()
+) -> list[str]:
+    """Alert on alarms that are new or due again, and on those that cleared (not on those
+    whose check could not run: ``unchecked``)."""
     import socket
 
     path = alerts_dir(sdir) / "state.json"
@@ -441,7 +456,7 @@ def _notify(sdir: Path, alarms: list[Alarm], now: dt.datetime) -> list[str]:
             )
             lines.append(f"{name}: {send(sdir, subject, body)}")
             known[name] = stamp
-    for name in [n for n in known if n not in current]:
+    for name in [n for n in known if n not in current and n not in unchecked]:
         subject = f"bioc-webstats cleared: {name} on {host}"
         outcome = send(sdir, subject, name + " no longer holds.\n")
         lines.append(f"{name} cleared: {outcome}")
