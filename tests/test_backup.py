@@ -111,6 +111,46 @@ def test_not_a_backup_is_one_line_and_changes_nothing(db_url, clean_env, monkeyp
         assert db.get_valid_thru(s) == VT
 
 
+def test_a_backup_this_user_may_not_read_is_not_called_bad(
+    db_url, clean_env, monkeypatch, tmp_path
+):
+    """A root-only copy (the runbook's "copy it to /tmp first", done as root) restored as the
+    service user: "is not a pg_dump archive" sent SysAdmins to throw good backups away."""
+    monkeypatch.setenv("WEBSTATS_DATABASE_URL", db_url)
+    locked = tmp_path / "not-ours.dump"
+    locked.write_bytes(b"whatever it holds")
+    locked.chmod(0o600)
+    os.chown(locked, 65534, 65534)  # another user's: root reads it only by its capabilities
+    blind = ["setpriv", "--inh-caps=-dac_override,-dac_read_search",
+             "--bounding-set=-dac_override,-dac_read_search"]  # fmt: skip
+    res = subprocess.run(
+        [*blind, CLI, "db", "restore", str(locked)], env=dict(os.environ),
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert res.returncode == 1
+    assert res.stderr == f"bioc-webstats: error: restore: {locked}: Permission denied\n"
+
+
+def test_the_error_line_of_pg_restore_is_the_reason_given():
+    """pg_restore and pg_dump print their error, then a detail or the command that failed:
+    the last line ('Command was: ALTER TABLE …') was given as the reason, not 'must be owner'."""
+    from bioc_webstats.backup import _last_line
+
+    stderr = (
+        "pg_restore: error: could not execute query: ERROR:  must be owner of table packages\n"
+        "Command was: ALTER TABLE IF EXISTS ONLY public.packages DROP CONSTRAINT packages_pkey;\n"
+    )
+    assert _last_line(stderr) == (
+        "pg_restore: error: could not execute query: ERROR:  must be owner of table packages"
+    )
+    dump = "pg_dump: error: query failed: ERROR:  permission denied for table intruder\n"
+    assert _last_line(dump + "pg_dump: detail: Query was: LOCK TABLE public.intruder\n") == (
+        dump.strip()
+    )
+    assert _last_line("could not connect\n\n") == "could not connect"
+    assert _last_line("") == "no output"
+
+
 def test_pg_dump_must_match_the_server(pg_server, tmp_path, monkeypatch):
     major = backup.server_major(pg_server + "/postgres")
     assert backup.client_tool("pg_dump", major)  # the host's own fits

@@ -101,8 +101,11 @@ def _make_dir(path: Path, what: str) -> None:
 
 
 def _last_line(stderr: str) -> str:
+    """The tool's own error line (``pg_restore: error: …``), not the ``detail:`` or
+    ``Command was:`` line it prints after it; else the last line."""
     lines = [x for x in stderr.strip().splitlines() if x.strip()]
-    return lines[-1] if lines else "no output"
+    errors = [x for x in lines if re.match(r"pg_(dump|restore): error: ", x)]
+    return (errors or lines or ["no output"])[-1]
 
 
 def backup(settings: Settings, dest: Path, s3_url: str | None = None) -> BackupResult:
@@ -289,6 +292,11 @@ def restore(settings: Settings, source: Path) -> str:
     if not source.is_file():
         what = "not a regular file" if source.exists() else "no such file"
         raise WebstatsError(f"restore: {source}: {what}")
+    try:  # a file this user may not read is no bad backup (pg_restore would say only that)
+        with source.open("rb"):
+            pass
+    except OSError as exc:
+        raise WebstatsError(f"restore: {source}: {exc.strerror or exc}") from None
     url = make_url(settings.database_url)
     if url.get_backend_name() == "sqlite":
         if not url.database:
