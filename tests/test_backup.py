@@ -131,6 +131,21 @@ def test_a_backup_this_user_may_not_read_is_not_called_bad(
     assert res.stderr == f"bioc-webstats: error: restore: {locked}: Permission denied\n"
 
 
+def test_a_backup_fetched_onto_a_disk_that_refuses_says_where(aws_env, tmp_path):
+    """s3transfer's error of a full (here: a name taken by a directory) disk names no path:
+    'bioc-webstats: error: No space left on device' said neither what nor where."""
+    s3 = boto3.client("s3")
+    s3.create_bucket(Bucket="fetch-test")
+    s3.put_object(Bucket="fetch-test", Key="prod/webstats.dump", Body=b"dump")
+    work = tmp_path / "restore-1"
+    (work / "webstats.dump").mkdir(parents=True)  # where the download goes
+    with pytest.raises(WebstatsError) as exc:
+        backup.fetch("s3://fetch-test/prod/webstats.dump", work)
+    assert str(exc.value).startswith(
+        f"restore: cannot fetch s3://fetch-test/prod/webstats.dump into {work}: "
+    )
+
+
 def test_the_error_line_of_pg_restore_is_the_reason_given():
     """pg_restore and pg_dump print their error, then a detail or the command that failed:
     the last line ('Command was: ALTER TABLE …') was given as the reason, not 'must be owner'."""

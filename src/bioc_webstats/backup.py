@@ -265,6 +265,10 @@ def fetch(s3_url: str, work_dir: Path) -> Path:
         except _aws_errors() as exc:
             dest.unlink(missing_ok=True)
             raise WebstatsError(f"restore: cannot fetch {s3_url}: {describe_error(exc)}") from None
+        except OSError as exc:  # a full or read-only disk: the error of s3transfer names no path
+            raise WebstatsError(
+                f"restore: cannot fetch {s3_url} into {work_dir}: {exc.strerror or exc}"
+            ) from None
     finally:
         os.umask(old_umask)
     return dest
