@@ -320,6 +320,21 @@ def test_check_refuses_web_settings_far_out_of_range(clean_env, monkeypatch, nam
     )
 
 
+def test_check_refuses_an_alert_topic_that_is_no_arn(clean_env, monkeypatch):
+    """A topic's name instead of its ARN: check said ok, and every alert (the failure hook's,
+    the watchdog's) was refused when it was to be sent."""
+    monkeypatch.setenv("WEBSTATS_ALERTS_SNS_TOPIC", "webstats-alerts")
+    res = run_cli("check")
+    assert res.returncode == 1, res.stdout
+    assert res.stderr == (
+        "bioc-webstats: error: parameter alerts/sns_topic must be an SNS topic ARN "
+        "(arn:aws:sns:REGION:ACCOUNT:NAME), got 'webstats-alerts'\n"
+    )
+    arn = "arn:aws:sns:us-east-1:123456789012:webstats-alerts"
+    monkeypatch.setenv("WEBSTATS_ALERTS_SNS_TOPIC", arn)
+    assert load_settings().problems() == []
+
+
 BIND_TEXT = "must be HOST:PORT (a port up to 65535), [IPv6]:PORT, unix:PATH or fd://N"
 
 

@@ -32,7 +32,6 @@ MAX_ATTEMPTS = 4
 STATS_PATHS = ("/packages/stats/*",)
 _XML_CODE = re.compile(r"<Code>([^<]{1,100})</Code>")
 _XML_MESSAGE = re.compile(r"<Message>([^<]{0,500})</Message>")
-_SNS_ARN = re.compile(r"^arn:aws[a-z-]*:sns:([a-z0-9-]+):[0-9]{12}:[A-Za-z0-9_-]{1,256}$")
 
 
 # The env file's AWS_* lines (region, endpoints, test credentials), below the process
@@ -225,7 +224,9 @@ def publish_alert(settings: Settings, subject: str, message: str) -> bool:
 def publish_to_topic(topic: str, subject: str, message: str, region: str | None = None) -> None:
     """Publish one message; a failure is a WebstatsError naming the topic and the AWS error
     code (or a ConfigError when ``topic`` is not an SNS topic ARN)."""
-    match = _SNS_ARN.match(topic)
+    from .config import SNS_ARN
+
+    match = SNS_ARN.match(topic)
     if not match:
         raise ConfigError(f"parameter alerts/sns_topic is not an SNS topic ARN: {topic!r}")
     try:

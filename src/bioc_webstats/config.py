@@ -23,6 +23,10 @@ DEFAULT_ENV_FILE = "/etc/bioc-webstats/webstats.env"
 DEFAULT_STATE_DIR = "/var/lib/bioc-webstats"
 
 
+# An SNS topic's ARN; the group is its region (alerts publish there).
+SNS_ARN = re.compile(r"^arn:aws[a-z-]*:sns:([a-z0-9-]+):[0-9]{12}:[A-Za-z0-9_-]{1,256}$")
+
+
 @dataclass(frozen=True)
 class Param:
     """One setting: its SSM name, environment variable, default, whether it is secret, and
@@ -33,8 +37,8 @@ class Param:
     env: str  # environment / env-file variable
     default: str | None = None
     secret: bool = False
-    # "int", "number" (of unit, 0 or more), "day" (YYYY-MM-DD), "level" (a logging level) or
-    # "bind" (gunicorn's: HOST:PORT, [IPv6]:PORT, unix:PATH, fd://N)
+    # "int", "number" (of unit, 0 or more), "day" (YYYY-MM-DD), "level" (a logging level),
+    # "bind" (gunicorn's: HOST:PORT, [IPv6]:PORT, unix:PATH, fd://N) or "topic" (an SNS ARN)
     kind: str = "text"
     minimum: int | None = None  # of an "int"
     maximum: int | None = None
@@ -104,7 +108,7 @@ PARAMS: tuple[Param, ...] = (
     # Where the published pages and files are (nginx serves <publish_dir>/current);
     # default: <state_dir>/site.
     Param("web/publish_dir", "WEBSTATS_WEB_PUBLISH_DIR", None),
-    Param("alerts/sns_topic", "WEBSTATS_ALERTS_SNS_TOPIC"),
+    Param("alerts/sns_topic", "WEBSTATS_ALERTS_SNS_TOPIC", kind="topic"),
     # The watchdog's limits (hours, hours, percent) and the URL it checks the web at.
     Param("alerts/max_data_age", "WEBSTATS_ALERTS_MAX_DATA_AGE", "36", kind="number", unit="hours"),
     Param("alerts/max_run_age", "WEBSTATS_ALERTS_MAX_RUN_AGE", "26", kind="number", unit="hours"),
@@ -225,6 +229,17 @@ class Settings:
             )
         return value
 
+    def get_topic(self, name: str) -> str:
+        """An SNS topic ARN (a name alone silenced every alert: each was refused, at the first
+        failure, while check said ok); else a ConfigError."""
+        value = self.values.get(name) or ""
+        if not SNS_ARN.match(value):
+            raise ConfigError(
+                f"parameter {name} must be an SNS topic ARN (arn:aws:sns:REGION:ACCOUNT:NAME), "
+                f"got {quoted(value)}"
+            )
+        return value
+
     def problems(self, topics: tuple[str, ...] = ()) -> list[str]:
         """What is wrong with the typed parameters' values (each as its getter says it), of
         the ``topics`` given (``("gunicorn/", "web/")``; none: all): ``bioc-webstats check``
@@ -242,6 +257,7 @@ class Settings:
                     "day": self.get_day,
                     "level": self.get_level,
                     "bind": self.get_bind,
+                    "topic": self.get_topic,
                 }[p.kind](p.name)
             except ConfigError as exc:
                 found.append(str(exc))
