@@ -631,6 +631,29 @@ def test_a_sync_while_another_writer_runs_stops_at_once(loaded, capsys):
     assert table(loaded) != before
 
 
+def test_a_dry_run_publishes_nothing(loaded, tmp_path, monkeypatch, capsys):
+    """A dry run (a sync's, a log run's) "writes nothing": it published the site when it was
+    behind the database, also while another writer held the lock mid-import, and called
+    CloudFront."""
+    from bioc_webstats import cli
+    from bioc_webstats.web.site import PublishedSite
+
+    assert PublishedSite(loaded.publish_dir).current() is None  # behind: loaded, not published
+    monkeypatch.setenv("WEBSTATS_ETL_LOGS_SINCE", "2024-01-01")
+    (tmp_path / "no-logs").mkdir()
+    for args in (
+        ["packages", "sync", "--from", str(DEVEL), "--dry-run"],
+        ["etl", "run", "--source", str(tmp_path / "no-logs"), "--dry-run"],
+    ):
+        with pytest.raises(SystemExit) as done:
+            cli.main(args)
+        assert done.value.code in (0, None), capsys.readouterr().err
+        assert PublishedSite(loaded.publish_dir).current() is None, args
+    with pytest.raises(SystemExit) as done:  # the real thing catches up
+        cli.main(["etl", "run", "--source", str(tmp_path / "no-logs")])
+    assert PublishedSite(loaded.publish_dir).current() is not None
+
+
 def test_a_load_while_another_writer_runs_stops_at_once(settings, tmp_path, capsys):
     """`packages load` recounts what it changes, like a sync: it wrote beside the daily job."""
     from bioc_webstats import cli

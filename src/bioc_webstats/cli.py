@@ -258,9 +258,10 @@ def packages_sync(ctx: Context, source: str | None, dry_run: bool, force: bool) 
     from .publish import after_change
 
     # The daily job syncs too: a second sync at once (SysOps' --force) failed on a row the
-    # other had added, or waited silently behind its count. A dry run writes nothing.
+    # other had added, or waited silently behind its count. A dry run writes nothing: it
+    # neither waits for the lock nor publishes (a site behind an import still running).
     lock = contextlib.nullcontext() if dry_run else writer_lock(ctx.settings, "packages sync")
-    with lock, after_change(ctx.settings):
+    with lock, contextlib.nullcontext() if dry_run else after_change(ctx.settings):
         click.echo(sync(ctx.settings, source=source, dry_run=dry_run, force=force))
 
 
@@ -331,7 +332,8 @@ def etl_run(
 
     from .publish import after_change
 
-    with writer_lock(ctx.settings, "etl run"), after_change(ctx.settings):
+    changes = contextlib.nullcontext() if dry_run else after_change(ctx.settings)
+    with writer_lock(ctx.settings, "etl run"), changes:  # (a dry run publishes nothing)
         ok = run(ctx.settings, source=source, since=since, dry_run=dry_run, until=until)
     if not ok:
         raise WebstatsError(
