@@ -625,10 +625,16 @@ def test_a_sync_while_another_writer_runs_stops_at_once(loaded, capsys):
             cli.main(["packages", "sync", "--from", str(DEVEL), "--dry-run"])
         assert done.value.code in (0, None)
         assert capsys.readouterr().out.splitlines()[-1] == "dry run: nothing written"
+    with db.session_factory(loaded.database_url)() as s:
+        assert db.get_meta(s, "last_sync_ok") is None  # neither refused nor dry runs count
     with pytest.raises(SystemExit) as done:
         cli.main(["packages", "sync", "--from", str(DEVEL), "--force"])
     assert done.value.code in (0, None)
     assert table(loaded) != before
+    # the runbook's fix for sync-not-run: a sync by hand is a successful sync (it was not:
+    # status kept the old time, the alarm went on every 6 h until the next night)
+    with db.session_factory(loaded.database_url)() as s:
+        assert db.get_meta(s, "last_sync_ok") is not None
 
 
 def test_a_dry_run_publishes_nothing(loaded, tmp_path, monkeypatch, capsys):
