@@ -269,7 +269,7 @@ def test_sync_dry_run_writes_nothing(loaded, monkeypatch):
     lines = report.splitlines()
     assert "  close  bioc/ASAFE (last 3.20)" in lines
     assert lines[-2:] == [
-        "over the change limit of 2: a real run needs --force",
+        "6 changes over the change limit of 2: a real run needs --force",
         "dry run: nothing written",
     ]
 
@@ -718,9 +718,11 @@ def test_sync_cli(loaded):
         timeout=120,
     )
     assert res.returncode == 1 and res.stdout == ""
-    assert res.stderr == (
+    # (after the publish it catches up on: the table was loaded, never published; the dry
+    # run above publishes nothing)
+    assert res.stderr.splitlines()[-1] == (
         "bioc-webstats: error: packages source /nonexistent/bioc: "
-        "not a directory nor an http(s):// URL\n"
+        "not a directory nor an http(s):// URL"
     )
 
 
@@ -834,44 +836,69 @@ def test_the_shipped_history_is_in_the_package():
     assert {r[1] for r in rows} == {"bioc", "annotation", "experiment", "workflows"}
 
 
-def test_seed_only_an_empty_table_then_sync_past_the_limit(settings, monkeypatch):
+def _devel_of_the_history(root: Path, add: int, close: int) -> Path:
+    """Today's devel as the shipped history has it (every open row), with ``add`` new bioc
+    packages and the first ``close`` open bioc ones gone."""
+    from bioc_webstats.categories import BY_PREFIX
+    from bioc_webstats.etl.manifest import packages_path
+    from bioc_webstats.etl.packages import read_csv, shipped_csv
+
+    devel: dict[str, list[str]] = {c: [] for c in BY_PREFIX}
+    for pkg, cat, _first, last in read_csv(shipped_csv()):
+        if last is None:
+            devel[cat].append(pkg)
+    devel["bioc"] = sorted(devel["bioc"])[close:] + [f"NewPkg{i}" for i in range(add)]
+    (root / "config.yaml").parent.mkdir(parents=True, exist_ok=True)
+    (root / "config.yaml").write_text('release_version: "3.20"\ndevel_version: "3.21"\n')
+    for cat, names in devel.items():
+        target = root / packages_path(BY_PREFIX[cat].repo_path)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_text("".join(f"Package: {n}\nVersion: 1.0\n\n" for n in names))
+    return root
+
+
+def test_seed_only_an_empty_table_then_sync_past_the_limit(settings, monkeypatch, tmp_path):
     """Seed the shipped history into an empty table; a second seed does nothing; the first
-    sync after the seed applies the day's changes even past the change limit (the history
-    is as old as the release); the limit applies again to the next syncs."""
+    sync after the seed adds and reopens what today's devel has even past the change limit
+    (the history is as old as the release), but its closes are held to it: a PACKAGES cut
+    short closed thousands with nothing said (the limit did not apply at all). The limit
+    applies again, to every change, to the next syncs."""
     from bioc_webstats.etl.packages import SEEDED, seed
 
+    monkeypatch.setenv("WEBSTATS_ETL_SYNC_CHANGE_LIMIT", "3")
+    settings = load_settings()
     assert seed(settings).startswith("packages seed: the table was empty; 5994 rows loaded from ")
     version = data_version(settings)
     assert seed(settings) == "packages seed: the table has 5994 rows; nothing done"
     assert data_version(settings) == version
     with db.session_factory(settings.database_url)() as s:
         assert db.get_meta(s, SEEDED)
-    # the dry run says what the real run does (it said: "a real run needs --force")
-    dry = sync(settings, source=str(DEVEL), dry_run=True, force=False).splitlines()
+    cut_short = str(_devel_of_the_history(tmp_path / "cut", add=5, close=4))
+    with pytest.raises(WebstatsError, match="4 closes exceed the change limit of 3"):
+        sync(settings, source=cut_short, dry_run=False, force=False)
+    dry = sync(settings, source=cut_short, dry_run=True, force=False).splitlines()
+    assert dry[-2:] == [
+        "4 closes over the change limit of 3: a real run needs --force",
+        "dry run: nothing written",
+    ]
+    today = str(_devel_of_the_history(tmp_path / "today", add=5, close=3))
+    dry = sync(settings, source=today, dry_run=True, force=False).splitlines()
     assert dry[-2].startswith("first sync since the shipped history was seeded (")
-    assert dry[-2].endswith("): the change limit of 200 does not apply")
+    assert dry[-2].endswith("): its adds and reopens are not held to the change limit of 3")
     assert dry[-1] == "dry run: nothing written"
-    report = sync(settings, source=str(DEVEL), dry_run=False, force=False)
+    report = sync(settings, source=today, dry_run=False, force=False)
     lines = report.splitlines()
     assert lines[-1] == "applied"
-    assert any(line.startswith("first sync since the shipped history was seeded") for line in lines)
     after = table(settings)
-    assert after[("NewPkgA", "bioc")] == ("3.21", None)
-    assert after[("ABSSeq", "bioc")] == ("2.14", "3.20")  # open in the history, not in devel
+    assert after[("NewPkg0", "bioc")] == ("3.21", None)
+    assert sum(1 for (_p, c), (_f, last) in after.items() if last == "3.20" and c == "bioc") >= 3
     with db.session_factory(settings.database_url)() as s:
         assert db.get_meta(s, SEEDED) is None
-    assert sync(settings, source=str(DEVEL), dry_run=False, force=False).endswith(
-        "nothing to change"
-    )
-    # the limit is back: three packages gone from devel, limit 2
-    monkeypatch.setenv("WEBSTATS_ETL_SYNC_CHANGE_LIMIT", "2")
-    tree = Path(settings.state_dir) / "devel"
-    shutil.copytree(DEVEL, tree)
-    bioc = tree / "packages/devel/bioc/src/contrib/PACKAGES"
-    blocks = bioc.read_text().split("\n\n")
-    bioc.write_text("\n\n".join(blocks[3:]))
-    with pytest.raises(WebstatsError, match="3 changes exceed the change limit of 2"):
-        sync(load_settings(), source=str(tree), dry_run=False, force=False)
+    assert sync(settings, source=today, dry_run=False, force=False).endswith("nothing to change")
+    # the limit is back, for every change: four new packages, limit 3
+    again = str(_devel_of_the_history(tmp_path / "again", add=9, close=3))
+    with pytest.raises(WebstatsError, match="4 changes exceed the change limit of 3"):
+        sync(load_settings(), source=again, dry_run=False, force=False)
 
 
 def test_seed_cli_prints_what_it_did(settings):
