@@ -305,6 +305,36 @@ def old_first_difference(here: bytes, there: bytes) -> str:
     return f"line {n}: here ends; there goes on with {cmp._show(b[n - 1])}"
 
 
+def test_the_cutover_filter_leaves_only_what_is_unexpected(tmp_path):
+    """CUTOVER.md step 6's grep, run as written over compare's own lines: the current month
+    and the current year's `all` row go, and so do the summary and the exit's error line
+    ("nothing but the summary line" could never be met: the error line passed through)."""
+    import subprocess
+
+    doc = (Path(__file__).parent.parent / "docs" / "CUTOVER.md").read_text()
+    [command] = [ln.strip() for ln in doc.splitlines() if ln.strip().startswith("grep -v -E")]
+    now = dt.datetime.now(dt.UTC)
+    year, month = now.strftime("%Y"), now.strftime("%b")
+    expected = [  # (a file, the two bodies) the cut-over expects to differ
+        ("bioc/affy/affy_stats.tab", f"{year}\t{month}\t1\t1\n", f"{year}\t{month}\t1\t2\n"),
+        ("bioc/bioc_pkg_stats.tab", f"affy\t{year}\tall\t3\t4\n", f"affy\t{year}\tall\t3\t5\n"),
+    ]  # fmt: skip
+    unexpected = ("bioc/affy/affy_2019_stats.tab", "2019\tJan\t1\t1\n", "2019\tJan\t1\t2\n")
+    lines = [
+        f"{path}: {cmp.first_difference(a.encode(), b.encode())}"
+        for path, a, b in [*expected, unexpected]
+    ]
+    lines += [
+        "100 files compared, 3 differ",
+        "bioc-webstats: error: compare: 3 of 100 files differ from https://example.org/",
+    ]
+    out = tmp_path / f"compare-{now:%Y-%m-%d}.txt"
+    out.write_text("\n".join(lines) + "\n")
+    command = command.replace("/var/tmp/", f"{tmp_path}/")
+    res = subprocess.run(["bash", "-c", command], capture_output=True, text=True, timeout=30)
+    assert res.stdout.splitlines() == [lines[2]], res.stdout + res.stderr
+
+
 def test_first_difference_texts():
     assert cmp.first_difference(b"a\nb\n", b"a\nc\n") == "line 2: here 'b', there 'c'"
     assert cmp.first_difference(b"a\n", b"a\nb\n") == ("line 2: here ends; there goes on with 'b'")

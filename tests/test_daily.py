@@ -117,7 +117,7 @@ def test_sync_stopped_at_its_limit_is_a_failure(db_url, tmp_path, monkeypatch, c
     err = capsys.readouterr().err.splitlines()
     assert code == 1
     assert re.match(
-        r"bioc-webstats: error: packages sync: packages sync: \d+ changes exceed the change "
+        r"bioc-webstats: error: packages sync: \d+ changes exceed the change "
         r"limit of 50 \(etl/sync_change_limit\); nothing changed",
         err[-1],
     )

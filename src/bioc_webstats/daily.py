@@ -70,8 +70,8 @@ def _step(
     """Run one step; a failure becomes one line in ``result``, a success a ``meta`` time."""
     try:
         ok = work()
-    except (WebstatsError, SQLAlchemyError, OSError) as exc:
-        result.failures[name] = _one_line(exc)
+    except (WebstatsError, SQLAlchemyError, OSError) as exc:  # (named once: RUNBOOK's row)
+        result.failures[name] = _one_line(exc).removeprefix(f"{name}: ")
         log.error("%s failed: %s", name, result.failures[name])
         return
     except Exception as exc:  # a defect: the next step (the ETL after the sync) still runs
