@@ -61,6 +61,7 @@ ALLOWED_RESOURCES: dict[str, tuple[str, ...]] = {
         r"^arn:aws:s3:::bioc-webstats-athena-results$",
         r"^arn:aws:s3:::bioc-webstats-athena-results/prod/\*$",
         rf"^{re.escape(BACKUPS)}\*$",
+        r"^arn:aws:s3:::bioc-webstats-backups$",  # listed under the prefix only
     ),
     "athena": (rf"^arn:aws:athena:{R}:{A}:workgroup/bioc-webstats$",),
     "glue": (
@@ -118,6 +119,8 @@ MORE_NEEDS = {
     "webrunner": [("secretsmanager:GetSecretValue", SECRET.replace("??????", "AbCdEf"))],
 }  # fmt: skip
 MORE_NEEDS["etl"].append(("s3:GetObject", f"{BACKUPS}pre-0.9.0-20260101T000000Z.dump"))
+# RUNBOOK's restore rows, as root on the instance: `aws s3 ls s3://…/` (the names only)
+MORE_NEEDS["etl"].append(("s3:ListBucket", "arn:aws:s3:::bioc-webstats-backups"))
 
 
 def as_list(value) -> list:
@@ -213,6 +216,7 @@ def test_policy_grammar_and_least_privilege(path):
             prefixes = {
                 "arn:aws:s3:::bioc-cloudfront-logs": ["E1TVLJONPTUXV3/*"],
                 "arn:aws:s3:::bioc-webstats-athena-results": ["prod/*"],
+                "arn:aws:s3:::bioc-webstats-backups": ["prod/*"],
             }
             [bucket] = resources
             assert st["Condition"]["StringLike"]["s3:prefix"] == prefixes[bucket]
@@ -256,6 +260,25 @@ def test_roles_grant_what_the_code_calls(role):
     assert not allows(doc, "s3:DeleteObject", f"{BACKUPS}x.dump")
     assert not allows(doc, "secretsmanager:GetSecretValue", MASTER_SECRET.replace("??????", "AbC"))
     assert not allows(doc, "secretsmanager:PutSecretValue", SECRET.replace("??????", "AbCdEf"))
+
+
+# What an instance role is granted beside the calls above, and why (KMS behind SSM and Secrets
+# Manager, the multipart upload's abort): anything else is a grant the code does not use.
+GRANTED_FOR = {"kms:Decrypt", "s3:AbortMultipartUpload"}
+
+
+@pytest.mark.parametrize("role", ["webrunner", "etl"])
+def test_an_instance_role_is_granted_only_what_the_code_calls(role):
+    """The instance's roles held actions no code calls (secretsmanager:DescribeSecret,
+    cloudfront:GetInvalidation): more than least privilege."""
+    doc = render(IAM_DIR / f"bioc-webstats-{role}.json")
+    needed = {a for a, _ in [*CODE_NEEDS[role].items(), *MORE_NEEDS.get(role, [])]}
+    if role == "etl":
+        needed |= set(CODE_NEEDS["webrunner"])
+    granted = {
+        a for st in statements(doc) if st["Effect"] == "Allow" for a in as_list(st["Action"])
+    }
+    assert granted - needed - GRANTED_FOR == set()
 
 
 def test_admin_manages_the_environments_alarms_only():
