@@ -333,6 +333,8 @@ def test_check_refuses_an_alert_topic_that_is_no_arn(clean_env, monkeypatch):
     arn = "arn:aws:sns:us-east-1:123456789012:webstats-alerts"
     monkeypatch.setenv("WEBSTATS_ALERTS_SNS_TOPIC", arn)
     assert load_settings().problems() == []
+    monkeypatch.setenv("WEBSTATS_ALERTS_SNS_TOPIC", arn + "\n")  # ($ took a line end)
+    assert len(load_settings().problems()) == 1
 
 
 BIND_TEXT = "must be HOST:PORT (a port up to 65535), [IPv6]:PORT, unix:PATH or fd://N"

@@ -296,7 +296,7 @@ def test_the_webs_file_holds_its_settings_and_its_own_login_only(clean_env, tmp_
     ("setting", "message"),
     [
         ({"WEBSTATS_GUNICORN_WORKERS": "1000"}, "parameter gunicorn/workers must be at most 64"),
-        ({"WEBSTATS_ALERTS_SNS_TOPIC": "arn:a\nWEBSTATS_X=1"}, "alerts/sns_topic: a value cannot"),
+        ({"WEBSTATS_ALERTS_SNS_TOPIC": "arn:a\nWEBSTATS_X=1"}, "alerts/sns_topic must be an SNS"),
         # the reader's lines are str.splitlines()'s: the web could not read what was written
         ({"WEBSTATS_ALERTS_HEALTH_URL": "http://x/\u2028y"}, "alerts/health_url: a value cannot"),
         ({"WEBSTATS_WEB_PUBLISH_DIR": "/srv/a\x0bb"}, "web/publish_dir: a value cannot"),

@@ -24,7 +24,7 @@ DEFAULT_STATE_DIR = "/var/lib/bioc-webstats"
 
 
 # An SNS topic's ARN; the group is its region (alerts publish there).
-SNS_ARN = re.compile(r"^arn:aws[a-z-]*:sns:([a-z0-9-]+):[0-9]{12}:[A-Za-z0-9_-]{1,256}$")
+SNS_ARN = re.compile(r"^arn:aws[a-z-]*:sns:([a-z0-9-]+):[0-9]{12}:[A-Za-z0-9_-]{1,256}\Z")
 
 
 @dataclass(frozen=True)
