@@ -10,6 +10,7 @@ import email.utils
 import re
 import resource
 import socket
+import struct
 import subprocess
 import time
 from pathlib import Path
@@ -694,7 +695,8 @@ def test_every_connection_with_a_full_head_fits_nginxs_memory_ceiling(loaded_pg,
     The workers' memory then stays under the unit's MemoryMax= (it was 2 x 4096 connections
     of ~43 KB, 340 MB, against a 192M ceiling: the kernel would have killed workers)."""
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    with run_front(loaded_pg, tmp_path) as fr:
+    # (a header timeout longer than the opening takes on a busy machine: nginx keeps them all)
+    with run_front(loaded_pg, tmp_path, webstats_nginx_client_header_timeout=300) as fr:
         workers = int(fr.values["webstats_nginx_worker_processes"])
         per_worker = int(fr.values["webstats_nginx_worker_connections"])
         ceiling_kib = _mib(fr.values["webstats_nginx_memory_max"]) * 1024
@@ -709,19 +711,21 @@ def test_every_connection_with_a_full_head_fits_nginxs_memory_ceiling(loaded_pg,
         try:
             for _ in range(count):
                 s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-                s.bind(("127.0.0.2", 0))
+                # closed with a reset (no TIME_WAIT left), from an address no other test uses
+                s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                s.bind(("127.0.0.99", 0))
                 s.settimeout(10)
                 s.connect(("127.0.0.1", fr.port))
                 s.sendall(head)
                 opened.append(s)
 
-            # nginx has read every byte of the connections it kept (before its header timeout
-            # closes them); it turns away the few a full worker is handed
+            # nginx has read every byte of the connections it kept; it turns away the few a
+            # full worker is handed
             def read_all() -> bool:
                 held, unread = _unread_heads(fr.port)
                 return unread == 0 and held >= count * 0.9
 
-            wait_for(read_all, 8, what="nginx to read every head")
+            wait_for(read_all, 120, what="nginx to read every head")
             held = _unread_heads(fr.port)[0]
             peak = sum(rss_kib(pid) for pid in fr.pids()["nginx"])
         finally:
