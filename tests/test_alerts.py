@@ -414,6 +414,13 @@ def test_a_bad_limit_is_a_config_alarm_and_the_checks_still_run(watched, monkeyp
     assert sorted(notes) == ["config", "data-stale"]
     # both reasons reach SysOps in the one config alert (the second was lost)
     assert all(why in notes["config"] for why in whys)
+    # the database down: the bad limit is still a config alarm (it was dropped with the data
+    # checks, and its alert sent as cleared), and data-stale is not known to be cleared
+    down = f"postgresql+psycopg2://x@127.0.0.1:{free_port()}/x"
+    monkeypatch.setenv("WEBSTATS_DATABASE_URL", down)
+    alarms, _ = alerts.watchdog(NOW + dt.timedelta(hours=31))
+    assert names(alarms) == {"config", "database"}
+    assert [n["Subject"].split()[1:3] for n in received(queue)] == [["ALARM", "database"]]
 
 
 def test_watchdog_daily_job_web_publish_and_disk(watched, monkeypatch):

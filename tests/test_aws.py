@@ -95,7 +95,7 @@ def test_publish_alert_without_topic_is_false(clean_env, aws_env):
 
 def test_publish_alert_errors_are_one_line(clean_env, aws_env, monkeypatch):
     monkeypatch.setenv("WEBSTATS_ALERTS_SNS_TOPIC", "not-an-arn")
-    with pytest.raises(ConfigError, match=r"^parameter alerts/sns_topic is not an SNS topic ARN"):
+    with pytest.raises(ConfigError, match=r"^parameter alerts/sns_topic must be an SNS topic ARN"):
         publish_alert(load_settings(), "s", "m")
     gone = "arn:aws:sns:us-east-1:123456789012:no-such-topic"
     monkeypatch.setenv("WEBSTATS_ALERTS_SNS_TOPIC", gone)

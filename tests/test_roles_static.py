@@ -353,6 +353,20 @@ def test_nginx_origin_check_is_removed_after_the_site_that_includes_it(tmp_path)
         assert tasks.index(before) < removed, before
 
 
+def test_nginx_has_room_for_its_limits_within_its_memory():
+    """The 503 limit comes before the connection slots run out (a proxied request holds two;
+    a thousand idle keep-alive connections beside them): past the slots nginx drops new
+    connections instead ("worker_connections are not enough"). Every slot holding the largest
+    head nginx keeps (~44 KiB) fits the unit's memory ceiling with room for the rest."""
+    d = _load(ROLES / "webstats_nginx" / "defaults" / "main.yml")
+    slots = d["webstats_nginx_worker_processes"] * d["webstats_nginx_worker_connections"]
+    assert slots >= 2 * d["webstats_nginx_max_connections"] + 1000
+    assert d["webstats_nginx_max_connections_per_client"] <= d["webstats_nginx_max_connections"]
+    number, unit = re.fullmatch(r"(\d+)([MG])", d["webstats_nginx_memory_max"]).groups()
+    ceiling_kib = int(number) * (1024 if unit == "M" else 1024 * 1024)
+    assert slots * 44 + 48 * 1024 <= ceiling_kib  # + the master, the pools, the sockets
+
+
 def test_nginx_is_installed():
     """Tests that need nginx fail without it (make deps installs nginx-light)."""
     assert Path(nginx_binary()).is_file()

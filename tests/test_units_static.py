@@ -589,7 +589,15 @@ def test_nginx_cannot_reach_the_instance_role_either():
     assert denied == re.findall(r"^IPAddressDeny=(.*)$", web, re.M)
     handlers = yaml.safe_load((ROOT / "roles/webstats_nginx/handlers/main.yml").read_text())
     applied = [h for h in handlers if h.get("listen") == "webstats nginx resources changed"]
-    assert len(applied) == 1 and "set-property" in applied[0]["ansible.builtin.command"]["argv"]
+    assert len(applied) == 1
+    env = ansible_render.environment()
+    argv = [
+        env.from_string(a).render(**values) for a in applied[0]["ansible.builtin.command"]["argv"]
+    ]
+    assert argv == [
+        "systemctl", "set-property", "--runtime", "nginx.service", "IPAddressDeny=",
+        f"IPAddressDeny={denied[0]}", f"MemoryMax={values['webstats_nginx_memory_max']}",
+    ]  # fmt: skip
 
 
 def test_the_logrotate_timer_dropin_verifies_with_the_packaged_unit(tmp_path):

@@ -127,11 +127,6 @@ def kept_topic(sdir: Path, environ: dict[str, str] | None = None) -> str | None:
     return (_read_state(alerts_dir(sdir) / "topic") or "").strip() or None
 
 
-def _region(topic: str) -> str | None:
-    parts = topic.split(":")
-    return parts[3] if len(parts) > 5 else None
-
-
 def send(sdir: Path, subject: str, message: str, environ: dict[str, str] | None = None) -> str:
     """Deliver one alert: SNS when a topic is known and takes it, else the spool (sent again
     by the next watchdog run) and a crit journal record. Returns what happened, one line."""
@@ -140,7 +135,7 @@ def send(sdir: Path, subject: str, message: str, environ: dict[str, str] | None 
     topic = kept_topic(sdir, environ)
     if topic:
         try:
-            publish_to_topic(topic, subject, message, _region(topic))
+            publish_to_topic(topic, subject, message)
             return f"alert sent to {topic}"
         except WebstatsError as exc:
             why = str(exc)
@@ -219,7 +214,7 @@ def resend_spooled(sdir: Path, environ: dict[str, str] | None = None) -> int:
     for path in sorted(spool.glob("*.json")):
         item = _read_json(path)
         try:
-            publish_to_topic(topic, item["subject"], item["message"], _region(topic))
+            publish_to_topic(topic, item["subject"], item["message"])
         except (ValueError, KeyError, TypeError):
             path.unlink(missing_ok=True)  # unreadable: nothing to send
             continue
@@ -258,10 +253,10 @@ def data_checks(settings: Settings, now: dt.datetime) -> list[Alarm]:
             state = db.data_state(session)
             etl_ok = db.get_meta(session, META_ETL_OK)
             sync_ok = db.get_meta(session, META_SYNC_OK)
-    except SQLAlchemyError as exc:
-        return [Alarm("database", f"cannot read the database: {first_line(exc)}")]
+    except SQLAlchemyError as exc:  # (the limits' own alarms stand: they were checked)
+        return [*alarms, Alarm("database", f"cannot read the database: {first_line(exc)}")]
     except db.DamagedMetaError as exc:
-        return [Alarm("database", str(exc))]
+        return [*alarms, Alarm("database", str(exc))]
     vt = state.valid_thru
     if vt is not None:
         age = db.data_age_hours(vt, now)
@@ -379,12 +374,15 @@ def watchdog(now: dt.datetime | None = None) -> tuple[list[Alarm], list[str]]:
         settings = load_settings()
     except WebstatsError as exc:
         alarms.append(Alarm("config", str(exc)))
+    data_checked = False
     if settings is not None:
         sdir = settings.state_dir
         remember_topic(settings)
         try:
-            alarms += data_checks(settings, now)
-        except WebstatsError as exc:
+            found = data_checks(settings, now)
+            alarms += found
+            data_checked = not any(a.name == "database" for a in found)
+        except WebstatsError as exc:  # (the database login's secret unreadable, say)
             alarms.append(Alarm("config", str(exc)))
         url = settings.get("alerts/health_url") or "http://127.0.0.1:8000/healthz"
         alarms += web_check(url)
@@ -394,7 +392,7 @@ def watchdog(now: dt.datetime | None = None) -> tuple[list[Alarm], list[str]]:
     lines = [f"ALARM {a.name}: {a.why}" for a in alarms]
     if settings is None:
         unchecked = HOST_ALARMS
-    elif any(a.name == "database" for a in alarms):
+    elif not data_checked:
         unchecked = DATA_ALARMS
     else:
         unchecked = frozenset()

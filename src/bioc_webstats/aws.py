@@ -221,16 +221,13 @@ def publish_alert(settings: Settings, subject: str, message: str) -> bool:
     return True
 
 
-def publish_to_topic(topic: str, subject: str, message: str, region: str | None = None) -> None:
+def publish_to_topic(topic: str, subject: str, message: str) -> None:
     """Publish one message; a failure is a WebstatsError naming the topic and the AWS error
     code (or a ConfigError when ``topic`` is not an SNS topic ARN)."""
-    from .config import SNS_ARN
+    from .config import topic_region
 
-    match = SNS_ARN.match(topic)
-    if not match:
-        raise ConfigError(f"parameter alerts/sns_topic is not an SNS topic ARN: {topic!r}")
     try:
-        answer = client("sns", region or match.group(1)).publish(
+        answer = client("sns", topic_region(topic)).publish(
             TopicArn=topic, Subject=_sns_subject(subject), Message=message
         )
     except _aws_errors() as exc:

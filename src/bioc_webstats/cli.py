@@ -263,10 +263,10 @@ def packages_sync(ctx: Context, source: str | None, dry_run: bool, force: bool) 
     lock = contextlib.nullcontext() if dry_run else writer_lock(ctx.settings, "packages sync")
     with lock, contextlib.nullcontext() if dry_run else after_change(ctx.settings):
         click.echo(sync(ctx.settings, source=source, dry_run=dry_run, force=force))
-        if not dry_run:  # a sync by hand (the runbook's --force) is the daily's too: the
-            from .daily import LAST_SYNC_OK, record_success  # sync-not-run alarm clears
+    if not dry_run:  # published too: a sync by hand (the runbook's --force) is the daily's
+        from .daily import LAST_SYNC_OK, record_success  # (the sync-not-run alarm clears)
 
-            record_success(ctx.settings, LAST_SYNC_OK)
+        record_success(ctx.settings, LAST_SYNC_OK)
 
 
 # --- etl ------------------------------------------------------------------------------------

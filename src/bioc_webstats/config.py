@@ -27,6 +27,17 @@ DEFAULT_STATE_DIR = "/var/lib/bioc-webstats"
 SNS_ARN = re.compile(r"^arn:aws[a-z-]*:sns:([a-z0-9-]+):[0-9]{12}:[A-Za-z0-9_-]{1,256}\Z")
 
 
+def topic_region(topic: str) -> str:
+    """The region of an SNS topic's ARN (``alerts/sns_topic``); else a ConfigError."""
+    match = SNS_ARN.match(topic)
+    if not match:
+        raise ConfigError(
+            "parameter alerts/sns_topic must be an SNS topic ARN "
+            f"(arn:aws:sns:REGION:ACCOUNT:NAME), got {quoted(topic)}"
+        )
+    return match.group(1)
+
+
 @dataclass(frozen=True)
 class Param:
     """One setting: its SSM name, environment variable, default, whether it is secret, and
@@ -233,11 +244,7 @@ class Settings:
         """An SNS topic ARN (a name alone silenced every alert: each was refused, at the first
         failure, while check said ok); else a ConfigError."""
         value = self.values.get(name) or ""
-        if not SNS_ARN.match(value):
-            raise ConfigError(
-                f"parameter {name} must be an SNS topic ARN (arn:aws:sns:REGION:ACCOUNT:NAME), "
-                f"got {quoted(value)}"
-            )
+        topic_region(value)
         return value
 
     def problems(self, topics: tuple[str, ...] = ()) -> list[str]:
