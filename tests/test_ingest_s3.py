@@ -107,12 +107,15 @@ def test_a_distributions_flat_names_beside_its_day_folders_are_all_listed(s3):
     data = loggen.log_bytes(loggen.log_line())
     flat = [f"{loggen.DIST}.2024-01-30-{h:02d}.f{h}.gz" for h in range(3)]
     nested = [f"{loggen.DIST}/2024-01-{d}/{loggen.DIST}.2024-01-{d}-00.n{d}.gz" for d in (30, 31)]
-    for key in flat + nested:
-        s3.put_object(Bucket=BUCKET, Key=key, Body=data)
     window = sources.Window(start=dt.date(2024, 1, 29), until=dt.date(2024, 2, 5))
-    for source in (f"s3://{BUCKET}/", f"s3://{BUCKET}"):
-        objects, skipped = sources.S3Source(source).list(window)
-        assert sorted(o.key for o in objects) == sorted(flat + nested) and skipped == []
+    for prefix in ("", "logs/"):  # at the bucket's top, and in a folder of it
+        keys = [prefix + k for k in flat + nested]
+        for key in keys:
+            s3.put_object(Bucket=BUCKET, Key=key, Body=data)
+        for source in (f"s3://{BUCKET}/{prefix}", f"s3://{BUCKET}/{prefix}".rstrip("/")):
+            objects, skipped = sources.S3Source(source).list(window)
+            found = sorted(o.key for o in objects)
+            assert found == sorted(keys) and skipped == [], source
 
 
 def test_a_bucket_without_the_cutover_day_is_not_read_from_its_beginning(s3, tmp_path, db_url):

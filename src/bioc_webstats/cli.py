@@ -500,12 +500,12 @@ def _names(_ctx: click.Context, param: click.Parameter, value: str | None) -> st
 
 def _category_names(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
     """--categories: names something, and only categories (a usage error, exit 2)."""
-    from .categories import BY_PREFIX, BY_STEM, CATEGORIES
+    from .compare import categories_named
 
-    for name in _csv_list(_names(ctx, param, value)) or []:
-        if name not in BY_PREFIX and name not in BY_STEM:
-            known = ", ".join(c.prefix for c in CATEGORIES)
-            raise click.BadParameter(f"unknown category {name!r} (one of {known})", param=param)
+    try:
+        categories_named(_csv_list(_names(ctx, param, value)))
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param=param) from None
     return value
 
 

@@ -418,7 +418,8 @@ class Comparison:
         return kept
 
 
-def _categories(names: list[str] | None) -> list[Category]:
+def categories_named(names: list[str] | None) -> list[Category]:
+    """The categories of ``--categories`` (all: none given); a ValueError names one unknown."""
     if not names:
         return list(CATEGORIES)
     out = []
@@ -426,7 +427,7 @@ def _categories(names: list[str] | None) -> list[Category]:
         cat = BY_PREFIX.get(name) or BY_STEM.get(name)
         if cat is None:
             known = ", ".join(c.prefix for c in CATEGORIES)
-            raise WebstatsError(f"--categories: unknown category {name!r} (one of {known})")
+            raise ValueError(f"unknown category {name!r} (one of {known})")
         if cat not in out:
             out.append(cat)
     return out
@@ -442,7 +443,10 @@ def compare(
 ) -> CompareResult:
     """Compare every text file of the selected categories (and packages) on both sides;
     ``echo`` gets one line per differing file as it is found."""
-    cats = _categories(categories)
+    try:
+        cats = categories_named(categories)
+    except ValueError as exc:
+        raise WebstatsError(f"--categories: {exc}") from None
     there = _Primed(there, _check_a_site(here, there, cats))
     run = Comparison(here, there, jobs, echo)
     found: set[str] = set()
