@@ -825,10 +825,23 @@ def test_settings_far_out_of_range_are_one_line(db_url, tmp_path, env, message):
     assert line.startswith("bioc-webstats: error: ") and message in line, res.stderr
 
 
-def test_a_database_error_inside_the_records_copy_is_one_line(pg_server, tmp_path):
-    """The records' COPY runs on the driver's own cursor: its errors (a full disk here, a
-    statement timeout, a dropped connection) are psycopg2's, which nothing took for a
-    database error: a 40-line traceback. Nothing is stored, and the next run reads it all."""
+@pytest.mark.parametrize(
+    ("trigger", "message"),
+    [
+        # a full disk (a statement timeout is the same): a 40-line traceback
+        ("RAISE EXCEPTION 'could not extend file' USING ERRCODE = 'disk_full'",
+         "database: could not extend file"),
+        # the connection dropped (an RDS restart or failover): the failed rollback's
+        # "connection already closed" was said instead of why
+        ("PERFORM pg_terminate_backend(pg_backend_pid())",
+         "database: server closed the connection unexpectedly"),
+    ],
+)  # fmt: skip
+def test_a_database_error_inside_the_records_copy_is_one_line(
+    pg_server, tmp_path, trigger, message
+):
+    """The records' COPY runs on the driver's own cursor: its errors are psycopg2's, which
+    nothing took for a database error. One line that says why; nothing is stored."""
     import subprocess
     import sys
 
@@ -841,26 +854,28 @@ def test_a_database_error_inside_the_records_copy_is_one_line(pg_server, tmp_pat
     loaded(url, tmp_path)
     out = tmp_path / "logs"
     loggen.generate(out, days=1, files_per_day=2, lines_per_file=50)
-    full = sa.text(
-        "CREATE FUNCTION full_disk() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN "
-        "RAISE EXCEPTION 'could not extend file' USING ERRCODE = 'disk_full'; END $$; "
-        "CREATE TRIGGER full_disk BEFORE INSERT ON download_records "
-        "FOR EACH ROW EXECUTE FUNCTION full_disk()"
+    failing = sa.text(
+        "CREATE FUNCTION failing() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN "
+        f"{trigger}; RETURN NEW; END $$; "
+        "CREATE TRIGGER failing BEFORE INSERT ON download_records "
+        "FOR EACH ROW EXECUTE FUNCTION failing()"
     )
     with sa.create_engine(url).begin() as c:
-        c.execute(full)
+        c.execute(failing)
     env = {k: v for k, v in os.environ.items() if not k.startswith("WEBSTATS_")}
     env.update(
         WEBSTATS_DATABASE_URL=url, WEBSTATS_STATE_DIR=str(tmp_path / "state"),
         WEBSTATS_ENV_FILE="/dev/null", WEBSTATS_IP_HASH_KEY="test-key",
-        WEBSTATS_ETL_LOGS_SINCE="2009-01-01",
+        WEBSTATS_ETL_LOGS_SINCE="2009-01-01", WEBSTATS_ETL_WORKERS="1",
     )  # fmt: skip
     exe = str(Path(sys.executable).parent / "bioc-webstats")
     res = subprocess.run([exe, "etl", "run", "--source", str(out)], env=env,
                          capture_output=True, text=True, timeout=120)  # fmt: skip
     assert res.returncode == 1 and "Traceback" not in res.stderr, res.stderr
-    line = res.stderr.strip().splitlines()[-1]
-    assert line == "bioc-webstats: error: database: could not extend file", res.stderr
+    *logged, line = res.stderr.strip().splitlines()
+    assert line.startswith(f"bioc-webstats: error: {message}"), res.stderr
+    # the run's log lines, and no exception dump before the line (psycopg2 printed one)
+    assert all(ln.startswith(("INFO ", "WARNING ", "ERROR ")) for ln in logged), res.stderr
     with db.session_factory(url)() as s:
         assert s.scalar(select(func.count()).select_from(IngestedObject)) == 0
 

@@ -750,11 +750,22 @@ _SCHEMA_MISSING = re.compile(
 )
 
 
+def _driver_message(kind: type[BaseException], value: BaseException, tb: Any) -> None:
+    """What a C extension prints while it unwinds, with no Python frame (psycopg2, on a
+    connection dropped in a COPY, a decode error it cannot raise): a debug line, not a dump
+    before the command's one line. An exception with frames is Python's, as before."""
+    if tb is not None:
+        sys.__excepthook__(kind, value, tb)
+        return
+    logging.getLogger("bioc_webstats").debug("(not raised) %s: %s", kind.__name__, value)
+
+
 def main(argv: list[str] | None = None) -> None:
     """Console entry point: expected failures become one line on stderr and exit 1."""
     keep_memory_private()  # before any secret is read
     args = argv if argv is not None else sys.argv[1:]
     verbose = any(a in ("-v", "--verbose") for a in args)
+    sys.excepthook = _driver_message
     db.APPLICATION_NAME = " ".join(["bioc-webstats", *_command_path(args)])
     try:
         cli.main(args=argv, prog_name="bioc-webstats", standalone_mode=False)
@@ -774,7 +785,7 @@ def main(argv: list[str] | None = None) -> None:
     except SQLAlchemyError as exc:
         if verbose:
             traceback.print_exc()
-        first = first_line(exc)
+        first = first_line(db.what_happened(exc))
         # A table or a column missing: no schema yet, or one behind this release (installed,
         # not migrated yet), which the hint named wrongly or not at all.
         if _SCHEMA_MISSING.search(first):

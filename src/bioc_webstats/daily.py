@@ -44,7 +44,9 @@ def record_success(settings: Settings, key: str) -> str:
 def _one_line(exc: BaseException) -> str:
     if isinstance(exc, WebstatsError):  # ours: one line already, unless a value it quotes
         return printable(str(exc))
-    return ("database: " if isinstance(exc, SQLAlchemyError) else "") + first_line(exc)
+    if isinstance(exc, SQLAlchemyError):
+        return "database: " + first_line(db.what_happened(exc))
+    return first_line(exc)
 
 
 @dataclass

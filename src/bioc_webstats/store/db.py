@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from sqlalchemy import Connection, Engine, create_engine, event, select, text
-from sqlalchemy.exc import DBAPIError
+from sqlalchemy.exc import DBAPIError, InterfaceError, SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
 from ..config import PASSWORD_SOURCES, FilePassword, SecretPassword
@@ -54,6 +54,14 @@ APPLICATION_NAME = "bioc-webstats"
 MIGRATE_LOCK = 0x5EE7_0DB5
 MIGRATE_LOCK_WAIT = "30s"
 MIGRATE_TRIES = 10
+
+
+def what_happened(exc: SQLAlchemyError) -> SQLAlchemyError:
+    """The database error to report: not the rollback or close that failed after the
+    connection dropped ("connection already closed", raised while the drop was handled)."""
+    while isinstance(exc, InterfaceError) and isinstance(exc.__context__, SQLAlchemyError):
+        exc = exc.__context__
+    return exc
 
 
 def get_engine(url: str) -> Engine:
