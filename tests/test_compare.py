@@ -363,6 +363,27 @@ def test_a_site_that_is_down_stops_the_run(ours, monkeypatch):
     assert len(waits) % (cmp.ATTEMPTS - 1) == 0 and cmp.GIVE_UP <= tried <= cmp.GIVE_UP + 8
 
 
+def test_a_compressed_answer_is_named_not_compared():
+    """A server (or a proxy) that gzips its answer unasked: every file "differed" at line 1,
+    with binary lines, and nothing said why. It is one line, not retried."""
+    import gzip as gz
+
+    from test_packages import scripted_server
+
+    body = gz.compress(b"Package\naffy\n")
+    head = f"HTTP/1.1 200 OK\r\nContent-Encoding: gzip\r\nContent-Length: {len(body)}\r\n\r\n"
+    waits: list[float] = []
+    with scripted_server([(head.encode() + body, 0)]) as url:
+        side = cmp.WebSide(url, timeout=5, sleep=waits.append, deadline=1.0)
+        with pytest.raises(cmp.FetchError) as exc:
+            side.fetch("bioc/bioc_packages.txt")
+    assert str(exc.value) == (
+        f"{url}/bioc/bioc_packages.txt: answered in Content-Encoding 'gzip', not as the "
+        "file's own bytes"
+    )
+    assert waits == []
+
+
 @pytest.mark.parametrize(
     "parts,why",
     [

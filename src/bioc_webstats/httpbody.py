@@ -240,6 +240,12 @@ def fetch(url: str, agent: str, timeout: float, max_bytes: int, deadline: float)
     """The body of ``url`` (http(s), checked by :func:`url_problem`): ``timeout`` seconds per
     read, ``deadline`` for all of it, connection and headers included (BodyError past it)."""
     with _opened(url, agent, timeout, deadline) as resp:
+        # (none asked for: compressed bytes compared or parsed as the file's were every line
+        # of every file "differing", or a PACKAGES of no package)
+        coding = (resp.headers.get("Content-Encoding") or "identity").strip().lower()
+        if coding != "identity":
+            raise BodyError(f"answered in Content-Encoding {one_line(coding)[:40]!r}, not "
+                            "as the file's own bytes", retry=False)  # fmt: skip
         return read_body(resp, max_bytes)
 
 
