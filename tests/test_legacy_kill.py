@@ -109,7 +109,9 @@ def test_ctrl_c_ends_the_import_in_one_line(db_url, tmp_path, history):
         readers = descendants(proc.pid)
         assert proc.poll() is None and len(readers) == 2, proc.communicate()[1]
         os.killpg(proc.pid, signal.SIGINT)
-        _, err = proc.communicate(timeout=30)
+        # (past the import's own waits for its readers, 30 s each, before it kills one: a busy
+        # machine's readers may still be starting)
+        _, err = proc.communicate(timeout=150)
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
