@@ -89,6 +89,14 @@ def test_killed_import_then_rerun_equals_uninterrupted(db_url, tmp_path, history
     assert "2 unchanged since imported" in again.stderr
 
 
+def _interruptible() -> None:
+    """SIGINT as a shell leaves it to a foreground command: its default action, unblocked. A
+    test worker that ignores it (an earlier test in it may) passes that on across exec, and
+    the import then never heard the ^C (CI: a run held past 150 s)."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
+
+
 @pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)
 def test_ctrl_c_ends_the_import_in_one_line(db_url, tmp_path, history):
     """^C reaches the terminal's whole process group: the reader processes printed their
@@ -102,7 +110,8 @@ def test_ctrl_c_ends_the_import_in_one_line(db_url, tmp_path, history):
     args = ["import", "legacy-db", "--until", "2020-01-10", *map(str, history.legacy_files)]
     proc = subprocess.Popen(
         [EXE, *args], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-        start_new_session=True,  # a process group of its own, as a shell gives a command
+        start_new_session=True,  # a process group of its own, as a shell gives a command,
+        preexec_fn=_interruptible,  # and with ^C's default (this process's may be changed)
     )  # fmt: skip
     try:
         wait_for(lambda: marker.exists() or proc.poll() is not None, 60, what="the pause")
