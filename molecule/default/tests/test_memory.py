@@ -108,7 +108,8 @@ def sample(host, unit: str, start: str | None = None, now: bool = False) -> floa
 )
 def test_memory_use_under_the_ceiling(host, deploy_vars, unit, how):
     peak = sample(host, unit, now=True) if how == "now" else sample(host, unit, start=how)
-    assert peak > 5, f"{unit}: nothing measured ({peak:.1f} MiB)"
+    # (nginx's master and two workers of 2048 connections: 4.7 MiB on Debian 12)
+    assert peak > 2, f"{unit}: nothing measured ({peak:.1f} MiB)"
     ceiling = mib(deploy_vars[CEILINGS[unit]])
     MEASURED[unit] = round(peak, 1)
     report = Path(REPO / ".cache" / "memory-default.json")
