@@ -453,21 +453,29 @@ def test_socket_is_a_unix_socket_for_nginx(rendered):
     assert "NoDelay" not in socket  # TCP only
 
 
-@pytest.mark.parametrize("unit", ["bioc-webstats-etl.service"])
-def test_state_and_log_directories_follow_the_facts(rendered, unit):
-    """StateDirectory=/LogsDirectory= name the base role's directories, with the mode the base
-    role gives them (systemd would otherwise reset it at every start)."""
-    text = rendered[unit]
+def test_state_and_log_directories_follow_the_facts(rendered):
+    """The ETL's StateDirectory= names the base role's state directory, with the mode the base
+    role gives it (systemd would otherwise reset it at every start). The log directory is
+    root's: no unit names it in LogsDirectory= (systemd would give it to the unit's user at
+    every start, and root's nginx master and logrotate work there by name); the ETL may write
+    its etl.log there."""
+    text = rendered["bioc-webstats-etl.service"]
     values = _defaults()
-    base_tasks = (ROOT / "roles/webstats_base/tasks/main.yml").read_text()
-    mode = re.search(r'Create the state and log directories.*?mode: "(\d+)"', base_tasks, re.S)
-    assert mode and mode.group(1) == "0751"
-    state = values["webstats_base_state_dir"].removeprefix("/var/lib/")
-    logs = values["webstats_base_log_dir"].removeprefix("/var/log/")
-    assert re.search(rf"^StateDirectory={state}$", text, re.M)
-    assert re.search(rf"^LogsDirectory={logs}$", text, re.M)
-    assert re.search(rf"^StateDirectoryMode={mode.group(1)}$", text, re.M)
-    assert re.search(rf"^LogsDirectoryMode={mode.group(1)}$", text, re.M)
+    base = yaml.safe_load((ROOT / "roles/webstats_base/tasks/main.yml").read_text())
+    tasks = {t["name"]: t for t in base}
+    state = tasks["Create the state directory (owned by the service user)"]["ansible.builtin.file"]
+    assert state["mode"] == "0751" and state["owner"] == "{{ webstats_base_user }}"
+    logs = tasks["Create the log directory (root's)"]["ansible.builtin.file"]
+    assert (logs["owner"], logs["group"], logs["mode"]) == ("root", "root", "0751")
+    etl_log = tasks["Create the ETL's log file"]["ansible.builtin.file"]
+    assert etl_log["path"] == "{{ webstats_base_log_dir }}/etl.log"
+    assert etl_log["owner"] == "{{ webstats_base_user }}" and etl_log["mode"] == "0640"
+    state_dir = values["webstats_base_state_dir"].removeprefix("/var/lib/")
+    assert re.search(rf"^StateDirectory={state_dir}$", text, re.M)
+    assert re.search(rf"^StateDirectoryMode={state['mode']}$", text, re.M)
+    assert re.search(rf"^ReadWritePaths={values['webstats_base_log_dir']}$", text, re.M)
+    for name, unit in rendered.items():
+        assert not re.search(r"^LogsDirectory", unit, re.M), name
 
 
 def test_directories_follow_a_changed_fact():
@@ -475,7 +483,7 @@ def test_directories_follow_a_changed_fact():
     values = ansible_render.deploy_vars(webstats_base_log_dir="/var/log/webstats-b")
     env = ansible_render.environment(jinja2.FileSystemLoader(str(TEMPLATES)))
     etl = env.get_template("bioc-webstats-etl.service.j2").render(**values)
-    assert "LogsDirectory=webstats-b\n" in etl
+    assert "ReadWritePaths=/var/log/webstats-b\n" in etl
     assert " /var/log/webstats-b/etl.log " in etl
 
 
@@ -495,33 +503,62 @@ def test_cli_wrapper_runs_with_the_units_environment(tmp_path):
         assert found, unit
         units = units or found
         assert found == units, f"{unit} has another environment"
-    # Run the rendered wrapper as root with stand-ins that print what env -i would receive.
+    # Run the rendered wrapper as root, with stand-ins for systemd-run and runuser; the last
+    # prints its arguments and the environment the command would have.
     wrapper = tmp_path / "bioc-webstats"
     wrapper.write_text(env.get_template("bioc-webstats-cli.j2").render(**values))
     wrapper.chmod(0o755)
     stubs = tmp_path / "bin"
     stubs.mkdir()
+    # (in Python: a bash would add its own PWD and SHLVL to the environment it passes on)
     for name, body in (
-        ("id", "echo 0"),
-        ("systemd-run", 'while [ "$1" != -- ]; do shift; done; shift; exec "$@"'),
-        ("runuser", 'shift 3; exec "$@"'),
-        ("env", '[ "$1" = -0 ] && exit 0; shift; for a in "$@"; do printf "%s\\n" "$a"; done'),
+        ("id", "#!/bin/sh\necho 0"),
+        (
+            "systemd-run",
+            "#!/usr/bin/python3\nimport os, sys\nprint(*sys.argv, file=sys.stderr)\n"
+            "cmd = sys.argv[sys.argv.index('--') + 1:]\nos.execv(cmd[0], cmd)",
+        ),
+        (
+            "runuser",
+            "#!/usr/bin/python3\nimport os, sys\nprint(*sys.argv, file=sys.stderr)\n"
+            "print(*sys.argv[4:], sep='\\n')\n"
+            "print(*(f'{k}={v}' for k, v in os.environ.items()), sep='\\0', end='')",
+        ),
     ):
-        (stubs / name).write_text(f"#!/bin/bash\n{body}\n")
+        (stubs / name).write_text(f"{body}\n")
         (stubs / name).chmod(0o755)
+    secret = "postgresql://etl:s3cr3t@db/webstats"
     res = subprocess.run(
         ["bash", str(wrapper), "status"],
-        env={"PATH": f"{stubs}:/usr/bin:/bin"},
+        env={
+            "PATH": f"{stubs}:/usr/bin:/bin",
+            "WEBSTATS_DATABASE_URL": secret,
+            "WEBSTATS_X": "the caller's",
+            "SUDO_USER": "alice",
+            "A.B": "not a shell name",
+        },
         capture_output=True,
         text=True,
         timeout=30,
     )
     assert res.returncode == 0, res.stderr
-    args = res.stdout.splitlines()
-    assert args[-2:] == [f"{values['webstats_services_app_dir']}/bin/bioc-webstats", "status"]
-    passed = {a for a in args[:-2] if not a.startswith(("PATH=", "LANG=", "TERM="))}
-    assert passed == units
-    assert "WEBSTATS_X=a b" in passed
+    command = f"{values['webstats_services_app_dir']}/bin/bioc-webstats\nstatus\n"
+    head, _, environ = res.stdout.partition(command)
+    assert head == "" and environ, res.stdout
+    got = dict(v.split("=", 1) for v in environ.split("\0") if v)
+    # the units' environment, the caller's WEBSTATS_* on top of it, a PATH, a locale, a terminal
+    units = dict(v.split("=", 1) for v in units)
+    assert got == {
+        **units,
+        "WEBSTATS_X": "the caller's",
+        "WEBSTATS_DATABASE_URL": secret,
+        "PATH": "/usr/local/bin:/usr/bin:/bin",
+        "LANG": "C.UTF-8",
+        "TERM": "dumb",
+    }
+    # no value in an argument list: ps shows them to every local user while the command runs
+    assert secret not in res.stderr and "s3cr3t" not in res.stderr, res.stderr
+    assert "systemd-run --scope" in res.stderr and "runuser -u" in res.stderr, res.stderr
 
 
 def test_the_site_dropins_are_installed_through_the_verifier():

@@ -426,6 +426,31 @@ def tab_rows(text: str) -> list[list[str]]:
     return [ln.split("\t") for ln in lines[1:-1]]
 
 
+def test_no_service_user_can_put_a_link_in_the_log_directory(host, deploy_vars):
+    """The log directory is root's, and stays so after the ETL's run (a LogsDirectory= would
+    hand it to the ETL's user at every start): nginx's master and logrotate, both root, open,
+    create and chown files there by name, so a service user that could write the directory
+    could point a log at any file of the host (nginx chowns its log to www-data on a reopen)."""
+    log_dir = deploy_vars["webstats_base_log_dir"]
+    d = host.file(log_dir)
+    assert (d.user, d.group, d.mode) == ("root", "root", 0o751), (d.user, d.group, oct(d.mode))
+    users = (
+        deploy_vars["webstats_services_user"],
+        deploy_vars["webstats_services_web_user"],
+        deploy_vars["webstats_nginx_user"],
+    )
+    for user in users:
+        for cmd in (
+            f"ln -s /etc/shadow {log_dir}/nginx-error.log.x",
+            f"mv {log_dir}/etl.log {log_dir}/etl.log.x",
+            f"mv {log_dir}/nginx-error.log {log_dir}/nginx-error.log.x",
+        ):
+            res = host.run(f"runuser -u {user} -- {cmd}")
+            assert res.rc != 0 and "Permission denied" in res.stderr, (user, cmd, res.stderr)
+    assert host.file(f"{log_dir}/etl.log").user == deploy_vars["webstats_services_user"]
+    assert not host.file(f"{log_dir}/nginx-error.log.x").exists
+
+
 def test_category_files_match_truth(service):
     t = truth()
     by_year: dict[tuple[str, int], dict[int, tuple[int, int]]] = {}

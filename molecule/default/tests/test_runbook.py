@@ -137,6 +137,13 @@ def test_cli_runs_as_the_service_user_under_the_etls_ceiling(host, runbook):
     cgroup = run_ok(host, f"cat /proc/{pid}/cgroup")
     # the scope's name: run-r<id>.scope (systemd 252), run-p<pid>-i<n>.scope (257)
     assert re.search(r"/bioc-webstats-etl\.slice/run-[\w-]+\.scope$", cgroup, re.M), cgroup
+    # The caller's values are in no process's arguments (ps shows them to every local user):
+    # not the command's, not runuser's, which waits for it.
+    parent = int(run_ok(host, f"ps -o ppid= -p {pid}"))
+    assert run_ok(host, f"cat /proc/{parent}/comm").strip() == "runuser"
+    for proc in (pid, parent):
+        argv = run_ok(host, f"tr '\\0' ' ' </proc/{proc}/cmdline")
+        assert argv and "cli-test" not in argv, argv
     run_ok(host, "cat /etc/bioc-webstats/webstats.env >/run/cli-test.fifo")
     wait_for(lambda: host.file("/run/cli-test.rc").exists, 60, "the command to end")
     assert host.file("/run/cli-test.rc").content_string.strip() == "0"
