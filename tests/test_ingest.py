@@ -29,7 +29,7 @@ from bioc_webstats.store.models import (
     RecordMonth,
     StatsPending,
 )
-from conftest import wait_for
+from conftest import interruptible, wait_for
 
 SAMPLE = loggen.PACKAGES_SAMPLE
 
@@ -680,7 +680,7 @@ def test_ctrl_c_stops_the_run_in_one_line(db_url, tmp_path):
     exe = str(Path(sys.executable).parent / "bioc-webstats")
     proc = subprocess.Popen(
         [exe, "etl", "run", "--source", str(out)], env=env, stderr=subprocess.PIPE, text=True,
-        start_new_session=True, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+        start_new_session=True, preexec_fn=interruptible,
     )  # fmt: skip
     lines: list[str] = []
     reader = threading.Thread(target=lambda: lines.extend(proc.stderr), daemon=True)

@@ -16,7 +16,7 @@ from sqlalchemy import func, select
 import legacygen
 from bioc_webstats.store import db
 from bioc_webstats.store.models import DownloadRecord, IngestedObject, StatsPending
-from conftest import wait_for
+from conftest import interruptible, wait_for
 from killharness import EXE, alive, assert_whole, descendants, kill_at, prepared, run_cli
 from test_ingest import assert_truth, snapshot
 
@@ -89,14 +89,6 @@ def test_killed_import_then_rerun_equals_uninterrupted(db_url, tmp_path, history
     assert "2 unchanged since imported" in again.stderr
 
 
-def _interruptible() -> None:
-    """SIGINT as a shell leaves it to a foreground command: its default action, unblocked. A
-    test worker that ignores it (an earlier test in it may) passes that on across exec, and
-    the import then never heard the ^C (CI: a run held past 150 s)."""
-    signal.signal(signal.SIGINT, signal.SIG_DFL)
-    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
-
-
 @pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)
 def test_ctrl_c_ends_the_import_in_one_line(db_url, tmp_path, history):
     """^C reaches the terminal's whole process group: the reader processes printed their
@@ -111,7 +103,7 @@ def test_ctrl_c_ends_the_import_in_one_line(db_url, tmp_path, history):
     proc = subprocess.Popen(
         [EXE, *args], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
         start_new_session=True,  # a process group of its own, as a shell gives a command,
-        preexec_fn=_interruptible,  # and with ^C's default (this process's may be changed)
+        preexec_fn=interruptible,  # and with ^C's default (this process's may be changed)
     )  # fmt: skip
     try:
         wait_for(lambda: marker.exists() or proc.poll() is not None, 60, what="the pause")
