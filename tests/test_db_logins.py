@@ -4,6 +4,7 @@ for migrations, ETL, read-only web), and a rotated password picked up without a 
 
 from __future__ import annotations
 
+import datetime as dt
 import json
 import os
 import stat
@@ -15,8 +16,11 @@ import boto3
 import pytest
 import sqlalchemy as sa
 
+import webref
+from bioc_webstats import create_app
 from bioc_webstats.config import load_settings, normalize_database_url
 from bioc_webstats.errors import ConfigError
+from bioc_webstats.publish import publish
 from bioc_webstats.store import db
 from conftest import new_pg_database, wait_for
 
@@ -381,3 +385,87 @@ def test_the_web_follows_a_password_rotated_in_its_file(pg_password_server, clea
             assert conn.scalar(sa.text("SELECT current_user")) == "webrot"
     finally:
         db.dispose_engine(settings.database_url)
+
+
+def test_the_web_login_reads_only_what_the_site_shows(pg_password_server, clean_env, monkeypatch):
+    """The web's login holds no grant of its own: it is in ``<database>_web_reads``
+    (db-bootstrap.yml makes the role), to which the owner grants what the pages and files show
+    at every ``db upgrade`` (a restore runs one): not the download records (the clients'
+    hashes), the ledger, the counting's own tables. A login set up before 0.3.24 (SELECT on
+    every table, through the owner's default privileges) loses that at its next upgrade."""
+    base = new_pg_database(pg_password_server)
+    dbname = base.rsplit("/", 1)[1]
+    admin = sa.create_engine(base, isolation_level="AUTOCOMMIT")
+    owner, web = f"{dbname}_owner", f"{dbname}_web"
+    host, port = parts(pg_password_server)
+    with admin.connect() as conn:
+        for name in (owner, web):
+            conn.execute(sa.text(f'CREATE ROLE "{name}" LOGIN PASSWORD :pw'), {"pw": HARD})
+        conn.execute(sa.text(f'CREATE ROLE "{dbname}_web_reads" NOLOGIN'))
+        conn.execute(sa.text(f'GRANT "{dbname}_web_reads" TO "{web}"'))
+        conn.execute(sa.text(f'ALTER SCHEMA public OWNER TO "{owner}"'))
+        # as db-bootstrap.yml set a database up before 0.3.24
+        conn.execute(sa.text(
+            f'ALTER DEFAULT PRIVILEGES FOR ROLE "{owner}" IN SCHEMA public '
+            f'GRANT SELECT ON TABLES TO "{web}"'
+        ))  # fmt: skip
+    admin.dispose()
+    url = {
+        login: f"postgresql://{name}:{HARD}@{host}:{port}/{dbname}"
+        for login, name in (("owner", owner), ("web", web))
+    }
+    monkeypatch.setenv("WEBSTATS_DATABASE_URL", url["owner"])  # the ETL's: here, the owner's
+    monkeypatch.setenv("WEBSTATS_DATABASE_URL_OWNER", url["owner"])
+    monkeypatch.setenv("WEBSTATS_DATABASE_URL_WEB", url["web"])
+    monkeypatch.setenv("WEBSTATS_ENV_FILE", "/dev/null")
+    owner_url = load_settings(login="owner").database_url
+    web_url = load_settings(login="web").database_url
+
+    def readable() -> set[str]:
+        with db.get_engine(owner_url).connect() as conn:
+            return set(conn.execute(sa.text(
+                "SELECT c.relname FROM pg_class c WHERE c.relkind IN ('r', 'p') "
+                "AND c.relnamespace = 'public'::regnamespace "
+                "AND has_table_privilege(:web, c.oid, 'SELECT')"
+            ), {"web": web}).scalars())  # fmt: skip
+
+    def own_grants() -> list:
+        with db.get_engine(owner_url).connect() as conn:
+            return conn.execute(sa.text(
+                "SELECT table_name FROM information_schema.role_table_grants WHERE grantee = :w "
+                "UNION ALL SELECT 'default' FROM pg_default_acl a "
+                "WHERE array_to_string(a.defaclacl, ',') LIKE '%' || :w || '=%'"
+            ), {"w": web}).all()  # fmt: skip
+
+    shown = {"packages", "package_stats", "category_stats", "meta", "alembic_version"}
+    res = run("db", "upgrade", **{k: v for k, v in os.environ.items() if "WEBSTATS" in k})
+    assert res.returncode == 0, res.stderr
+    assert readable() == shown and own_grants() == []
+    with db.session_factory(owner_url)() as s:
+        webref.load_direct(s, valid_thru=dt.date(2024, 3, 31))
+    settings = load_settings()
+    publish(settings)
+    web_settings = load_settings(login="web")
+    client = create_app(web_settings).test_client()
+    for path in (
+        "/packages/stats/",
+        "/packages/stats/bioc/bioc_pkg_stats.tab",
+        "/packages/stats/bioc/affy/",  # built on request, as the web's login
+        "/packages/stats/bioc/affy/affy_2024_stats.tab",
+        "/healthz",
+    ):
+        r = client.get(path)
+        assert r.status_code == 200, (path, r.status_code, r.data[:300])
+    with db.get_engine(web_url).connect() as conn:
+        with pytest.raises(sa.exc.ProgrammingError, match="permission denied"):
+            conn.execute(sa.text("SELECT count(*) FROM download_records"))
+    # A restore makes the tables anew (no grant in the backup): the owner grants them again.
+    dump = clean_env / "webstats.dump"
+    env = {k: v for k, v in os.environ.items() if "WEBSTATS" in k}
+    assert run("db", "backup", str(dump), **env).returncode == 0
+    res = run("db", "restore", str(dump), **env)
+    assert res.returncode == 0, res.stderr
+    assert readable() == shown and own_grants() == []
+    db.dispose_engine(web_url)
+    r = create_app(web_settings).test_client().get("/packages/stats/bioc/affy/affy_stats.tab")
+    assert r.status_code == 200
