@@ -469,3 +469,23 @@ def test_the_web_login_reads_only_what_the_site_shows(pg_password_server, clean_
     db.dispose_engine(web_url)
     r = create_app(web_settings).test_client().get("/packages/stats/bioc/affy/affy_stats.tab")
     assert r.status_code == 200
+    # A grant of its own (a bootstrap before 0.3.24, a hand): `check` exits 3, as for a schema
+    # behind, so that the deploy runs `db upgrade`, which takes it back.
+    admin = sa.create_engine(base, isolation_level="AUTOCOMMIT")
+    with admin.connect() as conn:
+        conn.execute(sa.text(f'GRANT SELECT ON download_records TO "{web}"'))
+    res = run("check", **env)
+    assert res.returncode == 3, res.stderr
+    assert f"{web} holds grants of its own on the tables (bioc-webstats db upgrade" in res.stderr
+    assert run("db", "upgrade", **env).returncode == 0
+    res = run("check", **env)
+    assert res.returncode == 0 and res.stderr == "", res.stderr
+    assert readable() == shown and own_grants() == []
+    # A database bootstrapped before 0.3.24 (no such role): a warning, the deploy goes on.
+    with admin.connect() as conn:
+        conn.execute(sa.text(f'DROP OWNED BY "{dbname}_web_reads"'))
+        conn.execute(sa.text(f'DROP ROLE "{dbname}_web_reads"'))
+    admin.dispose()
+    res = run("check", **env)
+    assert res.returncode == 0, res.stderr
+    assert "warning: the database has no role <database>_web_reads" in res.stderr

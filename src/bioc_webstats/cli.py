@@ -690,6 +690,14 @@ def check(ctx: Context, login: str) -> None:
             click.echo(f"bioc-webstats: error: {status.reason}", err=True)
             sys.exit(SCHEMA_BEHIND)
         raise WebstatsError(status.reason)
+    # The web's reads: its start does not wait on them (it reads what it was granted).
+    pending = db.web_reads_pending(settings.database_url) if login != "web" else None
+    if pending is not None:
+        line, upgrade_fixes = pending
+        if upgrade_fixes:  # exit 3 too: the deploy runs 'db upgrade' on it
+            click.echo(f"bioc-webstats: error: {line}", err=True)
+            sys.exit(SCHEMA_BEHIND)
+        click.echo(f"bioc-webstats: warning: {line}", err=True)
     click.echo(f"ok: bioc-webstats {__version__}, {status.reason}")
 
 

@@ -55,6 +55,12 @@ def test_the_owner_owns_every_table(host, logins):
 def test_the_web_login_reads_and_cannot_write(host, logins):
     user, pw = logins["web"]
     assert int(psql(host, user, pw, "SELECT count(*) FROM packages").stdout) > 3000
+    # what the site shows, through <database>_web_reads; not the clients' hashes, the ledger
+    member = psql(host, user, pw, f"SELECT pg_has_role('{DB}_web_reads', 'MEMBER')")
+    assert member.stdout.strip() == "t", member.stderr
+    for table in ("download_records", "ingested_objects", "stats_seen", "record_months"):
+        res = psql(host, user, pw, f"SELECT count(*) FROM {table}")
+        assert res.rc != 0 and "permission denied" in res.stderr, (table, res.stderr)
     for sql in (
         "INSERT INTO meta (key, value) VALUES ('molecule', 'x')",
         "UPDATE packages SET last_release = NULL",
@@ -177,6 +183,8 @@ def test_db_bootstrap_with_an_administrator_that_is_no_superuser(host):
             assert (
                 as_login(names[key], pws[key], "SELECT current_user").stdout.strip() == names[key]
             )
+        reads = "SELECT pg_has_role('webstats_rds_web_reads', 'MEMBER')"
+        assert as_login(names["web"], pws["web"], reads).stdout.strip() == "t"
         rotated = "rds-runner-rotated-98765"
         # the password set, and the deployed web's file written again (the play's handler)
         assert bootstrap(rotated) == 2
@@ -191,7 +199,7 @@ def test_db_bootstrap_with_an_administrator_that_is_no_superuser(host):
         assert owner.stdout.strip() == names["owner"], owner.stderr
     finally:
         drop = ["DROP DATABASE IF EXISTS webstats_rds WITH (FORCE)"] + [
-            f"DROP ROLE IF EXISTS {r}" for r in (*names.values(), admin)
+            f"DROP ROLE IF EXISTS {r}" for r in ("webstats_rds_web_reads", *names.values(), admin)
         ]
         for statement in drop:
             host.run(f"runuser -u postgres -- psql -X -q -c {shlex.quote(statement)}")

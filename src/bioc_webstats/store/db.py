@@ -192,6 +192,7 @@ def upgrade(url: str) -> str:
             if not status.ok:
                 raise WebstatsError(status.reason)
             assert status.revision is not None
+            grant_web_reads(url)
             return status.revision  # nothing to do: a newer schema is never downgraded
     cfg = _alembic_config(url)
     pg = not url.startswith("sqlite")
@@ -232,7 +233,87 @@ def upgrade(url: str) -> str:
                     "stop it, then run it again"
                 ) from None
             log.warning("db upgrade: waiting for tables in use (%s), try %d", holders, attempt)
+    grant_web_reads(url)
     return head_revision()
+
+
+# What the web reads: the tables its pages and files show, the data version, the schema's
+# revision. Not the download records (the clients' hashes), the ledger, the counting's tables.
+WEB_TABLES = ("packages", "package_stats", "category_stats", "meta", "alembic_version")
+# The role of no login that holds the web's reads, one a database: <database>_web_reads.
+# playbooks/db-bootstrap.yml (webstats_db) makes it and puts the web's login in it; the owner,
+# who alone may grant on its tables, grants it WEB_TABLES here.
+WEB_READS_SUFFIX = "_web_reads"
+_WEB_READS = "SELECT rolname FROM pg_roles WHERE rolname = current_database() || :suffix"
+# The members' own grants on the schema's tables, now or by default: those of the schema's
+# owner (the owner of alembic_version), which the owner may take back; the owner excepted.
+_OWN_GRANTS = (
+    "WITH o AS (SELECT relowner AS oid FROM pg_class "
+    "  WHERE oid = 'public.alembic_version'::regclass) "
+    "SELECT DISTINCT u.rolname FROM pg_auth_members m JOIN pg_roles u ON u.oid = m.member, o "
+    "WHERE m.roleid = (SELECT oid FROM pg_roles WHERE rolname = :role) AND u.oid <> o.oid "
+    "AND (EXISTS ("
+    "  SELECT 1 FROM pg_class c, aclexplode(c.relacl) a WHERE a.grantee = u.oid"
+    "  AND a.grantor = o.oid AND c.relnamespace = 'public'::regnamespace"
+    "  AND c.relkind IN ('r', 'p', 'v', 'm')"
+    ") OR EXISTS ("
+    "  SELECT 1 FROM pg_default_acl d, aclexplode(d.defaclacl) a WHERE a.grantee = u.oid"
+    "  AND d.defaclrole = o.oid AND d.defaclobjtype = 'r'"
+    "  AND d.defaclnamespace IN (0, 'public'::regnamespace)))"
+)
+
+
+def web_reads_pending(url: str) -> tuple[str, bool] | None:
+    """What is wrong with the web's reads (PostgreSQL), as a line and whether ``db upgrade``
+    fixes it; None when nothing is. A database without the role (bootstrapped before 0.3.24)
+    needs playbooks/db-bootstrap.yml first."""
+    if not url.startswith("postgresql"):
+        return None
+    with get_engine(url).connect() as conn:
+        role = conn.execute(text(_WEB_READS), {"suffix": WEB_READS_SUFFIX}).scalar()
+        if role is None:
+            return (
+                "the database has no role <database>_web_reads: the web's login may read every "
+                "table (run playbooks/db-bootstrap.yml, then bioc-webstats db upgrade)",
+                False,
+            )
+        missing = [
+            t
+            for t in WEB_TABLES
+            if not conn.execute(
+                text("SELECT has_table_privilege(:role, :table, 'SELECT')"),
+                {"role": role, "table": f"public.{t}"},
+            ).scalar()
+        ]
+        own = conn.execute(text(_OWN_GRANTS), {"role": role}).scalars().all()
+    if not missing and not own:
+        return None
+    what = [f"{role} may not read {', '.join(missing)}"] if missing else []
+    what += [f"{', '.join(own)} holds grants of its own on the tables"] if own else []
+    return "; ".join(what) + " (bioc-webstats db upgrade grants the web's reads)", True
+
+
+def grant_web_reads(url: str) -> None:
+    """As the schema's owner (``db upgrade``; a restore runs one): ``<database>_web_reads`` may
+    read WEB_TABLES, and its members (the web's login) hold no grant of their own on the
+    schema's tables, now or by the owner's default privileges (a database set up before 0.3.24
+    gave the web's login SELECT on every table). Nothing on SQLite, or without the role."""
+    if not url.startswith("postgresql"):
+        return
+    with get_engine(url).begin() as conn:
+        role = conn.execute(text(_WEB_READS), {"suffix": WEB_READS_SUFFIX}).scalar()
+        if role is None:
+            return
+        quote = conn.dialect.identifier_preparer.quote_identifier
+        conn.execute(text(f"GRANT SELECT ON {', '.join(WEB_TABLES)} TO {quote(role)}"))
+        for member in conn.execute(text(_OWN_GRANTS), {"role": role}).scalars().all():
+            conn.execute(text(f"REVOKE ALL ON ALL TABLES IN SCHEMA public FROM {quote(member)}"))
+            for where in ("IN SCHEMA public ", ""):  # the schema's default, and the global one
+                conn.execute(
+                    text(
+                        f"ALTER DEFAULT PRIVILEGES {where}REVOKE ALL ON TABLES FROM {quote(member)}"
+                    )
+                )
 
 
 LOCK_NOT_AVAILABLE = "55P03"  # SQLSTATE of a lock_timeout
