@@ -415,3 +415,47 @@ def test_the_web_reads_role_is_the_one_the_release_grants():
     for grant in role_vars["__webstats_db_grants"] + role_vars["__webstats_db_default_grants"]:
         if grant["role"] == "{{ webstats_db_web_user }}":
             assert grant.get("type") in ("database", "schema"), grant
+
+
+def _tasks(items):
+    """Every task of a task list, the tasks of its blocks included."""
+    for task in items or []:
+        yield task
+        for key in ("block", "rescue", "always"):
+            yield from _tasks(task.get(key))
+
+
+def test_root_follows_no_link_the_service_user_may_put():
+    """The state directory (the publish directory in it) is the service user's: a link it put
+    there would lead a root task anywhere on the host (the file and acl modules follow links
+    by default; an audit gave the service user /etc/systemd/system through alerts/). A task on
+    a path there follows none (a link fails the deploy) or runs as the service user; the
+    restore's work files are root's, beside the backups."""
+    inside = re.compile(r"\{\{ (webstats_base_state_dir|webstats_base_publish_dir|"
+                        r"webstats_nginx_publish_dir) \}\}")  # fmt: skip
+    files = [*REPO.glob("roles/*/tasks/*.yml"), *REPO.glob("playbooks/*.yml")]
+    checked = []
+    for path in files:
+        doc = yaml.safe_load(path.read_text()) or []
+        plays = [p for p in doc if "hosts" in p] if path.parent.name == "playbooks" else []
+        lists = [p.get(k) for p in plays for k in ("pre_tasks", "tasks")] if plays else [doc]
+        for task in (t for items in lists for t in _tasks(items)):
+            for module in ("ansible.builtin.file", "ansible.posix.acl", "ansible.builtin.copy",
+                           "ansible.builtin.template"):  # fmt: skip
+                args = task.get(module)
+                target = str((args or {}).get("path") or (args or {}).get("dest") or "")
+                if not inside.search(target) or target == "{{ webstats_base_state_dir }}":
+                    continue
+                checked.append((path.name, task["name"]))
+                follows = args.get(
+                    "follow", module in ("ansible.builtin.file", "ansible.posix.acl")
+                )
+                assert not follows or task.get("become_user"), (path.name, task["name"])
+    assert ("main.yml", "Create the alarms' state directory") in checked
+    assert (
+        "main.yml",
+        "Create the publish directory (readable by nginx, nothing else of the state directory is)",
+    ) in checked
+    restore = yaml.safe_load((REPO / "playbooks/restore.yml").read_text())[0]["vars"]
+    for name in ("__webstats_restore_work", "__webstats_restore_stopped_file"):
+        assert "state_dir" not in restore[name] and "backup_dir" in restore[name], name

@@ -570,7 +570,7 @@ def test_restore_after_losing_the_database_serves_the_same_bytes(host, service, 
     # the note of what it stopped. Its re-run found them stopped and left them so.
     timers = (TIMER, "bioc-webstats-watchdog.timer")
     run_ok(host, f"systemctl stop {' '.join(timers)}")
-    note = "/var/lib/bioc-webstats/restore-playbook.timers"
+    note = "/var/backups/bioc-webstats/restore-playbook.timers"
     run_ok(host, f"printf '%s\\n' '{json.dumps(list(timers))}' > {note} && chmod 0600 {note}")
     cmd = runbook(
         "ansible-playbook playbooks/restore.yml -i inventory/production "
@@ -582,7 +582,7 @@ def test_restore_after_losing_the_database_serves_the_same_bytes(host, service, 
     assert "publish: data version" in res.stdout
     for timer in timers:
         assert active(host, timer) == "active", timer  # started again
-    assert not host.file("/var/lib/bioc-webstats/restore-playbook").exists
+    assert not host.file("/var/backups/bioc-webstats-restore").exists
     assert not host.file(note).exists
 
     health = json.loads(run_ok(host, runbook("curl -fsS http://127.0.0.1:8000/healthz; echo")))
