@@ -415,6 +415,9 @@ def test_the_web_reads_role_is_the_one_the_release_grants():
     for grant in role_vars["__webstats_db_grants"] + role_vars["__webstats_db_default_grants"]:
         if grant["role"] == "{{ webstats_db_web_user }}":
             assert grant.get("type") in ("database", "schema"), grant
+    reads = [g for g in role_vars["__webstats_db_default_grants"]
+             if g["role"] == "{{ __webstats_db_web_reads }}"]  # fmt: skip
+    assert reads == [{"role": "{{ __webstats_db_web_reads }}", "objs": "TABLES", "privs": "SELECT"}]
 
 
 def _tasks(items):

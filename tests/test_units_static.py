@@ -465,9 +465,20 @@ def test_state_and_log_directories_follow_the_facts(rendered):
     tasks = {t["name"]: t for t in base}
     state = tasks["Create the state directory (owned by the service user)"]["ansible.builtin.file"]
     assert state["mode"] == "0751" and state["owner"] == "{{ webstats_base_user }}"
-    logs = tasks["Create the log directory (root's)"]["ansible.builtin.file"]
+    # root's once the units that named it in LogsDirectory= are replaced (the deploy's order)
+    later = yaml.safe_load((ROOT / "roles/webstats_base/tasks/logs.yml").read_text())
+    later = {t["name"]: t for t in later}
+    logs = later["Make the log directory root's"]["ansible.builtin.file"]
     assert (logs["owner"], logs["group"], logs["mode"]) == ("root", "root", "0751")
-    etl_log = tasks["Create the ETL's log file"]["ansible.builtin.file"]
+    made = tasks["Create the log directory"]["ansible.builtin.file"]
+    assert "owner" not in made and made["mode"] == "0751"
+    deploy = yaml.safe_load((ROOT / "playbooks/deploy.yml").read_text())[0]["tasks"]
+    steps = [t["name"] for t in next(t for t in deploy if "block" in t)["block"]]
+    assert (
+        steps.index("The log directory, root's")
+        == steps.index("Units, then the restarts of what changed") + 1
+    ), steps
+    etl_log = later["Create the ETL's log file"]["ansible.builtin.file"]
     assert etl_log["path"] == "{{ webstats_base_log_dir }}/etl.log"
     assert etl_log["owner"] == "{{ webstats_base_user }}" and etl_log["mode"] == "0640"
     state_dir = values["webstats_base_state_dir"].removeprefix("/var/lib/")

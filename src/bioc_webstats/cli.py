@@ -654,8 +654,9 @@ def config_write_web(ctx: Context, path: Path) -> None:
 def check(ctx: Context, login: str) -> None:
     """Smoke test: configuration loads (every value what its parameter takes; with --login
     web, the flask/*, gunicorn/* and web/* ones), database reachable (with --login web, the
-    web's start, an unreachable one is a warning: the web answers 503), schema current (exit 3
-    when the schema is behind: 'bioc-webstats db upgrade' is the fix)."""
+    web's start, an unreachable one is a warning: the web answers 503), schema current, the
+    web's reads as this release sets them (exit 3 when either is not: 'bioc-webstats db
+    upgrade' is the fix; the deploy runs it then)."""
     from .alerts import remember_topic
 
     settings = ctx.settings_for(login)

@@ -241,8 +241,11 @@ def upgrade(url: str) -> str:
 # revision. Not the download records (the clients' hashes), the ledger, the counting's tables.
 WEB_TABLES = ("packages", "package_stats", "category_stats", "meta", "alembic_version")
 # The role of no login that holds the web's reads, one a database: <database>_web_reads.
-# playbooks/db-bootstrap.yml (webstats_db) makes it and puts the web's login in it; the owner,
-# who alone may grant on its tables, grants it WEB_TABLES here.
+# playbooks/db-bootstrap.yml (webstats_db) makes it, puts the web's login in it, and gives it
+# SELECT on every table the owner creates (default privileges: a table made by a release that
+# knows nothing of this, a restore by one, stays readable to the web). The owner, who alone
+# may grant and revoke on its tables, then grants it WEB_TABLES and takes back the tables this
+# release knows are not the web's (a later release's new table is that release's to say).
 WEB_READS_SUFFIX = "_web_reads"
 _WEB_READS = "SELECT rolname FROM pg_roles WHERE rolname = current_database() || :suffix"
 # The members' own grants on the schema's tables, now or by default: those of the schema's
@@ -263,6 +266,31 @@ _OWN_GRANTS = (
 )
 
 
+# A login that reads the download records and may not write them: a web login set up before
+# 0.3.24 (SELECT on every table), on a database without <database>_web_reads.
+_READ_ONLY_LOGINS = (
+    "SELECT 1 FROM pg_roles r WHERE r.rolcanlogin AND NOT r.rolsuper "
+    "AND to_regclass('public.download_records') IS NOT NULL "
+    "AND has_table_privilege(r.oid, 'public.download_records', 'SELECT') "
+    "AND NOT has_table_privilege(r.oid, 'public.download_records', 'INSERT')"
+)
+
+
+def _not_the_webs(conn: Connection, role: str) -> list[str]:
+    """The tables of this release's schema that are not the web's and that ``role`` may read."""
+    from .models import Base
+
+    names = sorted(set(Base.metadata.tables) - set(WEB_TABLES))
+    return [
+        name
+        for name in names
+        if conn.execute(
+            text("SELECT to_regclass(:t) IS NOT NULL AND has_table_privilege(:role, :t, 'SELECT')"),
+            {"role": role, "t": f"public.{name}"},
+        ).scalar()
+    ]
+
+
 def web_reads_pending(url: str) -> tuple[str, bool] | None:
     """What is wrong with the web's reads (PostgreSQL), as a line and whether ``db upgrade``
     fixes it; None when nothing is. A database without the role (bootstrapped before 0.3.24)
@@ -271,10 +299,12 @@ def web_reads_pending(url: str) -> tuple[str, bool] | None:
         return None
     with get_engine(url).connect() as conn:
         role = conn.execute(text(_WEB_READS), {"suffix": WEB_READS_SUFFIX}).scalar()
+        if role is None and conn.execute(text(_READ_ONLY_LOGINS)).first() is None:
+            return None  # one login for everything (a laptop, the demo): nothing to narrow
         if role is None:
             return (
                 "the database has no role <database>_web_reads: the web's login may read every "
-                "table (run playbooks/db-bootstrap.yml, then bioc-webstats db upgrade)",
+                "table (run playbooks/db-bootstrap.yml; the next deploy narrows it)",
                 False,
             )
         missing = [
@@ -285,19 +315,22 @@ def web_reads_pending(url: str) -> tuple[str, bool] | None:
                 {"role": role, "table": f"public.{t}"},
             ).scalar()
         ]
+        extra = _not_the_webs(conn, role)
         own = conn.execute(text(_OWN_GRANTS), {"role": role}).scalars().all()
-    if not missing and not own:
+    if not (missing or extra or own):
         return None
     what = [f"{role} may not read {', '.join(missing)}"] if missing else []
+    what += [f"{role} may read {', '.join(extra)}"] if extra else []
     what += [f"{', '.join(own)} holds grants of its own on the tables"] if own else []
-    return "; ".join(what) + " (bioc-webstats db upgrade grants the web's reads)", True
+    return "; ".join(what) + " (bioc-webstats db upgrade sets the web's reads)", True
 
 
 def grant_web_reads(url: str) -> None:
     """As the schema's owner (``db upgrade``; a restore runs one): ``<database>_web_reads`` may
-    read WEB_TABLES, and its members (the web's login) hold no grant of their own on the
-    schema's tables, now or by the owner's default privileges (a database set up before 0.3.24
-    gave the web's login SELECT on every table). Nothing on SQLite, or without the role."""
+    read WEB_TABLES and none of this release's other tables, and its members (the web's login)
+    hold no grant of their own on the schema's tables, now or by the owner's default privileges
+    (a database set up before 0.3.24 gave the web's login SELECT on every table). Nothing on
+    SQLite, or without the role."""
     if not url.startswith("postgresql"):
         return
     with get_engine(url).begin() as conn:
@@ -306,14 +339,14 @@ def grant_web_reads(url: str) -> None:
             return
         quote = conn.dialect.identifier_preparer.quote_identifier
         conn.execute(text(f"GRANT SELECT ON {', '.join(WEB_TABLES)} TO {quote(role)}"))
+        extra = _not_the_webs(conn, role)
+        if extra:
+            conn.execute(text(f"REVOKE ALL ON {', '.join(extra)} FROM {quote(role)}"))
         for member in conn.execute(text(_OWN_GRANTS), {"role": role}).scalars().all():
             conn.execute(text(f"REVOKE ALL ON ALL TABLES IN SCHEMA public FROM {quote(member)}"))
             for where in ("IN SCHEMA public ", ""):  # the schema's default, and the global one
-                conn.execute(
-                    text(
-                        f"ALTER DEFAULT PRIVILEGES {where}REVOKE ALL ON TABLES FROM {quote(member)}"
-                    )
-                )
+                revoke = f"REVOKE ALL ON TABLES FROM {quote(member)}"
+                conn.execute(text(f"ALTER DEFAULT PRIVILEGES {where}{revoke}"))
 
 
 LOCK_NOT_AVAILABLE = "55P03"  # SQLSTATE of a lock_timeout
