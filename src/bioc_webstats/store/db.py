@@ -277,18 +277,24 @@ _READ_ONLY_LOGINS = (
 
 
 def _not_the_webs(conn: Connection, role: str) -> list[str]:
-    """The tables of this release's schema that are not the web's and that ``role`` may read."""
-    from .models import Base
-
-    names = sorted(set(Base.metadata.tables) - set(WEB_TABLES))
-    return [
-        name
-        for name in names
-        if conn.execute(
-            text("SELECT to_regclass(:t) IS NOT NULL AND has_table_privilege(:role, :t, 'SELECT')"),
-            {"role": role, "t": f"public.{name}"},
-        ).scalar()
-    ]
+    """The relations of the schema (tables, partitions, views…) other than WEB_TABLES that
+    ``role`` holds a grant on from their owner: what its default privilege gave it, whatever
+    release made them (a newer one's table, restored by an older release, is not the web's
+    unless this release says so)."""
+    return (
+        conn.execute(
+            text(
+                "SELECT DISTINCT c.relname FROM pg_class c, aclexplode(c.relacl) a "
+                "WHERE c.relnamespace = 'public'::regnamespace "
+                "AND c.relkind IN ('r', 'p', 'v', 'm', 'f') AND a.grantor = c.relowner "
+                "AND a.grantee = (SELECT oid FROM pg_roles WHERE rolname = :role) "
+                "AND NOT c.relname = ANY(:web) ORDER BY 1"
+            ),
+            {"role": role, "web": list(WEB_TABLES)},
+        )
+        .scalars()
+        .all()
+    )
 
 
 def web_reads_pending(url: str) -> tuple[str, bool] | None:
@@ -341,7 +347,8 @@ def grant_web_reads(url: str) -> None:
         conn.execute(text(f"GRANT SELECT ON {', '.join(WEB_TABLES)} TO {quote(role)}"))
         extra = _not_the_webs(conn, role)
         if extra:
-            conn.execute(text(f"REVOKE ALL ON {', '.join(extra)} FROM {quote(role)}"))
+            tables = ", ".join(f"public.{quote(name)}" for name in extra)
+            conn.execute(text(f"REVOKE ALL ON {tables} FROM {quote(role)}"))
         for member in conn.execute(text(_OWN_GRANTS), {"role": role}).scalars().all():
             conn.execute(text(f"REVOKE ALL ON ALL TABLES IN SCHEMA public FROM {quote(member)}"))
             for where in ("IN SCHEMA public ", ""):  # the schema's default, and the global one
