@@ -244,8 +244,8 @@ WEB_TABLES = ("packages", "package_stats", "category_stats", "meta", "alembic_ve
 # playbooks/db-bootstrap.yml (webstats_db) makes it, puts the web's login in it, and gives it
 # SELECT on every table the owner creates (default privileges: a table made by a release that
 # knows nothing of this, a restore by one, stays readable to the web). The owner, who alone
-# may grant and revoke on its tables, then grants it WEB_TABLES and takes back the tables this
-# release knows are not the web's (a later release's new table is that release's to say).
+# may grant and revoke on its tables, then grants it WEB_TABLES and takes back every other
+# relation of the schema it holds.
 WEB_READS_SUFFIX = "_web_reads"
 _WEB_READS = "SELECT rolname FROM pg_roles WHERE rolname = current_database() || :suffix"
 # The members' own grants on the schema's tables, now or by default: those of the schema's
@@ -297,6 +297,32 @@ def _not_the_webs(conn: Connection, role: str) -> list[str]:
     )
 
 
+@dataclass(frozen=True)
+class _WebReads:
+    """The role of the web's reads, and what is not as this release sets it."""
+
+    role: str
+    missing: list[str]  # WEB_TABLES it may not read
+    extra: list[str]  # other relations it holds a grant on
+    own: list[str]  # its members that hold grants of their own
+
+
+def _web_reads(conn: Connection) -> _WebReads | None:
+    role = conn.execute(text(_WEB_READS), {"suffix": WEB_READS_SUFFIX}).scalar()
+    if role is None:
+        return None
+    missing = [
+        t
+        for t in WEB_TABLES
+        if not conn.execute(
+            text("SELECT has_table_privilege(:role, :table, 'SELECT')"),
+            {"role": role, "table": f"public.{t}"},
+        ).scalar()
+    ]
+    own = conn.execute(text(_OWN_GRANTS), {"role": role}).scalars().all()
+    return _WebReads(role, missing, _not_the_webs(conn, role), own)
+
+
 def web_reads_pending(url: str) -> tuple[str, bool] | None:
     """What is wrong with the web's reads (PostgreSQL), as a line and whether ``db upgrade``
     fixes it; None when nothing is. A database without the role (bootstrapped before 0.3.24)
@@ -304,52 +330,43 @@ def web_reads_pending(url: str) -> tuple[str, bool] | None:
     if not url.startswith("postgresql"):
         return None
     with get_engine(url).connect() as conn:
-        role = conn.execute(text(_WEB_READS), {"suffix": WEB_READS_SUFFIX}).scalar()
-        if role is None and conn.execute(text(_READ_ONLY_LOGINS)).first() is None:
+        reads = _web_reads(conn)
+        if reads is None and conn.execute(text(_READ_ONLY_LOGINS)).first() is None:
             return None  # one login for everything (a laptop, the demo): nothing to narrow
-        if role is None:
-            return (
-                "the database has no role <database>_web_reads: the web's login may read every "
-                "table (run playbooks/db-bootstrap.yml; the next deploy narrows it)",
-                False,
-            )
-        missing = [
-            t
-            for t in WEB_TABLES
-            if not conn.execute(
-                text("SELECT has_table_privilege(:role, :table, 'SELECT')"),
-                {"role": role, "table": f"public.{t}"},
-            ).scalar()
-        ]
-        extra = _not_the_webs(conn, role)
-        own = conn.execute(text(_OWN_GRANTS), {"role": role}).scalars().all()
-    if not (missing or extra or own):
+    if reads is None:
+        return (
+            "the database has no role <database>_web_reads: the web's login may read every "
+            "table (run playbooks/db-bootstrap.yml; the next deploy narrows it)",
+            False,
+        )
+    role = reads.role
+    what = [f"{role} may not read {', '.join(reads.missing)}"] if reads.missing else []
+    what += [f"{role} may read {', '.join(reads.extra)}"] if reads.extra else []
+    what += [f"{', '.join(reads.own)} holds grants of its own on the tables"] if reads.own else []
+    if not what:
         return None
-    what = [f"{role} may not read {', '.join(missing)}"] if missing else []
-    what += [f"{role} may read {', '.join(extra)}"] if extra else []
-    what += [f"{', '.join(own)} holds grants of its own on the tables"] if own else []
     return "; ".join(what) + " (bioc-webstats db upgrade sets the web's reads)", True
 
 
 def grant_web_reads(url: str) -> None:
     """As the schema's owner (``db upgrade``; a restore runs one): ``<database>_web_reads`` may
-    read WEB_TABLES and none of this release's other tables, and its members (the web's login)
+    read WEB_TABLES and no other relation of the schema, and its members (the web's login)
     hold no grant of their own on the schema's tables, now or by the owner's default privileges
     (a database set up before 0.3.24 gave the web's login SELECT on every table). Nothing on
     SQLite, or without the role."""
     if not url.startswith("postgresql"):
         return
     with get_engine(url).begin() as conn:
-        role = conn.execute(text(_WEB_READS), {"suffix": WEB_READS_SUFFIX}).scalar()
-        if role is None:
+        reads = _web_reads(conn)
+        if reads is None:
             return
         quote = conn.dialect.identifier_preparer.quote_identifier
-        conn.execute(text(f"GRANT SELECT ON {', '.join(WEB_TABLES)} TO {quote(role)}"))
-        extra = _not_the_webs(conn, role)
-        if extra:
-            tables = ", ".join(f"public.{quote(name)}" for name in extra)
-            conn.execute(text(f"REVOKE ALL ON {tables} FROM {quote(role)}"))
-        for member in conn.execute(text(_OWN_GRANTS), {"role": role}).scalars().all():
+        role = quote(reads.role)
+        conn.execute(text(f"GRANT SELECT ON {', '.join(WEB_TABLES)} TO {role}"))
+        if reads.extra:
+            tables = ", ".join(f"public.{quote(name)}" for name in reads.extra)
+            conn.execute(text(f"REVOKE ALL ON {tables} FROM {role}"))
+        for member in reads.own:
             conn.execute(text(f"REVOKE ALL ON ALL TABLES IN SCHEMA public FROM {quote(member)}"))
             for where in ("IN SCHEMA public ", ""):  # the schema's default, and the global one
                 revoke = f"REVOKE ALL ON TABLES FROM {quote(member)}"
