@@ -535,3 +535,67 @@ def test_the_web_login_reads_only_what_the_site_shows(pg_password_server, clean_
     admin.dispose()
     assert res.returncode == 0, res.stderr
     assert "warning: the database has no role <database>_web_reads" in res.stderr
+
+
+def test_only_the_owners_migrations_write_the_schema_revision(pg_password_server, clean_env):
+    """The ETL's login may write every table the owner makes (default privileges), and so got
+    alembic_version too: one UPDATE, and every release would take the schema for another
+    revision. `db upgrade` leaves it SELECT there (its `check` reads the revision); `check`
+    exits 3 on a grant back (a restore by an older release, a hand), and the deploy's
+    `db upgrade` takes it back again."""
+    base = new_pg_database(pg_password_server)
+    dbname = base.rsplit("/", 1)[1]
+    owner, etl = f"{dbname}_owner", f"{dbname}_etl"
+    host, port = parts(pg_password_server)
+    admin = sa.create_engine(base, isolation_level="AUTOCOMMIT")
+    with admin.connect() as conn:
+        for name in (owner, etl):
+            conn.execute(sa.text(f'CREATE ROLE "{name}" LOGIN PASSWORD :pw'), {"pw": HARD})
+        conn.execute(sa.text(f'ALTER SCHEMA public OWNER TO "{owner}"'))
+        conn.execute(sa.text(f'GRANT USAGE ON SCHEMA public TO "{etl}"'))
+        conn.execute(sa.text(  # as db-bootstrap.yml does
+            f'ALTER DEFAULT PRIVILEGES FOR ROLE "{owner}" IN SCHEMA public '
+            f'GRANT SELECT, INSERT, UPDATE, DELETE ON TABLES TO "{etl}"'
+        ))  # fmt: skip
+    url = {n: f"postgresql://{n}:{HARD}@{host}:{port}/{dbname}" for n in (owner, etl)}
+    env = {
+        "WEBSTATS_ENV_FILE": "/dev/null",
+        "WEBSTATS_STATE_DIR": str(clean_env / "state"),
+        "WEBSTATS_DATABASE_URL": url[etl],
+        "WEBSTATS_DATABASE_URL_OWNER": url[owner],
+    }
+    assert run("db", "upgrade", **env).returncode == 0
+    etl_url = normalize_database_url(url[etl])
+
+    def etl_can(statement: str) -> bool:
+        with db.get_engine(etl_url).connect() as conn:
+            try:
+                conn.execute(sa.text(statement))
+            except sa.exc.ProgrammingError as exc:
+                assert "permission denied" in str(exc)
+                return False
+            finally:
+                conn.rollback()
+        return True
+
+    writes = (
+        "UPDATE alembic_version SET version_num = 'x'",
+        "INSERT INTO alembic_version VALUES ('x')",
+        "DELETE FROM alembic_version",
+        "TRUNCATE alembic_version",
+    )
+    assert etl_can("SELECT version_num FROM alembic_version")
+    assert not any(etl_can(w) for w in writes)
+    assert etl_can("INSERT INTO meta (key, value) VALUES ('k', 'v')")  # its rows stay its own
+    res = run("check", **env)
+    assert res.returncode == 0 and res.stderr == "", res.stderr
+    with admin.connect() as conn:
+        conn.execute(sa.text(f'GRANT UPDATE, TRUNCATE ON alembic_version TO "{etl}"'))
+    assert etl_can(writes[0])
+    res = run("check", **env)
+    assert res.returncode == 3, res.stderr
+    assert f"{etl} may write alembic_version, which only the owner's migrations" in res.stderr
+    assert run("db", "upgrade", **env).returncode == 0
+    assert not any(etl_can(w) for w in writes) and etl_can("SELECT * FROM alembic_version")
+    assert run("check", **env).returncode == 0
+    admin.dispose()

@@ -408,10 +408,10 @@ def test_the_web_reads_role_is_the_one_the_release_grants():
     """db-bootstrap.yml makes <database>_web_reads and puts the web's login in it; the release's
     `db upgrade` grants that role what the web reads: one name on both sides, and the web's
     login gets no table of its own from the bootstrap (nor by default privileges)."""
-    from bioc_webstats.store import db
+    from bioc_webstats.store import grants
 
     role_vars = yaml.safe_load((REPO / "roles/webstats_db/vars/main.yml").read_text())
-    assert role_vars["__webstats_db_web_reads"] == "{{ webstats_db_name }}" + db.WEB_READS_SUFFIX
+    assert role_vars["__webstats_db_web_reads"] == "{{ webstats_db_name }}" + grants.WEB_READS_SUFFIX
     for grant in role_vars["__webstats_db_grants"] + role_vars["__webstats_db_default_grants"]:
         if grant["role"] == "{{ webstats_db_web_user }}":
             assert grant.get("type") in ("database", "schema"), grant

@@ -27,7 +27,7 @@ from .config import Settings, load_settings, overruled_lines
 from .errors import WebstatsError, first_line, printable
 from .files import shown
 from .proc import keep_memory_private
-from .store import db
+from .store import db, grants
 
 log = logging.getLogger("bioc_webstats")
 
@@ -691,8 +691,8 @@ def check(ctx: Context, login: str) -> None:
             click.echo(f"bioc-webstats: error: {status.reason}", err=True)
             sys.exit(SCHEMA_BEHIND)
         raise WebstatsError(status.reason)
-    # The web's reads: its start does not wait on them (it reads what it was granted).
-    pending = db.web_reads_pending(settings.database_url) if login != "web" else None
+    # The logins' rights: the web's start does not wait on them (it reads what it was granted).
+    pending = grants.pending(db.get_engine(settings.database_url)) if login != "web" else None
     if pending is not None:
         line, upgrade_fixes = pending
         if upgrade_fixes:  # exit 3 too: the deploy runs 'db upgrade' on it

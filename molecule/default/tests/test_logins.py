@@ -79,11 +79,15 @@ def test_the_etl_login_writes_rows_and_cannot_change_the_schema(host, logins):
         "DELETE FROM meta WHERE key = 'molecule'; CREATE TEMP TABLE t (x int); ROLLBACK",
     )  # fmt: skip
     assert wrote.rc == 0, wrote.stderr
+    assert psql(host, user, pw, "SELECT version_num FROM alembic_version").stdout.strip()
     for sql in (
         "CREATE TABLE molecule_probe (x int)",
         "ALTER TABLE packages ADD COLUMN molecule_probe int",
         "DROP TABLE stats_pending",
         "CREATE INDEX molecule_probe ON packages (package)",
+        # the schema's revision is the owner's migrations' to write (db upgrade leaves it SELECT)
+        "UPDATE alembic_version SET version_num = 'molecule'",
+        "TRUNCATE alembic_version",
     ):
         res = psql(host, user, pw, sql)
         assert res.rc != 0, f"the ETL login could: {sql}"

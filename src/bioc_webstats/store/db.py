@@ -21,6 +21,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from ..config import PASSWORD_SOURCES, FilePassword, SecretPassword
 from ..errors import WebstatsError, first_line
+from . import grants
 from .models import Meta
 
 if TYPE_CHECKING:
@@ -192,7 +193,7 @@ def upgrade(url: str) -> str:
             if not status.ok:
                 raise WebstatsError(status.reason)
             assert status.revision is not None
-            grant_web_reads(url)
+            grants.apply(get_engine(url))
             return status.revision  # nothing to do: a newer schema is never downgraded
     cfg = _alembic_config(url)
     pg = not url.startswith("sqlite")
@@ -233,144 +234,8 @@ def upgrade(url: str) -> str:
                     "stop it, then run it again"
                 ) from None
             log.warning("db upgrade: waiting for tables in use (%s), try %d", holders, attempt)
-    grant_web_reads(url)
+    grants.apply(get_engine(url))
     return head_revision()
-
-
-# What the web reads: the tables its pages and files show, the data version, the schema's
-# revision. Not the download records (the clients' hashes), the ledger, the counting's tables.
-WEB_TABLES = ("packages", "package_stats", "category_stats", "meta", "alembic_version")
-# The role of no login that holds the web's reads, one a database: <database>_web_reads.
-# playbooks/db-bootstrap.yml (webstats_db) makes it, puts the web's login in it, and gives it
-# SELECT on every table the owner creates (default privileges: a table made by a release that
-# knows nothing of this, a restore by one, stays readable to the web). The owner, who alone
-# may grant and revoke on its tables, then grants it WEB_TABLES and takes back every other
-# relation of the schema it holds.
-WEB_READS_SUFFIX = "_web_reads"
-_WEB_READS = "SELECT rolname FROM pg_roles WHERE rolname = current_database() || :suffix"
-# The members' own grants on the schema's tables, now or by default: those of the schema's
-# owner (the owner of alembic_version), which the owner may take back; the owner excepted.
-_OWN_GRANTS = (
-    "WITH o AS (SELECT relowner AS oid FROM pg_class "
-    "  WHERE oid = 'public.alembic_version'::regclass) "
-    "SELECT DISTINCT u.rolname FROM pg_auth_members m JOIN pg_roles u ON u.oid = m.member, o "
-    "WHERE m.roleid = (SELECT oid FROM pg_roles WHERE rolname = :role) AND u.oid <> o.oid "
-    "AND (EXISTS ("
-    "  SELECT 1 FROM pg_class c, aclexplode(c.relacl) a WHERE a.grantee = u.oid"
-    "  AND a.grantor = o.oid AND c.relnamespace = 'public'::regnamespace"
-    "  AND c.relkind IN ('r', 'p', 'v', 'm')"
-    ") OR EXISTS ("
-    "  SELECT 1 FROM pg_default_acl d, aclexplode(d.defaclacl) a WHERE a.grantee = u.oid"
-    "  AND d.defaclrole = o.oid AND d.defaclobjtype = 'r'"
-    "  AND d.defaclnamespace IN (0, 'public'::regnamespace)))"
-)
-
-
-# A login that reads the download records and may not write them: a web login set up before
-# 0.3.24 (SELECT on every table), on a database without <database>_web_reads.
-_READ_ONLY_LOGINS = (
-    "SELECT 1 FROM pg_roles r WHERE r.rolcanlogin AND NOT r.rolsuper "
-    "AND to_regclass('public.download_records') IS NOT NULL "
-    "AND has_table_privilege(r.oid, 'public.download_records', 'SELECT') "
-    "AND NOT has_table_privilege(r.oid, 'public.download_records', 'INSERT')"
-)
-
-
-def _not_the_webs(conn: Connection, role: str) -> list[str]:
-    """The relations of the schema (tables, partitions, views…) other than WEB_TABLES that
-    ``role`` holds a grant on from their owner: what its default privilege gave it, whatever
-    release made them (a newer one's table, restored by an older release, is not the web's
-    unless this release says so)."""
-    return (
-        conn.execute(
-            text(
-                "SELECT DISTINCT c.relname FROM pg_class c, aclexplode(c.relacl) a "
-                "WHERE c.relnamespace = 'public'::regnamespace "
-                "AND c.relkind IN ('r', 'p', 'v', 'm', 'f') AND a.grantor = c.relowner "
-                "AND a.grantee = (SELECT oid FROM pg_roles WHERE rolname = :role) "
-                "AND NOT c.relname = ANY(:web) ORDER BY 1"
-            ),
-            {"role": role, "web": list(WEB_TABLES)},
-        )
-        .scalars()
-        .all()
-    )
-
-
-@dataclass(frozen=True)
-class _WebReads:
-    """The role of the web's reads, and what is not as this release sets it."""
-
-    role: str
-    missing: list[str]  # WEB_TABLES it may not read
-    extra: list[str]  # other relations it holds a grant on
-    own: list[str]  # its members that hold grants of their own
-
-
-def _web_reads(conn: Connection) -> _WebReads | None:
-    role = conn.execute(text(_WEB_READS), {"suffix": WEB_READS_SUFFIX}).scalar()
-    if role is None:
-        return None
-    missing = [
-        t
-        for t in WEB_TABLES
-        if not conn.execute(
-            text("SELECT has_table_privilege(:role, :table, 'SELECT')"),
-            {"role": role, "table": f"public.{t}"},
-        ).scalar()
-    ]
-    own = conn.execute(text(_OWN_GRANTS), {"role": role}).scalars().all()
-    return _WebReads(role, missing, _not_the_webs(conn, role), own)
-
-
-def web_reads_pending(url: str) -> tuple[str, bool] | None:
-    """What is wrong with the web's reads (PostgreSQL), as a line and whether ``db upgrade``
-    fixes it; None when nothing is. A database without the role (bootstrapped before 0.3.24)
-    needs playbooks/db-bootstrap.yml first."""
-    if not url.startswith("postgresql"):
-        return None
-    with get_engine(url).connect() as conn:
-        reads = _web_reads(conn)
-        if reads is None and conn.execute(text(_READ_ONLY_LOGINS)).first() is None:
-            return None  # one login for everything (a laptop, the demo): nothing to narrow
-    if reads is None:
-        return (
-            "the database has no role <database>_web_reads: the web's login may read every "
-            "table (run playbooks/db-bootstrap.yml; the next deploy narrows it)",
-            False,
-        )
-    role = reads.role
-    what = [f"{role} may not read {', '.join(reads.missing)}"] if reads.missing else []
-    what += [f"{role} may read {', '.join(reads.extra)}"] if reads.extra else []
-    what += [f"{', '.join(reads.own)} holds grants of its own on the tables"] if reads.own else []
-    if not what:
-        return None
-    return "; ".join(what) + " (bioc-webstats db upgrade sets the web's reads)", True
-
-
-def grant_web_reads(url: str) -> None:
-    """As the schema's owner (``db upgrade``; a restore runs one): ``<database>_web_reads`` may
-    read WEB_TABLES and no other relation of the schema, and its members (the web's login)
-    hold no grant of their own on the schema's tables, now or by the owner's default privileges
-    (a database set up before 0.3.24 gave the web's login SELECT on every table). Nothing on
-    SQLite, or without the role."""
-    if not url.startswith("postgresql"):
-        return
-    with get_engine(url).begin() as conn:
-        reads = _web_reads(conn)
-        if reads is None:
-            return
-        quote = conn.dialect.identifier_preparer.quote_identifier
-        role = quote(reads.role)
-        conn.execute(text(f"GRANT SELECT ON {', '.join(WEB_TABLES)} TO {role}"))
-        if reads.extra:
-            tables = ", ".join(f"public.{quote(name)}" for name in reads.extra)
-            conn.execute(text(f"REVOKE ALL ON {tables} FROM {role}"))
-        for member in reads.own:
-            conn.execute(text(f"REVOKE ALL ON ALL TABLES IN SCHEMA public FROM {quote(member)}"))
-            for where in ("IN SCHEMA public ", ""):  # the schema's default, and the global one
-                revoke = f"REVOKE ALL ON TABLES FROM {quote(member)}"
-                conn.execute(text(f"ALTER DEFAULT PRIVILEGES {where}{revoke}"))
 
 
 LOCK_NOT_AVAILABLE = "55P03"  # SQLSTATE of a lock_timeout
