@@ -25,14 +25,15 @@ def _module():
     return mod
 
 
+def argv(tmp_path: Path, *extra: str) -> list[str]:
+    return [sys.executable, str(SCRIPT), "--source", str(ROOT), "--constraints",
+            str(ROOT / "requirements" / "runtime.txt"), "--cache", str(tmp_path / "cache"),
+            "--python-version", "3.12", "--platform", f"manylinux_2_35_{ARCH}",
+            "--platform", f"manylinux2014_{ARCH}", *extra]  # fmt: skip
+
+
 def build(tmp_path: Path, *extra: str) -> dict:
-    out = subprocess.run(
-        [sys.executable, str(SCRIPT), "--source", str(ROOT), "--constraints",
-         str(ROOT / "requirements" / "runtime.txt"), "--cache", str(tmp_path / "cache"),
-         "--python-version", "3.12", "--platform", f"manylinux_2_35_{ARCH}",
-         "--platform", f"manylinux2014_{ARCH}", *extra],
-        capture_output=True, text=True, timeout=600,
-    )  # fmt: skip
+    out = subprocess.run(argv(tmp_path, *extra), capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr
     return json.loads(out.stdout)
 
@@ -67,6 +68,23 @@ def test_pure_wheel_on_request(tmp_path):
     assert app_wheel(res).name.endswith("-py3-none-any.whl")
     with zipfile.ZipFile(app_wheel(res)) as zf:
         assert not [n for n in zf.namelist() if n.endswith(".so")]
+
+
+def test_two_builds_of_one_content_at_once_make_one(tmp_path):
+    """Two deploys from one controller (or molecule scenarios run side by side) build the same
+    release at once: the second waits for the first and takes its wheelhouse, which it does not
+    replace (nor remove) while the first's play is still to copy it."""
+    cmd = argv(tmp_path, "--pure")
+    runs = [subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+            for _ in range(2)]  # fmt: skip
+    results = []
+    for run in runs:
+        out, err = run.communicate(timeout=600)
+        assert run.returncode == 0, err
+        results.append(json.loads(out))
+    assert sorted(r["changed"] for r in results) == [False, True]
+    assert results[0]["dir"] == results[1]["dir"]
+    assert (Path(results[0]["dir"]) / ".complete").is_file() and Path(results[0]["tar"]).is_file()
 
 
 def test_the_native_platform_only_for_this_architecture():

@@ -24,6 +24,7 @@ Exit status 1 with a one-line message on stderr when the build fails.
 from __future__ import annotations
 
 import argparse
+import fcntl
 import hashlib
 import json
 import os
@@ -262,10 +263,7 @@ def adopt(args: argparse.Namespace) -> dict:
         key = marker.read_text().strip()
     else:
         key = digest(sorted(directory.glob("*.whl")), directory, [RECIPE, "prebuilt"])
-    if not args.cache:
-        parser_error("--cache is required")
     cache = Path(args.cache).resolve()
-    cache.mkdir(parents=True, exist_ok=True)
     tar = cache / f"{version}-prebuilt-{key[:12]}.tar"
     changed = make_tar(directory, tar)
     return {
@@ -294,12 +292,20 @@ def main() -> None:
         "--pure", action="store_true", help="a pure-Python wheel (no C scanner) for any target"
     )
     args = parser.parse_args()
-    if args.wheelhouse:
-        result = adopt(args)
-    else:
-        if not (args.source and args.constraints and args.cache and args.python_version):
-            parser.error("--source, --constraints, --cache and --python-version are required")
-        result = build(args)
+    if not args.wheelhouse and not (
+        args.source and args.constraints and args.cache and args.python_version
+    ):
+        parser.error("--source, --constraints, --cache and --python-version are required")
+    if not args.cache:
+        parser_error("--cache is required")
+    cache = Path(args.cache).resolve()
+    cache.mkdir(parents=True, exist_ok=True)
+    # One build at a time per cache (two deploys from one controller, or molecule scenarios run
+    # side by side): the second finds the first's build complete instead of replacing it, or
+    # pruning it, while the first's play still copies it.
+    with (cache / ".lock").open("w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        result = adopt(args) if args.wheelhouse else build(args)
     print(json.dumps(result))
 
 
