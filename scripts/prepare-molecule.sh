@@ -97,7 +97,8 @@ chmod 0700 .cache/molecule-ssh
 [ -f .cache/molecule-ssh/id_ed25519 ] || ssh-keygen -q -t ed25519 -N '' -C bioc-webstats-molecule -f .cache/molecule-ssh/id_ed25519
 
 mkdir -p .cache
-cat >.cache/molecule.env.tmp <<EOF
+tmp=$(mktemp .cache/molecule.env.XXXXXX)  # its own: another run may be writing one
+cat >"$tmp" <<EOF
 # written by scripts/prepare-molecule.sh; sourced by scripts/molecule.sh and make demo
 export WEBSTATS_MOLECULE_IMAGE=$image
 export WEBSTATS_MOLECULE_NOFILE=$nofile
@@ -105,5 +106,6 @@ export WEBSTATS_MOLECULE_NPROC=$nproc
 export WEBSTATS_MOLECULE_CGROUP_HYBRID=$hybrid
 export WEBSTATS_MOLECULE_SSH_KEY=$PWD/.cache/molecule-ssh/id_ed25519
 EOF
-mv .cache/molecule.env.tmp .cache/molecule.env
+chmod 0644 "$tmp"
+mv "$tmp" .cache/molecule.env
 log "ok ($image, nofile=$nofile nproc=$nproc hybrid_cgroups=$hybrid)"
