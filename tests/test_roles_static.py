@@ -411,7 +411,8 @@ def test_the_web_reads_role_is_the_one_the_release_grants():
     from bioc_webstats.store import grants
 
     role_vars = yaml.safe_load((REPO / "roles/webstats_db/vars/main.yml").read_text())
-    assert role_vars["__webstats_db_web_reads"] == "{{ webstats_db_name }}" + grants.WEB_READS_SUFFIX
+    expected = "{{ webstats_db_name }}" + grants.WEB_READS_SUFFIX
+    assert role_vars["__webstats_db_web_reads"] == expected
     for grant in role_vars["__webstats_db_grants"] + role_vars["__webstats_db_default_grants"]:
         if grant["role"] == "{{ webstats_db_web_user }}":
             assert grant.get("type") in ("database", "schema"), grant
