@@ -12,7 +12,8 @@
 #   5. container limits: root here may lack CAP_SYS_RESOURCE, so each container gets explicit
 #      rlimits no higher than this shell's hard limits;
 #   6. an SSH key for the scenarios' Ansible connection (.cache/molecule-ssh/).
-# Writes the results to .cache/molecule.env, which scripts/molecule.sh and the demo source.
+# Writes the results to .cache/molecule.env (or $WEBSTATS_MOLECULE_ENV_FILE), which the demo
+# sources (scripts/molecule.sh: a file of its own, as runs of two images may go side by side).
 #
 # Environment: WEBSTATS_MOLECULE_IMAGE (default localhost/bioc-webstats-systemd:bookworm),
 #              WEBSTATS_DEBIAN_MIRROR (default: debootstrap's own).
@@ -97,7 +98,8 @@ chmod 0700 .cache/molecule-ssh
 [ -f .cache/molecule-ssh/id_ed25519 ] || ssh-keygen -q -t ed25519 -N '' -C bioc-webstats-molecule -f .cache/molecule-ssh/id_ed25519
 
 mkdir -p .cache
-tmp=$(mktemp .cache/molecule.env.XXXXXX)  # its own: another run may be writing one
+env_file=${WEBSTATS_MOLECULE_ENV_FILE:-.cache/molecule.env}
+tmp=$(mktemp "$env_file.XXXXXX")  # its own: another run may be writing one
 cat >"$tmp" <<EOF
 # written by scripts/prepare-molecule.sh; sourced by scripts/molecule.sh and make demo
 export WEBSTATS_MOLECULE_IMAGE=$image
@@ -107,5 +109,5 @@ export WEBSTATS_MOLECULE_CGROUP_HYBRID=$hybrid
 export WEBSTATS_MOLECULE_SSH_KEY=$PWD/.cache/molecule-ssh/id_ed25519
 EOF
 chmod 0644 "$tmp"
-mv "$tmp" .cache/molecule.env
+mv "$tmp" "$env_file"
 log "ok ($image, nofile=$nofile nproc=$nproc hybrid_cgroups=$hybrid)"

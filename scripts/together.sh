@@ -8,12 +8,19 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
-[ "$#" -ge 1 ] || { echo "usage: scripts/together.sh COMMAND [COMMAND...]" >&2; exit 2; }
+[ "$#" -ge 1 ] || exit 0  # nothing asked (make test with no scenario of the pair)
 logs=$(mktemp -d "${TMPDIR:-/tmp}/webstats-together.XXXXXX")
 declare -A index=()
 declare -a commands=() rcs=()
 start=$SECONDS
 
+stop() {
+  for pid in "${!index[@]}"; do kill -TERM -- "-$pid" 2>/dev/null; done
+  wait
+  rm -rf "$logs"
+  exit 130
+}
+trap stop INT TERM HUP
 # Each command leads its own process group, so that an interrupted run stops all of each.
 set -m
 for cmd in "$@"; do
@@ -24,13 +31,6 @@ for cmd in "$@"; do
   echo "together: [$((i + 1))] started: $cmd"
 done
 set +m
-stop() {
-  for pid in "${!index[@]}"; do kill -TERM -- "-$pid" 2>/dev/null; done
-  wait
-  rm -rf "$logs"
-  exit 130
-}
-trap stop INT TERM
 
 failed=0
 for _ in "${commands[@]}"; do

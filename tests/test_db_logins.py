@@ -595,6 +595,12 @@ def test_only_the_owners_migrations_write_the_schema_revision(pg_password_server
     res = run("check", **env)
     assert res.returncode == 3, res.stderr
     assert f"{etl} may write alembic_version, which only the owner's migrations" in res.stderr
+    # db upgrade as a login that is not the owner (db/owner_credentials unset: the runner's)
+    # says so; PostgreSQL alone would warn, change nothing, and let the deploy loop on exit 3.
+    res = run("db", "upgrade", **{**env, "WEBSTATS_DATABASE_URL_OWNER": url[etl]})
+    assert res.returncode == 1 and len(res.stderr.splitlines()) == 1, res.stderr
+    assert f"the login {etl} is not the tables' owner {owner}" in res.stderr, res.stderr
+    assert HARD not in res.stderr and etl_can(writes[0])
     assert run("db", "upgrade", **env).returncode == 0
     assert not any(etl_can(w) for w in writes) and etl_can("SELECT * FROM alembic_version")
     assert run("check", **env).returncode == 0

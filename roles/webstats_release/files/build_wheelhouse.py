@@ -303,9 +303,13 @@ def main() -> None:
     # One build at a time per cache (two deploys from one controller, or molecule scenarios run
     # side by side): the second finds the first's build complete instead of replacing it, or
     # pruning it, while the first's play still copies it.
-    with (cache / ".lock").open("w") as lock:
+    # Read-only: a cache another user filled (root's make test) still serves a deploy.
+    lock = os.open(cache / ".lock", os.O_RDONLY | os.O_CREAT, 0o644)
+    try:
         fcntl.flock(lock, fcntl.LOCK_EX)
         result = adopt(args) if args.wheelhouse else build(args)
+    finally:
+        os.close(lock)
     print(json.dumps(result))
 
 

@@ -16,6 +16,8 @@ from dataclasses import dataclass
 
 from sqlalchemy import Connection, Engine, text
 
+from ..errors import WebstatsError
+
 # What the web reads: the tables its pages and files show, the data version, the schema's
 # revision. Not the download records (the clients' hashes), the ledger, the counting's tables.
 WEB_TABLES = ("packages", "package_stats", "category_stats", "meta", "alembic_version")
@@ -57,13 +59,19 @@ _NOT_THE_WEBS = (
     "AND a.grantee = (SELECT oid FROM pg_roles WHERE rolname = :role) "
     "AND NOT c.relname = ANY(:web) ORDER BY 1"
 )
-# The roles other than its owner that hold more than SELECT on the schema's revision: the ETL's
-# login, through the default privileges every table gets.
+# The roles other than its owner that hold more than SELECT on the schema's revision from the
+# owner (who may take it back): the ETL's login, through the default privileges every table gets.
 _REVISION_WRITERS = (
     "SELECT DISTINCT r.rolname FROM pg_class c CROSS JOIN LATERAL aclexplode(c.relacl) a "
     "JOIN pg_roles r ON r.oid = a.grantee "
     "WHERE c.oid = 'public.alembic_version'::regclass AND a.grantee <> c.relowner "
-    "AND a.privilege_type <> 'SELECT' ORDER BY 1"
+    "AND a.grantor = c.relowner AND a.privilege_type <> 'SELECT' ORDER BY 1"
+)
+# Whether this login may act as the tables' owner (it is, or is in, that role), and its name.
+_OWNER = (
+    "SELECT pg_has_role(current_user, c.relowner, 'USAGE') AS may, "
+    "pg_get_userbyid(c.relowner) AS owner, current_user AS login "
+    "FROM pg_class c WHERE c.oid = 'public.alembic_version'::regclass"
 )
 # A login that reads the download records and may not write them: a web login set up before
 # 0.3.24 (SELECT on every table), on a database without <database>_web_reads.
@@ -84,6 +92,12 @@ class _State:
     extra: list[str]  # other relations it holds a grant on
     own: list[str]  # its members that hold grants of their own
     revision_writers: list[str]  # roles but the owner that may write alembic_version
+
+    @property
+    def settled(self) -> bool:
+        """Nothing for ``apply`` to change."""
+        reads_ok = not (self.missing or self.extra or self.own)
+        return not self.revision_writers and reads_ok
 
 
 def _state(conn: Connection) -> _State:
@@ -145,6 +159,14 @@ def apply(engine: Engine) -> None:
         return
     with engine.begin() as conn:
         state = _state(conn)
+        if state.settled:
+            return
+        owner = conn.execute(text(_OWNER)).one()
+        if not owner.may:  # PostgreSQL would only warn, and change nothing
+            raise WebstatsError(
+                f"db upgrade: the login {owner.login} is not the tables' owner {owner.owner}: "
+                "it cannot set the logins' rights (set db/owner_credentials, the owner's login)"
+            )
         quote = conn.dialect.identifier_preparer.quote_identifier
         for writer in state.revision_writers:  # SELECT stays: `check` reads the revision
             conn.execute(text(f"REVOKE ALL ON {REVISION_TABLE} FROM {quote(writer)}"))
