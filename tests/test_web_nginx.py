@@ -714,7 +714,9 @@ def test_every_connection_with_a_full_head_fits_nginxs_memory_ceiling(loaded_pg,
                 # closed with a reset (no TIME_WAIT left), from an address no other test uses
                 s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
                 s.bind(("127.0.0.99", 0))
-                s.settimeout(10)
+                # (a minute: on a busy machine nginx's accept queue fills, and the kernel
+                # retries a dropped SYN after 1, 2, 4, 8, 16 s)
+                s.settimeout(60)
                 s.connect(("127.0.0.1", fr.port))
                 s.sendall(head)
                 opened.append(s)
