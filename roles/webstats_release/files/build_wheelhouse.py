@@ -302,8 +302,8 @@ def main() -> None:
     cache.mkdir(parents=True, exist_ok=True)
     # One build at a time per cache (two deploys from one controller, or molecule scenarios run
     # side by side): the second finds the first's build complete instead of replacing it, or
-    # pruning it, while the first's play still copies it.
-    # Read-only: a cache another user filled (root's make test) still serves a deploy.
+    # pruning it, while the first's play still copies it. The lock file is opened read-only: a
+    # cache another user filled (root's make test) still serves a deploy.
     lock = os.open(cache / ".lock", os.O_RDONLY | os.O_CREAT, 0o644)
     try:
         fcntl.flock(lock, fcntl.LOCK_EX)
