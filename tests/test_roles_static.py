@@ -421,6 +421,27 @@ def test_the_web_reads_role_is_the_one_the_release_grants():
     assert reads == [{"role": "{{ __webstats_db_web_reads }}", "objs": "TABLES", "privs": "SELECT"}]
 
 
+def test_the_revision_the_bootstrap_leaves_read_only_is_the_one_the_release_guards():
+    """db-bootstrap.yml grants the ETL only SELECT on the schema's revision, and every `db
+    upgrade` takes back more: one table name on both sides (another would be written by the ETL
+    after each bootstrap and taken back at each deploy), and none written into the role's SQL."""
+    from bioc_webstats.store import grants
+
+    role_vars = yaml.safe_load((REPO / "roles/webstats_db/vars/main.yml").read_text())
+    assert role_vars["__webstats_db_revision_table"] == grants.REVISION_TABLE
+    assert "'objs': __webstats_db_revision_table, 'privs': 'SELECT'" in role_vars[
+        "__webstats_db_table_grants"]  # fmt: skip
+    tasks = yaml.safe_load((REPO / "roles/webstats_db/tasks/main.yml").read_text())
+    (read,) = [t for t in _tasks(tasks) if t.get("name", "").startswith("Read the tables that")]
+    query = read["community.postgresql.postgresql_query"]
+    assert query["named_args"] == {"revision": "{{ __webstats_db_revision_table }}"}
+    assert grants.REVISION_TABLE not in query["query"]
+    role = REPO / "roles/webstats_db"
+    named = {str(p.relative_to(role)): p.read_text().count(grants.REVISION_TABLE)
+             for p in role.rglob("*.yml")}  # fmt: skip
+    assert {path: n for path, n in named.items() if n} == {"vars/main.yml": 1}
+
+
 def _tasks(items):
     """Every task of a task list, the tasks of its blocks included."""
     for task in items or []:

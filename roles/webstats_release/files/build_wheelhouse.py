@@ -276,10 +276,6 @@ def adopt(args: argparse.Namespace) -> dict:
     }
 
 
-def parser_error(message: str) -> None:
-    fail(message)
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--source", help="the repository (pyproject.toml, src/)")
@@ -292,12 +288,10 @@ def main() -> None:
         "--pure", action="store_true", help="a pure-Python wheel (no C scanner) for any target"
     )
     args = parser.parse_args()
-    if not args.wheelhouse and not (
-        args.source and args.constraints and args.cache and args.python_version
-    ):
-        parser.error("--source, --constraints, --cache and --python-version are required")
     if not args.cache:
-        parser_error("--cache is required")
+        parser.error("--cache is required")
+    if not args.wheelhouse and not (args.source and args.constraints and args.python_version):
+        parser.error("--source, --constraints and --python-version are required (or --wheelhouse)")
     cache = Path(args.cache).resolve()
     cache.mkdir(parents=True, exist_ok=True)
     # One build at a time per cache (two deploys from one controller, or molecule scenarios run

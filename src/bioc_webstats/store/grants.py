@@ -18,9 +18,12 @@ from sqlalchemy import Connection, Engine, text
 
 from ..errors import WebstatsError
 
+# The schema's revision (Alembic's table); roles/webstats_db names it too.
+REVISION_TABLE = "alembic_version"
+_REVISION = {"revision": f"public.{REVISION_TABLE}"}
 # What the web reads: the tables its pages and files show, the data version, the schema's
 # revision. Not the download records (the clients' hashes), the ledger, the counting's tables.
-WEB_TABLES = ("packages", "package_stats", "category_stats", "meta", "alembic_version")
+WEB_TABLES = ("packages", "package_stats", "category_stats", "meta", REVISION_TABLE)
 # The role of no login that holds the web's reads, one a database: <database>_web_reads.
 # playbooks/db-bootstrap.yml (webstats_db) makes it, puts the web's login in it, and gives it
 # SELECT on every table the owner creates (default privileges: a table made by a release that
@@ -28,7 +31,6 @@ WEB_TABLES = ("packages", "package_stats", "category_stats", "meta", "alembic_ve
 # may grant and revoke on its tables, then grants it WEB_TABLES and takes back every other
 # relation of the schema it holds.
 WEB_READS_SUFFIX = "_web_reads"
-REVISION_TABLE = "alembic_version"
 # The relations a grant can be on: tables, partitioned tables, views, materialized views,
 # foreign tables.
 _RELKINDS = ["r", "p", "v", "m", "f"]
@@ -37,7 +39,7 @@ _WEB_READS = "SELECT rolname FROM pg_roles WHERE rolname = current_database() ||
 # owner (the owner of alembic_version), which the owner may take back; the owner excepted.
 _OWN_GRANTS = (
     "WITH o AS (SELECT relowner AS oid FROM pg_class "
-    "  WHERE oid = 'public.alembic_version'::regclass) "
+    "  WHERE oid = CAST(:revision AS regclass)) "
     "SELECT DISTINCT u.rolname FROM pg_auth_members m JOIN pg_roles u ON u.oid = m.member, o "
     "WHERE m.roleid = (SELECT oid FROM pg_roles WHERE rolname = :role) AND u.oid <> o.oid "
     "AND (EXISTS ("
@@ -64,14 +66,14 @@ _NOT_THE_WEBS = (
 _REVISION_WRITERS = (
     "SELECT DISTINCT r.rolname FROM pg_class c CROSS JOIN LATERAL aclexplode(c.relacl) a "
     "JOIN pg_roles r ON r.oid = a.grantee "
-    "WHERE c.oid = 'public.alembic_version'::regclass AND a.grantee <> c.relowner "
+    "WHERE c.oid = CAST(:revision AS regclass) AND a.grantee <> c.relowner "
     "AND a.grantor = c.relowner AND a.privilege_type <> 'SELECT' ORDER BY 1"
 )
 # Whether this login may act as the tables' owner (it is, or is in, that role), and its name.
 _OWNER = (
     "SELECT pg_has_role(current_user, c.relowner, 'USAGE') AS may, "
     "pg_get_userbyid(c.relowner) AS owner, current_user AS login "
-    "FROM pg_class c WHERE c.oid = 'public.alembic_version'::regclass"
+    "FROM pg_class c WHERE c.oid = CAST(:revision AS regclass)"
 )
 # A login that reads the download records and may not write them: a web login set up before
 # 0.3.24 (SELECT on every table), on a database without <database>_web_reads.
@@ -102,7 +104,7 @@ class _State:
 
 def _state(conn: Connection) -> _State:
     role = conn.execute(text(_WEB_READS), {"suffix": WEB_READS_SUFFIX}).scalar()
-    writers = list(conn.execute(text(_REVISION_WRITERS)).scalars())
+    writers = list(conn.execute(text(_REVISION_WRITERS), _REVISION).scalars())
     if role is None:
         return _State(None, [], [], [], writers)
     missing = [
@@ -113,7 +115,7 @@ def _state(conn: Connection) -> _State:
             {"role": role, "table": f"public.{t}"},
         ).scalar()
     ]
-    args = {"role": role, "kinds": _RELKINDS, "web": list(WEB_TABLES)}
+    args = {"role": role, "kinds": _RELKINDS, "web": list(WEB_TABLES), **_REVISION}
     own = list(conn.execute(text(_OWN_GRANTS), args).scalars())
     extra = list(conn.execute(text(_NOT_THE_WEBS), args).scalars())
     return _State(role, missing, extra, own, writers)
@@ -161,7 +163,7 @@ def apply(engine: Engine) -> None:
         state = _state(conn)
         if state.settled:
             return
-        owner = conn.execute(text(_OWNER)).one()
+        owner = conn.execute(text(_OWNER), _REVISION).one()
         if not owner.may:  # PostgreSQL would only warn, and change nothing
             raise WebstatsError(
                 f"db upgrade: the login {owner.login} is not the tables' owner {owner.owner}: "
