@@ -5,6 +5,7 @@ version (and never come back for another database)."""
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import errno
 import logging
@@ -309,6 +310,30 @@ def test_rebuild_and_sync_publish_a_new_version_and_prune(db_url, tmp_path, logs
     assert len(set(seen)) == 3
     dirs = sorted(p.name for p in settings.publish_dir.iterdir() if p.name.startswith("v"))
     assert dirs == sorted(seen[-KEEP:])
+
+
+def test_the_first_publish_elsewhere_removes_the_site_of_earlier_releases(db_url, tmp_path, caplog):
+    """Releases before 0.3.26 published into <state dir>/site, where the service user could
+    swap the directory for a link while the deploy (root) set its owner and ACL; the deploy
+    now sets web/publish_dir outside it, and the first publish there removes the old site."""
+    settings = loaded(db_url, tmp_path)
+    earlier = settings.state_dir / "site"
+    assert settings.publish_dir == earlier  # without web/publish_dir, as releases before
+    publish(settings)
+    publish(settings, force=True)  # the site itself stays
+    assert (earlier / "current").is_symlink()
+    (earlier / "current" / "packages/stats/by-hand.txt").write_text("")  # (gunicorn's pages)
+    moved = dataclasses.replace(
+        settings, values={**settings.values, "web/publish_dir": str(tmp_path / "site")}
+    )
+    with caplog.at_level(logging.INFO, logger="bioc_webstats.publish"):
+        publish(moved)
+    assert not earlier.exists() and (tmp_path / "site/current").is_symlink()
+    assert f"publish: removed {earlier}, the site of releases before 0.3.26" in caplog.text
+    earlier.mkdir()  # a directory of that name that no publish made is not the app's to remove
+    (earlier / "notes.txt").write_text("")
+    publish(moved, force=True)
+    assert (earlier / "notes.txt").exists()
 
 
 def test_publish_failure_is_one_line(db_url, tmp_path, monkeypatch, capsys):

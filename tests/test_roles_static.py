@@ -264,7 +264,7 @@ def test_nginx_configuration_renders_and_passes_nginx_t(nginx_conf):
     assert "Managed by Ansible" in site and "Managed by Ansible" in conf.read_text()
     assert "listen 0.0.0.0:8000 default_server;" in site
     assert "server unix:/run/bioc-webstats/web.sock;" in site
-    assert "root /var/lib/bioc-webstats/site/current;" in site
+    assert "root /var/lib/bioc-webstats-site/current;" in site
     assert "add_header Cache-Control $webstats_cache_control;" in site
     assert '"" "public, max-age=3600";' in site
     result = nginx_test(conf)
@@ -451,11 +451,13 @@ def _tasks(items):
 
 
 def test_root_follows_no_link_the_service_user_may_put():
-    """The state directory (the publish directory in it) is the service user's: a link it put
-    there would lead a root task anywhere on the host (the file and acl modules follow links
-    by default; an audit gave the service user /etc/systemd/system through alerts/). A task on
-    a path there follows none (a link fails the deploy) or runs as the service user; the
-    restore's work files are root's, beside the backups."""
+    """The state directory is the service user's: a link it put there would lead a root task
+    anywhere on the host (the file and acl modules follow links by default; an audit gave the
+    service user /etc/systemd/system through alerts/). A task on a path there follows none (a
+    link fails the deploy) or runs as the service user; the restore's work files are root's,
+    beside the backups. The publish directory, whose owner and ACL root sets, is not in it
+    (its parent is root's: a link swapped in between the module's check and its chown would
+    still be followed), and root's tasks on it follow no link either."""
     inside = re.compile(r"\{\{ (webstats_base_state_dir|webstats_base_publish_dir|"
                         r"webstats_nginx_publish_dir) \}\}")  # fmt: skip
     files = [*REPO.glob("roles/*/tasks/*.yml"), *REPO.glob("playbooks/*.yml")]
@@ -477,10 +479,12 @@ def test_root_follows_no_link_the_service_user_may_put():
                 )
                 assert not follows or task.get("become_user"), (path.name, task["name"])
     assert ("main.yml", "Create the alarms' state directory") in checked
-    assert (
-        "main.yml",
-        "Create the publish directory (readable by nginx, nothing else of the state directory is)",
-    ) in checked
+    assert ("main.yml", "Create the publish directory (readable by nginx)") in checked
+    assert ("main.yml", "Create the publish directory where it is missing") in checked
+    base = yaml.safe_load((REPO / "roles/webstats_base/defaults/main.yml").read_text())
+    state, publish = base["webstats_base_state_dir"], base["webstats_base_publish_dir"]
+    assert publish.startswith("/var/lib/") and publish.count("/") == 3  # /var/lib is root's
+    assert not (publish + "/").startswith(state + "/")
     restore = yaml.safe_load((REPO / "playbooks/restore.yml").read_text())[0]["vars"]
     for name in ("__webstats_restore_work", "__webstats_restore_stopped_file"):
         assert "state_dir" not in restore[name] and "backup_dir" in restore[name], name

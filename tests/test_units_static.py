@@ -364,7 +364,7 @@ def test_the_web_has_its_own_account_and_writes_only_where_it_must(rendered):
     assert values["webstats_base_web_group"] != values["webstats_base_group"]
     assert not re.search(r"^(StateDirectory|LogsDirectory)", web, re.M)
     assert re.findall(r"^ReadWritePaths=(.*)$", web, re.M) == [
-        f"{values['webstats_base_state_dir']} {values['webstats_base_log_dir']}"
+        f"{values['webstats_base_publish_dir']} {values['webstats_base_log_dir']}"
     ]
     # its log files are the ones the configuration names, owned by its user
     base = (ROOT / "roles/webstats_base/tasks/main.yml").read_text()
@@ -466,7 +466,7 @@ def test_state_and_log_directories_follow_the_facts(rendered):
     base = yaml.safe_load((ROOT / "roles/webstats_base/tasks/main.yml").read_text())
     tasks = {t["name"]: t for t in base}
     state = tasks["Create the state directory (owned by the service user)"]["ansible.builtin.file"]
-    assert state["mode"] == "0751" and state["owner"] == "{{ webstats_base_user }}"
+    assert state["mode"] == "0750" and state["owner"] == "{{ webstats_base_user }}"
     # root's once the units that named it in LogsDirectory= are replaced (the deploy's order)
     later = yaml.safe_load((ROOT / "roles/webstats_base/tasks/logs.yml").read_text())
     later = {t["name"]: t for t in later}
@@ -492,17 +492,22 @@ def test_state_and_log_directories_follow_the_facts(rendered):
     state_dir = values["webstats_base_state_dir"].removeprefix("/var/lib/")
     assert re.search(rf"^StateDirectory={state_dir}$", text, re.M)
     assert re.search(rf"^StateDirectoryMode={state['mode']}$", text, re.M)
-    assert re.search(rf"^ReadWritePaths={values['webstats_base_log_dir']}$", text, re.M)
+    assert re.search(rf"^ReadWritePaths={values['webstats_base_log_dir']} "
+                     rf"{values['webstats_base_publish_dir']}$", text, re.M)  # fmt: skip
     for name, unit in rendered.items():
         assert not re.search(r"^LogsDirectory", unit, re.M), name
 
 
 def test_directories_follow_a_changed_fact():
-    """Another log directory flows through the wiring into the units and the ETL's log."""
-    values = ansible_render.deploy_vars(webstats_base_log_dir="/var/log/webstats-b")
+    """Another log or publish directory flows through the wiring into the units and the ETL's
+    log."""
+    values = ansible_render.deploy_vars(webstats_base_log_dir="/var/log/webstats-b",
+                                        webstats_base_publish_dir="/srv/site-b")  # fmt: skip
     env = ansible_render.environment(jinja2.FileSystemLoader(str(TEMPLATES)))
     etl = env.get_template("bioc-webstats-etl.service.j2").render(**values)
-    assert "ReadWritePaths=/var/log/webstats-b\n" in etl
+    assert "ReadWritePaths=/var/log/webstats-b /srv/site-b\n" in etl
+    web = env.get_template("bioc-webstats.service.j2").render(**values)
+    assert "ReadWritePaths=/srv/site-b /var/log/webstats-b\n" in web
     assert " /var/log/webstats-b/etl.log " in etl
 
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import shutil
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -27,7 +28,7 @@ from .errors import WebstatsError
 from .store import db
 from .web import report
 from .web.app import StatsSite
-from .web.site import PublishedSite, Version
+from .web.site import CURRENT, PublishedSite, Version
 from .web.targets import category_targets, package_bodies
 
 log = logging.getLogger(__name__)
@@ -92,7 +93,27 @@ def publish(settings: Settings, all_files: bool = False, force: bool = False) ->
             "the version published before (run 'bioc-webstats publish' once it is fixed)"
         ) from None
     result.seconds = time.monotonic() - t0
+    _remove_earlier_site(settings)
     return result
+
+
+def _remove_earlier_site(settings: Settings) -> None:
+    """Releases before 0.3.26 published into ``<state_dir>/site``, in the service user's own
+    directory, where it could put a link in the publish directory's place while root's deploy
+    set its owner and ACL. The deploy now puts it elsewhere (``web/publish_dir``); the first
+    publish there removes the old one, as the service user (whose files they are)."""
+    old = settings.state_dir / "site"
+    if old.is_symlink() or not (old / CURRENT).is_symlink():  # not a site published here
+        return
+    if old.resolve() == settings.publish_dir.resolve():  # (the default, without a deploy)
+        return
+    shutil.rmtree(old, ignore_errors=True)
+    if old.exists():
+        log.warning("publish: could not remove all of %s, the site of releases before 0.3.26 "
+                    "(the site is %s): remove it by hand", old, settings.publish_dir)  # fmt: skip
+    else:
+        log.info("publish: removed %s, the site of releases before 0.3.26 (the site is %s)",
+                 old, settings.publish_dir)  # fmt: skip
 
 
 def _publish_packages(

@@ -187,7 +187,7 @@ def test_the_web_cannot_read_the_env_file_nor_the_alarms(host, deploy_vars):
         assert "Permission denied" in res.stderr, (cmd, res.stderr)
     # what it does need is there: the published site, and its own configuration (0640, the
     # service user's file in the web's group)
-    site = f"{deploy_vars['webstats_services_state_dir']}/site/current/"
+    site = f"{deploy_vars['webstats_services_publish_dir']}/current/"
     run_ok(host, f"runuser -u {user} -- ls /proc/{pid}/root{site}")
     web_env = host.file(deploy_vars["__webstats_services_web_env_file"])
     assert (web_env.user, web_env.group, web_env.mode) == (

@@ -12,6 +12,7 @@ import email.utils
 import re
 import shlex
 import time
+from pathlib import Path
 
 import pytest
 import requests
@@ -72,9 +73,13 @@ def test_only_our_site_is_enabled(host):
     assert not host.file("/etc/nginx/bioc-webstats-origin.conf").exists  # off by default
 
 
-def test_state_directory_lets_nginx_into_the_publish_directory_only(host, paths):
+def test_nginx_reads_the_publish_directory_and_nothing_of_the_state(host, paths):
     state = host.file(paths["state"])
-    assert (state.user, state.mode) == (paths["user"], 0o751)
+    assert (state.user, state.mode) == (paths["user"], 0o750)
+    # its parent is root's: the service user cannot put a link in its place under the deploy
+    parent = host.file(str(Path(paths["publish"]).parent))
+    assert (parent.user, parent.mode & 0o022) == ("root", 0)
+    assert not paths["publish"].startswith(paths["state"] + "/")
     site = host.file(paths["publish"])
     # 2770: the group bits are the ACL's mask; the group itself (nginx's) reads only
     assert (site.user, site.group, site.mode) == (paths["user"], paths["nginx_group"], 0o2770)

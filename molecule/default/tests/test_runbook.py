@@ -148,7 +148,7 @@ def test_cli_runs_as_the_service_user_under_the_etls_ceiling(host, runbook):
     wait_for(lambda: host.file("/run/cli-test.rc").exists, 60, "the command to end")
     assert host.file("/run/cli-test.rc").content_string.strip() == "0"
     shown = host.file("/run/cli-test.out").content_string
-    assert "web/publish_dir = /var/lib/bioc-webstats/site  (env file /run/cli-test.fifo)" in shown
+    assert "web/publish_dir = /var/lib/bioc-webstats-site  (env file /run/cli-test.fifo)" in shown
     run_ok(host, runbook("bioc-webstats --help"))
     usage = host.run("bioc-webstats import legacy-db")
     assert usage.rc == 2 and "Missing argument" in usage.stderr, usage  # click's usage error
@@ -474,7 +474,7 @@ def test_special_backup(host, runbook):
 def published_files(host) -> list[str]:
     """Every file of the published version (category files and the package pages and files
     built so far), as URLs."""
-    root = "/var/lib/bioc-webstats/site/current/"
+    root = "/var/lib/bioc-webstats-site/current/"
     out = run_ok(host, f"cd {root} && find -L . -type f -printf '%P\\n'")
     return sorted("/" + rel for rel in out.split() if not rel.startswith("."))
 

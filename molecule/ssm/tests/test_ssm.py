@@ -123,7 +123,7 @@ def test_ssm_does_not_move_the_hosts_layout(host, state):
     finally:
         ssm.delete_parameter(Name=name)
     assert (
-        "web/publish_dir = /var/lib/bioc-webstats/site  (env file /etc/bioc-webstats/webstats.env)"
+        "web/publish_dir = /var/lib/bioc-webstats-site  (env file /etc/bioc-webstats/webstats.env)"
         in shown
     )
     assert (

@@ -105,6 +105,10 @@ def test_upgrade_under_load_drops_no_request(host, service, versions, runbook):
     # same master, not left to its next start
     applied = "/run/systemd/system.control/nginx.service.d/50-IPAddressDeny.conf"
     assert "IPAddressDeny=169.254.169.254/32" in host.file(applied).content_string
+    # the site is out of the service user's state directory (0.3.26): N published into its
+    # new place, and removed the one of releases before
+    assert host.file("/var/lib/bioc-webstats-site/current").is_symlink
+    assert not host.file("/var/lib/bioc-webstats/site").exists
 
 
 def test_rollback_on_demand_and_forward_again(host, service, versions, runbook):
