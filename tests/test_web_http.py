@@ -770,6 +770,50 @@ def test_a_database_cut_off_by_the_network_is_503_not_a_hung_request(clean_env, 
         assert client.get(P + "bioc/limma/").status_code == 200  # back: a new connection
 
 
+def test_a_table_locked_by_a_migration_or_a_restore_is_503_not_a_hung_request(
+    pg_server, clean_env, monkeypatch
+):
+    """A migration, or a restore's single-transaction pg_restore --clean, holds the tables
+    alone for minutes while the web serves: a request that needs the database waited for them
+    until nginx's 504. It waits WEB_LOCK_TIMEOUT (5 s), then answers what it can without the
+    database (404 for a package it knows is not there) or 503."""
+    import threading
+
+    import sqlalchemy as sa
+
+    from conftest import new_pg_database
+
+    url = new_pg_database(pg_server)
+    db.upgrade(url)
+    with db.session_factory(url)() as s:
+        webref.load_direct(s, valid_thru=VT)
+    monkeypatch.setenv("WEBSTATS_DATABASE_URL", url)
+    client = create_app(load_settings()).test_client()
+    assert client.get(P + "bioc/affy/").status_code == 200  # its snapshot and a pooled login
+    answers: dict[str, int] = {}
+
+    def ask(path: str) -> None:
+        answers[path] = client.get(P + path).status_code
+
+    locker = sa.create_engine(url)
+    try:
+        with locker.begin() as conn:
+            conn.execute(sa.text("LOCK TABLE packages, package_stats, category_stats, meta "
+                                 "IN ACCESS EXCLUSIVE MODE"))  # fmt: skip
+            askers = [threading.Thread(target=ask, args=(path,), daemon=True)
+                      for path in ("bioc/limma/", "bioc/no-such-package/")]  # fmt: skip
+            for asker in askers:
+                asker.start()
+            for asker in askers:
+                asker.join(60)
+                assert not asker.is_alive(), "a request waited for the locked tables"
+    finally:
+        locker.dispose()
+    assert answers == {"bioc/limma/": 503, "bioc/no-such-package/": 404}
+    assert client.get(P + "bioc/limma/").status_code == 200  # the tables are free again
+    db.dispose_engine(url)
+
+
 def test_a_move_to_a_category_without_downloads_yet_links_nowhere(loaded):
     """A package closed here and open in a category where it has no download yet: its page
     there is a 404, so the sentence is said without a link to it (it linked to the 404)."""

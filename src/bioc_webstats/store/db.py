@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from sqlalchemy import Connection, Engine, create_engine, event, select, text
+from sqlalchemy.engine import make_url
 from sqlalchemy.exc import DBAPIError, InterfaceError, SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -35,7 +36,7 @@ DATA_TOKEN = "data_token"  # noqa: S105 - random, new with every data version: n
 
 log = logging.getLogger(__name__)
 
-_engines: dict[str, Engine] = {}
+_engines: dict[tuple[str, str | None], Engine] = {}
 
 # A server that goes away without a word (a failover, a network partition) must not hold a
 # request or a run for the kernel's quarter of an hour of retransmissions: data it does not
@@ -65,34 +66,47 @@ def what_happened(exc: SQLAlchemyError) -> SQLAlchemyError:
     return exc
 
 
-def get_engine(url: str) -> Engine:
-    """One engine per URL and process (gunicorn workers each build their own after fork)."""
-    engine = _engines.get(url)
+# How long a web request waits for a table another session holds alone (a migration, a
+# restore's single-transaction pg_restore --clean): then it answers from what is published,
+# or 503, instead of nginx's 504 minutes later. The ETL takes no such lock on what the web reads.
+WEB_LOCK_TIMEOUT = "5s"
+
+
+def get_engine(url: str, lock_timeout: str | None = None) -> Engine:
+    """One engine per URL (and lock timeout, PostgreSQL's: how long a statement waits for a
+    lock) and process (gunicorn workers each build their own after fork)."""
+    key = (url, lock_timeout)
+    engine = _engines.get(key)
     if engine is None:
         if url.startswith("sqlite"):
             engine = create_engine(url, connect_args={"timeout": 30})
             event.listen(engine, "do_connect", _sqlite_file)
             event.listen(engine, "connect", _sqlite_pragmas)
         else:
+            connect_args: dict[str, object] = {
+                "connect_timeout": 10,
+                "keepalives": 1,
+                "keepalives_idle": TCP_TIMEOUT,
+                "keepalives_interval": 5,
+                "keepalives_count": 3,
+                "tcp_user_timeout": TCP_TIMEOUT * 1000,
+                "application_name": APPLICATION_NAME[:63],
+            }
+            if lock_timeout is not None:  # set as the session starts: no round trip of its own
+                given = make_url(url).query.get("options")
+                given = given[-1] if isinstance(given, tuple) else given
+                connect_args["options"] = f"{given or ''} -c lock_timeout={lock_timeout}".strip()
             engine = create_engine(
                 url,
                 pool_pre_ping=True,
                 pool_size=5,
                 max_overflow=5,
-                connect_args={
-                    "connect_timeout": 10,
-                    "keepalives": 1,
-                    "keepalives_idle": TCP_TIMEOUT,
-                    "keepalives_interval": 5,
-                    "keepalives_count": 3,
-                    "tcp_user_timeout": TCP_TIMEOUT * 1000,
-                    "application_name": APPLICATION_NAME[:63],
-                },
+                connect_args=connect_args,
             )
             source = PASSWORD_SOURCES.get(url)
             if source is not None:
                 event.listen(engine, "do_connect", _secret_login(source))
-        _engines[url] = engine
+        _engines[key] = engine
     return engine
 
 
@@ -117,10 +131,9 @@ def _secret_login(source: SecretPassword | FilePassword):
 
 
 def dispose_engine(url: str) -> None:
-    """Close the pooled connections of ``url``'s engine and forget it."""
-    engine = _engines.pop(url, None)
-    if engine is not None:
-        engine.dispose()
+    """Close the pooled connections of ``url``'s engines and forget them."""
+    for key in [key for key in _engines if key[0] == url]:
+        _engines.pop(key).dispose()
 
 
 def forget_inherited_connections() -> None:
@@ -164,9 +177,9 @@ def _sqlite_pragmas(dbapi_conn, _record) -> None:
     cur.close()
 
 
-def session_factory(url: str) -> sessionmaker[Session]:
-    """A sessionmaker bound to the engine of ``url``."""
-    return sessionmaker(get_engine(url), expire_on_commit=False)
+def session_factory(url: str, lock_timeout: str | None = None) -> sessionmaker[Session]:
+    """A sessionmaker bound to the engine of ``url`` (see get_engine)."""
+    return sessionmaker(get_engine(url, lock_timeout), expire_on_commit=False)
 
 
 def _alembic_config(url: str) -> AlembicConfig:

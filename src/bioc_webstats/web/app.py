@@ -104,11 +104,13 @@ class BoundedCheck:
 class StatsSite:
     """Per-process state: settings, the published site, the snapshot of the data version."""
 
-    def __init__(self, settings: Settings, from_published: bool = False) -> None:
+    def __init__(self, settings: Settings, web: bool = False) -> None:
         self.settings = settings
         # The web only: with the database down and no data version read yet, answer from
-        # the published one (a publish must not take the database's silence for a version).
-        self.from_published = from_published
+        # the published one (a publish must not take the database's silence for a version);
+        # and a request waits for a table's lock only so long (a publish waits its turn).
+        self.from_published = web
+        self.lock_timeout = db.WEB_LOCK_TIMEOUT if web else None
         self.site = PublishedSite(settings.publish_dir)
         self.max_age = settings.get_int("web/cache_max_age")
         # (data key, snapshot, whether it was read from published files)
@@ -119,7 +121,7 @@ class StatsSite:
         self._static: dict[str, tuple[bytes, str, str, float]] = {}
 
     def session(self) -> Session:
-        return db.session_factory(self.settings.database_url)()
+        return db.session_factory(self.settings.database_url, self.lock_timeout)()
 
     def state(self) -> db.DataState:
         """The database's data version; while the database cannot be reached, the last one
@@ -449,7 +451,7 @@ def create_app(settings: Settings | None = None) -> Flask:
     app.config["WEBSTATS"] = settings
     app.logger.setLevel(settings.get_level("flask/log_level"))
     app.url_map.merge_slashes = False
-    site = StatsSite(settings, from_published=True)
+    site = StatsSite(settings, web=True)
     app.extensions["webstats"] = site
 
     health = BoundedCheck(HEALTH_TIMEOUT)
@@ -459,7 +461,7 @@ def create_app(settings: Settings | None = None) -> Flask:
         status = db.schema_status(settings.database_url)
         facts.update(database=True, schema=status.revision)
         if status.ok:
-            with db.session_factory(settings.database_url)() as session:
+            with site.session() as session:
                 vt = db.get_valid_thru(session)
             facts.update(
                 valid_thru=vt.isoformat() if vt else None,
