@@ -298,6 +298,19 @@ def test_cli_missing_parameter_exit_1_one_line_no_secret(clean_env, aws_env, mon
     assert SECRET_KEY not in res.stderr
 
 
+def test_config_show_shows_a_value_the_commands_refuse_and_says_so(clean_env, monkeypatch):
+    """config show listed `etl/lookback_days = abc` and exited 0, as if it were taken."""
+    monkeypatch.setenv("WEBSTATS_ETL_LOOKBACK_DAYS", "abc")
+    res = run_cli("config", "show")
+    assert "etl/lookback_days = abc  (environment WEBSTATS_ETL_LOOKBACK_DAYS)" in res.stdout
+    assert res.returncode == 1
+    assert res.stderr == (
+        "bioc-webstats: error: parameter etl/lookback_days must be an integer, got 'abc'\n"
+    )
+    monkeypatch.setenv("WEBSTATS_ETL_LOOKBACK_DAYS", "3")
+    assert run_cli("config", "show").returncode == 0
+
+
 @pytest.mark.parametrize(
     "name, value",
     [

@@ -594,10 +594,14 @@ def config_group() -> None:
 @config_group.command("show")
 @pass_ctx
 def config_show(ctx: Context) -> None:
-    """Print each setting, its value (secrets redacted) and where it came from."""
+    """Print each setting, its value (secrets redacted) and where it came from; exit 1 after
+    them when a value is not one its parameter takes (as ``check`` would)."""
     from .config import render_settings
 
     click.echo(render_settings(ctx.settings), nl=False)
+    problems = ctx.settings.problems(())
+    if problems:  # shown above as they were given; the commands refuse them
+        raise WebstatsError("; ".join(problems))
 
 
 @config_group.command("write-web")
