@@ -111,6 +111,24 @@ def test_not_a_backup_is_one_line_and_changes_nothing(db_url, clean_env, monkeyp
         assert db.get_valid_thru(s) == VT
 
 
+def test_a_backup_of_the_other_kind_of_database_is_named_so(db_url, clean_env, monkeypatch):
+    """A PostgreSQL dump restored with an SQLite configuration (or the other way round) was
+    "not a bioc-webstats backup (file is not a database)": it is one, of the other kind."""
+    monkeypatch.setenv("WEBSTATS_DATABASE_URL", db_url)
+    other = clean_env / "other.dump"
+    sqlite = db_url.startswith("sqlite")
+    other.write_bytes(b"PGDMP\x01\x0e\x00" if sqlite else b"SQLite format 3\x00" + b"\x00" * 84)
+    res = run("db", "restore", str(other))
+    ours, theirs = (
+        ("SQLite", "PostgreSQL (pg_dump)") if sqlite else ("PostgreSQL (pg_dump)", "SQLite")
+    )
+    assert res.returncode == 1
+    assert res.stderr == (
+        f"bioc-webstats: error: restore: {other} is a backup of a {theirs} database; this "
+        f"configuration's database is {ours}: restore it where the backup was taken\n"
+    )
+
+
 def test_a_backup_this_user_may_not_read_is_not_called_bad(
     db_url, clean_env, monkeypatch, tmp_path
 ):

@@ -213,14 +213,34 @@ def _backup_sqlite(url: URL, partial: Path, dest: Path) -> None:
         source.close()
 
 
-def _is_backup(path: Path) -> bool:
-    """The file starts as a pg_dump archive or an SQLite database does."""
+def _kind(path: Path) -> str | None:
+    """What the file starts as: a pg_dump archive ("postgresql"), an SQLite database
+    ("sqlite"), or neither (None)."""
     try:
         with path.open("rb") as fh:
             head = fh.read(16)
     except OSError:
-        return False
-    return head.startswith(b"PGDMP") or head == b"SQLite format 3\x00"
+        return None
+    if head.startswith(b"PGDMP"):
+        return "postgresql"
+    return "sqlite" if head == b"SQLite format 3\x00" else None
+
+
+def _is_backup(path: Path) -> bool:
+    """The file starts as a pg_dump archive or an SQLite database does."""
+    return _kind(path) is not None
+
+
+def _other_kind(source: Path, backend: str) -> None:
+    """A backup of the other kind of database than this configuration's: said as such (it
+    was "not a bioc-webstats backup")."""
+    kind = _kind(source)
+    if kind is not None and kind != backend:
+        names = {"postgresql": "PostgreSQL (pg_dump)", "sqlite": "SQLite"}
+        raise WebstatsError(
+            f"restore: {source} is a backup of a {names[kind]} database; this configuration's "
+            f"database is {names[backend]}: restore it where the backup was taken"
+        )
 
 
 def _s3_prefix(s3_url: str) -> tuple[str, str]:
@@ -302,6 +322,7 @@ def restore(settings: Settings, source: Path) -> str:
     except OSError as exc:
         raise WebstatsError(f"restore: {source}: {exc.strerror or exc}") from None
     url = make_url(settings.database_url)
+    _other_kind(source, "sqlite" if url.get_backend_name() == "sqlite" else "postgresql")
     if url.get_backend_name() == "sqlite":
         if not url.database:
             raise WebstatsError("restore: the database is in memory (sqlite://): nothing to keep")
