@@ -553,7 +553,11 @@ def import_files(
 
     with sf() as session:
         heads = _stored_heads(session)  # by file name; this run's files are added as planned
-    for p in dict.fromkeys(paths):  # each path once
+    real: set[str] = set()
+    for p in paths:  # each file once, however it is written (dir/f and ./dir/f, a link to it)
+        if os.path.realpath(p) in real:
+            continue
+        real.add(os.path.realpath(p))
         summary.files += 1
         try:
             f = inspect(Path(p))
