@@ -466,7 +466,7 @@ def test_state_and_log_directories_follow_the_facts(rendered):
     base = yaml.safe_load((ROOT / "roles/webstats_base/tasks/main.yml").read_text())
     tasks = {t["name"]: t for t in base}
     state = tasks["Create the state directory (owned by the service user)"]["ansible.builtin.file"]
-    assert state["mode"] == "0750" and state["owner"] == "{{ webstats_base_user }}"
+    assert state["mode"] == "0751" and state["owner"] == "{{ webstats_base_user }}"
     # root's once the units that named it in LogsDirectory= are replaced (the deploy's order)
     later = yaml.safe_load((ROOT / "roles/webstats_base/tasks/logs.yml").read_text())
     later = {t["name"]: t for t in later}

@@ -75,7 +75,7 @@ def test_only_our_site_is_enabled(host):
 
 def test_nginx_reads_the_publish_directory_and_nothing_of_the_state(host, paths):
     state = host.file(paths["state"])
-    assert (state.user, state.mode) == (paths["user"], 0o750)
+    assert (state.user, state.mode) == (paths["user"], 0o751)
     # its parent is root's: the service user cannot put a link in its place under the deploy
     parent = host.file(str(Path(paths["publish"]).parent))
     assert (parent.user, parent.mode & 0o022) == ("root", 0)
