@@ -166,7 +166,7 @@ def test_ssm_does_not_move_what_the_deploy_wired_for_this_host(clean_env, aws_en
     env_file = clean_env / "webstats.env"
     env_file.write_text(
         f"WEBSTATS_SSM_PATH={PATH}\n"
-        "WEBSTATS_WEB_PUBLISH_DIR=/var/lib/bioc-webstats/site\n"
+        "WEBSTATS_WEB_PUBLISH_DIR=/var/lib/bioc-webstats-site\n"
         "WEBSTATS_GUNICORN_ERROR_LOG=/var/log/bioc-webstats/error.log\n"
         "WEBSTATS_HOST_SETTINGS=WEBSTATS_WEB_PUBLISH_DIR,WEBSTATS_GUNICORN_ERROR_LOG,"
         "WEBSTATS_WEB_CACHE_MAX_AGE\n"
@@ -180,7 +180,7 @@ def test_ssm_does_not_move_what_the_deploy_wired_for_this_host(clean_env, aws_en
     put("gunicorn/threads", "8")  # not a host setting
 
     s = load_settings()
-    assert s.publish_dir == Path("/var/lib/bioc-webstats/site")
+    assert s.publish_dir == Path("/var/lib/bioc-webstats-site")
     assert s.sources["web/publish_dir"] == f"env file {env_file}"
     assert s.get("gunicorn/error_log") == "/var/log/bioc-webstats/error.log"
     assert (s.get("web/cache_max_age"), s.get("gunicorn/threads")) == ("60", "8")

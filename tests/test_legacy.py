@@ -425,8 +425,10 @@ def test_broken_files_fail_alone(db_url, tmp_path, caplog, monkeypatch, capsys):
     big.unlink()
     caplog.set_level(logging.INFO, "bioc_webstats")
     paths = [str(good)] + [str(d / n) for n in bad]
-    paths.insert(1, f"{d}/../{d.name}/./{good.name}")  # the same file again: read once
+    again = f"{d}/../{d.name}/./{good.name}"
+    paths.insert(1, again)  # the same file again: read once
     assert legacy.import_files(settings, paths, until="2030-01-01", unit_rows=500) is False
+    assert f"{again}: the same file as {good}, given before: read once" in caplog.text
     errors = [r.getMessage() for r in caplog.records if r.levelno == logging.ERROR]
     for name, why in bad.items():
         mine = [m for m in errors if str(d / name) in m.split(": ")[0]]

@@ -330,6 +330,9 @@ def test_the_first_publish_elsewhere_removes_the_site_of_earlier_releases(db_url
         publish(moved)
     assert not earlier.exists() and (tmp_path / "site/current").is_symlink()
     assert f"publish: removed {earlier}, the site of releases before 0.3.26" in caplog.text
+    (earlier / "v1-left-by-a-try").mkdir(parents=True)  # what a removal in part left: retried
+    publish(moved, force=True)
+    assert not earlier.exists()
     earlier.mkdir()  # a directory of that name that no publish made is not the app's to remove
     (earlier / "notes.txt").write_text("")
     publish(moved, force=True)

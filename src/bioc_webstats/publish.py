@@ -103,9 +103,14 @@ def _remove_earlier_site(settings: Settings) -> None:
     set its owner and ACL. The deploy now puts it elsewhere (``web/publish_dir``); the first
     publish there removes the old one, as the service user (whose files they are)."""
     old = settings.state_dir / "site"
-    if old.is_symlink() or not (old / CURRENT).is_symlink():  # not a site published here
+    if old.is_symlink() or not old.is_dir():
         return
-    if old.resolve() == settings.publish_dir.resolve():  # (the default, without a deploy)
+    if settings.publish_dir.resolve().is_relative_to(old.resolve()):  # (the default, no deploy)
+        return
+    # Only what a publish makes (current, v… directories, .lock and .tmp-… files): a site left
+    # in part by an earlier try is removed (and warned about) again, anything else is kept.
+    names = [child.name for child in old.iterdir()]
+    if not names or not all(n == CURRENT or n.startswith(("v", ".")) for n in names):
         return
     shutil.rmtree(old, ignore_errors=True)
     if old.exists():

@@ -76,6 +76,21 @@ UNIT = "/etc/systemd/system/bioc-webstats.service"
 SITE = "/etc/nginx/sites-available/bioc-webstats"
 
 
+def test_check_diff_of_the_upgrade_runs_through_and_changes_nothing(
+    host, service, versions, runbook
+):
+    """What a deploy of N would change, shown before it (docs/RUNBOOK.md): `--check --diff`
+    runs through on the host N-1 serves, and changes nothing there (the acl module failed on
+    the publish directory N moves, which check mode does not make)."""
+    before = (current_release(host), env_file_state(host))
+    source = str(ephemeral_dir() / "releases" / "current")
+    res = run_playbook(deploy_cmd(runbook, source, "--check", "--diff"))
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-2000:]
+    assert (current_release(host), env_file_state(host)) == before
+    assert not host.file("/var/lib/bioc-webstats-site").exists
+    assert wait_version(service, versions["previous"])
+
+
 def test_upgrade_under_load_drops_no_request(host, service, versions, runbook):
     assert "RestartSec=10" in host.file(UNIT).content_string
     nginx_pid = run_ok(host, "systemctl show -P MainPID nginx.service").strip()

@@ -553,11 +553,15 @@ def import_files(
 
     with sf() as session:
         heads = _stored_heads(session)  # by file name; this run's files are added as planned
-    real: set[str] = set()
+    real: dict[str, str] = {}  # the file → the path given first
     for p in paths:  # each file once, however it is written (dir/f and ./dir/f, a link to it)
-        if os.path.realpath(p) in real:
+        file = os.path.realpath(p)
+        if file in real:
+            log.info(
+                "%s: the same file as %s, given before: read once", shown(p), shown(real[file])
+            )
             continue
-        real.add(os.path.realpath(p))
+        real[file] = p
         summary.files += 1
         try:
             f = inspect(Path(p))

@@ -303,12 +303,12 @@ def head_revision() -> str:
     return head
 
 
-def current_revision(url: str) -> str | None:
+def current_revision(url: str, lock_timeout: str | None = None) -> str | None:
     """The revision the database is at (None: no schema yet). Raises if unreachable."""
     from alembic.runtime.migration import MigrationContext
     from alembic.util.exc import CommandError
 
-    with get_engine(url).connect() as conn:
+    with get_engine(url, lock_timeout).connect() as conn:
         try:
             return MigrationContext.configure(conn).get_current_revision()
         except CommandError as exc:  # e.g. two rows in alembic_version
@@ -332,8 +332,9 @@ def _revision_number(rev: str) -> int | None:
     return int(rev) if rev.isascii() and rev.isdigit() else None
 
 
-def schema_status(url: str) -> SchemaStatus:
-    """Compare the database's schema with this release's migrations. Raises if unreachable.
+def schema_status(url: str, lock_timeout: str | None = None) -> SchemaStatus:
+    """Compare the database's schema with this release's migrations (the web: through its
+    engine, see get_engine). Raises if unreachable.
 
     Revisions are numbered (0001, 0002, …). The schema at this release's head is fine. A NEWER
     schema is fine too, unless a later migration raised the ``schema_floor`` meta key above this
@@ -341,7 +342,7 @@ def schema_status(url: str) -> SchemaStatus:
     can be rolled back after its successor migrated; one that breaks old code sets the floor.
     """
     head = head_revision()
-    current = current_revision(url)
+    current = current_revision(url, lock_timeout)
     if current == head:
         return SchemaStatus(current, True, f"schema {head}")
     if current is None:
@@ -366,7 +367,7 @@ def schema_status(url: str) -> SchemaStatus:
             f"schema is at {current}, this release needs {head}: run 'bioc-webstats db upgrade'",
             behind=True,
         )
-    with session_factory(url)() as session:
+    with session_factory(url, lock_timeout)() as session:
         floor = get_meta(session, SCHEMA_FLOOR)
     if floor and floor.isascii() and floor.isdigit() and int(floor) > head_n:
         return SchemaStatus(

@@ -458,7 +458,7 @@ def create_app(settings: Settings | None = None) -> Flask:
 
     def database_facts(facts: dict) -> None:
         """Fills ``facts`` as it learns them (what it learnt before a failure stands)."""
-        status = db.schema_status(settings.database_url)
+        status = db.schema_status(settings.database_url, site.lock_timeout)
         facts.update(database=True, schema=status.revision)
         if status.ok:
             with site.session() as session:
