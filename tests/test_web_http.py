@@ -469,17 +469,25 @@ def _allow_connections(url: str, allow: bool) -> None:
     engine.dispose()
 
 
-def test_database_down_after_start_answers_what_it_knows(pg_server, clean_env, monkeypatch, caplog):
-    """A database that goes away under a running web (a restart, a failover) takes only what
-    needs it: the redirects and 404s of the data version last read, and the pages and files
-    built for it, still answer; a body not built yet is 503 until the database is back."""
+def _reference_database(server: str, monkeypatch) -> str:
+    """A new database on ``server`` holding the reference data (ValidThru 2024-03-31), the
+    one the app is configured with (WEBSTATS_DATABASE_URL)."""
     from conftest import new_pg_database
 
-    url = new_pg_database(pg_server)
+    url = new_pg_database(server)
     db.upgrade(url)
     with db.session_factory(url)() as s:
         webref.load_direct(s, valid_thru=VT)
     monkeypatch.setenv("WEBSTATS_DATABASE_URL", url)
+    return url
+
+
+def test_database_down_after_start_answers_what_it_knows(pg_server, clean_env, monkeypatch, caplog):
+    """A database that goes away under a running web (a restart, a failover) takes only what
+    needs it: the redirects and 404s of the data version last read, and the pages and files
+    built for it, still answer; a body not built yet is 503 until the database is back."""
+
+    url = _reference_database(pg_server, monkeypatch)
     client = create_app(load_settings()).test_client()
     page = client.get(P + "bioc/affy/")
     assert page.status_code == 200
@@ -515,13 +523,8 @@ def test_a_worker_started_during_an_outage_answers_from_the_published_version(
     as the database's), and loads it from the database once it answers."""
     from bioc_webstats.publish import publish
     from bioc_webstats.web import report
-    from conftest import new_pg_database
 
-    url = new_pg_database(pg_server)
-    db.upgrade(url)
-    with db.session_factory(url)() as s:
-        webref.load_direct(s, valid_thru=VT)
-    monkeypatch.setenv("WEBSTATS_DATABASE_URL", url)
+    url = _reference_database(pg_server, monkeypatch)
     settings = load_settings()
     publish(settings)
     first = create_app(settings)
@@ -654,14 +657,10 @@ def test_generated_urls_never_5xx(loaded):
 def _app_on_a_cluster_of_its_own(monkeypatch) -> Iterator[tuple[str, str, FlaskClient]]:
     """(base URL, database URL, client): the reference data on a throw-away cluster of its
     own (a test may stop its processes or drop its packets), and an app on it."""
-    from conftest import new_pg_database, pg_cluster
+    from conftest import pg_cluster
 
     with pg_cluster() as base:
-        url = new_pg_database(base)
-        db.upgrade(url)
-        with db.session_factory(url)() as s:
-            webref.load_direct(s, valid_thru=VT)
-        monkeypatch.setenv("WEBSTATS_DATABASE_URL", url)
+        url = _reference_database(base, monkeypatch)
         yield base, url, create_app(load_settings()).test_client()
         db.dispose_engine(url)
 
@@ -781,13 +780,7 @@ def test_a_table_locked_by_a_migration_or_a_restore_is_503_not_a_hung_request(
 
     import sqlalchemy as sa
 
-    from conftest import new_pg_database
-
-    url = new_pg_database(pg_server)
-    db.upgrade(url)
-    with db.session_factory(url)() as s:
-        webref.load_direct(s, valid_thru=VT)
-    monkeypatch.setenv("WEBSTATS_DATABASE_URL", url)
+    url = _reference_database(pg_server, monkeypatch)
     client = create_app(load_settings()).test_client()
     assert client.get(P + "bioc/affy/").status_code == 200  # its snapshot and a pooled login
     answers: dict[str, int] = {}
