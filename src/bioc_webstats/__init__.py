@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-__version__ = "0.3.26"
+__version__ = "0.3.27"
 
 if TYPE_CHECKING:
     from flask import Flask
