@@ -605,3 +605,97 @@ def test_only_the_owners_migrations_write_the_schema_revision(pg_password_server
     assert not any(etl_can(w) for w in writes) and etl_can("SELECT * FROM alembic_version")
     assert run("check", **env).returncode == 0
     admin.dispose()
+
+
+def test_the_owners_login_given_on_stdin_is_the_one_used_and_no_secret_is_read(
+    pg_password_server, clean_env
+):
+    """The deploy reads the owner's secret on the controller and gives it to `db upgrade`,
+    `db backup` and `db restore` on standard input (the instance role may not read it): that
+    login is used whatever the configuration names, and the secret it names is never read. A
+    bad input is one line that does not quote it."""
+    base = new_pg_database(pg_password_server)
+    dbname = base.rsplit("/", 1)[1]
+    owner, etl = f"{dbname}_owner", f"{dbname}_etl"
+    host, port = parts(pg_password_server)
+    admin = sa.create_engine(base, isolation_level="AUTOCOMMIT")
+    with admin.connect() as conn:
+        for name in (owner, etl):
+            conn.execute(sa.text(f'CREATE ROLE "{name}" LOGIN PASSWORD :pw'), {"pw": HARD})
+        conn.execute(sa.text(f'ALTER SCHEMA public OWNER TO "{owner}"'))
+        conn.execute(sa.text(f'GRANT USAGE ON SCHEMA public TO "{etl}"'))
+    # production's form: db/* parameters, the owner's secret named, AWS out of reach
+    env = {
+        "WEBSTATS_ENV_FILE": "/dev/null",
+        "WEBSTATS_STATE_DIR": str(clean_env / "state"),
+        "WEBSTATS_DB_SERVER": host,
+        "WEBSTATS_DB_PORT": str(port),
+        "WEBSTATS_DB_DBNAME": dbname,
+        "WEBSTATS_DB_DBUSER": etl,
+        "WEBSTATS_DB_PASSWORD": HARD,
+        "WEBSTATS_DB_OWNER_CREDENTIALS": "/bioc/rdb/0/login/webstats_owner",
+        "AWS_DEFAULT_REGION": "us-east-1",
+        "AWS_ACCESS_KEY_ID": "testing",
+        "AWS_SECRET_ACCESS_KEY": "testing",
+        "AWS_ENDPOINT_URL": "http://127.0.0.1:9",
+    }
+    base_env = {k: v for k, v in os.environ.items() if not k.startswith(("WEBSTATS_", "AWS_"))}
+
+    def cli(*args: str, given: str | bytes | None, **more: str) -> subprocess.CompletedProcess:
+        data = given.encode() if isinstance(given, str) else given
+        res = subprocess.run([CLI, *args], env={**base_env, **env, **more}, input=data,
+                             capture_output=True, timeout=120)  # fmt: skip
+        return subprocess.CompletedProcess(
+            res.args, res.returncode, res.stdout.decode(), res.stderr.decode()
+        )
+
+    def table_owners() -> set[str]:
+        with admin.connect() as conn:
+            rows = conn.execute(sa.text("SELECT tableowner FROM pg_tables "
+                                        "WHERE schemaname = 'public'"))  # fmt: skip
+            return {r[0] for r in rows}
+
+    res = cli("db", "upgrade", given=None)
+    assert res.returncode == 1 and len(res.stderr.splitlines()) == 1, res.stderr
+    assert "cannot read database secret /bioc/rdb/0/login/webstats_owner (db/owner_cred" in (
+        res.stderr
+    )
+    secret = json.dumps({"username": owner, "password": HARD})
+    res = cli("db", "upgrade", "--owner-secret-stdin", given=secret)
+    assert res.returncode == 0, res.stderr
+    assert table_owners() == {owner}
+    dump = clean_env / "owner.dump"
+    res = cli("db", "backup", str(dump), "--owner-secret-stdin", given=secret)
+    assert res.returncode == 0 and dump.stat().st_size > 0, res.stderr
+    # by hand on the host, where no owner's login is configured: the ETL's, with the rights
+    # db-bootstrap.yml gives it (SELECT on the sequences too: pg_dump reads their values)
+    with admin.connect() as conn:
+        conn.execute(sa.text(f'GRANT SELECT ON ALL TABLES IN SCHEMA public TO "{etl}"'))
+        conn.execute(sa.text(f'GRANT USAGE ON ALL SEQUENCES IN SCHEMA public TO "{etl}"'))
+    by_hand = {"WEBSTATS_DB_OWNER_CREDENTIALS": ""}
+    res = cli("db", "backup", str(clean_env / "etl.dump"), given=None, **by_hand)
+    assert res.returncode == 1 and "permission denied for sequence" in res.stderr, res.stderr
+    with admin.connect() as conn:
+        conn.execute(sa.text(f'GRANT SELECT ON ALL SEQUENCES IN SCHEMA public TO "{etl}"'))
+    res = cli("db", "backup", str(clean_env / "etl.dump"), given=None, **by_hand)
+    assert res.returncode == 0, res.stderr
+    assert (clean_env / "etl.dump").stat().st_size > 0
+    # the local form: the owner's URL in the configuration, here a wrong one; the given login
+    # replaces its user and password
+    wrong = f"postgresql://{etl}:wrong@{host}:{port}/{dbname}"
+    res = cli("db", "upgrade", "--owner-secret-stdin", given=secret,
+              WEBSTATS_DATABASE_URL_OWNER=wrong)  # fmt: skip
+    assert res.returncode == 0 and "schema at revision" in res.stdout, res.stderr
+    for bad, says in (
+        ("", "must be a JSON object"),
+        (f"{HARD}\n", "must be a JSON object"),
+        (json.dumps({"username": owner}), 'with a "password" string'),
+        (json.dumps({"username": 7, "password": HARD}), '"username" not a string'),
+        (b"\xff" + HARD.encode(), "must be a JSON object"),
+        ("x" * 70_000, "is over 65536 bytes"),
+    ):
+        res = cli("db", "upgrade", "--owner-secret-stdin", given=bad)
+        assert res.returncode == 1 and len(res.stderr.splitlines()) == 1, res.stderr
+        assert says in res.stderr and "(--owner-secret-stdin)" in res.stderr, res.stderr
+        assert HARD not in res.stderr and "Traceback" not in res.stderr
+    admin.dispose()

@@ -111,11 +111,12 @@ CODE_NEEDS = {
         "cloudwatch:PutMetricData": "*",
     },
 }
-# The instance (etl) also reads the ETL's and the owner's logins (deploy: check, migrations,
-# backups); a web-only host also the ETL's (the deploy's check).
+# The instance (etl) also reads the ETL's and the web's logins (deploy: check; the web's
+# configuration unit); a web-only host also the ETL's (the deploy's check). Neither reads the
+# owner's: the playbooks give it to the commands that need it, from the controller.
 MORE_NEEDS = {
     "etl": [("secretsmanager:GetSecretValue", s.replace("??????", "AbCdEf"))
-            for s in (SECRET, WEB_SECRET, OWNER_SECRET)],
+            for s in (SECRET, WEB_SECRET)],
     "webrunner": [("secretsmanager:GetSecretValue", SECRET.replace("??????", "AbCdEf"))],
 }  # fmt: skip
 MORE_NEEDS["etl"].append(("s3:GetObject", f"{BACKUPS}pre-0.9.0-20260101T000000Z.dump"))
@@ -307,11 +308,12 @@ def test_etl_is_webrunner_plus_its_own():
     assert not web_actions & {
         "s3:GetObject", "s3:PutObject", "s3:ListBucket", "cloudfront:CreateInvalidation"
     }  # fmt: skip
-    assert not allows(
-        render(IAM_DIR / "bioc-webstats-webrunner.json"),
-        "secretsmanager:GetSecretValue",
-        OWNER_SECRET.replace("??????", "AbCdEf"),
-    ), "a web-only host needs no schema owner's password"
+    for role in ("webrunner", "etl"):  # the deploy gives it from the controller (wiring.yml)
+        doc = render(IAM_DIR / f"bioc-webstats-{role}.json")
+        assert not allows(
+            doc, "secretsmanager:GetSecretValue", OWNER_SECRET.replace("??????", "AbCdEf")
+        ), f"{role}: an instance reads no schema owner's password"
+        assert "webstats_owner" not in json.dumps(doc), role
 
 
 def test_operator_is_read_only_and_never_sees_secrets():

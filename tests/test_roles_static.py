@@ -136,8 +136,9 @@ def test_every_wired_variable_is_an_option_and_every_required_one_is_wired():
     unwired -= INVENTORY_INPUTS  # site facts (logins and their passwords), not host facts
     assert unwired <= set(wiring), sorted(unwired - set(wiring))
     assert len(wiring) >= 20
-    for name, value in wiring.items():
-        assert re.search(r"webstats_(base|nginx)_\w+", str(value)), (
+    for name, value in wiring.items():  # from a host fact, or from the site's logins
+        fact = re.search(r"webstats_(base|nginx)_\w+", str(value))
+        assert fact or set(re.findall(r"webstats_db_\w+", str(value))) & INVENTORY_INPUTS, (
             f"{name} is not wired from a fact"
         )
 
@@ -488,3 +489,37 @@ def test_root_follows_no_link_the_service_user_may_put():
     restore = yaml.safe_load((REPO / "playbooks/restore.yml").read_text())[0]["vars"]
     for name in ("__webstats_restore_work", "__webstats_restore_stopped_file"):
         assert "state_dir" not in restore[name] and "backup_dir" in restore[name], name
+
+
+def _tasks(node):
+    """Every task of a task list, blocks' own included."""
+    for task in node or []:
+        if isinstance(task, dict):
+            yield task
+            for key in ("block", "rescue", "always", "tasks"):
+                yield from _tasks(task.get(key))
+
+
+def test_the_owners_login_reaches_its_commands_on_stdin_only():
+    """The commands that need the schema owner (db upgrade, backup, restore) get its login from
+    the controller on standard input, with no_log (the task's arguments hold it): never on a
+    command line, in an environment or a file on the host; the instance role may not read it."""
+    files = [REPO / "roles/webstats_release/tasks/main.yml", REPO / "playbooks/backup.yml",
+             REPO / "playbooks/restore.yml"]  # fmt: skip
+    found = 0
+    for path in files:
+        doc = yaml.safe_load(path.read_text())
+        plays = doc if path.parent.name == "tasks" else [t for p in doc for t in p["tasks"]]
+        for task in _tasks(plays):
+            cmd = task.get("ansible.builtin.command") or {}
+            argv = str(cmd.get("argv", ""))
+            if not re.search(r"'db', '(upgrade|backup)'|db, upgrade|db restore", argv):
+                continue
+            found += 1
+            assert "--owner-secret-stdin" in argv, (path.name, task["name"])
+            assert cmd.get("stdin") == "{{ webstats_release_owner_secret or omit }}", task["name"]
+            assert "webstats_release_owner_secret" in str(task.get("no_log")), task["name"]
+            assert "owner_secret" not in str(task.get("environment", "")), task["name"]
+    assert found == 4, found
+    wiring = _load(WIRING)["webstats_release_owner_secret"]
+    assert "webstats_db_owner_user" in wiring and "webstats_db_owner_password" in wiring

@@ -87,7 +87,8 @@ def parameters(state: dict) -> dict[str, tuple[str, str]]:
         "db/dbname": ("String", DB_NAME),
         "db/credentials": ("String", SECRET_PREFIX + LOGINS["etl"]),
         "db/web_credentials": ("String", SECRET_PREFIX + LOGINS["web"]),
-        "db/owner_credentials": ("String", SECRET_PREFIX + LOGINS["owner"]),
+        # no db/owner_credentials: as in production, the instance holds no owner's login (the
+        # playbooks give it from the controller; the instance role may not read its secret)
         "flask/secret_key": ("SecureString", state["secrets"]["flask_secret_key"]),
         "flask/log_level": ("String", "INFO"),
         "etl/ip_hash_key": ("SecureString", state["secrets"]["ip_hash_key"]),

@@ -10,7 +10,6 @@ code; no secret value is ever part of a message.
 from __future__ import annotations
 
 import datetime as dt
-import json
 import logging
 import os
 import re
@@ -18,6 +17,7 @@ import socket
 import uuid
 from typing import TYPE_CHECKING, Any
 
+from .config import parse_login_secret
 from .errors import ConfigError, WebstatsError
 
 if TYPE_CHECKING:
@@ -188,22 +188,7 @@ def read_db_secret(
         raise ConfigError(
             f"cannot read database secret {secret_id} ({param}): {describe_error(exc)}"
         ) from None
-    raw = answer.get("SecretString")
-    try:
-        data = json.loads(raw) if raw is not None else None
-    except ValueError:
-        data = None  # the parser's message could quote the secret: say only what is wrong
-    if not isinstance(data, dict) or not isinstance(data.get("password"), str):
-        raise ConfigError(
-            f"database secret {secret_id} ({param}) must be a JSON object "
-            'with a "password" string (and optionally "username")'
-        )
-    user = data.get("username")
-    if user is not None and not isinstance(user, str):
-        raise ConfigError(f'database secret {secret_id} ({param}): "username" not a string')
-    if "\0" in data["password"] or "\0" in (user or ""):  # the driver raises on it
-        raise ConfigError(f"database secret {secret_id} ({param}): holds a NUL character")
-    return user or None, data["password"]
+    return parse_login_secret(answer.get("SecretString"), f"{secret_id} ({param})")
 
 
 def _sns_subject(text: str) -> str:

@@ -23,7 +23,7 @@ import click
 from sqlalchemy.exc import InterfaceError, OperationalError, SQLAlchemyError
 
 from . import __version__
-from .config import Settings, load_settings, overruled_lines
+from .config import Settings, load_settings, overruled_lines, parse_login_secret
 from .errors import WebstatsError, first_line, printable
 from .files import shown
 from .proc import keep_memory_private
@@ -38,6 +38,8 @@ class Context:
     def __init__(self, verbose: bool) -> None:
         self.verbose = verbose
         self._settings: Settings | None = None
+        # the owner's login as the caller gave it (--owner-secret-stdin), else None
+        self.owner_secret: tuple[str | None, str] | None = None
 
     @property
     def settings(self) -> Settings:
@@ -46,7 +48,8 @@ class Context:
 
     def settings_for(self, login: str) -> Settings:
         if self._settings is None or self._settings.login != login:
-            self._settings = load_settings(login=login)
+            given = self.owner_secret if login == "owner" else None
+            self._settings = load_settings(login=login, login_secret=given)
         return self._settings
 
 
@@ -155,7 +158,38 @@ def db_group() -> None:
     """The database schema."""
 
 
+# A secret is a few hundred bytes; more is not one (and is not read into memory).
+SECRET_MAX_BYTES = 64 * 1024
+
+
+def _read_owner_secret(ctx: click.Context, _param: click.Parameter, given: bool) -> None:
+    if not given:
+        return
+    raw = sys.stdin.buffer.read(SECRET_MAX_BYTES + 1)
+    where = "from standard input (--owner-secret-stdin)"
+    if len(raw) > SECRET_MAX_BYTES:
+        raise WebstatsError(f"the owner's secret {where} is over {SECRET_MAX_BYTES} bytes")
+    try:
+        text = raw.decode()
+    except UnicodeDecodeError:
+        text = None  # (parse_login_secret says what it must be)
+    ctx.ensure_object(Context).owner_secret = parse_login_secret(text, where)
+
+
+# The deploy reads the owner's secret on the controller and gives it here: the instance role
+# may not read it (iam/), so the ETL's host never holds the schema owner's password at rest.
+owner_secret_option = click.option(
+    "--owner-secret-stdin",
+    is_flag=True,
+    expose_value=False,
+    callback=_read_owner_secret,
+    help="Read the owner's login from standard input, as its secret holds it "
+    '({"username": …, "password": …}), instead of from the configuration.',
+)
+
+
 @db_group.command("upgrade")
+@owner_secret_option
 @pass_ctx
 def db_upgrade(ctx: Context) -> None:
     """Create or migrate the schema to the newest revision (idempotent), as the schema's
@@ -167,6 +201,7 @@ def db_upgrade(ctx: Context) -> None:
 @db_group.command("backup")
 @click.argument("dest", type=click.Path(dir_okay=False, path_type=Path))
 @click.option("--s3", "s3_url", help="Also upload it to s3://bucket/prefix.")
+@owner_secret_option
 @pass_ctx
 def db_backup(ctx: Context, dest: Path, s3_url: str | None) -> None:
     """Dump the database to DEST (0600; pg_dump of the server's major version), as the
@@ -178,6 +213,7 @@ def db_backup(ctx: Context, dest: Path, s3_url: str | None) -> None:
 
 @db_group.command("restore")
 @click.argument("source")
+@owner_secret_option
 @pass_ctx
 def db_restore(ctx: Context, source: str) -> None:
     """Replace the database's contents with a backup, a FILE or s3://bucket/key (all or

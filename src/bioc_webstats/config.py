@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import datetime as dt
 import ipaddress
+import json
 import math
 import os
 import re
@@ -21,6 +22,8 @@ from .files import is_text
 
 DEFAULT_ENV_FILE = "/etc/bioc-webstats/webstats.env"
 DEFAULT_STATE_DIR = "/var/lib/bioc-webstats"
+# Where a login's user and password came from when the caller gave them (load_settings).
+GIVEN_LOGIN = "standard input"
 
 
 # An SNS topic's ARN; the group is its region (alerts publish there).
@@ -392,12 +395,38 @@ def state_dir(env: dict[str, str]) -> Path:
     ).absolute()
 
 
-def load_settings(environ: dict[str, str] | None = None, login: str = "etl") -> Settings:
+def parse_login_secret(raw: str | None, where: str) -> tuple[str | None, str]:
+    """(username, password) from a login's secret value ``{"username":…,"password":…}`` (the
+    form Secrets Manager holds); ``where`` names it in the error, which never quotes it."""
+    try:
+        data = json.loads(raw) if raw is not None else None
+    except ValueError:
+        data = None  # the parser's message could quote the secret: say only what is wrong
+    if not isinstance(data, dict) or not isinstance(data.get("password"), str):
+        raise ConfigError(
+            f"database secret {where} must be a JSON object "
+            'with a "password" string (and optionally "username")'
+        )
+    user = data.get("username")
+    if user is not None and not isinstance(user, str):
+        raise ConfigError(f'database secret {where}: "username" not a string')
+    if "\0" in data["password"] or "\0" in (user or ""):  # the driver raises on it
+        raise ConfigError(f"database secret {where}: holds a NUL character")
+    return user or None, data["password"]
+
+
+def load_settings(
+    environ: dict[str, str] | None = None,
+    login: str = "etl",
+    login_secret: tuple[str | None, str] | None = None,
+) -> Settings:
     """Build the effective configuration in precedence order (lowest first).
 
     Defaults → env file → SSM path (``WEBSTATS_SSM_PATH``) → process environment. With an SSM
     path, a required parameter that no level provides is a ConfigError naming it. The
-    database URL is the one of ``login`` (see LOGINS).
+    database URL is the one of ``login`` (see LOGINS); ``login_secret`` (its user and
+    password, given by the caller: the deploy's, read on the controller) replaces whatever
+    the configuration says they are, and no secret of that login is read.
     """
     if login not in LOGINS:
         raise ValueError(f"login must be one of {LOGINS}")
@@ -453,6 +482,11 @@ def load_settings(environ: dict[str, str] | None = None, login: str = "etl") -> 
     for p in PARAMS:
         if p.env in env:
             values[p.name], sources[p.name] = env[p.env], f"environment {p.env}"
+    if login_secret is not None:
+        prefix = _LOGIN_PREFIX[login]
+        for key, value in (("dbuser", login_secret[0]), ("password", login_secret[1])):
+            if value is not None:
+                values[prefix + key], sources[prefix + key] = value, GIVEN_LOGIN
 
     url_var = "WEBSTATS_DATABASE_URL" + ("" if login == "etl" else f"_{login.upper()}")
     if not merged.get(url_var):
@@ -469,13 +503,22 @@ def load_settings(environ: dict[str, str] | None = None, login: str = "etl") -> 
             f"environment {url_var}" if url_var in env else f"env file {env_file}"
         )
         db_url = normalize_database_url(db_url, url_var)
+        if login_secret is not None and not db_url.startswith("sqlite"):
+            from sqlalchemy.engine import make_url
+
+            given = make_url(db_url)
+            db_url = given.set(
+                username=login_secret[0] or given.username, password=login_secret[1]
+            ).render_as_string(hide_password=False)
+            sources["database_url"] += f" + {GIVEN_LOGIN}"
         if tls and not db_url.startswith("sqlite"):
             from sqlalchemy.engine import make_url
 
             url = make_url(db_url)
             if "sslmode" not in url.query:  # the URL's own sslmode is the more specific
                 db_url = url.update_query_dict(tls).render_as_string(hide_password=False)
-        if url_var not in env and env_file:  # the web's file, rewritten on a rotation
+        # the web's file, rewritten on a rotation (a login given by the caller is not in it)
+        if url_var not in env and env_file and login_secret is None:
             _watch_file_password(db_url, Path(env_file), url_var)
     elif values.get("db/server"):
         db_url = _login_url(values, sources, login, region, bool(ssm_path), tls)

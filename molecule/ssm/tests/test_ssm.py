@@ -486,6 +486,7 @@ def _stale_then_cleared(host, ssm, sqs, state, ssm_service, name: str) -> None:
 def test_each_process_logs_in_with_its_own_secret(host, ssm_service, state):
     shown = run_ok(host, f"{BW} config show")
     assert "secret /bioc/rdb/0/login/webstats_runner" in shown
+    assert "webstats_owner" not in shown  # the deploy gave the owner's login on stdin
     assert ssm_service.get("/packages/stats/bioc/bioc_stats.tab").status_code == 200
     sessions = run_ok(host, psql_admin(state, "SELECT DISTINCT usename FROM pg_stat_activity "
                                               "WHERE datname = 'webstats'"))  # fmt: skip

@@ -167,7 +167,7 @@ def apply(engine: Engine) -> None:
         if not owner.may:  # PostgreSQL would only warn, and change nothing
             raise WebstatsError(
                 f"db upgrade: the login {owner.login} is not the tables' owner {owner.owner}: "
-                "it cannot set the logins' rights (set db/owner_credentials, the owner's login)"
+                "it cannot set the logins' rights (give the owner's login: the deploy does)"
             )
         quote = conn.dialect.identifier_preparer.quote_identifier
         for writer in state.revision_writers:  # SELECT stays: `check` reads the revision
