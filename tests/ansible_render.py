@@ -5,6 +5,7 @@ static gates and by the fixtures that run a real nginx from the role's own templ
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shlex
@@ -38,6 +39,7 @@ def environment(loader: jinja2.BaseLoader | None = None) -> jinja2.Environment:
     env.filters["basename"] = os.path.basename
     env.filters["dirname"] = os.path.dirname
     env.filters["quote"] = shlex.quote  # Ansible's quote is shlex's
+    env.filters["to_json"] = json.dumps
     env.filters["combine"] = lambda *dicts: {k: v for d in dicts for k, v in d.items()}
     return env
 

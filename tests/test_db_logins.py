@@ -690,6 +690,7 @@ def test_the_owners_login_given_on_stdin_is_the_one_used_and_no_secret_is_read(
         ("", "must be a JSON object"),
         (f"{HARD}\n", "must be a JSON object"),
         (json.dumps({"username": owner}), 'with a "password" string'),
+        (json.dumps({"password": HARD}), 'must name its "username"'),
         (json.dumps({"username": 7, "password": HARD}), '"username" not a string'),
         (b"\xff" + HARD.encode(), "must be a JSON object"),
         ("x" * 70_000, "is over 65536 bytes"),
@@ -698,4 +699,16 @@ def test_the_owners_login_given_on_stdin_is_the_one_used_and_no_secret_is_read(
         assert res.returncode == 1 and len(res.stderr.splitlines()) == 1, res.stderr
         assert says in res.stderr and "(--owner-secret-stdin)" in res.stderr, res.stderr
         assert HARD not in res.stderr and "Traceback" not in res.stderr
+    # the command's arguments are checked first, and a terminal is not read from (no prompt)
+    res = cli("db", "backup", "--owner-secret-stdin", given=secret)
+    assert res.returncode == 2 and "Missing argument 'DEST'" in res.stderr, res.stderr
+    primary, secondary = os.openpty()
+    try:
+        tty = subprocess.run([CLI, "db", "upgrade", "--owner-secret-stdin"], stdin=secondary,
+                             env={**base_env, **env}, capture_output=True, text=True,
+                             timeout=60)  # fmt: skip
+    finally:
+        os.close(primary)
+        os.close(secondary)
+    assert tty.returncode == 1 and "standard input is a terminal" in tty.stderr, tty.stderr
     admin.dispose()

@@ -38,8 +38,9 @@ class Context:
     def __init__(self, verbose: bool) -> None:
         self.verbose = verbose
         self._settings: Settings | None = None
-        # the owner's login as the caller gave it (--owner-secret-stdin), else None
-        self.owner_secret: tuple[str | None, str] | None = None
+        # --owner-secret-stdin: the owner's login is read from standard input when needed
+        self.owner_from_stdin = False
+        self._owner_secret: tuple[str | None, str] | None = None
 
     @property
     def settings(self) -> Settings:
@@ -48,9 +49,36 @@ class Context:
 
     def settings_for(self, login: str) -> Settings:
         if self._settings is None or self._settings.login != login:
-            given = self.owner_secret if login == "owner" else None
+            given = None
+            if login == "owner" and self.owner_from_stdin:
+                if self._owner_secret is None:
+                    self._owner_secret = _read_owner_secret()
+                given = self._owner_secret
             self._settings = load_settings(login=login, login_secret=given)
         return self._settings
+
+
+# A secret is a few hundred bytes; more is not one (and is not read into memory).
+SECRET_MAX_BYTES = 64 * 1024
+
+
+def _read_owner_secret() -> tuple[str | None, str]:
+    """The owner's (user, password) from standard input, as its secret holds them; read once
+    the command's arguments are taken (an error there comes first, not a wait for input)."""
+    where = "from standard input (--owner-secret-stdin)"
+    if sys.stdin.isatty():  # no prompt: the secret is piped in (the playbooks do)
+        raise WebstatsError(f"the owner's secret {where}: standard input is a terminal, pipe it in")
+    raw = sys.stdin.buffer.read(SECRET_MAX_BYTES + 1)
+    if len(raw) > SECRET_MAX_BYTES:
+        raise WebstatsError(f"the owner's secret {where} is over {SECRET_MAX_BYTES} bytes")
+    try:
+        text = raw.decode()
+    except UnicodeDecodeError:
+        text = None  # (parse_login_secret says what it must be)
+    user, password = parse_login_secret(text, where)
+    if user is None:  # else the ETL's user name would go with the owner's password
+        raise WebstatsError(f'database secret {where} must name its "username"')
+    return user, password
 
 
 pass_ctx = click.make_pass_decorator(Context)
@@ -158,22 +186,8 @@ def db_group() -> None:
     """The database schema."""
 
 
-# A secret is a few hundred bytes; more is not one (and is not read into memory).
-SECRET_MAX_BYTES = 64 * 1024
-
-
-def _read_owner_secret(ctx: click.Context, _param: click.Parameter, given: bool) -> None:
-    if not given:
-        return
-    raw = sys.stdin.buffer.read(SECRET_MAX_BYTES + 1)
-    where = "from standard input (--owner-secret-stdin)"
-    if len(raw) > SECRET_MAX_BYTES:
-        raise WebstatsError(f"the owner's secret {where} is over {SECRET_MAX_BYTES} bytes")
-    try:
-        text = raw.decode()
-    except UnicodeDecodeError:
-        text = None  # (parse_login_secret says what it must be)
-    ctx.ensure_object(Context).owner_secret = parse_login_secret(text, where)
+def _owner_from_stdin(ctx: click.Context, _param: click.Parameter, given: bool) -> None:
+    ctx.ensure_object(Context).owner_from_stdin = given
 
 
 # The deploy reads the owner's secret on the controller and gives it here: the instance role
@@ -182,7 +196,7 @@ owner_secret_option = click.option(
     "--owner-secret-stdin",
     is_flag=True,
     expose_value=False,
-    callback=_read_owner_secret,
+    callback=_owner_from_stdin,
     help="Read the owner's login from standard input, as its secret holds it "
     '({"username": …, "password": …}), instead of from the configuration.',
 )
