@@ -480,8 +480,7 @@ def test_root_follows_no_link_the_service_user_may_put():
                 )
                 assert not follows or task.get("become_user"), (path.name, task["name"])
     assert ("main.yml", "Create the alarms' state directory") in checked
-    assert ("main.yml", "Create the publish directory (readable by nginx)") in checked
-    assert ("main.yml", "Create the publish directory where it is missing") in checked
+    assert ("publish_dir.yml", "Create the publish directory (readable by nginx)") in checked
     base = yaml.safe_load((REPO / "roles/webstats_base/defaults/main.yml").read_text())
     state, publish = base["webstats_base_state_dir"], base["webstats_base_publish_dir"]
     assert publish.startswith("/var/lib/") and publish.count("/") == 3  # /var/lib is root's
@@ -489,15 +488,6 @@ def test_root_follows_no_link_the_service_user_may_put():
     restore = yaml.safe_load((REPO / "playbooks/restore.yml").read_text())[0]["vars"]
     for name in ("__webstats_restore_work", "__webstats_restore_stopped_file"):
         assert "state_dir" not in restore[name] and "backup_dir" in restore[name], name
-
-
-def _tasks(node):
-    """Every task of a task list, blocks' own included."""
-    for task in node or []:
-        if isinstance(task, dict):
-            yield task
-            for key in ("block", "rescue", "always", "tasks"):
-                yield from _tasks(task.get(key))
 
 
 def test_the_owners_login_reaches_its_commands_on_stdin_only():
