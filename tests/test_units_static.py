@@ -480,6 +480,9 @@ def test_state_and_log_directories_follow_the_facts(rendered):
         steps.index("The log directory, root's")
         == steps.index("Units, then the restarts of what changed") + 1
     ), steps
+    # made (nginx's publish_dir) before the units that name it in ReadWritePaths= start
+    made = "The publish directory nginx sends (its owner, nginx's group, the writers' ACL)"
+    assert steps.index(made) == steps.index("Units, then the restarts of what changed") - 1, steps
     files = later["Create the log files, each its writer's"]
     assert files["ansible.builtin.file"]["mode"] == "0640"
     assert {"path": "{{ webstats_base_log_dir }}/etl.log", "owner": "{{ webstats_base_user }}",
