@@ -407,8 +407,8 @@ def test_a_bad_limit_is_a_config_alarm_and_the_checks_still_run(watched, monkeyp
     whys = sorted(a.why for a in alarms if a.name == "config")
     assert whys == [
         "parameter alerts/max_data_age must be a number of hours, got 'nan'; 36 is used meanwhile",
-        "parameter alerts/min_free_disk must be a number of percent, got 'abc'; 10 is used "
-        "meanwhile",
+        "parameter alerts/min_free_disk must be a number of percent from 0 to 100, got 'abc'; "
+        "10 is used meanwhile",
     ]
     notes = {n["Subject"].split()[2]: n["Message"] for n in received(queue)}
     assert sorted(notes) == ["config", "data-stale"]

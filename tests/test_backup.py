@@ -477,3 +477,47 @@ def test_no_migration_runs_between_the_restore_and_its_drop(pg_server, clean_env
             sa.text("SELECT pg_try_advisory_xact_lock(:k)"), {"k": db.MIGRATE_LOCK}
         ).scalar()
     db.dispose_engine(url)
+
+
+def _damage(path: Path, table: str) -> None:
+    """Garbage over one page of ``table``'s b-tree: the file still opens, its schema and the
+    other tables read, and the damage shows when that table is read (or checked)."""
+    with sqlite3.connect(path) as conn:
+        conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")  # the page in the file, not the WAL
+        page_size = conn.execute("PRAGMA page_size").fetchone()[0]
+        root = conn.execute("SELECT rootpage FROM sqlite_master WHERE name = ?", (table,))
+        root = root.fetchone()[0]
+    with path.open("r+b") as f:
+        f.seek((root - 1) * page_size + 8)
+        f.write(os.urandom(page_size - 16))
+
+
+def test_a_damaged_sqlite_file_is_neither_restored_nor_backed_up(clean_env, monkeypatch):
+    """A page-by-page copy takes a damaged SQLite file as it is: a damaged backup was restored
+    (exit 0, then every command failed "database disk image is malformed"), and a backup of a
+    damaged database replaced a good one of the same name. SQLite's quick_check refuses both."""
+    live = clean_env / "webstats.sqlite3"
+    url = f"sqlite:///{live}"
+    db.upgrade(url)
+    with db.session_factory(url)() as s:
+        webref.load_direct(s, valid_thru=VT)
+    monkeypatch.setenv("WEBSTATS_DATABASE_URL", url)
+    good = clean_env / "webstats.dump"
+    assert run("db", "backup", str(good)).returncode == 0
+    damaged = clean_env / "damaged.dump"
+    shutil.copyfile(good, damaged)
+    _damage(damaged, "package_stats")
+    before = live.read_bytes()
+    res = run("db", "restore", str(damaged))
+    assert res.returncode == 1 and len(res.stderr.splitlines()) == 1, res.stderr
+    assert f"restore: {damaged} is damaged (" in res.stderr and "nothing was changed" in res.stderr
+    assert live.read_bytes() == before
+    # the live database damaged: its backup is refused and the good one of that name is kept
+    kept = good.read_bytes()
+    _damage(live, "package_stats")
+    res = run("db", "backup", str(good))
+    assert res.returncode == 1 and len(res.stderr.splitlines()) == 1, res.stderr
+    assert f"backup: the database {live} is damaged (" in res.stderr, res.stderr
+    assert f"{good} was not written" in res.stderr
+    assert good.read_bytes() == kept
+    assert [p.name for p in clean_env.iterdir() if ".partial-" in p.name] == []

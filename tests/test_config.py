@@ -129,6 +129,20 @@ def test_get_float_takes_finite_numbers_from_zero_and_empty_is_the_default(
         s.get_float("alerts/max_data_age")
 
 
+@pytest.mark.parametrize(("raw", "ok"), [("100", True), ("99.5", True), ("100.1", False),
+                                         ("150", False)])  # fmt: skip
+def test_a_percentage_is_at_most_100(clean_env, monkeypatch, raw, ok):
+    """alerts/min_free_disk 150 passed `config show`, then every watchdog run raised disk-low
+    ("28.2% free (limit 150%)")."""
+    monkeypatch.setenv("WEBSTATS_ALERTS_MIN_FREE_DISK", raw)
+    s = load_settings()
+    if ok:
+        assert s.get_float("alerts/min_free_disk") == float(raw)
+        return
+    with pytest.raises(ConfigError, match=f"of percent from 0 to 100, got '{raw}'"):
+        s.get_float("alerts/min_free_disk")
+
+
 def test_each_level_overrides_the_previous(clean_env, aws_env, monkeypatch):
     env_file = clean_env / "webstats.env"
     env_file.write_text(

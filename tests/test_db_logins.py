@@ -711,4 +711,8 @@ def test_the_owners_login_given_on_stdin_is_the_one_used_and_no_secret_is_read(
         os.close(primary)
         os.close(secondary)
     assert tty.returncode == 1 and "standard input is a terminal" in tty.stderr, tty.stderr
+    closed = subprocess.run(["sh", "-c", 'exec "$0" db upgrade --owner-secret-stdin <&-', CLI],
+                            env={**base_env, **env}, capture_output=True, text=True,
+                            timeout=60)  # fmt: skip
+    assert closed.returncode == 1 and "standard input is closed" in closed.stderr, closed.stderr
     admin.dispose()

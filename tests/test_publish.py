@@ -362,6 +362,13 @@ def test_publish_failure_is_one_line(db_url, tmp_path, monkeypatch, capsys):
     # the app still answers, from memory
     client = create_app(settings).test_client()
     assert client.get(P + "index.html").status_code == 200
+    # `current` a directory (by hand): named, and no temporary link left beside it
+    settings.publish_dir.unlink()
+    (settings.publish_dir / "current").mkdir(parents=True)
+    with pytest.raises(WebstatsError) as err:
+        publish(settings, force=True)
+    assert f"cannot write {settings.publish_dir / 'current'}: Is a directory" in str(err.value)
+    assert not list(settings.publish_dir.glob(".tmp-current-*"))
 
 
 def test_a_disk_that_fills_up_fails_the_publish_and_keeps_the_site(db_url, tmp_path, monkeypatch):

@@ -205,12 +205,26 @@ def _backup_sqlite(url: URL, partial: Path, dest: Path) -> None:
             raise WebstatsError(f"backup: cannot write {dest}: {exc}") from None
         try:
             source.backup(target)
+            # a page-by-page copy takes a damaged file as it is: a backup that cannot be
+            # restored must not replace a good one of the same name
+            _intact(target, f"backup: the database {url.database}", f"{dest} was not written")
         finally:
             target.close()  # complete on disk before the rename and the size
     except sqlite3.Error as exc:
         raise WebstatsError(f"backup of {url.database} to {dest} failed: {exc}") from None
     finally:
         source.close()
+
+
+def _intact(conn: sqlite3.Connection, what: str, outcome: str) -> None:
+    """SQLite's own check of a whole file (pages, records, indexes); a WebstatsError naming
+    its first finding when the file is damaged."""
+    try:
+        found = [str(r[0]) for r in conn.execute("PRAGMA quick_check(1)")]
+    except sqlite3.DatabaseError as exc:  # too damaged to check
+        found = [str(exc)]
+    if found != ["ok"]:
+        raise WebstatsError(f"{what} is damaged ({', '.join(found)[:200]}): {outcome}")
 
 
 def _kind(path: Path) -> str | None:
@@ -332,6 +346,7 @@ def restore(settings: Settings, source: Path) -> str:
             raise WebstatsError(f"restore: cannot read {source}: {exc}") from None
         try:
             _check_backup_tables(src, source)
+            _intact(src, f"restore: {source}", "nothing was changed")
             db.dispose_engine(settings.database_url)
             try:
                 target = sqlite3.connect(url.database)

@@ -66,6 +66,8 @@ def _read_owner_secret() -> tuple[str | None, str]:
     """The owner's (user, password) from standard input, as its secret holds them; read once
     the command's arguments are taken (an error there comes first, not a wait for input)."""
     where = "from standard input (--owner-secret-stdin)"
+    if sys.stdin is None:  # started with it closed
+        raise WebstatsError(f"the owner's secret {where}: standard input is closed, pipe it in")
     if sys.stdin.isatty():  # no prompt: the secret is piped in (the playbooks do)
         raise WebstatsError(f"the owner's secret {where}: standard input is a terminal, pipe it in")
     raw = sys.stdin.buffer.read(SECRET_MAX_BYTES + 1)

@@ -198,8 +198,12 @@ class Settings:
             value = float(raw)  # type: ignore[arg-type]
         except (TypeError, ValueError):
             value = math.nan
-        if not 0 <= value < math.inf:
-            raise ConfigError(f"parameter {name} must be a number of {unit}, got {quoted(raw)}")
+        top = 100 if unit == "percent" else math.inf  # above 100 % every check would fail
+        if not (0 <= value <= top and value < math.inf):
+            within = " from 0 to 100" if unit == "percent" else ""
+            raise ConfigError(
+                f"parameter {name} must be a number of {unit}{within}, got {quoted(raw)}"
+            )
         return value
 
     def get_day(self, name: str) -> dt.date | None:

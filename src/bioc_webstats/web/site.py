@@ -171,7 +171,11 @@ class PublishedSite:
             return False
         link = self.root / f".tmp-current-{os.getpid()}-{time.monotonic_ns()}"
         os.symlink(version.path.name, link)
-        os.replace(link, self.root / CURRENT)
+        try:
+            os.replace(link, self.root / CURRENT)
+        except OSError as exc:  # `current` made a directory by hand, say: name it, not the link
+            link.unlink(missing_ok=True)
+            raise OSError(exc.errno, exc.strerror, str(self.root / CURRENT)) from None
         self.prune()
         return True
 
