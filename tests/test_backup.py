@@ -349,13 +349,19 @@ def test_a_failed_backup_keeps_the_earlier_one(db_url, clean_env, monkeypatch):
     assert [p.name for p in dest.parent.iterdir()] == [dest.name]  # no partial file left
 
 
-def test_sqlite_backup_refuses_the_database_itself(clean_env, monkeypatch):
-    live = clean_env / "webstats.sqlite3"
+def sqlite_site(where: Path, monkeypatch) -> Path:
+    """An SQLite database of the reference data, the configuration's: its file."""
+    live = where / "webstats.sqlite3"
     url = f"sqlite:///{live}"
     db.upgrade(url)
     with db.session_factory(url)() as s:
         webref.load_direct(s, valid_thru=VT)
     monkeypatch.setenv("WEBSTATS_DATABASE_URL", url)
+    return live
+
+
+def test_sqlite_backup_refuses_the_database_itself(clean_env, monkeypatch):
+    live = sqlite_site(clean_env, monkeypatch)
     before = live.read_bytes()
     mode = stat.S_IMODE(live.stat().st_mode)
     res = run("db", "backup", str(live))
@@ -496,12 +502,7 @@ def test_a_damaged_sqlite_file_is_neither_restored_nor_backed_up(clean_env, monk
     """A page-by-page copy takes a damaged SQLite file as it is: a damaged backup was restored
     (exit 0, then every command failed "database disk image is malformed"), and a backup of a
     damaged database replaced a good one of the same name. SQLite's quick_check refuses both."""
-    live = clean_env / "webstats.sqlite3"
-    url = f"sqlite:///{live}"
-    db.upgrade(url)
-    with db.session_factory(url)() as s:
-        webref.load_direct(s, valid_thru=VT)
-    monkeypatch.setenv("WEBSTATS_DATABASE_URL", url)
+    live = sqlite_site(clean_env, monkeypatch)
     good = clean_env / "webstats.dump"
     assert run("db", "backup", str(good)).returncode == 0
     damaged = clean_env / "damaged.dump"

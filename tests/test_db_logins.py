@@ -537,22 +537,30 @@ def test_the_web_login_reads_only_what_the_site_shows(pg_password_server, clean_
     assert "warning: the database has no role <database>_web_reads" in res.stderr
 
 
-def test_only_the_owners_migrations_write_the_schema_revision(pg_password_server, clean_env):
-    """The ETL's login may write every table the owner makes (default privileges), and so got
-    alembic_version too: one UPDATE, and every release would take the schema for another
-    revision. `db upgrade` leaves it SELECT there (its `check` reads the revision); `check`
-    exits 3 on a grant back (a restore by an older release, a hand), and the deploy's
-    `db upgrade` takes it back again."""
-    base = new_pg_database(pg_password_server)
+def owner_and_etl(server: str) -> tuple[sa.Engine, str, str, str, str, int]:
+    """A new database whose schema an owner login owns, and an ETL login that may use it (both
+    with the password HARD): (the administrator's engine, database, owner, etl, host, port)."""
+    base = new_pg_database(server)
     dbname = base.rsplit("/", 1)[1]
     owner, etl = f"{dbname}_owner", f"{dbname}_etl"
-    host, port = parts(pg_password_server)
+    host, port = parts(server)
     admin = sa.create_engine(base, isolation_level="AUTOCOMMIT")
     with admin.connect() as conn:
         for name in (owner, etl):
             conn.execute(sa.text(f'CREATE ROLE "{name}" LOGIN PASSWORD :pw'), {"pw": HARD})
         conn.execute(sa.text(f'ALTER SCHEMA public OWNER TO "{owner}"'))
         conn.execute(sa.text(f'GRANT USAGE ON SCHEMA public TO "{etl}"'))
+    return admin, dbname, owner, etl, host, port
+
+
+def test_only_the_owners_migrations_write_the_schema_revision(pg_password_server, clean_env):
+    """The ETL's login may write every table the owner makes (default privileges), and so got
+    alembic_version too: one UPDATE, and every release would take the schema for another
+    revision. `db upgrade` leaves it SELECT there (its `check` reads the revision); `check`
+    exits 3 on a grant back (a restore by an older release, a hand), and the deploy's
+    `db upgrade` takes it back again."""
+    admin, dbname, owner, etl, host, port = owner_and_etl(pg_password_server)
+    with admin.connect() as conn:
         conn.execute(sa.text(  # as db-bootstrap.yml does
             f'ALTER DEFAULT PRIVILEGES FOR ROLE "{owner}" IN SCHEMA public '
             f'GRANT SELECT, INSERT, UPDATE, DELETE ON TABLES TO "{etl}"'
@@ -614,16 +622,7 @@ def test_the_owners_login_given_on_stdin_is_the_one_used_and_no_secret_is_read(
     `db backup` and `db restore` on standard input (the instance role may not read it): that
     login is used whatever the configuration names, and the secret it names is never read. A
     bad input is one line that does not quote it."""
-    base = new_pg_database(pg_password_server)
-    dbname = base.rsplit("/", 1)[1]
-    owner, etl = f"{dbname}_owner", f"{dbname}_etl"
-    host, port = parts(pg_password_server)
-    admin = sa.create_engine(base, isolation_level="AUTOCOMMIT")
-    with admin.connect() as conn:
-        for name in (owner, etl):
-            conn.execute(sa.text(f'CREATE ROLE "{name}" LOGIN PASSWORD :pw'), {"pw": HARD})
-        conn.execute(sa.text(f'ALTER SCHEMA public OWNER TO "{owner}"'))
-        conn.execute(sa.text(f'GRANT USAGE ON SCHEMA public TO "{etl}"'))
+    admin, dbname, owner, etl, host, port = owner_and_etl(pg_password_server)
     # production's form: db/* parameters, the owner's secret named, AWS out of reach
     env = {
         "WEBSTATS_ENV_FILE": "/dev/null",
