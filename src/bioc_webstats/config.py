@@ -55,7 +55,7 @@ class Param:
     # "bind" (gunicorn's: HOST:PORT, [IPv6]:PORT, unix:PATH, fd://N) or "topic" (an SNS ARN)
     kind: str = "text"
     minimum: int | None = None  # of an "int"
-    maximum: int | None = None
+    maximum: int | None = None  # of an "int" or a "number"
     unit: str = ""  # of a "number"
 
 
@@ -126,8 +126,14 @@ PARAMS: tuple[Param, ...] = (
     # The watchdog's limits (hours, hours, percent) and the URL it checks the web at.
     Param("alerts/max_data_age", "WEBSTATS_ALERTS_MAX_DATA_AGE", "36", kind="number", unit="hours"),
     Param("alerts/max_run_age", "WEBSTATS_ALERTS_MAX_RUN_AGE", "26", kind="number", unit="hours"),
+    # (above 100 % every check would fail)
     Param(
-        "alerts/min_free_disk", "WEBSTATS_ALERTS_MIN_FREE_DISK", "10", kind="number", unit="percent"
+        "alerts/min_free_disk",
+        "WEBSTATS_ALERTS_MIN_FREE_DISK",
+        "10",
+        kind="number",
+        unit="percent",
+        maximum=100,
     ),
     Param("alerts/health_url", "WEBSTATS_ALERTS_HEALTH_URL", "http://127.0.0.1:8000/healthz"),
     Param("alerts/cloudwatch_namespace", "WEBSTATS_ALERTS_CLOUDWATCH_NAMESPACE"),
@@ -198,9 +204,9 @@ class Settings:
             value = float(raw)  # type: ignore[arg-type]
         except (TypeError, ValueError):
             value = math.nan
-        top = 100 if unit == "percent" else math.inf  # above 100 % every check would fail
-        if not (0 <= value <= top and value < math.inf):
-            within = " from 0 to 100" if unit == "percent" else ""
+        top = BY_NAME[name].maximum
+        if not (0 <= value < math.inf and (top is None or value <= top)):
+            within = "" if top is None else f" from 0 to {top}"
             raise ConfigError(
                 f"parameter {name} must be a number of {unit}{within}, got {quoted(raw)}"
             )
